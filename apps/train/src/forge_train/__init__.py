@@ -1,0 +1,1 @@
+"""forge-train: the Forge training pipeline."""

@@ -1,0 +1,3 @@
+from forge_train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""A pool of gloo worker processes that stays alive across tests.
+
+Starting ranks costs seconds (spawn, import torch, rendezvous), so the suite starts each world
+size once and sends it one job per test. A job is a module-level function of a test file;
+every rank runs it with the same arguments inside an initialised default process group and
+returns a picklable result::
+
+    def _check_all_reduce(scale):
+        x = torch.ones(2) * (dist.get_rank() + 1) * scale
+        return forge_core.collectives.all_reduce(x)
+
+    def test_all_reduce(dist_pool):
+        results = dist_pool(4).run(_check_all_reduce, 2.0)   # one result per rank
+
+An exception on any rank fails the job with that rank's traceback. A rank that hangs (for
+example, waiting in a collective that a failed peer never joined) makes the pool be torn down
+and started afresh on next use, so one bad test does not poison the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import inspect
+import os
+import queue
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.multiprocessing as mp
+
+__all__ = ["WorkerError", "WorkerPool"]
+
+_STOP = None
+_MODULE_PREFIX = "_forge_pool_job_"
+# Imported once in the fork server; every worker forks from it with these already loaded, so a
+# pool of 8 ranks starts in about a second instead of importing torch 8 times. The fork server
+# never runs torch ops itself, so forking it is safe (unlike forking a process that has
+# started OpenMP or CUDA).
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.device_mesh",
+    "torch.distributed.tensor",  # imports sympy: seconds per process, paid once here
+    "torch.testing",
+    "forge_core",
+    "forge_core.collectives",
+    "forge_core.testing.worker_pool",
+    "pytest",
+]
+
+
+class WorkerError(RuntimeError):
+    """A job failed on one or more ranks; the message holds each failing rank's traceback."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: str
+    qualname: str
+    args: tuple
+    kwargs: dict
+    seed: int
+
+
+def _load_function(path: str, qualname: str) -> Callable:
+    name = _MODULE_PREFIX + hashlib.sha1(path.encode()).hexdigest()[:16]
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import the job's module from {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    target: Any = module
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _worker_main(rank: int, world_size: int, init_file: str, backend: str, jobs, results) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    results.put(("ready", rank, None))
+    while True:
+        job = jobs.get()
+        if job is _STOP:
+            break
+        try:
+            torch.manual_seed(job.seed)
+            fn = _load_function(job.path, job.qualname)
+            value = fn(*job.args, **job.kwargs)
+            results.put(("ok", rank, value))
+        except BaseException:
+            results.put(("error", rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    """``world_size`` ranks in one gloo process group, each waiting for jobs."""
+
+    def __init__(
+        self, world_size: int, *, backend: str = "gloo", start_timeout: float = 120.0
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.backend = backend
+        self._ctx = _worker_context()
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="forge_pool_")
+        init_file = os.path.join(self._tmpdir.name, "rendezvous")
+        self._results = self._ctx.Queue()
+        self._jobs = [self._ctx.Queue() for _ in range(world_size)]
+        self._procs = [
+            self._ctx.Process(
+                target=_worker_main,
+                args=(rank, world_size, init_file, backend, self._jobs[rank], self._results),
+                daemon=True,
+                name=f"forge-pool-{world_size}-rank{rank}",
+            )
+            for rank in range(world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+        ready = self._collect(start_timeout, what="start")
+        if any(status != "ready" for status, _ in ready.values()):
+            self.close()
+            raise WorkerError("worker pool failed to start:\n" + _format_errors(ready))
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def run(
+        self, fn: Callable, *args: Any, timeout: float = 300.0, seed: int = 0, **kwargs: Any
+    ) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; returns the results in rank order.
+
+        ``fn`` must be a module-level function (it is imported by file path in the workers).
+        The torch RNG of every rank is seeded with ``seed`` before the call.
+        """
+        if not self.alive:
+            raise WorkerError("the worker pool is closed (a previous job broke it)")
+        qualname = getattr(fn, "__qualname__", "")
+        if "<locals>" in qualname or "<lambda>" in qualname:
+            raise ValueError(
+                f"{qualname} is not a module-level function; workers import jobs by name, so "
+                "define it at the top level of the test module"
+            )
+        job = _Job(path=inspect.getfile(fn), qualname=qualname, args=args, kwargs=kwargs, seed=seed)
+        for q in self._jobs:
+            q.put(job)
+        outcome = self._collect(timeout, what=qualname)
+        errors = {r: v for r, (status, v) in outcome.items() if status != "ok"}
+        if errors:
+            raise WorkerError(
+                f"{qualname} failed on rank(s) {sorted(errors)}:\n" + _format_errors(outcome)
+            )
+        return [outcome[r][1] for r in range(self.world_size)]
+
+    def _collect(self, timeout: float, *, what: str) -> dict[int, tuple[str, Any]]:
+        """Wait for one message per rank. After the first error, give the others a short grace
+        period; ranks that still do not answer are presumed hung and the pool is torn down."""
+        outcome: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(outcome) < self.world_size:
+            if any(status == "error" for status, _ in outcome.values()):
+                deadline = min(deadline, time.monotonic() + 5.0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                status, rank, value = self._results.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                dead = [p.name for p in self._procs if not p.is_alive()]
+                if dead:
+                    for rank in range(self.world_size):
+                        outcome.setdefault(
+                            rank, ("error", f"worker process died ({', '.join(dead)})")
+                        )
+                    break
+                continue
+            outcome[rank] = (status, value)
+        missing = [r for r in range(self.world_size) if r not in outcome]
+        if missing:
+            for rank in missing:
+                outcome[rank] = ("error", f"no answer from rank {rank} for {what} (hung or killed)")
+            self.close()
+        return outcome
+
+    def close(self) -> None:
+        """Stop the workers (killing any that do not exit promptly). Idempotent."""
+        if not self._procs:
+            return
+        for q, proc in zip(self._jobs, self._procs, strict=True):
+            if proc.is_alive():
+                with contextlib.suppress(OSError, ValueError):
+                    q.put(_STOP)
+        deadline = time.monotonic() + 5.0
+        for proc in self._procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
+        self._procs = []
+        self._tmpdir.cleanup()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _worker_context():
+    """A fork-server context preloaded with torch (falls back to spawn where unavailable)."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    preload = [m for m in _PRELOAD if importlib.util.find_spec(m.split(".")[0]) is not None]
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+def _format_errors(outcome: dict[int, tuple[str, Any]]) -> str:
+    parts = []
+    for rank in sorted(outcome):
+        status, value = outcome[rank]
+        if status not in ("ok", "ready"):
+            parts.append(f"--- rank {rank} ---\n{value}")
+    return "\n".join(parts)

@@ -1,0 +1,70 @@
+"""The persistent gloo worker pool itself: results, errors, hangs and recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from forge_core.testing import WorkerError, WorkerPool
+
+
+def _rank_and_sum() -> tuple[int, int, float]:
+    x = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(x)
+    return dist.get_rank(), dist.get_world_size(), x.item()
+
+
+def _fail_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate failure on rank 1")
+    return dist.get_rank()
+
+
+def _hang_unless_rank_zero() -> None:
+    if dist.get_rank() != 0:
+        dist.barrier()  # rank 0 never joins
+
+
+def _random_draw() -> float:
+    return torch.rand(1).item()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_every_world_size_runs_a_collective(dist_pool, world_size):
+    results = dist_pool(world_size).run(_rank_and_sum)
+    expected = world_size * (world_size + 1) / 2
+    assert results == [(r, world_size, expected) for r in range(world_size)]
+
+
+def test_error_on_one_rank_reports_its_traceback_and_pool_survives(dist_pool):
+    pool = dist_pool(2)
+    with pytest.raises(WorkerError, match=r"(?s)rank\(s\) \[1\].*deliberate failure on rank 1"):
+        pool.run(_fail_on_rank_one)
+    assert pool.alive
+    assert [r for r, _, _ in pool.run(_rank_and_sum)] == [0, 1]
+
+
+def test_seed_is_applied_on_every_rank(dist_pool):
+    a = dist_pool(2).run(_random_draw, seed=7)
+    b = dist_pool(2).run(_random_draw, seed=7)
+    c = dist_pool(2).run(_random_draw, seed=8)
+    assert a == b
+    assert a[0] == a[1]
+    assert a != c
+
+
+def test_local_functions_are_rejected_with_a_fix(dist_pool):
+    def inner():
+        return 1
+
+    with pytest.raises(ValueError, match="module-level"):
+        dist_pool(1).run(inner)
+
+
+@pytest.mark.multiprocess
+def test_hung_job_times_out_and_closes_the_pool():
+    with WorkerPool(2) as pool:
+        with pytest.raises(WorkerError, match="no answer from rank 1"):
+            pool.run(_hang_unless_rank_zero, timeout=10)
+        assert not pool.alive

@@ -1,0 +1,159 @@
+"""Auxiliary losses that keep a mixture-of-experts router balanced and its logits small.
+
+- :func:`load_balancing_loss` / :func:`load_balancing_loss_from_logits`: the Switch Transformer
+  loss (Fedus et al. 2021, arXiv:2101.03961, eqs. 4-6; GShard, Lepikhin et al. 2020,
+  arXiv:2006.16668), ``num_experts * sum_i f_i * P_i`` with ``f_i`` the fraction of tokens sent to
+  expert ``i`` and ``P_i`` its mean router probability. The ``_from_logits`` form is transformers'
+  ``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, Qwen3-MoE), cast for cast; as there, with top-k
+  routing ``f_i`` counts every (token, slot) assignment, so a perfectly balanced router scores
+  ``top_k`` (Megatron-LM divides by ``top_k`` to score 1).
+- :func:`sequence_balance_loss`: DeepSeek-V3's complementary sequence-wise balance loss
+  (DeepSeek-V3 technical report 2024, arXiv:2412.19437, eqs. 17-20), the same product computed per
+  sequence on normalised affinities and scaled so that balance scores 1. Multiply by the small
+  ``alpha`` yourself (DeepSeek-V3 uses 1e-4).
+- :func:`router_z_loss`: ST-MoE's router z-loss (Zoph et al. 2022, arXiv:2202.08906, eq. 5), the
+  mean squared log-sum-exp of the router logits, which keeps them small for numerical stability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "load_balancing_loss",
+    "load_balancing_loss_from_logits",
+    "router_z_loss",
+    "sequence_balance_loss",
+]
+
+
+def load_balancing_loss(
+    router_probs: torch.Tensor, tokens_per_expert: torch.Tensor
+) -> torch.Tensor:
+    """Switch Transformer balance loss from a routing decision: ``E * sum_i (c_i / T) * P_i``.
+
+    Args:
+        router_probs: ``[tokens, experts]`` router probabilities (``MoERouting.scores``),
+            the differentiable part.
+        tokens_per_expert: ``[experts]`` (token, slot) assignment counts ``c_i``
+            (``MoERouting.tokens_per_expert``); treated as constants.
+
+    Returns:
+        A scalar fp32 tensor; ``top_k`` when the counts and probabilities are uniform.
+    """
+    if router_probs.dim() != 2 or tokens_per_expert.shape != router_probs.shape[1:]:
+        raise ValueError(
+            "load_balancing_loss needs router_probs [tokens, experts] and tokens_per_expert "
+            f"[experts], got {tuple(router_probs.shape)} and {tuple(tokens_per_expert.shape)}"
+        )
+    num_tokens, num_experts = router_probs.shape
+    fraction = tokens_per_expert.detach().to(torch.float32) / num_tokens
+    mean_prob = router_probs.float().sum(dim=0) / num_tokens
+    return torch.sum(fraction * mean_prob) * num_experts
+
+
+def load_balancing_loss_from_logits(
+    gate_logits: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func``: the Switch loss from raw router logits.
+
+    Each layer's logits are softmaxed (in their own dtype, as transformers does), the top ``top_k``
+    experts counted, and counts and probabilities summed over all layers before the product, so a
+    tuple of layers gives one loss over their concatenation.
+
+    Args:
+        gate_logits: ``[batch * seq, experts]`` logits, or a sequence of them (one per layer).
+        num_experts: number of experts ``E``.
+        top_k: experts per token.
+        attention_mask: optional ``[batch, seq]`` mask (1 for real tokens); padding tokens are
+            left out of counts, probabilities and the token total.
+
+    Returns:
+        A scalar fp32 tensor.
+    """
+    layers = (gate_logits,) if isinstance(gate_logits, torch.Tensor) else tuple(gate_logits)
+    if not layers:
+        raise ValueError("load_balancing_loss_from_logits needs at least one layer's logits")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+    device = layers[0].device
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    total_rows: torch.Tensor | float = 0.0
+    flat_mask = None
+    if attention_mask is not None:
+        flat_mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for logits in layers:
+        if logits.dim() != 2 or logits.shape[1] != num_experts:
+            raise ValueError(
+                f"each layer's gate logits must be [tokens, {num_experts}], got {tuple(logits.shape)}"
+            )
+        probs = torch.softmax(logits.to(device), dim=-1)
+        selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+        if flat_mask is None:
+            ones = torch.ones_like(selected, dtype=torch.float32)
+            counts = counts + torch.zeros_like(counts).scatter_add_(0, selected, ones)
+            prob_sum = prob_sum + probs.float().sum(dim=0)
+            total_rows = total_rows + probs.shape[0]
+        else:
+            if flat_mask.numel() != probs.shape[0]:
+                raise ValueError(
+                    f"attention_mask has {flat_mask.numel()} tokens but the gate logits have "
+                    f"{probs.shape[0]} rows; pass the [batch, seq] mask of these logits"
+                )
+            slot_mask = flat_mask.repeat_interleave(top_k)
+            counts = counts + torch.zeros_like(counts).scatter_add_(0, selected, slot_mask)
+            prob_sum = prob_sum + (probs.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
+            total_rows = total_rows + flat_mask.sum()
+    return torch.sum((counts / total_rows) * (prob_sum / total_rows)) * num_experts
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss ``sum_i f_i * P_i``, averaged over sequences.
+
+    Per sequence of length ``S`` with ``E`` experts and ``K`` chosen per token (eqs. 17-20):
+    ``f_i = E / (K * S) * #{t : i in topk(t)}`` and ``P_i = mean_t s'_{i,t}``, where
+    ``s'_{., t} = s_{., t} / sum_j s_{j, t}`` are the token's affinities normalised to sum to one.
+
+    Args:
+        scores: ``[batch, seq, experts]`` unbiased affinities (``MoERouting.scores``, sigmoid or
+            softmax), the differentiable part.
+        topk_indices: ``[batch, seq, top_k]`` chosen experts (``MoERouting.indices``).
+
+    Returns:
+        A scalar fp32 tensor, 1 for a perfectly balanced sequence; multiply by ``alpha``.
+    """
+    if scores.dim() != 3 or topk_indices.dim() != 3 or scores.shape[:2] != topk_indices.shape[:2]:
+        raise ValueError(
+            "sequence_balance_loss needs scores [batch, seq, experts] and topk_indices "
+            f"[batch, seq, top_k], got {tuple(scores.shape)} and {tuple(topk_indices.shape)}; "
+            "reshape the flat routing outputs with .view(batch, seq, -1)"
+        )
+    batch, seq, num_experts = scores.shape
+    top_k = topk_indices.shape[-1]
+    s = scores.float()
+    normalised = s / s.sum(dim=-1, keepdim=True)
+    mean_prob = normalised.mean(dim=1)  # [batch, experts]
+    counts = torch.zeros(batch, num_experts, dtype=torch.float32, device=scores.device)
+    flat = topk_indices.reshape(batch, -1).to(torch.int64)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    fraction = counts * (num_experts / (top_k * seq))
+    return (fraction * mean_prob).sum(dim=-1).mean()
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: ``mean over tokens of logsumexp(logits)**2`` (in fp32).
+
+    ``router_logits`` is ``[..., experts]``; the mean runs over all leading dims. ST-MoE weights it
+    by ``1e-3``.
+    """
+    if router_logits.dim() < 1 or router_logits.shape[-1] == 0:
+        raise ValueError("router_z_loss needs logits of shape [..., experts] with experts > 0")
+    compute_dtype = torch.promote_types(router_logits.dtype, torch.float32)
+    return torch.logsumexp(router_logits.to(compute_dtype), dim=-1).square().mean()
