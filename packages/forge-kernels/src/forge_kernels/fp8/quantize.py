@@ -1,0 +1,512 @@
+"""FP8 scaling recipes and quantize / dequantize for per-tensor and block-wise scaling.
+
+FP8 (Micikevicius et al., 2022, "FP8 Formats for Deep Learning", arXiv:2209.05433) has two
+encodings: E4M3 (``torch.float8_e4m3fn``: largest finite value 448, 3 mantissa bits) for weights
+and activations, and E5M2 (``torch.float8_e5m2``: 57344, 2 mantissa bits, more range) for
+gradients. Using E4M3 forward and E5M2 backward is the "hybrid" format. A tensor is stored as FP8
+data ``q`` and an fp32 ``scale_inv`` with ``x ≈ q * scale_inv``; quantization is
+``q = cast(clamp(x * scale, -fp8_max, fp8_max))`` with ``scale = fp8_max / amax``, rounding to
+nearest-even and saturating at ``fp8_max`` (values beyond it clamp, they never become inf/NaN).
+
+Three recipes choose ``amax``:
+
+- :class:`Fp8CurrentScaling`: the amax of the tensor being cast ("current" or dynamic per-tensor
+  scaling; Transformer Engine's ``Float8CurrentScaling``).
+- :class:`Fp8DelayedScaling`: the amax of the *previous* ``amax_history_len`` casts of the same
+  tensor, kept in a :class:`DelayedScalingState` (Transformer Engine's ``DelayedScaling`` recipe,
+  see its docs, "Using FP8 with Transformer Engine": the scale used at step t comes from the
+  amax history up to step t-1, so a spike at step t saturates once and widens the next scales).
+- :class:`Fp8BlockwiseScaling`: one scale per 1x128 tile of activations and gradients (per token,
+  per 128 channels) and per 128x128 block of weights, as in the DeepSeek-V3 technical report
+  (DeepSeek-AI, 2024, arXiv:2412.19437, section 3.3 "FP8 Training"), which uses E4M3 everywhere.
+
+Block-wise quantization handles shapes that are not multiples of the block: the last blocks are
+partial and their amax is taken over the elements that exist. On CUDA (compute capability >= 8.9)
+it runs as one Triton kernel (amax, scale, cast and scale store in one pass); the kernel is
+compiled on first use only, so importing this module does not import Triton.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from forge_kernels._triton_support import can_use_triton, triton_interpret_mode
+
+__all__ = [
+    "FP8_E4M3",
+    "FP8_E5M2",
+    "DelayedScalingState",
+    "Fp8BlockwiseScaling",
+    "Fp8CurrentScaling",
+    "Fp8DelayedScaling",
+    "Fp8Recipe",
+    "Fp8Tensor",
+    "amax_to_scale",
+    "dequantize",
+    "fp8_max",
+    "quantize_blockwise",
+    "quantize_blockwise_reference",
+    "quantize_tensorwise",
+    "resolve_recipe",
+]
+
+FP8_E4M3 = torch.float8_e4m3fn
+FP8_E5M2 = torch.float8_e5m2
+_FP8_DTYPES = (FP8_E4M3, FP8_E5M2)
+
+#: (mantissa bits, smallest normal exponent) of each format, for the interpreter's rounding.
+_FP8_BITS = {FP8_E4M3: (3, -6), FP8_E5M2: (2, -14)}
+
+#: Triton launches by kernel name, so tests can check the kernel really ran.
+KERNEL_LAUNCHES: collections.Counter[str] = collections.Counter()
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an FP8 dtype: 448 for E4M3, 57344 for E5M2."""
+    if dtype not in _FP8_DTYPES:
+        raise ValueError(f"expected torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    return float(torch.finfo(dtype).max)
+
+
+# ============================================================================================
+# Recipes
+# ============================================================================================
+
+Fp8Format = Literal["hybrid", "e4m3"]
+
+
+def _check_format(fp8_format: str) -> None:
+    if fp8_format not in ("hybrid", "e4m3"):
+        raise ValueError(
+            f"fp8_format must be 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3' (E4M3 "
+            f"everywhere), got {fp8_format!r}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RecipeBase:
+    fp8_format: Fp8Format = "hybrid"
+
+    def __post_init__(self) -> None:
+        _check_format(self.fp8_format)
+
+    @property
+    def forward_dtype(self) -> torch.dtype:
+        """FP8 dtype of activations and weights: always E4M3."""
+        return FP8_E4M3
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        """FP8 dtype of output gradients: E5M2 in the hybrid format, else E4M3."""
+        return FP8_E5M2 if self.fp8_format == "hybrid" else FP8_E4M3
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp8CurrentScaling(_RecipeBase):
+    """Per-tensor scaling from the amax of the tensor being cast ("current scaling").
+
+    One amax reduction per cast (no host sync: amax and scale stay on the device).
+    """
+
+    name: Literal["current"] = field(default="current", init=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp8DelayedScaling(_RecipeBase):
+    """Per-tensor scaling from an amax history, as Transformer Engine's ``DelayedScaling``.
+
+    Args:
+        fp8_format: ``"hybrid"`` (E4M3 forward, E5M2 gradients) or ``"e4m3"``.
+        margin: the scale is ``fp8_max / amax / 2**margin`` (headroom for growing values).
+        amax_history_len: how many past casts the history window holds.
+        amax_compute_algo: ``"max"`` of the window or the ``"most_recent"`` amax.
+    """
+
+    name: Literal["delayed"] = field(default="delayed", init=False)
+    margin: int = 0
+    amax_history_len: int = 1024
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.amax_history_len < 1:
+            raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
+        if self.amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(
+                f"amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}"
+            )
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp8BlockwiseScaling(_RecipeBase):
+    """DeepSeek-V3 fine-grained scaling: 1 x block_size tiles for activations and gradients,
+    block_size x block_size blocks for weights, fp32 scales (DeepSeek-V3 report, section 3.3).
+
+    The default format is E4M3 for every tensor, as in the report (the fine-grained scales give
+    gradients enough range without E5M2). The real GEMM (``torch._scaled_mm`` with
+    ``BlockWise1x128`` / ``BlockWise128x128`` scales) needs ``block_size == 128`` and sm90.
+    """
+
+    name: Literal["blockwise"] = field(default="blockwise", init=False)
+    fp8_format: Fp8Format = "e4m3"
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+Fp8Recipe = Fp8CurrentScaling | Fp8DelayedScaling | Fp8BlockwiseScaling
+
+_RECIPES_BY_NAME = {
+    "current": Fp8CurrentScaling,
+    "tensorwise": Fp8CurrentScaling,
+    "delayed": Fp8DelayedScaling,
+    "blockwise": Fp8BlockwiseScaling,
+    "deepseek": Fp8BlockwiseScaling,
+}
+
+
+def resolve_recipe(recipe: str | Fp8Recipe) -> Fp8Recipe:
+    """A recipe object from itself or a name: current (tensorwise), delayed, blockwise (deepseek)."""
+    if isinstance(recipe, Fp8CurrentScaling | Fp8DelayedScaling | Fp8BlockwiseScaling):
+        return recipe
+    if isinstance(recipe, str) and recipe.lower() in _RECIPES_BY_NAME:
+        return _RECIPES_BY_NAME[recipe.lower()]()
+    raise ValueError(
+        f"unknown FP8 recipe {recipe!r}: pass an Fp8CurrentScaling, Fp8DelayedScaling or "
+        f"Fp8BlockwiseScaling, or one of the names {sorted(_RECIPES_BY_NAME)}"
+    )
+
+
+# ============================================================================================
+# Quantized tensors
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class Fp8Tensor:
+    """A 2-D tensor in FP8: ``data`` (FP8, the source's shape) and fp32 ``scale_inv``.
+
+    ``block`` is ``None`` for one per-tensor scale (``scale_inv`` is 0-d), else the
+    ``(rows, cols)`` of a scaling block; ``scale_inv`` then has shape
+    ``(ceil(rows_total / rows), ceil(cols_total / cols))`` and ``x ≈ data * scale_inv`` blockwise.
+    """
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    block: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def t(self) -> Fp8Tensor:
+        """The transpose (a view of the data; block scales transposed along)."""
+        if self.block is None:
+            return Fp8Tensor(self.data.t(), self.scale_inv, None)
+        return Fp8Tensor(self.data.t(), self.scale_inv.t(), (self.block[1], self.block[0]))
+
+    def expanded_scale_inv(self) -> torch.Tensor:
+        """``scale_inv`` broadcast to one value per element (0-d for a per-tensor scale)."""
+        if self.block is None:
+            return self.scale_inv
+        rows, cols = self.data.shape
+        s = self.scale_inv.repeat_interleave(self.block[0], dim=0)[:rows]
+        return s.repeat_interleave(self.block[1], dim=1)[:, :cols]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``data * scale_inv`` in fp32, then cast to ``dtype``."""
+        return (self.data.float() * self.expanded_scale_inv()).to(dtype)
+
+
+def dequantize(t: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Functional form of :meth:`Fp8Tensor.dequantize`."""
+    return t.dequantize(dtype)
+
+
+def amax_to_scale(
+    amax: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    margin: int = 0,
+    fallback: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """``fp8_max / amax / 2**margin`` in fp32, or ``fallback`` where amax is 0 or not finite.
+
+    (As Transformer Engine's scale update: an all-zero or inf/NaN tensor keeps the old scale.)
+    """
+    amax = amax.float()
+    ok = (amax > 0) & torch.isfinite(amax)
+    safe_amax = torch.where(ok, amax, 1.0)
+    # A true division (``float / tensor`` would be a reciprocal and a multiply: two roundings),
+    # so the eager path and the Triton kernel (``div_rn``) agree to the bit.
+    scale = torch.full_like(safe_amax, fp8_max(fp8_dtype)) / safe_amax
+    if margin:
+        scale = scale / (2.0**margin)
+    scale = torch.where(torch.isfinite(scale), scale, torch.finfo(torch.float32).max)
+    if isinstance(fallback, torch.Tensor):
+        fallback = fallback.float()
+    return torch.where(ok, scale, fallback)
+
+
+def _cast_scaled(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    limit = fp8_max(fp8_dtype)
+    return (x.float() * scale).clamp_(-limit, limit).to(fp8_dtype)
+
+
+def quantize_tensorwise(
+    x: torch.Tensor, fp8_dtype: torch.dtype, *, scale: torch.Tensor | None = None
+) -> Fp8Tensor:
+    """Quantize with one scale: ``scale`` if given (delayed scaling), else from ``x``'s amax.
+
+    Values beyond ``fp8_max / scale`` saturate to ``±fp8_max``.
+    """
+    if scale is None:
+        scale = amax_to_scale(x.detach().abs().amax(), fp8_dtype)
+    scale = scale.float().reshape(())
+    return Fp8Tensor(_cast_scaled(x, scale, fp8_dtype), scale.reciprocal(), None)
+
+
+def _check_block(x: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"block-wise quantization takes a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = (int(b) for b in block)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"block must be two positive sizes, got {block}")
+    return rows, cols
+
+
+def quantize_blockwise_reference(
+    x: torch.Tensor, fp8_dtype: torch.dtype, block: tuple[int, int]
+) -> Fp8Tensor:
+    """Eager block-wise quantization: one scale per ``block`` (e.g. (1, 128) or (128, 128)).
+
+    Pads to whole blocks with zeros (which do not change any block's amax), quantizes, crops.
+    """
+    br, bc = _check_block(x, block)
+    rows, cols = x.shape
+    nbr, nbc = math.ceil(rows / br), math.ceil(cols / bc)
+    xp = x.detach().float()
+    if nbr * br != rows or nbc * bc != cols:
+        xp = torch.nn.functional.pad(xp, (0, nbc * bc - cols, 0, nbr * br - rows))
+    blocks = xp.view(nbr, br, nbc, bc)
+    scale = amax_to_scale(blocks.abs().amax(dim=(1, 3)), fp8_dtype)  # (nbr, nbc)
+    q = _cast_scaled(blocks, scale[:, None, :, None], fp8_dtype)
+    q = q.view(nbr * br, nbc * bc)[:rows, :cols].contiguous()
+    return Fp8Tensor(q, scale.reciprocal(), (br, bc))
+
+
+def _triton_block_quant_usable(x: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Triton kernel: power-of-two blocks that are a row tile or square; fp8 casts need sm89+."""
+    br, bc = block
+    shape_ok = (br == 1 and _is_pow2(bc)) or (bc == 1 and _is_pow2(br)) or (br == bc and _is_pow2(br))
+    if not shape_ok or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if not can_use_triton(x):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    block: tuple[int, int] = (1, 128),
+    *,
+    use_triton: bool | None = None,
+) -> Fp8Tensor:
+    """Quantize a 2-D tensor with one fp32 scale per ``block`` (DeepSeek-V3 fine-grained scaling).
+
+    ``(1, 128)``: per row (token), per 128 columns (channels) - activations and gradients as the
+    left GEMM operand. ``(128, 1)``: the same along columns - the layout the weight-gradient GEMM
+    needs (it contracts over tokens). ``(128, 128)``: weights. Partial edge blocks are fine.
+
+    ``use_triton=None`` runs the fused Triton kernel on CUDA devices with FP8 casts (sm89+) and
+    the eager :func:`quantize_blockwise_reference` elsewhere; ``True`` forces the kernel (on CPU
+    that needs ``TRITON_INTERPRET=1``), ``False`` forces the eager path. Both give identical bits.
+    """
+    block = _check_block(x, block)
+    if fp8_dtype not in _FP8_DTYPES:
+        raise ValueError(f"expected an FP8 dtype, got {fp8_dtype}")
+    if use_triton is None:
+        use_triton = x.device.type == "cuda" and _triton_block_quant_usable(x, block)
+    elif use_triton and not _triton_block_quant_usable(x, block):
+        raise ValueError(
+            f"the Triton block quantizer cannot run here (block {block}, dtype {x.dtype}, device "
+            f"{x.device}): it needs power-of-two row, column or square blocks, a float input, and "
+            "CUDA with compute capability >= 8.9 or TRITON_INTERPRET=1 on CPU"
+        )
+    if not use_triton or x.numel() == 0:
+        return quantize_blockwise_reference(x, fp8_dtype, block)
+    return _quantize_blockwise_triton(x.detach(), fp8_dtype, block)
+
+
+# ============================================================================================
+# Triton kernel (compiled on first use)
+# ============================================================================================
+
+
+@functools.cache
+def _block_quant_kernel():
+    """Define the Triton kernel on first use, so importing this module does not import Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def block_quant_kernel(
+        X, Q, S,
+        n_rows, n_cols,
+        stride_xr, stride_xc, stride_qr, stride_sr, stride_sc,
+        FP8_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        PER_ROW: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+        MANTISSA_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+    ):  # fmt: skip
+        """Quantize one BLOCK_R x BLOCK_C tile: one scale per row (PER_ROW) or for the tile."""
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
+        x = x.to(tl.float32)  # right after the load (the interpreter's bf16 math is wrong)
+        ax = tl.abs(x)
+        if PER_ROW:
+            amax = tl.max(ax, axis=1)
+        else:
+            amax = tl.max(tl.max(ax, axis=1), axis=0)
+        ok = (amax > 0.0) & (amax < float("inf"))
+        scale = tl.where(ok, tl.math.div_rn(FP8_MAX, tl.where(ok, amax, 1.0)), 1.0)
+        if PER_ROW:
+            y = x * scale[:, None]
+        else:
+            y = x * scale
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        if ROUND_IN_FP32:
+            # The interpreter's float -> fp8 conversion does not round to nearest-even (it loses
+            # the carry into the exponent), so round to the FP8 grid here and cast exact values.
+            bits = y.to(tl.int32, bitcast=True)
+            exp = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP)
+            ulp = ((exp - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
+            r = ((y / ulp + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2**23: rint in fp32
+            y = tl.where(r == 0.0, y * 0.0, r)  # keep the sign of zero, as a real cast does
+        tl.store(Q + rows64 * stride_qr + cols[None, :], y.to(Q.dtype.element_ty), mask=mask)
+        scale_inv = tl.math.div_rn(1.0, scale)
+        if PER_ROW:
+            tl.store(S + rows * stride_sr + pid_c * stride_sc, scale_inv, mask=row_mask)
+        else:
+            tl.store(S + pid_r * stride_sr + pid_c * stride_sc, scale_inv)
+
+    return block_quant_kernel
+
+
+def _quantize_blockwise_triton(
+    x: torch.Tensor, fp8_dtype: torch.dtype, block: tuple[int, int]
+) -> Fp8Tensor:
+    kernel = _block_quant_kernel()
+    br, bc = block
+    column_blocks = bc == 1 and br > 1
+    # (128, 1) blocks are (1, 128) blocks of the transpose: quantize x.t() into a contiguous
+    # (cols, rows) buffer, which is also the layout the weight-gradient GEMM wants.
+    src = x.t() if column_blocks else x
+    if column_blocks:
+        br, bc = bc, br
+    rows, cols = src.shape
+    per_row = br == 1
+    n_rb, n_cb = math.ceil(rows / br), math.ceil(cols / bc)
+    q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
+    s = torch.empty((n_rb, n_cb), dtype=torch.float32, device=x.device)
+    interpret = triton_interpret_mode() and x.device.type == "cpu"
+    tile_rows = (32 if interpret else 16) if per_row else br
+    mantissa_bits, min_exp = _FP8_BITS[fp8_dtype]
+    grid = (math.ceil(rows / tile_rows), n_cb)
+    kernel[grid](
+        src, q, s, rows, cols,
+        src.stride(0), src.stride(1), q.stride(0), s.stride(0), s.stride(1),
+        FP8_MAX=fp8_max(fp8_dtype), BLOCK_R=tile_rows, BLOCK_C=bc, PER_ROW=per_row,
+        ROUND_IN_FP32=interpret, MANTISSA_BITS=mantissa_bits, MIN_EXP=min_exp,
+        num_warps=4 if per_row else 8,
+        enable_fp_fusion=False,  # bit-exact x * scale, as the eager path (and no Triton warning)
+    )  # fmt: skip
+    KERNEL_LAUNCHES["fp8_block_quant"] += 1
+    if column_blocks:
+        return Fp8Tensor(q.t(), s.t(), block)
+    return Fp8Tensor(q, s, block)
+
+
+# ============================================================================================
+# Delayed scaling state
+# ============================================================================================
+
+
+class DelayedScalingState:
+    """Amax histories and current scales of ``n_tensors`` tensors under delayed scaling.
+
+    ``amax_history`` is ``(n_tensors, history_len)`` and ``scale`` is ``(n_tensors,)``, both fp32
+    on the device; pass buffers of a module to have them checkpointed (``Fp8Linear`` does). The
+    update follows Transformer Engine: the cast at step t uses ``scale`` (from steps < t), then
+    records its amax in slot 0 of the history, recomputes ``scale = fp8_max / amax / 2**margin``
+    from the window (``max`` of it, or slot 0 for ``most_recent``; the old scale is kept when that
+    amax is 0 or not finite), and rolls the window so slot 0 is free for the next step.
+    """
+
+    def __init__(self, amax_history: torch.Tensor, scale: torch.Tensor) -> None:
+        if amax_history.dim() != 2 or scale.shape != amax_history.shape[:1]:
+            raise ValueError(
+                "amax_history must be (n_tensors, history_len) and scale (n_tensors,), got "
+                f"{tuple(amax_history.shape)} and {tuple(scale.shape)}"
+            )
+        self.amax_history = amax_history
+        self.scale = scale
+
+    @classmethod
+    def create(
+        cls, n_tensors: int, history_len: int, device: torch.device | str | None = None
+    ) -> DelayedScalingState:
+        """A fresh state: empty histories, scale 1."""
+        return cls(
+            torch.zeros(n_tensors, history_len, dtype=torch.float32, device=device),
+            torch.ones(n_tensors, dtype=torch.float32, device=device),
+        )
+
+    @torch.no_grad()
+    def quantize(
+        self, index: int, x: torch.Tensor, fp8_dtype: torch.dtype, recipe: Fp8DelayedScaling
+    ) -> Fp8Tensor:
+        """Cast ``x`` with tensor ``index``'s current scale, then update its history and scale."""
+        q = quantize_tensorwise(x, fp8_dtype, scale=self.scale[index].clone())
+        self.update(index, x.detach().abs().amax(), fp8_dtype, recipe)
+        return q
+
+    @torch.no_grad()
+    def update(
+        self, index: int, amax: torch.Tensor, fp8_dtype: torch.dtype, recipe: Fp8DelayedScaling
+    ) -> None:
+        """Record ``amax`` as the newest entry of tensor ``index`` and recompute its scale."""
+        history = self.amax_history[index]
+        if history.numel() != recipe.amax_history_len:
+            raise ValueError(
+                f"this state holds {history.numel()} amax steps but the recipe asks for "
+                f"amax_history_len={recipe.amax_history_len}"
+            )
+        history[0] = amax.float()
+        window_amax = history.amax() if recipe.amax_compute_algo == "max" else history[0]
+        self.scale[index] = amax_to_scale(
+            window_amax, fp8_dtype, margin=recipe.margin, fallback=self.scale[index]
+        )
+        history.copy_(torch.roll(history, -1))
+        history[0] = 0.0
