@@ -2,7 +2,8 @@
 
 For each package: ``uv build --package``, a fresh venv, its wheel (plus the wheels of the Forge
 siblings it declares) installed with versions pinned to ``uv.lock``, then it must import, its
-undeclared siblings must be absent, and a small program using it must run. Slow (a venv with
+undeclared siblings must be absent, and a small program using it must run. forge-kernels and
+forge-core then run their own test suites there (with pytest added), outside the repository. Slow (a venv with
 torch each; the uv cache makes it seconds, not downloads): marked ``packaging``.
 """
 
@@ -29,6 +30,26 @@ ALL_IMPORTS = [
 ]
 
 # distribution -> (Forge wheels to install, import name, a program that must run there)
+# Packages whose own tests run in their clean venv: extra requirements and pytest arguments.
+OWN_TESTS = {
+    "forge-kernels": (["pytest"], ["-m", "not gpu"]),
+    "forge-ml-core": (
+        ["pytest"],
+        ["-m", "not multiprocess", "-p", "forge_core.testing.pytest_plugin"],
+    ),
+}
+PACKAGE_FOLDERS = {
+    "forge-kernels": "forge-kernels",
+    "forge-ml-core": "forge-core",
+    "forge-parallel": "forge-parallel",
+}
+PYTEST_INI = """[pytest]
+addopts = -p no:cacheprovider --import-mode=importlib
+markers =
+    gpu: needs a CUDA device
+    multiprocess: uses the worker pool
+    packaging: builds wheels
+"""
 CASES = {
     "forge-kernels": (
         ["forge-kernels"],
@@ -82,6 +103,21 @@ def _run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def _pip_install(python: Path, constraints: Path, *requirements: str) -> None:
+    """Install into the venv of ``python`` with versions pinned to the lock."""
+    _run(
+        _uv(),
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        str(python),
+        "--constraint",
+        str(constraints),
+        *requirements,
+    )
+
+
 @pytest.fixture(scope="module")
 def built_wheels(tmp_path_factory) -> dict[str, Path]:
     uv = _uv()
@@ -113,17 +149,7 @@ def test_wheel_installs_and_imports_alone(dist_name, built_wheels, lock_constrai
     venv = tmp_path / "venv"
     _run(uv, "venv", "--quiet", "--python", sys.executable, str(venv))
     python = venv / "bin" / "python"
-    _run(
-        uv,
-        "pip",
-        "install",
-        "--quiet",
-        "--python",
-        str(python),
-        "--constraint",
-        str(lock_constraints),
-        *[str(built_wheels[w]) for w in wheels],
-    )
+    _pip_install(python, lock_constraints, *[str(built_wheels[w]) for w in wheels])
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
     installed = {w.replace("forge-ml-core", "forge_core").replace("-", "_") for w in wheels}
     absent = [m for m in ALL_IMPORTS if m not in installed]
@@ -138,3 +164,16 @@ def test_wheel_installs_and_imports_alone(dist_name, built_wheels, lock_constrai
     assert "Warning" not in imported.stderr, f"importing {import_name} warns:\n{imported.stderr}"
     result = _run(str(python), "-c", textwrap.dedent(program), env=env, cwd=tmp_path)
     assert result.stdout.strip()
+    if dist_name in OWN_TESTS:
+        requirements, pytest_args = OWN_TESTS[dist_name]
+        _pip_install(python, lock_constraints, *requirements)
+        suite = tmp_path / "suite"
+        package = ROOT / "packages" / PACKAGE_FOLDERS[dist_name]
+        shutil.copytree(package / "tests", suite / "tests")
+        shutil.copy(
+            package / "pyproject.toml", suite / "pyproject.toml"
+        )  # the version test reads it
+        (suite / "pytest.ini").write_text(PYTEST_INI)
+        env["TRITON_INTERPRET"] = "1"  # no GPU here: the Triton kernels run interpreted
+        tests = _run(str(python), "-m", "pytest", "-q", "tests", *pytest_args, env=env, cwd=suite)
+        assert " passed" in tests.stdout
