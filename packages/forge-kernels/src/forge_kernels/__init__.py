@@ -8,6 +8,16 @@ kernels run on CUDA, and on CPU under ``TRITON_INTERPRET=1``; elsewhere the eage
 
 from forge_kernels import attention, registry  # attention: `forge_kernels.attention.attention(...)`
 from forge_kernels.activations import geglu, geglu_reference, swiglu, swiglu_reference
+from forge_kernels.fp8 import (
+    Fp8BlockwiseScaling,
+    Fp8CurrentScaling,
+    Fp8DelayedScaling,
+    Fp8Linear,
+    Fp8Policy,
+    calibrate_fp8_policy,
+    convert_to_fp8,
+    fp8_linear,
+)
 from forge_kernels.loss import (
     FusedLinearCrossEntropyLoss,
     fused_linear_cross_entropy,
@@ -40,12 +50,20 @@ from forge_kernels.rope import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Fp8BlockwiseScaling",
+    "Fp8CurrentScaling",
+    "Fp8DelayedScaling",
+    "Fp8Linear",
+    "Fp8Policy",
     "FusedLinearCrossEntropyLoss",
     "Llama3RopeScaling",
     "apply_rope",
     "apply_rope_",
     "apply_rope_reference",
     "attention",
+    "calibrate_fp8_policy",
+    "convert_to_fp8",
+    "fp8_linear",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
     "geglu",

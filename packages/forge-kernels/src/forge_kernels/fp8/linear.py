@@ -98,7 +98,9 @@ def scaled_mm_unsupported_reason(
             return "torch._scaled_mm has no block-wise (1x128, 128x128) scaling on CPU"
         if torch.cuda.get_device_capability(device)[0] != 9:
             cap = torch.cuda.get_device_capability(device)
-            return f"block-wise FP8 GEMMs in torch need sm90 (Hopper); this GPU is sm{cap[0]}{cap[1]}"
+            return (
+                f"block-wise FP8 GEMMs in torch need sm90 (Hopper); this GPU is sm{cap[0]}{cap[1]}"
+            )
         if not hasattr(F, "scaled_mm"):
             return "this torch has no torch.nn.functional.scaled_mm (block-wise scaling)"
         if recipe.block_size != 128:
@@ -163,31 +165,29 @@ def fp8_gemm(
     ``fast_accum`` lets Hopper accumulate in its faster, less precise FP8 mode (Transformer
     Engine uses it for the forward GEMM only; DeepSeek-V3 section 3.3.2 explains the cost).
     """
-    if impl == "emulate":
-        with torch.autocast(a.data.device.type, enabled=False):
+    with torch.autocast(a.data.device.type, enabled=False):
+        if impl == "emulate":
             y = a.dequantize() @ b.dequantize().t()
-            if bias is not None:
-                y = y + bias.float()
-        return y.to(out_dtype)
-    fuse_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
-    bias_arg = bias.to(out_dtype) if fuse_bias else None
-    a_data = a.data.contiguous()  # row-major (M, K)
-    b_data = b.data.contiguous().t()  # column-major (K, N), as cuBLASLt wants
-    if a.block is None and b.block is None:
-        y = torch._scaled_mm(
-            a_data,
-            b_data,
-            scale_a=a.scale_inv,
-            scale_b=b.scale_inv,
-            bias=bias_arg,
-            out_dtype=out_dtype,
-            use_fast_accum=fast_accum,
-        )
-    else:
-        y = _blockwise_scaled_mm(a, b, a_data, b_data, out_dtype, bias_arg, fast_accum)
-    if bias is not None and not fuse_bias:
-        y = y + bias.to(out_dtype)
-    return y
+            return (y if bias is None else y + bias.float()).to(out_dtype)
+        fuse_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+        bias_arg = bias.to(out_dtype) if fuse_bias else None
+        a_data = a.data.contiguous()  # row-major (M, K)
+        b_data = b.data.contiguous().t()  # column-major (K, N), as cuBLASLt wants
+        if a.block is None and b.block is None:
+            y = torch._scaled_mm(
+                a_data,
+                b_data,
+                scale_a=a.scale_inv,
+                scale_b=b.scale_inv,
+                bias=bias_arg,
+                out_dtype=out_dtype,
+                use_fast_accum=fast_accum,
+            )
+        else:
+            y = _blockwise_scaled_mm(a, b, a_data, b_data, out_dtype, bias_arg, fast_accum)
+        if bias is not None and not fuse_bias:
+            y = y + bias.to(out_dtype)
+        return y
 
 
 def _blockwise_scaled_mm(a, b, a_data, b_data, out_dtype, bias, fast_accum) -> torch.Tensor:
@@ -263,7 +263,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
         fwd = recipe.forward_dtype
         xq = _quantize_operand(x2d, _INPUT, recipe, state, fwd, (1, bs))
         wq = _quantize_operand(weight, _WEIGHT, recipe, state, fwd, (bs, bs))
-        y = fp8_gemm(xq, wq, out_dtype=out_dtype, impl=impl, bias=bias, fast_accum=True)
+        # Fast (Hopper FP8) accumulation forward only, as Transformer Engine; the block-wise
+        # recipe keeps full-precision accumulation, as DeepSeek-V3 (section 3.3.2) asks.
+        fast = not blockwise
+        y = fp8_gemm(xq, wq, out_dtype=out_dtype, impl=impl, bias=bias, fast_accum=fast)
 
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Saved in FP8: the weight for dgrad; for wgrad the input, quantized along tokens
@@ -299,7 +302,6 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dx = dx[: ctx.m] if ctx.pad else dx
         if need_wgrad:  # dW = dy^T @ x: contraction over tokens
             dw = fp8_gemm(dyq_t, ctx.xq_t, out_dtype=ctx.w_dtype, impl=impl)
-        ctx.wq = ctx.xq_t = None
         return dx, dw, db, None, None, None, None
 
 
@@ -316,9 +318,7 @@ def _check_linear_args(x, weight, bias) -> tuple[int, int]:
         raise ValueError(f"weight must be (out_features, in_features), got {tuple(weight.shape)}")
     n, k = weight.shape
     if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(
-            f"x must have in_features={k} as its last dim, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must have in_features={k} as its last dim, got shape {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     return n, k
@@ -608,7 +608,9 @@ def convert_to_fp8(
         )
 
     def convert(module: nn.Linear) -> Fp8Linear:
-        return Fp8Linear.from_linear(module, recipe=recipe, backend=backend, gemm=gemm, policy=policy)
+        return Fp8Linear.from_linear(
+            module, recipe=recipe, backend=backend, gemm=gemm, policy=policy
+        )
 
     if eligible("", model):
         return convert(model)

@@ -149,7 +149,9 @@ class Fp8Policy:
 
     def thresholds(self) -> dict[tuple[int, int], int | None]:
         """:meth:`min_tokens` for every calibrated ``(n, k)``."""
-        return {(n, k): self.min_tokens(n, k) for n, k in sorted({(e.n, e.k) for e in self.entries})}
+        return {
+            (n, k): self.min_tokens(n, k) for n, k in sorted({(e.n, e.k) for e in self.entries})
+        }
 
     # ---------------------------------------------------------------- persistence
 

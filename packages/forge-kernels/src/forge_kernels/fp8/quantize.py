@@ -309,7 +309,9 @@ def quantize_blockwise_reference(
 def _triton_block_quant_usable(x: torch.Tensor, block: tuple[int, int]) -> bool:
     """Triton kernel: power-of-two blocks that are a row tile or square; fp8 casts need sm89+."""
     br, bc = block
-    shape_ok = (br == 1 and _is_pow2(bc)) or (bc == 1 and _is_pow2(br)) or (br == bc and _is_pow2(br))
+    shape_ok = (
+        (br == 1 and _is_pow2(bc)) or (bc == 1 and _is_pow2(br)) or (br == bc and _is_pow2(br))
+    )
     if not shape_ok or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if not can_use_triton(x):
@@ -385,13 +387,14 @@ def _block_quant_kernel():
         x = tl.load(X + rows64 * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
         x = x.to(tl.float32)  # right after the load (the interpreter's bf16 math is wrong)
         ax = tl.abs(x)
-        if PER_ROW:
+        if PER_ROW:  # noqa: SIM108 (constexpr branches read better in a kernel)
             amax = tl.max(ax, axis=1)
         else:
             amax = tl.max(tl.max(ax, axis=1), axis=0)
         ok = (amax > 0.0) & (amax < float("inf"))
-        scale = tl.where(ok, tl.math.div_rn(FP8_MAX, tl.where(ok, amax, 1.0)), 1.0)
-        if PER_ROW:
+        scale = tl.math.div_rn(FP8_MAX, tl.where(ok, amax, 1.0))
+        scale = tl.where(ok, tl.minimum(scale, 3.4028234663852886e38), 1.0)  # as amax_to_scale
+        if PER_ROW:  # noqa: SIM108
             y = x * scale[:, None]
         else:
             y = x * scale

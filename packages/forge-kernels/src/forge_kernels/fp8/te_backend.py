@@ -75,7 +75,7 @@ def make_te_linear(
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(
-            f'the Transformer Engine backend runs on CUDA only, got device {device}; use '
+            f"the Transformer Engine backend runs on CUDA only, got device {device}; use "
             'backend="torch" (emulated FP8 on CPU)'
         )
     return te.Linear(
