@@ -1,0 +1,538 @@
+"""Checkpoint mappings as data: name patterns and invertible layout transforms.
+
+A :class:`MappingSpec` says how the tensors of one model family are named and laid out in a
+Hugging Face checkpoint and in forge. It is a list of :class:`Rule` s, each pairing one forge
+tensor with one or more checkpoint tensors::
+
+    Rule("layers.{i}.mlp.gate_up_proj.weight",
+         ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+         concat=Concat(dim=0))
+    Rule("embed_tokens.weight", "model.embed_tokens.weight", transforms=(PAD_VOCAB,))
+    Rule("lm_head.weight", "lm_head.weight", transforms=(PAD_VOCAB,), when="!tie_word_embeddings")
+
+``{i}`` runs over the layers. Several checkpoint tensors are joined by a :class:`Concat` (and
+split again on export); single-tensor transforms (:class:`Transpose`, :class:`PadDim`) then
+apply in order on import and are undone in reverse order on export. ``when`` names a boolean
+of the *context* (``"!flag"`` negates it): the rule exists only if it holds. The context is
+read from the checkpoint's ``config.json`` through ``context_keys`` (also data) plus caller
+options such as ``vocab_pad_multiple``.
+
+The same spec drives both directions (:meth:`MappingSpec.hf_to_forge`,
+:meth:`MappingSpec.forge_to_hf`), both stream (one tensor in, tensors out as soon as all their
+parts arrived), and every transform is exactly invertible, so HF -> forge -> HF is bit-exact.
+:meth:`MappingSpec.check_hf` validates a checkpoint from its header shapes before any data is
+read and raises :class:`~forge_ckpt.errors.CheckpointMismatchError` listing missing,
+unexpected and mis-shaped tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forge_ckpt.errors import CheckpointMismatchError
+
+__all__ = [
+    "PAD_VOCAB",
+    "REQUIRED",
+    "BoundRule",
+    "Concat",
+    "MappingSpec",
+    "PadDim",
+    "Rule",
+    "TensorTransform",
+    "Transpose",
+]
+
+Shape = tuple[int, ...]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: Marks a context key without default: the checkpoint config must provide it.
+REQUIRED: Any = _Required()
+
+
+def _resolve(value: int | str, ctx: Mapping[str, Any]) -> int:
+    """An int, or the int a context key names."""
+    if isinstance(value, str):
+        if value not in ctx:
+            raise KeyError(f"the mapping needs context key {value!r}, which is not set")
+        return int(ctx[value])
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Several checkpoint tensors form one forge tensor, concatenated along ``dim`` in order.
+
+    ``sizes`` gives each part's extent along ``dim`` (ints or context keys) for splitting on
+    export; ``None`` means equal parts (a fused gate/up projection).
+    """
+
+    dim: int = 0
+    sizes: tuple[int | str, ...] | None = None
+
+    def part_sizes(self, total: int, n_parts: int, ctx: Mapping[str, Any]) -> list[int]:
+        if self.sizes is None:
+            if total % n_parts:
+                raise ValueError(f"cannot split extent {total} into {n_parts} equal parts")
+            return [total // n_parts] * n_parts
+        if len(self.sizes) != n_parts:
+            raise ValueError(f"Concat has {len(self.sizes)} sizes for {n_parts} parts")
+        sizes = [_resolve(s, ctx) for s in self.sizes]
+        if sum(sizes) != total:
+            raise ValueError(f"parts of sizes {sizes} do not add up to extent {total}")
+        return sizes
+
+    def join(self, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]) -> torch.Tensor:
+        self.joined_shape([tuple(p.shape) for p in parts], ctx)
+        return torch.cat(list(parts), dim=self.dim)
+
+    def split(
+        self, tensor: torch.Tensor, n_parts: int, ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor]:
+        sizes = self.part_sizes(tensor.shape[self.dim], n_parts, ctx)
+        return list(torch.split(tensor, sizes, dim=self.dim))
+
+    def joined_shape(self, shapes: Sequence[Shape], ctx: Mapping[str, Any]) -> Shape:
+        first = shapes[0]
+        dim = self.dim % len(first) if first else 0
+        for s in shapes:
+            if len(s) != len(first) or any(
+                a != b for d, (a, b) in enumerate(zip(s, first, strict=True)) if d != dim
+            ):
+                raise ValueError(
+                    f"parts of shapes {[list(x) for x in shapes]} cannot be concatenated on dim {self.dim}"
+                )
+        extents = [s[dim] for s in shapes]
+        if self.sizes is None and len(set(extents)) != 1:
+            raise ValueError(f"parts must be equal along dim {self.dim}, got {extents}")
+        if self.sizes is not None:
+            want = [_resolve(x, ctx) for x in self.sizes]
+            if extents != want:
+                raise ValueError(
+                    f"parts have extents {extents} along dim {self.dim}, expected {want}"
+                )
+        return (*first[:dim], sum(extents), *first[dim + 1 :])
+
+    def describe(self) -> str:
+        return f"concat(dim={self.dim})"
+
+
+class TensorTransform:
+    """An invertible layout change of one tensor: ``to_hf(to_forge(t)) == t`` bit for bit."""
+
+    def to_forge(self, t: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, t: torch.Tensor, ctx: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forge_shape(self, shape: Shape, ctx: Mapping[str, Any]) -> Shape:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__.lower()
+
+
+@dataclass(frozen=True)
+class Transpose(TensorTransform):
+    """Swap two dims (e.g. a ``[in, out]`` checkpoint weight for ``nn.Linear``'s ``[out, in]``)."""
+
+    dim0: int = 0
+    dim1: int = 1
+
+    def to_forge(self, t, ctx):
+        return t.transpose(self.dim0, self.dim1)
+
+    def to_hf(self, t, ctx):
+        return t.transpose(self.dim0, self.dim1)
+
+    def forge_shape(self, shape, ctx):
+        s = list(shape)
+        s[self.dim0], s[self.dim1] = s[self.dim1], s[self.dim0]
+        return tuple(s)
+
+    def describe(self) -> str:
+        return f"transpose({self.dim0}, {self.dim1})"
+
+
+@dataclass(frozen=True)
+class PadDim(TensorTransform):
+    """Zero-pad ``dim`` from ``size`` up to a multiple of ``multiple`` on import; cut on export.
+
+    ``size`` and ``multiple`` are ints or context keys. With the defaults this is vocabulary
+    padding (Megatron-LM pads the embedding and output rows to a multiple of the tensor-parallel
+    degree times 128 so every rank holds an equal, aligned slice); the checkpoint keeps the real
+    vocabulary size, so export drops the padding rows again.
+    """
+
+    size: int | str = "vocab_size"
+    multiple: int | str = "vocab_pad_multiple"
+    dim: int = 0
+
+    def padded(self, ctx: Mapping[str, Any]) -> tuple[int, int]:
+        size, multiple = _resolve(self.size, ctx), _resolve(self.multiple, ctx)
+        if multiple < 1:
+            raise ValueError(f"the padding multiple must be >= 1, got {multiple}")
+        return size, math.ceil(size / multiple) * multiple
+
+    def to_forge(self, t, ctx):
+        size, padded = self.padded(ctx)
+        if t.shape[self.dim] != size:
+            raise ValueError(f"expected extent {size} along dim {self.dim}, got {tuple(t.shape)}")
+        if padded == size:
+            return t
+        pad_shape = list(t.shape)
+        pad_shape[self.dim] = padded - size
+        return torch.cat([t, t.new_zeros(pad_shape)], dim=self.dim)
+
+    def to_hf(self, t, ctx):
+        size, padded = self.padded(ctx)
+        if t.shape[self.dim] != padded:
+            raise ValueError(
+                f"expected extent {padded} (padded) along dim {self.dim}, got {tuple(t.shape)}"
+            )
+        return t.narrow(self.dim, 0, size)
+
+    def forge_shape(self, shape, ctx):
+        size, padded = self.padded(ctx)
+        if shape[self.dim] != size:
+            raise ValueError(f"extent {shape[self.dim]} along dim {self.dim}, config says {size}")
+        s = list(shape)
+        s[self.dim] = padded
+        return tuple(s)
+
+    def describe(self) -> str:
+        return f"pad(dim={self.dim}, {self.size} -> multiple of {self.multiple})"
+
+
+#: Vocabulary padding of embedding / output rows (see :class:`PadDim`).
+PAD_VOCAB = PadDim()
+
+
+# --------------------------------------------------------------------------------------------
+# Rules
+# --------------------------------------------------------------------------------------------
+
+
+def _flag(when: str | None, ctx: Mapping[str, Any]) -> bool:
+    if when is None:
+        return True
+    negate = when.startswith("!")
+    key = when[1:] if negate else when
+    if key not in ctx:
+        raise KeyError(f"the mapping needs context flag {key!r}, which is not set")
+    return bool(ctx[key]) != negate
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One forge tensor and the checkpoint tensor(s) it comes from (see the module docstring)."""
+
+    forge: str
+    hf: str | tuple[str, ...]
+    concat: Concat | None = None
+    transforms: tuple[TensorTransform, ...] = ()
+    when: str | None = None
+
+    def __post_init__(self) -> None:
+        hf = (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
+        object.__setattr__(self, "hf", hf)
+        if not hf:
+            raise ValueError(f"rule for {self.forge!r} names no checkpoint tensor")
+        if len(hf) > 1 and self.concat is None:
+            raise ValueError(
+                f"rule for {self.forge!r} joins {len(hf)} tensors: give concat=Concat(...)"
+            )
+        layered = "{i}" in self.forge
+        if any(("{i}" in name) != layered for name in hf):
+            raise ValueError(f"rule {self.forge!r} <- {hf}: use '{{i}}' on both sides or neither")
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.forge
+
+    def bind(self, ctx: Mapping[str, Any], layer: int | None = None) -> BoundRule:
+        fmt = {} if layer is None else {"i": layer}
+        return BoundRule(
+            forge=self.forge.format(**fmt), hf=tuple(n.format(**fmt) for n in self.hf), rule=self
+        )
+
+
+@dataclass(frozen=True)
+class BoundRule:
+    """A :class:`Rule` with its layer index filled in: concrete names on both sides."""
+
+    forge: str
+    hf: tuple[str, ...]
+    rule: Rule
+
+    def to_forge(self, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]) -> torch.Tensor:
+        t = parts[0] if self.rule.concat is None else self.rule.concat.join(parts, ctx)
+        for transform in self.rule.transforms:
+            t = transform.to_forge(t, ctx)
+        return t
+
+    def to_hf(self, t: torch.Tensor, ctx: Mapping[str, Any]) -> list[torch.Tensor]:
+        for transform in reversed(self.rule.transforms):
+            t = transform.to_hf(t, ctx)
+        if self.rule.concat is None:
+            return [t]
+        return self.rule.concat.split(t, len(self.hf), ctx)
+
+    def forge_shape(self, hf_shapes: Sequence[Shape], ctx: Mapping[str, Any]) -> Shape:
+        """The forge shape these checkpoint shapes give (``ValueError`` if they cannot fit)."""
+        shape = (
+            tuple(hf_shapes[0])
+            if self.rule.concat is None
+            else self.rule.concat.joined_shape([tuple(s) for s in hf_shapes], ctx)
+        )
+        for transform in self.rule.transforms:
+            shape = transform.forge_shape(shape, ctx)
+        return shape
+
+    def describe(self) -> str:
+        steps = ([self.rule.concat.describe()] if self.rule.concat else []) + [
+            t.describe() for t in self.rule.transforms
+        ]
+        how = f"  [{', '.join(steps)}]" if steps else ""
+        return f"{self.forge} <- {' + '.join(self.hf)}{how}"
+
+
+# --------------------------------------------------------------------------------------------
+# The spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """How one model family's tensors map between a Hugging Face checkpoint and forge.
+
+    Args:
+        name: registry name (``"llama"``).
+        hf_model_types: ``config.json`` ``model_type`` values this spec reads.
+        rules: the tensor rules.
+        context_keys: context key -> ``(config.json key, default)``; ``REQUIRED`` for no default.
+            ``num_layers`` must be among them (it expands ``{i}``).
+        ignored_hf: ``(checkpoint name, flag)``: the tensor may be present and is dropped when
+            the context flag holds, or always for flag ``None`` (an ``lm_head.weight`` saved
+            next to tied embeddings; RoPE ``inv_freq`` buffers older transformers saved). The
+            name may contain ``{i}``.
+        description: one line for listings.
+    """
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    context_keys: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
+    ignored_hf: tuple[tuple[str, str | None], ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if "num_layers" not in self.context_keys and any(r.per_layer for r in self.rules):
+            raise ValueError(
+                f"mapping {self.name!r}: per-layer rules need context key 'num_layers'"
+            )
+
+    # -- context ------------------------------------------------------------------------------
+    def context(self, hf_config: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+        """The context of a checkpoint: values read from its ``config.json`` plus ``options``.
+
+        ``vocab_pad_multiple`` defaults to 1 (no padding); ``options`` override config values.
+        """
+        ctx: dict[str, Any] = {"vocab_pad_multiple": 1}
+        for key, (config_key, default) in self.context_keys.items():
+            if config_key in hf_config and hf_config[config_key] is not None:
+                ctx[key] = hf_config[config_key]
+            elif default is REQUIRED:
+                raise ValueError(
+                    f"config.json lacks {config_key!r}, which the {self.name} mapping needs"
+                )
+            else:
+                ctx[key] = default
+        ctx.update(options)
+        return ctx
+
+    def bind(self, ctx: Mapping[str, Any]) -> list[BoundRule]:
+        """Every rule that applies in ``ctx``, with layer indices filled in."""
+        rules = [r for r in self.rules if _flag(r.when, ctx)]
+        layered = [r for r in rules if r.per_layer]
+        first = rules.index(layered[0]) if layered else len(rules)
+        # Global rules before the first per-layer one, then layer by layer, then the rest.
+        bound = [r.bind(ctx) for r in rules[:first] if not r.per_layer]
+        for i in range(int(ctx["num_layers"]) if layered else 0):
+            bound += [r.bind(ctx, i) for r in layered]
+        bound += [r.bind(ctx) for r in rules[first:] if not r.per_layer]
+        forge_names = [b.forge for b in bound]
+        hf_names = [n for b in bound for n in b.hf]
+        for names, side in ((forge_names, "forge"), (hf_names, "checkpoint")):
+            if len(set(names)) != len(names):
+                dup = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"mapping {self.name!r} maps {side} names twice: {dup[:5]}")
+        return bound
+
+    def forge_names(self, ctx: Mapping[str, Any]) -> list[str]:
+        return [b.forge for b in self.bind(ctx)]
+
+    def hf_names(self, ctx: Mapping[str, Any]) -> list[str]:
+        return [n for b in self.bind(ctx) for n in b.hf]
+
+    def _ignored(self, ctx: Mapping[str, Any]) -> set[str]:
+        names: set[str] = set()
+        for name, flag in self.ignored_hf:
+            if not _flag(flag, ctx):
+                continue
+            if "{i}" in name:
+                names.update(name.format(i=i) for i in range(int(ctx["num_layers"])))
+            else:
+                names.add(name)
+        return names
+
+    def describe(self, ctx: Mapping[str, Any]) -> str:
+        """The mapping in ``ctx``, one line per forge tensor (a dry run's printout)."""
+        lines = [f"mapping {self.name} ({', '.join(f'{k}={v}' for k, v in sorted(ctx.items()))})"]
+        lines += [f"  {b.describe()}" for b in self.bind(ctx)]
+        lines += [f"  (ignored if present: {n})" for n, _ in self.ignored_hf]
+        return "\n".join(lines)
+
+    # -- validation ---------------------------------------------------------------------------
+    def check_hf(
+        self,
+        hf_shapes: Mapping[str, Sequence[int]],
+        ctx: Mapping[str, Any],
+        forge_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        """Raise :class:`CheckpointMismatchError` unless the checkpoint fits.
+
+        ``hf_shapes``: checkpoint name -> shape (from the headers). ``forge_shapes``: the
+        shapes the forge model expects (its ``state_dict``); when given, each mapped tensor's
+        shape is checked and model tensors that no rule fills are reported.
+        """
+        bound = self.bind(ctx)
+        expected = {n for b in bound for n in b.hf}
+        present = set(hf_shapes)
+        missing = sorted(expected - present)
+        unexpected = sorted(present - expected - self._ignored(ctx))
+        mismatched = []
+        for b in bound:
+            if not all(n in hf_shapes for n in b.hf):
+                continue
+            sources = [tuple(hf_shapes[n]) for n in b.hf]
+            label = b.forge if b.hf == (b.forge,) else f"{b.forge} (from {' + '.join(b.hf)})"
+            try:
+                shape = b.forge_shape(sources, ctx)
+            except ValueError as exc:
+                mismatched.append((f"{label}: {exc}", sources[0], ()))
+                continue
+            if forge_shapes is not None and b.forge in forge_shapes:
+                want = tuple(forge_shapes[b.forge])
+                if shape != want:
+                    mismatched.append((label, shape, want))
+        if forge_shapes is not None:
+            produced = {b.forge for b in bound}
+            missing += [
+                f"{n} (a model tensor no rule of mapping {self.name!r} fills)"
+                for n in sorted(set(forge_shapes) - produced)
+            ]
+        if missing or unexpected or mismatched:
+            raise CheckpointMismatchError(
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+                context=f"the checkpoint does not match the {self.name} model",
+            )
+
+    def check_forge(
+        self, forge_shapes: Mapping[str, Sequence[int]], ctx: Mapping[str, Any]
+    ) -> None:
+        """Raise :class:`CheckpointMismatchError` unless ``forge_shapes`` has exactly the mapped names."""
+        produced = set(self.forge_names(ctx))
+        missing = sorted(produced - set(forge_shapes))
+        unexpected = sorted(set(forge_shapes) - produced)
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                missing=missing,
+                unexpected=unexpected,
+                context=f"the forge state does not match the {self.name} mapping",
+            )
+
+    # -- conversion ---------------------------------------------------------------------------
+    def hf_to_forge(
+        self, items: Iterable[tuple[str, torch.Tensor]], ctx: Mapping[str, Any]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint ``(name, tensor)`` pairs -> forge pairs, streaming.
+
+        A forge tensor is yielded as soon as all its parts arrived (parts of a fused tensor
+        that sit in different shards wait in a small buffer). Unknown names raise at once;
+        missing ones when the input is exhausted.
+        """
+        bound = self.bind(ctx)
+        slots = {name: (b, k) for b in bound for k, name in enumerate(b.hf)}
+        ignored = self._ignored(ctx)
+        waiting: dict[str, list[torch.Tensor | None]] = {}
+        done: set[str] = set()
+        for name, tensor in items:
+            if name in ignored:
+                continue
+            if name not in slots:
+                raise CheckpointMismatchError(
+                    unexpected=[name],
+                    context=f"the checkpoint does not match the {self.name} model",
+                )
+            b, k = slots[name]
+            if b.forge in done:
+                raise ValueError(f"checkpoint tensor {name} is given twice")
+            parts = waiting.setdefault(b.forge, [None] * len(b.hf))
+            if parts[k] is not None:
+                raise ValueError(f"checkpoint tensor {name} is given twice")
+            parts[k] = tensor
+            if all(p is not None for p in parts):
+                del waiting[b.forge]
+                done.add(b.forge)
+                yield b.forge, b.to_forge(parts, ctx)
+        missing = []
+        for b in bound:
+            if b.forge not in done:
+                parts = waiting.get(b.forge)
+                missing += [n for k, n in enumerate(b.hf) if parts is None or parts[k] is None]
+        if missing:
+            raise CheckpointMismatchError(
+                missing=missing, context=f"the checkpoint does not match the {self.name} model"
+            )
+
+    def forge_to_hf(
+        self, items: Iterable[tuple[str, torch.Tensor]], ctx: Mapping[str, Any]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Forge ``(name, tensor)`` pairs -> checkpoint pairs, streaming (the inverse)."""
+        bound = {b.forge: b for b in self.bind(ctx)}
+        done: set[str] = set()
+        for name, tensor in items:
+            b = bound.get(name)
+            if b is None:
+                raise CheckpointMismatchError(
+                    unexpected=[name],
+                    context=f"the forge state does not match the {self.name} mapping",
+                )
+            if name in done:
+                raise ValueError(f"forge tensor {name} is given twice")
+            done.add(name)
+            yield from zip(b.hf, b.to_hf(tensor, ctx), strict=True)
+        missing = sorted(set(bound) - done)
+        if missing:
+            raise CheckpointMismatchError(
+                missing=missing, context=f"the forge state does not match the {self.name} mapping"
+            )

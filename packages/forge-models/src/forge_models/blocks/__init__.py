@@ -1,0 +1,16 @@
+"""Building blocks shared by the model families: norms, RoPE, attention, MLPs, decoder blocks."""
+
+from forge_models.blocks.attention import Attention, AttentionInputs
+from forge_models.blocks.mlp import GatedMLP
+from forge_models.blocks.norm import RMSNorm
+from forge_models.blocks.rope import RotaryEmbedding
+from forge_models.blocks.transformer import TransformerBlock
+
+__all__ = [
+    "Attention",
+    "AttentionInputs",
+    "GatedMLP",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "TransformerBlock",
+]

@@ -1,0 +1,295 @@
+"""``CausalLM``: the dense decoder-only language model shared by the Llama and Qwen families.
+
+Llama 2 (Touvron et al. 2023, arXiv:2307.09288), Llama 3/3.1/3.2 (Dubey et al. 2024,
+arXiv:2407.21783), Qwen2/Qwen2.5 (Yang et al. 2024, arXiv:2407.10671; Qwen2.5 Technical Report,
+arXiv:2412.15115) and Qwen3 dense (Yang et al. 2025, arXiv:2505.09388) are all this module with
+a different :class:`~forge_models.config.TransformerConfig`.
+
+Module tree (the names forge-ckpt maps and parallel plans target)::
+
+    embed_tokens            nn.Embedding [padded_vocab, hidden]
+    layers.{i}              TransformerBlock
+        attn_norm           RMSNorm
+        attn.q_proj/k_proj/v_proj/o_proj   nn.Linear (q/k/v bias with attention_bias,
+                            o bias with attention_out_bias)
+        attn.q_norm/k_norm  RMSNorm [head_dim] (qk_norm)
+        mlp_norm            RMSNorm
+        mlp.gate_up_proj    nn.Linear [2 * intermediate, hidden] (gate rows, then up rows)
+        mlp.down_proj       nn.Linear
+    norm                    RMSNorm
+    lm_head                 nn.Linear [padded_vocab, hidden]; with tie_word_embeddings its weight
+                            *is* embed_tokens.weight and ``lm_head.weight`` is left out of the
+                            state dict (loading one aliases it to the embedding)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import forge_kernels
+from forge_kernels.attention import AttentionMask
+from forge_models.blocks import AttentionInputs, RMSNorm, RotaryEmbedding, TransformerBlock
+from forge_models.config import TransformerConfig
+
+__all__ = ["IGNORE_INDEX", "CausalLM", "shift_labels"]
+
+#: Label value that contributes no loss (as ``torch.nn.functional.cross_entropy``'s default).
+IGNORE_INDEX = -100
+
+
+def shift_labels(
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token targets for ``labels`` aligned with the inputs: ``targets[..., t] = labels[..., t+1]``.
+
+    The last position gets ``IGNORE_INDEX``; so does every position whose own token or next
+    token is padding (``attention_mask == 0``), and the last token of every packed document
+    (it must not predict the next document's first token).
+    """
+    targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    if attention_mask is not None:
+        valid = attention_mask.bool()
+        next_valid = F.pad(valid[..., 1:], (0, 1), value=False)
+        targets = targets.masked_fill(~(valid & next_valid), IGNORE_INDEX)
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long() - 1
+        ends = ends[ends >= 0]
+        targets = targets.clone()
+        targets[..., ends] = IGNORE_INDEX
+    return targets
+
+
+def _drop_tied_head(module: CausalLM, state_dict, prefix: str, local_metadata) -> None:
+    if module.config.tie_word_embeddings:
+        state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _alias_tied_head(module: CausalLM, state_dict, prefix: str, *args) -> None:
+    if module.config.tie_word_embeddings:
+        state_dict.pop(prefix + "lm_head.weight", None)
+        if prefix + "embed_tokens.weight" in state_dict:
+            state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "embed_tokens.weight"]
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model (see the module docstring for the module tree).
+
+    Build it by name with :func:`forge_models.build_model` (``device="meta"`` to allocate
+    nothing), or from a Hugging Face folder with :func:`forge_models.from_pretrained`.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        vocab = config.padded_vocab_size
+        # Given an empty weight, nn.Embedding skips its own init (on the meta device, the first
+        # normal_ would import torch's Python decompositions: seconds). init_weights() fills it.
+        self.embed_tokens = nn.Embedding(
+            vocab,
+            config.hidden_size,
+            padding_idx=config.pad_token_id,
+            _weight=torch.empty(vocab, config.hidden_size),
+        )
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, vocab, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(
+            config.head_dim, theta=config.rope_theta, llama3_scaling=config.rope_scaling
+        )
+        self.register_state_dict_post_hook(_drop_tied_head)
+        self.register_load_state_dict_pre_hook(_alias_tied_head)
+        if not self.embed_tokens.weight.is_meta:
+            self.init_weights()  # built directly on a device: initialize as build_model does
+
+    # -- construction -------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # Moving from the meta device (to_empty) or across devices can replace the Parameter
+        # objects; keep the output projection tied to the embedding.
+        super()._apply(fn, recurse)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, *, generator: torch.Generator | None = None) -> None:
+        """Initialize as the references do: linear and embedding weights ``normal(0, initializer_range)``,
+        biases zero, norm weights one; the padding-token row and vocabulary padding rows zero.
+
+        Works parameter by parameter in place, so it runs after ``to_empty`` on any device
+        (and on whatever shard of each parameter this process holds).
+        """
+        std = self.config.initializer_range
+        vocab = self.config.vocab_size
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+                if module.weight.shape[0] > vocab:
+                    module.weight[vocab:].zero_()
+            elif isinstance(module, nn.Linear):
+                if module is self.lm_head and self.config.tie_word_embeddings:
+                    continue
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if module is self.lm_head and module.weight.shape[0] > vocab:
+                    module.weight[vocab:].zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def parallel_plan(self, *, sequence_parallel: bool = True) -> dict[str, str]:
+        """This family's default tensor/sequence-parallel plan (see :mod:`forge_models.parallel_plan`)."""
+        from forge_models.registry import get_family
+
+        return get_family(self.config.family).parallel_plan(sequence_parallel=sequence_parallel)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        max_seqlen: int | None = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+    ) -> torch.Tensor:
+        """Logits, or the next-token loss when ``labels`` are given.
+
+        Args:
+            input_ids: ``[B, S]`` token ids, or ``[S]`` for one sequence. A packed batch (several
+                documents in one row) is ``[1, T]`` or ``[T]`` with ``cu_seqlens``.
+            position_ids: RoPE positions, ``[B, S]`` or ``[S]``. Default: ``0..S-1`` (also with
+                padding, as transformers does), or restarting at 0 in each packed document.
+            cu_seqlens: ``[documents + 1]`` boundaries of the packed documents, starting at 0 and
+                ending at ``T`` (FlashAttention's varlen convention). Attention never crosses a
+                document. Put trailing padding in a document of its own.
+            attention_mask: ``[B, S]`` with 1 for real tokens and 0 for padding (transformers'
+                convention; left, right or any padding). Padding tokens are never attended to;
+                their own outputs are meaningless.
+            labels: token ids aligned with ``input_ids`` (transformers' convention: *not*
+                shifted; the model predicts ``labels[t + 1]`` at position ``t``, see
+                :func:`shift_labels`). ``-100`` is ignored, and so are padding positions,
+                positions before padding and the last token of each packed document.
+            max_seqlen: longest packed document, if known (saves flash-attn a host sync).
+            loss_reduction: ``"mean"`` over the predicted tokens (transformers' default) or
+                ``"sum"`` (for normalizing over a whole accumulated batch yourself).
+
+        Returns:
+            Without ``labels``: logits ``[*input_ids.shape, vocab_size]`` in the model dtype.
+            With ``labels``: the fp32 scalar loss, computed by
+            ``forge_kernels.fused_linear_cross_entropy`` without materializing the logits.
+        """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(labels.shape)} (pass them unshifted: the model shifts them)"
+            )
+        ids, inputs = self._prepare(input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen)
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x, inputs)
+        x = self.norm(x)
+
+        vocab = self.config.vocab_size
+        if labels is None:
+            logits = self.lm_head(x)
+            if logits.shape[-1] != vocab:
+                logits = logits[..., :vocab]
+            return logits.reshape(*input_ids.shape, vocab)
+
+        mask = None if attention_mask is None else attention_mask.reshape(ids.shape).to(ids.device)
+        targets = shift_labels(
+            labels.reshape(ids.shape).to(ids.device),
+            attention_mask=mask,
+            cu_seqlens=inputs.cu_seqlens,
+        )
+        weight = self.lm_head.weight
+        if weight.shape[0] != vocab:
+            weight = weight[:vocab]
+        return forge_kernels.fused_linear_cross_entropy(
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=loss_reduction,
+        )
+
+    def _prepare(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> tuple[torch.Tensor, AttentionInputs]:
+        """Validate the inputs; ``(ids [B, S], attention inputs)``."""
+        if input_ids.dim() not in (1, 2) or input_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"input_ids must be integer [batch, seq] or [seq], got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        batch, seq = ids.shape
+        device = ids.device
+        mask = None
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either cu_seqlens (packed documents) or attention_mask (padding), not "
+                    "both; put padding of a packed row in a document of its own"
+                )
+            if batch != 1:
+                raise ValueError(
+                    f"a packed batch is one row: input_ids [1, T] or [T] with cu_seqlens, got "
+                    f"{tuple(input_ids.shape)}"
+                )
+            if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+                raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens!r}")
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            if position_ids is None:
+                position_ids = forge_kernels.packed_position_ids(cu_seqlens)
+                if position_ids.shape[0] != seq:
+                    raise ValueError(
+                        f"cu_seqlens ends at {position_ids.shape[0]} but the packed row has {seq} "
+                        "tokens; the last boundary must equal the number of tokens"
+                    )
+        elif attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.reshape(ids.shape).to(device)
+            if not bool(attention_mask.bool().all()):
+                # Real tokens form document 0 of their row, padding tokens document -1: padding
+                # is never a key of a real token, and every query still sees itself.
+                segment_ids = attention_mask.bool().to(torch.long) - 1
+                mask = AttentionMask(causal=True, segment_ids=segment_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device)
+        else:
+            position_ids = position_ids.to(device)
+            if position_ids.shape[-1] != seq or position_ids.dim() > 2:
+                raise ValueError(
+                    f"position_ids must be [batch, seq] or [seq] matching input_ids "
+                    f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}"
+                )
+        cos, sin = self.rope(position_ids)
+        inputs = AttentionInputs(
+            cos=cos, sin=sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, mask=mask
+        )
+        return ids, inputs

@@ -1,0 +1,150 @@
+"""Translation between transformers ``config.json`` dicts and :class:`TransformerConfig`.
+
+Reads both the transformers 4.x keys (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and
+the 5.x ones (``rope_parameters``, ``dtype``), and writes both, so the folders forge saves load
+in either. Features forge does not implement (sliding-window layers, other RoPE types, MLP
+biases, activations other than SiLU, attention dropout) raise ``ValueError`` instead of loading
+a model that would silently compute something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from forge_models.config import Llama3RopeScaling, TransformerConfig
+
+__all__ = ["dense_config_from_hf", "dense_config_to_hf", "rope_from_hf"]
+
+
+def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+    """``(rope_theta, llama3 scaling or None)`` from either config layout."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping) and "rope_theta" in params:
+        theta = params["rope_theta"]
+        scaling = params
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3":
+        return float(theta), Llama3RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    raise ValueError(
+        f"RoPE type {rope_type!r} is not supported by forge yet (supported: 'default', 'llama3')"
+    )
+
+
+def _require_plain(hf: Mapping[str, Any], family: str) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{family}: hidden_act={act!r} is not supported (forge uses SwiGLU/SiLU)")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{family}: mlp_bias=True is not supported")
+    if hf.get("attention_dropout"):
+        raise ValueError(
+            f"{family}: attention_dropout={hf['attention_dropout']} is not supported; set it to 0"
+        )
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"{family}: sliding-window attention layers are not supported yet")
+
+
+def dense_config_from_hf(
+    hf: Mapping[str, Any],
+    *,
+    family: str,
+    attention_bias: bool | None,
+    attention_out_bias: bool | None,
+    qk_norm: bool,
+    **overrides: Any,
+) -> TransformerConfig:
+    """A :class:`TransformerConfig` of ``family`` from a ``config.json`` dict.
+
+    ``attention_bias`` / ``attention_out_bias`` ``None`` read the config's ``attention_bias``
+    (default False); a bool fixes them (Qwen2: q/k/v biases, none on o_proj).
+    """
+    _require_plain(hf, family)
+    theta, scaling = rope_from_hf(hf)
+    config_bias = bool(hf.get("attention_bias", False))
+    heads = int(hf["num_attention_heads"])
+    values: dict[str, Any] = {
+        "family": family,
+        "vocab_size": int(hf["vocab_size"]),
+        "hidden_size": int(hf["hidden_size"]),
+        "intermediate_size": int(hf["intermediate_size"]),
+        "num_layers": int(hf["num_hidden_layers"]),
+        "num_heads": heads,
+        "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
+        "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "attention_bias": config_bias if attention_bias is None else attention_bias,
+        "attention_out_bias": config_bias if attention_out_bias is None else attention_out_bias,
+        "qk_norm": qk_norm,
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "initializer_range": float(hf.get("initializer_range", 0.02)),
+        "pad_token_id": hf.get("pad_token_id"),
+    }
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def dense_config_to_hf(
+    config: TransformerConfig,
+    *,
+    architecture: str,
+    model_type: str,
+    write_attention_bias: bool = True,
+    extra: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """A ``config.json`` dict for ``config`` that transformers 4.x and 5.x load."""
+    if config.rope_scaling is None:
+        rope_scaling = None
+        rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    else:
+        rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+        rope_parameters = {**rope_scaling, "rope_theta": config.rope_theta}
+    hf: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "initializer_range": config.initializer_range,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "pad_token_id": config.pad_token_id,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": rope_parameters,
+        "use_cache": True,
+    }
+    if write_attention_bias:
+        if config.attention_bias != config.attention_out_bias:
+            raise ValueError(
+                f"{architecture} has one attention_bias switch for q/k/v and o_proj; got "
+                f"attention_bias={config.attention_bias}, attention_out_bias={config.attention_out_bias}"
+            )
+        hf["attention_bias"] = config.attention_bias
+    if dtype is not None:
+        hf["dtype"] = hf["torch_dtype"] = dtype
+    hf.update(extra or {})
+    return hf

@@ -1,0 +1,138 @@
+"""``from_pretrained`` / ``save_pretrained``: Hugging Face folders <-> forge models.
+
+These combine the model registry (which family, which config) with forge-ckpt (how the tensors
+are named and laid out, and the streaming safetensors reader/writer). Loading builds the model
+on the meta device, allocates it on the target device without initializing it, checks the
+checkpoint's tensor names and shapes from its headers, then copies tensors in one at a time as
+they are read (peak memory: the model plus about one tensor; a fused tensor's first part waits
+for its second, which may sit in the next shard). Saving streams
+the model's tensors through the inverse mapping into shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from forge_ckpt import HFCheckpoint, get_mapping, save_hf_checkpoint
+from forge_models.registry import build_model, family_for_hf_config, get_family, materialize
+
+__all__ = ["from_pretrained", "load_hf_weights", "save_pretrained"]
+
+
+def _dtype_from_config(hf_config: Mapping[str, Any]) -> torch.dtype | None:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if isinstance(name, str):
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return None
+
+
+def from_pretrained(
+    hf_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    family: str | None = None,
+    vocab_pad_multiple: int = 1,
+    allow_bin: bool = True,
+) -> nn.Module:
+    """Load a Hugging Face checkpoint folder into a forge model.
+
+    Args:
+        hf_dir: folder with ``config.json`` and ``model.safetensors`` (or shards + index).
+        dtype: parameter dtype; default the checkpoint's ``dtype`` / ``torch_dtype`` in
+            ``config.json``, else float32.
+        device: where the parameters live (default CPU).
+        family: force a family; default from ``config.json``'s ``model_type``.
+        vocab_pad_multiple: pad embedding / output rows to a multiple of this (for tensor
+            parallelism); ``save_pretrained`` removes the padding again.
+        allow_bin: accept legacy ``pytorch_model*.bin`` (read with ``weights_only=True``).
+
+    The model keeps the source ``config.json`` as ``model.hf_config`` so that
+    :func:`save_pretrained` writes it back unchanged. Raises
+    :class:`forge_ckpt.CheckpointMismatchError` (missing / unexpected / mis-shaped tensors)
+    before reading any tensor data if the checkpoint does not fit the config.
+    """
+    ckpt = HFCheckpoint(hf_dir, allow_bin=allow_bin)
+    hf_config = ckpt.config
+    fam = get_family(family) if family is not None else family_for_hf_config(hf_config)
+    config = fam.config_from_hf(hf_config, vocab_pad_multiple=vocab_pad_multiple)
+    dtype = dtype or _dtype_from_config(hf_config) or torch.float32
+    model = build_model(config, device="meta", dtype=dtype)
+    materialize(model, device, init=False)
+    load_hf_weights(model, ckpt)
+    model.hf_config = dict(hf_config)
+    return model
+
+
+def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike | HFCheckpoint) -> nn.Module:
+    """Copy a Hugging Face checkpoint into an existing, materialized forge model, in place.
+
+    Every model tensor must come from the checkpoint (strict); tensors are cast to the
+    parameter's dtype and device as they are copied.
+    """
+    ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
+    config = model.config
+    spec = get_mapping(get_family(config.family).ckpt_mapping)
+    ctx = spec.context(ckpt.config, vocab_pad_multiple=config.vocab_pad_multiple)
+    state = model.state_dict()
+    spec.check_hf(
+        {name: info.shape for name, info in ckpt.tensor_info().items()},
+        ctx,
+        {name: tuple(t.shape) for name, t in state.items()},
+    )
+    with torch.no_grad():
+        for name, tensor in spec.hf_to_forge(ckpt.iter_tensors(), ctx):
+            state[name].copy_(tensor)
+    return model
+
+
+def save_pretrained(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a forge model as a Hugging Face folder (``config.json`` + safetensors shards).
+
+    ``config.json`` is the source config for a model from :func:`from_pretrained` (passthrough,
+    unless the model's config has since diverged from it), else generated from the model's
+    config. ``dtype`` casts the saved tensors (default: as they are). The write is atomic.
+    Vocabulary padding is removed and a tied ``lm_head`` left out, so transformers'
+    ``from_pretrained`` loads the folder.
+    """
+    config = model.config
+    fam = get_family(config.family)
+    hf_config = getattr(model, "hf_config", None)
+    if (
+        hf_config is None
+        or fam.config_from_hf(hf_config, vocab_pad_multiple=config.vocab_pad_multiple) != config
+    ):
+        hf_config = fam.config_to_hf(config)
+    hf_config = dict(hf_config)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        hf_config["dtype"] = name
+        if "torch_dtype" in hf_config:
+            hf_config["torch_dtype"] = name
+    spec = get_mapping(fam.ckpt_mapping)
+    ctx = spec.context(hf_config, vocab_pad_multiple=config.vocab_pad_multiple)
+    state = model.state_dict()
+    spec.check_forge({n: t.shape for n, t in state.items()}, ctx)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in spec.forge_to_hf(state.items(), ctx):
+            yield name, tensor if dtype is None else tensor.to(dtype)
+
+    return save_hf_checkpoint(
+        out_dir, tensors(), config=hf_config, max_shard_size=max_shard_size, overwrite=overwrite
+    )

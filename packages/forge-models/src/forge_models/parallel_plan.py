@@ -1,0 +1,88 @@
+"""Default tensor / sequence-parallel plans as data: module path pattern -> style name.
+
+A plan is a plain ``dict`` that forge-parallel applies from outside the model (the model knows
+nothing about parallelism); users can print, copy and override it. Patterns are module paths
+relative to the model with ``*`` for any layer index (``"layers.*.attn.q_proj"``). Styles,
+after Megatron-LM (Shoeybi et al. 2019, arXiv:1909.08053) and sequence parallelism (Korthikanti
+et al. 2022, arXiv:2205.05198):
+
+``colwise``
+    ``nn.Linear`` weight (and bias) sharded on dim 0, the output features: each rank computes
+    a slice of the heads / features. Input replicated (all-gathered from sequence shards under
+    sequence parallelism); output stays sharded on the last dim.
+``colwise_packed``
+    ``colwise`` for a weight that packs two equal projections along dim 0 (``gate_up_proj``:
+    gate rows, then up rows). Each half is sharded separately, so rank ``r`` holds
+    ``[gate_r; up_r]`` and ``chunk(2, dim=-1)`` of its local output gives matching gate and up
+    slices. Sharding the packed weight as one block would pair the wrong rows.
+``rowwise``
+    weight sharded on dim 1, the input features (the input arrives sharded on its last dim from
+    the ``colwise`` layer before it); partial outputs are all-reduced, or reduce-scattered over
+    the sequence dim under sequence parallelism.
+``sequence_parallel``
+    a norm runs on the rank's slice of the sequence (input and output sharded on dim 1),
+    weights replicated.
+``block_input``
+    the input of a block of column-parallel layers (``attn``, ``mlp``): all-gathered from
+    sequence shards under sequence parallelism (else marked replicated), once for all the
+    block's projections, whose input gradients are then reduced once.
+``vocab_parallel_embedding``
+    embedding rows (the vocabulary) sharded; each rank looks up the ids it owns, the partial
+    outputs are all-reduced (reduce-scattered over the sequence dim under sequence parallelism).
+``colwise_output_replicated``
+    the output projection sharded over the vocabulary, logits all-gathered to every rank.
+``loss_parallel``
+    the output projection sharded over the vocabulary with logits left sharded, for a
+    vocabulary-parallel cross-entropy.
+
+The attention reads its local head counts from the projection outputs, so no module attribute
+needs dividing by the tensor-parallel degree. The per-head ``attn.q_norm`` / ``attn.k_norm`` of
+Qwen3 act on the local heads of a ``colwise`` q/k projection with replicated weights, so they
+need no entry. With tied embeddings the embedding and output projection share one matrix; a
+plan must shard it consistently for both. Vocabulary padding
+(``TransformerConfig.vocab_pad_multiple``) makes the vocabulary divisible by the
+tensor-parallel degree.
+
+Called with ``labels``, the model does not call ``lm_head``: it passes ``lm_head.weight`` and the
+final hidden states to ``forge_kernels.fused_linear_cross_entropy``. A vocabulary-sharded
+``lm_head`` therefore serves the logits path (no labels) as planned; the fused loss path needs
+the full weight (or a vocabulary-parallel fused loss, not provided yet).
+"""
+
+from __future__ import annotations
+
+__all__ = ["DENSE_TP_PLAN", "STYLES", "plan_without_sequence_parallel"]
+
+#: Every style name a forge plan may use, with a one-line meaning (details above).
+STYLES: dict[str, str] = {
+    "colwise": "shard weight dim 0 (output features); output sharded on the last dim",
+    "colwise_packed": "colwise per half of a [gate; up] packed weight",
+    "rowwise": "shard weight dim 1 (input features); outputs all-reduced / reduce-scattered",
+    "sequence_parallel": "module runs on a sequence shard (dim 1), replicated weights",
+    "block_input": "input of a block of colwise layers: gathered from sequence shards once",
+    "vocab_parallel_embedding": "embedding rows sharded; outputs all-reduced / reduce-scattered",
+    "colwise_output_replicated": "output projection sharded over vocab; logits gathered",
+    "loss_parallel": "output projection sharded over vocab; logits left sharded for the loss",
+}
+
+#: The plan of the dense Llama/Qwen decoders (with sequence parallelism).
+DENSE_TP_PLAN: dict[str, str] = {
+    "embed_tokens": "vocab_parallel_embedding",
+    "layers.*.attn_norm": "sequence_parallel",
+    "layers.*.attn": "block_input",
+    "layers.*.attn.q_proj": "colwise",
+    "layers.*.attn.k_proj": "colwise",
+    "layers.*.attn.v_proj": "colwise",
+    "layers.*.attn.o_proj": "rowwise",
+    "layers.*.mlp_norm": "sequence_parallel",
+    "layers.*.mlp": "block_input",
+    "layers.*.mlp.gate_up_proj": "colwise_packed",
+    "layers.*.mlp.down_proj": "rowwise",
+    "norm": "sequence_parallel",
+    "lm_head": "colwise_output_replicated",
+}
+
+
+def plan_without_sequence_parallel(plan: dict[str, str]) -> dict[str, str]:
+    """``plan`` for tensor parallelism alone: norms replicated (their entries dropped)."""
+    return {k: v for k, v in plan.items() if v != "sequence_parallel"}

@@ -1,0 +1,110 @@
+"""Keyword-only configuration of each parallel dimension, validated when constructed.
+
+Each dataclass configures one ``apply_*`` helper; :func:`forge_parallel.parallelize` takes them
+as keyword arguments. The tensor-parallel plan (:class:`~forge_parallel.TPPlan`) lives beside
+the code that applies it, in :mod:`forge_parallel.tensor_parallel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["DATA_PARALLEL_MODES", "CompileConfig", "FSDPConfig", "RecomputeConfig"]
+
+#: Accepted values of ``parallelize(data_parallel=...)`` besides ``"auto"`` and ``None``.
+DATA_PARALLEL_MODES = ("fsdp", "hsdp", "ddp", "zero1", "zero2")
+
+_SELECTIVE_PRESETS = ("attention", "pointwise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FSDPConfig:
+    """Sharded (FSDP2 / ZeRO-3) and replicated (DDP) data parallelism settings.
+
+    ``param_dtype`` is the dtype parameters are all-gathered to and computed in (``None``: keep
+    the parameters' own dtype); the sharded parameters, and so the optimizer's master weights,
+    stay in their original dtype (float32). ``reduce_dtype`` is the dtype gradients are
+    reduced in (float32 by default, even for bf16 compute). ``reshard_after_forward=False``
+    keeps the gathered parameters from forward to backward (FSDP's ``SHARD_GRAD_OP``, the
+    communication pattern of ZeRO-2). ``cpu_offload`` keeps the sharded parameters, gradients
+    and optimizer step on the CPU (needs an accelerator mesh: it is pointless on a CPU mesh).
+    """
+
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = torch.float32
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, torch.dtype) and value.is_floating_point
+            ):
+                raise ValueError(
+                    f"{name} must be a floating-point torch.dtype or None, got {value!r}"
+                )
+        if not isinstance(self.reshard_after_forward, bool):
+            raise ValueError(
+                f"reshard_after_forward must be True or False, got {self.reshard_after_forward!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecomputeConfig:
+    """Activation recomputation (checkpointing, Chen et al. 2016) of the model's blocks.
+
+    - ``mode="full"``: keep only each block's input and recompute the whole block in backward.
+      ``every=n`` checkpoints one block in ``n`` (a memory/compute trade-off).
+    - ``mode="selective"``: run every block under a per-op policy
+      (``torch.utils.checkpoint.create_selective_checkpoint_contexts``). ``ops`` names what to
+      *recompute*; every other op's output is saved:
+
+      * ``"attention"``: the attention core (scaled-dot-product attention, softmax, batched
+        matmuls), as in Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+        Transformer Models": its activations are large (quadratic in sequence length) but cheap
+        to recompute.
+      * ``"pointwise"``: everything except the matrix multiplies and attention (norms,
+        activations, residual adds): keeps the expensive outputs, recomputes the cheap ones.
+      * a tuple of op names such as ``("aten._softmax", "aten.silu")``.
+
+    Checkpointing is always non-reentrant (``use_reentrant=False``).
+    """
+
+    mode: Literal["full", "selective"] = "full"
+    ops: str | tuple[str, ...] = "attention"
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "selective"):
+            raise ValueError(f"recompute mode must be 'full' or 'selective', got {self.mode!r}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive integer, got {self.every!r}")
+        if self.mode == "selective" and self.every != 1:
+            raise ValueError(
+                f"every={self.every} applies to full recompute only; selective recompute runs "
+                "its policy in every block"
+            )
+        if isinstance(self.ops, str):
+            if self.ops not in _SELECTIVE_PRESETS:
+                raise ValueError(
+                    f"unknown selective recompute preset {self.ops!r}; use one of "
+                    f"{', '.join(_SELECTIVE_PRESETS)} or a tuple of op names like "
+                    "('aten._softmax',)"
+                )
+        elif not self.ops or not all(isinstance(o, str) for o in self.ops):
+            raise ValueError(
+                f"ops must be a preset name or a non-empty tuple of op names, got {self.ops!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    """``torch.compile`` of each block (regional compilation: one graph reused by every block)."""
+
+    backend: str = "inductor"
+    fullgraph: bool = False
+    dynamic: bool | None = None

@@ -1,0 +1,301 @@
+"""``parallelize``: apply every parallel dimension to a plain ``nn.Module``, in a fixed order.
+
+The order is torchtitan's (``models/llama3/infra/parallelize.py``), and it is not optional:
+
+1. **tensor / sequence parallel** (:func:`~forge_parallel.apply_tp`) on ``mesh["tp"]``: turns
+   weights into DTensors, so everything after sees the tensor-parallel layout;
+2. **activation recomputation** (:func:`~forge_parallel.apply_recompute`) of each block: the
+   checkpointed region contains the TP collectives;
+3. **compile** (:func:`~forge_parallel.apply_compile`) of each block: the graph contains
+   TP and the checkpoint policy;
+4. **data parallel**: FSDP2 on ``mesh["dp_shard_cp"]``, HSDP on the 2-D
+   ``(dp_replicate, dp_shard)`` mesh (:func:`~forge_parallel.apply_fsdp`), DDP on
+   ``mesh["dp"]`` (:func:`~forge_parallel.apply_ddp`): its hooks wrap the compiled,
+   checkpointed blocks. ZeRO-1/2 act in the optimizer (:class:`~forge_parallel.ZeroOptimizer`,
+   built by :meth:`ParallelizeResult.build_optimizer`), not on the model.
+
+Everything is validated before anything is changed or any process group is touched, so a
+wrong combination raises a ``ValueError`` naming the numbers even without a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
+
+from forge_core import ParallelDims, ParallelMesh
+from forge_parallel.compile import apply_compile
+from forge_parallel.config import DATA_PARALLEL_MODES, CompileConfig, FSDPConfig, RecomputeConfig
+from forge_parallel.data_parallel import apply_ddp, apply_fsdp, no_gradient_sync
+from forge_parallel.recompute import apply_recompute
+from forge_parallel.summary import ParallelSummary, build_rows
+from forge_parallel.tensor_parallel import TPPlan, apply_tp, match_modules, validate_tp
+from forge_parallel.zero import ZeroOptimizer
+
+__all__ = ["ParallelizeResult", "find_blocks", "parallelize"]
+
+_DP_LABEL = {
+    "fsdp": "FSDP (ZeRO-3)",
+    "hsdp": "HSDP",
+    "ddp": "DDP",
+    "zero1": "ZeRO-1",
+    "zero2": "ZeRO-2",
+}
+
+
+@dataclass
+class ParallelizeResult:
+    """The parallelized model, its summary and what training code needs to use it.
+
+    Unpacks as ``model, summary = parallelize(...)``.
+    """
+
+    model: nn.Module
+    summary: ParallelSummary
+    mesh: ParallelMesh | None
+    data_parallel: str | None
+    loss_parallel: bool
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.summary))
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """``loss_parallel()`` when the plan shards the logits by vocab, else a no-op.
+
+        Run both the loss computation and ``backward()`` inside it.
+        """
+        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Skip gradient reduction for the micro-batches run inside (gradient accumulation)."""
+        return no_gradient_sync(self.model)
+
+    def build_optimizer(
+        self,
+        optimizer_class: Callable[..., torch.optim.Optimizer],
+        params: Any = None,
+        **kwargs: Any,
+    ) -> torch.optim.Optimizer:
+        """``optimizer_class(params, **kwargs)``, wrapped in :class:`ZeroOptimizer` for
+        ``data_parallel="zero1"`` / ``"zero2"`` (sharded over ``mesh["dp"]``)."""
+        params = self.model.parameters() if params is None else params
+        if self.data_parallel in ("zero1", "zero2"):
+            assert self.mesh is not None
+            stage = 1 if self.data_parallel == "zero1" else 2
+            return ZeroOptimizer(
+                params, optimizer_class, group=self.mesh["dp"], stage=stage, **kwargs
+            )
+        return optimizer_class(params, **kwargs)
+
+
+def find_blocks(model: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The repeated blocks of ``model``: the modules matching ``pattern`` (e.g. ``"layers.*"``),
+    or by default the children of its largest ``nn.ModuleList`` (by parameter count)."""
+    if pattern is not None:
+        found = match_modules(model, pattern)
+        if not found:
+            names = [n for n, _ in model.named_modules() if n][:8]
+            raise ValueError(
+                f"blocks pattern {pattern!r} matches no module; module names look like "
+                f"{', '.join(names)}"
+            )
+        return found
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        return []
+    _, name, modules = best
+    prefix = f"{name}." if name else ""
+    return [(f"{prefix}{i}", m) for i, m in enumerate(modules)]
+
+
+def _resolve_dims(
+    mesh_or_dims: ParallelMesh | ParallelDims | None,
+) -> tuple[ParallelDims | None, ParallelMesh | None]:
+    if mesh_or_dims is None:
+        return None, None
+    if isinstance(mesh_or_dims, ParallelMesh):
+        return mesh_or_dims.dims, mesh_or_dims
+    if isinstance(mesh_or_dims, ParallelDims):
+        return mesh_or_dims, None
+    raise ValueError(
+        "mesh_or_dims must be a forge_core ParallelMesh, ParallelDims or None (single "
+        f"process), got {type(mesh_or_dims).__name__}"
+    )
+
+
+def _resolve_mode(data_parallel: str | None, dims: ParallelDims | None) -> str | None:
+    if data_parallel == "auto":
+        if dims is None:
+            return None
+        if dims.dp_replicate > 1 and dims.dp_shard_cp > 1:
+            return "hsdp"
+        if dims.dp_shard_cp > 1:
+            return "fsdp"
+        if dims.dp_replicate > 1:
+            return "ddp"
+        return None
+    if data_parallel is not None and data_parallel not in DATA_PARALLEL_MODES:
+        raise ValueError(
+            f"unknown data_parallel={data_parallel!r}; use 'auto', None or one of "
+            f"{', '.join(DATA_PARALLEL_MODES)}"
+        )
+    if data_parallel is not None and dims is None:
+        raise ValueError(
+            f"data_parallel={data_parallel!r} needs a mesh: pass ParallelDims or a ParallelMesh"
+        )
+    return data_parallel
+
+
+def _validate(
+    model: nn.Module,
+    dims: ParallelDims | None,
+    mode: str | None,
+    plan: TPPlan | None,
+    fsdp: FSDPConfig | None,
+) -> None:
+    if dims is not None:
+        for name, what in (("pp", "pipeline"), ("cp", "context"), ("ep", "expert")):
+            degree = getattr(dims, name)
+            if degree > 1:
+                raise ValueError(
+                    f"{what} parallelism ({name}={degree}) is not supported by this release of "
+                    f"forge-parallel; build the mesh with {name}=1"
+                )
+    tp = dims.tp if dims is not None else 1
+    if tp > 1 and plan is None:
+        raise ValueError(
+            f"tp={tp} needs a tensor-parallel plan: parallelize(..., plan={{'layers.*.attn."
+            "q_proj': 'colwise', ...}}) or the model family's default plan"
+        )
+    if plan is not None:
+        validate_tp(model, plan, tp)
+    if mode == "fsdp" and dims.dp_replicate > 1:
+        raise ValueError(
+            f"data_parallel='fsdp' shards over dp_shard x cp = {dims.dp_shard_cp} ranks, but "
+            f"dp_replicate={dims.dp_replicate}: use data_parallel='hsdp' (shard within, "
+            "replicate across) or 'ddp'"
+        )
+    if mode == "hsdp" and (dims.dp_replicate == 1 or dims.dp_shard_cp == 1):
+        raise ValueError(
+            f"data_parallel='hsdp' needs dp_replicate > 1 and dp_shard x cp > 1, got "
+            f"dp_replicate={dims.dp_replicate} and dp_shard x cp={dims.dp_shard_cp}; use "
+            f"'{'fsdp' if dims.dp_replicate == 1 else 'ddp'}'"
+        )
+    if mode in ("ddp", "zero1", "zero2") and tp > 1:
+        raise ValueError(
+            f"data_parallel={mode!r} with tp={tp} is not supported (tensor-parallel weights are "
+            "DTensors); use data_parallel='fsdp' or 'hsdp' with tensor parallelism"
+        )
+    if fsdp is not None and mode not in ("fsdp", "hsdp", "ddp"):
+        raise ValueError(
+            f"fsdp=FSDPConfig(...) configures data_parallel 'fsdp', 'hsdp' or 'ddp', but "
+            f"data_parallel resolved to {mode!r}"
+        )
+
+
+def parallelize(
+    model: nn.Module,
+    mesh_or_dims: ParallelMesh | ParallelDims | None = None,
+    *,
+    plan: TPPlan | Mapping[str, str | ParallelStyle] | None = None,
+    data_parallel: str | None = "auto",
+    fsdp: FSDPConfig | None = None,
+    recompute: RecomputeConfig | None = None,
+    compile: bool | CompileConfig = False,
+    blocks: str | None = None,
+) -> ParallelizeResult:
+    """Apply tensor/sequence parallel, recompute, compile and data parallel to ``model``.
+
+    ``mesh_or_dims``: a ``ParallelMesh`` (``dims.build_mesh()``), ``ParallelDims`` (the mesh is
+    built here, a collective) or ``None`` (one process: only recompute / compile apply).
+    ``plan``: the tensor-parallel plan (needed when ``tp > 1``; ignored at ``tp == 1``).
+    ``data_parallel``: ``"auto"`` picks ``hsdp`` / ``fsdp`` / ``ddp`` / nothing from the
+    degrees; or ``"fsdp"``, ``"hsdp"``, ``"ddp"``, ``"zero1"``, ``"zero2"``, ``None``.
+    ``fsdp``: mixed precision, resharding and offload for fsdp/hsdp (and mixed precision for
+    ddp). ``blocks``: pattern of the repeated blocks (default: the largest ``nn.ModuleList``'s
+    children): the FSDP units and the recompute / compile regions.
+
+    The model is modified in place; the result unpacks as ``model, summary``.
+    """
+    dims, mesh = _resolve_dims(mesh_or_dims)
+    mode = _resolve_mode(data_parallel, dims)
+    tp_plan = TPPlan.coerce(plan) if plan is not None else None
+    compile_config = (
+        compile if isinstance(compile, CompileConfig) else (CompileConfig() if compile else None)
+    )
+    _validate(model, dims, mode, tp_plan, fsdp)
+    block_list = find_blocks(model, blocks)
+    if recompute is not None and not block_list:
+        raise ValueError(
+            f"recompute needs the model's blocks, but {type(model).__name__} has no "
+            "nn.ModuleList; pass blocks='<pattern>' (e.g. 'layers.*')"
+        )
+    if mode in ("fsdp", "hsdp") and fsdp is None:
+        fsdp = FSDPConfig()
+    if mesh is None and dims is not None:
+        mesh = dims.build_mesh()
+
+    order: list[str] = []
+    tp_applied: dict[str, str] = {}
+    tp = dims.tp if dims is not None else 1
+    if tp_plan is not None and tp > 1:
+        tp_applied = apply_tp(model, mesh["tp"], tp_plan)
+        order.append("tensor+sequence parallel" if tp_plan.sequence_parallel else "tensor parallel")
+    recompute_applied: dict[str, str] = {}
+    if recompute is not None:
+        recompute_applied = apply_recompute(block_list, recompute)
+        order.append(f"recompute ({recompute.mode})")
+    compiled: dict[str, str] = {}
+    if compile_config is not None:
+        compiled = apply_compile(block_list or [("", model)], compile_config)
+        order.append("compile")
+    dp_applied: dict[str, str] = {}
+    if mode == "fsdp":
+        dp_applied = apply_fsdp(model, mesh["dp_shard_cp"], fsdp, block_list)
+    elif mode == "hsdp":
+        # cp == 1 in this release, so dp_shard_cp == dp_shard; slicing the flattened
+        # dp_shard_cp axis out of the root mesh is deprecated by PyTorch.
+        dp_applied = apply_fsdp(model, mesh["dp_replicate", "dp_shard"], fsdp, block_list)
+    elif mode == "ddp":
+        dp_applied = apply_ddp(model, mesh["dp"], fsdp, block_list)
+    if mode is not None:
+        order.append(_DP_LABEL[mode])
+
+    dp_default = "-"
+    if mode in ("zero1", "zero2"):
+        dp_default = f"{_DP_LABEL[mode]} (optimizer)"
+    uses_fsdp_dtypes = mode in ("fsdp", "hsdp", "ddp") and fsdp is not None
+    summary = ParallelSummary(
+        degrees={} if dims is None else {k: v for k, v in dims.degrees().items() if k != "etp"},
+        data_parallel=mode,
+        order=tuple(order),
+        loss_parallel=bool(tp_plan and tp > 1 and tp_plan.uses_loss_parallel),
+        rows=build_rows(
+            model,
+            tp=tp_applied,
+            dp=dp_applied,
+            dp_default=dp_default,
+            recompute=recompute_applied,
+            compiled=compiled,
+            param_dtype=fsdp.param_dtype if uses_fsdp_dtypes else None,
+            reduce_dtype=fsdp.reduce_dtype if uses_fsdp_dtypes else None,
+        ),
+    )
+    return ParallelizeResult(
+        model=model,
+        summary=summary,
+        mesh=mesh,
+        data_parallel=mode,
+        loss_parallel=summary.loss_parallel,
+    )

@@ -1,0 +1,369 @@
+"""Tensor (and sequence) parallelism from a declarative plan.
+
+A :class:`TPPlan` is data: module-path patterns mapped to style names, plus the attributes that
+must shrink with the tensor-parallel degree (local head counts), plus the sequence-parallel
+switch. :func:`apply_tp` validates it against the model (every error names the numbers and the
+valid degrees) and applies it with ``torch.distributed.tensor.parallel.parallelize_module``.
+
+Tensor parallelism is Megatron-LM's (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion
+Parameter Language Models Using Model Parallelism"): column-parallel projections into the
+attention heads / MLP hidden units, row-parallel projections out. Sequence parallelism
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models") keeps
+the activations between blocks sharded along the sequence: norms run on sequence shards, the
+row-parallel all-reduce becomes a reduce-scatter and each block gathers its input once.
+
+Style names (``sp`` = ``plan.sequence_parallel``):
+
+==================================  =========================================================
+``colwise``                         ``ColwiseParallel()``; the input must be replicated (under
+                                    sp, an ancestor must be a ``block_input``)
+``colwise_packed`` / ``..:N``       column parallel over N stacked sub-matrices (fused
+                                    ``gate_up_proj``: N=2), see :mod:`forge_parallel.tp_styles`
+``rowwise``                         ``RowwiseParallel``; output replicated, or sequence-sharded
+                                    under sp (reduce-scatter)
+``colwise_output_replicated``       column parallel, output all-gathered (e.g. an ``lm_head``
+                                    feeding an ordinary loss)
+``loss_parallel``                   column parallel ``lm_head`` with vocab-sharded
+                                    ``Shard(-1)`` DTensor logits: compute the cross-entropy
+                                    inside ``torch.distributed.tensor.parallel.loss_parallel()``
+``vocab_parallel_embedding``        ``RowwiseParallel`` on ``nn.Embedding`` (vocab-sharded table,
+                                    replicated token ids); output replicated, or
+                                    sequence-sharded under sp
+``sequence_parallel``               ``SequenceParallel`` (norms on sequence shards); no-op
+                                    without sp
+``block_input``                     the input of a block of column-parallel layers (attention,
+                                    MLP): all-gathered from sequence shards under sp, else
+                                    marked replicated; either way the block's projections
+                                    reduce their input gradient once, not once each
+``sequence_scatter``                split a replicated input into sequence shards; no-op
+                                    without sp
+==================================  =========================================================
+
+A plan value may also be a ``ParallelStyle`` instance, used as given.
+
+Patterns match module names segment by segment (``fnmatch`` within each dot-separated segment):
+``layers.*.attn.q_proj`` matches ``layers.0.attn.q_proj`` but not ``layers.0.x.attn.q_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from forge_parallel.tp_styles import BlockInput, PackedColwiseParallel, SequenceScatter
+
+__all__ = [
+    "TP_STYLES",
+    "TPPlan",
+    "apply_tp",
+    "match_modules",
+    "resolve_plan",
+    "valid_tp_degrees",
+    "validate_tp",
+]
+
+TP_STYLES = (
+    "colwise",
+    "colwise_packed",
+    "rowwise",
+    "colwise_output_replicated",
+    "loss_parallel",
+    "vocab_parallel_embedding",
+    "sequence_parallel",
+    "block_input",
+    "sequence_scatter",
+)
+_LINEAR_STYLES = {
+    "colwise",
+    "colwise_packed",
+    "rowwise",
+    "colwise_output_replicated",
+    "loss_parallel",
+}
+_SP_ONLY = {"sequence_parallel", "sequence_scatter"}
+
+AttributeAction = Literal["divide", "check"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TPPlan:
+    """A tensor-parallel plan: what to shard, how, and which attributes shrink with it.
+
+    ``styles``: module-path pattern -> style name (see the module docstring) or a
+    ``ParallelStyle``. ``attributes``: module-path pattern -> ``{attribute path: action}``,
+    where ``"divide"`` divides an integer attribute by the TP degree in place (local head
+    counts: ``{"layers.*.attn": {"num_heads": "divide", "num_kv_heads": "divide"}}``) and
+    ``"check"`` only requires divisibility (e.g. ``"config.num_key_value_heads"`` of a
+    ``transformers`` attention, which derives local head counts from tensor shapes).
+    ``sequence_parallel`` switches the layouts between blocks to sequence shards.
+    """
+
+    styles: Mapping[str, str | ParallelStyle]
+    attributes: Mapping[str, Mapping[str, AttributeAction]] = field(default_factory=dict)
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for pattern, style in self.styles.items():
+            if isinstance(style, ParallelStyle):
+                continue
+            if not isinstance(style, str) or _parse_style(style) is None:
+                raise ValueError(
+                    f"unknown tensor-parallel style {style!r} for {pattern!r}; styles are "
+                    f"{', '.join(TP_STYLES)} (colwise_packed:N for N packed sub-matrices) or a "
+                    "ParallelStyle instance"
+                )
+        for pattern, actions in self.attributes.items():
+            for attr, action in actions.items():
+                if action not in ("divide", "check"):
+                    raise ValueError(
+                        f"attribute action for {pattern}.{attr} must be 'divide' or 'check', "
+                        f"got {action!r}"
+                    )
+
+    @property
+    def uses_loss_parallel(self) -> bool:
+        return any(style == "loss_parallel" for style in self.styles.values())
+
+    def with_sequence_parallel(self, enabled: bool = True) -> TPPlan:
+        return TPPlan(styles=self.styles, attributes=self.attributes, sequence_parallel=enabled)
+
+    @classmethod
+    def coerce(cls, plan: TPPlan | Mapping[str, str | ParallelStyle]) -> TPPlan:
+        if isinstance(plan, TPPlan):
+            return plan
+        if isinstance(plan, Mapping):
+            return cls(styles=dict(plan))
+        raise ValueError(f"plan must be a TPPlan or a mapping of pattern -> style, got {plan!r}")
+
+
+def _parse_style(name: str) -> tuple[str, int] | None:
+    base, _, arg = name.partition(":")
+    if base not in TP_STYLES:
+        return None
+    if arg:
+        if base != "colwise_packed" or not arg.isdigit() or int(arg) < 1:
+            return None
+        return base, int(arg)
+    return base, 2 if base == "colwise_packed" else 1
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    parts, segments = pattern.split("."), name.split(".")
+    return len(parts) == len(segments) and all(
+        fnmatchcase(s, p) for p, s in zip(parts, segments, strict=True)
+    )
+
+
+def match_modules(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs of ``model`` whose names match ``pattern``."""
+    return [(n, m) for n, m in model.named_modules() if n and _pattern_matches(pattern, n)]
+
+
+def _no_match_error(model: nn.Module, pattern: str, what: str) -> ValueError:
+    names = [n for n, _ in model.named_modules() if n][:8]
+    return ValueError(
+        f"{what} pattern {pattern!r} matches no module of {type(model).__name__}; module names "
+        f"look like {', '.join(names)} (patterns match segment by segment, '*' within one)"
+    )
+
+
+def resolve_plan(model: nn.Module, plan: TPPlan) -> dict[str, str | ParallelStyle]:
+    """Module name -> style, for every module a pattern matches (each at most once)."""
+    resolved: dict[str, str | ParallelStyle] = {}
+    source: dict[str, str] = {}
+    for pattern, style in plan.styles.items():
+        matches = match_modules(model, pattern)
+        if not matches:
+            raise _no_match_error(model, pattern, "tensor-parallel")
+        for name, _ in matches:
+            if name in resolved:
+                raise ValueError(
+                    f"module {name} is matched by both {source[name]!r} and {pattern!r} in the "
+                    "tensor-parallel plan; make the patterns disjoint"
+                )
+            resolved[name] = style
+            source[name] = pattern
+    return resolved
+
+
+@dataclass(frozen=True)
+class _Constraint:
+    value: int
+    what: str  # e.g. "num_kv_heads=8 of layers.0.attn"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _constraints(model: nn.Module, plan: TPPlan) -> list[_Constraint]:
+    modules = dict(model.named_modules())
+    out: list[_Constraint] = []
+    # Attributes first: a head count is the likeliest reason for a degree to fail.
+    for pattern, actions in plan.attributes.items():
+        matches = match_modules(model, pattern)
+        if not matches:
+            raise _no_match_error(model, pattern, "attribute")
+        for name, module in matches:
+            for attr in actions:
+                value = _get_attr(module, attr, name)
+                out.append(_Constraint(value, f"{attr}={value} of {name}"))
+    for name, style in resolve_plan(model, plan).items():
+        if isinstance(style, ParallelStyle):
+            continue
+        base, chunks = _parse_style(style)  # type: ignore[misc]
+        module = modules[name]
+        if base in _LINEAR_STYLES and not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"style {style!r} needs an nn.Linear, but {name} is {type(module).__name__}"
+            )
+        if base == "vocab_parallel_embedding" and not isinstance(module, nn.Embedding):
+            raise ValueError(
+                f"style 'vocab_parallel_embedding' needs an nn.Embedding, but {name} is "
+                f"{type(module).__name__}"
+            )
+        if base == "colwise":
+            out.append(
+                _Constraint(module.out_features, f"out_features={module.out_features} of {name}")
+            )
+        elif base == "colwise_packed":
+            if module.out_features % chunks:
+                raise ValueError(
+                    f"{name} has out_features={module.out_features}, which does not split "
+                    f"into {chunks} packed sub-matrices ({style!r})"
+                )
+            part = module.out_features // chunks
+            out.append(
+                _Constraint(part, f"the packed part size {part} (out_features/{chunks}) of {name}")
+            )
+        elif base == "rowwise":
+            out.append(
+                _Constraint(module.in_features, f"in_features={module.in_features} of {name}")
+            )
+    return out
+
+
+def _get_attr(module: nn.Module, path: str, name: str) -> int:
+    obj: object = module
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(
+                f"{name} ({type(module).__name__}) has no attribute {path!r} named in the "
+                "tensor-parallel plan's attributes"
+            )
+        obj = getattr(obj, part)
+    if not isinstance(obj, int) or isinstance(obj, bool):
+        raise ValueError(f"{name}.{path} must be an int to be divided by tp, got {obj!r}")
+    return obj
+
+
+def valid_tp_degrees(model: nn.Module, plan: TPPlan | Mapping[str, str]) -> list[int]:
+    """Every tensor-parallel degree that the plan's shapes and attributes allow."""
+    constraints = _constraints(model, TPPlan.coerce(plan))
+    if not constraints:
+        return [1]
+    return _divisors(math.gcd(*(c.value for c in constraints)))
+
+
+def validate_tp(model: nn.Module, plan: TPPlan | Mapping[str, str], tp: int) -> None:
+    """Raise ``ValueError`` naming the numbers if ``plan`` cannot run at degree ``tp``."""
+    plan = TPPlan.coerce(plan)
+    constraints = _constraints(model, plan)
+    for c in constraints:
+        if c.value % tp:
+            valid = _divisors(math.gcd(*(x.value for x in constraints)))
+            raise ValueError(
+                f"tp={tp} does not divide {c.what}; valid tp degrees: {', '.join(map(str, valid))}"
+            )
+    if plan.sequence_parallel and tp > 1:
+        resolved = resolve_plan(model, plan)
+        gathered = [n for n, s in resolved.items() if s == "block_input"]
+        for name, style in resolved.items():
+            if (
+                style in ("colwise", "colwise_packed")
+                or (isinstance(style, str) and style.startswith("colwise_packed:"))
+            ) and not any(name.startswith(g + ".") for g in gathered):
+                raise ValueError(
+                    f"with sequence_parallel=True, {name} ({style}) would receive a "
+                    "sequence-sharded input: mark the module that feeds it (e.g. its "
+                    "attention or MLP block) 'block_input' in the plan"
+                )
+
+
+def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
+    if isinstance(style, ParallelStyle):
+        return style
+    base, chunks = _parse_style(style)  # type: ignore[misc]
+    between = Shard(1) if sp else Replicate()  # layout of activations between blocks
+    if base in _SP_ONLY and not sp:
+        return None
+    match base:
+        case "colwise":
+            return ColwiseParallel()
+        case "colwise_packed":
+            return PackedColwiseParallel(chunks)
+        case "rowwise":
+            return RowwiseParallel(output_layouts=between)
+        case "colwise_output_replicated":
+            return ColwiseParallel(input_layouts=between, output_layouts=Replicate())
+        case "loss_parallel":
+            return ColwiseParallel(
+                input_layouts=between, output_layouts=Shard(-1), use_local_output=False
+            )
+        case "vocab_parallel_embedding":
+            return RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
+        case "sequence_parallel":
+            return SequenceParallel(use_local_output=True)
+        case "block_input":
+            return BlockInput(sequence_parallel=sp)
+        case "sequence_scatter":
+            return SequenceScatter()
+    raise AssertionError(base)
+
+
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan | Mapping[str, str]
+) -> dict[str, str]:
+    """Validate and apply ``plan`` on the 1-D mesh ``tp_mesh``; returns module name -> style.
+
+    Attributes marked ``"divide"`` are divided by the degree (once per module).
+    """
+    plan = TPPlan.coerce(plan)
+    tp = tp_mesh.size()
+    validate_tp(model, plan, tp)
+    applied: dict[str, str] = {}
+    if tp == 1:
+        return applied
+    divided: set[tuple[int, str]] = set()  # an object shared by modules is divided once
+    for pattern, actions in plan.attributes.items():
+        for name, module in match_modules(model, pattern):
+            for attr, action in actions.items():
+                *parents, last = attr.split(".")
+                owner: object = module
+                for part in parents:
+                    owner = getattr(owner, part)
+                if action == "divide" and (id(owner), last) not in divided:
+                    divided.add((id(owner), last))
+                    setattr(owner, last, _get_attr(module, attr, name) // tp)
+    modules = dict(model.named_modules())
+    for name, style in resolve_plan(model, plan).items():
+        built = _build_style(style, plan.sequence_parallel)
+        if built is None:
+            continue
+        parallelize_module(modules[name], tp_mesh, built)
+        applied[name] = style if isinstance(style, str) else type(style).__name__
+    return applied

@@ -1,0 +1,131 @@
+"""Every parallel layout trains like a single process (the acceptance test of forge-parallel).
+
+Each layout trains 5 steps (AdamW, 2 micro-batches of gradient accumulation, gradient clipping
+that bites) on the gloo worker pool; the single-process reference runs on every rank from the
+same initial weights, and each rank compares its losses, gradient norms and gathered final
+parameters with it: relative error <= 1e-5 in float32. Layouts are grouped into few pool jobs,
+because each job at 4 ranks costs seconds on a small CPU machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from forge_parallel import FSDPConfig, RecomputeConfig
+
+TOLERANCE = 1e-5
+#: Layouts that are not meant to be exact, with their own bound.
+LOOSE = {"fsdp_bf16_compute": 3e-2}
+
+
+def _helpers():
+    name = "forge_parallel_tests_tiny_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("tiny_models.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+tm = _helpers()
+
+DDP = {"dims": {"dp_replicate": -1, "dp_shard": 1}, "data_parallel": "ddp"}
+FSDP = {"dims": {}, "data_parallel": "fsdp"}
+TP2 = {"dims": {"tp": 2, "dp_shard": -1}}
+
+
+def _tiny_layouts_2() -> dict[str, dict]:
+    return {
+        "ddp": DDP,
+        "zero1": {"dims": {}, "data_parallel": "zero1"},
+        "zero2": {"dims": {}, "data_parallel": "zero2"},
+        # many small buckets, each padded to a multiple of the ranks
+        "zero2_buckets": {"dims": {}, "data_parallel": "zero2", "optimizer": {"bucket_numel": 999}},
+        "fsdp": FSDP,
+        "fsdp_no_reshard": {**FSDP, "fsdp": FSDPConfig(reshard_after_forward=False)},
+        "fsdp_recompute_full": {**FSDP, "recompute": RecomputeConfig(mode="full")},
+        "fsdp_recompute_selective": {
+            **FSDP,
+            "recompute": RecomputeConfig(mode="selective", ops="attention"),
+        },
+        "tp2": {**TP2, "plan": tm.tiny_plan()},
+        "tp2_sp": {**TP2, "plan": tm.tiny_plan(sequence_parallel=True)},
+        # bf16 compute with fp32 reduction: not exact, checked against a looser bound below.
+        "fsdp_bf16_compute": {**FSDP, "fsdp": FSDPConfig(param_dtype=torch.bfloat16)},
+        "tp2_sp_replicated_logits": {
+            **TP2,
+            "plan": tm.tiny_plan(sequence_parallel=True, loss_parallel=False),
+        },
+    }
+
+
+def _tiny_layouts_4() -> dict[str, dict]:
+    return {
+        "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
+        "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": tm.tiny_plan()},
+        "tp2_sp_fsdp2_recompute": {
+            "dims": {"tp": 2, "dp_shard": 2},
+            "plan": tm.tiny_plan(sequence_parallel=True),
+            "recompute": RecomputeConfig(mode="selective", ops="pointwise"),
+        },
+    }
+
+
+def _hf_layouts_2() -> dict[str, dict]:
+    return {
+        "ddp": DDP,
+        "zero2": {"dims": {}, "data_parallel": "zero2"},
+        "fsdp": FSDP,
+        "fsdp_recompute_full": {**FSDP, "recompute": RecomputeConfig(mode="full")},
+        "tp2": {**TP2, "plan": tm.HF_LLAMA_PLAN},
+    }
+
+
+def _hf_layouts_4() -> dict[str, dict]:
+    return {
+        "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
+        "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": tm.HF_LLAMA_PLAN},
+    }
+
+
+def _job(build: str, group: str):
+    layouts = {
+        "tiny2": _tiny_layouts_2,
+        "tiny4": _tiny_layouts_4,
+        "hf2": _hf_layouts_2,
+        "hf4": _hf_layouts_4,
+    }[group]()
+    return tm.run_layouts(build, layouts)
+
+
+def _check(per_rank: list[dict[str, dict[str, float]]]) -> None:
+    for layout, errors in per_rank[0].items():  # shown with pytest -s
+        print(f"{layout:28s} " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    bad = {
+        f"rank{rank} {layout}": errors
+        for rank, result in enumerate(per_rank)
+        for layout, errors in result.items()
+        if max(errors.values()) > LOOSE.get(layout, TOLERANCE)
+    }
+    assert not bad, f"relative errors above {TOLERANCE}: {bad}"
+
+
+def test_tiny_llama_layouts_on_2_ranks(dist_pool):
+    _check(dist_pool(2).run(_job, "tiny", "tiny2"))
+
+
+def test_transformers_llama_layouts_on_2_ranks(dist_pool):
+    _check(dist_pool(2).run(_job, "hf", "hf2"))
+
+
+def test_layouts_on_4_ranks(dist_pool):
+    pool = dist_pool(4)
+    _check(pool.run(_job, "tiny", "tiny4"))
+    _check(pool.run(_job, "hf", "hf4"))

@@ -1,0 +1,312 @@
+"""Test helpers: a tiny Llama-like decoder in plain torch, a tiny ``transformers`` Llama, their
+tensor-parallel plans, and one training loop shared by the single-process reference and every
+parallel layout (AdamW, gradient accumulation, gradient clipping).
+
+Imported by file path from the test modules (and, through them, by the worker pool).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import forge_parallel
+from forge_parallel import TPPlan, ZeroOptimizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyConfig:
+    vocab: int = 64
+    dim: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn: int = 64
+    eps: float = 1e-5
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (half-split convention) on ``x`` of shape (B, H, S, D)."""
+    seq, half = x.shape[2], x.shape[3] // 2
+    freq = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float32) / half))
+    angle = torch.arange(seq, dtype=torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q), _rotate(k)
+        repeat = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+def tiny_plan(*, sequence_parallel: bool = False, loss_parallel: bool = True) -> TPPlan:
+    """The TinyLlama plan: Megatron attention/MLP split, vocab-parallel embedding and head."""
+    return TPPlan(
+        styles={
+            "embed": "vocab_parallel_embedding",
+            "layers.*.attn_norm": "sequence_parallel",
+            "layers.*.attn": "block_input",
+            "layers.*.attn.q_proj": "colwise",
+            "layers.*.attn.k_proj": "colwise",
+            "layers.*.attn.v_proj": "colwise",
+            "layers.*.attn.o_proj": "rowwise",
+            "layers.*.mlp_norm": "sequence_parallel",
+            "layers.*.mlp": "block_input",
+            "layers.*.mlp.gate_up_proj": "colwise_packed",
+            "layers.*.mlp.down_proj": "rowwise",
+            "norm": "sequence_parallel",
+            "lm_head": "loss_parallel" if loss_parallel else "colwise_output_replicated",
+        },
+        attributes={"layers.*.attn": {"num_heads": "divide", "num_kv_heads": "divide"}},
+        sequence_parallel=sequence_parallel,
+    )
+
+
+def build_tiny(seed: int = 0, **overrides) -> TinyLlama:
+    torch.manual_seed(seed)
+    return TinyLlama(TinyConfig(**overrides))
+
+
+# -- transformers' Llama -----------------------------------------------------------------
+
+
+def build_hf_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+HF_LLAMA_PLAN = TPPlan(
+    styles={
+        "model.embed_tokens": "vocab_parallel_embedding",
+        "model.layers.*.self_attn": "block_input",  # hidden_states arrives as a keyword
+        "model.layers.*.self_attn.q_proj": "colwise",
+        "model.layers.*.self_attn.k_proj": "colwise",
+        "model.layers.*.self_attn.v_proj": "colwise",
+        "model.layers.*.self_attn.o_proj": "rowwise",
+        "model.layers.*.mlp": "block_input",
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "lm_head": "loss_parallel",
+    },
+    # transformers derives local head counts from tensor shapes: only check divisibility.
+    attributes={
+        "model.layers.*.self_attn": {
+            "config.num_attention_heads": "check",
+            "config.num_key_value_heads": "check",
+        }
+    },
+)
+
+
+def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, TinyLlama):  # FSDP/replicate subclass the model's class
+        return model(tokens)
+    return model(input_ids=tokens).logits
+
+
+# -- training ---------------------------------------------------------------------------
+
+STEPS, ACCUM, BATCH, SEQ = 5, 2, 4, 8
+LR, MAX_NORM = 1e-3, 0.5
+
+
+def make_batches(vocab: int = 64, seed: int = 1234) -> list[list[torch.Tensor]]:
+    """``STEPS`` steps of ``ACCUM`` micro-batches of token ids, (BATCH, SEQ + 1) each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randint(0, vocab, (BATCH, SEQ + 1), generator=gen) for _ in range(ACCUM)]
+        for _ in range(STEPS)
+    ]
+
+
+def _value(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def train(
+    model: nn.Module,
+    batches: list[list[torch.Tensor]],
+    *,
+    result: forge_parallel.ParallelizeResult | None = None,
+    optimizer: dict | None = None,
+) -> dict:
+    """Train on ``batches``; returns per-step losses and grad norms (averaged over DP ranks).
+
+    Without ``result`` this is the single-process reference (torch's AdamW and clipping).
+    """
+    mesh = result.mesh if result is not None else None
+    dp_group = mesh["dp"] if mesh is not None else None
+    dp_size = dp_group.size() if dp_group is not None else 1
+    dp_rank = dp_group.get_local_rank() if dp_group is not None else 0
+    if result is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    else:
+        opt = result.build_optimizer(
+            torch.optim.AdamW, lr=LR, weight_decay=0.1, **(optimizer or {})
+        )
+    losses, norms = [], []
+    for micro_batches in batches:
+        step_loss = torch.zeros(())
+        for i, tokens in enumerate(micro_batches):
+            rows = tokens.chunk(dp_size)[dp_rank]
+            inputs, labels = rows[:, :-1], rows[:, 1:]
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or result is None else result.no_sync()
+            loss_ctx = result.loss_context() if result is not None else contextlib.nullcontext()
+            with sync, loss_ctx:
+                logits = logits_of(model, inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) / len(micro_batches)
+                loss.backward()
+            step_loss += _value(loss).detach()
+        if isinstance(opt, ZeroOptimizer):
+            norm = opt.clip_grad_norm_(MAX_NORM)
+        elif result is None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        else:
+            norm = forge_parallel.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+        if dp_group is not None:
+            dist.all_reduce(step_loss, group=dp_group.get_group())
+            step_loss /= dp_size
+        losses.append(step_loss.item())
+        norms.append(_value(norm).item())
+    return {"losses": losses, "norms": norms}
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: _value(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def compare(reference: dict, ref_params: dict, got: dict, got_params: dict) -> dict[str, float]:
+    """Worst relative errors of losses, grad norms and final parameters."""
+    assert ref_params.keys() == got_params.keys(), set(ref_params) ^ set(got_params)
+    loss = max(
+        abs(a - b) / max(abs(b), 1e-12)
+        for a, b in zip(got["losses"], reference["losses"], strict=True)
+    )
+    norm = max(
+        abs(a - b) / max(abs(b), 1e-12)
+        for a, b in zip(got["norms"], reference["norms"], strict=True)
+    )
+    param = max(rel_err(got_params[n], ref_params[n]) for n in ref_params)
+    assert math.isfinite(loss)
+    assert math.isfinite(param)
+    return {"loss": loss, "norm": norm, "param": param}
+
+
+def run_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Train the reference and every layout (``parallelize`` keyword arguments) on this rank."""
+    from forge_core import ParallelDims
+
+    factory = build_tiny if build == "tiny" else build_hf_llama
+    batches = make_batches()
+    reference_model = factory()
+    initial = copy.deepcopy(reference_model)
+    reference = train(reference_model, batches)
+    ref_params = full_params(reference_model)
+    # The clipping threshold must bite, or clipping is not being tested.
+    assert max(reference["norms"]) > MAX_NORM, reference["norms"]
+    out = {}
+    for name, layout in layouts.items():
+        kwargs = dict(layout)
+        dims = ParallelDims(world_size=dist.get_world_size(), **kwargs.pop("dims"))
+        optimizer = kwargs.pop("optimizer", None)
+        model = copy.deepcopy(initial)
+        result = forge_parallel.parallelize(model, dims, **kwargs)
+        got = train(result.model, batches, result=result, optimizer=optimizer)
+        out[name] = compare(reference, ref_params, got, full_params(result.model))
+    return out
