@@ -1,6 +1,10 @@
-"""Test harness for Forge and for users' own distributed code (see forge-core's README)."""
+"""Test harness for Forge and for users' own distributed code (see forge-core's README).
 
+:mod:`forge_core.testing.conformance` is the suite every accelerator plugin must pass.
+"""
+
+from forge_core.testing import conformance
 from forge_core.testing.fake_process_group import fake_process_group
 from forge_core.testing.worker_pool import WorkerError, WorkerPool
 
-__all__ = ["WorkerError", "WorkerPool", "fake_process_group"]
+__all__ = ["WorkerError", "WorkerPool", "conformance", "fake_process_group"]
