@@ -24,12 +24,11 @@ core numbers from the product datasheets.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from forge_kernels.benchmarking import time_ms
 
 #: Dense tensor-core peak TFLOP/s, (bf16, fp8), by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {
@@ -62,30 +61,6 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
         m, n, k = (int(v) for v in item.lower().split("x"))
         shapes.append((m, n, k))
     return shapes
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events, L2 flushed before each run)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for start, end in zip(starts, ends, strict=True):
-            flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def contenders(device: torch.device, n: int, k: int, weight: torch.Tensor) -> dict:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from forge_kernels.benchmarking import copy_bandwidth_gbps, time_ms
+from forge_kernels.benchmarking import peak_memory_mib as peak_mib
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -89,55 +90,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()``: CUDA events with the L2 cache flushed before each run."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # > H100/H200 L2
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for start, end in zip(starts, ends, strict=True):
-            flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory allocated during one ``fn()`` beyond what was allocated before (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = fn()
-    _sync(device)
-    del out
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def measure_hbm_gbps(device: torch.device, *, smoke: bool) -> float:
     """Device memory bandwidth from a large device-to-device copy (read + write), in GB/s."""
-    nbytes = (16 if smoke else 2048) * 2**20
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=5 if smoke else 30)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    return copy_bandwidth_gbps(device, smoke=smoke)
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:

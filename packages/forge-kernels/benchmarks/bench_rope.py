@@ -15,13 +15,11 @@ On CPU (``--smoke``) the figures only show the script works: the kernel runs int
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from forge_kernels.benchmarking import copy_bandwidth_gbps, peak_memory_mib, time_ms
 from forge_kernels.rope import (
     apply_rope,
     apply_rope_,
@@ -60,41 +58,6 @@ SMOKE_CASES = [
 # --------------------------------------------------------------------------------------------
 # Timing and memory.
 # --------------------------------------------------------------------------------------------
-
-
-def time_ms(fn: Callable[[], object], device: str, iters: int) -> float:
-    """Median time of ``fn`` in milliseconds."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=max(iters, 50), return_mode="median")
-    fn()  # warm-up (compiles)
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def measure_copy_bandwidth(device: str, smoke: bool) -> float:
-    """GB/s of a large device-to-device copy (read + write): the attainable memory bandwidth."""
-    n_bytes = (64 if smoke else 2048) * 2**20
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, 5 if smoke else 100)
-    return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,9 +184,9 @@ def run_case(case, args, bw_gbs, compile_cache, liger) -> None:
         inplace = name in ("forge in-place", "liger")
         try:
             q, k = make_inputs(case, device, dtype, requires_grad=False)
-            fwd_ms = time_ms(lambda fn=fn, q=q, k=k: fn(q, k, cos, sin), device, args.iters)
+            fwd_ms = time_ms(lambda fn=fn, q=q, k=k: fn(q, k, cos, sin), device, iters=args.iters)
             fwd_bytes = bytes_moved(case, q, k, cos, inplace=inplace)
-            peak_fwd = peak_extra_mib(lambda fn=fn, q=q, k=k: fn(q, k, cos, sin), device)
+            peak_fwd = peak_memory_mib(lambda fn=fn, q=q, k=k: fn(q, k, cos, sin), device)
             bwd_ms = bwd_bytes = peak_fb = None
             if name != "forge in-place":  # in place cannot rotate a leaf that requires grad
                 qg, kg = make_inputs(case, device, dtype, requires_grad=True)
@@ -234,9 +197,9 @@ def run_case(case, args, bw_gbs, compile_cache, liger) -> None:
                     torch.autograd.backward((qo, ko), (gq, gk))
                     qg.grad = kg.grad = None
 
-                bwd_ms = time_ms(fwd_bwd, device, args.iters)
+                bwd_ms = time_ms(fwd_bwd, device, iters=args.iters)
                 bwd_bytes = 2 * bytes_moved(case, qg, kg, cos, inplace=False)
-                peak_fb = peak_extra_mib(fwd_bwd, device)
+                peak_fb = peak_memory_mib(fwd_bwd, device)
         except Exception as e:  # a baseline that cannot run here is reported, not fatal
             rows[name] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
             continue
@@ -274,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         args.iters = 3 if args.smoke else 100
 
     torch.manual_seed(0)
-    bw = measure_copy_bandwidth(args.device, args.smoke)
+    bw = copy_bandwidth_gbps(args.device, smoke=args.smoke)
     device_name = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device} (interpreted)"
     )

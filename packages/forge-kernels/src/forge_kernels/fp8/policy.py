@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from forge_kernels.benchmarking import time_ms
 from forge_kernels.fp8.quantize import Fp8Recipe, resolve_recipe
 
 __all__ = [
@@ -224,11 +223,6 @@ class Fp8Policy:
 # ============================================================================================
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_linear_fwd_bwd(
     linear_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     m: int,
@@ -251,24 +245,7 @@ def time_linear_fwd_bwd(
     def step() -> None:
         torch.autograd.grad(linear_fn(x, w), (x, w), dy)
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for start, end in zip(starts, ends, strict=True):
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize(device)
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_ms(step, device, warmup=warmup, iters=iters, flush_l2=False)
 
 
 def fp8_device_unsupported_reason(device: torch.device) -> str | None:
