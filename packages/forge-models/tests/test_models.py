@@ -42,7 +42,7 @@ def test_named_sizes_exist_for_every_family():
                  "llama-debug", "llama3-debug", "qwen2-debug", "qwen3-debug"):  # fmt: skip
         assert name in sizes
     assert set(list_sizes("qwen3")) <= {s for s in sizes if s.startswith("qwen3")}
-    assert forge_models.list_families() == ["llama", "qwen2", "qwen3"]
+    assert forge_models.list_families() == ["llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
 
 
 # Parameter counts of the released checkpoints (model cards: 6.74B, 8.03B, 1.24B, 0.49B,

@@ -1,11 +1,13 @@
 """Forge model zoo: LLM, MoE, ViT, VLM, video DiT and VLA built from shared blocks.
 
-This release has the dense text families, built from one set of blocks
+This release has the dense and mixture-of-experts text families, built from one set of blocks
 (:mod:`forge_models.blocks`) and one model class (:class:`CausalLM`):
 
 - ``llama``: Llama 2, Llama 3, Llama 3.1, Llama 3.2 (text);
 - ``qwen2``: Qwen2, Qwen2.5;
-- ``qwen3``: Qwen3 dense.
+- ``qwen3``: Qwen3 dense;
+- ``qwen2_moe``: Qwen2-MoE, Qwen1.5-MoE (shared expert);
+- ``qwen3_moe``: Qwen3-MoE.
 
 ::
 
@@ -17,12 +19,21 @@ This release has the dense text families, built from one set of blocks
     forge_models.save_pretrained(model, "out")
 """
 
-from forge_models.blocks import Attention, AttentionInputs, GatedMLP, RMSNorm, TransformerBlock
-from forge_models.causal_lm import IGNORE_INDEX, CausalLM, shift_labels
-from forge_models.config import Llama3RopeScaling, TransformerConfig
+from forge_models.blocks import (
+    Attention,
+    AttentionInputs,
+    GatedMLP,
+    MoEBlock,
+    MoEExperts,
+    RMSNorm,
+    RouterOutput,
+    TransformerBlock,
+)
+from forge_models.causal_lm import IGNORE_INDEX, CausalLM, MoEStats, shift_labels
+from forge_models.config import Llama3RopeScaling, MoEConfig, TransformerConfig
 from forge_models.flops import count_params, flops_per_token, matmul_params
 from forge_models.hf import from_pretrained, load_hf_weights, save_pretrained
-from forge_models.parallel_plan import DENSE_TP_PLAN, STYLES
+from forge_models.parallel_plan import DENSE_TP_PLAN, MOE_TP_PLAN, STYLES
 from forge_models.registry import (
     ModelFamily,
     build_model,
@@ -41,14 +52,20 @@ __version__ = "0.1.0"
 __all__ = [
     "DENSE_TP_PLAN",
     "IGNORE_INDEX",
+    "MOE_TP_PLAN",
     "STYLES",
     "Attention",
     "AttentionInputs",
     "CausalLM",
     "GatedMLP",
     "Llama3RopeScaling",
+    "MoEBlock",
+    "MoEConfig",
+    "MoEExperts",
+    "MoEStats",
     "ModelFamily",
     "RMSNorm",
+    "RouterOutput",
     "TransformerBlock",
     "TransformerConfig",
     "build_model",

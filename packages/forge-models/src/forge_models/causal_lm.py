@@ -1,9 +1,11 @@
-"""``CausalLM``: the dense decoder-only language model shared by the Llama and Qwen families.
+"""``CausalLM``: the decoder-only language model shared by the Llama and Qwen families.
 
 Llama 2 (Touvron et al. 2023, arXiv:2307.09288), Llama 3/3.1/3.2 (Dubey et al. 2024,
 arXiv:2407.21783), Qwen2/Qwen2.5 (Yang et al. 2024, arXiv:2407.10671; Qwen2.5 Technical Report,
 arXiv:2412.15115) and Qwen3 dense (Yang et al. 2025, arXiv:2505.09388) are all this module with
-a different :class:`~forge_models.config.TransformerConfig`.
+a different :class:`~forge_models.config.TransformerConfig`; so are Qwen2-MoE / Qwen1.5-MoE and
+Qwen3-MoE, whose config's ``moe`` turns the MLP of their sparse layers into a
+:class:`~forge_models.blocks.MoEBlock`.
 
 Module tree (the names forge-ckpt maps and parallel plans target)::
 
@@ -16,6 +18,12 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
         mlp_norm            RMSNorm
         mlp.gate_up_proj    nn.Linear [2 * intermediate, hidden] (gate rows, then up rows)
         mlp.down_proj       nn.Linear
+        (on a mixture-of-experts layer, ``mlp`` is a MoEBlock instead:)
+        mlp.router          nn.Linear [num_experts, hidden]
+        mlp.experts.gate_up_proj   [num_experts, 2 * moe_intermediate, hidden]
+        mlp.experts.down_proj      [num_experts, hidden, moe_intermediate]
+        mlp.shared_expert.gate_up_proj/down_proj   (shared_expert_intermediate_size > 0)
+        mlp.shared_expert_gate     nn.Linear [1, hidden]
     norm                    RMSNorm
     lm_head                 nn.Linear [padded_vocab, hidden]; with tie_word_embeddings its weight
                             *is* embed_tokens.weight and ``lm_head.weight`` is left out of the
@@ -24,6 +32,7 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,10 +41,18 @@ from torch import nn
 
 import forge_kernels
 from forge_kernels.attention import AttentionMask
-from forge_models.blocks import AttentionInputs, RMSNorm, RotaryEmbedding, TransformerBlock
+from forge_kernels.moe import load_balancing_loss_from_logits
+from forge_models.blocks import (
+    AttentionInputs,
+    MoEExperts,
+    RMSNorm,
+    RotaryEmbedding,
+    RouterOutput,
+    TransformerBlock,
+)
 from forge_models.config import TransformerConfig
 
-__all__ = ["IGNORE_INDEX", "CausalLM", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "CausalLM", "MoEStats", "shift_labels"]
 
 #: Label value that contributes no loss (as ``torch.nn.functional.cross_entropy``'s default).
 IGNORE_INDEX = -100
@@ -64,6 +81,26 @@ def shift_labels(
         targets = targets.clone()
         targets[..., ends] = IGNORE_INDEX
     return targets
+
+
+@dataclass(frozen=True, eq=False)
+class MoEStats:
+    """What the mixture-of-experts layers of one forward produced (``CausalLM.moe_stats``).
+
+    Attributes:
+        layers: indices of the MoE layers, in order.
+        tokens_per_expert: ``[len(layers), num_experts]`` int64 (token, slot) assignments per
+            expert and layer (detached): the per-expert load, for logging.
+        router_logits: per MoE layer ``[tokens, num_experts]``, when router logits were
+            requested (``output_router_logits``), else ``None``.
+        aux_loss: the load-balancing loss (transformers' ``load_balancing_loss_func``, unscaled)
+            when router logits were requested, else ``None``. Differentiable.
+    """
+
+    layers: tuple[int, ...]
+    tokens_per_expert: torch.Tensor
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _drop_tied_head(module: CausalLM, state_dict, prefix: str, local_metadata) -> None:
@@ -105,6 +142,8 @@ class CausalLM(nn.Module):
         self.rope = RotaryEmbedding(
             config.head_dim, theta=config.rope_theta, llama3_scaling=config.rope_scaling
         )
+        #: :class:`MoEStats` of the last forward of a mixture-of-experts model (else ``None``).
+        self.moe_stats: MoEStats | None = None
         self.register_state_dict_post_hook(_drop_tied_head)
         self.register_load_state_dict_pre_hook(_alias_tied_head)
         if not self.embed_tokens.weight.is_meta:
@@ -146,6 +185,8 @@ class CausalLM(nn.Module):
                     module.weight[vocab:].zero_()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, MoEExperts):
+                module.reset_parameters(std, generator=generator)
 
     def parallel_plan(self, *, sequence_parallel: bool = True) -> dict[str, str]:
         """This family's default tensor/sequence-parallel plan (see :mod:`forge_models.parallel_plan`)."""
@@ -164,6 +205,7 @@ class CausalLM(nn.Module):
         *,
         max_seqlen: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        output_router_logits: bool | None = None,
     ) -> torch.Tensor:
         """Logits, or the next-token loss when ``labels`` are given.
 
@@ -185,6 +227,12 @@ class CausalLM(nn.Module):
             max_seqlen: longest packed document, if known (saves flash-attn a host sync).
             loss_reduction: ``"mean"`` over the predicted tokens (transformers' default) or
                 ``"sum"`` (for normalizing over a whole accumulated batch yourself).
+            output_router_logits: (MoE models) keep the router logits and compute the
+                load-balancing loss; with ``labels`` the loss is then
+                ``ce + router_aux_loss_coef * aux_loss`` as in transformers (the aux term is
+                added as is, also with ``loss_reduction="sum"``). Default: the config's
+                ``moe.output_router_logits``. Either way ``self.moe_stats`` (:class:`MoEStats`)
+                holds this forward's per-expert load afterwards.
 
         Returns:
             Without ``labels``: logits ``[*input_ids.shape, vocab_size]`` in the model dtype.
@@ -200,9 +248,14 @@ class CausalLM(nn.Module):
             )
         ids, inputs = self._prepare(input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen)
         x = self.embed_tokens(ids)
+        routers: list[RouterOutput] = []
         for layer in self.layers:
             x = layer(x, inputs)
+            if isinstance(x, tuple):
+                x, router = x
+                routers.append(router)
         x = self.norm(x)
+        aux_loss = self._moe_stats(routers, output_router_logits, attention_mask)
 
         vocab = self.config.vocab_size
         if labels is None:
@@ -220,13 +273,46 @@ class CausalLM(nn.Module):
         weight = self.lm_head.weight
         if weight.shape[0] != vocab:
             weight = weight[:vocab]
-        return forge_kernels.fused_linear_cross_entropy(
+        loss = forge_kernels.fused_linear_cross_entropy(
             x.reshape(-1, x.shape[-1]),
             weight,
             targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction=loss_reduction,
         )
+        if aux_loss is not None:
+            loss = loss + self.config.moe.router_aux_loss_coef * aux_loss
+        return loss
+
+    def _moe_stats(
+        self,
+        routers: list[RouterOutput],
+        output_router_logits: bool | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Record :attr:`moe_stats`; the aux loss when router logits are requested."""
+        moe = self.config.moe
+        if moe is None or not routers:
+            self.moe_stats = None
+            return None
+        if output_router_logits is None:
+            output_router_logits = moe.output_router_logits
+        logits = tuple(r.logits for r in routers) if output_router_logits else None
+        aux_loss = None
+        if logits is not None:
+            aux_loss = load_balancing_loss_from_logits(
+                logits,
+                num_experts=moe.num_experts,
+                top_k=moe.num_experts_per_tok,
+                attention_mask=attention_mask,
+            )
+        self.moe_stats = MoEStats(
+            layers=tuple(i for i, layer in enumerate(self.layers) if layer.is_moe),
+            tokens_per_expert=torch.stack([r.tokens_per_expert for r in routers]),
+            router_logits=logits,
+            aux_loss=aux_loss,
+        )
+        return aux_loss
 
     def _prepare(
         self,

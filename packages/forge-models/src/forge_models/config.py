@@ -14,7 +14,67 @@ from typing import Any
 
 from forge_kernels import Llama3RopeScaling
 
-__all__ = ["Llama3RopeScaling", "TransformerConfig"]
+__all__ = ["Llama3RopeScaling", "MoEConfig", "TransformerConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The mixture-of-experts part of a :class:`TransformerConfig` (Qwen2-MoE, Qwen3-MoE).
+
+    Field names and meanings follow transformers' ``Qwen3MoeConfig`` / ``Qwen2MoeConfig``.
+
+    Args:
+        num_experts: routed experts per MoE layer.
+        num_experts_per_tok: experts chosen per token (top-k, softmax router).
+        moe_intermediate_size: hidden width of each routed expert's SwiGLU MLP.
+        norm_topk_prob: renormalize the chosen top-k probabilities to sum to one.
+        shared_expert_intermediate_size: width of the always-on shared expert, gated per token
+            by ``sigmoid(x @ shared_expert_gate)`` (Qwen2-MoE); 0 for none (Qwen3-MoE).
+        decoder_sparse_step: layer ``i`` is MoE iff ``(i + 1) % decoder_sparse_step == 0``
+            and ``i not in mlp_only_layers``; the others use the dense MLP of
+            ``TransformerConfig.intermediate_size``.
+        mlp_only_layers: layer indices forced to the dense MLP.
+        router_aux_loss_coef: weight of the load-balancing loss added to the loss when router
+            logits are requested (Switch Transformer, Fedus et al. 2021, arXiv:2101.03961).
+        output_router_logits: compute the auxiliary loss (and keep the router logits) by
+            default, as transformers' ``output_router_logits``.
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        for name in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "decoder_sparse_step",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
+                f"({self.num_experts})"
+            )
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError("shared_expert_intermediate_size must be >= 0 (0: no shared expert)")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` has routed experts (transformers' rule)."""
+        return (
+            layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +104,8 @@ class TransformerConfig:
             as transformers builds it when the config sets one).
         vocab_pad_multiple: embedding / output rows are padded to a multiple of this (for
             tensor parallelism); the padding rows are never used in logits or the loss.
+        moe: a :class:`MoEConfig` for mixture-of-experts families (its MoE layers replace the
+            dense MLP); ``None`` for dense models.
     """
 
     family: str = "llama"
@@ -65,8 +127,11 @@ class TransformerConfig:
     initializer_range: float = 0.02
     pad_token_id: int | None = None
     vocab_pad_multiple: int = 1
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None and self.num_heads > 0:
@@ -116,6 +181,10 @@ class TransformerConfig:
         """Width of each of the key and value projection outputs, ``num_kv_heads * head_dim``."""
         return self.num_kv_heads * self.head_dim
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` is a mixture-of-experts layer."""
+        return self.moe is not None and self.moe.is_moe_layer(layer_idx)
+
     def replace(self, **changes: Any) -> TransformerConfig:
         """A copy with ``changes`` (``ValueError`` naming the valid fields for an unknown one).
 
@@ -131,7 +200,7 @@ class TransformerConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data view (``rope_scaling`` as a dict), e.g. for logging."""
+        """Plain-data view (``rope_scaling`` and ``moe`` as dicts), e.g. for logging."""
         data = dataclasses.asdict(self)
         if self.rope_scaling is not None:
             data["rope_scaling"] = dataclasses.asdict(self.rope_scaling)

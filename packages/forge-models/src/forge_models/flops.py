@@ -15,6 +15,12 @@
   et al. 2021, arXiv:2104.04473, whose ``72 B s l h² (1 + s / 6h + V / 12 h l)`` is the same
   count for ``num_heads * head_dim == hidden``). Like both, it does not halve the attention
   term for the causal mask; pass ``causal=True`` for the work a causal kernel really does.
+- Mixture-of-experts layers count only the *active* weights per token: the router
+  (``hidden * num_experts``), ``num_experts_per_tok`` routed experts
+  (``3 * hidden * moe_intermediate_size`` each), and the shared expert with its gate
+  (``3 * hidden * shared_expert_intermediate_size + hidden``) where there is one. Dense layers
+  of an MoE model (``mlp_only_layers``, ``decoder_sparse_step``) count their dense MLP.
+  :func:`count_params` counts every expert.
 """
 
 from __future__ import annotations
@@ -50,18 +56,33 @@ def count_params(config: TransformerConfig | nn.Module, *, embedding: bool = Tru
         attn += d
     if c.qk_norm:
         attn += 2 * head
-    layer = attn + 3 * d * c.intermediate_size + 2 * d
+    total = sum(attn + _mlp_params(c, i, active=False) + 2 * d for i in range(c.num_layers))
     table = c.padded_vocab_size * d
-    total = c.num_layers * layer + d + (0 if c.tie_word_embeddings else table)
+    total += d + (0 if c.tie_word_embeddings else table)
     return total + table if embedding else total
 
 
+def _mlp_params(c: TransformerConfig, layer_idx: int, *, active: bool) -> int:
+    """Weights of layer ``layer_idx``'s MLP (of a token's active experts with ``active``)."""
+    d = c.hidden_size
+    if not c.is_moe_layer(layer_idx):
+        return 3 * d * c.intermediate_size
+    moe = c.moe
+    experts = moe.num_experts_per_tok if active else moe.num_experts
+    params = d * moe.num_experts + experts * 3 * d * moe.moe_intermediate_size
+    if moe.shared_expert_intermediate_size:
+        params += 3 * d * moe.shared_expert_intermediate_size + d
+    return params
+
+
 def matmul_params(config: TransformerConfig | nn.Module) -> int:
-    """``N_matmul`` of :func:`flops_per_token`: every matmul weight, output projection included."""
+    """``N_matmul`` of :func:`flops_per_token`: every matmul weight a token uses, output
+    projection included (for MoE layers the router, the active experts and the shared expert)."""
     c = _config(config)
     d = c.hidden_size
-    layer = d * c.q_size + 2 * d * c.kv_size + c.q_size * d + 3 * d * c.intermediate_size
-    return c.num_layers * layer + c.vocab_size * d
+    attn = d * c.q_size + 2 * d * c.kv_size + c.q_size * d
+    layers = sum(attn + _mlp_params(c, i, active=True) for i in range(c.num_layers))
+    return layers + c.vocab_size * d
 
 
 def flops_per_token(

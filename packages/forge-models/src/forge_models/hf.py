@@ -81,10 +81,15 @@ def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike | HFCheckpoint) 
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
     config = model.config
     spec = get_mapping(get_family(config.family).ckpt_mapping)
-    ctx = spec.context(ckpt.config, vocab_pad_multiple=config.vocab_pad_multiple)
+    hf_shapes = {name: info.shape for name, info in ckpt.tensor_info().items()}
+    ctx = spec.context(
+        ckpt.config,
+        vocab_pad_multiple=config.vocab_pad_multiple,
+        **spec.detect_layout(hf_shapes),
+    )
     state = model.state_dict()
     spec.check_hf(
-        {name: info.shape for name, info in ckpt.tensor_info().items()},
+        hf_shapes,
         ctx,
         {name: tuple(t.shape) for name, t in state.items()},
     )

@@ -34,6 +34,15 @@ et al. 2022, arXiv:2205.05198):
 ``loss_parallel``
     the output projection sharded over the vocabulary with logits left sharded, for a
     vocabulary-parallel cross-entropy.
+``replicate``
+    weights replicated on every rank (an MoE router, the shared-expert gate).
+``expert_parallel``
+    (MoE) the stacked expert weights ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and
+    ``mlp.experts.down_proj`` ``[E, H, I]`` sharded along dim 0, the expert dim, over the
+    expert-parallel axis (GShard, Lepikhin et al. 2020, arXiv:2006.16668): each rank holds
+    ``E / ep`` whole experts; the routed token rows are sent to their experts' ranks
+    (all-to-all) and the outputs sent back before ``moe_unpermute``. ``MoEExperts`` reads its
+    local expert count from its weights. (forge-parallel does not apply this style yet.)
 
 The attention reads its local head counts from the projection outputs, so no module attribute
 needs dividing by the tensor-parallel degree. The per-head ``attn.q_norm`` / ``attn.k_norm`` of
@@ -51,7 +60,7 @@ the full weight (or a vocabulary-parallel fused loss, not provided yet).
 
 from __future__ import annotations
 
-__all__ = ["DENSE_TP_PLAN", "STYLES", "plan_without_sequence_parallel"]
+__all__ = ["DENSE_TP_PLAN", "MOE_TP_PLAN", "STYLES", "plan_without_sequence_parallel"]
 
 #: Every style name a forge plan may use, with a one-line meaning (details above).
 STYLES: dict[str, str] = {
@@ -63,6 +72,9 @@ STYLES: dict[str, str] = {
     "vocab_parallel_embedding": "embedding rows sharded; outputs all-reduced / reduce-scattered",
     "colwise_output_replicated": "output projection sharded over vocab; logits gathered",
     "loss_parallel": "output projection sharded over vocab; logits left sharded for the loss",
+    "replicate": "weights replicated on every rank of the axis (e.g. an MoE router)",
+    "expert_parallel": "stacked expert weights sharded along dim 0 (the expert dim) over the "
+    "expert-parallel axis; tokens dispatched to their experts' ranks and combined back",
 }
 
 #: The plan of the dense Llama/Qwen decoders (with sequence parallelism).
@@ -80,6 +92,22 @@ DENSE_TP_PLAN: dict[str, str] = {
     "layers.*.mlp.down_proj": "rowwise",
     "norm": "sequence_parallel",
     "lm_head": "colwise_output_replicated",
+}
+
+
+#: The plan of the mixture-of-experts decoders (Qwen2-MoE, Qwen3-MoE): the dense plan (which
+#: still applies to their dense layers, ``mlp_only_layers``), plus the MoE layers' router
+#: (replicated), routed experts (``"expert_parallel"``: ``mlp.experts.gate_up_proj``
+#: ``[E, 2I, H]`` and ``mlp.experts.down_proj`` ``[E, H, I]`` sharded on dim 0, E divisible by
+#: the expert-parallel degree) and shared expert (tensor parallel like a dense MLP; its scalar
+#: gate replicated).
+MOE_TP_PLAN: dict[str, str] = {
+    **DENSE_TP_PLAN,
+    "layers.*.mlp.router": "replicate",
+    "layers.*.mlp.experts": "expert_parallel",
+    "layers.*.mlp.shared_expert.gate_up_proj": "colwise_packed",
+    "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    "layers.*.mlp.shared_expert_gate": "replicate",
 }
 
 

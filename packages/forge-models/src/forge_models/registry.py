@@ -42,6 +42,8 @@ BUILTIN_FAMILIES = {
     "llama": "forge_models.families.llama",
     "qwen2": "forge_models.families.qwen2",
     "qwen3": "forge_models.families.qwen3",
+    "qwen2_moe": "forge_models.families.qwen2_moe",
+    "qwen3_moe": "forge_models.families.qwen3_moe",
 }
 
 

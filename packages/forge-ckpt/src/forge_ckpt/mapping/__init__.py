@@ -26,6 +26,7 @@ from forge_ckpt.mapping.spec import (
     MappingSpec,
     PadDim,
     Rule,
+    StackExperts,
     TensorTransform,
     Transpose,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "MappingSpec",
     "PadDim",
     "Rule",
+    "StackExperts",
     "TensorTransform",
     "Transpose",
     "get_mapping",

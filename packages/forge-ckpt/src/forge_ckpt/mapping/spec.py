@@ -10,10 +10,15 @@ tensor with one or more checkpoint tensors::
     Rule("embed_tokens.weight", "model.embed_tokens.weight", transforms=(PAD_VOCAB,))
     Rule("lm_head.weight", "lm_head.weight", transforms=(PAD_VOCAB,), when="!tie_word_embeddings")
 
-``{i}`` runs over the layers. Several checkpoint tensors are joined by a :class:`Concat` (and
+``{i}`` runs over the layers; ``{j}`` in a checkpoint name runs over the experts
+(``num_experts`` of the context), giving one part per expert and name, which a
+:class:`StackExperts` stacks into one ``[experts, ...]`` tensor (the per-expert layout of
+mixture-of-experts checkpoints). Several checkpoint tensors are joined by a :class:`Concat` (and
 split again on export); single-tensor transforms (:class:`Transpose`, :class:`PadDim`) then
 apply in order on import and are undone in reverse order on export. ``when`` names a boolean
-of the *context* (``"!flag"`` negates it): the rule exists only if it holds. The context is
+of the *context* (``"!flag"`` negates it; a tuple needs all its flags): the rule exists only if
+it holds. A flag whose context value is a set of layer indices holds on those layers only
+(e.g. the mixture-of-experts layers). The context is
 read from the checkpoint's ``config.json`` through ``context_keys`` (also data) plus caller
 options such as ``vocab_pad_multiple``.
 
@@ -28,7 +33,7 @@ unexpected and mis-shaped tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +49,7 @@ __all__ = [
     "MappingSpec",
     "PadDim",
     "Rule",
+    "StackExperts",
     "TensorTransform",
     "Transpose",
 ]
@@ -130,6 +136,55 @@ class Concat:
 
     def describe(self) -> str:
         return f"concat(dim={self.dim})"
+
+
+@dataclass(frozen=True)
+class StackExperts:
+    """Per-expert checkpoint tensors form one stacked forge tensor ``[experts, ...]``.
+
+    The parts come as ``groups`` runs of one tensor per expert (a rule's names with ``{j}``,
+    expanded name by name: all gates, then all ups). Each run is stacked on a new dim 0 and the
+    runs are concatenated along ``dim`` (of the stacked tensor): per-expert ``gate_proj``
+    ``[I, H]`` and ``up_proj`` ``[I, H]`` give ``gate_up_proj`` ``[E, 2I, H]`` with
+    ``groups=2, dim=1``; ``down_proj`` ``[H, I]`` gives ``[E, H, I]`` with ``groups=1``.
+    """
+
+    groups: int = 1
+    dim: int = 1
+
+    def _experts(self, n_parts: int) -> int:
+        if n_parts % self.groups:
+            raise ValueError(f"{n_parts} parts do not form {self.groups} equal groups")
+        return n_parts // self.groups
+
+    def join(self, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]) -> torch.Tensor:
+        self.joined_shape([tuple(p.shape) for p in parts], ctx)
+        e = self._experts(len(parts))
+        runs = [torch.stack(list(parts[g * e : (g + 1) * e])) for g in range(self.groups)]
+        return runs[0] if self.groups == 1 else torch.cat(runs, dim=self.dim)
+
+    def split(
+        self, tensor: torch.Tensor, n_parts: int, ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor]:
+        e = self._experts(n_parts)
+        if tensor.shape[0] != e:
+            raise ValueError(f"expected {e} experts along dim 0, got {tuple(tensor.shape)}")
+        runs = tensor.chunk(self.groups, dim=self.dim) if self.groups > 1 else (tensor,)
+        return [t.contiguous() for run in runs for t in run.unbind(0)]
+
+    def joined_shape(self, shapes: Sequence[Shape], ctx: Mapping[str, Any]) -> Shape:
+        first = tuple(shapes[0])
+        if any(tuple(s) != first for s in shapes):
+            raise ValueError(
+                f"expert parts have different shapes {sorted({tuple(s) for s in shapes})}"
+            )
+        e = self._experts(len(shapes))
+        stacked = [e, *first]
+        stacked[self.dim] *= self.groups
+        return tuple(stacked)
+
+    def describe(self) -> str:
+        return f"stack_experts(groups={self.groups}, dim={self.dim})"
 
 
 class TensorTransform:
@@ -229,14 +284,24 @@ PAD_VOCAB = PadDim()
 # --------------------------------------------------------------------------------------------
 
 
-def _flag(when: str | None, ctx: Mapping[str, Any]) -> bool:
+def _flag(
+    when: str | tuple[str, ...] | None, ctx: Mapping[str, Any], layer: int | None = None
+) -> bool:
+    """Whether ``when`` holds (for ``layer``, where a flag is a set of layer indices)."""
     if when is None:
         return True
+    if isinstance(when, tuple):
+        return all(_flag(w, ctx, layer) for w in when)
     negate = when.startswith("!")
     key = when[1:] if negate else when
     if key not in ctx:
         raise KeyError(f"the mapping needs context flag {key!r}, which is not set")
-    return bool(ctx[key]) != negate
+    value = ctx[key]
+    if isinstance(value, (set, frozenset)):
+        if layer is None:
+            raise ValueError(f"context flag {key!r} is per layer; use it on per-layer rules only")
+        return (layer in value) != negate
+    return bool(value) != negate
 
 
 @dataclass(frozen=True)
@@ -245,9 +310,9 @@ class Rule:
 
     forge: str
     hf: str | tuple[str, ...]
-    concat: Concat | None = None
+    concat: Concat | StackExperts | None = None
     transforms: tuple[TensorTransform, ...] = ()
-    when: str | None = None
+    when: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         hf = (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
@@ -261,6 +326,8 @@ class Rule:
         layered = "{i}" in self.forge
         if any(("{i}" in name) != layered for name in hf):
             raise ValueError(f"rule {self.forge!r} <- {hf}: use '{{i}}' on both sides or neither")
+        if any("{j}" in name for name in hf) and not isinstance(self.concat, StackExperts):
+            raise ValueError(f"rule {self.forge!r}: per-expert names '{{j}}' need StackExperts")
 
     @property
     def per_layer(self) -> bool:
@@ -268,9 +335,13 @@ class Rule:
 
     def bind(self, ctx: Mapping[str, Any], layer: int | None = None) -> BoundRule:
         fmt = {} if layer is None else {"i": layer}
-        return BoundRule(
-            forge=self.forge.format(**fmt), hf=tuple(n.format(**fmt) for n in self.hf), rule=self
-        )
+        hf: list[str] = []
+        for name in self.hf:
+            if "{j}" in name:
+                hf += [name.format(**fmt, j=j) for j in range(_resolve("num_experts", ctx))]
+            else:
+                hf.append(name.format(**fmt))
+        return BoundRule(forge=self.forge.format(**fmt), hf=tuple(hf), rule=self)
 
 
 @dataclass(frozen=True)
@@ -328,6 +399,11 @@ class MappingSpec:
         rules: the tensor rules.
         context_keys: context key -> ``(config.json key, default)``; ``REQUIRED`` for no default.
             ``num_layers`` must be among them (it expands ``{i}``).
+        derive: computes further context values from the others (e.g. the set of
+            mixture-of-experts layers from ``mlp_only_layers`` and ``decoder_sparse_step``);
+            caller options override them.
+        layout_probes: ``(flag, name suffix)``: :meth:`detect_layout` sets the flag when a
+            checkpoint tensor name ends with the suffix (e.g. stacked vs per-expert weights).
         ignored_hf: ``(checkpoint name, flag)``: the tensor may be present and is dropped when
             the context flag holds, or always for flag ``None`` (an ``lm_head.weight`` saved
             next to tied embeddings; RoPE ``inv_freq`` buffers older transformers saved). The
@@ -341,6 +417,8 @@ class MappingSpec:
     context_keys: Mapping[str, tuple[str, Any]] = field(default_factory=dict)
     ignored_hf: tuple[tuple[str, str | None], ...] = ()
     description: str = ""
+    derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    layout_probes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if "num_layers" not in self.context_keys and any(r.per_layer for r in self.rules):
@@ -365,18 +443,27 @@ class MappingSpec:
             else:
                 ctx[key] = default
         ctx.update(options)
+        if self.derive is not None:
+            for key, value in self.derive(ctx).items():
+                if key not in options:
+                    ctx[key] = value
         return ctx
+
+    def detect_layout(self, hf_names: Iterable[str]) -> dict[str, bool]:
+        """Context options read from a checkpoint's tensor names (see ``layout_probes``)."""
+        names = list(hf_names)
+        return {flag: any(n.endswith(suffix) for n in names) for flag, suffix in self.layout_probes}
 
     def bind(self, ctx: Mapping[str, Any]) -> list[BoundRule]:
         """Every rule that applies in ``ctx``, with layer indices filled in."""
-        rules = [r for r in self.rules if _flag(r.when, ctx)]
+        rules = list(self.rules)
         layered = [r for r in rules if r.per_layer]
         first = rules.index(layered[0]) if layered else len(rules)
         # Global rules before the first per-layer one, then layer by layer, then the rest.
-        bound = [r.bind(ctx) for r in rules[:first] if not r.per_layer]
+        bound = [r.bind(ctx) for r in rules[:first] if not r.per_layer and _flag(r.when, ctx)]
         for i in range(int(ctx["num_layers"]) if layered else 0):
-            bound += [r.bind(ctx, i) for r in layered]
-        bound += [r.bind(ctx) for r in rules[first:] if not r.per_layer]
+            bound += [r.bind(ctx, i) for r in layered if _flag(r.when, ctx, i)]
+        bound += [r.bind(ctx) for r in rules[first:] if not r.per_layer and _flag(r.when, ctx)]
         forge_names = [b.forge for b in bound]
         hf_names = [n for b in bound for n in b.hf]
         for names, side in ((forge_names, "forge"), (hf_names, "checkpoint")):

@@ -1,7 +1,8 @@
-"""Building blocks shared by the model families: norms, RoPE, attention, MLPs, decoder blocks."""
+"""Building blocks shared by the model families: norms, RoPE, attention, MLPs, MoE, decoder blocks."""
 
 from forge_models.blocks.attention import Attention, AttentionInputs
 from forge_models.blocks.mlp import GatedMLP
+from forge_models.blocks.moe import MoEBlock, MoEExperts, RouterOutput
 from forge_models.blocks.norm import RMSNorm
 from forge_models.blocks.rope import RotaryEmbedding
 from forge_models.blocks.transformer import TransformerBlock
@@ -10,7 +11,10 @@ __all__ = [
     "Attention",
     "AttentionInputs",
     "GatedMLP",
+    "MoEBlock",
+    "MoEExperts",
     "RMSNorm",
     "RotaryEmbedding",
+    "RouterOutput",
     "TransformerBlock",
 ]

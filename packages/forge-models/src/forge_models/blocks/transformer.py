@@ -1,4 +1,8 @@
-"""The pre-norm decoder block shared by the dense families (Llama 2, arXiv:2307.09288)."""
+"""The pre-norm decoder block shared by the families (Llama 2, arXiv:2307.09288).
+
+Its MLP is the dense :class:`GatedMLP`, or a :class:`MoEBlock` on the mixture-of-experts layers
+of a config with ``moe`` (``TransformerConfig.is_moe_layer``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from torch import nn
 
 from forge_models.blocks.attention import Attention, AttentionInputs
 from forge_models.blocks.mlp import GatedMLP
+from forge_models.blocks.moe import MoEBlock, RouterOutput
 from forge_models.blocks.norm import RMSNorm
 from forge_models.config import TransformerConfig
 
@@ -18,6 +23,9 @@ class TransformerBlock(nn.Module):
 
     Submodules ``attn_norm``, ``attn``, ``mlp_norm``, ``mlp`` are the targets of the parallel
     plans (``layers.*.attn.q_proj`` ...).
+
+    ``forward`` returns the output tensor on a dense layer and ``(output, RouterOutput)`` on a
+    mixture-of-experts layer (``is_moe``).
     """
 
     def __init__(self, config: TransformerConfig, layer_idx: int = 0) -> None:
@@ -35,8 +43,25 @@ class TransformerBlock(nn.Module):
             norm_eps=config.rms_norm_eps,
         )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            moe = config.moe
+            self.mlp = MoEBlock(
+                config.hidden_size,
+                num_experts=moe.num_experts,
+                top_k=moe.num_experts_per_tok,
+                intermediate_size=moe.moe_intermediate_size,
+                norm_topk_prob=moe.norm_topk_prob,
+                shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+            )
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, inputs: AttentionInputs
+    ) -> torch.Tensor | tuple[torch.Tensor, RouterOutput]:
         x = x + self.attn(self.attn_norm(x), inputs)
-        return x + self.mlp(self.mlp_norm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.mlp_norm(x))
+        out, router = self.mlp(self.mlp_norm(x))
+        return x + out, router

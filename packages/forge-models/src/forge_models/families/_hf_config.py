@@ -13,9 +13,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from forge_models.config import Llama3RopeScaling, TransformerConfig
+from forge_models.config import Llama3RopeScaling, MoEConfig, TransformerConfig
 
-__all__ = ["dense_config_from_hf", "dense_config_to_hf", "rope_from_hf"]
+__all__ = [
+    "dense_config_from_hf",
+    "dense_config_to_hf",
+    "moe_config_from_hf",
+    "moe_config_to_hf",
+    "rope_from_hf",
+]
 
 
 def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
@@ -147,4 +153,47 @@ def dense_config_to_hf(
     if dtype is not None:
         hf["dtype"] = hf["torch_dtype"] = dtype
     hf.update(extra or {})
+    return hf
+
+
+def moe_config_from_hf(hf: Mapping[str, Any], *, shared_expert: bool) -> MoEConfig:
+    """The :class:`MoEConfig` of a Qwen2-MoE (``shared_expert``) or Qwen3-MoE ``config.json``."""
+    # transformers 5.x writes Qwen3-MoE's expert count as ``num_local_experts``.
+    experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if experts is None:
+        raise ValueError("config.json has neither num_experts nor num_local_experts")
+    return MoEConfig(
+        num_experts=int(experts),
+        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(hf["moe_intermediate_size"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=(
+            int(hf["shared_expert_intermediate_size"]) if shared_expert else 0
+        ),
+        decoder_sparse_step=int(hf.get("decoder_sparse_step") or 1),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        output_router_logits=bool(hf.get("output_router_logits", False)),
+    )
+
+
+def moe_config_to_hf(moe: MoEConfig, *, shared_expert: bool) -> dict[str, Any]:
+    """The ``config.json`` MoE keys of ``moe``."""
+    if shared_expert != (moe.shared_expert_intermediate_size > 0):
+        raise ValueError(
+            "Qwen2-MoE always has a shared expert (shared_expert_intermediate_size > 0) and "
+            "Qwen3-MoE never has one (shared_expert_intermediate_size=0)"
+        )
+    hf = {
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.num_experts_per_tok,
+        "moe_intermediate_size": moe.moe_intermediate_size,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "decoder_sparse_step": moe.decoder_sparse_step,
+        "mlp_only_layers": list(moe.mlp_only_layers),
+        "router_aux_loss_coef": moe.router_aux_loss_coef,
+        "output_router_logits": moe.output_router_logits,
+    }
+    if shared_expert:
+        hf["shared_expert_intermediate_size"] = moe.shared_expert_intermediate_size
     return hf

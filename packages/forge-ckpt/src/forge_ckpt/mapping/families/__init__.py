@@ -5,4 +5,6 @@ BUILTIN_MAPPINGS = {
     "llama": "forge_ckpt.mapping.families.llama",
     "qwen2": "forge_ckpt.mapping.families.qwen2",
     "qwen3": "forge_ckpt.mapping.families.qwen3",
+    "qwen2_moe": "forge_ckpt.mapping.families.qwen2_moe",
+    "qwen3_moe": "forge_ckpt.mapping.families.qwen3_moe",
 }

@@ -13,12 +13,15 @@ from forge_ckpt.mapping.spec import PAD_VOCAB, REQUIRED, Concat, MappingSpec, Ru
 
 __all__ = [
     "ATTENTION_BIAS_RULES",
+    "ATTN_LAYER_RULES",
     "CONTEXT_KEYS",
     "EMBEDDING_RULES",
     "HEAD_RULES",
     "IGNORED_HF",
     "LAYER_RULES",
     "MAPPING",
+    "attention_bias_rules",
+    "dense_mlp_rules",
 ]
 
 _L = "model.layers.{i}"
@@ -27,20 +30,30 @@ EMBEDDING_RULES = (
     Rule("embed_tokens.weight", "model.embed_tokens.weight", transforms=(PAD_VOCAB,)),
 )
 
-LAYER_RULES = (
+ATTN_LAYER_RULES = (
     Rule("layers.{i}.attn_norm.weight", f"{_L}.input_layernorm.weight"),
     Rule("layers.{i}.attn.q_proj.weight", f"{_L}.self_attn.q_proj.weight"),
     Rule("layers.{i}.attn.k_proj.weight", f"{_L}.self_attn.k_proj.weight"),
     Rule("layers.{i}.attn.v_proj.weight", f"{_L}.self_attn.v_proj.weight"),
     Rule("layers.{i}.attn.o_proj.weight", f"{_L}.self_attn.o_proj.weight"),
     Rule("layers.{i}.mlp_norm.weight", f"{_L}.post_attention_layernorm.weight"),
-    Rule(
-        "layers.{i}.mlp.gate_up_proj.weight",
-        (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"),
-        concat=Concat(dim=0),
-    ),
-    Rule("layers.{i}.mlp.down_proj.weight", f"{_L}.mlp.down_proj.weight"),
 )
+
+
+def dense_mlp_rules(when: str | None = None) -> tuple[Rule, ...]:
+    """The SwiGLU MLP (gate and up fused); ``when``: the layers that have it (MoE models)."""
+    return (
+        Rule(
+            "layers.{i}.mlp.gate_up_proj.weight",
+            (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"),
+            concat=Concat(dim=0),
+            when=when,
+        ),
+        Rule("layers.{i}.mlp.down_proj.weight", f"{_L}.mlp.down_proj.weight", when=when),
+    )
+
+
+LAYER_RULES = ATTN_LAYER_RULES + dense_mlp_rules()
 
 
 def attention_bias_rules(when: str | None, projections: str = "qkvo") -> tuple[Rule, ...]:
