@@ -68,3 +68,20 @@ def test_hung_job_times_out_and_closes_the_pool():
         with pytest.raises(WorkerError, match="no answer from rank 1"):
             pool.run(_hang_unless_rank_zero, timeout=10)
         assert not pool.alive
+
+
+def _make_groups(count: int) -> int:
+    for _ in range(count):
+        dist.new_group(list(range(dist.get_world_size())))
+    return dist.get_rank()
+
+
+def test_workers_holding_many_groups_are_restarted_before_the_next_job():
+    from forge_core.testing import worker_pool
+
+    with WorkerPool(2) as pool:
+        assert pool.run(_make_groups, worker_pool.MAX_GROUPS_PER_WORKER) == [0, 1]
+        assert pool.restarts == 0
+        # The next job runs on fresh workers (the groups' threads are gone) and still works.
+        assert pool.run(_rank_and_sum) == pool.run(_rank_and_sum)
+        assert pool.restarts == 1

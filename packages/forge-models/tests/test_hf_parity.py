@@ -15,6 +15,7 @@ the default dispatch end to end.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +23,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import forge_models
-from forge_ckpt import get_mapping
+from forge_core.testing import import_path
 from forge_models import shift_labels
 
-RTOL = 1e-5
+
+def _helpers():
+    return import_path(
+        Path(__file__).with_name("parity_helpers.py"), "forge_models_tests_parity_helpers"
+    )
+
+
+ph = _helpers()
+RTOL = ph.RTOL
+_rel = ph.rel
 V = 101
 
 _COMMON = {
@@ -65,51 +75,19 @@ def _reference_kernels(monkeypatch):
     monkeypatch.setenv("FORGE_KERNELS_IMPL", "reference")
 
 
-class Pair:
+class Pair(ph.HFPair):
     """A transformers model, its saved folder and the forge model loaded from it."""
 
     def __init__(self, name: str, tmp_path_factory) -> None:
-        import transformers
-
         config_cls, model_cls, changes, shard = CASES[name]
-        torch.manual_seed(0)
-        self.ref_cls = getattr(transformers, model_cls)
-        self.ref = self.ref_cls(getattr(transformers, config_cls)(**{**_COMMON, **changes})).eval()
-        with torch.no_grad():  # norms start at 1 and biases at 0: make them informative
-            for pname, p in self.ref.named_parameters():
-                if "norm" in pname:
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
-                elif pname.endswith("bias"):
-                    p.copy_(0.1 * torch.randn_like(p))
-        self.hf_dir = tmp_path_factory.mktemp(name)
-        self.ref.save_pretrained(self.hf_dir, **({"max_shard_size": shard} if shard else {}))
-        self.model = forge_models.from_pretrained(self.hf_dir)
-        self.tied = bool(changes.get("tie_word_embeddings"))
-
-    def zero_grad(self) -> None:
-        self.ref.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
-
-    def forge_grads_as_hf(self) -> dict[str, torch.Tensor]:
-        """Every forge gradient under its checkpoint name, through the same mapping as weights."""
-        spec = get_mapping(forge_models.get_family(self.model.config.family).ckpt_mapping)
-        ctx = spec.context(
-            self.model.hf_config, vocab_pad_multiple=self.model.config.vocab_pad_multiple
+        super().__init__(
+            config_cls,
+            model_cls,
+            {**_COMMON, **changes},
+            tmp_path_factory.mktemp(name),
+            max_shard_size=shard,
         )
-        grads = {n: p.grad for n, p in self.model.named_parameters()}
-        assert all(g is not None for g in grads.values())
-        return dict(spec.forge_to_hf(grads.items(), ctx))
-
-    def assert_grads_match(self) -> None:
-        ref = {n: p.grad for n, p in self.ref.named_parameters()}
-        ours = self.forge_grads_as_hf()
-        assert sorted(ours) == sorted(ref)  # every parameter, no more, no less
-        for name, g in ref.items():
-            assert _rel(ours[name], g) <= RTOL, (name, _rel(ours[name], g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        self.tied = bool(changes.get("tie_word_embeddings"))
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -118,12 +96,11 @@ def pair(request, tmp_path_factory):
 
 
 def _ids(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, V, shape, generator=torch.Generator().manual_seed(seed))
+    return ph.ids(V, *shape, seed=seed)
 
 
 def _probe(shape, seed: int = 2) -> torch.Tensor:
-    """Fixed random weights: loss = sum(logits * probe) gives every logit a gradient."""
-    return torch.randn(*shape, V, generator=torch.Generator().manual_seed(seed))
+    return ph.probe(V, shape, seed=seed)
 
 
 def test_unpadded_logits_and_grads(pair):

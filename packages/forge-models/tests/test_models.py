@@ -42,7 +42,9 @@ def test_named_sizes_exist_for_every_family():
                  "llama-debug", "llama3-debug", "qwen2-debug", "qwen3-debug"):  # fmt: skip
         assert name in sizes
     assert set(list_sizes("qwen3")) <= {s for s in sizes if s.startswith("qwen3")}
-    assert forge_models.list_families() == ["llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+    assert forge_models.list_families() == [
+        "deepseek_v3", "llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+    ]  # fmt: skip
 
 
 # Parameter counts of the released checkpoints (model cards: 6.74B, 8.03B, 1.24B, 0.49B,
@@ -61,6 +63,38 @@ def test_named_sizes_exist_for_every_family():
 )
 def test_parameter_counts_match_the_released_models(name, params):
     assert count_params(get_config(name)) == params
+
+
+# Published totals (and activated parameters of the MoE models) on the model cards, within one
+# unit of the last digit they are published with; computed from the size table's configs on the
+# meta device.
+# Qwen counts the input embedding among the activated parameters, DeepSeek does not.
+@pytest.mark.parametrize(
+    ("name", "total", "active", "active_embedding", "digits"),
+    [
+        ("llama3-8b", 8.03, None, True, 2),
+        ("llama3-70b", 70.6, None, True, 1),
+        ("llama3.1-405b", 405.9, None, True, 1),
+        ("llama3.2-3b", 3.21, None, True, 2),
+        ("qwen2.5-14b", 14.7, None, True, 1),
+        ("qwen2.5-72b", 72.7, None, True, 1),
+        ("qwen3-32b", 32.8, None, True, 1),
+        ("qwen3-30b-a3b", 30.5, 3.3, True, 1),
+        ("qwen3-235b-a22b", 235, 22, True, 0),
+        ("qwen2-57b-a14b", 57, 14, True, 0),
+        ("qwen1.5-moe-a2.7b", 14.3, 2.7, True, 1),
+        ("deepseek-v3-671b", 671, 37, False, 0),
+    ],
+)
+def test_size_table_matches_the_published_totals(name, total, active, active_embedding, digits):
+    model = build_model(name, device="meta")
+    params = sum(p.numel() for p in model.parameters())
+    assert params == count_params(model.config)
+    unit = 10.0**-digits  # cards round (Llama) or truncate (Qwen) to the last digit shown
+    assert abs(params / 1e9 - total) < unit
+    if active is not None:
+        counted = forge_models.active_params(model.config, embedding=active_embedding)
+        assert abs(counted / 1e9 - active) < unit
 
 
 def test_size_table_details():

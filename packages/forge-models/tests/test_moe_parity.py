@@ -4,20 +4,31 @@ Qwen3-MoE and Qwen2-MoE references are built from tiny configs with random weigh
 and 2, ``norm_topk_prob`` on and off, the Qwen2-MoE shared expert, dense layers through
 ``mlp_only_layers`` and ``decoder_sparse_step``), saved with ``save_pretrained`` (which writes
 the per-expert layout), loaded with ``forge_models.from_pretrained`` and compared on unpadded
-and packed inputs and with labels plus the router load-balancing loss. Gradients are mapped
+, padded (left and right) and packed inputs and with labels plus the router load-balancing loss. Gradients are mapped
 back to the reference's stacked parameter names through the forge-ckpt mapping
 (``stacked_experts=True``). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import forge_models
-from forge_ckpt import get_mapping
+from forge_core.testing import import_path
 
-RTOL = 1e-5
+
+def _helpers():
+    return import_path(
+        Path(__file__).with_name("parity_helpers.py"), "forge_models_tests_parity_helpers"
+    )
+
+
+ph = _helpers()
+RTOL = ph.RTOL
+_rel = ph.rel
 V = 61
 
 _COMMON = {
@@ -47,49 +58,15 @@ def _reference_kernels(monkeypatch):
     monkeypatch.setenv("FORGE_KERNELS_IMPL", "reference")
 
 
-class Pair:
+class Pair(ph.HFPair):
     def __init__(self, name: str, tmp_path_factory) -> None:
-        import transformers
-
         config_cls, model_cls, changes = CASES[name]
-        torch.manual_seed(0)
-        hf_config = getattr(transformers, config_cls)(**{**_COMMON, **changes})
-        self.ref = getattr(transformers, model_cls)(hf_config).eval()
-        with torch.no_grad():  # norms at 1, biases at 0, router at 0: make them informative
-            for pname, p in self.ref.named_parameters():
-                if "norm" in pname:
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
-                elif pname.endswith("bias"):
-                    p.copy_(0.1 * torch.randn_like(p))
-                elif pname.endswith("mlp.gate.weight") or "shared_expert_gate" in pname:
-                    p.copy_(0.3 * torch.randn_like(p))
-        self.hf_dir = tmp_path_factory.mktemp(name)
-        self.ref.save_pretrained(self.hf_dir)
-        self.model = forge_models.from_pretrained(self.hf_dir)
-
-    def zero_grad(self) -> None:
-        self.ref.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
+        super().__init__(
+            config_cls, model_cls, {**_COMMON, **changes}, tmp_path_factory.mktemp(name)
+        )
 
     def assert_grads_match(self) -> None:
-        spec = get_mapping(forge_models.get_family(self.model.config.family).ckpt_mapping)
-        ctx = spec.context(self.model.hf_config, stacked_experts=True)  # the reference's names
-        grads = {n: p.grad for n, p in self.model.named_parameters()}
-        assert all(g is not None for g in grads.values())
-        ours = dict(spec.forge_to_hf(grads.items(), ctx))
-        ref = {n: p.grad for n, p in self.ref.named_parameters()}
-        assert sorted(ours) == sorted(ref)
-        for name, g in ref.items():
-            if g.norm() < 1e-6:
-                # Zero up to rounding on both sides: the router of a top-1 layer with
-                # norm_topk_prob (every routing weight is exactly 1) and no aux loss.
-                assert ours[name].norm() < 1e-6, name
-                continue
-            assert _rel(ours[name], g) <= RTOL, (name, _rel(ours[name], g))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        super().assert_grads_match(stacked_experts=True)  # the reference's parameter names
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -98,11 +75,11 @@ def pair(request, tmp_path_factory):
 
 
 def _ids(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, V, shape, generator=torch.Generator().manual_seed(seed))
+    return ph.ids(V, *shape, seed=seed)
 
 
 def _probe(shape, seed: int = 2) -> torch.Tensor:
-    return torch.randn(*shape, V, generator=torch.Generator().manual_seed(seed))
+    return ph.probe(V, shape, seed=seed)
 
 
 def test_layer_types_follow_the_config(pair):
@@ -130,6 +107,28 @@ def test_unpadded_logits_and_grads(pair):
     k = pair.model.config.moe.num_experts_per_tok
     assert stats.tokens_per_expert.shape == (len(stats.layers), 4)
     assert stats.tokens_per_expert.sum(dim=1).tolist() == [20 * k] * len(stats.layers)
+
+
+def test_padded_logits_and_grads(pair):
+    ids = _ids(2, 10, seed=3)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, -2:] = 0  # right padding
+    ids = ids.masked_fill(mask == 0, 0)
+    valid = mask.bool()
+    probe = _probe((2, 10))
+    pair.zero_grad()
+    ref_logits = pair.ref(ids, attention_mask=mask).logits
+    logits = pair.model(ids, attention_mask=mask)
+    assert _rel(logits[valid], ref_logits[valid]) <= RTOL
+    # Padding tokens are routed too (as in transformers) but only real tokens get a probe.
+    (ref_logits[valid] * probe[valid]).sum().backward()
+    (logits[valid] * probe[valid]).sum().backward()
+    pair.assert_grads_match()
+    # The load-balancing loss leaves padding out, as transformers' with attention_mask.
+    ref_aux = pair.ref(ids, attention_mask=mask, output_router_logits=True).aux_loss
+    pair.model(ids, attention_mask=mask, output_router_logits=True)
+    assert _rel(pair.model.moe_stats.aux_loss, ref_aux) <= RTOL
 
 
 def test_packed_matches_documents_run_separately(pair):

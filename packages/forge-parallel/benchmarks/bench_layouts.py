@@ -11,13 +11,19 @@ batch. Printed per layout (rank 0):
 - ``step ms`` and ``x single``: median step time, and its ratio to the single process;
 - ``state MiB`` and ``x single``: bytes this rank holds for parameters + gradients + optimizer
   state after the backward of a step (what ZeRO / FSDP shard), and the ratio;
+- ``peak MiB`` and ``x single``: the peak during one step of the bytes of live tensors (state
+  held at the start of the step plus every storage the dispatcher allocates in it, freed when
+  it dies): what the rank needs for the step. Buffers that collectives or FSDP allocate outside
+  the dispatcher (gloo's own, storage resizes) are not seen;
 - ``comm MiB/step``: payload of the collectives this rank joined in one step (the full size of
   the tensor all-gathered / reduce-scattered / all-reduced, counted from ``torch.distributed``
   calls and DTensor's functional collectives), next to ``analytic``: the textbook payload with
   ``P`` = parameter bytes and ``A`` = 2 micro-batches: DDP ``P`` (one all-reduce, no sync
   during accumulation), ZeRO-1 ``2P`` (reduce-scatter + all-gather), ZeRO-2 ``(A+1)P``
   (reduce-scatter every micro-batch), FSDP ``(2A+1)P`` (all-gather in forward and again in
-  backward per micro-batch, one reduce-scatter), TP: Megatron's 4 all-reduces of ``B·S·D``
+  backward per micro-batch, one reduce-scatter), HSDP (``--ranks 4``: 2 replicas of 2 shards)
+  ``(2A+1)P`` within a replica plus an all-reduce of the ``P / 2`` shard across replicas, TP:
+  Megatron's 4 all-reduces of ``B·S·D``
   activations per layer per micro-batch (2 forward, 2 backward), TP+SP: 4 all-gathers and 4
   reduce-scatters of ``B·S·D`` instead (each moves half an all-reduce's bytes); not counting
   the embedding and the head.
@@ -35,6 +41,7 @@ import importlib.util
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -42,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import forge_parallel
 from forge_core import ParallelDims
@@ -116,6 +124,36 @@ def _count_comm(totals: dict[str, int]):
             setattr(dist, name, original)
 
 
+class _PeakMemory(TorchDispatchMode):
+    """Peak bytes of the storages allocated by the ops run inside (freed when they die)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _free(self, ptr: int) -> None:
+        self.live -= self.sizes.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                storage = getattr(t, "_local_tensor", t).untyped_storage()
+                ptr = storage.data_ptr()
+            except RuntimeError:  # a subclass without a storage of its own
+                continue
+            if ptr == 0 or ptr in self.sizes:
+                continue
+            self.sizes[ptr] = storage.nbytes()
+            self.live += self.sizes[ptr]
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, ptr)
+        return out
+
+
 def _state_bytes(model, opt) -> int:
     """Bytes of the distinct storages behind parameters, gradients and optimizer state."""
     tensors = list(model.parameters()) + [p.grad for p in model.parameters()]
@@ -143,11 +181,18 @@ def _run(model, result, batches, dp_size, dp_rank):
         if result is not None
         else torch.optim.AdamW(model.parameters(), lr=1e-3)
     )
-    times, comm, state = [], {}, 0
+    times, comm, state, peak = [], {}, 0, 0
     for step, micro in enumerate(batches):
         totals: dict[str, int] = {}
+        if step == 1:  # measured, not timed
+            memory = _PeakMemory()
+            held = _state_bytes(model, opt)
         start = time.perf_counter()
-        with _count_comm(totals) if step == 1 else contextlib.nullcontext():
+        measure = contextlib.ExitStack()
+        if step == 1:
+            measure.enter_context(_count_comm(totals))
+            measure.enter_context(memory)
+        with measure:
             for i, tokens in enumerate(micro):
                 rows = tokens.chunk(dp_size)[dp_rank]
                 last = i == len(micro) - 1
@@ -165,11 +210,12 @@ def _run(model, result, batches, dp_size, dp_rank):
                 state = _state_bytes(model, opt)
             opt.step()
             opt.zero_grad()
-        if step > 0:
+        if step > 1:
             times.append(time.perf_counter() - start)
         if step == 1:
             comm = totals
-    return statistics.median(times), state, comm
+            peak = held + memory.peak
+    return statistics.median(times), state, peak, comm
 
 
 LAYOUTS = {
@@ -198,14 +244,17 @@ def _job(dim: int, layers: int, steps: int):
     gen = torch.Generator().manual_seed(0)
     batches = [
         [torch.randint(0, 1024, (BATCH, SEQ + 1), generator=gen) for _ in range(ACCUM)]
-        for _ in range(steps + 1)
+        for _ in range(steps + 2)
     ]
     base = tm.build_tiny(**cfg)
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     single = _run(copy.deepcopy(base), None, batches, 1, 0)
     world = dist.get_world_size()
     rows = {"single": (*single, param_bytes)}
-    for name, layout in LAYOUTS.items():
+    layouts = dict(LAYOUTS)
+    if world >= 4 and world % 2 == 0:
+        layouts["hsdp"] = {"dims": {"dp_replicate": 2}, "data_parallel": "hsdp"}
+    for name, layout in layouts.items():
         kwargs = dict(layout)
         dims = ParallelDims(world_size=world, **kwargs.pop("dims"))
         if kwargs.get("plan"):
@@ -228,6 +277,8 @@ def _analytic(name: str, p: int, dim: int, layers: int, world: int) -> float | N
         return (ACCUM + 1) * p
     if name.startswith("fsdp"):
         return (2 * ACCUM + 1) * p
+    if name == "hsdp":  # 2 replicas: all-reduce of the P / (world / 2) shard across them
+        return (2 * ACCUM + 1) * p + p / (world // 2)
     if name.startswith("tp"):  # per layer: 4 all-reduces, or 4 all-gathers + 4 reduce-scatters
         per_layer = 8 if name == "tp+sp" else 4
         return per_layer * layers * BATCH * SEQ * dim * 4 * ACCUM
@@ -246,22 +297,25 @@ def main() -> None:
     with WorkerPool(args.ranks) as pool:
         rows = pool.run(_job, args.dim, args.layers, args.steps, timeout=3000)[0]
     mib = 2**20
-    t0, s0 = rows["single"][0], rows["single"][1]
+    t0, s0, m0 = rows["single"][0], rows["single"][1], rows["single"][2]
     print(
-        f"ranks={args.ranks} dim={args.dim} layers={args.layers} params={rows['single'][3] / mib:.2f} MiB "
-        f"micro-batches={ACCUM}x{BATCH}x{SEQ} tokens (global), torch {torch.__version__}"
+        f"ranks={args.ranks} dim={args.dim} layers={args.layers} "
+        f"params={rows['single'][4] / mib:.2f} MiB micro-batches={ACCUM}x{BATCH}x{SEQ} tokens "
+        f"(global), torch {torch.__version__}"
     )
     print(
         f"{'layout':16s} {'step ms':>8s} {'x single':>8s} {'state MiB':>10s} {'x single':>8s} "
-        f"{'comm MiB/step':>14s} {'analytic':>9s}  collectives (MiB)"
+        f"{'peak MiB':>9s} {'x single':>8s} {'comm MiB/step':>14s} {'analytic':>9s}  "
+        "collectives (MiB)"
     )
-    for name, (t, state, comm, p) in rows.items():
+    for name, (t, state, peak, comm, p) in rows.items():
         total = sum(comm.values()) if isinstance(comm, dict) else 0
         analytic = _analytic(name, p, args.dim, args.layers, args.ranks)
         detail = " ".join(f"{k}={v / mib:.2f}" for k, v in sorted(comm.items())) if comm else "-"
+        expected = "-" if analytic is None else f"{analytic / mib:9.2f}"
         print(
             f"{name:16s} {t * 1e3:8.1f} {t / t0:8.2f} {state / mib:10.2f} {state / s0:8.2f} "
-            f"{total / mib:14.2f} {'-' if analytic is None else f'{analytic / mib:9.2f}':>9s}  {detail}"
+            f"{peak / mib:9.2f} {peak / m0:8.2f} {total / mib:14.2f} {expected:>9s}  {detail}"
         )
 
 

@@ -9,12 +9,11 @@ because each job at 4 ranks costs seconds on a small CPU machine.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 
+from forge_core.testing import import_path
 from forge_parallel import FSDPConfig, RecomputeConfig
 
 TOLERANCE = 1e-5
@@ -23,15 +22,9 @@ LOOSE = {"fsdp_bf16_compute": 3e-2}
 
 
 def _helpers():
-    name = "forge_parallel_tests_tiny_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("tiny_models.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_path(
+        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
+    )
 
 
 tm = _helpers()

@@ -4,9 +4,7 @@ process, and placements / summaries at large simulated world sizes (fake process
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from forge_core import ParallelDims
+from forge_core.testing import import_path
 from forge_parallel import (
     CompileConfig,
     FSDPConfig,
@@ -27,15 +26,9 @@ from forge_parallel import (
 
 
 def _helpers():
-    name = "forge_parallel_tests_tiny_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("tiny_models.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_path(
+        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
+    )
 
 
 tm = _helpers()
@@ -67,8 +60,12 @@ def test_tp_degree_that_does_not_divide_heads_names_the_numbers():
     ("dims", "kwargs", "message"),
     [
         ({"tp": 2}, {}, "tp=2 needs a tensor-parallel plan"),
-        ({"pp": 2}, {}, "pipeline parallelism (pp=2) is not supported by this release"),
-        ({"cp": 2}, {}, "context parallelism (cp=2)"),
+        ({"ep": 2}, {}, "ep=2 needs expert_parallel=EPConfig(experts="),
+        (
+            {"cp": 2},
+            {"data_parallel": "zero1"},
+            "cp=2: the context-parallel ranks hold partial gradients",
+        ),
         (
             {"dp_replicate": 2},
             {"data_parallel": "fsdp"},
@@ -292,7 +289,7 @@ def test_hsdp_and_ddp_placements(fake_pg):
     with fake_pg(world_size=8, rank=3):
         _, summary = parallelize(tm.build_tiny(), ParallelDims(world_size=8, dp_replicate=2))
         assert summary.data_parallel == "hsdp"
-        assert summary.row("embed").placements == "Replicate@dp_replicate Shard(0)@dp_shard"
+        assert summary.row("embed").placements == "Replicate@dp_replicate Shard(0)@dp_shard_cp"
     with fake_pg(world_size=4, rank=1):
         _, summary = parallelize(
             tm.build_tiny(), ParallelDims(world_size=4, dp_replicate=4, dp_shard=1)

@@ -43,11 +43,16 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _rotate(x: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding (half-split convention) on ``x`` of shape (B, H, S, D)."""
+def _rotate(x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary position embedding (half-split convention) on ``x`` of shape (B, H, S, D).
+
+    ``position_ids`` (S,): the tokens' positions (default ``arange(S)``; a context-parallel
+    shard passes its global positions).
+    """
     seq, half = x.shape[2], x.shape[3] // 2
     freq = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float32) / half))
-    angle = torch.arange(seq, dtype=torch.float32)[:, None] * freq[None, :]
+    positions = torch.arange(seq) if position_ids is None else position_ids
+    angle = positions.to(torch.float32)[:, None] * freq[None, :]
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -63,12 +68,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q), _rotate(k)
+        q, k = _rotate(q, position_ids), _rotate(k, position_ids)
         repeat = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -94,8 +99,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), position_ids)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -107,10 +112,12 @@ class TinyLlama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x) if position_ids is None else layer(x, position_ids)
         return self.lm_head(self.norm(x))
 
 
@@ -187,10 +194,36 @@ HF_LLAMA_PLAN = TPPlan(
 )
 
 
-def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def logits_of(
+    model: nn.Module, tokens: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     if isinstance(model, TinyLlama):  # FSDP/replicate subclass the model's class
-        return model(tokens)
-    return model(input_ids=tokens).logits
+        return model(tokens) if position_ids is None else model(tokens, position_ids)
+    if position_ids is None:
+        return model(input_ids=tokens).logits
+    return model(input_ids=tokens, position_ids=position_ids[None].expand_as(tokens)).logits
+
+
+def _cp_shard(
+    result: forge_parallel.ParallelizeResult | None, inputs: torch.Tensor, labels: torch.Tensor
+):
+    """Context parallelism: this rank's tokens, labels and global positions, and its group."""
+    mesh = result.mesh if result is not None else None
+    if mesh is None or mesh.dims.cp == 1:
+        return inputs, labels, None, None
+    from forge_parallel.context_parallel import CPConfig, shard_positions, shard_sequence
+
+    group = mesh["cp"]
+    load_balance = (result.context_parallel or CPConfig()).load_balance
+    layout = {"cp_size": group.size(), "cp_rank": group.get_local_rank()}
+    layout["load_balance"] = load_balance
+    positions = shard_positions(inputs.shape[1], **layout)
+    return (
+        shard_sequence(inputs, dim=1, **layout),
+        shard_sequence(labels, dim=1, **layout),
+        positions,
+        group,
+    )
 
 
 # -- training ---------------------------------------------------------------------------
@@ -239,12 +272,19 @@ def train(
         for i, tokens in enumerate(micro_batches):
             rows = tokens.chunk(dp_size)[dp_rank]
             inputs, labels = rows[:, :-1], rows[:, 1:]
+            inputs, labels, position_ids, cp_group = _cp_shard(result, inputs, labels)
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or result is None else result.no_sync()
             loss_ctx = result.loss_context() if result is not None else contextlib.nullcontext()
             with sync, loss_ctx:
-                logits = logits_of(model, inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) / len(micro_batches)
+                logits = logits_of(model, inputs, position_ids)
+                if cp_group is None:
+                    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+                else:
+                    from forge_parallel.context_parallel import context_parallel_cross_entropy
+
+                    loss = context_parallel_cross_entropy(logits, labels, group=cp_group)
+                loss = loss / len(micro_batches)
                 loss.backward()
             step_loss += _value(loss).detach()
         if isinstance(opt, ZeroOptimizer):

@@ -12,6 +12,10 @@ axis            ranks                           used for
 ``dp_cp``       dp_replicate x dp_shard x cp    loss and gradient averaging
 ==============  ==============================  ==========================================
 
+HSDP shards within ``dp_shard x cp`` and replicates across ``dp_replicate``: its 2-D mesh is
+``mesh["dp_replicate", "dp_shard_cp"]`` (the ``dp_cp`` axis unflattened, so it shares the root
+mesh with ``tp`` and composes with tensor parallelism).
+
 Expert parallelism reuses the ranks of data and context parallelism (and of tensor parallelism
 when ``etp=1``), as in Megatron-Core's expert layout: within one pipeline stage and replica,
 the ``dp_shard x cp x tp`` ranks are regrouped as ``edp_shard x ep x etp`` (``etp`` innermost).
@@ -38,6 +42,8 @@ _FLATTENED_DENSE = {
     "dp_cp": ("dp_replicate", "dp_shard", "cp"),
 }
 _FLATTENED_EXPERT = {"edp": ("dp_replicate", "edp_shard")}
+#: Multi-axis meshes unflattened from a flattened axis on first use (a collective): axes -> source.
+_UNFLATTENED_DENSE = {("dp_replicate", "dp_shard_cp"): "dp_cp"}
 _INFERABLE = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 
 
@@ -233,13 +239,15 @@ class ParallelMesh:
     """The meshes of a job: ``mesh["tp"]`` gives the 1-D mesh of one named axis.
 
     Dense axes: ``pp, dp_replicate, dp_shard, cp, tp`` and the flattened ``dp, dp_shard_cp,
-    dp_cp``. Expert axes (only when ``ep > 1``): ``edp_shard, ep, etp, edp``.
+    dp_cp``; the 2-D HSDP mesh ``("dp_replicate", "dp_shard_cp")``. Expert axes (only when
+    ``ep > 1``): ``edp_shard, ep, etp, edp``.
     """
 
     dims: ParallelDims
     dense: DeviceMesh
     expert: DeviceMesh | None
     flattened: dict[str, DeviceMesh]
+    unflattened: dict[tuple[str, ...], DeviceMesh] = field(default_factory=dict)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -249,9 +257,19 @@ class ParallelMesh:
         return names + tuple(self.flattened)
 
     def __getitem__(self, axis: str | tuple[str, ...]) -> DeviceMesh:
-        """The sub-mesh of one axis (or several adjacent axes, e.g. ``("dp_shard", "cp")``)."""
+        """The sub-mesh of one axis (or several adjacent axes, e.g. ``("dp_shard", "cp")``).
+
+        ``("dp_replicate", "dp_shard_cp")`` is HSDP's 2-D mesh; the first access builds it
+        (a collective: every rank must ask for it).
+        """
         if isinstance(axis, str) and axis in self.flattened:
             return self.flattened[axis]
+        if isinstance(axis, tuple) and axis in _UNFLATTENED_DENSE:
+            if axis not in self.unflattened:
+                sizes = tuple(getattr(self.dims, name) for name in axis)
+                source = self.flattened[_UNFLATTENED_DENSE[axis]]
+                self.unflattened[axis] = source._unflatten(0, sizes, axis)
+            return self.unflattened[axis]
         names = (axis,) if isinstance(axis, str) else tuple(axis)
         expert_only = set(EXPERT_AXES) | set(_FLATTENED_EXPERT)
         expert_only -= set(DENSE_AXES)

@@ -7,7 +7,9 @@ This release has the dense and mixture-of-experts text families, built from one 
 - ``qwen2``: Qwen2, Qwen2.5;
 - ``qwen3``: Qwen3 dense;
 - ``qwen2_moe``: Qwen2-MoE, Qwen1.5-MoE (shared expert);
-- ``qwen3_moe``: Qwen3-MoE.
+- ``qwen3_moe``: Qwen3-MoE;
+- ``deepseek_v3``: DeepSeek-V3 (multi-head latent attention, sigmoid group-limited MoE with
+  shared experts and the aux-loss-free bias, multi-token prediction).
 
 ::
 
@@ -25,15 +27,23 @@ from forge_models.blocks import (
     GatedMLP,
     MoEBlock,
     MoEExperts,
+    MultiHeadLatentAttention,
+    MultiTokenPrediction,
     RMSNorm,
     RouterOutput,
     TransformerBlock,
 )
 from forge_models.causal_lm import IGNORE_INDEX, CausalLM, MoEStats, shift_labels
-from forge_models.config import Llama3RopeScaling, MoEConfig, TransformerConfig
-from forge_models.flops import count_params, flops_per_token, matmul_params
+from forge_models.config import (
+    Llama3RopeScaling,
+    MLAConfig,
+    MoEConfig,
+    TransformerConfig,
+    YarnRopeScaling,
+)
+from forge_models.flops import active_params, count_params, flops_per_token, matmul_params
 from forge_models.hf import from_pretrained, load_hf_weights, save_pretrained
-from forge_models.parallel_plan import DENSE_TP_PLAN, MOE_TP_PLAN, STYLES
+from forge_models.parallel_plan import DEEPSEEK_V3_TP_PLAN, DENSE_TP_PLAN, MOE_TP_PLAN, STYLES
 from forge_models.registry import (
     ModelFamily,
     build_model,
@@ -50,6 +60,7 @@ from forge_models.registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEEPSEEK_V3_TP_PLAN",
     "DENSE_TP_PLAN",
     "IGNORE_INDEX",
     "MOE_TP_PLAN",
@@ -59,15 +70,20 @@ __all__ = [
     "CausalLM",
     "GatedMLP",
     "Llama3RopeScaling",
+    "MLAConfig",
     "MoEBlock",
     "MoEConfig",
     "MoEExperts",
     "MoEStats",
     "ModelFamily",
+    "MultiHeadLatentAttention",
+    "MultiTokenPrediction",
     "RMSNorm",
     "RouterOutput",
     "TransformerBlock",
     "TransformerConfig",
+    "YarnRopeScaling",
+    "active_params",
     "build_model",
     "count_params",
     "family_for_hf_config",

@@ -5,7 +5,9 @@ arXiv:2407.21783), Qwen2/Qwen2.5 (Yang et al. 2024, arXiv:2407.10671; Qwen2.5 Te
 arXiv:2412.15115) and Qwen3 dense (Yang et al. 2025, arXiv:2505.09388) are all this module with
 a different :class:`~forge_models.config.TransformerConfig`; so are Qwen2-MoE / Qwen1.5-MoE and
 Qwen3-MoE, whose config's ``moe`` turns the MLP of their sparse layers into a
-:class:`~forge_models.blocks.MoEBlock`.
+:class:`~forge_models.blocks.MoEBlock`, and DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437),
+whose config's ``mla`` swaps the attention for multi-head latent attention and whose
+``mtp_depth`` adds multi-token prediction modules trained with the loss.
 
 Module tree (the names forge-ckpt maps and parallel plans target)::
 
@@ -15,6 +17,9 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
         attn.q_proj/k_proj/v_proj/o_proj   nn.Linear (q/k/v bias with attention_bias,
                             o bias with attention_out_bias)
         attn.q_norm/k_norm  RMSNorm [head_dim] (qk_norm)
+        (with ``mla``, ``attn`` is a MultiHeadLatentAttention instead:)
+        attn.q_proj or attn.q_a_proj/q_a_norm/q_b_proj, attn.kv_a_proj, attn.kv_a_norm,
+        attn.kv_b_proj, attn.o_proj
         mlp_norm            RMSNorm
         mlp.gate_up_proj    nn.Linear [2 * intermediate, hidden] (gate rows, then up rows)
         mlp.down_proj       nn.Linear
@@ -23,15 +28,19 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
         mlp.experts.gate_up_proj   [num_experts, 2 * moe_intermediate, hidden]
         mlp.experts.down_proj      [num_experts, hidden, moe_intermediate]
         mlp.shared_expert.gate_up_proj/down_proj   (shared_expert_intermediate_size > 0)
-        mlp.shared_expert_gate     nn.Linear [1, hidden]
+        mlp.shared_expert_gate     nn.Linear [1, hidden] (gated shared expert)
+        mlp.expert_bias            buffer [num_experts] fp32 (aux-loss-free selection bias)
     norm                    RMSNorm
     lm_head                 nn.Linear [padded_vocab, hidden]; with tie_word_embeddings its weight
                             *is* embed_tokens.weight and ``lm_head.weight`` is left out of the
                             state dict (loading one aliases it to the embedding)
+    mtp.{k}                 MultiTokenPrediction (mtp_depth > 0): enorm, hnorm, eh_proj,
+                            block (a TransformerBlock), norm; embedding and head shared
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,10 +50,12 @@ from torch import nn
 
 import forge_kernels
 from forge_kernels.attention import AttentionMask
-from forge_kernels.moe import load_balancing_loss_from_logits
+from forge_kernels.moe import load_balancing_loss_from_logits, sequence_balance_loss
 from forge_models.blocks import (
     AttentionInputs,
+    MoEBlock,
     MoEExperts,
+    MultiTokenPrediction,
     RMSNorm,
     RotaryEmbedding,
     RouterOutput,
@@ -88,13 +99,17 @@ class MoEStats:
     """What the mixture-of-experts layers of one forward produced (``CausalLM.moe_stats``).
 
     Attributes:
-        layers: indices of the MoE layers, in order.
+        layers: indices of the MoE layers that ran, in order (``num_layers + k`` for the block
+            of multi-token prediction module ``k``, which runs only with labels).
         tokens_per_expert: ``[len(layers), num_experts]`` int64 (token, slot) assignments per
-            expert and layer (detached): the per-expert load, for logging.
+            expert and layer (detached): the per-expert load, for logging and for
+            :meth:`CausalLM.update_expert_bias`.
         router_logits: per MoE layer ``[tokens, num_experts]``, when router logits were
             requested (``output_router_logits``), else ``None``.
-        aux_loss: the load-balancing loss (transformers' ``load_balancing_loss_func``, unscaled)
-            when router logits were requested, else ``None``. Differentiable.
+        aux_loss: the balance loss when router logits were requested, else ``None``
+            (unscaled, differentiable): transformers' ``load_balancing_loss_func``
+            (``moe.aux_loss="switch"``) or DeepSeek-V3's sequence-wise loss summed over the
+            layers (``"sequence"``).
     """
 
     layers: tuple[int, ...]
@@ -113,6 +128,33 @@ def _alias_tied_head(module: CausalLM, state_dict, prefix: str, *args) -> None:
         state_dict.pop(prefix + "lm_head.weight", None)
         if prefix + "embed_tokens.weight" in state_dict:
             state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "embed_tokens.weight"]
+
+
+def _sequence_balance(
+    router: RouterOutput,
+    batch_shape: torch.Size,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss of one layer, averaged over its sequences: the
+    rows of an unpadded batch, the real tokens of each padded row, or each packed document."""
+    scores = router.scores.view(*batch_shape, -1)
+    indices = router.indices.view(*batch_shape, -1)
+    if cu_seqlens is None and attention_mask is None:
+        return sequence_balance_loss(scores, indices)
+    if cu_seqlens is not None:  # one packed row: each document is a sequence
+        bounds = cu_seqlens.tolist()
+        spans = [(0, a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        parts = [sequence_balance_loss(scores[r, a:b][None], indices[r, a:b][None])
+                 for r, a, b in spans]  # fmt: skip
+    else:  # padded rows: the real tokens of each row
+        valid = attention_mask.bool()
+        parts = [
+            sequence_balance_loss(scores[r][valid[r]][None], indices[r][valid[r]][None])
+            for r in range(scores.shape[0])
+            if bool(valid[r].any())
+        ]
+    return torch.stack(parts).mean()
 
 
 class CausalLM(nn.Module):
@@ -139,11 +181,15 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, vocab, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MultiTokenPrediction(config, k) for k in range(config.mtp_depth))
         self.rope = RotaryEmbedding(
-            config.head_dim, theta=config.rope_theta, llama3_scaling=config.rope_scaling
+            config.rope_dim, theta=config.rope_theta, scaling=config.rope_scaling
         )
         #: :class:`MoEStats` of the last forward of a mixture-of-experts model (else ``None``).
         self.moe_stats: MoEStats | None = None
+        #: Per-depth multi-token prediction losses of the last forward with labels (detached),
+        #: for logging; ``None`` without MTP.
+        self.mtp_losses: tuple[torch.Tensor, ...] | None = None
         self.register_state_dict_post_hook(_drop_tied_head)
         self.register_load_state_dict_pre_hook(_alias_tied_head)
         if not self.embed_tokens.weight.is_meta:
@@ -187,6 +233,60 @@ class CausalLM(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, MoEExperts):
                 module.reset_parameters(std, generator=generator)
+            elif isinstance(module, MoEBlock) and module.expert_bias is not None:
+                module.expert_bias.zero_()
+
+    # -- auxiliary-loss-free load balancing ------------------------------------------------------
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        """Layer index -> :class:`MoEBlock` of every MoE layer (MTP blocks: ``num_layers + k``)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return {b.layer_idx: b.mlp for b in blocks if b.is_moe}
+
+    @torch.no_grad()
+    def update_expert_bias(
+        self,
+        tokens_per_expert: torch.Tensor | None = None,
+        *,
+        layers: tuple[int, ...] | None = None,
+        update_rate: float | None = None,
+    ) -> None:
+        """Auxiliary-loss-free load balancing (DeepSeek-V3, arXiv:2412.19437 section 2.1.2; Wang
+        et al. 2024, arXiv:2408.15664): for each MoE layer,
+        ``expert_bias += update_rate * sign(mean_load - load)``.
+
+        Call it after each optimizer step. ``tokens_per_expert`` ``[len(layers), num_experts]``
+        is the load of the whole step: sum ``moe_stats.tokens_per_expert`` over the
+        micro-batches and all-reduce it over the data-parallel ranks, so every rank applies the
+        same update. Default: the last forward's ``moe_stats`` (one micro-batch, this rank).
+        ``layers`` defaults to ``moe_stats.layers`` with the default load, else to every MoE
+        layer without the MTP blocks; ``update_rate`` to ``moe.bias_update_speed``.
+        """
+        moe = self.config.moe
+        if moe is None or not moe.expert_bias:
+            raise ValueError(
+                "update_expert_bias needs a mixture-of-experts config with expert_bias=True "
+                "(aux-loss-free balancing, DeepSeek-V3)"
+            )
+        if tokens_per_expert is None:
+            if self.moe_stats is None:
+                raise ValueError("no forward has run yet: pass tokens_per_expert")
+            tokens_per_expert = self.moe_stats.tokens_per_expert
+            layers = self.moe_stats.layers if layers is None else layers
+        blocks = self.moe_blocks()
+        if layers is None:
+            layers = tuple(i for i in sorted(blocks) if i < self.config.num_layers)
+        expected = (len(layers), moe.num_experts)
+        if tuple(tokens_per_expert.shape) != expected:
+            raise ValueError(
+                f"tokens_per_expert must be [layers, num_experts] = {list(expected)} for MoE "
+                f"layers {list(layers)}, got {list(tokens_per_expert.shape)}"
+            )
+        unknown = sorted(set(layers) - set(blocks))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not MoE layers; MoE layers: {sorted(blocks)}")
+        rate = moe.bias_update_speed if update_rate is None else update_rate
+        for row, idx in zip(tokens_per_expert, layers, strict=True):
+            blocks[idx].update_expert_bias(row, rate)
 
     def parallel_plan(self, *, sequence_parallel: bool = True) -> dict[str, str]:
         """This family's default tensor/sequence-parallel plan (see :mod:`forge_models.parallel_plan`)."""
@@ -232,7 +332,13 @@ class CausalLM(nn.Module):
                 ``ce + router_aux_loss_coef * aux_loss`` as in transformers (the aux term is
                 added as is, also with ``loss_reduction="sum"``). Default: the config's
                 ``moe.output_router_logits``. Either way ``self.moe_stats`` (:class:`MoEStats`)
-                holds this forward's per-expert load afterwards.
+                holds this forward's per-expert load afterwards. (DeepSeek-V3: the aux loss is
+                the sequence-wise balance loss, ``moe.aux_loss="sequence"``.)
+
+        With ``labels`` and ``config.mtp_depth = D > 0`` the multi-token prediction modules run
+        too and the loss is ``ce + mtp_loss_weight / D * sum_k ce_k`` (``ce_k``: module ``k``'s
+        prediction of the token ``k + 1`` ahead, same reduction); ``self.mtp_losses`` holds the
+        ``ce_k``. Without labels they do not run.
 
         Returns:
             Without ``labels``: logits ``[*input_ids.shape, vocab_size]`` in the model dtype.
@@ -247,48 +353,92 @@ class CausalLM(nn.Module):
                 f"{tuple(labels.shape)} (pass them unshifted: the model shifts them)"
             )
         ids, inputs = self._prepare(input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen)
-        x = self.embed_tokens(ids)
-        routers: list[RouterOutput] = []
+        mask = None if attention_mask is None else attention_mask.reshape(ids.shape).to(ids.device)
+        h = self.embed_tokens(ids)
+        routers: list[tuple[int, RouterOutput]] = []
         for layer in self.layers:
-            x = layer(x, inputs)
-            if isinstance(x, tuple):
-                x, router = x
-                routers.append(router)
-        x = self.norm(x)
-        aux_loss = self._moe_stats(routers, output_router_logits, attention_mask)
+            h = layer(h, inputs)
+            if isinstance(h, tuple):
+                h, router = h
+                routers.append((layer.layer_idx, router))
+        x = self.norm(h)
 
         vocab = self.config.vocab_size
         if labels is None:
+            self.mtp_losses = None
+            self._moe_stats(routers, output_router_logits, mask, ids.shape, inputs.cu_seqlens)
             logits = self.lm_head(x)
             if logits.shape[-1] != vocab:
                 logits = logits[..., :vocab]
             return logits.reshape(*input_ids.shape, vocab)
 
-        mask = None if attention_mask is None else attention_mask.reshape(ids.shape).to(ids.device)
         targets = shift_labels(
             labels.reshape(ids.shape).to(ids.device),
             attention_mask=mask,
             cu_seqlens=inputs.cu_seqlens,
         )
-        weight = self.lm_head.weight
-        if weight.shape[0] != vocab:
-            weight = weight[:vocab]
-        loss = forge_kernels.fused_linear_cross_entropy(
-            x.reshape(-1, x.shape[-1]),
-            weight,
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction=loss_reduction,
+        loss = self._lm_loss(x, targets, loss_reduction)
+        if len(self.mtp):
+            mtp_losses = self._mtp_losses(h, ids, targets, mask, inputs, routers, loss_reduction)
+            self.mtp_losses = tuple(x.detach() for x in mtp_losses)
+            loss = loss + self.config.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
+        aux_loss = self._moe_stats(
+            routers, output_router_logits, mask, ids.shape, inputs.cu_seqlens
         )
         if aux_loss is not None:
             loss = loss + self.config.moe.router_aux_loss_coef * aux_loss
         return loss
 
+    def _lm_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of ``lm_head(x)`` against ``targets`` without materializing logits."""
+        weight = self.lm_head.weight
+        if weight.shape[0] != self.config.vocab_size:
+            weight = weight[: self.config.vocab_size]
+        return forge_kernels.fused_linear_cross_entropy(
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+
+    def _mtp_losses(
+        self,
+        h: torch.Tensor,
+        ids: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor | None,
+        inputs: AttentionInputs,
+        routers: list[tuple[int, RouterOutput]],
+        reduction: str,
+    ) -> list[torch.Tensor]:
+        """Loss of each multi-token prediction depth (see :mod:`forge_models.blocks.mtp`).
+
+        At depth ``k`` position ``i`` sees the embedding of ``t_{i+k}`` and predicts
+        ``t_{i+k+1}``: ids and targets move one place left per depth, and a target leaving its
+        document (or reaching padding) is ignored, like the main loss's last token. A depth
+        whose inputs are all too short to have a target contributes 0 (not NaN).
+        """
+        losses = []
+        for module in self.mtp:
+            ids = F.pad(ids[..., 1:], (0, 1), value=0)  # any valid id: its target is ignored
+            targets = shift_labels(targets, attention_mask=mask, cu_seqlens=inputs.cu_seqlens)
+            h, router = module(h, self.embed_tokens(ids), inputs)
+            if router is not None:
+                routers.append((module.block.layer_idx, router))
+            loss = self._lm_loss(module.norm(h), targets, "sum")
+            if reduction == "mean":  # a depth without any target (short documents) adds 0
+                loss = loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
+            losses.append(loss)
+        return losses
+
     def _moe_stats(
         self,
-        routers: list[RouterOutput],
+        routers: list[tuple[int, RouterOutput]],
         output_router_logits: bool | None,
         attention_mask: torch.Tensor | None,
+        batch_shape: torch.Size,
+        cu_seqlens: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """Record :attr:`moe_stats`; the aux loss when router logits are requested."""
         moe = self.config.moe
@@ -297,18 +447,22 @@ class CausalLM(nn.Module):
             return None
         if output_router_logits is None:
             output_router_logits = moe.output_router_logits
-        logits = tuple(r.logits for r in routers) if output_router_logits else None
+        logits = tuple(r.logits for _, r in routers) if output_router_logits else None
         aux_loss = None
-        if logits is not None:
+        if logits is not None and moe.aux_loss == "switch":
             aux_loss = load_balancing_loss_from_logits(
                 logits,
                 num_experts=moe.num_experts,
                 top_k=moe.num_experts_per_tok,
                 attention_mask=attention_mask,
             )
+        elif logits is not None:
+            aux_loss = sum(
+                _sequence_balance(r, batch_shape, attention_mask, cu_seqlens) for _, r in routers
+            )
         self.moe_stats = MoEStats(
-            layers=tuple(i for i, layer in enumerate(self.layers) if layer.is_moe),
-            tokens_per_expert=torch.stack([r.tokens_per_expert for r in routers]),
+            layers=tuple(i for i, _ in routers),
+            tokens_per_expert=torch.stack([r.tokens_per_expert for _, r in routers]),
             router_logits=logits,
             aux_loss=aux_loss,
         )

@@ -60,7 +60,13 @@ the full weight (or a vocabulary-parallel fused loss, not provided yet).
 
 from __future__ import annotations
 
-__all__ = ["DENSE_TP_PLAN", "MOE_TP_PLAN", "STYLES", "plan_without_sequence_parallel"]
+__all__ = [
+    "DEEPSEEK_V3_TP_PLAN",
+    "DENSE_TP_PLAN",
+    "MOE_TP_PLAN",
+    "STYLES",
+    "plan_without_sequence_parallel",
+]
 
 #: Every style name a forge plan may use, with a one-line meaning (details above).
 STYLES: dict[str, str] = {
@@ -108,6 +114,47 @@ MOE_TP_PLAN: dict[str, str] = {
     "layers.*.mlp.shared_expert.gate_up_proj": "colwise_packed",
     "layers.*.mlp.shared_expert.down_proj": "rowwise",
     "layers.*.mlp.shared_expert_gate": "replicate",
+}
+
+
+def _deepseek_v3_block_plan(prefix: str) -> dict[str, str]:
+    """One DeepSeek-V3 decoder block at ``prefix`` (``layers.*`` or an MTP module's block)."""
+    return {
+        f"{prefix}.attn_norm": "sequence_parallel",
+        f"{prefix}.attn": "block_input",
+        # Multi-head latent attention: the projections that produce per-head outputs are
+        # column-parallel over the heads; the latent down-projections (and their norms, which
+        # need no entry) stay replicated: their outputs are small and shared by all heads.
+        f"{prefix}.attn.q_proj": "colwise",
+        f"{prefix}.attn.q_a_proj": "replicate",
+        f"{prefix}.attn.q_b_proj": "colwise",
+        f"{prefix}.attn.kv_a_proj": "replicate",
+        f"{prefix}.attn.kv_b_proj": "colwise",
+        f"{prefix}.attn.o_proj": "rowwise",
+        f"{prefix}.mlp_norm": "sequence_parallel",
+        f"{prefix}.mlp": "block_input",
+        f"{prefix}.mlp.gate_up_proj": "colwise_packed",
+        f"{prefix}.mlp.down_proj": "rowwise",
+        f"{prefix}.mlp.router": "replicate",
+        f"{prefix}.mlp.experts": "expert_parallel",
+        f"{prefix}.mlp.shared_expert.gate_up_proj": "colwise_packed",
+        f"{prefix}.mlp.shared_expert.down_proj": "rowwise",
+    }
+
+
+#: The plan of DeepSeek-V3 (arXiv:2412.19437), as torchtitan's: multi-head latent attention
+#: sharded over heads (``q_proj``/``q_b_proj``/``kv_b_proj`` colwise, ``o_proj`` rowwise; the
+#: ``q_a_proj``/``kv_a_proj`` latent projections replicated), the MoE layers as in
+#: ``MOE_TP_PLAN`` (no shared-expert gate), and the same for the multi-token prediction
+#: modules' blocks; their ``eh_proj`` is replicated. The selection bias ``mlp.expert_bias`` is a
+#: buffer, replicated and updated identically on every rank.
+DEEPSEEK_V3_TP_PLAN: dict[str, str] = {
+    "embed_tokens": "vocab_parallel_embedding",
+    **_deepseek_v3_block_plan("layers.*"),
+    **_deepseek_v3_block_plan("mtp.*.block"),
+    "mtp.*.eh_proj": "replicate",
+    "norm": "sequence_parallel",
+    "lm_head": "colwise_output_replicated",
 }
 
 

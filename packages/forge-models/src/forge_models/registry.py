@@ -44,6 +44,7 @@ BUILTIN_FAMILIES = {
     "qwen3": "forge_models.families.qwen3",
     "qwen2_moe": "forge_models.families.qwen2_moe",
     "qwen3_moe": "forge_models.families.qwen3_moe",
+    "deepseek_v3": "forge_models.families.deepseek_v3",
 }
 
 

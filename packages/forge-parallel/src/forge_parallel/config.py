@@ -12,7 +12,13 @@ from typing import Literal
 
 import torch
 
-__all__ = ["DATA_PARALLEL_MODES", "CompileConfig", "FSDPConfig", "RecomputeConfig"]
+__all__ = [
+    "DATA_PARALLEL_MODES",
+    "CompileConfig",
+    "FSDPConfig",
+    "OffloadConfig",
+    "RecomputeConfig",
+]
 
 #: Accepted values of ``parallelize(data_parallel=...)`` besides ``"auto"`` and ``None``.
 DATA_PARALLEL_MODES = ("fsdp", "hsdp", "ddp", "zero1", "zero2")
@@ -71,18 +77,54 @@ class RecomputeConfig:
         activations, residual adds): keeps the expensive outputs, recomputes the cheap ones.
       * a tuple of op names such as ``("aten._softmax", "aten.silu")``.
 
+    - ``mode="auto"``: pick, per block, what to recompute so that the activations the block
+      keeps for backward fit ``memory_budget`` bytes with the least extra compute (see
+      :mod:`forge_parallel.auto_recompute`): nothing, a per-op selective policy, or the whole
+      block. The block is measured on its first forward with gradients (one extra forward).
+      ``budget_scope="block"``: ``memory_budget`` is per block; ``"total"``: for all blocks
+      together (shared out in forward order).
+
     Checkpointing is always non-reentrant (``use_reentrant=False``).
     """
 
-    mode: Literal["full", "selective"] = "full"
+    mode: Literal["full", "selective", "auto"] = "full"
     ops: str | tuple[str, ...] = "attention"
     every: int = 1
+    memory_budget: int | None = None
+    budget_scope: Literal["block", "total"] = "block"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("full", "selective"):
-            raise ValueError(f"recompute mode must be 'full' or 'selective', got {self.mode!r}")
+        if self.mode not in ("full", "selective", "auto"):
+            raise ValueError(
+                f"recompute mode must be 'full' or 'selective', or 'auto' with a memory_budget; "
+                f"got {self.mode!r}"
+            )
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be a positive integer, got {self.every!r}")
+        if self.mode == "auto":
+            budget = self.memory_budget
+            if budget is None or isinstance(budget, bool) or not isinstance(budget, int):
+                raise ValueError(
+                    f"mode='auto' needs memory_budget=<bytes> (an int >= 0), got {budget!r}; "
+                    "e.g. RecomputeConfig(mode='auto', memory_budget=64 * 2**20)"
+                )
+            if budget < 0:
+                raise ValueError(f"memory_budget must be >= 0 bytes, got {budget}")
+            if self.every != 1:
+                raise ValueError(
+                    f"every={self.every} applies to full recompute only; mode='auto' decides "
+                    "per block"
+                )
+            if self.budget_scope not in ("block", "total"):
+                raise ValueError(
+                    f"budget_scope must be 'block' or 'total', got {self.budget_scope!r}"
+                )
+            return
+        if self.memory_budget is not None:
+            raise ValueError(
+                f"memory_budget={self.memory_budget} is used by mode='auto' only, but "
+                f"mode={self.mode!r}"
+            )
         if self.mode == "selective" and self.every != 1:
             raise ValueError(
                 f"every={self.every} applies to full recompute only; selective recompute runs "
@@ -99,6 +141,33 @@ class RecomputeConfig:
             raise ValueError(
                 f"ops must be a preset name or a non-empty tuple of op names, got {self.ops!r}"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    """Offload of the activations each block saves for backward to host memory.
+
+    Tensors saved by a block's forward (``torch.autograd.graph.saved_tensors_hooks``) of at
+    least ``min_bytes`` are copied to the CPU and copied back when backward needs them;
+    parameters are never offloaded. On an accelerator the copies run on side streams into
+    ``pin_memory`` buffers, overlapped with compute, and backward ``prefetch``-es the next
+    block's tensors (in backward order) while the current block runs. On a CPU the tensors
+    are moved to separate host buffers (correct, but saves no memory).
+    With full recompute the offloaded tensors are the block inputs the checkpoint keeps.
+    """
+
+    min_bytes: int = 1024
+    pin_memory: bool = True
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_bytes, bool) or not isinstance(self.min_bytes, int):
+            raise ValueError(f"min_bytes must be an int, got {self.min_bytes!r}")
+        if self.min_bytes < 0:
+            raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
+        for name in ("pin_memory", "prefetch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,13 +9,17 @@ mode       what is sharded across the data-parallel ranks    implementation
 ``fsdp``   optimizer state + gradients + parameters         ``fully_shard`` on ``dp_shard_cp``
            (ZeRO-3)
 ``hsdp``   as ``fsdp`` within a replica group, replicated   ``fully_shard`` on the 2-D mesh
-           across replica groups                            ``(dp_replicate, dp_shard)``
+           across replica groups                            ``(dp_replicate, dp_shard_cp)``
 =========  ===============================================  ==================================
 
 ZeRO stages: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 Parameter Models". FSDP: Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded
 Data Parallel". ``FSDPConfig(reshard_after_forward=False)`` keeps gathered parameters between
 forward and backward, FSDP's take on ZeRO-2 (it still shards parameters between steps).
+
+Context-parallel ranks hold the same parameters and see different tokens of the same
+sequences, so FSDP shards over ``dp_shard x cp`` (also within each HSDP replica): its gradient
+reduce-scatter then sums the ranks' partial gradients of each sequence.
 
 Each block is its own FSDP unit (its all-gather and reduce-scatter overlap the neighbouring
 blocks' compute), then the root takes the remaining parameters (embeddings, final norm, head).
@@ -65,8 +69,16 @@ def apply_fsdp(
     dp_mesh: DeviceMesh,
     config: FSDPConfig,
     blocks: Sequence[tuple[str, nn.Module]] = (),
+    *,
+    experts: Sequence[tuple[str, nn.Module]] = (),
+    expert_mesh: DeviceMesh | None = None,
 ) -> dict[str, str]:
     """``fully_shard`` each block, then the root, on ``dp_mesh`` (1-D: FSDP; 2-D: HSDP).
+
+    ``experts``: expert-parallel experts modules (``forge_parallel.expert_parallel``), sharded
+    first, on ``expert_mesh`` (``mesh["edp"]``, or ``mesh["dp_replicate", "edp_shard"]`` for
+    HSDP): the ranks holding the same experts. Their gradients are divided by the number of
+    data ranks ``dp_mesh.size()``, like the dense ones, not by the size of ``expert_mesh``.
 
     Returns module name -> description for the summary.
     """
@@ -84,6 +96,20 @@ def apply_fsdp(
     }
     kind = "HSDP" if dp_mesh.ndim == 2 else "FSDP"
     applied: dict[str, str] = {}
+    if experts and (expert_mesh is None or expert_mesh.ndim != dp_mesh.ndim):
+        raise ValueError(
+            f"expert-parallel experts need an expert_mesh with {dp_mesh.ndim} axes (mesh['edp'] "
+            "for FSDP, mesh['dp_replicate', 'edp_shard'] for HSDP)"
+        )
+    for name, module in experts:
+        expert_kwargs = {**kwargs, "mesh": expert_mesh}
+        fully_shard(module, reshard_after_forward=config.reshard_after_forward, **expert_kwargs)
+        module.set_gradient_divide_factor(float(dp_mesh.size()))
+        # gloo has no PREMUL_SUM: reduce-scatter with SUM, then divide. (Not with one shard
+        # rank: FSDP then skips the reduce-scatter and divides itself; forcing would divide twice.)
+        if expert_mesh.device_type == "cpu" and expert_mesh.size(expert_mesh.ndim - 1) > 1:
+            module.set_force_sum_reduction_for_comms(True)
+        applied[name] = f"{kind} unit (experts, edp={expert_mesh.size()})"
     for name, block in blocks:
         fully_shard(block, reshard_after_forward=config.reshard_after_forward, **kwargs)
         applied[name] = f"{kind} unit"

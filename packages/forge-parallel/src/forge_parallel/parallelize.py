@@ -3,13 +3,15 @@
 The order is torchtitan's (``models/llama3/infra/parallelize.py``), and it is not optional:
 
 1. **tensor / sequence parallel** (:func:`~forge_parallel.apply_tp`) on ``mesh["tp"]``: turns
-   weights into DTensors, so everything after sees the tensor-parallel layout;
+   weights into DTensors, so everything after sees the tensor-parallel layout; then **expert
+   parallel** (:func:`~forge_parallel.expert_parallel.apply_ep`) on ``mesh["ep"]`` (and
+   ``mesh["etp"]``): each rank keeps its experts, tokens reach them by all-to-all;
 2. **activation recomputation** (:func:`~forge_parallel.apply_recompute`) of each block: the
    checkpointed region contains the TP collectives;
 3. **compile** (:func:`~forge_parallel.apply_compile`) of each block: the graph contains
    TP and the checkpoint policy;
 4. **data parallel**: FSDP2 on ``mesh["dp_shard_cp"]``, HSDP on the 2-D
-   ``(dp_replicate, dp_shard)`` mesh (:func:`~forge_parallel.apply_fsdp`), DDP on
+   ``(dp_replicate, dp_shard_cp)`` mesh (:func:`~forge_parallel.apply_fsdp`), DDP on
    ``mesh["dp"]`` (:func:`~forge_parallel.apply_ddp`): its hooks wrap the compiled,
    checkpointed blocks. ZeRO-1/2 act in the optimizer (:class:`~forge_parallel.ZeroOptimizer`,
    built by :meth:`ParallelizeResult.build_optimizer`), not on the model.
@@ -31,8 +33,17 @@ from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 
 from forge_core import ParallelDims, ParallelMesh
 from forge_parallel.compile import apply_compile
-from forge_parallel.config import DATA_PARALLEL_MODES, CompileConfig, FSDPConfig, RecomputeConfig
+from forge_parallel.config import (
+    DATA_PARALLEL_MODES,
+    CompileConfig,
+    FSDPConfig,
+    OffloadConfig,
+    RecomputeConfig,
+)
+from forge_parallel.context_parallel import CPConfig, apply_cp
 from forge_parallel.data_parallel import apply_ddp, apply_fsdp, no_gradient_sync
+from forge_parallel.expert_parallel import EPConfig, apply_ep, expert_modules, validate_ep
+from forge_parallel.offload import apply_offload
 from forge_parallel.recompute import apply_recompute
 from forge_parallel.summary import ParallelSummary, build_rows
 from forge_parallel.tensor_parallel import TPPlan, apply_tp, match_modules, validate_tp
@@ -61,6 +72,9 @@ class ParallelizeResult:
     mesh: ParallelMesh | None
     data_parallel: str | None
     loss_parallel: bool
+    #: The context-parallel settings when ``cp > 1`` (shard inputs, labels and position ids
+    #: over ``mesh["cp"]`` with ``forge_parallel.context_parallel.shard_sequence``).
+    context_parallel: CPConfig | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.summary))
@@ -164,14 +178,6 @@ def _validate(
     plan: TPPlan | None,
     fsdp: FSDPConfig | None,
 ) -> None:
-    if dims is not None:
-        for name, what in (("pp", "pipeline"), ("cp", "context"), ("ep", "expert")):
-            degree = getattr(dims, name)
-            if degree > 1:
-                raise ValueError(
-                    f"{what} parallelism ({name}={degree}) is not supported by this release of "
-                    f"forge-parallel; build the mesh with {name}=1"
-                )
     tp = dims.tp if dims is not None else 1
     if tp > 1 and plan is None:
         raise ValueError(
@@ -180,6 +186,13 @@ def _validate(
         )
     if plan is not None:
         validate_tp(model, plan, tp)
+    if dims is not None and dims.cp > 1 and mode not in ("fsdp", "hsdp"):
+        raise ValueError(
+            f"cp={dims.cp}: the context-parallel ranks hold partial gradients of the same "
+            f"sequences, which only FSDP/HSDP (sharding over dp_shard x cp) reduce; "
+            f"data_parallel={mode!r} does not reduce over cp. Use data_parallel='auto', 'fsdp' "
+            "or 'hsdp'"
+        )
     if mode == "fsdp" and dims.dp_replicate > 1:
         raise ValueError(
             f"data_parallel='fsdp' shards over dp_shard x cp = {dims.dp_shard_cp} ranks, but "
@@ -204,6 +217,44 @@ def _validate(
         )
 
 
+def _experts(mesh: ParallelMesh, model: nn.Module) -> dict[str, Any]:
+    """``apply_fsdp`` keywords for the expert-parallel experts (sharded over the edp ranks)."""
+    if mesh.expert is None:
+        return {}
+    hsdp = mesh.dims.dp_replicate > 1
+    edp = mesh["dp_replicate", "edp_shard"] if hsdp else mesh["edp"]
+    return {"experts": expert_modules(model), "expert_mesh": edp}
+
+
+def _validate_ep(
+    model: nn.Module, dims: ParallelDims | None, mode: str | None, config: EPConfig | None
+) -> None:
+    ep = dims.ep if dims is not None else 1
+    if config is not None and not isinstance(config, EPConfig):
+        raise ValueError(
+            f"expert_parallel must be an EPConfig(experts=..., num_chunks=...), got "
+            f"{type(config).__name__}"
+        )
+    if ep == 1:
+        return
+    if config is None:
+        raise ValueError(
+            f"ep={ep} needs expert_parallel=EPConfig(experts='<pattern of the experts modules>', "
+            "e.g. 'layers.*.mlp.experts')"
+        )
+    if dims.etp != dims.tp:
+        raise ValueError(
+            f"ep={ep} with etp={dims.etp} and tp={dims.tp}: experts borrowing the tensor-parallel "
+            f"ranks (etp=1 < tp) is not supported; use etp={dims.tp} (the default)"
+        )
+    if mode not in ("fsdp", "hsdp"):
+        raise ValueError(
+            f"ep={ep}: expert gradients are reduced over the expert-data-parallel ranks by "
+            f"FSDP/HSDP, but data_parallel={mode!r}; use data_parallel='auto', 'fsdp' or 'hsdp'"
+        )
+    validate_ep(model, config, ep, dims.etp)
+
+
 def parallelize(
     model: nn.Module,
     mesh_or_dims: ParallelMesh | ParallelDims | None = None,
@@ -212,8 +263,11 @@ def parallelize(
     data_parallel: str | None = "auto",
     fsdp: FSDPConfig | None = None,
     recompute: RecomputeConfig | None = None,
+    offload: OffloadConfig | None = None,
     compile: bool | CompileConfig = False,
     blocks: str | None = None,
+    context_parallel: CPConfig | None = None,
+    expert_parallel: EPConfig | None = None,
 ) -> ParallelizeResult:
     """Apply tensor/sequence parallel, recompute, compile and data parallel to ``model``.
 
@@ -224,7 +278,19 @@ def parallelize(
     degrees; or ``"fsdp"``, ``"hsdp"``, ``"ddp"``, ``"zero1"``, ``"zero2"``, ``None``.
     ``fsdp``: mixed precision, resharding and offload for fsdp/hsdp (and mixed precision for
     ddp). ``blocks``: pattern of the repeated blocks (default: the largest ``nn.ModuleList``'s
-    children): the FSDP units and the recompute / compile regions.
+    children): the FSDP units and the recompute / compile regions. ``context_parallel``: ring
+    or Ulysses attention and the sharding layout when ``cp > 1`` (default ``CPConfig()``:
+    zigzag ring); the model's ``scaled_dot_product_attention`` calls are routed to it
+    (:func:`~forge_parallel.context_parallel.apply_cp`) before data parallelism is applied.
+
+    ``expert_parallel``: which modules are the MoE experts and how to overlap their
+    all-to-alls, when ``ep > 1`` (:func:`~forge_parallel.expert_parallel.apply_ep`, applied
+    right after tensor parallelism; their parameters are then sharded by FSDP over
+    ``mesh["edp"]``, the dense ones over ``mesh["dp_shard_cp"]``).
+
+    ``offload``: move the activations each block saves for backward to host memory
+    (:func:`~forge_parallel.offload.apply_offload`; applied around the recompute and compile
+    wrappers, so with full recompute it offloads the block inputs the checkpoint keeps).
 
     The model is modified in place; the result unpacks as ``model, summary``.
     """
@@ -235,10 +301,29 @@ def parallelize(
         compile if isinstance(compile, CompileConfig) else (CompileConfig() if compile else None)
     )
     _validate(model, dims, mode, tp_plan, fsdp)
+    _validate_ep(model, dims, mode, expert_parallel)
+    cp = dims.cp if dims is not None else 1
+    if context_parallel is not None and not isinstance(context_parallel, CPConfig):
+        raise ValueError(
+            f"context_parallel must be a CPConfig(style=..., load_balance=...), got "
+            f"{type(context_parallel).__name__}"
+        )
+    if context_parallel is not None and cp == 1:
+        raise ValueError(
+            f"context_parallel={context_parallel} configures cp > 1, but the mesh has cp=1; "
+            "build ParallelDims(cp=...) or drop context_parallel"
+        )
+    if cp > 1 and context_parallel is None:
+        context_parallel = CPConfig()
     block_list = find_blocks(model, blocks)
     if recompute is not None and not block_list:
         raise ValueError(
             f"recompute needs the model's blocks, but {type(model).__name__} has no "
+            "nn.ModuleList; pass blocks='<pattern>' (e.g. 'layers.*')"
+        )
+    if offload is not None and not block_list:
+        raise ValueError(
+            f"offload needs the model's blocks, but {type(model).__name__} has no "
             "nn.ModuleList; pass blocks='<pattern>' (e.g. 'layers.*')"
         )
     if mode in ("fsdp", "hsdp") and fsdp is None:
@@ -252,6 +337,10 @@ def parallelize(
     if tp_plan is not None and tp > 1:
         tp_applied = apply_tp(model, mesh["tp"], tp_plan)
         order.append("tensor+sequence parallel" if tp_plan.sequence_parallel else "tensor parallel")
+    if dims is not None and dims.ep > 1:
+        ep_mesh = mesh["ep", "etp"] if dims.etp > 1 else mesh["ep"]
+        tp_applied.update(apply_ep(model, ep_mesh, expert_parallel))
+        order.append("expert parallel")
     recompute_applied: dict[str, str] = {}
     if recompute is not None:
         recompute_applied = apply_recompute(block_list, recompute)
@@ -260,13 +349,24 @@ def parallelize(
     if compile_config is not None:
         compiled = apply_compile(block_list or [("", model)], compile_config)
         order.append("compile")
+    if offload is not None:
+        for name, text in apply_offload(block_list, offload)[1].items():
+            rc = recompute_applied.get(name)
+            recompute_applied[name] = f"{rc} + {text}" if rc else text
+        order.append("activation offload")
+    if context_parallel is not None:
+        apply_cp(model, mesh["cp"], context_parallel)
+        order.append(f"context parallel ({context_parallel.style})")
     dp_applied: dict[str, str] = {}
     if mode == "fsdp":
-        dp_applied = apply_fsdp(model, mesh["dp_shard_cp"], fsdp, block_list)
+        dp_applied = apply_fsdp(
+            model, mesh["dp_shard_cp"], fsdp, block_list, **_experts(mesh, model)
+        )
     elif mode == "hsdp":
-        # cp == 1 in this release, so dp_shard_cp == dp_shard; slicing the flattened
-        # dp_shard_cp axis out of the root mesh is deprecated by PyTorch.
-        dp_applied = apply_fsdp(model, mesh["dp_replicate", "dp_shard"], fsdp, block_list)
+        # Shard over dp_shard x cp (CP ranks share parameters), replicate over dp_replicate.
+        dp_applied = apply_fsdp(
+            model, mesh["dp_replicate", "dp_shard_cp"], fsdp, block_list, **_experts(mesh, model)
+        )
     elif mode == "ddp":
         dp_applied = apply_ddp(model, mesh["dp"], fsdp, block_list)
     if mode is not None:
@@ -298,4 +398,5 @@ def parallelize(
         mesh=mesh,
         data_parallel=mode,
         loss_parallel=summary.loss_parallel,
+        context_parallel=context_parallel,
     )

@@ -4,7 +4,9 @@ Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": keep only som
 in the forward pass and recompute the rest during backward. Full recomputation keeps each
 block's input only; selective recomputation (Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models") keeps most activations and recomputes the ones
-that are large but cheap, above all the attention core. Both use PyTorch's non-reentrant
+that are large but cheap, above all the attention core. The automatic policy
+(:mod:`forge_parallel.auto_recompute`) measures each block and picks, per block, what to
+recompute to fit a memory budget with the least extra compute. Both use PyTorch's non-reentrant
 ``torch.utils.checkpoint``; the selective policy is a per-op
 ``create_selective_checkpoint_contexts`` policy.
 
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from forge_parallel.auto_recompute import AutoRecompute, auto_budgets
 from forge_parallel.config import RecomputeConfig
 
 __all__ = ["ATTENTION_OPS", "MATMUL_OPS", "apply_recompute", "selective_policy"]
@@ -100,6 +103,8 @@ def apply_recompute(
     blocks: Sequence[tuple[str, nn.Module]], config: RecomputeConfig
 ) -> dict[str, str]:
     """Checkpoint ``blocks`` (``(name, module)`` pairs) in place; returns name -> description."""
+    if config.mode == "auto":
+        return _apply_auto(blocks, config)
     context_fn: Callable | None = None
     if config.mode == "full":
         description = "full" if config.every == 1 else f"full (every {config.every})"
@@ -118,6 +123,21 @@ def apply_recompute(
         if getattr(block, "_forge_recompute", None):
             raise ValueError(f"{name} is already checkpointed; apply recompute once")
         block.forward = _checkpointed(block.forward, context_fn)
+        block._forge_recompute = description
+        applied[name] = description
+    return applied
+
+
+def _apply_auto(blocks: Sequence[tuple[str, nn.Module]], config: RecomputeConfig) -> dict[str, str]:
+    budget = auto_budgets(config.memory_budget, config.budget_scope, len(blocks))
+    scope = "per block" if config.budget_scope == "block" else "in total"
+    description = f"auto ({config.memory_budget / 2**20:.2f} MiB {scope})"
+    applied: dict[str, str] = {}
+    for name, block in blocks:
+        if getattr(block, "_forge_recompute", None):
+            raise ValueError(f"{name} is already checkpointed; apply recompute once")
+        # Decided on the block's first forward with gradients; then _forge_recompute says what.
+        block.forward = AutoRecompute(block.forward, budget(), block)
         block._forge_recompute = description
         applied[name] = description
     return applied

@@ -13,7 +13,9 @@ tensor with one or more checkpoint tensors::
 ``{i}`` runs over the layers; ``{j}`` in a checkpoint name runs over the experts
 (``num_experts`` of the context), giving one part per expert and name, which a
 :class:`StackExperts` stacks into one ``[experts, ...]`` tensor (the per-expert layout of
-mixture-of-experts checkpoints). Several checkpoint tensors are joined by a :class:`Concat` (and
+mixture-of-experts checkpoints); with ``{j}`` in the forge name too, the rule gives one forge
+tensor per expert instead (Megatron-Core's ``local_experts.{j}``). :class:`GroupedQKV` joins
+q, k and v into Megatron-Core's per-group ``[q-group, k, v]`` layout. Several checkpoint tensors are joined by a :class:`Concat` (and
 split again on export); single-tensor transforms (:class:`Transpose`, :class:`PadDim`) then
 apply in order on import and are undone in reverse order on export. ``when`` names a boolean
 of the *context* (``"!flag"`` negates it; a tuple needs all its flags): the rule exists only if
@@ -46,6 +48,7 @@ __all__ = [
     "REQUIRED",
     "BoundRule",
     "Concat",
+    "GroupedQKV",
     "MappingSpec",
     "PadDim",
     "Rule",
@@ -187,6 +190,74 @@ class StackExperts:
         return f"stack_experts(groups={self.groups}, dim={self.dim})"
 
 
+@dataclass(frozen=True)
+class GroupedQKV:
+    """Query, key and value projections form one fused ``[q-group, k, v]`` per key/value group.
+
+    The layout of Megatron-Core's ``linear_qkv`` (weight ``[groups * (q_per_group + 2) * d, H]``,
+    bias likewise without ``H``): for each of the ``groups`` key/value heads (grouped-query
+    attention, Ainslie et al. 2023, arXiv:2305.13245) the rows of its ``heads // groups`` query
+    heads, then its key head, then its value head. Splitting the fused tensor into
+    tensor-parallel shards along dim 0 then gives every rank whole groups. The parts are the
+    checkpoint's separate ``q_proj`` ``[heads * d, ...]``, ``k_proj`` and ``v_proj``
+    ``[groups * d, ...]`` (in that order); ``heads``, ``groups`` and ``head_dim`` are ints or
+    context keys.
+    """
+
+    heads: int | str = "num_attention_heads"
+    groups: int | str = "num_key_value_heads"
+    head_dim: int | str = "head_dim"
+
+    def _dims(self, ctx: Mapping[str, Any]) -> tuple[int, int, int]:
+        heads, groups, d = (_resolve(x, ctx) for x in (self.heads, self.groups, self.head_dim))
+        if groups < 1 or heads % groups:
+            raise ValueError(
+                f"{heads} query heads do not form {groups} equal key/value groups: "
+                "num_attention_heads must be a multiple of num_key_value_heads"
+            )
+        return heads, groups, d
+
+    def joined_shape(self, shapes: Sequence[Shape], ctx: Mapping[str, Any]) -> Shape:
+        heads, groups, d = self._dims(ctx)
+        if len(shapes) != 3:
+            raise ValueError(f"GroupedQKV joins q, k and v: 3 parts, got {len(shapes)}")
+        want = [heads * d, groups * d, groups * d]
+        got = [s[0] if s else 0 for s in shapes]
+        rest = {tuple(s[1:]) for s in shapes}
+        if got != want or len(rest) != 1:
+            raise ValueError(
+                f"q, k, v of shapes {[list(s) for s in shapes]} do not fit {heads} query heads "
+                f"in {groups} groups of head dim {d} (expected dim-0 extents {want})"
+            )
+        return ((heads + 2 * groups) * d, *shapes[0][1:])
+
+    def join(self, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]) -> torch.Tensor:
+        self.joined_shape([tuple(p.shape) for p in parts], ctx)
+        heads, groups, d = self._dims(ctx)
+        q, k, v = parts
+        rest = tuple(q.shape[1:])
+        q_g = q.reshape(groups, heads // groups * d, *rest)
+        fused = torch.cat([q_g, k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)], dim=1)
+        return fused.reshape(-1, *rest)
+
+    def split(
+        self, tensor: torch.Tensor, n_parts: int, ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor]:
+        heads, groups, d = self._dims(ctx)
+        if n_parts != 3 or tensor.shape[0] != (heads + 2 * groups) * d:
+            raise ValueError(
+                f"cannot split {tuple(tensor.shape)} into q, k, v of {heads} query heads in "
+                f"{groups} groups of head dim {d}"
+            )
+        rest = tuple(tensor.shape[1:])
+        per_group = tensor.reshape(groups, (heads // groups + 2) * d, *rest)
+        q, k, v = torch.split(per_group, [heads // groups * d, d, d], dim=1)
+        return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
+
+    def describe(self) -> str:
+        return f"grouped_qkv(heads={self.heads}, groups={self.groups}, head_dim={self.head_dim})"
+
+
 class TensorTransform:
     """An invertible layout change of one tensor: ``to_hf(to_forge(t)) == t`` bit for bit."""
 
@@ -310,7 +381,7 @@ class Rule:
 
     forge: str
     hf: str | tuple[str, ...]
-    concat: Concat | StackExperts | None = None
+    concat: Concat | StackExperts | GroupedQKV | None = None
     transforms: tuple[TensorTransform, ...] = ()
     when: str | tuple[str, ...] | None = None
 
@@ -326,7 +397,14 @@ class Rule:
         layered = "{i}" in self.forge
         if any(("{i}" in name) != layered for name in hf):
             raise ValueError(f"rule {self.forge!r} <- {hf}: use '{{i}}' on both sides or neither")
-        if any("{j}" in name for name in hf) and not isinstance(self.concat, StackExperts):
+        if "{j}" in self.forge:
+            # One target tensor per expert (e.g. Megatron's local_experts.{j}): {j} on both sides.
+            if not all("{j}" in name for name in hf) or isinstance(self.concat, StackExperts):
+                raise ValueError(
+                    f"rule {self.forge!r} <- {hf}: a per-expert target needs '{{j}}' in every "
+                    "checkpoint name and no StackExperts"
+                )
+        elif any("{j}" in name for name in hf) and not isinstance(self.concat, StackExperts):
             raise ValueError(f"rule {self.forge!r}: per-expert names '{{j}}' need StackExperts")
 
     @property
@@ -342,6 +420,20 @@ class Rule:
             else:
                 hf.append(name.format(**fmt))
         return BoundRule(forge=self.forge.format(**fmt), hf=tuple(hf), rule=self)
+
+    def bind_each(self, ctx: Mapping[str, Any], layer: int | None = None) -> list[BoundRule]:
+        """:meth:`bind`, once per expert when the target name holds ``{j}`` (else one rule)."""
+        if "{j}" not in self.forge:
+            return [self.bind(ctx, layer)]
+        fmt = {} if layer is None else {"i": layer}
+        return [
+            BoundRule(
+                forge=self.forge.format(**fmt, j=j),
+                hf=tuple(name.format(**fmt, j=j) for name in self.hf),
+                rule=self,
+            )
+            for j in range(_resolve("num_experts", ctx))
+        ]
 
 
 @dataclass(frozen=True)
@@ -460,10 +552,20 @@ class MappingSpec:
         layered = [r for r in rules if r.per_layer]
         first = rules.index(layered[0]) if layered else len(rules)
         # Global rules before the first per-layer one, then layer by layer, then the rest.
-        bound = [r.bind(ctx) for r in rules[:first] if not r.per_layer and _flag(r.when, ctx)]
+        bound = [
+            b
+            for r in rules[:first]
+            if not r.per_layer and _flag(r.when, ctx)
+            for b in r.bind_each(ctx)
+        ]
         for i in range(int(ctx["num_layers"]) if layered else 0):
-            bound += [r.bind(ctx, i) for r in layered if _flag(r.when, ctx, i)]
-        bound += [r.bind(ctx) for r in rules[first:] if not r.per_layer and _flag(r.when, ctx)]
+            bound += [b for r in layered if _flag(r.when, ctx, i) for b in r.bind_each(ctx, i)]
+        bound += [
+            b
+            for r in rules[first:]
+            if not r.per_layer and _flag(r.when, ctx)
+            for b in r.bind_each(ctx)
+        ]
         forge_names = [b.forge for b in bound]
         hf_names = [n for b in bound for n in b.hf]
         for names, side in ((forge_names, "forge"), (hf_names, "checkpoint")):

@@ -5,6 +5,7 @@
 
 from forge_core.testing import conformance
 from forge_core.testing.fake_process_group import fake_process_group
+from forge_core.testing.modules import import_path
 from forge_core.testing.worker_pool import WorkerError, WorkerPool
 
-__all__ = ["WorkerError", "WorkerPool", "conformance", "fake_process_group"]
+__all__ = ["WorkerError", "WorkerPool", "conformance", "fake_process_group", "import_path"]

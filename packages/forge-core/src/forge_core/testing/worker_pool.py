@@ -25,7 +25,6 @@ import importlib.util
 import inspect
 import os
 import queue
-import sys
 import tempfile
 import time
 import traceback
@@ -35,10 +34,16 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from forge_core.testing.modules import import_path
+
 __all__ = ["WorkerError", "WorkerPool"]
 
 _STOP = None
 _MODULE_PREFIX = "_forge_pool_job_"
+#: Workers holding more process groups than this are restarted before the next job. Every
+#: DeviceMesh a job builds adds groups, and each gloo group keeps threads polling its sockets:
+#: after a few hundred jobs, thousands of threads per worker would slow the whole machine.
+MAX_GROUPS_PER_WORKER = 48
 # Imported once in the fork server; every worker forks from it with these already loaded, so a
 # pool of 8 ranks starts in about a second instead of importing torch 8 times. The fork server
 # never runs torch ops itself, so forking it is safe (unlike forking a process that has
@@ -49,6 +54,7 @@ _PRELOAD = [
     "torch.distributed.device_mesh",
     "torch.distributed.tensor",  # imports sympy: seconds per process, paid once here
     "torch.testing",
+    "torch.distributed.checkpoint.state_dict",  # DCP: seconds per process, paid once here
     "forge_core",
     "forge_core.collectives",
     "forge_core.testing.worker_pool",
@@ -70,19 +76,7 @@ class _Job:
 
 
 def _load_function(path: str, qualname: str) -> Callable:
-    name = _MODULE_PREFIX + hashlib.sha1(path.encode()).hexdigest()[:16]
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import the job's module from {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
+    module = import_path(path, _MODULE_PREFIX + hashlib.sha1(path.encode()).hexdigest()[:16])
     target: Any = module
     for part in qualname.split("."):
         target = getattr(target, part)
@@ -104,7 +98,7 @@ def _worker_main(rank: int, world_size: int, init_file: str, backend: str, jobs,
     dist.init_process_group(
         backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
-    results.put(("ready", rank, None))
+    results.put(("ready", rank, None, _live_groups()))
     while True:
         job = jobs.get()
         if job is _STOP:
@@ -113,10 +107,17 @@ def _worker_main(rank: int, world_size: int, init_file: str, backend: str, jobs,
             torch.manual_seed(job.seed)
             fn = _load_function(job.path, job.qualname)
             value = fn(*job.args, **job.kwargs)
-            results.put(("ok", rank, value))
+            results.put(("ok", rank, value, _live_groups()))
         except BaseException:
-            results.put(("error", rank, traceback.format_exc()))
+            results.put(("error", rank, traceback.format_exc(), _live_groups()))
     dist.destroy_process_group()
+
+
+def _live_groups() -> int:
+    """How many process groups this worker holds (every job's meshes add theirs)."""
+    from torch.distributed import distributed_c10d
+
+    return len(distributed_c10d._world.pg_map)
 
 
 class WorkerPool:
@@ -129,23 +130,37 @@ class WorkerPool:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         self.backend = backend
+        self.start_timeout = start_timeout
+        self.restarts = 0
         self._ctx = _worker_context()
+        self._procs: list = []
+        self._start()
+
+    def _start(self) -> None:
         self._tmpdir = tempfile.TemporaryDirectory(prefix="forge_pool_")
         init_file = os.path.join(self._tmpdir.name, "rendezvous")
         self._results = self._ctx.Queue()
-        self._jobs = [self._ctx.Queue() for _ in range(world_size)]
+        self._jobs = [self._ctx.Queue() for _ in range(self.world_size)]
+        self._groups = 0
         self._procs = [
             self._ctx.Process(
                 target=_worker_main,
-                args=(rank, world_size, init_file, backend, self._jobs[rank], self._results),
+                args=(
+                    rank,
+                    self.world_size,
+                    init_file,
+                    self.backend,
+                    self._jobs[rank],
+                    self._results,
+                ),
                 daemon=True,
-                name=f"forge-pool-{world_size}-rank{rank}",
+                name=f"forge-pool-{self.world_size}-rank{rank}",
             )
-            for rank in range(world_size)
+            for rank in range(self.world_size)
         ]
         for proc in self._procs:
             proc.start()
-        ready = self._collect(start_timeout, what="start")
+        ready = self._collect(self.start_timeout, what="start")
         if any(status != "ready" for status, _ in ready.values()):
             self.close()
             raise WorkerError("worker pool failed to start:\n" + _format_errors(ready))
@@ -164,6 +179,10 @@ class WorkerPool:
         """
         if not self.alive:
             raise WorkerError("the worker pool is closed (a previous job broke it)")
+        if self._groups > MAX_GROUPS_PER_WORKER:
+            self.close()
+            self._start()
+            self.restarts += 1
         qualname = getattr(fn, "__qualname__", "")
         if "<locals>" in qualname or "<lambda>" in qualname:
             raise ValueError(
@@ -193,7 +212,7 @@ class WorkerPool:
             if remaining <= 0:
                 break
             try:
-                status, rank, value = self._results.get(timeout=min(remaining, 0.5))
+                status, rank, value, groups = self._results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 dead = [p.name for p in self._procs if not p.is_alive()]
                 if dead:
@@ -204,6 +223,7 @@ class WorkerPool:
                     break
                 continue
             outcome[rank] = (status, value)
+            self._groups = max(self._groups, groups)
         missing = [r for r in range(self.world_size) if r not in outcome]
         if missing:
             for rank in missing:

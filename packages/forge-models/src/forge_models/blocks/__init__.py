@@ -1,8 +1,11 @@
-"""Building blocks shared by the model families: norms, RoPE, attention, MLPs, MoE, decoder blocks."""
+"""Building blocks shared by the model families: norms, RoPE, attention (GQA, MLA),
+MLPs, MoE, decoder blocks, multi-token prediction."""
 
 from forge_models.blocks.attention import Attention, AttentionInputs
+from forge_models.blocks.mla import MultiHeadLatentAttention
 from forge_models.blocks.mlp import GatedMLP
 from forge_models.blocks.moe import MoEBlock, MoEExperts, RouterOutput
+from forge_models.blocks.mtp import MultiTokenPrediction
 from forge_models.blocks.norm import RMSNorm
 from forge_models.blocks.rope import RotaryEmbedding
 from forge_models.blocks.transformer import TransformerBlock
@@ -13,6 +16,8 @@ __all__ = [
     "GatedMLP",
     "MoEBlock",
     "MoEExperts",
+    "MultiHeadLatentAttention",
+    "MultiTokenPrediction",
     "RMSNorm",
     "RotaryEmbedding",
     "RouterOutput",

@@ -31,7 +31,8 @@ class AttentionInputs:
     """What every attention layer of one forward pass shares.
 
     Attributes:
-        cos, sin: RoPE tables ``[*token_dims, head_dim // 2]`` broadcastable to ``[B, S]``.
+        cos, sin: RoPE tables ``[*token_dims, rope_dim // 2]`` broadcastable to ``[B, S]``
+            (``rope_dim``: ``head_dim``, or MLA's ``qk_rope_head_dim``).
         cu_seqlens: ``int32 [documents + 1]`` for a packed batch (``B == 1``), else ``None``.
         max_seqlen: longest document of the packed batch (optional; flash-attn wants it).
         mask: an :class:`~forge_kernels.attention.AttentionMask` (causal + padding) for a padded

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from forge_models.config import Llama3RopeScaling, MoEConfig, TransformerConfig
+from forge_models.config import Llama3RopeScaling, MoEConfig, TransformerConfig, YarnRopeScaling
 
 __all__ = [
     "dense_config_from_hf",
@@ -21,11 +21,16 @@ __all__ = [
     "moe_config_from_hf",
     "moe_config_to_hf",
     "rope_from_hf",
+    "rope_to_hf",
+    "sliding_window_off",
 ]
 
 
-def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
-    """``(rope_theta, llama3 scaling or None)`` from either config layout."""
+def rope_from_hf(
+    hf: Mapping[str, Any], *, allow_yarn: bool = False
+) -> tuple[float, Llama3RopeScaling | YarnRopeScaling | None]:
+    """``(rope_theta, scaling or None)`` from either config layout; YaRN only with ``allow_yarn``
+    (the families whose attention applies its softmax mscale: DeepSeek-V3)."""
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping) and "rope_theta" in params:
         theta = params["rope_theta"]
@@ -43,9 +48,32 @@ def rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Llama3RopeScaling | None
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
+    if rope_type == "yarn" and allow_yarn:
+        optional = {k: scaling.get(k) for k in ("mscale", "mscale_all_dim", "attention_factor")}
+        if scaling.get("factor") is None:
+            raise ValueError("YaRN rope scaling without 'factor' is not supported; set factor")
+        return float(theta), YarnRopeScaling(
+            factor=float(scaling["factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            beta_fast=float(scaling.get("beta_fast") or 32),
+            beta_slow=float(scaling.get("beta_slow") or 1),
+            truncate=bool(scaling.get("truncate", True)),
+            **{k: None if v is None else float(v) for k, v in optional.items()},
+        )
+    supported = ("default", "llama3", "yarn") if allow_yarn else ("default", "llama3")
     raise ValueError(
-        f"RoPE type {rope_type!r} is not supported by forge yet (supported: 'default', 'llama3')"
+        f"RoPE type {rope_type!r} is not supported by forge for this family yet (supported: "
+        f"{', '.join(map(repr, supported))})"
     )
+
+
+def rope_to_hf(config: TransformerConfig) -> tuple[dict | None, dict]:
+    """``(rope_scaling, rope_parameters)``: the transformers 4.x and 5.x forms of the RoPE."""
+    if config.rope_scaling is None:
+        return None, {"rope_type": "default", "rope_theta": config.rope_theta}
+    kind = "yarn" if isinstance(config.rope_scaling, YarnRopeScaling) else "llama3"
+    rope_scaling = {"rope_type": kind, **dataclasses.asdict(config.rope_scaling)}
+    return rope_scaling, {**rope_scaling, "rope_theta": config.rope_theta}
 
 
 def _require_plain(hf: Mapping[str, Any], family: str) -> None:
@@ -70,6 +98,7 @@ def dense_config_from_hf(
     attention_bias: bool | None,
     attention_out_bias: bool | None,
     qk_norm: bool,
+    allow_yarn: bool = False,
     **overrides: Any,
 ) -> TransformerConfig:
     """A :class:`TransformerConfig` of ``family`` from a ``config.json`` dict.
@@ -78,7 +107,7 @@ def dense_config_from_hf(
     (default False); a bool fixes them (Qwen2: q/k/v biases, none on o_proj).
     """
     _require_plain(hf, family)
-    theta, scaling = rope_from_hf(hf)
+    theta, scaling = rope_from_hf(hf, allow_yarn=allow_yarn)
     config_bias = bool(hf.get("attention_bias", False))
     heads = int(hf["num_attention_heads"])
     values: dict[str, Any] = {
@@ -115,12 +144,7 @@ def dense_config_to_hf(
     dtype: str | None = None,
 ) -> dict[str, Any]:
     """A ``config.json`` dict for ``config`` that transformers 4.x and 5.x load."""
-    if config.rope_scaling is None:
-        rope_scaling = None
-        rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
-    else:
-        rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
-        rope_parameters = {**rope_scaling, "rope_theta": config.rope_theta}
+    rope_scaling, rope_parameters = rope_to_hf(config)
     hf: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -154,6 +178,15 @@ def dense_config_to_hf(
         hf["dtype"] = hf["torch_dtype"] = dtype
     hf.update(extra or {})
     return hf
+
+
+def sliding_window_off(config: TransformerConfig) -> dict[str, Any]:
+    """The sliding-window keys of the Qwen configs, switched off (forge refuses sliding windows)."""
+    return {
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_layers,
+    }
 
 
 def moe_config_from_hf(hf: Mapping[str, Any], *, shared_expert: bool) -> MoEConfig:

@@ -14,7 +14,11 @@ from typing import Any
 
 from forge_models.causal_lm import CausalLM
 from forge_models.config import TransformerConfig
-from forge_models.families._hf_config import dense_config_from_hf, dense_config_to_hf
+from forge_models.families._hf_config import (
+    dense_config_from_hf,
+    dense_config_to_hf,
+    sliding_window_off,
+)
 from forge_models.parallel_plan import DENSE_TP_PLAN
 from forge_models.registry import ModelFamily
 
@@ -43,11 +47,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         architecture="Qwen2ForCausalLM",
         model_type="qwen2",
         write_attention_bias=False,
-        extra={
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": config.num_layers,
-        },
+        extra=sliding_window_off(config),
     )
 
 

@@ -20,6 +20,7 @@ from forge_models.families._hf_config import (
     dense_config_to_hf,
     moe_config_from_hf,
     moe_config_to_hf,
+    sliding_window_off,
 )
 from forge_models.parallel_plan import MOE_TP_PLAN
 from forge_models.registry import ModelFamily
@@ -53,9 +54,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         write_attention_bias=False,
         extra={
             "qkv_bias": config.attention_bias,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": config.num_layers,
+            **sliding_window_off(config),
             **moe_config_to_hf(config.moe, shared_expert=True),
         },
     )

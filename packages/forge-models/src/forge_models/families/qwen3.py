@@ -13,11 +13,15 @@ from typing import Any
 
 from forge_models.causal_lm import CausalLM
 from forge_models.config import TransformerConfig
-from forge_models.families._hf_config import dense_config_from_hf, dense_config_to_hf
+from forge_models.families._hf_config import (
+    dense_config_from_hf,
+    dense_config_to_hf,
+    sliding_window_off,
+)
 from forge_models.parallel_plan import DENSE_TP_PLAN
 from forge_models.registry import ModelFamily
 
-__all__ = ["FAMILY", "SIZES"]
+__all__ = ["FAMILY", "QWEN3_DEFAULTS", "SIZES"]
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
@@ -33,11 +37,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         config,
         architecture="Qwen3ForCausalLM",
         model_type="qwen3",
-        extra={
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": config.num_layers,
-        },
+        extra=sliding_window_off(config),
     )
 
 
@@ -53,17 +53,20 @@ FAMILY = ModelFamily(
 )
 
 
+#: What every released Qwen3 model shares (dense and MoE).
+QWEN3_DEFAULTS = {
+    "vocab_size": 151936,
+    "head_dim": 128,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+}
+
+
 def _size(
     d: int, ffn: int, layers: int, heads: int, kv: int, *, tied: bool, **kw
 ) -> TransformerConfig:
-    values = {
-        "vocab_size": 151936,
-        "head_dim": 128,
-        "rope_theta": 1000000.0,
-        "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-6,
-        **kw,
-    }
+    values = {**QWEN3_DEFAULTS, **kw}
     return TransformerConfig(
         family="qwen3",
         hidden_size=d,

@@ -20,7 +20,9 @@ from forge_models.families._hf_config import (
     dense_config_to_hf,
     moe_config_from_hf,
     moe_config_to_hf,
+    sliding_window_off,
 )
+from forge_models.families.qwen3 import QWEN3_DEFAULTS
 from forge_models.parallel_plan import MOE_TP_PLAN
 from forge_models.registry import ModelFamily
 
@@ -47,9 +49,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
         architecture="Qwen3MoeForCausalLM",
         model_type="qwen3_moe",
         extra={
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": config.num_layers,
+            **sliding_window_off(config),
             **moe_config_to_hf(config.moe, shared_expert=False),
         },
     )
@@ -70,14 +70,7 @@ FAMILY = ModelFamily(
 def _size(
     d: int, ffn: int, layers: int, heads: int, kv: int, moe: MoEConfig, **kw: Any
 ) -> TransformerConfig:
-    values = {
-        "vocab_size": 151936,
-        "head_dim": 128,
-        "rope_theta": 1000000.0,
-        "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-6,
-        **kw,
-    }
+    values = {**QWEN3_DEFAULTS, **kw}
     return TransformerConfig(
         family="qwen3_moe",
         hidden_size=d,

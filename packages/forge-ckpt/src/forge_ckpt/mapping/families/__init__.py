@@ -7,4 +7,5 @@ BUILTIN_MAPPINGS = {
     "qwen3": "forge_ckpt.mapping.families.qwen3",
     "qwen2_moe": "forge_ckpt.mapping.families.qwen2_moe",
     "qwen3_moe": "forge_ckpt.mapping.families.qwen3_moe",
+    "deepseek_v3": "forge_ckpt.mapping.families.deepseek_v3",
 }

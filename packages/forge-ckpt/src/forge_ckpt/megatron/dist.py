@@ -1,0 +1,399 @@
+"""Megatron-Core's distributed checkpoint format (``torch_dist``), through
+``torch.distributed.checkpoint`` (DCP), without a process group.
+
+An iteration folder holds ``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``),
+``common.pt`` (``args``, ``checkpoint_version``, ``iteration``: what is not sharded), DCP's
+``.metadata`` and the data files ``__{rank}_0.distcp``. The DCP keys are Megatron-Core's
+``sharded_state_dict`` keys: layers share one key with a leading layer axis
+(``decoder.layers.self_attention.linear_qkv.weight`` of global shape ``[num_layers, ...]``),
+experts one more axis (``decoder.layers.mlp.experts.experts.linear_fc1.weight``
+``[num_layers, num_experts, ...]``), and the local layer spec renames its norms to the Transformer
+Engine names. Tensor-parallel shards are chunks of the global tensors (a SwiGLU ``linear_fc1``
+shard is two chunks, its gate and its up rows), so any split reads back into any other.
+Layers of another kind (the dense layers of an MoE model) simply leave chunks of a key absent.
+
+:func:`save_dist` writes one data file per pipeline stage, converting one stage at a time;
+:class:`DistCheckpoint` reads key by key. DCP's ``.metadata`` is a pickle: it is read with an
+unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes and paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forge_ckpt.megatron.layout import (
+    LATEST_FILE,
+    iteration_dir,
+    read_latest_iteration,
+    stage_layers,
+)
+from forge_ckpt.megatron.legacy import CHECKPOINT_VERSION
+from forge_ckpt.megatron.safe_load import load_pt
+from forge_ckpt.megatron.tensor_parallel import tp_chunks
+
+__all__ = ["DistCheckpoint", "dist_key", "is_dist_checkpoint", "save_dist"]
+
+METADATA_JSON = "metadata.json"
+COMMON_FILE = "common.pt"
+_BACKEND = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.(?:weight|bias))(\d+)$")
+_EXPERTS = "mlp.experts.experts."
+
+
+def dist_key(
+    name: str,
+    *,
+    num_layers: int,
+    num_experts: int = 0,
+    renames: tuple[tuple[str, str], ...] = (),
+) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """``(DCP key, leading offsets, leading extents)`` of a full Megatron tensor name."""
+    match = _LAYER.match(name)
+    if match is None:
+        return name, (), ()
+    layer, rest = int(match.group(1)), match.group(2)
+    for old, new in renames:
+        if rest.startswith(old):
+            rest = new + rest[len(old) :]
+    expert = _SEQ_EXPERT.match(rest)
+    if expert is None:
+        grouped = _GROUPED_EXPERT.match(rest)
+        if grouped is not None:
+            expert_idx, rest = int(grouped.group(2)), grouped.group(1)
+        else:
+            return f"decoder.layers.{rest}", (layer,), (num_layers,)
+    else:
+        expert_idx, rest = int(expert.group(1)), expert.group(2)
+    return f"decoder.layers.{_EXPERTS}{rest}", (layer, expert_idx), (num_layers, num_experts)
+
+
+def _name_of(
+    key: str,
+    leading: tuple[int, ...],
+    *,
+    renames: tuple[tuple[str, str], ...],
+    grouped_gemm: bool,
+) -> str:
+    """The inverse of :func:`dist_key`."""
+    if not leading:
+        return key
+    rest = key[len("decoder.layers.") :]
+    if len(leading) == 2:
+        rest = rest[len(_EXPERTS) :]
+        rest = (
+            f"mlp.experts.{rest}{leading[1]}"
+            if grouped_gemm
+            else f"mlp.experts.local_experts.{leading[1]}.{rest}"
+        )
+    for old, new in renames:
+        if rest.startswith(new):
+            rest = old + rest[len(new) :]
+    return f"decoder.layers.{leading[0]}.{rest}"
+
+
+def is_dist_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` (an iteration folder) holds a Megatron distributed checkpoint."""
+    return (Path(folder) / METADATA_JSON).is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class _Resolver:
+    """The one method DCP's writer asks of a planner: the data of a write item."""
+
+    def __init__(self, data: Mapping[Any, torch.Tensor]) -> None:
+        self.data = data
+
+    def resolve_data(self, item):
+        return self.data[(item.index.fqn, tuple(item.index.offset))]
+
+
+def save_dist(
+    root: str | os.PathLike,
+    stage_tensors: Callable[[int, range], Iterable[tuple[str, torch.Tensor]]],
+    *,
+    num_layers: int,
+    num_experts: int = 0,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    args: Mapping[str, Any] | None = None,
+    iteration: int = 0,
+    te_spec: bool = True,
+    renames: tuple[tuple[str, str], ...] = (),
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write a ``torch_dist`` Megatron checkpoint into ``root`` (atomically, as
+    :func:`~forge_ckpt.megatron.legacy.save_legacy`, with the same ``stage_tensors``).
+
+    ``renames``: the local layer spec's key renames (used when ``te_spec`` is False).
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+    from torch.distributed.checkpoint.planner import (
+        SavePlan,
+        TensorWriteData,
+        WriteItem,
+        WriteItemType,
+    )
+
+    root = Path(root)
+    tp, pp = int(tensor_parallel), int(pipeline_parallel)
+    if tp < 1:
+        raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
+    stages = stage_layers(num_layers, pp)
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
+    renames = () if te_spec else tuple(renames)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        it_dir = iteration_dir(tmp, iteration)
+        it_dir.mkdir(parents=True)
+        writer = FileSystemWriter(it_dir, single_file_per_rank=True, thread_count=1)
+        writer.set_up_storage_writer(True)
+        tensors_md: dict[str, TensorStorageMetadata] = {}
+        results = []
+        for s, layers in enumerate(stages):
+            items, data = [], {}
+            for name, full in stage_tensors(s, layers):
+                key, lead, lead_size = dist_key(
+                    name, num_layers=num_layers, num_experts=num_experts, renames=renames
+                )
+                global_size = torch.Size((*lead_size, *full.shape))
+                md = tensors_md.setdefault(
+                    key,
+                    TensorStorageMetadata(TensorProperties(dtype=full.dtype), global_size, []),
+                )
+                if md.size != global_size or md.properties.dtype != full.dtype:
+                    raise ValueError(
+                        f"{name}: shape {tuple(global_size)} / {full.dtype} differs from other "
+                        f"layers' {tuple(md.size)} / {md.properties.dtype} under key {key}"
+                    )
+                for off, size in tp_chunks(name, full.shape, tp, te_spec=te_spec):
+                    region = full[tuple(slice(o, o + n) for o, n in zip(off, size, strict=True))]
+                    offsets = torch.Size((*lead, *off))
+                    sizes = torch.Size((1,) * len(lead) + tuple(size))
+                    chunk = ChunkStorageMetadata(offsets=offsets, sizes=sizes)
+                    md.chunks.append(chunk)
+                    items.append(
+                        WriteItem(
+                            index=MetadataIndex(key, offsets),
+                            type=WriteItemType.SHARD,
+                            tensor_data=TensorWriteData(
+                                chunk=chunk, properties=md.properties, size=global_size
+                            ),
+                        )
+                    )
+                    data[(key, tuple(offsets))] = region.reshape(sizes).clone()
+                if progress is not None:
+                    progress(1)
+            plan = SavePlan(items, storage_data=_StoragePrefix(f"__{s}_"))
+            results.append(writer.write_data(plan, _Resolver(data)).wait())
+            del data
+        writer.finish(Metadata(state_dict_metadata=dict(tensors_md)), results)
+        namespace = argparse.Namespace(
+            **{
+                **dict(args or {}),
+                "tensor_model_parallel_size": tp,
+                "pipeline_model_parallel_size": pp,
+                "num_layers": num_layers,
+                "iteration": iteration,
+                "ckpt_format": "torch_dist",
+            }
+        )
+        common = {
+            "args": namespace,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+        }
+        torch.save(common, it_dir / COMMON_FILE)
+        (it_dir / METADATA_JSON).write_text(json.dumps(_BACKEND))
+        (tmp / LATEST_FILE).write_text(f"{iteration}\n")
+        backup = None
+        if root.exists():
+            backup = root.with_name(f".{root.name}.old-{os.getpid()}")
+            root.rename(backup)
+        tmp.rename(root)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+_DCP_MODULES = ("torch.distributed.checkpoint.",)
+_TORCH_NAMES = {"Size", "device"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata dataclasses, ``torch.Size``, dtypes and plain containers only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (
+            module.startswith(_DCP_MODULES)
+            or (
+                module == "torch"
+                and (name in _TORCH_NAMES or isinstance(getattr(torch, name, None), torch.dtype))
+            )
+            or (module == "collections" and name == "OrderedDict")
+            or (
+                module == "pathlib"
+                and name in {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
+            )
+            or (module == "builtins" and name in {"set", "frozenset", "dict", "list", "tuple"})
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "torch._utils" and name == "_rebuild_tensor_v2")
+        )
+        if not ok:
+            raise pickle.UnpicklingError(
+                f"DCP metadata refers to {module}.{name}, which is not a DCP metadata class"
+            )
+        return super().find_class(module, name)
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with (Path(self.path) / ".metadata").open("rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            if metadata.planner_data is None:
+                metadata.planner_data = {}
+            return metadata
+
+    return SafeReader(path)
+
+
+class DistCheckpoint:
+    """A Megatron ``torch_dist`` checkpoint (a save folder or an ``iter_XXXXXXX`` folder)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        iteration: int | str | None = None,
+        trusted_globals: tuple[str, ...] = (),
+    ) -> None:
+        root = Path(root)
+        if is_dist_checkpoint(root):
+            self.dir = root
+        else:
+            it = iteration if iteration is not None else read_latest_iteration(root)
+            self.dir = iteration_dir(root, it)
+        if not is_dist_checkpoint(self.dir):
+            raise FileNotFoundError(
+                f"{self.dir} has no {METADATA_JSON}: not a Megatron distributed checkpoint"
+            )
+        config = json.loads((self.dir / METADATA_JSON).read_text())
+        if config.get("sharded_backend") != "torch_dist":
+            raise ValueError(
+                f"{self.dir}: sharded_backend {config.get('sharded_backend')!r} is not supported "
+                "(only 'torch_dist'; convert zarr checkpoints with Megatron-LM first)"
+            )
+        common = (
+            load_pt(self.dir / COMMON_FILE, trusted_globals=trusted_globals)
+            if (self.dir / COMMON_FILE).is_file()
+            else {}
+        )
+        args = common.get("args")
+        self.args: dict[str, Any] = vars(args) if isinstance(args, argparse.Namespace) else {}
+        self.checkpoint_version = common.get("checkpoint_version")
+        self.iteration = common.get("iteration")
+        self.metadata = _reader(self.dir).read_metadata()
+
+    def keys(self) -> dict[str, tuple[int, ...]]:
+        """DCP tensor key -> global shape (object entries such as ``_extra_state`` left out)."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        return {
+            k: tuple(v.size)
+            for k, v in self.metadata.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)
+        }
+
+    def iter_tensors(
+        self,
+        *,
+        renames: tuple[tuple[str, str], ...] = (),
+        grouped_gemm: bool = False,
+        max_bytes: int = 2**30,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full Megatron tensors with global layer numbers.
+
+        DCP keys are read in batches of at most ``max_bytes`` (a key larger than that alone), so
+        peak memory is about one batch. ``renames``: the local layer spec's renames, undone
+        (pass them for local-spec names).
+        """
+        import torch.distributed.checkpoint as dcp
+
+        batch: list[str] = []
+        size = 0
+        keys = self.keys()
+        for n, key in enumerate(keys):
+            md = self.metadata.state_dict_metadata[key]
+            batch.append(key)
+            size += md.properties.dtype.itemsize * math.prod(md.size)
+            if size < max_bytes and n + 1 < len(keys):
+                continue
+            targets = {
+                k: torch.zeros(
+                    tuple(keys[k]), dtype=self.metadata.state_dict_metadata[k].properties.dtype
+                )
+                for k in batch
+            }
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(targets, storage_reader=_reader(self.dir), no_dist=True)
+            for k in batch:
+                chunks = self.metadata.state_dict_metadata[k].chunks
+                n_lead = 0
+                if k.startswith("decoder.layers."):
+                    n_lead = 2 if k.startswith(f"decoder.layers.{_EXPERTS}") else 1
+                target = targets.pop(k)
+                for lead in sorted({tuple(c.offsets[:n_lead]) for c in chunks}):
+                    name = _name_of(k, lead, renames=renames, grouped_gemm=grouped_gemm)
+                    yield name, target[lead].clone() if lead else target
+                del target
+            batch, size = [], 0

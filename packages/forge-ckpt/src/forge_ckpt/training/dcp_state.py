@@ -1,0 +1,291 @@
+"""Training state <-> the flat tensor dict that ``torch.distributed.checkpoint`` writes.
+
+Model and optimizer state come from ``torch.distributed.checkpoint.state_dict.get_state_dict``
+(optimizer state flattened by parameter name), so FSDP2 / DTensor / tensor-parallel shards are
+saved with their global shapes and offsets and DCP reshards them on load into whatever layout
+the loading job uses (or into one process without a process group). Everything else is any
+object with ``state_dict()`` / ``load_state_dict()``:
+
+- *global* objects (LR scheduler, user extras) are the same on every rank: their tensors are
+  stored once (DCP deduplicates replicated tensors) under ``<name>/...``;
+- *per-rank* objects (data loader, RNG) are stored under ``rank_XXXXX/<name>/...`` and restored
+  by rank index: at another world size, ranks beyond the saved ones keep their own state (the
+  load result says which state was restored).
+
+Non-tensor values go to JSON documents stored as ``uint8`` tensors (:mod:`.state_codec`):
+``json/global/<hash>`` (identical on all ranks, so stored once; pipeline stages may differ) and
+``json/rank_XXXXX``. No value is ever pickled.
+
+DCP describes each rank's part of a DTensor as one contiguous box. A ``_StridedShard``
+placement (forge-parallel's packed column-parallel weights such as a fused gate/up projection:
+each rank holds a slice of every packed part) is not one box, so such tensors are saved as
+full (replicated, written once) tensors and re-sharded into the target's placements on load.
+The memory cost is one full copy of each such tensor per rank while saving (and one at a time
+while loading).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from forge_ckpt.errors import CheckpointMismatchError
+from forge_ckpt.training.state_codec import (
+    decode_json_tensor,
+    encode_json_tensor,
+    join_state,
+    split_state,
+)
+
+__all__ = ["Stateful", "TrainingState", "build_save_state", "load_training_state"]
+
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_TENSOR_COMPONENTS = ("model", "optim")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingState:
+    """What one rank saves or loads: the model, its optimizers and other stateful objects."""
+
+    model: nn.Module | None = None
+    optimizers: tuple[torch.optim.Optimizer, ...] = ()
+    global_objects: Mapping[str, Stateful] = None  # type: ignore[assignment]
+    rank_objects: Mapping[str, Stateful] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_objects", dict(self.global_objects or {}))
+        object.__setattr__(self, "rank_objects", dict(self.rank_objects or {}))
+        if self.optimizers and self.model is None:
+            raise ValueError("optimizer state is saved by parameter name: pass the model too")
+        names = [*self.global_objects, *self.rank_objects]
+        for name in names:
+            if (
+                not name
+                or "/" in name
+                or name in (*_TENSOR_COMPONENTS, "json")
+                or (name.startswith("rank_"))
+            ):
+                raise ValueError(
+                    f"invalid state name {name!r}: use a non-empty name without '/' other than "
+                    "'model', 'optim', 'json' or 'rank_*'"
+                )
+            obj = (self.global_objects | self.rank_objects)[name]
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise ValueError(
+                    f"{name!r} is a {type(obj).__name__}, which has no state_dict() / "
+                    "load_state_dict(); pass an object that has both"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"state names must be unique, got {names}")
+
+    def model_and_optim(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.model is None:
+            return {}, {}
+        if not self.optimizers:
+            return get_model_state_dict(self.model, options=_OPTIONS), {}
+        optimizers = self.optimizers[0] if len(self.optimizers) == 1 else list(self.optimizers)
+        return get_state_dict(self.model, optimizers, options=_OPTIONS)
+
+
+def _is_strided(value: Any) -> bool:
+    """A DTensor whose local part DCP cannot describe as one box (see the module docstring)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return isinstance(value, DTensor) and any(
+        isinstance(p, _StridedShard) for p in value.placements
+    )
+
+
+def _unstride(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.full_tensor() if _is_strided(v) else v for k, v in state.items()}
+
+
+def _restride(full: torch.Tensor, like: Any) -> Any:
+    """``full`` sharded like the DTensor ``like`` (a local split: no communication)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(
+        full.to(like.device), mesh, [Replicate()] * mesh.ndim, run_check=False
+    )
+    return replicated.redistribute(mesh, like.placements)
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"rank_{rank:05d}"
+
+
+def build_save_state(state: TrainingState, rank: int) -> dict[str, torch.Tensor]:
+    """The flat ``{key: tensor}`` dict that rank ``rank`` hands to ``dcp.save``."""
+    model_sd, optim_sd = (_unstride(sd) for sd in state.model_and_optim())
+    flat: dict[str, torch.Tensor] = {}
+    global_doc: dict[str, Any] = {}
+    parts = [("model", model_sd), ("optim", optim_sd)] if state.model is not None else []
+    parts += [(name, obj.state_dict()) for name, obj in state.global_objects.items()]
+    for name, value in parts:
+        tensors, global_doc[name] = split_state(value, name)
+        flat.update(tensors)
+    encoded = encode_json_tensor(global_doc)
+    global_key = "json/global/" + hashlib.sha256(encoded.numpy().tobytes()).hexdigest()[:20]
+    flat[global_key] = encoded
+    rank_doc: dict[str, Any] = {"global": global_key, "components": {}}
+    prefix = _rank_prefix(rank)
+    for name, obj in state.rank_objects.items():
+        tensors, rank_doc["components"][name] = split_state(obj.state_dict(), f"{prefix}/{name}")
+        flat.update(tensors)
+    flat[f"json/{prefix}"] = encode_json_tensor(rank_doc)
+    return flat
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Tensors to read (``targets``) and how to put the state back together afterwards."""
+
+    targets: dict[str, torch.Tensor]
+    model_sd: dict[str, Any]
+    optim_sd: dict[str, Any]
+    global_doc_keys: list[str]
+    rank_doc_key: str | None
+    strided: dict[str, Any]  # key -> the DTensor a full tensor read for it is sharded like
+
+
+def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -> LoadPlan:
+    """Check the checkpoint against the state to load and allocate the tensors to read."""
+    stored = {
+        key: md
+        for key, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+    model_sd, optim_sd = state.model_and_optim()
+    model_t, _ = split_state(model_sd, "model")
+    optim_t, _ = split_state(optim_sd, "optim")
+    expected = {**model_t, **optim_t}
+    checked = ("model/", "optim/") if state.optimizers else ("model/",)
+    if state.model is not None:
+        ckpt_keys = {k for k in stored if k.startswith(checked)}
+        missing = sorted(set(expected) - ckpt_keys)
+        unexpected = sorted(ckpt_keys - set(expected))
+        mismatched = [
+            (k, tuple(stored[k].size), tuple(t.shape))
+            for k, t in sorted(expected.items())
+            if k in stored and tuple(stored[k].size) != tuple(t.shape)
+        ]
+        if missing or unexpected or mismatched:
+            if any(k.startswith("optim/") for k in missing) and not any(
+                k.startswith("optim/") for k in stored
+            ):
+                where += " (it holds no optimizer state: load without the optimizer)"
+            raise CheckpointMismatchError(
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+                context=f"checkpoint {where} does not match the model/optimizer being loaded",
+            )
+    targets = dict(expected)
+    strided = {k: v for k, v in expected.items() if _is_strided(v)}
+    for key, like in strided.items():
+        targets[key] = torch.empty(tuple(like.shape), dtype=like.dtype)
+    rank_doc_key = f"json/{_rank_prefix(rank)}"
+    if rank_doc_key not in stored:
+        rank_doc_key = None
+    global_doc_keys = sorted(k for k in stored if k.startswith("json/global/"))
+    if not global_doc_keys:
+        raise ValueError(f"{where} is not a forge training checkpoint (no json/global entry)")
+    wanted_prefixes = [f"{name}/" for name in state.global_objects]
+    if rank_doc_key is not None:
+        wanted_prefixes += [f"{_rank_prefix(rank)}/{name}/" for name in state.rank_objects]
+    for key, md in stored.items():
+        if key in global_doc_keys or key == rank_doc_key or key.startswith(tuple(wanted_prefixes)):
+            targets[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    return LoadPlan(targets, model_sd, optim_sd, global_doc_keys, rank_doc_key, strided)
+
+
+def _restore_flat(current: dict[str, Any], saved: Mapping[str, Any], targets, where, what):
+    """A flat state dict shaped like ``current`` with tensors read into place and the saved
+    non-tensor values."""
+    restored = {}
+    for key, value in current.items():
+        if isinstance(value, torch.Tensor):
+            restored[key] = targets[f"{what}/{key}"]
+        elif key in saved:
+            restored[key] = join_state(saved[key], targets)
+        else:
+            raise CheckpointMismatchError(
+                missing=[f"{what}/{key}"],
+                context=f"checkpoint {where} lacks a value the {what} state needs",
+            )
+    return restored
+
+
+def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dict[str, list[str]]:
+    """After ``dcp.load`` filled ``plan.targets``: put every object's state back.
+
+    Returns ``{"restored": [...], "not_in_checkpoint": [...]}`` naming the per-rank and global
+    objects restored or absent from the checkpoint."""
+    targets = dict(plan.targets)
+    for key, like in plan.strided.items():
+        targets[key] = _restride(targets[key], like)
+    global_docs = [decode_json_tensor(targets[k]) for k in plan.global_doc_keys]
+    saved: dict[str, Any] = {}
+    for doc in global_docs:  # pipeline stages may hold different parts
+        for name, skeleton in doc.items():
+            if isinstance(skeleton, dict) and isinstance(saved.get(name), dict):
+                saved[name] = {**saved[name], **skeleton}
+            else:
+                saved.setdefault(name, skeleton)
+    if state.model is not None:
+        model_sd = _restore_flat(plan.model_sd, saved.get("model", {}), targets, where, "model")
+        if state.optimizers:
+            optim_sd = _restore_flat(plan.optim_sd, saved.get("optim", {}), targets, where, "optim")
+            optimizers = (
+                state.optimizers[0] if len(state.optimizers) == 1 else list(state.optimizers)
+            )
+            set_state_dict(
+                state.model,
+                optimizers,
+                model_state_dict=model_sd,
+                optim_state_dict=optim_sd,
+                options=_OPTIONS,
+            )
+        else:
+            set_model_state_dict(state.model, model_sd, options=_OPTIONS)
+    report: dict[str, list[str]] = {"restored": [], "not_in_checkpoint": []}
+    for name, obj in state.global_objects.items():
+        if name not in saved:
+            raise ValueError(
+                f"checkpoint {where} holds no state for {name!r} (it has "
+                f"{sorted(k for k in saved if k not in _TENSOR_COMPONENTS)}); load without it"
+            )
+        obj.load_state_dict(join_state(saved[name], targets))
+        report["restored"].append(name)
+    components = (
+        decode_json_tensor(targets[plan.rank_doc_key])["components"]
+        if plan.rank_doc_key is not None
+        else {}
+    )
+    for name, obj in state.rank_objects.items():
+        if name in components:
+            obj.load_state_dict(join_state(components[name], targets))
+            report["restored"].append(name)
+        else:
+            report["not_in_checkpoint"].append(name)
+    return report

@@ -1,0 +1,270 @@
+"""Megatron-Core formats: HF -> Megatron -> HF bit-exact for every family, at TP1/PP1 and TP2/PP2,
+legacy and torch_dist, and the Megatron tensors checked against layouts computed here by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forge_ckpt.megatron import (
+    get_megatron_family,
+    hf_to_megatron,
+    list_megatron_families,
+    load_pt,
+    megatron_to_hf,
+    merge_tp,
+    split_tp,
+)
+
+_COMMON = {
+    "vocab_size": 61, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2,
+}  # fmt: skip
+_MOE = {"moe_intermediate_size": 4, "num_experts_per_tok": 2}
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, "num_experts": 4, "mlp_only_layers": [0]}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**_MOE, "num_experts": 4, "decoder_sparse_step": 2, "shared_expert_intermediate_size": 6}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        **_MOE, "num_key_value_heads": 4, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 2,
+        "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 6, "kv_lora_rank": 6,
+        "qk_nope_head_dim": 4, "qk_rope_head_dim": 2, "v_head_dim": 3,
+    }),
+}  # fmt: skip
+
+
+def test_every_family_has_a_case():
+    from forge_ckpt.mapping.families import BUILTIN_MAPPINGS
+
+    assert sorted(CASES) == list_megatron_families()
+    # Built-in families only: other tests register toy mappings in the same process.
+    lacking = sorted(set(BUILTIN_MAPPINGS) - set(list_megatron_families()))
+    assert not lacking, f"forge_ckpt mappings without a Megatron mapping: {lacking}"
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    import transformers
+
+    dirs = {}
+    for name, (config_cls, model_cls, extra) in CASES.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
+        out = tmp_path_factory.mktemp(name)
+        getattr(transformers, model_cls)(config).save_pretrained(out, max_shard_size="8KB")
+        dirs[name] = out
+    return dirs
+
+
+def _tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+SPLITS = [(1, 1, True), (2, 2, True), (2, 2, False)]  # (tp, pp, Transformer Engine spec)
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_hf_megatron_hf_round_trip_is_bit_exact(hf_dirs, tmp_path, family, fmt):
+    original = _tensors(hf_dirs[family])
+    for tp, pp, te in SPLITS:
+        grouped = family.endswith("moe") and not te
+        tag = f"{tp}x{pp}-{te}"
+        mc = hf_to_megatron(
+            hf_dirs[family], tmp_path / f"mc-{tag}", tensor_parallel=tp, pipeline_parallel=pp,
+            format=fmt, te_spec=te, grouped_gemm=grouped,
+        )  # fmt: skip
+        back = _tensors(megatron_to_hf(mc, tmp_path / f"hf-{tag}", max_shard_size="6KB"))
+        assert sorted(back) == sorted(original), tag
+        for name, t in original.items():
+            assert back[name].dtype == t.dtype, (tag, name)
+            assert torch.equal(back[name], t), (tag, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts, computed independently
+# --------------------------------------------------------------------------------------------
+
+
+def _by_hand_qkv(q, k, v, heads, groups, d):
+    """Megatron's [q-group, k, v] interleave, one group at a time."""
+    rows = []
+    per = heads // groups
+    for g in range(groups):
+        rows += [q[(g * per + h) * d : (g * per + h + 1) * d] for h in range(per)]
+        rows += [k[g * d : (g + 1) * d], v[g * d : (g + 1) * d]]
+    return torch.cat(rows)
+
+
+def test_legacy_tp2_pp2_layout(hf_dirs, tmp_path):
+    hf = _tensors(hf_dirs["qwen2"])  # tied embeddings, qkv biases, 2 groups of 2 heads
+    root = hf_to_megatron(
+        hf_dirs["qwen2"], tmp_path / "mc", tensor_parallel=2, pipeline_parallel=2, format="legacy",
+        iteration=100,
+    )  # fmt: skip
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "100"
+    files = sorted(p.parent.name for p in root.glob("iter_0000100/*/model_optim_rng.pt"))
+    assert files == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+
+    def load(tp, pp):
+        return load_pt(root / f"iter_0000100/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt")
+
+    s00, s10, s01, s11 = load(0, 0), load(1, 0), load(0, 1), load(1, 1)
+    assert isinstance(s00["args"], argparse.Namespace)
+    assert s00["checkpoint_version"] == 3.0
+    assert s00["iteration"] == 100
+    assert (s00["args"].tensor_model_parallel_size, s00["args"].pipeline_model_parallel_size) == (
+        2,
+        2,
+    )
+    assert s00["args"].padded_vocab_size == 256  # 61 -> multiple of 128 x TP 2
+    a = "model.layers.{}.self_attn.{}_proj.{}"
+    # Stage 1 holds global layer 1 as its local layer 0.
+    for stage, ranks, layer in ((0, (s00, s10), 0), (1, (s01, s11), 1)):
+        q, k, v = (hf[a.format(layer, p, "weight")] for p in "qkv")
+        fused = _by_hand_qkv(q, k, v, heads=4, groups=2, d=4)
+        qb, kb, vb = (hf[a.format(layer, p, "bias")] for p in "qkv")
+        fused_b = _by_hand_qkv(qb, kb, vb, heads=4, groups=2, d=4)
+        gate = hf[f"model.layers.{layer}.mlp.gate_proj.weight"]
+        up = hf[f"model.layers.{layer}.mlp.up_proj.weight"]
+        o = hf[f"model.layers.{layer}.self_attn.o_proj.weight"]
+        for r, state in enumerate(ranks):
+            m = state["model"]
+            assert not any(n.startswith("decoder.layers.1.") for n in m), stage
+            t = "decoder.layers.0.self_attention.linear_qkv."
+            assert torch.equal(m[t + "weight"], fused[r * 16 : (r + 1) * 16])  # group r
+            assert torch.equal(m[t + "bias"], fused_b[r * 16 : (r + 1) * 16])
+            assert torch.equal(
+                m[t + "layer_norm_weight"], hf[f"model.layers.{layer}.input_layernorm.weight"]
+            )
+            fc1 = m["decoder.layers.0.mlp.linear_fc1.weight"]
+            assert torch.equal(
+                fc1, torch.cat([gate[r * 12 : (r + 1) * 12], up[r * 12 : (r + 1) * 12]])
+            )
+            assert torch.equal(
+                m["decoder.layers.0.self_attention.linear_proj.weight"], o[:, r * 8 : (r + 1) * 8]
+            )
+    emb = torch.cat(
+        [
+            s00["model"]["embedding.word_embeddings.weight"],
+            s10["model"]["embedding.word_embeddings.weight"],
+        ]
+    )
+    assert emb.shape == (256, 16)
+    assert torch.equal(emb[:61], hf["model.embed_tokens.weight"])
+    assert not emb[61:].any()
+    # Tied embeddings: the last stage keeps Megatron's copy of the embedding as output_layer.
+    assert torch.equal(
+        s11["model"]["output_layer.weight"], s10["model"]["embedding.word_embeddings.weight"]
+    )
+    assert "decoder.final_layernorm.weight" in s01["model"]
+    assert "embedding.word_embeddings.weight" not in s01["model"]
+
+
+def test_torch_dist_layout(hf_dirs, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf = _tensors(hf_dirs["qwen3_moe"])  # layer 0 dense, layer 1 MoE with 4 experts
+    root = hf_to_megatron(
+        hf_dirs["qwen3_moe"], tmp_path / "mc", tensor_parallel=2, pipeline_parallel=2
+    )
+    it = root / "iter_0000000"
+    assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert sorted(p.name for p in it.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    md = FileSystemReader(it).read_metadata().state_dict_metadata
+    qkv = md["decoder.layers.self_attention.linear_qkv.weight"]
+    assert tuple(qkv.size) == (2, 32, 16)
+    assert len(qkv.chunks) == 4
+    fc1 = md["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
+    assert tuple(fc1.size) == (2, 4, 8, 16)
+    assert {c.offsets[0] for c in fc1.chunks} == {1}  # experts only on the MoE layer
+    assert len(fc1.chunks) == 4 * 2 * 2  # experts x TP x (gate, up)
+    assert {c.offsets[0] for c in md["decoder.layers.mlp.linear_fc1.weight"].chunks} == {0}
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in md  # TE: fused on dense layers
+    assert "decoder.layers.pre_mlp_layernorm.weight" in md  # and separate on MoE layers
+    state = {
+        "decoder.layers.self_attention.linear_qkv.weight": torch.zeros(2, 32, 16),
+        "decoder.layers.mlp.experts.experts.linear_fc2.weight": torch.zeros(2, 4, 16, 4),
+    }
+    dcp.load(state, storage_reader=FileSystemReader(it), no_dist=True)
+    a = "model.layers.1.self_attn.{}_proj.weight"
+    want = _by_hand_qkv(*(hf[a.format(p)] for p in "qkv"), heads=4, groups=2, d=4)
+    assert torch.equal(state["decoder.layers.self_attention.linear_qkv.weight"][1], want)
+    assert torch.equal(
+        state["decoder.layers.mlp.experts.experts.linear_fc2.weight"][1, 3],
+        hf["model.layers.1.mlp.experts.3.down_proj.weight"],
+    )
+    common = load_pt(it / "common.pt")
+    assert common["checkpoint_version"] == 3.0
+    assert common["args"].num_experts == 4
+
+
+def test_deepseek_v3_mla_names(hf_dirs, tmp_path):
+    hf = _tensors(hf_dirs["deepseek_v3"])
+    for te, norm in ((True, "linear_kv_up_proj.layer_norm_weight"), (False, "kv_layernorm.weight")):
+        root = hf_to_megatron(
+            hf_dirs["deepseek_v3"], tmp_path / f"mc{te}", format="legacy", te_spec=te
+        )
+        m = load_pt(root / "iter_0000000/mp_rank_00/model_optim_rng.pt")["model"]
+        a = "decoder.layers.1.self_attention."
+        assert torch.equal(
+            m[a + "linear_kv_down_proj.weight"],
+            hf["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"],
+        )
+        assert torch.equal(m[a + norm], hf["model.layers.1.self_attn.kv_a_layernorm.weight"])
+        assert torch.equal(
+            m["decoder.layers.1.mlp.router.expert_bias"],
+            hf["model.layers.1.mlp.gate.e_score_correction_bias"],
+        )
+        assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in m
+        assert "decoder.layers.0.mlp.linear_fc1.weight" in m
+        assert "decoder.layers.0.mlp.router.weight" not in m
+
+
+def test_tensor_parallel_split_merge_is_exact():
+    full = torch.arange(8 * 6.0).reshape(8, 6)
+    for name in ("decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight",
+                 "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight"):  # fmt: skip
+        assert torch.equal(merge_tp(name, split_tp(name, full, 2)), full)
+    gate_up = split_tp("decoder.layers.0.mlp.linear_fc1.weight", full, 2)
+    assert torch.equal(gate_up[1], torch.cat([full[2:4], full[6:8]]))  # [gate_1; up_1]
+    with pytest.raises(ValueError, match="replicated"):
+        merge_tp("decoder.final_layernorm.weight", [full, full + 1])
+    with pytest.raises(ValueError, match="no tensor-parallel rule"):
+        split_tp("decoder.layers.0.mystery.weight", full, 2)
+
+
+def test_errors_are_clear(hf_dirs, tmp_path):
+    with pytest.raises(ValueError, match="pipeline stages"):
+        hf_to_megatron(hf_dirs["llama"], tmp_path / "a", pipeline_parallel=3)
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        hf_to_megatron(hf_dirs["llama"], tmp_path / "b", tensor_parallel=3)
+    with pytest.raises(KeyError, match="no Megatron mapping for family"):
+        get_megatron_family("gpt2")
+    with pytest.raises(ValueError, match="supported model types"):
+        get_megatron_family({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="does not match the megatron-qwen3"):
+        hf_to_megatron(hf_dirs["llama"], tmp_path / "c", family="qwen3")
+
+
+def test_unsafe_pickles_are_refused_with_a_clear_error(tmp_path):
+    file = tmp_path / "model_optim_rng.pt"
+    args = argparse.Namespace(num_layers=2, save=pathlib.PurePosixPath("/ckpt"))
+    torch.save({"model": {"w": torch.ones(2)}, "args": args}, file)
+    with pytest.raises(ValueError, match=r"PurePosixPath.*trusted_globals"):
+        load_pt(file)
+    state = load_pt(file, trusted_globals=["pathlib.PurePosixPath"])
+    assert state["args"].num_layers == 2
+    torch.save({"model": {}, "args": argparse.Namespace(num_layers=2)}, file)
+    assert load_pt(file)["args"].num_layers == 2  # Namespace alone is allowed

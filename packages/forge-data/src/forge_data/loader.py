@@ -1,0 +1,273 @@
+"""Deterministic, resumable, load-balanced loader of packed rows.
+
+The global sample order does not depend on the data-parallel size: epoch ``e`` shuffles the
+documents with ``seed`` and ``e``, packs them (:func:`~forge_data.packing.pack_documents`), and
+the epochs' rows form one stream; global step ``k`` takes the next ``global_batch_rows`` rows of
+that stream. Only then are the step's rows spread over ``dp_size`` ranks x micro-batches by the
+load-aware balancer (:mod:`forge_data.balance`). Every rank computes the same plan with no
+communication and keeps its own part.
+
+The loader's state is the position in the stream (step, epoch, row); the seed, sequence length,
+global batch and dataset fingerprint are stored to refuse a mismatched resume. Resuming with the
+same ``dp_size`` reproduces the uninterrupted run batch for batch; with another ``dp_size`` each
+global step still holds exactly the same rows, so no sample is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from forge_data.balance import BalanceReport, CostModel, QuadraticCost, balance_step
+from forge_data.indexed import IndexedDataset
+from forge_data.packing import PackingPlan, collate_rows, pack_documents
+
+__all__ = ["LoaderConfig", "PackedLoader", "TokenDataset"]
+
+STATE_VERSION = 1
+
+
+class TokenDataset:
+    """The documents of several indexed shards, numbered globally in shard order.
+
+    ``source`` is a ``forge-preprocess`` output folder (its ``manifest.json`` lists the shards)
+    or a list of shard prefixes.
+    """
+
+    def __init__(self, source: str | os.PathLike | list[str | os.PathLike]):
+        if isinstance(source, str | os.PathLike):
+            folder = Path(source)
+            manifest = folder / "manifest.json"
+            if not manifest.exists():
+                raise ValueError(f"{folder} has no manifest.json: is it a forge-preprocess output?")
+            prefixes = [folder / s["prefix"] for s in json.loads(manifest.read_text())["shards"]]
+        else:
+            prefixes = [Path(p) for p in source]
+        if not prefixes:
+            raise ValueError("a TokenDataset needs at least one shard")
+        self.shards = [IndexedDataset(p) for p in prefixes]
+        counts = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def document(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids and loss mask (``None`` without one) of global document ``i``."""
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1
+        shard = self.shards[s]
+        local = i - int(self._starts[s])
+        return shard[local], shard.loss_mask(local)
+
+    @property
+    def fingerprint(self) -> dict[str, int]:
+        return {
+            "documents": len(self),
+            "tokens": int(self.lengths.sum()),
+            "lengths_crc32": zlib.crc32(self.lengths.tobytes()),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """``global_batch_rows`` rows of ``seq_len`` tokens per optimizer step, fed to each rank as
+    micro-batches of ``micro_batch_rows`` rows; must be a multiple of
+    ``dp_size * micro_batch_rows``."""
+
+    seq_len: int
+    global_batch_rows: int
+    micro_batch_rows: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    pack_window: int = 64
+    overlong: Literal["split", "truncate", "skip"] = "split"
+    balance: bool = True
+
+    def __post_init__(self):
+        for name in ("seq_len", "global_batch_rows", "micro_batch_rows", "pack_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_rows % self.micro_batch_rows:
+            raise ValueError(
+                f"global_batch_rows={self.global_batch_rows} is not a multiple of "
+                f"micro_batch_rows={self.micro_batch_rows}"
+            )
+
+
+# State fields that must match on resume (dp_size and micro_batch_rows may change).
+_PINNED = ("seed", "seq_len", "global_batch_rows", "shuffle", "pack_window", "overlong")
+
+
+class PackedLoader:
+    """Yields, for each optimizer step, this rank's list of micro-batches (dicts of tensors, see
+    :func:`~forge_data.packing.collate_rows`, plus ``pieces``: ``(row, epoch, doc, start,
+    length)`` of every document piece, for auditing)."""
+
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        config: LoaderConfig,
+        *,
+        dp_rank: int,
+        dp_size: int,
+        pad_id: int = 0,
+        cost_model: CostModel | None = None,
+    ):
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(
+                f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}"
+            )
+        per_step = dp_size * config.micro_batch_rows
+        if config.global_batch_rows % per_step:
+            raise ValueError(
+                f"global_batch_rows={config.global_batch_rows} is not a multiple of dp_size "
+                f"({dp_size}) x micro_batch_rows ({config.micro_batch_rows}) = {per_step}"
+            )
+        if len(dataset) == 0 or dataset.lengths.sum() == 0:
+            raise ValueError("the dataset holds no tokens")
+        self.dataset = dataset
+        self.config = config
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.micro_batches = config.global_batch_rows // per_step
+        self.pad_id = pad_id
+        self.cost_model = cost_model if cost_model is not None else QuadraticCost()
+        self.step = 0
+        self._epoch = 0
+        self._row = 0
+        self._plans: dict[int, PackingPlan] = {}
+        self.last_report: BalanceReport | None = None
+
+    # -- plan ----------------------------------------------------------------------------------
+    def plan(self, epoch: int) -> PackingPlan:
+        """The packing plan of ``epoch`` (the same on every rank and for every ``dp_size``)."""
+        if epoch not in self._plans:
+            n = len(self.dataset)
+            if self.config.shuffle:
+                order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+            else:
+                order = np.arange(n)
+            plan = pack_documents(
+                order,
+                self.dataset.lengths,
+                seq_len=self.config.seq_len,
+                window=self.config.pack_window,
+                overlong=self.config.overlong,
+            )
+            if plan.num_rows == 0:
+                raise ValueError(
+                    f"epoch {epoch} packs into no rows (stats: {plan.stats}): every document "
+                    f"was skipped"
+                )
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = plan
+        return self._plans[epoch]
+
+    def _take_rows(self) -> list[tuple[int, int]]:
+        rows = []
+        while len(rows) < self.config.global_batch_rows:
+            plan = self.plan(self._epoch)
+            take = min(plan.num_rows - self._row, self.config.global_batch_rows - len(rows))
+            rows += [(self._epoch, r) for r in range(self._row, self._row + take)]
+            self._row += take
+            if self._row == plan.num_rows:
+                self._epoch, self._row = self._epoch + 1, 0
+        return rows
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        rows = self._take_rows()
+        self.step += 1
+        pieces = []  # per row: list of (epoch, doc, start, length)
+        for epoch, r in rows:
+            plan = self.plan(epoch)
+            sl = plan.row_pieces(r)
+            docs, starts, lengths = plan.doc[sl], plan.start[sl], plan.length[sl]
+            pieces.append(
+                [
+                    (epoch, *p)
+                    for p in zip(docs.tolist(), starts.tolist(), lengths.tolist(), strict=True)
+                ]
+            )
+        lengths = np.array([p[3] for row in pieces for p in row], dtype=np.int64)
+        row_of = np.repeat(np.arange(len(pieces)), [len(row) for row in pieces])
+        costs = self.cost_model.row_costs(lengths, row_of, len(pieces))
+        if self.config.balance:
+            layout, self.last_report = balance_step(
+                costs, dp_size=self.dp_size, micro_batches=self.micro_batches, rank=self.dp_rank
+            )
+            mine = layout[self.dp_rank]
+        else:
+            per_rank = self.micro_batches * self.config.micro_batch_rows
+            mine = np.arange(per_rank * self.dp_rank, per_rank * (self.dp_rank + 1)).reshape(
+                self.micro_batches, -1
+            )
+            loads = costs.reshape(self.dp_size, per_rank).sum(axis=1)
+            ratio = float(loads.max() / loads.mean())
+            self.last_report = BalanceReport(naive=ratio, balanced=ratio)
+        return [self._collate([pieces[i] for i in micro.tolist()]) for micro in mine]
+
+    def _collate(self, rows: list[list[tuple[int, int, int, int]]]) -> dict[str, torch.Tensor]:
+        data = []
+        for row in rows:
+            row_data = []
+            for _, doc, start, length in row:
+                ids, mask = self.dataset.document(doc)
+                row_data.append(
+                    (
+                        ids[start : start + length],
+                        None if mask is None else mask[start : start + length],
+                    )
+                )
+            data.append(row_data)
+        batch = collate_rows(data, seq_len=self.config.seq_len, pad_id=self.pad_id)
+        batch["pieces"] = torch.tensor(
+            [(b, *p) for b, row in enumerate(rows) for p in row], dtype=torch.long
+        ).reshape(-1, 5)
+        return batch
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume; the same on every rank (store it once)."""
+        pinned = {k: v for k, v in asdict(self.config).items() if k in _PINNED}
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "epoch": self._epoch,
+            "row": self._row,
+            "config": pinned,
+            "dataset": self.dataset.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        mine = {k: v for k, v in asdict(self.config).items() if k in _PINNED}
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(
+                    f"cannot resume: the checkpoint's loader has {key}={value!r} but this one "
+                    f"{mine.get(key)!r}; the sample order depends on it (dp_size and "
+                    "micro_batch_rows may change, it may not)"
+                )
+        if state["dataset"] != self.dataset.fingerprint:
+            raise ValueError(
+                f"cannot resume: the checkpoint was taken on a dataset {state['dataset']} "
+                f"but this one is {self.dataset.fingerprint}"
+            )
+        self.step, self._epoch, self._row = (
+            int(state["step"]),
+            int(state["epoch"]),
+            int(state["row"]),
+        )

@@ -1,0 +1,246 @@
+"""Multimodal samples (text + images / video frames / action arrays) from webdataset shards.
+
+A sample is the group of files sharing a key in a tar shard (the webdataset convention,
+Breuel et al., github.com/webdataset): ``key.txt`` (text) or ``key.json`` (``{"text": ...}`` or a
+chat ``{"messages": [...]}``), any number of images ``key.jpg`` / ``key.png`` / ``key.0.jpg`` ...,
+video frames ``key.frames.npy`` (``T x H x W x C`` uint8) and actions ``key.actions.npy``
+(``T x action_dim``). Shards are local paths or anything webdataset opens (``http(s)://``,
+``pipe:``, and fsspec URLs such as ``s3://`` / ``gs://`` with the matching fsspec backend).
+
+Shards are shuffled per epoch with the seed, split over data-parallel ranks (passed explicitly)
+and then over DataLoader workers; samples go through a seeded shuffle buffer. Bad data never
+crashes a run silently: a corrupt shard, an undecodable image or array, an empty text and a text
+longer than ``seq_len`` are counted in :class:`BadDataReport` with their location and logged, and
+skipped (or truncated, for long texts); ``on_error="raise"`` stops at the first one instead.
+Counts are per process: with DataLoader workers each worker logs its own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from forge_data.tokenizer import Tokenizer
+
+__all__ = ["BadDataReport", "MultimodalConfig", "MultimodalDataset"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+@dataclass
+class BadDataReport:
+    """Counts of skipped / truncated samples by reason, and their first locations."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    records: list[dict[str, str]] = field(default_factory=list)
+    max_records: int = 1000
+
+    def add(self, reason: str, location: str, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.records) < self.max_records:
+            self.records.append({"reason": reason, "location": location, "detail": detail})
+        log.warning("%s at %s %s", reason, location, detail)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultimodalConfig:
+    """``urls``: shard list or brace pattern (``"data/shard-{000..099}.tar"``)."""
+
+    urls: str | Sequence[str]
+    seq_len: int
+    dp_rank: int = 0
+    dp_size: int = 1
+    seed: int = 0
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 0
+    chat_template: str | None = None
+    overlong: Literal["truncate", "skip"] = "truncate"
+    on_error: Literal["skip", "raise"] = "skip"
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.dp_size < 1 or not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got {self.dp_rank}, {self.dp_size}")
+        if self.overlong not in ("truncate", "skip"):
+            raise ValueError(f"overlong must be 'truncate' or 'skip', got {self.overlong!r}")
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+class BadSampleError(ValueError):
+    """A sample or shard could not be used and ``on_error="raise"``."""
+
+
+class MultimodalDataset(torch.utils.data.IterableDataset):
+    """Decoded, tokenized samples of webdataset shards (see the module doc)."""
+
+    def __init__(self, config: MultimodalConfig, tokenizer: Tokenizer):
+        from webdataset.shardlists import expand_urls
+
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        urls = config.urls if isinstance(config.urls, str) else list(config.urls)
+        self.urls = expand_urls(urls) if isinstance(urls, str) else urls
+        if len(self.urls) < config.dp_size:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed dp_size={config.dp_size} ranks: write at "
+                "least one shard per rank (times the DataLoader workers per rank)"
+            )
+        self.epoch = 0
+        self.report = BadDataReport()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shard order and shuffle buffer follow ``(seed, epoch)``."""
+        self.epoch = epoch
+
+    # -- shard selection ----------------------------------------------------------------------
+    def shards(self) -> list[str]:
+        """This rank's and this DataLoader worker's shards for the current epoch."""
+        urls = list(self.urls)
+        if self.config.shuffle_shards:
+            order = np.random.default_rng([self.config.seed, self.epoch]).permutation(len(urls))
+            urls = [urls[i] for i in order]
+        mine = urls[self.config.dp_rank :: self.config.dp_size]
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            if len(mine) < info.num_workers:
+                raise ValueError(
+                    f"rank {self.config.dp_rank} has {len(mine)} shards for {info.num_workers} "
+                    "DataLoader workers: use fewer workers or more shards"
+                )
+            mine = mine[info.id :: info.num_workers]
+        return mine
+
+    # -- iteration ----------------------------------------------------------------------------
+    def _fail(self, reason: str, location: str, detail: str = "") -> None:
+        if self.config.on_error == "raise":
+            raise BadSampleError(f"{reason} at {location}: {detail} (on_error='skip' skips it)")
+        self.report.add(reason, location, detail)
+
+    def _on_shard_error(self, exn: Exception) -> bool:
+        where = next((a for a in reversed(exn.args) if isinstance(a, str) and a), "?")
+        self._fail(
+            "corrupt shard", where, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
+        )
+        return True  # go on with the next shard
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        stages: list[Any] = [
+            wds.SimpleShardList(self.shards()),
+            wds.tarfile_to_samples(handler=self._on_shard_error),
+        ]
+        if self.config.shuffle_buffer:
+            key = [self.config.seed, self.epoch, self.config.dp_rank, worker]
+            seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+            stages.append(
+                wds.shuffle(
+                    self.config.shuffle_buffer, initial=self.config.shuffle_buffer, seed=seed
+                )
+            )
+        for raw in wds.DataPipeline(*stages):
+            sample = self._decode(raw)
+            if sample is not None:
+                yield sample
+
+    # -- decoding -----------------------------------------------------------------------------
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        out: dict[str, Any] = {"key": raw.get("__key__"), "url": raw.get("__url__")}
+        try:
+            ids, mask = self._text(raw)
+        except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            self._fail("undecodable text", where, str(err))
+            return None
+        if ids is None:
+            self._fail(
+                "no text", where, f"files: {sorted(k for k in raw if not k.startswith('__'))}"
+            )
+            return None
+        if len(ids) == 0:
+            self._fail("empty text", where)
+            return None
+        if len(ids) > self.config.seq_len:
+            if self.config.overlong == "skip":
+                self._fail("over-long sample", where, f"{len(ids)} > seq_len={self.config.seq_len}")
+                return None
+            self.report.add("truncated sample", where, f"{len(ids)} -> {self.config.seq_len}")
+            ids, mask = (
+                ids[: self.config.seq_len],
+                None if mask is None else mask[: self.config.seq_len],
+            )
+        out["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        if mask is not None:
+            out["loss_mask"] = torch.tensor(mask, dtype=torch.uint8)
+        images = sorted(k for k in raw if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+        try:
+            if images:
+                out["images"] = [self._image(raw[k]) for k in images]
+            if "frames.npy" in raw:
+                out["frames"] = torch.from_numpy(_npy(raw["frames.npy"], ndim=4, dtype=np.uint8))
+            if "actions.npy" in raw:
+                out["actions"] = torch.from_numpy(
+                    _npy(raw["actions.npy"], ndim=2).astype(np.float32)
+                )
+        except (OSError, ValueError, SyntaxError) as err:
+            # PIL raises UnidentifiedImageError (an OSError) or SyntaxError on broken headers.
+            self._fail("undecodable media", where, f"{type(err).__name__}: {err}")
+            return None
+        return out
+
+    def _text(self, raw: dict[str, Any]) -> tuple[list[int] | None, list[int] | None]:
+        from forge_data.chat import encode_chat
+
+        if "txt" in raw:
+            return self.tokenizer.encode(raw["txt"].decode("utf-8")), None
+        if "json" in raw:
+            record = json.loads(raw["json"])
+            if "messages" in record:
+                sample = encode_chat(
+                    self.tokenizer, record["messages"], template=self.config.chat_template
+                )
+                return sample.input_ids, sample.loss_mask
+            if isinstance(record.get("text"), str):
+                return self.tokenizer.encode(record["text"]), None
+            raise ValueError("json has neither 'messages' nor a string 'text'")
+        return None, None
+
+    def _image(self, data: bytes) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            if self.config.image_size is not None:
+                im = im.resize(self.config.image_size[::-1], Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # C x H x W uint8
+
+
+def _npy(data: bytes, *, ndim: int, dtype=None) -> np.ndarray:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.ndim != ndim:
+        raise ValueError(f"expected a {ndim}-D array, got shape {arr.shape}")
+    if dtype is not None and arr.dtype != dtype:
+        raise ValueError(f"expected dtype {np.dtype(dtype)}, got {arr.dtype}")
+    return arr

@@ -1,0 +1,21 @@
+"""A small byte-level BPE, trained once per session on part of the Python standard library."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_data.tokenizer import stdlib_corpus_files, train_bpe_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [
+        p.read_text(encoding="utf-8", errors="replace")[:6000] for p in stdlib_corpus_files(20)
+    ]
+    return train_bpe_tokenizer(texts, vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def saved_tokenizer(tokenizer, tmp_path_factory):
+    """The session tokenizer saved as a Hugging Face folder (for the CLI and AutoTokenizer)."""
+    return tokenizer.save(tmp_path_factory.mktemp("tokenizer"))

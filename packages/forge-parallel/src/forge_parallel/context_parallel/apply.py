@@ -1,0 +1,139 @@
+"""Context parallelism for a model that calls ``scaled_dot_product_attention``, unedited.
+
+:func:`context_parallel` is a ``TorchFunctionMode``: inside it, every call to
+``torch.nn.functional.scaled_dot_product_attention`` is answered by
+:func:`~forge_parallel.context_parallel.context_parallel_attention` over the context-parallel
+group. That covers any model whose attention goes through SDPA (Forge's models, a model you
+wrote, ``transformers``' ``attn_implementation="sdpa"`` path) without changing its code.
+:func:`apply_cp` installs the mode around every forward of a model with hooks.
+
+What stays the training loop's job: feed each rank its shard of the tokens, labels **and
+position ids** (:func:`~forge_parallel.context_parallel.shard_sequence`; rotary embeddings must
+see global positions), and average the loss over the full sequence
+(:func:`~forge_parallel.context_parallel.context_parallel_cross_entropy`). Gradients must be
+reduced over the context-parallel ranks too: FSDP/HSDP over ``dp_shard x cp`` does it.
+
+Calls with a dense ``attn_mask`` or dropout are refused: the mask would be for the local shard
+only. Express masks as ``is_causal`` plus ``cu_seqlens`` (packed documents).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from forge_core.collectives import GroupLike, as_process_group
+from forge_parallel.context_parallel.attention import context_parallel_attention
+from forge_parallel.context_parallel.config import CPConfig
+
+__all__ = ["ContextParallelHandle", "apply_cp", "context_parallel"]
+
+_SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _SDPAToContextParallel(TorchFunctionMode):
+    def __init__(self, group, config: CPConfig, cu_seqlens: torch.Tensor | None) -> None:
+        super().__init__()
+        self.group, self.config, self.cu_seqlens = group, config, cu_seqlens
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value, *rest = args
+        options = dict(zip(_SDPA_PARAMS, rest, strict=False)) | kwargs
+        if options.get("attn_mask") is not None:
+            raise ValueError(
+                "scaled_dot_product_attention got a dense attn_mask under context parallelism; "
+                "the mask would cover only this rank's shard. Use is_causal=True and pass packed "
+                "document boundaries as context_parallel(..., cu_seqlens=...) instead (for "
+                "transformers models: no padding mask, attn_implementation='sdpa')"
+            )
+        if options.get("dropout_p", 0.0):
+            raise ValueError(
+                f"attention dropout (dropout_p={options['dropout_p']}) is not supported under "
+                "context parallelism; set it to 0"
+            )
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if heads != kv_heads and not options.get("enable_gqa", False):
+            raise ValueError(
+                f"query has {heads} heads and key {kv_heads}: pass enable_gqa=True as "
+                "scaled_dot_product_attention itself requires"
+            )
+        return context_parallel_attention(
+            query,
+            key,
+            value,
+            group=self.group,
+            causal=bool(options.get("is_causal", False)),
+            cu_seqlens=self.cu_seqlens,
+            style=self.config.style,
+            load_balance=self.config.load_balance,
+            scale=options.get("scale"),
+        )
+
+
+@contextlib.contextmanager
+def context_parallel(
+    group: GroupLike,
+    config: CPConfig | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Route ``scaled_dot_product_attention`` calls inside the block to context parallelism.
+
+    ``cu_seqlens``: document boundaries of the full packed sequence (same for every row of
+    the batch), or ``None``. Only the forward needs to run inside; backward does not.
+    """
+    mode = _SDPAToContextParallel(as_process_group(group), config or CPConfig(), cu_seqlens)
+    with mode:
+        yield
+
+
+class ContextParallelHandle:
+    """What :func:`apply_cp` installed: :meth:`packed` sets document boundaries, :meth:`remove`
+    takes the hooks off again."""
+
+    def __init__(self, model: nn.Module, group: GroupLike, config: CPConfig) -> None:
+        self.group, self.config = as_process_group(group), config
+        self.cu_seqlens: torch.Tensor | None = None
+        self._modes: list[contextlib.ExitStack] = []
+        self._hooks = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(context_parallel(self.group, self.config, cu_seqlens=self.cu_seqlens))
+        self._modes.append(stack)
+
+    def _exit(self, module: nn.Module, args, output) -> None:
+        self._modes.pop().close()
+
+    @contextlib.contextmanager
+    def packed(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
+        """Forwards run inside attend within the documents of ``cu_seqlens`` (full sequence)."""
+        previous, self.cu_seqlens = self.cu_seqlens, cu_seqlens
+        try:
+            yield
+        finally:
+            self.cu_seqlens = previous
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def apply_cp(
+    model: nn.Module, group: GroupLike, config: CPConfig | None = None
+) -> ContextParallelHandle:
+    """Make every forward of ``model`` run its SDPA calls context-parallel over ``group``
+    (a process group or the 1-D ``mesh["cp"]``); the model's code is not changed."""
+    return ContextParallelHandle(model, group, config or CPConfig())

@@ -1,0 +1,83 @@
+"""``context_parallel_attention``: the one entry point model code calls (or the SDPA router
+of :mod:`~forge_parallel.context_parallel.apply` calls for it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from forge_core.collectives import GroupLike, as_process_group
+from forge_parallel.context_parallel.config import CP_STYLES
+from forge_parallel.context_parallel.ring_attention import ring_attention
+from forge_parallel.context_parallel.ulysses import ulysses_attention
+
+__all__ = ["context_parallel_attention"]
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "context-parallel attention takes (batch, heads, seq, head_dim) tensors like "
+            f"scaled_dot_product_attention, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share batch, "
+            "sequence shard length and head_dim (k and v the same shape)"
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) "
+            "for grouped-query attention"
+        )
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: GroupLike,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    style: str = "ring",
+    load_balance: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over a sequence sharded across the context-parallel ``group``.
+
+    ``q`` (B, H, S / cp, D) and ``k``/``v`` (B, Hkv, S / cp, D) are this rank's shard of the
+    sequence in the ``load_balance`` layout (zigzag by default, see
+    :func:`~forge_parallel.context_parallel.shard_sequence`); returns this rank's shard of the
+    output, (B, H, S / cp, D). ``causal`` applies the causal mask on *global* positions;
+    ``cu_seqlens`` (document boundaries of the full sequence, ``[0, ..., S]``) confines
+    attention to each packed document. ``style``: ``"ring"`` or ``"ulysses"``. ``scale``
+    defaults to ``1 / sqrt(D)``. Differentiable; the result equals full-sequence
+    ``scaled_dot_product_attention`` on one process.
+    """
+    if style not in CP_STYLES:
+        raise ValueError(
+            f"unknown context-parallel style {style!r}; use one of {', '.join(CP_STYLES)}"
+        )
+    _check_shapes(q, k, v)
+    pg = as_process_group(group)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if dist.get_world_size(pg) == 1 and cu_seqlens is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    implementation = ring_attention if style == "ring" else ulysses_attention
+    return implementation(
+        q,
+        k,
+        v,
+        group=pg,
+        causal=causal,
+        scale=scale,
+        load_balance=load_balance,
+        cu_seqlens=cu_seqlens,
+    )

@@ -1,0 +1,121 @@
+"""The experts-module protocol, and the expert-parallel forward that replaces its forward.
+
+A MoE layer gets expert parallelism from forge-parallel when its experts follow
+:class:`ExpertsModule` (duck typing; forge-models' ``MoEExperts`` and transformers'
+``Qwen3MoeExperts`` do):
+
+- every parameter is stacked along dim 0 over the experts (``[E, ...]``), and
+- ``forward(x_sorted, tokens_per_expert)`` takes rows grouped by expert in expert order (the
+  output of ``moe_permute``) with ``[E]`` group sizes, returns one output row per input row
+  in the same order, and reads the number of experts from its weights (so the same code runs
+  ``L`` local experts on ``[L]`` group sizes).
+
+The router, the permutation and the weighted un-permutation stay where they are, on every
+rank, untouched. :func:`~forge_parallel.expert_parallel.apply_ep` keeps each rank's ``L``
+experts (``DTensor`` parameters, ``Shard(0)`` over ``ep``) and swaps the module's class for
+one whose forward is ``combine(experts(dispatch(x)))`` (:mod:`.dispatch`, :mod:`.overlap`).
+
+With expert tensor parallelism (``etp > 1``, Megatron-Core's expert layout) each expert's
+weights are also split over ``etp`` ranks that hold the same tokens: the input enters with
+Megatron's ``f`` (identity; backward all-reduce) and the partial output of the row-parallel
+projection leaves with ``g`` (all-reduce), as in Shoeybi et al. 2019.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from forge_core.collectives import copy_to_group, reduce_from_group
+from forge_parallel.expert_parallel.dispatch import combine, dispatch, plan_dispatch
+from forge_parallel.expert_parallel.overlap import chunked_expert_forward
+
+__all__ = ["ExpertParallelExperts", "ExpertsModule"]
+
+
+@runtime_checkable
+class ExpertsModule(Protocol):
+    """What expert parallelism needs of a MoE layer's experts module (see the module docs)."""
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor: ...
+
+
+@contextlib.contextmanager
+def _local_parameters(module: nn.Module) -> Iterator[None]:
+    """Let the wrapped forward see each DTensor parameter as its local shard (differentiably)."""
+    saved = dict(module._parameters)
+    try:
+        for name, param in saved.items():
+            if isinstance(param, DTensor):
+                module._parameters[name] = param.to_local()
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+class EPState:
+    """What the expert-parallel forward of one experts module needs."""
+
+    def __init__(
+        self,
+        *,
+        ep_group: dist.ProcessGroup,
+        etp_group: dist.ProcessGroup | None,
+        num_experts: int,
+        num_chunks: int,
+    ) -> None:
+        self.ep_group = ep_group
+        self.etp_group = etp_group
+        self.num_experts = num_experts
+        self.num_chunks = num_chunks
+
+    def __repr__(self) -> str:
+        ep = dist.get_world_size(self.ep_group)
+        etp = 1 if self.etp_group is None else dist.get_world_size(self.etp_group)
+        return (
+            f"EPState(ep={ep}, etp={etp}, num_experts={self.num_experts}, "
+            f"num_chunks={self.num_chunks})"
+        )
+
+
+class ExpertParallelExperts:
+    """Mixed into an experts module's class by ``apply_ep``: expert-parallel forward.
+
+    Reads ``self._forge_ep`` (the :class:`EPState` set by ``apply_ep``).
+    """
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        state = self._forge_ep
+        if tokens_per_expert.numel() != state.num_experts:
+            raise ValueError(
+                f"expert-parallel experts expect tokens_per_expert for all {state.num_experts} "
+                f"experts, got {tokens_per_expert.numel()}"
+            )
+        base_forward = super().forward
+
+        def compute(x_local: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
+            if state.etp_group is None:
+                return base_forward(x_local, local_counts)
+            x_local = copy_to_group(x_local, group=state.etp_group)
+            return reduce_from_group(base_forward(x_local, local_counts), group=state.etp_group)
+
+        with _local_parameters(self):
+            if state.num_chunks == 1:
+                plan = plan_dispatch(
+                    tokens_per_expert, x_sorted.shape[0], state.ep_group, device=x_sorted.device
+                )
+                y_local = compute(dispatch(x_sorted, plan), plan.local_tokens_per_expert)
+                return combine(y_local, plan)
+            return chunked_expert_forward(
+                x_sorted,
+                tokens_per_expert,
+                compute,
+                group=state.ep_group,
+                num_chunks=state.num_chunks,
+            )

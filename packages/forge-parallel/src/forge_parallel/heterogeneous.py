@@ -1,0 +1,252 @@
+"""Heterogeneous parallelism: each sub-module of one model gets its own layout, in one job.
+
+A vision-language model's vision encoder is small (tensor parallelism would only add
+communication) while its language model is large: :func:`parallelize_submodules` gives each
+named part its own tensor-parallel degree and plan, data-parallel mode, recompute and offload,
+all over the same ranks. Each part's mesh is derived from the world: a part with ``tp=t`` runs
+on ``ParallelDims(world_size=W, tp=t, dp_replicate=r, dp_shard=-1)``, so a ``tp=1`` part is
+data parallel over all ``W`` ranks and a ``tp=2`` part over ``W / 2`` (each pair of adjacent
+ranks is one tensor-parallel group; ranks are laid out with ``tp`` innermost).
+
+**The data layout.** The model's inputs arrive split along the batch over all ``W`` ranks (as a
+data loader for a ``tp=1`` job splits them), and its outputs leave in that layout, so training
+code (loss, labels) does not change. A part with ``tp=t > 1`` converts at its boundary, the
+``f``/``g`` pair of Megatron-LM (Shoeybi et al. 2019) applied to the batch dimension:
+
+- entering, tensor inputs are all-gathered along dim 0 over the part's ``tp`` group (the part
+  sees its data-parallel rank's rows, replicated across its tensor-parallel ranks); backward
+  keeps this rank's rows of the (identical, replicated) gradient, times ``t``;
+- leaving, tensor outputs are split back to this rank's rows; backward all-gathers the
+  gradient rows and divides by ``t``.
+
+The factors keep every part's gradient averaging exact: a ``tp=t`` part averages gradients
+over ``W / t`` ranks, each of which computed the mean of its ``t`` ranks' losses. Every rank
+of a tensor-parallel group must hold the same number of rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+from torch.utils._pytree import tree_map
+
+from forge_parallel.config import FSDPConfig, OffloadConfig, RecomputeConfig
+from forge_parallel.data_parallel import no_gradient_sync
+from forge_parallel.parallelize import ParallelizeResult, parallelize
+from forge_parallel.tensor_parallel import TPPlan
+
+__all__ = ["HeterogeneousResult", "SubmoduleParallel", "gather_batch", "parallelize_submodules"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmoduleParallel:
+    """The layout of one part of a model (the keyword arguments of :func:`parallelize`).
+
+    ``tp``: tensor-parallel degree (needs ``plan``, with patterns relative to the part).
+    ``dp_replicate``: replica groups (HSDP / DDP); the rest of ``W / tp`` shards.
+    ``data_parallel``: ``"auto"``, ``"fsdp"``, ``"hsdp"``, ``"ddp"`` or ``None``.
+    """
+
+    tp: int = 1
+    plan: TPPlan | Mapping[str, str | ParallelStyle] | None = None
+    dp_replicate: int = 1
+    data_parallel: str | None = "auto"
+    fsdp: FSDPConfig | None = None
+    recompute: RecomputeConfig | None = None
+    offload: OffloadConfig | None = None
+    blocks: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "dp_replicate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.tp > 1 and self.plan is None:
+            raise ValueError(
+                f"tp={self.tp} needs a tensor-parallel plan for this part, e.g. "
+                "SubmoduleParallel(tp=2, plan={'layers.*.attn.q_proj': 'colwise', ...})"
+            )
+        if self.data_parallel in ("zero1", "zero2"):
+            raise ValueError(
+                f"data_parallel={self.data_parallel!r} lives in the optimizer, which is shared by "
+                "all parts; use 'fsdp', 'hsdp' or 'ddp' per part"
+            )
+
+
+def _rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if t.shape[0] % size:
+        raise AssertionError(f"{t.shape[0]} rows do not split over {size} ranks")
+    return t.narrow(0, rank * (t.shape[0] // size), t.shape[0] // size)
+
+
+def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    t = t.contiguous()
+    out = t.new_empty((size * t.shape[0], *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out
+
+
+class _GatherBatch(torch.autograd.Function):
+    """Forward: all-gather rows over ``group``. Backward: this rank's rows, times the size."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _rows(grad, ctx.group) * dist.get_world_size(ctx.group), None
+
+
+class _ScatterBatch(torch.autograd.Function):
+    """Forward: this rank's rows. Backward: all-gather the gradient rows, over the size."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _rows(x, group).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_rows(grad, ctx.group) / dist.get_world_size(ctx.group), None
+
+
+def gather_batch(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows of every rank of ``group``, concatenated (the boundary into a ``tp > 1`` part)."""
+    return _GatherBatch.apply(x, group)
+
+
+def scatter_batch(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's rows of ``x`` (the boundary out of a ``tp > 1`` part)."""
+    return _ScatterBatch.apply(x, group)
+
+
+def _convert(fn: Callable, group: dist.ProcessGroup) -> Callable[[Any], Any]:
+    def convert(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            return x
+        if hasattr(x, "to_local"):
+            raise ValueError(
+                "a part with tp > 1 returned a DTensor (e.g. vocab-sharded logits); at a "
+                "heterogeneous boundary outputs must be plain tensors: use a replicated-output "
+                "style such as 'colwise_output_replicated' for its last layer"
+            )
+        return fn(x, group)
+
+    return convert
+
+
+def _install_boundary(module: nn.Module, group: dist.ProcessGroup) -> None:
+    gather, scatter = _convert(gather_batch, group), _convert(scatter_batch, group)
+
+    def pre_hook(mod, args, kwargs):
+        return tree_map(gather, args), tree_map(gather, kwargs)
+
+    def post_hook(mod, args, output):
+        return tree_map(scatter, output)
+
+    # Before FSDP's pre-forward hook, so FSDP sees the part's own layout.
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+    module.register_forward_hook(post_hook)
+
+
+@dataclass
+class HeterogeneousResult:
+    """The model with each part parallelized; ``parts[name]`` is that part's result."""
+
+    model: nn.Module
+    parts: dict[str, ParallelizeResult]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.parts))
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Skip gradient reduction in every part (gradient accumulation)."""
+        return no_gradient_sync(self.model)
+
+    def __str__(self) -> str:
+        return "\n".join(f"[{name}] {result.summary}" for name, result in self.parts.items())
+
+
+def _validate(model: nn.Module, parts: Mapping[str, SubmoduleParallel], world: int) -> None:
+    if not parts:
+        raise ValueError("submodules is empty: name at least one part, e.g. {'vision': ...}")
+    names = list(parts)
+    for name in names:
+        if not isinstance(parts[name], SubmoduleParallel):
+            raise ValueError(
+                f"submodules[{name!r}] must be a SubmoduleParallel, got "
+                f"{type(parts[name]).__name__}"
+            )
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(n for n, _ in model.named_children())
+            raise ValueError(
+                f"{name!r} is not a sub-module of {type(model).__name__}; its children are "
+                f"{children}"
+            ) from None
+        if world % parts[name].tp or (world // parts[name].tp) % parts[name].dp_replicate:
+            raise ValueError(
+                f"part {name!r}: tp={parts[name].tp} x dp_replicate={parts[name].dp_replicate} "
+                f"must divide the world size {world}"
+            )
+    for a in names:
+        for b in names:
+            if a != b and b.startswith(a + "."):
+                raise ValueError(f"parts {a!r} and {b!r} are nested; name disjoint sub-modules")
+    uncovered = [
+        n
+        for n, _ in model.named_parameters()
+        if not any(n.startswith(name + ".") for name in names)
+    ]
+    if uncovered:
+        raise ValueError(
+            f"{len(uncovered)} parameters belong to no part (e.g. {', '.join(uncovered[:3])}); "
+            "every parameter must be in a named part: add their module to submodules"
+        )
+
+
+def parallelize_submodules(
+    model: nn.Module, submodules: Mapping[str, SubmoduleParallel]
+) -> HeterogeneousResult:
+    """Parallelize each named sub-module of ``model`` with its own layout over all ranks.
+
+    ``submodules`` maps a sub-module name (``"vision"``, ``"language_model"``) to its
+    :class:`SubmoduleParallel`. Needs the default process group; the model is changed in place.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize_submodules needs the default process group")
+    from forge_core import ParallelDims
+
+    world = dist.get_world_size()
+    _validate(model, submodules, world)
+    parts: dict[str, ParallelizeResult] = {}
+    for name, spec in submodules.items():
+        dims = ParallelDims(
+            world_size=world, tp=spec.tp, dp_replicate=spec.dp_replicate, dp_shard=-1
+        )
+        result = parallelize(
+            model.get_submodule(name),
+            dims,
+            plan=spec.plan,
+            data_parallel=spec.data_parallel,
+            fsdp=spec.fsdp,
+            recompute=spec.recompute,
+            offload=spec.offload,
+            blocks=spec.blocks,
+        )
+        if spec.tp > 1:
+            _install_boundary(result.model, result.mesh["tp"].get_group())
+        parts[name] = result
+    return HeterogeneousResult(model=model, parts=parts)

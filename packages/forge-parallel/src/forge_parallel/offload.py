@@ -1,0 +1,189 @@
+"""Activation offload: the tensors each block saves for backward wait in host memory.
+
+Built on ``torch.autograd.graph.saved_tensors_hooks``: during a block's forward, every tensor
+autograd saves (of at least ``OffloadConfig.min_bytes``, and not a parameter) is packed into a
+host copy; backward unpacks it back to its device. On an accelerator (the approach of
+torchtune's ``OffloadActivations`` and Megatron-Core's CPU offloading):
+
+- forward copies device -> host on a side stream into pinned buffers, so the copy overlaps the
+  next ops; the allocator may reuse the device memory once the copy has run
+  (``record_stream``);
+- backward copies host -> device on another side stream. Blocks run backward in reverse
+  order, so when block ``i`` first unpacks, the copies of block ``i - 1`` are started
+  (``prefetch``), and they overlap block ``i``'s backward.
+
+On a CPU device the "offload" is a copy into separate host buffers: correct, and the
+bookkeeping (:attr:`ActivationOffload.stats`) shows what would move, but it saves no memory.
+
+Composes with recomputation: applied outside a fully checkpointed block, the offloaded tensors
+are the block inputs the checkpoint keeps (non-reentrant checkpointing saves them through the
+active hooks). The outputs a selective recompute policy caches stay on the device, and so do
+DTensors (tensor-parallel activations) in this release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from forge_parallel.config import OffloadConfig
+
+__all__ = ["ActivationOffload", "OffloadStats", "apply_offload"]
+
+
+@dataclass
+class OffloadStats:
+    """Bookkeeping of the pack / unpack hooks, in bytes and tensor counts."""
+
+    packed: int = 0  # tensors seen by the pack hook
+    offloaded: int = 0  # tensors copied to the host
+    offloaded_bytes: int = 0
+    kept_bytes: int = 0  # saved activations left on the device (small ones, DTensors)
+    reloaded: int = 0  # tensors brought back by backward
+    prefetched: int = 0  # of which started ahead of need
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class _Offloaded:
+    """One tensor's host copy, and its device copy once backward has asked for it."""
+
+    __slots__ = ("device", "event", "host", "reload_event", "reloaded")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, event: Any) -> None:
+        self.host, self.device, self.event = host, device, event
+        self.reloaded: torch.Tensor | None = None
+        self.reload_event: Any = None
+
+
+class ActivationOffload:
+    """Saved-tensor hooks shared by the blocks of one model (one stream pair, one prefetcher).
+
+    :meth:`block_forward` wraps a block's ``forward``; each forward call of a block is a
+    *group* of saved tensors, and backward of group ``g`` prefetches group ``g - 1``.
+    """
+
+    def __init__(self, config: OffloadConfig, first_block: nn.Module) -> None:
+        self.config = config
+        self._first = first_block  # its forward starts a new pass of the model
+        self.stats = OffloadStats()
+        self._groups: list[list[_Offloaded]] = []
+        self._streams: tuple[Any, Any] | None = None
+
+    # -- streams ----------------------------------------------------------------------------
+    def _side_streams(self, device: torch.device) -> tuple[Any, Any] | None:
+        if device.type != "cuda":
+            return None
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _pack(self, group: list[_Offloaded], params: set[int], tensor: torch.Tensor) -> Any:
+        self.stats.packed += 1
+        local = _local(tensor)
+        if local.untyped_storage().data_ptr() in params:
+            return tensor  # a weight: not an activation, alive anyway
+        nbytes = local.numel() * local.element_size()
+        # DTensors (tensor-parallel activations) stay on the device in this release.
+        if hasattr(tensor, "to_local") or nbytes < self.config.min_bytes:
+            self.stats.kept_bytes += nbytes
+            return tensor
+        streams = self._side_streams(tensor.device)
+        pin = self.config.pin_memory and streams is not None
+        host = torch.empty_like(tensor, device="cpu", pin_memory=pin)
+        event = None
+        if streams is not None:
+            d2h = streams[0]
+            d2h.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(d2h):
+                host.copy_(tensor, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(d2h)
+            tensor.record_stream(d2h)  # device memory reusable only after the copy
+        else:
+            host.copy_(tensor)
+        handle = _Offloaded(host, tensor.device, event)
+        group.append(handle)
+        self.stats.offloaded += 1
+        self.stats.offloaded_bytes += tensor.numel() * tensor.element_size()
+        return handle
+
+    def _start_reload(self, handle: _Offloaded) -> None:
+        if handle.reloaded is not None:
+            return
+        streams = self._side_streams(handle.device)
+        if streams is None:
+            handle.reloaded = handle.host.to(handle.device, copy=True)
+            return
+        h2d = streams[1]
+        with torch.cuda.stream(h2d):
+            h2d.wait_event(handle.event)
+            handle.reloaded = handle.host.to(handle.device, non_blocking=True)
+            handle.reload_event = torch.cuda.Event()
+            handle.reload_event.record(h2d)
+
+    def _unpack(self, index: int, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Offloaded):
+            return packed
+        if self.config.prefetch and index > 0:
+            previous = self._groups[index - 1]
+            for handle in previous:
+                if handle.reloaded is None:
+                    self._start_reload(handle)
+                    self.stats.prefetched += 1
+        self._start_reload(packed)
+        tensor = packed.reloaded
+        if packed.reload_event is not None:
+            current = torch.cuda.current_stream(packed.device)
+            current.wait_event(packed.reload_event)
+            tensor.record_stream(current)
+        packed.reloaded = None  # the graph holds the device copy from here on
+        self.stats.reloaded += 1
+        return tensor
+
+    def block_forward(self, inner: Callable, module: nn.Module) -> Callable:
+        """``inner`` (a block's forward) with its saved tensors offloaded."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return inner(*args, **kwargs)
+            params = {_local(p).untyped_storage().data_ptr() for p in module.parameters()}
+            group: list[_Offloaded] = []
+            if module is self._first:
+                self._groups = []  # a new forward pass of the model
+            index = len(self._groups)
+            self._groups.append(group)
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: self._pack(group, params, t),
+                lambda packed: self._unpack(index, packed),
+            ):
+                return inner(*args, **kwargs)
+
+        return forward
+
+
+def apply_offload(
+    blocks: Sequence[tuple[str, nn.Module]], config: OffloadConfig
+) -> tuple[ActivationOffload, dict[str, str]]:
+    """Offload the saved activations of ``blocks`` (in place, outside any recompute wrapper).
+
+    Returns the shared :class:`ActivationOffload` (its ``stats``) and name -> description.
+    """
+    if not blocks:
+        raise ValueError("activation offload needs the model's blocks; pass blocks='<pattern>'")
+    offload = ActivationOffload(config, blocks[0][1])
+    applied: dict[str, str] = {}
+    for name, block in blocks:
+        if getattr(block, "_forge_offload", None):
+            raise ValueError(f"{name} already offloads its activations; apply offload once")
+        block.forward = offload.block_forward(block.forward, block)
+        block._forge_offload = offload
+        applied[name] = "offload to CPU"
+    return offload, applied

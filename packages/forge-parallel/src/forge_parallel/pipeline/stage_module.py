@@ -1,0 +1,197 @@
+"""Cut a plain decoder (embedding -> repeated blocks -> norm -> head) into stage modules.
+
+:func:`decoder_layout` finds the parts of a model from its blocks
+(:func:`~forge_parallel.find_blocks`): the modules registered before the blocks' container
+(on the path from the root to it) run before the blocks, those registered after run after
+them, in registration order. Parameter-free rotary-embedding modules (``transformers``'
+``*RotaryEmbedding``) are not run in sequence but on every stage: their
+``(cos, sin)`` is passed to each block as ``position_embeddings`` with ``position_ids``.
+
+A :class:`StageModule` holds references to the model's own sub-modules under their original
+paths (``layers.3.attn.q_proj`` stays ``layers.3.attn.q_proj``), so tensor-parallel plans,
+state dicts and checkpoints name parameters exactly as in the whole model. Nothing is copied:
+once the caller drops the model, each rank keeps only its stages' layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from forge_parallel.parallelize import find_blocks
+
+__all__ = ["DecoderLayout", "StageModule", "decoder_layout", "layer_costs"]
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Module paths of a decoder's parts, in execution order."""
+
+    pre: tuple[str, ...]
+    blocks: tuple[str, ...]
+    post: tuple[str, ...]
+    rotary: str | None
+
+    @property
+    def blocks_pattern(self) -> str:
+        """The pattern matching the blocks (for ``parallelize(..., blocks=...)``)."""
+        parent = self.blocks[0].rpartition(".")[0]
+        return f"{parent}.*" if parent else "*"
+
+
+def _is_rotary(module: nn.Module) -> bool:
+    return "rotary" in type(module).__name__.lower() and not any(True for _ in module.parameters())
+
+
+def decoder_layout(model: nn.Module, blocks: str | None = None) -> DecoderLayout:
+    """Find embedding / blocks / norm-and-head of ``model`` (see the module docstring)."""
+    found = find_blocks(model, blocks)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of blocks to split into pipeline "
+            "stages; pass blocks='<pattern>' (e.g. 'layers.*')"
+        )
+    names = [n for n, _ in found]
+    parent = names[0].rpartition(".")[0]
+    if any(n.rpartition(".")[0] != parent for n in names):
+        raise ValueError(f"the blocks must be children of one container, got {names[:4]}...")
+    pre: list[str] = []
+    post: list[str] = []
+    rotary: str | None = None
+    # Walk from the root down to the blocks' container, collecting siblings on each level.
+    path = parent.split(".") if parent else []
+    module, prefix = model, ""
+    before_levels: list[list[str]] = []
+    after_levels: list[list[str]] = []
+    for part in path:
+        before, after, seen = [], [], False
+        for child_name, child in module.named_children():
+            full = prefix + child_name
+            if child_name == part:
+                seen = True
+                continue
+            if _is_rotary(child):
+                if rotary is not None:
+                    raise ValueError(f"two rotary-embedding modules: {rotary} and {full}")
+                rotary = full
+                continue
+            (after if seen else before).append(full)
+        before_levels.append(before)
+        after_levels.append(after)
+        module, prefix = getattr(module, part), prefix + part + "."
+    for level in before_levels:  # outer before inner: outer pre-modules run first
+        pre.extend(level)
+    for level in reversed(after_levels):  # inner after-modules (norm) run before outer (head)
+        post.extend(level)
+    return DecoderLayout(pre=tuple(pre), blocks=tuple(names), post=tuple(post), rotary=rotary)
+
+
+def _numel(model: nn.Module, paths: Sequence[str]) -> int:
+    return sum(p.numel() for path in paths for p in model.get_submodule(path).parameters())
+
+
+def layer_costs(
+    model: nn.Module,
+    layout: DecoderLayout,
+    by: str,
+    sample_input: torch.Tensor | None = None,
+) -> tuple[list[float], float, float]:
+    """Per-block costs and the costs of the pre (embedding) and post (norm, head) parts.
+
+    ``by="layers"``: 1 per block, 0 for the rest; ``"params"``: parameter counts;
+    ``"flops"``: forward FLOPs of one run of the whole model on ``sample_input`` (counted by
+    ``torch.utils.flop_counter.FlopCounterMode``; an embedding lookup counts 0).
+    """
+    if by == "layers":
+        return [1.0] * len(layout.blocks), 0.0, 0.0
+    if by == "params":
+        blocks = [float(_numel(model, [b])) for b in layout.blocks]
+        return blocks, float(_numel(model, layout.pre)), float(_numel(model, layout.post))
+    if by == "flops":
+        if sample_input is None:
+            raise ValueError("split='flops' counts FLOPs on a sample: pass sample_input=<batch>")
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            StageModule(model, layout, list(layout.blocks), first=True, last=True)(sample_input)
+        counts = counter.get_flop_counts()
+
+        def flops(path: str) -> float:
+            # FlopCounterMode names modules "<RootClass>.<path>".
+            for key, ops in counts.items():
+                if key.partition(".")[2] == path:
+                    return float(sum(ops.values()))
+            return 0.0
+
+        return (
+            [flops(b) for b in layout.blocks],
+            sum(flops(p) for p in layout.pre),
+            sum(flops(p) for p in layout.post),
+        )
+    raise ValueError(f"unknown cost {by!r}; use 'layers', 'params' or 'flops'")
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module, containers: set[str]) -> None:
+    parts = path.split(".")
+    node = root
+    for depth, part in enumerate(parts[:-1]):
+        if not hasattr(node, part) or part not in node._modules:
+            container_path = ".".join(parts[: depth + 1])
+            node.add_module(part, nn.ModuleDict() if container_path in containers else nn.Module())
+        node = node._modules[part]
+    node.add_module(parts[-1], module)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: the pre-parts (first stage), some blocks, the post-parts (last).
+
+    Sub-modules keep their paths in the whole model; the blocks' container is an
+    ``nn.ModuleDict`` keyed by the original block indices.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: DecoderLayout,
+        blocks: Sequence[str],
+        *,
+        first: bool,
+        last: bool,
+    ) -> None:
+        super().__init__()
+        container = layout.blocks[0].rpartition(".")[0]
+        containers = {container} if container else set()
+        self._pre = tuple(layout.pre) if first else ()
+        self._blocks = tuple(blocks)
+        self._post = tuple(layout.post) if last else ()
+        self._rotary = layout.rotary
+        for path in (*self._pre, *self._blocks, *self._post):
+            _attach(self, path, model.get_submodule(path), containers)
+        if self._rotary is not None:
+            _attach(self, self._rotary, model.get_submodule(self._rotary), containers)
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return self._blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for path in self._pre:
+            x = self.get_submodule(path)(x)
+        kwargs = {}
+        if self._rotary is not None and self._blocks:
+            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+            rotary = self.get_submodule(self._rotary)
+            kwargs = {
+                "position_embeddings": rotary(x, position_ids),
+                "position_ids": position_ids,
+            }
+        for path in self._blocks:
+            out = self.get_submodule(path)(x, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        for path in self._post:
+            x = self.get_submodule(path)(x)
+        return x

@@ -1,0 +1,367 @@
+"""Context parallelism: sharding layouts, blockwise ring math emulated on one process, and
+exactness on the gloo pool (attention forward + backward against full-sequence SDPA, and the
+tiny Llama trained 5 steps under CP against a single process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from forge_core import ParallelDims
+from forge_core.testing import import_path
+from forge_parallel import parallelize
+from forge_parallel.context_parallel import (
+    CPConfig,
+    block_attention_backward,
+    block_attention_forward,
+    block_mask,
+    context_parallel,
+    context_parallel_attention,
+    context_parallel_cross_entropy,
+    document_ids,
+    gathered_positions,
+    merge_blocks,
+    shard_positions,
+    shard_sequence,
+    unshard_sequence,
+    validate_ulysses,
+)
+
+TOLERANCE = 1e-5
+
+
+def _helpers():
+    return import_path(
+        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
+    )
+
+
+tm = _helpers()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _reference(q, k, v, *, causal, cu_seqlens=None):
+    """Full-sequence SDPA (with a per-document mask for packed sequences): out, dq, dk, dv."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mask = None
+    if cu_seqlens is not None:
+        docs = document_ids(cu_seqlens, q.shape[2])
+        mask = docs[:, None] == docs[None, :]
+        if causal:
+            mask = mask & torch.ones_like(mask).tril()
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal and mask is None,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    grad = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad, grad
+
+
+def _qkv(seed=0, b=2, h=4, hkv=2, s=16, d=8):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=gen)
+    k = torch.randn(b, hkv, s, d, generator=gen)
+    v = torch.randn(b, hkv, s, d, generator=gen)
+    return q, k, v
+
+
+# -- pure: sharding layouts ----------------------------------------------------------------
+
+
+def test_zigzag_and_contiguous_layouts():
+    assert shard_positions(16, cp_size=2, cp_rank=0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert shard_positions(16, cp_size=2, cp_rank=1).tolist() == list(range(4, 12))
+    assert shard_positions(8, cp_size=4, cp_rank=1).tolist() == [1, 6]
+    assert shard_positions(12, cp_size=3, cp_rank=2, load_balance=False).tolist() == [8, 9, 10, 11]
+    for cp, lb in ((2, True), (4, True), (3, False), (4, False)):
+        everything = gathered_positions(24, cp_size=cp, load_balance=lb)
+        assert sorted(everything.tolist()) == list(range(24))
+    # zigzag balances causal work: every rank's queries see the same number of keys
+    work = [(shard_positions(32, cp_size=4, cp_rank=r) + 1).sum().item() for r in range(4)]
+    assert len(set(work)) == 1, work
+    # ring attention computes only the visible part of each block: with zigzag, the same
+    # amount on every rank, about half of the full blocks
+    from forge_parallel.context_parallel.ring_attention import _Layout, _visible_part
+
+    layout = _Layout(8, 4, load_balance=True, cu_seqlens=None, device=torch.device("cpu"))
+    computed = []
+    for r in range(4):
+        parts = [_visible_part(layout.mask(r, src, causal=True)) for src in range(4)]
+        computed.append(
+            sum(
+                (8 if p.rows is None else len(p.rows)) * (8 if p.cols is None else len(p.cols))
+                for p in parts
+                if p is not None
+            )
+        )
+    assert computed == [8 * 8 + 3 * 8 * 4] * 4, computed
+    x = torch.arange(2 * 16 * 3).reshape(2, 16, 3)
+    shards = [shard_sequence(x, dim=1, cp_size=4, cp_rank=r) for r in range(4)]
+    order = gathered_positions(16, cp_size=4)
+    torch.testing.assert_close(torch.cat(shards, 1)[:, torch.argsort(order)], x)
+
+
+def test_layout_and_document_errors():
+    with pytest.raises(
+        ValueError, match=r"sequence length 12 must be divisible by 8 .*pad it to 16"
+    ):
+        shard_positions(12, cp_size=4, cp_rank=0)
+    with pytest.raises(ValueError, match=r"cp_rank 2 is outside \[0, 2\)"):
+        shard_positions(8, cp_size=2, cp_rank=2)
+    assert document_ids(torch.tensor([0, 3, 3, 8]), 8).tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
+    with pytest.raises(ValueError, match="end at the full sequence length 8"):
+        document_ids(torch.tensor([0, 3, 4]), 8)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        document_ids(torch.tensor([0, 5, 3, 8]), 8)
+    with pytest.raises(ValueError, match=r"num_heads=6 and num_kv_heads=2 .*cp in \[1, 2\]"):
+        validate_ulysses(6, 2, 4)
+    with pytest.raises(ValueError, match="unknown context-parallel style 'star'"):
+        CPConfig(style="star")
+
+
+# -- pure: ring attention's blockwise math, ranks emulated on one process ------------------
+
+
+def _emulated_ring(q, k, v, *, cp, causal, load_balance, cu_seqlens, grad):
+    """Every rank's ring steps (forward merge, backward accumulation) run in one process."""
+    s = q.shape[2]
+    pos = [shard_positions(s, cp_size=cp, cp_rank=r, load_balance=load_balance) for r in range(cp)]
+    docs = document_ids(cu_seqlens, s) if cu_seqlens is not None else None
+    doc = [None if docs is None else docs[p] for p in pos]
+    scale = q.shape[-1] ** -0.5
+    qs, ks, vs, gs = ([t[:, :, p] for p in pos] for t in (q, k, v, grad))
+    outs, lses = [], []
+    for r in range(cp):
+        out = torch.zeros_like(qs[r])
+        lse = torch.full(qs[r].shape[:-1], float("-inf"))
+        for step in range(cp):
+            src = (r - step) % cp
+            mask = block_mask(
+                pos[r], pos[src], causal=causal, q_documents=doc[r], k_documents=doc[src]
+            )
+            o, l_ = block_attention_forward(qs[r], ks[src], vs[src], mask, scale)
+            out, lse = merge_blocks(out, lse, o, l_)
+        outs.append(out)
+        lses.append(lse)
+    dq = [torch.zeros_like(t) for t in qs]
+    dk = [torch.zeros_like(t) for t in ks]
+    dv = [torch.zeros_like(t) for t in vs]
+    for r in range(cp):
+        delta = (gs[r] * outs[r]).sum(-1)
+        for src in range(cp):
+            mask = block_mask(
+                pos[r], pos[src], causal=causal, q_documents=doc[r], k_documents=doc[src]
+            )
+            a, b, c = block_attention_backward(
+                qs[r], ks[src], vs[src], lses[r], gs[r], delta, mask, scale
+            )
+            dq[r] += a
+            dk[src] += b
+            dv[src] += c
+    inverse = torch.argsort(torch.cat(pos))
+    return [torch.cat(t, 2)[:, :, inverse] for t in (outs, dq, dk, dv)]
+
+
+@pytest.mark.parametrize(
+    ("cp", "causal", "load_balance", "packed"),
+    [
+        (4, True, True, False),
+        (3, False, False, False),
+        (2, True, True, True),
+        (4, False, True, True),
+        (2, True, False, False),
+    ],
+)
+def test_ring_blockwise_math_matches_sdpa(cp, causal, load_balance, packed):
+    q, k, v = _qkv(s=24)
+    cu = torch.tensor([0, 5, 6, 17, 24]) if packed else None
+    ref = _reference(q, k, v, causal=causal, cu_seqlens=cu)
+    got = _emulated_ring(
+        q, k, v, cp=cp, causal=causal, load_balance=load_balance, cu_seqlens=cu, grad=ref[4]
+    )
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref[:4], strict=False):
+        assert _rel(a, b) < TOLERANCE, (name, _rel(a, b))
+
+
+def test_errors_without_process_group():
+    q, k, v = _qkv()
+    with pytest.raises(
+        ValueError, match=r"query heads \(4\) must be a multiple of key/value heads \(3\)"
+    ):
+        context_parallel_attention(
+            q, k[:, :1].expand(-1, 3, -1, -1), v[:, :1].expand(-1, 3, -1, -1), group=None
+        )
+    with pytest.raises(ValueError, match="unknown context-parallel style"):
+        context_parallel_attention(q, k, v, group=None, style="tree")
+    model = tm.build_tiny()
+    with pytest.raises(ValueError, match=r"cp=2: .*data_parallel='ddp' does not reduce over cp"):
+        parallelize(
+            model, ParallelDims(world_size=4, cp=2, dp_replicate=2, dp_shard=1), data_parallel="ddp"
+        )
+    with pytest.raises(ValueError, match="configures cp > 1, but the mesh has cp=1"):
+        parallelize(model, ParallelDims(world_size=2), context_parallel=CPConfig())
+
+
+def test_hsdp_shards_over_dp_shard_and_cp(fake_pg):
+    with fake_pg(world_size=8, rank=3):
+        model, summary = parallelize(
+            tm.build_tiny(),
+            ParallelDims(world_size=8, dp_replicate=2, cp=2),
+            context_parallel=CPConfig(style="ulysses"),
+        )
+        assert summary.data_parallel == "hsdp"
+        assert summary.row("embed").placements == "Replicate@dp_replicate Shard(0)@dp_shard_cp"
+        # 64 rows sharded over dp_shard x cp = 4 ranks
+        assert model.embed.weight.to_local().shape == (16, 32)
+        assert "context parallel (ulysses) -> HSDP" in str(summary)
+
+
+# -- exactness on the pool ----------------------------------------------------------------
+
+
+def _attention_job(kv_heads: int):
+    """Every variant's output and q/k/v gradients against full-sequence SDPA."""
+    group = dist.group.WORLD
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    errors = {}
+    cu = torch.tensor([0, 5, 6, 13, 16])
+    cases = {
+        "ring_causal_zigzag": {"style": "ring", "causal": True},
+        "ring_causal_contiguous": {"style": "ring", "causal": True, "load_balance": False},
+        "ring_bidirectional": {"style": "ring", "causal": False},
+        "ring_packed_causal": {"style": "ring", "causal": True, "cu_seqlens": cu},
+        "ring_packed_bidirectional": {"style": "ring", "causal": False, "cu_seqlens": cu},
+        "ulysses_causal": {"style": "ulysses", "causal": True},
+        "ulysses_bidirectional_contiguous": {
+            "style": "ulysses",
+            "causal": False,
+            "load_balance": False,
+        },
+        "ulysses_packed_causal": {"style": "ulysses", "causal": True, "cu_seqlens": cu},
+    }
+    q, k, v = _qkv(seed=3, hkv=kv_heads)
+    for name, kw in cases.items():
+        lb = kw.get("load_balance", True)
+        ref_out, dq, dk, dv, grad = _reference(
+            q, k, v, causal=kw["causal"], cu_seqlens=kw.get("cu_seqlens")
+        )
+
+        def shard(t, lb=lb):
+            return shard_sequence(t, dim=2, cp_size=cp, cp_rank=rank, load_balance=lb)
+
+        lq, lk, lv = (shard(t).requires_grad_() for t in (q, k, v))
+        out = context_parallel_attention(lq, lk, lv, group=group, **kw)
+        out.backward(shard(grad))
+        full = unshard_sequence(out.detach(), dim=2, group=group, load_balance=lb)
+        errors[name] = max(
+            _rel(full, ref_out),
+            _rel(lq.grad, shard(dq)),
+            _rel(lk.grad, shard(dk)),
+            _rel(lv.grad, shard(dv)),
+        )
+    # an unedited call site: SDPA routed through the TorchFunctionMode, packed documents
+    lq, lk, lv = (
+        shard_sequence(t, dim=2, cp_size=cp, cp_rank=rank).requires_grad_() for t in (q, k, v)
+    )
+    ref_out, dq, dk, dv, grad = _reference(q, k, v, causal=True, cu_seqlens=cu)
+    with context_parallel(group, CPConfig(style="ring"), cu_seqlens=cu):
+        out = F.scaled_dot_product_attention(lq, lk, lv, is_causal=True, enable_gqa=True)
+    out.backward(shard_sequence(grad, dim=2, cp_size=cp, cp_rank=rank))
+    errors["sdpa_router_packed"] = max(
+        _rel(unshard_sequence(out.detach(), dim=2, group=group), ref_out),
+        _rel(lk.grad, shard_sequence(dk, dim=2, cp_size=cp, cp_rank=rank)),
+    )
+    # the loss: the full-sequence mean (with ignored labels unevenly spread) and its gradient
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 16, 11, generator=gen)
+    labels = torch.randint(0, 11, (2, 16), generator=gen)
+    labels[0, :7] = -100
+    ref_logits = logits.clone().requires_grad_()
+    F.cross_entropy(ref_logits.flatten(0, 1), labels.flatten()).backward()
+    local = shard_sequence(logits, dim=1, cp_size=cp, cp_rank=rank).requires_grad_()
+    loss = context_parallel_cross_entropy(
+        local, shard_sequence(labels, dim=1, cp_size=cp, cp_rank=rank), group=group
+    )
+    loss.backward()  # the objective is the sum over ranks; averaging over cp gives the mean
+    ref_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    errors["loss"] = max(
+        abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+        _rel(local.grad / cp, shard_sequence(ref_logits.grad, dim=1, cp_size=cp, cp_rank=rank)),
+    )
+    with pytest.raises(ValueError, match=r"num_heads=4 and num_kv_heads=1 are not both divisible"):
+        context_parallel_attention(lq, lk[:, :1], lv[:, :1], group=group, style="ulysses")
+    return errors
+
+
+def _layouts_job(group: str):
+    layouts = {
+        "cp2": {
+            "cp2_ring": {"dims": {"cp": 2, "dp_shard": 1}},
+            "cp2_ulysses": {
+                "dims": {"cp": 2, "dp_shard": 1},
+                "context_parallel": CPConfig(style="ulysses"),
+            },
+        },
+        "cp4": {
+            "cp2_fsdp2_ring": {"dims": {"cp": 2, "dp_shard": 2}},
+            "cp2_hsdp_2x1_ulysses_contiguous": {
+                "dims": {"cp": 2, "dp_replicate": 2, "dp_shard": 1},
+                "context_parallel": CPConfig(style="ulysses", load_balance=False),
+            },
+        },
+    }[group]
+    # Count the attention calls the SDPA router sends to context parallelism, and their shards.
+    from forge_parallel.context_parallel import apply as cp_apply
+
+    original, seen = cp_apply.context_parallel_attention, []
+
+    def counting(q, *args, **kwargs):
+        seen.append(q.shape[2])
+        return original(q, *args, **kwargs)
+
+    cp_apply.context_parallel_attention = counting
+    try:
+        errors = tm.run_layouts("tiny", layouts)
+    finally:
+        cp_apply.context_parallel_attention = original
+    # every layer of every micro-batch of every step of every layout, on a SEQ / cp shard
+    expected = len(layouts) * tm.STEPS * tm.ACCUM * tm.TinyConfig().n_layers
+    assert (len(seen), set(seen)) == (expected, {tm.SEQ // 2}), (len(seen), set(seen))
+    return errors
+
+
+def _check(per_rank):
+    for name, err in per_rank[0].items():
+        print(f"{name:34s} {err}")
+    bad = {
+        (rank, name): err
+        for rank, result in enumerate(per_rank)
+        for name, err in result.items()
+        if (max(err.values()) if isinstance(err, dict) else err) > TOLERANCE
+    }
+    assert not bad, f"relative errors above {TOLERANCE}: {bad}"
+
+
+def test_attention_exact_on_2_ranks(dist_pool):
+    _check(dist_pool(2).run(_attention_job, 2))
+
+
+def test_attention_exact_on_4_ranks(dist_pool):
+    _check(dist_pool(4).run(_attention_job, 4))
+
+
+def test_tiny_llama_cp_layouts(dist_pool):
+    _check(dist_pool(2).run(_layouts_job, "cp2"))
+    _check(dist_pool(4).run(_layouts_job, "cp4"))

@@ -1,0 +1,124 @@
+"""Pipeline-parallel layouts train like a single process (the acceptance test of PP).
+
+Each layout trains 5 steps (AdamW, 2 micro-batches of gradient accumulation run as the
+pipeline's micro-batches, gradient clipping by the norm over all pipeline ranks, biting) on the
+gloo worker pool, from the same initial weights as a single-process reference run on every
+rank; losses, gradient norms and gathered final parameters must agree to 1e-5 (float32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from forge_core.testing import import_path
+
+TOLERANCE = 1e-5
+
+
+def _helpers():
+    return import_path(
+        Path(__file__).with_name("pipeline_helpers.py"), "forge_parallel_tests_pipeline_helpers"
+    )
+
+
+ph = _helpers()
+tm = ph.tm
+
+PP2 = {"pp": 2, "dp_shard": 1}
+
+
+def _layouts(group: str) -> tuple[str, dict[str, dict]]:
+    tp_plan = tm.tiny_plan(loss_parallel=False)
+    return {
+        "tiny2": (
+            "tiny4",  # 4 layers: 2 per stage, or 1 per virtual stage
+            {
+                "pp2_gpipe": {"dims": PP2, "pipeline": {"schedule": "gpipe"}},
+                "pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}},
+                "pp2_zero_bubble": {"dims": PP2, "pipeline": {"schedule": "zero_bubble"}},
+                "pp2_v2_interleaved_1f1b": {
+                    "dims": PP2,
+                    "pipeline": {"schedule": "interleaved_1f1b", "virtual_stages": 2},
+                },
+                "pp2_v2_zbv": {"dims": PP2, "pipeline": {"schedule": "zbv", "virtual_stages": 2}},
+            },
+        ),
+        "hf2": ("hf", {"pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}}}),
+        "tiny_4ranks": (
+            "tiny",
+            {
+                "tp2_pp2": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": tp_plan},
+                },
+            },
+        ),
+        "tiny_8ranks": (
+            "tiny",
+            {
+                "pp2_fsdp2_tp2": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": tp_plan},
+                },
+            },
+        ),
+    }[group]
+
+
+def _job(groups: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    out = {}
+    for group in groups:
+        build, layouts = _layouts(group)
+        for name, errors in ph.run_pipeline_layouts(build, layouts).items():
+            out[f"{group}/{name}"] = errors
+    return out
+
+
+def _bubble_job():
+    from forge_core import ParallelDims
+    from forge_parallel.pipeline import measure_bubble, pipeline
+
+    mesh = ParallelDims(world_size=dist.get_world_size(), pp=2, dp_shard=1).build_mesh()
+    pipe = pipeline(
+        tm.build_tiny(), mesh, loss_fn=ph.cross_entropy, schedule="1f1b", microbatches=2
+    )
+    tokens = torch.randint(0, 64, (4, 9))
+    return measure_bubble(pipe, tokens[:, :-1], tokens[:, 1:], steps=1)
+
+
+def _check(per_rank: list[dict[str, dict[str, float]]]) -> None:
+    for layout, errors in per_rank[0].items():  # shown with pytest -s
+        print(f"{layout:36s} " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    bad = {
+        f"rank{rank} {layout}": errors
+        for rank, result in enumerate(per_rank)
+        for layout, errors in result.items()
+        if max(v for k, v in errors.items() if k != "seconds") > TOLERANCE
+    }
+    assert not bad, f"relative errors above {TOLERANCE}: {bad}"
+
+
+def test_pipeline_schedules_on_2_ranks(dist_pool):
+    pool = dist_pool(2)
+    _check(pool.run(_job, ("tiny2", "hf2")))
+    reports = pool.run(_bubble_job)
+    assert reports[0] == reports[1]  # gathered over the pipeline group
+    report = reports[0]
+    assert report.computed == pytest.approx(1 / 3)  # (p - 1) / (m + p - 1), p = m = 2
+    assert len(report.per_rank) == 2
+    assert all(0.0 <= b < 1.0 for b in report.per_rank)
+    assert report.step_seconds > 0
+
+
+def test_tp2_pp2_on_4_ranks(dist_pool):
+    _check(dist_pool(4).run(_job, ("tiny_4ranks",)))
+
+
+def test_pp2_fsdp2_tp2_on_8_ranks(dist_pool):
+    _check(dist_pool(8).run(_job, ("tiny_8ranks",)))

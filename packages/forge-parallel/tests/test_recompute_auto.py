@@ -1,0 +1,146 @@
+"""Automatic recomputation: the chosen policy fits the budget, measured independently, and
+changes no gradient."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from forge_core.testing import import_path
+from forge_parallel import RecomputeConfig, apply_recompute, parallelize
+from forge_parallel.auto_recompute import measure_block, plan_recompute
+
+
+def _helpers():
+    return import_path(
+        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
+    )
+
+
+tm = _helpers()
+CFG = tm.TinyConfig(dim=32, n_heads=4, n_kv_heads=2, ffn=64)
+
+
+class _Storages(TorchDispatchMode):
+    """Weak references to the storage of every tensor an op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.refs.append(weakref.ref(t.untyped_storage()))
+        return out
+
+
+def held_bytes(block: torch.nn.Module, x: torch.Tensor) -> tuple[int, object]:
+    """Bytes the autograd graph of ``block(x)`` keeps alive (the input counted, parameters not),
+    measured from which storages created in forward outlive the output."""
+    tracker = _Storages()
+    with tracker:
+        out = block(x)
+    graph = out.grad_fn
+    del out  # the graph now keeps alive only what it saved for backward
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    alive = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()}
+    for ref in tracker.refs:
+        storage = ref()
+        if storage is not None and storage.data_ptr() not in params:
+            alive[storage.data_ptr()] = storage.nbytes()
+    return sum(alive.values()), graph
+
+
+def _block_and_input():
+    torch.manual_seed(0)
+    return tm.Block(CFG), torch.randn(2, 32, CFG.dim, requires_grad=True)
+
+
+def test_chosen_policy_fits_budget_measured_independently():
+    block, x = _block_and_input()
+    measurement = measure_block(block, x)
+    plain, _ = held_bytes(block, x)
+    assert measurement.saved_bytes == plain
+    extra = []
+    for budget in [0, *(int(plain * f) for f in (0.3, 0.7)), plain, 100 * plain]:
+        choice = plan_recompute(measurement, budget)
+        checkpointed = copy.deepcopy(block)
+        config = RecomputeConfig(mode="auto", memory_budget=budget)
+        apply_recompute([("block", checkpointed)], config)
+        held, _ = held_bytes(checkpointed, x)
+        assert checkpointed._forge_recompute == choice.describe()
+        assert held == choice.kept_bytes, (budget, choice)
+        assert held <= max(budget, measurement.input_bytes), (budget, held)
+        extra.append(choice.extra_flops)
+        if budget == 0:
+            assert choice.kind == "full"
+            assert held == measurement.input_bytes
+        elif budget >= plain:
+            assert choice.kind == "none"
+            assert choice.extra_flops == 0
+        else:
+            assert choice.kind == "selective"
+            assert held < plain
+    # More memory never costs more recomputation; partial budgets beat full recompute.
+    assert extra == sorted(extra, reverse=True)
+    assert extra[0] == measurement.total_flops > extra[1]
+
+
+def test_selective_keeps_the_flops_heavy_outputs():
+    block, x = _block_and_input()
+    measurement = measure_block(block, x)
+    choice = plan_recompute(measurement, measurement.saved_bytes // 2)
+    saved = {op for op, _ in choice.saved}
+    # Korthikanti et al.: projections (many FLOPs per byte) kept, pointwise ops recomputed.
+    assert "aten.mm.default" in saved
+    assert "aten.silu.default" not in saved
+
+
+def test_gradients_identical_to_no_recompute():
+    reference = tm.build_tiny(dim=32, n_layers=2)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    per_block = measure_block(reference.layers[0], reference.embed(tokens)).saved_bytes
+    reference(tokens).logsumexp(-1).mean().backward()
+    for fraction, kind in ((0.0, "full"), (0.5, "selective"), (100.0, "none")):
+        model = copy.deepcopy(reference)
+        model.zero_grad()
+        config = RecomputeConfig(mode="auto", memory_budget=int(per_block * fraction))
+        _, summary = parallelize(model, recompute=config)
+        assert summary.row("layers.0").recompute.startswith("auto")
+        # The first forward measures, then runs the decided policy.
+        model(tokens).logsumexp(-1).mean().backward()
+        assert {layer.forward.choice.kind for layer in model.layers} == {kind}
+        for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_total_budget_is_shared_across_blocks():
+    model = tm.build_tiny(dim=32, n_layers=3)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    per_block = measure_block(model.layers[0], model.embed(tokens)).saved_bytes
+    total = int(per_block * 1.5)
+    config = RecomputeConfig(mode="auto", memory_budget=total, budget_scope="total")
+    parallelize(model, recompute=config)
+    model(tokens).sum().backward()
+    kept = [layer.forward.choice.kept_bytes for layer in model.layers]
+    assert sum(kept) <= total
+    assert [layer.forward.choice.kind for layer in model.layers] == ["selective"] * 3
+
+
+def test_auto_config_errors():
+    with pytest.raises(ValueError, match="needs memory_budget"):
+        RecomputeConfig(mode="auto")
+    with pytest.raises(ValueError, match=">= 0"):
+        RecomputeConfig(mode="auto", memory_budget=-1)
+    with pytest.raises(ValueError, match="used by mode='auto' only"):
+        RecomputeConfig(mode="full", memory_budget=10)
+    with pytest.raises(ValueError, match="budget_scope"):
+        RecomputeConfig(mode="auto", memory_budget=10, budget_scope="layer")
