@@ -78,11 +78,20 @@ def run_pipeline_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict
     A layout: ``dims`` (``ParallelDims`` keyword arguments, ``pp`` among them), ``pipeline``
     keyword arguments (schedule, virtual_stages, split, ...) and optionally ``stage_parallel``.
     """
-    from forge_core import ParallelDims
 
+    if build == "moe":  # the tiny MoE decoder, its kernels through their eager references
+        moe = import_path(Path(__file__).with_name("tiny_moe.py"), "forge_parallel_tests_tiny_moe")
+        with moe.eager_kernels():
+            return _run_pipeline_layouts(moe.build_tiny_moe, layouts)
     factory = {"tiny": tm.build_tiny, "tiny4": lambda: tm.build_tiny(n_layers=4)}.get(
         build, tm.build_hf_llama
     )
+    return _run_pipeline_layouts(factory, layouts)
+
+
+def _run_pipeline_layouts(factory, layouts: dict[str, dict]) -> dict[str, dict[str, float]]:
+    from forge_core import ParallelDims
+
     batches = tm.make_batches()
     reference_model = factory()
     initial = copy.deepcopy(reference_model)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from forge_core import ParallelDims
 from forge_core.testing import import_path
-from forge_parallel import RecomputeConfig, parallelize
+from forge_parallel import CPConfig, RecomputeConfig, parallelize
 from forge_parallel.expert_parallel import (
     EPConfig,
     apply_ep,
@@ -200,6 +200,16 @@ def _layouts_2() -> dict[str, dict]:
             "expert_parallel": EP,
             "recompute": RecomputeConfig(mode="full"),
         },
+        # The MoE model without expert parallelism: the dense layouts must stay exact too.
+        "ddp": {"dims": {"dp_replicate": -1, "dp_shard": 1}, "data_parallel": "ddp"},
+        "zero2": {"dims": {}, "data_parallel": "zero2"},
+        "fsdp": {"dims": {}, "data_parallel": "fsdp"},
+        "tp2": {"dims": {"tp": 2, "dp_shard": -1}, "plan": moe.moe_plan()},
+        "cp2_ring": {"dims": {"cp": 2, "dp_shard": -1}, "context_parallel": CPConfig()},
+        "cp2_ulysses": {
+            "dims": {"cp": 2, "dp_shard": -1},
+            "context_parallel": CPConfig(style="ulysses"),
+        },
     }
 
 
@@ -207,6 +217,8 @@ def _layouts_4() -> dict[str, dict]:
     return {
         "ep2_tp2": {"dims": {"tp": 2, "ep": 2}, "plan": moe.moe_plan(), "expert_parallel": EP},
         "ep2_fsdp4_edp2": {"dims": {"ep": 2}, "expert_parallel": EP},
+        "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": moe.moe_plan()},
+        "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
         "ep2_hsdp_2x2": {
             "dims": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
             "expert_parallel": EP,

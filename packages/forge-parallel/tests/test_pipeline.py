@@ -48,6 +48,13 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
             },
         ),
         "hf2": ("hf", {"pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}}}),
+        "moe2": (
+            "moe",
+            {
+                "pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}},
+                "pp2_zero_bubble": {"dims": PP2, "pipeline": {"schedule": "zero_bubble"}},
+            },
+        ),
         "tiny_4ranks": (
             "tiny",
             {
@@ -106,7 +113,7 @@ def _check(per_rank: list[dict[str, dict[str, float]]]) -> None:
 
 def test_pipeline_schedules_on_2_ranks(dist_pool):
     pool = dist_pool(2)
-    _check(pool.run(_job, ("tiny2", "hf2")))
+    _check(pool.run(_job, ("tiny2", "hf2", "moe2")))
     reports = pool.run(_bubble_job)
     assert reports[0] == reports[1]  # gathered over the pipeline group
     report = reports[0]
