@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from forge_ckpt.atomic_folder import publish_folder
 from forge_ckpt.hf.index import (
     BIN_INDEX,
     BIN_SINGLE,
@@ -342,17 +343,7 @@ def save_hf_checkpoint(
             (tmp / file).write_bytes(data)
         for path in tmp.iterdir():
             _fsync(path)
-
-        backup = None
-        if out.exists():
-            if any(out.iterdir()):
-                backup = out.with_name(f".{out.name}.old-{os.getpid()}-{id(tmp)}")
-                out.rename(backup)
-            else:
-                out.rmdir()
-        tmp.rename(out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from forge_ckpt.atomic_folder import publish_folder
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     iteration_dir,
@@ -240,13 +241,7 @@ def save_dist(
         torch.save(common, it_dir / COMMON_FILE)
         (it_dir / METADATA_JSON).write_text(json.dumps(_BACKEND))
         (tmp / LATEST_FILE).write_text(f"{iteration}\n")
-        backup = None
-        if root.exists():
-            backup = root.with_name(f".{root.name}.old-{os.getpid()}")
-            root.rename(backup)
-        tmp.rename(root)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        publish_folder(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from forge_ckpt.atomic_folder import publish_folder
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     RANK_DIR,
@@ -134,13 +135,7 @@ def save_legacy(
                 torch.save(state, folder / MODEL_FILE)
             del shards
         (tmp / LATEST_FILE).write_text(f"{iteration}\n")
-        backup = None
-        if root.exists():
-            backup = root.with_name(f".{root.name}.old-{os.getpid()}")
-            root.rename(backup)
-        tmp.rename(root)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        publish_folder(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
