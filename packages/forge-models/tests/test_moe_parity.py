@@ -19,14 +19,7 @@ import torch
 import forge_models
 from forge_core.testing import import_path
 
-
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("parity_helpers.py"), "forge_models_tests_parity_helpers"
-    )
-
-
-ph = _helpers()
+ph = import_path(Path(__file__).with_name("parity_helpers.py"), "forge_models_tests_parity_helpers")
 RTOL = ph.RTOL
 _rel = ph.rel
 V = 61

@@ -18,14 +18,7 @@ import torch.nn.functional as F
 from forge_core.testing import import_path
 from forge_parallel.pipeline import pipeline
 
-
-def tiny_models():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = tiny_models()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,7 @@ from forge_parallel.context_parallel import (
 TOLERANCE = 1e-5
 
 
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,13 +21,7 @@ TOLERANCE = 1e-5
 LOOSE = {"fsdp_bf16_compute": 3e-2}
 
 
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 DDP = {"dims": {"dp_replicate": -1, "dp_shard": 1}, "data_parallel": "ddp"}
 FSDP = {"dims": {}, "data_parallel": "fsdp"}

@@ -34,11 +34,7 @@ from forge_parallel.expert_parallel import (
 TOLERANCE = 1e-5
 
 
-def _helpers():
-    return import_path(Path(__file__).with_name("tiny_moe.py"), "forge_parallel_tests_tiny_moe")
-
-
-moe = _helpers()
+moe = import_path(Path(__file__).with_name("tiny_moe.py"), "forge_parallel_tests_tiny_moe")
 EP = EPConfig(experts="layers.*.mlp.experts")
 
 

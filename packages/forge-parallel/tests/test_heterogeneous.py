@@ -22,13 +22,7 @@ TOLERANCE = 1e-5
 WORLD, PATCHES, FEATURES = 4, 4, 12
 
 
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 class Encoder(nn.Module):

@@ -12,14 +12,7 @@ from forge_core.testing import import_path
 from forge_parallel import RecomputeConfig, parallelize
 from forge_parallel.config import OffloadConfig
 
-
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 def _step(model, tokens):

@@ -24,14 +24,7 @@ from forge_parallel import (
     valid_tp_degrees,
 )
 
-
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 # -- validation: errors name the numbers (no process group needed) ------------------------

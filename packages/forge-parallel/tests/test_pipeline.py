@@ -19,13 +19,9 @@ from forge_core.testing import import_path
 TOLERANCE = 1e-5
 
 
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("pipeline_helpers.py"), "forge_parallel_tests_pipeline_helpers"
-    )
-
-
-ph = _helpers()
+ph = import_path(
+    Path(__file__).with_name("pipeline_helpers.py"), "forge_parallel_tests_pipeline_helpers"
+)
 tm = ph.tm
 
 PP2 = {"pp": 2, "dp_shard": 1}

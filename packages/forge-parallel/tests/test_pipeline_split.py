@@ -26,14 +26,7 @@ from forge_parallel.pipeline import (
     stages_of_rank,
 )
 
-
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 # -- partition and placement ---------------------------------------------------------------

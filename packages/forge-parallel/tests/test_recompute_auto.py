@@ -16,14 +16,7 @@ from forge_core.testing import import_path
 from forge_parallel import RecomputeConfig, apply_recompute, parallelize
 from forge_parallel.auto_recompute import measure_block, plan_recompute
 
-
-def _helpers():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _helpers()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 CFG = tm.TinyConfig(dim=32, n_heads=4, n_kv_heads=2, ffn=64)
 
 

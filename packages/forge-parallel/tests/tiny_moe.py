@@ -26,14 +26,7 @@ from forge_core.testing import import_path
 from forge_kernels.moe import grouped_mm, moe_permute, moe_topk_routing, moe_unpermute
 from forge_parallel import TPPlan
 
-
-def _tiny_models():
-    return import_path(
-        Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models"
-    )
-
-
-tm = _tiny_models()
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
 @dataclass(frozen=True, kw_only=True)
