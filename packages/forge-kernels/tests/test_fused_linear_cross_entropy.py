@@ -316,9 +316,12 @@ def test_kernel_streams_vocab_in_blocks(dtype):
 
 
 def test_auto_chunk_size():
-    # Liger's rule: a chunk of logits about the size of hidden.
-    assert auto_chunk_size(8192, 4096, 128256) == 256  # 8192 / ceil(128256 / 4096) = 8192 / 32
-    assert auto_chunk_size(N, H, V) == 8
+    # Liger's rule (a chunk of logits about the size of hidden) would give 8192 / 32 = 256 rows;
+    # at least 1024 keep the weight-gradient update compute-bound.
+    assert auto_chunk_size(8192, 4096, 128256) == 1024
+    assert auto_chunk_size(65536, 1024, 32000) == 2048  # Liger's rule: 65536 / 32
+    assert auto_chunk_size(2048, 4096, 128256) == 512  # a quarter of the tokens at most
+    assert auto_chunk_size(N, H, V) == 16  # max(ceil(37 / 5), 37 // 4) = 9 -> 16
     assert auto_chunk_size(5, 4096, 1000) == 8  # fewer tokens than a chunk: one chunk
 
 

@@ -115,6 +115,23 @@ def test_gradients_identical_to_no_recompute():
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
 
 
+def test_selective_choice_under_autocast():
+    """Under autocast the forward caches weight casts that the recomputation redoes: the
+    selective policy must not key casts by call index (it used to fail in backward)."""
+    reference = tm.build_tiny(dim=32, n_layers=2)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    per_block = measure_block(reference.layers[0], reference.embed(tokens)).saved_bytes
+    model = copy.deepcopy(reference)
+    parallelize(model, recompute=RecomputeConfig(mode="auto", memory_budget=per_block // 2))
+    for m in (reference, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(tokens).float().logsumexp(-1).mean()
+        loss.backward()
+    assert {layer.forward.choice.kind for layer in model.layers} == {"selective"}
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
 def test_total_budget_is_shared_across_blocks():
     model = tm.build_tiny(dim=32, n_layers=3)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,23 +92,13 @@ def moe_plan() -> TPPlan:
 
 @contextlib.contextmanager
 def eager_kernels():
-    """Run forge-kernels' ops through their eager references (``FORGE_KERNELS_IMPL=reference``).
+    """forge-kernels' ops through their eager references: on a CPU test machine the Triton
+    kernels run interpreted, far too slowly for training loops; forge-kernels checks them
+    against these references, and the parallel layouts must be exact with either one."""
+    from forge_kernels.registry import reference_implementations
 
-    On a CPU test machine the Triton kernels run interpreted, far too slowly for training
-    loops; forge-kernels checks them against these references, and this file checks the
-    parallel layouts, which must be exact with either implementation.
-    """
-    from forge_kernels.registry import IMPL_ENV_VAR
-
-    previous = os.environ.get(IMPL_ENV_VAR)
-    os.environ[IMPL_ENV_VAR] = "reference"
-    try:
+    with reference_implementations():
         yield
-    finally:
-        if previous is None:
-            del os.environ[IMPL_ENV_VAR]
-        else:
-            os.environ[IMPL_ENV_VAR] = previous
 
 
 def run_moe_layouts(layouts: dict[str, dict]) -> dict[str, dict[str, float]]:

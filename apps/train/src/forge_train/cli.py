@@ -1,54 +1,80 @@
-"""``forge-train``: the command-line entry point.
+"""``forge-train``: compose the config from overrides, validate it, train.
 
-With no arguments it runs the default job (see :mod:`forge_train.bootstrap`). Under ``torchrun``
-every process runs it as one data-parallel job::
+::
 
-    uv run forge-train
-    uv run torchrun --nproc-per-node 2 -m forge_train --steps 200
+    uv run forge-train                                   # the default job (tiny model, stdlib)
+    uv run forge-train model=llama3.2-1b train.steps=100 data.tokenizer=/path/to/llama
+    uv run forge-train recipe=sft data.paths=[chat.jsonl] model.hf_path=/path/to/hf
+    uv run forge-train --cfg                             # print the resolved config
+    uv run torchrun --nproc-per-node 2 -m forge_train parallel=ddp
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections.abc import Sequence
-from dataclasses import fields, replace
 
-from forge_train.bootstrap import BootstrapConfig, run
-from forge_train.tiny_lm import TinyLMConfig
+from forge_train.config import ConfigError
+
+__all__ = ["main"]
+
+USAGE = """usage: forge-train [--cfg] [--help] [--benchmark] [group=preset ...] [group.key=value ...]
+
+Train a language model from the Hydra config tree of forge_train.conf.
+
+options:
+  --cfg         print the resolved config (YAML) and exit
+  --benchmark   same as train.benchmark=true: run train.steps steps, print one summary line
+  --help, -h    this message, with the presets of every group
+
+overrides: group=preset picks a preset (model=llama3.2-1b), group.key=value changes a key
+(train.steps=100, optim.lr=1e-3, data.paths=[a.jsonl,b.jsonl]); see the README.
+"""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="forge-train",
-        description="Train a small Llama-style model on the Python standard library's source (the default Forge job).",
-    )
-    for f in fields(BootstrapConfig):
-        if f.name == "model":
-            continue
-        kind = float if f.type in ("float", "float | None") else int if f.type == "int" else str
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=kind,
-            default=f.default,
-            help=f"(default: {f.default})",
-        )
-    for f in fields(TinyLMConfig):
-        kind = float if f.type == "float" else int
-        parser.add_argument(
-            f"--model-{f.name.replace('_', '-')}",
-            type=kind,
-            default=f.default,
-            help=f"(default: {f.default})",
-        )
-    return parser
+def _help() -> str:
+    from forge_train.compose import list_presets
+
+    lines = [USAGE, "presets:"]
+    for group, names in list_presets().items():
+        lines.append(f"  {group:<11} {', '.join(names)}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    model = TinyLMConfig(**{f.name: args.pop(f"model_{f.name}") for f in fields(TinyLMConfig)})
-    cfg = replace(BootstrapConfig(**args), model=model)
-    result = run(cfg)
-    return 0 if result["final_loss"] < result["initial_loss"] else 1
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        print(_help())
+        return 0
+    show_cfg = "--cfg" in args
+    overrides = [a for a in args if a not in ("--cfg", "--benchmark")]
+    if "--benchmark" in args:
+        overrides.append("train.benchmark=true")
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        print(f"forge-train: unknown option {unknown[0]}\n\n{_help()}", file=sys.stderr)
+        return 2
+    from forge_train.compose import compose_run_config, compose_yaml
+
+    try:
+        if show_cfg:
+            print(compose_yaml(overrides), end="")
+            compose_run_config(overrides)  # still report invalid values
+            return 0
+        cfg = compose_run_config(overrides)
+    except ConfigError as exc:
+        print(f"forge-train: invalid config: {exc}", file=sys.stderr)
+        return 2
+    from forge_train.trainer import train
+
+    try:
+        result = train(cfg)
+    except ConfigError as exc:
+        print(f"forge-train: invalid config: {exc}", file=sys.stderr)
+        return 2
+    if result.stopped == "SIGTERM":
+        return 143
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,10 +58,16 @@ def _counted(items, bar) -> Iterator:
 
 
 def _forge_spec_ctx(src: Path, config: dict, args) -> tuple[Any, dict, dict]:
+    from forge_ckpt.hf.io import HFCheckpoint
     from forge_ckpt.mapping.registry import get_mapping, mapping_for_hf_config
 
     spec = get_mapping(args.mapping) if args.mapping else mapping_for_hf_config(config)
-    options = {"vocab_pad_multiple": args.vocab_pad_multiple}
+    # What the tensor names say (stacked experts, DeepSeek's MTP layers), kept with the options
+    # so forge-to-hf writes the same layout back.
+    options = {
+        "vocab_pad_multiple": args.vocab_pad_multiple,
+        **spec.detect_context(HFCheckpoint(src).names()),
+    }
     return spec, spec.context(config, **options), options
 
 

@@ -42,7 +42,8 @@ def load_hf_as_forge(
     ckpt = HFCheckpoint(hf_dir)
     config = ckpt.config
     spec = _spec(mapping, config)
-    ctx = spec.context(config, **options)
+    # What the tensor names say (stacked experts, DeepSeek's MTP layers); options override it.
+    ctx = spec.context(config, **{**spec.detect_context(ckpt.names()), **options})
     spec.check_hf({n: i.shape for n, i in ckpt.tensor_info().items()}, ctx)
     return dict(spec.hf_to_forge(ckpt.iter_tensors(), ctx)), config
 

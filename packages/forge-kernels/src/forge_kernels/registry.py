@@ -33,6 +33,7 @@ __all__ = [
     "list_ops",
     "overridden",
     "override_op",
+    "reference_implementations",
     "remove_override",
 ]
 
@@ -145,3 +146,24 @@ def overridden(name: str, fn: Callable, *, source: str = "context") -> Iterator[
             _OVERRIDES.pop(name, None)
         else:
             _OVERRIDES[name] = previous
+
+
+@contextlib.contextmanager
+def reference_implementations() -> Iterator[None]:
+    """Run every op through its eager reference inside a ``with`` block (overrides still win).
+
+    Sets ``FORGE_KERNELS_IMPL=reference`` for the block, so it also reaches processes started
+    inside it. For debugging numerics, and for tests of code built on the ops (training loops,
+    parallel layouts) on a CPU machine, where the Triton kernels would run under the
+    interpreter, an order of magnitude slower (the kernels are tested against the references
+    in forge-kernels' own suite).
+    """
+    previous = os.environ.get(IMPL_ENV_VAR)
+    os.environ[IMPL_ENV_VAR] = "reference"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(IMPL_ENV_VAR, None)
+        else:
+            os.environ[IMPL_ENV_VAR] = previous

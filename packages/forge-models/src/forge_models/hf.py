@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from forge_ckpt import HFCheckpoint, get_mapping, save_hf_checkpoint
+from forge_ckpt.mapping import MappingSpec
+from forge_models.config import TransformerConfig
 from forge_models.registry import build_model, family_for_hf_config, get_family, materialize
 
 __all__ = ["from_pretrained", "load_hf_weights", "save_pretrained"]
@@ -34,6 +36,15 @@ def _dtype_from_config(hf_config: Mapping[str, Any]) -> torch.dtype | None:
     return None
 
 
+def _mtp_option(
+    spec: MappingSpec, hf_config: Mapping[str, Any], config: TransformerConfig
+) -> dict[str, int]:
+    """The model's multi-token prediction depth, for mappings that map MTP modules."""
+    if "mtp_depth" in spec.context(hf_config):
+        return {"mtp_depth": config.mtp_depth}
+    return {}
+
+
 def from_pretrained(
     hf_dir: str | os.PathLike,
     *,
@@ -42,6 +53,7 @@ def from_pretrained(
     family: str | None = None,
     vocab_pad_multiple: int = 1,
     allow_bin: bool = True,
+    mtp_depth: int | None = None,
 ) -> nn.Module:
     """Load a Hugging Face checkpoint folder into a forge model.
 
@@ -54,6 +66,9 @@ def from_pretrained(
         vocab_pad_multiple: pad embedding / output rows to a multiple of this (for tensor
             parallelism); ``save_pretrained`` removes the padding again.
         allow_bin: accept legacy ``pytorch_model*.bin`` (read with ``weights_only=True``).
+        mtp_depth: multi-token prediction modules to build (default: as many as the checkpoint
+            holds, for families whose mapping maps them); ``0`` loads a DeepSeek-V3 checkpoint
+            without its MTP layers.
 
     The model keeps the source ``config.json`` as ``model.hf_config`` so that
     :func:`save_pretrained` writes it back unchanged. Raises
@@ -63,7 +78,12 @@ def from_pretrained(
     ckpt = HFCheckpoint(hf_dir, allow_bin=allow_bin)
     hf_config = ckpt.config
     fam = get_family(family) if family is not None else family_for_hf_config(hf_config)
-    config = fam.config_from_hf(hf_config, vocab_pad_multiple=vocab_pad_multiple)
+    if mtp_depth is None:  # the MTP layers the checkpoint holds, where the mapping maps them
+        spec = get_mapping(fam.ckpt_mapping)
+        ctx = spec.context(hf_config, **spec.detect_context(ckpt.names()))
+        mtp_depth = ctx.get("mtp_depth")
+    overrides = {} if mtp_depth is None else {"mtp_depth": int(mtp_depth)}
+    config = fam.config_from_hf(hf_config, vocab_pad_multiple=vocab_pad_multiple, **overrides)
     dtype = dtype or _dtype_from_config(hf_config) or torch.float32
     model = build_model(config, device="meta", dtype=dtype)
     materialize(model, device, init=False)
@@ -76,7 +96,8 @@ def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike | HFCheckpoint) 
     """Copy a Hugging Face checkpoint into an existing, materialized forge model, in place.
 
     Every model tensor must come from the checkpoint (strict); tensors are cast to the
-    parameter's dtype and device as they are copied.
+    parameter's dtype and device as they are copied. Checkpoint layers of multi-token
+    prediction modules beyond the model's ``mtp_depth`` are dropped.
     """
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
     config = model.config
@@ -85,7 +106,8 @@ def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike | HFCheckpoint) 
     ctx = spec.context(
         ckpt.config,
         vocab_pad_multiple=config.vocab_pad_multiple,
-        **spec.detect_layout(hf_shapes),
+        **_mtp_option(spec, ckpt.config, config),
+        **spec.detect_context(hf_shapes),
     )
     state = model.state_dict()
     spec.check_hf(
@@ -130,7 +152,11 @@ def save_pretrained(
         if "torch_dtype" in hf_config:
             hf_config["torch_dtype"] = name
     spec = get_mapping(fam.ckpt_mapping)
-    ctx = spec.context(hf_config, vocab_pad_multiple=config.vocab_pad_multiple)
+    ctx = spec.context(
+        hf_config,
+        vocab_pad_multiple=config.vocab_pad_multiple,
+        **_mtp_option(spec, hf_config, config),
+    )
     state = model.state_dict()
     spec.check_forge({n: t.shape for n, t in state.items()}, ctx)
 

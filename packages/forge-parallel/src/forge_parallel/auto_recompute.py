@@ -303,6 +303,11 @@ class AutoRecompute:
 
     def _decide(self, args: tuple, kwargs: dict) -> None:
         self.measurement = measure_block(_ModuleView(self.inner, self.module), *args, **kwargs)
+        # Under autocast the measuring forward cached this block's weight casts; the checkpointed
+        # forward that follows would hit that cache while its recomputation (in backward, after
+        # the cache is gone) casts again, and the selective policy's per-op call counts would
+        # no longer line up. Drop the cache so both passes cast the same way.
+        torch.clear_autocast_cache()
         budget = self.budget if isinstance(self.budget, int) else self.budget.share()
         self.choice = plan_recompute(self.measurement, budget)
         if isinstance(self.budget, _Budget):

@@ -10,7 +10,12 @@ tensor with one or more checkpoint tensors::
     Rule("embed_tokens.weight", "model.embed_tokens.weight", transforms=(PAD_VOCAB,))
     Rule("lm_head.weight", "lm_head.weight", transforms=(PAD_VOCAB,), when="!tie_word_embeddings")
 
-``{i}`` runs over the layers; ``{j}`` in a checkpoint name runs over the experts
+``{i}`` runs over the layers; a forge name with ``{k}`` instead binds the checkpoint layers
+*after* the model's ``num_layers`` (``num_hf_layers`` of the context, default ``num_layers``), with
+``k = i - num_layers`` (DeepSeek-V3 stores its multi-token prediction modules as extra layers:
+``mtp.{k}.enorm.weight <- model.layers.{i}.enorm.weight``); the extra layers listed in
+``ignored_hf_layers`` are bound too and their tensors dropped. ``{j}`` in a checkpoint name runs
+over the experts
 (``num_experts`` of the context), giving one part per expert and name, which a
 :class:`StackExperts` stacks into one ``[experts, ...]`` tensor (the per-expert layout of
 mixture-of-experts checkpoints); with ``{j}`` in the forge name too, the rule gives one forge
@@ -23,6 +28,11 @@ it holds. A flag whose context value is a set of layer indices holds on those la
 (e.g. the mixture-of-experts layers). The context is
 read from the checkpoint's ``config.json`` through ``context_keys`` (also data) plus caller
 options such as ``vocab_pad_multiple``.
+
+A checkpoint may hold exact copies of a tensor (:class:`HFCopy`: DeepSeek-V3's multi-token
+prediction layers repeat the embedding and the output head): export writes them, import checks
+each equals its source bit for bit and drops it. A copy is one more checkpoint name of its
+source's bound rule, so every listing of checkpoint names (checks, dry runs) includes it.
 
 The same spec drives both directions (:meth:`MappingSpec.hf_to_forge`,
 :meth:`MappingSpec.forge_to_hf`), both stream (one tensor in, tensors out as soon as all their
@@ -49,6 +59,7 @@ __all__ = [
     "BoundRule",
     "Concat",
     "GroupedQKV",
+    "HFCopy",
     "MappingSpec",
     "PadDim",
     "Rule",
@@ -394,9 +405,19 @@ class Rule:
             raise ValueError(
                 f"rule for {self.forge!r} joins {len(hf)} tensors: give concat=Concat(...)"
             )
-        layered = "{i}" in self.forge
+        if any("{k}" in name for name in hf):
+            raise ValueError(
+                f"rule {self.forge!r} <- {hf}: '{{k}}' (an extra layer) belongs in the forge "
+                "name only; the checkpoint names use '{i}'"
+            )
+        if "{i}" in self.forge and "{k}" in self.forge:
+            raise ValueError(f"rule {self.forge!r}: use '{{i}}' or '{{k}}' in it, not both")
+        layered = self.per_layer
         if any(("{i}" in name) != layered for name in hf):
-            raise ValueError(f"rule {self.forge!r} <- {hf}: use '{{i}}' on both sides or neither")
+            raise ValueError(
+                f"rule {self.forge!r} <- {hf}: use '{{i}}' (or '{{k}}' in the forge name) on "
+                "both sides or neither"
+            )
         if "{j}" in self.forge:
             # One target tensor per expert (e.g. Megatron's local_experts.{j}): {j} on both sides.
             if not all("{j}" in name for name in hf) or isinstance(self.concat, StackExperts):
@@ -409,10 +430,22 @@ class Rule:
 
     @property
     def per_layer(self) -> bool:
-        return "{i}" in self.forge
+        return "{i}" in self.forge or "{k}" in self.forge
+
+    @property
+    def extra_layer(self) -> bool:
+        """Binds the checkpoint layers after the model's (``{k}`` in the forge name)."""
+        return "{k}" in self.forge
+
+    def _fmt(self, ctx: Mapping[str, Any], layer: int | None) -> dict[str, int]:
+        if layer is None:
+            return {}
+        if self.extra_layer:
+            return {"i": layer, "k": layer - _resolve("num_layers", ctx)}
+        return {"i": layer}
 
     def bind(self, ctx: Mapping[str, Any], layer: int | None = None) -> BoundRule:
-        fmt = {} if layer is None else {"i": layer}
+        fmt = self._fmt(ctx, layer)
         hf: list[str] = []
         for name in self.hf:
             if "{j}" in name:
@@ -425,7 +458,7 @@ class Rule:
         """:meth:`bind`, once per expert when the target name holds ``{j}`` (else one rule)."""
         if "{j}" not in self.forge:
             return [self.bind(ctx, layer)]
-        fmt = {} if layer is None else {"i": layer}
+        fmt = self._fmt(ctx, layer)
         return [
             BoundRule(
                 forge=self.forge.format(**fmt, j=j),
@@ -437,14 +470,80 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class HFCopy:
+    """Checkpoint tensor ``name`` is an exact copy of checkpoint tensor ``source``.
+
+    Export writes the copy next to its source; import checks that the two are equal (same
+    dtype, shape and values) and keeps one. ``name`` may hold ``{i}``: one copy per extra
+    checkpoint layer (``num_layers`` to ``num_hf_layers - 1``, see :class:`Rule`'s ``{k}``).
+    ``when`` as for :class:`Rule` (per-layer flags hold per extra layer). DeepSeek-V3's
+    multi-token prediction layers repeat the embedding and the output head this way, and the
+    loaders of vLLM and SGLang read them there.
+    """
+
+    name: str
+    source: str
+    when: str | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if "{i}" in self.source or "{j}" in self.source or "{j}" in self.name:
+            raise ValueError(
+                f"copy {self.name!r} of {self.source!r}: the source is one fixed checkpoint "
+                "name and only the copy may hold '{i}' (one per extra layer)"
+            )
+
+    def names(self, ctx: Mapping[str, Any], layers: Iterable[int]) -> list[str]:
+        """The copy's concrete names: once, or once per extra layer in ``layers``."""
+        if "{i}" not in self.name:
+            return [self.name] if _flag(self.when, ctx) else []
+        return [self.name.format(i=i) for i in layers if _flag(self.when, ctx, i)]
+
+
+@dataclass(frozen=True)
 class BoundRule:
-    """A :class:`Rule` with its layer index filled in: concrete names on both sides."""
+    """A :class:`Rule` with its layer index filled in: concrete names on both sides.
+
+    ``hf`` ends with the copies (:class:`HFCopy`) of the rule's own checkpoint tensors;
+    ``copy_of`` gives, for each copy, the index of its source among the rule's own names.
+    """
 
     forge: str
     hf: tuple[str, ...]
     rule: Rule
+    copy_of: tuple[int, ...] = ()
+
+    @property
+    def own(self) -> tuple[str, ...]:
+        """The rule's own checkpoint names (``hf`` without the copies)."""
+        return self.hf[: len(self.hf) - len(self.copy_of)]
+
+    def with_copy(self, name: str, source: str) -> BoundRule:
+        return BoundRule(
+            self.forge, (*self.hf, name), self.rule, (*self.copy_of, self.own.index(source))
+        )
+
+    def _own_parts(self, parts: Sequence[Any]) -> Sequence[Any]:
+        n = len(self.own)
+        for name, k, copy in zip(self.hf[n:], self.copy_of, parts[n:], strict=True):
+            self._check_copy(name, self.own[k], parts[k], copy)
+        return parts[:n]
+
+    @staticmethod
+    def _check_copy(name: str, source: str, want: Any, got: Any) -> None:
+        if isinstance(want, torch.Tensor):
+            same = want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got)
+            what = "values"
+        else:  # shapes (check_hf)
+            same, what = tuple(want) == tuple(got), f"shape {list(got)} vs {list(want)}"
+        if not same:
+            raise ValueError(
+                f"checkpoint tensor {name} should be an exact copy of {source}, but its {what} "
+                f"differ: the checkpoint is inconsistent. Overwrite {name} with {source} (or "
+                "re-export the checkpoint) so that both hold the same weights"
+            )
 
     def to_forge(self, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]) -> torch.Tensor:
+        parts = self._own_parts(parts)
         t = parts[0] if self.rule.concat is None else self.rule.concat.join(parts, ctx)
         for transform in self.rule.transforms:
             t = transform.to_forge(t, ctx)
@@ -453,12 +552,14 @@ class BoundRule:
     def to_hf(self, t: torch.Tensor, ctx: Mapping[str, Any]) -> list[torch.Tensor]:
         for transform in reversed(self.rule.transforms):
             t = transform.to_hf(t, ctx)
-        if self.rule.concat is None:
-            return [t]
-        return self.rule.concat.split(t, len(self.hf), ctx)
+        concat = self.rule.concat
+        own = [t] if concat is None else concat.split(t, len(self.own), ctx)
+        # Copies get their own storage: safetensors refuses tensors that share memory.
+        return own + [own[k].clone() for k in self.copy_of]
 
     def forge_shape(self, hf_shapes: Sequence[Shape], ctx: Mapping[str, Any]) -> Shape:
         """The forge shape these checkpoint shapes give (``ValueError`` if they cannot fit)."""
+        hf_shapes = self._own_parts([tuple(s) for s in hf_shapes])
         shape = (
             tuple(hf_shapes[0])
             if self.rule.concat is None
@@ -473,7 +574,9 @@ class BoundRule:
             t.describe() for t in self.rule.transforms
         ]
         how = f"  [{', '.join(steps)}]" if steps else ""
-        return f"{self.forge} <- {' + '.join(self.hf)}{how}"
+        copies = self.hf[len(self.own) :]
+        also = f"  (copies, written on export, checked on import: {', '.join(copies)})"
+        return f"{self.forge} <- {' + '.join(self.own)}{how}{also if copies else ''}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +603,16 @@ class MappingSpec:
             the context flag holds, or always for flag ``None`` (an ``lm_head.weight`` saved
             next to tied embeddings; RoPE ``inv_freq`` buffers older transformers saved). The
             name may contain ``{i}``.
+        hf_copies: checkpoint tensors that are exact copies of others (:class:`HFCopy`).
+        presence_probes: ``(flag, name suffix)`` as ``layout_probes``, for optional parts of a
+            checkpoint (DeepSeek-V3's multi-token prediction layers, which transformers' config
+            announces but does not save); read by :meth:`detect_context` only.
         description: one line for listings.
+
+    Optional context keys the spec reads: ``num_hf_layers`` (checkpoint layers the rules map,
+    default ``num_layers``; the rules with ``{k}`` map those after ``num_layers``) and
+    ``ignored_hf_layers`` (extra checkpoint layers whose tensors are dropped on import, e.g.
+    multi-token prediction modules a model built without them has no place for).
     """
 
     name: str
@@ -511,8 +623,12 @@ class MappingSpec:
     description: str = ""
     derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
     layout_probes: tuple[tuple[str, str], ...] = ()
+    hf_copies: tuple[HFCopy, ...] = ()
+    presence_probes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if not all(isinstance(c, HFCopy) for c in self.hf_copies):
+            raise TypeError(f"mapping {self.name!r}: hf_copies must be HFCopy(...) entries")
         if "num_layers" not in self.context_keys and any(r.per_layer for r in self.rules):
             raise ValueError(
                 f"mapping {self.name!r}: per-layer rules need context key 'num_layers'"
@@ -546,12 +662,34 @@ class MappingSpec:
         names = list(hf_names)
         return {flag: any(n.endswith(suffix) for n in names) for flag, suffix in self.layout_probes}
 
+    def _extra_layers(self, ctx: Mapping[str, Any]) -> range:
+        """Checkpoint layers after the model's that the ``{k}`` rules map."""
+        n = int(ctx["num_layers"])
+        return range(n, int(ctx.get("num_hf_layers", n)))
+
+    def _bind_layer(self, ctx: Mapping[str, Any], i: int, extra: bool) -> list[BoundRule]:
+        return [
+            b
+            for r in self.rules
+            if r.per_layer and r.extra_layer == extra and _flag(r.when, ctx, i)
+            for b in r.bind_each(ctx, i)
+        ]
+
+    def detect_context(self, hf_names: Iterable[str]) -> dict[str, bool]:
+        """:meth:`detect_layout` plus the ``presence_probes``: the options a checkpoint's tensor
+        names give (pass them to :meth:`context`)."""
+        names = list(hf_names)
+        probes = self.presence_probes
+        found = {flag: any(n.endswith(suffix) for n in names) for flag, suffix in probes}
+        return self.detect_layout(names) | found
+
     def bind(self, ctx: Mapping[str, Any]) -> list[BoundRule]:
-        """Every rule that applies in ``ctx``, with layer indices filled in."""
+        """Every rule that applies in ``ctx``, with layer indices filled in (copies attached)."""
         rules = list(self.rules)
         layered = [r for r in rules if r.per_layer]
         first = rules.index(layered[0]) if layered else len(rules)
-        # Global rules before the first per-layer one, then layer by layer, then the rest.
+        # Global rules before the first per-layer one, then layer by layer (the model's, then
+        # the extra checkpoint layers), then the rest.
         bound = [
             b
             for r in rules[:first]
@@ -559,13 +697,18 @@ class MappingSpec:
             for b in r.bind_each(ctx)
         ]
         for i in range(int(ctx["num_layers"]) if layered else 0):
-            bound += [b for r in layered if _flag(r.when, ctx, i) for b in r.bind_each(ctx, i)]
+            bound += self._bind_layer(ctx, i, extra=False)
+        extra = any(r.extra_layer for r in layered)
+        for i in self._extra_layers(ctx) if extra else ():
+            bound += self._bind_layer(ctx, i, extra=True)
         bound += [
             b
             for r in rules[first:]
             if not r.per_layer and _flag(r.when, ctx)
             for b in r.bind_each(ctx)
         ]
+        if self.hf_copies:
+            bound = self._attach_copies(bound, ctx)
         forge_names = [b.forge for b in bound]
         hf_names = [n for b in bound for n in b.hf]
         for names, side in ((forge_names, "forge"), (hf_names, "checkpoint")):
@@ -574,10 +717,24 @@ class MappingSpec:
                 raise ValueError(f"mapping {self.name!r} maps {side} names twice: {dup[:5]}")
         return bound
 
+    def _attach_copies(self, bound: list[BoundRule], ctx: Mapping[str, Any]) -> list[BoundRule]:
+        owner = {n: k for k, b in enumerate(bound) for n in b.own}
+        for copy in self.hf_copies:
+            for name in copy.names(ctx, self._extra_layers(ctx)):
+                if copy.source not in owner:
+                    raise ValueError(
+                        f"mapping {self.name!r}: {name} is declared a copy of {copy.source}, "
+                        "which no rule maps in this context (give the copy a matching `when`)"
+                    )
+                k = owner[copy.source]
+                bound[k] = bound[k].with_copy(name, copy.source)
+        return bound
+
     def forge_names(self, ctx: Mapping[str, Any]) -> list[str]:
         return [b.forge for b in self.bind(ctx)]
 
     def hf_names(self, ctx: Mapping[str, Any]) -> list[str]:
+        """Every checkpoint name the mapping reads and writes in ``ctx`` (copies included)."""
         return [n for b in self.bind(ctx) for n in b.hf]
 
     def _ignored(self, ctx: Mapping[str, Any]) -> set[str]:
@@ -589,13 +746,47 @@ class MappingSpec:
                 names.update(name.format(i=i) for i in range(int(ctx["num_layers"])))
             else:
                 names.add(name)
+        return names | self._ignored_layer_names(ctx)
+
+    def _ignored_layer_names(self, ctx: Mapping[str, Any]) -> set[str]:
+        """The tensors of the extra checkpoint layers in ``ignored_hf_layers`` (and copies)."""
+        layers = sorted(int(i) for i in ctx.get("ignored_hf_layers", ()))
+        names = {n for i in layers for b in self._bind_layer(ctx, i, extra=True) for n in b.hf}
+        for copy in self.hf_copies:
+            if "{i}" in copy.name:
+                names.update(copy.names(ctx, layers))
         return names
+
+    def _mismatch_context(self, unexpected: Iterable[str], ctx: Mapping[str, Any]) -> str:
+        """The error's first line; names the checkpoint layers beyond those the mapping maps."""
+        text = f"the checkpoint does not match the {self.name} model"
+        prefixes = {n.split("{i}")[0] for r in self.rules if r.per_layer for n in r.hf}
+        mapped = int(ctx.get("num_hf_layers", ctx.get("num_layers", 0)))
+        beyond: set[int] = set()
+        for name in unexpected:
+            for prefix in prefixes:
+                index = name[len(prefix) :].split(".")[0]
+                if name.startswith(prefix) and index.isdigit() and int(index) >= mapped:
+                    beyond.add(int(index))
+        if not beyond:
+            return text
+        layers = ", ".join(str(i) for i in sorted(beyond))
+        return (
+            f"{text}: it has checkpoint layer(s) {layers} after the {mapped} this mapping "
+            "converts (extra modules stored as layers, e.g. DeepSeek-V3's multi-token "
+            "prediction, config num_nextn_predict_layers), and the mapping has no place for "
+            "them in this context"
+        )
 
     def describe(self, ctx: Mapping[str, Any]) -> str:
         """The mapping in ``ctx``, one line per forge tensor (a dry run's printout)."""
         lines = [f"mapping {self.name} ({', '.join(f'{k}={v}' for k, v in sorted(ctx.items()))})"]
         lines += [f"  {b.describe()}" for b in self.bind(ctx)]
         lines += [f"  (ignored if present: {n})" for n, _ in self.ignored_hf]
+        lines += [
+            f"  (ignored: checkpoint layer {i}, not loaded into this model)"
+            for i in sorted(int(i) for i in ctx.get("ignored_hf_layers", ()))
+        ]
         return "\n".join(lines)
 
     # -- validation ---------------------------------------------------------------------------
@@ -642,7 +833,7 @@ class MappingSpec:
                 missing=missing,
                 unexpected=unexpected,
                 mismatched=mismatched,
-                context=f"the checkpoint does not match the {self.name} model",
+                context=self._mismatch_context(unexpected, ctx),
             )
 
     def check_forge(
@@ -666,8 +857,9 @@ class MappingSpec:
         """Checkpoint ``(name, tensor)`` pairs -> forge pairs, streaming.
 
         A forge tensor is yielded as soon as all its parts arrived (parts of a fused tensor
-        that sit in different shards wait in a small buffer). Unknown names raise at once;
-        missing ones when the input is exhausted.
+        that sit in different shards wait in a small buffer; so does a tensor whose copy, see
+        :class:`HFCopy`, comes later, and a copy that differs from its source raises
+        ``ValueError``). Unknown names raise at once; missing ones when the input is exhausted.
         """
         bound = self.bind(ctx)
         slots = {name: (b, k) for b in bound for k, name in enumerate(b.hf)}
@@ -679,8 +871,7 @@ class MappingSpec:
                 continue
             if name not in slots:
                 raise CheckpointMismatchError(
-                    unexpected=[name],
-                    context=f"the checkpoint does not match the {self.name} model",
+                    unexpected=[name], context=self._mismatch_context([name], ctx)
                 )
             b, k = slots[name]
             if b.forge in done:

@@ -235,12 +235,17 @@ def _quantize_operand(
     state: DelayedScalingState | None,
     fp8_dtype: torch.dtype,
     block: tuple[int, int],
+    *,
+    transpose: bool = False,
 ) -> Fp8Tensor:
+    """``x`` in FP8 under ``recipe``; per-tensor recipes also write the transposed copy when
+    ``transpose`` (a backward GEMM takes it as an operand; block-wise quantizes that layout with
+    its own scales instead)."""
     if isinstance(recipe, Fp8BlockwiseScaling):
         return quantize_blockwise(x, fp8_dtype, block)
     if isinstance(recipe, Fp8DelayedScaling):
-        return state.quantize(role, x, fp8_dtype, recipe)
-    return quantize_tensorwise(x, fp8_dtype)
+        return state.quantize(role, x, fp8_dtype, recipe, transpose=transpose)
+    return quantize_tensorwise(x, fp8_dtype, transpose=transpose)
 
 
 def _token_padding(m: int, recipe: Fp8Recipe, impl: str) -> int:
@@ -261,14 +266,14 @@ class _Fp8LinearFunction(torch.autograd.Function):
         blockwise = isinstance(recipe, Fp8BlockwiseScaling)
         bs = recipe.block_size if blockwise else 0
         fwd = recipe.forward_dtype
-        xq = _quantize_operand(x2d, _INPUT, recipe, state, fwd, (1, bs))
-        wq = _quantize_operand(weight, _WEIGHT, recipe, state, fwd, (bs, bs))
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        xq = _quantize_operand(x2d, _INPUT, recipe, state, fwd, (1, bs), transpose=need_wgrad)
+        wq = _quantize_operand(weight, _WEIGHT, recipe, state, fwd, (bs, bs), transpose=need_dgrad)
         # Fast (Hopper FP8) accumulation forward only, as Transformer Engine; the block-wise
         # recipe keeps full-precision accumulation, as DeepSeek-V3 (section 3.3.2) asks.
         fast = not blockwise
         y = fp8_gemm(xq, wq, out_dtype=out_dtype, impl=impl, bias=bias, fast_accum=fast)
 
-        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Saved in FP8: the weight for dgrad; for wgrad the input, quantized along tokens
         # (its contraction dim there): the same per-tensor cast, or 128x1 blocks (DeepSeek-V3).
         ctx.wq = wq if need_dgrad else None
@@ -295,7 +300,9 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dyq = quantize_blockwise(dy2d, gdt, (1, bs)) if need_dgrad else None
             dyq_t = quantize_blockwise(dy2d, gdt, (bs, 1)).t() if need_wgrad else None
         elif need_dgrad or need_wgrad:
-            dyq = _quantize_operand(dy2d, _GRAD, recipe, ctx.state, gdt, (0, 0))
+            dyq = _quantize_operand(
+                dy2d, _GRAD, recipe, ctx.state, gdt, (0, 0), transpose=need_wgrad
+            )
             dyq_t = dyq.t()
         if need_dgrad:  # dx = dy @ W: contraction over out_features
             dx = fp8_gemm(dyq, ctx.wq.t(), out_dtype=ctx.x_dtype, impl=impl)

@@ -22,14 +22,15 @@ Three recipes choose ``amax``:
 
 Block-wise quantization handles shapes that are not multiples of the block: the last blocks are
 partial and their amax is taken over the elements that exist. On CUDA (compute capability >= 8.9)
-it runs as one Triton kernel (amax, scale, cast and scale store in one pass); the kernel is
-compiled on first use only, so importing this module does not import Triton.
+it runs as one Triton kernel (amax, scale, cast and scale store in one pass), and per-tensor
+quantization as two (an amax reduction, then one pass that casts and can also write the
+transposed copy the backward GEMMs take). The kernels (:mod:`forge_kernels.fp8.quantize_kernels`)
+are imported on first use only, so importing this module does not import Triton.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -205,16 +206,21 @@ class Fp8Tensor:
     data: torch.Tensor
     scale_inv: torch.Tensor
     block: tuple[int, int] | None = None
+    data_t: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.data.shape
 
     def t(self) -> Fp8Tensor:
-        """The transpose (a view of the data; block scales transposed along)."""
+        """The transpose: a view of the data, or the row-major ``data_t`` copy when one was
+        written with it (the quantizer can emit both layouts in one pass, so the transposed GEMM
+        operands of the backward need no extra copy); block scales are transposed along."""
+        data = self.data.t() if self.data_t is None else self.data_t
+        data_t = None if self.data_t is None else self.data
         if self.block is None:
-            return Fp8Tensor(self.data.t(), self.scale_inv, None)
-        return Fp8Tensor(self.data.t(), self.scale_inv.t(), (self.block[1], self.block[0]))
+            return Fp8Tensor(data, self.scale_inv, None, data_t)
+        return Fp8Tensor(data, self.scale_inv.t(), (self.block[1], self.block[0]), data_t)
 
     def expanded_scale_inv(self) -> torch.Tensor:
         """``scale_inv`` broadcast to one value per element (0-d for a per-tensor scale)."""
@@ -265,16 +271,43 @@ def _cast_scaled(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -
 
 
 def quantize_tensorwise(
-    x: torch.Tensor, fp8_dtype: torch.dtype, *, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    *,
+    scale: torch.Tensor | None = None,
+    transpose: bool = False,
+    use_triton: bool | None = None,
 ) -> Fp8Tensor:
     """Quantize with one scale: ``scale`` if given (delayed scaling), else from ``x``'s amax.
 
-    Values beyond ``fp8_max / scale`` saturate to ``±fp8_max``.
+    Values beyond ``fp8_max / scale`` saturate to ``±fp8_max``. ``transpose=True`` (2-D ``x``)
+    also writes ``data_t``, the row-major transpose, which the weight- and input-gradient GEMMs
+    take as operands.
+
+    ``use_triton=None`` runs two fused Triton kernels (an amax reduction, then one pass that
+    scales, casts and writes both layouts) on CUDA devices with FP8 casts (sm89+) and the eager
+    ops elsewhere; ``True`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1``). Both
+    give identical bits. The eager path is a dozen launches and several full passes over ``x``.
     """
+    if fp8_dtype not in _FP8_DTYPES:
+        raise ValueError(f"expected an FP8 dtype, got {fp8_dtype}")
+    usable = x.dim() == 2 and _triton_quant_usable(x)
+    if use_triton is None:
+        use_triton = x.device.type == "cuda" and usable
+    elif use_triton and not usable:
+        raise ValueError(
+            f"the Triton tensor-wise quantizer cannot run here (shape {tuple(x.shape)}, dtype "
+            f"{x.dtype}, device {x.device}): it needs a 2-D float input and CUDA with compute "
+            "capability >= 8.9 or TRITON_INTERPRET=1 on CPU"
+        )
+    if use_triton and x.numel() > 0:
+        return _quantize_tensorwise_triton(x.detach(), fp8_dtype, scale, transpose)
     if scale is None:
         scale = amax_to_scale(x.detach().abs().amax(), fp8_dtype)
     scale = scale.float().reshape(())
-    return Fp8Tensor(_cast_scaled(x, scale, fp8_dtype), scale.reciprocal(), None)
+    q = _cast_scaled(x, scale, fp8_dtype)
+    q_t = q.t().contiguous() if transpose else None
+    return Fp8Tensor(q, scale.reciprocal(), None, q_t)
 
 
 def _check_block(x: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]:
@@ -306,17 +339,20 @@ def quantize_blockwise_reference(
     return Fp8Tensor(q, scale.reciprocal(), (br, bc))
 
 
+def _triton_quant_usable(x: torch.Tensor) -> bool:
+    """The Triton quantizers take float inputs; their FP8 casts need sm89+ on CUDA."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not can_use_triton(x):
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
 def _triton_block_quant_usable(x: torch.Tensor, block: tuple[int, int]) -> bool:
     """Triton kernel: power-of-two blocks that are a row tile or square; fp8 casts need sm89+."""
     br, bc = block
     shape_ok = (
         (br == 1 and _is_pow2(bc)) or (bc == 1 and _is_pow2(br)) or (br == bc and _is_pow2(br))
     )
-    if not shape_ok or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    if not can_use_triton(x):
-        return False
-    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return shape_ok and _triton_quant_usable(x)
 
 
 def _is_pow2(n: int) -> bool:
@@ -361,66 +397,52 @@ def quantize_blockwise(
 # ============================================================================================
 
 
-@functools.cache
-def _block_quant_kernel():
-    """Define the Triton kernel on first use, so importing this module does not import Triton."""
-    import triton
-    import triton.language as tl
+def _round_constants(x: torch.Tensor, fp8_dtype: torch.dtype) -> dict:
+    """Compile-time arguments every quantize kernel takes."""
+    mantissa_bits, min_exp = _FP8_BITS[fp8_dtype]
+    return {
+        "FP8_MAX": fp8_max(fp8_dtype),
+        "ROUND_IN_FP32": triton_interpret_mode() and x.device.type == "cpu",
+        "MANTISSA_BITS": mantissa_bits,
+        "MIN_EXP": min_exp,
+    }
 
-    @triton.jit
-    def block_quant_kernel(
-        X, Q, S,
-        n_rows, n_cols,
-        stride_xr, stride_xc, stride_qr, stride_sr, stride_sc,
-        FP8_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        PER_ROW: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
-        MANTISSA_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
-    ):  # fmt: skip
-        """Quantize one BLOCK_R x BLOCK_C tile: one scale per row (PER_ROW) or for the tile."""
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
-        x = x.to(tl.float32)  # right after the load (the interpreter's bf16 math is wrong)
-        ax = tl.abs(x)
-        if PER_ROW:  # noqa: SIM108 (constexpr branches read better in a kernel)
-            amax = tl.max(ax, axis=1)
-        else:
-            amax = tl.max(tl.max(ax, axis=1), axis=0)
-        ok = (amax > 0.0) & (amax < float("inf"))
-        scale = tl.math.div_rn(FP8_MAX, tl.where(ok, amax, 1.0))
-        scale = tl.where(ok, tl.minimum(scale, 3.4028234663852886e38), 1.0)  # as amax_to_scale
-        if PER_ROW:  # noqa: SIM108
-            y = x * scale[:, None]
-        else:
-            y = x * scale
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        if ROUND_IN_FP32:
-            # The interpreter's float -> fp8 conversion does not round to nearest-even (it loses
-            # the carry into the exponent), so round to the FP8 grid here and cast exact values.
-            bits = y.to(tl.int32, bitcast=True)
-            exp = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP)
-            ulp = ((exp - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
-            r = ((y / ulp + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2**23: rint in fp32
-            y = tl.where(r == 0.0, y * 0.0, r)  # keep the sign of zero, as a real cast does
-        tl.store(Q + rows64 * stride_qr + cols[None, :], y.to(Q.dtype.element_ty), mask=mask)
-        scale_inv = tl.math.div_rn(1.0, scale)
-        if PER_ROW:
-            tl.store(S + rows * stride_sr + pid_c * stride_sc, scale_inv, mask=row_mask)
-        else:
-            tl.store(S + pid_r * stride_sr + pid_c * stride_sc, scale_inv)
 
-    return block_quant_kernel
+def _quantize_tensorwise_triton(
+    x: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor | None, transpose: bool
+) -> Fp8Tensor:
+    from forge_kernels.fp8 import quantize_kernels as kernels  # lazy: imports triton
+
+    rows, cols = x.shape
+    block_r, block_c = 64, 64
+    grid = (math.ceil(rows / block_r), math.ceil(cols / block_c))
+    if scale is None:
+        scale_src = torch.zeros((), dtype=torch.float32, device=x.device)  # the amax
+        kernels.tensor_amax_kernel[grid](
+            x, scale_src, rows, cols, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_C=block_c
+        )
+        KERNEL_LAUNCHES["fp8_tensor_amax"] += 1
+    else:
+        scale_src = scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
+    q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
+    q_t = torch.empty((cols, rows), dtype=fp8_dtype, device=x.device) if transpose else q
+    scale_inv = torch.empty((), dtype=torch.float32, device=x.device)
+    kernels.tensor_cast_kernel[grid](
+        x, q, q_t, scale_src, scale_inv, rows, cols, x.stride(0), x.stride(1),
+        FROM_AMAX=scale is None, WRITE_T=transpose, BLOCK_R=block_r, BLOCK_C=block_c,
+        **_round_constants(x, fp8_dtype),
+        num_warps=4,
+        enable_fp_fusion=False,  # bit-exact x * scale, as the eager path (and no Triton warning)
+    )  # fmt: skip
+    KERNEL_LAUNCHES["fp8_tensor_cast"] += 1
+    return Fp8Tensor(q, scale_inv, None, q_t if transpose else None)
 
 
 def _quantize_blockwise_triton(
     x: torch.Tensor, fp8_dtype: torch.dtype, block: tuple[int, int]
 ) -> Fp8Tensor:
-    kernel = _block_quant_kernel()
+    from forge_kernels.fp8.quantize_kernels import block_quant_kernel as kernel  # lazy
+
     br, bc = block
     column_blocks = bc == 1 and br > 1
     # (128, 1) blocks are (1, 128) blocks of the transpose: quantize x.t() into a contiguous
@@ -433,15 +455,13 @@ def _quantize_blockwise_triton(
     n_rb, n_cb = math.ceil(rows / br), math.ceil(cols / bc)
     q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
     s = torch.empty((n_rb, n_cb), dtype=torch.float32, device=x.device)
-    interpret = triton_interpret_mode() and x.device.type == "cpu"
-    tile_rows = (32 if interpret else 16) if per_row else br
-    mantissa_bits, min_exp = _FP8_BITS[fp8_dtype]
+    constants = _round_constants(x, fp8_dtype)
+    tile_rows = (32 if constants["ROUND_IN_FP32"] else 16) if per_row else br
     grid = (math.ceil(rows / tile_rows), n_cb)
     kernel[grid](
         src, q, s, rows, cols,
         src.stride(0), src.stride(1), q.stride(0), s.stride(0), s.stride(1),
-        FP8_MAX=fp8_max(fp8_dtype), BLOCK_R=tile_rows, BLOCK_C=bc, PER_ROW=per_row,
-        ROUND_IN_FP32=interpret, MANTISSA_BITS=mantissa_bits, MIN_EXP=min_exp,
+        BLOCK_R=tile_rows, BLOCK_C=bc, PER_ROW=per_row, **constants,
         num_warps=4 if per_row else 8,
         enable_fp_fusion=False,  # bit-exact x * scale, as the eager path (and no Triton warning)
     )  # fmt: skip
@@ -488,10 +508,18 @@ class DelayedScalingState:
 
     @torch.no_grad()
     def quantize(
-        self, index: int, x: torch.Tensor, fp8_dtype: torch.dtype, recipe: Fp8DelayedScaling
+        self,
+        index: int,
+        x: torch.Tensor,
+        fp8_dtype: torch.dtype,
+        recipe: Fp8DelayedScaling,
+        *,
+        transpose: bool = False,
     ) -> Fp8Tensor:
-        """Cast ``x`` with tensor ``index``'s current scale, then update its history and scale."""
-        q = quantize_tensorwise(x, fp8_dtype, scale=self.scale[index].clone())
+        """Cast ``x`` with tensor ``index``'s current scale, then update its history and scale.
+
+        ``transpose`` also writes the transposed copy (see :func:`quantize_tensorwise`)."""
+        q = quantize_tensorwise(x, fp8_dtype, scale=self.scale[index].clone(), transpose=transpose)
         self.update(index, x.detach().abs().amax(), fp8_dtype, recipe)
         return q
 

@@ -15,9 +15,11 @@ it matches V2-Lite's parameter counts, not its checkpoints' outputs.
 
 Loading from transformers (``DeepseekV3ForCausalLM``): its config has no auxiliary-loss weight,
 so ``router_aux_loss_coef`` is the paper's ``alpha = 1e-4`` (or the original DeepSeek config's
-``aux_loss_alpha``); transformers does not hold the multi-token prediction module, so loaded
-models have ``mtp_depth = 0`` (``mtp_depth`` set by hand adds freshly initialized modules, which
-``load_hf_weights`` cannot fill).
+``aux_loss_alpha``); transformers does not hold the multi-token prediction module (its config
+says ``num_nextn_predict_layers: 1`` but it saves no MTP tensors), so ``mtp_depth`` comes from
+the checkpoint's tensors: :func:`forge_models.from_pretrained` builds as many MTP modules as
+DeepSeek's own release stores (``model.layers.{num_hidden_layers + k}.*``, mapped by forge-ckpt),
+none for a transformers-saved folder.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
             "first_k_dense_replace": first_k,
             "aux_loss_alpha": moe.router_aux_loss_coef,
             "output_router_logits": moe.output_router_logits,
-            "num_nextn_predict_layers": 0,
+            "num_nextn_predict_layers": config.mtp_depth,
         },
     )
 

@@ -22,9 +22,30 @@ the ungated shared experts (one MLP of width ``n_shared_experts * moe_intermedia
     layers.{i}.mlp.shared_expert.gate_up_proj  <- mlp.shared_experts.{gate,up}_proj
     layers.{i}.mlp.shared_expert.down_proj     <- mlp.shared_experts.down_proj
 
-DeepSeek's own release also stores its multi-token prediction module as an extra layer
-``model.layers.{num_hidden_layers}.*``; transformers neither loads nor saves it, and this mapping
-does not map it (such a checkpoint is reported as having unexpected tensors).
+DeepSeek's own release also stores its multi-token prediction (MTP) modules (section 2.2) as
+extra layers ``model.layers.{n}.*``, ``n = num_hidden_layers + k`` for ``k <
+num_nextn_predict_layers``; transformers neither loads nor saves them. Each is a full decoder
+layer (the rules above, for layer index ``n``: dense or MoE by ``first_k_dense_replace``) plus::
+
+    mtp.{k}.block.*        <- model.layers.{n}.*   (as layers.{i}.* <- model.layers.{i}.*)
+    mtp.{k}.enorm.weight   <- model.layers.{n}.enorm.weight
+    mtp.{k}.hnorm.weight   <- model.layers.{n}.hnorm.weight
+    mtp.{k}.eh_proj.weight <- model.layers.{n}.eh_proj.weight         [hidden, 2 * hidden]
+    mtp.{k}.norm.weight    <- model.layers.{n}.shared_head.norm.weight
+
+and two copies of shared tensors, written on export (vLLM's and SGLang's MTP loaders read them)
+and checked bit for bit against their source on import::
+
+    model.layers.{n}.embed_tokens.weight       == model.embed_tokens.weight
+    model.layers.{n}.shared_head.head.weight   == lm_head.weight
+
+Context: ``hf_mtp_depth``, the checkpoint's MTP layers: ``num_nextn_predict_layers`` (0 if
+absent), but 0 when the presence probe (:meth:`~forge_ckpt.mapping.MappingSpec.detect_context`)
+finds no ``eh_proj`` (transformers writes ``num_nextn_predict_layers=1`` without the tensors);
+``mtp_depth``, the model's MTP modules, an option defaulting to ``hf_mtp_depth`` when the probe
+found them and to 0 otherwise (unprobed: pass ``mtp_depth`` to map them). Loading into a model
+with fewer modules than the checkpoint holds (``mtp_depth=0``: inference without MTP) drops the remaining MTP layers
+(``ignored_hf_layers``); asking for more reports their tensors as missing.
 """
 
 from __future__ import annotations
@@ -40,9 +61,9 @@ from forge_ckpt.mapping.families.llama import (
     dense_mlp_rules,
 )
 from forge_ckpt.mapping.families.qwen3_moe import MOE_LAYOUT_PROBES, MOE_RULES
-from forge_ckpt.mapping.spec import REQUIRED, Concat, MappingSpec, Rule
+from forge_ckpt.mapping.spec import REQUIRED, Concat, HFCopy, MappingSpec, Rule
 
-__all__ = ["MAPPING", "MLA_RULES"]
+__all__ = ["MAPPING", "MLA_RULES", "MTP_COPIES", "MTP_RULES"]
 
 _L = "model.layers.{i}"
 _A = f"{_L}.self_attn"
@@ -89,33 +110,73 @@ EXPERT_BIAS_RULES = (
 )
 
 
+#: The decoder layer of every checkpoint layer (attention, dense or MoE MLP, norms).
+LAYER_RULES = (
+    MLA_RULES + dense_mlp_rules("!moe_layer") + MOE_RULES + EXPERT_BIAS_RULES + SHARED_EXPERT_RULES
+)
+
+
+def _mtp_block(rule: Rule) -> Rule:
+    """``rule`` for the decoder layer of MTP module ``k`` (checkpoint layer ``num_layers + k``)."""
+    prefix = "layers.{i}."
+    if not rule.forge.startswith(prefix):
+        raise ValueError(f"layer rule {rule.forge!r} does not start with {prefix!r}")
+    forge = "mtp.{k}.block." + rule.forge.removeprefix(prefix)
+    return Rule(forge, rule.hf, rule.concat, rule.transforms, rule.when)
+
+
+#: The multi-token prediction modules (DeepSeek-V3 section 2.2), one per extra layer.
+MTP_RULES = (
+    Rule("mtp.{k}.enorm.weight", f"{_L}.enorm.weight"),
+    Rule("mtp.{k}.hnorm.weight", f"{_L}.hnorm.weight"),
+    Rule("mtp.{k}.eh_proj.weight", f"{_L}.eh_proj.weight"),
+    *(_mtp_block(r) for r in LAYER_RULES),
+    Rule("mtp.{k}.norm.weight", f"{_L}.shared_head.norm.weight"),
+)
+
+#: The embedding and the output head, repeated in every MTP layer of DeepSeek's checkpoints.
+MTP_COPIES = (
+    HFCopy(f"{_L}.embed_tokens.weight", "model.embed_tokens.weight"),
+    HFCopy(f"{_L}.shared_head.head.weight", "lm_head.weight", when="!tie_word_embeddings"),
+    HFCopy(
+        f"{_L}.shared_head.head.weight", "model.embed_tokens.weight", when="tie_word_embeddings"
+    ),
+)
+
+
 def _derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
-    """``moe_layer``: layers ``first_k_dense_replace`` and up; flags of the optional parts."""
+    """``moe_layer``: layers ``first_k_dense_replace`` and up (MTP layers included); flags of
+    the optional parts; the checkpoint's MTP layers the model maps and those it drops."""
     first_dense = int(ctx["first_k_dense_replace"] or 0)
     experts = int(ctx["num_experts"])
+    layers = int(ctx["num_layers"])
+    # transformers writes num_nextn_predict_layers=1 without the MTP tensors: the model gets
+    # MTP modules by default only when the presence probe found them; unprobed, any MTP layers
+    # the config announces are dropped if present.
+    present = ctx.get("mtp_in_checkpoint")
+    in_ckpt = 0 if present is False else int(ctx["num_nextn_predict_layers"])
+    depth = int(ctx.get("mtp_depth", in_ckpt if present else 0))
+    if depth < 0:
+        raise ValueError(f"mtp_depth must be >= 0, got {depth}")
     return {
         "num_experts": experts,
         "moe_layer": frozenset(
-            i for i in range(int(ctx["num_layers"])) if experts > 0 and i >= first_dense
+            i for i in range(layers + max(depth, in_ckpt)) if experts > 0 and i >= first_dense
         ),
         "q_lora": ctx["q_lora_rank"] is not None,
         "shared_experts": bool(ctx["n_shared_experts"]),
         "stacked_experts": False,
+        "hf_mtp_depth": in_ckpt,
+        "mtp_depth": depth,
+        "num_hf_layers": layers + depth,
+        "ignored_hf_layers": frozenset(range(layers + depth, layers + in_ckpt)),
     }
 
 
 MAPPING = MappingSpec(
     name="deepseek_v3",
     hf_model_types=("deepseek_v3",),
-    rules=(
-        EMBEDDING_RULES
-        + MLA_RULES
-        + dense_mlp_rules("!moe_layer")
-        + MOE_RULES
-        + EXPERT_BIAS_RULES
-        + SHARED_EXPERT_RULES
-        + HEAD_RULES
-    ),
+    rules=EMBEDDING_RULES + LAYER_RULES + MTP_RULES + HEAD_RULES,
     context_keys={
         **CONTEXT_KEYS,
         "num_experts": ("n_routed_experts", REQUIRED),
@@ -123,9 +184,12 @@ MAPPING = MappingSpec(
         "n_shared_experts": ("n_shared_experts", 0),
         "q_lora_rank": ("q_lora_rank", None),
         "attention_bias": ("attention_bias", False),
+        "num_nextn_predict_layers": ("num_nextn_predict_layers", 0),
     },
     ignored_hf=IGNORED_HF,
+    hf_copies=MTP_COPIES,
     derive=_derive,
     layout_probes=MOE_LAYOUT_PROBES,
+    presence_probes=(("mtp_in_checkpoint", ".eh_proj.weight"),),
     description="DeepSeek-V3 (DeepseekV3ForCausalLM)",
 )

@@ -1,0 +1,3 @@
+from forge_bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The kernels workload: forge-kernels' own benchmark scripts, run as subprocesses.
+
+The scripts (``packages/forge-kernels/benchmarks/bench_*.py``) live in the repository, not in
+the installed package: they are found next to ``forge_kernels``'s source folder in a checkout.
+Each runs with its defaults on CUDA, or with ``--device cpu --smoke`` elsewhere (Triton
+interpreted: the figures only show that the script works). Their printed tables are kept as
+they are and shown under the main table. On a GPU they run one after another once the model
+workloads are done (so nothing else competes for the device); on CPU, where their figures say
+nothing about speed, they run beside the model workloads to keep ``--smoke`` short.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KernelResult", "RunningScript", "find_scripts", "finish_script", "start_script"]
+
+#: Scripts that --smoke runs by default: the quickest one checks the plumbing in seconds.
+SMOKE_SCRIPTS = ("bench_fused_linear_cross_entropy",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelResult:
+    script: str
+    seconds: float
+    error: str | None
+    output: str
+
+
+def scripts_dir() -> Path | None:
+    """``packages/forge-kernels/benchmarks`` of the checkout forge_kernels is imported from."""
+    import forge_kernels
+
+    # .../packages/forge-kernels/src/forge_kernels/__init__.py -> .../packages/forge-kernels
+    folder = Path(forge_kernels.__file__).resolve().parents[2] / "benchmarks"
+    return folder if folder.is_dir() else None
+
+
+def find_scripts() -> tuple[list[Path], str | None]:
+    """The benchmark scripts, or ``([], reason)`` when there is no repository checkout."""
+    folder = scripts_dir()
+    if folder is None:
+        return [], (
+            "forge-kernels' benchmarks/ folder is not next to the imported forge_kernels "
+            "(installed from a wheel?): run forge-bench from a repository checkout"
+        )
+    scripts = sorted(folder.glob("bench_*.py"))
+    if not scripts:
+        return [], f"no bench_*.py scripts in {folder}"
+    return scripts, None
+
+
+def script_args(script: Path, *, device_type: str) -> list[str]:
+    """Command-line options for ``script``: defaults on CUDA; tiny CPU sizes otherwise."""
+    if device_type == "cuda":
+        return []
+    args = ["--device", "cpu", "--smoke"]
+    if "--no-compile" in script.read_text():  # torch.compile on CPU takes longer than the run
+        args.append("--no-compile")
+    return args
+
+
+@dataclass(kw_only=True)
+class RunningScript:
+    """A started script: :func:`start_script`'s handle for :func:`finish_script`."""
+
+    script: Path
+    proc: subprocess.Popen
+    started: float
+
+
+def start_script(script: Path, *, device_type: str) -> RunningScript:
+    """Start one script in a subprocess (Triton interpreted on CPU), capturing its output."""
+    env = dict(os.environ)
+    if device_type != "cuda":
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([*sys.path[1:], env.get("PYTHONPATH", "")]).strip(
+        os.pathsep
+    )
+    cmd = [sys.executable, str(script), *script_args(script, device_type=device_type)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return RunningScript(script=script, proc=proc, started=time.perf_counter())
+
+
+def finish_script(running: RunningScript, *, timeout_s: float) -> KernelResult:
+    """Wait for a started script (killed after ``timeout_s`` from its start)."""
+    left = max(1.0, timeout_s - (time.perf_counter() - running.started))
+    try:
+        stdout, stderr = running.proc.communicate(timeout=left)
+    except subprocess.TimeoutExpired:
+        running.proc.kill()
+        stdout, _ = running.proc.communicate()
+        return KernelResult(script=running.script.name, seconds=timeout_s, output=stdout,
+                            error=f"timed out after {timeout_s:.0f} s")  # fmt: skip
+    seconds = time.perf_counter() - running.started
+    code = running.proc.returncode
+    error = None
+    if code:
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        error = f"exit code {code}: {last[:200]}"
+    output = stdout + (stderr if code else "")
+    return KernelResult(script=running.script.name, seconds=seconds, error=error, output=output)

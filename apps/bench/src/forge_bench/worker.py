@@ -1,0 +1,155 @@
+"""One implementation's measurement, run inside its own process (see :mod:`forge_bench.isolate`).
+
+The process loads the model from the shared Hugging Face folder (so every contender starts from
+the same weights), applies its options (recompute, FP8, Liger-Kernel), then runs ``warmup`` and
+``steps`` training steps: forward with labels (next-token loss), backward, ``torch.optim.AdamW``
+step, gradients set to ``None``. Throughput is the timed steps' tokens over their wall time
+(CUDA synchronized); peak memory is ``torch.cuda.max_memory_allocated`` from the first step on
+(weights, gradients, optimizer state, activations) on CUDA, the process's peak resident set
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import forge_kernels
+import forge_models
+import forge_parallel
+from forge_bench.data import packed_batch
+from forge_bench.plan import Impl
+
+__all__ = ["Job", "run_job"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """Everything a child process needs (picklable)."""
+
+    impl: Impl
+    hf_dir: str
+    moe: bool
+    rows: int
+    seq: int
+    vocab_size: int
+    device: str
+    dtype: str
+    warmup: int
+    steps: int
+    lr: float = 1e-5
+
+
+def _forge(job: Job, device: torch.device) -> tuple[torch.nn.Module, Callable, list[str]]:
+    impl, notes = job.impl, []
+    model = forge_models.from_pretrained(job.hf_dir, dtype=DTYPES[job.dtype], device=device)
+    if impl.recompute:
+        blocks = [(f"layers.{i}", block) for i, block in enumerate(model.layers)]
+        forge_parallel.apply_recompute(blocks, forge_parallel.RecomputeConfig(mode="full"))
+        notes.append("full recompute per block")
+    if impl.fp8_recipe:
+        forge_kernels.convert_to_fp8(model, recipe=impl.fp8_recipe, backend=impl.fp8_backend)
+        converted = sum(isinstance(m, forge_kernels.Fp8Linear) for m in model.modules())
+        if converted == 0:
+            raise ValueError(f"no linear layer is eligible for FP8 recipe {impl.fp8_recipe!r}")
+        notes.append(f"{converted} linears in FP8")
+    inputs = packed_batch(rows=job.rows, seq=job.seq, vocab_size=job.vocab_size).forge_inputs(
+        device
+    )
+    extra = {"output_router_logits": False} if job.moe else {}
+    notes.append("packed (cu_seqlens)")
+
+    def step() -> torch.Tensor:
+        return model(**inputs, **extra)
+
+    return model, step, notes
+
+
+def transformers_packs_with_sdpa() -> bool:
+    """Whether this transformers builds a block-diagonal mask from restarting ``position_ids``
+    for SDPA (``masking_utils.find_packed_sequence_indices``, transformers >= 4.56)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _transformers(job: Job, device: torch.device) -> tuple[torch.nn.Module, Callable, list[str]]:
+    impl, notes = job.impl, []
+    if impl.liger:
+        from liger_kernel.transformers import AutoLigerKernelForCausalLM as Auto
+    else:
+        from transformers import AutoModelForCausalLM as Auto
+    model = Auto.from_pretrained(job.hf_dir, dtype=DTYPES[job.dtype], attn_implementation="sdpa")
+    model.to(device)
+    if impl.recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        notes.append("gradient checkpointing per layer")
+    packed = transformers_packs_with_sdpa()
+    batch = packed_batch(rows=job.rows, seq=job.seq, vocab_size=job.vocab_size)
+    inputs = batch.hf_inputs(device, packed=packed)
+    # No KV cache in training; with one, transformers also stops treating the rows as packed.
+    extra = {"use_cache": False, **({"output_router_logits": False} if job.moe else {})}
+    notes.append(
+        "packed (position_ids -> block-diagonal SDPA mask)"
+        if packed
+        else "unpacked at the same token count: this transformers has no packed SDPA path"
+    )
+
+    def step() -> torch.Tensor:
+        return model(**inputs, **extra).loss
+
+    return model, step, notes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_job(job: Job) -> dict:
+    """Build ``job.impl``, train ``warmup + steps`` steps; returns the measured figures."""
+    device = torch.device(job.device)
+    if device.type == "cuda":  # an explicit index: torch.cuda's memory calls need one
+        device = torch.device(
+            "cuda", torch.cuda.current_device() if device.index is None else device.index
+        )
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    build = _forge if job.impl.runner == "forge" else _transformers
+    model, step, notes = build(job, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, fused=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses, start = [], 0.0
+    for i in range(job.warmup + job.steps):
+        if i == job.warmup:
+            _sync(device)
+            start = time.perf_counter()
+        loss = step()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:  # Linux reports KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    values = [float(v) for v in losses]
+    return {
+        "tokens_per_s": job.rows * job.seq * job.steps / elapsed,
+        "peak_bytes": peak,
+        "loss_first": values[0],
+        "loss_last": values[-1],
+        "notes": notes,
+    }

@@ -1,0 +1,1 @@
+"""The Hydra config tree of ``forge-train`` (composed by :mod:`forge_train.compose`)."""

@@ -1,0 +1,387 @@
+"""The typed run config: one keyword-only dataclass per Hydra group, composed into :class:`RunConfig`.
+
+:func:`run_config_from_dict` turns the composed (plain-dict) Hydra config into these objects.
+Every error names the key that is wrong and why, e.g. ``optim.lr: must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "CheckpointSettings",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "LoraConfig",
+    "ModelSettings",
+    "OptimConfig",
+    "ParallelSettings",
+    "RunConfig",
+    "TrainSettings",
+    "run_config_from_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message starts with its key."""
+
+
+def _fail(key: str, why: str, value: Any = dataclasses.MISSING) -> typing.NoReturn:
+    got = "" if value is dataclasses.MISSING else f", got {value!r}"
+    raise ConfigError(f"{key}: {why}{got}")
+
+
+def _require(ok: bool, key: str, why: str, value: Any = dataclasses.MISSING) -> None:
+    if not ok:
+        _fail(key, why, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """Which model: a forge_models size ``name``, a full ``config`` (``name`` null), or the weights
+    of a Hugging Face folder ``hf_path`` (continued pretraining / fine-tuning). ``config`` holds
+    :class:`forge_models.TransformerConfig` fields (overrides when ``name`` is set).
+    ``init_device``: ``meta`` builds without memory and materializes after parallelization;
+    ``auto`` does so above 1B parameters."""
+
+    name: str | None = None
+    hf_path: str | None = None
+    vocab_size: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    init_device: Literal["auto", "meta", "device"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.name is None and self.hf_path is None and not self.config:
+            _fail("model", "give model.name (a forge_models size), model.config or model.hf_path")
+        if self.name is not None and self.hf_path is not None:
+            _fail("model.hf_path", "give either model.name or model.hf_path, not both")
+        if self.vocab_size is not None:
+            _require(self.vocab_size > 0, "model.vocab_size", "must be > 0", self.vocab_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelSettings:
+    """Degrees of the parallel layout; ``-1`` takes the processes the others leave (one axis at
+    most). ``data_parallel``: ``ddp``, ``fsdp``, ``hsdp``, ``zero1``, ``zero2`` or null (none)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    data_parallel: Literal["ddp", "fsdp", "hsdp", "zero1", "zero2"] | None = None
+    sequence_parallel: bool = False
+    recompute: Literal["none", "full", "selective"] = "none"
+
+    def __post_init__(self) -> None:
+        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        for name, value in degrees.items():
+            _require(value == -1 or value >= 1, f"parallel.{name}", "must be >= 1 or -1", value)
+        _require(
+            sum(v == -1 for v in degrees.values()) <= 1,
+            "parallel",
+            "at most one of dp_replicate, dp_shard, tp may be -1 (inferred)",
+        )
+        _require(self.tp != -1, "parallel.tp", "cannot be inferred (-1); give the degree")
+
+    def resolve(self, world_size: int) -> dict[str, int]:
+        """The degrees for ``world_size`` processes; ``ConfigError`` if they do not fit."""
+        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        fixed = 1
+        for value in degrees.values():
+            fixed *= value if value > 0 else 1
+        for name, value in degrees.items():
+            if value == -1:
+                _require(
+                    world_size % fixed == 0,
+                    f"parallel.{name}",
+                    f"cannot be inferred: the world size {world_size} is not a multiple of the "
+                    f"other degrees' product {fixed}; launch a multiple of {fixed} processes",
+                )
+                degrees[name] = world_size // fixed
+        product = degrees["dp_replicate"] * degrees["dp_shard"] * degrees["tp"]
+        _require(
+            product == world_size,
+            "parallel",
+            f"dp_replicate x dp_shard x tp = {degrees['dp_replicate']} x {degrees['dp_shard']} "
+            f"x {degrees['tp']} = {product} processes, but the world size is {world_size}; "
+            "launch that many processes (torchrun --nproc-per-node) or pick another preset",
+        )
+        return degrees
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Training data. ``kind``: ``stdlib`` (the Python standard library's source), ``jsonl``
+    (raw text jsonl), ``preprocessed`` (``forge-preprocess`` output folders) or ``chat``
+    (SFT conversations, assistant-only loss). Each optimizer step takes ``global_batch_rows``
+    packed rows of ``seq_len`` tokens, as micro-batches of ``micro_batch_rows`` rows per rank."""
+
+    kind: Literal["stdlib", "jsonl", "preprocessed", "chat"] = "stdlib"
+    paths: list[str] = field(default_factory=list)
+    val_paths: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    text_key: str = "text"
+    messages_key: str = "messages"
+    chat_template: str | None = "chatml"
+    stdlib_files: int = 360
+    stdlib_val_files: int = 40
+    seq_len: int = 128
+    global_batch_rows: int = 8
+    micro_batch_rows: int = 4
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "global_batch_rows", "micro_batch_rows", "stdlib_files"):
+            _require(getattr(self, name) >= 1, f"data.{name}", "must be >= 1", getattr(self, name))
+        _require(self.stdlib_val_files >= 0, "data.stdlib_val_files", "must be >= 0")
+        _require(
+            self.global_batch_rows % self.micro_batch_rows == 0,
+            "data.global_batch_rows",
+            f"must be a multiple of data.micro_batch_rows={self.micro_batch_rows}",
+            self.global_batch_rows,
+        )
+        if self.kind != "stdlib":
+            _require(bool(self.paths), "data.paths", f"data.kind={self.kind} needs input paths")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with weight-decay groups (no decay on norms, biases and embeddings), gradient
+    clipping (``grad_clip`` 0: off) and a learning-rate schedule after ``warmup_steps`` of linear
+    warmup: ``cosine`` or ``linear`` decay to ``min_lr_ratio * lr``, ``wsd`` (constant, then
+    linear decay over the last ``decay_fraction`` of the steps) or ``constant``."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    fused: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "must be two numbers in [0, 1)",
+            self.betas,
+        )
+        _require(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)", self.grad_clip)
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _require(
+            0 <= self.min_lr_ratio <= 1,
+            "optim.min_lr_ratio",
+            "must be in [0, 1]",
+            self.min_lr_ratio,
+        )
+        _require(
+            0 < self.decay_fraction <= 1,
+            "optim.decay_fraction",
+            "must be in (0, 1]",
+            self.decay_fraction,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """The loop: ``steps`` optimizer steps in ``precision`` (autocast; ``fp16`` with loss
+    scaling), non-finite loss / gradient norm handled by ``nan_policy``."""
+
+    steps: int = 150
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    output_dir: str | None = None
+    eval_every: int = 0
+    eval_batches: int = 4
+    nan_policy: Literal["skip", "stop"] = "skip"
+    max_nan_skips: int = 10
+    benchmark: bool = False
+    benchmark_warmup: int = 3
+    max_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
+        for name in ("eval_every", "eval_batches", "max_nan_skips", "benchmark_warmup"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        if self.benchmark:
+            _require(
+                self.steps > self.benchmark_warmup,
+                "train.steps",
+                f"must exceed train.benchmark_warmup={self.benchmark_warmup} in benchmark mode",
+                self.steps,
+            )
+        if self.max_minutes is not None:
+            _require(self.max_minutes > 0, "train.max_minutes", "must be > 0", self.max_minutes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSettings:
+    """Training checkpoints (forge_ckpt's ``CheckpointManager``) under ``<output_dir>/checkpoints``
+    and the Hugging Face export to ``<output_dir>/hf``."""
+
+    interval: int = 100
+    keep_last_n: int | None = 2
+    async_save: bool = False
+    resume: bool = True
+    save_final: bool = True
+    export_hf: bool = True
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, "checkpoint.interval", "must be >= 0", self.interval)
+        if self.keep_last_n is not None:
+            _require(self.keep_last_n >= 1, "checkpoint.keep_last_n", "must be >= 1 or null")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Console (``rich`` live line on a terminal, plain lines otherwise), ``metrics.jsonl`` and
+    TensorBoard. ``peak_tflops`` (per device) enables MFU where the device is not known."""
+
+    log_every: int = 10
+    progress: Literal["auto", "rich", "plain"] = "auto"
+    jsonl: bool = True
+    tensorboard: Literal["auto", "true", "false"] = "auto"
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.log_every >= 1, "logging.log_every", "must be >= 1", self.log_every)
+        if self.peak_tflops is not None:
+            _require(self.peak_tflops > 0, "logging.peak_tflops", "must be > 0", self.peak_tflops)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA adapters on the linear layers whose names match ``targets`` (fnmatch patterns)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["*.q_proj", "*.v_proj"])
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", "must be >= 1", self.rank)
+        _require(self.alpha > 0, "lora.alpha", "must be > 0", self.alpha)
+        _require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)", self.dropout)
+        _require(bool(self.targets), "lora.targets", "needs at least one module-name pattern")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one ``forge-train`` run needs."""
+
+    model: ModelSettings
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.lora is not None:
+            _require(
+                self.parallel.tp == 1,
+                "lora",
+                "LoRA with tensor parallelism is not supported; use parallel=ddp or fsdp",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- dict -> dataclass, with the key named in every error ----------------------------------------
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        _fail(key, f"expected {_type_name(hint)}", value)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, bool) and True not in allowed:  # yaml reads true/false as bools
+            value = str(value).lower()
+        _require(value in allowed, key, f"must be one of {', '.join(map(str, allowed))}", value)
+        return value
+    if origin is list:
+        _require(isinstance(value, list | tuple), key, "expected a list", value)
+        (item,) = typing.get_args(hint)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        _require(isinstance(value, Mapping), key, "expected a mapping", value)
+        return dict(value)
+    if hint is bool:
+        _require(isinstance(value, bool), key, "expected true or false", value)
+        return value
+    if hint is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool), key, "expected an int", value
+        )
+        return value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _require(ok, key, "expected a number", value)
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, str), key, "expected a string", value)
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    raise AssertionError(f"unhandled config type {hint!r} at {key}")
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "null")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    _require(isinstance(data, Mapping), prefix, "expected a mapping of keys", data)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        _fail(where, f"unknown key; valid keys under {prefix or 'the root'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        _require(value != "???", key, "is required: set it on the command line (key=value)")
+        kwargs[name] = _check_type(key, value, hints[name])
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        _fail(f"{prefix}.{missing[0]}" if prefix else missing[0], "is required")
+    return cls(**kwargs)
+
+
+def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a plain-dict config (Hydra's composed config, resolved) into a :class:`RunConfig`."""
+    return _build(RunConfig, data, "")

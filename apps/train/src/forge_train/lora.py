@@ -1,0 +1,92 @@
+"""LoRA: low-rank adapters on frozen linear layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of
+Large Language Models", arXiv:2106.09685).
+
+``y = W x + (alpha / r) * B A dropout(x)`` with ``A [r, in]`` initialized like a linear layer
+(Kaiming-uniform) and ``B [out, r]`` zero, so training starts from the base model exactly.
+:func:`apply_lora` wraps the ``nn.Linear`` modules whose names match fnmatch patterns and
+freezes every other parameter; :func:`merge_lora_state_dict` folds ``W + (alpha / r) B A`` into
+a plain state dict for export.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["LoRALinear", "apply_lora", "merge_lora_state_dict"]
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base``) plus a trainable rank-``rank`` update."""
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        if not self.lora_A.is_meta:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()
+        return self.base(x) + self.scaling * update
+
+
+def apply_lora(
+    model: nn.Module, *, targets: list[str], rank: int, alpha: float, dropout: float = 0.0
+) -> list[str]:
+    """Wrap every ``nn.Linear`` whose name matches one of ``targets`` in :class:`LoRALinear`, in
+    place, and freeze all other parameters; returns the wrapped module names."""
+    matched = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in targets)
+    ]
+    if not matched:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
+        raise ValueError(
+            f"lora.targets {targets} match no linear layer; linear layers are named like "
+            f"{', '.join(linears)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in matched:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
+    return [name for name, _ in matched]
+
+
+def merge_lora_state_dict(
+    state: dict[str, torch.Tensor], *, scaling: float
+) -> dict[str, torch.Tensor]:
+    """A plain model's state dict from one with :class:`LoRALinear` entries:
+    ``<name>.base.weight + scaling * <name>.lora_B @ <name>.lora_A`` becomes ``<name>.weight``."""
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(".lora_A") or key.endswith(".lora_B"):
+            continue
+        if ".base." in key:
+            prefix, _, leaf = key.rpartition(".base.")
+            if leaf == "weight":
+                a, b = state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"]
+                update = (b.float() @ a.float()) * scaling
+                value = (value.float() + update).to(value.dtype)
+            key = f"{prefix}.{leaf}"
+        merged[key] = value
+    return merged

@@ -1,0 +1,119 @@
+"""The model of a run: a forge_models ``CausalLM`` from a size name, a config or an HF folder,
+and its Hugging Face export.
+
+Large models are built on the meta device (no memory) and materialized after parallelization,
+so each process allocates and initializes only its own shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from forge_train.config import ConfigError, LoraConfig, ModelSettings
+
+__all__ = ["META_INIT_PARAMS", "build_model", "export_hf", "model_config"]
+
+#: ``init_device=auto`` builds on the meta device above this many parameters.
+META_INIT_PARAMS = 1_000_000_000
+
+
+def model_config(settings: ModelSettings, tokenizer_vocab: int):
+    """The ``TransformerConfig`` of ``model.*`` (for ``hf_path``: the folder's)."""
+    import forge_models
+
+    try:
+        if settings.hf_path is not None:
+            from forge_ckpt import HFCheckpoint
+
+            hf = HFCheckpoint(settings.hf_path).config
+            family = forge_models.family_for_hf_config(hf)
+            config = family.config_from_hf(hf)
+            return config.replace(**settings.config) if settings.config else config
+        if settings.name is not None:
+            return forge_models.get_config(settings.name, **settings.config)
+        fields = dict(settings.config)
+        fields.setdefault("vocab_size", settings.vocab_size or tokenizer_vocab)
+        return forge_models.TransformerConfig(**fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        key = (
+            "model.hf_path"
+            if settings.hf_path
+            else "model.name"
+            if settings.name
+            else "model.config"
+        )
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Module, bool]:
+    """``(model, on_meta)``: materialized on the CPU and initialized with ``seed`` (or loaded
+    from ``hf_path``), or left on the meta device for :func:`forge_models.materialize` after
+    parallelization."""
+    import forge_models
+
+    meta = settings.init_device == "meta" or (
+        settings.init_device == "auto" and forge_models.count_params(config) > META_INIT_PARAMS
+    )
+    if settings.hf_path is not None:
+        if meta:
+            raise ConfigError(
+                "model.init_device: loading model.hf_path materializes the full model on every "
+                "process; set model.init_device=device (or convert it to a training checkpoint)"
+            )
+        model = forge_models.build_model(config, device="meta", dtype=torch.float32)
+        forge_models.materialize(model, "cpu", init=False)
+        forge_models.load_hf_weights(model, settings.hf_path)
+        from forge_ckpt import HFCheckpoint
+
+        model.hf_config = dict(HFCheckpoint(settings.hf_path).config)
+        return model, False
+    if meta:
+        return forge_models.build_model(config, device="meta"), True
+    torch.manual_seed(seed)
+    return forge_models.build_model(config, device="cpu"), False
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on the CPU (collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def export_hf(
+    model: nn.Module,
+    config,
+    out_dir: Path,
+    *,
+    tokenizer: Any,
+    lora: LoraConfig | None,
+    dtype: torch.dtype | None,
+    is_main: bool,
+) -> Path | None:
+    """Write ``out_dir`` as a Hugging Face folder (weights, ``config.json``, tokenizer) with
+    ``forge_models.save_pretrained``; LoRA adapters are merged into the weights first.
+    Collective; only the main process writes."""
+    import forge_models
+    from forge_train.lora import merge_lora_state_dict
+
+    state = full_state_dict(model)
+    if not is_main:
+        return None
+    if lora is not None:
+        state = merge_lora_state_dict(state, scaling=lora.alpha / lora.rank)
+    plain = forge_models.build_model(config, device="meta")
+    forge_models.materialize(plain, "cpu", init=False)
+    plain.load_state_dict(state)
+    hf_config = getattr(model, "hf_config", None)
+    if hf_config is not None:
+        plain.hf_config = hf_config
+    path = forge_models.save_pretrained(plain, out_dir, dtype=dtype, overwrite=True)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

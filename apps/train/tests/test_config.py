@@ -1,0 +1,73 @@
+"""The Hydra config tree composes, validates into typed configs, and names wrong keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_train.cli import main
+from forge_train.compose import compose_run_config, list_presets
+from forge_train.config import ConfigError, ParallelSettings
+
+
+def test_default_config_and_presets_compose():
+    cfg = compose_run_config([])
+    assert cfg.model.config["family"] == "llama"
+    assert cfg.data.kind == "stdlib"
+    assert cfg.lora is None
+    assert cfg.parallel.data_parallel is None
+    presets = list_presets()
+    for group, names in presets.items():
+        if group in ("recipe", "model"):
+            continue
+        for name in names:
+            compose_run_config([f"{group}={name}", "data.paths=[x.jsonl]"])
+    lora = compose_run_config(["recipe=lora", "data.paths=[c.jsonl]"])
+    assert lora.data.kind == "chat"
+    assert lora.lora.rank == 8
+    assert lora.optim.weight_decay == 0.0
+    big = compose_run_config(["model=llama3.2-1b", "parallel=tp2-fsdp", "train.steps=100"])
+    assert big.model.name == "llama3.2-1b"
+    assert big.parallel.tp == 2
+    assert big.train.steps == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=-1"], "optim.lr: must be > 0, got -1.0"),
+        (["train.steps=0"], "train.steps: must be >= 1, got 0"),
+        (["parallel.tp=two"], "parallel.tp: expected an int, got 'two'"),
+        (["train.precision=fp8"], "train.precision: must be one of fp32, bf16, fp16, got 'fp8'"),
+        (["data.global_batch_rows=6"], "data.global_batch_rows: must be a multiple of"),
+        (["recipe=sft"], "data.paths: is required"),
+        (["data.nope=1"], "Could not override 'data.nope'"),
+        (["model=nope"], "Could not find 'model/nope'"),
+        (["+model.config.bogus=1"], None),  # unknown model fields surface when the model is built
+    ],
+)
+def test_invalid_values_name_the_key(overrides, message):
+    if message is None:
+        compose_run_config(overrides)
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        compose_run_config(overrides)
+
+
+def test_world_size_must_fit_the_layout():
+    tp2 = compose_run_config(["parallel=tp2-fsdp"]).parallel
+    assert tp2.resolve(4) == {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    with pytest.raises(
+        ConfigError, match=r"parallel.dp_shard: cannot be inferred: the world size 3"
+    ):
+        tp2.resolve(3)
+    with pytest.raises(ConfigError, match="1 processes, but the world size is 2"):
+        ParallelSettings().resolve(2)
+
+
+def test_cli_prints_config_help_and_errors(capsys):
+    assert main(["--cfg", "optim.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert "tp2-fsdp" in capsys.readouterr().out
+    assert main(["optim.lr=-1"]) == 2
+    assert "optim.lr: must be > 0" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""Shared helpers of forge-train's tests: overrides for a tiny, fast run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from forge_kernels.registry import reference_implementations
+from forge_train.compose import compose_run_config
+from forge_train.trainer import train
+
+#: A ~0.6M-parameter Llama (plus the 8192-token embedding) on a few stdlib files.
+TINY = [
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_layers=2",
+    "model.config.num_heads=4",
+    "model.config.num_kv_heads=2",
+    "data.stdlib_files=24",
+    "data.stdlib_val_files=4",
+    "data.seq_len=64",
+    "data.global_batch_rows=4",
+    "data.micro_batch_rows=2",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-2",
+    "train.eval_batches=2",
+    "logging.progress=plain",
+    "logging.tensorboard=false",
+    "logging.log_every=5",
+]
+
+
+def tiny_config(output_dir: str | Path, *overrides: str):
+    return compose_run_config([*TINY, f"train.output_dir={output_dir}", *overrides])
+
+
+def run_losses(output_dir: str, *overrides: str) -> list[float]:
+    """Losses of a tiny run (also a worker-pool job: every rank runs it)."""
+    with reference_kernels():
+        return train(tiny_config(output_dir, *overrides)).losses
+
+
+#: forge-kernels' eager references instead of its Triton kernels: without a GPU the suite runs
+#: Triton under its interpreter, which took ~90% of a tiny training step (the fused
+#: cross-entropy alone 65%); the kernels are tested against the references in their own suite.
+reference_kernels = reference_implementations
