@@ -582,11 +582,14 @@ def train(cfg: RunConfig) -> TrainResult:
     if owns_group:
         init_distributed()
     trainer = None
+    finished = False
     try:
         trainer = _Trainer(cfg)
-        return trainer.run()
+        result = trainer.run()
+        finished = True
+        return result
     finally:
         if trainer is not None:
             trainer.close()
         if owns_group:
-            shutdown_distributed()
+            shutdown_distributed(barrier=finished)  # no barrier the other ranks may never reach

@@ -172,7 +172,16 @@ def _tcp_url(addr: str | None, port: int | None) -> str:
     return f"tcp://{host}:{port or 29500}"
 
 
-def shutdown_distributed() -> None:
-    """Tear down the default process group (and every group created from it), if any."""
+def shutdown_distributed(*, barrier: bool = True) -> None:
+    """Tear down the default process group (and every group created from it), if any.
+
+    With ``barrier`` (the default, for a normal end) all ranks meet first: a rank that destroyed
+    its groups while a peer's gloo threads still served the last collective could make that
+    peer abort at exit ("terminate called without an active exception", seen with torch 2.11
+    under torchrun). Pass ``barrier=False`` when leaving on an error, which the other ranks
+    may never reach.
+    """
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
