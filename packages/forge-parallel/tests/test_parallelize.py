@@ -278,6 +278,29 @@ def test_tp4_fsdp4_placements_at_16_ranks(fake_pg):
         assert "tensor+sequence parallel -> recompute (selective) -> FSDP (ZeRO-3)" in text
 
 
+def test_tied_embedding_and_head_stay_one_tensor_under_tp(fake_pg):
+    """A vocab-parallel embedding and a column-parallel head shard the tied [vocab, hidden]
+    matrix alike: after TP they are one DTensor again (one gradient, as in one process)."""
+    for head_style in ("loss_parallel", "colwise_output_replicated"):
+        with fake_pg(world_size=2, rank=1):
+            model = tm.build_tiny(dim=32, n_layers=1)
+            model.lm_head.weight = model.embed.weight
+            plan = tm.tiny_plan(loss_parallel=head_style == "loss_parallel")
+            parallelize(model, ParallelDims(world_size=2, tp=2), plan=plan)
+            assert model.lm_head.weight is model.embed.weight
+            assert model.embed.weight.to_local().shape == (32, 32)  # vocab 64 / 2
+            assert len(list(model.parameters())) == len(dict(model.named_parameters()))
+    with fake_pg(world_size=2, rank=0):
+        model = tm.build_tiny(dim=32, n_layers=1)
+        model.lm_head.weight = model.embed.weight
+        plan = tm.tiny_plan()
+        plan.styles["lm_head"] = "rowwise"  # shards the shared matrix by columns
+        with pytest.raises(
+            ValueError, match=r"tied parameters \['embed.weight', 'lm_head.weight'\]"
+        ):
+            parallelize(model, ParallelDims(world_size=2, tp=2), plan=plan)
+
+
 def test_hsdp_and_ddp_placements(fake_pg):
     with fake_pg(world_size=8, rank=3):
         _, summary = parallelize(tm.build_tiny(), ParallelDims(world_size=8, dp_replicate=2))

@@ -163,12 +163,6 @@ class _Trainer:
                 f"model only {self.model_config.vocab_size}; set data.tokenizer to the model's "
                 "own tokenizer folder"
             )
-        if self.degrees["tp"] > 1 and self.model_config.tie_word_embeddings:
-            raise ConfigError(
-                "parallel.tp: tensor parallelism shards the embedding (by rows) and the output "
-                "layer (by columns) separately, which unties tied word embeddings; set "
-                "model.config.tie_word_embeddings=false or use parallel=fsdp"
-            )
         self.data = build_data(cfg.data, self.tokenizer)
         model, on_meta = build_model(cfg.model, self.model_config, seed=cfg.train.seed)
         self.lora_targets: list[str] = []

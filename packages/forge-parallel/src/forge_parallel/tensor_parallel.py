@@ -55,7 +55,7 @@ from typing import Literal
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -360,10 +360,54 @@ def apply_tp(
                     divided.add((id(owner), last))
                     setattr(owner, last, _get_attr(module, attr, name) // tp)
     modules = dict(model.named_modules())
+    ties = _tied_parameters(model)
     for name, style in resolve_plan(model, plan).items():
         built = _build_style(style, plan.sequence_parallel)
         if built is None:
             continue
         parallelize_module(modules[name], tp_mesh, built)
         applied[name] = style if isinstance(style, str) else type(style).__name__
+    _retie(model, ties)
     return applied
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters that are one tensor (tied embeddings and head), per tensor."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """Make tied parameters one tensor again after their modules were parallelized apart.
+
+    Each module's style distributes its own copy, so ``lm_head.weight`` and
+    ``embed_tokens.weight`` would train as two tensors. When both came out sharded alike (a
+    vocab-parallel embedding and a column-parallel head both shard the ``[vocab, hidden]``
+    matrix by rows) the first is put back in every place; otherwise tying cannot be kept.
+    """
+    for names in ties:
+        params = [model.get_parameter(name) for name in names]
+        first = params[0]
+        layouts = [
+            (tuple(p.placements), tuple(p.shape)) if isinstance(p, DTensor) else None
+            for p in params
+        ]
+        if all(p is first for p in params):
+            continue
+        if any(layout != layouts[0] for layout in layouts):
+            described = ", ".join(
+                f"{n}: {'not sharded' if lay is None else lay[0]}"
+                for n, lay in zip(names, layouts, strict=True)
+            )
+            raise ValueError(
+                f"tied parameters {names} would be sharded differently ({described}); give their "
+                "modules styles that shard the shared matrix alike (vocab_parallel_embedding with "
+                "a colwise / colwise_output_replicated / loss_parallel head), or untie them "
+                "(e.g. tie_word_embeddings=False)"
+            )
+        for name in names[1:]:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            owner.register_parameter(attr, first)
