@@ -25,9 +25,12 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from forge_ckpt.hf.io import HFCheckpoint
 
 __all__ = ["main"]
 
@@ -57,17 +60,14 @@ def _counted(items, bar) -> Iterator:
 # --------------------------------------------------------------------------------------------
 
 
-def _forge_spec_ctx(src: Path, config: dict, args) -> tuple[Any, dict, dict]:
-    from forge_ckpt.hf.io import HFCheckpoint
+def _forge_spec_ctx(src: HFCheckpoint, args) -> tuple[Any, dict, dict]:
     from forge_ckpt.mapping.registry import get_mapping, mapping_for_hf_config
 
+    config = src.config
     spec = get_mapping(args.mapping) if args.mapping else mapping_for_hf_config(config)
     # What the tensor names say (stacked experts, DeepSeek's MTP layers), kept with the options
     # so forge-to-hf writes the same layout back.
-    options = {
-        "vocab_pad_multiple": args.vocab_pad_multiple,
-        **spec.detect_context(HFCheckpoint(src).names()),
-    }
+    options = {"vocab_pad_multiple": args.vocab_pad_multiple, **spec.detect_context(src.names())}
     return spec, spec.context(config, **options), options
 
 
@@ -85,8 +85,7 @@ def _hf_to_forge(args) -> int:
     from forge_ckpt.hf.io import HFCheckpoint, save_hf_checkpoint
 
     src = HFCheckpoint(args.src)
-    config = src.config
-    spec, ctx, options = _forge_spec_ctx(args.src, config, args)
+    spec, ctx, options = _forge_spec_ctx(src, args)
     shapes = {n: i.shape for n, i in src.tensor_info().items()}
     spec.check_hf(shapes, ctx)
     bound = spec.bind(ctx)
@@ -106,7 +105,7 @@ def _hf_to_forge(args) -> int:
         save_hf_checkpoint(
             args.out,
             _counted(spec.hf_to_forge(src.iter_tensors(), ctx), bar),
-            config=config,
+            config=src.config,
             max_shard_size=args.max_shard_size,
             extra_files={FORGE_META: json.dumps(meta, indent=2) + "\n"},
             overwrite=args.overwrite,
