@@ -52,6 +52,7 @@ IMPORT_ALIASES = {
     "google": "protobuf",
     "hydra": "hydra-core",
     "sklearn": "scikit-learn",
+    "skimage": "scikit-image",
     "cv2": "opencv-python",
 }
 # Modules only ever imported by a host that provides the (declared, optional) dependency, so

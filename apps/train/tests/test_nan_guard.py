@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from forge_core.testing import import_path
-from forge_train import trainer as trainer_module
+from forge_train.step import StepRunner
 from forge_train.trainer import NonFiniteError, train
 
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
@@ -16,15 +16,17 @@ tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_t
 
 @pytest.fixture
 def nan_loss_at_step_2(monkeypatch):
-    original = trainer_module._Trainer._train_step
+    original = StepRunner.accumulate
+    calls = []
 
     def poisoned(self, micro_batches):
         loss, norm, tokens = original(self, micro_batches)
-        if self.progress.step == 2:
+        calls.append(len(calls))
+        if calls[-1] == 2:  # the third step (0-based step 2)
             loss = torch.tensor(float("nan"))
         return loss, norm, tokens
 
-    monkeypatch.setattr(trainer_module._Trainer, "_train_step", poisoned)
+    monkeypatch.setattr(StepRunner, "accumulate", poisoned)
 
 
 def _config(tmp_path, policy):

@@ -8,13 +8,16 @@ from forge_kernels.registry import reference_implementations
 from forge_train.compose import compose_run_config
 from forge_train.trainer import train
 
-#: A ~0.6M-parameter Llama (plus the 8192-token embedding) on a few stdlib files.
-TINY = [
+#: A ~0.6M-parameter Llama (plus the 8192-token embedding) ...
+TINY_MODEL = [
     "model.config.hidden_size=32",
     "model.config.intermediate_size=64",
     "model.config.num_layers=2",
     "model.config.num_heads=4",
     "model.config.num_kv_heads=2",
+]
+#: ... on a few stdlib files, with quick settings for any model.
+TINY_RUN = [
     "data.stdlib_files=24",
     "data.stdlib_val_files=4",
     "data.seq_len=64",
@@ -27,6 +30,7 @@ TINY = [
     "logging.tensorboard=false",
     "logging.log_every=5",
 ]
+TINY = TINY_MODEL + TINY_RUN
 
 
 def tiny_config(output_dir: str | Path, *overrides: str):

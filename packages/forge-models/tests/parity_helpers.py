@@ -93,8 +93,12 @@ class HFPair:
         hf_buffers = {n for n, _ in self.ref.named_buffers()}
         return {n: t for n, t in mapped.items() if n not in hf_buffers}
 
-    def assert_grads_match(self, **ctx_options) -> None:
-        ref = {n: p.grad for n, p in self.ref.named_parameters()}
+    def assert_grads_match(self, *, unused: tuple[str, ...] = (), **ctx_options) -> None:
+        """``unused``: reference parameters forge does not build (e.g. a ViT's post-layernorm
+        that a VLM reading an inner layer skips); they must get no gradient there either."""
+        params = dict(self.ref.named_parameters())
+        assert all(params[n].grad is None for n in unused), unused
+        ref = {n: p.grad for n, p in params.items() if n not in unused}
         ours = self.forge_grads_as_hf(**ctx_options)
         assert sorted(ours) == sorted(ref)  # every parameter, no more, no less
         for name, g in ref.items():

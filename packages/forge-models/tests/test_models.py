@@ -43,7 +43,8 @@ def test_named_sizes_exist_for_every_family():
         assert name in sizes
     assert set(list_sizes("qwen3")) <= {s for s in sizes if s.startswith("qwen3")}
     assert forge_models.list_families() == [
-        "deepseek_v3", "llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+        "deepseek_v3", "internvl", "llama", "llava_onevision", "qwen2", "qwen2_5_vl",
+        "qwen2_moe", "qwen3", "qwen3_moe",
     ]  # fmt: skip
 
 

@@ -19,11 +19,14 @@ __all__ = [
     "DataConfig",
     "LoggingConfig",
     "LoraConfig",
+    "MlflowConfig",
     "ModelSettings",
     "OptimConfig",
     "ParallelSettings",
+    "ProfileConfig",
     "RunConfig",
     "TrainSettings",
+    "WandbConfig",
     "run_config_from_dict",
 ]
 
@@ -46,10 +49,13 @@ def _require(ok: bool, key: str, why: str, value: Any = dataclasses.MISSING) -> 
 class ModelSettings:
     """Which model: a forge_models size ``name``, a full ``config`` (``name`` null), or the weights
     of a Hugging Face folder ``hf_path`` (continued pretraining / fine-tuning). ``config`` holds
-    :class:`forge_models.TransformerConfig` fields (overrides when ``name`` is set).
+    :class:`forge_models.TransformerConfig` fields (overrides when ``name`` is set); with
+    ``kind: vlm`` it is a vision-language model's plain-data config
+    (:func:`forge_models.vlm.vlm_config_from_dict`: ``vision``, ``projector``, ``text``, tokens).
     ``init_device``: ``meta`` builds without memory and materializes after parallelization;
     ``auto`` does so above 1B parameters."""
 
+    kind: Literal["llm", "vlm"] = "llm"
     name: str | None = None
     hf_path: str | None = None
     vocab_size: int | None = None
@@ -57,6 +63,13 @@ class ModelSettings:
     init_device: Literal["auto", "meta", "device"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.kind == "vlm":
+            _require(
+                self.name is None and self.hf_path is None and bool(self.config),
+                "model.config",
+                "model.kind=vlm needs a VLM config dict (vision, projector, text, "
+                "image_token_id) in model.config, with model.name and model.hf_path null",
+            )
         if self.name is None and self.hf_path is None and not self.config:
             _fail("model", "give model.name (a forge_models size), model.config or model.hf_path")
         if self.name is not None and self.hf_path is not None:
@@ -117,11 +130,12 @@ class ParallelSettings:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Training data. ``kind``: ``stdlib`` (the Python standard library's source), ``jsonl``
-    (raw text jsonl), ``preprocessed`` (``forge-preprocess`` output folders) or ``chat``
-    (SFT conversations, assistant-only loss). Each optimizer step takes ``global_batch_rows``
+    (raw text jsonl), ``preprocessed`` (``forge-preprocess`` output folders), ``chat``
+    (SFT conversations, assistant-only loss) or ``skimage_captions`` (captioned scikit-image
+    sample images for a ``model.kind=vlm`` model; up to ``max_tiles`` tiles per image). Each optimizer step takes ``global_batch_rows``
     packed rows of ``seq_len`` tokens, as micro-batches of ``micro_batch_rows`` rows per rank."""
 
-    kind: Literal["stdlib", "jsonl", "preprocessed", "chat"] = "stdlib"
+    kind: Literal["stdlib", "jsonl", "preprocessed", "chat", "skimage_captions"] = "stdlib"
     paths: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)
     tokenizer: str | None = None
@@ -134,6 +148,7 @@ class DataConfig:
     global_batch_rows: int = 8
     micro_batch_rows: int = 4
     cache_dir: str | None = None
+    max_tiles: int = 2
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "global_batch_rows", "micro_batch_rows", "stdlib_files"):
@@ -145,7 +160,8 @@ class DataConfig:
             f"must be a multiple of data.micro_batch_rows={self.micro_batch_rows}",
             self.global_batch_rows,
         )
-        if self.kind != "stdlib":
+        _require(self.max_tiles >= 1, "data.max_tiles", "must be >= 1", self.max_tiles)
+        if self.kind not in ("stdlib", "skimage_captions"):
             _require(bool(self.paths), "data.paths", f"data.kind={self.kind} needs input paths")
 
 
@@ -197,7 +213,12 @@ class OptimConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     """The loop: ``steps`` optimizer steps in ``precision`` (autocast; ``fp16`` with loss
-    scaling), non-finite loss / gradient norm handled by ``nan_policy``."""
+    scaling), non-finite loss / gradient norm handled by ``nan_policy``. ``fp8``: run the
+    model's eligible linear layers with FP8 GEMMs (forge_kernels: ``per_tensor`` current scaling
+    or DeepSeek-V3 ``blockwise`` 1x128/128x128 scaling), optionally only for the GEMM shapes
+    where the calibrated ``fp8_policy`` table (an ``Fp8Policy`` JSON) says FP8 pays off.
+    ``freeze``: parts of a ``model.kind=vlm`` model left out of training (``vision``,
+    ``projector``, ``language_model``; ``VLMConfig.frozen``)."""
 
     steps: int = 150
     seed: int = 0
@@ -211,9 +232,14 @@ class TrainSettings:
     benchmark: bool = False
     benchmark_warmup: int = 3
     max_minutes: float | None = None
+    fp8: Literal["per_tensor", "blockwise"] | None = None
+    fp8_policy: str | None = None
+    freeze: list[Literal["vision", "projector", "language_model"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
+        if self.fp8_policy is not None:
+            _require(self.fp8 is not None, "train.fp8_policy", "needs train.fp8 to be set")
         for name in ("eval_every", "eval_batches", "max_nan_skips", "benchmark_warmup"):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
         if self.benchmark:
@@ -247,15 +273,63 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases: with ``enabled``, metrics go to the run ``name`` of ``project``
+    (``entity``: the team); null values leave them to wandb (its ``WANDB_*`` variables)."""
+
+    enabled: bool = False
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowConfig:
+    """MLflow: with ``enabled``, metrics go to the run ``run_name`` of ``experiment`` on the
+    tracking server ``tracking_uri``; null values leave them to MLflow (``MLFLOW_*`` variables,
+    else ``./mlruns``)."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """A ``torch.profiler`` window over the steps ``start_step`` .. ``start_step + num_steps - 1``
+    (numbered as in ``metrics.jsonl``, from 1; null: off), written as a Chrome trace (``.json``,
+    one per rank) to ``output_dir`` (null: ``<run folder>/profile``)."""
+
+    start_step: int | None = None
+    num_steps: int = 3
+    output_dir: str | None = None
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+
+    def __post_init__(self) -> None:
+        if self.start_step is not None:
+            _require(
+                self.start_step >= 1, "logging.profile.start_step", "must be >= 1", self.start_step
+            )
+        _require(self.num_steps >= 1, "logging.profile.num_steps", "must be >= 1", self.num_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
-    """Console (``rich`` live line on a terminal, plain lines otherwise), ``metrics.jsonl`` and
-    TensorBoard. ``peak_tflops`` (per device) enables MFU where the device is not known."""
+    """Console (``rich`` live line on a terminal, plain lines otherwise), ``metrics.jsonl``,
+    TensorBoard, and the optional W&B / MLflow trackers; a profiler window. ``peak_tflops`` (per
+    device) enables MFU where the device is not known."""
 
     log_every: int = 10
     progress: Literal["auto", "rich", "plain"] = "auto"
     jsonl: bool = True
     tensorboard: Literal["auto", "true", "false"] = "auto"
     peak_tflops: float | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "logging.log_every", "must be >= 1", self.log_every)
@@ -293,11 +367,37 @@ class RunConfig:
     lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
+        vlm = self.model.kind == "vlm"
+        if self.train.freeze:
+            _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
+        if vlm:
+            _require(
+                self.parallel.tp == 1 and self.lora is None and self.train.fp8 is None,
+                "model.kind",
+                "vlm models train without tensor parallelism, LoRA or FP8 so far; use "
+                "parallel=single/ddp/fsdp, lora=null, train.fp8=null",
+            )
         if self.lora is not None:
             _require(
                 self.parallel.tp == 1,
                 "lora",
                 "LoRA with tensor parallelism is not supported; use parallel=ddp or fsdp",
+            )
+        profile = self.logging.profile
+        if profile.start_step is not None:
+            last = profile.start_step + profile.num_steps - 1
+            _require(
+                last <= self.train.steps,
+                "logging.profile",
+                f"the window (steps {profile.start_step}..{last}) ends after "
+                f"train.steps={self.train.steps}; lower logging.profile.start_step or num_steps",
+            )
+        if self.train.fp8 is not None:
+            _require(
+                self.parallel.tp == 1,
+                "train.fp8",
+                "FP8 linears with tensor parallelism are not supported (the TP plan shards "
+                "nn.Linear modules); use parallel=ddp or fsdp, or train.fp8=null",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +413,9 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        (*options,) = (a for a in args if a is not type(None))
+        if len(options) == 1:  # X | None: X's own error says what is allowed
+            return _check_type(key, value, options[0])
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

@@ -6,7 +6,8 @@ rank 0 and published atomically; every rank then reads the same shards. ``prepro
 (``forge-preprocess`` output folders) are read as they are. Each optimizer step is this rank's
 list of micro-batches; :func:`model_inputs` turns one into the keyword arguments of
 :class:`forge_models.CausalLM` (one packed row with ``cu_seqlens``, so attention never crosses
-a document boundary).
+a document boundary). Image-caption data for a vision-language model (``skimage_captions``)
+comes from :mod:`forge_train.vlm_data`; its micro-batches add the images to those arguments.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forge_train.config import DataConfig
+from forge_train.config import ConfigError, DataConfig
 
 __all__ = ["DataBundle", "build_data", "load_run_tokenizer", "model_inputs"]
 
@@ -46,46 +47,67 @@ def _cache_root(config: DataConfig) -> Path:
 
 def load_run_tokenizer(config: DataConfig, hf_path: str | None = None):
     """``data.tokenizer`` (a Hugging Face folder), else the model folder's own tokenizer, else
-    forge_data's BPE trained on the standard library (cached after the first use)."""
+    forge_data's BPE trained on the standard library (cached after the first use). Image data
+    adds the image placeholder tokens the tokenizer lacks."""
     from forge_data import default_tokenizer, load_tokenizer
 
     if config.tokenizer is not None:
-        return load_tokenizer(config.tokenizer)
-    if hf_path is not None and (Path(hf_path) / "tokenizer.json").exists():
-        return load_tokenizer(hf_path)
-    return default_tokenizer()
+        tokenizer = load_tokenizer(config.tokenizer)
+    elif hf_path is not None and (Path(hf_path) / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(hf_path)
+    else:
+        tokenizer = default_tokenizer()
+    if config.kind == "skimage_captions":
+        from forge_data.vision import with_vision_tokens
+        from forge_train.vlm_data import placeholder_style
+
+        tokenizer = with_vision_tokens(tokenizer, placeholder_style())
+    return tokenizer
 
 
-def _fingerprint(files: list[Path], tokenizer, config: DataConfig, mode: str) -> str:
+def _input_files(inputs: list[Path], key: str) -> list[Path]:
+    """Every file under ``inputs`` (folders recursively, sorted), for the cache fingerprint;
+    which of them ``forge_data.preprocess`` reads (and its errors about the others) is its
+    business. ``ConfigError`` for a path that does not exist."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{key}: {path} does not exist")
+    return files
+
+
+def _fingerprint(inputs: list[Path], tokenizer, config: DataConfig, mode: str, key: str) -> str:
     h = hashlib.sha1()
     h.update(tokenizer.__getstate__()["json"].encode())
     h.update(
         json.dumps([mode, config.text_key, config.messages_key, config.chat_template]).encode()
     )
-    for f in files:
+    for f in _input_files(inputs, key):
         stat = f.stat()
         h.update(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-def _expand(paths: list[str]) -> list[Path]:
-    from forge_data.preprocess import _files
-
-    return _files(paths)
-
-
-def _tokenized(files: list[Path], tokenizer, config: DataConfig, mode: str, name: str) -> Path:
-    """The preprocessed folder of ``files`` (rank 0 writes it on first use; others wait)."""
+def _tokenized(
+    inputs: list[Path], tokenizer, config: DataConfig, mode: str, name: str, key: str
+) -> Path:
+    """The preprocessed folder of ``inputs`` (files or folders; rank 0 writes it on first use,
+    the others wait); ``key`` names the config key of the inputs in errors."""
     from forge_data.preprocess import MANIFEST_NAME, PreprocessConfig, preprocess
 
-    folder = _cache_root(config) / f"{name}-{_fingerprint(files, tokenizer, config, mode)}"
+    fingerprint = _fingerprint(inputs, tokenizer, config, mode, key)
+    folder = _cache_root(config) / f"{name}-{fingerprint}"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and not (folder / MANIFEST_NAME).exists():
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         preprocess(
             PreprocessConfig(
-                inputs=[str(f) for f in files],
+                inputs=[str(f) for f in inputs],
                 output_dir=tmp,
                 mode=mode,
                 text_key=config.text_key,
@@ -104,11 +126,17 @@ def _tokenized(files: list[Path], tokenizer, config: DataConfig, mode: str, name
     return folder
 
 
-def build_data(config: DataConfig, tokenizer) -> DataBundle:
-    """The training and (when there is one) held-out datasets of ``config``."""
+def build_data(config: DataConfig, tokenizer, *, model_config=None) -> DataBundle:
+    """The training and (when there is one) held-out datasets of ``config`` (image data is
+    processed for ``model_config``, a ``VLMConfig``)."""
     from forge_data import TokenDataset
     from forge_data.tokenizer import stdlib_corpus_files
 
+    if config.kind == "skimage_captions":
+        from forge_train.vlm_data import build_caption_data
+
+        train, what = build_caption_data(config, tokenizer, model_config, _cache_root(config))
+        return DataBundle(tokenizer, train, None, what)
     if config.kind == "preprocessed":
         train = TokenDataset(config.paths if len(config.paths) > 1 else config.paths[0])
         val = None
@@ -120,17 +148,24 @@ def build_data(config: DataConfig, tokenizer) -> DataBundle:
     mode = "chat" if config.kind == "chat" else "text"
     if config.kind == "stdlib":
         files = stdlib_corpus_files()
-        train_files = files[: config.stdlib_files]
-        val_files = files[config.stdlib_files : config.stdlib_files + config.stdlib_val_files]
-        what = f"the Python standard library ({len(train_files)} files, {len(val_files)} held out)"
+        train_inputs = files[: config.stdlib_files]
+        val_inputs = files[config.stdlib_files : config.stdlib_files + config.stdlib_val_files]
+        what = (
+            f"the Python standard library ({len(train_inputs)} files, {len(val_inputs)} held out)"
+        )
     else:
-        train_files = _expand(config.paths)
-        val_files = _expand(config.val_paths) if config.val_paths else []
+        train_inputs = [Path(p) for p in config.paths]
+        val_inputs = [Path(p) for p in config.val_paths]
         what = f"{config.kind} {config.paths}"
-    train = TokenDataset(_tokenized(train_files, tokenizer, config, mode, f"{config.kind}-train"))
+    kind = config.kind
+    train = TokenDataset(
+        _tokenized(train_inputs, tokenizer, config, mode, f"{kind}-train", "data.paths")
+    )
     val = None
-    if val_files:
-        val = TokenDataset(_tokenized(val_files, tokenizer, config, mode, f"{config.kind}-val"))
+    if val_inputs:
+        val = TokenDataset(
+            _tokenized(val_inputs, tokenizer, config, mode, f"{kind}-val", "data.val_paths")
+        )
     return DataBundle(tokenizer, train, val, what)
 
 
@@ -144,7 +179,8 @@ def build_loader(
     pad_id: int,
     shuffle: bool = True,
 ):
-    """forge_data's ``PackedLoader`` over ``dataset`` for this data-parallel rank."""
+    """forge_data's ``PackedLoader`` over ``dataset`` for this data-parallel rank (a
+    :class:`forge_train.vlm_data.VLMLoader` for image-caption samples)."""
     from forge_data import LoaderConfig, PackedLoader
 
     loader_config = LoaderConfig(
@@ -160,6 +196,19 @@ def build_loader(
             f"data.global_batch_rows={config.global_batch_rows} is not a multiple of data-parallel "
             f"size {dp_size} x data.micro_batch_rows={config.micro_batch_rows} = {per_step}; "
             "change one of them"
+        )
+    if config.kind == "skimage_captions":
+        from forge_train.vlm_data import VLMLoader
+
+        return VLMLoader(
+            dataset,
+            global_batch_rows=config.global_batch_rows,
+            micro_batch_rows=config.micro_batch_rows,
+            seed=seed,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            pad_id=pad_id,
+            shuffle=shuffle,
         )
     return PackedLoader(dataset, loader_config, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id)
 
@@ -182,4 +231,8 @@ def model_inputs(
         "cu_seqlens": batch["cu_seqlens"].to(device, non_blocking=True),
         "max_seqlen": int(batch["max_seqlen"]),
     }
+    if "visual" in batch:  # image-caption data for a VisionLanguageModel
+        from forge_train.vlm_data import vlm_model_inputs
+
+        kwargs.update(vlm_model_inputs(batch, device))
     return kwargs, (targets != IGNORE_INDEX).sum()

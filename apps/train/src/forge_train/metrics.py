@@ -1,37 +1,20 @@
 """Where a run's metrics go: the console (a ``rich`` live line on a terminal, plain lines
-otherwise), ``metrics.jsonl`` in the run folder, and TensorBoard when it is installed.
-
-MFU (model FLOPs utilization, Chowdhery et al. 2022, PaLM, appendix B) is
-``tokens/s x flops_per_token / (devices x peak FLOP/s)``, with ``forge_models.flops_per_token``.
+otherwise), ``metrics.jsonl`` in the run folder, TensorBoard when it is installed, and the
+W&B / MLflow trackers when enabled (:mod:`forge_train.trackers`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from forge_train.config import LoggingConfig
+from forge_train.trackers import build_trackers
 
-__all__ = ["MetricsLogger", "peak_flops"]
-
-# Dense bf16 peak FLOP/s per device (vendor datasheets).
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
-
-
-def peak_flops(config: LoggingConfig, device: torch.device) -> float | None:
-    """Peak FLOP/s of one device: ``logging.peak_tflops``, else known GPUs, else ``None``."""
-    if config.peak_tflops is not None:
-        return config.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in _PEAK_BF16.items():
-            if key in name:
-                return value
-    return None
+__all__ = ["MetricsLogger"]
 
 
 def _format(row: dict[str, Any]) -> str:
@@ -45,16 +28,28 @@ def _format(row: dict[str, Any]) -> str:
 
 
 class MetricsLogger:
-    """Console + JSONL + TensorBoard for the main process (a no-op on the others)."""
+    """Console + JSONL + TensorBoard + trackers for the main process (a no-op on the others).
 
-    def __init__(self, config: LoggingConfig, run_dir: Path | None, *, enabled: bool) -> None:
+    ``run_config`` (the resolved config as plain data) is handed to the trackers once.
+    """
+
+    def __init__(
+        self,
+        config: LoggingConfig,
+        run_dir: Path | None,
+        *,
+        enabled: bool,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.config = config
         self._jsonl = None
         self._tb = None
         self._live = None
+        self._trackers = []
         if not enabled:
             return
+        self._trackers = build_trackers(config, run_config or {}, run_dir)
         use_rich = config.progress == "rich" or (config.progress == "auto" and sys.stdout.isatty())
         if use_rich:
             from rich.console import Console
@@ -88,9 +83,11 @@ class MetricsLogger:
             print(text, flush=True)
 
     def log(self, row: dict[str, Any], *, show: bool) -> None:
-        """Record ``row`` (JSONL, TensorBoard); show it on the console when ``show``."""
+        """Record ``row`` (JSONL, TensorBoard, trackers); show it on the console when ``show``."""
         if not self.enabled:
             return
+        for tracker in self._trackers:
+            tracker.log(row)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
@@ -104,6 +101,9 @@ class MetricsLogger:
             print(_format(row), flush=True)
 
     def close(self) -> None:
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []
         if self._live is not None:
             self._live.stop()
             self._live = None

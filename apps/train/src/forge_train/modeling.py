@@ -55,6 +55,11 @@ def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Modul
     parallelization."""
     import forge_models
 
+    if settings.kind == "vlm":  # small demo models: built on the CPU (no meta-device path yet)
+        from forge_models.vlm import build_vlm
+
+        torch.manual_seed(seed)
+        return build_vlm(config, device="cpu"), False
     meta = settings.init_device == "meta" or (
         settings.init_device == "auto" and forge_models.count_params(config) > META_INIT_PARAMS
     )

@@ -32,6 +32,7 @@ __all__ = [
     "balance_step",
     "balanced_assignment",
     "imbalance",
+    "nonnegative_lstsq",
 ]
 
 
@@ -89,18 +90,25 @@ class QuadraticCost:
                 for n in (np.asarray(s, dtype=np.float64) for s in step_lengths)
             ]
         )
-        y = np.asarray(step_times, dtype=np.float64)
-        active = [0, 1, 2]
-        while True:  # active-set non-negative least squares (3 unknowns)
-            scale = np.abs(X[:, active]).max(axis=0) + 1e-30
-            coef, *_ = np.linalg.lstsq(X[:, active] / scale, y, rcond=None)
-            coef = coef / scale
-            if (coef >= 0).all() or len(active) == 1:
-                break
-            active.pop(int(np.argmin(coef)))
-        full = np.zeros(3)
-        full[active] = np.maximum(coef, 0.0)
+        full = nonnegative_lstsq(X, np.asarray(step_times, dtype=np.float64))
         return cls(a=float(full[0]), b=float(full[1]), c=float(full[2]))
+
+
+def nonnegative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares ``coef >= 0`` with ``X @ coef ~ y``, for cost models with a few terms:
+    solve on the active columns (scaled), drop the most negative one, repeat; the dropped
+    coefficients are 0."""
+    active = list(range(X.shape[1]))
+    while True:
+        scale = np.abs(X[:, active]).max(axis=0) + 1e-30
+        coef, *_ = np.linalg.lstsq(X[:, active] / scale, y, rcond=None)
+        coef = coef / scale
+        if (coef >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(coef)))
+    full = np.zeros(X.shape[1])
+    full[active] = np.maximum(coef, 0.0)
+    return full
 
 
 def imbalance(loads: np.ndarray) -> float:

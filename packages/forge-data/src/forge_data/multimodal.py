@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,6 +35,9 @@ __all__ = ["BadDataReport", "MultimodalConfig", "MultimodalDataset"]
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# What decoding a broken file raises: PIL raises UnidentifiedImageError (an OSError) or
+# SyntaxError on broken headers, numpy ValueError.
+MEDIA_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 @dataclass
@@ -193,20 +197,25 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
         out["input_ids"] = torch.tensor(ids, dtype=torch.long)
         if mask is not None:
             out["loss_mask"] = torch.tensor(mask, dtype=torch.uint8)
-        images = sorted(k for k in raw if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
         try:
-            if images:
-                out["images"] = [self._image(raw[k]) for k in images]
-            if "frames.npy" in raw:
-                out["frames"] = torch.from_numpy(_npy(raw["frames.npy"], ndim=4, dtype=np.uint8))
-            if "actions.npy" in raw:
-                out["actions"] = torch.from_numpy(
-                    _npy(raw["actions.npy"], ndim=2).astype(np.float32)
-                )
-        except (OSError, ValueError, SyntaxError) as err:
-            # PIL raises UnidentifiedImageError (an OSError) or SyntaxError on broken headers.
+            out.update(self._media(raw))
+        except MEDIA_ERRORS as err:
             self._fail("undecodable media", where, f"{type(err).__name__}: {err}")
             return None
+        return out
+
+    def _media(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Decoded ``images`` (in file-name order, numbers compared as numbers: ``key.2.jpg``
+        before ``key.10.jpg``), video ``frames`` and ``actions`` of a raw sample; raises one of
+        :data:`MEDIA_ERRORS` on undecodable data."""
+        out: dict[str, Any] = {}
+        images = sorted((k for k in raw if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), key=_natural)
+        if images:
+            out["images"] = [self._image(raw[k]) for k in images]
+        if "frames.npy" in raw:
+            out["frames"] = torch.from_numpy(_npy(raw["frames.npy"], ndim=4, dtype=np.uint8))
+        if "actions.npy" in raw:
+            out["actions"] = torch.from_numpy(_npy(raw["actions.npy"], ndim=2).astype(np.float32))
         return out
 
     def _text(self, raw: dict[str, Any]) -> tuple[list[int] | None, list[int] | None]:
@@ -235,6 +244,10 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
                 im = im.resize(self.config.image_size[::-1], Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # C x H x W uint8
+
+
+def _natural(name: str) -> list[Any]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name)]
 
 
 def _npy(data: bytes, *, ndim: int, dtype=None) -> np.ndarray:

@@ -183,7 +183,10 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MultiTokenPrediction(config, k) for k in range(config.mtp_depth))
         self.rope = RotaryEmbedding(
-            config.rope_dim, theta=config.rope_theta, scaling=config.rope_scaling
+            config.rope_dim,
+            theta=config.rope_theta,
+            scaling=config.rope_scaling,
+            mrope_section=config.mrope_section,
         )
         #: :class:`MoEStats` of the last forward of a mixture-of-experts model (else ``None``).
         self.moe_stats: MoEStats | None = None
@@ -303,6 +306,8 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
+        block_ids: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         output_router_logits: bool | None = None,
@@ -314,6 +319,8 @@ class CausalLM(nn.Module):
                 documents in one row) is ``[1, T]`` or ``[T]`` with ``cu_seqlens``.
             position_ids: RoPE positions, ``[B, S]`` or ``[S]``. Default: ``0..S-1`` (also with
                 padding, as transformers does), or restarting at 0 in each packed document.
+                With M-RoPE (``config.mrope_section``) ``[3, B, S]`` or ``[3, S]`` (temporal,
+                height, width; 1-D positions are used for all three).
             cu_seqlens: ``[documents + 1]`` boundaries of the packed documents, starting at 0 and
                 ending at ``T`` (FlashAttention's varlen convention). Attention never crosses a
                 document. Put trailing padding in a document of its own.
@@ -324,6 +331,13 @@ class CausalLM(nn.Module):
                 shifted; the model predicts ``labels[t + 1]`` at position ``t``, see
                 :func:`shift_labels`). ``-100`` is ignored, and so are padding positions,
                 positions before padding and the last token of each packed document.
+            inputs_embeds: ``[*input_ids.shape, hidden]`` embeddings to use instead of
+                ``embed_tokens(input_ids)`` (a vision-language model's text embeddings with the
+                image features scattered in); ``input_ids`` still gives the shape.
+            block_ids: ``[B, S]`` or ``[S]``: tokens with the same non-negative id (one image
+                or video) attend to each other bidirectionally, ``-1`` marks causal tokens
+                (see :class:`forge_kernels.attention.AttentionMask`). Combines with
+                ``cu_seqlens`` or ``attention_mask``.
             max_seqlen: longest packed document, if known (saves flash-attn a host sync).
             loss_reduction: ``"mean"`` over the predicted tokens (transformers' default) or
                 ``"sum"`` (for normalizing over a whole accumulated batch yourself).
@@ -352,9 +366,19 @@ class CausalLM(nn.Module):
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
                 f"{tuple(labels.shape)} (pass them unshifted: the model shifts them)"
             )
-        ids, inputs = self._prepare(input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen)
+        ids, inputs = self._prepare(
+            input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen, block_ids
+        )
         mask = None if attention_mask is None else attention_mask.reshape(ids.shape).to(ids.device)
-        h = self.embed_tokens(ids)
+        if inputs_embeds is None:
+            h = self.embed_tokens(ids)
+        else:
+            if tuple(inputs_embeds.shape[:-1]) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"inputs_embeds must be [*input_ids.shape, hidden] = "
+                    f"{[*input_ids.shape, self.config.hidden_size]}, got {list(inputs_embeds.shape)}"
+                )
+            h = inputs_embeds.reshape(*ids.shape, -1)
         routers: list[tuple[int, RouterOutput]] = []
         for layer in self.layers:
             h = layer(h, inputs)
@@ -475,6 +499,7 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         max_seqlen: int | None,
+        block_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttentionInputs]:
         """Validate the inputs; ``(ids [B, S], attention inputs)``."""
         if input_ids.dim() not in (1, 2) or input_ids.dtype.is_floating_point:
@@ -519,17 +544,60 @@ class CausalLM(nn.Module):
                 # is never a key of a real token, and every query still sees itself.
                 segment_ids = attention_mask.bool().to(torch.long) - 1
                 mask = AttentionMask(causal=True, segment_ids=segment_ids)
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=device)
-        else:
-            position_ids = position_ids.to(device)
-            if position_ids.shape[-1] != seq or position_ids.dim() > 2:
-                raise ValueError(
-                    f"position_ids must be [batch, seq] or [seq] matching input_ids "
-                    f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}"
-                )
+        if block_ids is not None:
+            mask = self._block_mask(block_ids, ids, cu_seqlens, mask)
+        position_ids = self._positions(position_ids, ids, input_ids)
         cos, sin = self.rope(position_ids)
         inputs = AttentionInputs(
             cos=cos, sin=sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, mask=mask
         )
         return ids, inputs
+
+    def _positions(
+        self, position_ids: torch.Tensor | None, ids: torch.Tensor, input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Validated RoPE positions: ``[B, S]``/``[S]``, or ``[3, ...]`` for M-RoPE."""
+        seq = ids.shape[1]
+        mrope = self.config.mrope_section is not None
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=ids.device)
+        position_ids = position_ids.to(ids.device)
+        max_dims = 3 if mrope else 2
+        if position_ids.shape[-1] != seq or position_ids.dim() > max_dims:
+            expected = "[3, batch, seq] or [3, seq]" if mrope else "[batch, seq] or [seq]"
+            raise ValueError(
+                f"position_ids must be {expected} matching input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(position_ids.shape)}"
+            )
+        if mrope:
+            # 3-D positions have one more dim than input_ids; others are text-only 1-D positions.
+            if position_ids.dim() == input_ids.dim() + 1:
+                if position_ids.shape[0] != 3:
+                    raise ValueError(
+                        "M-RoPE position_ids must have 3 rows (temporal, height, width), got "
+                        f"shape {tuple(position_ids.shape)}"
+                    )
+            else:
+                position_ids = position_ids.expand(3, *position_ids.shape)
+        return position_ids
+
+    @staticmethod
+    def _block_mask(
+        block_ids: torch.Tensor,
+        ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        padding_mask: AttentionMask | None,
+    ) -> AttentionMask | None:
+        """Causal mask with bidirectional blocks, keeping documents / padding apart."""
+        block_ids = block_ids.to(ids.device).reshape(ids.shape)
+        if block_ids.dtype.is_floating_point:
+            raise ValueError(f"block_ids must be an integer tensor, got {block_ids.dtype}")
+        if not bool((block_ids >= 0).any()):
+            return padding_mask  # no block: plain causal attention
+        segment_ids = None if padding_mask is None else padding_mask.segment_ids
+        if cu_seqlens is not None:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            segment_ids = torch.repeat_interleave(
+                torch.arange(len(lengths), device=ids.device), lengths
+            )[None]
+        return AttentionMask(causal=True, segment_ids=segment_ids, block_ids=block_ids)

@@ -299,6 +299,10 @@ class TransformerConfig:
             option: with labels, module ``k`` predicts token ``t + k + 1`` and the loss gains
             ``mtp_loss_weight / D * sum_k loss_k``. 0: none.
         mtp_loss_weight: ``lambda`` of the MTP loss (DeepSeek-V3: 0.3, then 0.1).
+        mrope_section: multimodal RoPE (M-RoPE, Qwen2-VL, Wang et al. 2024, arXiv:2409.12191):
+            how many of the ``rope_dim // 2`` frequencies follow the temporal, height and width
+            position (e.g. ``(16, 24, 24)``); position ids are then ``[3, B, S]``. ``None``: 1-D
+            RoPE.
     """
 
     family: str = "llama"
@@ -324,6 +328,7 @@ class TransformerConfig:
     mla: MLAConfig | None = None
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
+    mrope_section: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -371,6 +376,16 @@ class TransformerConfig:
             )
         if self.rope_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.mrope_section is not None:
+            section = tuple(int(s) for s in self.mrope_section)
+            if len(section) != 3 or min(section) < 0 or sum(section) != self.rope_dim // 2:
+                raise ValueError(
+                    f"mrope_section must be 3 non-negative ints (temporal, height, width) summing "
+                    f"to rope_dim // 2 = {self.rope_dim // 2}, got {list(self.mrope_section)}"
+                )
+            if self.mla is not None or isinstance(self.rope_scaling, YarnRopeScaling):
+                raise ValueError("mrope_section does not combine with MLA or YaRN rope scaling")
+            object.__setattr__(self, "mrope_section", section)
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"pad_token_id {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})"

@@ -23,6 +23,7 @@ from torch import nn
 
 from forge_models.config import TransformerConfig
 from forge_models.parallel_plan import plan_without_sequence_parallel
+from forge_models.vlm.config import VLMConfig
 
 __all__ = [
     "ModelFamily",
@@ -45,7 +46,13 @@ BUILTIN_FAMILIES = {
     "qwen2_moe": "forge_models.families.qwen2_moe",
     "qwen3_moe": "forge_models.families.qwen3_moe",
     "deepseek_v3": "forge_models.families.deepseek_v3",
+    "qwen2_5_vl": "forge_models.vlm.families.qwen2_5_vl",
+    "llava_onevision": "forge_models.vlm.families.llava_onevision",
+    "internvl": "forge_models.vlm.families.internvl",
 }
+
+#: What a family's configs are: a decoder-only LM's, or a vision-language model's.
+ModelConfig = TransformerConfig | VLMConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,13 +60,14 @@ class ModelFamily:
     """Everything forge knows about one family besides its size table.
 
     Attributes:
-        name: registry name, also ``TransformerConfig.family``.
+        name: registry name, also ``TransformerConfig.family`` / ``VLMConfig.family``.
         description: one line, with the paper.
         model_cls: the module class built from a config.
         ckpt_mapping: the forge-ckpt mapping name (``forge_ckpt.get_mapping``).
         hf_model_types: ``config.json`` ``model_type`` values of this family.
-        config_from_hf: ``config.json`` dict -> :class:`TransformerConfig`.
-        config_to_hf: :class:`TransformerConfig` -> ``config.json`` dict.
+        config_from_hf: ``config.json`` dict -> :class:`TransformerConfig` (or
+            :class:`~forge_models.vlm.VLMConfig` for a vision-language family).
+        config_to_hf: that config -> ``config.json`` dict.
         tp_plan: default tensor + sequence parallel plan (see :mod:`forge_models.parallel_plan`).
     """
 
@@ -68,8 +76,8 @@ class ModelFamily:
     model_cls: type[nn.Module]
     ckpt_mapping: str
     hf_model_types: tuple[str, ...]
-    config_from_hf: Callable[[Mapping[str, Any]], TransformerConfig]
-    config_to_hf: Callable[[TransformerConfig], dict]
+    config_from_hf: Callable[..., ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
     tp_plan: Mapping[str, str] = field(default_factory=dict)
 
     def parallel_plan(self, *, sequence_parallel: bool = True) -> dict[str, str]:
@@ -79,7 +87,7 @@ class ModelFamily:
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
-_SIZES: dict[str, TransformerConfig] = {}
+_SIZES: dict[str, ModelConfig] = {}
 _LOADED: set[str] = set()
 
 
@@ -99,11 +107,13 @@ def _load_all() -> None:
         _load_builtin(name)
 
 
-def _add_size(name: str, config: TransformerConfig) -> None:
+def _add_size(name: str, config: ModelConfig) -> None:
     if name in _SIZES:
         raise ValueError(f"model size {name!r} is already registered")
-    if not isinstance(config, TransformerConfig):
-        raise TypeError(f"size {name!r}: expected a TransformerConfig, got {type(config).__name__}")
+    if not isinstance(config, TransformerConfig | VLMConfig):
+        raise TypeError(
+            f"size {name!r}: expected a TransformerConfig or VLMConfig, got {type(config).__name__}"
+        )
     _SIZES[name] = config
 
 
@@ -116,7 +126,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def register_size(name: str, config: TransformerConfig) -> TransformerConfig:
+def register_size(name: str, config: ModelConfig) -> ModelConfig:
     """Add a named size (``ValueError`` if the name is taken or its family is unknown)."""
     _load_all()
     get_family(config.family)
@@ -144,7 +154,7 @@ def list_sizes(family: str | None = None) -> list[str]:
     return sorted(n for n, c in _SIZES.items() if family is None or c.family == family)
 
 
-def get_config(name: str, **overrides: Any) -> TransformerConfig:
+def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The config of size ``name``, with ``overrides`` applied (``num_layers=2`` ...)."""
     _load_all()
     if name not in _SIZES:
@@ -186,7 +196,7 @@ def materialize(
 
 
 def build_model(
-    name_or_config: str | TransformerConfig,
+    name_or_config: str | ModelConfig,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -196,7 +206,8 @@ def build_model(
     """Build a model by size name or config.
 
     Args:
-        name_or_config: a registered size (``"llama3-8b"``) or a :class:`TransformerConfig`.
+        name_or_config: a registered size (``"llama3-8b"``, ``"qwen2.5-vl-3b"``) or a
+            :class:`TransformerConfig` / :class:`~forge_models.vlm.VLMConfig`.
         device: ``"meta"`` constructs without allocating any memory (materialize later with
             :func:`materialize`, e.g. after sharding); default CPU.
         dtype: parameter dtype (default: torch's default dtype, normally float32).
@@ -206,11 +217,12 @@ def build_model(
     """
     if isinstance(name_or_config, str):
         config = get_config(name_or_config, **overrides)
-    elif isinstance(name_or_config, TransformerConfig):
+    elif isinstance(name_or_config, TransformerConfig | VLMConfig):
         config = name_or_config.replace(**overrides) if overrides else name_or_config
     else:
         raise TypeError(
-            f"build_model takes a size name or a TransformerConfig, got {type(name_or_config).__name__}"
+            "build_model takes a size name, a TransformerConfig or a VLMConfig, got "
+            f"{type(name_or_config).__name__}"
         )
     family = get_family(config.family)
     with torch.device("meta"):

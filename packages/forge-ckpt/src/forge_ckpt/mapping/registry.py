@@ -6,10 +6,20 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from forge_ckpt.mapping.families import BUILTIN_MAPPINGS
+from forge_ckpt.mapping.families import BUILTIN_MAPPINGS as _FAMILY_MAPPINGS
 from forge_ckpt.mapping.spec import MappingSpec
 
 __all__ = ["get_mapping", "list_mappings", "mapping_for_hf_config", "register_mapping"]
+
+#: Registry name -> module defining ``MAPPING``: the single-model families (each with a
+#: Megatron-Core counterpart), then the vision-language models composed of them
+#: (:class:`~forge_ckpt.mapping.composed.ComposedMapping`).
+BUILTIN_MAPPINGS = {
+    **_FAMILY_MAPPINGS,
+    "qwen2_5_vl": "forge_ckpt.mapping.families.qwen2_5_vl",
+    "llava_onevision": "forge_ckpt.mapping.families.llava_onevision",
+    "internvl": "forge_ckpt.mapping.families.internvl",
+}
 
 _MAPPINGS: dict[str, MappingSpec] = {}
 
@@ -32,7 +42,7 @@ def _load_builtin(name: str) -> MappingSpec:
 
 
 def get_mapping(name: str) -> MappingSpec:
-    """The mapping registered as ``name`` (built-ins: ``llama``, ``qwen2``, ``qwen3``)."""
+    """The mapping registered as ``name`` (built-ins: :data:`BUILTIN_MAPPINGS`)."""
     if name in _MAPPINGS:
         return _MAPPINGS[name]
     if name in BUILTIN_MAPPINGS:

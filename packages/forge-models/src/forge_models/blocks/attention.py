@@ -35,8 +35,10 @@ class AttentionInputs:
             (``rope_dim``: ``head_dim``, or MLA's ``qk_rope_head_dim``).
         cu_seqlens: ``int32 [documents + 1]`` for a packed batch (``B == 1``), else ``None``.
         max_seqlen: longest document of the packed batch (optional; flash-attn wants it).
-        mask: an :class:`~forge_kernels.attention.AttentionMask` (causal + padding) for a padded
-            batch, else ``None``.
+        mask: an :class:`~forge_kernels.attention.AttentionMask` (causal + padding for a padded
+            batch; documents + bidirectional image/video blocks with ``block_ids``), else
+            ``None``. When set it decides the attention pattern (``cu_seqlens`` then only marks
+            the documents for the loss).
     """
 
     cos: torch.Tensor
@@ -86,7 +88,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = forge_kernels.apply_rope(q, k, inputs.cos, inputs.sin)
-        if inputs.cu_seqlens is not None:
+        if inputs.mask is not None:  # padding, or bidirectional blocks (also when packed)
+            out = attention(q, k, v, block_mask=inputs.mask)
+        elif inputs.cu_seqlens is not None:
             out = attention(
                 q[0],
                 k[0],
@@ -95,8 +99,6 @@ class Attention(nn.Module):
                 cu_seqlens=inputs.cu_seqlens,
                 max_seqlen=inputs.max_seqlen,
             )[None]
-        elif inputs.mask is not None:
-            out = attention(q, k, v, block_mask=inputs.mask)
         else:
             out = attention(q, k, v, causal=True)
         return self.o_proj(out.reshape(batch, seq, -1))

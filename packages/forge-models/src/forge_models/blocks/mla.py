@@ -111,13 +111,13 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(batch, seq, heads, -1)), dim=-1)
         scale = self.softmax_scale
-        if inputs.cu_seqlens is not None:
+        if inputs.mask is not None:  # padding, or bidirectional blocks (also when packed)
+            out = attention(q, k, v, block_mask=inputs.mask, softmax_scale=scale)
+        elif inputs.cu_seqlens is not None:
             out = attention(
                 q[0], k[0], v[0], causal=True, softmax_scale=scale,
                 cu_seqlens=inputs.cu_seqlens, max_seqlen=inputs.max_seqlen,
             )[None]  # fmt: skip
-        elif inputs.mask is not None:
-            out = attention(q, k, v, block_mask=inputs.mask, softmax_scale=scale)
         else:
             out = attention(q, k, v, causal=True, softmax_scale=scale)
         return self.o_proj(out.reshape(batch, seq, -1))

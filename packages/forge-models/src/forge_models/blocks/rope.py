@@ -5,6 +5,8 @@ from the positions (which restart per document in a packed batch) and shared by 
 ``forge_kernels.apply_rope`` rotates q and k with them. Llama 3.1/3.2 rescale the frequencies
 ("The Llama 3 Herd of Models", Dubey et al. 2024, arXiv:2407.21783); DeepSeek-V2/V3 use YaRN
 (Peng et al. 2023, arXiv:2309.00071), which also scales ``cos``/``sin`` by an attention factor.
+Qwen2-VL / Qwen2.5-VL's multimodal RoPE (M-RoPE, Wang et al. 2024, arXiv:2409.12191) takes
+``[3, ...]`` (temporal, height, width) positions and gives each band of frequencies one of them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 
 import torch
 
-from forge_kernels import Llama3RopeScaling, rope_cos_sin, rope_inv_freq
+from forge_kernels import Llama3RopeScaling, mrope_cos_sin, rope_cos_sin, rope_inv_freq
 from forge_models.config import YarnRopeScaling
 
 __all__ = ["RotaryEmbedding", "yarn_inv_freq"]
@@ -62,10 +64,12 @@ class RotaryEmbedding:
         *,
         theta: float = 10000.0,
         scaling: Llama3RopeScaling | YarnRopeScaling | None = None,
+        mrope_section: tuple[int, int, int] | None = None,
     ) -> None:
         self.head_dim = head_dim
         self.theta = theta
         self.scaling = scaling
+        self.mrope_section = mrope_section
 
     def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[head_dim // 2]`` fp32 inverse frequencies (as transformers computes them)."""
@@ -79,7 +83,12 @@ class RotaryEmbedding:
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``[*position_ids.shape, head_dim // 2]``, fp32 (times YaRN's
-        attention factor, as transformers' ``attention_scaling``)."""
+        attention factor, as transformers' ``attention_scaling``). With ``mrope_section`` the
+        positions are ``[3, *token_dims]`` and the tables ``[*token_dims, head_dim // 2]``."""
+        if self.mrope_section is not None:
+            return mrope_cos_sin(
+                position_ids, self.inv_freq(position_ids.device), self.mrope_section
+            )
         cos, sin = rope_cos_sin(position_ids, self.inv_freq(position_ids.device))
         if isinstance(self.scaling, YarnRopeScaling):
             factor = self.scaling.cos_sin_factor

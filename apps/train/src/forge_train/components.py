@@ -1,0 +1,174 @@
+"""Everything a run trains with, built in order: tokenizer and data, the model (meta device
+when large), LoRA adapters, FP8 linears, parallelization (forge_parallel), materialization,
+the data loader of this rank, AdamW and the learning-rate schedule.
+
+A new model kind plugs in here: :func:`forge_train.modeling.build_model` /
+:func:`~forge_train.modeling.model_config` build it, :func:`forge_train.data.build_data`
+and :func:`~forge_train.data.model_inputs` feed it (the step passes the inputs' keyword
+arguments to the model as they are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forge_train.config import ConfigError, RunConfig
+from forge_train.data import DataBundle, build_data, build_loader, load_run_tokenizer
+from forge_train.modeling import build_model, model_config
+from forge_train.optim import LRSchedule, build_optimizer
+
+__all__ = ["Components", "build_components"]
+
+
+@dataclass
+class Components:
+    tokenizer: Any
+    model_config: Any  # forge_models.TransformerConfig (VLMConfig for model.kind=vlm)
+    data: DataBundle
+    model: torch.nn.Module
+    parallel: Any  # forge_parallel.ParallelizeResult
+    dp_group: Any
+    dp_rank: int
+    dp_size: int
+    pad_id: int
+    loader: Any  # forge_data.PackedLoader
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    n_params: int
+    n_trainable: int
+    flops_per_token: float
+    lora_targets: list[str] = field(default_factory=list)
+    fp8_layers: list[str] = field(default_factory=list)
+
+
+def _recompute(cfg: RunConfig):
+    if cfg.parallel.recompute == "none":
+        return None
+    from forge_parallel import RecomputeConfig
+
+    return RecomputeConfig(mode=cfg.parallel.recompute)
+
+
+def build_components(
+    cfg: RunConfig, *, world_size: int, degrees: dict[str, int], device: torch.device
+) -> Components:
+    """Build the run's parts on this rank (collective under ``torchrun``)."""
+    import forge_models
+    from forge_core import ParallelDims
+    from forge_parallel import parallelize
+
+    if (cfg.model.kind == "vlm") != (cfg.data.kind == "skimage_captions"):
+        raise ConfigError(
+            f"data.kind: a vision-language model (model.kind=vlm) trains on image data "
+            f"(data=skimage-captions) and image data needs one; got model.kind="
+            f"{cfg.model.kind}, data.kind={cfg.data.kind} (try recipe=vlm)"
+        )
+    tokenizer = load_run_tokenizer(cfg.data, cfg.model.hf_path)
+    if cfg.model.kind == "vlm":
+        from forge_train.vlm_data import placeholder_style
+        from forge_train.vlm_model import vlm_model_config
+
+        config = vlm_model_config(
+            cfg.model, tokenizer, style=placeholder_style(), frozen=cfg.train.freeze
+        )
+    else:
+        config = model_config(cfg.model, tokenizer.vocab_size)
+    text_config = getattr(config, "text", config)  # a VLM's language model
+    if tokenizer.vocab_size > text_config.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"only {text_config.vocab_size}; set data.tokenizer to the model's own tokenizer folder"
+        )
+    if cfg.train.fp8 is not None:  # before any data or weights are loaded
+        from forge_train.fp8 import check_fp8_support
+
+        check_fp8_support(cfg.train.fp8, device)
+    data = build_data(cfg.data, tokenizer, model_config=config)
+    model, on_meta = build_model(cfg.model, config, seed=cfg.train.seed)
+    lora_targets: list[str] = []
+    if cfg.lora is not None:
+        from forge_train.lora import apply_lora
+
+        lora_targets = apply_lora(
+            model,
+            targets=cfg.lora.targets,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+        )
+    fp8_layers: list[str] = []
+    if cfg.train.fp8 is not None:
+        from forge_train.fp8 import convert_model_to_fp8
+
+        fp8_layers = convert_model_to_fp8(model, cfg.train.fp8, policy_path=cfg.train.fp8_policy)
+    if not on_meta:
+        model.to(device)
+    dims = None
+    if world_size > 1:
+        dims = ParallelDims(world_size=world_size, **degrees)
+    plan = None
+    if degrees["tp"] > 1:
+        plan = model.parallel_plan(sequence_parallel=cfg.parallel.sequence_parallel)
+    parallel = parallelize(
+        model,
+        dims,
+        plan=plan,
+        data_parallel=cfg.parallel.data_parallel if dims is not None else None,
+        recompute=_recompute(cfg),
+        compile=cfg.train.compile,
+    )
+    model = parallel.model
+    if on_meta:
+        _materialize(model, device, cfg, config, has_fp8=bool(fp8_layers))
+    mesh = parallel.mesh
+    dp_group = mesh.group("dp") if mesh is not None else None
+    dp_rank = mesh.local_rank("dp") if mesh is not None else 0
+    dp_size = mesh.size("dp") if mesh is not None else 1
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    loader = build_loader(
+        data.train, cfg.data, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id
+    )
+    optimizer = build_optimizer(
+        model, cfg.optim, device_type=device.type, build=parallel.build_optimizer
+    )
+    return Components(
+        tokenizer=tokenizer,
+        model_config=config,
+        data=data,
+        model=model,
+        parallel=parallel,
+        dp_group=dp_group,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        pad_id=pad_id,
+        loader=loader,
+        optimizer=optimizer,
+        schedule=LRSchedule(optimizer, cfg.optim, cfg.train.steps),
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        # A VLM's vision encoder and projector are not counted yet (language model only).
+        flops_per_token=forge_models.flops_per_token(text_config, cfg.data.seq_len, causal=True),
+        lora_targets=lora_targets,
+        fp8_layers=fp8_layers,
+    )
+
+
+def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool) -> None:
+    """Allocate and initialize a meta-device model after parallelization (each rank its own
+    shards); LoRA adapters and FP8 linears, which ``init_weights`` does not know, after it."""
+    import forge_models
+
+    torch.manual_seed(cfg.train.seed)
+    forge_models.materialize(model, device)
+    from forge_train.lora import LoRALinear
+
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reset_parameters()
+    if has_fp8:
+        from forge_train.fp8 import init_fp8_linears
+
+        init_fp8_linears(model, config.initializer_range)

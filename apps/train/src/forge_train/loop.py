@@ -1,0 +1,305 @@
+"""The training loop of one rank: set-up, resume, the steps, evaluation, checkpoints, export.
+
+Order of a run: validate the layout against the world size (before any compute), build the
+parts (:mod:`forge_train.components`), resume from the newest checkpoint, evaluate, then step
+(:mod:`forge_train.step`) with metrics every ``logging.log_every`` steps, checkpoints every
+``checkpoint.interval``, held-out evaluation every ``train.eval_every`` and an optional profiler
+window; SIGTERM or ``train.max_minutes`` stop all ranks at the same step with a checkpoint
+(:mod:`forge_train.preemption`). At the end: a final checkpoint, evaluation and the Hugging
+Face export.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from forge_train.components import Components, build_components
+from forge_train.config import ConfigError, RunConfig
+from forge_train.evaluation import held_out_loss
+from forge_train.expert_balance import ExpertBiasBalancer
+from forge_train.guards import NonFiniteGuard
+from forge_train.metrics import MetricsLogger
+from forge_train.modeling import export_hf
+from forge_train.preemption import Preemption, should_stop
+from forge_train.profiling import ProfileWindow
+from forge_train.progress import Progress, TrainResult
+from forge_train.rundir import resolve_run_dir
+from forge_train.step import StepRunner
+from forge_train.throughput import benchmark_line, mfu, peak_flops, peak_memory_gb
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    """One rank of a run of ``cfg``: :meth:`run`, then :meth:`close`."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from forge_core import current_accelerator
+
+        self.cfg = cfg
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_main = self.rank == 0
+        # The layout must fit the world size before anything is loaded or computed.
+        self.degrees = cfg.parallel.resolve(self.world_size)
+        if self.world_size > 1 and cfg.parallel.data_parallel is None and self.degrees["tp"] == 1:
+            raise ConfigError(
+                f"parallel.data_parallel: {self.world_size} processes need a data-parallel mode "
+                "(ddp, fsdp, hsdp, zero1, zero2); use parallel=ddp or parallel=fsdp"
+            )
+        self.accelerator = current_accelerator()
+        self.device = self.accelerator.device()
+        self.run_dir = resolve_run_dir(cfg)
+        self.log = MetricsLogger(
+            cfg.logging,
+            self.run_dir if not cfg.train.benchmark else None,
+            enabled=self.is_main,
+            run_config=cfg.to_dict(),
+        )
+        self.progress = Progress()
+        self.peak = peak_flops(cfg.logging, self.device)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.parts: Components = build_components(
+            cfg, world_size=self.world_size, degrees=self.degrees, device=self.device
+        )
+        parts = self.parts
+        moe = getattr(parts.model_config, "moe", None)  # a VLMConfig has none
+        balancer = None
+        if ExpertBiasBalancer.wanted(parts.model_config):
+            balancer = ExpertBiasBalancer(parts.model, parts.dp_group)
+        self.runner = StepRunner(
+            model=parts.model,
+            parallel=parts.parallel,
+            optimizer=parts.optimizer,
+            device=self.device,
+            precision=cfg.train.precision,
+            grad_clip=cfg.optim.grad_clip,
+            aux_coef=moe.router_aux_loss_coef if moe is not None else 0.0,
+            dp_group=parts.dp_group,
+            dp_size=parts.dp_size,
+            tensor_parallel=self.degrees["tp"] > 1,
+            guard=NonFiniteGuard(
+                policy=cfg.train.nan_policy,
+                max_skips=cfg.train.max_nan_skips,
+                skipped=self.progress.skipped,
+                report=self.log.message,
+                loss_scaling=cfg.train.precision == "fp16",
+            ),
+            balancer=balancer,
+        )
+
+    def _checkpoints(self):
+        from forge_ckpt.training import CheckpointConfig, CheckpointManager
+
+        c = self.cfg.checkpoint
+        return CheckpointManager(
+            CheckpointConfig(
+                directory=self.run_dir / "checkpoints",
+                interval=c.interval,
+                keep_last_n=c.keep_last_n,
+                async_save=c.async_save,
+            )
+        )
+
+    def _stateful(self) -> dict:
+        p = self.parts
+        return {
+            "model": p.model,
+            "optimizer": p.optimizer,
+            "scheduler": p.schedule,
+            "dataloader": p.loader,
+            "extra": {"progress": self.progress},
+        }
+
+    def _save(self, manager, step: int) -> Path:
+        return manager.save(step, **self._stateful())
+
+    def evaluate(self) -> float | None:
+        """Mean loss per predicted token over ``train.eval_batches`` fixed held-out steps."""
+        p, cfg = self.parts, self.cfg
+        return held_out_loss(
+            self.runner,
+            p.data.val if p.data.val is not None else p.data.train,
+            cfg.data,
+            batches=cfg.train.eval_batches,
+            seed=cfg.train.seed + 1,
+            dp_rank=p.dp_rank,
+            dp_size=p.dp_size,
+            pad_id=p.pad_id,
+        )
+
+    def _describe(self) -> None:
+        cfg, p = self.cfg, self.parts
+        layout = ", ".join(f"{k}={v}" for k, v in self.degrees.items() if v > 1) or "one process"
+        mode = p.parallel.data_parallel or "-"
+        self.log.message(
+            f"forge-train | {self.accelerator.name} x {self.world_size} ({layout}; data parallel "
+            f"{mode}) | {p.n_params / 1e6:.2f}M parameters"
+            + (f", {p.n_trainable / 1e6:.3f}M trainable (LoRA)" if cfg.lora else "")
+            + f" | {cfg.train.precision}"
+            + (f" + fp8 {cfg.train.fp8} ({len(p.fp8_layers)} linears)" if p.fp8_layers else "")
+        )
+        self.log.message(
+            f"data: {p.data.description}; {cfg.data.global_batch_rows} rows x "
+            f"{cfg.data.seq_len} tokens per step | run folder {self.run_dir}"
+        )
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self._build()
+        self._describe()
+        result = TrainResult(run_dir=self.run_dir)
+        manager = None if cfg.train.benchmark else self._checkpoints()
+        if manager is not None and cfg.checkpoint.resume:
+            loaded = manager.load_latest(**self._stateful())
+            if loaded is not None:
+                self.log.message(f"resumed from {loaded.path} (step {loaded.step})")
+        result.start_step = self.progress.step
+        if not cfg.train.benchmark:
+            result.initial_eval = self.evaluate()
+            if result.initial_eval is not None:
+                self.log.message(f"held-out loss before training: {result.initial_eval:.4f}")
+        saved_at = self._steps(result, manager)
+        result.steps_done = self.progress.step
+        result.skipped_steps = list(self.progress.skipped)
+        if cfg.train.benchmark:
+            return result
+        if saved_at != self.progress.step and (cfg.checkpoint.save_final or result.stopped):
+            result.checkpoint = self._save(manager, self.progress.step)
+        manager.close()
+        if result.stopped == "SIGTERM":
+            self.log.message(
+                f"SIGTERM: saved {result.checkpoint} at step {self.progress.step}; exiting"
+            )
+            return result
+        self._finish(result)
+        return result
+
+    def _steps(self, result: TrainResult, manager) -> int:
+        """The steps up to ``train.steps`` (or a stop); returns the step last saved (-1: none)."""
+        cfg, p = self.cfg, self.parts
+        saved_at = -1
+        started = time.perf_counter()
+        window_start, window_tokens = started, 0
+        bench_start, bench_tokens = None, 0
+        profile = ProfileWindow(
+            cfg.logging.profile,
+            default_dir=self.run_dir / "profile",
+            first_step=self.progress.step + 1,
+            rank=self.rank,
+            device=self.device,
+        )
+        with Preemption() as preemption, profile:
+            while self.progress.step < cfg.train.steps:
+                step = self.progress.step
+                if cfg.train.benchmark and step - result.start_step == cfg.train.benchmark_warmup:
+                    self.accelerator.synchronize()
+                    bench_start, bench_tokens = time.perf_counter(), 0
+                loss, grad_norm, tokens = self.runner.run(step, next(p.loader))
+                p.schedule.step()
+                profile.step()
+                self.progress.step += 1
+                self.progress.tokens += tokens
+                result.losses.append(loss)
+                window_tokens += tokens
+                bench_tokens += tokens
+                done = self.progress.step
+                if done % cfg.logging.log_every == 0 or done == cfg.train.steps:
+                    now = time.perf_counter()
+                    self._log_row(
+                        done, loss, grad_norm, window_tokens / max(now - window_start, 1e-9)
+                    )
+                    window_start, window_tokens = now, 0
+                if manager is not None and manager.should_save(done):
+                    result.checkpoint, saved_at = self._save(manager, done), done
+                if (
+                    cfg.train.eval_every
+                    and done % cfg.train.eval_every == 0
+                    and done < cfg.train.steps
+                ):
+                    value = self.evaluate()
+                    self.log.message(f"step {done}: held-out loss {value:.4f}")
+                    self.log.log({"step": done, "eval_loss": value}, show=False)
+                if should_stop(
+                    preemption,
+                    started=started,
+                    max_minutes=cfg.train.max_minutes,
+                    device=self.device,
+                ):
+                    result.stopped = "SIGTERM" if preemption.requested else "max_minutes"
+                    break
+        result.profile_traces = list(profile.traces)
+        if cfg.train.benchmark:
+            self._benchmark_summary(result, bench_start, bench_tokens)
+        return saved_at
+
+    def _finish(self, result: TrainResult) -> None:
+        """Final evaluation and the Hugging Face export."""
+        cfg, p = self.cfg, self.parts
+        result.final_eval = self.evaluate()
+        if result.final_eval is not None and result.initial_eval is not None:
+            self.log.message(
+                f"held-out loss: {result.initial_eval:.4f} -> {result.final_eval:.4f} after "
+                f"{self.progress.step} steps"
+            )
+            self.log.log({"step": self.progress.step, "eval_loss": result.final_eval}, show=False)
+        if not cfg.checkpoint.export_hf:
+            return
+        dtype = getattr(torch, cfg.checkpoint.export_dtype) if cfg.checkpoint.export_dtype else None
+        result.hf_dir = export_hf(
+            p.model,
+            p.model_config,
+            self.run_dir / "hf",
+            tokenizer=p.tokenizer,
+            lora=cfg.lora,
+            dtype=dtype,
+            is_main=self.is_main,
+        )
+        if result.hf_dir is not None:
+            self.log.message(f"saved checkpoint {result.checkpoint} and HF export {result.hf_dir}")
+
+    def _log_row(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+        p = self.parts
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": p.schedule.config.lr * p.schedule.factor(step - 1),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tokens": self.progress.tokens,
+            "mfu": mfu(tokens_per_s, p.flops_per_token, self.world_size, self.peak),
+            "memory_gb": peak_memory_gb(self.accelerator),
+        }
+        self.log.log(row, show=True)
+
+    def _benchmark_summary(self, result: TrainResult, start: float | None, tokens: int) -> None:
+        self.accelerator.synchronize()
+        measured = self.progress.step - result.start_step - self.cfg.train.benchmark_warmup
+        elapsed = time.perf_counter() - (start or time.perf_counter())
+        result.tokens_per_s = tokens / max(elapsed, 1e-9)
+        self.log.message(
+            benchmark_line(
+                n_params=self.parts.n_params,
+                device_name=self.accelerator.name,
+                world_size=self.world_size,
+                precision=self.cfg.train.precision,
+                steps=measured,
+                elapsed=elapsed,
+                tokens_per_s=result.tokens_per_s,
+                mfu_value=mfu(
+                    result.tokens_per_s, self.parts.flops_per_token, self.world_size, self.peak
+                ),
+                memory_gb=peak_memory_gb(self.accelerator),
+            )
+        )
+
+    def close(self) -> None:
+        self.log.close()

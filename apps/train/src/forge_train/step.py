@@ -1,0 +1,173 @@
+"""One optimizer step: gradient accumulation over this rank's micro-batches, then the update.
+
+The loss of a step is normalized by the number of predicted tokens of the whole global batch
+(all micro-batches of all data-parallel ranks), so any data-parallel size and micro-batching
+gives the single-process gradient; gradients are synchronized on the last micro-batch only.
+MoE auxiliary losses are weighted per micro-batch; bf16/fp16 run under autocast (fp16 with
+loss scaling). After clipping, the non-finite guard decides whether the optimizer steps; the
+expert-bias balancer (models with ``moe.expert_bias``) updates after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from forge_train.data import IGNORE_INDEX, model_inputs
+from forge_train.distributed import all_reduce, local_value
+from forge_train.expert_balance import ExpertBiasBalancer
+from forge_train.guards import NonFiniteGuard
+
+__all__ = ["StepRunner"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class StepRunner:
+    """Forward/backward with accumulation, clipping and the guarded update of one model.
+
+    ``parallel`` is forge_parallel's ``ParallelizeResult`` (``no_sync``, ``loss_context``);
+    ``tensor_parallel`` computes the loss from the logits (the fused loss needs the whole
+    output matrix); ``balancer`` is set for models with ``moe.expert_bias``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        parallel,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        precision: str,
+        grad_clip: float,
+        aux_coef: float,
+        dp_group,
+        dp_size: int,
+        tensor_parallel: bool,
+        guard: NonFiniteGuard,
+        balancer: ExpertBiasBalancer | None = None,
+    ) -> None:
+        self.model = model
+        self.parallel = parallel
+        self.optimizer = optimizer
+        self.device = device
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.aux_coef = aux_coef
+        self.dp_group = dp_group
+        self.dp_size = dp_size
+        self.tensor_parallel = tensor_parallel
+        self.guard = guard
+        self.balancer = balancer
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    # -- forward ----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+    def forward_sum(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(summed cross-entropy, weighted auxiliary loss or None)`` of one micro-batch."""
+        if self.tensor_parallel:
+            return self._loss_parallel_sum(kwargs), None
+        with self.autocast():
+            loss = self.model(**kwargs, loss_reduction="sum")
+        stats = getattr(self.model, "moe_stats", None)
+        aux = None
+        if stats is not None and stats.aux_loss is not None:
+            aux = self.aux_coef * stats.aux_loss
+            loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch below
+        return loss, aux
+
+    def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Tensor parallel: cross-entropy of the logits (under ``loss_parallel`` when the plan
+        shards them by vocabulary)."""
+        import torch.nn.functional as F
+
+        kwargs = dict(kwargs)
+        labels = kwargs.pop("labels").reshape(-1)
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:-1] = labels[1:]
+        with self.autocast():
+            logits = self.model(**kwargs)
+        with self.parallel.loss_context():
+            return F.cross_entropy(
+                logits.flatten(0, 1).float(), targets, reduction="sum", ignore_index=IGNORE_INDEX
+            )
+
+    # -- backward ---------------------------------------------------------------------------
+    def accumulate(
+        self, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Forward and backward of every micro-batch: ``(mean loss per predicted token of the
+        global batch, gradient norm after unscaling, predicted tokens of the global batch)``."""
+        inputs = [model_inputs(mb, self.device) for mb in micro_batches]
+        local = torch.stack([n for _, n in inputs]).sum().to(self.device, torch.float32)
+        global_tokens = all_reduce(local.clone(), self.dp_group)
+        scale = self.dp_size / global_tokens.clamp(min=1)
+        ce_total = torch.zeros((), device=self.device)
+        last = len(inputs) - 1
+        for i, (kwargs, _) in enumerate(inputs):
+            sync = contextlib.nullcontext() if i == last else self.parallel.no_sync()
+            with sync:
+                ce, aux = self.forward_sum(kwargs)
+                if self.balancer is not None:
+                    self.balancer.add_micro_batch()
+                objective = ce * scale
+                if aux is not None:
+                    objective = objective + aux / len(inputs)
+                with self.parallel.loss_context():
+                    if self.scaler is not None:
+                        self.scaler.scale(objective).backward()
+                    else:
+                        objective.backward()
+            ce_total += local_value(ce.detach()).float()
+        loss = all_reduce(ce_total, self.dp_group) / global_tokens.clamp(min=1)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return loss, self.clip(), int(global_tokens.item())
+
+    def clip(self) -> torch.Tensor:
+        """Clip to ``optim.grad_clip`` (0: off); returns the total norm before clipping."""
+        from forge_parallel import clip_grad_norm_, total_grad_norm
+
+        clip = self.grad_clip
+        if hasattr(self.optimizer, "clip_grad_norm_"):  # ZeRO: the optimizer owns the shards
+            return self.optimizer.clip_grad_norm_(clip if clip > 0 else float("inf"))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if clip > 0:
+            return clip_grad_norm_(params, clip)
+        return total_grad_norm(params)
+
+    # -- update -----------------------------------------------------------------------------
+    def update(self, step: int, loss: float, grad_norm: float) -> bool:
+        """The optimizer step unless the guard refuses it (then gradients are dropped);
+        returns whether it stepped. The expert biases follow an applied update."""
+        if not self.guard.allows(step, loss, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            if self.balancer is not None:
+                self.balancer.discard()
+            return False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself on an fp16 overflow
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.balancer is not None:
+            self.balancer.apply()
+        return True
+
+    def run(
+        self, step: int, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[float, float, int]:
+        """One whole step (``step``: its 0-based index): ``(loss, grad norm, global tokens)``."""
+        loss_t, norm_t, tokens = self.accumulate(micro_batches)
+        loss, grad_norm = float(loss_t), float(norm_t)
+        self.update(step, loss, grad_norm)
+        return loss, grad_norm, tokens

@@ -1,0 +1,279 @@
+"""Image-caption data for a vision-language run (``data=skimage-captions``): scikit-image's
+bundled sample images, each with a caption derived from its name, as a webdataset shard.
+
+On first use rank 0 writes ``skimage-captions-<version>/shard-000000.tar`` under the run's data
+cache (as the standard-library BPE data is cached); every rank then reads it with
+:class:`forge_data.vision.VLMDataset` and an InternVL-style tiling processor sized to the
+model's vision encoder (``tile = vision.image_size``, the pixel-shuffle projector's ratio), so
+each tile takes ``(image_size / patch_size * ratio)**2`` placeholder tokens. Samples are packed
+into rows with :func:`forge_data.vision.pack_vlm_samples` and batched with
+:func:`forge_data.vision.collate_vlm`; :class:`VLMLoader` yields each optimizer step's
+micro-batches, like ``forge_data.PackedLoader``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from forge_train.config import ConfigError, DataConfig
+
+__all__ = [
+    "CAPTIONS",
+    "VLMLoader",
+    "VLMSamples",
+    "build_caption_data",
+    "placeholder_style",
+    "vlm_model_inputs",
+    "write_skimage_shard",
+]
+
+#: ``skimage.data`` loader -> caption. All ship with scikit-image (no download).
+CAPTIONS = {
+    "astronaut": "a photo of an astronaut",
+    "camera": "a photo of a cameraman",
+    "coffee": "a photo of a cup of coffee",
+    "chelsea": "a photo of a cat",
+    "rocket": "a photo of a rocket",
+    "horse": "a silhouette of a horse",
+    "brick": "a photo of a brick wall",
+    "grass": "a photo of grass",
+    "gravel": "a photo of gravel",
+    "moon": "a photo of the moon",
+    "page": "a scan of a printed page",
+    "text": "a photo of text",
+    "clock": "a photo of a clock",
+    "coins": "a photo of coins",
+    "hubble_deep_field": "a photo of galaxies",
+    "immunohistochemistry": "a microscope image of tissue",
+    "logo": "a logo",
+    "colorwheel": "a color wheel",
+    "microaneurysms": "a photo of a retina",
+    "checkerboard": "a checkerboard",
+}
+#: Bump when the shard's contents change, so cached shards are rewritten.
+SHARD_VERSION = "v1"
+#: Longest image side stored in the shard (the processor resizes to tiles anyway).
+MAX_SIDE = 256
+
+
+def placeholder_style():
+    """The placeholder tokens the captions use: InternVL's (``<img><IMG_CONTEXT>...</img>``),
+    matching the tiling processor."""
+    from forge_data.vision import INTERN_VL
+
+    return INTERN_VL
+
+
+def _skimage_data():
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise ImportError(
+            "data=skimage-captions needs scikit-image: pip install 'forge-train[vlm-demo]'"
+        ) from exc
+    return skimage.data
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    image = Image.fromarray(array).convert("RGB")
+    image.thumbnail((MAX_SIDE, MAX_SIDE))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_skimage_shard(path: Path) -> int:
+    """Write the captioned sample images to the webdataset tar ``path`` (``<name>.png`` and
+    ``<name>.txt`` per sample); returns how many samples it holds."""
+    data = _skimage_data()
+    with tarfile.open(path, "w") as tar:
+        for i, (name, caption) in enumerate(CAPTIONS.items()):
+            for ext, payload in (("png", _png(getattr(data, name)())), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{i:04d}_{name}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return len(CAPTIONS)
+
+
+def _cached_shard(root: Path) -> Path:
+    """The shard under ``root`` (rank 0 writes it on first use, the others wait)."""
+    folder = root / f"skimage-captions-{SHARD_VERSION}"
+    shard = folder / "shard-000000.tar"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not shard.exists():
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_skimage_shard(tmp / shard.name)
+        try:
+            tmp.replace(folder)
+        except OSError:  # another run cached it first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return shard
+
+
+@dataclass
+class VLMSamples:
+    """Every processed sample of the shard, in memory (the demo set is a few dozen images).
+    ``bidirectional``: the model's ``image_attention``; the batches carry ``block_ids`` (an
+    image's tokens see each other) only then."""
+
+    samples: list[dict[str, Any]]
+    seq_len: int
+    bidirectional: bool
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _processor(model_config, config: DataConfig):
+    from forge_data.vision import InternVLProcessor, InternVLProcessorConfig
+
+    vision, projector = model_config.vision, model_config.projector
+    ratio = getattr(projector, "downsample_ratio", None)
+    if ratio is None or not hasattr(vision, "image_size"):
+        raise ConfigError(
+            f"data.kind=skimage_captions: tiles images for a fixed-size encoder and a "
+            f"pixel-shuffle projector; model has vision {model_config.vision_name!r} and "
+            f"projector {model_config.projector_name!r} (use e.g. siglip + pixel_shuffle_mlp)"
+        )
+    side = vision.image_size
+    return InternVLProcessor(
+        InternVLProcessorConfig(
+            tile_size=(side, side),
+            patch_size=vision.patch_size,
+            downsample_ratio=ratio,
+            max_patches=config.max_tiles,
+            use_thumbnail=config.max_tiles > 1,
+        )
+    )
+
+
+def build_caption_data(config: DataConfig, tokenizer, model_config, cache_root: Path):
+    """``(train samples, description)`` of the scikit-image captions for ``model_config``."""
+    from forge_data.multimodal import MultimodalConfig
+    from forge_data.vision import VLMDataset
+
+    shard = _cached_shard(cache_root)
+    dataset = VLMDataset(
+        MultimodalConfig(
+            urls=[str(shard)], seq_len=config.seq_len, shuffle_shards=False, on_error="raise"
+        ),
+        tokenizer,
+        _processor(model_config, config),
+    )
+    samples = list(dataset)
+    if not samples:
+        raise ConfigError(f"data.kind=skimage_captions: no usable samples in {shard}")
+    what = f"{len(samples)} captioned scikit-image sample images ({shard})"
+    bidirectional = model_config.image_attention == "bidirectional"
+    return VLMSamples(samples, config.seq_len, bidirectional), what
+
+
+class VLMLoader:
+    """Each ``next()`` is this rank's micro-batches of one optimizer step: ``global_batch_rows``
+    packed rows, cut into ``micro_batch_rows`` per micro-batch and dealt over the data-parallel
+    ranks. Every epoch packs the samples in a new seeded order (an endless stream);
+    ``state_dict`` / ``load_state_dict`` resume it."""
+
+    def __init__(
+        self,
+        data: VLMSamples,
+        *,
+        global_batch_rows: int,
+        micro_batch_rows: int,
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        pad_id: int,
+        shuffle: bool = True,
+    ) -> None:
+        self.data = data
+        self.rows_per_rank = global_batch_rows // dp_size
+        self.micro_batch_rows = micro_batch_rows
+        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.pad_id, self.shuffle = pad_id, shuffle
+        self.epoch, self.position = 0, 0
+        self._rows: list[list[int]] | None = None
+
+    def _epoch_rows(self) -> list[list[int]]:
+        from forge_data.vision import pack_vlm_samples
+
+        n = len(self.data)
+        order = np.arange(n)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        rows, _ = pack_vlm_samples(self.data.samples, seq_len=self.data.seq_len, order=order)
+        if not rows:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len}: no sample fits in a row; raise data.seq_len"
+            )
+        return rows
+
+    def _next_row(self) -> list[int]:
+        if self._rows is None:
+            self._rows = self._epoch_rows()
+        if self.position >= len(self._rows):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._rows = self._epoch_rows()
+        row = self._rows[self.position]
+        self.position += 1
+        return row
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        from forge_data.vision import collate_vlm
+
+        rows = [self._next_row() for _ in range(self.rows_per_rank * self.dp_size)]
+        mine = rows[self.dp_rank :: self.dp_size]
+        samples = [[self.data.samples[i] for i in row] for row in mine]
+        step = self.micro_batch_rows
+        batches = [
+            collate_vlm(samples[i : i + step], seq_len=self.data.seq_len, pad_id=self.pad_id)
+            for i in range(0, len(samples), step)
+        ]
+        if not self.data.bidirectional:
+            for batch in batches:
+                del batch["block_ids"]
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._rows = self._epoch_rows()
+
+
+def vlm_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The visual keyword arguments of :class:`forge_models.vlm.VisionLanguageModel` for one
+    collated micro-batch (the text ones are :func:`forge_train.data.model_inputs`')."""
+    from forge_models.vlm import VisualInputs
+
+    extra: dict[str, Any] = {}
+    if "block_ids" in batch:
+        extra["block_ids"] = batch["block_ids"].reshape(1, -1).to(device, non_blocking=True)
+    image = batch["visual"].get("image")
+    if image is not None:
+        fields = ("pixel_values", "grid_thw", "tiles_per_item", "image_sizes")
+        visual = VisualInputs(**{k: image[k] for k in fields if image.get(k) is not None})
+        extra["images"] = visual.to(device)
+    return extra

@@ -1,0 +1,1 @@
+"""Vision encoders (ViTs) and the projectors that connect them to a language model."""

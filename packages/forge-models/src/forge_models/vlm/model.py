@@ -1,0 +1,236 @@
+"""``VisionLanguageModel``: vision encoder -> projector -> forge language model.
+
+The projected visual features replace the embeddings of the placeholder tokens (one row per
+placeholder, items in order), then the language model runs on the mixed embeddings: the
+composition of LLaVA (Liu et al. 2023, arXiv:2304.08485), LLaVA-OneVision (Li et al. 2024,
+arXiv:2408.03326), Qwen2-VL / Qwen2.5-VL (Wang et al. 2024, arXiv:2409.12191; Bai et al. 2025,
+arXiv:2502.13923) and InternVL (Chen et al. 2024, arXiv:2312.14238).
+
+Module tree::
+
+    vision            the encoder (forge_models.vision.*)
+    projector         the projector / merger
+    language_model    a CausalLM (embed_tokens, layers.{i}, norm, lm_head)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from forge_models.causal_lm import CausalLM
+from forge_models.vlm.components import get_component
+from forge_models.vlm.config import VLMConfig
+from forge_models.vlm.inputs import VisualInputs
+
+__all__ = ["VisionLanguageModel", "visual_block_ids"]
+
+COMPONENTS = ("vision", "projector", "language_model")
+
+
+def visual_block_ids(
+    input_ids: torch.Tensor, token_ids: list[int], tokens_per_item: list[list[int]]
+) -> torch.Tensor:
+    """``block_ids`` (same shape as ``input_ids``): a distinct id ``>= 0`` on the placeholder
+    tokens of each image / video, ``-1`` elsewhere.
+
+    ``token_ids[g]`` is a placeholder token and ``tokens_per_item[g]`` the placeholder count of
+    each of its items, in order of appearance.
+    """
+    block_ids = torch.full_like(input_ids, -1, dtype=torch.long)
+    next_id = 0
+    for token_id, counts in zip(token_ids, tokens_per_item, strict=True):
+        where = (input_ids == token_id).reshape(-1)
+        ids = torch.repeat_interleave(
+            torch.arange(next_id, next_id + len(counts), device=input_ids.device),
+            torch.as_tensor(counts, device=input_ids.device),
+        )
+        block_ids.view(-1)[where] = ids
+        next_id += len(counts)
+    return block_ids
+
+
+class VisionLanguageModel(nn.Module):
+    """A vision-language model assembled from a :class:`VLMConfig` (see the module docstring).
+
+    Build one with :func:`forge_models.vlm.build_vlm` (``device="meta"`` allocates nothing) or
+    load a Hugging Face folder with :func:`forge_models.from_pretrained`.
+    """
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        vision = get_component(config.vision_name, "vision")
+        projector = get_component(config.projector_name, "projector")
+        self.vision = vision.module_cls(config.vision)
+        self.projector = projector.module_cls(config.projector)
+        self.language_model = CausalLM(config.text)
+        if config.frozen:
+            self.set_trainable(**dict.fromkeys(config.frozen, False))
+
+    @torch.no_grad()
+    def init_weights(self, *, generator: torch.Generator | None = None) -> None:
+        """Initialize every part in place (works after ``to_empty``, on any shard)."""
+        for part in (self.vision, self.projector):
+            init = getattr(part, "init_weights", None) or part.reset_parameters
+            init(generator=generator) if generator is not None else init()
+        self.language_model.init_weights(generator=generator)
+
+    def set_trainable(
+        self,
+        *,
+        vision: bool | None = None,
+        projector: bool | None = None,
+        language_model: bool | None = None,
+    ) -> None:
+        """Freeze (``False``) or unfreeze (``True``) whole parts; ``None`` leaves one as it is.
+
+        E.g. LLaVA's stage 1 trains the projector only:
+        ``set_trainable(vision=False, projector=True, language_model=False)``.
+        """
+        for name, flag in (
+            ("vision", vision),
+            ("projector", projector),
+            ("language_model", language_model),
+        ):
+            if flag is not None:
+                getattr(self, name).requires_grad_(flag)
+
+    def trainable_parts(self) -> list[str]:
+        """The parts with at least one trainable parameter."""
+        return [
+            n for n in COMPONENTS if any(p.requires_grad for p in getattr(self, n).parameters())
+        ]
+
+    # -- forward ------------------------------------------------------------------------------
+    def visual_features(self, visual: VisualInputs) -> torch.Tensor:
+        """``[placeholders, text_hidden]`` embeddings of ``visual``'s items, in order."""
+        features = self.vision(visual)
+        return self.projector(features, visual)
+
+    def num_visual_tokens(self, visual: VisualInputs) -> list[int]:
+        """Placeholder tokens each item of ``visual`` takes (from its metadata)."""
+        return [int(n) for n in self.projector.num_tokens(visual)]
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        images: VisualInputs | None = None,
+        videos: VisualInputs | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the image / video features in place of their placeholders."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        for visual, token_id, what in (
+            (images, self.config.image_token_id, "image"),
+            (videos, self.config.video_token_id, "video"),
+        ):
+            where = input_ids == token_id if token_id is not None else None
+            count = 0 if where is None else int(where.sum())
+            if visual is None:
+                if count:
+                    raise ValueError(
+                        f"input_ids hold {count} {what} placeholder tokens (id {token_id}) but no "
+                        f"{what}s were passed"
+                    )
+                continue
+            if token_id is None:
+                raise ValueError(f"{what}s were passed but the config has no {what}_token_id")
+            features = self.visual_features(visual)
+            if features.shape[0] != count:
+                raise ValueError(
+                    f"the {visual.num_items} {what}(s) give {features.shape[0]} feature rows but "
+                    f"input_ids hold {count} {what} placeholder tokens (id {token_id}); expand "
+                    f"each placeholder to the model's token count (num_visual_tokens: "
+                    f"{self.num_visual_tokens(visual)})"
+                )
+            features = features.to(embeds.dtype)
+            embeds = embeds.masked_scatter(where[..., None], features)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        images: VisualInputs | None = None,
+        videos: VisualInputs | None = None,
+        block_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits, or the next-token loss with ``labels`` (as :meth:`CausalLM.forward`).
+
+        Args:
+            input_ids: ``[B, S]`` or a packed ``[1, T]`` / ``[T]`` row with ``cu_seqlens``, holding
+                ``image_token_id`` / ``video_token_id`` placeholders (as many as
+                :meth:`num_visual_tokens` says per item).
+            images, videos: the batch's visual items in placeholder order (all rows / packed
+                documents together).
+            position_ids: RoPE positions; default: M-RoPE positions from the placeholders for
+                an ``mrope_section`` model (per document when packed), else as CausalLM.
+            block_ids: bidirectional blocks; default with ``image_attention="bidirectional"``:
+                one block per image / video.
+            kwargs: the rest of :meth:`CausalLM.forward` (``loss_reduction``, ``max_seqlen``).
+        """
+        embeds = self.embed(input_ids, images=images, videos=videos)
+        if position_ids is None and self.config.text.mrope_section is not None:
+            position_ids = self.mrope_positions(
+                input_ids, images=images, videos=videos,
+                attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        if block_ids is None and self.config.image_attention == "bidirectional":
+            groups = [(self.config.image_token_id, images), (self.config.video_token_id, videos)]
+            groups = [(t, v) for t, v in groups if v is not None]
+            block_ids = visual_block_ids(
+                input_ids, [t for t, _ in groups], [self.num_visual_tokens(v) for _, v in groups]
+            )
+        return self.language_model(
+            input_ids,
+            position_ids,
+            cu_seqlens,
+            attention_mask,
+            labels,
+            inputs_embeds=embeds,
+            block_ids=block_ids,
+            **kwargs,
+        )
+
+    def mrope_positions(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        images: VisualInputs | None = None,
+        videos: VisualInputs | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Qwen2-VL's 3-D positions ``[3, B, S]`` for text, image and video placeholders."""
+        from forge_models.vlm.mrope import mrope_position_ids
+
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        merge = getattr(self.projector, "spatial_merge_size", None)
+        if merge is None:
+            raise ValueError(
+                f"M-RoPE positions need the projector's spatial_merge_size; projector "
+                f"{self.config.projector_name!r} has none: pass position_ids yourself"
+            )
+        mask = None if attention_mask is None else attention_mask.reshape(ids.shape)
+        positions, _ = mrope_position_ids(
+            ids,
+            image_grid_thw=None if images is None else images.grid_thw,
+            video_grid_thw=None if videos is None else videos.grid_thw,
+            second_per_grid_ts=None if videos is None else videos.second_per_grid_ts,
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            vision_start_token_id=self.config.vision_start_token_id,
+            spatial_merge_size=merge,
+            tokens_per_second=self.config.tokens_per_second,
+            attention_mask=mask,
+            cu_seqlens=cu_seqlens,
+        )
+        return positions if input_ids.dim() == 2 else positions[:, 0]
