@@ -55,7 +55,9 @@ def test_invalid_values_name_the_key(overrides, message):
 
 def test_world_size_must_fit_the_layout():
     tp2 = compose_run_config(["parallel=tp2-fsdp"]).parallel
-    assert tp2.resolve(4) == {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    assert tp2.resolve(4) == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    pp2 = compose_run_config(["parallel=pp2-fsdp"]).parallel
+    assert pp2.resolve(4) == {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 1}
     with pytest.raises(
         ConfigError, match=r"parallel.dp_shard: cannot be inferred: the world size 3"
     ):
@@ -71,3 +73,25 @@ def test_cli_prints_config_help_and_errors(capsys):
     assert "tp2-fsdp" in capsys.readouterr().out
     assert main(["optim.lr=-1"]) == 2
     assert "optim.lr: must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["parallel=pp2-fsdp", "parallel.pp_schedule=zero_bubble"],
+            "parallel.pp_schedule: zero_bubble",
+        ),
+        (
+            ["parallel=pp2-fsdp", "parallel.data_parallel=ddp"],
+            "parallel.data_parallel: with pipeline",
+        ),
+        (
+            ["parallel=pp2-fsdp", "recipe=vlm"],
+            "parallel.pp: pipeline parallelism for vision-language",
+        ),
+    ],
+)
+def test_pipeline_layouts_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_run_config(overrides)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,16 @@ def test_cost_model_is_calibrated_from_measured_step_times():
     assert lin.a > 0
     with pytest.raises(ValueError, match="needs >= 3 measured steps"):
         QuadraticCost.fit(steps[:2], times[:2])
+
+
+def test_layouts_are_pinned():
+    """Digests of layouts and reports computed before the loader was vectorized (2026-11-23):
+    speed-ups of the balancer must not change which rank and micro-batch a row goes to."""
+    h = hashlib.sha256()
+    for dp, micro, per_micro, seed in [(1, 1, 8, 0), (1, 4, 2, 1), (8, 3, 2, 2), (64, 1, 4, 3)]:
+        costs = _long_tailed_costs(dp * micro * per_micro, seed=seed)
+        for rank in (None, dp - 1):
+            layout, report = balance_step(costs, dp_size=dp, micro_batches=micro, rank=rank)
+            h.update(layout.tobytes() + repr(report).encode())
+        h.update(balanced_assignment(costs, 1).tobytes())
+    assert h.hexdigest()[:16] == "c18f9efa344af264"

@@ -3,12 +3,16 @@ data-parallel size changes mid-epoch."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
+from forge_data.balance import QuadraticCost
 from forge_data.indexed import IndexedDatasetWriter
 from forge_data.loader import LoaderConfig, PackedLoader, TokenDataset
+from forge_data.mixture import MixtureDataset
 
 SEQ = 64
 CONFIG = LoaderConfig(seq_len=SEQ, global_batch_rows=8, micro_batch_rows=1, seed=7)
@@ -113,3 +117,125 @@ def test_mismatched_resume_is_refused(dataset):
         PackedLoader(smaller, CONFIG, dp_rank=0, dp_size=1).load_state_dict(state)
     with pytest.raises(ValueError, match="not a multiple of dp_size"):
         PackedLoader(dataset, CONFIG, dp_rank=0, dp_size=3)
+
+
+# -- pinned output ---------------------------------------------------------------------------
+# Digests of every batch (all tensors, their dtypes and shapes), balance report and state of the
+# scenarios below, computed with the per-piece Python loader of 2026-11-23 before it was
+# vectorized: a faster loader must deliver exactly the same batches, in the same order.
+
+
+def _digest(*objs) -> str:
+    h = hashlib.sha256()
+
+    def feed(o):
+        if isinstance(o, torch.Tensor):
+            h.update(f"T{o.dtype}{tuple(o.shape)}".encode())
+            h.update(o.contiguous().numpy().tobytes())
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                h.update(repr(k).encode())
+                feed(v)
+        elif isinstance(o, list | tuple):
+            h.update(f"L{len(o)}".encode())
+            for v in o:
+                feed(v)
+        else:
+            h.update(repr(o).encode())
+
+    for o in objs:
+        feed(o)
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """Shard 0 with a loss mask, shard 1 without; empty, exact-fit and over-long documents."""
+    folder = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(11)
+    lengths = [*rng.integers(1, 50, 60).tolist(), 0, 130, 64, 48, 1, 0, 97]
+    prefixes = []
+    for s, part in enumerate(np.array_split(np.arange(len(lengths)), 2)):
+        prefixes.append(folder / f"shard_{s}")
+        with IndexedDatasetWriter(prefixes[-1], dtype=np.uint32, with_mask=s == 0) as w:
+            for d in part:
+                ids = rng.integers(0, 70000, lengths[d])
+                w.add(ids, rng.integers(0, 2, lengths[d]) if s == 0 else None)
+    return TokenDataset(prefixes)
+
+
+def _run(loaders, steps):
+    out = []
+    for _ in range(steps):
+        out.append(_step(loaders))
+        out.append([(ld.last_report.naive, ld.last_report.balanced) for ld in loaders])
+    return [out, [ld.state_dict() for ld in loaders]]
+
+
+_SCENARIOS = {
+    "balanced_dp2": (LoaderConfig(seq_len=64, global_batch_rows=8, seed=7), 2, {}),
+    "truncate_window3_dp3": (
+        LoaderConfig(
+            seq_len=48,
+            global_batch_rows=12,
+            micro_batch_rows=2,
+            seed=3,
+            shuffle=False,
+            pack_window=3,
+            overlong="truncate",
+        ),
+        3,
+        {},
+    ),
+    "skip_unbalanced_dp2": (
+        LoaderConfig(
+            seq_len=40, global_batch_rows=8, micro_batch_rows=2, overlong="skip", balance=False
+        ),
+        2,
+        {"pad_id": 5},
+    ),
+    "dp1_micro3_cost": (
+        LoaderConfig(seq_len=64, global_batch_rows=6, micro_batch_rows=2, seed=5),
+        1,
+        {"cost_model": QuadraticCost(a=1.0, b=1e-2, c=3.0)},
+    ),
+}
+_PINNED_DIGESTS = {
+    "balanced_dp2": "3aed7e83bdc628d2",
+    "truncate_window3_dp3": "4ffcb5a4abcb097e",
+    "skip_unbalanced_dp2": "fa4c4dfcecd0df68",
+    "dp1_micro3_cost": "d283f89454d040d9",
+    "resume_dp2_to_dp4": "87fd2ae2a772c569",
+    "mixture": "46edf23c6fc6f764",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCENARIOS))
+def test_batches_are_pinned(mixed_dataset, name):
+    config, dp, kwargs = _SCENARIOS[name]
+    loaders = [
+        PackedLoader(mixed_dataset, config, dp_rank=r, dp_size=dp, **kwargs) for r in range(dp)
+    ]
+    assert _digest(_run(loaders, 12)) == _PINNED_DIGESTS[name]
+
+
+def test_resumed_batches_are_pinned(mixed_dataset):
+    config = LoaderConfig(seq_len=64, global_batch_rows=8, seed=7)
+    before = _loaders(mixed_dataset, 2, config)
+    _run(before, 5)
+    after = _loaders(mixed_dataset, 4, config)
+    for ld in after:
+        ld.load_state_dict(before[0].state_dict())
+    assert _digest(_run(after, 6)) == _PINNED_DIGESTS["resume_dp2_to_dp4"]
+
+
+def test_mixture_batches_are_pinned(mixed_dataset):
+    mix = MixtureDataset(
+        [mixed_dataset, TokenDataset([mixed_dataset.shards[1].prefix])],
+        [0.5, 0.5],
+        num_documents=90,
+        seed=2,
+    )
+    config = LoaderConfig(seq_len=32, global_batch_rows=4, micro_batch_rows=2)
+    loaders = [PackedLoader(mix, config, dp_rank=r, dp_size=2) for r in range(2)]
+    assert _digest(_run(loaders, 8)) == _PINNED_DIGESTS["mixture"]

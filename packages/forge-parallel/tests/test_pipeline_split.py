@@ -217,3 +217,49 @@ def test_a_rank_keeps_only_its_layers():
 def test_split_rejects_more_stages_than_layers():
     with pytest.raises(ValueError, match="pp=4 stages but the model has only 2 layers"):
         split_stages(tm.build_tiny(), pp=4, pp_rank=0, config=PipelineConfig())
+
+
+class _ScaledBlock(torch.nn.Module):
+    """A block that takes a per-batch argument besides the hidden states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x) * scale
+
+
+class _ScaledDecoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 4)
+        self.layers = torch.nn.ModuleList(_ScaledBlock() for _ in range(4))
+        self.extras = torch.nn.ModuleList()  # empty optional heads: not a stage part
+        self.head = torch.nn.Linear(4, 16)
+
+    def forward(self, tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, scale)
+        return self.head(x)
+
+
+def test_block_args_reach_every_block_per_microbatch():
+    model = _ScaledDecoder()
+    layout = decoder_layout(model)
+    assert layout.post == ("head",)  # the empty ModuleList is skipped
+    _, stages, _, _ = split_stages(model, pp=1, pp_rank=0, config=PipelineConfig(schedule="gpipe"))
+    (stage,) = stages
+    tokens = torch.randint(0, 16, (2, 5))
+    scales = [torch.tensor(0.5), torch.tensor(2.0)]
+    stage.set_block_args([(s,) for s in scales])
+    for microbatch, scale in enumerate(scales):
+        stage.microbatch = microbatch
+        torch.testing.assert_close(stage(tokens), model(tokens, scale), rtol=0, atol=0)
+    stage.microbatch = 2
+    with pytest.raises(RuntimeError, match="micro-batch 2 has no block arguments"):
+        stage(tokens)
+    stage.set_block_args(None)
+    with pytest.raises(TypeError):  # without block arguments the block lacks its scale
+        stage(tokens)

@@ -42,6 +42,8 @@ class Components:
     flops_per_token: float
     lora_targets: list[str] = field(default_factory=list)
     fp8_layers: list[str] = field(default_factory=list)
+    #: This rank's pipeline stage and schedule (``parallel.pp > 1``; ``model`` is the stage).
+    pipeline: Any = None
 
 
 def _recompute(cfg: RunConfig):
@@ -112,18 +114,22 @@ def build_components(
     plan = None
     if degrees["tp"] > 1:
         plan = model.parallel_plan(sequence_parallel=cfg.parallel.sequence_parallel)
-    parallel = parallelize(
-        model,
-        dims,
-        plan=plan,
-        data_parallel=cfg.parallel.data_parallel if dims is not None else None,
-        recompute=_recompute(cfg),
-        compile=cfg.train.compile,
-    )
-    model = parallel.model
+    stage_parallel = {
+        "plan": plan,
+        "data_parallel": cfg.parallel.data_parallel if dims is not None else None,
+        "recompute": _recompute(cfg),
+        "compile": cfg.train.compile,
+    }
+    pipeline = None
+    if degrees["pp"] > 1:
+        mesh = dims.build_mesh()
+        pipeline = _pipeline(model, config, cfg, mesh, stage_parallel)
+        parallel, model = pipeline.stage_parallel, pipeline.stage
+    else:
+        parallel = parallelize(model, dims, **stage_parallel)
+        model, mesh = parallel.model, parallel.mesh
     if on_meta:
-        _materialize(model, device, cfg, config, has_fp8=bool(fp8_layers))
-    mesh = parallel.mesh
+        _materialize(model, device, cfg, config, has_fp8=bool(fp8_layers), pipeline=pipeline)
     dp_group = mesh.group("dp") if mesh is not None else None
     dp_rank = mesh.local_rank("dp") if mesh is not None else 0
     dp_size = mesh.size("dp") if mesh is not None else 1
@@ -147,22 +153,72 @@ def build_components(
         loader=loader,
         optimizer=optimizer,
         schedule=LRSchedule(optimizer, cfg.optim, cfg.train.steps),
-        n_params=sum(p.numel() for p in model.parameters()),
-        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        n_params=_count(model, pipeline),
+        n_trainable=_count(model, pipeline, trainable=True),
         # A VLM's vision encoder and projector are not counted yet (language model only).
         flops_per_token=forge_models.flops_per_token(text_config, cfg.data.seq_len, causal=True),
         lora_targets=lora_targets,
         fp8_layers=fp8_layers,
+        pipeline=pipeline,
     )
 
 
-def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool) -> None:
+def _count(model, pipeline, *, trainable: bool = False) -> int:
+    """Parameters of the whole model (summed over the pipeline stages)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+    if pipeline is None:
+        return n
+    import torch.distributed as dist
+
+    total = torch.tensor(n, dtype=torch.float64)
+    dist.all_reduce(total, group=pipeline.group)
+    return int(total.item())
+
+
+def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
+    """This rank's pipeline stage of ``model`` (``parallel.pp > 1``)."""
+    from forge_train.pipeline_model import build_pipeline, check_pipeline_model
+
+    pp = mesh.size("pp")
+    check_pipeline_model(model, config, pp=pp)
+    dp = mesh.size("dp")
+    microbatches = cfg.data.global_batch_rows // (dp * cfg.data.micro_batch_rows)
+    if microbatches < pp:
+        raise ConfigError(
+            f"parallel.pp: each rank's {microbatches} micro-batch(es) per step (global_batch_rows "
+            f"{cfg.data.global_batch_rows} / (data-parallel {dp} x micro_batch_rows "
+            f"{cfg.data.micro_batch_rows})) cannot fill {pp} pipeline stages; use at least "
+            f"{pp} micro-batches per rank (raise data.global_batch_rows or lower "
+            "data.micro_batch_rows)"
+        )
+    plan = stage_parallel["plan"]
+    if plan is not None:  # the loss takes whole logits on the last stage
+        plan = {
+            k: ("colwise_output_replicated" if v == "loss_parallel" else v) for k, v in plan.items()
+        }
+    return build_pipeline(
+        model,
+        config,
+        mesh,
+        microbatches=microbatches,
+        schedule=cfg.parallel.pp_schedule,
+        split=cfg.parallel.pp_split,
+        stage_parallel={**stage_parallel, "plan": plan},
+    )
+
+
+def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool, pipeline=None) -> None:
     """Allocate and initialize a meta-device model after parallelization (each rank its own
-    shards); LoRA adapters and FP8 linears, which ``init_weights`` does not know, after it."""
+    shards); LoRA adapters and FP8 linears, which ``init_weights`` does not know, after it.
+    A pipeline stage is initialized through its whole model's ``init_weights`` (the other
+    stages' parameters stay on the meta device)."""
     import forge_models
 
     torch.manual_seed(cfg.train.seed)
-    forge_models.materialize(model, device)
+    if pipeline is not None:
+        pipeline.materialize(device)
+    else:
+        forge_models.materialize(model, device)
     from forge_train.lora import LoRALinear
 
     for m in model.modules():

@@ -81,29 +81,60 @@ class ModelSettings:
 @dataclass(frozen=True, kw_only=True)
 class ParallelSettings:
     """Degrees of the parallel layout; ``-1`` takes the processes the others leave (one axis at
-    most). ``data_parallel``: ``ddp``, ``fsdp``, ``hsdp``, ``zero1``, ``zero2`` or null (none)."""
+    most). ``data_parallel``: ``ddp``, ``fsdp``, ``hsdp``, ``zero1``, ``zero2`` or null (none).
+
+    Pipeline parallelism (``pp > 1``) splits the layers into ``pp`` stages, one per pipeline
+    rank (``pp_split``: ``layers`` equal layer counts, ``params`` balanced parameter counts), and
+    runs each step's micro-batches through them with ``pp_schedule`` (``gpipe``, ``1f1b`` or
+    ``zero_bubble``, i.e. ZB-H1); each rank's micro-batches are the pipeline's micro-batches."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    pp: int = 1
     data_parallel: Literal["ddp", "fsdp", "hsdp", "zero1", "zero2"] | None = None
     sequence_parallel: bool = False
     recompute: Literal["none", "full", "selective"] = "none"
+    pp_schedule: Literal["gpipe", "1f1b", "zero_bubble"] = "1f1b"
+    pp_split: Literal["layers", "params"] = "layers"
+
+    def _degrees(self) -> dict[str, int]:
+        return {
+            "pp": self.pp,
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "tp": self.tp,
+        }
 
     def __post_init__(self) -> None:
-        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        degrees = self._degrees()
         for name, value in degrees.items():
             _require(value == -1 or value >= 1, f"parallel.{name}", "must be >= 1 or -1", value)
         _require(
             sum(v == -1 for v in degrees.values()) <= 1,
             "parallel",
-            "at most one of dp_replicate, dp_shard, tp may be -1 (inferred)",
+            "at most one of pp, dp_replicate, dp_shard, tp may be -1 (inferred)",
         )
         _require(self.tp != -1, "parallel.tp", "cannot be inferred (-1); give the degree")
+        _require(self.pp != -1, "parallel.pp", "cannot be inferred (-1); give the degree")
+        if self.pp > 1:
+            _require(
+                self.data_parallel in (None, "fsdp"),
+                "parallel.data_parallel",
+                "with pipeline parallelism (pp > 1) use fsdp or null (ddp, hsdp and ZeRO-1/2 "
+                "are not supported on pipeline stages yet)",
+                self.data_parallel,
+            )
+            _require(
+                not (self.pp_schedule == "zero_bubble" and self.data_parallel == "fsdp"),
+                "parallel.pp_schedule",
+                "zero_bubble splits the backward into input- and weight-gradient passes, which "
+                "FSDP does not support; use 1f1b or gpipe with fsdp, or data_parallel=null",
+            )
 
     def resolve(self, world_size: int) -> dict[str, int]:
         """The degrees for ``world_size`` processes; ``ConfigError`` if they do not fit."""
-        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        degrees = self._degrees()
         fixed = 1
         for value in degrees.values():
             fixed *= value if value > 0 else 1
@@ -116,13 +147,14 @@ class ParallelSettings:
                     f"other degrees' product {fixed}; launch a multiple of {fixed} processes",
                 )
                 degrees[name] = world_size // fixed
-        product = degrees["dp_replicate"] * degrees["dp_shard"] * degrees["tp"]
+        product = degrees["pp"] * degrees["dp_replicate"] * degrees["dp_shard"] * degrees["tp"]
         _require(
             product == world_size,
             "parallel",
-            f"dp_replicate x dp_shard x tp = {degrees['dp_replicate']} x {degrees['dp_shard']} "
-            f"x {degrees['tp']} = {product} processes, but the world size is {world_size}; "
-            "launch that many processes (torchrun --nproc-per-node) or pick another preset",
+            f"pp x dp_replicate x dp_shard x tp = {degrees['pp']} x {degrees['dp_replicate']} x "
+            f"{degrees['dp_shard']} x {degrees['tp']} = {product} processes, but the world size "
+            f"is {world_size}; launch that many processes (torchrun --nproc-per-node) or pick "
+            "another preset",
         )
         return degrees
 
@@ -370,6 +402,13 @@ class RunConfig:
         vlm = self.model.kind == "vlm"
         if self.train.freeze:
             _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
+        if self.parallel.pp > 1:
+            _require(
+                not vlm,
+                "parallel.pp",
+                "pipeline parallelism for vision-language models is not supported yet; use "
+                "parallel=single/ddp/fsdp with model.kind=vlm",
+            )
         if vlm:
             _require(
                 self.parallel.tp == 1 and self.lora is None and self.train.fp8 is None,

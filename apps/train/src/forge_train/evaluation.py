@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from forge_train.config import DataConfig
-from forge_train.data import build_loader, model_inputs
-from forge_train.distributed import all_reduce, local_value
+from forge_train.data import build_loader
+from forge_train.distributed import all_reduce
 from forge_train.step import StepRunner
 
 __all__ = ["held_out_loss"]
@@ -34,10 +34,7 @@ def held_out_loss(
     runner.model.eval()
     total = torch.zeros(2, device=runner.device)
     for _ in range(batches):
-        for mb in next(loader):
-            kwargs, n = model_inputs(mb, runner.device)
-            ce, _ = runner.forward_sum(kwargs)
-            total += torch.stack([local_value(ce).float(), n.to(runner.device, torch.float32)])
+        total += runner.eval_sums(next(loader))
     runner.model.train()
     total = all_reduce(total, runner.dp_group)
     return float(total[0] / total[1].clamp(min=1))

@@ -46,9 +46,10 @@ class Trainer:
         self.is_main = self.rank == 0
         # The layout must fit the world size before anything is loaded or computed.
         self.degrees = cfg.parallel.resolve(self.world_size)
-        if self.world_size > 1 and cfg.parallel.data_parallel is None and self.degrees["tp"] == 1:
+        dp = self.degrees["dp_replicate"] * self.degrees["dp_shard"]
+        if dp > 1 and cfg.parallel.data_parallel is None:
             raise ConfigError(
-                f"parallel.data_parallel: {self.world_size} processes need a data-parallel mode "
+                f"parallel.data_parallel: {dp} data-parallel ranks need a data-parallel mode "
                 "(ddp, fsdp, hsdp, zero1, zero2); use parallel=ddp or parallel=fsdp"
             )
         self.accelerator = current_accelerator()
@@ -74,7 +75,13 @@ class Trainer:
         balancer = None
         if ExpertBiasBalancer.wanted(parts.model_config):
             balancer = ExpertBiasBalancer(parts.model, parts.dp_group)
-        self.runner = StepRunner(
+        runner_class, extra = StepRunner, {}
+        if parts.pipeline is not None:
+            from forge_train.pipeline_step import PipelineStepRunner
+
+            runner_class, extra = PipelineStepRunner, {"pipeline": parts.pipeline}
+        self.runner = runner_class(
+            **extra,
             model=parts.model,
             parallel=parts.parallel,
             optimizer=parts.optimizer,
@@ -262,6 +269,7 @@ class Trainer:
             lora=cfg.lora,
             dtype=dtype,
             is_main=self.is_main,
+            pipeline=p.pipeline,
         )
         if result.hf_dir is not None:
             self.log.message(f"saved checkpoint {result.checkpoint} and HF export {result.hf_dir}")

@@ -55,11 +55,10 @@ def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Modul
     parallelization."""
     import forge_models
 
-    if settings.kind == "vlm":  # small demo models: built on the CPU (no meta-device path yet)
-        from forge_models.vlm import build_vlm
+    if settings.kind == "vlm":
+        from forge_train.vlm_model import build_vlm_model
 
-        torch.manual_seed(seed)
-        return build_vlm(config, device="cpu"), False
+        return build_vlm_model(settings, config, seed=seed)
     meta = settings.init_device == "meta" or (
         settings.init_device == "auto" and forge_models.count_params(config) > META_INIT_PARAMS
     )
@@ -100,14 +99,25 @@ def export_hf(
     lora: LoraConfig | None,
     dtype: torch.dtype | None,
     is_main: bool,
+    pipeline=None,
 ) -> Path | None:
     """Write ``out_dir`` as a Hugging Face folder (weights, ``config.json``, tokenizer) with
     ``forge_models.save_pretrained``; LoRA adapters are merged into the weights first.
-    Collective; only the main process writes."""
+    Collective; only the main process writes. ``pipeline``: the run's
+    :class:`~forge_train.pipeline_model.PipelineParts` when ``model`` is one stage of it."""
+    from forge_models.vlm import VLMConfig
+
+    if isinstance(config, VLMConfig):
+        from forge_train.vlm_model import export_vlm_hf
+
+        return export_vlm_hf(
+            model, config, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main
+        )
     import forge_models
     from forge_train.lora import merge_lora_state_dict
 
-    state = full_state_dict(model)
+    # A pipeline stage holds some layers: gather the stages (forge_train.pipeline_model).
+    state = full_state_dict(model) if pipeline is None else pipeline.full_state_dict()
     if not is_main:
         return None
     if lora is not None:

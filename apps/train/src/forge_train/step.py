@@ -98,6 +98,17 @@ class StepRunner:
                 logits.flatten(0, 1).float(), targets, reduction="sum", ignore_index=IGNORE_INDEX
             )
 
+    @torch.no_grad()
+    def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """``[summed cross-entropy, predicted tokens]`` of this rank's micro-batches, forward
+        only (held-out evaluation)."""
+        total = torch.zeros(2, device=self.device)
+        for mb in micro_batches:
+            kwargs, n = model_inputs(mb, self.device)
+            ce, _ = self.forward_sum(kwargs)
+            total += torch.stack([local_value(ce).float(), n.to(self.device, torch.float32)])
+        return total
+
     # -- backward ---------------------------------------------------------------------------
     def accumulate(
         self, micro_batches: list[dict[str, torch.Tensor]]

@@ -3,12 +3,14 @@ bundled sample images, each with a caption derived from its name, as a webdatase
 
 On first use rank 0 writes ``skimage-captions-<version>/shard-000000.tar`` under the run's data
 cache (as the standard-library BPE data is cached); every rank then reads it with
-:class:`forge_data.vision.VLMDataset` and an InternVL-style tiling processor sized to the
-model's vision encoder (``tile = vision.image_size``, the pixel-shuffle projector's ratio), so
-each tile takes ``(image_size / patch_size * ratio)**2`` placeholder tokens. Samples are packed
-into rows with :func:`forge_data.vision.pack_vlm_samples` and batched with
+:class:`forge_data.vision.VLMDataset` and the processor of the model's family, chosen from its
+projector and sized from its encoder (:mod:`forge_train.vlm_processing`: InternVL tiles,
+Qwen2-VL dynamic resolution or LLaVA-OneVision AnyRes, each with its own placeholders).
+Samples are packed into rows with :func:`forge_data.vision.pack_vlm_samples` and batched with
 :func:`forge_data.vision.collate_vlm`; :class:`VLMLoader` yields each optimizer step's
-micro-batches, like ``forge_data.PackedLoader``.
+micro-batches, like ``forge_data.PackedLoader``, with Qwen2-VL's 3-D M-RoPE positions
+(:func:`forge_models.vlm.mrope.mrope_position_ids`, per packed document) for a model that
+uses them.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import torch
 import torch.distributed as dist
 
 from forge_train.config import ConfigError, DataConfig
+from forge_train.vlm_processing import build_processor, mrope_settings, placeholder_style
 
 __all__ = [
     "CAPTIONS",
     "VLMLoader",
     "VLMSamples",
     "build_caption_data",
+    "mrope_positions",
     "placeholder_style",
     "vlm_model_inputs",
     "write_skimage_shard",
@@ -64,14 +68,6 @@ CAPTIONS = {
 SHARD_VERSION = "v1"
 #: Longest image side stored in the shard (the processor resizes to tiles anyway).
 MAX_SIDE = 256
-
-
-def placeholder_style():
-    """The placeholder tokens the captions use: InternVL's (``<img><IMG_CONTEXT>...</img>``),
-    matching the tiling processor."""
-    from forge_data.vision import INTERN_VL
-
-    return INTERN_VL
 
 
 def _skimage_data():
@@ -132,37 +128,16 @@ def _cached_shard(root: Path) -> Path:
 class VLMSamples:
     """Every processed sample of the shard, in memory (the demo set is a few dozen images).
     ``bidirectional``: the model's ``image_attention``; the batches carry ``block_ids`` (an
-    image's tokens see each other) only then."""
+    image's tokens see each other) only then. ``mrope``: the model's arguments of
+    :func:`forge_models.vlm.mrope.mrope_position_ids` (``None``: no M-RoPE)."""
 
     samples: list[dict[str, Any]]
     seq_len: int
     bidirectional: bool
+    mrope: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
-
-
-def _processor(model_config, config: DataConfig):
-    from forge_data.vision import InternVLProcessor, InternVLProcessorConfig
-
-    vision, projector = model_config.vision, model_config.projector
-    ratio = getattr(projector, "downsample_ratio", None)
-    if ratio is None or not hasattr(vision, "image_size"):
-        raise ConfigError(
-            f"data.kind=skimage_captions: tiles images for a fixed-size encoder and a "
-            f"pixel-shuffle projector; model has vision {model_config.vision_name!r} and "
-            f"projector {model_config.projector_name!r} (use e.g. siglip + pixel_shuffle_mlp)"
-        )
-    side = vision.image_size
-    return InternVLProcessor(
-        InternVLProcessorConfig(
-            tile_size=(side, side),
-            patch_size=vision.patch_size,
-            downsample_ratio=ratio,
-            max_patches=config.max_tiles,
-            use_thumbnail=config.max_tiles > 1,
-        )
-    )
 
 
 def build_caption_data(config: DataConfig, tokenizer, model_config, cache_root: Path):
@@ -176,14 +151,15 @@ def build_caption_data(config: DataConfig, tokenizer, model_config, cache_root: 
             urls=[str(shard)], seq_len=config.seq_len, shuffle_shards=False, on_error="raise"
         ),
         tokenizer,
-        _processor(model_config, config),
+        build_processor(model_config, config),
     )
     samples = list(dataset)
     if not samples:
         raise ConfigError(f"data.kind=skimage_captions: no usable samples in {shard}")
     what = f"{len(samples)} captioned scikit-image sample images ({shard})"
     bidirectional = model_config.image_attention == "bidirectional"
-    return VLMSamples(samples, config.seq_len, bidirectional), what
+    data = VLMSamples(samples, config.seq_len, bidirectional, mrope_settings(model_config))
+    return data, what
 
 
 class VLMLoader:
@@ -250,9 +226,11 @@ class VLMLoader:
             collate_vlm(samples[i : i + step], seq_len=self.data.seq_len, pad_id=self.pad_id)
             for i in range(0, len(samples), step)
         ]
-        if not self.data.bidirectional:
-            for batch in batches:
+        for batch in batches:
+            if not self.data.bidirectional:
                 del batch["block_ids"]
+            if self.data.mrope is not None:
+                batch["mrope_position_ids"] = mrope_positions(batch, self.data.mrope)
         return batches
 
     def state_dict(self) -> dict[str, int]:
@@ -263,12 +241,34 @@ class VLMLoader:
         self._rows = self._epoch_rows()
 
 
+def mrope_positions(batch: dict[str, Any], mrope: dict[str, Any]) -> torch.Tensor:
+    """``[3, 1, tokens]`` M-RoPE positions of a collated batch, flattened into one packed row
+    as :func:`forge_train.data.model_inputs` feeds it; each document's positions start at 0,
+    as the reference (``Qwen2_5_VLModel.get_rope_index``) gives a sequence of its own."""
+    from forge_models.vlm.mrope import mrope_position_ids
+
+    visual = batch["visual"]
+    image, video = visual.get("image"), visual.get("video")
+    positions, _ = mrope_position_ids(
+        batch["input_ids"].reshape(1, -1),
+        image_grid_thw=None if image is None else image["grid_thw"],
+        video_grid_thw=None if video is None else video["grid_thw"],
+        second_per_grid_ts=visual.get("second_per_grid_ts"),
+        cu_seqlens=batch["cu_seqlens"],
+        **mrope,
+    )
+    return positions
+
+
 def vlm_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The visual keyword arguments of :class:`forge_models.vlm.VisionLanguageModel` for one
-    collated micro-batch (the text ones are :func:`forge_train.data.model_inputs`')."""
+    collated micro-batch (the text ones are :func:`forge_train.data.model_inputs`'), and the
+    3-D ``position_ids`` in place of the text ones for a model with M-RoPE."""
     from forge_models.vlm import VisualInputs
 
     extra: dict[str, Any] = {}
+    if "mrope_position_ids" in batch:
+        extra["position_ids"] = batch["mrope_position_ids"].to(device, non_blocking=True)
     if "block_ids" in batch:
         extra["block_ids"] = batch["block_ids"].reshape(1, -1).to(device, non_blocking=True)
     image = batch["visual"].get("image")

@@ -1,38 +1,144 @@
 """The model side of a vision-language run (``model.kind=vlm``): a
 :class:`forge_models.vlm.VLMConfig` from the model group's plain-data config, with the parts the
-run's tokenizer decides (vocabulary size, placeholder token ids) filled in, and ``train.freeze``
-mapped to ``VLMConfig.frozen``.
+run's tokenizer decides (vocabulary size, placeholder token ids) filled in and ``train.freeze``
+mapped to ``VLMConfig.frozen``; the model built on the CPU or on the meta device (materialized
+after parallelization, as a language model is); and its Hugging Face export.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from forge_train.config import ConfigError, ModelSettings
+import torch
+from torch import nn
 
-__all__ = ["VLM_TOKEN_KEYS", "vlm_model_config"]
+from forge_train.config import ConfigError, LoraConfig, ModelSettings
 
-#: VLMConfig token fields that a null in the YAML takes from the tokenizer (special token text).
-VLM_TOKEN_KEYS = {"image_token_id": "image_token", "vision_start_token_id": "image_open"}
+__all__ = ["build_vlm_model", "check_vlm_exportable", "export_vlm_hf", "vlm_model_config"]
 
 
-def vlm_model_config(settings: ModelSettings, tokenizer, *, style, frozen: list[str]):
-    """The ``VLMConfig`` of ``model.config``: ``text.vocab_size`` null (or absent) takes
-    ``model.vocab_size`` or the tokenizer's, and null token ids the tokenizer's ids of the
-    placeholder ``style``'s tokens (a freshly trained tokenizer gets them added)."""
+def vlm_model_config(settings: ModelSettings, tokenizer, *, style=None, frozen: list[str]):
+    """The ``VLMConfig`` of ``model.config``.
+
+    ``text.vocab_size`` null (or absent without a ``text.size``) takes ``model.vocab_size`` or
+    the tokenizer's. Null token ids (``image_token_id``, ``video_token_id``,
+    ``vision_start_token_id``) take the tokenizer's ids of the placeholder style's tokens, and
+    set ones must equal them (the data writes the tokenizer's): the style of the model's
+    projector (:func:`forge_train.vlm_processing.placeholder_style`);
+    ``style``, when given as a family's style, must be that one (``None`` or the all-family
+    token set: the projector's).
+    """
     from forge_models.vlm import vlm_config_from_dict
+    from forge_train.vlm_processing import ANY_FAMILY, placeholder_style, style_token_names
 
     fields: dict[str, Any] = dict(settings.config)
     text = dict(fields.get("text") or {})
-    if text.get("vocab_size") is None and "size" not in text:
+    if text.get("vocab_size") is None and ("vocab_size" in text or "size" not in text):
         text["vocab_size"] = settings.vocab_size or tokenizer.vocab_size
     fields["text"] = text
-    for key, attr in VLM_TOKEN_KEYS.items():
+    own = placeholder_style(fields)
+    if style is not None and style is not ANY_FAMILY and style.name != own.name:
+        raise ConfigError(
+            f"model.config.projector: the data's placeholder style {style.name!r} does not fit "
+            f"projector {fields['projector'].get('name')!r}, whose processor writes {own.name!r}"
+        )
+    for key, token in style_token_names(own).items():
+        token_id = None if token is None else tokenizer.token_to_id(token)
         if key in fields and fields[key] is None:
-            fields[key] = tokenizer.token_to_id(getattr(style, attr))
+            if token_id is None:
+                raise ConfigError(
+                    f"model.config.{key}: null takes the tokenizer's id of the {own.name} "
+                    f"placeholder token {token!r}, which it lacks; set the id or use a "
+                    "tokenizer that holds it"
+                )
+            fields[key] = token_id
+        elif fields.get(key) is not None and token_id is not None and fields[key] != token_id:
+            raise ConfigError(
+                f"model.config.{key}={fields[key]} but the data writes {token!r} as token "
+                f"{token_id} of the run's tokenizer; set data.tokenizer to the model's own "
+                f"tokenizer folder, or {key}=null to take the tokenizer's id"
+            )
     if frozen:
         fields["frozen"] = list(frozen)
     try:
         return vlm_config_from_dict(fields)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"model.config: {exc}") from exc
+
+
+def build_vlm_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Module, bool]:
+    """``(model, on_meta)`` for ``model.kind=vlm``: built on the meta device for
+    ``init_device=meta`` (or ``auto`` above :data:`forge_train.modeling.META_INIT_PARAMS`
+    parameters, counted on the meta model), to be materialized after parallelization by
+    :func:`forge_models.materialize` (``VisionLanguageModel.init_weights`` initializes every
+    part); else materialized on the CPU and initialized with ``seed``."""
+    import forge_models
+    from forge_models.vlm import build_vlm
+    from forge_train.modeling import META_INIT_PARAMS
+
+    model = build_vlm(config, device="meta")
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = settings.init_device == "meta" or (
+        settings.init_device == "auto" and n_params > META_INIT_PARAMS
+    )
+    if meta:
+        return model, True
+    torch.manual_seed(seed)
+    return forge_models.materialize(model, "cpu"), False
+
+
+def check_vlm_exportable(config) -> None:
+    """``ConfigError`` unless ``config.family`` is a Hugging Face family built from the
+    model's parts (its ``config.json`` round trip names the same encoder and projector)."""
+    import forge_models
+
+    names = (config.vision_name, config.projector_name)
+    try:
+        family = forge_models.get_family(config.family)
+        back = family.config_from_hf(family.config_to_hf(config))
+        ok = (back.vision_name, back.projector_name) == names
+    except (AttributeError, KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"checkpoint.export_hf: model family {config.family!r} has no Hugging Face "
+            f"counterpart built from {names[0]!r} + {names[1]!r}; set model.config.family to the "
+            "one the parts make (qwen2_5_vl: qwen2_5_vit + qwen2_5_vl_merger, llava_onevision: "
+            "siglip + llava_onevision, internvl: intern_vit + pixel_shuffle_mlp) or "
+            "checkpoint.export_hf=false"
+        )
+
+
+def export_vlm_hf(
+    model: nn.Module,
+    config,
+    out_dir: Path,
+    *,
+    tokenizer: Any,
+    lora: LoraConfig | None,
+    dtype: torch.dtype | None,
+    is_main: bool,
+) -> Path | None:
+    """Write a trained VLM as a Hugging Face folder of its family (``config.family``:
+    ``qwen2_5_vl``, ``llava_onevision`` or ``internvl``) through
+    ``forge_models.save_pretrained`` and forge-ckpt's composed mapping, with the tokenizer
+    beside it. Collective (every rank gathers the full state dict); only the main process
+    writes."""
+    import forge_models
+    from forge_models.vlm import build_vlm
+    from forge_train.modeling import full_state_dict
+
+    if lora is not None:
+        raise ConfigError("lora: vision-language models train without LoRA; set lora=null")
+    check_vlm_exportable(config)
+    state = full_state_dict(model)
+    if not is_main:
+        return None
+    plain = build_vlm(config, device="meta")
+    forge_models.materialize(plain, "cpu", init=False)
+    plain.load_state_dict(state)
+    path = forge_models.save_pretrained(plain, out_dir, dtype=dtype, overwrite=True)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

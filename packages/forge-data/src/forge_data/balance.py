@@ -132,6 +132,8 @@ def balanced_assignment(
             f"{n} rows cannot be split evenly over {num_bins} bins: make the global batch a "
             "multiple of dp_size * micro_batches * micro_batch_rows"
         )
+    if num_bins == 1:  # what the rounds and swaps below give for one bin, without the work
+        return np.zeros(n, dtype=np.int64)
     k = n // num_bins
     order = np.argsort(-costs, kind="stable")  # heaviest first, ties by index
     bins_of = np.empty((k, num_bins), dtype=np.int64)  # bins_of[r, i]: bin of round r's i-th item
@@ -240,10 +242,17 @@ def balance_step(
             f"micro_batches={micro_batches} equal micro-batches: use a multiple of "
             f"{dp_size * micro_batches} rows"
         )
-    naive = imbalance(row_costs.reshape(dp_size, per_rank).sum(axis=1))
-    rank_of = balanced_assignment(row_costs, dp_size, refine_steps=refine_steps)
     if rank is not None and not 0 <= rank < dp_size:
         raise ValueError(f"rank {rank} is outside [0, dp_size={dp_size})")
+    if dp_size == 1:  # one rank holds every row: only the micro-batches are balanced
+        ratio = imbalance(row_costs.sum(keepdims=True))
+        layout = np.arange(n).reshape(1, micro_batches, per_micro)
+        if micro_batches > 1:
+            micro_of = balanced_assignment(row_costs, micro_batches)
+            layout[0] = np.argsort(micro_of, kind="stable").reshape(micro_batches, per_micro)
+        return layout, BalanceReport(naive=ratio, balanced=ratio)
+    naive = imbalance(row_costs.reshape(dp_size, per_rank).sum(axis=1))
+    rank_of = balanced_assignment(row_costs, dp_size, refine_steps=refine_steps)
     layout = np.full((dp_size, micro_batches, per_micro), -1, dtype=np.int64)
     rank_loads = np.bincount(rank_of, weights=row_costs, minlength=dp_size)
     by_rank = np.argsort(rank_of, kind="stable").reshape(dp_size, per_rank)

@@ -138,6 +138,16 @@ class IndexedDataset:
     def has_loss_mask(self) -> bool:
         return self._mask is not None
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every document's token ids back to back (a plain view of the map, cheap to slice)."""
+        return self._tokens.view(np.ndarray)
+
+    @property
+    def masks(self) -> np.ndarray | None:
+        """Every token's loss-mask value (``uint8``), or ``None`` without a mask file."""
+        return None if self._mask is None else self._mask.view(np.ndarray)
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self._tokens[self.offsets[i] : self.offsets[i + 1]]
 

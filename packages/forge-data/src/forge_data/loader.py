@@ -11,6 +11,11 @@ The loader's state is the position in the stream (step, epoch, row); the seed, s
 global batch and dataset fingerprint are stored to refuse a mismatched resume. Resuming with the
 same ``dp_size`` reproduces the uninterrupted run batch for batch; with another ``dp_size`` each
 global step still holds exactly the same rows, so no sample is lost or repeated.
+
+A step is assembled from flat arrays of its pieces (no per-token Python): the dataset joins the
+pieces' tokens with one slice of its memory map per piece (:meth:`TokenDataset.gather`; any
+dataset with ``document(i)`` also works, one call per piece), and
+:func:`~forge_data.collate.collate_flat` builds the tensors with whole-array operations.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import numpy as np
 import torch
 
 from forge_data.balance import BalanceReport, CostModel, QuadraticCost, balance_step
+from forge_data.collate import collate_flat
 from forge_data.indexed import IndexedDataset
-from forge_data.packing import PackingPlan, collate_rows, pack_documents
+from forge_data.packing import PackingPlan, pack_documents
 
 __all__ = ["LoaderConfig", "PackedLoader", "TokenDataset"]
 
@@ -56,6 +62,10 @@ class TokenDataset:
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)
+        # Where each document starts in its shard's token array.
+        self._offsets = np.concatenate([np.asarray(s.offsets[:-1]) for s in self.shards])
+        self._tokens = [s.tokens for s in self.shards]
+        self._masks = [s.masks for s in self.shards]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -67,6 +77,29 @@ class TokenDataset:
         local = i - int(self._starts[s])
         return shard[local], shard.loss_mask(local)
 
+    def gather(
+        self, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens ``[starts[j], starts[j] + lengths[j])`` of documents ``docs[j]``, back to back
+        (``int64``), and their loss mask as booleans (``None`` when no shard has one; True for
+        documents of shards without one). One slice of a shard's map per piece, no per-token
+        work."""
+        shards, masks = self._tokens, self._masks
+        which = np.searchsorted(self._starts, docs, side="right") - 1
+        offsets = self._offsets[docs] + starts
+        spans = list(zip(which.tolist(), offsets.tolist(), lengths.tolist(), strict=True))
+        ids = _join([shards[w][o : o + n] for w, o, n in spans], np.int64)
+        if all(m is None for m in masks):
+            return ids, None
+        keep = _join(
+            [
+                np.ones(n, np.uint8) if masks[w] is None else masks[w][o : o + n]
+                for w, o, n in spans
+            ],
+            np.uint8,
+        )
+        return ids, keep != 0
+
     @property
     def fingerprint(self) -> dict[str, int]:
         return {
@@ -74,6 +107,24 @@ class TokenDataset:
             "tokens": int(self.lengths.sum()),
             "lengths_crc32": zlib.crc32(self.lengths.tobytes()),
         }
+
+
+def _join(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts, dtype=dtype) if parts else np.zeros(0, dtype=dtype)
+
+
+def _gather(dataset, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+    """The pieces' tokens back to back and their loss mask (see :meth:`TokenDataset.gather`),
+    through ``document(i)`` for datasets without a ``gather`` of their own."""
+    if hasattr(dataset, "gather"):
+        return dataset.gather(docs, starts, lengths)
+    ids, keep, masked = [], [], False
+    for d, s, n in zip(docs.tolist(), starts.tolist(), lengths.tolist(), strict=True):
+        tokens, mask = dataset.document(d)
+        ids.append(tokens[s : s + n])
+        masked |= mask is not None
+        keep.append(np.ones(n, bool) if mask is None else np.asarray(mask[s : s + n]) != 0)
+    return _join(ids, np.int64), _join(keep, bool) if masked else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,38 +222,40 @@ class PackedLoader:
             self._plans[epoch] = plan
         return self._plans[epoch]
 
-    def _take_rows(self) -> list[tuple[int, int]]:
-        rows = []
-        while len(rows) < self.config.global_batch_rows:
+    def _take_rows(self) -> list[tuple[int, int, int]]:
+        """The next ``global_batch_rows`` rows of the stream, as ``(epoch, first, end)`` runs."""
+        runs, taken = [], 0
+        while taken < self.config.global_batch_rows:
             plan = self.plan(self._epoch)
-            take = min(plan.num_rows - self._row, self.config.global_batch_rows - len(rows))
-            rows += [(self._epoch, r) for r in range(self._row, self._row + take)]
+            take = min(plan.num_rows - self._row, self.config.global_batch_rows - taken)
+            runs.append((self._epoch, self._row, self._row + take))
             self._row += take
+            taken += take
             if self._row == plan.num_rows:
                 self._epoch, self._row = self._epoch + 1, 0
-        return rows
+        return runs
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self):
         return self
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
-        rows = self._take_rows()
-        self.step += 1
-        pieces = []  # per row: list of (epoch, doc, start, length)
-        for epoch, r in rows:
+        # The step's pieces as flat arrays: rows in stream order, pieces in row order.
+        epochs, docs, starts, lengths, counts = [], [], [], [], []
+        for epoch, first, end in self._take_rows():
             plan = self.plan(epoch)
-            sl = plan.row_pieces(r)
-            docs, starts, lengths = plan.doc[sl], plan.start[sl], plan.length[sl]
-            pieces.append(
-                [
-                    (epoch, *p)
-                    for p in zip(docs.tolist(), starts.tolist(), lengths.tolist(), strict=True)
-                ]
-            )
-        lengths = np.array([p[3] for row in pieces for p in row], dtype=np.int64)
-        row_of = np.repeat(np.arange(len(pieces)), [len(row) for row in pieces])
-        costs = self.cost_model.row_costs(lengths, row_of, len(pieces))
+            a, b = int(plan.row_offsets[first]), int(plan.row_offsets[end])
+            epochs.append(np.full(b - a, epoch, dtype=np.int64))
+            docs.append(plan.doc[a:b])
+            starts.append(plan.start[a:b])
+            lengths.append(plan.length[a:b])
+            counts.append(np.diff(plan.row_offsets[first : end + 1]))
+        self.step += 1
+        epoch, doc, start, length, counts = map(
+            np.concatenate, (epochs, docs, starts, lengths, counts)
+        )
+        n_rows = counts.size
+        costs = self.cost_model.row_costs(length, np.repeat(np.arange(n_rows), counts), n_rows)
         if self.config.balance:
             layout, self.last_report = balance_step(
                 costs, dp_size=self.dp_size, micro_batches=self.micro_batches, rank=self.dp_rank
@@ -216,26 +269,22 @@ class PackedLoader:
             loads = costs.reshape(self.dp_size, per_rank).sum(axis=1)
             ratio = float(loads.max() / loads.mean())
             self.last_report = BalanceReport(naive=ratio, balanced=ratio)
-        return [self._collate([pieces[i] for i in micro.tolist()]) for micro in mine]
-
-    def _collate(self, rows: list[list[tuple[int, int, int, int]]]) -> dict[str, torch.Tensor]:
-        data = []
-        for row in rows:
-            row_data = []
-            for _, doc, start, length in row:
-                ids, mask = self.dataset.document(doc)
-                row_data.append(
-                    (
-                        ids[start : start + length],
-                        None if mask is None else mask[start : start + length],
-                    )
-                )
-            data.append(row_data)
-        batch = collate_rows(data, seq_len=self.config.seq_len, pad_id=self.pad_id)
-        batch["pieces"] = torch.tensor(
-            [(b, *p) for b, row in enumerate(rows) for p in row], dtype=torch.long
-        ).reshape(-1, 5)
-        return batch
+        first_piece = np.cumsum(counts) - counts
+        batches = []
+        for rows in mine:
+            # Pieces of the micro-batch's rows, row after row.
+            n = counts[rows]
+            sel = np.repeat(first_piece[rows] - (np.cumsum(n) - n), n) + np.arange(n.sum())
+            ids, keep = _gather(self.dataset, doc[sel], start[sel], length[sel])
+            batch = collate_flat(
+                ids, length[sel], n, seq_len=self.config.seq_len, pad_id=self.pad_id, keep=keep
+            )
+            row = np.repeat(np.arange(rows.size), n)
+            batch["pieces"] = torch.from_numpy(
+                np.stack([row, epoch[sel], doc[sel], start[sel], length[sel]], axis=1)
+            )
+            batches.append(batch)
+        return batches
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,10 @@ one and the plan streamable). Each document keeps its own ``position_ids`` (rest
 FlashAttention, Dao 2023) so attention is block-diagonal per document. A document longer than
 ``seq_len`` is split into ``seq_len`` chunks, truncated, or skipped (``overlong=``); empty
 documents are skipped; both are counted in :class:`PackingStats`.
+
+Cutting documents into pieces and laying out the plan are whole-array numpy operations, and the
+first-fit search is a max-tree over the open rows (``O(log window)`` per piece); collation is
+vectorized in :mod:`forge_data.collate`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from forge_data.collate import IGNORE_INDEX, collate_flat
+
 __all__ = [
     "IGNORE_INDEX",
     "PackingPlan",
@@ -28,7 +34,6 @@ __all__ = [
     "pack_documents",
 ]
 
-IGNORE_INDEX = -100
 Overlong = Literal["split", "truncate", "skip"]
 
 
@@ -80,7 +85,12 @@ def pack_documents(
     window: int = 64,
     overlong: Overlong = "split",
 ) -> PackingPlan:
-    """Pack documents ``order`` (indices into ``lengths``) into rows of at most ``seq_len``."""
+    """Pack documents ``order`` (indices into ``lengths``) into rows of at most ``seq_len``.
+
+    Cutting documents into pieces and laying out the plan are numpy array operations; only the
+    first-fit placement is a loop over pieces, since each placement changes the room the next
+    piece sees (:func:`_first_fit`).
+    """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if window < 1:
@@ -88,73 +98,132 @@ def pack_documents(
     if overlong not in ("split", "truncate", "skip"):
         raise ValueError(f"overlong must be 'split', 'truncate' or 'skip', got {overlong!r}")
     lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.asarray(order, dtype=np.int64)
-    pieces: list[tuple[int, int, int]] = []  # (doc, start, length)
-    counts = {
-        "split": 0,
-        "truncated": 0,
-        "truncated_tokens": 0,
-        "skipped_overlong": 0,
-        "skipped_empty": 0,
-    }
-    for d in order.tolist():
-        n = int(lengths[d])
-        if n == 0:
-            counts["skipped_empty"] += 1
-        elif n <= seq_len:
-            pieces.append((d, 0, n))
-        elif overlong == "split":
-            counts["split"] += 1
-            pieces += [(d, s, min(seq_len, n - s)) for s in range(0, n, seq_len)]
-        elif overlong == "truncate":
-            counts["truncated"] += 1
-            counts["truncated_tokens"] += n - seq_len
-            pieces.append((d, 0, seq_len))
-        else:
-            counts["skipped_overlong"] += 1
-
-    rows: list[list[int]] = []  # closed rows, as lists of piece indices
-    open_rows: list[list[int]] = []
-    free: list[int] = []
-    for j, (_, _, n) in enumerate(pieces):
-        for k, room in enumerate(free):
-            if n <= room:
-                open_rows[k].append(j)
-                free[k] -= n
-                if free[k] == 0:
-                    rows.append(open_rows.pop(k))
-                    free.pop(k)
-                break
-        else:
-            if len(open_rows) == window:
-                rows.append(open_rows.pop(0))
-                free.pop(0)
-            open_rows.append([j])
-            free.append(seq_len - n)
-            if free[-1] == 0:
-                rows.append(open_rows.pop())
-                free.pop()
-    rows += open_rows
-
-    flat = [j for row in rows for j in row]
-    arr = np.asarray([pieces[j] for j in flat], dtype=np.int64).reshape(-1, 3)
-    row_sizes = np.asarray([len(r) for r in rows], dtype=np.int64)
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    doc, start, length, counts = _cut_pieces(order, lengths, seq_len=seq_len, overlong=overlong)
+    row_of, num_rows = _first_fit(length.tolist(), seq_len=seq_len, window=window)
+    # Rows are numbered in the order they close; a row's pieces keep their placement order.
+    flat = np.argsort(row_of, kind="stable")
+    row_sizes = np.bincount(row_of, minlength=num_rows)
+    doc, start, length = doc[flat], start[flat], length[flat]
     stats = PackingStats(
         documents=int(order.size),
-        pieces=len(pieces),
-        rows=len(rows),
-        tokens=int(arr[:, 2].sum()),
+        pieces=int(doc.size),
+        rows=num_rows,
+        tokens=int(length.sum()),
         seq_len=seq_len,
         **counts,
     )
     return PackingPlan(
-        doc=arr[:, 0],
-        start=arr[:, 1],
-        length=arr[:, 2],
-        row=np.repeat(np.arange(len(rows)), row_sizes),
+        doc=doc,
+        start=start,
+        length=length,
+        row=np.repeat(np.arange(num_rows), row_sizes),
         row_offsets=np.concatenate([[0], np.cumsum(row_sizes)]),
         stats=stats,
     )
+
+
+def _cut_pieces(
+    order: np.ndarray, lengths: np.ndarray, *, seq_len: int, overlong: Overlong
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """``(doc, start, length)`` of the pieces of documents ``order``, in order, and the counts
+    of split / truncated / skipped documents: empty documents give no piece; over-long ones
+    ``ceil(n / seq_len)`` chunks (``split``), their first ``seq_len`` tokens (``truncate``) or
+    nothing (``skip``)."""
+    n = lengths[order]
+    over = n > seq_len
+    if overlong == "split":
+        num = -(-n // seq_len)
+    elif overlong == "truncate":
+        num = (n > 0).astype(np.int64)
+    else:
+        num = ((n > 0) & ~over).astype(np.int64)
+    doc = np.repeat(order, num)
+    first = np.cumsum(num) - num  # index of each document's first piece
+    start = (np.arange(doc.size) - np.repeat(first, num)) * seq_len
+    length = np.minimum(np.repeat(n, num) - start, seq_len)
+    n_over = int(over.sum())
+    counts = {
+        "split": n_over if overlong == "split" else 0,
+        "truncated": n_over if overlong == "truncate" else 0,
+        "truncated_tokens": int((n[over] - seq_len).sum()) if overlong == "truncate" else 0,
+        "skipped_overlong": n_over if overlong == "skip" else 0,
+        "skipped_empty": int((n == 0).sum()),
+    }
+    return doc, start, length, counts
+
+
+def _first_fit(sizes: list[int], *, seq_len: int, window: int) -> tuple[np.ndarray, int]:
+    """First fit over a window of open rows: each piece goes to the oldest open row with room
+    for it, else opens a new row (closing the oldest open one when ``window`` are open); a row
+    closes when full. Returns each piece's row, rows numbered in closing order (the rows still
+    open at the end close last, oldest first), and the number of rows.
+
+    Each placement changes the room the next piece sees, so this is a loop over pieces; the
+    search is ``O(log window)``: open rows sit in slots in opening order under a max-tree of
+    their room (a tournament tree, as first-fit bin packing is usually implemented, Johnson
+    1974), so the oldest row with room is found by descending from the root. Closed rows leave
+    empty slots (room 0, which no piece fits); slots are compacted when they run out.
+    """
+    cap = 1 << (2 * window).bit_length()  # >= 2 * window slots: compaction is amortized O(1)
+    tree = [0] * (2 * cap)  # tree[cap + s]: room of slot s; tree[i]: max of its two children
+    slot_serial = [0] * cap  # serial number (opening order) of the row in each slot
+    serial_of = [0] * len(sizes)  # serial number of each piece's row
+    closed: list[int] = []  # serial numbers in closing order
+    opened = used = oldest = n_open = 0  # rows opened, slots used, oldest live slot, open rows
+
+    def set_room(leaf: int, room: int) -> None:
+        tree[leaf] = room
+        i = leaf >> 1
+        while i:
+            a, b = tree[2 * i], tree[2 * i + 1]
+            m = a if a > b else b
+            if tree[i] == m:
+                return  # the ancestors are unchanged
+            tree[i] = m
+            i >>= 1
+
+    for j, n in enumerate(sizes):
+        if tree[1] >= n:  # some open row has room: descend to the oldest one
+            i = 1
+            while i < cap:
+                i <<= 1
+                if tree[i] < n:
+                    i += 1
+            serial_of[j] = slot_serial[i - cap]
+            room = tree[i] - n
+            if not room:
+                closed.append(slot_serial[i - cap])
+                n_open -= 1
+            set_room(i, room)
+            continue
+        if n_open == window:  # close the oldest open row
+            while not tree[cap + oldest]:
+                oldest += 1
+            closed.append(slot_serial[oldest])
+            set_room(cap + oldest, 0)
+            n_open -= 1
+        serial_of[j] = opened
+        if n == seq_len:
+            closed.append(opened)
+        else:
+            if used == cap:  # move the open rows to the first slots, in order
+                live = [s for s in range(cap) if tree[cap + s]]
+                rooms = [tree[cap + s] for s in live]
+                slot_serial[: len(live)] = [slot_serial[s] for s in live]
+                tree[cap:] = rooms + [0] * (cap - len(live))
+                for i in range(cap - 1, 0, -1):
+                    tree[i] = max(tree[2 * i], tree[2 * i + 1])
+                used, oldest = len(live), 0
+            slot_serial[used] = opened
+            set_room(cap + used, seq_len - n)
+            used += 1
+            n_open += 1
+        opened += 1
+    closed += [slot_serial[s] for s in range(used) if tree[cap + s]]
+    rank = np.empty(opened, dtype=np.int64)
+    rank[np.asarray(closed, dtype=np.int64)] = np.arange(opened)
+    return rank[np.asarray(serial_of, dtype=np.int64)], opened
 
 
 def collate_rows(
@@ -170,43 +239,29 @@ def collate_rows(
     last token, on padding, and where the loss mask is 0), ``position_ids`` (restarting per
     document), ``document_ids`` (piece index in its row, -1 on padding), ``cu_seqlens`` (int32,
     over the flattened ``B * seq_len`` tokens; each row's padding is one more segment) and
-    ``max_seqlen``.
+    ``max_seqlen``. The pieces are joined and handed to :func:`~forge_data.collate.collate_flat`.
     """
-    B = len(rows)
-    input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((B, seq_len), dtype=torch.long)
-    document_ids = torch.full((B, seq_len), -1, dtype=torch.long)
-    seqlens: list[int] = []
-    for b, pieces in enumerate(rows):
-        t = 0
-        for p, (ids, mask) in enumerate(pieces):
-            n = len(ids)
-            if t + n > seq_len:
-                raise ValueError(f"row {b} holds more than seq_len={seq_len} tokens")
-            ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-            input_ids[b, t : t + n] = ids_t
-            target = ids_t[1:].clone()
-            if mask is not None:
-                target[torch.as_tensor(np.asarray(mask[1:]) == 0)] = IGNORE_INDEX
-            labels[b, t : t + n - 1] = target
-            position_ids[b, t : t + n] = torch.arange(n)
-            document_ids[b, t : t + n] = p
-            seqlens.append(n)
-            t += n
-        if t < seq_len:
-            seqlens.append(seq_len - t)
-            position_ids[b, t:] = torch.arange(seq_len - t)
-    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "document_ids": document_ids,
-        "cu_seqlens": cu,
-        "max_seqlen": torch.tensor(max(seqlens) if seqlens else 0),
-    }
+    pieces = [p for row in rows for p in row]
+    ids = [np.asarray(p[0], dtype=np.int64).reshape(-1) for p in pieces]
+    lengths = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
+    keep = None
+    if any(p[1] is not None for p in pieces):
+        keep = [
+            np.ones(a.size, dtype=bool) if p[1] is None else np.asarray(p[1]).reshape(-1) != 0
+            for a, p in zip(ids, pieces, strict=True)
+        ]
+        for i, (a, k) in enumerate(zip(ids, keep, strict=True)):
+            if a.size != k.size:
+                raise ValueError(f"piece {i} has {a.size} token ids but a loss mask of {k.size}")
+        keep = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+    return collate_flat(
+        np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64),
+        lengths,
+        np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows)),
+        seq_len=seq_len,
+        pad_id=pad_id,
+        keep=keep,
+    )
 
 
 def block_diagonal_mask(cu_seqlens: torch.Tensor, *, causal: bool = True) -> torch.Tensor:

@@ -413,6 +413,25 @@ class CausalLM(nn.Module):
             loss = loss + self.config.moe.router_aux_loss_coef * aux_loss
         return loss
 
+    def attention_inputs(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        block_ids: torch.Tensor | None = None,
+    ) -> AttentionInputs:
+        """What every block of this batch gets besides the hidden states (RoPE tables, packed
+        document boundaries, attention mask), validated as in :meth:`forward`, whose arguments
+        these are. A pipeline stage holds only some blocks: pass these per micro-batch as
+        ``forge_parallel.pipeline.Pipeline.step(..., block_args=[(inputs,), ...])``. Uses
+        only the config and the rotary tables, so a meta-device copy of the model serves."""
+        return self._prepare(
+            input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen, block_ids
+        )[1]
+
     def _lm_loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         """Cross-entropy of ``lm_head(x)`` against ``targets`` without materializing logits."""
         weight = self.lm_head.weight

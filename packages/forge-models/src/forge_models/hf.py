@@ -12,7 +12,8 @@ the model's tensors through the inverse mapping into shards.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from forge_ckpt import HFCheckpoint, get_mapping, save_hf_checkpoint
 from forge_ckpt.mapping import MappingSpec
 from forge_models.config import TransformerConfig
 from forge_models.registry import build_model, family_for_hf_config, get_family, materialize
+from forge_models.vlm.config import VLMConfig
 
-__all__ = ["from_pretrained", "load_hf_weights", "save_pretrained"]
+__all__ = ["from_pretrained", "load_hf_weights", "loading_context", "save_pretrained"]
 
 
 def _dtype_from_config(hf_config: Mapping[str, Any]) -> torch.dtype | None:
@@ -54,6 +56,7 @@ def from_pretrained(
     vocab_pad_multiple: int = 1,
     allow_bin: bool = True,
     mtp_depth: int | None = None,
+    parallelize: Callable[[nn.Module], Any] | None = None,
 ) -> nn.Module:
     """Load a Hugging Face checkpoint folder into a forge model.
 
@@ -69,6 +72,9 @@ def from_pretrained(
         mtp_depth: multi-token prediction modules to build (default: as many as the checkpoint
             holds, for families whose mapping maps them); ``0`` loads a DeepSeek-V3 checkpoint
             without its MTP layers.
+        parallelize: called with the model while it is still on the meta device, to
+            parallelize it in place (``lambda m: forge_parallel.parallelize(m, dims, ...)``);
+            then each rank allocates and reads only the shards it holds.
 
     The model keeps the source ``config.json`` as ``model.hf_config`` so that
     :func:`save_pretrained` writes it back unchanged. Raises
@@ -86,29 +92,66 @@ def from_pretrained(
     config = fam.config_from_hf(hf_config, vocab_pad_multiple=vocab_pad_multiple, **overrides)
     dtype = dtype or _dtype_from_config(hf_config) or torch.float32
     model = build_model(config, device="meta", dtype=dtype)
-    materialize(model, device, init=False)
+    if parallelize is None:
+        materialize(model, device, init=False)
+    else:
+        parallelize(model)
+        # to_empty allocates each DTensor's local shard only.
+        model.to_empty(device=torch.device("cpu") if device is None else device)
     load_hf_weights(model, ckpt)
     model.hf_config = dict(hf_config)
     return model
 
 
-def load_hf_weights(model: nn.Module, hf_dir: str | os.PathLike | HFCheckpoint) -> nn.Module:
+def loading_context(
+    spec: MappingSpec, ckpt: HFCheckpoint, config: TransformerConfig | VLMConfig
+) -> dict[str, Any]:
+    """The mapping context of ``ckpt`` for a model of ``config`` (padding, MTP depth)."""
+    return spec.context(
+        ckpt.config,
+        vocab_pad_multiple=config.vocab_pad_multiple,
+        **_mtp_option(spec, ckpt.config, config),
+        **spec.detect_context(list(ckpt.tensor_info())),
+    )
+
+
+def _holds_shards(model: nn.Module) -> bool:
+    """Whether ``model`` holds only parts of its tensors (DTensor shards)."""
+    # Importing torch.distributed.tensor costs seconds; before it is imported, no DTensor exists.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(
+        isinstance(t, dtensor.DTensor) for t in model.state_dict().values()
+    )
+
+
+def load_hf_weights(
+    model: nn.Module,
+    hf_dir: str | os.PathLike | HFCheckpoint,
+    *,
+    config: TransformerConfig | None = None,
+) -> nn.Module:
     """Copy a Hugging Face checkpoint into an existing, materialized forge model, in place.
 
     Every model tensor must come from the checkpoint (strict); tensors are cast to the
     parameter's dtype and device as they are copied. Checkpoint layers of multi-token
     prediction modules beyond the model's ``mtp_depth`` are dropped.
+
+    The model may be parallelized: with DTensor parameters (FSDP2, tensor / expert parallel)
+    or as a pipeline stage module (pass ``config``, the whole model's config, which a stage
+    lacks) each rank reads only the slices it holds (:func:`forge_models.sharded_load.
+    load_hf_shards`, which also reports the bytes read); a whole plain model streams the
+    checkpoint file by file.
     """
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
+    if config is not None or not hasattr(model, "config") or _holds_shards(model):
+        from forge_models.sharded_load import load_hf_shards
+
+        load_hf_shards(model, ckpt, config=config)
+        return model
     config = model.config
     spec = get_mapping(get_family(config.family).ckpt_mapping)
     hf_shapes = {name: info.shape for name, info in ckpt.tensor_info().items()}
-    ctx = spec.context(
-        ckpt.config,
-        vocab_pad_multiple=config.vocab_pad_multiple,
-        **_mtp_option(spec, ckpt.config, config),
-        **spec.detect_context(hf_shapes),
-    )
+    ctx = loading_context(spec, ckpt, config)
     state = model.state_dict()
     spec.check_hf(
         hf_shapes,

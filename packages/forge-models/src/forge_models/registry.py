@@ -14,6 +14,7 @@ Registering a family or size name that is already taken raises ``ValueError``.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,10 +187,17 @@ def materialize(
     already sharded (e.g. by FSDP) each process only allocates and initializes its own shards.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
+
     # model.to_empty(device=device), with torch.empty instead of empty_like: on meta tensors
     # empty_like goes through torch's Python reference implementations, whose first use
     # imports them (seconds).
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if dtensor is not None and isinstance(t, dtensor):  # sharded: allocate the local shard
+            return torch.empty_like(t, device=device)
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+    model._apply(empty)
     if init:
         model.init_weights()
     return model

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from forge_ckpt.hf.index import (
     read_safetensors_header,
     shard_name,
 )
+from forge_ckpt.hf.slices import SliceReader
 
 __all__ = ["HFCheckpoint", "read_hf_config", "save_hf_checkpoint"]
 
@@ -71,7 +73,8 @@ class HFCheckpoint:
             ``torch.load(weights_only=True)``; ``False`` refuses them.
 
     ``tensor_info()`` gives every tensor's shape and dtype from the file headers (no data);
-    ``iter_tensors()`` yields ``(name, tensor)`` file by file, one tensor at a time.
+    ``iter_tensors()`` yields ``(name, tensor)`` file by file, one tensor at a time;
+    ``read_slice()`` / ``slice_reader()`` read a box of a tensor (a rank's shard) only.
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_bin: bool = True) -> None:
@@ -199,6 +202,17 @@ class HFCheckpoint:
             return tensor
         raise AssertionError("unreachable")
 
+    def slice_reader(self) -> SliceReader:
+        """A :class:`~forge_ckpt.hf.slices.SliceReader`: reads boxes of tensors (a rank's
+        shard) without reading the rest, files kept open until it is closed."""
+        return SliceReader(self)
+
+    def read_slice(self, name: str, index: Sequence[slice] = ()) -> torch.Tensor:
+        """``tensor[index]`` of tensor ``name`` (one ``slice(start, stop)`` per leading dim),
+        reading only those elements; see :meth:`slice_reader` for many reads."""
+        with self.slice_reader() as reader:
+            return reader.read(name, index)
+
     def __repr__(self) -> str:
         return f"HFCheckpoint({str(self.path)!r}, format={self.format!r}, files={len(self.files)})"
 
@@ -209,11 +223,10 @@ class HFCheckpoint:
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    # Importing torch.distributed.tensor costs seconds; before it is imported (or in a torch
+    # built without distributed) no DTensor exists.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _to_savable(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,23 @@ class LoadPlan:
     strided: dict[str, Any]  # key -> the DTensor a full tensor read for it is sharded like
 
 
+def _across_ranks(
+    expected: set[str], missing: list[str], mismatched: list[tuple]
+) -> tuple[set[str], list[str], list[tuple]]:
+    """The union over all ranks of the keys they load, their missing and mis-shaped keys
+    (this rank's own without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return expected, missing, mismatched
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (sorted(expected), missing, mismatched))
+    keys = {k for rank_keys, _, _ in gathered for k in rank_keys}
+    all_missing = sorted({k for _, rank_missing, _ in gathered for k in rank_missing})
+    all_mismatched = sorted({tuple(m) for _, _, rank_mm in gathered for m in rank_mm})
+    return keys, all_missing, all_mismatched
+
+
 def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -> LoadPlan:
     """Check the checkpoint against the state to load and allocate the tensors to read."""
     stored = {
@@ -183,12 +200,16 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
     if state.model is not None:
         ckpt_keys = {k for k in stored if k.startswith(checked)}
         missing = sorted(set(expected) - ckpt_keys)
-        unexpected = sorted(ckpt_keys - set(expected))
         mismatched = [
             (k, tuple(stored[k].size), tuple(t.shape))
             for k, t in sorted(expected.items())
             if k in stored and tuple(stored[k].size) != tuple(t.shape)
         ]
+        # Every rank decides alike (a rank that raised alone would leave the others waiting in
+        # the collective load), and a key is unexpected only if no rank loads it: a pipeline
+        # stage holds only its own layers.
+        loaded, missing, mismatched = _across_ranks(set(expected), missing, mismatched)
+        unexpected = sorted(ckpt_keys - loaded)
         if missing or unexpected or mismatched:
             if any(k.startswith("optim/") for k in missing) and not any(
                 k.startswith("optim/") for k in stored

@@ -21,7 +21,7 @@ stages is not tested.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -142,15 +142,46 @@ class Pipeline:
         *inputs: torch.Tensor,
         target: torch.Tensor | None = None,
         losses: list[torch.Tensor] | None = None,
+        block_args: Sequence[tuple] | None = None,
     ) -> torch.Tensor | None:
         """Run forward and backward of every micro-batch of ``inputs`` (see the module
         docstring for the gradient semantics).
 
         Ranks with the first stage pass ``inputs`` (the whole batch); ranks with the last
         stage pass ``target`` and get ``losses`` filled with each micro-batch's ``loss_fn``
-        value (unscaled). Returns the merged output on the last stage, else ``None``.
+        value (unscaled). ``block_args`` (every rank): one tuple per micro-batch of extra
+        positional arguments for each block (see :class:`StageModule`), e.g. the attention
+        inputs of packed documents. Returns the merged output on the last stage, else ``None``.
         """
+        return self._run(inputs, target, losses, block_args, backward=True)
+
+    @torch.no_grad()
+    def eval(
+        self,
+        *inputs: torch.Tensor,
+        target: torch.Tensor | None = None,
+        losses: list[torch.Tensor] | None = None,
+        block_args: Sequence[tuple] | None = None,
+    ) -> torch.Tensor | None:
+        """Forward only (held-out evaluation): like :meth:`step` without backward, leaving the
+        gradients untouched; ``losses`` gets each micro-batch's ``loss_fn`` value."""
+        return self._run(inputs, target, losses, block_args, backward=False)
+
+    def _run(
+        self,
+        inputs: tuple[torch.Tensor, ...],
+        target: torch.Tensor | None,
+        losses: list[torch.Tensor] | None,
+        block_args: Sequence[tuple] | None,
+        *,
+        backward: bool,
+    ) -> torch.Tensor | None:
         m = self.config.microbatches
+        if block_args is not None and len(block_args) != m:
+            raise ValueError(
+                f"block_args has {len(block_args)} entries but the pipeline runs microbatches={m}; "
+                "pass one tuple of block arguments per micro-batch"
+            )
         for t in (*inputs, target):
             if isinstance(t, torch.Tensor) and t.shape[0] % m != 0:
                 raise ValueError(
@@ -163,11 +194,18 @@ class Pipeline:
             raise ValueError("this rank holds the last stage: pass target= to step()")
         args = inputs if self.has_first_stage else ()
         scaled: list[torch.Tensor] = []
-        out = self.schedule.step(
-            *args,
-            target=target if self.has_last_stage else None,
-            losses=scaled if self.has_last_stage else None,
-        )
+        for module in self.modules:
+            module.set_block_args(block_args)
+        run = self.schedule.step if backward else self.schedule.eval
+        try:
+            out = run(
+                *args,
+                target=target if self.has_last_stage else None,
+                losses=scaled if self.has_last_stage else None,
+            )
+        finally:
+            for module in self.modules:
+                module.set_block_args(None)
         if losses is not None:
             losses.extend(loss.unscaled for loss in scaled)
         return out if self.has_last_stage else None
@@ -194,6 +232,38 @@ def _resolve_group(
         "mesh_or_group must be a forge_core ParallelMesh, a 1-D DeviceMesh or a ProcessGroup, "
         f"got {type(mesh_or_group).__name__}"
     )
+
+
+#: Schedules that split the backward into input- and weight-gradient passes.
+_SPLIT_BACKWARD = ("zero_bubble", "zbv")
+
+
+def _check_split_backward(
+    config: PipelineConfig, stage_parallel: Mapping[str, Any], mesh: ParallelMesh
+) -> None:
+    """Zero-bubble schedules compute weight gradients after FSDP's post-backward hooks have
+    reduced the input-gradient pass; the gradients come out wrong, so refuse the pair."""
+    mode = stage_parallel.get("data_parallel")
+    sharded = mode in ("fsdp", "hsdp") or (mode == "auto" and mesh.dims.dp_shard_cp > 1)
+    if config.schedule in _SPLIT_BACKWARD and sharded:
+        raise ValueError(
+            f"schedule {config.schedule!r} with data_parallel={mode!r} gives wrong gradients: "
+            "the weight-gradient pass runs after FSDP has reduced the gradients. Use "
+            "schedule='1f1b' or 'interleaved_1f1b' with FSDP, or DDP / no data parallelism"
+        )
+
+
+def _stage_class() -> type:
+    """``PipelineStage`` telling its :class:`StageModule` which micro-batch each forward runs
+    (for per-micro-batch block arguments)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    class _MicrobatchAwareStage(PipelineStage):
+        def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any):
+            self.submod.microbatch = fwd_chunk_id
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+    return _MicrobatchAwareStage
 
 
 def _device(module: nn.Module, mesh: ParallelMesh | None) -> torch.device:
@@ -238,6 +308,7 @@ def pipeline(
     if stage_parallel is not None:
         if mesh is None:
             raise ValueError("stage_parallel needs a ParallelMesh as mesh_or_group")
+        _check_split_backward(config, stage_parallel, mesh)
         from forge_parallel.parallelize import parallelize
 
         for module in modules:
@@ -251,7 +322,7 @@ def pipeline(
 
     num_stages = len(bounds)
     stages = [
-        pipelining.PipelineStage(module, s, num_stages, _device(module, mesh), group=group)
+        _stage_class()(module, s, num_stages, _device(module, mesh), group=group)
         for s, module in zip(indices, modules, strict=True)
     ]
     m = config.microbatches

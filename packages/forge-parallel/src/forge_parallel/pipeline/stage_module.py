@@ -11,6 +11,13 @@ A :class:`StageModule` holds references to the model's own sub-modules under the
 paths (``layers.3.attn.q_proj`` stays ``layers.3.attn.q_proj``), so tensor-parallel plans,
 state dicts and checkpoints name parameters exactly as in the whole model. Nothing is copied:
 once the caller drops the model, each rank keeps only its stages' layers.
+
+Blocks that take more than the hidden states (Forge's ``TransformerBlock(h, inputs)`` with the
+packed-document boundaries and RoPE tables of the batch) get them per micro-batch:
+:meth:`StageModule.set_block_args` sets one tuple of extra positional arguments per
+micro-batch, and each forward takes those of the micro-batch the pipeline runtime says it
+runs (:attr:`StageModule.microbatch`). :meth:`~forge_parallel.pipeline.Pipeline.step` sets
+them from its ``block_args``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ def _is_rotary(module: nn.Module) -> bool:
     return "rotary" in type(module).__name__.lower() and not any(True for _ in module.parameters())
 
 
+def _is_empty_container(module: nn.Module) -> bool:
+    return isinstance(module, nn.ModuleList | nn.ModuleDict) and len(module) == 0
+
+
 def decoder_layout(model: nn.Module, blocks: str | None = None) -> DecoderLayout:
     """Find embedding / blocks / norm-and-head of ``model`` (see the module docstring)."""
     found = find_blocks(model, blocks)
@@ -72,6 +83,8 @@ def decoder_layout(model: nn.Module, blocks: str | None = None) -> DecoderLayout
             full = prefix + child_name
             if child_name == part:
                 seen = True
+                continue
+            if _is_empty_container(child):  # e.g. an empty ``nn.ModuleList`` of optional heads
                 continue
             if _is_rotary(child):
                 if rotary is not None:
@@ -173,6 +186,30 @@ class StageModule(nn.Module):
             _attach(self, path, model.get_submodule(path), containers)
         if self._rotary is not None:
             _attach(self, self._rotary, model.get_submodule(self._rotary), containers)
+        self._block_args: list[tuple] | None = None
+        #: The micro-batch the next forward belongs to (set by the pipeline stage runtime).
+        self.microbatch = 0
+
+    def set_block_args(self, per_microbatch: list[tuple] | None) -> None:
+        """Set the extra positional block arguments of the coming micro-batches (one tuple
+        per micro-batch, indexed by :attr:`microbatch`); ``None``: blocks get only the hidden
+        states (and rotary tables, see the module docstring)."""
+        self._block_args = None if per_microbatch is None else list(per_microbatch)
+
+    def _current_block_args(self, x: torch.Tensor) -> tuple:
+        if self._block_args is None:
+            return ()
+        if not 0 <= self.microbatch < len(self._block_args):
+            raise RuntimeError(
+                f"micro-batch {self.microbatch} has no block arguments ({len(self._block_args)} "
+                "given); pass block_args with one entry per micro-batch to Pipeline.step"
+            )
+        args = self._block_args[self.microbatch]
+        if x.is_meta:  # shape inference on meta tensors
+            from torch.utils._pytree import tree_map_only
+
+            return tree_map_only(torch.Tensor, lambda t: t.to("meta"), args)
+        return args
 
     @property
     def block_names(self) -> tuple[str, ...]:
@@ -181,8 +218,9 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for path in self._pre:
             x = self.get_submodule(path)(x)
+        extra = self._current_block_args(x)
         kwargs = {}
-        if self._rotary is not None and self._blocks:
+        if self._rotary is not None and self._blocks and not extra:
             position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
             rotary = self.get_submodule(self._rotary)
             kwargs = {
@@ -190,7 +228,7 @@ class StageModule(nn.Module):
                 "position_ids": position_ids,
             }
         for path in self._blocks:
-            out = self.get_submodule(path)(x, **kwargs)
+            out = self.get_submodule(path)(x, *extra, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
         for path in self._post:
             x = self.get_submodule(path)(x)

@@ -48,7 +48,12 @@ def config_to_hf(config: VLMConfig) -> dict[str, Any]:
     vision = {
         **qwen2_5_vision_config_to_hf(config.vision),
         **qwen2_5_merger_config_to_hf(config.projector),
-        "tokens_per_second": config.tokens_per_second,
+        # transformers declares an int (every release uses 2); a fractional step stays a float
+        "tokens_per_second": (
+            int(config.tokens_per_second)
+            if float(config.tokens_per_second).is_integer()
+            else config.tokens_per_second
+        ),
         "model_type": "qwen2_5_vl",
     }
     return {

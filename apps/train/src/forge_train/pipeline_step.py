@@ -1,0 +1,105 @@
+"""One optimizer step of a pipeline-parallel run (``parallel.pp > 1``).
+
+The same step as :class:`forge_train.step.StepRunner` (loss normalized by the global batch's
+predicted tokens, clipping, guarded update), with the forward and backward of all of this
+rank's micro-batches run by the pipeline schedule in one call. Gradients are synchronized by
+the schedule (FSDP reduces after the last micro-batch); the gradient norm is reduced over the
+pipeline ranks too; the loss lives on the last stage and is summed over the pipeline group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from forge_train.data import model_inputs
+from forge_train.distributed import all_reduce
+from forge_train.step import StepRunner
+
+__all__ = ["PipelineStepRunner"]
+
+
+class PipelineStepRunner(StepRunner):
+    """:class:`StepRunner` over ``pipeline`` (:class:`forge_train.pipeline_model.PipelineParts`)."""
+
+    def __init__(self, *, pipeline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.scaler is not None:
+            from forge_train.config import ConfigError
+
+            raise ConfigError(
+                "train.precision: fp16 loss scaling is not supported with pipeline parallelism; "
+                "use bf16 or fp32"
+            )
+        self.pipeline = pipeline
+
+    def _pipeline_inputs(
+        self, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple], torch.Tensor]:
+        """``(input ids [m, T], targets [m, T], block args per micro-batch, predicted tokens)``
+        of this rank's micro-batches (every pipeline rank computes them from its own copy)."""
+        preparer = self.pipeline.inputs_model
+        ids, targets, block_args, tokens = [], [], [], []
+        for mb in micro_batches:
+            kwargs, n = model_inputs(mb, self.device)
+            ids.append(kwargs["input_ids"])
+            targets.append(mb["labels"].reshape(1, -1).to(self.device, non_blocking=True))
+            inputs = preparer.attention_inputs(
+                kwargs["input_ids"],
+                position_ids=kwargs["position_ids"],
+                cu_seqlens=kwargs["cu_seqlens"],
+                max_seqlen=kwargs["max_seqlen"],
+            )
+            block_args.append((inputs,))
+            tokens.append(n)
+        lengths = {t.shape[-1] for t in ids}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"pipeline micro-batches must have one length, got {sorted(lengths)} tokens; "
+                "pad every micro-batch to micro_batch_rows x seq_len"
+            )
+        count = torch.stack(tokens).sum().to(self.device, torch.float32)
+        return torch.cat(ids), torch.cat(targets), block_args, count
+
+    def _run_pipeline(self, inputs, *, backward: bool, scale: float) -> torch.Tensor:
+        """Run the schedule on ``_pipeline_inputs``; returns the summed cross-entropy of this
+        rank's micro-batches (from the last stage, summed over the pipeline group)."""
+        p = self.pipeline
+        ids, targets, block_args, _ = inputs
+        p.loss.scale = scale
+        reported: list[torch.Tensor] = []
+        run = p.pipe.step if backward else p.pipe.eval
+        with self.autocast():
+            run(
+                *((ids,) if p.is_first else ()),
+                target=targets if p.is_last else None,
+                losses=reported,
+                block_args=block_args,
+            )
+        ce = p.loss.cross_entropy(reported) if reported else torch.zeros((), device=self.device)
+        return all_reduce(ce.float(), p.group)
+
+    def accumulate(
+        self, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        inputs = self._pipeline_inputs(micro_batches)
+        global_tokens = all_reduce(inputs[3].clone(), self.dp_group)
+        scale = float(self.dp_size / global_tokens.clamp(min=1))
+        ce = self._run_pipeline(inputs, backward=True, scale=scale)
+        loss = all_reduce(ce, self.dp_group) / global_tokens.clamp(min=1)
+        return loss, self.clip(), int(global_tokens.item())
+
+    def clip(self) -> torch.Tensor:
+        from forge_parallel.pipeline import pipeline_clip_grad_norm_, pipeline_grad_norm
+
+        params = [p for p in self.pipeline.stage.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            return pipeline_clip_grad_norm_(params, self.grad_clip, self.pipeline.group)
+        return pipeline_grad_norm(params, self.pipeline.group)
+
+    @torch.no_grad()
+    def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        inputs = self._pipeline_inputs(micro_batches)
+        ce = self._run_pipeline(inputs, backward=False, scale=1.0)
+        return torch.stack([ce, inputs[3]])

@@ -1,0 +1,205 @@
+"""Which image processor and placeholder style a vision-language run uses, chosen from the
+model config.
+
+The projector decides: it fixes how many placeholder tokens an image takes, and the processor
+must produce exactly that many (and pixels in the layout the encoder reads). So
+
+* ``pixel_shuffle_mlp``: ``InternVLProcessor`` (InternVL's placeholders), tiles of
+  ``vision.image_size``;
+* ``qwen2_5_vl_merger``: ``Qwen2VLProcessor`` (Qwen2-VL's), patches at the image's own
+  resolution, with M-RoPE positions;
+* ``llava_onevision``: ``LlavaOnevisionProcessor`` (LLaVA-OneVision's), AnyRes tiles on the
+  projector's ``image_grid_pinpoints``;
+
+each set up from the encoder's and projector's sizes, so a YAML never repeats them.
+``data.max_tiles`` bounds an image's size: InternVL tiles per image; for Qwen2-VL a pixel
+budget of that many attention windows (``max_tiles * vision.window_size**2`` pixels); a
+LLaVA-OneVision image takes the tiles of the projector's ``image_grid_pinpoints`` (processor
+and projector must agree on them, so ``max_tiles`` does not apply).
+
+The run's tokenizer is extended before the model config exists (``forge_train.data``), so it
+gets :data:`ANY_FAMILY`'s tokens: those of every built-in style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from forge_data.vision.placeholders import (
+    INTERN_VL,
+    LLAVA_ONEVISION,
+    QWEN2_VL,
+    STYLES,
+    PlaceholderStyle,
+)
+from forge_train.config import ConfigError, DataConfig
+
+__all__ = [
+    "ANY_FAMILY",
+    "PROJECTOR_STYLES",
+    "build_processor",
+    "mrope_settings",
+    "placeholder_style",
+    "style_token_names",
+]
+
+#: Projector name -> the placeholder style of the processor that feeds it.
+PROJECTOR_STYLES = {
+    "pixel_shuffle_mlp": INTERN_VL,
+    "qwen2_5_vl_merger": QWEN2_VL,
+    "llava_onevision": LLAVA_ONEVISION,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnyFamilyTokens(PlaceholderStyle):
+    """The special tokens of every built-in placeholder style together: what a tokenizer needs
+    to serve a model of any family. Only :attr:`special_tokens` differs from InternVL's style;
+    expand text with a family's own style (:func:`placeholder_style` of the model)."""
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t for s in STYLES.values() for t in s.special_tokens))
+
+
+ANY_FAMILY = AnyFamilyTokens(
+    **{f.name: getattr(INTERN_VL, f.name) for f in dataclasses.fields(INTERN_VL)}
+    | {"name": "any_family"}
+)
+
+
+def _projector_name(model: Any) -> str | None:
+    """The projector name of a ``VLMConfig`` or of a model config's plain data."""
+    if hasattr(model, "projector_name"):
+        return model.projector_name
+    projector = dict(model).get("projector") or {}
+    return dict(projector).get("name")
+
+
+def placeholder_style(model: Any = None) -> PlaceholderStyle:
+    """The placeholder style of ``model`` (a ``VLMConfig`` or its plain-data config), chosen by
+    its projector; without a model, :data:`ANY_FAMILY` (every family's tokens, for the
+    tokenizer)."""
+    if model is None:
+        return ANY_FAMILY
+    name = _projector_name(model)
+    style = PROJECTOR_STYLES.get(name)
+    if style is None:
+        raise ConfigError(
+            f"model.config.projector: data.kind=skimage_captions has no image processor for "
+            f"projector {name!r}; use one of {sorted(PROJECTOR_STYLES)}"
+        )
+    return style
+
+
+def style_token_names(style: PlaceholderStyle) -> dict[str, str | None]:
+    """``VLMConfig`` token field -> the special token of ``style`` it holds: the feature
+    tokens, and the token that opens an image (InternVL's ``<img>``, Qwen2-VL's
+    ``<|vision_start|>``; ``None`` where the style has none)."""
+    opening = style.image_open or style.image_part.split(style.image_anchor)[0]
+    return {
+        "image_token_id": style.image_token,
+        "video_token_id": style.video_token,
+        "vision_start_token_id": opening or None,
+    }
+
+
+def _need(model_config, part: str, *names: str) -> None:
+    config = getattr(model_config, part)
+    missing = [n for n in names if not hasattr(config, n)]
+    if missing:
+        raise ConfigError(
+            f"model.config.{part}: projector {model_config.projector_name!r} is fed by a "
+            f"processor that needs the {part}'s {missing}, which "
+            f"{getattr(model_config, f'{part}_name', part)!r} lacks; pair "
+            f"{model_config.projector_name!r} with its family's encoder"
+        )
+
+
+def _intern_vl(model_config, config: DataConfig):
+    from forge_data.vision import InternVLProcessor, InternVLProcessorConfig
+
+    _need(model_config, "vision", "image_size", "patch_size")
+    size = model_config.vision.image_size
+    side = size if isinstance(size, tuple) else (size, size)
+    return InternVLProcessor(
+        InternVLProcessorConfig(
+            tile_size=side,
+            patch_size=model_config.vision.patch_size,
+            downsample_ratio=model_config.projector.downsample_ratio,
+            max_patches=config.max_tiles,
+            use_thumbnail=config.max_tiles > 1,
+        )
+    )
+
+
+def _qwen2_vl(model_config, config: DataConfig):
+    from forge_data.vision import Qwen2VLProcessor, Qwen2VLProcessorConfig
+
+    _need(model_config, "vision", "patch_size", "temporal_patch_size", "window_size")
+    vision = model_config.vision
+    merge = model_config.projector.spatial_merge_size
+    max_pixels = config.max_tiles * vision.window_size**2
+    return Qwen2VLProcessor(
+        Qwen2VLProcessorConfig(
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=merge,
+            min_pixels=min(Qwen2VLProcessorConfig.min_pixels, max_pixels),
+            max_pixels=max_pixels,
+        )
+    )
+
+
+def _llava_onevision(model_config, config: DataConfig):
+    from forge_data.vision import LlavaOnevisionProcessor, LlavaOnevisionProcessorConfig
+
+    _need(model_config, "vision", "image_size", "patch_size")
+    projector = model_config.projector
+    side = projector.image_size
+    return LlavaOnevisionProcessor(
+        LlavaOnevisionProcessorConfig(
+            size=(side, side),
+            image_grid_pinpoints=projector.image_grid_pinpoints,
+            num_image_tokens=projector.patches_per_tile,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio=f"anyres_max_{projector.max_num_patches}",
+        )
+    )
+
+
+_PROCESSORS = {
+    "pixel_shuffle_mlp": _intern_vl,
+    "qwen2_5_vl_merger": _qwen2_vl,
+    "llava_onevision": _llava_onevision,
+}
+
+
+def build_processor(model_config, config: DataConfig):
+    """The ``forge_data.vision`` processor whose images ``model_config`` (a ``VLMConfig``)
+    reads, sized from its encoder and projector (see the module doc)."""
+    placeholder_style(model_config)  # ConfigError for a projector without a processor
+    return _PROCESSORS[model_config.projector_name](model_config, config)
+
+
+def mrope_settings(model_config) -> dict[str, Any] | None:
+    """The model-side arguments of :func:`forge_models.vlm.mrope.mrope_position_ids` for a
+    model with M-RoPE (``text.mrope_section`` set), else ``None``."""
+    if model_config.text.mrope_section is None:
+        return None
+    merge = getattr(model_config.projector, "spatial_merge_size", None)
+    if merge is None:
+        raise ConfigError(
+            f"model.config.text.mrope_section: M-RoPE positions need the projector's "
+            f"spatial_merge_size; projector {model_config.projector_name!r} has none (drop "
+            "mrope_section or use qwen2_5_vl_merger)"
+        )
+    return {
+        "image_token_id": model_config.image_token_id,
+        "video_token_id": model_config.video_token_id,
+        "vision_start_token_id": model_config.vision_start_token_id,
+        "spatial_merge_size": merge,
+        "tokens_per_second": model_config.tokens_per_second,
+    }
