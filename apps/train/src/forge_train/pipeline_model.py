@@ -77,7 +77,10 @@ class PipelineParts:
     def materialize(self, device: torch.device) -> None:
         """Allocate a meta-device stage on ``device`` and initialize it with the whole model's
         ``init_weights`` (the other stages' parameters stay on the meta device)."""
-        self.stage._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+        import forge_models
+
+        # forge_models.materialize allocates FSDP / TP DTensors as their local shards.
+        forge_models.materialize(self.stage, device, init=False)
         self.whole_model.init_weights()
         self.whole_model = None
 

@@ -267,8 +267,12 @@ def _stage_class() -> type:
 
 
 def _device(module: nn.Module, mesh: ParallelMesh | None) -> torch.device:
+    """Where the stage computes: its parameters' device, or the mesh's while they are still on
+    the meta device (materialized after the split)."""
     for p in module.parameters():
-        return p.device
+        if not p.is_meta:
+            return p.device
+        break
     if mesh is not None:
         return torch.device(mesh.dense.device_type)
     return torch.device("cpu")
