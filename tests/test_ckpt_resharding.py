@@ -1,5 +1,6 @@
 """Training checkpoints reshard: save at TP2 x FSDP2 (4 ranks), resume at FSDP4, HSDP 2x2 and
-in one process without a process group, with the same next-step losses.
+in one process without a process group, with the same next-step losses; and save with a ZeRO-2
+optimizer (2 ranks), resume at ZeRO-2 with other buckets, at ZeRO-1 and in one process.
 
 The saving job writes asynchronously while it keeps training, so its own losses after the
 save are the uninterrupted run. Every layout is also compared with a single-process reference
@@ -52,13 +53,20 @@ def _setup(seed: int, layout: dict | None):
     if layout is not None:
         kwargs = dict(layout)
         dims = ParallelDims(world_size=dist.get_world_size(), **kwargs.pop("dims"))
+        options = kwargs.pop("optimizer", {})
         result = forge_parallel.parallelize(model, dims, **kwargs)
         model = result.model
-        opt = result.build_optimizer(torch.optim.AdamW, lr=tm.LR, weight_decay=0.1)
+        opt = result.build_optimizer(torch.optim.AdamW, lr=tm.LR, weight_decay=0.1, **options)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=tm.LR, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4))
-    return model, result, opt, sched
+    return model, result, opt, _schedule(opt)
+
+
+def _schedule(opt, last_epoch: int = -1):
+    """A warm-up schedule; ``last_epoch`` resumes it from the optimizer's ``initial_lr``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min(1.0, (step + 1) / 4), last_epoch=last_epoch
+    )
 
 
 def _train(model, result, opt, sched, steps) -> list[float]:
@@ -84,7 +92,9 @@ def _train(model, result, opt, sched, steps) -> list[float]:
                 loss = loss / len(micro_batches)
                 loss.backward()
             step_loss += tm._value(loss).detach()
-        if result is None:
+        if isinstance(opt, forge_parallel.ZeroOptimizer):
+            opt.clip_grad_norm_(tm.MAX_NORM)  # the reduced gradients exist as shards only
+        elif result is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tm.MAX_NORM)
         else:
             forge_parallel.clip_grad_norm_(model.parameters(), tm.MAX_NORM)
@@ -123,13 +133,10 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def test_save_tp2_fsdp2_resume_fsdp4_hsdp_and_one_process(dist_pool, tmp_path):
-    per_rank = dist_pool(4).run(_save_and_resume, str(tmp_path))
-    results = per_rank[0]
-    assert all(r == results for r in per_rank[1:])  # losses are averaged over DP ranks
-
-    model, result, opt, sched = _setup(1, None)  # this process: no process group at all
-    loaded = CheckpointManager(CheckpointConfig(directory=tmp_path)).load_latest(
+def _resume_in_this_process(directory, results: dict[str, list[float]]) -> None:
+    """Resume in this process (no process group at all) and check every run's losses."""
+    model, result, opt, sched = _setup(1, None)
+    loaded = CheckpointManager(CheckpointConfig(directory=directory)).load_latest(
         model=model, optimizer=opt, scheduler=sched
     )
     assert loaded.step == SAVE_AT
@@ -146,3 +153,50 @@ def test_save_tp2_fsdp2_resume_fsdp4_hsdp_and_one_process(dist_pool, tmp_path):
         if max(_rel(a, b) for a, b in zip(losses, expected, strict=True)) > TOLERANCE
     }
     assert not bad, f"relative loss errors above {TOLERANCE} after resuming: {bad}"
+
+
+def test_save_tp2_fsdp2_resume_fsdp4_hsdp_and_one_process(dist_pool, tmp_path):
+    per_rank = dist_pool(4).run(_save_and_resume, str(tmp_path))
+    results = per_rank[0]
+    assert all(r == results for r in per_rank[1:])  # losses are averaged over DP ranks
+
+    _resume_in_this_process(tmp_path, results)
+
+
+def _save_zero2_and_resume(directory: str) -> dict[str, list[float]]:
+    """ZeRO-2 saves its flat optimizer slices by parameter name; other slicings read them."""
+    batches = _tm().make_batches()[: SAVE_AT + RESUME_STEPS]
+    out = {"reference": _train(*_setup(0, None), batches)}
+    model, result, opt, sched = _setup(0, {"dims": {}, "data_parallel": "zero2"})
+    _train(model, result, opt, sched, batches[:SAVE_AT])
+    with CheckpointManager(CheckpointConfig(directory=directory, async_save=True)) as manager:
+        manager.save(SAVE_AT, model=model, optimizer=opt, scheduler=sched)
+        out["zero2 (no restart)"] = _train(model, result, opt, sched, batches[SAVE_AT:])
+    resume_layouts = {
+        # small buckets: every slice boundary falls elsewhere in the parameters
+        "zero2, other buckets": {
+            "dims": {},
+            "data_parallel": "zero2",
+            "optimizer": {"bucket_numel": 999},
+        },
+        "zero1": {"dims": {}, "data_parallel": "zero1"},
+    }
+    for name, layout in resume_layouts.items():
+        model, result, opt, sched = _setup(1, layout)
+        # The scheduler's state is per parameter group, and ZeroOptimizer has one group per
+        # bucket: with other buckets it restarts from the restored groups' initial_lr.
+        same_groups = "optimizer" not in layout
+        loaded = CheckpointManager(CheckpointConfig(directory=directory)).load_latest(
+            model=model, optimizer=opt, scheduler=sched if same_groups else None
+        )
+        assert loaded.world_size == 2
+        if not same_groups:
+            sched = _schedule(opt, last_epoch=SAVE_AT - 1)
+        out[name] = _train(model, result, opt, sched, batches[SAVE_AT:])
+    return out
+
+
+def test_save_zero2_resume_other_slices_and_one_process(dist_pool, tmp_path):
+    per_rank = dist_pool(2).run(_save_zero2_and_resume, str(tmp_path))
+    assert per_rank[0] == per_rank[1]
+    _resume_in_this_process(tmp_path, per_rank[0])

@@ -38,6 +38,8 @@ OWN_TESTS = {
         ["-m", "not multiprocess", "-p", "forge_core.testing.pytest_plugin"],
     ),
 }
+# Extras installed with a package's own wheel (so the program can use them).
+EXTRAS = {"forge-data": "[video]"}
 PACKAGE_FOLDERS = {
     "forge-kernels": "forge-kernels",
     "forge-ml-core": "forge-core",
@@ -83,6 +85,32 @@ CASES = {
         """
         import forge_parallel, forge_core
         print("forge_parallel ok")
+        """,
+    ),
+    "forge-data": (
+        ["forge-data"],
+        "forge_data",
+        """
+        import io
+        import av, numpy as np
+        from forge_data import balance_step_documents, decode_video
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mp4") as out:
+            s = out.add_stream("libx264", rate=6)
+            s.width, s.height, s.pix_fmt = 16, 16, "yuv420p"
+            for i in range(12):
+                frame = np.full((16, 16, 3), 20 * i, np.uint8)
+                out.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            out.mux(s.encode())
+        video = decode_video(buf.getvalue())  # 2 of the 6 frames per second
+        assert video.indices.tolist() == [0, 3, 6, 9], video.indices
+        lengths = np.random.default_rng(0).integers(1, 128, 256)  # 4 per row of 512
+        rows, layout, report = balance_step_documents(
+            np.arange(256) // 4, lengths, lengths + 50.0 * (lengths < 16), n_rows=64,
+            seq_len=512, dp_size=8, micro_batches=2,
+        )
+        assert report.balanced <= report.naive
+        print("forge_data ok", report)
         """,
     ),
 }
@@ -149,7 +177,11 @@ def test_wheel_installs_and_imports_alone(dist_name, built_wheels, lock_constrai
     venv = tmp_path / "venv"
     _run(uv, "venv", "--quiet", "--python", sys.executable, str(venv))
     python = venv / "bin" / "python"
-    _pip_install(python, lock_constraints, *[str(built_wheels[w]) for w in wheels])
+    _pip_install(
+        python,
+        lock_constraints,
+        *[str(built_wheels[w]) + (EXTRAS.get(w, "") if w == dist_name else "") for w in wheels],
+    )
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
     installed = {w.replace("forge-ml-core", "forge_core").replace("-", "_") for w in wheels}
     absent = [m for m in ALL_IMPORTS if m not in installed]

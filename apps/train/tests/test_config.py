@@ -79,19 +79,39 @@ def test_cli_prints_config_help_and_errors(capsys):
     ("overrides", "message"),
     [
         (
-            ["parallel=pp2-fsdp", "parallel.pp_schedule=zero_bubble"],
-            "parallel.pp_schedule: zero_bubble",
-        ),
-        (
             ["parallel=pp2-fsdp", "parallel.data_parallel=ddp"],
             "parallel.data_parallel: with pipeline",
         ),
         (
-            ["parallel=pp2-fsdp", "recipe=vlm"],
-            "parallel.pp: pipeline parallelism for vision-language",
+            ["parallel=pp2-fsdp", "parallel.pp_schedule=interleaved_1f1b"],
+            "parallel.pp_virtual_stages: schedule interleaved_1f1b runs several stages",
+        ),
+        (
+            ["parallel=pp2-fsdp", "parallel.pp_virtual_stages=2"],
+            "parallel.pp_virtual_stages: schedule 1f1b runs one stage per rank",
+        ),
+        (
+            ["parallel=tp2-fsdp", "recipe=vlm"],
+            "model.kind: vlm models train without tensor parallelism",
         ),
     ],
 )
 def test_pipeline_layouts_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_run_config(overrides)
+
+
+def test_switch_balance_loss_is_refused_under_pipeline_parallelism():
+    from types import SimpleNamespace
+
+    from forge_models import MoEConfig
+    from forge_train.pipeline_moe import check_moe_pipeline
+
+    def moe(**kwargs):
+        base = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+        return SimpleNamespace(moe=MoEConfig(**base, **kwargs))
+
+    with pytest.raises(ConfigError, match=r"moe\.aux_loss=sequence"):
+        check_moe_pipeline(moe(output_router_logits=True))
+    check_moe_pipeline(moe(output_router_logits=True, aux_loss="sequence"))
+    check_moe_pipeline(moe(output_router_logits=False))

@@ -1,7 +1,7 @@
 """4-process layouts of the tiny run against one process (issue 8's acceptance): tensor x data
-parallel (TP2 x FSDP2) and pipeline x data parallel (PP2 x FSDP2) give the single-process
-losses, and a checkpoint saved by the pipeline run resumes in one process with the losses the
-pipeline run went on to have."""
+parallel (TP2 x FSDP2) and pipeline x data parallel (PP2 x FSDP2, the tied embedding and head
+on the first and the last stage) give the single-process losses, and a checkpoint saved by the
+pipeline run resumes in one process with the losses the pipeline run went on to have."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ _RUN = (
     "train.eval_batches=0",
     "checkpoint.export_hf=false",
 )
-#: The input and output embeddings of a pipeline live on different stages: untied.
-_UNTIED = ("model.config.tie_word_embeddings=false",)
 
 
 def _losses(root: str, name: str, *overrides: str) -> list[float]:
@@ -38,11 +36,9 @@ def _close(ranks: list[list[float]], single: list[float]) -> None:
 def test_tp2_fsdp2_and_pp2_fsdp2_match_one_process(tmp_path, dist_pool):
     pool = dist_pool(4)
     root = str(tmp_path)
-    _close(pool.run(_losses, root, "tp2", "parallel=tp2-fsdp"), _losses(root, "tied"))
-    pipeline = pool.run(
-        _losses, root, "pp2", "parallel=pp2-fsdp", "checkpoint.interval=2", *_UNTIED
-    )
-    single = _losses(root, "untied", *_UNTIED)
+    single = _losses(root, "single")  # the tiny model ties its embedding and head
+    _close(pool.run(_losses, root, "tp2", "parallel=tp2-fsdp"), single)
+    pipeline = pool.run(_losses, root, "pp2", "parallel=pp2-fsdp", "checkpoint.interval=2")
     _close(pipeline, single)
     # Resume the pipeline run's step-2 checkpoint (PP2 x FSDP2) in one process.
     resumed_dir = tmp_path / "resumed" / "checkpoints"
@@ -50,7 +46,86 @@ def test_tp2_fsdp2_and_pp2_fsdp2_match_one_process(tmp_path, dist_pool):
     shutil.copytree(
         tmp_path / "pp2" / "checkpoints" / "step_00000002", resumed_dir / "step_00000002"
     )
-    resumed = _losses(root, "resumed", *_UNTIED)
+    resumed = _losses(root, "resumed")
     torch.testing.assert_close(
         torch.tensor(resumed), torch.tensor(pipeline[0][2:]), rtol=1e-5, atol=1e-5
     )
+
+
+def _transformers_llama(folder: Path) -> None:
+    """A tiny Llama saved by ``transformers`` itself (tied embedding and head, safetensors),
+    with the default tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forge_data import default_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=default_tokenizer().vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def _model_losses(output_dir: str, *overrides: str) -> list[float]:
+    """Losses of a tiny run of the model the overrides name (a pool job)."""
+    from forge_train.compose import compose_run_config
+    from forge_train.trainer import train
+
+    config = compose_run_config([*tiny.TINY_RUN, f"train.output_dir={output_dir}", *overrides])
+    with tiny.reference_kernels():
+        return train(config).losses
+
+
+def test_continued_pretraining_from_a_transformers_folder_under_pp2(tmp_path, dist_pool):
+    """``recipe=continued`` from a folder ``transformers`` wrote: one process (loaded on the
+    CPU) and PP2 x FSDP2 with two virtual stages per rank (interleaved 1F1B) built on the meta
+    device, each rank reading only its stages' slices of the checkpoint, give the same losses;
+    the export loads back into ``transformers``."""
+    from transformers import LlamaForCausalLM
+
+    source = tmp_path / "source"
+    _transformers_llama(source)
+    root = str(tmp_path)
+    continued = ("recipe=continued", f"model.hf_path={source}", "optim.lr=1e-2")
+    single = _model_losses(f"{root}/single", *_RUN[:-1], *continued, "model.init_device=device")
+    assert single[0] > single[-1]
+    pipeline = dist_pool(4).run(
+        _model_losses,
+        f"{root}/pp2",
+        *_RUN,
+        *continued,
+        "parallel=pp2-fsdp",
+        "parallel.pp_schedule=interleaved_1f1b",  # 2 stages per rank: layers 0, 2 and 1, 3
+        "parallel.pp_virtual_stages=2",
+        "model.init_device=meta",
+    )
+    _close(pipeline, single)
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "single" / "hf")
+    assert exported.config.tie_word_embeddings
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+
+
+#: DeepSeek-V3-style MoE (a dense first layer, then MoE layers with expert-bias balancing)
+#: with its sequence-wise balance loss on, weighted so that it moves the losses.
+_MOE = (
+    "model=tiny-deepseek",
+    "model.config.num_layers=4",
+    "+model.config.moe.output_router_logits=true",
+    "model.config.moe.router_aux_loss_coef=0.5",
+)
+
+
+def test_moe_with_balance_loss_and_expert_bias_under_pp2_fsdp2(tmp_path, dist_pool):
+    """Each stage adds its MoE layers' balance-loss gradient and updates their expert biases
+    from the data-parallel load: PP2 x FSDP2 gives the single-process losses."""
+    root = str(tmp_path)
+    single = _model_losses(f"{root}/single", *_RUN, *_MOE)
+    pipeline = dist_pool(4).run(_model_losses, f"{root}/pp2", *_RUN, *_MOE, "parallel=pp2-fsdp")
+    _close(pipeline, single)

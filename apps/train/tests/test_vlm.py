@@ -17,6 +17,7 @@ from forge_train.compose import compose_run_config
 from forge_train.config import ConfigError
 from forge_train.data import load_run_tokenizer, model_inputs
 from forge_train.modeling import build_model, export_hf
+from forge_train.trainer import train
 from forge_train.vlm_model import vlm_model_config
 
 pytest.importorskip("skimage")
@@ -146,6 +147,10 @@ def test_custom_combination_refuses_hf_export(tmp_path):
     config = vlm_model_config(cfg.model, load_run_tokenizer(cfg.data), frozen=[])
     with pytest.raises(ConfigError, match="no Hugging Face counterpart"):
         export_hf(None, config, tmp_path, tokenizer=None, lora=None, dtype=None, is_main=True)
+    # A run asking for the export fails at start-up, before any training.
+    with pytest.raises(ConfigError, match="no Hugging Face counterpart"):
+        train(_compose(tmp_path / "start", "checkpoint.export_hf=true"))
+    assert not (tmp_path / "start" / "run" / "checkpoints").exists()
 
 
 def test_qwen2_5_vl_export_matches_transformers(tmp_path):

@@ -7,13 +7,25 @@
    read back cold (its pages evicted with ``posix_fadvise(DONTNEED)`` after the fsync).
 2. ``CheckpointManager`` (one process): a model of ``--state-mb`` MB of float32 weights with
    its AdamW state (3x the weights in total) saved synchronously (until complete, fsync
-   included), saved asynchronously (time training is blocked for, and time until complete)
-   and loaded cold into a fresh model and optimizer. GB/s counts the bytes of the files
-   written (``.distcp`` + metadata).
+   included) and asynchronously (time training is blocked for, and time until complete),
+   ``--repeats + 1`` times with one manager per mode, as training saves: the first save
+   (an async save allocates its CPU staging copy then) and the best later one (the staging
+   copy is reused) are reported apart; then loaded cold into a fresh model and optimizer.
+   GB/s counts the bytes of the files written (``.distcp`` + metadata).
 3. HF loading: a random-weight Llama of about ``--hf-params`` parameters saved by
-   ``transformers`` (safetensors, float32), loaded by ``forge_models.from_pretrained`` and by
-   ``transformers.AutoModelForCausalLM.from_pretrained`` (best of ``--repeats``, warm page
-   cache for both), with a check that both hold the same weights.
+   ``transformers`` (safetensors, float32), loaded by ``forge_models.from_pretrained`` (default:
+   unfused weights keep the file's memory-mapped pages; and with ``mmap=False``: every weight
+   copied) and by ``transformers.AutoModelForCausalLM.from_pretrained``, each load in a fresh
+   process as a job loads its model (after an untimed load of a tiny model of the same kind,
+   so imports and first-call set-up are not timed; best of ``--repeats``; warm page
+   cache for all), with a check that all hold the same weights. Both default loaders map the
+   file and read a page on its first use, so each is also timed until every weight has been
+   read once ("+ read every weight", against transformers doing the same). ``--before-src``
+   times an older forge-models / forge-ckpt the same way::
+
+       git archive <commit> packages/forge-models/src packages/forge-ckpt/src | tar -x -C /tmp/old
+       python .../bench_checkpoint.py --before-src /tmp/old/packages/forge-models/src \\
+           /tmp/old/packages/forge-ckpt/src
 
 Figures depend on the disk and on how busy the machine is: compare the columns of one run.
 """
@@ -91,57 +103,54 @@ def build_state(numel: int):
 
 
 def bench_training_checkpoint(root: Path, state_mb: int, repeats: int) -> list[tuple]:
+    """Save ``repeats + 1`` times per mode with one manager each (as training does): the first
+    save allocates the CPU staging copy of an async save, later ones reuse it."""
     model, opt = build_state(state_mb * (1 << 20) // 4)
-    rows = []
-    sync_s, async_block_s, async_total_s, load_s, nbytes = [], [], [], [], 0
-    for i in range(repeats):
-        for mode in ("sync", "async"):
-            directory = root / f"{mode}{i}"
-            config = CheckpointConfig(
-                directory=directory, async_save=mode == "async", save_rng=False
-            )
-            with CheckpointManager(config) as manager:
+    blocked: dict[str, list[float]] = {"sync": [], "async": []}
+    complete: dict[str, list[float]] = {"sync": [], "async": []}
+    for mode in ("sync", "async"):
+        config = CheckpointConfig(
+            directory=root / mode, async_save=mode == "async", save_rng=False, keep_last_n=1
+        )
+        with CheckpointManager(config) as manager:
+            for step in range(1, repeats + 2):
+                with torch.no_grad():  # a training step changes the weights in place
+                    for p in model.parameters():
+                        p.add_(1e-3)
                 start = time.perf_counter()
-                path = manager.save(1, model=model, optimizer=opt)
-                blocked = time.perf_counter() - start
+                path = manager.save(step, model=model, optimizer=opt)
+                blocked[mode].append(time.perf_counter() - start)
                 manager.wait()
-                total = time.perf_counter() - start
-            nbytes = folder_bytes(path)
-            if mode == "sync":
-                sync_s.append(total)
-            else:
-                async_block_s.append(blocked)
-                async_total_s.append(total)
+                complete[mode].append(time.perf_counter() - start)
+        if mode == "async":
+            shutil.rmtree(root / "sync")
+    nbytes = folder_bytes(path)
+    load_s = []
+    for _ in range(repeats):
         fresh_model, fresh_opt = build_state(state_mb * (1 << 20) // 4)
         evict(path)
         start = time.perf_counter()
         CheckpointManager(CheckpointConfig(directory=path.parent)).load(
-            1, model=fresh_model, optimizer=fresh_opt
+            path, model=fresh_model, optimizer=fresh_opt
         )
         load_s.append(time.perf_counter() - start)
         assert all(
             torch.equal(a, b)
             for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
         )
-        for mode in ("sync", "async"):
-            shutil.rmtree(root / f"{mode}{i}")
+    shutil.rmtree(root / "async")
     raw = [raw_disk(root / "raw.bin", nbytes) for _ in range(repeats)]
     raw_w, raw_r = min(w for w, _ in raw), min(r for _, r in raw)
     gb = nbytes / 1e9
-    rows.append(("raw file write + fsync", gb, raw_w, gb / raw_w, 1.0))
-    rows.append(("ckpt save (sync)", gb, min(sync_s), gb / min(sync_s), raw_w / min(sync_s)))
-    rows.append(
-        ("ckpt async: training blocked", gb, min(async_block_s), float("nan"), float("nan"))
-    )
-    rows.append(
-        (
-            "ckpt async: until complete",
-            gb,
-            min(async_total_s),
-            gb / min(async_total_s),
-            raw_w / min(async_total_s),
-        )
-    )
+    nan = float("nan")
+    rows = [("raw file write + fsync", gb, raw_w, gb / raw_w, 1.0)]
+    for label, pick in (("first save", lambda t: t[0]), ("later saves", lambda t: min(t[1:]))):
+        sync_s, async_s = pick(complete["sync"]), pick(complete["async"])
+        rows += [
+            (f"ckpt save (sync), {label}", gb, sync_s, gb / sync_s, raw_w / sync_s),
+            (f"ckpt async, {label}: training blocked", gb, pick(blocked["async"]), nan, nan),
+            (f"ckpt async, {label}: until complete", gb, async_s, gb / async_s, raw_w / async_s),
+        ]
     rows.append(("raw file read (cold)", gb, raw_r, gb / raw_r, 1.0))
     rows.append(("ckpt load (cold)", gb, min(load_s), gb / min(load_s), raw_r / min(load_s)))
     return rows
@@ -167,33 +176,115 @@ def llama_config(params: int):
     ), n
 
 
-def bench_hf_load(root: Path, params: int, repeats: int) -> list[tuple]:
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def touch_all(model: nn.Module) -> float:
+    """Read every weight once (a memory-mapped weight is paged in on its first read)."""
+    total = 0.0
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            total += float(t.sum())
+    return total
 
-    import forge_models
+
+def load_once(loader: str, folder: str, warmup: str) -> None:
+    """In a fresh process: load the tiny ``warmup`` folder (lazy imports and first-call set-up,
+    not timed), then ``folder`` once; print the seconds until loaded and until every weight
+    was read once, and the embedding's checksum."""
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        def load(path: str) -> nn.Module:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        import forge_models
+
+        options = {"mmap": False} if loader == "forge-copy" else {}
+
+        def load(path: str) -> nn.Module:
+            return forge_models.from_pretrained(path, dtype=torch.float32, **options)
+
+    load(warmup)
+    start = time.perf_counter()
+    model = load(folder)
+    loaded = time.perf_counter() - start
+    touch_all(model)
+    touched = time.perf_counter() - start
+    embed = next(t for name, t in model.state_dict().items() if "embed" in name)
+    print(f"RESULT {loaded} {touched} {float(embed.double().sum())!r}")
+
+
+LOADERS = {
+    "forge": "forge_models.from_pretrained",
+    "forge-copy": "forge_models.from_pretrained(mmap=False)",
+    "transformers": "transformers",
+}
+
+
+def bench_hf_load(
+    root: Path, params: int, repeats: int, before_src: list[str] | None = None
+) -> list[tuple]:
+    """Each load in a fresh process (imports not timed), as a job loads its model: best of
+    ``repeats`` processes per loader, interleaved. ``before_src``: source folders of an older
+    forge-ckpt / forge-models (e.g. ``git archive``) timed the same way, as "before"."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaForCausalLM
 
     config, n = llama_config(params)
     folder = root / "hf"
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}
+    small |= {"vocab_size": 128, "num_attention_heads": 1, "num_key_value_heads": 1}
+    tiny = config.__class__(**{**config.to_dict(), **small})
+    LlamaForCausalLM(tiny).save_pretrained(root / "hf_warmup")
     gb = folder_bytes(folder) / 1e9
-    times: dict[str, list[float]] = {"forge_models.from_pretrained": [], "transformers": []}
+    runs = [(name, label, None) for name, label in LOADERS.items()]
+    if before_src:
+        path = os.pathsep.join(before_src)
+        runs.append(("forge", "forge_models.from_pretrained, before", path))
+    times: dict[str, list[tuple[float, float]]] = {}
+    sums = set()
     for _ in range(repeats):
-        start = time.perf_counter()
-        forge = forge_models.from_pretrained(folder, dtype=torch.float32)
-        times["forge_models.from_pretrained"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        times["transformers"].append(time.perf_counter() - start)
-    # same weights: the embedding and the last layer's down projection
-    hf_state = hf.state_dict()
-    forge_embed = next(t for name, t in forge.state_dict().items() if "embed" in name)
-    assert torch.equal(forge_embed, hf_state["model.embed_tokens.weight"])
-    base = min(times["transformers"])
-    return [
-        (f"{name} ({n / 1e6:.0f}M params)", gb, min(t), gb / min(t), base / min(t))
-        for name, t in times.items()
-    ]
+        for loader, label, pythonpath in runs:
+            env = dict(os.environ)
+            if pythonpath:
+                env["PYTHONPATH"] = pythonpath
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--load-once",
+                    loader,
+                    str(folder),
+                    str(root / "hf_warmup"),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            _, loaded, touched, checksum = next(
+                line for line in out.splitlines() if line.startswith("RESULT ")
+            ).split()
+            times.setdefault(label, []).append((float(loaded), float(touched)))
+            sums.add(checksum)
+    assert len(sums) == 1, f"the loaders disagree on the embedding: {sums}"
+    base = times["transformers"]
+    rows = []
+    for label, t in times.items():
+        for k, suffix in ((0, ""), (1, " + read every weight")):
+            best = min(x[k] for x in t)
+            rows.append(
+                (
+                    f"{label}{suffix} ({n / 1e6:.0f}M)",
+                    gb,
+                    best,
+                    gb / best,
+                    min(x[k] for x in base) / best,
+                )
+            )
+    return rows
 
 
 def main() -> None:
@@ -203,19 +294,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
+    parser.add_argument("--part", choices=("all", "training", "hf"), default="all")
+    parser.add_argument(
+        "--before-src",
+        nargs="+",
+        default=None,
+        help="src folders of an older forge-ckpt and forge-models to time as 'before'",
+    )
+    parser.add_argument(
+        "--load-once", nargs=3, metavar=("LOADER", "FOLDER", "WARMUP"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.load_once:
+        load_once(*args.load_once)
+        return
     if args.smoke:
         args.state_mb, args.hf_params, args.repeats = 8, 20e6, 1
     root = Path(tempfile.mkdtemp(prefix="forge_bench_ckpt_", dir=args.dir))
     try:
-        rows = bench_training_checkpoint(root, args.state_mb, args.repeats)
-        rows += bench_hf_load(root, int(args.hf_params), args.repeats)
+        rows = []
+        if args.part in ("all", "training"):
+            rows += bench_training_checkpoint(root, args.state_mb, args.repeats)
+        if args.part in ("all", "hf"):
+            rows += bench_hf_load(root, int(args.hf_params), args.repeats, args.before_src)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, scratch {root.parent}")
-    print(f"{'case':44s} {'GB':>7s} {'seconds':>8s} {'GB/s':>7s} {'x baseline':>10s}")
+    print(f"{'case':68s} {'GB':>7s} {'seconds':>8s} {'GB/s':>7s} {'x baseline':>10s}")
     for name, gb, seconds, rate, ratio in rows:
-        print(f"{name:44s} {gb:7.3f} {seconds:8.3f} {rate:7.2f} {ratio:10.2f}")
+        print(f"{name:68s} {gb:7.3f} {seconds:8.3f} {rate:7.2f} {ratio:10.2f}")
     print("baseline: raw write for saves, raw read for loads, transformers for HF loads")
 
 

@@ -165,3 +165,36 @@ def test_legacy_bin_is_read_without_pickle_code(tmp_path):
     torch.save({"a": Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         HFCheckpoint(tmp_path).tensor_info()
+
+
+def test_read_into_reads_straight_into_place_or_copies(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(4, 6, generator=gen),
+        "b": torch.randn(3, 6, generator=gen).to(torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+    }
+    ckpt = HFCheckpoint(save_hf_checkpoint(tmp_path / "m", tensors, max_shard_size=64))
+    assert len(ckpt.files) > 1
+    out = torch.full((10, 6), float("nan"))
+    ckpt.read_into("a", out[3:7])  # a contiguous view at an offset: read from the file
+    assert torch.equal(out[3:7], tensors["a"])
+    assert out[:3].isnan().all()
+    assert out[7:].isnan().all()
+    ckpt.read_into("b", out[7:10])  # bfloat16 into float32: read and cast
+    assert torch.equal(out[7:10], tensors["b"].float())
+    wide = torch.zeros(6, 4)
+    ckpt.read_into("a", wide.t())  # not contiguous: copied
+    assert torch.equal(wide.t(), tensors["a"])
+    flat = torch.zeros(24)
+    ckpt.read_into("a", flat)  # same elements, row-major
+    assert torch.equal(flat, tensors["a"].flatten())
+    flags = torch.zeros(3, dtype=torch.bool)
+    ckpt.read_into("flags", flags)
+    assert torch.equal(flags, tensors["flags"])
+    with pytest.raises(
+        ValueError, match=r"shape \[4, 6\], which does not fit a target of shape \[5\]"
+    ):
+        ckpt.read_into("a", torch.zeros(5))
+    with pytest.raises(KeyError, match="no tensor named 'c'"):
+        ckpt.read_into("c", torch.zeros(5))

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from forge_data.balance import QuadraticCost, balance_step, imbalance
+from forge_data.document_balance import balance_step_documents
 from forge_data.packing import pack_documents
 
 
@@ -59,9 +60,17 @@ def pool_rows(lengths, extra, *, seq_len, rows, cost, rng):
     pick = rng.integers(0, lengths.size, need)
     plan = pack_documents(np.arange(need), lengths[pick], seq_len=seq_len, window=16)
     doc_extra = extra[pick][plan.doc] * (plan.start == 0)
-    costs = cost.row_costs(plan.length, plan.row, plan.num_rows)
-    costs += np.bincount(plan.row, weights=doc_extra, minlength=plan.num_rows)
-    return costs, plan.stats.padding_waste
+    piece_costs = cost.doc_costs(plan.length) + doc_extra
+    costs = np.bincount(plan.row, weights=piece_costs, minlength=plan.num_rows)
+    return costs, plan, piece_costs
+
+
+def step_pieces(plan, piece_costs, picked):
+    """Row (in the step), length and cost of every piece of the rows ``picked`` of the pool."""
+    counts = np.diff(plan.row_offsets)[picked]
+    first = plan.row_offsets[picked]
+    idx = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+    return np.repeat(np.arange(picked.size), counts), plan.length[idx], piece_costs[idx]
 
 
 def main() -> None:
@@ -74,13 +83,15 @@ def main() -> None:
     p.add_argument("--dp", type=int, nargs="*", default=[8, 32, 128, 512, 1024])
     p.add_argument("--stdlib-files", type=int, default=None)
     p.add_argument("--refine-steps", type=int, default=None, help="default: 4")
+    p.add_argument("--document-steps", type=int, default=16, help="document exchanges per step")
     p.add_argument("--sources", nargs="*", default=["stdlib", "mixture"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated data and steps")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
         args.dp, args.steps, args.stdlib_files, args.seq_len = [8, 64], 3, 60, 4096
     cost = QuadraticCost(a=1.0, b=1.0 / (12 * args.hidden))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     sources = {}
     if "stdlib" in args.sources:
         t0 = time.perf_counter()
@@ -97,19 +108,24 @@ def main() -> None:
         f"seq_len={args.seq_len} hidden={args.hidden} rows/rank={args.rows_per_rank} "
         f"micro-batches={args.micro_batches} steps={args.steps}; cost a*len + len^2/(12*hidden)"
     )
-    header = f"{'data':8} {'dp':>5} {'naive mean':>10} {'naive max':>10} {'forge mean':>10} {'forge max':>10} {'bound':>7} {'ms/step':>8}"
+    header = (
+        f"{'data':8} {'dp':>5} {'naive mean':>10} {'naive max':>10} {'rows mean':>10} "
+        f"{'rows max':>9} {'bound':>7} {'ms/step':>8} {'docs mean':>10} {'docs max':>9} "
+        f"{'ms/step':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name, (lens, extra) in sources.items():
         max_rows = max(args.dp) * args.rows_per_rank
-        pool, waste = pool_rows(
+        pool, plan, piece_costs = pool_rows(
             lens, extra, seq_len=args.seq_len, rows=max_rows * 2, cost=cost, rng=rng
         )
         for dp in args.dp:
             g = dp * args.rows_per_rank
-            naive, forge, bound, times = [], [], [], []
+            naive, forge, bound, times, docs, doc_times = [], [], [], [], [], []
             for _ in range(args.steps):
-                rows = pool[rng.choice(pool.size, g, replace=False)]
+                picked = rng.choice(pool.size, g, replace=False)
+                rows = pool[picked]
                 t = time.process_time()
                 _layout, report = balance_step(
                     rows,
@@ -126,12 +142,29 @@ def main() -> None:
                 bound.append(max(rows.max() + light, mean) / mean)
                 forge.append(report.balanced)
                 assert imbalance(rows.reshape(dp, -1).sum(1)) == report.naive
+                piece_row, length, piece_cost = step_pieces(plan, piece_costs, picked)
+                t = time.process_time()
+                _rows, _layout, doc_report = balance_step_documents(
+                    piece_row,
+                    length,
+                    piece_cost,
+                    n_rows=g,
+                    seq_len=args.seq_len,
+                    dp_size=dp,
+                    micro_batches=args.micro_batches,
+                    rank=0,
+                    refine_steps=args.refine_steps,
+                    document_steps=args.document_steps,
+                )
+                doc_times.append((time.process_time() - t) * 1e3)
+                docs.append(doc_report.balanced)
             print(
                 f"{name:8} {dp:5d} {np.mean(naive):10.3f} {np.max(naive):10.3f} "
-                f"{np.mean(forge):10.3f} {np.max(forge):10.3f} {np.max(bound):7.3f} "
-                f"{np.median(times):8.2f}"
+                f"{np.mean(forge):10.3f} {np.max(forge):9.3f} {np.max(bound):7.3f} "
+                f"{np.median(times):8.2f} {np.mean(docs):10.3f} {np.max(docs):9.3f} "
+                f"{np.median(doc_times):8.2f}"
             )
-        print(f"{name:8} padding waste of the packed rows: {waste:.2%}")
+        print(f"{name:8} padding waste of the packed rows: {plan.stats.padding_waste:.2%}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,14 @@ are per CPU core):
 Documents/s counts documents (pieces) delivered; tokens/s counts non-padding tokens (forge: the
 pieces' lengths; baseline: the documents' lengths, both known without a pass over the batch).
 The two loaders run in alternating rounds and the median round is reported, so a neighbour's
-load on a shared machine hits both alike.
+load on a shared machine hits both alike. With ``--mixture`` both read a ``MixtureDataset``
+blending the shards (each its own ``TokenDataset``) with weights 4:3:2:1, as many documents as
+the shards hold, and a third loader runs in the same rounds: forge reading that mixture one
+``document()`` call per piece (what the loader did before ``MixtureDataset.gather``), so the
+gain of the vectorized gather is measured under the same load.
 
     python packages/forge-data/benchmarks/bench_loader.py
+    python packages/forge-data/benchmarks/bench_loader.py --mixture
     python packages/forge-data/benchmarks/bench_loader.py --smoke
 """
 
@@ -29,12 +34,13 @@ import numpy as np
 import torch
 
 from forge_data.loader import LoaderConfig, PackedLoader, TokenDataset
+from forge_data.mixture import MixtureDataset
 from forge_data.preprocess import PreprocessConfig, preprocess
 from forge_data.tokenizer import default_tokenizer, stdlib_corpus_files
 
 
 class Docs(torch.utils.data.Dataset):
-    def __init__(self, dataset: TokenDataset, seq_len: int):
+    def __init__(self, dataset: TokenDataset | MixtureDataset, seq_len: int):
         self.dataset, self.seq_len = dataset, seq_len
 
     def __len__(self):
@@ -43,6 +49,19 @@ class Docs(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids, _ = self.dataset.document(i)
         return torch.from_numpy(ids[: self.seq_len].astype(np.int64))
+
+
+class PerDocument:
+    """A dataset seen only through ``document(i)`` (no ``gather``): the per-piece path."""
+
+    def __init__(self, dataset):
+        self.dataset, self.lengths = dataset, dataset.lengths
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def document(self, i):
+        return self.dataset.document(i)
 
 
 def pad(batch):
@@ -59,6 +78,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8, help="rows per step (forge) / batch size")
     p.add_argument("--seconds", type=float, default=3.0, help="per loader and round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--mixture", action="store_true", help="read a 4:3:2:1 blend of the shards")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -71,6 +91,10 @@ def main() -> None:
         manifest = preprocess(cfg, tok)
         ds = TokenDataset(tmp)
         print(f"data: {manifest['documents']} documents, {manifest['tokens']} tokens")
+        if args.mixture:
+            parts = [TokenDataset([s.prefix]) for s in ds.shards]
+            ds = MixtureDataset(parts, [4, 3, 2, 1][: len(parts)], num_documents=len(ds))
+            print(f"mixture of {len(parts)} shards: {len(ds)} documents, {ds.lengths.sum()} tokens")
 
         def run(batches):
             docs = toks = 0
@@ -81,11 +105,11 @@ def main() -> None:
             dt = time.perf_counter() - t
             return docs / dt, toks / dt
 
-        def forge():
+        def forge(data=ds):
             cfg = LoaderConfig(
                 seq_len=args.seq_len, global_batch_rows=args.rows, micro_batch_rows=args.rows
             )
-            loader = PackedLoader(ds, cfg, dp_rank=0, dp_size=1)
+            loader = PackedLoader(data, cfg, dp_rank=0, dp_size=1)
             while True:
                 (micro,) = next(loader)
                 yield micro["pieces"].shape[0], int(micro["pieces"][:, 4].sum())
@@ -99,7 +123,12 @@ def main() -> None:
                     yield batch.shape[0], n
 
         forge_batches, baseline_batches = forge(), baseline()
-        rounds = [(run(forge_batches), run(baseline_batches)) for _ in range(args.rounds)]
+        per_doc = forge(PerDocument(ds)) if args.mixture else None
+        rounds, per_doc_rounds = [], []
+        for _ in range(args.rounds):
+            rounds.append((run(forge_batches), run(baseline_batches)))
+            if per_doc is not None:
+                per_doc_rounds.append(run(per_doc))
         print(
             f"{'round':6} {'forge docs/s':>13} {'tokens/s':>12} {'baseline docs/s':>16} "
             f"{'tokens/s':>12} {'ratio':>6}"
@@ -111,6 +140,15 @@ def main() -> None:
             f"median round: forge {f[1] / 1e6:.1f} M tokens/s, baseline {b[1] / 1e6:.1f} M "
             f"tokens/s, forge / baseline {f[1] / b[1]:.2f}x"
         )
+        if per_doc_rounds:
+            gains = [f[1] / p[1] for (f, _), p in zip(rounds, per_doc_rounds, strict=True)]
+            mid = int(np.argsort(gains)[len(gains) // 2])
+            print(
+                "forge reading the mixture one document() per piece, per round: "
+                + ", ".join(f"{p[1] / 1e6:.1f}" for p in per_doc_rounds)
+                + f" M tokens/s; median round: gather / per-document {gains[mid]:.2f}x "
+                f"({rounds[mid][0][1] / 1e6:.1f} vs {per_doc_rounds[mid][1] / 1e6:.1f} M tokens/s)"
+            )
 
 
 if __name__ == "__main__":

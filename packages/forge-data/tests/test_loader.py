@@ -207,6 +207,7 @@ _PINNED_DIGESTS = {
     "dp1_micro3_cost": "d283f89454d040d9",
     "resume_dp2_to_dp4": "87fd2ae2a772c569",
     "mixture": "46edf23c6fc6f764",
+    "mixture_unmasked": "5e8676b2a8f5b707",
 }
 
 
@@ -239,3 +240,69 @@ def test_mixture_batches_are_pinned(mixed_dataset):
     config = LoaderConfig(seq_len=32, global_batch_rows=4, micro_batch_rows=2)
     loaders = [PackedLoader(mix, config, dp_rank=r, dp_size=2) for r in range(2)]
     assert _digest(_run(loaders, 8)) == _PINNED_DIGESTS["mixture"]
+
+
+def test_mixture_without_masks_batches_are_pinned(mixed_dataset):
+    """A mixture of mask-less sources (one of them twice, another a mixture itself), with
+    over-long documents split: pinned before ``MixtureDataset.gather`` replaced per-document
+    reads."""
+    unmasked = TokenDataset([mixed_dataset.shards[1].prefix])
+    inner = MixtureDataset([unmasked, unmasked], [0.3, 0.7], num_documents=40, seed=4)
+    mix = MixtureDataset([unmasked, inner, unmasked], [0.2, 0.5, 0.3], num_documents=120, seed=9)
+    config = LoaderConfig(seq_len=24, global_batch_rows=6, micro_batch_rows=3, seed=1)
+    loaders = [PackedLoader(mix, config, dp_rank=r, dp_size=2) for r in range(2)]
+    assert _digest(_run(loaders, 10)) == _PINNED_DIGESTS["mixture_unmasked"]
+
+
+# -- documents moved between ranks' rows -----------------------------------------------------
+MOVING = LoaderConfig(seq_len=SEQ, global_batch_rows=8, seed=7, move_documents=True)
+# A large per-document cost makes rows of many short documents much costlier than others.
+PER_DOC = QuadraticCost(a=1.0, b=1e-2, c=200.0)
+
+
+def test_moving_documents_keeps_each_steps_pieces_and_the_tokens(dataset):
+    fixed = [
+        PackedLoader(dataset, CONFIG, dp_rank=r, dp_size=4, cost_model=PER_DOC) for r in range(4)
+    ]
+    moving = [
+        PackedLoader(dataset, MOVING, dp_rank=r, dp_size=4, cost_model=PER_DOC) for r in range(4)
+    ]
+    moved = 0
+    for _ in range(6):
+        a, b = _step(fixed), _step(moving)
+        assert _pieces(a) == _pieces(b)  # the same pieces, in other rows
+        # Which pieces each rank trains on: exchanges move some to other ranks.
+        moved += [_pieces([r]) for r in a] != [_pieces([r]) for r in b]
+        assert moving[0].last_report.balanced <= fixed[0].last_report.balanced + 1e-12
+        assert all(ld.last_report == moving[0].last_report for ld in moving)
+        for micro in (m for rank in b for m in rank):
+            offset = {}
+            for row, _, doc, start, length in micro["pieces"].tolist():
+                t = offset.get(row, 0)
+                ids, _ = dataset.document(doc)
+                expected = torch.as_tensor(ids[start : start + length].astype(np.int64))
+                assert torch.equal(micro["input_ids"][row, t : t + length], expected)
+                offset[row] = t + length
+            assert max(offset.values()) <= SEQ
+    assert moved > 0  # documents did change rows in some step
+
+
+def test_moving_documents_resumes_exactly_and_at_another_dp_size(dataset):
+    def loaders(dp):
+        return [
+            PackedLoader(dataset, MOVING, dp_rank=r, dp_size=dp, cost_model=PER_DOC)
+            for r in range(dp)
+        ]
+
+    straight = loaders(2)
+    reference = [_step(straight) for _ in range(6)]
+    first = loaders(2)
+    for _ in range(3):
+        _step(first)
+    resumed, other = loaders(2), loaders(4)
+    for ld in [*resumed, *other]:
+        ld.load_state_dict(first[0].state_dict())
+    for k in range(3, 6):
+        got = _step(resumed)
+        assert _digest(got) == _digest(reference[k])
+        assert _pieces(_step(other)) == _pieces(reference[k])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from forge_data.indexed import IndexedDatasetWriter
-from forge_data.loader import LoaderConfig, PackedLoader, TokenDataset
+from forge_data.loader import LoaderConfig, PackedLoader, TokenDataset, gather_pieces
 from forge_data.mixture import MixtureDataset, blend_schedule
 
 
@@ -50,3 +50,53 @@ def test_mixture_feeds_the_packed_loader(tmp_path):
             assert (ids == source + mix.index[doc]).all()
             assert start == 0
             assert length == ids.size
+
+
+class PerDocument:
+    """A source seen only through ``document(i)``: the loader's one-call-per-piece fallback."""
+
+    def __init__(self, dataset):
+        self.dataset, self.lengths = dataset, dataset.lengths
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def document(self, i):
+        return self.dataset.document(i)
+
+
+def _effective(keep, n):
+    return np.ones(n, bool) if keep is None else keep
+
+
+def test_gather_matches_per_document_reads(tmp_path):
+    rng = np.random.default_rng(3)
+    sources = []
+    for s in range(3):
+        with IndexedDatasetWriter(tmp_path / f"s{s}", dtype=np.uint16, with_mask=s == 1) as w:
+            for _ in range(6 + s):
+                n = int(rng.integers(1, 30))
+                w.add(rng.integers(0, 5000, n), rng.integers(0, 2, n) if s == 1 else None)
+        sources.append(TokenDataset([tmp_path / f"s{s}"]))
+    inner = MixtureDataset(sources[1:], [1, 1], num_documents=20, seed=1)
+    mixes = {
+        "spans": MixtureDataset([sources[0], inner, sources[2]], [1, 2, 3], num_documents=50),
+        # A source without spans(): one gather per source, scattered back.
+        "per source": MixtureDataset([sources[0], PerDocument(inner)], [1, 2], num_documents=50),
+        "no masks": MixtureDataset([sources[0], sources[2]], [1, 1], num_documents=30, seed=2),
+    }
+    assert mixes["spans"].spans() is not None
+    assert mixes["per source"].spans() is None
+    for name, mix in mixes.items():
+        docs = rng.integers(0, len(mix), 40)
+        starts = (rng.random(40) * mix.lengths[docs]).astype(np.int64)
+        lengths = (rng.random(40) * (mix.lengths[docs] - starts)).astype(np.int64)
+        ids, keep = mix.gather(docs, starts, lengths)
+        ref_ids, ref_keep = gather_pieces(PerDocument(mix), docs, starts, lengths)
+        assert ids.dtype == np.int64, name
+        np.testing.assert_array_equal(ids, ref_ids, err_msg=name)
+        np.testing.assert_array_equal(
+            _effective(keep, ids.size), _effective(ref_keep, ids.size), err_msg=name
+        )
+        assert (keep is None) == (name == "no masks"), name
+        assert not _effective(keep, ids.size).all() or name == "no masks", name

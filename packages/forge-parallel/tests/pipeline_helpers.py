@@ -76,9 +76,12 @@ def run_pipeline_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict
         moe = import_path(Path(__file__).with_name("tiny_moe.py"), "forge_parallel_tests_tiny_moe")
         with moe.eager_kernels():
             return _run_pipeline_layouts(moe.build_tiny_moe, layouts)
-    factory = {"tiny": tm.build_tiny, "tiny4": lambda: tm.build_tiny(n_layers=4)}.get(
-        build, tm.build_hf_llama
-    )
+    factory = {
+        "tiny": tm.build_tiny,
+        "tiny4": lambda: tm.build_tiny(n_layers=4),
+        "tiny_tied": lambda: tm.build_tiny(tie=True),
+        "tiny4_tied": lambda: tm.build_tiny(n_layers=4, tie=True),
+    }.get(build, tm.build_hf_llama)
     return _run_pipeline_layouts(factory, layouts)
 
 

@@ -1,6 +1,6 @@
 """Context parallelism: sharding layouts, blockwise ring math emulated on one process, and
 exactness on the gloo pool (attention forward + backward against full-sequence SDPA, and the
-tiny Llama trained 5 steps under CP against a single process)."""
+tiny Llama and ``transformers``' Llama trained 5 steps under CP against a single process)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from forge_core import ParallelDims
 from forge_core.testing import import_path
@@ -30,6 +31,7 @@ from forge_parallel.context_parallel import (
     unshard_sequence,
     validate_ulysses,
 )
+from forge_parallel.context_parallel.hf_attention import use_context_parallel_attention
 
 TOLERANCE = 1e-5
 
@@ -208,6 +210,55 @@ def test_errors_without_process_group():
         parallelize(model, ParallelDims(world_size=2), context_parallel=CPConfig())
 
 
+class _RecordSDPA(TorchFunctionMode):
+    """Records (attn_mask, is_causal) of every scaled_dot_product_attention call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("attn_mask", "dropout_p", "is_causal")
+            options = dict(zip(names, args[3:], strict=False)) | kwargs
+            self.calls.append((options.get("attn_mask"), options.get("is_causal", False)))
+        return func(*args, **kwargs)
+
+
+def _attention_calls(model, **inputs) -> list[tuple]:
+    recorder = _RecordSDPA()
+    with recorder:
+        model(**inputs, use_cache=False)
+    return recorder.calls
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_transformers_attention_passes_is_causal_under_context_parallelism(implementation):
+    model = tm.build_hf_llama()
+    model.set_attn_implementation(implementation)
+    tokens = torch.randint(0, 64, (2, 4))
+    # rank 0 of cp=2 holds positions 0 1 6 7: transformers reads them as two packed documents
+    positions = shard_positions(8, cp_size=2, cp_rank=0)[None].expand(2, -1)
+    before = _attention_calls(model, input_ids=tokens, position_ids=positions)
+    if implementation == "sdpa":
+        assert len(before) == 2
+        assert before[0][0] is not None  # a dense mask of the local shard
+    else:
+        assert before == []  # eager attention never reaches the SDPA router
+    restore = use_context_parallel_attention(model)
+    calls = _attention_calls(model, input_ids=tokens, position_ids=positions)
+    assert [(mask is None, causal) for mask, causal in calls] == [(True, True)] * 2
+    padded = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="pads some tokens"):
+        model(input_ids=tokens, attention_mask=padded, use_cache=False)
+    restore()
+    assert model.config._attn_implementation == implementation
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="config has sliding_attention layers"):
+        use_context_parallel_attention(model)
+
+
 def test_hsdp_shards_over_dp_shard_and_cp(fake_pg):
     with fake_pg(world_size=8, rank=3):
         model, summary = parallelize(
@@ -299,7 +350,7 @@ def _attention_job(kv_heads: int):
     return errors
 
 
-def _layouts_job(group: str):
+def _layouts_job(group: str, build: str = "tiny"):
     layouts = {
         "cp2": {
             "cp2_ring": {"dims": {"cp": 2, "dp_shard": 1}},
@@ -327,7 +378,7 @@ def _layouts_job(group: str):
 
     cp_apply.context_parallel_attention = counting
     try:
-        errors = tm.run_layouts("tiny", layouts)
+        errors = tm.run_layouts(build, layouts)
     finally:
         cp_apply.context_parallel_attention = original
     # every layer of every micro-batch of every step of every layout, on a SEQ / cp shard
@@ -358,4 +409,7 @@ def test_attention_exact_on_4_ranks(dist_pool):
 
 def test_tiny_llama_cp_layouts(dist_pool):
     _check(dist_pool(2).run(_layouts_job, "cp2"))
+    # transformers' Llama: no KV cache, so transformers would build a local mask (zigzag
+    # positions look like packed documents); apply_cp makes it pass is_causal instead
+    _check(dist_pool(2).run(_layouts_job, "cp2", "hf"))
     _check(dist_pool(4).run(_layouts_job, "cp4"))

@@ -168,6 +168,62 @@ def _dispatch_checks() -> dict[str, float]:
     return errors
 
 
+class _Mark(torch.autograd.Function):
+    """Identity that logs ``label`` when its backward runs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, events: list, label: str) -> torch.Tensor:
+        ctx.events, ctx.label = events, label
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.events.append(ctx.label)
+        return grad, None, None
+
+
+def _backward_overlap_job(chunks: int) -> list[str]:
+    """The order in which the chunked backward starts and waits for its exchanges and runs
+    each chunk's expert backward."""
+    from forge_parallel.expert_parallel import overlap
+
+    rank = dist.get_rank()
+    events: list[str] = []
+    start = overlap.all_to_all_async
+
+    def recording_start(*args, **kwargs):
+        pending, index = start(*args, **kwargs), len([e for e in events if e[0] == "s"])
+        events.append(f"s{index}")
+        wait = pending.wait
+
+        def recording_wait():
+            events.append(f"w{index}")
+            return wait()
+
+        pending.wait = recording_wait
+        return pending
+
+    torch.manual_seed(0)
+    experts = moe.Experts(E // 2, DIM, FFN)
+    calls = iter(range(chunks))
+
+    def compute(x_local, counts):
+        c = next(calls)  # forward order: chunk 0 first
+        y = experts(_Mark.apply(x_local, events, f"end{c}"), counts)
+        return _Mark.apply(y, events, f"begin{c}")
+
+    x, counts, w = _rank_inputs(rank)
+    x.requires_grad_()
+    with moe.eager_kernels():
+        y = chunked_expert_forward(x, counts, compute, group=dist.group.WORLD, num_chunks=chunks)
+        overlap.all_to_all_async = recording_start
+        try:
+            (y * w).sum().backward()
+        finally:
+            overlap.all_to_all_async = start
+    return events
+
+
 def _check(per_rank: list[dict[str, dict[str, float]]] | list[dict[str, float]]) -> None:
     bad = {}
     for rank, result in enumerate(per_rank):
@@ -183,6 +239,20 @@ def test_dispatch_combine_matches_one_process(dist_pool):
     _check(dist_pool(2).run(_dispatch_job))
 
 
+def test_chunked_backward_overlaps_the_reverse_exchanges(dist_pool):
+    events = dist_pool(2).run(_backward_overlap_job, 3)
+    assert events[0] == events[1]
+    # s0-s2: the reverse combines of chunks 2, 1, 0 start together, before any expert backward;
+    # each reverse dispatch (s3: chunk 2, s4: chunk 1, s5: chunk 0) starts after its chunk's
+    # expert backward and is waited for only after the next chunk's expert backward.
+    assert events[0] == [
+        *("s0", "s1", "s2"),
+        *("w0", "begin2", "end2", "s3"),
+        *("w1", "begin1", "end1", "s4", "w3"),
+        *("w2", "begin0", "end0", "s5", "w4", "w5"),
+    ], events[0]
+
+
 # -- training exactness -----------------------------------------------------------------
 
 
@@ -190,6 +260,11 @@ def _layouts_2() -> dict[str, dict]:
     return {
         "ep2": {"dims": {"ep": 2}, "expert_parallel": EP},
         "ep2_overlap": {"dims": {"ep": 2}, "expert_parallel": EPConfig(num_chunks=2)},
+        "ep2_overlap_recompute": {  # the recomputed forward starts exchanges inside backward
+            "dims": {"ep": 2},
+            "expert_parallel": EPConfig(experts=EP.experts, num_chunks=2),
+            "recompute": RecomputeConfig(mode="full"),
+        },
         # the checkpointed blocks re-run their dispatch/combine in the backward
         "ep2_recompute": {
             "dims": {"ep": 2},

@@ -44,6 +44,19 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
             },
         ),
         "hf2": ("hf", {"pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}}}),
+        # Tied embedding and head: the first and the last stage sum their gradients.
+        "tied2": (
+            "tiny4_tied",
+            {
+                "pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}},
+                "pp2_v2_interleaved_1f1b": {
+                    "dims": PP2,
+                    "pipeline": {"schedule": "interleaved_1f1b", "virtual_stages": 2},
+                },
+                # V placement: the first and the last stage are on rank 0.
+                "pp2_v2_zbv": {"dims": PP2, "pipeline": {"schedule": "zbv", "virtual_stages": 2}},
+            },
+        ),
         "moe2": (
             "moe",
             {
@@ -58,6 +71,36 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
                     "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
                     "pipeline": {"schedule": "1f1b"},
                     "stage_parallel": {"plan": tp_plan},
+                },
+                # vocab-sharded logits: the schedule runs inside loss_parallel()
+                "tp2_pp2_loss_parallel": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": tm.tiny_plan(loss_parallel=True)},
+                },
+                # ZB-H1's weight-gradient pass fills FSDP's unsharded gradients before the
+                # reduce-scatter (pipeline/split_backward.py)
+                "pp2_fsdp2_zero_bubble": {
+                    "dims": {"pp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "zero_bubble"},
+                    "stage_parallel": {"data_parallel": "fsdp"},
+                },
+            },
+        ),
+        "tied_4ranks": (
+            "tiny4_tied",
+            {
+                # Ranks 0 and 3 hold the tied matrix: a group of two of the four stages.
+                "pp4_gpipe": {"dims": {"pp": 4, "dp_shard": 1}, "pipeline": {"schedule": "gpipe"}},
+                "tp2_pp2": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": tp_plan},
+                },
+                "pp2_fsdp2": {
+                    "dims": {"pp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"data_parallel": "fsdp"},
                 },
             },
         ),
@@ -109,7 +152,7 @@ def _check(per_rank: list[dict[str, dict[str, float]]]) -> None:
 
 def test_pipeline_schedules_on_2_ranks(dist_pool):
     pool = dist_pool(2)
-    _check(pool.run(_job, ("tiny2", "hf2", "moe2")))
+    _check(pool.run(_job, ("tiny2", "hf2", "moe2", "tied2")))
     reports = pool.run(_bubble_job)
     assert reports[0] == reports[1]  # gathered over the pipeline group
     report = reports[0]
@@ -120,7 +163,7 @@ def test_pipeline_schedules_on_2_ranks(dist_pool):
 
 
 def test_tp2_pp2_on_4_ranks(dist_pool):
-    _check(dist_pool(4).run(_job, ("tiny_4ranks",)))
+    _check(dist_pool(4).run(_job, ("tiny_4ranks", "tied_4ranks")))
 
 
 def test_pp2_fsdp2_tp2_on_8_ranks(dist_pool):

@@ -263,3 +263,38 @@ def test_block_args_reach_every_block_per_microbatch():
     stage.set_block_args(None)
     with pytest.raises(TypeError):  # without block arguments the block lacks its scale
         stage(tokens)
+
+
+def test_graph_weights_are_the_leaves_the_forward_used():
+    """The split backward of zero-bubble schedules finds the weights in the autograd graph (the
+    unsharded parameters under FSDP2), not in ``module.parameters()``."""
+    from forge_parallel.pipeline.split_backward import graph_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model[2].bias.requires_grad_(False)
+    x = torch.randn(3, 4, requires_grad=True)
+    stand_in = torch.randn(4, 4, requires_grad=True)  # used instead of model[0].weight
+    out = torch.nn.functional.linear(x, stand_in, model[0].bias)
+    out = model[2](model[1](out))
+    found = graph_weights([out], [x])
+    assert {id(t) for t in found} == {id(stand_in), id(model[0].bias), id(model[2].weight)}
+    assert graph_weights([out.detach()], [x]) == []
+
+
+def test_zero_bubble_refuses_selective_recompute(fake_pg):
+    from forge_core import ParallelDims
+    from forge_parallel import RecomputeConfig
+    from forge_parallel.pipeline import pipeline
+
+    with fake_pg(world_size=4, rank=0):
+        mesh = ParallelDims(world_size=4, pp=2, dp_shard=2).build_mesh()
+        for mode in ("selective", "auto"):
+            recompute = RecomputeConfig(mode=mode, memory_budget=0 if mode == "auto" else None)
+            with pytest.raises(ValueError, match=f"recompute mode='{mode}'.*mode='full'"):
+                pipeline(
+                    tm.build_tiny(n_layers=4),
+                    mesh,
+                    loss_fn=torch.nn.functional.cross_entropy,
+                    schedule="zero_bubble",
+                    stage_parallel={"recompute": recompute},
+                )

@@ -31,6 +31,7 @@ class TinyConfig:
     n_kv_heads: int = 2
     ffn: int = 64
     eps: float = 1e-5
+    tie: bool = False  # the head shares the embedding matrix
 
 
 class RMSNorm(nn.Module):
@@ -111,6 +112,8 @@ class TinyLlama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+        if cfg.tie:
+            self.lm_head.weight = self.embed.weight
 
     def forward(
         self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None
@@ -200,8 +203,11 @@ def logits_of(
     if isinstance(model, TinyLlama):  # FSDP/replicate subclass the model's class
         return model(tokens) if position_ids is None else model(tokens, position_ids)
     if position_ids is None:
-        return model(input_ids=tokens).logits
-    return model(input_ids=tokens, position_ids=position_ids[None].expand_as(tokens)).logits
+        return model(input_ids=tokens, use_cache=False).logits
+    # Training passes no KV cache; transformers then reads a zigzag shard's positions as packed
+    # documents, which context parallelism must not turn into a local mask.
+    positions = position_ids[None].expand_as(tokens)
+    return model(input_ids=tokens, position_ids=positions, use_cache=False).logits
 
 
 def _cp_shard(

@@ -76,6 +76,10 @@ def build_components(
         config = vlm_model_config(
             cfg.model, tokenizer, style=placeholder_style(), frozen=cfg.train.freeze
         )
+        if cfg.checkpoint.export_hf:  # fail now, not after training
+            from forge_train.vlm_model import check_vlm_exportable
+
+            check_vlm_exportable(config)
     else:
         config = model_config(cfg.model, tokenizer.vocab_size)
     text_config = getattr(config, "text", config)  # a VLM's language model
@@ -90,6 +94,11 @@ def build_components(
         check_fp8_support(cfg.train.fp8, device)
     data = build_data(cfg.data, tokenizer, model_config=config)
     model, on_meta = build_model(cfg.model, config, seed=cfg.train.seed)
+    if on_meta and cfg.model.hf_path is not None and cfg.lora is not None:
+        raise ConfigError(
+            "lora: LoRA adapters on a model loaded from model.hf_path onto the meta device are "
+            "not supported; set model.init_device=device"
+        )
     lora_targets: list[str] = []
     if cfg.lora is not None:
         from forge_train.lora import apply_lora
@@ -180,7 +189,25 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
     from forge_train.pipeline_model import build_pipeline, check_pipeline_model
 
     pp = mesh.size("pp")
-    check_pipeline_model(model, config, pp=pp)
+    vlm = cfg.model.kind == "vlm"
+    if vlm:  # the encoder runs ahead of the decoder's pipeline (forge_train.vlm_pipeline)
+        from forge_train.vlm_pipeline import build_vlm_pipeline, check_vlm_pipeline
+
+        check_vlm_pipeline(config, cfg.parallel)
+        if cfg.parallel.pp_virtual_stages > 1:
+            raise ConfigError(
+                "parallel.pp_virtual_stages: virtual pipeline stages are not supported for "
+                "vision-language models yet; use pp_schedule=1f1b (or gpipe) with "
+                "pp_virtual_stages=1"
+            )
+    else:
+        check_pipeline_model(
+            model,
+            config,
+            pp=pp,
+            virtual_stages=cfg.parallel.pp_virtual_stages,
+            schedule=cfg.parallel.pp_schedule,
+        )
     dp = mesh.size("dp")
     microbatches = cfg.data.global_batch_rows // (dp * cfg.data.micro_batch_rows)
     if microbatches < pp:
@@ -196,7 +223,7 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
         plan = {
             k: ("colwise_output_replicated" if v == "loss_parallel" else v) for k, v in plan.items()
         }
-    return build_pipeline(
+    return (build_vlm_pipeline if vlm else build_pipeline)(
         model,
         config,
         mesh,
@@ -204,21 +231,24 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
         schedule=cfg.parallel.pp_schedule,
         split=cfg.parallel.pp_split,
         stage_parallel={**stage_parallel, "plan": plan},
+        **({"virtual_stages": cfg.parallel.pp_virtual_stages} if not vlm else {}),
     )
 
 
 def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool, pipeline=None) -> None:
     """Allocate and initialize a meta-device model after parallelization (each rank its own
     shards); LoRA adapters and FP8 linears, which ``init_weights`` does not know, after it.
+    With ``model.hf_path`` each rank then reads its own slices of the checkpoint.
     A pipeline stage is initialized through its whole model's ``init_weights`` (the other
     stages' parameters stay on the meta device)."""
     import forge_models
 
     torch.manual_seed(cfg.train.seed)
+    hf_path = cfg.model.hf_path if cfg.model.kind == "llm" else None
     if pipeline is not None:
-        pipeline.materialize(device)
+        pipeline.materialize(device, init=hf_path is None)
     else:
-        forge_models.materialize(model, device)
+        forge_models.materialize(model, device, init=hf_path is None)
     from forge_train.lora import LoRALinear
 
     for m in model.modules():
@@ -228,3 +258,7 @@ def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool, pipeli
         from forge_train.fp8 import init_fp8_linears
 
         init_fp8_linears(model, config.initializer_range)
+    if hf_path is not None:  # last: FP8 linears' initialization above would overwrite it
+        from forge_train.modeling import load_hf_into
+
+        load_hf_into(model, hf_path, config, pipeline=pipeline)

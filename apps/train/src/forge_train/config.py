@@ -86,7 +86,9 @@ class ParallelSettings:
     Pipeline parallelism (``pp > 1``) splits the layers into ``pp`` stages, one per pipeline
     rank (``pp_split``: ``layers`` equal layer counts, ``params`` balanced parameter counts), and
     runs each step's micro-batches through them with ``pp_schedule`` (``gpipe``, ``1f1b`` or
-    ``zero_bubble``, i.e. ZB-H1); each rank's micro-batches are the pipeline's micro-batches."""
+    ``zero_bubble``, i.e. ZB-H1); each rank's micro-batches are the pipeline's micro-batches.
+    ``pp_virtual_stages > 1`` gives each rank that many stages (``pp x pp_virtual_stages`` in
+    all) for ``interleaved_1f1b`` (Narayanan et al. 2021) or ``zbv`` (ZB-V, Qi et al. 2023)."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
@@ -95,8 +97,9 @@ class ParallelSettings:
     data_parallel: Literal["ddp", "fsdp", "hsdp", "zero1", "zero2"] | None = None
     sequence_parallel: bool = False
     recompute: Literal["none", "full", "selective"] = "none"
-    pp_schedule: Literal["gpipe", "1f1b", "zero_bubble"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "zero_bubble", "interleaved_1f1b", "zbv"] = "1f1b"
     pp_split: Literal["layers", "params"] = "layers"
+    pp_virtual_stages: int = 1
 
     def _degrees(self) -> dict[str, int]:
         return {
@@ -117,6 +120,19 @@ class ParallelSettings:
         )
         _require(self.tp != -1, "parallel.tp", "cannot be inferred (-1); give the degree")
         _require(self.pp != -1, "parallel.pp", "cannot be inferred (-1); give the degree")
+        virtual = self.pp_schedule in ("interleaved_1f1b", "zbv")
+        _require(
+            self.pp_virtual_stages >= 2 if virtual else self.pp_virtual_stages == 1,
+            "parallel.pp_virtual_stages",
+            f"schedule {self.pp_schedule} runs "
+            + (
+                "several stages per rank: set pp_virtual_stages >= 2"
+                if virtual
+                else "one stage per rank: set pp_virtual_stages=1 (or pp_schedule="
+                "interleaved_1f1b / zbv)"
+            ),
+            self.pp_virtual_stages,
+        )
         if self.pp > 1:
             _require(
                 self.data_parallel in (None, "fsdp"),
@@ -124,12 +140,6 @@ class ParallelSettings:
                 "with pipeline parallelism (pp > 1) use fsdp or null (ddp, hsdp and ZeRO-1/2 "
                 "are not supported on pipeline stages yet)",
                 self.data_parallel,
-            )
-            _require(
-                not (self.pp_schedule == "zero_bubble" and self.data_parallel == "fsdp"),
-                "parallel.pp_schedule",
-                "zero_bubble splits the backward into input- and weight-gradient passes, which "
-                "FSDP does not support; use 1f1b or gpipe with fsdp, or data_parallel=null",
             )
 
     def resolve(self, world_size: int) -> dict[str, int]:
@@ -402,19 +412,12 @@ class RunConfig:
         vlm = self.model.kind == "vlm"
         if self.train.freeze:
             _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
-        if self.parallel.pp > 1:
-            _require(
-                not vlm,
-                "parallel.pp",
-                "pipeline parallelism for vision-language models is not supported yet; use "
-                "parallel=single/ddp/fsdp with model.kind=vlm",
-            )
         if vlm:
             _require(
                 self.parallel.tp == 1 and self.lora is None and self.train.fp8 is None,
                 "model.kind",
                 "vlm models train without tensor parallelism, LoRA or FP8 so far; use "
-                "parallel=single/ddp/fsdp, lora=null, train.fp8=null",
+                "parallel=single/ddp/fsdp/pp2-fsdp, lora=null, train.fp8=null",
             )
         if self.lora is not None:
             _require(

@@ -73,7 +73,11 @@ class Trainer:
         parts = self.parts
         moe = getattr(parts.model_config, "moe", None)  # a VLMConfig has none
         balancer = None
-        if ExpertBiasBalancer.wanted(parts.model_config):
+        if ExpertBiasBalancer.wanted(parts.model_config) and parts.pipeline is not None:
+            from forge_train.pipeline_moe import PipelineExpertBalancer
+
+            balancer = PipelineExpertBalancer(parts.pipeline.moe, parts.model, parts.dp_group)
+        elif ExpertBiasBalancer.wanted(parts.model_config):
             balancer = ExpertBiasBalancer(parts.model, parts.dp_group)
         runner_class, extra = StepRunner, {}
         if parts.pipeline is not None:

@@ -63,22 +63,30 @@ def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Modul
         settings.init_device == "auto" and forge_models.count_params(config) > META_INIT_PARAMS
     )
     if settings.hf_path is not None:
-        if meta:
-            raise ConfigError(
-                "model.init_device: loading model.hf_path materializes the full model on every "
-                "process; set model.init_device=device (or convert it to a training checkpoint)"
-            )
-        model = forge_models.build_model(config, device="meta", dtype=torch.float32)
-        forge_models.materialize(model, "cpu", init=False)
-        forge_models.load_hf_weights(model, settings.hf_path)
         from forge_ckpt import HFCheckpoint
 
+        model = forge_models.build_model(config, device="meta", dtype=torch.float32)
         model.hf_config = dict(HFCheckpoint(settings.hf_path).config)
+        if meta:  # each rank reads its own shards after parallelization (load_hf_into)
+            return model, True
+        forge_models.materialize(model, "cpu", init=False)
+        forge_models.load_hf_weights(model, settings.hf_path)
         return model, False
     if meta:
         return forge_models.build_model(config, device="meta"), True
     torch.manual_seed(seed)
     return forge_models.build_model(config, device="cpu"), False
+
+
+def load_hf_into(model: nn.Module, hf_path: str, config, *, pipeline=None) -> None:
+    """Read ``hf_path`` into a materialized, parallelized meta-built model (or pipeline
+    stage): each rank reads only the slices it holds (``forge_models.load_hf_weights`` with
+    the whole model's ``config``)."""
+    import forge_models
+
+    forge_models.load_hf_weights(model, hf_path, config=config)
+    if pipeline is not None:
+        pipeline.pipe.sync_tied_weights()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,7 +119,14 @@ def export_hf(
         from forge_train.vlm_model import export_vlm_hf
 
         return export_vlm_hf(
-            model, config, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main
+            model,
+            config,
+            out_dir,
+            tokenizer=tokenizer,
+            lora=lora,
+            dtype=dtype,
+            is_main=is_main,
+            pipeline=pipeline,
         )
     import forge_models
     from forge_train.lora import merge_lora_state_dict

@@ -12,6 +12,10 @@ every stage get the micro-batch's attention inputs (RoPE tables and document bou
 rank from its own copy of the batch by a meta-device copy of the model (config and rotary
 tables only, no weights).
 
+A tied embedding and head (``tie_word_embeddings``) are one matrix held by the first and the
+last stage, their gradients summed over the two (:mod:`forge_parallel.pipeline.tied`); the
+checkpoint names it ``embed_tokens.weight`` as a single process does.
+
 The last stage outputs the logits; :class:`PipelineLoss` turns them into the summed
 cross-entropy scaled by ``dp_size / global tokens`` (the same objective as the single-process
 step, see :mod:`forge_train.step`), undoing the schedule's ``1 / microbatches``.
@@ -71,18 +75,22 @@ class PipelineParts:
     loss: PipelineLoss
     inputs_model: torch.nn.Module
     stage_parallel: Any  # the stage's forge_parallel ParallelizeResult
+    #: A MoE model's router handling on the stages (forge_train.pipeline_moe.PipelineMoE).
+    moe: Any = None
     #: The unsplit model, kept only while a meta-device stage awaits initialization.
     whole_model: torch.nn.Module | None = None
 
-    def materialize(self, device: torch.device) -> None:
-        """Allocate a meta-device stage on ``device`` and initialize it with the whole model's
-        ``init_weights`` (the other stages' parameters stay on the meta device)."""
+    def materialize(self, device: torch.device, *, init: bool = True) -> None:
+        """Allocate a meta-device stage on ``device`` and, with ``init``, initialize it with the
+        whole model's ``init_weights`` (the other stages' parameters stay on the meta device)."""
         import forge_models
 
         # forge_models.materialize allocates FSDP / TP DTensors as their local shards.
         forge_models.materialize(self.stage, device, init=False)
-        self.whole_model.init_weights()
+        if init:
+            self.whole_model.init_weights()
         self.whole_model = None
+        self.pipe.sync_tied_weights()  # the first stage's draw, on every stage using it
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's unsharded state dict on the CPU, on the ranks of the pipeline
@@ -108,6 +116,18 @@ class PipelineParts:
             merged.update(part)
         return merged
 
+    def norm_parameters(self) -> list[torch.nn.Parameter]:
+        """This rank's parameters that count towards the global gradient norm (a parameter
+        several pipeline ranks hold counts once, see ``Pipeline.norm_parameters``)."""
+        return self.pipe.norm_parameters()
+
+    def first_stage_inputs(self, ids: torch.Tensor, batches: list[dict], *, backward: bool):
+        """``(inputs of the first stage on this rank, finish)``: the token ids ``[m, T]`` on
+        the ranks holding it; ``finish()`` runs after the schedule (nothing here; a
+        vision-language model's encoder runs ahead of the schedule, see
+        :mod:`forge_train.vlm_pipeline`). ``batches``: each micro-batch's model inputs."""
+        return ((ids,) if self.is_first else ()), lambda: None
+
     @property
     def group(self):
         return self.pipe.group
@@ -121,29 +141,32 @@ class PipelineParts:
         return self.pipe.has_first_stage
 
 
-def check_pipeline_model(model: torch.nn.Module, config, *, pp: int) -> None:
+def check_pipeline_model(
+    model: torch.nn.Module, config, *, pp: int, virtual_stages: int = 1, schedule: str = "1f1b"
+) -> None:
     """Fail before any compute for models the pipeline cannot carry yet."""
     num_layers = getattr(config, "num_layers", None)
     if num_layers is None or not hasattr(model, "attention_inputs"):
         raise ConfigError(
             "parallel.pp: pipeline parallelism needs a forge_models CausalLM (model.kind=llm)"
         )
-    if num_layers < pp:
+    stages = pp * virtual_stages
+    if num_layers < stages:
         raise ConfigError(
-            f"parallel.pp: {pp} pipeline stages need at least {pp} layers, the model has "
-            f"{num_layers}; lower parallel.pp"
+            f"parallel.pp: {stages} pipeline stages (pp {pp} x pp_virtual_stages "
+            f"{virtual_stages}) need at least {stages} layers, the model has {num_layers}; "
+            "lower parallel.pp or parallel.pp_virtual_stages"
+        )
+    if schedule == "zbv" and getattr(config, "tie_word_embeddings", False):
+        raise ConfigError(
+            "parallel.pp_schedule: zbv places the first and the last stage on one rank, where "
+            "the tied embedding and head would be one parameter of two separately wrapped "
+            "stages; use interleaved_1f1b, or model.config.tie_word_embeddings=false"
         )
     if getattr(config, "moe", None) is not None:
-        raise ConfigError(
-            "parallel.pp: mixture-of-experts models are not pipelined yet (the router's "
-            "auxiliary loss is computed from every layer at the head); use parallel.pp=1"
-        )
-    if getattr(config, "tie_word_embeddings", False):
-        raise ConfigError(
-            "parallel.pp: tied input and output embeddings live on the first and the last "
-            "stage; keeping them tied across stages is not supported yet. Set "
-            "model.config.tie_word_embeddings=false (a new model) or parallel.pp=1"
-        )
+        from forge_train.pipeline_moe import check_moe_pipeline
+
+        check_moe_pipeline(config)
     if getattr(config, "mtp_depth", 0):
         raise ConfigError(
             "parallel.pp: multi-token prediction modules are not pipelined yet; set "
@@ -160,6 +183,7 @@ def build_pipeline(
     schedule: str,
     split: str,
     stage_parallel: dict[str, Any],
+    virtual_stages: int = 1,
 ) -> PipelineParts:
     """Split ``model`` over ``mesh["pp"]`` and keep this rank's stage (see the module
     docstring); ``stage_parallel``: :func:`forge_parallel.parallelize` arguments per stage."""
@@ -167,16 +191,23 @@ def build_pipeline(
     from forge_parallel.pipeline import pipeline
 
     loss = PipelineLoss(microbatches=microbatches)
+    moe = None
+    if getattr(config, "moe", None) is not None:
+        from forge_train.pipeline_moe import PipelineMoE
+
+        moe = PipelineMoE(config, microbatches=microbatches)
     pipe = pipeline(
         model,
         mesh,
         loss_fn=loss,
         schedule=schedule,
         microbatches=microbatches,
+        virtual_stages=virtual_stages,
         split=split,
         stage_parallel=stage_parallel,
+        block_output=moe,
     )
-    (stage,) = pipe.modules
+    stage = pipe.local_module()  # this rank's (virtual) stages under the whole model's names
     if hasattr(model, "hf_config"):  # the source config.json, written back by the export
         stage.hf_config = model.hf_config
     return PipelineParts(
@@ -185,5 +216,6 @@ def build_pipeline(
         loss=loss,
         inputs_model=forge_models.build_model(config, device="meta"),
         stage_parallel=pipe.parallelized[0],
+        moe=moe,
         whole_model=model if any(p.is_meta for p in model.parameters()) else None,
     )

@@ -36,13 +36,15 @@ class PipelineStepRunner(StepRunner):
 
     def _pipeline_inputs(
         self, micro_batches: list[dict[str, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple], torch.Tensor]:
-        """``(input ids [m, T], targets [m, T], block args per micro-batch, predicted tokens)``
-        of this rank's micro-batches (every pipeline rank computes them from its own copy)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple], torch.Tensor, list[dict]]:
+        """``(input ids [m, T], targets [m, T], block args per micro-batch, predicted tokens,
+        model inputs per micro-batch)`` of this rank's micro-batches (every pipeline rank
+        computes them from its own copy)."""
         preparer = self.pipeline.inputs_model
-        ids, targets, block_args, tokens = [], [], [], []
+        ids, targets, block_args, tokens, batches = [], [], [], [], []
         for mb in micro_batches:
             kwargs, n = model_inputs(mb, self.device)
+            batches.append(kwargs)
             ids.append(kwargs["input_ids"])
             targets.append(mb["labels"].reshape(1, -1).to(self.device, non_blocking=True))
             inputs = preparer.attention_inputs(
@@ -50,6 +52,7 @@ class PipelineStepRunner(StepRunner):
                 position_ids=kwargs["position_ids"],
                 cu_seqlens=kwargs["cu_seqlens"],
                 max_seqlen=kwargs["max_seqlen"],
+                block_ids=kwargs.get("block_ids"),  # a VLM's bidirectional image blocks
             )
             block_args.append((inputs,))
             tokens.append(n)
@@ -60,23 +63,25 @@ class PipelineStepRunner(StepRunner):
                 "pad every micro-batch to micro_batch_rows x seq_len"
             )
         count = torch.stack(tokens).sum().to(self.device, torch.float32)
-        return torch.cat(ids), torch.cat(targets), block_args, count
+        return torch.cat(ids), torch.cat(targets), block_args, count, batches
 
     def _run_pipeline(self, inputs, *, backward: bool, scale: float) -> torch.Tensor:
         """Run the schedule on ``_pipeline_inputs``; returns the summed cross-entropy of this
         rank's micro-batches (from the last stage, summed over the pipeline group)."""
         p = self.pipeline
-        ids, targets, block_args, _ = inputs
+        ids, targets, block_args, _, batches = inputs
         p.loss.scale = scale
         reported: list[torch.Tensor] = []
         run = p.pipe.step if backward else p.pipe.eval
         with self.autocast():
+            first, finish = p.first_stage_inputs(ids, batches, backward=backward)
             run(
-                *((ids,) if p.is_first else ()),
+                *first,
                 target=targets if p.is_last else None,
                 losses=reported,
                 block_args=block_args,
             )
+        finish()
         ce = p.loss.cross_entropy(reported) if reported else torch.zeros((), device=self.device)
         return all_reduce(ce.float(), p.group)
 
@@ -94,9 +99,12 @@ class PipelineStepRunner(StepRunner):
         from forge_parallel.pipeline import pipeline_clip_grad_norm_, pipeline_grad_norm
 
         params = [p for p in self.pipeline.stage.parameters() if p.grad is not None]
+        counted = self.pipeline.norm_parameters()  # a tied embedding's copy: once
         if self.grad_clip > 0:
-            return pipeline_clip_grad_norm_(params, self.grad_clip, self.pipeline.group)
-        return pipeline_grad_norm(params, self.pipeline.group)
+            return pipeline_clip_grad_norm_(
+                params, self.grad_clip, self.pipeline.group, counted=counted
+            )
+        return pipeline_grad_norm(counted, self.pipeline.group)
 
     @torch.no_grad()
     def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

@@ -119,12 +119,14 @@ def export_vlm_hf(
     lora: LoraConfig | None,
     dtype: torch.dtype | None,
     is_main: bool,
+    pipeline=None,
 ) -> Path | None:
     """Write a trained VLM as a Hugging Face folder of its family (``config.family``:
     ``qwen2_5_vl``, ``llava_onevision`` or ``internvl``) through
     ``forge_models.save_pretrained`` and forge-ckpt's composed mapping, with the tokenizer
     beside it. Collective (every rank gathers the full state dict); only the main process
-    writes."""
+    writes. ``pipeline``: the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when
+    ``model`` is one pipeline rank's part (its stages are gathered)."""
     import forge_models
     from forge_models.vlm import build_vlm
     from forge_train.modeling import full_state_dict
@@ -132,7 +134,7 @@ def export_vlm_hf(
     if lora is not None:
         raise ConfigError("lora: vision-language models train without LoRA; set lora=null")
     check_vlm_exportable(config)
-    state = full_state_dict(model)
+    state = full_state_dict(model) if pipeline is None else pipeline.full_state_dict()
     if not is_main:
         return None
     plain = build_vlm(config, device="meta")

@@ -30,6 +30,7 @@ _EXPORTS = {
     "QuadraticCost": "balance",
     "balance_step": "balance",
     "balanced_assignment": "balance",
+    "balance_step_documents": "document_balance",
     "LoaderConfig": "loader",
     "PackedLoader": "loader",
     "TokenDataset": "loader",
@@ -38,6 +39,8 @@ _EXPORTS = {
     "MultimodalConfig": "multimodal",
     "MultimodalDataset": "multimodal",
     "BadDataReport": "multimodal",
+    "FrameSampling": "video",
+    "decode_video": "video",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -60,6 +63,9 @@ if TYPE_CHECKING:
     )
     from forge_data.chat import (
         encode_chat as encode_chat,
+    )
+    from forge_data.document_balance import (
+        balance_step_documents as balance_step_documents,
     )
     from forge_data.indexed import (
         IndexedDataset as IndexedDataset,
@@ -120,6 +126,12 @@ if TYPE_CHECKING:
     )
     from forge_data.tokenizer import (
         train_bpe_tokenizer as train_bpe_tokenizer,
+    )
+    from forge_data.video import (
+        FrameSampling as FrameSampling,
+    )
+    from forge_data.video import (
+        decode_video as decode_video,
     )
 
 

@@ -13,8 +13,9 @@ same ``dp_size`` reproduces the uninterrupted run batch for batch; with another 
 global step still holds exactly the same rows, so no sample is lost or repeated.
 
 A step is assembled from flat arrays of its pieces (no per-token Python): the dataset joins the
-pieces' tokens with one slice of its memory map per piece (:meth:`TokenDataset.gather`; any
-dataset with ``document(i)`` also works, one call per piece), and
+pieces' tokens with one slice of its memory map per piece (:meth:`TokenDataset.gather`,
+:meth:`~forge_data.mixture.MixtureDataset.gather`; any dataset with ``document(i)`` also works,
+one call per piece), and
 :func:`~forge_data.collate.collate_flat` builds the tensors with whole-array operations.
 """
 
@@ -30,12 +31,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from forge_data.balance import BalanceReport, CostModel, QuadraticCost, balance_step
+from forge_data.balance import BalanceReport, CostModel, QuadraticCost, balance_step, group_by
 from forge_data.collate import collate_flat
+from forge_data.document_balance import balance_step_documents
 from forge_data.indexed import IndexedDataset
 from forge_data.packing import PackingPlan, pack_documents
 
-__all__ = ["LoaderConfig", "PackedLoader", "TokenDataset"]
+__all__ = ["LoaderConfig", "PackedLoader", "TokenDataset", "gather_pieces", "gather_spans"]
 
 STATE_VERSION = 1
 
@@ -62,7 +64,8 @@ class TokenDataset:
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.lengths = np.concatenate([s.lengths for s in self.shards]).astype(np.int64)
-        # Where each document starts in its shard's token array.
+        # Each document's shard, and where it starts in that shard's token array.
+        self._shard_of = np.repeat(np.arange(counts.size), counts)
         self._offsets = np.concatenate([np.asarray(s.offsets[:-1]) for s in self.shards])
         self._tokens = [s.tokens for s in self.shards]
         self._masks = [s.masks for s in self.shards]
@@ -84,21 +87,15 @@ class TokenDataset:
         (``int64``), and their loss mask as booleans (``None`` when no shard has one; True for
         documents of shards without one). One slice of a shard's map per piece, no per-token
         work."""
-        shards, masks = self._tokens, self._masks
-        which = np.searchsorted(self._starts, docs, side="right") - 1
-        offsets = self._offsets[docs] + starts
-        spans = list(zip(which.tolist(), offsets.tolist(), lengths.tolist(), strict=True))
-        ids = _join([shards[w][o : o + n] for w, o, n in spans], np.int64)
-        if all(m is None for m in masks):
-            return ids, None
-        keep = _join(
-            [
-                np.ones(n, np.uint8) if masks[w] is None else masks[w][o : o + n]
-                for w, o, n in spans
-            ],
-            np.uint8,
+        return gather_spans(
+            self._tokens, self._masks, self._shard_of[docs], self._offsets[docs] + starts, lengths
         )
-        return ids, keep != 0
+
+    def spans(self) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray, np.ndarray]:
+        """Where the documents' tokens lie: the shards' token arrays and loss-mask arrays
+        (``None`` without one), and for every document the index of its array and its offset
+        there (what :class:`~forge_data.mixture.MixtureDataset` composes to gather directly)."""
+        return self._tokens, self._masks, self._shard_of, self._offsets
 
     @property
     def fingerprint(self) -> dict[str, int]:
@@ -109,11 +106,32 @@ class TokenDataset:
         }
 
 
+def gather_spans(
+    arrays: list[np.ndarray],
+    masks: list[np.ndarray | None],
+    which: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``arrays[which[j]][offsets[j] : offsets[j] + lengths[j]]`` back to back (``int64``), and
+    the same spans of ``masks`` as booleans (True for arrays without a mask; ``None`` when none
+    has one): one slice per span."""
+    spans = list(zip(which.tolist(), offsets.tolist(), lengths.tolist(), strict=True))
+    ids = _join([arrays[w][o : o + n] for w, o, n in spans], np.int64)
+    if all(m is None for m in masks):
+        return ids, None
+    keep = _join(
+        [np.ones(n, np.uint8) if masks[w] is None else masks[w][o : o + n] for w, o, n in spans],
+        np.uint8,
+    )
+    return ids, keep != 0
+
+
 def _join(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts, dtype=dtype) if parts else np.zeros(0, dtype=dtype)
 
 
-def _gather(dataset, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+def gather_pieces(dataset, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
     """The pieces' tokens back to back and their loss mask (see :meth:`TokenDataset.gather`),
     through ``document(i)`` for datasets without a ``gather`` of their own."""
     if hasattr(dataset, "gather"):
@@ -131,7 +149,14 @@ def _gather(dataset, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
 class LoaderConfig:
     """``global_batch_rows`` rows of ``seq_len`` tokens per optimizer step, fed to each rank as
     micro-batches of ``micro_batch_rows`` rows; must be a multiple of
-    ``dp_size * micro_batch_rows``."""
+    ``dp_size * micro_batch_rows``.
+
+    ``move_documents`` (with ``balance``, at ``dp_size > 1``) lets the balancer also exchange
+    documents between rows of different ranks (:mod:`forge_data.document_balance`), for data
+    where some rows are much costlier than others (images, long documents); a step then holds
+    the same pieces as without it, in other rows. The cost model must be additive over
+    documents, as the built-in ones are.
+    """
 
     seq_len: int
     global_batch_rows: int
@@ -141,6 +166,7 @@ class LoaderConfig:
     pack_window: int = 64
     overlong: Literal["split", "truncate", "skip"] = "split"
     balance: bool = True
+    move_documents: bool = False
 
     def __post_init__(self):
         for name in ("seq_len", "global_batch_rows", "micro_batch_rows", "pack_window"):
@@ -255,13 +281,32 @@ class PackedLoader:
             np.concatenate, (epochs, docs, starts, lengths, counts)
         )
         n_rows = counts.size
-        costs = self.cost_model.row_costs(length, np.repeat(np.arange(n_rows), counts), n_rows)
-        if self.config.balance:
+        row_of = np.repeat(np.arange(n_rows), counts)
+        if self.config.balance and self.config.move_documents and self.dp_size > 1:
+            piece_costs = self.cost_model.row_costs(length, np.arange(length.size), length.size)
+            row_of, layout, self.last_report = balance_step_documents(
+                row_of,
+                length,
+                piece_costs,
+                n_rows=n_rows,
+                seq_len=self.config.seq_len,
+                dp_size=self.dp_size,
+                micro_batches=self.micro_batches,
+                rank=self.dp_rank,
+            )
+            # Pieces regrouped by their new row (in step order within a row).
+            regroup = group_by(row_of, n_rows)
+            epoch, doc, start, length = (x[regroup] for x in (epoch, doc, start, length))
+            counts = np.bincount(row_of, minlength=n_rows)
+            mine = layout[self.dp_rank]
+        elif self.config.balance:
+            costs = self.cost_model.row_costs(length, row_of, n_rows)
             layout, self.last_report = balance_step(
                 costs, dp_size=self.dp_size, micro_batches=self.micro_batches, rank=self.dp_rank
             )
             mine = layout[self.dp_rank]
         else:
+            costs = self.cost_model.row_costs(length, row_of, n_rows)
             per_rank = self.micro_batches * self.config.micro_batch_rows
             mine = np.arange(per_rank * self.dp_rank, per_rank * (self.dp_rank + 1)).reshape(
                 self.micro_batches, -1
@@ -275,7 +320,7 @@ class PackedLoader:
             # Pieces of the micro-batch's rows, row after row.
             n = counts[rows]
             sel = np.repeat(first_piece[rows] - (np.cumsum(n) - n), n) + np.arange(n.sum())
-            ids, keep = _gather(self.dataset, doc[sel], start[sel], length[sel])
+            ids, keep = gather_pieces(self.dataset, doc[sel], start[sel], length[sel])
             batch = collate_flat(
                 ids, length[sel], n, seq_len=self.config.seq_len, pad_id=self.pad_id, keep=keep
             )

@@ -9,7 +9,10 @@ large ones subsampled). The schedule depends only on sizes, weights and seed.
 
 :class:`MixtureDataset` exposes the blend with the interface of
 :class:`~forge_data.loader.TokenDataset`, so :class:`~forge_data.loader.PackedLoader` packs,
-balances and resumes it like any other.
+balances and resumes it like any other. :meth:`MixtureDataset.gather` reads a micro-batch's
+pieces with one memory-map slice each, as ``TokenDataset.gather`` does: when every source exposes
+``spans()`` (token datasets and mixtures of them), the mixture composes them once into the array
+and offset of every one of its documents; other sources are gathered with one call per source.
 """
 
 from __future__ import annotations
@@ -73,12 +76,71 @@ class MixtureDataset:
         for d, ds in enumerate(self.datasets):
             sel = self.which == d
             self.lengths[sel] = np.asarray(ds.lengths)[self.index[sel]]
+        self._spans: tuple | None = None
 
     def __len__(self) -> int:
         return self.which.size
 
     def document(self, i: int):
         return self.datasets[int(self.which[i])].document(int(self.index[i]))
+
+    def gather(
+        self, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens ``[starts[j], starts[j] + lengths[j])`` of mixture documents ``docs[j]``, back
+        to back (``int64``), and their loss mask (booleans, True for tokens of sources without
+        one; ``None`` when there is no mask to apply), as
+        :meth:`~forge_data.loader.TokenDataset.gather`: one slice per piece through
+        :meth:`spans`, or, when a source has no ``spans()``, one gather per source with the
+        pieces scattered to their places."""
+        from forge_data.loader import gather_pieces, gather_spans
+
+        docs = np.asarray(docs, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        spans = self.spans()
+        if spans is not None:
+            arrays, masks, array_of, offset_of = spans
+            return gather_spans(arrays, masks, array_of[docs], offset_of[docs] + starts, lengths)
+        which, local = self.which[docs], self.index[docs]
+        first = np.cumsum(lengths) - lengths  # where each piece's tokens start in the output
+        sources = np.unique(which)
+        if sources.size == 1:  # one source: its order is the output order
+            return gather_pieces(self.datasets[int(sources[0])], local, starts, lengths)
+        ids = np.empty(int(lengths.sum()), dtype=np.int64)
+        keep = None
+        for d in sources.tolist():
+            sel = np.flatnonzero(which == d)
+            n = lengths[sel]
+            part_ids, part_keep = gather_pieces(self.datasets[d], local[sel], starts[sel], n)
+            # Output position of each of this source's tokens: its piece's start, plus a ramp.
+            pos = np.repeat(first[sel] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+            ids[pos] = part_ids
+            if part_keep is not None:
+                if keep is None:
+                    keep = np.ones(ids.size, dtype=bool)
+                keep[pos] = part_keep
+        return ids, keep
+
+    def spans(self) -> tuple[list, list, np.ndarray, np.ndarray] | None:
+        """The sources' ``spans()`` composed (see :meth:`TokenDataset.spans
+        <forge_data.loader.TokenDataset.spans>`), built on first use; ``None`` when a source has
+        no ``spans()``."""
+        if self._spans is None:
+            parts = [d.spans() if hasattr(d, "spans") else None for d in self.datasets]
+            if any(p is None for p in parts):
+                return None
+            arrays, masks = [], []
+            array_of = np.empty(len(self), dtype=np.int64)
+            offset_of = np.empty(len(self), dtype=np.int64)
+            for d, (a, m, src_array, src_offset) in enumerate(parts):
+                sel = np.flatnonzero(self.which == d)
+                array_of[sel] = src_array[self.index[sel]] + len(arrays)
+                offset_of[sel] = src_offset[self.index[sel]]
+                arrays += a
+                masks += m
+            self._spans = (arrays, masks, array_of, offset_of)
+        return self._spans
 
     @property
     def fingerprint(self) -> dict:

@@ -3,13 +3,15 @@
 A sample is the group of files sharing a key in a tar shard (the webdataset convention,
 Breuel et al., github.com/webdataset): ``key.txt`` (text) or ``key.json`` (``{"text": ...}`` or a
 chat ``{"messages": [...]}``), any number of images ``key.jpg`` / ``key.png`` / ``key.0.jpg`` ...,
-video frames ``key.frames.npy`` (``T x H x W x C`` uint8) and actions ``key.actions.npy``
-(``T x action_dim``). Shards are local paths or anything webdataset opens (``http(s)://``,
+a video, either as a file ``key.mp4`` (also ``.mkv`` / ``.webm`` / ``.mov``; decoded with PyAV, the
+``[video]`` extra, and sampled by :class:`~forge_data.video.FrameSampling`, see
+:mod:`forge_data.video`) or as frames already sampled, ``key.frames.npy`` (``T x H x W x C``
+uint8), and actions ``key.actions.npy`` (``T x action_dim``). Shards are local paths or anything webdataset opens (``http(s)://``,
 ``pipe:``, and fsspec URLs such as ``s3://`` / ``gs://`` with the matching fsspec backend).
 
 Shards are shuffled per epoch with the seed, split over data-parallel ranks (passed explicitly)
 and then over DataLoader workers; samples go through a seeded shuffle buffer. Bad data never
-crashes a run silently: a corrupt shard, an undecodable image or array, an empty text and a text
+crashes a run silently: a corrupt shard, an undecodable image, video or array, an empty text and a text
 longer than ``seq_len`` are counted in :class:`BadDataReport` with their location and logged, and
 skipped (or truncated, for long texts); ``on_error="raise"`` stops at the first one instead.
 Counts are per process: with DataLoader workers each worker logs its own.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from forge_data.tokenizer import Tokenizer
+from forge_data.video import VIDEO_EXTENSIONS, FrameSampling, decode_video
 
 __all__ = ["BadDataReport", "MultimodalConfig", "MultimodalDataset"]
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # What decoding a broken file raises: PIL raises UnidentifiedImageError (an OSError) or
-# SyntaxError on broken headers, numpy ValueError.
+# SyntaxError on broken headers, numpy ValueError, forge_data.video VideoDecodeError (a ValueError).
 MEDIA_ERRORS = (OSError, ValueError, SyntaxError)
 
 
@@ -61,7 +64,8 @@ class BadDataReport:
 
 @dataclass(frozen=True, kw_only=True)
 class MultimodalConfig:
-    """``urls``: shard list or brace pattern (``"data/shard-{000..099}.tar"``)."""
+    """``urls``: shard list or brace pattern (``"data/shard-{000..099}.tar"``); ``video``: which
+    frames of a video file to keep (default: 2 per second, Qwen2-VL's policy)."""
 
     urls: str | Sequence[str]
     seq_len: int
@@ -74,6 +78,7 @@ class MultimodalConfig:
     overlong: Literal["truncate", "skip"] = "truncate"
     on_error: Literal["skip", "raise"] = "skip"
     image_size: tuple[int, int] | None = None
+    video: FrameSampling = field(default_factory=FrameSampling)
 
     def __post_init__(self):
         if self.seq_len < 1:
@@ -206,12 +211,23 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
 
     def _media(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Decoded ``images`` (in file-name order, numbers compared as numbers: ``key.2.jpg``
-        before ``key.10.jpg``), video ``frames`` and ``actions`` of a raw sample; raises one of
-        :data:`MEDIA_ERRORS` on undecodable data."""
+        before ``key.10.jpg``), video ``frames`` (``T x H x W x C`` uint8; from a video file also
+        ``video_fps``, the rate of the sampled frames, and ``frame_times``, their timestamps in
+        seconds) and ``actions`` of a raw sample; raises one of :data:`MEDIA_ERRORS` on
+        undecodable data."""
         out: dict[str, Any] = {}
         images = sorted((k for k in raw if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), key=_natural)
         if images:
             out["images"] = [self._image(raw[k]) for k in images]
+        videos = [k for k in raw if k.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS]
+        if len(videos) + ("frames.npy" in raw) > 1:
+            found = sorted([*videos, *(["frames.npy"] if "frames.npy" in raw else [])])
+            raise ValueError(f"a sample holds at most one video, found {found}")
+        if videos:
+            video = decode_video(raw[videos[0]], self.config.video)
+            out["frames"] = torch.from_numpy(video.frames)
+            out["video_fps"] = video.sampled_fps
+            out["frame_times"] = torch.from_numpy(video.timestamps)
         if "frames.npy" in raw:
             out["frames"] = torch.from_numpy(_npy(raw["frames.npy"], ndim=4, dtype=np.uint8))
         if "actions.npy" in raw:

@@ -63,7 +63,7 @@ from forge_models.blocks import (
 )
 from forge_models.config import TransformerConfig
 
-__all__ = ["IGNORE_INDEX", "CausalLM", "MoEStats", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "CausalLM", "MoEStats", "router_sequence_balance", "shift_labels"]
 
 #: Label value that contributes no loss (as ``torch.nn.functional.cross_entropy``'s default).
 IGNORE_INDEX = -100
@@ -130,7 +130,7 @@ def _alias_tied_head(module: CausalLM, state_dict, prefix: str, *args) -> None:
             state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "embed_tokens.weight"]
 
 
-def _sequence_balance(
+def router_sequence_balance(
     router: RouterOutput,
     batch_shape: torch.Size,
     attention_mask: torch.Tensor | None,
@@ -501,7 +501,8 @@ class CausalLM(nn.Module):
             )
         elif logits is not None:
             aux_loss = sum(
-                _sequence_balance(r, batch_shape, attention_mask, cu_seqlens) for _, r in routers
+                router_sequence_balance(r, batch_shape, attention_mask, cu_seqlens)
+                for _, r in routers
             )
         self.moe_stats = MoEStats(
             layers=tuple(i for i, _ in routers),

@@ -3,10 +3,17 @@
 These combine the model registry (which family, which config) with forge-ckpt (how the tensors
 are named and laid out, and the streaming safetensors reader/writer). Loading builds the model
 on the meta device, allocates it on the target device without initializing it, checks the
-checkpoint's tensor names and shapes from its headers, then copies tensors in one at a time as
+checkpoint's tensor names and shapes from its headers, then fills tensors one at a time as
 they are read (peak memory: the model plus about one tensor; a fused tensor's first part waits
-for its second, which may sit in the next shard). Saving streams
-the model's tensors through the inverse mapping into shards.
+for its second, which may sit in the next shard). Fused tensors (q/k/v, gate/up, stacked
+experts) are written part by part into the parameter, never joined in a temporary first, and
+a part whose place in the parameter is contiguous is read from the file straight into it. On
+CPU, :func:`from_pretrained` by default lets a parameter whose checkpoint tensor already has
+its dtype and layout keep the file's memory-mapped pages (private, copy-on-write, as
+``transformers`` and ``safetensors`` load) instead of copying them: loading then costs what
+mapping the file costs, pages are read on first use, and a parameter that training writes
+gets its own copy of the pages it writes. Saving streams the model's tensors through the
+inverse mapping into shards.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def from_pretrained(
     allow_bin: bool = True,
     mtp_depth: int | None = None,
     parallelize: Callable[[nn.Module], Any] | None = None,
+    mmap: bool = True,
 ) -> nn.Module:
     """Load a Hugging Face checkpoint folder into a forge model.
 
@@ -75,6 +83,10 @@ def from_pretrained(
         parallelize: called with the model while it is still on the meta device, to
             parallelize it in place (``lambda m: forge_parallel.parallelize(m, dims, ...)``);
             then each rank allocates and reads only the shards it holds.
+        mmap: on CPU, parameters whose checkpoint tensor has their dtype and layout share the
+            file's pages copy-on-write instead of holding a copy (see the module docstring).
+            ``False`` copies every tensor into memory of the model's own, e.g. when the files
+            will be overwritten in place (not by rename) while the model lives.
 
     The model keeps the source ``config.json`` as ``model.hf_config`` so that
     :func:`save_pretrained` writes it back unchanged. Raises
@@ -98,7 +110,7 @@ def from_pretrained(
         parallelize(model)
         # to_empty allocates each DTensor's local shard only.
         model.to_empty(device=torch.device("cpu") if device is None else device)
-    load_hf_weights(model, ckpt)
+    load_hf_weights(model, ckpt, mmap=mmap and parallelize is None)
     model.hf_config = dict(hf_config)
     return model
 
@@ -129,12 +141,17 @@ def load_hf_weights(
     hf_dir: str | os.PathLike | HFCheckpoint,
     *,
     config: TransformerConfig | None = None,
+    mmap: bool = False,
 ) -> nn.Module:
     """Copy a Hugging Face checkpoint into an existing, materialized forge model, in place.
 
     Every model tensor must come from the checkpoint (strict); tensors are cast to the
     parameter's dtype and device as they are copied. Checkpoint layers of multi-token
-    prediction modules beyond the model's ``mtp_depth`` are dropped.
+    prediction modules beyond the model's ``mtp_depth`` are dropped. With ``mmap``, a CPU
+    parameter or buffer whose checkpoint tensor already has its dtype, shape and a contiguous
+    layout takes that tensor's storage instead (``param.data = tensor``: the same parameter
+    objects, so ties and references stay, but the values live in the file's private,
+    copy-on-write mapping; see the module docstring).
 
     The model may be parallelized: with DTensor parameters (FSDP2, tensor / expert parallel)
     or as a pipeline stage module (pass ``config``, the whole model's config, which a stage
@@ -158,10 +175,55 @@ def load_hf_weights(
         ctx,
         {name: tuple(t.shape) for name, t in state.items()},
     )
+    live = _live_tensors(model) if mmap else {}
     with torch.no_grad():
-        for name, tensor in spec.hf_to_forge(ckpt.iter_tensors(), ctx):
-            state[name].copy_(tensor)
+        for rule, parts in spec.hf_to_forge_parts(ckpt.iter_tensors(), ctx):
+            target = live.get(rule.forge)
+            if target is not None and rule.rule.concat is None:
+                tensor = rule.to_forge(parts, ctx)
+                if _can_share(tensor, target):
+                    target.data = tensor
+                    continue
+            _fill(ckpt, rule, state[rule.forge], parts, ctx)
     return model
+
+
+def _fill(ckpt: HFCheckpoint, rule, out: torch.Tensor, parts, ctx) -> None:
+    """Write a rule's checkpoint tensors into ``out``: each part read from the file straight
+    into its place where that place is contiguous and of the part's dtype
+    (:meth:`HFCheckpoint.read_into`), else copied (and cast) from the mapped file."""
+    own = parts[: len(rule.own)]
+    views = rule.part_views(out, [tuple(p.shape) for p in own], ctx)
+    if views is None:  # transforms after the join (e.g. vocabulary padding)
+        rule.to_forge_into(out, parts, ctx)
+        return
+    rule.check_copies(parts)
+    for name, view, part in zip(rule.own, views, own, strict=True):
+        if view.is_contiguous() and view.dtype == part.dtype and view.device.type == "cpu":
+            ckpt.read_into(name, view)
+        else:
+            view.copy_(part.reshape(view.shape))
+
+
+def _live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameter and buffer objects by state-dict name (``state_dict()`` gives
+    detached aliases, whose ``.data`` cannot re-point the module's tensors)."""
+    live = dict(model.named_buffers(remove_duplicate=False))
+    live.update(model.named_parameters(remove_duplicate=False))
+    return live
+
+
+def _can_share(tensor: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``target`` can take ``tensor``'s storage as it is (no cast, move or relayout)."""
+    return (
+        tensor.device.type == "cpu"
+        and target.device.type == "cpu"
+        and tensor.dtype == target.dtype
+        and tensor.shape == target.shape
+        and tensor.is_contiguous()
+        and type(tensor) is torch.Tensor
+        and type(target) in (torch.Tensor, nn.Parameter)
+    )
 
 
 def save_pretrained(

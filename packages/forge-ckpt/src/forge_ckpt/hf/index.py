@@ -55,6 +55,9 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code ("F32", "BF16", ...) or a torch dtype name for .bin
     file: str
+    #: Byte range of the data in ``file`` (safetensors only): start offset and length.
+    offset: int | None = None
+    nbytes: int | None = None
 
 
 def parse_size(size: int | str) -> int:
@@ -121,8 +124,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         entries = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
+    start = 8 + length  # the data section follows the header
     return {
-        name: TensorInfo(shape=tuple(entry["shape"]), dtype=entry["dtype"], file=path.name)
+        name: TensorInfo(
+            shape=tuple(entry["shape"]),
+            dtype=entry["dtype"],
+            file=path.name,
+            offset=start + entry["data_offsets"][0],
+            nbytes=entry["data_offsets"][1] - entry["data_offsets"][0],
+        )
         for name, entry in entries.items()
         if name != "__metadata__"
     }

@@ -17,6 +17,7 @@ partial checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -43,6 +44,20 @@ from forge_ckpt.hf.index import (
 from forge_ckpt.hf.slices import SliceReader
 
 __all__ = ["HFCheckpoint", "read_hf_config", "save_hf_checkpoint"]
+
+#: safetensors dtype codes -> torch dtypes (those ``read_into`` reads directly).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 CONFIG_NAME = "config.json"
 
@@ -195,6 +210,48 @@ class HFCheckpoint:
                 for name in by_file[file]:
                     yield name, state.pop(name)
                 del state
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (same number of elements, row-major) with tensor ``name``.
+
+        When ``out`` is a contiguous CPU tensor of the checkpoint's dtype and the file is
+        safetensors, the bytes are read from the file straight into ``out``'s memory (one
+        ``preadv``: no mapping, no intermediate tensor; on fresh memory this is several times
+        faster than copying from the memory-mapped file, whose every page faults twice).
+        Otherwise the tensor is read and copied (cast to ``out``'s dtype).
+        """
+        info = self.tensor_info().get(name)
+        if info is None:
+            raise KeyError(f"{self.path} has no tensor named {name!r}")
+        if math.prod(info.shape) != out.numel():
+            raise ValueError(
+                f"{name} has shape {list(info.shape)}, which does not fit a target of shape "
+                f"{list(out.shape)}"
+            )
+        direct = (
+            info.offset is not None
+            and out.numel() > 0
+            and out.device.type == "cpu"
+            and out.is_contiguous()
+            and type(out) in (torch.Tensor, torch.nn.Parameter)
+            and _SAFETENSORS_DTYPES.get(info.dtype) == out.dtype
+            and info.nbytes == out.numel() * out.element_size()
+        )
+        if not direct:
+            with torch.no_grad():
+                out.copy_(self.get_tensor(name).reshape(out.shape))
+            return
+        view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+        fd = os.open(self.path / info.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < info.nbytes:
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+                if got <= 0:
+                    raise ValueError(f"{self.path / info.file} ends inside tensor {name}")
+                done += got
+        finally:
+            os.close(fd)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """One tensor by name."""

@@ -80,6 +80,16 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
+def _fill_views(views: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> None:
+    for view, part in zip(views, parts, strict=True):
+        view.copy_(part.reshape(view.shape))
+
+
+def _check_out(out: torch.Tensor, shape: Shape) -> None:
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"the joined tensor has shape {list(shape)}, the target {list(out.shape)}")
+
+
 def _resolve(value: int | str, ctx: Mapping[str, Any]) -> int:
     """An int, or the int a context key names."""
     if isinstance(value, str):
@@ -120,6 +130,24 @@ class Concat:
     def join(self, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]) -> torch.Tensor:
         self.joined_shape([tuple(p.shape) for p in parts], ctx)
         return torch.cat(list(parts), dim=self.dim)
+
+    def part_views(
+        self, out: torch.Tensor, shapes: Sequence[Shape], ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor]:
+        """The view of the joined ``out`` that each part (of ``shapes``) fills."""
+        _check_out(out, self.joined_shape(shapes, ctx))
+        views, offset = [], 0
+        for shape in shapes:
+            extent = shape[self.dim]
+            views.append(out.narrow(self.dim, offset, extent))
+            offset += extent
+        return views
+
+    def join_into(
+        self, out: torch.Tensor, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]
+    ) -> None:
+        """:meth:`join` written straight into ``out`` (each part copied once, cast to its dtype)."""
+        _fill_views(self.part_views(out, [tuple(p.shape) for p in parts], ctx), parts)
 
     def split(
         self, tensor: torch.Tensor, n_parts: int, ctx: Mapping[str, Any]
@@ -176,6 +204,22 @@ class StackExperts:
         e = self._experts(len(parts))
         runs = [torch.stack(list(parts[g * e : (g + 1) * e])) for g in range(self.groups)]
         return runs[0] if self.groups == 1 else torch.cat(runs, dim=self.dim)
+
+    def part_views(
+        self, out: torch.Tensor, shapes: Sequence[Shape], ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor]:
+        """The view of the stacked ``out`` that each part (of ``shapes``) fills."""
+        _check_out(out, self.joined_shape(shapes, ctx))
+        e = self._experts(len(shapes))
+        extent = out.shape[self.dim] // self.groups
+        runs = [out.narrow(self.dim, g * extent, extent) for g in range(self.groups)]
+        return [run[j] for run in runs for j in range(e)]
+
+    def join_into(
+        self, out: torch.Tensor, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]
+    ) -> None:
+        """:meth:`join` written straight into ``out`` (each part copied once, cast to its dtype)."""
+        _fill_views(self.part_views(out, [tuple(p.shape) for p in parts], ctx), parts)
 
     def split(
         self, tensor: torch.Tensor, n_parts: int, ctx: Mapping[str, Any]
@@ -250,6 +294,26 @@ class GroupedQKV:
         q_g = q.reshape(groups, heads // groups * d, *rest)
         fused = torch.cat([q_g, k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)], dim=1)
         return fused.reshape(-1, *rest)
+
+    def part_views(
+        self, out: torch.Tensor, shapes: Sequence[Shape], ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor]:
+        """The view of the fused ``out`` that q, k and v fill (``[groups, rows, ...]``: a part
+        fills it reshaped, row-major)."""
+        _check_out(out, self.joined_shape(shapes, ctx))
+        heads, groups, d = self._dims(ctx)
+        per_group = out.unflatten(0, (groups, -1))  # a view: dim 0 is the outermost dim
+        views, offset = [], 0
+        for rows in (heads // groups * d, d, d):
+            views.append(per_group.narrow(1, offset, rows))
+            offset += rows
+        return views
+
+    def join_into(
+        self, out: torch.Tensor, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]
+    ) -> None:
+        """:meth:`join` written straight into ``out`` (each part copied once, cast to its dtype)."""
+        _fill_views(self.part_views(out, [tuple(p.shape) for p in parts], ctx), parts)
 
     def split(
         self, tensor: torch.Tensor, n_parts: int, ctx: Mapping[str, Any]
@@ -548,6 +612,39 @@ class BoundRule:
         for transform in self.rule.transforms:
             t = transform.to_forge(t, ctx)
         return t
+
+    def to_forge_into(
+        self, out: torch.Tensor, parts: Sequence[torch.Tensor], ctx: Mapping[str, Any]
+    ) -> None:
+        """:meth:`to_forge` copied into ``out`` (cast to its dtype and device), in place.
+
+        A joined tensor without further transforms is written part by part into ``out``
+        (one pass over the data, no intermediate joined tensor).
+        """
+        concat = self.rule.concat
+        if concat is not None and not self.rule.transforms:
+            concat.join_into(out, self._own_parts(parts), ctx)
+            return
+        t = self.to_forge(parts, ctx)
+        _check_out(out, tuple(t.shape))
+        out.copy_(t)
+
+    def part_views(
+        self, out: torch.Tensor, shapes: Sequence[Shape], ctx: Mapping[str, Any]
+    ) -> list[torch.Tensor] | None:
+        """The view of ``out`` (the forge tensor) that each of the rule's own checkpoint
+        tensors (of ``shapes``) fills, row-major; ``None`` when the rule transforms the joined
+        tensor further (then use :meth:`to_forge_into`)."""
+        if self.rule.transforms:
+            return None
+        if self.rule.concat is None:
+            _check_out(out, tuple(shapes[0]))
+            return [out]
+        return self.rule.concat.part_views(out, [tuple(s) for s in shapes], ctx)
+
+    def check_copies(self, parts: Sequence[torch.Tensor]) -> None:
+        """Raise unless each copy (:class:`HFCopy`) among ``parts`` equals its source."""
+        self._own_parts(parts)
 
     def to_hf(self, t: torch.Tensor, ctx: Mapping[str, Any]) -> list[torch.Tensor]:
         for transform in reversed(self.rule.transforms):
@@ -861,6 +958,15 @@ class MappingSpec:
         :class:`HFCopy`, comes later, and a copy that differs from its source raises
         ``ValueError``). Unknown names raise at once; missing ones when the input is exhausted.
         """
+        for b, parts in self.hf_to_forge_parts(items, ctx):
+            yield b.forge, b.to_forge(parts, ctx)
+
+    def hf_to_forge_parts(
+        self, items: Iterable[tuple[str, torch.Tensor]], ctx: Mapping[str, Any]
+    ) -> Iterator[tuple[BoundRule, list[torch.Tensor]]]:
+        """:meth:`hf_to_forge` before the join: ``(bound rule, its checkpoint tensors)`` as
+        soon as all parts arrived, for a loader that writes them straight into place
+        (:meth:`BoundRule.to_forge_into`). Same checks as :meth:`hf_to_forge`."""
         bound = self.bind(ctx)
         slots = {name: (b, k) for b in bound for k, name in enumerate(b.hf)}
         ignored = self._ignored(ctx)
@@ -883,7 +989,7 @@ class MappingSpec:
             if all(p is not None for p in parts):
                 del waiting[b.forge]
                 done.add(b.forge)
-                yield b.forge, b.to_forge(parts, ctx)
+                yield b, parts
         missing = []
         for b in bound:
             if b.forge not in done:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -43,6 +43,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from forge_ckpt.errors import CheckpointMismatchError
+from forge_ckpt.training.flat_optim import (
+    apply_param_groups,
+    flat_segments,
+    flat_state_dict,
+    init_flat_state,
+)
 from forge_ckpt.training.state_codec import (
     decode_json_tensor,
     encode_json_tensor,
@@ -96,11 +102,30 @@ class TrainingState:
         if len(set(names)) != len(names):
             raise ValueError(f"state names must be unique, got {names}")
 
+    def flat_segments(self) -> list | None:
+        """How a flat (ZeRO-1/2) optimizer covers the model (:mod:`.flat_optim`); ``None``
+        for optimizers of the model's own parameters."""
+        if self.model is None:
+            return None
+        flat = [flat_segments(self.model, opt) for opt in self.optimizers]
+        if all(segments is None for segments in flat):
+            return None
+        if len(flat) > 1:
+            raise ValueError(
+                "a flat (ZeRO-1/2) optimizer is saved by parameter name on its own; pass one "
+                "optimizer (one ZeroOptimizer may hold several parameter groups)"
+            )
+        return flat[0]
+
     def model_and_optim(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.model is None:
             return {}, {}
         if not self.optimizers:
             return get_model_state_dict(self.model, options=_OPTIONS), {}
+        segments = self.flat_segments()
+        if segments is not None:
+            model_sd = get_model_state_dict(self.model, options=_OPTIONS)
+            return model_sd, flat_state_dict(self.model, self.optimizers[0], segments)
         optimizers = self.optimizers[0] if len(self.optimizers) == 1 else list(self.optimizers)
         return get_state_dict(self.model, optimizers, options=_OPTIONS)
 
@@ -166,6 +191,8 @@ class LoadPlan:
     global_doc_keys: list[str]
     rank_doc_key: str | None
     strided: dict[str, Any]  # key -> the DTensor a full tensor read for it is sharded like
+    #: Second names of tied parameters not stored under them -> the stored first name.
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _across_ranks(
@@ -185,6 +212,23 @@ def _across_ranks(
     return keys, all_missing, all_mismatched
 
 
+def _tied_aliases(model: nn.Module | None) -> dict[str, str]:
+    """``{"model/<second name>": "model/<first name>"}`` of parameters known by two names
+    (a tied embedding and head). Some state dicts hold both names (FSDP2 modules, a pipeline
+    stage holding the tied matrix), others only the first (a plain module), so a checkpoint
+    is matched to a model up to these aliases."""
+    if model is None:
+        return {}
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[f"model/{name}"] = f"model/{first[id(p)]}"
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -> LoadPlan:
     """Check the checkpoint against the state to load and allocate the tensors to read."""
     stored = {
@@ -192,14 +236,26 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
         for key, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata)
     }
+    segments = state.flat_segments()
+    if segments is not None:  # a fresh ZeRO optimizer has no state to read into yet
+        init_flat_state(
+            state.optimizers[0],
+            segments,
+            {
+                key.removeprefix("optim/"): (tuple(md.size), md.properties.dtype)
+                for key, md in stored.items()
+                if key.startswith("optim/state.")
+            },
+        )
     model_sd, optim_sd = state.model_and_optim()
     model_t, _ = split_state(model_sd, "model")
     optim_t, _ = split_state(optim_sd, "optim")
     expected = {**model_t, **optim_t}
+    aliases = _tied_aliases(state.model)
     checked = ("model/", "optim/") if state.optimizers else ("model/",)
     if state.model is not None:
         ckpt_keys = {k for k in stored if k.startswith(checked)}
-        missing = sorted(set(expected) - ckpt_keys)
+        missing = sorted(k for k in set(expected) - ckpt_keys if aliases.get(k) not in ckpt_keys)
         mismatched = [
             (k, tuple(stored[k].size), tuple(t.shape))
             for k, t in sorted(expected.items())
@@ -208,7 +264,9 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
         # Every rank decides alike (a rank that raised alone would leave the others waiting in
         # the collective load), and a key is unexpected only if no rank loads it: a pipeline
         # stage holds only its own layers.
-        loaded, missing, mismatched = _across_ranks(set(expected), missing, mismatched)
+        loaded, missing, mismatched = _across_ranks(
+            set(expected) | set(aliases), missing, mismatched
+        )
         unexpected = sorted(ckpt_keys - loaded)
         if missing or unexpected or mismatched:
             if any(k.startswith("optim/") for k in missing) and not any(
@@ -221,8 +279,10 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
                 mismatched=mismatched,
                 context=f"checkpoint {where} does not match the model/optimizer being loaded",
             )
-    targets = dict(expected)
-    strided = {k: v for k, v in expected.items() if _is_strided(v)}
+    # A tied parameter's second name not in the checkpoint is read under its first name.
+    aliases = {k: v for k, v in aliases.items() if k in expected and k not in stored}
+    targets = {k: v for k, v in expected.items() if k not in aliases}
+    strided = {k: v for k, v in targets.items() if _is_strided(v)}
     for key, like in strided.items():
         targets[key] = torch.empty(tuple(like.shape), dtype=like.dtype)
     rank_doc_key = f"json/{_rank_prefix(rank)}"
@@ -237,7 +297,7 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
     for key, md in stored.items():
         if key in global_doc_keys or key == rank_doc_key or key.startswith(tuple(wanted_prefixes)):
             targets[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    return LoadPlan(targets, model_sd, optim_sd, global_doc_keys, rank_doc_key, strided)
+    return LoadPlan(targets, model_sd, optim_sd, global_doc_keys, rank_doc_key, strided, aliases)
 
 
 def _restore_flat(current: dict[str, Any], saved: Mapping[str, Any], targets, where, what):
@@ -265,6 +325,8 @@ def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dic
     targets = dict(plan.targets)
     for key, like in plan.strided.items():
         targets[key] = _restride(targets[key], like)
+    for alias, first in plan.aliases.items():
+        targets[alias] = targets[first]
     global_docs = [decode_json_tensor(targets[k]) for k in plan.global_doc_keys]
     saved: dict[str, Any] = {}
     for doc in global_docs:  # pipeline stages may hold different parts
@@ -277,16 +339,21 @@ def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dic
         model_sd = _restore_flat(plan.model_sd, saved.get("model", {}), targets, where, "model")
         if state.optimizers:
             optim_sd = _restore_flat(plan.optim_sd, saved.get("optim", {}), targets, where, "optim")
-            optimizers = (
-                state.optimizers[0] if len(state.optimizers) == 1 else list(state.optimizers)
-            )
-            set_state_dict(
-                state.model,
-                optimizers,
-                model_state_dict=model_sd,
-                optim_state_dict=optim_sd,
-                options=_OPTIONS,
-            )
+            segments = state.flat_segments()
+            if segments is not None:  # its state was read in place (ShardedTensor views)
+                set_model_state_dict(state.model, model_sd, options=_OPTIONS)
+                apply_param_groups(state.optimizers[0], segments, optim_sd)
+            else:
+                optimizers = (
+                    state.optimizers[0] if len(state.optimizers) == 1 else list(state.optimizers)
+                )
+                set_state_dict(
+                    state.model,
+                    optimizers,
+                    model_state_dict=model_sd,
+                    optim_state_dict=optim_sd,
+                    options=_OPTIONS,
+                )
         else:
             set_model_state_dict(state.model, model_sd, options=_OPTIONS)
     report: dict[str, list[str]] = {"restored": [], "not_in_checkpoint": []}

@@ -27,10 +27,11 @@ the background, and its warnings cannot be scoped; hence this thread around ``dc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from forge_ckpt.training.dcp_state import (
     load_training_state,
     plan_load,
 )
+from forge_ckpt.training.flat_optim import stage
 from forge_ckpt.training.layout import (
     CheckpointInfo,
     delete_checkpoint,
@@ -65,6 +67,17 @@ from forge_ckpt.training.safe_reader import SafeFileSystemReader, TensorOnlyLoad
 __all__ = ["CheckpointManager", "LoadResult"]
 
 _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+# ZeRO optimizer state is saved as ShardedTensors (see flat_optim: DTensor cannot describe it).
+_SHARDED_TENSOR_WARNING = "Please use DTensor instead and we are deprecating ShardedTensor"
+
+
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """Silence the two warnings DCP gives for how forge-ckpt uses it (see above)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        warnings.filterwarnings("ignore", message=_SHARDED_TENSOR_WARNING)
+        yield
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,8 @@ class CheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.directory, keep=tmp)
         tmp.mkdir(parents=True, exist_ok=True)
-        flat = build_save_state(state, self.rank)
+        with _quiet_dcp():
+            flat = build_save_state(state, self.rank)
         if self._executor is None:
             self._write(flat, tmp, final, step, tag)
             return final
@@ -179,7 +193,8 @@ class CheckpointManager:
                     use_non_blocking_copy=False,
                 )
             )
-        staged = self._stager.stage(flat)  # a CPU copy: training may now change the originals
+        with _quiet_dcp():  # a CPU copy: training may now change the originals
+            staged = stage(self._stager, flat)
         del flat
         self._pending = self._executor.submit(self._write, staged, tmp, final, step, tag)
         return final
@@ -219,8 +234,7 @@ class CheckpointManager:
         return tag[0]
 
     def _write(self, flat: dict[str, torch.Tensor], tmp: Path, final: Path, step, tag) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        with _quiet_dcp():
             dcp.save(
                 flat,
                 storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1),
@@ -296,9 +310,8 @@ class CheckpointManager:
         state = self._state(model, optimizer, scheduler, dataloader, extra)
         from forge_ckpt.training.safe_reader import read_metadata
 
-        plan = plan_load(state, read_metadata(path), self.rank, str(path))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        with _quiet_dcp():
+            plan = plan_load(state, read_metadata(path), self.rank, str(path))
             dcp.load(
                 plan.targets,
                 storage_reader=SafeFileSystemReader(path),
@@ -306,7 +319,7 @@ class CheckpointManager:
                 process_group=self._group,
                 no_dist=self._group is None,
             )
-        report = load_training_state(state, plan, str(path))
+            report = load_training_state(state, plan, str(path))
         return LoadResult(
             step=manifest["step"],
             path=path,

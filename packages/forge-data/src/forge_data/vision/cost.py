@@ -108,6 +108,12 @@ class VisionCost:
         flat = np.concatenate([np.zeros(0), *seqlens])
         return self.row_costs(lengths, row_of, len(rows), encoder_seqlens=flat, encoder_doc=doc)
 
+    def sample_costs(self, samples: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Cost of each VLM sample on its own: its tokens' LLM cost plus its encoder sequences'
+        (patch-counted) cost. A row's cost is their sum, so these are the per-document costs
+        :func:`forge_data.document_balance.balance_step_documents` moves between rows."""
+        return self.sample_row_costs([[s] for s in samples])
+
     @classmethod
     def fit(
         cls,

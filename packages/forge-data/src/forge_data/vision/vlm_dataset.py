@@ -7,10 +7,12 @@ raised with ``on_error="raise"``). A sample's files:
 * ``key.json`` with ``{"messages": [...]}`` (a conversation: string contents with ``<image>`` /
   ``<video>`` markers, or lists of ``{"type": "text" | "image" | "video"}`` parts; trained on
   assistant turns) or ``{"text": ...}`` (a caption or interleaved document, markers optional;
-  trained on its text); an optional ``"fps"`` gives the video's frame rate;
+  trained on its text); an optional ``"fps"`` gives the frame rate of ``frames.npy``;
 * or ``key.txt``: a caption;
 * images ``key.jpg`` / ``key.0.png`` / ... (the i-th image placeholder is the i-th file in
-  name order) and a video ``key.frames.npy`` (``T x H x W x C`` uint8, frames already sampled).
+  name order) and a video: a file ``key.mp4`` (decoded and sampled by ``config.video``, see
+  :mod:`forge_data.video`; its sampled frame rate sets the video's time positions) or
+  ``key.frames.npy`` (``T x H x W x C`` uint8, frames already sampled).
 
 Each sample goes through the family's processor and placeholder expansion
 (:mod:`forge_data.vision.placeholders`) to a dict with ``input_ids``, ``loss_mask``,
@@ -90,7 +92,7 @@ class VLMDataset(MultimodalDataset):
         videos = [media["frames"]] if "frames" in media else []
         try:
             items = self.processor.process(
-                images, videos, video_fps=[record.get("fps")] * len(videos)
+                images, videos, video_fps=[media.get("video_fps", record.get("fps"))] * len(videos)
             )
         except ValueError as err:
             self._fail("unusable media", where, str(err))

@@ -14,7 +14,11 @@ see global positions), and average the loss over the full sequence
 reduced over the context-parallel ranks too: FSDP/HSDP over ``dp_shard x cp`` does it.
 
 Calls with a dense ``attn_mask`` or dropout are refused: the mask would be for the local shard
-only. Express masks as ``is_causal`` plus ``cu_seqlens`` (packed documents).
+only. Express masks as ``is_causal`` plus ``cu_seqlens`` (packed documents). On a
+``transformers`` model, :func:`apply_cp` also switches the attention implementation so that
+``transformers`` passes ``is_causal`` instead of building a mask from the local shard
+(:mod:`~forge_parallel.context_parallel.hf_attention`; :meth:`ContextParallelHandle.remove`
+switches it back).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from torch.overrides import TorchFunctionMode
 from forge_core.collectives import GroupLike, as_process_group
 from forge_parallel.context_parallel.attention import context_parallel_attention
 from forge_parallel.context_parallel.config import CPConfig
+from forge_parallel.context_parallel.hf_attention import (
+    is_transformers_model,
+    use_context_parallel_attention,
+)
 
 __all__ = ["ContextParallelHandle", "apply_cp", "context_parallel"]
 
@@ -97,12 +105,15 @@ def context_parallel(
 
 class ContextParallelHandle:
     """What :func:`apply_cp` installed: :meth:`packed` sets document boundaries, :meth:`remove`
-    takes the hooks off again."""
+    takes the hooks off again (and restores a ``transformers`` model's attention)."""
 
     def __init__(self, model: nn.Module, group: GroupLike, config: CPConfig) -> None:
         self.group, self.config = as_process_group(group), config
         self.cu_seqlens: torch.Tensor | None = None
         self._modes: list[contextlib.ExitStack] = []
+        self._restore = (
+            use_context_parallel_attention(model) if is_transformers_model(model) else None
+        )
         self._hooks = [
             model.register_forward_pre_hook(self._enter),
             model.register_forward_hook(self._exit, always_call=True),
@@ -129,6 +140,9 @@ class ContextParallelHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 
 
 def apply_cp(

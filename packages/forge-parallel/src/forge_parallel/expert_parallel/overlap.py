@@ -6,8 +6,16 @@ of every expert, so each chunk is itself grouped by expert and dispatched like a
 (:func:`forge_core.collectives.overlapped`'s pattern): the dispatch of chunk ``c + 1`` is in
 flight while the experts compute chunk ``c``, and the combine of chunk ``c`` while they
 compute chunk ``c + 1`` (Megatron-Core's ``--moe-a2a-overlap`` idea in its simplest form).
-The backward runs each reverse exchange synchronously. Row results do not depend on the
-chunking (every row meets the same expert weights), so the output equals the unchunked one.
+
+The backward overlaps too. Each exchange is two autograd nodes, a launch and a collect joined
+by an empty token; in backward their roles swap: the collect node *starts* the reverse
+exchange of the gradient and the launch node *waits* for it. Autograd runs ready nodes
+latest-created first, so the reverse combines of every chunk start as soon as the output's
+gradient arrives, chunk ``c``'s expert backward runs while the reverse combines of the earlier
+chunks are in flight, and the reverse dispatch of chunk ``c + 1`` is in flight while the expert
+backward of chunk ``c`` runs. Every rank builds the same graph, so every rank starts the
+exchanges in the same order. Row results do not depend on the chunking (every row meets the
+same expert weights), so outputs and gradients equal the unchunked ones.
 """
 
 from __future__ import annotations
@@ -31,16 +39,18 @@ Compute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Handle:
-    """Carries a pending all-to-all from launch to collection, and its gradient back."""
+    """Carries a pending all-to-all from launch to collection, and the reverse exchange of its
+    gradient from collection back to launch."""
 
     def __init__(self, input_splits: list[int], output_splits: list[int], group) -> None:
         self.input_splits, self.output_splits, self.group = input_splits, output_splits, group
         self.pending: PendingCollective | None = None
-        self.grad: torch.Tensor | None = None
+        self.pending_grad: PendingCollective | None = None
 
 
 class _Launch(torch.autograd.Function):
-    """Start an all-to-all of ``x``; returns an empty token that orders :class:`_Collect` after."""
+    """Start an all-to-all of ``x``; returns an empty token that orders :class:`_Collect` after.
+    Backward: wait for the reverse exchange :class:`_Collect` started."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, handle: _Handle) -> torch.Tensor:
@@ -56,18 +66,13 @@ class _Launch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token_grad: torch.Tensor):
         handle = ctx.handle
-        grad, handle.grad = handle.grad, None
-        back = all_to_all_async(
-            grad,
-            input_split_sizes=handle.output_splits,
-            output_split_sizes=handle.input_splits,
-            group=handle.group,
-        ).wait()
-        return back, None
+        pending, handle.pending_grad = handle.pending_grad, None
+        return pending.wait(), None
 
 
 class _Collect(torch.autograd.Function):
-    """Wait for the all-to-all started by :class:`_Launch` and return its result."""
+    """Wait for the all-to-all started by :class:`_Launch` and return its result. Backward:
+    start the reverse exchange of the gradient (:class:`_Launch` waits for it)."""
 
     @staticmethod
     def forward(ctx, _token: torch.Tensor, handle: _Handle) -> torch.Tensor:
@@ -78,7 +83,13 @@ class _Collect(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.handle.grad = grad.contiguous()
+        handle = ctx.handle
+        handle.pending_grad = all_to_all_async(
+            grad.contiguous(),
+            input_split_sizes=handle.output_splits,
+            output_split_sizes=handle.input_splits,
+            group=handle.group,
+        )
         return grad.new_empty(0), None
 
 

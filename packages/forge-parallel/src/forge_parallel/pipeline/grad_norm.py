@@ -44,14 +44,19 @@ def pipeline_clip_grad_norm_(
     max_norm: float,
     pp_group: dist.ProcessGroup,
     norm_type: float = 2.0,
+    *,
+    counted: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scale every pipeline rank's gradients so their global norm is at most ``max_norm``.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_`` (``max_norm / (norm + 1e-6)`` clamped to
-    1); returns the global norm (the same on every rank).
+    1); returns the global norm (the same on every rank). ``counted``: the parameters whose
+    gradients make up the norm (default: all of ``parameters``; leave out the extra copies of
+    a parameter several pipeline ranks hold, see ``Pipeline.norm_parameters``).
     """
     parameters = [p for p in parameters if p.grad is not None]
-    total = pipeline_grad_norm(parameters, pp_group, norm_type)
+    counted = parameters if counted is None else [p for p in counted if p.grad is not None]
+    total = pipeline_grad_norm(counted, pp_group, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in parameters:
         grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad

@@ -13,10 +13,13 @@ before ``optimizer.step()`` accumulate ``k`` mean losses (scale ``loss_fn`` by `
 their mean). Zero the gradients after each optimizer step. Clip with
 :meth:`Pipeline.clip_grad_norm_`: the norm is reduced over the pipeline ranks too.
 
-Limits of this release: stages pass one activation tensor of shape ``(batch, seq, ...)``;
-with tensor parallelism on the stages the head must give replicated logits
-(``"colwise_output_replicated"``, not ``"loss_parallel"``), and sequence parallelism between
-stages is not tested.
+With tensor parallelism on the stages the head may give replicated logits
+(``"colwise_output_replicated"``) or keep them sharded by vocabulary (``"loss_parallel"``): the
+schedule then runs inside ``loss_parallel()`` (:mod:`~forge_parallel.pipeline.loss_parallel`),
+``loss_fn`` gets DTensor logits and the merged output of the last stage is a DTensor.
+
+Limits of this release: stages pass one activation tensor of shape ``(batch, seq, ...)``, and
+sequence parallelism between stages is not tested.
 """
 
 from __future__ import annotations
@@ -31,15 +34,19 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from forge_core import ParallelMesh
+from forge_parallel.grad_norm import align_grads
 from forge_parallel.pipeline.config import SCHEDULES, PipelineConfig
-from forge_parallel.pipeline.grad_norm import pipeline_clip_grad_norm_
+from forge_parallel.pipeline.grad_norm import pipeline_clip_grad_norm_, pipeline_grad_norm
+from forge_parallel.pipeline.loss_parallel import in_loss_context, loss_value
 from forge_parallel.pipeline.partition import balanced_partition, stage_ranks
+from forge_parallel.pipeline.split_backward import split_backward
 from forge_parallel.pipeline.stage_module import (
     DecoderLayout,
     StageModule,
     decoder_layout,
     layer_costs,
 )
+from forge_parallel.pipeline.tied import TiedWeight, _local, find_tied_weights, tied_group
 from forge_parallel.tensor_parallel import TPPlan, match_modules
 
 __all__ = ["Pipeline", "pipeline", "split_stages", "stage_plan"]
@@ -56,7 +63,8 @@ def split_stages(
     """This rank's stage indices and modules (no process group needed).
 
     Returns ``(stage_indices, modules, layout, bounds)`` where ``bounds[s]`` is the
-    ``[start, stop)`` block range of stage ``s``.
+    ``[start, stop)`` block range of stage ``s``. A stage using a parameter of an earlier stage
+    (a tied embedding) also holds that parameter's module (:mod:`forge_parallel.pipeline.tied`).
     """
     layout = decoder_layout(model, config.blocks)
     n_layers = len(layout.blocks)
@@ -72,6 +80,7 @@ def split_stages(
         bounds = balanced_partition(costs, num_stages, first=first, last=last)
     owners = stage_ranks(pp, config.virtual_stages, config.placement)
     indices = [s for s, r in enumerate(owners) if r == pp_rank]
+    tied = find_tied_weights(model, layout, bounds)
     modules = [
         StageModule(
             model,
@@ -79,6 +88,7 @@ def split_stages(
             layout.blocks[bounds[s][0] : bounds[s][1]],
             first=s == 0,
             last=s == num_stages - 1,
+            tied_holders=[t.holder for t in tied if s in t.stages and s != t.first_stage],
         )
         for s in indices
     ]
@@ -107,6 +117,9 @@ class Pipeline:
     layout: DecoderLayout
     bounds: list[tuple[int, int]]
     parallelized: list[Any] = field(default_factory=list)
+    #: Parameters used by several stages, with the group of the ranks holding them (``None``:
+    #: all on this rank) and the pipeline rank of the first user (see ``pipeline.tied``).
+    tied: list[tuple[TiedWeight, dist.ProcessGroup | None, int]] = field(default_factory=list)
 
     @property
     def pp(self) -> int:
@@ -136,6 +149,61 @@ class Pipeline:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
+
+    def _held_tied(self) -> list[tuple[nn.Parameter, TiedWeight, dist.ProcessGroup | None, int]]:
+        held = dict(self.named_parameters())
+        return [(held[t.name], t, g, first) for t, g, first in self.tied if t.name in held]
+
+    def local_module(self) -> nn.Module:
+        """This rank's stages as one module with the whole model's parameter names (for the
+        optimizer and checkpoints; see :meth:`StageModule.merged`)."""
+        return StageModule.merged(self.modules)
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters that count towards the global gradient norm: a parameter
+        several pipeline ranks hold (tied) counts on the rank of its first user only."""
+        copies = {
+            id(p)
+            for p, _, group, first in self._held_tied()
+            if group is not None and dist.get_rank(self.group) != first
+        }
+        return [p for p in self.parameters() if id(p) not in copies]
+
+    @torch.no_grad()
+    def sync_tied_weights(self) -> None:
+        """Copy each tied parameter from the rank of its first user to the other ranks holding
+        it (collective over those ranks). :func:`pipeline` calls it; call it again after
+        initializing meta-device stages or loading weights into one copy only."""
+        for p, _, group, first in self._held_tied():
+            if group is not None:
+                source = dist.get_global_rank(self.group, first)
+                dist.broadcast(_local(p.data), src=source, group=group)
+
+    @torch.no_grad()
+    def _sum_tied_grads(self, before: dict[int, torch.Tensor | None]) -> None:
+        """Sum over the holding ranks the gradient each copy of a tied parameter gained since
+        ``before`` (gradients may already hold earlier steps' sums)."""
+        for p, _, group, _ in self._held_tied():
+            if group is None:
+                continue
+            if p.grad is None:  # unused here this step: still joins the sum (no hang)
+                p.grad = torch.zeros_like(p)
+            align_grads([p])  # e.g. a vocab-parallel embedding's gradient is Replicate
+            grad = _local(p.grad)
+            earlier = before.get(id(p))
+            if earlier is not None:
+                grad.sub_(earlier)
+            dist.all_reduce(grad, group=group)
+            if earlier is not None:
+                grad.add_(earlier)
+
+    def _tied_grads_before(self) -> dict[int, torch.Tensor | None]:
+        align_grads([p for p, *_ in self._held_tied() if p.grad is not None])
+        return {
+            id(p): (None if p.grad is None else _local(p.grad).clone())
+            for p, _, group, _ in self._held_tied()
+            if group is not None
+        }
 
     def step(
         self,
@@ -196,7 +264,10 @@ class Pipeline:
         scaled: list[torch.Tensor] = []
         for module in self.modules:
             module.set_block_args(block_args)
-        run = self.schedule.step if backward else self.schedule.eval
+        run = in_loss_context(
+            self.schedule.step if backward else self.schedule.eval, self.parallelized
+        )
+        before = self._tied_grads_before() if backward else {}
         try:
             out = run(
                 *args,
@@ -206,13 +277,26 @@ class Pipeline:
         finally:
             for module in self.modules:
                 module.set_block_args(None)
+        if backward:
+            self._sum_tied_grads(before)
         if losses is not None:
             losses.extend(loss.unscaled for loss in scaled)
         return out if self.has_last_stage else None
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip by the global norm over all pipeline ranks (a collective on every rank)."""
-        return pipeline_clip_grad_norm_(self.parameters(), max_norm, self.group, norm_type)
+        """Clip by the global norm over all pipeline ranks (a collective on every rank); a
+        tied parameter's gradient counts once."""
+        return pipeline_clip_grad_norm_(
+            self.parameters(),
+            max_norm,
+            self.group,
+            norm_type,
+            counted=self.norm_parameters(),
+        )
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The global gradient norm over all pipeline ranks, without clipping (collective)."""
+        return pipeline_grad_norm(self.norm_parameters(), self.group, norm_type)
 
 
 def _resolve_group(
@@ -234,34 +318,43 @@ def _resolve_group(
     )
 
 
-#: Schedules that split the backward into input- and weight-gradient passes.
-_SPLIT_BACKWARD = ("zero_bubble", "zbv")
-
-
-def _check_split_backward(
-    config: PipelineConfig, stage_parallel: Mapping[str, Any], mesh: ParallelMesh
-) -> None:
-    """Zero-bubble schedules compute weight gradients after FSDP's post-backward hooks have
-    reduced the input-gradient pass; the gradients come out wrong, so refuse the pair."""
-    mode = stage_parallel.get("data_parallel")
-    sharded = mode in ("fsdp", "hsdp") or (mode == "auto" and mesh.dims.dp_shard_cp > 1)
-    if config.schedule in _SPLIT_BACKWARD and sharded:
+def _check_split_backward(config: PipelineConfig, stage_parallel: Mapping[str, Any]) -> None:
+    """Zero-bubble schedules back-propagate through each block twice (input gradients, then
+    weight gradients); torch's selective activation checkpointing allows one backward per
+    region, so refuse selective (and automatic, which may pick selective) recompute."""
+    recompute = stage_parallel.get("recompute")
+    mode = getattr(recompute, "mode", None)
+    if config.schedule in ("zero_bubble", "zbv") and mode in ("selective", "auto"):
+        why = "uses" if mode == "selective" else "may choose"
         raise ValueError(
-            f"schedule {config.schedule!r} with data_parallel={mode!r} gives wrong gradients: "
-            "the weight-gradient pass runs after FSDP has reduced the gradients. Use "
-            "schedule='1f1b' or 'interleaved_1f1b' with FSDP, or DDP / no data parallelism"
+            f"schedule {config.schedule!r} splits the backward into input- and weight-gradient "
+            f"passes through each block, but recompute mode={mode!r} {why} selective activation "
+            "checkpointing, which allows one backward per region. Use RecomputeConfig("
+            "mode='full'), or schedule='1f1b' / 'interleaved_1f1b' with selective recompute"
         )
 
 
 def _stage_class() -> type:
     """``PipelineStage`` telling its :class:`StageModule` which micro-batch each forward runs
-    (for per-micro-batch block arguments)."""
+    (for per-micro-batch block arguments), and splitting the backward of FSDP2 stages right
+    (:mod:`forge_parallel.pipeline.split_backward`)."""
     from torch.distributed.pipelining import PipelineStage
 
     class _MicrobatchAwareStage(PipelineStage):
         def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any):
             self.submod.microbatch = fwd_chunk_id
-            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+            self.submod.in_schedule = True  # not the runtime's shape-inference forward
+            try:
+                return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+            finally:
+                self.submod.in_schedule = False
+
+        def backward_maybe_with_nosync(self, backward_type: str, bwd_kwargs: dict, **kwargs: Any):
+            # zero-bubble passes on FSDP2 stages: the weights are the unsharded parameters
+            result = split_backward(self, backward_type, bwd_kwargs)
+            if result is None:
+                return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, **kwargs)
+            return result
 
     return _MicrobatchAwareStage
 
@@ -278,6 +371,33 @@ def _device(module: nn.Module, mesh: ParallelMesh | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _tied_weights(
+    model: nn.Module,
+    layout: DecoderLayout,
+    bounds: list[tuple[int, int]],
+    group: dist.ProcessGroup,
+    config: PipelineConfig,
+    indices: list[int],
+    stage_parallel: Mapping[str, Any] | None,
+) -> list[tuple[TiedWeight, dist.ProcessGroup | None, int]]:
+    """The tied parameters of the split, each with the group of the pipeline ranks holding it
+    and the pipeline rank of its first user (a collective when a new group is needed)."""
+    owners = stage_ranks(dist.get_world_size(group), config.virtual_stages, config.placement)
+    out = []
+    for weight in find_tied_weights(model, layout, bounds):
+        users = [owners[s] for s in weight.stages]
+        here = [s for s in weight.stages if s in indices]
+        if stage_parallel is not None and len(here) > 1:
+            raise ValueError(
+                f"stages {here} on one rank share parameter {weight.name!r} (placement "
+                f"{config.placement!r}); stage_parallel wraps each stage on its own and cannot "
+                "share a parameter between them. Use placement='loop' (schedule 1f1b or "
+                "interleaved_1f1b), untie the parameter, or drop stage_parallel"
+            )
+        out.append((weight, tied_group(group, users), owners[weight.first_stage]))
+    return out
+
+
 def pipeline(
     model: nn.Module,
     mesh_or_group: ParallelMesh | DeviceMesh | dist.ProcessGroup,
@@ -286,6 +406,7 @@ def pipeline(
     config: PipelineConfig | None = None,
     stage_parallel: Mapping[str, Any] | None = None,
     sample_input: torch.Tensor | None = None,
+    block_output: Callable[[str, Any, tuple], torch.Tensor] | None = None,
     **config_kwargs: Any,
 ) -> Pipeline:
     """Split ``model`` into pipeline stages, place this rank's, and build the schedule.
@@ -297,7 +418,8 @@ def pipeline(
     ``stage_parallel``: keyword arguments of :func:`~forge_parallel.parallelize` applied to
     each stage module on the ``ParallelMesh`` (``plan=`` is restricted to each stage's
     modules, ``blocks=`` set to the stage's blocks). ``sample_input``: a batch for
-    ``split="flops"``.
+    ``split="flops"``. ``block_output``: see :attr:`StageModule.block_output` (e.g. collect a
+    MoE block's router output and return its hidden states).
     """
     if config is None:
         config = PipelineConfig(**config_kwargs)
@@ -308,11 +430,14 @@ def pipeline(
     indices, modules, layout, bounds = split_stages(
         model, pp=pp, pp_rank=pp_rank, config=config, sample_input=sample_input
     )
+    tied = _tied_weights(model, layout, bounds, group, config, indices, stage_parallel)
+    for module in modules:
+        module.block_output = block_output
     parallelized = []
     if stage_parallel is not None:
         if mesh is None:
             raise ValueError("stage_parallel needs a ParallelMesh as mesh_or_group")
-        _check_split_backward(config, stage_parallel, mesh)
+        _check_split_backward(config, stage_parallel)
         from forge_parallel.parallelize import parallelize
 
         for module in modules:
@@ -334,7 +459,7 @@ def pipeline(
     def scaled_loss(output: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         loss = loss_fn(output, target, **kwargs)
         scaled = loss / m
-        scaled.unscaled = loss.detach()  # what Pipeline.step reports
+        scaled.unscaled = loss_value(loss)  # what Pipeline.step reports
         return scaled
 
     schedule_class = getattr(pipelining, SCHEDULES[config.schedule][0])
@@ -345,7 +470,7 @@ def pipeline(
         loss_fn=scaled_loss,
         scale_grads=False,  # the loss is divided by m above, so .grad accumulates across steps
     )
-    return Pipeline(
+    pipe = Pipeline(
         modules=modules,
         stage_indices=indices,
         stages=stages,
@@ -355,4 +480,8 @@ def pipeline(
         layout=layout,
         bounds=bounds,
         parallelized=parallelized,
+        tied=tied,
     )
+    if not any(p.is_meta for p in pipe.parameters()):
+        pipe.sync_tied_weights()
+    return pipe

@@ -22,8 +22,9 @@ them from its ``block_args``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,21 +175,39 @@ class StageModule(nn.Module):
         *,
         first: bool,
         last: bool,
+        tied_holders: Sequence[str] = (),
     ) -> None:
         super().__init__()
         container = layout.blocks[0].rpartition(".")[0]
         containers = {container} if container else set()
+        # Modules of parameters shared with an earlier stage, attached first (never run) so
+        # the shared parameter keeps its first name (see forge_parallel.pipeline.tied).
         self._pre = tuple(layout.pre) if first else ()
         self._blocks = tuple(blocks)
         self._post = tuple(layout.post) if last else ()
         self._rotary = layout.rotary
-        for path in (*self._pre, *self._blocks, *self._post):
+        self._containers = containers
+        #: Paths of the whole model's modules this stage holds, in registration order.
+        self.attached_paths = (
+            *tied_holders,
+            *self._pre,
+            *self._blocks,
+            *self._post,
+            *((self._rotary,) if self._rotary is not None else ()),
+        )
+        for path in self.attached_paths:
             _attach(self, path, model.get_submodule(path), containers)
-        if self._rotary is not None:
-            _attach(self, self._rotary, model.get_submodule(self._rotary), containers)
         self._block_args: list[tuple] | None = None
         #: The micro-batch the next forward belongs to (set by the pipeline stage runtime).
         self.microbatch = 0
+        #: ``fn(path, output, block_args) -> hidden``: what a block's output passes on, for
+        #: blocks returning more than the hidden states (a MoE block's router statistics);
+        #: default: the output, or its first element when it is a tuple. Called only in the
+        #: schedule's forwards of micro-batches (:attr:`in_schedule`), not in the pipeline
+        #: runtime's shape inference.
+        self.block_output: Callable[[str, Any, tuple], torch.Tensor] | None = None
+        #: Whether the running forward is a micro-batch's (set by the pipeline stage runtime).
+        self.in_schedule = False
 
     def set_block_args(self, per_microbatch: list[tuple] | None) -> None:
         """Set the extra positional block arguments of the coming micro-batches (one tuple
@@ -211,6 +230,25 @@ class StageModule(nn.Module):
             return tree_map_only(torch.Tensor, lambda t: t.to("meta"), args)
         return args
 
+    @staticmethod
+    def merged(stages: Sequence[StageModule]) -> nn.Module:
+        """One module holding the parts of all ``stages`` (a rank's virtual stages) under their
+        paths in the whole model, each once: what an optimizer or a checkpoint of the rank
+        sees. Never run (each stage runs on its own); a single stage is returned as is."""
+        if len(stages) == 1:
+            return stages[0]
+        merged = nn.Module()
+        for stage in stages:
+            for path in stage.attached_paths:
+                module = stage.get_submodule(path)
+                try:
+                    if merged.get_submodule(path) is module:  # e.g. the rotary tables
+                        continue
+                except AttributeError:
+                    pass
+                _attach(merged, path, module, stage._containers)
+        return merged
+
     @property
     def block_names(self) -> tuple[str, ...]:
         return self._blocks
@@ -229,7 +267,10 @@ class StageModule(nn.Module):
             }
         for path in self._blocks:
             out = self.get_submodule(path)(x, *extra, **kwargs)
-            x = out[0] if isinstance(out, tuple) else out
+            if self.block_output is not None and self.in_schedule:
+                x = self.block_output(path, out, extra)
+            else:
+                x = out[0] if isinstance(out, tuple) else out
         for path in self._post:
             x = self.get_submodule(path)(x)
         return x

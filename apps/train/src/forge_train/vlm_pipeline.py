@@ -1,0 +1,465 @@
+"""Pipeline parallelism for vision-language models, with the vision encoder decoupled from the
+language model's pipeline (``model.kind=vlm``, ``parallel.pp > 1``).
+
+Only the language model's decoder blocks (and its final norm and head) form the pipeline
+stages; stage 0 takes ``inputs_embeds`` (float) instead of token ids. The vision encoder, the
+projector and the token embedding (with the projected visual features scattered into the
+placeholder rows, as :meth:`forge_models.vlm.VisionLanguageModel.embed` does) run *ahead* of
+the pipeline schedule for all of a rank's micro-batches (one encoder call per micro-batch, as
+one process runs them), and their backward runs after it, from the gradient the schedule
+leaves on stage 0's input. Encoder work therefore sits in no
+pipeline stage: it neither slows stage 0 (the pipeline runs at the pace of its slowest stage,
+and a coupled stage 0 pays the encoder on every micro-batch, also in the warm-up and cool-down
+slots where the other stages idle) nor forces an uneven layer split.
+
+Where the encoder runs. LoongForge (Baidu Baige) runs the ViT and the LLM as separate tasks
+("decoupled encoder-decoder training", 1,064 vs 543 tokens/s/GPU on Qwen2.5-VL-7B at PP 2);
+running the encoder only on the first-stage ranks would put all of it on one pipeline rank's
+critical path while the others wait. Here every pipeline rank encodes a share of the
+micro-batches, chosen from the batch (which every pipeline rank of a data-parallel group
+holds) by longest-processing-time on the patch count, so the encoder's time is divided by
+``pp``; the rank holding stage 0 receives the features (point-to-point), builds the embeddings
+and later sends each owner the gradient of its features. The encoder's weights are *owned* by
+pipeline rank 0 (its optimizer state, its checkpoint keys, its share of the gradient norm); the
+other pipeline ranks hold a compute replica, sharded over the same data-parallel axis: after
+the backward their encoder gradients are summed onto pipeline rank 0 (one ``reduce``) and
+dropped, and before the next forward the updated weights are broadcast back (one
+``broadcast``): the same traffic as an all-reduce, with no optimizer state on the replicas.
+``train.freeze`` parts are left out of both, and a frozen encoder sends no gradients back.
+
+The blocks of every stage get each micro-batch's attention inputs, M-RoPE positions and
+bidirectional image blocks included, as pipeline block arguments
+(:meth:`forge_models.CausalLM.attention_inputs`, see :mod:`forge_train.pipeline_step`).
+On each rank :attr:`VLMPipelineParts.stage` is one module holding everything this rank owns
+under the whole model's parameter names (``vision.*``, ``projector.*``,
+``language_model.embed_tokens.*`` on pipeline rank 0, its decoder blocks, ``norm`` and
+``lm_head`` on the last), so the optimizer, the checkpoints (resumable at any layout) and the
+Hugging Face export (:meth:`~forge_train.pipeline_model.PipelineParts.full_state_dict`
+gathers the stages) work as for a language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from forge_train.config import ConfigError
+from forge_train.pipeline_model import PipelineLoss, PipelineParts
+
+__all__ = [
+    "DecoderTrunk",
+    "TokenEmbedding",
+    "VLMPipelineParts",
+    "VisualEncoder",
+    "assign_encoder_work",
+    "build_vlm_pipeline",
+    "check_vlm_pipeline",
+]
+
+#: The batch keys of the visual inputs, with the config field of their placeholder token.
+VISUAL_KINDS = (("images", "image_token_id"), ("videos", "video_token_id"))
+
+
+class VisualEncoder(nn.Module):
+    """A VLM's vision encoder and projector (``vision.*``, ``projector.*``):
+    ``forward(visual)`` gives the projected features, one row per placeholder token."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.vision = model.vision
+        self.projector = model.projector
+
+    def forward(self, visual) -> torch.Tensor:
+        return self.projector(self.vision(visual), visual)
+
+
+class TokenEmbedding(nn.Module):
+    """The language model's token embedding (``language_model.embed_tokens``) with visual
+    features in place of their placeholder tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.language_model = nn.Module()
+        self.language_model.embed_tokens = model.language_model.embed_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor, scatters: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """``scatters``: ``(placeholder mask like input_ids, features [placeholders, hidden])``
+        per visual kind, the features in row-major order of the mask."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        for where, features in scatters:
+            embeds = embeds.masked_scatter(where[..., None], features.to(embeds.dtype))
+        return embeds
+
+
+class DecoderTrunk(nn.Module):
+    """The language model without its token embedding (``language_model.layers``, ``norm``,
+    ``lm_head``): what the pipeline splits, so stage 0 takes embeddings."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        lm = model.language_model
+        self.language_model = nn.Module()
+        self.language_model.layers = lm.layers
+        self.language_model.norm = lm.norm
+        self.language_model.lm_head = lm.lm_head
+
+
+def _mount(root: nn.Module, module: nn.Module, prefix: str = "") -> None:
+    """Register ``module``'s sub-modules in ``root`` under their paths, through fresh
+    containers (a path's plain ``nn.Module`` / ``ModuleDict`` parents are recreated, so modules
+    of several parts merge under one ``language_model``)."""
+    for name, child in module.named_children():
+        if type(child) in (nn.Module, nn.ModuleDict):  # a container: merge its children
+            if name not in root._modules:
+                root.add_module(name, nn.Module())
+            _mount(root._modules[name], child, f"{prefix}{name}.")
+        elif name in root._modules:
+            raise AssertionError(f"{prefix}{name} is mounted twice")
+        else:
+            root.add_module(name, child)
+
+
+def assign_encoder_work(costs: list[int], ranks: int) -> list[int]:
+    """The pipeline rank that encodes each micro-batch: largest cost first, each to the rank
+    with the least work so far (ties to the highest rank: rank 0 also embeds and runs stage
+    0). Micro-batches without visual inputs (cost 0) stay on rank 0, which needs no features
+    for them. Deterministic: every pipeline rank computes it from its own copy of the batch."""
+    owners = [0] * len(costs)
+    load = [0] * ranks
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        if costs[i] == 0:
+            continue
+        rank = min(range(ranks), key=lambda r: (load[r], -r))
+        owners[i] = rank
+        load[rank] += costs[i]
+    return owners
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_vlm_pipeline(config, parallel) -> None:
+    """``ConfigError`` for the VLM layouts the decoupled pipeline does not carry yet."""
+    text = config.text
+    if text.num_layers < parallel.pp:
+        raise ConfigError(
+            f"parallel.pp: {parallel.pp} pipeline stages need at least {parallel.pp} language "
+            f"model layers, the model has {text.num_layers}; lower parallel.pp"
+        )
+    if getattr(text, "moe", None) is not None:
+        raise ConfigError(
+            "parallel.pp: mixture-of-experts language models are not pipelined yet; use "
+            "parallel.pp=1"
+        )
+    if getattr(text, "mtp_depth", 0):
+        raise ConfigError(
+            "parallel.pp: multi-token prediction modules are not pipelined yet; set "
+            "model.config.text.mtp_depth=0 or parallel.pp=1"
+        )
+    if text.tie_word_embeddings:
+        raise ConfigError(
+            "parallel.pp: a vision-language model's token embedding runs ahead of the pipeline "
+            "on pipeline rank 0 and its head on the last stage; keeping them tied is not "
+            "supported yet. Set +model.config.text.tie_word_embeddings=false (a new model) or "
+            "parallel.pp=1"
+        )
+    if "language_model" in (getattr(config, "frozen", None) or ()):
+        raise ConfigError(
+            "train.freeze: with the language model frozen its pipeline stages have nothing to "
+            "train (an optimizer without parameters is not supported yet); use parallel.pp=1 "
+            "to train the projector / encoder of a frozen language model"
+        )
+    if parallel.pp_schedule == "zero_bubble":
+        raise ConfigError(
+            "parallel.pp_schedule: zero_bubble is not supported with vision-language models yet "
+            "(the encoder's backward needs stage 0's full input gradient); use 1f1b or gpipe"
+        )
+
+
+@dataclass
+class _Step:
+    """What one schedule call of :meth:`VLMPipelineParts.first_stage_inputs` keeps for its
+    backward: the token ids and visual groups, stage 0's embeddings and input leaf (rank 0),
+    the ``(kind, owner)`` of each received feature block (rank 0) and this rank's own encoded
+    features per kind."""
+
+    ids: torch.Tensor
+    groups: list[tuple]
+    embeds: torch.Tensor | None = None
+    leaf: torch.Tensor | None = None
+    received: list[tuple[int, int]] = field(default_factory=list)
+    own: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class VLMPipelineParts(PipelineParts):
+    """:class:`PipelineParts` of a vision-language model (see the module docstring):
+    ``encoder`` (vision + projector; pipeline rank 0's own, a replica elsewhere) and
+    ``embedding`` (pipeline rank 0 only) run ahead of the schedule."""
+
+    encoder: VisualEncoder | None = None
+    embedding: TokenEmbedding | None = None
+    vlm_config: Any = None
+    #: The replica's weights may differ from pipeline rank 0's (set after each backward).
+    stale: bool = True
+    _frozen_synced: bool = False
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def _global(self, pp_rank: int) -> int:
+        return dist.get_global_rank(self.group, pp_rank)
+
+    def materialize(self, device: torch.device, *, init: bool = True) -> None:
+        import forge_models
+
+        if self.pp_rank != 0:  # the replica (pipeline rank 0's encoder is part of its stage)
+            forge_models.materialize(self.encoder, device, init=False)
+        super().materialize(device, init=init)
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """The pipeline's, and pipeline rank 0's encoder and embedding (not the replicas)."""
+        own = super().norm_parameters()
+        if self.pp_rank == 0:
+            own += [*self.encoder.parameters(), *self.embedding.parameters()]
+        return own
+
+    # -- encoder weights: owned by pipeline rank 0, replicated on the others ------------------
+    def _encoder_params(self, *, trainable: bool) -> list[nn.Parameter]:
+        return [p for p in self.encoder.parameters() if p.requires_grad or not trainable]
+
+    @torch.no_grad()
+    def sync_encoder(self) -> None:
+        """Broadcast the encoder weights from pipeline rank 0 to the replicas (every pipeline
+        rank calls it): all of them the first time, then the trainable ones."""
+        params = self._encoder_params(trainable=self._frozen_synced)
+        self._frozen_synced = True
+        if not params or self.pp == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        local = [_local(p.data) for p in params]
+        flat = _flatten_dense_tensors(local)
+        dist.broadcast(flat, src=self._global(0), group=self.group)
+        for t, value in zip(local, _unflatten_dense_tensors(flat, local), strict=True):
+            t.copy_(value)
+
+    @torch.no_grad()
+    def _reduce_encoder_grads(self) -> None:
+        """Sum the replicas' encoder gradients onto pipeline rank 0's and drop them."""
+        params = self._encoder_params(trainable=True)
+        if not params or self.pp == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for p in params:
+            if p.grad is None:  # no micro-batch encoded here: still joins the sum
+                p.grad = torch.zeros_like(p)
+        local = [_local(p.grad) for p in params]
+        flat = _flatten_dense_tensors(local)
+        dist.reduce(flat, dst=self._global(0), group=self.group)
+        if self.pp_rank == 0:
+            for t, value in zip(local, _unflatten_dense_tensors(flat, local), strict=True):
+                t.copy_(value)
+        else:
+            for p in params:
+                p.grad = None
+
+    @property
+    def pp(self) -> int:
+        return dist.get_world_size(self.group)
+
+    # -- the schedule's first-stage inputs ----------------------------------------------------
+    def first_stage_inputs(self, ids, batches, *, backward: bool):
+        """Encode this rank's share of the micro-batches, gather the features on pipeline rank
+        0 and embed there; returns ``(stage 0's inputs, finish)`` where ``finish()`` (after
+        the schedule) back-propagates stage 0's input gradient into the embedding and the
+        encoders of every pipeline rank."""
+        if self.stale:
+            self.sync_encoder()
+            self.stale = False
+        grad = backward and torch.is_grad_enabled()
+        needs_feature_grad = grad and bool(self._encoder_params(trainable=True))
+        groups = self._visual_groups(ids, batches)
+        state = _Step(ids=ids, groups=groups)
+        dtype = self._exchange_dtype
+        hidden = self.vlm_config.text.hidden_size
+        me = self.pp_rank
+        features: dict[int, list[torch.Tensor | None]] = {}
+        for k, (_, visual, counts, owners) in enumerate(groups):
+            mine = [i for i, o in enumerate(owners) if o == me and counts[i]]
+            if mine:
+                # One call per micro-batch, as one process runs it: concatenating them would
+                # make a dense-mask attention backend (CPU) quadratic in the total patches.
+                out = torch.cat([self.encoder(visual[i]) for i in mine]).to(dtype)
+                expected = sum(counts[i] for i in mine)
+                if out.shape[0] != expected:
+                    raise ValueError(
+                        f"the encoder gave {out.shape[0]} feature rows for {expected} placeholder "
+                        "tokens; expand each placeholder to the model's token count"
+                    )
+                state.own[k] = out
+            if me != 0:
+                if mine:
+                    dist.send(out.detach().contiguous(), dst=self._global(0), group=self.group)
+                continue
+            blocks: list[torch.Tensor | None] = [None] * len(owners)
+            for owner in range(self.pp):
+                rows = [i for i, o in enumerate(owners) if o == owner and counts[i]]
+                if not rows:
+                    continue
+                if owner == 0:
+                    block = state.own[k]
+                else:
+                    n = sum(counts[i] for i in rows)
+                    block = torch.empty(n, hidden, dtype=dtype, device=ids.device)
+                    dist.recv(block, src=self._global(owner), group=self.group)
+                    state.received.append((k, owner))
+                for i, part in zip(rows, block.split([counts[i] for i in rows]), strict=True):
+                    blocks[i] = part
+            features[k] = blocks
+        if me != 0:
+            return (), lambda: self._finish(state, grad, needs_feature_grad)
+        scatters = []
+        for k, (token_id, *_) in enumerate(groups):
+            parts = [f for f in features[k] if f is not None]
+            if parts:
+                scatters.append((ids == token_id, torch.cat(parts)))
+        state.embeds = self.embedding(ids, scatters)
+        # The leaf needs a gradient for the embedding, for rank 0's own features, or for the
+        # features of the other ranks (whose gradients are its rows at their placeholders).
+        wanted = state.embeds.requires_grad or (needs_feature_grad and bool(state.received))
+        state.leaf = state.embeds.detach().requires_grad_(grad and wanted)
+        return (state.leaf,), lambda: self._finish(state, grad, needs_feature_grad)
+
+    @property
+    def _exchange_dtype(self) -> torch.dtype:
+        """The dtype features and their gradients travel in: the encoder's parameters'."""
+        return next(self.encoder.parameters()).dtype
+
+    def _visual_groups(self, ids: torch.Tensor, batches: list[dict[str, Any]]):
+        """Per visual kind present in the batch: ``(placeholder token id, visual inputs per
+        micro-batch, placeholder count per micro-batch, encoding rank per micro-batch)``."""
+        groups = []
+        for key, token_field in VISUAL_KINDS:
+            visual = [b.get(key) for b in batches]
+            if all(v is None for v in visual):
+                continue
+            token_id = getattr(self.vlm_config, token_field)
+            counts = [int((row == token_id).sum()) for row in ids]
+            for i, (v, n) in enumerate(zip(visual, counts, strict=True)):
+                if (v is None) != (n == 0):
+                    raise ValueError(
+                        f"micro-batch {i} has {n} {key[:-1]} placeholder tokens (id {token_id}) "
+                        f"but {'no' if v is None else 'some'} {key}"
+                    )
+            costs = [0 if v is None else int(v.pixel_values.shape[0]) for v in visual]
+            groups.append((token_id, visual, counts, assign_encoder_work(costs, self.pp)))
+        return groups
+
+    def _finish(self, state: _Step, grad: bool, needs_feature_grad: bool) -> None:
+        """After the schedule: the gradients of the other ranks' features (stage 0's input
+        gradient at their placeholder rows) sent to them first, so their encoders' backward
+        runs while rank 0 back-propagates into its own features and the embedding; then the
+        encoders' gradients summed on pipeline rank 0."""
+        if not grad:
+            return
+        self.stale = True
+        exchange = needs_feature_grad and bool(state.groups)
+        if self.pp_rank == 0:
+            leaf = state.leaf
+            if leaf is not None and leaf.requires_grad and leaf.grad is None:
+                raise RuntimeError(
+                    "the pipeline schedule left no gradient on stage 0's input embeddings; the "
+                    "encoder and the token embedding cannot be trained with this schedule"
+                )
+            if exchange:
+                self._send_feature_grads(state)
+            if state.embeds is not None and state.embeds.requires_grad:
+                state.embeds.backward(leaf.grad)
+        elif exchange:
+            outs, grads = [], []
+            for k in sorted(state.own):
+                g = torch.empty_like(state.own[k])
+                dist.recv(g, src=self._global(0), group=self.group)
+                outs.append(state.own[k])
+                grads.append(g)
+            if outs:
+                torch.autograd.backward(outs, grads)
+        if exchange:
+            self._reduce_encoder_grads()
+
+    def _send_feature_grads(self, state: _Step) -> None:
+        """Send each received feature block's gradient back to the rank that encoded it: the
+        rows of stage 0's input gradient at the block's placeholders (``masked_scatter``
+        copies the features there, and each kind's placeholders are its own)."""
+        for k, owner in state.received:
+            token_id, _, counts, owners = state.groups[k]
+            rows = state.leaf.grad[state.ids == token_id].split(counts)
+            mine = [rows[i] for i, o in enumerate(owners) if o == owner and counts[i]]
+            g = torch.cat(mine).to(self._exchange_dtype)  # the owner's features' dtype
+            dist.send(g.contiguous(), dst=self._global(owner), group=self.group)
+
+
+def build_vlm_pipeline(
+    model: nn.Module,
+    config,
+    mesh,
+    *,
+    microbatches: int,
+    schedule: str,
+    split: str,
+    stage_parallel: dict[str, Any],
+) -> VLMPipelineParts:
+    """Split a :class:`~forge_models.vlm.VisionLanguageModel`'s decoder over ``mesh["pp"]``
+    and place its encoder and embedding (see the module docstring); ``stage_parallel``:
+    :func:`forge_parallel.parallelize` arguments, applied to every part."""
+    from forge_models.vlm import build_vlm
+    from forge_parallel import parallelize
+    from forge_parallel.pipeline import pipeline
+
+    loss = PipelineLoss(microbatches=microbatches)
+    on_meta = any(p.is_meta for p in model.parameters())
+    pipe = pipeline(
+        DecoderTrunk(model),
+        mesh,
+        loss_fn=loss,
+        schedule=schedule,
+        microbatches=microbatches,
+        split=split,
+        stage_parallel=stage_parallel,
+    )
+    (stage_module,) = pipe.modules
+    encoder_parallel = {k: v for k, v in stage_parallel.items() if k != "plan"}
+    encoder = VisualEncoder(model)
+    parallelize(encoder, mesh, **encoder_parallel)
+    owned = nn.Module()  # everything this rank owns, under the whole model's names
+    pp_rank = dist.get_rank(pipe.group)
+    embedding = None
+    if pp_rank == 0:
+        embedding = TokenEmbedding(model)
+        parallelize(embedding, mesh, **{**encoder_parallel, "recompute": None, "compile": False})
+        _mount(owned, encoder)
+        _mount(owned, embedding)
+    _mount(owned, stage_module)
+    return VLMPipelineParts(
+        pipe=pipe,
+        stage=owned,
+        loss=loss,
+        inputs_model=build_vlm(config, device="meta").language_model,
+        stage_parallel=pipe.parallelized[0],
+        whole_model=model if on_meta else None,
+        encoder=encoder,
+        embedding=embedding,
+        vlm_config=config,
+    )
