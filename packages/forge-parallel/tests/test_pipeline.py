@@ -92,10 +92,11 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
             {
                 # Ranks 0 and 3 hold the tied matrix: a group of two of the four stages.
                 "pp4_gpipe": {"dims": {"pp": 4, "dp_shard": 1}, "pipeline": {"schedule": "gpipe"}},
-                "tp2_pp2": {
+                # Sequence-parallel activations between the stages, a vocab-sharded loss.
+                "tp2_sp_pp2": {
                     "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
                     "pipeline": {"schedule": "1f1b"},
-                    "stage_parallel": {"plan": tp_plan},
+                    "stage_parallel": {"plan": tm.tiny_plan(sequence_parallel=True)},
                 },
                 "pp2_fsdp2": {
                     "dims": {"pp": 2, "dp_shard": 2},
