@@ -273,6 +273,7 @@ def _layouts_2() -> dict[str, dict]:
         },
         # The MoE model without expert parallelism: the dense layouts must stay exact too.
         "ddp": {"dims": {"dp_replicate": -1, "dp_shard": 1}, "data_parallel": "ddp"},
+        "zero1": {"dims": {}, "data_parallel": "zero1"},
         "zero2": {"dims": {}, "data_parallel": "zero2"},
         "fsdp": {"dims": {}, "data_parallel": "fsdp"},
         "tp2": {"dims": {"tp": 2, "dp_shard": -1}, "plan": moe.moe_plan()},
@@ -290,6 +291,7 @@ def _layouts_4() -> dict[str, dict]:
         "ep2_fsdp4_edp2": {"dims": {"ep": 2}, "expert_parallel": EP},
         "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": moe.moe_plan()},
         "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
+        "cp2_fsdp2": {"dims": {"cp": 2, "dp_shard": 2}, "context_parallel": CPConfig()},
         "ep2_hsdp_2x2": {
             "dims": {"dp_replicate": 2, "dp_shard": 2, "ep": 2},
             "expert_parallel": EP,

@@ -23,6 +23,7 @@ ph = import_path(
     Path(__file__).with_name("pipeline_helpers.py"), "forge_parallel_tests_pipeline_helpers"
 )
 tm = ph.tm
+moe = import_path(Path(__file__).with_name("tiny_moe.py"), "forge_parallel_tests_tiny_moe")
 
 PP2 = {"pp": 2, "dp_shard": 1}
 
@@ -105,6 +106,16 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
                 },
             },
         ),
+        "moe_4ranks": (
+            "moe",
+            {
+                "tp2_pp2": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": moe.moe_plan()},  # a vocab-sharded loss
+                },
+            },
+        ),
         "tiny_8ranks": (
             "tiny",
             {
@@ -164,7 +175,7 @@ def test_pipeline_schedules_on_2_ranks(dist_pool):
 
 
 def test_tp2_pp2_on_4_ranks(dist_pool):
-    _check(dist_pool(4).run(_job, ("tiny_4ranks", "tied_4ranks")))
+    _check(dist_pool(4).run(_job, ("tiny_4ranks", "tied_4ranks", "moe_4ranks")))
 
 
 def test_pp2_fsdp2_tp2_on_8_ranks(dist_pool):
