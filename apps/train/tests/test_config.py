@@ -91,8 +91,8 @@ def test_cli_prints_config_help_and_errors(capsys):
             "parallel.pp_virtual_stages: schedule 1f1b runs one stage per rank",
         ),
         (
-            ["parallel=tp2-fsdp", "recipe=vlm"],
-            "model.kind: vlm models train without tensor parallelism",
+            ["recipe=vlm", "train.fp8=per_tensor"],
+            "model.kind: vlm models train without LoRA or FP8",
         ),
     ],
 )

@@ -129,3 +129,35 @@ def test_moe_with_balance_loss_and_expert_bias_under_pp2_fsdp2(tmp_path, dist_po
     single = _model_losses(f"{root}/single", *_RUN, *_MOE)
     pipeline = dist_pool(4).run(_model_losses, f"{root}/pp2", *_RUN, *_MOE, "parallel=pp2-fsdp")
     _close(pipeline, single)
+
+
+def _vlm_losses(output_dir: str, *overrides: str) -> list[float]:
+    """Losses of a short ``recipe=vlm`` run with every part trained (a pool job)."""
+    from forge_train.compose import compose_run_config
+    from forge_train.trainer import train
+
+    config = compose_run_config(
+        [
+            "recipe=vlm",
+            "train.freeze=[]",
+            "train.steps=3",
+            "train.eval_batches=0",
+            "data.global_batch_rows=4",
+            "data.micro_batch_rows=2",
+            "logging.progress=plain",
+            "logging.tensorboard=false",
+            f"train.output_dir={output_dir}",
+            *overrides,
+        ]
+    )
+    with tiny.reference_kernels():
+        return train(config).losses
+
+
+def test_vlm_with_a_tp2_language_model_and_a_data_parallel_encoder(tmp_path, dist_pool):
+    """Heterogeneous layout in one job: the language model TP2 x FSDP2, the vision encoder and
+    projector FSDP over all 4 ranks, gives the single-process losses."""
+    root = str(tmp_path)
+    single = _vlm_losses(f"{root}/single")
+    layout = ("parallel=tp2-fsdp", "parallel.sequence_parallel=false")
+    _close(dist_pool(4).run(_vlm_losses, f"{root}/tp2", *layout), single)

@@ -54,6 +54,43 @@ def _recompute(cfg: RunConfig):
     return RecomputeConfig(mode=cfg.parallel.recompute)
 
 
+def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int]):
+    """A vision-language model with a layout per part (heterogeneous parallelism,
+    ``forge_parallel.parallelize_submodules``): the language model tensor-parallel over
+    ``parallel.tp`` and data-parallel over the rest, the vision encoder and the projector
+    without tensor parallelism, data-parallel over all ranks. The ranks of a tensor-parallel
+    group load the same batch (``batch_boundary=False``), so the encoder's average over all
+    ranks is the data-parallel average."""
+    from forge_parallel import SubmoduleParallel, parallelize_submodules
+
+    if cfg.train.compile or cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            "parallel.tp: a vision-language model with tensor parallelism trains without "
+            "train.compile and sequence parallelism so far; set train.compile=false and "
+            "parallel.sequence_parallel=false"
+        )
+    recompute = _recompute(cfg)
+    mode = cfg.parallel.data_parallel
+    replicate = degrees["dp_replicate"]
+    return parallelize_submodules(
+        model,
+        {
+            "vision": SubmoduleParallel(
+                dp_replicate=replicate, data_parallel=mode or "auto", recompute=recompute
+            ),
+            "projector": SubmoduleParallel(dp_replicate=replicate, data_parallel=mode or "auto"),
+            "language_model": SubmoduleParallel(
+                tp=degrees["tp"],
+                plan=model.language_model.parallel_plan(sequence_parallel=False),
+                dp_replicate=replicate,
+                data_parallel=mode,
+                recompute=recompute,
+                batch_boundary=False,
+            ),
+        },
+    )
+
+
 def build_components(
     cfg: RunConfig, *, world_size: int, degrees: dict[str, int], device: torch.device
 ) -> Components:
@@ -120,8 +157,9 @@ def build_components(
     dims = None
     if world_size > 1:
         dims = ParallelDims(world_size=world_size, **degrees)
+    vlm = cfg.model.kind == "vlm"
     plan = None
-    if degrees["tp"] > 1:
+    if degrees["tp"] > 1 and not vlm:
         plan = model.parallel_plan(sequence_parallel=cfg.parallel.sequence_parallel)
     stage_parallel = {
         "plan": plan,
@@ -134,6 +172,9 @@ def build_components(
         mesh = dims.build_mesh()
         pipeline = _pipeline(model, config, cfg, mesh, stage_parallel)
         parallel, model = pipeline.stage_parallel, pipeline.stage
+    elif vlm and degrees["tp"] > 1:
+        parallel = _parallelize_vlm(model, cfg, degrees)
+        model, mesh = parallel.model, parallel.parts["language_model"].mesh
     else:
         parallel = parallelize(model, dims, **stage_parallel)
         model, mesh = parallel.model, parallel.mesh

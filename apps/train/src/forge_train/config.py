@@ -414,10 +414,9 @@ class RunConfig:
             _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
         if vlm:
             _require(
-                self.parallel.tp == 1 and self.lora is None and self.train.fp8 is None,
+                self.lora is None and self.train.fp8 is None,
                 "model.kind",
-                "vlm models train without tensor parallelism, LoRA or FP8 so far; use "
-                "parallel=single/ddp/fsdp/pp2-fsdp, lora=null, train.fp8=null",
+                "vlm models train without LoRA or FP8 so far; use lora=null, train.fp8=null",
             )
         if self.lora is not None:
             _require(

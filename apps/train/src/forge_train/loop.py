@@ -149,7 +149,7 @@ class Trainer:
     def _describe(self) -> None:
         cfg, p = self.cfg, self.parts
         layout = ", ".join(f"{k}={v}" for k, v in self.degrees.items() if v > 1) or "one process"
-        mode = p.parallel.data_parallel or "-"
+        mode = (cfg.parallel.data_parallel if self.world_size > 1 else None) or "-"
         self.log.message(
             f"forge-train | {self.accelerator.name} x {self.world_size} ({layout}; data parallel "
             f"{mode}) | {p.n_params / 1e6:.2f}M parameters"

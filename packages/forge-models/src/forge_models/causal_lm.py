@@ -41,6 +41,7 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -307,6 +308,7 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        embeds_scatter: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
         block_ids: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
@@ -334,6 +336,11 @@ class CausalLM(nn.Module):
             inputs_embeds: ``[*input_ids.shape, hidden]`` embeddings to use instead of
                 ``embed_tokens(input_ids)`` (a vision-language model's text embeddings with the
                 image features scattered in); ``input_ids`` still gives the shape.
+            embeds_scatter: ``(where, rows)`` pairs applied in order to ``embed_tokens(input_ids)``
+                (``where``: bool of ``input_ids``' shape, ``rows``: ``[where.sum(), hidden]``),
+                as ``masked_scatter``: a vision-language model's image / video features put
+                in place of their placeholder tokens inside this forward, so an FSDP unit
+                around this model gathers the embedding for it.
             block_ids: ``[B, S]`` or ``[S]``: tokens with the same non-negative id (one image
                 or video) attend to each other bidirectionally, ``-1`` marks causal tokens
                 (see :class:`forge_kernels.attention.AttentionMask`). Combines with
@@ -372,6 +379,8 @@ class CausalLM(nn.Module):
         mask = None if attention_mask is None else attention_mask.reshape(ids.shape).to(ids.device)
         if inputs_embeds is None:
             h = self.embed_tokens(ids)
+            for where, rows in embeds_scatter:
+                h = h.masked_scatter(where.reshape(ids.shape)[..., None], rows.to(h.dtype))
         else:
             if tuple(inputs_embeds.shape[:-1]) != tuple(input_ids.shape):
                 raise ValueError(

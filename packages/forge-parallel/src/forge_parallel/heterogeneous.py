@@ -22,6 +22,14 @@ code (loss, labels) does not change. A part with ``tp=t > 1`` converts at its bo
 The factors keep every part's gradient averaging exact: a ``tp=t`` part averages gradients
 over ``W / t`` ranks, each of which computed the mean of its ``t`` ranks' losses. Every rank
 of a tensor-parallel group must hold the same number of rows.
+
+``SubmoduleParallel(batch_boundary=False)`` drops the conversion: the caller loads the same
+batch on the ranks of each tensor-parallel group (a data loader over the ``tp > 1`` part's
+data-parallel ranks, as for a plain tensor-parallel job), so inputs arrive replicated. A
+``tp=1`` part then averages its gradients over ``W`` ranks holding ``t`` equal copies of each
+data-parallel rank's batch: the data-parallel mean again. Packed rows (one row per rank,
+documents delimited by ``cu_seqlens``) need this layout: gathering them along the batch would
+make rows of several packs.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ class SubmoduleParallel:
     recompute: RecomputeConfig | None = None
     offload: OffloadConfig | None = None
     blocks: str | None = None
+    batch_boundary: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp_replicate"):
@@ -174,6 +183,30 @@ class HeterogeneousResult:
         """Skip gradient reduction in every part (gradient accumulation)."""
         return no_gradient_sync(self.model)
 
+    @contextlib.contextmanager
+    def loss_context(self) -> Iterator[None]:
+        """Every part's loss context (e.g. ``loss_parallel`` for a vocab-sharded head) at once."""
+        with contextlib.ExitStack() as stack:
+            for result in self.parts.values():
+                stack.enter_context(result.loss_context())
+            yield
+
+    def build_optimizer(
+        self,
+        optimizer_class: Callable[..., torch.optim.Optimizer],
+        params: Any = None,
+        **kwargs: Any,
+    ) -> torch.optim.Optimizer:
+        """``optimizer_class(params, **kwargs)`` over all parts (default: every parameter).
+        ZeRO parts are refused: one optimizer cannot shard state over several meshes."""
+        zero = [n for n, r in self.parts.items() if r.data_parallel in ("zero1", "zero2")]
+        if zero:
+            raise ValueError(
+                f"parts {zero} use ZeRO, whose optimizer shards state over one part's mesh; use "
+                "fsdp or ddp for every part of a heterogeneous model"
+            )
+        return optimizer_class(self.model.parameters() if params is None else params, **kwargs)
+
     def __str__(self) -> str:
         return "\n".join(f"[{name}] {result.summary}" for name, result in self.parts.items())
 
@@ -246,7 +279,7 @@ def parallelize_submodules(
             offload=spec.offload,
             blocks=spec.blocks,
         )
-        if spec.tp > 1:
+        if spec.tp > 1 and spec.batch_boundary:
             _install_boundary(result.model, result.mesh["tp"].get_group())
         parts[name] = result
     return HeterogeneousResult(model=model, parts=parts)

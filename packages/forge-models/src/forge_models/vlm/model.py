@@ -123,6 +123,20 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with the image / video features in place of their placeholders."""
         embeds = self.language_model.embed_tokens(input_ids)
+        for where, features in self.visual_scatter(input_ids, images=images, videos=videos):
+            embeds = embeds.masked_scatter(where[..., None], features.to(embeds.dtype))
+        return embeds
+
+    def visual_scatter(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        images: VisualInputs | None = None,
+        videos: VisualInputs | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(placeholder mask, feature rows)`` of the images, then the videos (checked against
+        the placeholder counts): what :meth:`embed` scatters into the token embeddings."""
+        out = []
         for visual, token_id, what in (
             (images, self.config.image_token_id, "image"),
             (videos, self.config.video_token_id, "video"),
@@ -146,9 +160,8 @@ class VisionLanguageModel(nn.Module):
                     f"each placeholder to the model's token count (num_visual_tokens: "
                     f"{self.num_visual_tokens(visual)})"
                 )
-            features = features.to(embeds.dtype)
-            embeds = embeds.masked_scatter(where[..., None], features)
-        return embeds
+            out.append((where, features))
+        return out
 
     def forward(
         self,
@@ -177,7 +190,9 @@ class VisionLanguageModel(nn.Module):
                 one block per image / video.
             kwargs: the rest of :meth:`CausalLM.forward` (``loss_reduction``, ``max_seqlen``).
         """
-        embeds = self.embed(input_ids, images=images, videos=videos)
+        # The features go in inside the language model's forward, where its embedding runs
+        # (with FSDP, only there are the embedding's shards gathered).
+        scatter = self.visual_scatter(input_ids, images=images, videos=videos)
         if position_ids is None and self.config.text.mrope_section is not None:
             position_ids = self.mrope_positions(
                 input_ids, images=images, videos=videos,
@@ -195,7 +210,7 @@ class VisionLanguageModel(nn.Module):
             cu_seqlens,
             attention_mask,
             labels,
-            inputs_embeds=embeds,
+            embeds_scatter=scatter,
             block_ids=block_ids,
             **kwargs,
         )
