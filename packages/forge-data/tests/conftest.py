@@ -1,6 +1,10 @@
-"""A small byte-level BPE, trained once per session on part of the Python standard library."""
+"""Shared fixtures: a small byte-level BPE, trained once per session on part of the Python
+standard library, and a webdataset shard writer."""
 
 from __future__ import annotations
+
+import io
+import tarfile
 
 import pytest
 
@@ -19,3 +23,18 @@ def tokenizer():
 def saved_tokenizer(tokenizer, tmp_path_factory):
     """The session tokenizer saved as a Hugging Face folder (for the CLI and AutoTokenizer)."""
     return tokenizer.save(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _write_tar(path, samples) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def write_tar():
+    """``write_tar(path, [(key, {ext: bytes, ...}), ...])``: a webdataset tar shard."""
+    return _write_tar

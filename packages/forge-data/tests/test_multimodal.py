@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -26,17 +25,8 @@ def _npy(arr):
     return buf.getvalue()
 
 
-def _write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(tmp_path_factory, write_tar):
     root = tmp_path_factory.mktemp("wds")
     good = [
         (
@@ -56,13 +46,13 @@ def shards(tmp_path_factory):
             "frames.npy": _npy(np.zeros((2, 4, 6, 3), np.uint8)),
         },
     )
-    _write_tar(root / "shard-0.tar", [*good[:2], video])
+    write_tar(root / "shard-0.tar", [*good[:2], video])
     bad = [
         ("badimg", {"txt": b"broken image", "png": b"\x89PNG\r\n\x1a\nnot really"}),
         ("empty", {"txt": b""}),
         ("long", {"txt": ("word " * 200).encode()}),
     ]
-    _write_tar(root / "shard-1.tar", [*good[2:], *bad])
+    write_tar(root / "shard-1.tar", [*good[2:], *bad])
     (root / "shard-2.tar").write_bytes(b"this is not a tar file" * 40)
     return [str(root / f"shard-{i}.tar") for i in range(3)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -160,19 +159,12 @@ def test_truncated_or_garbage_videos_raise_a_decode_error(clip, tmp_path):
         decode_video(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 50)
 
 
-def _tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
-def test_mp4_in_a_shard_is_decoded_and_a_truncated_one_is_counted(clip, tmp_path, tokenizer):
+def test_mp4_in_a_shard_is_decoded_and_a_truncated_one_is_counted(
+    clip, tmp_path, tokenizer, write_tar
+):
     data = clip[1]
     caption = json.dumps({"text": "a clip"}).encode()
-    _tar(
+    write_tar(
         tmp_path / "shard-0.tar",
         [
             ("good", {"json": caption, "mp4": data}),
@@ -201,7 +193,9 @@ def test_mp4_in_a_shard_is_decoded_and_a_truncated_one_is_counted(clip, tmp_path
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
-def test_decoded_video_flows_unchanged_into_the_vlm_processors(clip, tmp_path, tokenizer, family):
+def test_decoded_video_flows_unchanged_into_the_vlm_processors(
+    clip, tmp_path, tokenizer, family, write_tar
+):
     from forge_data.vision import placeholders
     from forge_data.vision.llava_onevision import (
         LlavaOnevisionProcessor,
@@ -228,7 +222,9 @@ def test_decoded_video_flows_unchanged_into_the_vlm_processors(clip, tmp_path, t
             {"role": "assistant", "content": "It brightens."},
         ]
     }
-    _tar(tmp_path / "shard-0.tar", [("clip", {"json": json.dumps(chat).encode(), "mp4": data})])
+    write_tar(
+        tmp_path / "shard-0.tar", [("clip", {"json": json.dumps(chat).encode(), "mp4": data})]
+    )
     config = MultimodalConfig(
         urls=[str(tmp_path / "shard-0.tar")], seq_len=256, chat_template="chatml", video=sampling
     )

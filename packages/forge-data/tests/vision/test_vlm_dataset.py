@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -30,15 +29,6 @@ def _npy(arr):
     return buf.getvalue()
 
 
-def _tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def _chat(content, reply="A cat."):
     return json.dumps(
         {
@@ -51,7 +41,7 @@ def _chat(content, reply="A cat."):
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory):
+def shard(tmp_path_factory, write_tar):
     parts = [{"type": "image"}, {"type": "text", "text": "Compare."}, {"type": "image"}]
     samples = [
         # Two images named so that plain string order would swap them (10 < 2).
@@ -85,7 +75,7 @@ def shard(tmp_path_factory):
         ),
     ]
     path = tmp_path_factory.mktemp("vlm") / "shard-0.tar"
-    _tar(path, samples)
+    write_tar(path, samples)
     return str(path)
 
 
