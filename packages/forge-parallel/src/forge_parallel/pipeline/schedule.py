@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from forge_core import ParallelMesh
 from forge_parallel.grad_norm import align_grads
 from forge_parallel.pipeline.config import SCHEDULES, PipelineConfig
-from forge_parallel.pipeline.grad_norm import pipeline_clip_grad_norm_, pipeline_grad_norm
+from forge_parallel.pipeline.grad_norm import pipeline_clip_grad_norm_
 from forge_parallel.pipeline.loss_parallel import in_loss_context, loss_value
 from forge_parallel.pipeline.partition import balanced_partition, stage_ranks
 from forge_parallel.pipeline.split_backward import split_backward
@@ -66,6 +66,18 @@ def split_stages(
     ``[start, stop)`` block range of stage ``s``. A stage using a parameter of an earlier stage
     (a tied embedding) also holds that parameter's module (:mod:`forge_parallel.pipeline.tied`).
     """
+    return _split(model, pp=pp, pp_rank=pp_rank, config=config, sample_input=sample_input)[:4]
+
+
+def _split(
+    model: nn.Module,
+    *,
+    pp: int,
+    pp_rank: int,
+    config: PipelineConfig,
+    sample_input: torch.Tensor | None,
+) -> tuple[list[int], list[StageModule], DecoderLayout, list[tuple[int, int]], list[TiedWeight]]:
+    """:func:`split_stages` and the parameters several stages use."""
     layout = decoder_layout(model, config.blocks)
     n_layers = len(layout.blocks)
     config.validate(pp=pp, num_layers=n_layers)
@@ -92,7 +104,7 @@ def split_stages(
         )
         for s in indices
     ]
-    return indices, modules, layout, bounds
+    return indices, modules, layout, bounds, tied
 
 
 def stage_plan(plan: TPPlan | Mapping[str, Any], module: nn.Module) -> TPPlan:
@@ -294,10 +306,6 @@ class Pipeline:
             counted=self.norm_parameters(),
         )
 
-    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
-        """The global gradient norm over all pipeline ranks, without clipping (collective)."""
-        return pipeline_grad_norm(self.norm_parameters(), self.group, norm_type)
-
 
 def _resolve_group(
     mesh_or_group: ParallelMesh | DeviceMesh | dist.ProcessGroup,
@@ -372,19 +380,18 @@ def _device(module: nn.Module, mesh: ParallelMesh | None) -> torch.device:
 
 
 def _tied_weights(
-    model: nn.Module,
-    layout: DecoderLayout,
-    bounds: list[tuple[int, int]],
+    tied: list[TiedWeight],
     group: dist.ProcessGroup,
     config: PipelineConfig,
     indices: list[int],
     stage_parallel: Mapping[str, Any] | None,
 ) -> list[tuple[TiedWeight, dist.ProcessGroup | None, int]]:
-    """The tied parameters of the split, each with the group of the pipeline ranks holding it
-    and the pipeline rank of its first user (a collective when a new group is needed)."""
+    """The tied parameters of the split (``tied``), each with the group of the pipeline ranks
+    holding it and the pipeline rank of its first user (a collective when a new group is
+    needed)."""
     owners = stage_ranks(dist.get_world_size(group), config.virtual_stages, config.placement)
     out = []
-    for weight in find_tied_weights(model, layout, bounds):
+    for weight in tied:
         users = [owners[s] for s in weight.stages]
         here = [s for s in weight.stages if s in indices]
         if stage_parallel is not None and len(here) > 1:
@@ -427,10 +434,10 @@ def pipeline(
         raise ValueError(f"pass either config= or its fields, not both: {sorted(config_kwargs)}")
     group, mesh = _resolve_group(mesh_or_group)
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
-    indices, modules, layout, bounds = split_stages(
+    indices, modules, layout, bounds, tied_weights = _split(
         model, pp=pp, pp_rank=pp_rank, config=config, sample_input=sample_input
     )
-    tied = _tied_weights(model, layout, bounds, group, config, indices, stage_parallel)
+    tied = _tied_weights(tied_weights, group, config, indices, stage_parallel)
     for module in modules:
         module.block_output = block_output
     parallelized = []
