@@ -75,12 +75,7 @@ def _transformers_llama(folder: Path) -> None:
 
 def _model_losses(output_dir: str, *overrides: str) -> list[float]:
     """Losses of a tiny run of the model the overrides name (a pool job)."""
-    from forge_train.compose import compose_run_config
-    from forge_train.trainer import train
-
-    config = compose_run_config([*tiny.TINY_RUN, f"train.output_dir={output_dir}", *overrides])
-    with tiny.reference_kernels():
-        return train(config).losses
+    return tiny.train_losses(*tiny.TINY_RUN, f"train.output_dir={output_dir}", *overrides)
 
 
 def test_continued_pretraining_from_a_transformers_folder_under_pp2(tmp_path, dist_pool):
@@ -131,27 +126,22 @@ def test_moe_with_balance_loss_and_expert_bias_under_pp2_fsdp2(tmp_path, dist_po
     _close(pipeline, single)
 
 
-def _vlm_losses(output_dir: str, *overrides: str) -> list[float]:
-    """Losses of a short ``recipe=vlm`` run with every part trained (a pool job)."""
-    from forge_train.compose import compose_run_config
-    from forge_train.trainer import train
+#: A short ``recipe=vlm`` run with every part trained.
+_VLM = (
+    "recipe=vlm",
+    "train.freeze=[]",
+    "train.steps=3",
+    "train.eval_batches=0",
+    "data.global_batch_rows=4",
+    "data.micro_batch_rows=2",
+    "logging.progress=plain",
+    "logging.tensorboard=false",
+)
 
-    config = compose_run_config(
-        [
-            "recipe=vlm",
-            "train.freeze=[]",
-            "train.steps=3",
-            "train.eval_batches=0",
-            "data.global_batch_rows=4",
-            "data.micro_batch_rows=2",
-            "logging.progress=plain",
-            "logging.tensorboard=false",
-            f"train.output_dir={output_dir}",
-            *overrides,
-        ]
-    )
-    with tiny.reference_kernels():
-        return train(config).losses
+
+def _vlm_losses(output_dir: str, *overrides: str) -> list[float]:
+    """Losses of the ``_VLM`` run (a pool job)."""
+    return tiny.train_losses(*_VLM, f"train.output_dir={output_dir}", *overrides)
 
 
 def test_vlm_with_a_tp2_language_model_and_a_data_parallel_encoder(tmp_path, dist_pool):

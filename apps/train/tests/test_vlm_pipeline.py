@@ -67,12 +67,7 @@ _RUN = (
 
 def _vlm_losses(root: str, name: str, *overrides: str) -> list[float]:
     """Losses of the tiny VLM run (also a worker-pool job: every rank runs it)."""
-    from forge_train.compose import compose_run_config
-    from forge_train.trainer import train
-
-    cfg = compose_run_config([*_RUN, f"train.output_dir={root}/{name}", *overrides])
-    with tiny.reference_kernels():
-        return train(cfg).losses
+    return tiny.train_losses(*_RUN, f"train.output_dir={root}/{name}", *overrides)
 
 
 def test_vlm_pp2_fsdp2_matches_one_process(tmp_path, dist_pool):

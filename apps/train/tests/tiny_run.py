@@ -39,8 +39,14 @@ def tiny_config(output_dir: str | Path, *overrides: str):
 
 def run_losses(output_dir: str, *overrides: str) -> list[float]:
     """Losses of a tiny run (also a worker-pool job: every rank runs it)."""
+    return train_losses(*TINY, f"train.output_dir={output_dir}", *overrides)
+
+
+def train_losses(*overrides: str) -> list[float]:
+    """Losses of the run composed from ``overrides`` alone, on forge-kernels' eager references
+    (also a worker-pool job)."""
     with reference_kernels():
-        return train(tiny_config(output_dir, *overrides)).losses
+        return train(compose_run_config(list(overrides))).losses
 
 
 #: forge-kernels' eager references instead of its Triton kernels: without a GPU the suite runs
