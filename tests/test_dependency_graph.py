@@ -48,6 +48,7 @@ FORGE_IMPORTS = {
 IMPORT_ALIASES = {
     "yaml": "pyyaml",
     "transformer_engine": "transformer-engine-cu13",
+    "megatron": "megatron-core",
     "PIL": "pillow",
     "google": "protobuf",
     "hydra": "hydra-core",

@@ -164,6 +164,13 @@ def test_fsdp_tp_and_pipeline_ranks_read_only_their_shards(dist_pool, llama_dir)
             assert report.bytes_read == out[layout]["local_bytes"], (rank, layout, report)
         assert out["pp"]["bad_public"] == []
         assert out["fsdp"]["bad_from_pretrained"] == []
+        # Contiguous shards go straight from the file into the parameters (preadv): all of
+        # FSDP's row blocks and whole pipeline tensors; under TP the row-parallel column
+        # blocks are strided in the file and go through the slice reader.
+        for layout in ("fsdp", "pp"):
+            report = out[layout]["report"]
+            assert report.direct == report.tensors, (rank, layout, report)
+        assert 0 < out["tp"]["report"].direct < out["tp"]["report"].tensors, out["tp"]
         assert out["fsdp"]["sharded"] == "Shard"
         assert out["tp"]["packed"] == "_StridedShard"  # the packed gate_up_proj layout
         # FSDP2 shards every tensor on dim 0 over the 2 ranks: each reads half.

@@ -78,6 +78,9 @@ def test_smoke_run_reports_every_implementation(tmp_path, capsys):
             forge, hf = losses[workload, "forge"], losses[workload, "transformers"]
             assert forge == pytest.approx(hf, rel=1e-4), (workload, forge, hf)
     assert losses["llm", "forge +recompute"] == pytest.approx(losses["llm", "forge"], rel=1e-5)
+    if ("llm", "torchtitan") in losses:  # installed: its FullAC row computes the same loss
+        titan = losses["llm", "torchtitan"]
+        assert losses["llm", "torchtitan +recompute"] == pytest.approx(titan, rel=1e-5)
     assert "bench_fused_linear_cross_entropy.py" in out
     assert "### bench_fused_linear_cross_entropy.py" in out
 

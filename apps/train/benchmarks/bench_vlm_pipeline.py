@@ -194,8 +194,8 @@ def main() -> None:
                 target=targets if p.is_last else None,
                 losses=[],
                 block_args=block_args,
+                finish=finish,  # the encoder's and embedding's backward, before tied sums
             )
-            finish()
         else:
             pipe = v["pipe"]
             v["loss"].scale = 1.0 / tokens

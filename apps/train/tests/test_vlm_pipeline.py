@@ -1,8 +1,10 @@
 """Pipeline parallelism for vision-language models with the encoder decoupled from the pipeline
-(forge_train.vlm_pipeline): the encoder-work assignment, the layouts refused, and a 4-process
-PP2 x FSDP2 run of the Qwen2.5-VL preset (vision frozen, projector trained through the feature
-exchange, M-RoPE positions and image blocks as block arguments) against one process: the same
-losses, its checkpoint resumed in one process, and the same Hugging Face export."""
+(forge_train.vlm_pipeline): the encoder-work assignment, the layouts refused, and 4-process
+runs of the Qwen2.5-VL preset (every part trained, the encoders through the feature exchange;
+M-RoPE positions and image blocks as block arguments; the token embedding ahead of the
+pipeline tied to the head on the last stage) against one process: PP2 x FSDP2 (1F1B) with the
+same losses, its checkpoint resumed in one process and the same Hugging Face export; TP2 with
+sequence parallelism x PP2 on virtual stages (interleaved 1F1B); PP2 x FSDP2 zero bubble."""
 
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ def _text(*, frozen=(), **fields):
 @pytest.mark.parametrize(
     ("text", "parallel", "message"),
     [
-        ({"tie_word_embeddings": True}, {}, "tie_word_embeddings=false"),
         ({"num_layers": 1}, {}, "at least 2 language model layers"),
-        ({}, {"pp_schedule": "zero_bubble", "data_parallel": None}, "zero_bubble"),
+        (
+            {"tie_word_embeddings": True},
+            {"pp_schedule": "zbv", "pp_virtual_stages": 2},
+            "zbv places the first",
+        ),
         ({"frozen": ["language_model"]}, {}, "nothing to train"),
     ],
 )
@@ -46,15 +51,18 @@ def test_layouts_not_carried_yet_are_refused(text, parallel, message):
     settings = ParallelSettings(**{"pp": 2, "dp_shard": -1, "data_parallel": "fsdp", **parallel})
     with pytest.raises(ConfigError, match=message):
         check_vlm_pipeline(_text(**text), settings)
-    check_vlm_pipeline(_text(), ParallelSettings(pp=2, dp_shard=-1, data_parallel="fsdp"))
+    fine = ParallelSettings(pp=2, dp_shard=-1, data_parallel="fsdp")
+    check_vlm_pipeline(_text(), fine)
+    check_vlm_pipeline(_text(tie_word_embeddings=True), fine)  # the head tied across stages
 
 
-#: Qwen2.5-VL tiny, untied (the embedding runs ahead of the pipeline, the head on the last
-#: stage), two micro-batches per data-parallel rank; vision frozen as in recipe=vlm.
+#: Qwen2.5-VL tiny with 4 language model layers (4 virtual stages at PP2), its embedding
+#: tied to the head, every part trained; two micro-batches per data-parallel rank.
 _RUN = (
     "recipe=vlm",
     "model=qwen2_5-vl-tiny",
-    "+model.config.text.tie_word_embeddings=false",
+    "+model.config.text.num_layers=4",
+    "train.freeze=[]",
     "data.global_batch_rows=8",
     "data.micro_batch_rows=2",
     "train.steps=2",
@@ -70,18 +78,35 @@ def _vlm_losses(root: str, name: str, *overrides: str) -> list[float]:
     return tiny.train_losses(*_RUN, f"train.output_dir={root}/{name}", *overrides)
 
 
-def test_vlm_pp2_fsdp2_matches_one_process(tmp_path, dist_pool):
+def _close(ranks: list[list[float]], single: list[float]) -> None:
+    assert all(r == ranks[0] for r in ranks), ranks  # every rank reports the global loss
+    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=0)
+
+
+def test_vlm_pipeline_layouts_match_one_process(tmp_path, dist_pool):
     pytest.importorskip("skimage")
     from safetensors.torch import load_file
 
     root = str(tmp_path)
     export = "checkpoint.export_hf=true"
     single = _vlm_losses(root, "single", export)
-    ranks = dist_pool(4).run(
-        _vlm_losses, root, "pp2", "parallel=pp2-fsdp", "checkpoint.interval=1", export
+    pool = dist_pool(4)
+    ranks = pool.run(_vlm_losses, root, "pp2", "parallel=pp2-fsdp", "checkpoint.interval=1", export)
+    _close(ranks, single)
+    tp_virtual = (
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+        "parallel.pp_virtual_stages=2",
     )
-    assert all(r == ranks[0] for r in ranks), ranks  # every rank reports the global loss
-    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=0)
+    interleaved = pool.run(
+        _vlm_losses, root, "tp2", "parallel=pp2-fsdp", *tp_virtual,
+        "parallel.pp_schedule=interleaved_1f1b",
+    )  # fmt: skip
+    _close(interleaved, single)
+    zero_bubble = pool.run(
+        _vlm_losses, root, "zb", "parallel=pp2-fsdp", "parallel.pp_schedule=zero_bubble"
+    )
+    _close(zero_bubble, single)
     # The export gathers the stages and pipeline rank 0's encoder: the single process's weights
     # (the frozen vision tower's included). Adam turns float noise in near-zero gradients
     # (e.g. the key biases', which attention cancels) into ~1e-6 weight differences.

@@ -27,6 +27,14 @@
        python .../bench_checkpoint.py --before-src /tmp/old/packages/forge-models/src \\
            /tmp/old/packages/forge-ckpt/src
 
+4. Sharded HF loading (``--part sharded``): one rank's ``forge_models.sharded_load.
+   load_hf_shards`` of the same Llama folder, for the whole model in one process, FSDP rank 1
+   of 4 and rank 1 of TP2 x FSDP2 (the rank's real placements under the fake process group: no
+   communication, each rank's reads are its own), with contiguous shards read straight into
+   the parameters (``direct``, one ``preadv`` each) against every box read through the
+   memory-mapped slice reader and copied (``direct=False``, the path before), page cache
+   cold (the folder's pages evicted before each load) and warm; best of ``--repeats``.
+
 Figures depend on the disk and on how busy the machine is: compare the columns of one run.
 """
 
@@ -287,6 +295,71 @@ def bench_hf_load(
     return rows
 
 
+def _sharded_model(config, layout: str):
+    """A meta-device forge model parallelized as ``layout`` on this (fake) rank."""
+    import forge_parallel
+    from forge_core import ParallelDims
+    from forge_models import registry
+
+    model = registry.build_model(config, device="meta")
+    if layout == "fsdp4":
+        forge_parallel.parallelize(model, ParallelDims(world_size=4, dp_shard=4))
+    elif layout == "tp2xfsdp2":
+        plan = registry.get_family(config.family).parallel_plan(sequence_parallel=False)
+        forge_parallel.parallelize(model, ParallelDims(world_size=4, tp=2, dp_shard=2), plan=plan)
+    return model.to_empty(device="cpu")
+
+
+def bench_sharded_load(root: Path, params: int, repeats: int) -> list[tuple]:
+    """See the module docstring (part 4)."""
+    from transformers import LlamaForCausalLM
+
+    from forge_ckpt import HFCheckpoint
+    from forge_core.testing import fake_process_group
+    from forge_models import registry
+    from forge_models.sharded_load import load_hf_shards
+
+    hf_config, n = llama_config(params)
+    folder = root / "hf_sharded"
+    torch.manual_seed(0)
+    LlamaForCausalLM(hf_config).save_pretrained(folder)
+    raw = HFCheckpoint(folder).config
+    config = registry.family_for_hf_config(raw).config_from_hf(raw)
+    rows = []
+    with fake_process_group(world_size=4, rank=1):
+        for layout in ("whole", "fsdp4", "tp2xfsdp2"):
+            best: dict[tuple[bool, bool], float] = {}
+            gb = 0.0
+            for _ in range(repeats):
+                for direct in (False, True):
+                    for cold in (True, False):
+                        model = _sharded_model(config, layout)
+                        if cold:
+                            evict(folder)
+                        start = time.perf_counter()
+                        report = load_hf_shards(model, folder, direct=direct)
+                        seconds = time.perf_counter() - start
+                        key = (direct, cold)
+                        best[key] = min(best.get(key, seconds), seconds)
+                        gb = report.bytes_read / 1e9
+                        del model
+            for cold in (True, False):
+                for direct in (False, True):
+                    label = "direct (preadv)" if direct else "slice reader (before)"
+                    seconds = best[direct, cold]
+                    rows.append(
+                        (
+                            f"sharded load {layout} rank 1, {'cold' if cold else 'warm'}, {label}",
+                            gb,
+                            seconds,
+                            gb / seconds,
+                            best[False, cold] / seconds,
+                        )
+                    )
+    print(f"sharded load: {n / 1e6:.0f}M Llama, float32, {folder_bytes(folder) / 1e9:.3f} GB")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-mb", type=int, default=512, help="model weights in MB")
@@ -294,7 +367,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that it runs")
-    parser.add_argument("--part", choices=("all", "training", "hf"), default="all")
+    parser.add_argument("--part", choices=("all", "training", "hf", "sharded"), default="all")
     parser.add_argument(
         "--before-src",
         nargs="+",
@@ -317,13 +390,18 @@ def main() -> None:
             rows += bench_training_checkpoint(root, args.state_mb, args.repeats)
         if args.part in ("all", "hf"):
             rows += bench_hf_load(root, int(args.hf_params), args.repeats, args.before_src)
+        if args.part in ("all", "sharded"):
+            rows += bench_sharded_load(root, int(args.hf_params), args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, scratch {root.parent}")
     print(f"{'case':68s} {'GB':>7s} {'seconds':>8s} {'GB/s':>7s} {'x baseline':>10s}")
     for name, gb, seconds, rate, ratio in rows:
         print(f"{name:68s} {gb:7.3f} {seconds:8.3f} {rate:7.2f} {ratio:10.2f}")
-    print("baseline: raw write for saves, raw read for loads, transformers for HF loads")
+    print(
+        "baseline: raw write for saves, raw read for loads, transformers for HF loads, the "
+        "slice reader (before) for sharded loads"
+    )
 
 
 if __name__ == "__main__":

@@ -190,11 +190,20 @@ def test_without_mtp_nothing_changes_and_mtp_can_be_dropped(plain_dir, mtp_dir):
         load_hf_as_forge(mtp_dir, mtp_depth=2)
 
 
-def test_megatron_export_of_mtp_is_refused_clearly(mtp_dir, tmp_path):
-    from forge_ckpt.megatron import hf_to_megatron
+def test_megatron_export_keeps_the_mtp_layers(mtp_dir, tmp_path):
+    """The MTP layer goes to Megatron-Core's ``mtp.layers.0.*`` and back (the Megatron layouts
+    are tested in test_megatron_layouts.py)."""
+    from forge_ckpt.megatron import hf_to_megatron, load_pt, megatron_to_hf
 
-    with pytest.raises(CheckpointMismatchError, match=r"layer\(s\) 2 after the 2 .*prediction"):
-        hf_to_megatron(mtp_dir, tmp_path / "mc")
+    mc = hf_to_megatron(mtp_dir, tmp_path / "mc", format="legacy")
+    state = load_pt(mc / "iter_0000000/mp_rank_00/model_optim_rng.pt")["model"]
+    assert torch.equal(
+        state["mtp.layers.0.eh_proj.weight"], _tensors(mtp_dir)[f"{MTP}.eh_proj.weight"]
+    )
+    back = _tensors(megatron_to_hf(mc, tmp_path / "hf"))
+    original = _tensors(mtp_dir)
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[n], t) for n, t in original.items())
 
 
 def test_dry_run_lists_the_mtp_rows_and_cli_check_passes(mtp_dir, tmp_path, capsys):

@@ -66,3 +66,39 @@ def test_bad_slices_say_what_is_wrong(ckpt):
         ckpt.read_slice("ints", (slice(0, 1), slice(0, 1)))
     with pytest.raises(TypeError, match="slice"):
         ckpt.read_slice("w", (3,))
+
+
+def test_read_into_goes_straight_from_the_file_for_contiguous_boxes(ckpt):
+    """A contiguous box (rows, or a single leading index with whole trailing dims) of a
+    safetensors tensor is read with preadv into the target; any other box, target dtype or
+    layout is read and copied. Both give ``tensor[index]`` and count the bytes."""
+    full = _tensors()
+    cases = [  # (name, index, direct)
+        ("w", (slice(2, 5),), True),  # FSDP / column-parallel rows
+        ("w", (slice(None), slice(3, 8)), False),  # row-parallel columns: strided
+        ("w", (slice(3, 4), slice(2, 6)), True),  # part of one row
+        ("half", (slice(1, 2), slice(1, 3)), True),  # one index, rows of the next dim
+        ("half", (slice(1, 3), slice(0, 3), slice(2, 5)), False),
+        ("ints", (slice(4, 7),), True),
+        ("scalar", (), False),
+    ]
+    with ckpt.slice_reader() as reader:
+        expected_bytes = 0
+        for name, index, direct in cases:
+            want = full[name][index]
+            out = torch.full_like(want, 7)
+            direct = direct and ckpt.format == "safetensors"  # .bin files are mapped
+            assert reader.read_into(name, index, out) is direct, (name, index)
+            assert torch.equal(out, want), (name, index)
+            expected_bytes += want.numel() * want.element_size()
+        assert reader.bytes_read == expected_bytes
+        # Another dtype, or a non-contiguous target: read and cast / copied.
+        out = torch.zeros(3, 10, dtype=torch.float64)
+        assert reader.read_into("w", (slice(2, 5),), out) is False
+        assert torch.equal(out, full["w"][2:5].double())
+        out = torch.zeros(10, 3).t()
+        assert reader.read_into("w", (slice(0, 3),), out) is False
+        assert torch.equal(out, full["w"][:3])
+        with pytest.raises(ValueError, match="target of shape"):
+            reader.read_into("w", (slice(0, 2),), torch.zeros(5))
+    assert reader._fds == {}  # closed with the reader

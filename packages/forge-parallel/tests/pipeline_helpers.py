@@ -72,10 +72,11 @@ def run_pipeline_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict
     keyword arguments (schedule, virtual_stages, split, ...) and optionally ``stage_parallel``.
     """
 
-    if build == "moe":  # the tiny MoE decoder, its kernels through their eager references
+    if build in ("moe", "moe4"):  # the tiny MoE decoder, kernels through eager references
         moe = import_path(Path(__file__).with_name("tiny_moe.py"), "forge_parallel_tests_tiny_moe")
+        n_layers = 4 if build == "moe4" else 2
         with moe.eager_kernels():
-            return _run_pipeline_layouts(moe.build_tiny_moe, layouts)
+            return _run_pipeline_layouts(lambda: moe.build_tiny_moe(n_layers=n_layers), layouts)
     factory = {
         "tiny": tm.build_tiny,
         "tiny4": lambda: tm.build_tiny(n_layers=4),
@@ -89,10 +90,15 @@ def _run_pipeline_layouts(factory, layouts: dict[str, dict]) -> dict[str, dict[s
     from forge_core import ParallelDims
 
     batches = tm.make_batches()
-    reference_model = factory()
-    initial = copy.deepcopy(reference_model)
-    reference = tm.train(reference_model, batches)
-    ref_params = tm.full_params(reference_model)
+    initial = factory()
+    # The single-process reference runs on rank 0 only and is broadcast: at 8 ranks on a
+    # small machine, 8 copies of it would cost more than the layouts themselves.
+    trained: list = [None, None]
+    if dist.get_rank() == 0:
+        reference_model = copy.deepcopy(initial)
+        trained = [tm.train(reference_model, batches), tm.full_params(reference_model)]
+    dist.broadcast_object_list(trained, src=0)
+    reference, ref_params = trained
     assert max(reference["norms"]) > tm.MAX_NORM, reference["norms"]
     out = {}
     for name, layout in layouts.items():

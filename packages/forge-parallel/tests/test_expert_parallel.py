@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from forge_core import ParallelDims
 from forge_core.testing import import_path
-from forge_parallel import CPConfig, RecomputeConfig, parallelize
+from forge_parallel import CPConfig, RecomputeConfig, TPPlan, parallelize
 from forge_parallel.expert_parallel import (
     EPConfig,
     apply_ep,
@@ -74,6 +74,16 @@ def test_validation_names_the_numbers():
             ParallelDims(world_size=4, tp=2, ep=2, etp=1),
             plan=moe.moe_plan(),
             expert_parallel=EP,
+        )
+    # Sequence parallelism with the MoE blocks left out of the plan: they would run on
+    # sequence shards with plain weights whose gradients nobody sums over tp.
+    sp_plan = moe.moe_plan(sequence_parallel=True)
+    unstyled = {k: v for k, v in sp_plan.styles.items() if k != "layers.*.mlp"}
+    with pytest.raises(ValueError, match=r"parameter layers\.0\.mlp\.router\.weight belongs"):
+        parallelize(
+            model,
+            ParallelDims(world_size=2, tp=2),
+            plan=TPPlan(styles=unstyled, sequence_parallel=True),
         )
     with pytest.raises(ValueError, match="data_parallel=None"):
         parallelize(model, ParallelDims(world_size=2, ep=2), data_parallel=None, expert_parallel=EP)
@@ -277,6 +287,11 @@ def _layouts_2() -> dict[str, dict]:
         "zero2": {"dims": {}, "data_parallel": "zero2"},
         "fsdp": {"dims": {}, "data_parallel": "fsdp"},
         "tp2": {"dims": {"tp": 2, "dp_shard": -1}, "plan": moe.moe_plan()},
+        # each rank routes its sequence shard; the MoE weights' gradients are summed over tp
+        "tp2_sp": {
+            "dims": {"tp": 2, "dp_shard": -1},
+            "plan": moe.moe_plan(sequence_parallel=True),
+        },
         "cp2_ring": {"dims": {"cp": 2, "dp_shard": -1}, "context_parallel": CPConfig()},
         "cp2_ulysses": {
             "dims": {"cp": 2, "dp_shard": -1},
@@ -290,6 +305,11 @@ def _layouts_4() -> dict[str, dict]:
         "ep2_tp2": {"dims": {"tp": 2, "ep": 2}, "plan": moe.moe_plan(), "expert_parallel": EP},
         "ep2_fsdp4_edp2": {"dims": {"ep": 2}, "expert_parallel": EP},
         "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": moe.moe_plan()},
+        # FSDP reduce-scatters over dp the MoE gradients that are partial sums over tp
+        "tp2_sp_fsdp2": {
+            "dims": {"tp": 2, "dp_shard": 2},
+            "plan": moe.moe_plan(sequence_parallel=True),
+        },
         "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
         "cp2_fsdp2": {"dims": {"cp": 2, "dp_shard": 2}, "context_parallel": CPConfig()},
         "ep2_hsdp_2x2": {

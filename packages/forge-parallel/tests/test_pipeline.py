@@ -2,8 +2,10 @@
 
 Each layout trains 5 steps (AdamW, 2 micro-batches of gradient accumulation run as the
 pipeline's micro-batches, gradient clipping by the norm over all pipeline ranks, biting) on the
-gloo worker pool, from the same initial weights as a single-process reference run on every
-rank; losses, gradient norms and gathered final parameters must agree to 1e-5 (float32).
+gloo worker pool, from the same initial weights as a single-process reference (run on rank 0,
+broadcast); losses, gradient norms and gathered final parameters must agree to 1e-5 (float32).
+The tiny Llama and the tiny MoE decoder both run every schedule (virtual stages included),
+TP2xPP2 with and without sequence parallelism, and PP2xFSDP2xTP2 on 8 ranks.
 """
 
 from __future__ import annotations
@@ -59,10 +61,15 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
             },
         ),
         "moe2": (
-            "moe",
+            "moe4",  # 4 MoE layers: 2 per stage, or 1 per virtual stage
             {
                 "pp2_1f1b": {"dims": PP2, "pipeline": {"schedule": "1f1b"}},
                 "pp2_zero_bubble": {"dims": PP2, "pipeline": {"schedule": "zero_bubble"}},
+                "pp2_v2_interleaved_1f1b": {
+                    "dims": PP2,
+                    "pipeline": {"schedule": "interleaved_1f1b", "virtual_stages": 2},
+                },
+                "pp2_v2_zbv": {"dims": PP2, "pipeline": {"schedule": "zbv", "virtual_stages": 2}},
             },
         ),
         "tiny_4ranks": (
@@ -113,6 +120,22 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
                     "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
                     "pipeline": {"schedule": "1f1b"},
                     "stage_parallel": {"plan": moe.moe_plan()},  # a vocab-sharded loss
+                },
+                # sequence shards between the stages; each MoE block routes its own shard
+                "tp2_sp_pp2": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 1},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": moe.moe_plan(sequence_parallel=True)},
+                },
+            },
+        ),
+        "moe_8ranks": (
+            "moe",
+            {
+                "pp2_fsdp2_tp2": {
+                    "dims": {"pp": 2, "tp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"plan": moe.moe_plan()},
                 },
             },
         ),
@@ -179,4 +202,4 @@ def test_tp2_pp2_on_4_ranks(dist_pool):
 
 
 def test_pp2_fsdp2_tp2_on_8_ranks(dist_pool):
-    _check(dist_pool(8).run(_job, ("tiny_8ranks",)))
+    _check(dist_pool(8).run(_job, ("tiny_8ranks", "moe_8ranks")))

@@ -214,6 +214,22 @@ def test_a_rank_keeps_only_its_layers():
     assert [n for n, _ in modules[0].named_children()] == ["embed", "layers"]
 
 
+def test_modules_run_ahead_stay_off_the_first_stage_but_tie_to_the_last():
+    # A VLM's token embedding runs ahead of the pipeline (visual features scattered in); the
+    # head tied to it on the last stage still names and holds it.
+    config = PipelineConfig(microbatches=2)
+    model = tm.build_tiny(n_layers=2, tie=True)
+    _, (first,), _, _ = split_stages(model, pp=2, pp_rank=0, config=config, ahead=("embed",))
+    assert [n for n, _ in first.named_children()] == ["layers"]
+    x = torch.randn(1, 3, model.embed.embedding_dim)  # the first stage takes embeddings
+    torch.testing.assert_close(first(x), model.layers[0](x))
+    _, (last,), _, _ = split_stages(model, pp=2, pp_rank=1, config=config, ahead=("embed",))
+    assert next(iter(last.named_parameters()))[0] == "embed.weight"
+    assert last.get_parameter("embed.weight") is model.embed.weight
+    with pytest.raises(ValueError, match=r"ahead=\['norm'\] are not pre-parts"):
+        split_stages(model, pp=2, pp_rank=0, config=config, ahead=("norm",))
+
+
 def test_split_rejects_more_stages_than_layers():
     with pytest.raises(ValueError, match="pp=4 stages but the model has only 2 layers"):
         split_stages(tm.build_tiny(), pp=4, pp_rank=0, config=PipelineConfig())

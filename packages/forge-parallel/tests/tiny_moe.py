@@ -78,16 +78,25 @@ class TinyMoE(tm.TinyLlama):
             layer.mlp = MoE(cfg.dim, moe)
 
 
-def build_tiny_moe(seed: int = 0, **overrides) -> TinyMoE:
+def build_tiny_moe(seed: int = 0, *, n_layers: int = 2, **overrides) -> TinyMoE:
+    """``overrides``: :class:`TinyMoEConfig` fields."""
     torch.manual_seed(seed)
-    return TinyMoE(tm.TinyConfig(), TinyMoEConfig(**overrides))
+    return TinyMoE(tm.TinyConfig(n_layers=n_layers), TinyMoEConfig(**overrides))
 
 
-def moe_plan() -> TPPlan:
+def moe_plan(*, sequence_parallel: bool = False) -> TPPlan:
     """Attention, embedding and head tensor-parallel; the MoE blocks stay replicated over tp
-    (their experts are split by expert tensor parallelism instead)."""
-    styles = {k: v for k, v in tm.tiny_plan().styles.items() if ".mlp" not in k}
-    return TPPlan(styles=styles, attributes=tm.tiny_plan().attributes)
+    (their experts are split by expert tensor parallelism instead).
+
+    With sequence parallelism the norms run on sequence shards and so does each MoE block
+    (``replicate``: its weights become replicated DTensors whose gradients, partial sums over
+    each rank's tokens, are summed over tp).
+    """
+    tiny = tm.tiny_plan(sequence_parallel=sequence_parallel)
+    styles = {k: v for k, v in tiny.styles.items() if k != "layers.*.mlp" and ".mlp." not in k}
+    if sequence_parallel:
+        styles["layers.*.mlp"] = "replicate"
+    return TPPlan(styles=styles, attributes=tiny.attributes, sequence_parallel=sequence_parallel)
 
 
 @contextlib.contextmanager
@@ -111,10 +120,15 @@ def _run_moe_layouts(layouts: dict[str, dict]) -> dict[str, dict[str, float]]:
     from forge_core import ParallelDims
 
     batches = tm.make_batches()
-    reference_model = build_tiny_moe()
-    initial = copy.deepcopy(reference_model)
-    reference = tm.train(reference_model, batches)
-    ref_params = tm.full_params(reference_model)
+    initial = build_tiny_moe()
+    # The single-process reference runs on rank 0 only and is broadcast (the ranks share the
+    # machine's cores: a copy per rank would cost as much as a layout).
+    trained: list = [None, None]
+    if dist.get_rank() == 0:
+        reference_model = copy.deepcopy(initial)
+        trained = [tm.train(reference_model, batches), tm.full_params(reference_model)]
+    dist.broadcast_object_list(trained, src=0)
+    reference, ref_params = trained
     assert max(reference["norms"]) > tm.MAX_NORM, reference["norms"]
     out = {}
     for name, layout in layouts.items():

@@ -102,7 +102,7 @@ def _run_cases(cases, args, runner: JobRunner, device, dtype_name: str, peak) ->
                 job = Job(impl=impl, hf_dir=weights[key], moe=case.workload == "moe",
                           rows=case.rows, seq=case.seq, vocab_size=case.config.vocab_size,
                           device=str(device), dtype=dtype_name, warmup=args.warmup,
-                          steps=args.steps)  # fmt: skip
+                          steps=args.steps, config=case.config)  # fmt: skip
                 print(f"[forge-bench] {case.workload} {label}: {impl.name} ...", flush=True)
                 started = time.perf_counter()
                 result = runner.run(job)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-__all__ = ["PEERS", "PeerStatus", "find_peers"]
+__all__ = ["CUDA_ONLY", "PEERS", "PeerStatus", "find_peers"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,16 +30,18 @@ PEERS: dict[str, tuple[str, str, str | None]] = {
         "pip install transformer-engine-cu13 (CUDA only)",
         None,
     ),
-    "torchtitan": (
-        "torchtitan",
-        "pip install torchtitan",
-        "installed, but forge-bench has no torchtitan runner yet (its trainer owns the loop)",
-    ),
+    "torchtitan": ("torchtitan", "pip install 'forge-bench[torchtitan]'", None),
+    "megatron-core": ("megatron.core", "pip install 'forge-bench[megatron]'", None),
+}
+
+#: Why an installed peer still cannot run off CUDA (checked with the versions named).
+CUDA_ONLY: dict[str, str] = {
+    "liger-kernel": "liger-kernel runs on CUDA only",
+    "transformer-engine": "transformer-engine runs on CUDA only",
     "megatron-core": (
-        "megatron.core",
-        "pip install megatron-core",
-        "installed, but forge-bench has no Megatron-Core runner yet (GPTModel needs its "
-        "parallel state initialized)",
+        "megatron-core's GPTModel trains on CUDA only (0.16: RotaryEmbedding.get_emb moves "
+        "inv_freq to torch.cuda.current_device(), DotProductAttention forks the CUDA RNG "
+        "tracker, full recompute saves CUDA RNG states)"
     ),
 }
 
@@ -57,8 +59,8 @@ def find_peers(*, device_type: str) -> dict[str, PeerStatus]:
     for name, (module, install, not_run) in PEERS.items():
         if not _installed(module):
             reason = f"{name} not installed ({install})"
-        elif name in ("transformer-engine", "liger-kernel") and device_type != "cuda":
-            reason = f"{name} runs on CUDA only"
+        elif name in CUDA_ONLY and device_type != "cuda":
+            reason = CUDA_ONLY[name]
         else:
             reason = not_run
         found[name] = PeerStatus(name=name, module=module, reason=reason)

@@ -24,7 +24,8 @@ LLM_SIZES: dict[str, tuple[str, int]] = {
 
 @dataclass(frozen=True, kw_only=True)
 class Impl:
-    """One contender. ``runner`` is ``"forge"`` or ``"transformers"``; the rest are options."""
+    """One contender. ``runner`` is ``"forge"``, ``"transformers"``, ``"torchtitan"`` or
+    ``"megatron-core"`` (see ``forge_bench.worker.BUILDERS``); the rest are options."""
 
     name: str
     runner: str
@@ -51,7 +52,11 @@ class Case:
         return self.rows * self.seq
 
 
-def _peer_impls(peers: dict[str, PeerStatus], *, recompute: bool, liger: bool) -> list[Impl]:
+def _peer_impls(
+    peers: dict[str, PeerStatus], *, recompute: bool, liger: bool, own_models: bool = False
+) -> list[Impl]:
+    """transformers (+ Liger-Kernel), and with ``own_models`` the peers that build the model
+    their own way (torchtitan's ``Llama3Model``, Megatron-Core's ``GPTModel``)."""
     tag = " +recompute" if recompute else ""
     hf = peers["transformers"]
     impls = [Impl(name=f"transformers{tag}", runner="transformers", recompute=recompute,
@@ -67,6 +72,10 @@ def _peer_impls(peers: dict[str, PeerStatus], *, recompute: bool, liger: bool) -
                 skip=hf.reason or lk.reason,
             )
         )
+    if own_models:
+        for name in ("torchtitan", "megatron-core"):
+            impls.append(Impl(name=f"{name}{tag}", runner=name, recompute=recompute,
+                              skip=peers[name].reason))  # fmt: skip
     return impls
 
 
@@ -83,9 +92,9 @@ def llm_cases(
     te = peers["transformer-engine"]
     impls = [
         Impl(name="forge", runner="forge"),
-        *_peer_impls(peers, recompute=False, liger=True),
+        *_peer_impls(peers, recompute=False, liger=True, own_models=True),
         Impl(name="forge +recompute", runner="forge", recompute=True),
-        *_peer_impls(peers, recompute=True, liger=False),
+        *_peer_impls(peers, recompute=True, liger=False, own_models=True),
         Impl(name="forge fp8-blockwise", runner="forge", fp8_recipe="blockwise"),
         Impl(name="forge fp8-current", runner="forge", fp8_recipe="current"),
         Impl(
@@ -95,8 +104,6 @@ def llm_cases(
             fp8_backend="te",
             skip=te.reason,
         ),
-        Impl(name="torchtitan", runner="none", skip=peers["torchtitan"].reason),
-        Impl(name="megatron-core", runner="none", skip=peers["megatron-core"].reason),
     ]
     if smoke:  # every contender's code path, on a model small enough for CPU
         config = get_config(

@@ -23,6 +23,7 @@ import forge_models
 import forge_parallel
 from forge_bench.data import packed_batch
 from forge_bench.plan import Impl
+from forge_models import TransformerConfig
 
 __all__ = ["Job", "run_job"]
 
@@ -44,6 +45,9 @@ class Job:
     warmup: int
     steps: int
     lr: float = 1e-5
+    #: The case's architecture: the peers that build their own model (torchtitan, Megatron-Core)
+    #: build it from this and load the shared weights into it.
+    config: TransformerConfig | None = None
 
 
 def _forge(job: Job, device: torch.device) -> tuple[torch.nn.Module, Callable, list[str]]:
@@ -109,6 +113,27 @@ def _transformers(job: Job, device: torch.device) -> tuple[torch.nn.Module, Call
     return model, step, notes
 
 
+def _torchtitan(job: Job, device: torch.device) -> tuple[torch.nn.Module, Callable, list[str]]:
+    from forge_bench.titan import build_torchtitan
+
+    return build_torchtitan(job, device, dtype=DTYPES[job.dtype])
+
+
+def _megatron(job: Job, device: torch.device) -> tuple[torch.nn.Module, Callable, list[str]]:
+    from forge_bench.megatron import build_megatron
+
+    return build_megatron(job, device, dtype=DTYPES[job.dtype])
+
+
+#: ``Impl.runner`` -> the function that builds the model and its step.
+BUILDERS = {
+    "forge": _forge,
+    "transformers": _transformers,
+    "torchtitan": _torchtitan,
+    "megatron-core": _megatron,
+}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,8 +148,9 @@ def run_job(job: Job) -> dict:
         )
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    build = _forge if job.impl.runner == "forge" else _transformers
-    model, step, notes = build(job, device)
+    if job.impl.runner not in BUILDERS:
+        raise ValueError(f"unknown runner {job.impl.runner!r}; known: {', '.join(BUILDERS)}")
+    model, step, notes = BUILDERS[job.impl.runner](job, device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, fused=device.type == "cuda")
     if device.type == "cuda":

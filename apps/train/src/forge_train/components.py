@@ -60,14 +60,15 @@ def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int]):
     ``parallel.tp`` and data-parallel over the rest, the vision encoder and the projector
     without tensor parallelism, data-parallel over all ranks. The ranks of a tensor-parallel
     group load the same batch (``batch_boundary=False``), so the encoder's average over all
-    ranks is the data-parallel average."""
+    ranks is the data-parallel average. With ``parallel.sequence_parallel`` see
+    :func:`forge_train.vlm_model.vlm_text_plan`."""
     from forge_parallel import SubmoduleParallel, parallelize_submodules
+    from forge_train.vlm_model import vlm_text_plan
 
-    if cfg.train.compile or cfg.parallel.sequence_parallel:
+    if cfg.train.compile:
         raise ConfigError(
             "parallel.tp: a vision-language model with tensor parallelism trains without "
-            "train.compile and sequence parallelism so far; set train.compile=false and "
-            "parallel.sequence_parallel=false"
+            "train.compile so far; set train.compile=false"
         )
     recompute = _recompute(cfg)
     mode = cfg.parallel.data_parallel
@@ -81,7 +82,9 @@ def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int]):
             "projector": SubmoduleParallel(dp_replicate=replicate, data_parallel=mode or "auto"),
             "language_model": SubmoduleParallel(
                 tp=degrees["tp"],
-                plan=model.language_model.parallel_plan(sequence_parallel=False),
+                plan=vlm_text_plan(
+                    model.language_model, sequence_parallel=cfg.parallel.sequence_parallel
+                ),
                 dp_replicate=replicate,
                 data_parallel=mode,
                 recompute=recompute,
@@ -160,7 +163,7 @@ def build_components(
     vlm = cfg.model.kind == "vlm"
     plan = None
     if degrees["tp"] > 1 and not vlm:
-        plan = model.parallel_plan(sequence_parallel=cfg.parallel.sequence_parallel)
+        plan = _text_plan(model, config, cfg)
     stage_parallel = {
         "plan": plan,
         "data_parallel": cfg.parallel.data_parallel if dims is not None else None,
@@ -179,7 +182,7 @@ def build_components(
         parallel = parallelize(model, dims, **stage_parallel)
         model, mesh = parallel.model, parallel.mesh
     if on_meta:
-        _materialize(model, device, cfg, config, has_fp8=bool(fp8_layers), pipeline=pipeline)
+        _materialize(model, device, cfg, config, pipeline=pipeline)
     dp_group = mesh.group("dp") if mesh is not None else None
     dp_rank = mesh.local_rank("dp") if mesh is not None else 0
     dp_size = mesh.size("dp") if mesh is not None else 1
@@ -213,9 +216,62 @@ def build_components(
     )
 
 
+def _text_plan(model, config, cfg: RunConfig):
+    """The language model's tensor-parallel plan, with sequence parallelism as configured.
+
+    A mixture-of-experts layer runs whole on every tensor-parallel rank (``replicate``: its
+    router, experts and shared expert are not split; Megatron-Core instead shards experts over
+    an expert-parallel group), on the full sequence: its routing statistics (balance loss,
+    expert-bias load) are then the single process's. Dense layers keep the family's plan."""
+    from forge_parallel import TPPlan
+    from forge_parallel.tensor_parallel import match_modules
+
+    sp = cfg.parallel.sequence_parallel
+    styles = model.parallel_plan(sequence_parallel=sp)
+    if getattr(config, "mla", None) is not None:
+        raise ConfigError(
+            "parallel.tp: multi-head latent attention (DeepSeek-V3) is not tensor-parallel yet "
+            "(its rotary key is shared by all heads, so its gradient needs a reduction over the "
+            "tensor-parallel ranks that the plan does not build); use parallel.tp=1 with FSDP "
+            "or pipeline parallelism"
+        )
+    moe = getattr(config, "moe", None)
+    if moe is not None:
+        if sp:
+            raise ConfigError(
+                "parallel.sequence_parallel: a mixture-of-experts model under tensor "
+                "parallelism runs its MoE layers on the full sequence (their routing statistics "
+                "would otherwise need a reduction over the tensor-parallel ranks, not built "
+                "yet); set parallel.sequence_parallel=false"
+            )
+        if getattr(config, "mtp_depth", 0):
+            raise ConfigError(
+                "parallel.tp: multi-token prediction with tensor parallelism is not supported "
+                "yet (its loss needs the whole output head); set model.config.mtp_depth=0 or "
+                "parallel.tp=1"
+            )
+        styles = {
+            k: v
+            for k, v in styles.items()
+            if k != "layers.*.mlp" and not k.startswith(("layers.*.mlp.", "mtp."))
+        }
+        for i, block in enumerate(model.layers):
+            if block.is_moe:
+                styles[f"layers.{i}.mlp"] = "replicate"
+            else:
+                styles[f"layers.{i}.mlp"] = "block_input"
+                styles[f"layers.{i}.mlp.gate_up_proj"] = "colwise_packed"
+                styles[f"layers.{i}.mlp.down_proj"] = "rowwise"
+    # A family plan lists every variant's modules (MLA with and without a query latent).
+    styles = {k: v for k, v in styles.items() if match_modules(model, k)}
+    return TPPlan(styles=styles, sequence_parallel=sp)
+
+
 def _count(model, pipeline, *, trainable: bool = False) -> int:
-    """Parameters of the whole model (summed over the pipeline stages)."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+    """Parameters of the whole model (summed over the pipeline stages, a parameter several
+    stages hold, such as a tied embedding, once)."""
+    params = model.parameters() if pipeline is None else pipeline.norm_parameters()
+    n = sum(p.numel() for p in params if p.requires_grad or not trainable)
     if pipeline is None:
         return n
     import torch.distributed as dist
@@ -235,12 +291,6 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
         from forge_train.vlm_pipeline import build_vlm_pipeline, check_vlm_pipeline
 
         check_vlm_pipeline(config, cfg.parallel)
-        if cfg.parallel.pp_virtual_stages > 1:
-            raise ConfigError(
-                "parallel.pp_virtual_stages: virtual pipeline stages are not supported for "
-                "vision-language models yet; use pp_schedule=1f1b (or gpipe) with "
-                "pp_virtual_stages=1"
-            )
     else:
         check_pipeline_model(
             model,
@@ -248,6 +298,7 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
             pp=pp,
             virtual_stages=cfg.parallel.pp_virtual_stages,
             schedule=cfg.parallel.pp_schedule,
+            tp=mesh.size("tp"),
         )
     dp = mesh.size("dp")
     microbatches = cfg.data.global_batch_rows // (dp * cfg.data.micro_batch_rows)
@@ -260,7 +311,9 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
             "data.micro_batch_rows)"
         )
     plan = stage_parallel["plan"]
-    if plan is not None:  # the loss takes whole logits on the last stage
+    # A VLM's loss takes whole logits; a language model's last stage keeps them vocab-sharded
+    # for the vocabulary-parallel loss (forge_train.pipeline_model).
+    if plan is not None and vlm:
         plan = {
             k: ("colwise_output_replicated" if v == "loss_parallel" else v) for k, v in plan.items()
         }
@@ -272,16 +325,18 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
         schedule=cfg.parallel.pp_schedule,
         split=cfg.parallel.pp_split,
         stage_parallel={**stage_parallel, "plan": plan},
-        **({"virtual_stages": cfg.parallel.pp_virtual_stages} if not vlm else {}),
+        virtual_stages=cfg.parallel.pp_virtual_stages,
+        **({"sequence_parallel": cfg.parallel.sequence_parallel} if vlm else {}),
     )
 
 
-def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool, pipeline=None) -> None:
+def _materialize(model, device, cfg: RunConfig, config, *, pipeline=None) -> None:
     """Allocate and initialize a meta-device model after parallelization (each rank its own
-    shards); LoRA adapters and FP8 linears, which ``init_weights`` does not know, after it.
-    With ``model.hf_path`` each rank then reads its own slices of the checkpoint.
-    A pipeline stage is initialized through its whole model's ``init_weights`` (the other
-    stages' parameters stay on the meta device)."""
+    shards); LoRA adapters, which ``init_weights`` does not know, after it, in the order a
+    model built on the device draws them. Every layout draws the single process's values
+    (:mod:`forge_models.init`). With ``model.hf_path`` each rank then reads its own slices of
+    the checkpoint. A pipeline stage is initialized through its whole model's ``init_weights``
+    (the other stages' parameters stay on the meta device)."""
     import forge_models
 
     torch.manual_seed(cfg.train.seed)
@@ -295,11 +350,7 @@ def _materialize(model, device, cfg: RunConfig, config, *, has_fp8: bool, pipeli
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.reset_parameters()
-    if has_fp8:
-        from forge_train.fp8 import init_fp8_linears
-
-        init_fp8_linears(model, config.initializer_range)
-    if hf_path is not None:  # last: FP8 linears' initialization above would overwrite it
+    if hf_path is not None:  # last: the adapters' initialization above would overwrite it
         from forge_train.modeling import load_hf_into
 
         load_hf_into(model, hf_path, config, pipeline=pipeline)

@@ -20,7 +20,7 @@ from torch import nn
 
 from forge_train.config import ConfigError
 
-__all__ = ["RECIPES", "check_fp8_support", "convert_model_to_fp8", "init_fp8_linears"]
+__all__ = ["RECIPES", "check_fp8_support", "convert_model_to_fp8"]
 
 #: ``train.fp8`` -> forge_kernels recipe name.
 RECIPES = {"per_tensor": "current", "blockwise": "blockwise"}
@@ -71,17 +71,3 @@ def convert_model_to_fp8(
             "use a wider model or train.fp8=null"
         )
     return converted
-
-
-@torch.no_grad()
-def init_fp8_linears(model: nn.Module, std: float) -> None:
-    """Initialize the ``Fp8Linear`` weights of a model materialized from the meta device as
-    ``CausalLM.init_weights`` does its ``nn.Linear`` ones (``normal(0, std)``, zero bias): that
-    method knows only ``nn.Linear`` and skips them."""
-    from forge_kernels.fp8 import Fp8Linear
-
-    for module in model.modules():
-        if isinstance(module, Fp8Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)

@@ -39,7 +39,15 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """``A`` as ``nn.Linear`` initializes its weight, ``B`` zero (Hu et al. 2021), with the
+        values one process draws whatever the sharding (:func:`forge_models.init.init_`)."""
+        from forge_models.init import init_, materialized_device
+
+        init_(
+            self.lora_A,
+            lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)),
+            device=materialized_device(self),
+        )
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,16 @@ A tied embedding and head (``tie_word_embeddings``) are one matrix held by the f
 last stage, their gradients summed over the two (:mod:`forge_parallel.pipeline.tied`); the
 checkpoint names it ``embed_tokens.weight`` as a single process does.
 
-The last stage outputs the logits; :class:`PipelineLoss` turns them into the summed
-cross-entropy scaled by ``dp_size / global tokens`` (the same objective as the single-process
-step, see :mod:`forge_train.step`), undoing the schedule's ``1 / microbatches``.
+Without tensor parallelism the last stage computes the summed loss inside its forward with the
+fused linear cross-entropy, as one process does, never holding the logits; multi-token
+prediction modules run there too (:mod:`forge_train.pipeline_head`). (Not under the
+zero-bubble schedules: their split backward runs the loss's backward twice, which the fused
+loss does not allow; the last stage outputs the logits there.) With tensor parallelism it
+outputs the logits sharded by vocabulary and the loss is the vocabulary-parallel cross-entropy
+(``"loss_parallel"`` head, :mod:`forge_parallel.pipeline.loss_parallel`), as the single-process
+tensor-parallel step computes it. :class:`PipelineLoss` scales either by ``dp_size / global
+tokens`` (the same objective as the single-process step, see :mod:`forge_train.step`),
+undoing the schedule's ``1 / microbatches``.
 """
 
 from __future__ import annotations
@@ -34,16 +41,20 @@ from forge_train.config import ConfigError
 __all__ = ["PipelineLoss", "PipelineParts", "build_pipeline"]
 
 IGNORE_INDEX = -100
+#: Schedules that split each backward into an input- and a weight-gradient pass.
+_SPLIT_BACKWARD = ("zero_bubble", "zbv")
 
 
 @dataclass
 class PipelineLoss:
     """``loss_fn`` of the schedule: the summed cross-entropy of one micro-batch times
     ``scale`` (set per step). :meth:`cross_entropy` recovers the sum from the values the
-    schedule reports (``Pipeline.step(losses=...)``)."""
+    schedule reports (``Pipeline.step(losses=...)``). ``in_stage``: the last stage outputs the
+    summed loss itself (:class:`~forge_train.pipeline_head.CausalLMLossHead`), not logits."""
 
     microbatches: int
     scale: float = 1.0
+    in_stage: bool = False
 
     @property
     def factor(self) -> float:
@@ -51,6 +62,8 @@ class PipelineLoss:
         return self.scale * self.microbatches
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.in_stage:  # the stage's [1] summed loss
+            return logits.sum() * self.factor
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             targets.reshape(-1),
@@ -79,6 +92,9 @@ class PipelineParts:
     moe: Any = None
     #: The unsplit model, kept only while a meta-device stage awaits initialization.
     whole_model: torch.nn.Module | None = None
+    #: The last stage's loss head (forge_train.pipeline_head.CausalLMLossHead), or ``None``
+    #: when the last stage outputs logits; the step loads each micro-batch's targets into it.
+    head: Any = None
 
     def materialize(self, device: torch.device, *, init: bool = True) -> None:
         """Allocate a meta-device stage on ``device`` and, with ``init``, initialize it with the
@@ -142,7 +158,13 @@ class PipelineParts:
 
 
 def check_pipeline_model(
-    model: torch.nn.Module, config, *, pp: int, virtual_stages: int = 1, schedule: str = "1f1b"
+    model: torch.nn.Module,
+    config,
+    *,
+    pp: int,
+    virtual_stages: int = 1,
+    schedule: str = "1f1b",
+    tp: int = 1,
 ) -> None:
     """Fail before any compute for models the pipeline cannot carry yet."""
     num_layers = getattr(config, "num_layers", None)
@@ -157,6 +179,14 @@ def check_pipeline_model(
             f"{virtual_stages}) need at least {stages} layers, the model has {num_layers}; "
             "lower parallel.pp or parallel.pp_virtual_stages"
         )
+    mtp = getattr(config, "mtp_depth", 0)
+    if mtp and schedule in _SPLIT_BACKWARD:
+        raise ConfigError(
+            f"parallel.pp_schedule: multi-token prediction does not run under the zero-bubble "
+            f"schedules ({schedule}): they back-propagate the last stage's loss twice (input, "
+            "then weight gradients), which its fused cross-entropy does not allow; use 1f1b, "
+            "gpipe or interleaved_1f1b, or model.config.mtp_depth=0"
+        )
     if schedule == "zbv" and getattr(config, "tie_word_embeddings", False):
         raise ConfigError(
             "parallel.pp_schedule: zbv places the first and the last stage on one rank, where "
@@ -167,10 +197,12 @@ def check_pipeline_model(
         from forge_train.pipeline_moe import check_moe_pipeline
 
         check_moe_pipeline(config)
-    if getattr(config, "mtp_depth", 0):
+    if mtp and tp > 1:
         raise ConfigError(
-            "parallel.pp: multi-token prediction modules are not pipelined yet; set "
-            "model.config.mtp_depth=0 or parallel.pp=1"
+            "parallel.pp: multi-token prediction modules run on the last pipeline stage "
+            "without tensor parallelism only (with tp > 1 the stage's loss is the "
+            "vocabulary-parallel cross-entropy of the main head); set parallel.tp=1 or "
+            "model.config.mtp_depth=0"
         )
 
 
@@ -190,12 +222,21 @@ def build_pipeline(
     import forge_models
     from forge_parallel.pipeline import pipeline
 
-    loss = PipelineLoss(microbatches=microbatches)
     moe = None
     if getattr(config, "moe", None) is not None:
         from forge_train.pipeline_moe import PipelineMoE
 
         moe = PipelineMoE(config, microbatches=microbatches)
+    plan = stage_parallel.get("plan")
+    head = None
+    # With tensor parallelism the head keeps the logits vocab-sharded for loss_parallel; the
+    # zero-bubble schedules back-propagate the loss twice (input, then weight gradients),
+    # which the fused loss (its gradients computed in its forward) does not allow.
+    if plan is None and schedule not in _SPLIT_BACKWARD:
+        from forge_train.pipeline_head import CausalLMLossHead
+
+        head = CausalLMLossHead(config, moe=moe)
+    loss = PipelineLoss(microbatches=microbatches, in_stage=head is not None)
     pipe = pipeline(
         model,
         mesh,
@@ -206,6 +247,8 @@ def build_pipeline(
         split=split,
         stage_parallel=stage_parallel,
         block_output=moe,
+        post_forward=head,
+        also_used={"embed_tokens": (-1,)} if getattr(config, "mtp_depth", 0) else None,
     )
     stage = pipe.local_module()  # this rank's (virtual) stages under the whole model's names
     if hasattr(model, "hf_config"):  # the source config.json, written back by the export
@@ -218,4 +261,5 @@ def build_pipeline(
         stage_parallel=pipe.parallelized[0],
         moe=moe,
         whole_model=model if any(p.is_meta for p in model.parameters()) else None,
+        head=head,
     )

@@ -73,16 +73,22 @@ class PipelineMoE:
     def __call__(self, path: str, output: Any, block_args: tuple) -> torch.Tensor:
         if not isinstance(output, tuple):
             return output
+        (inputs,) = block_args
+        return self.route(int(path.rpartition(".")[2]), output, inputs)
+
+    def route(self, layer: int, output: tuple, inputs) -> torch.Tensor:
+        """The hidden states of block ``layer``'s ``(hidden, router output or None)``, its
+        load recorded and its balance-loss gradient attached (training forwards only);
+        ``inputs``: the micro-batch's attention inputs. The multi-token prediction blocks on
+        the last stage (:mod:`forge_train.pipeline_head`) come here too."""
         hidden, router = output
         if hidden.is_meta or router is None or not torch.is_grad_enabled():
             return hidden  # shape inference, a dense layer, or evaluation
-        layer = int(path.rpartition(".")[2])
         load = router.tokens_per_expert.detach().to(torch.int64)
         self._load[layer] = load + self._load[layer] if layer in self._load else load
         if self.aux_weight:
             from forge_models.causal_lm import router_sequence_balance
 
-            (inputs,) = block_args
             aux = router_sequence_balance(router, hidden.shape[:2], None, inputs.cu_seqlens)
             hidden = _AddAuxGradient.apply(hidden, aux, self.aux_weight)
         return hidden

@@ -73,15 +73,25 @@ class PipelineStepRunner(StepRunner):
         p.loss.scale = scale
         reported: list[torch.Tensor] = []
         run = p.pipe.step if backward else p.pipe.eval
-        with self.autocast():
-            first, finish = p.first_stage_inputs(ids, batches, backward=backward)
-            run(
-                *first,
-                target=targets if p.is_last else None,
-                losses=reported,
-                block_args=block_args,
-            )
-        finish()
+        if p.head is not None:  # the last stage computes the loss of each micro-batch itself
+            p.head.load(batches if p.is_last else None)
+        try:
+            with self.autocast():
+                first, finish = p.first_stage_inputs(ids, batches, backward=backward)
+                run(
+                    *first,
+                    target=targets if p.is_last else None,
+                    losses=reported,
+                    block_args=block_args,
+                    # before the tied gradients are summed: the backward of what ran ahead
+                    # of the first stage (a VLM's encoder and token embedding)
+                    **({"finish": finish} if backward else {}),
+                )
+        finally:
+            if p.head is not None:
+                p.head.load(None)
+        if not backward:
+            finish()
         ce = p.loss.cross_entropy(reported) if reported else torch.zeros((), device=self.device)
         return all_reduce(ce.float(), p.group)
 

@@ -72,14 +72,16 @@ class StepRunner:
     def forward_sum(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(summed cross-entropy, weighted auxiliary loss or None)`` of one micro-batch."""
         if self.tensor_parallel:
-            return self._loss_parallel_sum(kwargs), None
-        with self.autocast():
-            loss = self.model(**kwargs, loss_reduction="sum")
+            loss = self._loss_parallel_sum(kwargs)  # from the logits: no auxiliary loss added
+        else:
+            with self.autocast():
+                loss = self.model(**kwargs, loss_reduction="sum")
         stats = getattr(self.model, "moe_stats", None)
         aux = None
         if stats is not None and stats.aux_loss is not None:
             aux = self.aux_coef * stats.aux_loss
-            loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch below
+            if not self.tensor_parallel:
+                loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch
         return loss, aux
 
     def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -15,7 +15,13 @@ from torch import nn
 
 from forge_train.config import ConfigError, LoraConfig, ModelSettings
 
-__all__ = ["build_vlm_model", "check_vlm_exportable", "export_vlm_hf", "vlm_model_config"]
+__all__ = [
+    "build_vlm_model",
+    "check_vlm_exportable",
+    "export_vlm_hf",
+    "vlm_model_config",
+    "vlm_text_plan",
+]
 
 
 def vlm_model_config(settings: ModelSettings, tokenizer, *, style=None, frozen: list[str]):
@@ -86,6 +92,39 @@ def build_vlm_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.M
         return model, True
     torch.manual_seed(seed)
     return forge_models.materialize(model, "cpu"), False
+
+
+def vlm_text_plan(language_model: nn.Module, *, sequence_parallel: bool, prefix: str = ""):
+    """The tensor-parallel plan of a VLM's language model (paths inside it, each after
+    ``prefix``: ``"language_model."`` for paths in the whole model).
+
+    Without sequence parallelism: its family's plan. With it (Korthikanti et al. 2022,
+    "Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198), the
+    family's plan except where the sequence gets split: the token embedding's output stays
+    replicated (vocabulary-parallel lookup, all-reduced) so the visual features are scattered
+    into their placeholder rows over the whole sequence (``embeds_scatter``, in row-major
+    order of the placeholders), and the first block splits it into this rank's sequence shard
+    (``sequence_scatter``; its backward all-gathers). Sharding the embedding's output instead
+    (the language model's plan, a reduce-scatter) would leave each rank a shard of the rows
+    with no way to know which features fall in it.
+    """
+    from forge_parallel import TPPlan
+
+    plan = dict(language_model.parallel_plan(sequence_parallel=sequence_parallel))
+    if not sequence_parallel:
+        return TPPlan(styles={prefix + k: v for k, v in plan.items()})
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    if "embed_tokens" not in plan or not hasattr(language_model, "layers"):
+        raise ConfigError(
+            "parallel.sequence_parallel: the language model's plan has no embed_tokens / layers "
+            "entries to split the sequence after the visual features; set "
+            "parallel.sequence_parallel=false"
+        )
+    plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    plan["layers.0"] = "sequence_scatter"
+    return TPPlan(styles={prefix + k: v for k, v in plan.items()}, sequence_parallel=True)
 
 
 def check_vlm_exportable(config) -> None:

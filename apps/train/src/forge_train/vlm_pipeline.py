@@ -27,6 +27,21 @@ dropped, and before the next forward the updated weights are broadcast back (one
 ``broadcast``): the same traffic as an all-reduce, with no optimizer state on the replicas.
 ``train.freeze`` parts are left out of both, and a frozen encoder sends no gradients back.
 
+The token embedding is the pipeline's first pre-part run *ahead* (``pipeline(ahead=...)``):
+stage 0 neither holds nor runs it, but the pipeline knows it, so a head tied to it
+(``tie_word_embeddings``) is handled as for a language model (:mod:`forge_parallel.pipeline.tied`,
+Megatron-LM's embedding group): the last stage holds a copy under the embedding's name,
+broadcast from pipeline rank 0 at the start and after loading, the two gradients summed after
+the embedding's backward (``Pipeline.step(finish=...)`` runs it before the sum), the norm
+counting the matrix once. With ``parallel.tp`` the language model's stages and the embedding
+are tensor-parallel (the embedding vocabulary-parallel, sharded as the tied head), with
+``parallel.sequence_parallel`` as :func:`forge_train.vlm_model.vlm_text_plan` describes
+(stage 0 takes the whole sequence and its first block splits it); the encoder is replicated
+over the tensor-parallel ranks, which encode the same micro-batches. Virtual stages
+(interleaved 1F1B) keep stage 0 on pipeline rank 0. Zero-bubble schedules split each
+stage's backward, but torch runs stage 0's as one full backward (its weight pass), which
+leaves the whole input gradient on the leaf before the schedule returns.
+
 The blocks of every stage get each micro-batch's attention inputs, M-RoPE positions and
 bidirectional image blocks included, as pipeline block arguments
 (:meth:`forge_models.CausalLM.attention_inputs`, see :mod:`forge_train.pipeline_step`).
@@ -98,13 +113,17 @@ class TokenEmbedding(nn.Module):
 
 
 class DecoderTrunk(nn.Module):
-    """The language model without its token embedding (``language_model.layers``, ``norm``,
-    ``lm_head``): what the pipeline splits, so stage 0 takes embeddings."""
+    """The language model's parts in the order they run (``language_model.embed_tokens``,
+    ``layers``, ``norm``, ``lm_head``): what the pipeline splits, with the token embedding
+    run ahead of the schedule (``pipeline(ahead=...)``), so stage 0 takes embeddings. Held
+    here, the embedding names a head tied to it (``tie_word_embeddings``) as one process
+    does, and the pipeline keeps the two copies in sync (:mod:`forge_parallel.pipeline.tied`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         lm = model.language_model
         self.language_model = nn.Module()
+        self.language_model.embed_tokens = lm.embed_tokens
         self.language_model.layers = lm.layers
         self.language_model.norm = lm.norm
         self.language_model.lm_head = lm.lm_head
@@ -165,23 +184,18 @@ def check_vlm_pipeline(config, parallel) -> None:
             "parallel.pp: multi-token prediction modules are not pipelined yet; set "
             "model.config.text.mtp_depth=0 or parallel.pp=1"
         )
-    if text.tie_word_embeddings:
+    if parallel.pp_schedule == "zbv" and text.tie_word_embeddings:
         raise ConfigError(
-            "parallel.pp: a vision-language model's token embedding runs ahead of the pipeline "
-            "on pipeline rank 0 and its head on the last stage; keeping them tied is not "
-            "supported yet. Set +model.config.text.tie_word_embeddings=false (a new model) or "
-            "parallel.pp=1"
+            "parallel.pp_schedule: zbv places the first and the last stage on one rank, where "
+            "the token embedding run ahead of the pipeline and the head tied to it would be one "
+            "parameter of two separately wrapped parts; use interleaved_1f1b or zero_bubble, or "
+            "+model.config.text.tie_word_embeddings=false (a new model)"
         )
     if "language_model" in (getattr(config, "frozen", None) or ()):
         raise ConfigError(
             "train.freeze: with the language model frozen its pipeline stages have nothing to "
             "train (an optimizer without parameters is not supported yet); use parallel.pp=1 "
             "to train the projector / encoder of a frozen language model"
-        )
-    if parallel.pp_schedule == "zero_bubble":
-        raise ConfigError(
-            "parallel.pp_schedule: zero_bubble is not supported with vision-language models yet "
-            "(the encoder's backward needs stage 0's full input gradient); use 1f1b or gpipe"
         )
 
 
@@ -228,10 +242,11 @@ class VLMPipelineParts(PipelineParts):
         super().materialize(device, init=init)
 
     def norm_parameters(self) -> list[nn.Parameter]:
-        """The pipeline's, and pipeline rank 0's encoder and embedding (not the replicas)."""
+        """The pipeline's (pipeline rank 0's embedding included, a tied head's copy counted
+        once), and pipeline rank 0's encoder (not the replicas)."""
         own = super().norm_parameters()
         if self.pp_rank == 0:
-            own += [*self.encoder.parameters(), *self.embedding.parameters()]
+            own += list(self.encoder.parameters())
         return own
 
     # -- encoder weights: owned by pipeline rank 0, replicated on the others ------------------
@@ -420,14 +435,27 @@ def build_vlm_pipeline(
     schedule: str,
     split: str,
     stage_parallel: dict[str, Any],
+    virtual_stages: int = 1,
+    sequence_parallel: bool = False,
 ) -> VLMPipelineParts:
     """Split a :class:`~forge_models.vlm.VisionLanguageModel`'s decoder over ``mesh["pp"]``
-    and place its encoder and embedding (see the module docstring); ``stage_parallel``:
-    :func:`forge_parallel.parallelize` arguments, applied to every part."""
+    (``virtual_stages`` stages per pipeline rank) and place its encoder and embedding (see the
+    module docstring); ``stage_parallel``: :func:`forge_parallel.parallelize` arguments but
+    ``plan``, applied to every part. With ``mesh["tp"]`` the language model's stages and its
+    embedding are tensor-parallel (:func:`forge_train.vlm_model.vlm_text_plan`, with
+    ``sequence_parallel``), the encoder replicated over the tensor-parallel ranks."""
     from forge_models.vlm import build_vlm
     from forge_parallel import parallelize
-    from forge_parallel.pipeline import pipeline
+    from forge_parallel.pipeline import pipeline, stage_plan
+    from forge_train.vlm_model import vlm_text_plan
 
+    if mesh.size("tp") > 1:
+        stage_parallel = {
+            **stage_parallel,
+            "plan": vlm_text_plan(
+                model.language_model, sequence_parallel=sequence_parallel, prefix="language_model."
+            ),
+        }
     loss = PipelineLoss(microbatches=microbatches)
     on_meta = any(p.is_meta for p in model.parameters())
     pipe = pipeline(
@@ -436,11 +464,15 @@ def build_vlm_pipeline(
         loss_fn=loss,
         schedule=schedule,
         microbatches=microbatches,
+        virtual_stages=virtual_stages,
         split=split,
         stage_parallel=stage_parallel,
+        ahead=("language_model.embed_tokens",),
     )
-    (stage_module,) = pipe.modules
-    encoder_parallel = {k: v for k, v in stage_parallel.items() if k != "plan"}
+    plan = stage_parallel.get("plan")
+    # The encoder is replicated over the tensor-parallel ranks (an empty plan), which encode
+    # the same micro-batches.
+    encoder_parallel = {**stage_parallel, "plan": None if plan is None else {}}
     encoder = VisualEncoder(model)
     parallelize(encoder, mesh, **encoder_parallel)
     owned = nn.Module()  # everything this rank owns, under the whole model's names
@@ -448,10 +480,23 @@ def build_vlm_pipeline(
     embedding = None
     if pp_rank == 0:
         embedding = TokenEmbedding(model)
-        parallelize(embedding, mesh, **{**encoder_parallel, "recompute": None, "compile": False})
+        # Under tensor parallelism the embedding is vocabulary-parallel as in the language
+        # model's plan: the same shards as a head tied to it on the last stage.
+        parallelize(
+            embedding,
+            mesh,
+            **{
+                **encoder_parallel,
+                "recompute": None,
+                "compile": False,
+                "plan": None if plan is None else stage_plan(plan, embedding),
+            },
+        )
         _mount(owned, encoder)
         _mount(owned, embedding)
-    _mount(owned, stage_module)
+    _mount(owned, pipe.local_module())
+    if not on_meta:  # a meta-device model syncs after its initialization (materialize)
+        pipe.sync_tied_weights()
     return VLMPipelineParts(
         pipe=pipe,
         stage=owned,

@@ -167,14 +167,14 @@ def _hf_to_megatron(args) -> int:
     te = not args.local_spec
     ctx = megatron_context(
         family, config, tensor_parallel=args.tp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        te_spec=te, grouped_gemm=args.grouped_gemm,
+        te_spec=te, grouped_gemm=args.grouped_gemm, **family.mapping.detect_context(src.names()),
     )  # fmt: skip
     shapes = {n: i.shape for n, i in src.tensor_info().items()}
     family.mapping.check_hf(shapes, ctx)
     bound = family.mapping.bind(ctx)
     if args.dry_run:
         split = lambda b: f"tp: {tp_kind(b.forge, te_spec=te)}"  # noqa: E731
-        title = f"hf-to-megatron ({family.name}, {args.format}, tp={args.tp}, pp={args.pp})"
+        title = f"hf-to-megatron ({family.name}, {args.format}, tp={args.tp}, pp={args.pp}, ep={args.ep})"
         return _print_rules(bound, shapes, ctx, title, extra=split)
     if args.check:
         out = open_megatron(args.out, trusted_globals=tuple(args.trust_global))
@@ -197,7 +197,8 @@ def _hf_to_megatron(args) -> int:
         return _report(pairs(), set(by_target), seen, args)
     with _bar(len(bound), "hf -> megatron", not args.quiet) as bar:
         hf_to_megatron(
-            args.src, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, format=args.format,
+            args.src, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, expert_parallel=args.ep,
+            first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers, format=args.format,
             family=family, te_spec=te, grouped_gemm=args.grouped_gemm,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, iteration=args.iteration,
             overwrite=args.overwrite, progress=bar.update,
@@ -214,7 +215,7 @@ def _megatron_to_hf(args) -> int:
         ckpt = open_megatron(args.src, trusted_globals=trusted)
         config, items = iter_megatron_as_hf(args.src, hf_config=args.hf_config, family=args.family, trusted_globals=trusted)  # fmt: skip
         kind = type(ckpt).__name__
-        print(f"megatron-to-hf ({kind}, tp={ckpt.args.get('tensor_model_parallel_size')}, pp={ckpt.args.get('pipeline_model_parallel_size')}, model_type={config.get('model_type')})")  # fmt: skip
+        print(f"megatron-to-hf ({kind}, tp={ckpt.args.get('tensor_model_parallel_size')}, pp={ckpt.args.get('pipeline_model_parallel_size')}, ep={ckpt.args.get('expert_model_parallel_size', 1)}, model_type={config.get('model_type')})")  # fmt: skip
         for name, t in items:
             print(f"  -> {name} {list(t.shape)} {str(t.dtype).replace('torch.', '')}")
         return 0
@@ -322,6 +323,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--family", help="model family (default: from config.json's model_type)")
     sp.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     sp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    sp.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE families)")
+    sp.add_argument(
+        "--first-stage-layers",
+        type=int,
+        help="layers of the first pipeline stage (Megatron's --decoder-first-pipeline-num-layers)",
+    )
+    sp.add_argument(
+        "--last-stage-layers",
+        type=int,
+        help="layers of the last pipeline stage (Megatron's --decoder-last-pipeline-num-layers)",
+    )
     sp.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist")
     sp.add_argument(
         "--local-spec",

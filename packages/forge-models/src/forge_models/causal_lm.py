@@ -63,6 +63,7 @@ from forge_models.blocks import (
     TransformerBlock,
 )
 from forge_models.config import TransformerConfig
+from forge_models.init import init_, materialized_device
 
 __all__ = ["IGNORE_INDEX", "CausalLM", "MoEStats", "router_sequence_balance", "shift_labels"]
 
@@ -210,33 +211,46 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, *, generator: torch.Generator | None = None) -> None:
-        """Initialize as the references do: linear and embedding weights ``normal(0, initializer_range)``,
-        biases zero, norm weights one; the padding-token row and vocabulary padding rows zero.
+        """Initialize as the references do: linear (also FP8 linear) and embedding weights
+        ``normal(0, initializer_range)``, biases zero, norm weights one; the padding-token row
+        and vocabulary padding rows zero.
 
-        Works parameter by parameter in place, so it runs after ``to_empty`` on any device
-        (and on whatever shard of each parameter this process holds).
+        Works parameter by parameter in place, so it runs after ``to_empty`` on any device,
+        on whatever shard of each parameter this process holds, and on a pipeline stage whose
+        other parameters stay on the meta device: through :func:`forge_models.init.init_`,
+        every layout gets the values one process draws with the same seed.
         """
         std = self.config.initializer_range
         vocab = self.config.vocab_size
+        device = materialized_device(self)
+
+        def normal_(weight: torch.Tensor, *, zero_rows: Sequence[int] = (), vocab_rows=False):
+            # Rows are zeroed on the whole tensor, before it is cut into this rank's shard.
+            def fill(x: torch.Tensor) -> None:
+                nn.init.normal_(x, std=std, generator=generator)
+                for row in zero_rows:
+                    x[row].zero_()
+                if vocab_rows:
+                    x[vocab:].zero_()
+
+            init_(weight, fill, device=device)
+
+        from forge_kernels.fp8 import Fp8Linear  # the model's linears, converted to FP8
+
         for module in self.modules():
             if isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-                if module.weight.shape[0] > vocab:
-                    module.weight[vocab:].zero_()
-            elif isinstance(module, nn.Linear):
+                padding = () if module.padding_idx is None else (module.padding_idx,)
+                normal_(module.weight, zero_rows=padding, vocab_rows=True)
+            elif isinstance(module, (nn.Linear, Fp8Linear)):
                 if module is self.lm_head and self.config.tie_word_embeddings:
                     continue
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                normal_(module.weight, vocab_rows=module is self.lm_head)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-                if module is self.lm_head and module.weight.shape[0] > vocab:
-                    module.weight[vocab:].zero_()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, MoEExperts):
-                module.reset_parameters(std, generator=generator)
+                module.reset_parameters(std, generator=generator, device=device)
             elif isinstance(module, MoEBlock) and module.expert_bias is not None:
                 module.expert_bias.zero_()
 

@@ -13,10 +13,20 @@ Placements apply left to right over the mesh dims, as ``distribute_tensor`` appl
 (``torch.chunk``, later chunks possibly empty) and keeps this rank's;
 ``_StridedShard(d, split_factor=f)`` first splits them into ``f`` pieces, splits each piece
 into ``mesh size`` chunks, and keeps the concatenation of this rank's chunk of every piece
-(the right-to-left order of FSDP2 over TP, and packed projections).
+(packed projections: the pieces are the gate and up halves).
+
+FSDP2 over tensor parallelism marks its dim with ``_StridedShard(d, split_factor=f)`` where
+``f`` is the product of the later mesh dims that shard ``d`` too, and it really shards the
+tensor-parallel *local* shard: the later placements apply first, then FSDP's ``torch.chunk``
+of what they left (padding its last chunk in memory; the local tensor is unpadded). With even
+sizes this equals the pieces rule above; with uneven ones (a dim the tensor-parallel or FSDP
+degree does not divide) only this order gives the elements FSDP holds, so it is the one
+followed whenever the later placements account for the split factor.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -36,6 +46,16 @@ def _chunk(positions: torch.Tensor, n: int) -> list[torch.Tensor]:
     return parts + [positions[:0]] * (n - len(parts))
 
 
+def _apply(
+    placement: Shard | _StridedShard, positions: torch.Tensor, n: int, rank: int
+) -> torch.Tensor:
+    """The positions along one dim that ``placement`` over ``n`` ranks leaves to ``rank``."""
+    if isinstance(placement, _StridedShard):
+        pieces = _chunk(positions, int(placement.split_factor))
+        return torch.cat([_chunk(piece, n)[rank] for piece in pieces])
+    return _chunk(positions, n)[rank]
+
+
 def local_index(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Per-dim global positions of this process's local part of ``tensor``.
 
@@ -53,20 +73,34 @@ def local_index(tensor: torch.Tensor) -> list[torch.Tensor]:
         )
     index = full_index(tensor.shape)
     ndim = len(index)
-    for mesh_dim, placement in enumerate(tensor.placements):
-        n, rank = mesh.size(mesh_dim), coordinate[mesh_dim]
-        if isinstance(placement, _StridedShard):
-            dim = placement.dim % ndim
-            pieces = _chunk(index[dim], int(placement.split_factor))
-            index[dim] = torch.cat([_chunk(piece, n)[rank] for piece in pieces])
-        elif isinstance(placement, Shard):
-            dim = placement.dim % ndim
-            index[dim] = _chunk(index[dim], n)[rank]
-        elif not isinstance(placement, Replicate):
+    placements = tuple(tensor.placements)
+    done: set[int] = set()
+    for mesh_dim, placement in enumerate(placements):
+        if mesh_dim in done:
+            continue
+        if not isinstance(placement, Shard | _StridedShard | Replicate):
             raise ValueError(
                 f"cannot load into a DTensor with placement {placement} (a partial sum has no "
                 "single value per element); load before turning parameters into partials"
             )
+        if isinstance(placement, _StridedShard):
+            dim = placement.dim % ndim
+            later = [
+                j
+                for j in range(mesh_dim + 1, len(placements))
+                if isinstance(placements[j], Shard | _StridedShard)
+                and placements[j].dim % ndim == dim
+            ]
+            if later and math.prod(mesh.size(j) for j in later) == placement.split_factor:
+                # FSDP2 over tensor parallelism: the later shardings first, then this one.
+                for j in later:
+                    index[dim] = _apply(placements[j], index[dim], mesh.size(j), coordinate[j])
+                done.update(later)
+                index[dim] = _chunk(index[dim], mesh.size(mesh_dim))[coordinate[mesh_dim]]
+                continue
+        if isinstance(placement, Shard | _StridedShard):
+            dim = placement.dim % ndim
+            index[dim] = _apply(placement, index[dim], mesh.size(mesh_dim), coordinate[mesh_dim])
     local_shape = tuple(tensor.to_local().shape)
     got = tuple(len(i) for i in index)
     if got != local_shape:

@@ -35,7 +35,16 @@ et al. 2022, arXiv:2205.05198):
     the output projection sharded over the vocabulary with logits left sharded, for a
     vocabulary-parallel cross-entropy.
 ``replicate``
-    weights replicated on every rank (an MoE router, the shared-expert gate).
+    weights replicated on every rank (an MoE router, the shared-expert gate). forge-parallel's
+    ``replicate`` style makes them replicated DTensors and runs the module on its local
+    (plain tensor) input; under sequence parallelism on its sequence shard, with the weight
+    gradients summed over tp. It refuses a DTensor input, so with forge-parallel a
+    ``replicate`` module cannot sit inside a ``block_input`` block as ``MOE_TP_PLAN``'s router
+    and MLA's latent projections do (and ``expert_parallel`` is forge-parallel's ``EPConfig``,
+    not a plan style). forge-train therefore gives each MoE layer's whole block one
+    ``replicate`` entry on the full sequence (``forge_train.components._text_plan``), as
+    forge-parallel's tests do on sequence shards; there each rank routes its own shard, so a
+    load-balancing loss or an expert-bias update would need its token counts summed over tp.
 ``expert_parallel``
     (MoE) the stacked expert weights ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and
     ``mlp.experts.down_proj`` ``[E, H, I]`` sharded along dim 0, the expert dim, over the

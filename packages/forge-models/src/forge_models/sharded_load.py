@@ -16,6 +16,11 @@ through the rule to boxes of checkpoint tensors, and reads only those boxes
   checked against their source, a composed VLM part) is materialized whole, one mapped tensor
   at a time, and its local box copied (peak memory: about one tensor).
 
+When the local shard of a plain renamed tensor (or each part of a dim-0 ``Concat``, the fused
+``gate_up``; vocabulary padding allowed when the shard holds no padding row) is one contiguous byte range of the file (FSDP's and column parallelism's row
+blocks, a whole replicated tensor), it is read straight into the parameter's memory with one
+``preadv`` (:meth:`~forge_ckpt.hf.SliceReader.read_into`): no memory map, no intermediate box.
+
 The checks are those of a whole load: the checkpoint is validated from its headers before any
 data is read (missing / unexpected / mis-shaped tensors, against the *global* shapes of the
 rank's tensors); a tensor this rank holds that the checkpoint cannot fill is an error, a mapped
@@ -61,7 +66,8 @@ class ShardLoadReport:
     ``bytes_read`` when every tensor was read box by box, except for vocabulary padding rows,
     which are zeros and not read); ``sliced`` / ``materialized``:
     tensors read box by box / built whole first; ``skipped``: mapped tensors this rank does not
-    hold.
+    hold; ``direct``: of the ``sliced`` tensors, those read straight from the file into the
+    parameter (one ``preadv`` per contiguous part).
     """
 
     tensors: int
@@ -70,6 +76,7 @@ class ShardLoadReport:
     skipped: int
     bytes_read: int
     bytes_local: int
+    direct: int = 0
 
 
 def _tied_aliases(state: Mapping[str, torch.Tensor], produced: set[str], tied: bool) -> dict:
@@ -206,6 +213,55 @@ def _read_sliced(
     return box
 
 
+def _one_run(positions: torch.Tensor) -> slice | None:
+    """``positions`` as one ``slice`` when they are consecutive (``None`` otherwise)."""
+    runs = _runs(positions)
+    return slice(*runs[0]) if len(runs) == 1 else None
+
+
+def _read_direct(
+    b: BoundRule,
+    index: Index,
+    local: torch.Tensor,
+    reader: SliceReader,
+    ctx: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> bool | None:
+    """Read the local box of a plain renamed tensor, or of a dim-0 ``Concat`` of them, into
+    ``local`` with one :meth:`SliceReader.read_into` per part; returns whether every part went
+    straight from the file, or ``None`` (nothing read) when the rule or box is not of that kind
+    (one run of positions per dim and per part)."""
+    if type(b) is not BoundRule or b.copy_of or not local.is_contiguous():
+        return None
+    if not index or local.numel() == 0:
+        return None
+    for t in b.rule.transforms:  # vocabulary padding: fine when the box holds no padding row
+        if type(t) is not PadDim or int(index[t.dim % len(index)].max()) >= t.padded(ctx)[0]:
+            return None
+    rest = [_one_run(i) for i in index[1:]]
+    if any(r is None for r in rest):
+        return None
+    join = b.rule.concat
+    if join is None:
+        parts = [(0, _one_run(index[0]))]
+    elif type(join) is Concat and join.dim % len(index) == 0:
+        parts = [
+            (part, _one_run(positions))
+            for part, positions in _segments(index[0], [shapes[n][0] for n in b.hf])
+        ]
+    else:
+        return None
+    if any(rows is None for _, rows in parts):
+        return None
+    straight, start = True, 0
+    for part, rows in parts:
+        count = rows.stop - rows.start
+        view = local.narrow(0, start, count)
+        straight &= reader.read_into(b.hf[part], (rows, *rest), view)
+        start += count
+    return straight
+
+
 def _read_materialized(
     b: BoundRule, index: Index, reader: SliceReader, ctx: Mapping[str, Any]
 ) -> torch.Tensor:
@@ -233,6 +289,7 @@ def load_hf_shards(
     hf_dir: str | os.PathLike | HFCheckpoint,
     *,
     config: TransformerConfig | VLMConfig | None = None,
+    direct: bool = True,
 ) -> ShardLoadReport:
     """Fill this rank's part of ``model`` from a Hugging Face checkpoint, reading only that part.
 
@@ -242,6 +299,9 @@ def load_hf_shards(
         hf_dir: the checkpoint folder (or an open :class:`~forge_ckpt.HFCheckpoint`).
         config: the model's config (:class:`TransformerConfig`, or a VLM's); default
             ``model.config`` (a pipeline stage module has none: pass the whole model's).
+        direct: read contiguous local shards straight into the parameters (``preadv``);
+            ``False`` reads every box through the memory-mapped slice reader (as before; kept
+            for comparison in the benchmark).
 
     Tensors are cast to each parameter's dtype and device as they are copied. Raises
     :class:`forge_ckpt.CheckpointMismatchError` before reading any data if the checkpoint does
@@ -262,18 +322,25 @@ def load_hf_shards(
     text = config.text if isinstance(config, VLMConfig) else config
     aliases = _tied_aliases(state, set(bound), text.tie_word_embeddings)
     spec.check_hf(shapes, ctx, {n: tuple(t.shape) for n, t in state.items() if n not in aliases})
-    sliced = materialized = bytes_local = 0
+    sliced = materialized = bytes_local = direct_reads = 0
     with torch.no_grad(), ckpt.slice_reader() as reader:
         for name, target in state.items():
             b = bound[aliases.get(name, name)]
             index = local_index(target)
+            local = _local(target)
+            before = reader.bytes_read
+            straight = _read_direct(b, index, local, reader, ctx, shapes) if direct else None
+            if straight is not None:
+                sliced += 1
+                direct_reads += straight
+                bytes_local += reader.bytes_read - before  # exactly the box, checkpoint dtype
+                continue
             box = _read_sliced(b, index, reader, ctx, shapes)
             if box is None:
                 box = _read_materialized(b, index, reader, ctx)
                 materialized += 1
             else:
                 sliced += 1
-            local = _local(target)
             assert box.shape == local.shape, (name, tuple(box.shape), tuple(local.shape))
             local.copy_(box)
             bytes_local += box.numel() * box.element_size()
@@ -286,4 +353,5 @@ def load_hf_shards(
         skipped=len(set(bound) - held),
         bytes_read=bytes_read,
         bytes_local=bytes_local,
+        direct=direct_reads,
     )

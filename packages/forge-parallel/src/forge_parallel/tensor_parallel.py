@@ -37,6 +37,10 @@ Style names (``sp`` = ``plan.sequence_parallel``):
                                     reduce their input gradient once, not once each
 ``sequence_scatter``                split a replicated input into sequence shards; no-op
                                     without sp
+``replicate``                       every weight of the module (and its submodules)
+                                    replicated, the module run on its local input: under sp
+                                    on this rank's sequence shard, weight gradients summed
+                                    over tp (e.g. a mixture-of-experts block, its router)
 ==================================  =========================================================
 
 A plan value may also be a ``ParallelStyle`` instance, used as given.
@@ -64,7 +68,12 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from forge_parallel.tp_styles import BlockInput, PackedColwiseParallel, SequenceScatter
+from forge_parallel.tp_styles import (
+    BlockInput,
+    PackedColwiseParallel,
+    ReplicateParallel,
+    SequenceScatter,
+)
 
 __all__ = [
     "TP_STYLES",
@@ -86,6 +95,7 @@ TP_STYLES = (
     "sequence_parallel",
     "block_input",
     "sequence_scatter",
+    "replicate",
 )
 _LINEAR_STYLES = {
     "colwise",
@@ -302,6 +312,23 @@ def validate_tp(model: nn.Module, plan: TPPlan | Mapping[str, str], tp: int) -> 
                     "sequence-sharded input: mark the module that feeds it (e.g. its "
                     "attention or MLP block) 'block_input' in the plan"
                 )
+        _check_every_parameter_styled(model, resolved)
+
+
+def _check_every_parameter_styled(model: nn.Module, resolved: Mapping[str, object]) -> None:
+    """Under sequence parallelism a module that no plan entry covers (itself or an ancestor)
+    runs on a sequence shard with plain weights: its gradients would be one rank's partial sum,
+    never reduced over tp. Name it instead of training it wrong."""
+    for pname, _ in model.named_parameters():
+        owner = pname.rpartition(".")[0]
+        if not any(owner == name or owner.startswith(name + ".") for name in resolved):
+            raise ValueError(
+                f"with sequence_parallel=True, parameter {pname} belongs to a module that no "
+                "tensor-parallel plan entry covers: it would run on a sequence shard and its "
+                "gradient would miss the other ranks' tokens. Give its module a style "
+                f"('replicate' for {owner or 'the model'} or a module above it, "
+                "'sequence_parallel' for a norm)"
+            )
 
 
 def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
@@ -332,6 +359,8 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
             return BlockInput(sequence_parallel=sp)
         case "sequence_scatter":
             return SequenceScatter()
+        case "replicate":
+            return ReplicateParallel(sequence_parallel=sp)
     raise AssertionError(base)
 
 

@@ -10,6 +10,9 @@
   sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models") it all-gathers the sequence shards (the backward reduce-scatters).
 - :class:`SequenceScatter`: split a replicated activation into sequence shards.
+- :class:`ReplicateParallel`: weights replicated over the tensor-parallel ranks, the module run
+  on its local input (an MoE router, experts and shared expert next to sequence-parallel
+  layers); under sequence parallelism its weight gradients are summed over the ranks.
 
 The conjugate operators follow Megatron-LM's ``f``/``g`` notation (Shoeybi et al. 2019); the
 ``f`` of a packed column-parallel layer is :func:`forge_core.collectives.copy_to_group`.
@@ -30,7 +33,13 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from forge_core.collectives import copy_to_group
 
-__all__ = ["BlockInput", "PackedColwiseParallel", "SequenceScatter", "is_packed"]
+__all__ = [
+    "BlockInput",
+    "PackedColwiseParallel",
+    "ReplicateParallel",
+    "SequenceScatter",
+    "is_packed",
+]
 
 
 def is_packed(param: torch.Tensor) -> bool:
@@ -162,4 +171,69 @@ class SequenceScatter(ParallelStyle):
             return _replace(args, kwargs, where, x)
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+class ReplicateParallel(ParallelStyle):
+    """Every parameter of the module (and of its submodules) replicated over the mesh, the
+    module computing on its local inputs with the local copies of its weights.
+
+    For modules that tensor parallelism does not split but that sit between sequence-parallel
+    layers, such as a mixture-of-experts block (router, routed experts, shared expert): with
+    ``sequence_parallel=True`` each rank runs the module on its own sequence shard, as
+    Megatron-LM runs MoE layers with sequence parallelism and expert-tensor-parallel size 1
+    (Korthikanti et al. 2022; Megatron-Core ``moe``), so each rank's weight gradient is the
+    partial sum over its tokens. The weights are ``Replicate()`` DTensors whose gradients are
+    marked ``Partial()``: gradient alignment (clipping) or FSDP sums them over the
+    tensor-parallel ranks, like the gradients of sequence-parallel norms. Without sequence
+    parallelism every rank computes the same thing on the same replicated input, and the
+    gradients are ``Replicate()``.
+
+    The module must receive plain tensors (the activations between blocks); a DTensor input
+    raises, because its layout would decide which gradient is right (a replicated output
+    consumed by head-sharded layers, as multi-head latent attention's shared rotary key, has a
+    partial gradient that a local tensor would not reduce).
+    """
+
+    def __init__(self, *, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for owner_name, owner in module.named_modules():
+            for name, param in list(owner.named_parameters(recurse=False)):
+                if isinstance(param, DTensor):
+                    where = f"{owner_name}.{name}" if owner_name else name
+                    raise ValueError(
+                        f"replicate: parameter {where} of {type(module).__name__} is already "
+                        f"distributed ({param.placements}); give its module one style only"
+                    )
+                replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
+                owner.register_parameter(
+                    name, nn.Parameter(replicated, requires_grad=param.requires_grad)
+                )
+        grad_placements = [Partial() if self.sequence_parallel else Replicate()]
+        saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+        def use_local_weights(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, DTensor):
+                    raise ValueError(
+                        f"replicate: {type(mod).__name__} received a DTensor input "
+                        f"({value.placements}); it runs on local tensors: do not put it under "
+                        "a 'block_input' (or another style that hands it a DTensor)"
+                    )
+            for owner in mod.modules():
+                for name, param in owner._parameters.items():
+                    if isinstance(param, DTensor):
+                        saved.append((owner, name, param))
+                        owner._parameters[name] = param.to_local(grad_placements=grad_placements)
+
+        def restore_weights(*_args: Any) -> None:
+            while saved:
+                owner, name, param = saved.pop()
+                owner._parameters[name] = param
+
+        module.register_forward_pre_hook(use_local_weights, with_kwargs=True)
+        module.register_forward_hook(restore_weights, always_call=True)
         return module

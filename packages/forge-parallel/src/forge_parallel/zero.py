@@ -214,9 +214,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
             total = local
         else:
-            local = torch.stack([g.norm(norm_type) for g in grads]).pow(norm_type).sum()
+            # float64 accumulation, as forge_parallel.total_grad_norm (float32 norms on the
+            # CPU lose about 1e-4 on large gradients).
+            norms = [g.norm(norm_type, dtype=torch.float64) for g in grads]
+            local = torch.stack(norms).pow(norm_type).sum()
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
-            total = local.pow(1.0 / norm_type)
+            total = local.pow(1.0 / norm_type).float()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef)

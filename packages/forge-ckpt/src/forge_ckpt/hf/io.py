@@ -41,7 +41,7 @@ from forge_ckpt.hf.index import (
     read_safetensors_header,
     shard_name,
 )
-from forge_ckpt.hf.slices import SliceReader
+from forge_ckpt.hf.slices import SliceReader, preadv_into
 
 __all__ = ["HFCheckpoint", "read_hf_config", "save_hf_checkpoint"]
 
@@ -241,15 +241,9 @@ class HFCheckpoint:
             with torch.no_grad():
                 out.copy_(self.get_tensor(name).reshape(out.shape))
             return
-        view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
         fd = os.open(self.path / info.file, os.O_RDONLY)
         try:
-            done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.offset + done)
-                if got <= 0:
-                    raise ValueError(f"{self.path / info.file} ends inside tensor {name}")
-                done += got
+            preadv_into(fd, out.detach(), info.offset, self.path / info.file)
         finally:
             os.close(fd)
 

@@ -1,6 +1,6 @@
 """Megatron-Core checkpoints: the legacy ``mp_rank_XX`` format and the distributed
-``torch_dist`` format, read and written at any tensor/pipeline-parallel split, with per-family
-Hugging Face <-> Megatron mappings as data.
+``torch_dist`` format, read and written at any tensor/pipeline/expert-parallel split (uneven
+pipeline stages included), with per-family Hugging Face <-> Megatron mappings as data.
 
 ::
 

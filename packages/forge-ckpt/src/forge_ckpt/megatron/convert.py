@@ -38,6 +38,7 @@ __all__ = [
     "megatron_args",
     "megatron_context",
     "megatron_to_hf",
+    "mtp_options",
     "open_megatron",
 ]
 
@@ -101,6 +102,8 @@ def megatron_args(
             num_query_groups=int(groups),
             kv_channels=int(ctx["head_dim"]),
         )
+    if ctx.get("mtp_depth"):
+        args["mtp_num_layers"] = int(ctx["mtp_depth"])
     if ctx.get("num_experts"):
         args.update(
             num_experts=int(ctx["num_experts"]),
@@ -108,6 +111,13 @@ def megatron_args(
             moe_router_topk=config.get("num_experts_per_tok"),
         )
     return {k: v for k, v in args.items() if v is not None}  # fmt: skip
+
+
+def mtp_options(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Context options for the multi-token prediction layers a checkpoint's args announce
+    (Megatron-LM's ``mtp_num_layers``; none: the checkpoint has no MTP layers)."""
+    depth = int(args.get("mtp_num_layers") or 0)
+    return {"mtp_depth": depth, "mtp_in_checkpoint": depth > 0}
 
 
 def _stage_rules(bound: list[BoundRule], layers: range, first: bool, last: bool) -> list[BoundRule]:
@@ -145,6 +155,9 @@ def hf_to_megatron(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
     format: str = "torch_dist",
     family: str | MegatronFamily | None = None,
     te_spec: bool = True,
@@ -155,7 +168,10 @@ def hf_to_megatron(
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Convert a Hugging Face folder into a Megatron-Core checkpoint (``torch_dist`` or
-    ``legacy``) split ``tensor_parallel`` x ``pipeline_parallel`` ways; see the module doc."""
+    ``legacy``) split ``tensor_parallel`` x ``pipeline_parallel`` x ``expert_parallel`` ways
+    (the routed experts of MoE families over ``expert_parallel`` ranks); ``first_stage_layers``
+    / ``last_stage_layers`` give the first / last pipeline stage its own layer count (Megatron's
+    ``--decoder-first/last-pipeline-num-layers``). See the module doc."""
     if format not in FORMATS:
         raise ValueError(f"unknown Megatron format {format!r}; choose one of {FORMATS}")
     ckpt = HFCheckpoint(hf_dir)
@@ -163,37 +179,34 @@ def hf_to_megatron(
     fam = _family(family, config)
     ctx = megatron_context(
         fam, config, tensor_parallel=tensor_parallel, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        te_spec=te_spec, grouped_gemm=grouped_gemm,
+        te_spec=te_spec, grouped_gemm=grouped_gemm, **fam.mapping.detect_context(ckpt.names()),
     )  # fmt: skip
     spec = fam.mapping
     shapes = {n: i.shape for n, i in ckpt.tensor_info().items()}
     spec.check_hf(shapes, ctx)
     bound = spec.bind(ctx)
     num_layers = int(ctx["num_layers"])
-    padded = int(
-        next(b for b in bound if b.forge.startswith("embedding.")).forge_shape(
-            [shapes["model.embed_tokens.weight"]], ctx
-        )[0]
-    )
+    embedding = next(b for b in bound if b.forge.startswith("embedding."))
+    padded = int(embedding.forge_shape([shapes[n] for n in embedding.hf], ctx)[0])
     args = megatron_args(config, ctx, padded)
 
     def stage_tensors(stage: int, layers: range) -> Iterable[tuple[str, torch.Tensor]]:
-        rules = _stage_rules(bound, layers, stage == 0, layers.stop == num_layers)
+        rules = _stage_rules(bound, layers, stage == 0, stage == pipeline_parallel - 1)
         return _convert(ckpt, rules, ctx)
 
+    experts = int(ctx.get("num_experts") or 0) if ctx.get("moe_layer") else 0
     common = {
         "num_layers": num_layers, "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel,
-        "args": args, "iteration": iteration, "te_spec": te_spec, "overwrite": overwrite, "progress": progress,
+        "expert_parallel": expert_parallel, "num_experts": experts, "first_stage_layers": first_stage_layers,
+        "last_stage_layers": last_stage_layers, "args": args, "iteration": iteration, "te_spec": te_spec,
+        "overwrite": overwrite, "progress": progress,
     }  # fmt: skip
     if format == "legacy":
         out = save_legacy(
             out_dir, stage_tensors, tied_embeddings=bool(ctx["tie_word_embeddings"]), **common
         )
     else:
-        experts = int(ctx.get("num_experts") or 0)
-        out = save_dist(
-            out_dir, stage_tensors, num_experts=experts, renames=fam.local_dist_renames, **common
-        )
+        out = save_dist(out_dir, stage_tensors, renames=fam.local_dist_renames, **common)
     (out / HF_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     return out
 
@@ -265,7 +278,8 @@ def iter_megatron_as_hf(
     args = ckpt.args
     te_spec = args.get("transformer_impl", "transformer_engine") != "local"
     grouped = bool(args.get("moe_grouped_gemm", False))
-    ctx0 = fam.mapping.context(config, te_spec=te_spec, grouped_gemm=grouped)
+    layout = {"te_spec": te_spec, "grouped_gemm": grouped, **mtp_options(args)}
+    ctx0 = fam.mapping.context(config, **layout)
     items = iter(_megatron_items(ckpt, fam, ctx0))
     # The padded vocabulary comes from the embedding itself: the first tensors are read lazily.
     buffered: list[tuple[str, torch.Tensor]] = []
@@ -276,9 +290,7 @@ def iter_megatron_as_hf(
             if name == "embedding.word_embeddings.weight":
                 padded = t.shape[0]
                 break
-    ctx = fam.mapping.context(
-        config, te_spec=te_spec, grouped_gemm=grouped, vocab_pad_multiple=int(padded or 1)
-    )
+    ctx = fam.mapping.context(config, **layout, vocab_pad_multiple=int(padded or 1))
     expected = set(fam.mapping.forge_names(ctx))
 
     def source() -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,8 +12,11 @@ Engine names. Tensor-parallel shards are chunks of the global tensors (a SwiGLU 
 shard is two chunks, its gate and its up rows), so any split reads back into any other.
 Layers of another kind (the dense layers of an MoE model) simply leave chunks of a key absent.
 
-:func:`save_dist` writes one data file per pipeline stage, converting one stage at a time;
-:class:`DistCheckpoint` reads key by key. DCP's ``.metadata`` is a pickle: it is read with an
+:func:`save_dist` writes one data file per pipeline stage and expert rank, converting one stage
+at a time: with expert parallelism each rank's file holds its experts' chunks (at their global
+expert offsets; the key's layout is the same at any split) and expert rank 0's file everything
+else. Uneven pipeline stages only move layers between files. :class:`DistCheckpoint` reads key
+by key, whatever the split. DCP's ``.metadata`` is a pickle: it is read with an
 unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes and paths.
 """
 
@@ -35,9 +38,11 @@ from typing import Any
 import torch
 
 from forge_ckpt.atomic_folder import publish_folder
+from forge_ckpt.megatron.expert_parallel import expert_index, experts_per_rank
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     iteration_dir,
+    parallel_args,
     read_latest_iteration,
     stage_layers,
 )
@@ -56,9 +61,24 @@ _BACKEND = {
     "common_backend_version": 1,
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_MTP_LAYER = re.compile(r"^(mtp\.layers\.\d+\.transformer_layer\.)(.*)$")
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.(?:weight|bias))(\d+)$")
 _EXPERTS = "mlp.experts.experts."
+
+
+def _split_expert(rest: str, renames: tuple[tuple[str, str], ...]) -> tuple[str, int | None]:
+    """A layer-relative name as its DCP suffix and its expert number (``None``: no expert)."""
+    for old, new in renames:
+        if rest.startswith(old):
+            rest = new + rest[len(old) :]
+    expert = _SEQ_EXPERT.match(rest)
+    if expert is not None:
+        return f"{_EXPERTS}{expert.group(2)}", int(expert.group(1))
+    grouped = _GROUPED_EXPERT.match(rest)
+    if grouped is not None:
+        return f"{_EXPERTS}{grouped.group(1)}", int(grouped.group(2))
+    return rest, None
 
 
 def dist_key(
@@ -68,24 +88,33 @@ def dist_key(
     num_experts: int = 0,
     renames: tuple[tuple[str, str], ...] = (),
 ) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """``(DCP key, leading offsets, leading extents)`` of a full Megatron tensor name."""
+    """``(DCP key, leading offsets, leading extents)`` of a full Megatron tensor name.
+
+    Decoder layers share a key with a leading layer axis; the transformer layer of an MTP layer
+    keeps its own keys (``mtp.layers.{k}.transformer_layer.*``, no layer axis). Routed experts
+    add an expert axis to either.
+    """
     match = _LAYER.match(name)
-    if match is None:
-        return name, (), ()
-    layer, rest = int(match.group(1)), match.group(2)
-    for old, new in renames:
-        if rest.startswith(old):
-            rest = new + rest[len(old) :]
-    expert = _SEQ_EXPERT.match(rest)
-    if expert is None:
-        grouped = _GROUPED_EXPERT.match(rest)
-        if grouped is not None:
-            expert_idx, rest = int(grouped.group(2)), grouped.group(1)
-        else:
-            return f"decoder.layers.{rest}", (layer,), (num_layers,)
+    if match is not None:
+        prefix, rest = "decoder.layers.", match.group(2)
+        lead, size = (int(match.group(1)),), (num_layers,)
     else:
-        expert_idx, rest = int(expert.group(1)), expert.group(2)
-    return f"decoder.layers.{_EXPERTS}{rest}", (layer, expert_idx), (num_layers, num_experts)
+        mtp = _MTP_LAYER.match(name)
+        if mtp is None:
+            return name, (), ()
+        (prefix, rest), lead, size = mtp.groups(), (), ()
+    rest, expert = _split_expert(rest, renames)
+    if expert is None:
+        return prefix + rest, lead, size
+    return prefix + rest, (*lead, expert), (*size, num_experts)
+
+
+def _leading_dims(key: str) -> int:
+    """How many leading axes (layer, expert) DCP key ``key`` has."""
+    if key.startswith("decoder.layers."):
+        return 2 if key.startswith(f"decoder.layers.{_EXPERTS}") else 1
+    mtp = _MTP_LAYER.match(key)
+    return 1 if mtp is not None and mtp.group(2).startswith(_EXPERTS) else 0
 
 
 def _name_of(
@@ -96,20 +125,25 @@ def _name_of(
     grouped_gemm: bool,
 ) -> str:
     """The inverse of :func:`dist_key`."""
-    if not leading:
-        return key
-    rest = key[len("decoder.layers.") :]
-    if len(leading) == 2:
+    if key.startswith("decoder.layers.") and leading:
+        prefix, rest = f"decoder.layers.{leading[0]}.", key[len("decoder.layers.") :]
+        expert = leading[1] if len(leading) == 2 else None
+    else:
+        mtp = _MTP_LAYER.match(key)
+        if mtp is None:
+            return key
+        (prefix, rest), expert = mtp.groups(), (leading[0] if leading else None)
+    if expert is not None:
         rest = rest[len(_EXPERTS) :]
         rest = (
-            f"mlp.experts.{rest}{leading[1]}"
+            f"mlp.experts.{rest}{expert}"
             if grouped_gemm
-            else f"mlp.experts.local_experts.{leading[1]}.{rest}"
+            else f"mlp.experts.local_experts.{expert}.{rest}"
         )
     for old, new in renames:
         if rest.startswith(new):
             rest = old + rest[len(new) :]
-    return f"decoder.layers.{leading[0]}.{rest}"
+    return prefix + rest
 
 
 def is_dist_checkpoint(folder: str | os.PathLike) -> bool:
@@ -140,6 +174,9 @@ def save_dist(
     num_experts: int = 0,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
     args: Mapping[str, Any] | None = None,
     iteration: int = 0,
     te_spec: bool = True,
@@ -151,6 +188,8 @@ def save_dist(
     :func:`~forge_ckpt.megatron.legacy.save_legacy`, with the same ``stage_tensors``).
 
     ``renames``: the local layer spec's key renames (used when ``te_spec`` is False).
+    ``expert_parallel``, ``first_stage_layers``, ``last_stage_layers``: as for
+    :func:`~forge_ckpt.megatron.legacy.save_legacy`.
     """
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import _StoragePrefix
@@ -169,10 +208,11 @@ def save_dist(
     )
 
     root = Path(root)
-    tp, pp = int(tensor_parallel), int(pipeline_parallel)
+    tp, pp, ep = int(tensor_parallel), int(pipeline_parallel), int(expert_parallel)
     if tp < 1:
         raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
-    stages = stage_layers(num_layers, pp)
+    per_rank = experts_per_rank(num_experts, ep)
+    stages = stage_layers(num_layers, pp, first=first_stage_layers, last=last_stage_layers)
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
     renames = () if te_spec else tuple(renames)
@@ -186,7 +226,8 @@ def save_dist(
         tensors_md: dict[str, TensorStorageMetadata] = {}
         results = []
         for s, layers in enumerate(stages):
-            items, data = [], {}
+            items: list[list] = [[] for _ in range(ep)]  # per expert rank's data file
+            data: dict = {}
             for name, full in stage_tensors(s, layers):
                 key, lead, lead_size = dist_key(
                     name, num_layers=num_layers, num_experts=num_experts, renames=renames
@@ -201,13 +242,15 @@ def save_dist(
                         f"{name}: shape {tuple(global_size)} / {full.dtype} differs from other "
                         f"layers' {tuple(md.size)} / {md.properties.dtype} under key {key}"
                     )
+                expert = expert_index(name)
+                owner = expert // per_rank if ep > 1 and expert is not None else 0
                 for off, size in tp_chunks(name, full.shape, tp, te_spec=te_spec):
                     region = full[tuple(slice(o, o + n) for o, n in zip(off, size, strict=True))]
                     offsets = torch.Size((*lead, *off))
                     sizes = torch.Size((1,) * len(lead) + tuple(size))
                     chunk = ChunkStorageMetadata(offsets=offsets, sizes=sizes)
                     md.chunks.append(chunk)
-                    items.append(
+                    items[owner].append(
                         WriteItem(
                             index=MetadataIndex(key, offsets),
                             type=WriteItemType.SHARD,
@@ -219,15 +262,15 @@ def save_dist(
                     data[(key, tuple(offsets))] = region.reshape(sizes).clone()
                 if progress is not None:
                     progress(1)
-            plan = SavePlan(items, storage_data=_StoragePrefix(f"__{s}_"))
-            results.append(writer.write_data(plan, _Resolver(data)).wait())
+            for e in range(ep):
+                plan = SavePlan(items[e], storage_data=_StoragePrefix(f"__{s * ep + e}_"))
+                results.append(writer.write_data(plan, _Resolver(data)).wait())
             del data
         writer.finish(Metadata(state_dict_metadata=dict(tensors_md)), results)
         namespace = argparse.Namespace(
             **{
                 **dict(args or {}),
-                "tensor_model_parallel_size": tp,
-                "pipeline_model_parallel_size": pp,
+                **parallel_args(tp, pp, ep, first_stage_layers, last_stage_layers),
                 "num_layers": num_layers,
                 "iteration": iteration,
                 "ckpt_format": "torch_dist",
@@ -383,9 +426,7 @@ class DistCheckpoint:
                 dcp.load(targets, storage_reader=_reader(self.dir), no_dist=True)
             for k in batch:
                 chunks = self.metadata.state_dict_metadata[k].chunks
-                n_lead = 0
-                if k.startswith("decoder.layers."):
-                    n_lead = 2 if k.startswith(f"decoder.layers.{_EXPERTS}") else 1
+                n_lead = _leading_dims(k)
                 target = targets.pop(k)
                 for lead in sorted({tuple(c.offsets[:n_lead]) for c in chunks}):
                     name = _name_of(k, lead, renames=renames, grouped_gemm=grouped_gemm)

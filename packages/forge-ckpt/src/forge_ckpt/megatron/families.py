@@ -24,6 +24,20 @@ Technical Report, arXiv:2412.19437) maps ``q_a_proj``/``q_b_proj``/``kv_a_proj_w
 ``kv_b_proj`` to ``linear_q_down_proj``/``linear_q_up_proj``/``linear_kv_down_proj``/
 ``linear_kv_up_proj`` unchanged in layout. Names were checked against megatron-core 0.16's
 ``GPTModel.state_dict()`` on CPU (local spec) and its ``gpt_layer_specs`` (TE spec).
+
+DeepSeek-V3's multi-token prediction (MTP) layers (section 2.2 of the report; checkpoint layers
+``model.layers.{n}``, ``n = num_hidden_layers + k``, as DeepSeek's release stores them) map to
+Megatron-Core's ``MultiTokenPredictionBlock`` (``--mtp-num-layers``), on the last pipeline stage::
+
+    mtp.layers.{k}.enorm.weight / hnorm.weight  <- model.layers.{n}.enorm / hnorm.weight
+    mtp.layers.{k}.eh_proj.weight               <- model.layers.{n}.eh_proj.weight  [column TP]
+    mtp.layers.{k}.transformer_layer.*          <- model.layers.{n}.* (as decoder.layers.{i}.*)
+    mtp.layers.{k}.final_layernorm.weight       <- model.layers.{n}.shared_head.norm.weight
+
+(``transformer_layer`` is the name Megatron-Core's checkpoints keep; newer module trees call it
+``mtp_model_layer`` and map it back on save; the legacy reader accepts both). The embedding and
+head copies DeepSeek stores in each MTP layer are checked on the way in and written on the way
+out, as in :mod:`forge_ckpt.mapping.families.deepseek_v3`.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from forge_ckpt.mapping.families.deepseek_v3 import MTP_COPIES
 from forge_ckpt.mapping.families.qwen3_moe import moe_layers
 from forge_ckpt.mapping.spec import PAD_VOCAB, REQUIRED, Concat, GroupedQKV, MappingSpec, Rule
 
@@ -146,6 +161,23 @@ def moe_mlp(shared: str | None, shared_gate: bool, expert_bias: bool) -> tuple[R
     return tuple(rules)
 
 
+def mtp_layers(layer_rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """Megatron-Core's MTP layers: the projections and norms around a decoder layer built by
+    ``layer_rules`` (checkpoint layer ``{i}`` = ``num_layers + k``)."""
+    m, h = "mtp.layers.{k}", _H
+    block = tuple(
+        Rule(f"{m}.transformer_layer.{r.forge.removeprefix(_M + '.')}", r.hf, r.concat, r.transforms, r.when)
+        for r in layer_rules
+    )  # fmt: skip
+    return (
+        _r(f"{m}.enorm.weight", f"{h}.enorm.weight"),
+        _r(f"{m}.hnorm.weight", f"{h}.hnorm.weight"),
+        _r(f"{m}.eh_proj.weight", f"{h}.eh_proj.weight"),
+        *block,
+        _r(f"{m}.final_layernorm.weight", f"{h}.shared_head.norm.weight"),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Context
 # --------------------------------------------------------------------------------------------
@@ -176,11 +208,28 @@ def _gqa_derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _deepseek_derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
+    """MoE layers (MTP layers included) and the MTP depth, as the forge DeepSeek-V3 mapping
+    derives them: ``mtp_depth`` defaults to the checkpoint's MTP layers when the presence probe
+    found them (transformers announces ``num_nextn_predict_layers`` without saving them)."""
     first_dense = int(ctx["first_k_dense_replace"])
+    num_layers = int(ctx["num_layers"])
+    present = ctx.get("mtp_in_checkpoint")
+    in_ckpt = 0 if present is False else int(ctx["num_nextn_predict_layers"] or 0)
+    depth = int(ctx.get("mtp_depth", in_ckpt if present else 0))
+    if depth < 0:
+        raise ValueError(f"mtp_depth must be >= 0, got {depth}")
     layers = frozenset(
-        i for i in range(int(ctx["num_layers"])) if i >= first_dense and int(ctx["num_experts"]) > 0
+        i
+        for i in range(num_layers + max(depth, in_ckpt))
+        if i >= first_dense and int(ctx["num_experts"]) > 0
     )
-    return {"moe_layer": layers, "q_lora": ctx["q_lora_rank"] is not None}
+    return {
+        "moe_layer": layers,
+        "q_lora": ctx["q_lora_rank"] is not None,
+        "mtp_depth": depth,
+        "num_hf_layers": num_layers + depth,
+        "ignored_hf_layers": frozenset(range(num_layers + depth, num_layers + in_ckpt)),
+    }
 
 
 def _with_layout(
@@ -195,7 +244,7 @@ def _with_layout(
                 out.update(step({**ctx, **out}))
         out["te_spec"] = ctx.get("te_spec", out["te_spec"])
         moe = ctx.get("moe_layer", out["moe_layer"])
-        layers = range(int(ctx["num_layers"]))
+        layers = range(int(out.get("num_hf_layers", ctx["num_layers"])))
         out["fused_mlp_norm"] = (
             frozenset(i for i in layers if i not in moe) if out["te_spec"] else frozenset()
         )
@@ -236,7 +285,12 @@ _LOCAL_RENAMES = (
 
 
 def _spec(
-    name: str, types: tuple[str, ...], rules: tuple[Rule, ...], keys: dict, derive=None
+    name: str,
+    types: tuple[str, ...],
+    rules: tuple[Rule, ...],
+    keys: dict,
+    derive=None,
+    **extra: Any,
 ) -> MappingSpec:
     return MappingSpec(
         name=f"megatron-{name}",
@@ -246,6 +300,7 @@ def _spec(
         ignored_hf=(("lm_head.weight", "tie_word_embeddings"), (f"{_H}.self_attn.rotary_emb.inv_freq", None)),
         derive=_with_layout(derive),
         description=f"{name} <-> Megatron-Core GPTModel",
+        **extra,
     )  # fmt: skip
 
 
@@ -255,6 +310,12 @@ def _build() -> dict[str, MegatronFamily]:
         "num_experts": ("n_routed_experts", 0),
         "first_k_dense_replace": ("first_k_dense_replace", 0),
         "q_lora_rank": ("q_lora_rank", None),
+        "num_nextn_predict_layers": ("num_nextn_predict_layers", 0),
+    }
+    ds_layer = mla_attention() + dense_mlp("!moe_layer") + moe_mlp("shared_experts", False, True)
+    ds_extra = {
+        "hf_copies": MTP_COPIES,
+        "presence_probes": (("mtp_in_checkpoint", ".eh_proj.weight"),),
     }
     specs = {
         "llama": _spec("llama", ("llama",), EMBEDDING + gqa_attention("attention_bias", False) + dense_mlp() + HEAD, {"attention_bias": ("attention_bias", False)}),
@@ -262,7 +323,7 @@ def _build() -> dict[str, MegatronFamily]:
         "qwen3": _spec("qwen3", ("qwen3",), EMBEDDING + gqa_attention("attention_bias", True) + dense_mlp() + HEAD, {"attention_bias": ("attention_bias", False)}),
         "qwen3_moe": _spec("qwen3_moe", ("qwen3_moe",), EMBEDDING + gqa_attention("attention_bias", True) + dense_mlp("!moe_layer") + moe_mlp(None, False, False) + HEAD, {**_MOE_KEYS, "attention_bias": ("attention_bias", False)}, moe_layers),
         "qwen2_moe": _spec("qwen2_moe", ("qwen2_moe",), EMBEDDING + gqa_attention("qwen_qkv_bias", False) + dense_mlp("!moe_layer") + moe_mlp("shared_expert", True, False) + HEAD, qwen2_moe_keys, moe_layers),
-        "deepseek_v3": _spec("deepseek_v3", ("deepseek_v3",), EMBEDDING + mla_attention() + dense_mlp("!moe_layer") + moe_mlp("shared_experts", False, True) + HEAD, ds_keys, _deepseek_derive),
+        "deepseek_v3": _spec("deepseek_v3", ("deepseek_v3",), EMBEDDING + ds_layer + mtp_layers(ds_layer) + HEAD, ds_keys, _deepseek_derive, **ds_extra),
     }  # fmt: skip
     return {
         name: MegatronFamily(

@@ -6,17 +6,21 @@ Layout (see :mod:`forge_ckpt.megatron.layout`)::
     root/iter_0000100/mp_rank_00_000/model_optim_rng.pt
         {"model": {<stage-local state dict of tensor-parallel rank 0, pipeline stage 0>},
          "args": argparse.Namespace(...), "checkpoint_version": 3.0, "iteration": 100}
+    root/iter_0000100/mp_rank_00_000_001/...        (expert rank 1, with expert parallelism)
 
 :func:`save_legacy` writes full (unsharded) Megatron tensors split by
-:mod:`~forge_ckpt.megatron.tensor_parallel` and pipeline stage, one stage in memory at a time,
-into a temporary folder renamed into place. :class:`LegacyCheckpoint` reads any split back,
-stage by stage, merging the tensor-parallel shards (loaded with ``weights_only=True``).
+:mod:`~forge_ckpt.megatron.tensor_parallel`, pipeline stage (even or with given first/last
+stage layer counts) and expert rank (:mod:`~forge_ckpt.megatron.expert_parallel`), one stage in
+memory at a time, into a temporary folder renamed into place. :class:`LegacyCheckpoint` reads
+any split back, stage by stage, merging the tensor-parallel shards and the expert ranks' experts
+(loaded with ``weights_only=True``); the layers of each stage are found from its files.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,11 +30,14 @@ from typing import Any
 import torch
 
 from forge_ckpt.atomic_folder import publish_folder
+from forge_ckpt.megatron.expert_parallel import expert_index, experts_per_rank, with_expert_index
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     RANK_DIR,
     iteration_dir,
     layer_of,
+    parallel_args,
+    parse_rank_dir,
     rank_dir_name,
     read_latest_iteration,
     renumber,
@@ -43,6 +50,7 @@ __all__ = ["CHECKPOINT_VERSION", "LegacyCheckpoint", "save_legacy"]
 
 CHECKPOINT_VERSION = 3.0
 MODEL_FILE = "model_optim_rng.pt"
+_MTP_MODEL_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -68,6 +76,10 @@ def save_legacy(
     num_layers: int,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    num_experts: int = 0,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
     args: Mapping[str, Any] | None = None,
     iteration: int = 0,
     te_spec: bool = True,
@@ -83,19 +95,23 @@ def save_legacy(
     the last stage. ``args`` becomes the ``argparse.Namespace`` Megatron-LM stores (the parallel
     sizes are filled in). With tied embeddings and several stages, the last stage holds
     ``output_layer.weight`` as Megatron does (a copy of the embedding it keeps in sync).
+    ``expert_parallel``: expert ranks the ``num_experts`` routed experts are split over (each
+    rank's file holds its experts, renumbered from 0, and a copy of everything else).
+    ``first_stage_layers`` / ``last_stage_layers``: uneven pipeline stages (see
+    :func:`~forge_ckpt.megatron.layout.stage_layers`).
     """
     root = Path(root)
-    tp, pp = int(tensor_parallel), int(pipeline_parallel)
+    tp, pp, ep = int(tensor_parallel), int(pipeline_parallel), int(expert_parallel)
     if tp < 1:
         raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
-    stages = stage_layers(num_layers, pp)
+    per_rank = experts_per_rank(num_experts, ep)
+    stages = stage_layers(num_layers, pp, first=first_stage_layers, last=last_stage_layers)
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
     namespace = argparse.Namespace(
         **{
             **dict(args or {}),
-            "tensor_model_parallel_size": tp,
-            "pipeline_model_parallel_size": pp,
+            **parallel_args(tp, pp, ep, first_stage_layers, last_stage_layers),
             "num_layers": num_layers,
             "iteration": iteration,
         }
@@ -106,14 +122,26 @@ def save_legacy(
         it_dir = iteration_dir(tmp, iteration)
         embedding: list[torch.Tensor] | None = None
         for s, layers in enumerate(stages):
-            shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+            # shards[r][e]: the state dict of tensor-parallel rank r, expert rank e.
+            shards: list[list[dict[str, torch.Tensor]]] = [
+                [{} for _ in range(ep)] for _ in range(tp)
+            ]
             for name, full in stage_tensors(s, layers):
                 if _stage_of(name, stages) != s:
                     raise ValueError(f"{name} was given for pipeline stage {s}, where it is not")
                 local = renumber(name, -layers.start)
                 parts = split_tp(name, full, tp, te_spec=te_spec)
+                expert = expert_index(name)
                 for r in range(tp):
-                    shards[r][local] = _own(parts[r])
+                    part = _own(parts[r])
+                    if expert is None:
+                        for e in range(ep):
+                            shards[r][e][local] = part
+                    else:
+                        if expert >= per_rank * ep:
+                            raise ValueError(f"{name}: expert {expert} of only {num_experts}")
+                        e, j = divmod(expert, per_rank)
+                        shards[r][e][with_expert_index(local, j)] = part
                 if name == "embedding.word_embeddings.weight":
                     embedding = parts
                 if progress is not None:
@@ -122,17 +150,20 @@ def save_legacy(
                 if embedding is None:
                     raise AssertionError("the embedding comes before the last stage")
                 for r in range(tp):
-                    shards[r]["output_layer.weight"] = embedding[r].clone()
+                    copy = embedding[r].clone()
+                    for e in range(ep):
+                        shards[r][e]["output_layer.weight"] = copy
             for r in range(tp):
-                folder = it_dir / rank_dir_name(r, s, pp)
-                folder.mkdir(parents=True)
-                state = {
-                    "model": shards[r],
-                    "args": namespace,
-                    "checkpoint_version": CHECKPOINT_VERSION,
-                    "iteration": iteration,
-                }
-                torch.save(state, folder / MODEL_FILE)
+                for e in range(ep):
+                    folder = it_dir / rank_dir_name(r, s, pp, e, ep)
+                    folder.mkdir(parents=True)
+                    state = {
+                        "model": shards[r][e],
+                        "args": namespace,
+                        "checkpoint_version": CHECKPOINT_VERSION,
+                        "iteration": iteration,
+                    }
+                    torch.save(state, folder / MODEL_FILE)
             del shards
         (tmp / LATEST_FILE).write_text(f"{iteration}\n")
         publish_folder(tmp, root)
@@ -171,71 +202,154 @@ class LegacyCheckpoint:
             )
         if not self.dir.is_dir():
             raise FileNotFoundError(f"{self.dir} does not exist")
-        ranks: dict[tuple[int, int], Path] = {}
-        for p in self.dir.iterdir():
-            match = RANK_DIR.match(p.name)
-            if match and (p / MODEL_FILE).is_file():
-                ranks[(int(match.group(1)), int(match.group(2) or 0))] = p / MODEL_FILE
-        if not ranks:
+        names = sorted(
+            p.name
+            for p in self.dir.iterdir()
+            if RANK_DIR.match(p.name) and (p / MODEL_FILE).is_file()
+        )
+        if not names:
             raise FileNotFoundError(
-                f"{self.dir} holds no mp_rank_XX[_YYY]/{MODEL_FILE} files: not a legacy Megatron "
-                "checkpoint (a distributed one has metadata.json; see MegatronDistCheckpoint)"
+                f"{self.dir} holds no mp_rank_XX[_YYY[_ZZZ]]/{MODEL_FILE} files: not a legacy "
+                "Megatron checkpoint (a distributed one has metadata.json; see DistCheckpoint)"
             )
-        self.tensor_parallel = 1 + max(t for t, _ in ranks)
-        self.pipeline_parallel = 1 + max(p for _, p in ranks)
-        want = {(t, p) for t in range(self.tensor_parallel) for p in range(self.pipeline_parallel)}
-        if set(ranks) != want:
-            raise FileNotFoundError(
-                f"{self.dir}: rank files missing for (tp, pp) = {sorted(want - set(ranks))}"
-            )
-        self._files = ranks
         self._trusted = tuple(trusted_globals)
-        first = self._load(0, 0)
+        # The args (in every file) decide whether mp_rank_XX_YYY names a stage or an expert rank.
+        first = self._load_file(self.dir / names[0] / MODEL_FILE)
         self.args: dict[str, Any] = (
             vars(first["args"]) if isinstance(first.get("args"), argparse.Namespace) else {}
         )
         self.checkpoint_version = first.get("checkpoint_version")
         self.iteration = first.get("iteration")
+        expert_parallel = int(self.args.get("expert_model_parallel_size") or 1) > 1
+        ranks: dict[tuple[int, int, int], Path] = {}
+        for name in names:
+            rank = parse_rank_dir(name, expert_parallel=expert_parallel)
+            assert rank is not None
+            ranks[rank] = self.dir / name / MODEL_FILE
+        self.tensor_parallel = 1 + max(t for t, _, _ in ranks)
+        self.pipeline_parallel = 1 + max(p for _, p, _ in ranks)
+        self.expert_parallel = 1 + max(e for _, _, e in ranks)
+        want = {
+            (t, p, e)
+            for t in range(self.tensor_parallel)
+            for p in range(self.pipeline_parallel)
+            for e in range(self.expert_parallel)
+        }
+        if set(ranks) != want:
+            raise FileNotFoundError(
+                f"{self.dir}: rank files missing for (tp, pp, ep) = {sorted(want - set(ranks))}"
+            )
+        self._files = ranks
         for key, have in (
             ("tensor_model_parallel_size", self.tensor_parallel),
             ("pipeline_model_parallel_size", self.pipeline_parallel),
+            ("expert_model_parallel_size", self.expert_parallel),
         ):
-            if key in self.args and int(self.args[key]) != have:
+            if self.args.get(key) is not None and int(self.args[key]) != have:
                 raise ValueError(
                     f"{self.dir}: args say {key}={self.args[key]} but the folder has {have}"
                 )
+        etp = self.args.get("expert_tensor_parallel_size")
+        if etp is not None and int(etp) != self.tensor_parallel:
+            raise ValueError(
+                f"{self.dir}: expert tensor parallelism {etp} differs from tensor parallelism "
+                f"{self.tensor_parallel}; only checkpoints whose experts are split like the dense "
+                "layers (Megatron's default, expert_tensor_parallel_size = tensor parallel) are read"
+            )
+        #: The global layers of each pipeline stage, found from the files as they are read.
+        self.stage_layers: list[range] = []
 
-    def _load(self, tp_rank: int, pp_rank: int) -> dict:
-        state = load_pt(self._files[(tp_rank, pp_rank)], trusted_globals=self._trusted)
+    def _load_file(self, file: Path) -> dict:
+        state = load_pt(file, trusted_globals=self._trusted)
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise ValueError(f"{self._files[(tp_rank, pp_rank)]} holds no 'model' state dict")
+            raise ValueError(f"{file} holds no 'model' state dict")
         return state
+
+    def _load(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
+        return self._load_file(self._files[(tp_rank, pp_rank, ep_rank)])
+
+    def _expected_stages(self) -> list[range] | None:
+        """The stages the args describe (``None`` when they do not say)."""
+        layers = self.args.get("num_layers")
+        if layers is None:
+            return None
+        return stage_layers(
+            int(layers),
+            self.pipeline_parallel,
+            first=self.args.get("decoder_first_pipeline_num_layers"),
+            last=self.args.get("decoder_last_pipeline_num_layers"),
+        )
 
     def iter_tensors(
         self, *, te_spec: bool = True, skip: Callable[[str], bool] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full tensors with global layer numbers, one pipeline stage in memory at a time.
+        """Full tensors with global layer and expert numbers, one pipeline stage in memory at a
+        time.
 
-        ``_extra_state`` entries (Transformer Engine metadata) are dropped; ``skip(name)``
-        drops more (e.g. the last stage's copy of tied embeddings).
+        A stage's layers are counted in its files (uneven stages need no argument) and checked
+        against the args' split when they record one. Tensors other than routed experts must be
+        equal on every expert rank. ``_extra_state`` entries (Transformer Engine metadata) are
+        dropped; ``skip(name)`` drops more (e.g. the last stage's copy of tied embeddings).
         """
+        expected = self._expected_stages()
         offset = 0
+        self.stage_layers = []
+        tp, ep = self.tensor_parallel, self.expert_parallel
         for s in range(self.pipeline_parallel):
-            states = [self._load(r, s)["model"] for r in range(self.tensor_parallel)]
-            names = [n for n, t in states[0].items() if isinstance(t, torch.Tensor)]
-            for r, st in enumerate(states[1:], start=1):
-                other = sorted(n for n, t in st.items() if isinstance(t, torch.Tensor))
-                if other != sorted(names):
-                    raise ValueError(
-                        f"{self.dir}: tensor-parallel rank {r} of stage {s} holds other tensors than rank 0"
-                    )
+            # states[e][r]: expert rank e, tensor-parallel rank r.
+            states = [[self._load(r, s, e)["model"] for r in range(tp)] for e in range(ep)]
+            tensors = [
+                [{n: t for n, t in st.items() if isinstance(t, torch.Tensor)} for st in row]
+                for row in states
+            ]
+            for e, row in enumerate(tensors):
+                for r, st in enumerate(row):
+                    if sorted(st) != sorted(tensors[0][0]):
+                        raise ValueError(
+                            f"{self.dir}: rank (tp={r}, ep={e}) of stage {s} holds other tensors "
+                            "than rank (tp=0, ep=0)"
+                        )
+            names = list(tensors[0][0])
+            local_experts = 1 + max(
+                (
+                    expert_index(_MTP_MODEL_LAYER.sub(r"\1transformer_layer.", n)) or 0
+                    for n in names
+                ),
+                default=0,
+            )
             layers = {layer_of(n) for n in names} - {None}
+            count = (max(layers) + 1) if layers else 0
+            self.stage_layers.append(range(offset, offset + count))
+            if expected is not None and self.stage_layers[-1] != expected[s]:
+                raise ValueError(
+                    f"{self.dir}: pipeline stage {s} holds layers {self.stage_layers[-1].start}.."
+                    f"{self.stage_layers[-1].stop - 1} but the args' split puts "
+                    f"{expected[s].start}..{expected[s].stop - 1} there"
+                )
             for name in names:
                 if name.endswith("_extra_state"):
                     continue
-                full = renumber(name, offset)
-                if skip is not None and skip(full):
-                    continue
-                yield full, merge_tp(name, [st[name] for st in states], te_spec=te_spec)
-            offset += (max(layers) + 1) if layers else 0
-            del states
+                # Newer Megatron-Core module trees call the MTP transformer layer mtp_model_layer.
+                canonical = _MTP_MODEL_LAYER.sub(r"\1transformer_layer.", name)
+                expert = expert_index(canonical)
+                for e in range(ep if expert is not None else 1):
+                    full = renumber(canonical, offset)
+                    if expert is not None:
+                        full = with_expert_index(full, e * local_experts + expert)
+                    elif ep > 1:
+                        self._check_replicated(name, tensors, s)
+                    if skip is not None and skip(full):
+                        continue
+                    shards = [st[name] for st in tensors[e]]
+                    yield full, merge_tp(name, shards, te_spec=te_spec)
+            offset += count
+            del states, tensors
+
+    def _check_replicated(self, name: str, tensors: list[list[dict]], stage: int) -> None:
+        for e, row in enumerate(tensors[1:], start=1):
+            for r, st in enumerate(row):
+                if not torch.equal(st[name], tensors[0][r][name]):
+                    raise ValueError(
+                        f"{self.dir}: {name} (stage {stage}, tp rank {r}) should be the same on "
+                        f"every expert rank but expert rank {e} holds different values"
+                    )

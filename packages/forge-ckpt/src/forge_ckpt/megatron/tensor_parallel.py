@@ -37,6 +37,8 @@ TP_RULES: tuple[tuple[str, str], ...] = (
     (r"\.linear_fc2\.bias\d*$", REPLICATED),
     (r"\.router\.(weight|expert_bias)$", REPLICATED),
     (r"\.shared_experts\.gate_weight$", REPLICATED),
+    (r"^mtp\.layers\.\d+\.eh_proj\.weight$", COLUMN),
+    (r"^mtp\.layers\.\d+\.[eh]norm\.weight$", REPLICATED),
 )
 _COMPILED = tuple((re.compile(p), k) for p, k in TP_RULES)
 

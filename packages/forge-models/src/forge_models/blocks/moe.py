@@ -31,6 +31,7 @@ from forge_kernels.moe import (
     update_expert_bias,
 )
 from forge_models.blocks.mlp import GatedMLP
+from forge_models.init import init_
 
 __all__ = ["MoEBlock", "MoEExperts", "RouterOutput"]
 
@@ -77,10 +78,22 @@ class MoEExperts(nn.Module):
         act = forge_kernels.swiglu(gate, up)
         return grouped_mm(act, self.down_proj, tokens_per_expert, transpose_weight=True)
 
-    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(
+        self,
+        std: float,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | None = None,
+    ) -> None:
+        """``normal(0, std)`` weights, drawn whole whatever the sharding (see
+        :func:`forge_models.init.init_`; ``device``: where to draw meta parameters)."""
+
+        def fill(t: torch.Tensor) -> None:
+            nn.init.normal_(t, mean=0.0, std=std, generator=generator)
+
         with torch.no_grad():
-            nn.init.normal_(self.gate_up_proj, mean=0.0, std=std, generator=generator)
-            nn.init.normal_(self.down_proj, mean=0.0, std=std, generator=generator)
+            init_(self.gate_up_proj, fill, device=device)
+            init_(self.down_proj, fill, device=device)
 
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape

@@ -44,6 +44,7 @@ from torch import nn
 
 from forge_kernels.attention import attention
 from forge_models.blocks.norm import RMSNorm
+from forge_models.init import init_
 from forge_models.vision.vit_blocks import (
     ConvPatchEmbed,
     LayerNorm,
@@ -323,7 +324,7 @@ class InternVisionEncoder(nn.Module):
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, ConvPatchEmbed)):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                init_(module.weight, nn.init.normal_, mean=0.0, std=std, generator=generator)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (LayerNorm, RMSNorm)):
@@ -331,9 +332,9 @@ class InternVisionEncoder(nn.Module):
             elif isinstance(module, InternVisionBlock):
                 module.ls1.fill_(self.config.layer_scale_init_value)
                 module.ls2.fill_(self.config.layer_scale_init_value)
-        nn.init.normal_(self.cls_token, mean=0.0, std=std, generator=generator)
+        init_(self.cls_token, nn.init.normal_, mean=0.0, std=std, generator=generator)
         if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed, mean=0.0, std=std, generator=generator)
+            init_(self.pos_embed, nn.init.normal_, mean=0.0, std=std, generator=generator)
 
     def reset_parameters(self) -> None:
         self.init_weights()

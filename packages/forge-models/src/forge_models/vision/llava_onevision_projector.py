@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forge_models.init import init_
 from forge_models.vision.vit_blocks import activation
 from forge_models.vlm.inputs import VisualInputs
 
@@ -393,10 +394,13 @@ class LlavaOnevisionProjector(nn.Module):
         biases zero, ``image_newline`` ``normal(0, 1 / sqrt(text_hidden))`` (the reference's)."""
         with torch.no_grad():
             for linear in (self.linear_1, self.linear_2):
-                nn.init.normal_(
-                    linear.weight, std=self.config.initializer_range, generator=generator
+                init_(
+                    linear.weight,
+                    nn.init.normal_,
+                    std=self.config.initializer_range,
+                    generator=generator,
                 )
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
             std = 1.0 / math.sqrt(self.config.text_hidden_size)
-            nn.init.normal_(self.image_newline, std=std, generator=generator)
+            init_(self.image_newline, nn.init.normal_, std=std, generator=generator)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from forge_models.init import init_
 from forge_models.vision.vit_blocks import LayerNorm, activation, square_size
 from forge_models.vlm.inputs import VisualInputs
 
@@ -145,7 +146,12 @@ class PixelShuffleProjector(nn.Module):
         """Linear weights ``normal(0, initializer_range)``, biases zero, the norm at one / zero
         (in place: runs after ``to_empty``)."""
         for linear in (self.fc1, self.fc2):
-            nn.init.normal_(linear.weight, std=self.config.initializer_range, generator=generator)
+            init_(
+                linear.weight,
+                nn.init.normal_,
+                std=self.config.initializer_range,
+                generator=generator,
+            )
             nn.init.zeros_(linear.bias)
         self.norm.reset_parameters()
 

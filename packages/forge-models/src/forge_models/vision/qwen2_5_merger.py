@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forge_models.blocks.norm import RMSNorm
+from forge_models.init import init_
 from forge_models.vlm.inputs import VisualInputs
 
 __all__ = [
@@ -110,7 +111,7 @@ class Qwen2_5VLPatchMerger(nn.Module):  # noqa: N801 (transformers' family name)
         """transformers' init: weights ``normal(0, initializer_range)``, biases zero, norm one."""
         std = self.config.initializer_range
         for linear in (self.fc1, self.fc2):
-            nn.init.normal_(linear.weight, mean=0.0, std=std, generator=generator)
+            init_(linear.weight, nn.init.normal_, mean=0.0, std=std, generator=generator)
             nn.init.zeros_(linear.bias)
         self.norm.reset_parameters()
 

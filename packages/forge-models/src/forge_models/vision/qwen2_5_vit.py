@@ -44,6 +44,7 @@ from torch import nn
 import forge_kernels
 from forge_kernels.attention import attention
 from forge_models.blocks.norm import RMSNorm
+from forge_models.init import init_
 from forge_models.vlm.inputs import VisualInputs
 
 __all__ = [
@@ -435,10 +436,10 @@ class Qwen2_5VisionEncoder(nn.Module):  # noqa: N801 (transformers' family name)
         """transformers' init: weights ``normal(0, initializer_range)`` (patch embedding too),
         biases zero, norm weights one. In place, so it runs after ``to_empty``."""
         std = self.config.initializer_range
-        nn.init.normal_(self.patch_embed.weight, mean=0.0, std=std, generator=generator)
+        init_(self.patch_embed.weight, nn.init.normal_, mean=0.0, std=std, generator=generator)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                init_(module.weight, nn.init.normal_, mean=0.0, std=std, generator=generator)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()

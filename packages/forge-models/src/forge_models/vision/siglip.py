@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from forge_models.init import init_
 from forge_models.vision.vit_blocks import (
     ConvPatchEmbed,
     PreNormVitEncoder,
@@ -123,5 +124,5 @@ class SiglipVisionEncoder(PreNormVitEncoder):
         with torch.no_grad():
             self.patch_embed.reset_parameters(generator=generator)
             std = 1.0 / math.sqrt(self.config.hidden_size)
-            nn.init.normal_(self.pos_embed.weight, std=std, generator=generator)
+            init_(self.pos_embed.weight, nn.init.normal_, std=std, generator=generator)
         self.reset_blocks(generator=generator)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forge_models.init import init_
 from forge_models.vision.vit_blocks import (
     PreNormVitEncoder,
     VitConfig,
@@ -156,5 +157,5 @@ class Siglip2VisionEncoder(PreNormVitEncoder):
             lecun_normal_(self.patch_embed.weight, generator=generator)
             nn.init.zeros_(self.patch_embed.bias)
             std = 1.0 / math.sqrt(self.config.hidden_size)
-            nn.init.normal_(self.pos_embed.weight, std=std, generator=generator)
+            init_(self.pos_embed.weight, nn.init.normal_, std=std, generator=generator)
         self.reset_blocks(generator=generator)

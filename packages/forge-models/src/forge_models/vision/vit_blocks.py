@@ -36,6 +36,7 @@ from torch import nn
 
 import forge_kernels
 from forge_kernels.attention import attention
+from forge_models.init import init_
 
 __all__ = [
     "ACTIVATIONS",
@@ -86,9 +87,9 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def lecun_normal_(weight: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
     """LeCun normal init (truncated at two std, as jax/big_vision's ``lecun_normal``)."""
-    fan_in = weight[0].numel()
+    fan_in = math.prod(weight.shape[1:])
     std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal cut at +-2
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+    init_(weight, nn.init.trunc_normal_, std=std, a=-2 * std, b=2 * std, generator=generator)
 
 
 def feature_layer_depth(num_layers: int, feature_layer: int | None) -> int:
@@ -372,11 +373,11 @@ class VitBlock(nn.Module):
         """SigLIP's init: Xavier-uniform weights, zero attention biases, N(0, 1e-6) MLP biases."""
         with torch.no_grad():
             for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.out_proj):
-                nn.init.xavier_uniform_(proj.weight, generator=generator)
+                init_(proj.weight, nn.init.xavier_uniform_, generator=generator)
                 nn.init.zeros_(proj.bias)
             for fc in (self.mlp.fc1, self.mlp.fc2):
-                nn.init.xavier_uniform_(fc.weight, generator=generator)
-                nn.init.normal_(fc.bias, std=1e-6, generator=generator)
+                init_(fc.weight, nn.init.xavier_uniform_, generator=generator)
+                init_(fc.bias, nn.init.normal_, std=1e-6, generator=generator)
             self.norm1.reset_parameters()
             self.norm2.reset_parameters()
 

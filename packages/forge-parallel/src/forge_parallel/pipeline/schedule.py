@@ -59,14 +59,27 @@ def split_stages(
     pp_rank: int,
     config: PipelineConfig,
     sample_input: torch.Tensor | None = None,
+    also_used: Mapping[str, Sequence[int]] | None = None,
+    ahead: Sequence[str] = (),
 ) -> tuple[list[int], list[StageModule], DecoderLayout, list[tuple[int, int]]]:
-    """This rank's stage indices and modules (no process group needed).
+    """This rank's stage indices and modules (no process group needed; ``ahead``: see
+    :func:`pipeline`).
 
     Returns ``(stage_indices, modules, layout, bounds)`` where ``bounds[s]`` is the
     ``[start, stop)`` block range of stage ``s``. A stage using a parameter of an earlier stage
-    (a tied embedding) also holds that parameter's module (:mod:`forge_parallel.pipeline.tied`).
+    (a tied embedding, or a module named in ``also_used``, see
+    :func:`~forge_parallel.pipeline.tied.find_tied_weights`) also holds that parameter's module
+    (:mod:`forge_parallel.pipeline.tied`).
     """
-    return _split(model, pp=pp, pp_rank=pp_rank, config=config, sample_input=sample_input)[:4]
+    return _split(
+        model,
+        pp=pp,
+        pp_rank=pp_rank,
+        config=config,
+        sample_input=sample_input,
+        also_used=also_used,
+        ahead=ahead,
+    )[:4]
 
 
 def _split(
@@ -76,9 +89,18 @@ def _split(
     pp_rank: int,
     config: PipelineConfig,
     sample_input: torch.Tensor | None,
+    also_used: Mapping[str, Sequence[int]] | None = None,
+    ahead: Sequence[str] = (),
 ) -> tuple[list[int], list[StageModule], DecoderLayout, list[tuple[int, int]], list[TiedWeight]]:
-    """:func:`split_stages` and the parameters several stages use."""
+    """:func:`split_stages` and the parameters several stages use; the first stage neither
+    holds nor runs the pre-parts in ``ahead`` (see :func:`pipeline`)."""
     layout = decoder_layout(model, config.blocks)
+    if unknown := [p for p in ahead if p not in layout.pre]:
+        raise ValueError(
+            f"ahead={unknown} are not pre-parts of the first stage {list(layout.pre)}; name "
+            "modules that run before the blocks (e.g. the input embedding)"
+        )
+    stage_layout = replace(layout, pre=tuple(p for p in layout.pre if p not in ahead))
     n_layers = len(layout.blocks)
     config.validate(pp=pp, num_layers=n_layers)
     num_stages = config.num_stages(pp)
@@ -92,11 +114,11 @@ def _split(
         bounds = balanced_partition(costs, num_stages, first=first, last=last)
     owners = stage_ranks(pp, config.virtual_stages, config.placement)
     indices = [s for s, r in enumerate(owners) if r == pp_rank]
-    tied = find_tied_weights(model, layout, bounds)
+    tied = find_tied_weights(model, layout, bounds, also_used)
     modules = [
         StageModule(
             model,
-            layout,
+            stage_layout,
             layout.blocks[bounds[s][0] : bounds[s][1]],
             first=s == 0,
             last=s == num_stages - 1,
@@ -132,6 +154,9 @@ class Pipeline:
     #: Parameters used by several stages, with the group of the ranks holding them (``None``:
     #: all on this rank) and the pipeline rank of the first user (see ``pipeline.tied``).
     tied: list[tuple[TiedWeight, dist.ProcessGroup | None, int]] = field(default_factory=list)
+    #: The first stage's pre-parts its caller runs ahead of the schedule (``pipeline(ahead=)``),
+    #: by path in the whole model, on the rank holding the first stage (empty elsewhere).
+    ahead: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def pp(self) -> int:
@@ -150,10 +175,12 @@ class Pipeline:
         return self.num_stages - 1 in self.stage_indices
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """This rank's parameters under their names in the whole model."""
+        """This rank's parameters under their names in the whole model (the ``ahead``
+        modules' included)."""
         seen, out = set(), []
-        for module in self.modules:
-            for name, p in module.named_parameters():
+        held = [("", m) for m in self.modules] + list(self.ahead.items())
+        for prefix, module in held:
+            for name, p in module.named_parameters(prefix=prefix):
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append((name, p))
@@ -223,9 +250,12 @@ class Pipeline:
         target: torch.Tensor | None = None,
         losses: list[torch.Tensor] | None = None,
         block_args: Sequence[tuple] | None = None,
+        finish: Callable[[], None] | None = None,
     ) -> torch.Tensor | None:
         """Run forward and backward of every micro-batch of ``inputs`` (see the module
-        docstring for the gradient semantics).
+        docstring for the gradient semantics). ``finish()``: run after the schedule, before
+        the tied parameters' gradients are summed (e.g. the backward of the ``ahead`` modules,
+        from the first stage's input gradient).
 
         Ranks with the first stage pass ``inputs`` (the whole batch); ranks with the last
         stage pass ``target`` and get ``losses`` filled with each micro-batch's ``loss_fn``
@@ -233,7 +263,7 @@ class Pipeline:
         positional arguments for each block (see :class:`StageModule`), e.g. the attention
         inputs of packed documents. Returns the merged output on the last stage, else ``None``.
         """
-        return self._run(inputs, target, losses, block_args, backward=True)
+        return self._run(inputs, target, losses, block_args, backward=True, finish=finish)
 
     @torch.no_grad()
     def eval(
@@ -255,6 +285,7 @@ class Pipeline:
         block_args: Sequence[tuple] | None,
         *,
         backward: bool,
+        finish: Callable[[], None] | None = None,
     ) -> torch.Tensor | None:
         m = self.config.microbatches
         if block_args is not None and len(block_args) != m:
@@ -289,6 +320,8 @@ class Pipeline:
         finally:
             for module in self.modules:
                 module.set_block_args(None)
+        if finish is not None:
+            finish()
         if backward:
             self._sum_tied_grads(before)
         if losses is not None:
@@ -414,6 +447,9 @@ def pipeline(
     stage_parallel: Mapping[str, Any] | None = None,
     sample_input: torch.Tensor | None = None,
     block_output: Callable[[str, Any, tuple], torch.Tensor] | None = None,
+    post_forward: Callable[[StageModule, torch.Tensor, tuple], torch.Tensor] | None = None,
+    also_used: Mapping[str, Sequence[int]] | None = None,
+    ahead: Sequence[str] = (),
     **config_kwargs: Any,
 ) -> Pipeline:
     """Split ``model`` into pipeline stages, place this rank's, and build the schedule.
@@ -426,7 +462,19 @@ def pipeline(
     each stage module on the ``ParallelMesh`` (``plan=`` is restricted to each stage's
     modules, ``blocks=`` set to the stage's blocks). ``sample_input``: a batch for
     ``split="flops"``. ``block_output``: see :attr:`StageModule.block_output` (e.g. collect a
-    MoE block's router output and return its hidden states).
+    MoE block's router output and return its hidden states). ``post_forward``: see
+    :attr:`StageModule.post_forward` (e.g. compute the loss inside the last stage's forward).
+    ``also_used``: modules that later stages use without a second name for their parameters
+    (see :func:`~forge_parallel.pipeline.tied.find_tied_weights`), held and kept in sync there
+    as tied parameters.
+    ``ahead``: paths of pre-parts (e.g. the input embedding) the caller runs ahead of the
+    schedule on the first stage's rank, passing their output (e.g. a vision-language model's
+    text and visual embeddings) as the first stage's input. The first stage neither holds nor
+    runs them and ``stage_parallel`` leaves them alone; :attr:`Pipeline.ahead` keeps them and
+    counts their parameters as the rank's. A parameter they share with a later stage (a tied
+    head) is kept in sync and summed as a tied one: parallelize them, then call
+    :meth:`Pipeline.sync_tied_weights` (not called here), and run their backward in
+    ``step(finish=...)``.
     """
     if config is None:
         config = PipelineConfig(**config_kwargs)
@@ -435,11 +483,18 @@ def pipeline(
     group, mesh = _resolve_group(mesh_or_group)
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
     indices, modules, layout, bounds, tied_weights = _split(
-        model, pp=pp, pp_rank=pp_rank, config=config, sample_input=sample_input
+        model,
+        pp=pp,
+        pp_rank=pp_rank,
+        config=config,
+        sample_input=sample_input,
+        also_used=also_used,
+        ahead=ahead,
     )
     tied = _tied_weights(tied_weights, group, config, indices, stage_parallel)
     for module in modules:
         module.block_output = block_output
+        module.post_forward = post_forward
     parallelized = []
     if stage_parallel is not None:
         if mesh is None:
@@ -488,7 +543,8 @@ def pipeline(
         bounds=bounds,
         parallelized=parallelized,
         tied=tied,
+        ahead={path: model.get_submodule(path) for path in ahead} if 0 in indices else {},
     )
-    if not any(p.is_meta for p in pipe.parameters()):
+    if not ahead and not any(p.is_meta for p in pipe.parameters()):
         pipe.sync_tied_weights()
     return pipe

@@ -208,6 +208,13 @@ class StageModule(nn.Module):
         self.block_output: Callable[[str, Any, tuple], torch.Tensor] | None = None
         #: Whether the running forward is a micro-batch's (set by the pipeline stage runtime).
         self.in_schedule = False
+        #: ``fn(stage, hidden, block_args) -> output``: what the last stage computes from its
+        #: blocks' output instead of running the post-parts in order (e.g. the loss, computed
+        #: inside the stage's forward, where FSDP has gathered the head's weight; the
+        #: micro-batch is :attr:`microbatch`). Also called outside the micro-batches
+        #: (:attr:`in_schedule` false): the runtime's shape inference, on meta or uninitialized
+        #: tensors. ``None``: the post-parts in order.
+        self.post_forward: Callable[[StageModule, torch.Tensor, tuple], torch.Tensor] | None = None
 
     def set_block_args(self, per_microbatch: list[tuple] | None) -> None:
         """Set the extra positional block arguments of the coming micro-batches (one tuple
@@ -271,6 +278,8 @@ class StageModule(nn.Module):
                 x = self.block_output(path, out, extra)
             else:
                 x = out[0] if isinstance(out, tuple) else out
+        if self._post and self.post_forward is not None:
+            return self.post_forward(self, x, extra)
         for path in self._post:
             x = self.get_submodule(path)(x)
         return x

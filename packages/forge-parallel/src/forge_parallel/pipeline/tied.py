@@ -16,7 +16,7 @@ moves freely between pipeline layouts. The gradient norm counts each tied matrix
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,19 +59,31 @@ def _stage_of(name: str, layout: DecoderLayout, bounds: Sequence[tuple[int, int]
 
 
 def find_tied_weights(
-    model: nn.Module, layout: DecoderLayout, bounds: Sequence[tuple[int, int]]
+    model: nn.Module,
+    layout: DecoderLayout,
+    bounds: Sequence[tuple[int, int]],
+    also_used: Mapping[str, Sequence[int]] | None = None,
 ) -> list[TiedWeight]:
-    """The parameters of ``model`` used by more than one stage of the split ``bounds``."""
+    """The parameters of ``model`` used by more than one stage of the split ``bounds``.
+
+    ``also_used``: module path -> the stages (negative: counted from the end) that use the
+    module's parameters besides the stage holding it, where no second name says so (e.g.
+    ``{"embed_tokens": (-1,)}``: multi-token prediction on the last stage embeds tokens)."""
     names: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
         params[id(p)] = p
+    extra: dict[int, set[int]] = {}
+    for path, users in (also_used or {}).items():
+        for p in model.get_submodule(path).parameters():
+            extra.setdefault(id(p), set()).update(s % len(bounds) for s in users)
     tied = []
     for key, shared in names.items():
-        if len(shared) < 2:
+        if len(shared) < 2 and key not in extra:
             continue
-        stages = sorted({s for n in shared if (s := _stage_of(n, layout, bounds)) is not None})
+        stages = {s for n in shared if (s := _stage_of(n, layout, bounds)) is not None}
+        stages = sorted(stages | extra.get(key, set()))
         if len(stages) < 2:
             continue
         name = shared[0]

@@ -1,0 +1,101 @@
+"""The last pipeline stage of a language model computes its loss inside its own forward.
+
+Without tensor parallelism the stage ends in :class:`CausalLMLossHead` (``forge_parallel``'s
+``StageModule.post_forward``) instead of the final norm and the head: it returns the summed
+loss of its micro-batch, computed as :class:`forge_models.CausalLM` does with ``labels`` and
+``loss_reduction="sum"``:
+
+- the next-token cross-entropy of ``lm_head(norm(h))`` by
+  ``forge_kernels.fused_linear_cross_entropy``, chunked over the tokens without ever holding the
+  ``[tokens, vocab]`` logits (Liger-Kernel, arXiv:2410.10989; Wijmans et al. 2024,
+  arXiv:2411.09009), so a pipeline run saves the memory a single process saves;
+- with ``mtp_depth = D > 0``, DeepSeek-V3's multi-token prediction (DeepSeek-AI 2024,
+  arXiv:2412.19437 section 2.2): module ``k`` embeds the tokens ``k`` places ahead, runs its
+  block on ``h^{k-1}`` and predicts the token ``k + 1`` ahead; the loss adds
+  ``mtp_loss_weight / D * sum_k ce_k`` (eq. 25). The modules live on the last stage; the
+  token embedding they share with the first stage is held there too and kept equal to the
+  first stage's (``forge_parallel`` tied weights, ``also_used={"embed_tokens": (-1,)}``). A MoE
+  block of a module goes through :meth:`forge_train.pipeline_moe.PipelineMoE.route` like the
+  decoder's MoE blocks.
+
+The head's weight is read inside the stage's forward, where FSDP2 has gathered the stage's
+root parameters (a closure after the forward would see the resharded weight). The targets,
+and the input ids the prediction modules embed, are set per step (:meth:`load`) and taken for
+the micro-batch the stage runs (``StageModule.microbatch``); the document boundaries come with
+the blocks' arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CausalLMLossHead"]
+
+
+class CausalLMLossHead:
+    """``post_forward`` of a :class:`forge_models.CausalLM`'s last stage: the summed loss
+    ``[1]`` (fp32) of the micro-batch (see the module docstring). ``moe``: the run's
+    :class:`~forge_train.pipeline_moe.PipelineMoE` when the model has MoE layers."""
+
+    def __init__(self, config, *, moe: Any = None) -> None:
+        self.vocab_size = config.vocab_size
+        self.mtp_depth = config.mtp_depth
+        self.mtp_loss_weight = config.mtp_loss_weight
+        self.moe = moe
+        self._batches: list[dict[str, Any]] | None = None
+
+    def load(self, batches: list[dict[str, Any]] | None) -> None:
+        """Set the model inputs of the coming micro-batches (``None``: forget them)."""
+        self._batches = batches
+
+    def __call__(self, stage: torch.nn.Module, h: torch.Tensor, block_args: tuple) -> torch.Tensor:
+        if h.is_meta:  # the pipeline runtime's shape inference on the meta device
+            return torch.zeros(1, dtype=torch.float32, device="meta")
+        # torch >= 2.15 probes the shapes on uninitialized tensors (stage.in_schedule false):
+        # the loss is computed as usual but no MoE load is recorded.
+        if self._batches is None or not 0 <= stage.microbatch < len(self._batches):
+            raise RuntimeError(
+                f"the loss head has no targets for micro-batch {stage.microbatch}: call "
+                "CausalLMLossHead.load(batches) before running the schedule"
+            )
+        from forge_models.causal_lm import shift_labels
+
+        batch = self._batches[stage.microbatch]
+        (inputs,) = block_args
+        cu_seqlens = inputs.cu_seqlens
+        targets = shift_labels(batch["labels"], cu_seqlens=cu_seqlens)
+        loss = self._cross_entropy(stage, stage.norm(h), targets)
+        if self.mtp_depth:
+            ids, mtp_losses = batch["input_ids"], []
+            for module in stage.mtp:
+                ids = F.pad(ids[..., 1:], (0, 1), value=0)  # any valid id: its target is ignored
+                targets = shift_labels(targets, cu_seqlens=cu_seqlens)
+                out = module(h, stage.embed_tokens(ids), inputs)
+                if self.moe is not None and stage.in_schedule:  # not the runtime's probe
+                    h = self.moe.route(module.block.layer_idx, out, inputs)
+                else:
+                    h = out[0]
+                mtp_losses.append(self._cross_entropy(stage, module.norm(h), targets))
+            loss = loss + self.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
+        return torch.stack((loss,))  # a new tensor, not a view (FSDP2 hooks the output)
+
+    def _cross_entropy(
+        self, stage: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed cross-entropy of ``lm_head(x)`` without materializing the logits."""
+        import forge_kernels
+        from forge_models.causal_lm import IGNORE_INDEX
+
+        weight = stage.lm_head.weight
+        if weight.shape[0] != self.vocab_size:  # vocabulary padding rows are never predicted
+            weight = weight[: self.vocab_size]
+        return forge_kernels.fused_linear_cross_entropy(
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )

@@ -1,0 +1,72 @@
+"""The loss head of a language model's last pipeline stage (forge_train.pipeline_head), in one
+process: the stages of a DeepSeek-V3-style model with two multi-token prediction modules,
+chained, give the whole model's summed loss and gradients; and the layouts it cannot carry are
+refused before any compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import forge_models
+from forge_parallel.pipeline import PipelineConfig, split_stages
+from forge_train.config import ConfigError
+from forge_train.pipeline_head import CausalLMLossHead
+from forge_train.pipeline_model import check_pipeline_model
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return forge_models.build_model(
+        "deepseek-v3-debug", vocab_size=97, num_layers=4, mtp_depth=2, mtp_loss_weight=0.4
+    )
+
+
+def test_the_stages_with_the_loss_head_compute_the_whole_models_loss():
+    model = _model()
+    config = model.config
+    ids = torch.randint(0, 97, (1, 12))
+    labels = torch.randint(0, 97, (1, 12))
+    labels[0, 3] = -100
+    batch = {"input_ids": ids, "labels": labels, "cu_seqlens": torch.tensor([0, 5, 12])}
+    expected = model(**batch, loss_reduction="sum", output_router_logits=False)
+    expected.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    pipeline = PipelineConfig(microbatches=2)
+    also = {"embed_tokens": (-1,)}
+    (_, (first,), _, _), (_, (last,), _, _) = (
+        split_stages(model, pp=2, pp_rank=r, config=pipeline, also_used=also) for r in (0, 1)
+    )
+    assert "embed_tokens.weight" in dict(last.named_parameters())  # for the MTP modules
+    head = CausalLMLossHead(config)
+    last.post_forward = head
+    inputs = model.attention_inputs(ids, cu_seqlens=batch["cu_seqlens"])
+    for stage in (first, last):
+        stage.set_block_args([(inputs,)])
+    head.load([batch])
+    loss = last(first(ids))
+    torch.testing.assert_close(loss, expected.reshape(1))
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for name, grad in want.items():  # one model: the embedding's two uses already summed
+        torch.testing.assert_close(got[name], grad, msg=name)
+    head.load(None)
+    with pytest.raises(RuntimeError, match="no targets for micro-batch 0"):
+        last(first(ids))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tp": 2}, "multi-token prediction modules run on the last pipeline stage without"),
+        ({"schedule": "zero_bubble"}, "multi-token prediction does not run under the zero-"),
+        ({"schedule": "zbv", "virtual_stages": 2}, "not run under the zero-bubble schedules"),
+    ],
+)
+def test_layouts_multi_token_prediction_cannot_use_are_refused(kwargs, message):
+    model = _model()
+    with pytest.raises(ConfigError, match=message):
+        check_pipeline_model(model, model.config, pp=2, **{"virtual_stages": 1, **kwargs})
