@@ -49,18 +49,24 @@ def test_every_family_has_a_case():
     assert not lacking, f"forge_ckpt mappings without a Megatron mapping: {lacking}"
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
+def save_hf_models(tmp_path_factory, cases: dict) -> dict[str, pathlib.Path]:
+    """Name -> folder of a small random transformers model per case (``(config class, model
+    class, config overrides)``), saved in 8 KB safetensors shards."""
     import transformers
 
     dirs = {}
-    for name, (config_cls, model_cls, extra) in CASES.items():
+    for name, (config_cls, model_cls, extra) in cases.items():
         torch.manual_seed(0)
         config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
         out = tmp_path_factory.mktemp(name)
         getattr(transformers, model_cls)(config).save_pretrained(out, max_shard_size="8KB")
         dirs[name] = out
     return dirs
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    return save_hf_models(tmp_path_factory, CASES)
 
 
 def _tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:

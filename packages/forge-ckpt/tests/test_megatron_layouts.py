@@ -6,21 +6,30 @@ and its files checked against the layout computed here by hand."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from forge_ckpt.megatron import LegacyCheckpoint, hf_to_megatron, load_pt, megatron_to_hf
 from forge_ckpt.megatron.layout import parse_rank_dir, rank_dir_name, stage_layers
 
-_COMMON = {
-    "vocab_size": 61, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2,
-}  # fmt: skip
-_MOE = {"moe_intermediate_size": 4, "num_experts_per_tok": 2}
+
+def _import_sibling(name: str):
+    """A sibling test module, by path (forge-ckpt's tests run without forge-core)."""
+    spec = importlib.util.spec_from_file_location(
+        f"forge_ckpt_tests_{name}", pathlib.Path(__file__).with_name(f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The transformers models and helpers of the HF <-> Megatron tests.
+megatron_tests = _import_sibling("test_megatron")
+_MOE = megatron_tests._MOE
 MOE_CASES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, "num_experts": 4, "mlp_only_layers": [0]}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**_MOE, "num_experts": 4, "decoder_sparse_step": 2, "shared_expert_intermediate_size": 6}),
@@ -35,23 +44,10 @@ MOE_CASES = {
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    import transformers
-
-    dirs = {}
-    for name, (config_cls, model_cls, extra) in MOE_CASES.items():
-        torch.manual_seed(0)
-        config = getattr(transformers, config_cls)(**{**_COMMON, **extra})
-        out = tmp_path_factory.mktemp(name)
-        getattr(transformers, model_cls)(config).save_pretrained(out, max_shard_size="8KB")
-        dirs[name] = out
-    return dirs
+    return megatron_tests.save_hf_models(tmp_path_factory, MOE_CASES)
 
 
-def _tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
+_tensors = megatron_tests._tensors
 
 
 def _assert_round_trip(hf_dir, mc, out, tag):

@@ -91,15 +91,7 @@ def _run_pipeline_layouts(factory, layouts: dict[str, dict]) -> dict[str, dict[s
 
     batches = tm.make_batches()
     initial = factory()
-    # The single-process reference runs on rank 0 only and is broadcast: at 8 ranks on a
-    # small machine, 8 copies of it would cost more than the layouts themselves.
-    trained: list = [None, None]
-    if dist.get_rank() == 0:
-        reference_model = copy.deepcopy(initial)
-        trained = [tm.train(reference_model, batches), tm.full_params(reference_model)]
-    dist.broadcast_object_list(trained, src=0)
-    reference, ref_params = trained
-    assert max(reference["norms"]) > tm.MAX_NORM, reference["norms"]
+    reference, ref_params = tm.rank0_reference(initial, batches)
     out = {}
     for name, layout in layouts.items():
         start = time.perf_counter()

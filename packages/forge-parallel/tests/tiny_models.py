@@ -313,6 +313,20 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: _value(p.detach()).clone() for n, p in model.named_parameters()}
 
 
+def rank0_reference(initial: nn.Module, batches) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(train record, final parameters)`` of a single-process run of a copy of ``initial``,
+    trained on rank 0 only and broadcast: at 8 ranks on a small machine, a copy per rank would
+    cost more than the layouts themselves. The run must clip (its norms exceed ``MAX_NORM``)."""
+    trained: list = [None, None]
+    if dist.get_rank() == 0:
+        reference_model = copy.deepcopy(initial)
+        trained = [train(reference_model, batches), full_params(reference_model)]
+    dist.broadcast_object_list(trained, src=0)
+    reference, ref_params = trained
+    assert max(reference["norms"]) > MAX_NORM, reference["norms"]
+    return reference, ref_params
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 

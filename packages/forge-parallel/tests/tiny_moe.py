@@ -121,15 +121,7 @@ def _run_moe_layouts(layouts: dict[str, dict]) -> dict[str, dict[str, float]]:
 
     batches = tm.make_batches()
     initial = build_tiny_moe()
-    # The single-process reference runs on rank 0 only and is broadcast (the ranks share the
-    # machine's cores: a copy per rank would cost as much as a layout).
-    trained: list = [None, None]
-    if dist.get_rank() == 0:
-        reference_model = copy.deepcopy(initial)
-        trained = [tm.train(reference_model, batches), tm.full_params(reference_model)]
-    dist.broadcast_object_list(trained, src=0)
-    reference, ref_params = trained
-    assert max(reference["norms"]) > tm.MAX_NORM, reference["norms"]
+    reference, ref_params = tm.rank0_reference(initial, batches)
     out = {}
     for name, layout in layouts.items():
         kwargs = dict(layout)
