@@ -65,21 +65,17 @@ def init_(
       (nothing materialized) it is skipped.
     """
     dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(param, dtensor):
-        local = param.to_local()
-        if local.device.type == "meta":
-            if device is not None:
-                fill(torch.empty(param.shape, dtype=param.dtype, device=device), **kwargs)
-            return
+    sharded = dtensor is not None and isinstance(param, dtensor)
+    local = param.to_local() if sharded else param
+    if local.device.type == "meta":
+        if device is not None:
+            fill(torch.empty(param.shape, dtype=param.dtype, device=device), **kwargs)
+    elif sharded:
         full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
         fill(full, **kwargs)
         local.copy_(_local_part(full, param))
-        return
-    if param.device.type == "meta":
-        if device is not None:
-            fill(torch.empty(param.shape, dtype=param.dtype, device=device), **kwargs)
-        return
-    fill(param, **kwargs)
+    else:
+        fill(param, **kwargs)
 
 
 def _local_part(full: torch.Tensor, param) -> torch.Tensor:
