@@ -169,7 +169,8 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     """Tensor parallelism on a MoE model: attention and the dense layer split, each MoE layer
     whole on every tensor-parallel rank (forge_train.components._text_plan), the balance loss
     added from the logits path. TP2 x FSDP2 gives the single-process losses; sequence
-    parallelism and multi-head latent attention are refused with what to do instead."""
+    parallelism and multi-head latent attention, and multi-token prediction (whose loss the
+    logits path would drop) with any model, are refused with what to do instead."""
     from forge_train.components import build_components
     from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
@@ -181,6 +182,7 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     for model, overrides, message in (
         ("tiny-moe", (), "sequence_parallel=false"),
         ("tiny-deepseek", ("parallel.sequence_parallel=false",), "multi-head latent attention"),
+        ("tiny", ("+model.config.mtp_depth=1",), "multi-token prediction"),
     ):
         run = (*tiny.TINY_RUN, f"train.output_dir={tmp_path / model}", "parallel=tp2-fsdp")
         cfg = compose_run_config([*run, f"model={model}", *overrides])

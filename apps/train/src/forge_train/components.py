@@ -235,6 +235,12 @@ def _text_plan(model, config, cfg: RunConfig):
             "tensor-parallel ranks that the plan does not build); use parallel.tp=1 with FSDP "
             "or pipeline parallelism"
         )
+    if getattr(config, "mtp_depth", 0):  # the tensor-parallel step computes the loss from logits
+        raise ConfigError(
+            "parallel.tp: multi-token prediction with tensor parallelism is not supported yet "
+            "(its loss needs the whole output head); set model.config.mtp_depth=0 or "
+            "parallel.tp=1"
+        )
     moe = getattr(config, "moe", None)
     if moe is not None:
         if sp:
@@ -243,12 +249,6 @@ def _text_plan(model, config, cfg: RunConfig):
                 "parallelism runs its MoE layers on the full sequence (their routing statistics "
                 "would otherwise need a reduction over the tensor-parallel ranks, not built "
                 "yet); set parallel.sequence_parallel=false"
-            )
-        if getattr(config, "mtp_depth", 0):
-            raise ConfigError(
-                "parallel.tp: multi-token prediction with tensor parallelism is not supported "
-                "yet (its loss needs the whole output head); set model.config.mtp_depth=0 or "
-                "parallel.tp=1"
             )
         styles = {
             k: v
