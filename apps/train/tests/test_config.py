@@ -21,6 +21,11 @@ def test_default_config_and_presets_compose():
             continue
         for name in names:
             compose_run_config([f"{group}={name}", "data.paths=[x.jsonl]"])
+    # A preset that leaves out a setting would refuse it as a command-line override.
+    fields = set(ParallelSettings.__dataclass_fields__)
+    for name in presets["parallel"]:
+        keys = set(compose_run_config([f"parallel={name}"]).to_dict()["parallel"])
+        assert keys == fields, (name, fields ^ keys)
     lora = compose_run_config(["recipe=lora", "data.paths=[c.jsonl]"])
     assert lora.data.kind == "chat"
     assert lora.lora.rank == 8
@@ -55,9 +60,18 @@ def test_invalid_values_name_the_key(overrides, message):
 
 def test_world_size_must_fit_the_layout():
     tp2 = compose_run_config(["parallel=tp2-fsdp"]).parallel
-    assert tp2.resolve(4) == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    one = {"cp": 1, "ep": 1}
+    assert tp2.resolve(4) == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2, **one}
     pp2 = compose_run_config(["parallel=pp2-fsdp"]).parallel
-    assert pp2.resolve(4) == {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 1}
+    assert pp2.resolve(4) == {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 1, **one}
+    cp2 = compose_run_config(["parallel=cp2-fsdp", "parallel.ep=4"]).parallel
+    assert cp2.resolve(8) == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 2, "tp": 1, "ep": 4}
+    with pytest.raises(ConfigError, match=r"parallel.ep: .* dp_shard x cp = 4, which 3 does not"):
+        cp2.__class__(**{**cp2.__dict__, "ep": 3}).resolve(4)
+    with pytest.raises(ConfigError, match=r"parallel\.cp: cannot be inferred"):
+        ParallelSettings(cp=-1, data_parallel="fsdp")
+    with pytest.raises(ConfigError, match=r"context parallelism \(cp > 1\) needs fsdp or hsdp"):
+        ParallelSettings(cp=2, data_parallel="ddp")
     with pytest.raises(
         ConfigError, match=r"parallel.dp_shard: cannot be inferred: the world size 3"
     ):

@@ -176,6 +176,13 @@ def test_loss_with_labels(pair):
     ref_packed = F.cross_entropy(ref_logits.reshape(-1, V), targets.reshape(-1))
     ours = pair.model(row, cu_seqlens=cu_seqlens, labels=row)
     assert abs(ours.item() - ref_packed.item()) <= RTOL * ref_packed.item()
+    # Pre-shifted targets (a context-parallel shard's) give the same loss as the labels.
+    shifted = pair.model(row, cu_seqlens=cu_seqlens, targets=targets)
+    assert torch.equal(shifted, ours)
+    with pytest.raises(ValueError, match=r"labels .* or targets .*, not both"):
+        pair.model(row, labels=row, targets=targets)
+    with pytest.raises(ValueError, match="targets must have the shape of input_ids"):
+        pair.model(row, targets=targets[:, :-1])
 
 
 def test_save_pretrained_round_trip(pair, tmp_path):

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from forge_train.config import ConfigError, RunConfig
+from forge_train.context_parallel import context_parallel_config
 from forge_train.data import DataBundle, build_data, build_loader, load_run_tokenizer
+from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
 from forge_train.optim import LRSchedule, build_optimizer
 
@@ -170,6 +172,10 @@ def build_components(
         "recompute": _recompute(cfg),
         "compile": cfg.train.compile,
     }
+    sequence_and_experts = {
+        "context_parallel": context_parallel_config(cfg, config, degrees),
+        "expert_parallel": expert_parallel_config(cfg, config, degrees),
+    }
     pipeline = None
     if degrees["pp"] > 1:
         mesh = dims.build_mesh()
@@ -179,7 +185,7 @@ def build_components(
         parallel = _parallelize_vlm(model, cfg, degrees)
         model, mesh = parallel.model, parallel.parts["language_model"].mesh
     else:
-        parallel = parallelize(model, dims, **stage_parallel)
+        parallel = parallelize(model, dims, **stage_parallel, **sequence_and_experts)
         model, mesh = parallel.model, parallel.mesh
     if on_meta:
         _materialize(model, device, cfg, config, pipeline=pipeline)

@@ -88,24 +88,42 @@ class ParallelSettings:
     runs each step's micro-batches through them with ``pp_schedule`` (``gpipe``, ``1f1b`` or
     ``zero_bubble``, i.e. ZB-H1); each rank's micro-batches are the pipeline's micro-batches.
     ``pp_virtual_stages > 1`` gives each rank that many stages (``pp x pp_virtual_stages`` in
-    all) for ``interleaved_1f1b`` (Narayanan et al. 2021) or ``zbv`` (ZB-V, Qi et al. 2023)."""
+    all) for ``interleaved_1f1b`` (Narayanan et al. 2021) or ``zbv`` (ZB-V, Qi et al. 2023).
+
+    Context parallelism (``cp > 1``) splits every sequence over ``cp`` ranks, which then load
+    the same micro-batches: ``cp_style`` ``ring`` (ring attention, Liu et al. 2023) or
+    ``ulysses`` (all-to-all head exchange, Jacobs et al. 2023; ``cp`` must divide the head
+    counts), ``cp_load_balance`` the zigzag layout (each rank two mirrored chunks, as
+    Megatron-Core) or contiguous chunks. Parameters are sharded over ``dp_shard x cp``
+    (``data_parallel`` fsdp or hsdp).
+
+    Expert parallelism (``ep > 1``) shards each MoE layer's routed experts over ``ep`` ranks
+    taken from ``dp_shard x cp`` (it adds no processes; Megatron-Core's and torchtitan's
+    convention); tokens reach their experts by all-to-all, split into ``ep_chunks`` chunks to
+    overlap it with the experts' compute."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
+    ep: int = 1
     data_parallel: Literal["ddp", "fsdp", "hsdp", "zero1", "zero2"] | None = None
     sequence_parallel: bool = False
     recompute: Literal["none", "full", "selective"] = "none"
     pp_schedule: Literal["gpipe", "1f1b", "zero_bubble", "interleaved_1f1b", "zbv"] = "1f1b"
     pp_split: Literal["layers", "params"] = "layers"
     pp_virtual_stages: int = 1
+    cp_style: Literal["ring", "ulysses"] = "ring"
+    cp_load_balance: bool = True
+    ep_chunks: int = 1
 
     def _degrees(self) -> dict[str, int]:
         return {
             "pp": self.pp,
             "dp_replicate": self.dp_replicate,
             "dp_shard": self.dp_shard,
+            "cp": self.cp,
             "tp": self.tp,
         }
 
@@ -116,10 +134,30 @@ class ParallelSettings:
         _require(
             sum(v == -1 for v in degrees.values()) <= 1,
             "parallel",
-            "at most one of pp, dp_replicate, dp_shard, tp may be -1 (inferred)",
+            "at most one of pp, dp_replicate, dp_shard, cp, tp may be -1 (inferred)",
         )
-        _require(self.tp != -1, "parallel.tp", "cannot be inferred (-1); give the degree")
-        _require(self.pp != -1, "parallel.pp", "cannot be inferred (-1); give the degree")
+        for name in ("tp", "pp", "cp"):
+            _require(
+                degrees[name] != -1, f"parallel.{name}", "cannot be inferred (-1); give the degree"
+            )
+        _require(self.ep >= 1, "parallel.ep", "must be >= 1 (1: no expert parallelism)", self.ep)
+        _require(self.ep_chunks >= 1, "parallel.ep_chunks", "must be >= 1", self.ep_chunks)
+        if self.cp > 1:
+            _require(
+                self.data_parallel in ("fsdp", "hsdp"),
+                "parallel.data_parallel",
+                "context parallelism (cp > 1) needs fsdp or hsdp: its ranks hold partial "
+                "gradients of the same sequences, which those reduce over dp_shard x cp",
+                self.data_parallel,
+            )
+        if self.ep > 1:
+            _require(
+                self.data_parallel in ("fsdp", "hsdp"),
+                "parallel.data_parallel",
+                "expert parallelism (ep > 1) needs fsdp or hsdp, which reduce the experts' "
+                "gradients over their expert-data-parallel ranks",
+                self.data_parallel,
+            )
         virtual = self.pp_schedule in ("interleaved_1f1b", "zbv")
         _require(
             self.pp_virtual_stages >= 2 if virtual else self.pp_virtual_stages == 1,
@@ -157,16 +195,28 @@ class ParallelSettings:
                     f"other degrees' product {fixed}; launch a multiple of {fixed} processes",
                 )
                 degrees[name] = world_size // fixed
-        product = degrees["pp"] * degrees["dp_replicate"] * degrees["dp_shard"] * degrees["tp"]
+        product = 1
+        for value in degrees.values():
+            product *= value
         _require(
             product == world_size,
             "parallel",
-            f"pp x dp_replicate x dp_shard x tp = {degrees['pp']} x {degrees['dp_replicate']} x "
-            f"{degrees['dp_shard']} x {degrees['tp']} = {product} processes, but the world size "
-            f"is {world_size}; launch that many processes (torchrun --nproc-per-node) or pick "
-            "another preset",
+            " x ".join(degrees)
+            + " = "
+            + " x ".join(str(v) for v in degrees.values())
+            + f" = {product} processes, but the world size is {world_size}; launch that many "
+            "processes (torchrun --nproc-per-node) or pick another preset",
         )
-        return degrees
+        shard_cp = degrees["dp_shard"] * degrees["cp"]
+        _require(
+            shard_cp % self.ep == 0,
+            "parallel.ep",
+            f"the expert-parallel ranks are taken from dp_shard x cp = {shard_cp}, which "
+            f"{self.ep} does not divide; choose ep among "
+            f"{[d for d in range(1, shard_cp + 1) if shard_cp % d == 0]}",
+            self.ep,
+        )
+        return {**degrees, "ep": self.ep}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -80,6 +80,10 @@ class Trainer:
         elif ExpertBiasBalancer.wanted(parts.model_config):
             balancer = ExpertBiasBalancer(parts.model, parts.dp_group)
         runner_class, extra = StepRunner, {}
+        if getattr(parts.parallel, "context_parallel_handle", None) is not None:
+            from forge_train.context_parallel import ContextParallelInputs
+
+            extra = {"context": ContextParallelInputs(parts.parallel)}
         if parts.pipeline is not None:
             from forge_train.pipeline_step import PipelineStepRunner
 

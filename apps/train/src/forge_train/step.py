@@ -3,6 +3,9 @@
 The loss of a step is normalized by the number of predicted tokens of the whole global batch
 (all micro-batches of all data-parallel ranks), so any data-parallel size and micro-batching
 gives the single-process gradient; gradients are synchronized on the last micro-batch only.
+Under context parallelism each rank runs its shard of every sequence
+(:class:`forge_train.context_parallel.ContextParallelInputs`) and token counts and loss sums
+are reduced over the context-parallel ranks too.
 MoE auxiliary losses are weighted per micro-batch; bf16/fp16 run under autocast (fp16 with
 loss scaling). After clipping, the non-finite guard decides whether the optimizer steps; the
 expert-bias balancer (models with ``moe.expert_bias``) updates after it.
@@ -11,10 +14,13 @@ expert-bias balancer (models with ``moe.expert_bias``) updates after it.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from forge_train.context_parallel import ContextParallelInputs
 from forge_train.data import IGNORE_INDEX, model_inputs
 from forge_train.distributed import all_reduce, local_value
 from forge_train.expert_balance import ExpertBiasBalancer
@@ -30,7 +36,8 @@ class StepRunner:
 
     ``parallel`` is forge_parallel's ``ParallelizeResult`` (``no_sync``, ``loss_context``);
     ``tensor_parallel`` computes the loss from the logits (the fused loss needs the whole
-    output matrix); ``balancer`` is set for models with ``moe.expert_bias``.
+    output matrix); ``balancer`` is set for models with ``moe.expert_bias``; ``context`` for
+    ``parallel.cp > 1``.
     """
 
     def __init__(
@@ -48,6 +55,7 @@ class StepRunner:
         tensor_parallel: bool,
         guard: NonFiniteGuard,
         balancer: ExpertBiasBalancer | None = None,
+        context: ContextParallelInputs | None = None,
     ) -> None:
         self.model = model
         self.parallel = parallel
@@ -61,6 +69,10 @@ class StepRunner:
         self.tensor_parallel = tensor_parallel
         self.guard = guard
         self.balancer = balancer
+        self.context = context
+        self.cp_group = context.group if context is not None else None
+        #: Ranks whose gradients data parallelism averages (dp x cp).
+        self.grad_ranks = dp_size * (context.size if context is not None else 1)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     # -- forward ----------------------------------------------------------------------------
@@ -69,12 +81,30 @@ class StepRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
-    def forward_sum(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(summed cross-entropy, weighted auxiliary loss or None)`` of one micro-batch."""
+    def prepare(
+        self, micro_batch: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], torch.Tensor, Callable[[], contextlib.AbstractContextManager]]:
+        """``(forward kwargs, predicted tokens, context to run the forward in)`` of this rank's
+        part of a collated micro-batch (its context-parallel shard under ``parallel.cp > 1``)."""
+        kwargs, n = model_inputs(micro_batch, self.device)
+        if self.context is None:
+            return kwargs, n, contextlib.nullcontext
+        local, cu_seqlens = self.context.shard(kwargs)
+        n = (local["targets"] != IGNORE_INDEX).sum()
+        return local, n, functools.partial(self.context.forward, cu_seqlens)
+
+    def forward_sum(
+        self,
+        kwargs: dict[str, Any],
+        around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(summed cross-entropy, weighted auxiliary loss or None)`` of one micro-batch
+        (``around``: the context of :meth:`prepare`)."""
         if self.tensor_parallel:
-            loss = self._loss_parallel_sum(kwargs)  # from the logits: no auxiliary loss added
+            with around():  # from the logits: no auxiliary loss added
+                loss = self._loss_parallel_sum(kwargs)
         else:
-            with self.autocast():
+            with self.autocast(), around():
                 loss = self.model(**kwargs, loss_reduction="sum")
         stats = getattr(self.model, "moe_stats", None)
         aux = None
@@ -90,9 +120,12 @@ class StepRunner:
         import torch.nn.functional as F
 
         kwargs = dict(kwargs)
-        labels = kwargs.pop("labels").reshape(-1)
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:-1] = labels[1:]
+        if "targets" in kwargs:  # already shifted (a context-parallel shard)
+            targets = kwargs.pop("targets").reshape(-1)
+        else:
+            labels = kwargs.pop("labels").reshape(-1)
+            targets = torch.full_like(labels, IGNORE_INDEX)
+            targets[:-1] = labels[1:]
         with self.autocast():
             logits = self.model(**kwargs)
         with self.parallel.loss_context():
@@ -106,10 +139,14 @@ class StepRunner:
         only (held-out evaluation)."""
         total = torch.zeros(2, device=self.device)
         for mb in micro_batches:
-            kwargs, n = model_inputs(mb, self.device)
-            ce, _ = self.forward_sum(kwargs)
+            kwargs, n, around = self.prepare(mb)
+            ce, _ = self.forward_sum(kwargs, around)
             total += torch.stack([local_value(ce).float(), n.to(self.device, torch.float32)])
-        return total
+        return all_reduce(total, self.cp_group)
+
+    def _batch_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks that split the global batch (data x context)."""
+        return all_reduce(all_reduce(value, self.dp_group), self.cp_group)
 
     # -- backward ---------------------------------------------------------------------------
     def accumulate(
@@ -117,16 +154,16 @@ class StepRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Forward and backward of every micro-batch: ``(mean loss per predicted token of the
         global batch, gradient norm after unscaling, predicted tokens of the global batch)``."""
-        inputs = [model_inputs(mb, self.device) for mb in micro_batches]
-        local = torch.stack([n for _, n in inputs]).sum().to(self.device, torch.float32)
-        global_tokens = all_reduce(local.clone(), self.dp_group)
-        scale = self.dp_size / global_tokens.clamp(min=1)
+        inputs = [self.prepare(mb) for mb in micro_batches]
+        local = torch.stack([n for _, n, _ in inputs]).sum().to(self.device, torch.float32)
+        global_tokens = self._batch_sum(local.clone())
+        scale = self.grad_ranks / global_tokens.clamp(min=1)
         ce_total = torch.zeros((), device=self.device)
         last = len(inputs) - 1
-        for i, (kwargs, _) in enumerate(inputs):
+        for i, (kwargs, _, around) in enumerate(inputs):
             sync = contextlib.nullcontext() if i == last else self.parallel.no_sync()
             with sync:
-                ce, aux = self.forward_sum(kwargs)
+                ce, aux = self.forward_sum(kwargs, around)
                 if self.balancer is not None:
                     self.balancer.add_micro_batch()
                 objective = ce * scale
@@ -138,7 +175,7 @@ class StepRunner:
                     else:
                         objective.backward()
             ce_total += local_value(ce.detach()).float()
-        loss = all_reduce(ce_total, self.dp_group) / global_tokens.clamp(min=1)
+        loss = self._batch_sum(ce_total) / global_tokens.clamp(min=1)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         return loss, self.clip(), int(global_tokens.item())

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 __all__ = [
     "KernelOp",
     "define_op",
+    "get_default",
     "get_op",
     "get_reference",
     "implementation_of",
@@ -90,6 +91,12 @@ def get_op(name: str) -> Callable:
     if os.environ.get(IMPL_ENV_VAR, "").lower() == "reference":
         return op.reference
     return op.default
+
+
+def get_default(name: str) -> Callable:
+    """The default implementation of ``name``, whatever is overridden or the reference mode: for
+    an override that adapts the default (e.g. pins the attention backend) instead of replacing it."""
+    return _require(name).default
 
 
 def get_reference(name: str) -> Callable:

@@ -321,6 +321,7 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
+        targets: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         embeds_scatter: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
         block_ids: torch.Tensor | None = None,
@@ -347,6 +348,11 @@ class CausalLM(nn.Module):
                 shifted; the model predicts ``labels[t + 1]`` at position ``t``, see
                 :func:`shift_labels`). ``-100`` is ignored, and so are padding positions,
                 positions before padding and the last token of each packed document.
+            targets: instead of ``labels``, the next-token ids already aligned with the
+                inputs (``shift_labels(labels, ...)``, Megatron-LM's convention; ``-100``
+                ignored): for a context-parallel shard, whose positions' next tokens may
+                live on another rank. Not with multi-token prediction (its deeper targets
+                need the whole sequence).
             inputs_embeds: ``[*input_ids.shape, hidden]`` embeddings to use instead of
                 ``embed_tokens(input_ids)`` (a vision-language model's text embeddings with the
                 image features scattered in); ``input_ids`` still gives the shape.
@@ -387,6 +393,19 @@ class CausalLM(nn.Module):
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
                 f"{tuple(labels.shape)} (pass them unshifted: the model shifts them)"
             )
+        if targets is not None:
+            if labels is not None:
+                raise ValueError("give labels (unshifted) or targets (already shifted), not both")
+            if targets.shape != input_ids.shape:
+                raise ValueError(
+                    f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                    f"{tuple(targets.shape)}"
+                )
+            if len(self.mtp):
+                raise ValueError(
+                    "targets (pre-shifted labels) cannot train the multi-token prediction "
+                    "modules, which predict tokens further ahead; pass labels instead"
+                )
         ids, inputs = self._prepare(
             input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen, block_ids
         )
@@ -411,7 +430,7 @@ class CausalLM(nn.Module):
         x = self.norm(h)
 
         vocab = self.config.vocab_size
-        if labels is None:
+        if labels is None and targets is None:
             self.mtp_losses = None
             self._moe_stats(routers, output_router_logits, mask, ids.shape, inputs.cu_seqlens)
             logits = self.lm_head(x)
@@ -419,11 +438,14 @@ class CausalLM(nn.Module):
                 logits = logits[..., :vocab]
             return logits.reshape(*input_ids.shape, vocab)
 
-        targets = shift_labels(
-            labels.reshape(ids.shape).to(ids.device),
-            attention_mask=mask,
-            cu_seqlens=inputs.cu_seqlens,
-        )
+        if targets is None:
+            targets = shift_labels(
+                labels.reshape(ids.shape).to(ids.device),
+                attention_mask=mask,
+                cu_seqlens=inputs.cu_seqlens,
+            )
+        else:
+            targets = targets.reshape(ids.shape).to(ids.device)
         loss = self._lm_loss(x, targets, loss_reduction)
         if len(self.mtp):
             mtp_losses = self._mtp_losses(h, ids, targets, mask, inputs, routers, loss_reduction)

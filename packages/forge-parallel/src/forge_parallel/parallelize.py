@@ -40,7 +40,7 @@ from forge_parallel.config import (
     OffloadConfig,
     RecomputeConfig,
 )
-from forge_parallel.context_parallel import CPConfig, apply_cp
+from forge_parallel.context_parallel import ContextParallelHandle, CPConfig, apply_cp
 from forge_parallel.data_parallel import apply_ddp, apply_fsdp, no_gradient_sync
 from forge_parallel.expert_parallel import EPConfig, apply_ep, expert_modules, validate_ep
 from forge_parallel.offload import apply_offload
@@ -75,6 +75,9 @@ class ParallelizeResult:
     #: The context-parallel settings when ``cp > 1`` (shard inputs, labels and position ids
     #: over ``mesh["cp"]`` with ``forge_parallel.context_parallel.shard_sequence``).
     context_parallel: CPConfig | None = None
+    #: What :func:`~forge_parallel.context_parallel.apply_cp` installed when ``cp > 1``: set
+    #: packed document boundaries with its ``packed(cu_seqlens)`` around a forward.
+    context_parallel_handle: ContextParallelHandle | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.summary))
@@ -354,8 +357,9 @@ def parallelize(
             rc = recompute_applied.get(name)
             recompute_applied[name] = f"{rc} + {text}" if rc else text
         order.append("activation offload")
+    cp_handle = None
     if context_parallel is not None:
-        apply_cp(model, mesh["cp"], context_parallel)
+        cp_handle = apply_cp(model, mesh["cp"], context_parallel)
         order.append(f"context parallel ({context_parallel.style})")
     dp_applied: dict[str, str] = {}
     if mode == "fsdp":
@@ -399,4 +403,5 @@ def parallelize(
         data_parallel=mode,
         loss_parallel=summary.loss_parallel,
         context_parallel=context_parallel,
+        context_parallel_handle=cp_handle,
     )

@@ -1,0 +1,134 @@
+"""Context parallelism in the training step: each rank's shard of a packed micro-batch.
+
+``forge_parallel.parallelize(..., context_parallel=CPConfig(...))`` routes the model's
+``scaled_dot_product_attention`` calls to ring attention (Liu et al. 2023, arXiv:2310.01889) or
+DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509) over ``mesh["cp"]``. What the step
+does here, per micro-batch:
+
+- the next-token targets are computed on the **whole** packed row (``forge_models.shift_labels``
+  with the document boundaries: a position's next token may live on another rank), then the
+  tokens, targets and position ids (rotary embeddings need global positions) are cut with the
+  same layout (zigzag or contiguous, :func:`forge_parallel.context_parallel.shard_sequence`);
+- the forward runs with the document boundaries of the whole row set on the attention
+  (:meth:`forge_parallel.context_parallel.ContextParallelHandle.packed`; the model itself sees a
+  plain causal shard), and with forge-kernels' attention pinned to its SDPA backend, the call
+  the context-parallel router intercepts (on a GPU the automatic choice would be flash-attn, and
+  an eager reference or plugin override would not call SDPA at all);
+- token counts and loss sums are reduced over the context-parallel ranks as well as the
+  data-parallel ones (:class:`forge_train.step.StepRunner`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["ContextParallelInputs"]
+
+
+class ContextParallelInputs:
+    """Shard micro-batches over the context-parallel ranks and run their forwards.
+
+    ``parallel``: forge_parallel's ``ParallelizeResult`` of a ``cp > 1`` layout.
+    """
+
+    def __init__(self, parallel) -> None:
+        self.handle = parallel.context_parallel_handle
+        self.load_balance = parallel.context_parallel.load_balance
+        self.group = parallel.mesh["cp"].get_group()
+        self.size = parallel.mesh.size("cp")
+        self.rank = parallel.mesh.local_rank("cp")
+
+    def shard(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+        """``(forward kwargs of this rank's shard, document boundaries of the whole row)`` from
+        :func:`forge_train.data.model_inputs`' keyword arguments."""
+        from forge_models.causal_lm import shift_labels
+        from forge_parallel.context_parallel import shard_sequence
+
+        cu_seqlens = kwargs["cu_seqlens"]
+        targets = shift_labels(kwargs["labels"], cu_seqlens=cu_seqlens)
+        layout = {"cp_size": self.size, "cp_rank": self.rank, "load_balance": self.load_balance}
+        local = {
+            "input_ids": shard_sequence(kwargs["input_ids"], dim=1, **layout),
+            "targets": shard_sequence(targets, dim=1, **layout),
+            "position_ids": shard_sequence(kwargs["position_ids"], dim=1, **layout),
+        }
+        return local, cu_seqlens
+
+    @contextlib.contextmanager
+    def forward(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
+        """Run the forward of a shard inside: attention within the documents of ``cu_seqlens``
+        across all context-parallel ranks."""
+        from forge_kernels import registry
+
+        dispatch = registry.get_default("attention")
+
+        def through_sdpa(q, k, v, **kwargs):
+            return dispatch(q, k, v, **{**kwargs, "backend": "sdpa"})
+
+        with (
+            self.handle.packed(cu_seqlens),
+            registry.overridden("attention", through_sdpa, source="forge-train context parallel"),
+        ):
+            yield
+
+
+def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
+    """forge_parallel's ``CPConfig`` for ``parallel.cp > 1`` (``None`` at ``cp == 1``), after
+    checking that the run can split its sequences; ``ConfigError`` naming the setting if not."""
+    from forge_train.config import ConfigError
+
+    cp = degrees["cp"]
+    if cp == 1:
+        return None
+    settings = cfg.parallel
+    refusals = {
+        "model.kind=vlm (a vision-language model's image features are placed by token "
+        "position over the whole row)": cfg.model.kind == "vlm",
+        "parallel.pp > 1 (pipeline stages)": degrees["pp"] > 1,
+        "model.config.mtp_depth > 0 (multi-token prediction needs targets further ahead than "
+        "a shard holds)": bool(getattr(model_config, "mtp_depth", 0)),
+        "train.compile=true (the context-parallel attention is routed at run time)": (
+            cfg.train.compile
+        ),
+    }
+    moe = getattr(model_config, "moe", None)
+    if moe is not None:
+        refusals[
+            "a mixture-of-experts balance loss or expert-bias balancing (their statistics would "
+            "need a reduction over the context-parallel ranks; set model.config.moe."
+            "output_router_logits=false or router_aux_loss_coef=0, and expert_bias=false)"
+        ] = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
+    for what, refused in refusals.items():
+        if refused:
+            raise ConfigError(
+                f"parallel.cp={cp}: context parallelism does not support {what} yet; set "
+                "parallel.cp=1 or change that setting"
+            )
+    chunks = 2 * cp if settings.cp_load_balance else cp
+    tokens = cfg.data.seq_len * cfg.data.micro_batch_rows
+    if tokens % chunks:
+        raise ConfigError(
+            f"parallel.cp={cp}: a micro-batch's packed row of data.seq_len x "
+            f"data.micro_batch_rows = {tokens} tokens cannot be cut into {chunks} equal chunks "
+            f"({'zigzag: 2 x cp' if settings.cp_load_balance else 'cp'}); choose data.seq_len "
+            f"so that the row is a multiple of {chunks}"
+        )
+    if settings.cp_style == "ulysses":
+        heads = {
+            "num_heads": model_config.num_heads,
+            "num_kv_heads": model_config.num_kv_heads or model_config.num_heads,
+        }
+        bad = {k: v for k, v in heads.items() if v % cp}
+        if bad:
+            raise ConfigError(
+                f"parallel.cp_style=ulysses: cp={cp} must divide the head counts "
+                f"({', '.join(f'{k}={v}' for k, v in heads.items())}); use cp_style=ring or a cp "
+                "that divides both"
+            )
+    from forge_parallel.context_parallel import CPConfig
+
+    return CPConfig(style=settings.cp_style, load_balance=settings.cp_load_balance)

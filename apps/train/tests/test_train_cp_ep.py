@@ -1,0 +1,104 @@
+"""Context and expert parallelism chosen by config (issue 8: "every parallel layout
+forge-parallel offers"): 4-process runs of the tiny models give the single-process losses.
+
+- ``parallel=cp2-fsdp``: every packed micro-batch row split over 2 context-parallel ranks (ring
+  attention, zigzag layout; Ulysses and the contiguous layout too), FSDP over dp_shard x cp;
+  documents of the packed row never attend across each other on any rank.
+- ``parallel=ep2-fsdp`` on a MoE model: the experts sharded over 2 of the 4 FSDP ranks, tokens
+  sent to them by all-to-all (also chunked to overlap), built on the meta device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from forge_core.testing import import_path
+
+tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
+
+_RUN = (
+    "data.global_batch_rows=8",
+    "data.micro_batch_rows=2",
+    "train.steps=3",
+    "train.eval_batches=1",
+    "checkpoint.export_hf=false",
+)
+
+
+def _losses(output_dir: str, *overrides: str) -> list[float]:
+    """Losses of a tiny run (a pool job: every rank runs it)."""
+    return tiny.train_losses(*tiny.TINY_RUN, *_RUN, f"train.output_dir={output_dir}", *overrides)
+
+
+def _close(ranks: list[list[float]], single: list[float]) -> None:
+    assert all(r == ranks[0] for r in ranks), ranks  # every rank reports the global loss
+    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-5)
+
+
+def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
+    pool = dist_pool(4)
+    model = (*tiny.TINY_MODEL, "model.init_device=meta")
+    single = _losses(f"{tmp_path}/single", *model)
+    _close(pool.run(_losses, f"{tmp_path}/cp2", *model, "parallel=cp2-fsdp"), single)
+    ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "parallel.cp_load_balance=false")
+    _close(pool.run(_losses, f"{tmp_path}/ulysses", *model, *ulysses), single)
+
+
+#: tiny-moe without the balance loss, with a dense first layer (not expert-parallel).
+_MOE = ("model=tiny-moe", "+model.config.moe.mlp_only_layers=[0]", "model.init_device=meta")
+
+
+def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
+    """EP2 x FSDP4 with the balance loss; EP4 over dp_shard 2 x cp 2, the all-to-all in two
+    chunks, without it (context parallelism refuses balance statistics)."""
+    pool = dist_pool(4)
+    single = _losses(f"{tmp_path}/single", *_MOE)
+    _close(pool.run(_losses, f"{tmp_path}/ep2", *_MOE, "parallel=ep2-fsdp"), single)
+    no_aux = (*_MOE, "model.config.moe.output_router_logits=false")
+    single = _losses(f"{tmp_path}/single_no_aux", *no_aux)
+    cp_ep = ("parallel=cp2-fsdp", "parallel.ep=4", "parallel.ep_chunks=2")
+    _close(pool.run(_losses, f"{tmp_path}/cp2_ep4", *no_aux, *cp_ep), single)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (
+            ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "model.config.num_kv_heads=1"),
+            4,
+            "must divide the head counts",
+        ),
+        (("parallel=cp2-fsdp", "data.seq_len=63"), 4, "cannot be cut into 4 equal chunks"),
+        (
+            ("parallel=cp2-fsdp", "parallel=cp2-fsdp", "+model.config.mtp_depth=1"),
+            4,
+            "multi-token prediction",
+        ),
+        (("parallel=cp2-fsdp", "model=tiny-moe"), 4, "balance loss"),
+        (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
+        (
+            (
+                "parallel=ep2-fsdp",
+                "model=tiny-moe",
+                "parallel.ep=4",
+                "parallel.dp_shard=4",
+                "model.config.moe.num_experts=6",
+            ),
+            4,
+            "does not divide the model's 6 experts",
+        ),
+    ],
+)
+def test_bad_context_and_expert_layouts_are_refused(tmp_path, overrides, world, message):
+    from forge_train.components import build_components
+    from forge_train.compose import compose_run_config
+    from forge_train.config import ConfigError
+
+    cfg = compose_run_config([*tiny.TINY, f"train.output_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        build_components(
+            cfg, world_size=world, degrees=cfg.parallel.resolve(world), device=torch.device("cpu")
+        )
