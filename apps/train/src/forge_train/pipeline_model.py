@@ -55,6 +55,10 @@ class PipelineLoss:
     microbatches: int
     scale: float = 1.0
     in_stage: bool = False
+    #: The model's vocabulary: logits columns past it (``vocab_pad_multiple`` padding rows of
+    #: the output layer, which the last stage's ``lm_head`` outputs) are dropped, as
+    #: ``CausalLM.forward`` drops them.
+    vocab_size: int | None = None
 
     @property
     def factor(self) -> float:
@@ -64,6 +68,8 @@ class PipelineLoss:
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.in_stage:  # the stage's [1] summed loss
             return logits.sum() * self.factor
+        if self.vocab_size is not None and logits.shape[-1] != self.vocab_size:
+            logits = logits[..., : self.vocab_size]
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             targets.reshape(-1),
@@ -236,7 +242,9 @@ def build_pipeline(
         from forge_train.pipeline_head import CausalLMLossHead
 
         head = CausalLMLossHead(config, moe=moe)
-    loss = PipelineLoss(microbatches=microbatches, in_stage=head is not None)
+    loss = PipelineLoss(
+        microbatches=microbatches, in_stage=head is not None, vocab_size=config.vocab_size
+    )
     pipe = pipeline(
         model,
         mesh,

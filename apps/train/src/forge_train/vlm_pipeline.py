@@ -456,7 +456,7 @@ def build_vlm_pipeline(
                 model.language_model, sequence_parallel=sequence_parallel, prefix="language_model."
             ),
         }
-    loss = PipelineLoss(microbatches=microbatches)
+    loss = PipelineLoss(microbatches=microbatches, vocab_size=config.text.vocab_size)
     on_meta = any(p.is_meta for p in model.parameters())
     pipe = pipeline(
         DecoderTrunk(model),
