@@ -170,19 +170,24 @@ _TP_MOE = (
 def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     """Tensor parallelism on a MoE model: attention and the dense layer split, each MoE layer
     whole on every tensor-parallel rank (forge_train.components._text_plan), the balance loss
-    added from the logits path. TP2 x FSDP2 gives the single-process losses; sequence
-    parallelism and multi-head latent attention, and multi-token prediction (whose loss the
-    logits path would drop) with any model, are refused with what to do instead."""
+    added from the logits path. TP2 x FSDP2, with and without sequence parallelism, gives the
+    single-process losses; sequence parallelism with balance statistics, multi-head latent
+    attention, and multi-token prediction (whose loss the logits path would drop) with any
+    model, are refused with what to do instead."""
     from forge_train.components import build_components
     from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
 
     root = str(tmp_path)
     single = _model_losses(f"{root}/single", *_SHORT, *_TP_MOE)
+    pool = dist_pool(4)
     layout = ("parallel=tp2-fsdp", "parallel.sequence_parallel=false")
-    _close(dist_pool(4).run(_model_losses, f"{root}/tp2", *_SHORT, *_TP_MOE, *layout), single)
+    _close(pool.run(_model_losses, f"{root}/tp2", *_SHORT, *_TP_MOE, *layout), single)
+    # With sequence parallelism each rank runs the MoE layers on its own sequence shard.
+    layout = ("parallel=tp2-fsdp", "parallel.sequence_parallel=true")
+    _close(pool.run(_model_losses, f"{root}/tp2_sp", *_SHORT, *_TP_MOE, *layout), single)
     for model, overrides, message in (
-        ("tiny-moe", (), "sequence_parallel=false"),
+        ("tiny-moe", (), "sequence_parallel=false"),  # with the balance loss
         ("tiny-deepseek", ("parallel.sequence_parallel=false",), "multi-head latent attention"),
         ("tiny", ("+model.config.mtp_depth=1",), "multi-token prediction"),
     ):

@@ -227,8 +227,11 @@ def _text_plan(model, config, cfg: RunConfig):
 
     A mixture-of-experts layer runs whole on every tensor-parallel rank (``replicate``: its
     router, experts and shared expert are not split; Megatron-Core instead shards experts over
-    an expert-parallel group), on the full sequence: its routing statistics (balance loss,
-    expert-bias load) are then the single process's. Dense layers keep the family's plan."""
+    an expert-parallel group): without sequence parallelism on the full sequence, so its
+    routing statistics (balance loss, expert-bias load) are the single process's; with it on
+    each rank's sequence shard (weight gradients summed over the ranks, as Megatron-LM runs
+    MoE layers under sequence parallelism), allowed only without those statistics. Dense
+    layers keep the family's plan."""
     from forge_parallel import TPPlan
     from forge_parallel.tensor_parallel import match_modules
 
@@ -249,12 +252,15 @@ def _text_plan(model, config, cfg: RunConfig):
         )
     moe = getattr(config, "moe", None)
     if moe is not None:
-        if sp:
+        balance = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
+        if sp and balance:
             raise ConfigError(
-                "parallel.sequence_parallel: a mixture-of-experts model under tensor "
-                "parallelism runs its MoE layers on the full sequence (their routing statistics "
-                "would otherwise need a reduction over the tensor-parallel ranks, not built "
-                "yet); set parallel.sequence_parallel=false"
+                "parallel.sequence_parallel: with sequence parallelism each tensor-parallel rank "
+                "runs the MoE layers on its own sequence shard, so the balance loss and the "
+                "expert-bias load would need a reduction over the tensor-parallel ranks (not "
+                "built yet); set parallel.sequence_parallel=false, or train without them "
+                "(model.config.moe.output_router_logits=false or router_aux_loss_coef=0, and "
+                "expert_bias=false)"
             )
         styles = {
             k: v
