@@ -189,31 +189,39 @@ def test_torch_dist_layout(hf_dirs, tmp_path):
     assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     assert sorted(p.name for p in it.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     md = FileSystemReader(it).read_metadata().state_dict_metadata
-    qkv = md["decoder.layers.self_attention.linear_qkv.weight"]
-    assert tuple(qkv.size) == (2, 32, 16)
-    assert len(qkv.chunks) == 4
-    fc1 = md["decoder.layers.mlp.experts.experts.linear_fc1.weight"]
-    assert tuple(fc1.size) == (2, 4, 8, 16)
-    assert {c.offsets[0] for c in fc1.chunks} == {1}  # experts only on the MoE layer
+    # Dense and MoE layers mixed: Megatron-Core's non-homogeneous layers, one key per layer.
+    qkv = md["decoder.layers.1.self_attention.linear_qkv.weight"]
+    assert tuple(qkv.size) == (32, 16)
+    assert len(qkv.chunks) == 2
+    assert not any(k.startswith("decoder.layers.self_attention") for k in md)
+    fc1 = md["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
+    assert tuple(fc1.size) == (4, 8, 16)  # [experts, 2 * moe_ffn, hidden]
     assert len(fc1.chunks) == 4 * 2 * 2  # experts x TP x (gate, up)
-    assert {c.offsets[0] for c in md["decoder.layers.mlp.linear_fc1.weight"].chunks} == {0}
-    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in md  # TE: fused on dense layers
-    assert "decoder.layers.pre_mlp_layernorm.weight" in md  # and separate on MoE layers
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in md
+    assert "decoder.layers.1.mlp.linear_fc1.weight" not in md
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in md  # TE: fused on dense layers
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in md  # and separate on MoE layers
     state = {
-        "decoder.layers.self_attention.linear_qkv.weight": torch.zeros(2, 32, 16),
-        "decoder.layers.mlp.experts.experts.linear_fc2.weight": torch.zeros(2, 4, 16, 4),
+        "decoder.layers.1.self_attention.linear_qkv.weight": torch.zeros(32, 16),
+        "decoder.layers.1.mlp.experts.experts.linear_fc2.weight": torch.zeros(4, 16, 4),
     }
     dcp.load(state, storage_reader=FileSystemReader(it), no_dist=True)
     a = "model.layers.1.self_attn.{}_proj.weight"
     want = _by_hand_qkv(*(hf[a.format(p)] for p in "qkv"), heads=4, groups=2, d=4)
-    assert torch.equal(state["decoder.layers.self_attention.linear_qkv.weight"][1], want)
+    assert torch.equal(state["decoder.layers.1.self_attention.linear_qkv.weight"], want)
     assert torch.equal(
-        state["decoder.layers.mlp.experts.experts.linear_fc2.weight"][1, 3],
+        state["decoder.layers.1.mlp.experts.experts.linear_fc2.weight"][3],
         hf["model.layers.1.mlp.experts.3.down_proj.weight"],
     )
     common = load_pt(it / "common.pt")
     assert common["checkpoint_version"] == 3.0
     assert common["args"].num_experts == 4
+    assert common["args"].moe_layer_freq == [0, 1]
+    # A homogeneous model keeps Megatron-Core's stacked keys with a leading layer axis.
+    dense = hf_to_megatron(hf_dirs["qwen3"], tmp_path / "dense", tensor_parallel=2)
+    md = FileSystemReader(dense / "iter_0000000").read_metadata().state_dict_metadata
+    assert tuple(md["decoder.layers.self_attention.linear_qkv.weight"].size) == (2, 64, 16)
+    assert not any(k.startswith("decoder.layers.0.") for k in md)
 
 
 def test_deepseek_v3_mla_names(hf_dirs, tmp_path):

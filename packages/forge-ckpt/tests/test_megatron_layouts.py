@@ -1,7 +1,8 @@
 """Megatron-Core layouts beyond even TP x PP: expert parallelism (legacy ``mp_rank_XX_YYY_ZZZ``
-folders, torch_dist expert chunks in their expert rank's data file) and uneven pipeline stages
-(``--decoder-first/last-pipeline-num-layers``), each round-tripped HF -> Megatron -> HF bit-exact
-and its files checked against the layout computed here by hand."""
+folders, torch_dist expert chunks in their expert rank's data file), uneven pipeline stages
+(``--decoder-first/last-pipeline-num-layers``) and virtual (interleaved) pipeline stages and
+custom pipeline layouts (legacy ``model0``/``model1`` chunks), each round-tripped HF -> Megatron
+-> HF bit-exact and its files checked against the layout computed here by hand."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ import torch
 
 from forge_ckpt.megatron import LegacyCheckpoint, hf_to_megatron, load_pt, megatron_to_hf
 from forge_ckpt.megatron.layout import parse_rank_dir, rank_dir_name, stage_layers
+from forge_ckpt.megatron.virtual_pipeline import (
+    parse_pipeline_layout,
+    pipeline_chunks,
+    virtual_size_from_args,
+)
 
 
 def _import_sibling(name: str):
@@ -39,6 +45,8 @@ MOE_CASES = {
         "qk_nope_head_dim": 4, "qk_rope_head_dim": 2, "v_head_dim": 3,
     }),
     "llama5": ("LlamaConfig", "LlamaForCausalLM", {"num_hidden_layers": 5, "tie_word_embeddings": True}),
+    "llama8": ("LlamaConfig", "LlamaForCausalLM", {"num_hidden_layers": 8, "tie_word_embeddings": True}),
+    "qwen3_moe4": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, "num_hidden_layers": 4, "num_experts": 4, "mlp_only_layers": [0]}),
 }  # fmt: skip
 
 
@@ -126,13 +134,13 @@ def test_torch_dist_expert_chunks_live_in_their_expert_ranks_file(hf_dirs, tmp_p
     it = root / "iter_0000000"
     md = FileSystemReader(it).read_metadata()
     assert sorted(p.name for p in it.glob("*.distcp")) == [f"__{k}_0.distcp" for k in range(4)]
-    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
-    assert tuple(md.state_dict_metadata[fc1].size) == (2, 4, 8, 16)  # global experts, any split
+    fc1 = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"  # per layer: dense + MoE
+    assert tuple(md.state_dict_metadata[fc1].size) == (4, 8, 16)  # global experts, any split
     seen = set()
     for index, info in md.storage_data.items():
         if index.fqn == fc1:
-            layer, expert = int(index.offset[0]), int(index.offset[1])
-            assert layer == 1  # stage 1 (the MoE layer): files __2 (ep 0) and __3 (ep 1)
+            expert = int(index.offset[0])
+            # stage 1 (the MoE layer): files __2 (ep 0) and __3 (ep 1)
             assert info.relative_path == f"__{2 + expert // 2}_0.distcp", index
             seen.add(expert)
         elif index.fqn.startswith("decoder.layers.") and ".experts." not in index.fqn:
@@ -318,3 +326,273 @@ def test_deepseek_mtp_layers_round_trip_through_megatron(mtp_dir, tmp_path, fmt)
         assert tuple(fc1.size) == (4, 8, 16)  # [experts, 2 * moe_ffn, hidden]: no layer axis
         assert tuple(md[f"{m}.eh_proj.weight"].size) == (16, 32)
         assert f"{m}.transformer_layer.self_attention.linear_proj.weight" in md
+
+
+# --------------------------------------------------------------------------------------------
+# Virtual (interleaved) pipeline stages and custom pipeline layouts
+# --------------------------------------------------------------------------------------------
+
+
+def _megatron_chunk(n, pp, vp, first, last, r, v) -> range:
+    """Megatron-Core 0.16's ``get_num_layers_to_build`` and ``get_transformer_layer_offset``
+    (no pipeline layout, no embedding/loss in the split), transcribed: chunk ``v`` of rank
+    ``r`` (``vp == 1``: Megatron's ``virtual_pipeline_model_parallel_size`` is ``None``)."""
+    if first is None and last is None:
+        per_rank = n // pp
+        offset = v * (n // vp) + r * (per_rank // vp) if vp > 1 else r * per_rank
+        return range(offset, offset + per_rank // vp)
+    fixed = (first or 0) + (last or 0)
+    middle_stages = pp - (first is not None) - (last is not None)
+    per_rank = (n - fixed) // middle_stages if middle_stages > 0 else 0
+    middle_per_rank = per_rank
+    per_rank = first if r == 0 and first is not None else per_rank
+    per_rank = last if r == pp - 1 and last is not None else per_rank
+    middle_rank = r if first is None else r - 1
+    if vp == 1:
+        offset = 0 if r == 0 else middle_rank * middle_per_rank + (first or 0)
+    else:
+        f_v, l_v, m_v = (first or 0) // vp, (last or 0) // vp, (n - fixed) // vp
+        total = f_v + m_v + l_v
+        offset = v * total if r == 0 else v * total + f_v + middle_rank * (m_v // middle_stages)
+    return range(offset, offset + per_rank // vp)
+
+
+def test_pipeline_chunks_are_megatrons_virtual_split():
+    checked = 0
+    for n in range(2, 17):
+        for pp in (2, 3, 4):
+            for vp in (1, 2, 3, 4):
+                for first in (None, 1, 2, 3, 4):
+                    for last in (None, 1, 2, 3, 4):
+                        try:
+                            chunks = pipeline_chunks(n, pp, virtual=vp, first=first, last=last)
+                        except ValueError:
+                            continue
+                        want = [
+                            _megatron_chunk(n, pp, vp, first, last, r, v)
+                            for v in range(vp)
+                            for r in range(pp)
+                        ]
+                        assert chunks == want, (n, pp, vp, first, last)
+                        checked += vp > 1
+    assert checked > 100
+    assert pipeline_chunks(8, 2, virtual=2) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    # Megatron's own example: 8 layers, 2 stages, 4 chunks each: stage 0 holds [0] [2] [4] [6].
+    assert pipeline_chunks(8, 2, virtual=4)[::2] == [range(k, k + 1) for k in (0, 2, 4, 6)]
+    assert pipeline_chunks(8, 2, virtual=2, first=2) == [
+        range(0, 1), range(1, 4), range(4, 5), range(5, 8),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="divides by the 0 middle stages"):
+        pipeline_chunks(8, 2, virtual=2, first=2, last=6)
+    with pytest.raises(ValueError, match="3 layers, which do not split into 2 virtual stages"):
+        pipeline_chunks(6, 2, virtual=2)
+    with pytest.raises(ValueError, match="need pipeline_parallel > 1"):
+        pipeline_chunks(4, 1, virtual=2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        pipeline_chunks(4, 2, virtual=0)
+
+
+def test_pipeline_layout_strings_are_parsed_as_megatron_does():
+    # Megatron-Core's docstring example (its MTP layer moved into the last chunk): 32 chunks.
+    chunks = parse_pipeline_layout("Et*3|(tt|)*30,mL", 16)
+    assert len(chunks) == 32
+    assert chunks[0] == "Ettt"
+    assert chunks[1:31] == ["tt"] * 30
+    assert chunks[-1] == "mL"
+    assert parse_pipeline_layout("E|(t|)*2tL", 2) == ["E", "t", "t", "tL"]
+    assert pipeline_chunks(6, 2, layout="Et|tt|ttt|L") == [
+        range(0, 1), range(1, 3), range(3, 6), range(6, 6),
+    ]  # fmt: skip
+    assert virtual_size_from_args(
+        {"pipeline_model_parallel_size": 2, "pipeline_model_parallel_layout": "Et|tt|ttt|L"}
+    ) == 2  # fmt: skip
+    assert virtual_size_from_args({"num_layers": 8, "pipeline_model_parallel_size": 2,
+                                   "num_layers_per_virtual_pipeline_stage": 2}) == 2  # fmt: skip
+    assert virtual_size_from_args({"virtual_pipeline_model_parallel_size": None}) == 1
+    for layout, pp, match in (
+        ("Et|tL", 3, "2 chunks, not a multiple of pipeline_parallel=3"),
+        ("Ex|tL", 2, "unknown item"),
+        ("tE|tL", 2, "chunk 0 is 'tE'"),
+        ("Et|Lt", 2, "chunk 1 is 'Lt'"),
+        ("Et|m|t|L", 2, "chunk 1 is 'm'"),  # a standalone MTP stage
+    ):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            parse_pipeline_layout(layout, pp)
+    with pytest.raises(ValueError, match="places 3 decoder layers"):
+        pipeline_chunks(4, 2, layout="Et|t|t|L")
+    with pytest.raises(ValueError, match="has 2 virtual stage"):
+        pipeline_chunks(3, 2, virtual=3, layout="Et|t|t|L")
+    with pytest.raises(ValueError, match="drop first/last"):
+        pipeline_chunks(3, 2, first=1, layout="Et|t|t|L")
+
+
+VIRTUAL_SPLITS = {  # name -> (family, hf_to_megatron options, layers of each chunk v * pp + r)
+    "vp2": ("llama8", {"virtual_pipeline": 2}, [2, 2, 2, 2]),
+    "vp2-uneven": ("llama8", {"virtual_pipeline": 2, "first_stage_layers": 2}, [1, 3, 1, 3]),
+    "layout": ("llama8", {"pipeline_layout": "Et|ttt|t|tt,tL"}, [1, 3, 1, 3]),
+    "moe-vp2-ep2": ("qwen3_moe4", {"virtual_pipeline": 2, "expert_parallel": 2}, [1, 1, 1, 1]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("split", sorted(VIRTUAL_SPLITS))
+def test_virtual_pipeline_round_trip_is_bit_exact(hf_dirs, tmp_path, split, fmt):
+    family, options, counts = VIRTUAL_SPLITS[split]
+    mc = hf_to_megatron(
+        hf_dirs[family], tmp_path / "mc", tensor_parallel=2, pipeline_parallel=2, format=fmt,
+        **options,
+    )  # fmt: skip
+    _assert_round_trip(hf_dirs[family], mc, tmp_path / "hf", split)
+    if fmt == "legacy":
+        ckpt = LegacyCheckpoint(mc)
+        list(ckpt.iter_tensors())
+        assert ckpt.virtual_pipeline == 2
+        assert [len(c) for c in ckpt.stage_layers] == counts
+
+
+def test_legacy_virtual_stages_hold_model_chunks(hf_dirs, tmp_path):
+    """Rank r's file holds ``model0`` (chunk v=0) and ``model1`` with chunk-local layer numbers:
+    8 layers, 2 stages x 2 chunks, first stage 2 layers (the last 6): rank 0 = [0] [4], rank 1 = [1-3]
+    [5-7]; the embedding in rank 0's model0, the head (a copy: tied) in rank 1's model1."""
+    hf = _tensors(hf_dirs["llama8"])
+    root = hf_to_megatron(
+        hf_dirs["llama8"], tmp_path / "mc", tensor_parallel=2, pipeline_parallel=2,
+        virtual_pipeline=2, first_stage_layers=2, format="legacy",
+    )  # fmt: skip
+    it = root / "iter_0000000"
+    global_layers = {(0, 0): [0], (0, 1): [4], (1, 0): [1, 2, 3], (1, 1): [5, 6, 7]}
+    for t in range(2):
+        for s in range(2):
+            state = load_pt(it / f"mp_rank_{t:02d}_{s:03d}/model_optim_rng.pt")
+            assert sorted(k for k in state if k.startswith("model")) == ["model0", "model1"]
+            args = state["args"]
+            assert args.virtual_pipeline_model_parallel_size == 2
+            assert args.num_virtual_stages_per_pipeline_rank == 2
+            for v in range(2):
+                m = state[f"model{v}"]
+                layers = global_layers[s, v]
+                local = {int(k.split(".")[2]) for k in m if k.startswith("decoder.layers.")}
+                assert local == set(range(len(layers))), (t, s, v)
+                for j, g in enumerate(layers):
+                    down = hf[f"model.layers.{g}.mlp.down_proj.weight"]  # row parallel
+                    fc2 = m[f"decoder.layers.{j}.mlp.linear_fc2.weight"]
+                    assert torch.equal(fc2, down[:, 12 * t : 12 * t + 12]), (t, s, v, j)
+                others = sorted(k for k in m if not k.startswith("decoder.layers."))
+                want = {
+                    (0, 0): ["embedding.word_embeddings.weight"],
+                    (1, 1): ["decoder.final_layernorm.weight", "output_layer.weight"],
+                }.get((s, v), [])
+                assert others == want, (t, s, v)
+    # Found from the files alone (no virtual or first/last args); contradicting args refused.
+    for file in it.glob("*/model_optim_rng.pt"):
+        state = load_pt(file, mmap=False)
+        for key in ("virtual_pipeline_model_parallel_size", "num_virtual_stages_per_pipeline_rank",
+                    "decoder_first_pipeline_num_layers", "num_layers"):  # fmt: skip
+            vars(state["args"]).pop(key)
+        torch.save(state, file)
+    ckpt = LegacyCheckpoint(root)
+    names = [n for n, _ in ckpt.iter_tensors()]
+    assert ckpt.stage_layers == pipeline_chunks(8, 2, virtual=2, first=2)
+    assert names.index("decoder.layers.3.mlp.linear_fc2.weight") < names.index(
+        "decoder.layers.4.mlp.linear_fc2.weight"
+    )  # layer order: chunk 0 of every rank, then chunk 1
+    file = it / "mp_rank_00_000/model_optim_rng.pt"
+    state = load_pt(file, mmap=False)
+    state["args"].virtual_pipeline_model_parallel_size = None
+    torch.save(state, file)
+    with pytest.raises(ValueError, match="args say 1 virtual pipeline stage"):
+        LegacyCheckpoint(root)
+    del state["args"].virtual_pipeline_model_parallel_size
+    torch.save(state, file)
+    file = it / "mp_rank_01_001/model_optim_rng.pt"
+    state = load_pt(file, mmap=False)
+    del state["model1"]
+    torch.save(state, file)
+    with pytest.raises(ValueError, match=re.escape("holds ['model0'], not 'model1'")):
+        list(LegacyCheckpoint(root).iter_tensors())
+
+
+def test_torch_dist_keys_do_not_depend_on_virtual_stages(hf_dirs, tmp_path):
+    """Megatron-Core's sharded keys carry global layer offsets: the DCP metadata (keys, global
+    shapes, chunks) is the same with and without virtual stages, for stacked keys (a dense
+    model) and per-layer keys (dense and MoE layers mixed); only the data file a layer's chunks
+    are stored in changes (layer 2 of 4 on pipeline rank 0 with 2 chunks per rank, on rank 1
+    without)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    qkv = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?self_attention\.linear_qkv\.weight$")
+    for family, ep in (("llama8", 1), ("qwen3_moe4", 2)):
+        metadata = {}
+        for vp in (1, 2):
+            root = hf_to_megatron(
+                hf_dirs[family], tmp_path / f"{family}-vp{vp}", tensor_parallel=2,
+                pipeline_parallel=2, virtual_pipeline=vp, expert_parallel=ep,
+            )  # fmt: skip
+            metadata[vp] = FileSystemReader(root / "iter_0000000").read_metadata()
+        chunks = {
+            vp: {
+                k: (tuple(v.size), sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks))
+                for k, v in md.state_dict_metadata.items()
+            }
+            for vp, md in metadata.items()
+        }
+        assert chunks[1] == chunks[2], family
+        files = {}  # vp -> layer -> data file "__{pipeline rank x EP + expert rank}_0"
+        for vp, md in metadata.items():
+            for index, data in md.storage_data.items():
+                if (match := qkv.match(index.fqn)) is not None:
+                    layer = int(match.group(1) or index.offset[0])
+                    files.setdefault(vp, {})[layer] = data.relative_path
+        n = 8 if family == "llama8" else 4
+        rank1, per_rank_chunk = f"__{ep}_0.distcp", n // 4
+        assert files[1] == {i: "__0_0.distcp" if i < n // 2 else rank1 for i in range(n)}, family
+        assert files[2] == {
+            i: "__0_0.distcp" if (i // per_rank_chunk) % 2 == 0 else rank1 for i in range(n)
+        }, family
+
+
+def test_forge_convert_virtual_pipeline_stages_and_layouts(hf_dirs, tmp_path, capsys):
+    from forge_ckpt.cli import main
+
+    src = str(hf_dirs["llama8"])
+    for tag, extra in (
+        ("vp", ["--virtual-pipeline-stages", "2", "--format", "legacy"]),
+        ("layout", ["--pipeline-layout", "Et*3|t|tt|ttL"]),
+    ):
+        mc, back = tmp_path / f"mc-{tag}", tmp_path / f"back-{tag}"
+        argv = ["hf-to-megatron", src, str(mc), "--tp", "2", "--pp", "2", *extra]
+        assert main([*argv, "--dry-run"]) == 0
+        assert ("vp=2" if tag == "vp" else "layout='Et*3|t|tt|ttL'") in capsys.readouterr().out
+        assert main([*argv, "--quiet"]) == 0
+        assert main(["hf-to-megatron", src, str(mc), "--check"]) == 0
+        assert main(["megatron-to-hf", str(mc), str(back), "--dry-run"]) == 0
+        assert "vp=2" in capsys.readouterr().out
+        assert main(["megatron-to-hf", str(mc), str(back), "--quiet"]) == 0
+        _assert_round_trip(hf_dirs["llama8"], mc, tmp_path / f"hf-{tag}", tag)
+    bad = ["hf-to-megatron", src, str(tmp_path / "bad"), "--pp", "2", "--quiet"]
+    assert main([*bad, "--virtual-pipeline-stages", "3"]) == 2
+    assert "4 layers, which do not split into 3 virtual stages" in capsys.readouterr().err
+    assert main([*bad, "--pipeline-layout", "Et|ttt|tt|ttmL"]) == 2
+    assert "places 1 multi-token prediction layer(s) ('m'); the checkpoint has 0" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+def test_deepseek_mtp_with_a_layout_and_an_empty_chunk(mtp_dir, tmp_path, fmt):
+    """DeepSeek-V3 (2 layers + 1 MTP layer) as ``Et|t||mL``: chunk 2 (rank 0's second virtual
+    stage) holds nothing, the last chunk only the MTP layer and the head."""
+    mc = hf_to_megatron(
+        mtp_dir, tmp_path / "mc", pipeline_parallel=2, pipeline_layout="Et|t||mL", format=fmt,
+        expert_parallel=2,
+    )  # fmt: skip
+    _assert_round_trip(mtp_dir, mc, tmp_path / "hf", fmt)
+    if fmt == "legacy":
+        it = mc / "iter_0000000"
+        rank0 = load_pt(it / "mp_rank_00_000_001/model_optim_rng.pt")
+        assert rank0["model1"] == {}
+        assert rank0["args"].pipeline_model_parallel_layout == "Et|t||mL"
+        last = load_pt(it / "mp_rank_00_001_001/model_optim_rng.pt")["model1"]
+        assert not any(k.startswith("decoder.layers.") for k in last)
+        assert "mtp.layers.0.eh_proj.weight" in last
+        assert "output_layer.weight" in last

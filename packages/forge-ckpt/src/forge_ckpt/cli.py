@@ -4,7 +4,9 @@
 
     forge-convert hf-to-forge     HF_DIR OUT [--vocab-pad-multiple N]
     forge-convert forge-to-hf     FORGE_DIR OUT
-    forge-convert hf-to-megatron  HF_DIR OUT [--tp N] [--pp M] [--format torch_dist|legacy]
+    forge-convert hf-to-megatron  HF_DIR OUT [--tp N] [--pp M] [--ep E]
+                                  [--virtual-pipeline-stages V | --pipeline-layout LAYOUT]
+                                  [--format torch_dist|legacy]
     forge-convert megatron-to-hf  MCORE_DIR OUT [--hf-config CONFIG]
 
 ``--dry-run`` prints the mapping (source names and shapes -> target name, shape and transform)
@@ -174,7 +176,9 @@ def _hf_to_megatron(args) -> int:
     bound = family.mapping.bind(ctx)
     if args.dry_run:
         split = lambda b: f"tp: {tp_kind(b.forge, te_spec=te)}"  # noqa: E731
-        title = f"hf-to-megatron ({family.name}, {args.format}, tp={args.tp}, pp={args.pp}, ep={args.ep})"
+        vp = f", vp={args.virtual_pipeline_stages}" if args.virtual_pipeline_stages > 1 else ""
+        layout = f", layout={args.pipeline_layout!r}" if args.pipeline_layout else ""
+        title = f"hf-to-megatron ({family.name}, {args.format}, tp={args.tp}, pp={args.pp}{vp}{layout}, ep={args.ep})"
         return _print_rules(bound, shapes, ctx, title, extra=split)
     if args.check:
         out = open_megatron(args.out, trusted_globals=tuple(args.trust_global))
@@ -198,7 +202,8 @@ def _hf_to_megatron(args) -> int:
     with _bar(len(bound), "hf -> megatron", not args.quiet) as bar:
         hf_to_megatron(
             args.src, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp, expert_parallel=args.ep,
-            first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers, format=args.format,
+            first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+            virtual_pipeline=args.virtual_pipeline_stages, pipeline_layout=args.pipeline_layout, format=args.format,
             family=family, te_spec=te, grouped_gemm=args.grouped_gemm,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, iteration=args.iteration,
             overwrite=args.overwrite, progress=bar.update,
@@ -215,7 +220,8 @@ def _megatron_to_hf(args) -> int:
         ckpt = open_megatron(args.src, trusted_globals=trusted)
         config, items = iter_megatron_as_hf(args.src, hf_config=args.hf_config, family=args.family, trusted_globals=trusted)  # fmt: skip
         kind = type(ckpt).__name__
-        print(f"megatron-to-hf ({kind}, tp={ckpt.args.get('tensor_model_parallel_size')}, pp={ckpt.args.get('pipeline_model_parallel_size')}, ep={ckpt.args.get('expert_model_parallel_size', 1)}, model_type={config.get('model_type')})")  # fmt: skip
+        vp = ckpt.args.get("virtual_pipeline_model_parallel_size") or 1
+        print(f"megatron-to-hf ({kind}, tp={ckpt.args.get('tensor_model_parallel_size')}, pp={ckpt.args.get('pipeline_model_parallel_size')}, vp={vp}, ep={ckpt.args.get('expert_model_parallel_size', 1)}, model_type={config.get('model_type')})")  # fmt: skip
         for name, t in items:
             print(f"  -> {name} {list(t.shape)} {str(t.dtype).replace('torch.', '')}")
         return 0
@@ -333,6 +339,18 @@ def _parser() -> argparse.ArgumentParser:
         "--last-stage-layers",
         type=int,
         help="layers of the last pipeline stage (Megatron's --decoder-last-pipeline-num-layers)",
+    )
+    sp.add_argument(
+        "--virtual-pipeline-stages",
+        type=int,
+        default=1,
+        metavar="N",
+        help="model chunks per pipeline rank, interleaved (Megatron's --num-virtual-stages-per-pipeline-rank)",
+    )
+    sp.add_argument(
+        "--pipeline-layout",
+        metavar="LAYOUT",
+        help="custom layout, e.g. 'Et|tt|tt|tL' (Megatron's --pipeline-model-parallel-layout)",
     )
     sp.add_argument("--format", choices=("torch_dist", "legacy"), default="torch_dist")
     sp.add_argument(

@@ -1,6 +1,7 @@
 """Megatron-Core checkpoints: the legacy ``mp_rank_XX`` format and the distributed
 ``torch_dist`` format, read and written at any tensor/pipeline/expert-parallel split (uneven
-pipeline stages included), with per-family Hugging Face <-> Megatron mappings as data.
+pipeline stages, virtual pipeline stages and custom pipeline layouts included), with
+per-family Hugging Face <-> Megatron mappings as data.
 
 ::
 
@@ -23,6 +24,7 @@ from forge_ckpt.megatron.families import MegatronFamily, get_megatron_family, li
 from forge_ckpt.megatron.legacy import LegacyCheckpoint, save_legacy
 from forge_ckpt.megatron.safe_load import load_pt
 from forge_ckpt.megatron.tensor_parallel import merge_tp, split_tp, tp_kind
+from forge_ckpt.megatron.virtual_pipeline import parse_pipeline_layout, pipeline_chunks
 
 __all__ = [
     "FORMATS",
@@ -39,6 +41,8 @@ __all__ = [
     "megatron_to_hf",
     "merge_tp",
     "open_megatron",
+    "parse_pipeline_layout",
+    "pipeline_chunks",
     "save_dist",
     "save_legacy",
     "split_tp",

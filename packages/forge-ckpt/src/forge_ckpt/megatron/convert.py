@@ -27,9 +27,11 @@ from forge_ckpt.errors import CheckpointMismatchError
 from forge_ckpt.hf.io import HFCheckpoint, read_hf_config, save_hf_checkpoint
 from forge_ckpt.mapping.spec import BoundRule
 from forge_ckpt.megatron.dist import DistCheckpoint, is_dist_checkpoint, save_dist
+from forge_ckpt.megatron.expert_parallel import expert_index
 from forge_ckpt.megatron.families import MegatronFamily, get_megatron_family
 from forge_ckpt.megatron.layout import iteration_dir, layer_of, read_latest_iteration
 from forge_ckpt.megatron.legacy import LegacyCheckpoint, save_legacy
+from forge_ckpt.megatron.virtual_pipeline import parse_pipeline_layout, pipeline_chunks
 
 __all__ = [
     "FORMATS",
@@ -158,6 +160,8 @@ def hf_to_megatron(
     expert_parallel: int = 1,
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    virtual_pipeline: int = 1,
+    pipeline_layout: str | None = None,
     format: str = "torch_dist",
     family: str | MegatronFamily | None = None,
     te_spec: bool = True,
@@ -171,7 +175,11 @@ def hf_to_megatron(
     ``legacy``) split ``tensor_parallel`` x ``pipeline_parallel`` x ``expert_parallel`` ways
     (the routed experts of MoE families over ``expert_parallel`` ranks); ``first_stage_layers``
     / ``last_stage_layers`` give the first / last pipeline stage its own layer count (Megatron's
-    ``--decoder-first/last-pipeline-num-layers``). See the module doc."""
+    ``--decoder-first/last-pipeline-num-layers``); ``virtual_pipeline`` splits each stage into
+    that many interleaved model chunks (``--num-virtual-stages-per-pipeline-rank``) and
+    ``pipeline_layout`` places every layer by a Megatron-Core layout string
+    (``--pipeline-model-parallel-layout``, e.g. ``"Et|tt|tt|tL"``); see
+    :mod:`~forge_ckpt.megatron.virtual_pipeline`. See the module doc."""
     if format not in FORMATS:
         raise ValueError(f"unknown Megatron format {format!r}; choose one of {FORMATS}")
     ckpt = HFCheckpoint(hf_dir)
@@ -189,16 +197,40 @@ def hf_to_megatron(
     embedding = next(b for b in bound if b.forge.startswith("embedding."))
     padded = int(embedding.forge_shape([shapes[n] for n in embedding.hf], ctx)[0])
     args = megatron_args(config, ctx, padded)
+    moe_layers = {
+        layer_of(b.forge)
+        for b in bound
+        if layer_of(b.forge) is not None
+        and (".mlp.router." in b.forge or expert_index(b.forge) is not None)
+    }
+    # Megatron-Core keys the layers of a model that mixes dense and MoE layers one by one
+    # (TransformerBlock.sharded_state_dict's non_homogeneous_layers, set by a moe_layer_freq
+    # list): args carry the pattern and torch_dist writes per-layer keys.
+    mixed = bool(moe_layers) and len(moe_layers) < num_layers
+    if moe_layers:
+        args["moe_layer_freq"] = [int(i in moe_layers) for i in range(num_layers)] if mixed else 1
+    chunks = pipeline_chunks(
+        num_layers, pipeline_parallel, virtual=virtual_pipeline, first=first_stage_layers,
+        last=last_stage_layers, layout=pipeline_layout,
+    )  # fmt: skip
+    if pipeline_layout is not None:
+        mtp = "".join(parse_pipeline_layout(pipeline_layout, pipeline_parallel)).count("m")
+        if mtp != int(ctx.get("mtp_depth") or 0):
+            raise ValueError(
+                f"pipeline layout {pipeline_layout!r} places {mtp} multi-token prediction "
+                f"layer(s) ('m'); the checkpoint has {int(ctx.get('mtp_depth') or 0)}"
+            )
 
     def stage_tensors(stage: int, layers: range) -> Iterable[tuple[str, torch.Tensor]]:
-        rules = _stage_rules(bound, layers, stage == 0, stage == pipeline_parallel - 1)
+        rules = _stage_rules(bound, layers, stage == 0, stage == len(chunks) - 1)
         return _convert(ckpt, rules, ctx)
 
     experts = int(ctx.get("num_experts") or 0) if ctx.get("moe_layer") else 0
     common = {
         "num_layers": num_layers, "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel,
         "expert_parallel": expert_parallel, "num_experts": experts, "first_stage_layers": first_stage_layers,
-        "last_stage_layers": last_stage_layers, "args": args, "iteration": iteration, "te_spec": te_spec,
+        "last_stage_layers": last_stage_layers, "virtual_pipeline": virtual_pipeline,
+        "pipeline_layout": pipeline_layout, "args": args, "iteration": iteration, "te_spec": te_spec,
         "overwrite": overwrite, "progress": progress,
     }  # fmt: skip
     if format == "legacy":
@@ -206,7 +238,9 @@ def hf_to_megatron(
             out_dir, stage_tensors, tied_embeddings=bool(ctx["tie_word_embeddings"]), **common
         )
     else:
-        out = save_dist(out_dir, stage_tensors, renames=fam.local_dist_renames, **common)
+        out = save_dist(
+            out_dir, stage_tensors, renames=fam.local_dist_renames, per_layer_keys=mixed, **common
+        )
     (out / HF_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     return out
 

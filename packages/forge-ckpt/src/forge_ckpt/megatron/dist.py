@@ -10,14 +10,18 @@ experts one more axis (``decoder.layers.mlp.experts.experts.linear_fc1.weight``
 ``[num_layers, num_experts, ...]``), and the local layer spec renames its norms to the Transformer
 Engine names. Tensor-parallel shards are chunks of the global tensors (a SwiGLU ``linear_fc1``
 shard is two chunks, its gate and its up rows), so any split reads back into any other.
-Layers of another kind (the dense layers of an MoE model) simply leave chunks of a key absent.
+A model whose layers differ (dense and MoE layers mixed: Megatron-Core's
+``non_homogeneous_layers``, which a ``moe_layer_freq`` list or an int above 1 sets) keys every
+layer on its own instead, ``decoder.layers.{i}.*`` without the layer axis; the reader takes
+either.
 
 :func:`save_dist` writes one data file per pipeline stage and expert rank, converting one stage
 at a time: with expert parallelism each rank's file holds its experts' chunks (at their global
 expert offsets; the key's layout is the same at any split) and expert rank 0's file everything
-else. Uneven pipeline stages only move layers between files. :class:`DistCheckpoint` reads key
-by key, whatever the split. DCP's ``.metadata`` is a pickle: it is read with an
-unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes and paths.
+else. Uneven pipeline stages and virtual (interleaved) stages only move layers between files.
+:class:`DistCheckpoint` reads key by key, whatever the split. DCP's ``.metadata`` is a pickle:
+it is read with an unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes and
+paths.
 """
 
 from __future__ import annotations
@@ -44,11 +48,11 @@ from forge_ckpt.megatron.layout import (
     iteration_dir,
     parallel_args,
     read_latest_iteration,
-    stage_layers,
 )
 from forge_ckpt.megatron.legacy import CHECKPOINT_VERSION
 from forge_ckpt.megatron.safe_load import load_pt
 from forge_ckpt.megatron.tensor_parallel import tp_chunks
+from forge_ckpt.megatron.virtual_pipeline import pipeline_chunks
 
 __all__ = ["DistCheckpoint", "dist_key", "is_dist_checkpoint", "save_dist"]
 
@@ -61,7 +65,9 @@ _BACKEND = {
     "common_backend_version": 1,
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_MTP_LAYER = re.compile(r"^(mtp\.layers\.\d+\.transformer_layer\.)(.*)$")
+# Keys of one layer (no layer axis): an MTP layer's transformer layer, and every decoder layer of
+# a model with non-homogeneous layers (Megatron-Core's per-layer keys).
+_ONE_LAYER = re.compile(r"^((?:mtp\.layers\.\d+\.transformer_layer|decoder\.layers\.\d+)\.)(.*)$")
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.(?:weight|bias))(\d+)$")
 _EXPERTS = "mlp.experts.experts."
@@ -87,22 +93,24 @@ def dist_key(
     num_layers: int,
     num_experts: int = 0,
     renames: tuple[tuple[str, str], ...] = (),
+    per_layer: bool = False,
 ) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """``(DCP key, leading offsets, leading extents)`` of a full Megatron tensor name.
 
-    Decoder layers share a key with a leading layer axis; the transformer layer of an MTP layer
-    keeps its own keys (``mtp.layers.{k}.transformer_layer.*``, no layer axis). Routed experts
-    add an expert axis to either.
+    Decoder layers share a key with a leading layer axis, or, with ``per_layer`` (Megatron-Core's
+    ``non_homogeneous_layers``: dense and MoE layers mixed), keep their own keys
+    (``decoder.layers.{i}.*``, no layer axis) as the transformer layer of an MTP layer always
+    does (``mtp.layers.{k}.transformer_layer.*``). Routed experts add an expert axis to either.
     """
     match = _LAYER.match(name)
-    if match is not None:
+    if match is not None and not per_layer:
         prefix, rest = "decoder.layers.", match.group(2)
         lead, size = (int(match.group(1)),), (num_layers,)
     else:
-        mtp = _MTP_LAYER.match(name)
-        if mtp is None:
+        one = _ONE_LAYER.match(name)
+        if one is None:
             return name, (), ()
-        (prefix, rest), lead, size = mtp.groups(), (), ()
+        (prefix, rest), lead, size = one.groups(), (), ()
     rest, expert = _split_expert(rest, renames)
     if expert is None:
         return prefix + rest, lead, size
@@ -111,10 +119,12 @@ def dist_key(
 
 def _leading_dims(key: str) -> int:
     """How many leading axes (layer, expert) DCP key ``key`` has."""
+    one = _ONE_LAYER.match(key)
+    if one is not None:
+        return 1 if one.group(2).startswith(_EXPERTS) else 0
     if key.startswith("decoder.layers."):
         return 2 if key.startswith(f"decoder.layers.{_EXPERTS}") else 1
-    mtp = _MTP_LAYER.match(key)
-    return 1 if mtp is not None and mtp.group(2).startswith(_EXPERTS) else 0
+    return 0
 
 
 def _name_of(
@@ -125,14 +135,14 @@ def _name_of(
     grouped_gemm: bool,
 ) -> str:
     """The inverse of :func:`dist_key`."""
-    if key.startswith("decoder.layers.") and leading:
+    one = _ONE_LAYER.match(key)
+    if one is not None:
+        (prefix, rest), expert = one.groups(), (leading[0] if leading else None)
+    elif key.startswith("decoder.layers.") and leading:
         prefix, rest = f"decoder.layers.{leading[0]}.", key[len("decoder.layers.") :]
         expert = leading[1] if len(leading) == 2 else None
     else:
-        mtp = _MTP_LAYER.match(key)
-        if mtp is None:
-            return key
-        (prefix, rest), expert = mtp.groups(), (leading[0] if leading else None)
+        return key
     if expert is not None:
         rest = rest[len(_EXPERTS) :]
         rest = (
@@ -177,10 +187,13 @@ def save_dist(
     expert_parallel: int = 1,
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    virtual_pipeline: int = 1,
+    pipeline_layout: str | None = None,
     args: Mapping[str, Any] | None = None,
     iteration: int = 0,
     te_spec: bool = True,
     renames: tuple[tuple[str, str], ...] = (),
+    per_layer_keys: bool = False,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
@@ -188,8 +201,11 @@ def save_dist(
     :func:`~forge_ckpt.megatron.legacy.save_legacy`, with the same ``stage_tensors``).
 
     ``renames``: the local layer spec's key renames (used when ``te_spec`` is False).
-    ``expert_parallel``, ``first_stage_layers``, ``last_stage_layers``: as for
-    :func:`~forge_ckpt.megatron.legacy.save_legacy`.
+    ``per_layer_keys``: one key per decoder layer (see :func:`dist_key`), as Megatron-Core
+    stores models whose layers differ (dense and MoE layers mixed).
+    ``expert_parallel``, ``first_stage_layers``, ``last_stage_layers``, ``virtual_pipeline``,
+    ``pipeline_layout``: as for :func:`~forge_ckpt.megatron.legacy.save_legacy`. Keys are
+    global, so virtual stages change only which pipeline rank's data file holds a layer.
     """
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import _StoragePrefix
@@ -212,7 +228,11 @@ def save_dist(
     if tp < 1:
         raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
     per_rank = experts_per_rank(num_experts, ep)
-    stages = stage_layers(num_layers, pp, first=first_stage_layers, last=last_stage_layers)
+    chunks = pipeline_chunks(
+        num_layers, pp, virtual=virtual_pipeline, first=first_stage_layers,
+        last=last_stage_layers, layout=pipeline_layout,
+    )  # fmt: skip
+    vp = len(chunks) // pp
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
     renames = () if te_spec else tuple(renames)
@@ -225,13 +245,17 @@ def save_dist(
         writer.set_up_storage_writer(True)
         tensors_md: dict[str, TensorStorageMetadata] = {}
         results = []
-        for s, layers in enumerate(stages):
+        for s in range(pp):
             items: list[list] = [[] for _ in range(ep)]  # per expert rank's data file
             data: dict = {}
-            for name, full in stage_tensors(s, layers):
+            rank_tensors = (
+                item for v in range(vp) for item in stage_tensors(v * pp + s, chunks[v * pp + s])
+            )
+            for name, full in rank_tensors:
                 key, lead, lead_size = dist_key(
-                    name, num_layers=num_layers, num_experts=num_experts, renames=renames
-                )
+                    name, num_layers=num_layers, num_experts=num_experts, renames=renames,
+                    per_layer=per_layer_keys,
+                )  # fmt: skip
                 global_size = torch.Size((*lead_size, *full.shape))
                 md = tensors_md.setdefault(
                     key,
@@ -270,7 +294,9 @@ def save_dist(
         namespace = argparse.Namespace(
             **{
                 **dict(args or {}),
-                **parallel_args(tp, pp, ep, first_stage_layers, last_stage_layers),
+                **parallel_args(
+                    tp, pp, ep, first_stage_layers, last_stage_layers, vp, pipeline_layout
+                ),
                 "num_layers": num_layers,
                 "iteration": iteration,
                 "ckpt_format": "torch_dist",

@@ -12,7 +12,9 @@ first stage and ``final_layernorm``/``output_layer`` on the last.
 
 Pipeline stages hold equal numbers of layers unless the first and/or last stage is given its own
 count (Megatron-LM's ``--decoder-first-pipeline-num-layers`` /
-``--decoder-last-pipeline-num-layers``); the other stages then share the rest evenly.
+``--decoder-last-pipeline-num-layers``); the other stages then share the rest evenly. Virtual
+pipeline stages split each stage into model chunks (``model0``, ``model1``, ... in a rank's
+file): see :mod:`forge_ckpt.megatron.virtual_pipeline`.
 """
 
 from __future__ import annotations
@@ -132,14 +134,29 @@ def renumber(name: str, offset: int) -> str:
     return _LAYER.sub(f"decoder.layers.{layer + offset}.", name, count=1)
 
 
-def parallel_args(tp: int, pp: int, ep: int, first: int | None, last: int | None) -> dict[str, Any]:
-    """The Megatron-LM arguments (``args``) that record a parallel split."""
+def parallel_args(
+    tp: int,
+    pp: int,
+    ep: int,
+    first: int | None,
+    last: int | None,
+    virtual: int = 1,
+    layout: str | None = None,
+) -> dict[str, Any]:
+    """The Megatron-LM arguments (``args``) that record a parallel split (``virtual``: model
+    chunks per pipeline rank; ``layout``: a custom pipeline layout string)."""
     args: dict[str, Any] = {
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp,
         "expert_model_parallel_size": ep,
         "expert_tensor_parallel_size": tp,
+        # Megatron-LM's validate_args stores None for a single chunk per rank.
+        "virtual_pipeline_model_parallel_size": virtual if virtual > 1 else None,
     }
+    if layout is not None:
+        args["pipeline_model_parallel_layout"] = layout
+    elif virtual > 1:
+        args["num_virtual_stages_per_pipeline_rank"] = virtual
     if first is not None:
         args["decoder_first_pipeline_num_layers"] = int(first)
     if last is not None:

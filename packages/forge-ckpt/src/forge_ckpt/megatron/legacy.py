@@ -41,16 +41,36 @@ from forge_ckpt.megatron.layout import (
     rank_dir_name,
     read_latest_iteration,
     renumber,
-    stage_layers,
 )
 from forge_ckpt.megatron.safe_load import load_pt
 from forge_ckpt.megatron.tensor_parallel import merge_tp, split_tp
+from forge_ckpt.megatron.virtual_pipeline import (
+    chunk_model_key,
+    pipeline_chunks,
+    virtual_size_from_args,
+)
 
 __all__ = ["CHECKPOINT_VERSION", "LegacyCheckpoint", "save_legacy"]
 
 CHECKPOINT_VERSION = 3.0
 MODEL_FILE = "model_optim_rng.pt"
 _MTP_MODEL_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
+_MODEL_KEY = re.compile(r"^model(\d*)$")
+
+
+def _chunk_count(state: Mapping[str, Any], file: Path) -> int:
+    """How many model chunks a rank file holds: 1 for ``model``, ``vp`` for ``model0`` ..
+    ``model{vp-1}`` (Megatron-LM's virtual pipeline stages)."""
+    numbers = sorted(int(m.group(1)) for k in state if (m := _MODEL_KEY.match(k)) and m.group(1))
+    if "model" in state:
+        if numbers:
+            raise ValueError(f"{file} holds both 'model' and numbered model chunks")
+        return 1
+    if numbers != list(range(len(numbers))):
+        raise ValueError(
+            f"{file} holds model chunks {numbers}; expected model0 .. model{len(numbers) - 1}"
+        )
+    return len(numbers)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +100,8 @@ def save_legacy(
     num_experts: int = 0,
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    virtual_pipeline: int = 1,
+    pipeline_layout: str | None = None,
     args: Mapping[str, Any] | None = None,
     iteration: int = 0,
     te_spec: bool = True,
@@ -92,9 +114,13 @@ def save_legacy(
 
     ``stage_tensors(stage, layers)`` yields the full Megatron tensors (global layer numbers) of
     one pipeline stage: the embedding on stage 0, ``layers``, the final norm and output layer on
-    the last stage. ``args`` becomes the ``argparse.Namespace`` Megatron-LM stores (the parallel
-    sizes are filled in). With tied embeddings and several stages, the last stage holds
-    ``output_layer.weight`` as Megatron does (a copy of the embedding it keeps in sync).
+    the last stage. With virtual stages (``virtual_pipeline`` chunks per rank, or the chunks of
+    ``pipeline_layout``; see :mod:`~forge_ckpt.megatron.virtual_pipeline`) ``stage`` is the
+    chunk's index ``v * pipeline_parallel + r`` and a rank's file holds ``model0``, ``model1``,
+    ...; the embedding comes with chunk 0, the last tensors with the last chunk. ``args``
+    becomes the ``argparse.Namespace`` Megatron-LM stores (the parallel sizes are filled in).
+    With tied embeddings and several stages, the last stage holds ``output_layer.weight`` as
+    Megatron does (a copy of the embedding it keeps in sync).
     ``expert_parallel``: expert ranks the ``num_experts`` routed experts are split over (each
     rank's file holds its experts, renumbered from 0, and a copy of everything else).
     ``first_stage_layers`` / ``last_stage_layers``: uneven pipeline stages (see
@@ -105,13 +131,17 @@ def save_legacy(
     if tp < 1:
         raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
     per_rank = experts_per_rank(num_experts, ep)
-    stages = stage_layers(num_layers, pp, first=first_stage_layers, last=last_stage_layers)
+    chunks = pipeline_chunks(
+        num_layers, pp, virtual=virtual_pipeline, first=first_stage_layers,
+        last=last_stage_layers, layout=pipeline_layout,
+    )  # fmt: skip
+    vp = len(chunks) // pp
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
     namespace = argparse.Namespace(
         **{
             **dict(args or {}),
-            **parallel_args(tp, pp, ep, first_stage_layers, last_stage_layers),
+            **parallel_args(tp, pp, ep, first_stage_layers, last_stage_layers, vp, pipeline_layout),
             "num_layers": num_layers,
             "iteration": iteration,
         }
@@ -121,44 +151,48 @@ def save_legacy(
     try:
         it_dir = iteration_dir(tmp, iteration)
         embedding: list[torch.Tensor] | None = None
-        for s, layers in enumerate(stages):
-            # shards[r][e]: the state dict of tensor-parallel rank r, expert rank e.
-            shards: list[list[dict[str, torch.Tensor]]] = [
-                [{} for _ in range(ep)] for _ in range(tp)
+        for s in range(pp):
+            # shards[r][e][v]: the state dict of tensor-parallel rank r, expert rank e, chunk v.
+            shards: list[list[list[dict[str, torch.Tensor]]]] = [
+                [[{} for _ in range(vp)] for _ in range(ep)] for _ in range(tp)
             ]
-            for name, full in stage_tensors(s, layers):
-                if _stage_of(name, stages) != s:
-                    raise ValueError(f"{name} was given for pipeline stage {s}, where it is not")
-                local = renumber(name, -layers.start)
-                parts = split_tp(name, full, tp, te_spec=te_spec)
-                expert = expert_index(name)
-                for r in range(tp):
-                    part = _own(parts[r])
-                    if expert is None:
+            for v in range(vp):
+                chunk = v * pp + s
+                layers = chunks[chunk]
+                for name, full in stage_tensors(chunk, layers):
+                    if _stage_of(name, chunks) != chunk:
+                        where = f"pipeline stage {s}" + (f", virtual stage {v}" if vp > 1 else "")
+                        raise ValueError(f"{name} was given for {where}, where it is not")
+                    local = renumber(name, -layers.start)
+                    parts = split_tp(name, full, tp, te_spec=te_spec)
+                    expert = expert_index(name)
+                    for r in range(tp):
+                        part = _own(parts[r])
+                        if expert is None:
+                            for e in range(ep):
+                                shards[r][e][v][local] = part
+                        else:
+                            if expert >= per_rank * ep:
+                                raise ValueError(f"{name}: expert {expert} of only {num_experts}")
+                            e, j = divmod(expert, per_rank)
+                            shards[r][e][v][with_expert_index(local, j)] = part
+                    if name == "embedding.word_embeddings.weight":
+                        embedding = parts
+                    if progress is not None:
+                        progress(1)
+                if tied_embeddings and pp > 1 and chunk == len(chunks) - 1:
+                    if embedding is None:
+                        raise AssertionError("the embedding comes before the last stage")
+                    for r in range(tp):
+                        copy = embedding[r].clone()
                         for e in range(ep):
-                            shards[r][e][local] = part
-                    else:
-                        if expert >= per_rank * ep:
-                            raise ValueError(f"{name}: expert {expert} of only {num_experts}")
-                        e, j = divmod(expert, per_rank)
-                        shards[r][e][with_expert_index(local, j)] = part
-                if name == "embedding.word_embeddings.weight":
-                    embedding = parts
-                if progress is not None:
-                    progress(1)
-            if tied_embeddings and pp > 1 and s == pp - 1:
-                if embedding is None:
-                    raise AssertionError("the embedding comes before the last stage")
-                for r in range(tp):
-                    copy = embedding[r].clone()
-                    for e in range(ep):
-                        shards[r][e]["output_layer.weight"] = copy
+                            shards[r][e][v]["output_layer.weight"] = copy
             for r in range(tp):
                 for e in range(ep):
                     folder = it_dir / rank_dir_name(r, s, pp, e, ep)
                     folder.mkdir(parents=True)
                     state = {
-                        "model": shards[r][e],
+                        **{chunk_model_key(v, vp): shards[r][e][v] for v in range(vp)},
                         "args": namespace,
                         "checkpoint_version": CHECKPOINT_VERSION,
                         "iteration": iteration,
@@ -249,6 +283,13 @@ class LegacyCheckpoint:
                 raise ValueError(
                     f"{self.dir}: args say {key}={self.args[key]} but the folder has {have}"
                 )
+        self.virtual_pipeline = _chunk_count(first, self.dir / names[0] / MODEL_FILE)
+        said = virtual_size_from_args(self.args)
+        if said is not None and said != self.virtual_pipeline:
+            raise ValueError(
+                f"{self.dir}: args say {said} virtual pipeline stage(s) per rank but the files "
+                f"hold {self.virtual_pipeline} model chunk(s)"
+            )
         etp = self.args.get("expert_tensor_parallel_size")
         if etp is not None and int(etp) != self.tensor_parallel:
             raise ValueError(
@@ -256,37 +297,56 @@ class LegacyCheckpoint:
                 f"{self.tensor_parallel}; only checkpoints whose experts are split like the dense "
                 "layers (Megatron's default, expert_tensor_parallel_size = tensor parallel) are read"
             )
-        #: The global layers of each pipeline stage, found from the files as they are read.
+        #: The global layers of each pipeline stage (of each model chunk, in the order
+        #: ``v * pipeline_parallel + r``, with virtual stages), found from the files as they are
+        #: read.
         self.stage_layers: list[range] = []
 
     def _load_file(self, file: Path) -> dict:
         state = load_pt(file, trusted_globals=self._trusted)
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise ValueError(f"{file} holds no 'model' state dict")
+        if not isinstance(state, dict) or not (
+            isinstance(state.get("model"), dict) or isinstance(state.get("model0"), dict)
+        ):
+            raise ValueError(f"{file} holds no 'model' (or 'model0', 'model1', ...) state dict")
         return state
 
     def _load(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
         return self._load_file(self._files[(tp_rank, pp_rank, ep_rank)])
 
+    def _chunk(self, tp_rank: int, pp_rank: int, ep_rank: int, key: str) -> dict:
+        """One model chunk's state dict (``key``: ``model`` or ``model{v}``) of a rank file."""
+        state = self._load(tp_rank, pp_rank, ep_rank)
+        if not isinstance(state.get(key), dict):
+            file = self._files[(tp_rank, pp_rank, ep_rank)]
+            found = sorted(k for k in state if _MODEL_KEY.match(k))
+            raise ValueError(
+                f"{file} holds {found}, not {key!r}: every rank file must hold the same "
+                f"{self.virtual_pipeline} model chunk(s)"
+            )
+        return state[key]
+
     def _expected_stages(self) -> list[range] | None:
-        """The stages the args describe (``None`` when they do not say)."""
+        """The chunks the args describe (``None`` when they do not say)."""
         layers = self.args.get("num_layers")
         if layers is None:
             return None
-        return stage_layers(
+        layout = self.args.get("pipeline_model_parallel_layout")
+        return pipeline_chunks(
             int(layers),
             self.pipeline_parallel,
+            virtual=self.virtual_pipeline,
             first=self.args.get("decoder_first_pipeline_num_layers"),
             last=self.args.get("decoder_last_pipeline_num_layers"),
+            layout=layout if isinstance(layout, str) else None,
         )
 
     def iter_tensors(
         self, *, te_spec: bool = True, skip: Callable[[str], bool] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full tensors with global layer and expert numbers, one pipeline stage in memory at a
-        time.
+        """Full tensors with global layer and expert numbers, one model chunk (a pipeline stage,
+        or one of its virtual stages) in memory at a time, in layer order.
 
-        A stage's layers are counted in its files (uneven stages need no argument) and checked
+        A chunk's layers are counted in its files (uneven stages need no argument) and checked
         against the args' split when they record one. Tensors other than routed experts must be
         equal on every expert rank. ``_extra_state`` entries (Transformer Engine metadata) are
         dropped; ``skip(name)`` drops more (e.g. the last stage's copy of tied embeddings).
@@ -295,9 +355,13 @@ class LegacyCheckpoint:
         offset = 0
         self.stage_layers = []
         tp, ep = self.tensor_parallel, self.expert_parallel
-        for s in range(self.pipeline_parallel):
+        pp, vp = self.pipeline_parallel, self.virtual_pipeline
+        for chunk in range(pp * vp):
+            v, s = divmod(chunk, pp)
+            key = chunk_model_key(v, vp)
+            where = f"stage {s}" + (f" (virtual stage {v})" if vp > 1 else "")
             # states[e][r]: expert rank e, tensor-parallel rank r.
-            states = [[self._load(r, s, e)["model"] for r in range(tp)] for e in range(ep)]
+            states = [[self._chunk(r, s, e, key) for r in range(tp)] for e in range(ep)]
             tensors = [
                 [{n: t for n, t in st.items() if isinstance(t, torch.Tensor)} for st in row]
                 for row in states
@@ -306,7 +370,7 @@ class LegacyCheckpoint:
                 for r, st in enumerate(row):
                     if sorted(st) != sorted(tensors[0][0]):
                         raise ValueError(
-                            f"{self.dir}: rank (tp={r}, ep={e}) of stage {s} holds other tensors "
+                            f"{self.dir}: rank (tp={r}, ep={e}) of {where} holds other tensors "
                             "than rank (tp=0, ep=0)"
                         )
             names = list(tensors[0][0])
@@ -320,11 +384,11 @@ class LegacyCheckpoint:
             layers = {layer_of(n) for n in names} - {None}
             count = (max(layers) + 1) if layers else 0
             self.stage_layers.append(range(offset, offset + count))
-            if expected is not None and self.stage_layers[-1] != expected[s]:
+            if expected is not None and self.stage_layers[-1] != expected[chunk]:
                 raise ValueError(
-                    f"{self.dir}: pipeline stage {s} holds layers {self.stage_layers[-1].start}.."
+                    f"{self.dir}: pipeline {where} holds layers {self.stage_layers[-1].start}.."
                     f"{self.stage_layers[-1].stop - 1} but the args' split puts "
-                    f"{expected[s].start}..{expected[s].stop - 1} there"
+                    f"{expected[chunk].start}..{expected[chunk].stop - 1} there"
                 )
             for name in names:
                 if name.endswith("_extra_state"):
@@ -337,7 +401,7 @@ class LegacyCheckpoint:
                     if expert is not None:
                         full = with_expert_index(full, e * local_experts + expert)
                     elif ep > 1:
-                        self._check_replicated(name, tensors, s)
+                        self._check_replicated(name, tensors, where)
                     if skip is not None and skip(full):
                         continue
                     shards = [st[name] for st in tensors[e]]
@@ -345,11 +409,11 @@ class LegacyCheckpoint:
             offset += count
             del states, tensors
 
-    def _check_replicated(self, name: str, tensors: list[list[dict]], stage: int) -> None:
+    def _check_replicated(self, name: str, tensors: list[list[dict]], where: str) -> None:
         for e, row in enumerate(tensors[1:], start=1):
             for r, st in enumerate(row):
                 if not torch.equal(st[name], tensors[0][r][name]):
                     raise ValueError(
-                        f"{self.dir}: {name} (stage {stage}, tp rank {r}) should be the same on "
+                        f"{self.dir}: {name} ({where}, tp rank {r}) should be the same on "
                         f"every expert rank but expert rank {e} holds different values"
                     )
