@@ -171,9 +171,9 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     """Tensor parallelism on a MoE model: attention and the dense layer split, each MoE layer
     whole on every tensor-parallel rank (forge_train.components._text_plan), the balance loss
     added from the logits path. TP2 x FSDP2, with and without sequence parallelism, gives the
-    single-process losses; sequence parallelism with balance statistics, multi-head latent
-    attention, and multi-token prediction (whose loss the logits path would drop) with any
-    model, are refused with what to do instead."""
+    single-process losses; sequence parallelism with balance statistics, and multi-token
+    prediction (whose loss the logits path would drop) with any model, are refused with what
+    to do instead."""
     from forge_train.components import build_components
     from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
@@ -188,7 +188,6 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     _close(pool.run(_model_losses, f"{root}/tp2_sp", *_SHORT, *_TP_MOE, *layout), single)
     for model, overrides, message in (
         ("tiny-moe", (), "sequence_parallel=false"),  # with the balance loss
-        ("tiny-deepseek", ("parallel.sequence_parallel=false",), "multi-head latent attention"),
         ("tiny", ("+model.config.mtp_depth=1",), "multi-token prediction"),
     ):
         run = (*tiny.TINY_RUN, f"train.output_dir={tmp_path / model}", "parallel=tp2-fsdp")
@@ -225,3 +224,40 @@ def test_vlm_with_a_tp2_language_model_and_a_data_parallel_encoder(tmp_path, dis
     single = _vlm_losses(f"{root}/single")
     layout = ("parallel=tp2-fsdp", "parallel.sequence_parallel=true")
     _close(dist_pool(4).run(_vlm_losses, f"{root}/tp2", *layout), single)
+
+
+def _losses_and_norms(output_dir: str, *overrides: str) -> list[list[float]]:
+    """Per-step ``[loss, grad norm]`` of a tiny run (rank 0's metrics.jsonl; a pool job)."""
+    import json
+
+    tiny.train_losses(*tiny.TINY_RUN, f"train.output_dir={output_dir}", "logging.log_every=1",
+                      *overrides)  # fmt: skip
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():  # only rank 0 writes metrics
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [[r["loss"], r["grad_norm"]] for r in rows if "grad_norm" in r]
+
+
+#: DeepSeek-V3-style: multi-head latent attention, a dense first layer, MoE with expert bias.
+_MLA = ("model=tiny-deepseek", "model.init_device=meta", *_SHORT)
+
+
+def test_multi_head_latent_attention_under_tp2_fsdp2(tmp_path, dist_pool):
+    """MLA split over heads: the latent down-projections replicated on the whole sequence
+    (``gathered_input``), the rotary key every head reads with its gradient summed over the
+    tensor-parallel ranks (``reduce_grad``). TP2 x FSDP2, and with sequence parallelism (no
+    balance statistics), give the single process's losses and gradient norms (a missing
+    reduction of the rotary key's gradient moves the norm first: Adam hides it in the loss)."""
+    pool = dist_pool(4)
+    for name, extra, layout in (
+        ("tp2", (), "parallel.sequence_parallel=false"),
+        ("tp2_sp", ("model.config.moe.expert_bias=false",), "parallel.sequence_parallel=true"),
+    ):
+        single = _losses_and_norms(f"{tmp_path}/single_{name}", *_MLA, *extra)
+        ranks = pool.run(
+            _losses_and_norms, f"{tmp_path}/{name}", *_MLA, *extra, "parallel=tp2-fsdp", layout
+        )
+        torch.testing.assert_close(
+            torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6
+        )

@@ -268,10 +268,15 @@ def test_default_plan_targets_real_modules():
         assert style in STYLES, style
         regex = re.compile(fnmatch.translate(pattern).replace(".*", r"[^.]*"))
         assert any(regex.fullmatch(m) for m in modules), pattern
-    # Every linear projection of an attention block has an entry.
+    # Every linear projection of an attention block has an entry, but the latent
+    # down-projections, which the block's ``gathered_input`` runs replicated on the whole
+    # sequence; the shared rotary key has its gradient reduced.
+    assert plan["layers.*.attn"] == "gathered_input"
+    assert plan["layers.*.attn.shared_rope_key"] == "reduce_grad"
     attn = {n.rsplit(".", 1)[-1] for m in models for n, mod in m.named_modules()
             if ".attn." in n and isinstance(mod, torch.nn.Linear)}  # fmt: skip
-    assert {p.rsplit(".", 1)[-1] for p in plan if p.startswith("layers.*.attn.")} >= attn
+    styled = {p.rsplit(".", 1)[-1] for p in plan if p.startswith("layers.*.attn.")}
+    assert styled | {"q_a_proj", "kv_a_proj"} >= attn
 
 
 def test_hf_config_round_trip_and_validation():

@@ -237,13 +237,6 @@ def _text_plan(model, config, cfg: RunConfig):
 
     sp = cfg.parallel.sequence_parallel
     styles = model.parallel_plan(sequence_parallel=sp)
-    if getattr(config, "mla", None) is not None:
-        raise ConfigError(
-            "parallel.tp: multi-head latent attention (DeepSeek-V3) is not tensor-parallel yet "
-            "(its rotary key is shared by all heads, so its gradient needs a reduction over the "
-            "tensor-parallel ranks that the plan does not build); use parallel.tp=1 with FSDP "
-            "or pipeline parallelism"
-        )
     if getattr(config, "mtp_depth", 0):  # the tensor-parallel step computes the loss from logits
         raise ConfigError(
             "parallel.tp: multi-token prediction with tensor parallelism is not supported yet "

@@ -88,6 +88,9 @@ STYLES: dict[str, str] = {
     "colwise_output_replicated": "output projection sharded over vocab; logits gathered",
     "loss_parallel": "output projection sharded over vocab; logits left sharded for the loss",
     "replicate": "weights replicated on every rank of the axis (e.g. an MoE router)",
+    "gathered_input": "input of a block mixing replicated and colwise layers (MLA): gathered "
+    "from sequence shards as a plain tensor, its gradient already whole",
+    "reduce_grad": "identity whose gradient is summed over tp (MLA's shared rotary key)",
     "expert_parallel": "stacked expert weights sharded along dim 0 (the expert dim) over the "
     "expert-parallel axis; tokens dispatched to their experts' ranks and combined back",
 }
@@ -130,15 +133,15 @@ def _deepseek_v3_block_plan(prefix: str) -> dict[str, str]:
     """One DeepSeek-V3 decoder block at ``prefix`` (``layers.*`` or an MTP module's block)."""
     return {
         f"{prefix}.attn_norm": "sequence_parallel",
-        f"{prefix}.attn": "block_input",
         # Multi-head latent attention: the projections that produce per-head outputs are
-        # column-parallel over the heads; the latent down-projections (and their norms, which
-        # need no entry) stay replicated: their outputs are small and shared by all heads.
+        # column-parallel over the heads (each reduces its latent input's gradient); the latent
+        # down-projections and their norms stay plain and replicated, run on the whole sequence
+        # (``gathered_input``); the rotary key, read by every head, has its gradient summed.
+        f"{prefix}.attn": "gathered_input",
         f"{prefix}.attn.q_proj": "colwise",
-        f"{prefix}.attn.q_a_proj": "replicate",
         f"{prefix}.attn.q_b_proj": "colwise",
-        f"{prefix}.attn.kv_a_proj": "replicate",
         f"{prefix}.attn.kv_b_proj": "colwise",
+        f"{prefix}.attn.shared_rope_key": "reduce_grad",
         f"{prefix}.attn.o_proj": "rowwise",
         f"{prefix}.mlp_norm": "sequence_parallel",
         f"{prefix}.mlp": "block_input",
@@ -153,7 +156,8 @@ def _deepseek_v3_block_plan(prefix: str) -> dict[str, str]:
 
 #: The plan of DeepSeek-V3 (arXiv:2412.19437), as torchtitan's: multi-head latent attention
 #: sharded over heads (``q_proj``/``q_b_proj``/``kv_b_proj`` colwise, ``o_proj`` rowwise; the
-#: ``q_a_proj``/``kv_a_proj`` latent projections replicated), the MoE layers as in
+#: ``q_a_proj``/``kv_a_proj`` latent projections replicated on the whole sequence, the shared
+#: rotary key's gradient summed over the ranks), the MoE layers as in
 #: ``MOE_TP_PLAN`` (no shared-expert gate), and the same for the multi-token prediction
 #: modules' blocks; their ``eh_proj`` is replicated. The selection bias ``mlp.expert_bias`` is a
 #: buffer, replicated and updated identically on every rank.

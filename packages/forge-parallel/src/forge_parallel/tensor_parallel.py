@@ -41,6 +41,13 @@ Style names (``sp`` = ``plan.sequence_parallel``):
                                     replicated, the module run on its local input: under sp
                                     on this rank's sequence shard, weight gradients summed
                                     over tp (e.g. a mixture-of-experts block, its router)
+``gathered_input``                  the input of a block mixing replicated and column-parallel
+                                    layers in its own code (multi-head latent attention), as
+                                    a plain whole-sequence tensor: all-gathered under sp, its
+                                    gradient assumed whole (already reduced inside)
+``reduce_grad``                     Megatron's ``f`` on the module's output: identity forward,
+                                    gradient all-reduced over tp (a tensor every head shard
+                                    reads, e.g. MLA's shared rotary key)
 ==================================  =========================================================
 
 A plan value may also be a ``ParallelStyle`` instance, used as given.
@@ -70,7 +77,9 @@ from torch.distributed.tensor.parallel import (
 
 from forge_parallel.tp_styles import (
     BlockInput,
+    GatheredInput,
     PackedColwiseParallel,
+    ReduceGradient,
     ReplicateParallel,
     SequenceScatter,
 )
@@ -96,6 +105,8 @@ TP_STYLES = (
     "block_input",
     "sequence_scatter",
     "replicate",
+    "gathered_input",
+    "reduce_grad",
 )
 _LINEAR_STYLES = {
     "colwise",
@@ -301,7 +312,7 @@ def validate_tp(model: nn.Module, plan: TPPlan | Mapping[str, str], tp: int) -> 
             )
     if plan.sequence_parallel and tp > 1:
         resolved = resolve_plan(model, plan)
-        gathered = [n for n, s in resolved.items() if s == "block_input"]
+        gathered = [n for n, s in resolved.items() if s in ("block_input", "gathered_input")]
         for name, style in resolved.items():
             if (
                 style in ("colwise", "colwise_packed")
@@ -361,6 +372,10 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
             return SequenceScatter()
         case "replicate":
             return ReplicateParallel(sequence_parallel=sp)
+        case "gathered_input":
+            return GatheredInput(sequence_parallel=sp)
+        case "reduce_grad":
+            return ReduceGradient()
     raise AssertionError(base)
 
 

@@ -13,6 +13,11 @@
 - :class:`ReplicateParallel`: weights replicated over the tensor-parallel ranks, the module run
   on its local input (an MoE router, experts and shared expert next to sequence-parallel
   layers); under sequence parallelism its weight gradients are summed over the ranks.
+- :class:`GatheredInput`: a block whose own code mixes replicated and column-parallel layers
+  (multi-head latent attention) gets its whole input as a plain tensor.
+- :class:`ReduceGradient`: Megatron's ``f`` on a module's output: identity forward, gradient
+  summed over the ranks in backward (a tensor every head shard reads, such as multi-head
+  latent attention's shared rotary key).
 
 The conjugate operators follow Megatron-LM's ``f``/``g`` notation (Shoeybi et al. 2019); the
 ``f`` of a packed column-parallel layer is :func:`forge_core.collectives.copy_to_group`.
@@ -35,7 +40,9 @@ from forge_core.collectives import copy_to_group
 
 __all__ = [
     "BlockInput",
+    "GatheredInput",
     "PackedColwiseParallel",
+    "ReduceGradient",
     "ReplicateParallel",
     "SequenceScatter",
     "is_packed",
@@ -146,6 +153,74 @@ class BlockInput(ParallelStyle):
             return _replace(args, kwargs, where, x)
 
         module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+class GatheredInput(ParallelStyle):
+    """The input (first tensor argument, or ``kwarg``) of a block that runs replicated layers
+    on it, as a plain tensor of the whole sequence: all-gathered from sequence shards under
+    sequence parallelism (the backward keeps this rank's chunk of the gradient), untouched
+    without.
+
+    For a block such as multi-head latent attention (DeepSeek-V2, arXiv:2405.04434), whose
+    latent down-projections are replicated and feed column-parallel up-projections: those take
+    the plain latent as a replicated input and reduce its gradient themselves (Megatron's
+    ``f``), and a latent every head reads directly gets a :class:`ReduceGradient`. The block's
+    input gradient is then whole on every rank, which is what the backward here assumes (a
+    :class:`BlockInput` would sum it over the ranks once more).
+    """
+
+    def __init__(
+        self, *, sequence_parallel: bool, sequence_dim: int = 1, kwarg: str = "hidden_states"
+    ) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.sequence_dim = sequence_dim
+        self.kwarg = kwarg
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        dim, kwarg, sp = self.sequence_dim, self.kwarg, self.sequence_parallel
+
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict):
+            x, where = _first_tensor_argument(args, kwargs, kwarg)
+            if isinstance(x, DTensor):
+                raise ValueError(
+                    f"gathered_input: {type(_mod).__name__} received a DTensor "
+                    f"({x.placements}); it expects the plain activations between blocks"
+                )
+            if not sp:
+                return None
+            x = DTensor.from_local(x, device_mesh, [Shard(dim)], run_check=False)
+            x = x.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Replicate()])
+            return _replace(args, kwargs, where, x)
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+class ReduceGradient(ParallelStyle):
+    """Megatron's ``f`` (``copy_to_tensor_model_parallel_region``, Shoeybi et al. 2019) on the
+    module's output: identity in forward, gradient all-reduced over the ranks in backward.
+
+    For a replicated tensor that each rank consumes only in part, so that each rank's gradient
+    is a partial sum: multi-head latent attention's rotary key, shared by all heads while each
+    rank holds some of the heads. The module (typically an ``nn.Identity`` the model names for
+    the purpose) must return one tensor."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if device_mesh.ndim != 1:
+            raise ValueError(f"reduce_grad needs a 1-D mesh, got {device_mesh.ndim} dimensions")
+        group = device_mesh.get_group()
+
+        def hook(_mod: nn.Module, _args: tuple, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor) or isinstance(output, DTensor):
+                raise ValueError(
+                    f"reduce_grad: {type(_mod).__name__} must return one plain tensor, got "
+                    f"{type(output).__name__}"
+                )
+            return copy_to_group(output, group=group)
+
+        module.register_forward_hook(hook)
         return module
 
 

@@ -89,6 +89,9 @@ class MultiHeadLatentAttention(nn.Module):
             kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        #: Identity on the rotary key, the one tensor every head reads: a named point where a
+        #: tensor-parallel plan sums its gradient over the ranks that hold the other heads.
+        self.shared_rope_key = nn.Identity()
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """``x``: ``[B, S, hidden]`` -> ``[B, S, hidden]``."""
@@ -107,6 +110,7 @@ class MultiHeadLatentAttention(nn.Module):
             q_rope, k_rope.reshape(batch, seq, 1, -1), inputs.cos, inputs.sin,
             layout=self.rope_layout,
         )  # fmt: skip
+        k_rope = self.shared_rope_key(k_rope)
         heads = q.shape[2]
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(batch, seq, heads, -1)), dim=-1)
