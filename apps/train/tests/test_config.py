@@ -113,19 +113,3 @@ def test_cli_prints_config_help_and_errors(capsys):
 def test_pipeline_layouts_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_run_config(overrides)
-
-
-def test_switch_balance_loss_is_refused_under_pipeline_parallelism():
-    from types import SimpleNamespace
-
-    from forge_models import MoEConfig
-    from forge_train.pipeline_moe import check_moe_pipeline
-
-    def moe(**kwargs):
-        base = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
-        return SimpleNamespace(moe=MoEConfig(**base, **kwargs))
-
-    with pytest.raises(ConfigError, match=r"moe\.aux_loss=sequence"):
-        check_moe_pipeline(moe(output_router_logits=True))
-    check_moe_pipeline(moe(output_router_logits=True, aux_loss="sequence"))
-    check_moe_pipeline(moe(output_router_logits=False))

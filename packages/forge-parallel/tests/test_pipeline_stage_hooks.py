@@ -1,10 +1,11 @@
-"""The last stage's ``post_forward`` and modules ``also_used`` by later stages: pure functions
-on the tiny decoder, no processes."""
+"""The last stage's ``post_forward``, modules ``also_used`` by later stages and a ``carry``
+beside the hidden states: pure functions on the tiny decoder, no processes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from forge_core.testing import import_path
@@ -50,3 +51,47 @@ def test_post_forward_replaces_the_post_parts_of_the_last_stage_only():
     last.microbatch = 1
     torch.testing.assert_close(last(hidden), model(tokens).sum().reshape(1))
     assert calls == [1]
+
+
+class _SumOfHidden:
+    """A carry summing each stage's hidden-state total (differentiable) along the pipeline;
+    the last stage adds it to its output."""
+
+    def start(self, stage, carried, x):
+        self.total = carried[0] if carried else torch.zeros(())
+
+    def send(self, stage):
+        return (self.total + self._hidden,)
+
+    def finish(self, stage, output):
+        return output + self.total + self._hidden
+
+    def __call__(self, path, output, block_args):  # block_output: remember the hidden states
+        self._hidden = output.sum()
+        return output
+
+
+def test_a_carry_travels_beside_the_hidden_states_and_its_gradient_back():
+    model = tm.build_tiny(n_layers=2)
+    config = PipelineConfig(microbatches=2)
+    (_, (first,), _, _), (_, (last,), _, _) = (
+        split_stages(model, pp=2, pp_rank=r, config=config) for r in (0, 1)
+    )
+    tokens = torch.randint(0, 64, (1, 5))
+    with pytest.raises(ValueError, match="no carry"):
+        last(torch.zeros(1, 5, model.embed.embedding_dim), torch.zeros(()))
+    carry = _SumOfHidden()
+    for stage in (first, last):
+        stage.carry = stage.block_output = carry
+        stage.in_schedule = True
+    hidden, total = first(tokens)
+    received = hidden.detach().requires_grad_(), total.detach().requires_grad_()
+    out = last(*received)
+    # the last stage's output plus both blocks' hidden-state sums; the carried sum's gradient
+    sums = []
+    for block in model.layers:
+        block.register_forward_hook(lambda module, args, output: sums.append(output.sum()))
+    logits = model(tokens)
+    torch.testing.assert_close(out, logits + sums[0] + sums[1])
+    out.sum().backward()
+    assert received[1].grad == out.numel()

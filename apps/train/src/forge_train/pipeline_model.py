@@ -25,7 +25,9 @@ outputs the logits sharded by vocabulary and the loss is the vocabulary-parallel
 (``"loss_parallel"`` head, :mod:`forge_parallel.pipeline.loss_parallel`), as the single-process
 tensor-parallel step computes it. :class:`PipelineLoss` scales either by ``dp_size / global
 tokens`` (the same objective as the single-process step, see :mod:`forge_train.step`),
-undoing the schedule's ``1 / microbatches``.
+undoing the schedule's ``1 / microbatches``. A MoE model's balance losses and expert load are
+handled per stage, the switch loss's per-expert sums carried from stage to stage with the
+hidden states (:mod:`forge_train.pipeline_moe`).
 """
 
 from __future__ import annotations
@@ -199,10 +201,6 @@ def check_pipeline_model(
             "the tied embedding and head would be one parameter of two separately wrapped "
             "stages; use interleaved_1f1b, or model.config.tie_word_embeddings=false"
         )
-    if getattr(config, "moe", None) is not None:
-        from forge_train.pipeline_moe import check_moe_pipeline
-
-        check_moe_pipeline(config)
     if mtp and tp > 1:
         raise ConfigError(
             "parallel.pp: multi-token prediction modules run on the last pipeline stage "
@@ -256,6 +254,7 @@ def build_pipeline(
         stage_parallel=stage_parallel,
         block_output=moe,
         post_forward=head,
+        carry=moe if moe is not None and moe.switch else None,  # the switch loss's sums
         also_used={"embed_tokens": (-1,)} if getattr(config, "mtp_depth", 0) else None,
     )
     stage = pipe.local_module()  # this rank's (virtual) stages under the whole model's names

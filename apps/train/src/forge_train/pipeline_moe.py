@@ -9,8 +9,18 @@ so each stage handles its own (``forge_parallel`` ``pipeline(..., block_output=.
   Megatron-Core's ``MoEAuxLossAutoScaler`` does: the hidden states pass through unchanged and
   the layer's loss gets the gradient ``router_aux_loss_coef / micro-batches``, the weight the
   single-process step gives it (:mod:`forge_train.step`).
-- transformers' switch loss (``aux_loss: switch``) multiplies means over all layers together,
-  so no stage can compute its share alone: it is refused (:func:`check_moe_pipeline`).
+- transformers' switch loss (``aux_loss: switch``, ``load_balancing_loss_func``; Fedus et al.
+  2021, arXiv:2101.03961 eq. 4) is ``E * sum_e F_e * P_e`` with ``F_e`` and ``P_e`` the fraction
+  of top-k slots given to expert ``e`` and its mean router probability, both over the tokens of
+  *all* MoE layers together, which live on different stages. The per-expert sums travel along
+  the pipeline with the hidden states (``forge_parallel`` ``pipeline(..., carry=...)``): the
+  first stage starts them at zero, each MoE block adds its top-k slot counts (int64, no
+  gradient) and its summed router probabilities (fp32, differentiable), in layer order as one
+  process does, and the last stage, after its blocks and multi-token prediction modules, forms
+  the loss from the totals and attaches its gradient ``router_aux_loss_coef / micro-batches``
+  to the stage's output. The gradient of the probability sums goes back through the
+  pipeline's gradient sends to every stage's routers; ``F`` times that gradient is exactly
+  the single-process one.
 - Aux-loss-free balancing (``moe.expert_bias``): each stage sums its layers' load over the
   step and updates their biases from the data-parallel total (:class:`PipelineExpertBalancer`).
 """
@@ -21,26 +31,35 @@ from typing import Any
 
 import torch
 
-from forge_train.config import ConfigError
 from forge_train.distributed import all_reduce
 
-__all__ = ["PipelineExpertBalancer", "PipelineMoE", "check_moe_pipeline"]
+__all__ = ["PipelineExpertBalancer", "PipelineMoE", "switch_loss", "switch_sums"]
 
 
 def _aux_enabled(moe) -> bool:
     return bool(moe.output_router_logits) and moe.router_aux_loss_coef > 0
 
 
-def check_moe_pipeline(config) -> None:
-    """Refuse MoE settings whose loss a pipeline stage cannot compute on its own."""
-    moe = config.moe
-    if _aux_enabled(moe) and moe.aux_loss != "sequence":
-        raise ConfigError(
-            "parallel.pp: the switch load-balancing loss (moe.aux_loss=switch, as transformers) "
-            "multiplies averages over all layers, which live on different pipeline stages; use "
-            "model.config.moe.aux_loss=sequence (DeepSeek-V3's per-layer loss), "
-            "model.config.moe.output_router_logits=false, or parallel.pp=1"
-        )
+def _switch_enabled(moe) -> bool:
+    return _aux_enabled(moe) and moe.aux_loss == "switch"
+
+
+def switch_sums(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoE layer's share of the switch loss, as ``forge_kernels.moe``'s
+    ``load_balancing_loss_from_logits`` computes it (transformers' ``load_balancing_loss_func``,
+    no padding mask): ``(top-k slots per expert [E] int64, summed router probabilities [E]
+    fp32)`` of ``logits`` ``[tokens, E]``, the softmax taken in the logits' dtype."""
+    probs = torch.softmax(logits, dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+    counts = torch.bincount(selected, minlength=logits.shape[-1])
+    return counts, probs.float().sum(dim=0)
+
+
+def switch_loss(counts: torch.Tensor, probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``E * sum_e (counts_e / rows) * (probs_e / rows)`` from the sums over all layers
+    (:func:`switch_sums`), ``rows`` the routed tokens of all layers (``sum(counts) / top_k``)."""
+    rows = torch.div(counts.sum(), top_k, rounding_mode="floor").clamp(min=1)
+    return torch.sum((counts.float() / rows) * (probs / rows)) * counts.shape[-1]
 
 
 class _AddAuxGradient(torch.autograd.Function):
@@ -61,14 +80,41 @@ class _AddAuxGradient(torch.autograd.Function):
 class PipelineMoE:
     """``block_output`` of the stages of a MoE :class:`~forge_models.CausalLM`: passes the
     hidden states on, adds the sequence-wise balance loss's gradient and sums each layer's
-    expert load over the training micro-batches (see the module docstring)."""
+    expert load over the training micro-batches; with the switch loss also the stages'
+    ``carry`` (``forge_parallel.pipeline.StageCarry``) of its per-expert sums (see the module
+    docstring)."""
 
     def __init__(self, config, *, microbatches: int) -> None:
         self.moe = config.moe
         self.aux_weight = (
             self.moe.router_aux_loss_coef / microbatches if _aux_enabled(self.moe) else 0.0
         )
+        #: Whether the stages carry the switch loss's sums (pass ``carry=self`` then).
+        self.switch = _switch_enabled(self.moe)
         self._load: dict[int, torch.Tensor] = {}
+        #: ``[slot counts, router probability sums]`` of the running stage forward.
+        self._sums: list[torch.Tensor] | None = None
+
+    # -- forge_parallel StageCarry: the switch loss's sums ---------------------------------------
+    def start(self, stage, carried: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
+        if not carried:  # the first stage starts from zero
+            experts = self.moe.num_experts
+            # Requires a gradient from the start, as at run time after a MoE block (also on a
+            # stage without any, and in the runtime's metadata inference, which sees no router).
+            probs = torch.zeros(experts, device=x.device, requires_grad=torch.is_grad_enabled())
+            carried = (torch.zeros(experts, dtype=torch.int64, device=x.device), probs)
+        self._sums = list(carried)
+
+    def send(self, stage) -> tuple[torch.Tensor, ...]:
+        sums, self._sums = self._sums, None
+        return tuple(sums)
+
+    def finish(self, stage, output: torch.Tensor) -> torch.Tensor:
+        (counts, probs), self._sums = self._sums, None
+        if not torch.is_grad_enabled():  # evaluation reports the cross-entropy only
+            return output
+        aux = switch_loss(counts, probs, self.moe.num_experts_per_tok)
+        return _AddAuxGradient.apply(output, aux, self.aux_weight)
 
     def __call__(self, path: str, output: Any, block_args: tuple) -> torch.Tensor:
         if not isinstance(output, tuple):
@@ -86,7 +132,15 @@ class PipelineMoE:
             return hidden  # shape inference, a dense layer, or evaluation
         load = router.tokens_per_expert.detach().to(torch.int64)
         self._load[layer] = load + self._load[layer] if layer in self._load else load
-        if self.aux_weight:
+        if self.switch:
+            if self._sums is None:
+                raise RuntimeError(
+                    "the switch balance loss's sums travel with the hidden states: build the "
+                    "pipeline with carry= this PipelineMoE (forge_train.pipeline_model does)"
+                )
+            counts, probs = switch_sums(router.logits, self.moe.num_experts_per_tok)
+            self._sums = [self._sums[0] + counts, self._sums[1] + probs]
+        elif self.aux_weight:
             from forge_models.causal_lm import router_sequence_balance
 
             aux = router_sequence_balance(router, hidden.shape[:2], None, inputs.cu_seqlens)

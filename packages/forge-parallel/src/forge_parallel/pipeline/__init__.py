@@ -16,6 +16,7 @@ from forge_parallel.pipeline.partition import balanced_partition, stage_ranks, s
 from forge_parallel.pipeline.schedule import Pipeline, pipeline, split_stages, stage_plan
 from forge_parallel.pipeline.stage_module import (
     DecoderLayout,
+    StageCarry,
     StageModule,
     decoder_layout,
     layer_costs,
@@ -28,6 +29,7 @@ __all__ = [
     "DecoderLayout",
     "Pipeline",
     "PipelineConfig",
+    "StageCarry",
     "StageModule",
     "balanced_partition",
     "bubble_fraction",

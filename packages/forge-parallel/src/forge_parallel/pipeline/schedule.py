@@ -19,7 +19,8 @@ schedule then runs inside ``loss_parallel()`` (:mod:`~forge_parallel.pipeline.lo
 ``loss_fn`` gets DTensor logits and the merged output of the last stage is a DTensor.
 
 Stages pass one activation tensor of shape ``(batch, seq, ...)``; with sequence parallelism it
-is this rank's sequence shard (tested exact with TP2 + SP x PP2 and a vocab-sharded loss).
+is this rank's sequence shard (tested exact with TP2 + SP x PP2 and a vocab-sharded loss). A
+``carry`` adds tensors of any shape that travel beside it (:class:`StageCarry`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from forge_parallel.pipeline.partition import balanced_partition, stage_ranks
 from forge_parallel.pipeline.split_backward import split_backward
 from forge_parallel.pipeline.stage_module import (
     DecoderLayout,
+    StageCarry,
     StageModule,
     decoder_layout,
     layer_costs,
@@ -450,6 +452,7 @@ def pipeline(
     post_forward: Callable[[StageModule, torch.Tensor, tuple], torch.Tensor] | None = None,
     also_used: Mapping[str, Sequence[int]] | None = None,
     ahead: Sequence[str] = (),
+    carry: StageCarry | None = None,
     **config_kwargs: Any,
 ) -> Pipeline:
     """Split ``model`` into pipeline stages, place this rank's, and build the schedule.
@@ -464,6 +467,9 @@ def pipeline(
     ``split="flops"``. ``block_output``: see :attr:`StageModule.block_output` (e.g. collect a
     MoE block's router output and return its hidden states). ``post_forward``: see
     :attr:`StageModule.post_forward` (e.g. compute the loss inside the last stage's forward).
+    ``carry``: tensors passed from stage to stage beside the hidden states, their gradients
+    sent back (see :class:`~forge_parallel.pipeline.stage_module.StageCarry`; e.g. running
+    sums over the layers of all stages for a loss term the last stage computes).
     ``also_used``: modules that later stages use without a second name for their parameters
     (see :func:`~forge_parallel.pipeline.tied.find_tied_weights`), held and kept in sync there
     as tied parameters.
@@ -495,6 +501,7 @@ def pipeline(
     for module in modules:
         module.block_output = block_output
         module.post_forward = post_forward
+        module.carry = carry
     parallelized = []
     if stage_parallel is not None:
         if mesh is None:

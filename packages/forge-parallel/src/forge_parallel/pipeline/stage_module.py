@@ -18,20 +18,28 @@ packed-document boundaries and RoPE tables of the batch) get them per micro-batc
 micro-batch, and each forward takes those of the micro-batch the pipeline runtime says it
 runs (:attr:`StageModule.microbatch`). :meth:`~forge_parallel.pipeline.Pipeline.step` sets
 them from its ``block_args``.
+
+A quantity summed over the layers of *all* stages (e.g. the Switch Transformer balance loss,
+whose per-expert token fractions and router probabilities are means over every MoE layer) can
+travel with the hidden states: a :class:`StageCarry` set as :attr:`StageModule.carry` makes
+every stage but the last output ``(hidden, *carried)`` and every stage but the first take
+them as extra inputs; the pipeline runtime sends them on and sends their gradients back like
+the hidden states', so a loss the last stage computes from the totals reaches every stage's
+parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from forge_parallel.parallelize import find_blocks
 
-__all__ = ["DecoderLayout", "StageModule", "decoder_layout", "layer_costs"]
+__all__ = ["DecoderLayout", "StageCarry", "StageModule", "decoder_layout", "layer_costs"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,32 @@ def layer_costs(
     raise ValueError(f"unknown cost {by!r}; use 'layers', 'params' or 'flops'")
 
 
+class StageCarry(Protocol):
+    """Tensors that go from stage to stage beside the hidden states (:attr:`StageModule.carry`).
+
+    Each stage's forward calls :meth:`start` first and, at its end, :meth:`send` (every stage
+    but the last: what it passes on) or :meth:`finish` (the last stage: its output). One forward
+    runs at a time on a rank, so an implementation may keep the running values between the
+    calls. They also run in the runtime's metadata inference (``StageModule.in_schedule``
+    false), which must see the carried tensors' shapes, dtypes and ``requires_grad`` of a real
+    micro-batch: the first stage (``carried`` empty) starts from tensors of the same shapes
+    and dtypes every time, and a floating-point carried tensor that gets a gradient in training
+    requires one from the start (a stage's output must not gain ``requires_grad`` only at run
+    time).
+    """
+
+    def start(self, stage: StageModule, carried: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
+        """Begin a forward: ``carried`` the previous stage's tensors (``()`` on the first
+        stage), ``x`` the stage's input."""
+
+    def send(self, stage: StageModule) -> tuple[torch.Tensor, ...]:
+        """End a forward of a stage that is not the last: the tensors passed on."""
+
+    def finish(self, stage: StageModule, output: torch.Tensor) -> torch.Tensor:
+        """End a forward of the last stage: its output (e.g. ``output`` with a loss term's
+        gradient attached)."""
+
+
 def _attach(root: nn.Module, path: str, module: nn.Module, containers: set[str]) -> None:
     parts = path.split(".")
     node = root
@@ -215,6 +249,11 @@ class StageModule(nn.Module):
         #: (:attr:`in_schedule` false): the runtime's shape inference, on meta or uninitialized
         #: tensors. ``None``: the post-parts in order.
         self.post_forward: Callable[[StageModule, torch.Tensor, tuple], torch.Tensor] | None = None
+        #: Tensors passed from stage to stage beside the hidden states (see
+        #: :class:`StageCarry`); ``None``: the hidden states only.
+        self.carry: StageCarry | None = None
+        #: Whether this is the last stage (its output goes to the loss, not to a next stage).
+        self.is_last = last
 
     def set_block_args(self, per_microbatch: list[tuple] | None) -> None:
         """Set the extra positional block arguments of the coming micro-batches (one tuple
@@ -260,7 +299,25 @@ class StageModule(nn.Module):
     def block_names(self) -> tuple[str, ...]:
         return self._blocks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *carried: torch.Tensor) -> Any:
+        """The stage's output; with a :attr:`carry`, every stage but the last returns
+        ``(output, *carried)`` and every stage but the first takes the previous stage's
+        carried tensors after the hidden states."""
+        if self.carry is not None:
+            self.carry.start(self, carried, x)
+        elif carried:
+            raise ValueError(
+                f"the stage got {len(carried)} inputs besides the hidden states but has no carry "
+                "to take them; set the same StageCarry on every stage (pipeline(carry=...))"
+            )
+        out = self._run_parts(x)
+        if self.carry is None:
+            return out
+        if self.is_last:
+            return self.carry.finish(self, out)
+        return (out, *self.carry.send(self))
+
+    def _run_parts(self, x: torch.Tensor) -> torch.Tensor:
         for path in self._pre:
             x = self.get_submodule(path)(x)
         extra = self._current_block_args(x)
