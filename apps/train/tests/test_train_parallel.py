@@ -241,17 +241,24 @@ def _losses_and_norms(output_dir: str, *overrides: str) -> list[list[float]]:
 
 #: DeepSeek-V3-style: multi-head latent attention, a dense first layer, MoE with expert bias.
 _MLA = ("model=tiny-deepseek", "model.init_device=meta", *_SHORT)
+_MLA_MTP = (
+    "+model.config.mtp_depth=1",
+    "+model.config.moe.output_router_logits=true",
+    "model.config.moe.router_aux_loss_coef=0.5",
+)
 
 
 def test_multi_head_latent_attention_under_tp2_fsdp2(tmp_path, dist_pool):
     """MLA split over heads: the latent down-projections replicated on the whole sequence
     (``gathered_input``), the rotary key every head reads with its gradient summed over the
-    tensor-parallel ranks (``reduce_grad``). TP2 x FSDP2, and with sequence parallelism (no
-    balance statistics), give the single process's losses and gradient norms (a missing
-    reduction of the rotary key's gradient moves the norm first: Adam hides it in the loss)."""
+    tensor-parallel ranks (``reduce_grad``). TP2 x FSDP2 (with a multi-token prediction module,
+    unsplit, its logits through the tensor-parallel head), and TP2 + SP x FSDP2 (no balance
+    statistics), give the single process's losses and gradient norms (a missing reduction of
+    the rotary key's gradient moves the norm first: Adam hides it in the loss)."""
     pool = dist_pool(4)
     for name, extra, layout in (
-        ("tp2", (), "parallel.sequence_parallel=false"),
+        # with a multi-token prediction module and the sequence-wise balance loss weighted 0.5
+        ("tp2", _MLA_MTP, "parallel.sequence_parallel=false"),
         ("tp2_sp", ("model.config.moe.expert_bias=false",), "parallel.sequence_parallel=true"),
     ):
         single = _losses_and_norms(f"{tmp_path}/single_{name}", *_MLA, *extra)

@@ -24,6 +24,7 @@ from forge_models import (
     flops_per_token,
     get_config,
     get_family,
+    shift_labels,
 )
 
 RTOL = 1e-5
@@ -122,6 +123,16 @@ def test_mtp_loss_matches_the_equations_and_trains_every_module():
         assert _rel(ours[name], p.grad) <= RTOL, name
     # Without labels the MTP modules do not run: logits of the main model only.
     assert model(ids).shape == (2, 10, 97)
+    # ... unless their logits are asked for (a loss computed outside, e.g. tensor parallel):
+    # depth k's logits against the targets shifted k + 1 times give the same losses.
+    logits, depth_logits = model(ids, output_mtp_logits=True)
+    assert model.moe_stats.layers == (1, 2, 3)
+    assert len(depth_logits) == 2
+    assert torch.equal(logits, model(ids))
+    targets = shift_labels(ids)
+    for got, want in zip(depth_logits, depths, strict=True):
+        targets = shift_labels(targets)
+        assert _rel(F.cross_entropy(got.reshape(-1, 97), targets.reshape(-1)), want) <= RTOL
 
 
 def test_mtp_packed_equals_documents_run_separately():

@@ -237,12 +237,16 @@ def _text_plan(model, config, cfg: RunConfig):
 
     sp = cfg.parallel.sequence_parallel
     styles = model.parallel_plan(sequence_parallel=sp)
-    if getattr(config, "mtp_depth", 0):  # the tensor-parallel step computes the loss from logits
-        raise ConfigError(
-            "parallel.tp: multi-token prediction with tensor parallelism is not supported yet "
-            "(its loss needs the whole output head); set model.config.mtp_depth=0 or "
-            "parallel.tp=1"
-        )
+    if getattr(config, "mtp_depth", 0):
+        # The prediction modules run unsplit on the whole sequence (each rank the same), their
+        # logits through the tensor-parallel head (forge_train.step: output_mtp_logits).
+        if sp:
+            raise ConfigError(
+                "parallel.sequence_parallel: the multi-token prediction modules run unsplit on "
+                "the whole sequence under tensor parallelism, which sequence parallelism would "
+                "cut; set parallel.sequence_parallel=false or model.config.mtp_depth=0"
+            )
+        styles = {k: v for k, v in styles.items() if not k.startswith("mtp.")}
     moe = getattr(config, "moe", None)
     if moe is not None:
         balance = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias

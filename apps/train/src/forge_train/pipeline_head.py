@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["CausalLMLossHead"]
 
@@ -61,24 +60,24 @@ class CausalLMLossHead:
                 f"the loss head has no targets for micro-batch {stage.microbatch}: call "
                 "CausalLMLossHead.load(batches) before running the schedule"
             )
-        from forge_models.causal_lm import shift_labels
+        from forge_models.causal_lm import mtp_depths, shift_labels
 
         batch = self._batches[stage.microbatch]
         (inputs,) = block_args
-        cu_seqlens = inputs.cu_seqlens
-        targets = shift_labels(batch["labels"], cu_seqlens=cu_seqlens)
+        targets = shift_labels(batch["labels"], cu_seqlens=inputs.cu_seqlens)
         loss = self._cross_entropy(stage, stage.norm(h), targets)
         if self.mtp_depth:
-            ids, mtp_losses = batch["input_ids"], []
-            for module in stage.mtp:
-                ids = F.pad(ids[..., 1:], (0, 1), value=0)  # any valid id: its target is ignored
-                targets = shift_labels(targets, cu_seqlens=cu_seqlens)
-                out = module(h, stage.embed_tokens(ids), inputs)
-                if self.moe is not None and stage.in_schedule:  # not the runtime's probe
-                    h = self.moe.route(module.block.layer_idx, out, inputs)
-                else:
-                    h = out[0]
-                mtp_losses.append(self._cross_entropy(stage, module.norm(h), targets))
+            route = None
+            if self.moe is not None and stage.in_schedule:  # not the runtime's probe
+
+                def route(module, out):
+                    return self.moe.route(module.block.layer_idx, out, inputs)
+
+            depths = mtp_depths(
+                stage.mtp, h, batch["input_ids"], stage.embed_tokens, inputs,
+                targets=targets, route=route,
+            )  # fmt: skip
+            mtp_losses = [self._cross_entropy(stage, x, t) for x, t in depths]
             loss = loss + self.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
         return torch.stack((loss,))  # a new tensor, not a view (FSDP2 hooks the output)
 

@@ -116,22 +116,42 @@ class StepRunner:
 
     def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """Tensor parallel: cross-entropy of the logits (under ``loss_parallel`` when the plan
-        shards them by vocabulary)."""
+        shards them by vocabulary), plus the multi-token prediction depths' weighted as
+        ``CausalLM`` weighs them (``mtp_loss_weight / D``), from their logits."""
         import torch.nn.functional as F
 
+        from forge_models.causal_lm import shift_labels
+
         kwargs = dict(kwargs)
+        cu_seqlens = kwargs.get("cu_seqlens")
         if "targets" in kwargs:  # already shifted (a context-parallel shard)
-            targets = kwargs.pop("targets").reshape(-1)
+            targets = kwargs.pop("targets")
         else:
-            labels = kwargs.pop("labels").reshape(-1)
-            targets = torch.full_like(labels, IGNORE_INDEX)
-            targets[:-1] = labels[1:]
+            targets = shift_labels(kwargs.pop("labels"), cu_seqlens=cu_seqlens)
+        depth = len(getattr(self.model, "mtp", None) or ())
         with self.autocast():
-            logits = self.model(**kwargs)
-        with self.parallel.loss_context():
+            if depth:
+                logits, mtp_logits = self.model(**kwargs, output_mtp_logits=True)
+            else:
+                logits, mtp_logits = self.model(**kwargs), []
+
+        def summed_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(
-                logits.flatten(0, 1).float(), targets, reduction="sum", ignore_index=IGNORE_INDEX
+                logits.flatten(0, 1).float(),
+                targets.reshape(-1),
+                reduction="sum",
+                ignore_index=IGNORE_INDEX,
             )
+
+        with self.parallel.loss_context():
+            loss = summed_ce(logits, targets)
+            depth_losses = []
+            for depth_logits in mtp_logits:  # depth k predicts the token k + 1 ahead
+                targets = shift_labels(targets, cu_seqlens=cu_seqlens)
+                depth_losses.append(summed_ce(depth_logits, targets))
+        if depth_losses:
+            loss = loss + self.model.config.mtp_loss_weight / depth * sum(depth_losses)
+        return loss
 
     @torch.no_grad()
     def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

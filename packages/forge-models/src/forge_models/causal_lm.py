@@ -41,7 +41,7 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,7 +65,14 @@ from forge_models.blocks import (
 from forge_models.config import TransformerConfig
 from forge_models.init import init_, materialized_device
 
-__all__ = ["IGNORE_INDEX", "CausalLM", "MoEStats", "router_sequence_balance", "shift_labels"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CausalLM",
+    "MoEStats",
+    "mtp_depths",
+    "router_sequence_balance",
+    "shift_labels",
+]
 
 #: Label value that contributes no loss (as ``torch.nn.functional.cross_entropy``'s default).
 IGNORE_INDEX = -100
@@ -94,6 +101,40 @@ def shift_labels(
         targets = targets.clone()
         targets[..., ends] = IGNORE_INDEX
     return targets
+
+
+def mtp_depths(
+    modules: Sequence[nn.Module],
+    h: torch.Tensor,
+    ids: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    inputs: AttentionInputs,
+    *,
+    targets: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    route: Callable[[nn.Module, tuple], torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Run the multi-token prediction modules in order (DeepSeek-V3, arXiv:2412.19437 §2.2):
+    yield each depth's normed hidden states (what the shared output head reads) and, when the
+    main ``targets`` are given, that depth's targets.
+
+    At depth ``k`` position ``i`` sees the embedding of ``t_{i+k}`` and predicts ``t_{i+k+1}``:
+    ``ids`` and ``targets`` move one place left per depth, and a target leaving its document
+    (``inputs.cu_seqlens``) or reaching padding (``attention_mask``) is ignored, like the main
+    loss's last token. ``h``: the main model's last hidden states (before the final norm);
+    ``embed``: the shared embedding; ``route(module, (h, router))``: the hidden states to go on
+    with, for a caller that records MoE routers (default: ``h`` as returned). One function for
+    :class:`CausalLM` and for a pipeline's last stage, which holds the same modules.
+    """
+    for module in modules:
+        ids = F.pad(ids[..., 1:], (0, 1), value=0)  # any valid id: its target is ignored
+        if targets is not None:
+            targets = shift_labels(
+                targets, attention_mask=attention_mask, cu_seqlens=inputs.cu_seqlens
+            )
+        out = module(h, embed(ids), inputs)
+        h = out[0] if route is None else route(module, out)
+        yield module.norm(h), targets
 
 
 @dataclass(frozen=True, eq=False)
@@ -328,7 +369,8 @@ class CausalLM(nn.Module):
         max_seqlen: int | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         output_router_logits: bool | None = None,
-    ) -> torch.Tensor:
+        output_mtp_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits, or the next-token loss when ``labels`` are given.
 
         Args:
@@ -379,7 +421,10 @@ class CausalLM(nn.Module):
         With ``labels`` and ``config.mtp_depth = D > 0`` the multi-token prediction modules run
         too and the loss is ``ce + mtp_loss_weight / D * sum_k ce_k`` (``ce_k``: module ``k``'s
         prediction of the token ``k + 1`` ahead, same reduction); ``self.mtp_losses`` holds the
-        ``ce_k``. Without labels they do not run.
+        ``ce_k``. Without labels they run only with ``output_mtp_logits=True``: the return is
+        then ``(logits, [logits of depth 1, ..., D])`` (for a loss computed outside, e.g. on
+        vocabulary-sharded logits under tensor parallelism; depth ``k``'s targets are
+        :func:`shift_labels` applied ``k + 1`` times).
 
         Returns:
             Without ``labels``: logits ``[*input_ids.shape, vocab_size]`` in the model dtype.
@@ -432,11 +477,17 @@ class CausalLM(nn.Module):
         vocab = self.config.vocab_size
         if labels is None and targets is None:
             self.mtp_losses = None
+            normed = [x]
+            if output_mtp_logits:
+                normed += [n for n, _ in self._mtp_depths(h, ids, None, mask, inputs, routers)]
             self._moe_stats(routers, output_router_logits, mask, ids.shape, inputs.cu_seqlens)
-            logits = self.lm_head(x)
-            if logits.shape[-1] != vocab:
-                logits = logits[..., :vocab]
-            return logits.reshape(*input_ids.shape, vocab)
+            logits = []
+            for n in normed:
+                out = self.lm_head(n)
+                if out.shape[-1] != vocab:
+                    out = out[..., :vocab]
+                logits.append(out.reshape(*input_ids.shape, vocab))
+            return (logits[0], logits[1:]) if output_mtp_logits else logits[0]
 
         if targets is None:
             targets = shift_labels(
@@ -490,6 +541,28 @@ class CausalLM(nn.Module):
             reduction=reduction,
         )
 
+    def _mtp_depths(
+        self,
+        h: torch.Tensor,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        inputs: AttentionInputs,
+        routers: list[tuple[int, RouterOutput]],
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """:func:`mtp_depths` of this model, its MoE blocks' routers appended to ``routers``."""
+
+        def route(module: nn.Module, out: tuple) -> torch.Tensor:
+            hidden, router = out
+            if router is not None:
+                routers.append((module.block.layer_idx, router))
+            return hidden
+
+        return mtp_depths(
+            self.mtp, h, ids, self.embed_tokens, inputs,
+            targets=targets, attention_mask=mask, route=route,
+        )  # fmt: skip
+
     def _mtp_losses(
         self,
         h: torch.Tensor,
@@ -500,23 +573,13 @@ class CausalLM(nn.Module):
         routers: list[tuple[int, RouterOutput]],
         reduction: str,
     ) -> list[torch.Tensor]:
-        """Loss of each multi-token prediction depth (see :mod:`forge_models.blocks.mtp`).
-
-        At depth ``k`` position ``i`` sees the embedding of ``t_{i+k}`` and predicts
-        ``t_{i+k+1}``: ids and targets move one place left per depth, and a target leaving its
-        document (or reaching padding) is ignored, like the main loss's last token. A depth
-        whose inputs are all too short to have a target contributes 0 (not NaN).
-        """
+        """Loss of each multi-token prediction depth (:func:`mtp_depths`). A depth whose inputs
+        are all too short to have a target contributes 0 (not NaN)."""
         losses = []
-        for module in self.mtp:
-            ids = F.pad(ids[..., 1:], (0, 1), value=0)  # any valid id: its target is ignored
-            targets = shift_labels(targets, attention_mask=mask, cu_seqlens=inputs.cu_seqlens)
-            h, router = module(h, self.embed_tokens(ids), inputs)
-            if router is not None:
-                routers.append((module.block.layer_idx, router))
-            loss = self._lm_loss(module.norm(h), targets, "sum")
+        for normed, depth_targets in self._mtp_depths(h, ids, targets, mask, inputs, routers):
+            loss = self._lm_loss(normed, depth_targets, "sum")
             if reduction == "mean":  # a depth without any target (short documents) adds 0
-                loss = loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
+                loss = loss / (depth_targets != IGNORE_INDEX).sum().clamp_min(1)
             losses.append(loss)
         return losses
 
