@@ -49,6 +49,22 @@ def train_losses(*overrides: str) -> list[float]:
         return train(compose_run_config(list(overrides))).losses
 
 
+def train_losses_and_norms(*overrides: str) -> list[list[float]]:
+    """Per-step ``[loss, gradient norm]`` of the run composed from ``overrides`` (rank 0's
+    metrics.jsonl; other ranks of a pool job return ``[]``). Gradient norms catch a wrong
+    gradient that Adam's normalized update hides from the losses for a few steps."""
+    import json
+
+    result = None
+    with reference_kernels():
+        result = train(compose_run_config([*overrides, "logging.log_every=1"]))
+    path = Path(result.run_dir) / "metrics.jsonl"
+    if not path.exists():  # only rank 0 writes metrics
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [[r["loss"], r["grad_norm"]] for r in rows if "grad_norm" in r]
+
+
 #: forge-kernels' eager references instead of its Triton kernels: without a GPU the suite runs
 #: Triton under its interpreter, which took ~90% of a tiny training step (the fused
 #: cross-entropy alone 65%); the kernels are tested against the references in their own suite.

@@ -294,6 +294,9 @@ def test_default_plan_targets_real_modules(name):
         assert any(regex.fullmatch(m) for m in modules), pattern
     assert plan["layers.*.mlp.gate_up_proj"] == "colwise_packed"
     assert plan["layers.*.attn.o_proj"] == "rowwise"
+    # Per-head QK-norm weights see only a rank's heads: their gradients are summed over tp.
+    qk_norm = {"replicate_partial"} if model.config.qk_norm else set()
+    assert {plan.get(f"layers.*.attn.{n}") for n in ("q_norm", "k_norm")} - {None} == qk_norm
     no_sp = model.parallel_plan(sequence_parallel=False)
     assert "layers.*.attn_norm" not in no_sp
     assert "sequence_parallel" not in no_sp.values()

@@ -348,10 +348,17 @@ class CausalLM(nn.Module):
             blocks[idx].update_expert_bias(row, rate)
 
     def parallel_plan(self, *, sequence_parallel: bool = True) -> dict[str, str]:
-        """This family's default tensor/sequence-parallel plan (see :mod:`forge_models.parallel_plan`)."""
+        """This family's default tensor/sequence-parallel plan (see :mod:`forge_models.parallel_plan`),
+        plus, with ``qk_norm``, the per-head norms: they run on each rank's heads, so their
+        replicated weights' gradients are summed over the tensor-parallel ranks."""
         from forge_models.registry import get_family
 
-        return get_family(self.config.family).parallel_plan(sequence_parallel=sequence_parallel)
+        family = get_family(self.config.family)
+        plan = family.parallel_plan(sequence_parallel=sequence_parallel)
+        if getattr(self.config, "qk_norm", False):
+            for name in ("q_norm", "k_norm"):
+                plan[f"layers.*.attn.{name}"] = "replicate_partial"
+        return plan
 
     # -- forward ------------------------------------------------------------------------------
     def forward(

@@ -88,6 +88,8 @@ STYLES: dict[str, str] = {
     "colwise_output_replicated": "output projection sharded over vocab; logits gathered",
     "loss_parallel": "output projection sharded over vocab; logits left sharded for the loss",
     "replicate": "weights replicated on every rank of the axis (e.g. an MoE router)",
+    "replicate_partial": "weights replicated, run on this rank's heads (QK-norm): gradients "
+    "summed over tp",
     "gathered_input": "input of a block mixing replicated and colwise layers (MLA): gathered "
     "from sequence shards as a plain tensor, its gradient already whole",
     "reduce_grad": "identity whose gradient is summed over tp (MLA's shared rotary key)",

@@ -41,6 +41,10 @@ Style names (``sp`` = ``plan.sequence_parallel``):
                                     replicated, the module run on its local input: under sp
                                     on this rank's sequence shard, weight gradients summed
                                     over tp (e.g. a mixture-of-experts block, its router)
+``replicate_partial``               weights replicated, the module run on this rank's part of
+                                    the heads (a per-head norm behind column-parallel
+                                    projections, e.g. Qwen3's ``q_norm`` / ``k_norm``): weight
+                                    gradients summed over tp, with or without sp
 ``gathered_input``                  the input of a block mixing replicated and column-parallel
                                     layers in its own code (multi-head latent attention), as
                                     a plain whole-sequence tensor: all-gathered under sp, its
@@ -105,6 +109,7 @@ TP_STYLES = (
     "block_input",
     "sequence_scatter",
     "replicate",
+    "replicate_partial",
     "gathered_input",
     "reduce_grad",
 )
@@ -372,6 +377,8 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
             return SequenceScatter()
         case "replicate":
             return ReplicateParallel(sequence_parallel=sp)
+        case "replicate_partial":
+            return ReplicateParallel(sequence_parallel=True)  # gradients summed over tp
         case "gathered_input":
             return GatheredInput(sequence_parallel=sp)
         case "reduce_grad":
