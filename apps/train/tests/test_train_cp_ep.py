@@ -53,11 +53,15 @@ _MOE = ("model=tiny-moe", "+model.config.moe.mlp_only_layers=[0]", "model.init_d
 
 
 def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
-    """EP2 x FSDP4 with the balance loss; EP4 over dp_shard 2 x cp 2, the all-to-all in two
-    chunks, without it (context parallelism refuses balance statistics)."""
+    """EP2 x FSDP4 and PP2 x EP2 with the balance loss; EP4 over dp_shard 2 x cp 2, the
+    all-to-all in two chunks, without it (context parallelism refuses balance statistics)."""
     pool = dist_pool(4)
     single = _losses(f"{tmp_path}/single", *_MOE)
     _close(pool.run(_losses, f"{tmp_path}/ep2", *_MOE, "parallel=ep2-fsdp"), single)
+    # 2 pipeline stages x EP2: the first stage holds only the dense layer, the second shards
+    # its experts; the switch loss's sums travel between the stages.
+    _close(pool.run(_losses, f"{tmp_path}/pp2_ep2", *_MOE, "parallel=pp2-fsdp", "parallel.ep=2"),
+           single)  # fmt: skip
     no_aux = (*_MOE, "model.config.moe.output_router_logits=false")
     single = _losses(f"{tmp_path}/single_no_aux", *no_aux)
     cp_ep = ("parallel=cp2-fsdp", "parallel.ep=4", "parallel.ep_chunks=2")

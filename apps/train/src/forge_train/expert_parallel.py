@@ -5,7 +5,8 @@ Each MoE layer's routed experts are sharded over ``parallel.ep`` ranks taken fro
 Megatron-Core and torchtitan: expert parallelism adds no processes). The router, the token
 permutation and the shared experts stay on every rank; tokens reach the experts holding them by
 all-to-all (GShard, Lepikhin et al. 2020). FSDP then shards the experts over the remaining
-expert-data-parallel ranks and everything else over ``dp_shard x cp``.
+expert-data-parallel ranks and everything else over ``dp_shard x cp``. Under pipeline
+parallelism each stage shards the experts of the MoE layers it holds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ def expert_parallel_config(cfg, model_config, degrees: dict[str, int]):
             "(e.g. model=tiny-moe)"
         )
     refusals = {
-        "parallel.pp > 1 (pipeline stages)": degrees["pp"] > 1,
         "parallel.tp > 1 (MoE layers run whole on every tensor-parallel rank)": degrees["tp"] > 1,
         "train.compile=true (the token all-to-all has data-dependent sizes)": cfg.train.compile,
     }

@@ -41,11 +41,11 @@ def valid_ep_degrees(num_experts: int) -> list[int]:
     return [d for d in range(1, num_experts + 1) if num_experts % d == 0]
 
 
-def _match(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+def _match(model: nn.Module, pattern: str, *, missing_ok: bool) -> list[tuple[str, nn.Module]]:
     from forge_parallel.tensor_parallel import match_modules
 
     found = match_modules(model, pattern)
-    if not found:
+    if not found and not missing_ok:
         names = [n for n, _ in model.named_modules() if n][:8]
         raise ValueError(
             f"experts pattern {pattern!r} matches no module of {type(model).__name__}; module "
@@ -79,7 +79,7 @@ def validate_ep(
 
     Returns the matched ``(name, experts module)`` pairs.
     """
-    found = _match(model, config.experts)
+    found = _match(model, config.experts, missing_ok=config.missing_ok)
     for name, module in found:
         if isinstance(module, ExpertParallelExperts):
             raise ValueError(f"{name} already has expert parallelism applied")

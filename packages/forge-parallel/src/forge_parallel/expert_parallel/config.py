@@ -39,6 +39,10 @@ class EPConfig:
     experts: str = "layers.*.mlp.experts"
     num_chunks: int = 1
     etp_styles: Mapping[str, str] = field(default_factory=lambda: _DEFAULT_ETP)
+    #: ``True``: a model whose modules ``experts`` does not match is left as it is instead of
+    #: raising (a pipeline stage holding only dense layers; ``pipeline(stage_parallel=...)``
+    #: sets it for every stage).
+    missing_ok: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.experts, str) or not self.experts:

@@ -25,6 +25,7 @@ is this rank's sequence shard (tested exact with TP2 + SP x PP2 and a vocab-shar
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -513,6 +514,10 @@ def pipeline(
             kwargs = dict(stage_parallel)
             if kwargs.get("plan") is not None:
                 kwargs["plan"] = stage_plan(kwargs["plan"], module)
+            if kwargs.get("expert_parallel") is not None:  # a stage may hold no MoE layer
+                kwargs["expert_parallel"] = dataclasses.replace(
+                    kwargs["expert_parallel"], missing_ok=True
+                )
             kwargs.setdefault("blocks", layout.blocks_pattern)
             parallelized.append(parallelize(module, mesh, **kwargs))
 
