@@ -40,28 +40,6 @@ def _close(ranks: list[list[float]], single: list[float]) -> None:
     torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-5)
 
 
-def test_switch_sums_give_the_loss_and_gradients_of_all_layers_at_once():
-    """Summing each layer's :func:`switch_sums` in layer order (as the stages do) gives
-    ``load_balancing_loss_from_logits`` over the layers together, value and gradients."""
-    from forge_kernels.moe import load_balancing_loss_from_logits
-    from forge_train.pipeline_moe import switch_loss, switch_sums
-
-    torch.manual_seed(0)
-    layers = [torch.randn(12, 8, requires_grad=True) for _ in range(3)]
-    expected = load_balancing_loss_from_logits(layers, num_experts=8, top_k=2)
-    grads = torch.autograd.grad(expected, layers)
-    counts = torch.zeros(8, dtype=torch.int64)
-    probs = torch.zeros(8)
-    for logits in layers:
-        c, p = switch_sums(logits, 2)
-        counts, probs = counts + c, probs + p
-    assert counts.sum() == 3 * 12 * 2
-    loss = switch_loss(counts, probs, 2)
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
-    for got, want in zip(torch.autograd.grad(loss, layers), grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
-
-
 def test_switch_loss_under_pp2_fsdp2_matches_one_process(tmp_path, dist_pool):
     """PP2 x FSDP2 gives the single-process losses with 1F1B (one MoE layer per stage, and a
     multi-token prediction module whose MoE block on the last stage adds to the sums), with

@@ -416,3 +416,33 @@ def test_load_balancing_loss_matches_transformers(with_mask):
     want = load_balancing_loss_func(layers, num_experts=6, top_k=2, attention_mask=mask)
     got = load_balancing_loss_from_logits(layers, num_experts=6, top_k=2, attention_mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_switch_balance_sums_add_up_over_layers_and_token_shards():
+    """The per-layer sums of :func:`switch_balance_sums` add up: over layers (a pipeline's
+    stages) and over shards of one batch's tokens (context / sequence parallel ranks), the
+    loss from the total is ``load_balancing_loss_from_logits`` of everything, value and
+    gradients, with and without a padding mask."""
+    from forge_kernels.moe import (
+        load_balancing_loss_from_logits,
+        switch_balance_loss_from_sums,
+        switch_balance_sums,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(12, 8, generator=gen, requires_grad=True) for _ in range(3)]
+    for mask in (None, (torch.rand(2, 6, generator=gen) > 0.3).long()):
+        expected = load_balancing_loss_from_logits(
+            layers, num_experts=8, top_k=2, attention_mask=mask
+        )
+        want = torch.autograd.grad(expected, layers)
+        flat = None if mask is None else mask.reshape(-1)
+        sums = sum(
+            switch_balance_sums(logits[part], top_k=2, mask=None if flat is None else flat[part])
+            for logits in layers
+            for part in (slice(0, 5), slice(5, 12))  # two token shards of each layer
+        )
+        loss = switch_balance_loss_from_sums(sums)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        for got, ref in zip(torch.autograd.grad(loss, layers), want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ so each stage handles its own (``forge_parallel`` ``pipeline(..., block_output=.
   of top-k slots given to expert ``e`` and its mean router probability, both over the tokens of
   *all* MoE layers together, which live on different stages. The per-expert sums travel along
   the pipeline with the hidden states (``forge_parallel`` ``pipeline(..., carry=...)``): the
-  first stage starts them at zero, each MoE block adds its top-k slot counts (int64, no
+  first stage starts them at zero, each MoE block adds its top-k slot counts (no
   gradient) and its summed router probabilities (fp32, differentiable), in layer order as one
   process does, and the last stage, after its blocks and multi-token prediction modules, forms
   the loss from the totals and attaches its gradient ``router_aux_loss_coef / micro-batches``
@@ -33,7 +33,7 @@ import torch
 
 from forge_train.distributed import all_reduce
 
-__all__ = ["PipelineExpertBalancer", "PipelineMoE", "switch_loss", "switch_sums"]
+__all__ = ["PipelineExpertBalancer", "PipelineMoE"]
 
 
 def _aux_enabled(moe) -> bool:
@@ -42,24 +42,6 @@ def _aux_enabled(moe) -> bool:
 
 def _switch_enabled(moe) -> bool:
     return _aux_enabled(moe) and moe.aux_loss == "switch"
-
-
-def switch_sums(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MoE layer's share of the switch loss, as ``forge_kernels.moe``'s
-    ``load_balancing_loss_from_logits`` computes it (transformers' ``load_balancing_loss_func``,
-    no padding mask): ``(top-k slots per expert [E] int64, summed router probabilities [E]
-    fp32)`` of ``logits`` ``[tokens, E]``, the softmax taken in the logits' dtype."""
-    probs = torch.softmax(logits, dim=-1)
-    selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
-    counts = torch.bincount(selected, minlength=logits.shape[-1])
-    return counts, probs.float().sum(dim=0)
-
-
-def switch_loss(counts: torch.Tensor, probs: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``E * sum_e (counts_e / rows) * (probs_e / rows)`` from the sums over all layers
-    (:func:`switch_sums`), ``rows`` the routed tokens of all layers (``sum(counts) / top_k``)."""
-    rows = torch.div(counts.sum(), top_k, rounding_mode="floor").clamp(min=1)
-    return torch.sum((counts.float() / rows) * (probs / rows)) * counts.shape[-1]
 
 
 class _AddAuxGradient(torch.autograd.Function):
@@ -92,28 +74,31 @@ class PipelineMoE:
         #: Whether the stages carry the switch loss's sums (pass ``carry=self`` then).
         self.switch = _switch_enabled(self.moe)
         self._load: dict[int, torch.Tensor] = {}
-        #: ``[slot counts, router probability sums]`` of the running stage forward.
-        self._sums: list[torch.Tensor] | None = None
+        #: ``forge_kernels.moe.switch_balance_sums`` of the layers so far (this stage forward).
+        self._sums: torch.Tensor | None = None
 
     # -- forge_parallel StageCarry: the switch loss's sums ---------------------------------------
     def start(self, stage, carried: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
-        if not carried:  # the first stage starts from zero
-            experts = self.moe.num_experts
-            # Requires a gradient from the start, as at run time after a MoE block (also on a
-            # stage without any, and in the runtime's metadata inference, which sees no router).
-            probs = torch.zeros(experts, device=x.device, requires_grad=torch.is_grad_enabled())
-            carried = (torch.zeros(experts, dtype=torch.int64, device=x.device), probs)
-        self._sums = list(carried)
+        if carried:
+            (self._sums,) = carried
+            return
+        # The first stage starts from zero. It requires a gradient from the start, as at run
+        # time after a MoE block (also on a stage without any, and in the runtime's metadata
+        # inference, which sees no router).
+        shape = (2, self.moe.num_experts + 1)
+        self._sums = torch.zeros(shape, device=x.device, requires_grad=torch.is_grad_enabled())
 
     def send(self, stage) -> tuple[torch.Tensor, ...]:
         sums, self._sums = self._sums, None
-        return tuple(sums)
+        return (sums,)
 
     def finish(self, stage, output: torch.Tensor) -> torch.Tensor:
-        (counts, probs), self._sums = self._sums, None
+        from forge_kernels.moe import switch_balance_loss_from_sums
+
+        sums, self._sums = self._sums, None
         if not torch.is_grad_enabled():  # evaluation reports the cross-entropy only
             return output
-        aux = switch_loss(counts, probs, self.moe.num_experts_per_tok)
+        aux = switch_balance_loss_from_sums(sums)
         return _AddAuxGradient.apply(output, aux, self.aux_weight)
 
     def __call__(self, path: str, output: Any, block_args: tuple) -> torch.Tensor:
@@ -138,8 +123,10 @@ class PipelineMoE:
                     "the switch balance loss's sums travel with the hidden states: build the "
                     "pipeline with carry= this PipelineMoE (forge_train.pipeline_model does)"
                 )
-            counts, probs = switch_sums(router.logits, self.moe.num_experts_per_tok)
-            self._sums = [self._sums[0] + counts, self._sums[1] + probs]
+            from forge_kernels.moe import switch_balance_sums
+
+            top_k = self.moe.num_experts_per_tok
+            self._sums = self._sums + switch_balance_sums(router.logits, top_k=top_k)
         elif self.aux_weight:
             from forge_models.causal_lm import router_sequence_balance
 

@@ -26,6 +26,8 @@ __all__ = [
     "load_balancing_loss_from_logits",
     "router_z_loss",
     "sequence_balance_loss",
+    "switch_balance_loss_from_sums",
+    "switch_balance_sums",
 ]
 
 
@@ -54,6 +56,50 @@ def load_balancing_loss(
     return torch.sum(fraction * mean_prob) * num_experts
 
 
+def switch_balance_sums(
+    logits: torch.Tensor, *, top_k: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One layer's share of :func:`load_balancing_loss_from_logits`: ``[2, experts + 1]`` fp32,
+    row 0 the (token, slot) counts per expert (no gradient) then the routed tokens, row 1 the
+    summed router probabilities per expert (differentiable) then 0.
+
+    Sums of several layers (or of the shards of one batch on several ranks) add up; the loss
+    is :func:`switch_balance_loss_from_sums` of the total. ``logits``: ``[tokens, experts]``,
+    softmaxed in their own dtype as transformers does; ``mask``: ``[tokens]`` 1 for real
+    tokens (padding left out).
+    """
+    num_experts = logits.shape[-1]
+    if logits.dim() != 2:
+        raise ValueError(f"gate logits must be [tokens, experts], got {tuple(logits.shape)}")
+    probs = torch.softmax(logits, dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+    weights = torch.ones_like(selected, dtype=torch.float32)
+    probs = probs.float()
+    if mask is not None:
+        mask = mask.reshape(-1).to(device=logits.device, dtype=torch.float32)
+        if mask.numel() != logits.shape[0]:
+            raise ValueError(
+                f"attention_mask has {mask.numel()} tokens but the gate logits have "
+                f"{logits.shape[0]} rows; pass the [batch, seq] mask of these logits"
+            )
+        weights = mask.repeat_interleave(top_k)
+        probs = probs * mask.unsqueeze(-1)
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
+    counts = counts.scatter_add_(0, selected, weights)
+    rows = weights.sum() / top_k
+    zero = torch.zeros(1, dtype=torch.float32, device=logits.device)
+    return torch.stack(
+        (torch.cat((counts, rows.reshape(1))).detach(), torch.cat((probs.sum(dim=0), zero)))
+    )
+
+
+def switch_balance_loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """``E * sum_i (c_i / T) * (p_i / T)`` from :func:`switch_balance_sums` (summed over layers
+    and, for a batch split over ranks, over the ranks), ``T`` the routed tokens."""
+    counts, rows = sums[0, :-1], sums[0, -1]
+    return torch.sum((counts / rows) * (sums[1, :-1] / rows)) * counts.shape[0]
+
+
 def load_balancing_loss_from_logits(
     gate_logits: torch.Tensor | Sequence[torch.Tensor],
     *,
@@ -65,7 +111,8 @@ def load_balancing_loss_from_logits(
 
     Each layer's logits are softmaxed (in their own dtype, as transformers does), the top ``top_k``
     experts counted, and counts and probabilities summed over all layers before the product, so a
-    tuple of layers gives one loss over their concatenation.
+    tuple of layers gives one loss over their concatenation (:func:`switch_balance_sums`,
+    :func:`switch_balance_loss_from_sums`).
 
     Args:
         gate_logits: ``[batch * seq, experts]`` logits, or a sequence of them (one per layer).
@@ -83,35 +130,16 @@ def load_balancing_loss_from_logits(
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
     device = layers[0].device
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    total_rows: torch.Tensor | float = 0.0
-    flat_mask = None
-    if attention_mask is not None:
-        flat_mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
     for logits in layers:
         if logits.dim() != 2 or logits.shape[1] != num_experts:
             raise ValueError(
                 f"each layer's gate logits must be [tokens, {num_experts}], got {tuple(logits.shape)}"
             )
-        probs = torch.softmax(logits.to(device), dim=-1)
-        selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
-        if flat_mask is None:
-            ones = torch.ones_like(selected, dtype=torch.float32)
-            counts = counts + torch.zeros_like(counts).scatter_add_(0, selected, ones)
-            prob_sum = prob_sum + probs.float().sum(dim=0)
-            total_rows = total_rows + probs.shape[0]
-        else:
-            if flat_mask.numel() != probs.shape[0]:
-                raise ValueError(
-                    f"attention_mask has {flat_mask.numel()} tokens but the gate logits have "
-                    f"{probs.shape[0]} rows; pass the [batch, seq] mask of these logits"
-                )
-            slot_mask = flat_mask.repeat_interleave(top_k)
-            counts = counts + torch.zeros_like(counts).scatter_add_(0, selected, slot_mask)
-            prob_sum = prob_sum + (probs.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
-            total_rows = total_rows + flat_mask.sum()
-    return torch.sum((counts / total_rows) * (prob_sum / total_rows)) * num_experts
+    sums = sum(
+        switch_balance_sums(logits.to(device), top_k=top_k, mask=attention_mask)
+        for logits in layers
+    )
+    return switch_balance_loss_from_sums(sums)
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_indices: torch.Tensor) -> torch.Tensor:
