@@ -46,6 +46,11 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     _close(pool.run(_losses, f"{tmp_path}/cp2", *model, "parallel=cp2-fsdp"), single)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "parallel.cp_load_balance=false")
     _close(pool.run(_losses, f"{tmp_path}/ulysses", *model, *ulysses), single)
+    # A MoE model: the switch loss and the expert-bias load summed over the context-parallel
+    # ranks (forge_train.sharded_routing).
+    moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")
+    single = _losses(f"{tmp_path}/single_moe", *moe)
+    _close(pool.run(_losses, f"{tmp_path}/cp2_moe", *moe, "parallel=cp2-fsdp"), single)
 
 
 #: tiny-moe without the balance loss, with a dense first layer (not expert-parallel).
@@ -82,7 +87,16 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
             4,
             "multi-token prediction",
         ),
-        (("parallel=cp2-fsdp", "model=tiny-moe"), 4, "balance loss"),
+        (("parallel=cp2-fsdp", "model=tiny-deepseek"), 4, "multi-head latent attention"),
+        (
+            (
+                "parallel=cp2-fsdp",
+                "model=tiny-moe",
+                "+model.config.moe.aux_loss=sequence",
+            ),
+            4,
+            "sequence-wise balance loss",
+        ),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
         (
             (
@@ -102,7 +116,7 @@ def test_bad_context_and_expert_layouts_are_refused(tmp_path, overrides, world, 
     from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
 
-    cfg = compose_run_config([*tiny.TINY, f"train.output_dir={tmp_path}", *overrides])
+    cfg = compose_run_config([*tiny.TINY_RUN, f"train.output_dir={tmp_path}", *overrides])
     with pytest.raises(ConfigError, match=message):
         build_components(
             cfg, world_size=world, degrees=cfg.parallel.resolve(world), device=torch.device("cpu")

@@ -158,12 +158,13 @@ def test_moe_with_balance_loss_and_expert_bias_under_pp2_fsdp2(tmp_path, dist_po
     _close(pipeline, single)
 
 
-#: Qwen3-MoE-style MoE with a dense first layer. (With the switch balance loss weighted 0.5,
-#: TP2 x FSDP2 is exact at the first step and 1.1e-5 off at the second; TP2 alone is exact.)
+#: Qwen3-MoE-style MoE with a dense first layer, the switch balance loss weighted 0.5 and
+#: expert-bias balancing.
 _TP_MOE = (
     "model=tiny-moe",
     "+model.config.moe.mlp_only_layers=[0]",
-    "model.config.moe.router_aux_loss_coef=0.0",
+    "model.config.moe.router_aux_loss_coef=0.5",
+    "+model.config.moe.expert_bias=true",
 )
 
 
@@ -171,9 +172,9 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     """Tensor parallelism on a MoE model: attention and the dense layer split, each MoE layer
     whole on every tensor-parallel rank (forge_train.components._text_plan), the balance loss
     added from the logits path. TP2 x FSDP2, with and without sequence parallelism, gives the
-    single-process losses and gradient norms; sequence parallelism with balance statistics, and multi-token
-    prediction (whose loss the logits path would drop) with any model, are refused with what
-    to do instead."""
+    single-process losses and gradient norms. Refused with what to do instead, under
+    sequence parallelism: DeepSeek-V3's sequence-wise balance loss, and multi-token prediction
+    (its modules run unsplit on the whole sequence) with any model."""
     from forge_train.components import build_components
     from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
@@ -183,7 +184,8 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     pool = dist_pool(4)
     # Losses and gradient norms: Qwen3's per-head q_norm / k_norm gradients, summed over the
     # tensor-parallel ranks (replicate_partial), were 67% off and moved the losses only 2e-5.
-    # With sequence parallelism each rank runs the MoE layers on its own sequence shard.
+    # With sequence parallelism each rank runs the MoE layers on its own sequence shard and the
+    # switch loss and the expert load are summed over the ranks (forge_train.sharded_routing).
     for sp in ("false", "true"):
         layout = ("parallel=tp2-fsdp", f"parallel.sequence_parallel={sp}")
         ranks = pool.run(_losses_and_norms, f"{root}/tp2_{sp}", *_SHORT, *_TP_MOE, *layout)
@@ -191,7 +193,7 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
             torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6
         )
     for model, overrides, message in (
-        ("tiny-moe", (), "sequence_parallel=false"),  # with the balance loss
+        ("tiny-deepseek", ("+model.config.moe.output_router_logits=true",), "sequence-wise"),
         ("tiny", ("+model.config.mtp_depth=1",), "multi-token prediction"),
     ):
         run = (*tiny.TINY_RUN, f"train.output_dir={tmp_path / model}", "parallel=tp2-fsdp")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from forge_train.config import ConfigError, RunConfig
-from forge_train.context_parallel import context_parallel_config
+from forge_train.context_parallel import context_parallel_config, sequence_balance_loss
 from forge_train.data import DataBundle, build_data, build_loader, load_run_tokenizer
 from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
@@ -252,12 +252,16 @@ def _text_plan(model, config, cfg: RunConfig):
     moe = getattr(config, "moe", None)
     if moe is not None:
         balance = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
-        if sp and balance:
+        # With sequence parallelism each rank runs the MoE layers on its sequence shard: the
+        # switch loss and the expert-bias load are summed over the tensor-parallel ranks
+        # (forge_train.sharded_routing), not yet on pipeline stages.
+        if sp and (sequence_balance_loss(moe) or (balance and cfg.parallel.pp > 1)):
             raise ConfigError(
                 "parallel.sequence_parallel: with sequence parallelism each tensor-parallel rank "
-                "runs the MoE layers on its own sequence shard, so the balance loss and the "
-                "expert-bias load would need a reduction over the tensor-parallel ranks (not "
-                "built yet); set parallel.sequence_parallel=false, or train without them "
+                "runs the MoE layers on its own sequence shard; DeepSeek-V3's sequence-wise "
+                "balance loss, and any balance statistics under pipeline stages, would need a "
+                "reduction over the tensor-parallel ranks that is not built; set "
+                "parallel.sequence_parallel=false, or train without them "
                 "(model.config.moe.output_router_logits=false or router_aux_loss_coef=0, and "
                 "expert_bias=false)"
             )

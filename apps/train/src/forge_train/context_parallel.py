@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ContextParallelInputs"]
+__all__ = ["ContextParallelInputs", "context_parallel_config", "sequence_balance_loss"]
 
 
 class ContextParallelInputs:
@@ -76,6 +76,13 @@ class ContextParallelInputs:
             yield
 
 
+def sequence_balance_loss(moe) -> bool:
+    """Whether a MoE config trains DeepSeek-V3's sequence-wise balance loss."""
+    return bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) and (
+        moe.aux_loss == "sequence"
+    )
+
+
 def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     """forge_parallel's ``CPConfig`` for ``parallel.cp > 1`` (``None`` at ``cp == 1``), after
     checking that the run can split its sequences; ``ConfigError`` naming the setting if not."""
@@ -94,14 +101,18 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
         "train.compile=true (the context-parallel attention is routed at run time)": (
             cfg.train.compile
         ),
+        "multi-head latent attention (DeepSeek-V3; its value heads are narrower than its "
+        "query/key heads, which the ring and Ulysses attention do not take yet)": (
+            getattr(model_config, "mla", None) is not None
+        ),
     }
     moe = getattr(model_config, "moe", None)
-    if moe is not None:
+    if moe is not None:  # the switch loss and the expert-bias load are summed over the ranks
         refusals[
-            "a mixture-of-experts balance loss or expert-bias balancing (their statistics would "
-            "need a reduction over the context-parallel ranks; set model.config.moe."
-            "output_router_logits=false or router_aux_loss_coef=0, and expert_bias=false)"
-        ] = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
+            "DeepSeek-V3's sequence-wise balance loss (its per-sequence statistics span the "
+            "ranks; use model.config.moe.aux_loss=switch, router_aux_loss_coef=0 or "
+            "output_router_logits=false)"
+        ] = sequence_balance_loss(moe)
     for what, refused in refusals.items():
         if refused:
             raise ConfigError(

@@ -21,9 +21,12 @@ __all__ = ["ExpertBiasBalancer"]
 class ExpertBiasBalancer:
     """Accumulates one step's expert load and applies the bias update after the optimizer step."""
 
-    def __init__(self, model: nn.Module, dp_group) -> None:
+    def __init__(self, model: nn.Module, dp_group, token_group=None) -> None:
         self.model = model
         self.dp_group = dp_group
+        #: Ranks that split each batch's tokens for the MoE layers (context parallel, or TP
+        #: with sequence parallelism): their loads are summed as well.
+        self.token_group = token_group
         self._load: torch.Tensor | None = None
         self._layers: tuple[int, ...] | None = None
 
@@ -57,7 +60,7 @@ class ExpertBiasBalancer:
         self._load, self._layers = None, None
         if load is None:
             return None
-        load = all_reduce(load, self.dp_group)
+        load = all_reduce(all_reduce(load, self.dp_group), self.token_group)
         self.model.update_expert_bias(load, layers=layers)
         return load
 

@@ -28,6 +28,7 @@ from forge_train.preemption import Preemption, should_stop
 from forge_train.profiling import ProfileWindow
 from forge_train.progress import Progress, TrainResult
 from forge_train.rundir import resolve_run_dir
+from forge_train.sharded_routing import sharded_routing
 from forge_train.step import StepRunner
 from forge_train.throughput import benchmark_line, mfu, peak_flops, peak_memory_gb
 
@@ -72,18 +73,21 @@ class Trainer:
         )
         parts = self.parts
         moe = getattr(parts.model_config, "moe", None)  # a VLMConfig has none
-        balancer = None
+        balancer = routing = None
+        if parts.pipeline is None:
+            routing = sharded_routing(cfg, parts.model_config, parts.parallel)
         if ExpertBiasBalancer.wanted(parts.model_config) and parts.pipeline is not None:
             from forge_train.pipeline_moe import PipelineExpertBalancer
 
             balancer = PipelineExpertBalancer(parts.pipeline.moe, parts.model, parts.dp_group)
         elif ExpertBiasBalancer.wanted(parts.model_config):
-            balancer = ExpertBiasBalancer(parts.model, parts.dp_group)
-        runner_class, extra = StepRunner, {}
+            token_group = routing.group if routing is not None else None
+            balancer = ExpertBiasBalancer(parts.model, parts.dp_group, token_group)
+        runner_class, extra = StepRunner, {"routing": routing}
         if getattr(parts.parallel, "context_parallel_handle", None) is not None:
             from forge_train.context_parallel import ContextParallelInputs
 
-            extra = {"context": ContextParallelInputs(parts.parallel)}
+            extra["context"] = ContextParallelInputs(parts.parallel)
         if parts.pipeline is not None:
             from forge_train.pipeline_step import PipelineStepRunner
 

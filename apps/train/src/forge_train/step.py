@@ -25,6 +25,7 @@ from forge_train.data import IGNORE_INDEX, model_inputs
 from forge_train.distributed import all_reduce, local_value
 from forge_train.expert_balance import ExpertBiasBalancer
 from forge_train.guards import NonFiniteGuard
+from forge_train.sharded_routing import ShardedRouting
 
 __all__ = ["StepRunner"]
 
@@ -37,7 +38,9 @@ class StepRunner:
     ``parallel`` is forge_parallel's ``ParallelizeResult`` (``no_sync``, ``loss_context``);
     ``tensor_parallel`` computes the loss from the logits (the fused loss needs the whole
     output matrix); ``balancer`` is set for models with ``moe.expert_bias``; ``context`` for
-    ``parallel.cp > 1``.
+    ``parallel.cp > 1``; ``routing`` when a batch's tokens are split over ranks for the MoE
+    layers (context parallel, or TP with sequence parallelism): the balance loss of the whole
+    batch (:class:`forge_train.sharded_routing.ShardedRouting`).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class StepRunner:
         guard: NonFiniteGuard,
         balancer: ExpertBiasBalancer | None = None,
         context: ContextParallelInputs | None = None,
+        routing: ShardedRouting | None = None,
     ) -> None:
         self.model = model
         self.parallel = parallel
@@ -70,6 +74,7 @@ class StepRunner:
         self.guard = guard
         self.balancer = balancer
         self.context = context
+        self.routing = routing
         self.cp_group = context.group if context is not None else None
         #: Ranks whose gradients data parallelism averages (dp x cp).
         self.grad_ranks = dp_size * (context.size if context is not None else 1)
@@ -109,9 +114,12 @@ class StepRunner:
         stats = getattr(self.model, "moe_stats", None)
         aux = None
         if stats is not None and stats.aux_loss is not None:
-            aux = self.aux_coef * stats.aux_loss
-            if not self.tensor_parallel:
-                loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch
+            if (
+                not self.tensor_parallel
+            ):  # the model adds it unscaled; it is weighted per micro-batch
+                loss = loss - self.aux_coef * stats.aux_loss
+            whole = stats.aux_loss if self.routing is None else self.routing.switch_loss(stats)
+            aux = self.aux_coef * whole
         return loss, aux
 
     def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:
