@@ -156,7 +156,7 @@ class BlockInput(ParallelStyle):
         return module
 
 
-class GatheredInput(ParallelStyle):
+class GatheredInput(BlockInput):
     """The input (first tensor argument, or ``kwarg``) of a block that runs replicated layers
     on it, as a plain tensor of the whole sequence: all-gathered from sequence shards under
     sequence parallelism (the backward keeps this rank's chunk of the gradient), untouched
@@ -169,14 +169,6 @@ class GatheredInput(ParallelStyle):
     input gradient is then whole on every rank, which is what the backward here assumes (a
     :class:`BlockInput` would sum it over the ranks once more).
     """
-
-    def __init__(
-        self, *, sequence_parallel: bool, sequence_dim: int = 1, kwarg: str = "hidden_states"
-    ) -> None:
-        super().__init__()
-        self.sequence_parallel = sequence_parallel
-        self.sequence_dim = sequence_dim
-        self.kwarg = kwarg
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         dim, kwarg, sp = self.sequence_dim, self.kwarg, self.sequence_parallel
