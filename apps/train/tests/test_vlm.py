@@ -14,7 +14,7 @@ import torch
 
 from forge_train.components import build_components
 from forge_train.compose import compose_run_config
-from forge_train.config import ConfigError
+from forge_train.config import ConfigError, ParallelSettings
 from forge_train.data import load_run_tokenizer, model_inputs
 from forge_train.modeling import build_model, export_hf
 from forge_train.trainer import train
@@ -23,7 +23,7 @@ from forge_train.vlm_model import vlm_model_config
 pytest.importorskip("skimage")
 
 CPU = torch.device("cpu")
-DEGREES = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1}
+DEGREES = ParallelSettings().resolve(1)  # one process
 
 
 @pytest.fixture(scope="module", autouse=True)
