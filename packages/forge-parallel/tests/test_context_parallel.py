@@ -316,6 +316,22 @@ def _attention_job(kv_heads: int):
             _rel(lk.grad, shard(dk)),
             _rel(lv.grad, shard(dv)),
         )
+    # value heads narrower than query/key heads (multi-head latent attention), packed
+    narrow_v = torch.randn(*v.shape[:-1], 5, generator=torch.Generator().manual_seed(9))
+    for style in ("ring", "ulysses"):
+        ref_out, dq, dk, dv, grad = _reference(q, k, narrow_v, causal=True, cu_seqlens=cu)
+        lq, lk, lv = (shard(t, lb=True).requires_grad_() for t in (q, k, narrow_v))
+        out = context_parallel_attention(
+            lq, lk, lv, group=group, style=style, causal=True, cu_seqlens=cu
+        )
+        out.backward(shard(grad, lb=True))
+        full = unshard_sequence(out.detach(), dim=2, group=group)
+        errors[f"{style}_narrow_value_heads"] = max(
+            _rel(full, ref_out),
+            _rel(lq.grad, shard(dq, lb=True)),
+            _rel(lk.grad, shard(dk, lb=True)),
+            _rel(lv.grad, shard(dv, lb=True)),
+        )
     # an unedited call site: SDPA routed through the TorchFunctionMode, packed documents
     lq, lk, lv = (
         shard_sequence(t, dim=2, cp_size=cp, cp_rank=rank).requires_grad_() for t in (q, k, v)

@@ -101,10 +101,6 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
         "train.compile=true (the context-parallel attention is routed at run time)": (
             cfg.train.compile
         ),
-        "multi-head latent attention (DeepSeek-V3; its value heads are narrower than its "
-        "query/key heads, which the ring and Ulysses attention do not take yet)": (
-            getattr(model_config, "mla", None) is not None
-        ),
     }
     moe = getattr(model_config, "moe", None)
     if moe is not None:  # the switch loss and the expert-bias load are summed over the ranks

@@ -24,10 +24,11 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"scaled_dot_product_attention, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
             f"v {tuple(v.shape)}"
         )
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share batch, "
-            "sequence shard length and head_dim (k and v the same shape)"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share batch "
+            "and sequence shard length, q and k their head_dim, k and v their heads (v's "
+            "head_dim may differ, as in multi-head latent attention)"
         )
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(
@@ -50,10 +51,10 @@ def context_parallel_attention(
 ) -> torch.Tensor:
     """Exact attention over a sequence sharded across the context-parallel ``group``.
 
-    ``q`` (B, H, S / cp, D) and ``k``/``v`` (B, Hkv, S / cp, D) are this rank's shard of the
-    sequence in the ``load_balance`` layout (zigzag by default, see
+    ``q`` (B, H, S / cp, D), ``k`` (B, Hkv, S / cp, D) and ``v`` (B, Hkv, S / cp, Dv) are this
+    rank's shard of the sequence in the ``load_balance`` layout (zigzag by default, see
     :func:`~forge_parallel.context_parallel.shard_sequence`); returns this rank's shard of the
-    output, (B, H, S / cp, D). ``causal`` applies the causal mask on *global* positions;
+    output, (B, H, S / cp, Dv). ``causal`` applies the causal mask on *global* positions;
     ``cu_seqlens`` (document boundaries of the full sequence, ``[0, ..., S]``) confines
     attention to each packed document. ``style``: ``"ring"`` or ``"ulysses"``. ``scale``
     defaults to ``1 / sqrt(D)``. Differentiable; the result equals full-sequence

@@ -127,19 +127,21 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, scale, layout):
         size, me = dist.get_world_size(group), dist.get_rank(group)
-        out = q.new_zeros(q.shape, dtype=torch.float32)
+        out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=torch.float32)
         lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
-        kv = torch.stack([k, v])
+        dk = k.shape[-1]
+        kv = torch.cat([k, v], dim=-1)  # one message per hop (v's head_dim may differ)
         for step in range(size):
             pending = _RingPass(kv, group) if step < size - 1 else None
             src = (me - step) % size
             part = _visible_part(layout.mask(me, src, causal))
             if part is not None:
                 rows, cols = part.rows, part.cols
+                block_kv = _take(kv, cols, 2)
                 block_out, block_lse = block_attention_forward(
                     _take(q, rows, 2),
-                    _take(kv[0], cols, 2),
-                    _take(kv[1], cols, 2),
+                    block_kv[..., :dk],
+                    block_kv[..., dk:],
                     part.mask,
                     scale,
                 )
@@ -165,7 +167,8 @@ class _RingAttention(torch.autograd.Function):
         size, me = dist.get_world_size(group), dist.get_rank(group)
         delta = (grad_out.float() * out.float()).sum(-1)
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
+        dk = k.shape[-1]
+        kv = torch.cat([k, v], dim=-1)
         grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         for step in range(size):
             pending = _RingPass(kv, group) if step < size - 1 else None
@@ -173,19 +176,19 @@ class _RingAttention(torch.autograd.Function):
             part = _visible_part(layout.mask(me, src, causal))
             if part is not None:
                 rows, cols = part.rows, part.cols
-                dq, dk, dv = block_attention_backward(
+                block_kv = _take(kv, cols, 2)
+                grad_q_block, grad_k_block, grad_v_block = block_attention_backward(
                     _take(q, rows, 2),
-                    _take(kv[0], cols, 2),
-                    _take(kv[1], cols, 2),
+                    block_kv[..., :dk],
+                    block_kv[..., dk:],
                     _take(lse, rows, 2),
                     _take(grad_out, rows, 2),
                     _take(delta, rows, 2),
                     part.mask,
                     scale,
                 )
-                _add(grad_q, rows, 2, dq)
-                _add(grad_kv[0], cols, 2, dk)
-                _add(grad_kv[1], cols, 2, dv)
+                _add(grad_q, rows, 2, grad_q_block)
+                _add(grad_kv, cols, 2, torch.cat([grad_k_block, grad_v_block], dim=-1))
             # The gradient sums travel with their K/V; the last hop takes them home.
             if size > 1:
                 grad_kv = _RingPass(grad_kv, group).wait()
@@ -193,8 +196,8 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending.wait()
         return (
             grad_q.to(q.dtype),
-            grad_kv[0].to(k.dtype),
-            grad_kv[1].to(v.dtype),
+            grad_kv[..., :dk].to(k.dtype),
+            grad_kv[..., dk:].to(v.dtype),
             None,
             None,
             None,
@@ -215,7 +218,7 @@ def ring_attention(
 ) -> torch.Tensor:
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
-    ``q`` (B, H, S_local, D), ``k``/``v`` (B, Hkv, S_local, D): this rank's shard in the
+    ``q``/``k`` (B, H or Hkv, S_local, D), ``v`` (B, Hkv, S_local, Dv): this rank's shard in the
     ``load_balance`` layout. Use :func:`~forge_parallel.context_parallel.context_parallel_attention`
     (which validates the arguments) rather than calling this directly.
     """
