@@ -271,6 +271,10 @@ def _text_plan(model, config, cfg: RunConfig):
             if k != "layers.*.mlp" and not k.startswith(("layers.*.mlp.", "mtp."))
         }
         for i, block in enumerate(model.layers):
+            if block.is_moe and cfg.parallel.ep > 1:
+                # Expert parallelism splits the experts over ep x etp (etp = tp: Megatron-Core's
+                # expert tensor parallelism); router and shared expert stay plain, replicated.
+                continue
             if block.is_moe:
                 styles[f"layers.{i}.mlp"] = "replicate"
             else:

@@ -33,7 +33,10 @@ def expert_parallel_config(cfg, model_config, degrees: dict[str, int]):
             "(e.g. model=tiny-moe)"
         )
     refusals = {
-        "parallel.tp > 1 (MoE layers run whole on every tensor-parallel rank)": degrees["tp"] > 1,
+        "tensor parallelism with parallel.sequence_parallel=true (each expert is split over "
+        "the tensor-parallel ranks, which must hold the same tokens)": (
+            degrees["tp"] > 1 and cfg.parallel.sequence_parallel
+        ),
         "train.compile=true (the token all-to-all has data-dependent sizes)": cfg.train.compile,
     }
     for what, refused in refusals.items():
