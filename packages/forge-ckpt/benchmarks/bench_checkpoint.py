@@ -164,12 +164,13 @@ def bench_training_checkpoint(root: Path, state_mb: int, repeats: int) -> list[t
     return rows
 
 
-def llama_config(params: int):
+def llama_config(params: int, *, vocab: int = 32000, layers: int = 12):
+    """A Llama config of about ``params`` parameters: the smallest hidden size (a multiple of
+    64) that reaches it with ``layers`` layers, an 8/3 h MLP, ``vocab`` tokens, untied head."""
     from transformers import LlamaConfig
 
-    # Llama-shaped: hidden h, 12 layers, MLP 8/3 h, 32k vocab, untied head
-    for hidden in range(256, 4096, 64):
-        layers, inter, vocab = 12, int(hidden * 8 / 3) // 64 * 64, 32000
+    for hidden in range(64, 4096, 64):
+        inter = int(hidden * 8 / 3) // 64 * 64
         n = 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
         if n >= params:
             break
@@ -228,7 +229,11 @@ LOADERS = {
 
 
 def bench_hf_load(
-    root: Path, params: int, repeats: int, before_src: list[str] | None = None
+    root: Path,
+    params: int,
+    repeats: int,
+    before_src: list[str] | None = None,
+    llama: dict | None = None,
 ) -> list[tuple]:
     """Each load in a fresh process (imports not timed), as a job loads its model: best of
     ``repeats`` processes per loader, interleaved. ``before_src``: source folders of an older
@@ -238,7 +243,7 @@ def bench_hf_load(
 
     from transformers import LlamaForCausalLM
 
-    config, n = llama_config(params)
+    config, n = llama_config(params, **(llama or {}))
     folder = root / "hf"
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -310,7 +315,9 @@ def _sharded_model(config, layout: str):
     return model.to_empty(device="cpu")
 
 
-def bench_sharded_load(root: Path, params: int, repeats: int) -> list[tuple]:
+def bench_sharded_load(
+    root: Path, params: int, repeats: int, llama: dict | None = None
+) -> list[tuple]:
     """See the module docstring (part 4)."""
     from transformers import LlamaForCausalLM
 
@@ -319,7 +326,7 @@ def bench_sharded_load(root: Path, params: int, repeats: int) -> list[tuple]:
     from forge_models import registry
     from forge_models.sharded_load import load_hf_shards
 
-    hf_config, n = llama_config(params)
+    hf_config, n = llama_config(params, **(llama or {}))
     folder = root / "hf_sharded"
     torch.manual_seed(0)
     LlamaForCausalLM(hf_config).save_pretrained(folder)
@@ -360,7 +367,7 @@ def bench_sharded_load(root: Path, params: int, repeats: int) -> list[tuple]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-mb", type=int, default=512, help="model weights in MB")
     parser.add_argument("--hf-params", type=float, default=134e6)
@@ -377,21 +384,23 @@ def main() -> None:
     parser.add_argument(
         "--load-once", nargs=3, metavar=("LOADER", "FOLDER", "WARMUP"), help=argparse.SUPPRESS
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.load_once:
         load_once(*args.load_once)
         return
-    if args.smoke:
-        args.state_mb, args.hf_params, args.repeats = 8, 20e6, 1
+    llama = {}  # the Llama shape: 12 layers, a 32k vocabulary
+    if args.smoke:  # a few MB: checks that every part runs (tests/test_benchmark.py)
+        args.state_mb, args.hf_params, args.repeats = 2, 1e6, 1
+        llama = {"vocab": 1024, "layers": 2}
     root = Path(tempfile.mkdtemp(prefix="forge_bench_ckpt_", dir=args.dir))
     try:
         rows = []
         if args.part in ("all", "training"):
             rows += bench_training_checkpoint(root, args.state_mb, args.repeats)
         if args.part in ("all", "hf"):
-            rows += bench_hf_load(root, int(args.hf_params), args.repeats, args.before_src)
+            rows += bench_hf_load(root, int(args.hf_params), args.repeats, args.before_src, llama)
         if args.part in ("all", "sharded"):
-            rows += bench_sharded_load(root, int(args.hf_params), args.repeats)
+            rows += bench_sharded_load(root, int(args.hf_params), args.repeats, llama)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, scratch {root.parent}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,68 @@ def test_forge_round_trip_dry_run_and_check(hf_dir, tmp_path, capsys):
     assert (
         "-> layers.1.mlp.gate_up_proj.weight [48, 16]  [concat(dim=0)]" in capsys.readouterr().out
     )
+
+
+def test_every_subcommand_shows_progress_and_dry_runs_write_nothing(hf_dir, tmp_path, capsys):
+    forge, mc, back = tmp_path / "forge", tmp_path / "mc", tmp_path / "back"
+    # 21 HF tensors -> 19 forge (gate/up fused) -> 15 Megatron (q/k/v fused) -> 21 HF.
+    for argv, bar in (
+        (["hf-to-forge", hf_dir, forge], r"hf -> forge: 100%\|.+\| 19/19 "),
+        (["forge-to-hf", forge, back], r"forge -> hf: 100%\|.+\| 19/19 "),
+        (["hf-to-megatron", hf_dir, mc, "--tp", "2"], r"hf -> megatron: 100%\|.+\| 15/15 "),
+        (["megatron-to-hf", mc, tmp_path / "back2"], r"megatron -> hf: 21tensor "),
+    ):
+        assert main([str(a) for a in argv]) == 0
+        assert re.search(bar, capsys.readouterr().err), argv[0]
+    assert main(["forge-to-hf", str(forge), str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    # Dry runs of the two subcommands that read a converted checkpoint print and write nothing.
+    assert main(["forge-to-hf", str(forge), str(tmp_path / "none"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("forge-to-hf (llama): 19 forge tensors\n")
+    assert (
+        "  layers.1.mlp.gate_up_proj.weight [48, 16] -> model.layers.1.mlp.gate_proj.weight"
+        " + model.layers.1.mlp.up_proj.weight  [concat(dim=0)]\n"
+    ) in out
+    assert "  layers.0.attn.k_proj.weight [8, 16] -> model.layers.0.self_attn.k_proj.weight  [copy]" in out  # fmt: skip
+    assert len(out.splitlines()) == 1 + 19
+    assert main(["megatron-to-hf", str(mc), str(tmp_path / "none"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "megatron-to-hf (DistCheckpoint, tp=2, pp=1, vp=1, ep=1, model_type=llama)"
+    )
+    assert "  -> model.layers.1.self_attn.k_proj.weight [8, 16] float32\n" in out
+    assert len(out.splitlines()) == 1 + 21
+    assert not (tmp_path / "none").exists()
+
+
+def test_check_names_a_flipped_tensor_in_a_torch_dist_checkpoint(hf_dir, tmp_path, capsys):
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for f in hf_dir.iterdir():
+        (flipped / f.name).write_bytes(f.read_bytes())
+    name = "model.layers.1.self_attn.k_proj.weight"
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    _flip(flipped / index["weight_map"][name], name)
+    mc = tmp_path / "mc"
+    args = ["--tp", "2", "--pp", "2", "--format", "torch_dist", "--quiet"]
+    assert main(["hf-to-megatron", str(flipped), str(mc), *args]) == 0
+    assert (mc / "iter_0000000" / ".metadata").is_file()
+    capsys.readouterr()
+    assert main(["hf-to-megatron", str(flipped), str(mc), "--check"]) == 0
+    assert "check passed: 15 tensors bit-exact" in capsys.readouterr().out
+    assert main(["hf-to-megatron", str(hf_dir), str(mc), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "check FAILED: 1 problem(s) in 15 compared tensors" in out
+    # k is a third of the fused layer-1 QKV: 8 of its 32 rows (128 of 512 values), flipped.
+    assert "decoder.layers.1.self_attention.linear_qkv.weight: 128 of 512 values differ" in out
+    # And the other way: the HF export of the torch_dist checkpoint against the original.
+    assert main(["megatron-to-hf", str(mc), str(tmp_path / "back"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["megatron-to-hf", str(mc), str(hf_dir), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "check FAILED: 1 problem(s) in 21 compared tensors" in out
+    assert f"{name}: 128 of 128 values differ" in out
 
 
 def test_errors(hf_dir, tmp_path, capsys):

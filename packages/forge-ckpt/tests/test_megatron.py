@@ -41,9 +41,19 @@ CASES = {
 
 
 def test_every_family_has_a_case():
+    import importlib.util
+
     from forge_ckpt.mapping.families import BUILTIN_MAPPINGS
 
-    assert sorted(CASES) == list_megatron_families()
+    file = pathlib.Path(__file__).with_name("test_megatron_vlm.py")
+    spec = importlib.util.spec_from_file_location("forge_ckpt_tests_test_megatron_vlm", file)
+    vlm_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vlm_tests)
+    # The vision-language families (LLaVAModel) are tested in test_megatron_vlm.py; Qwen2.5-VL
+    # has no Megatron-Core vision module and is refused there.
+    assert sorted([*CASES, *vlm_tests.SPLITS]) == list_megatron_families()
+    with pytest.raises(ValueError, match=r"no module for Qwen2\.5-VL's vision tower"):
+        get_megatron_family("qwen2_5_vl")
     # Built-in families only: other tests register toy mappings in the same process.
     lacking = sorted(set(BUILTIN_MAPPINGS) - set(list_megatron_families()))
     assert not lacking, f"forge_ckpt mappings without a Megatron mapping: {lacking}"
@@ -270,6 +280,60 @@ def test_errors_are_clear(hf_dirs, tmp_path):
         get_megatron_family({"model_type": "gpt2"})
     with pytest.raises(ValueError, match="does not match the megatron-qwen3"):
         hf_to_megatron(hf_dirs["llama"], tmp_path / "c", family="qwen3")
+
+
+class _Exec:
+    """Unpickles into a call of ``exec``: writes ``marker`` if the code runs."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+class _Hop:
+    """A function from torch.distributed.checkpoint itself, not a metadata class: it unpickles
+    another file with ``torch.load(weights_only=False)`` (a module-prefix allow-list admits it)."""
+
+    def __init__(self, payload: pathlib.Path, out: pathlib.Path) -> None:
+        self.payload, self.out = payload, out
+
+    def __reduce__(self):
+        from torch.distributed.checkpoint.format_utils import torch_save_to_dcp
+
+        return (torch_save_to_dcp, (str(self.payload), str(self.out)))
+
+
+def test_torch_dist_metadata_is_read_without_running_code(hf_dirs, tmp_path):
+    import pickle
+
+    from forge_ckpt.megatron.dist import DistCheckpoint
+
+    root = hf_to_megatron(hf_dirs["qwen3"], tmp_path / "mc", tensor_parallel=2)
+    metadata = root / "iter_0000000" / ".metadata"
+    assert set(DistCheckpoint(root).keys())  # the genuine file reads
+    marker = tmp_path / "ran"
+    payload = tmp_path / "payload.pt"
+    payload.write_bytes(pickle.dumps(_Exec(marker)))
+    cases = [
+        (pickle.dumps(_Exec(marker)), r"refusing to load builtins\.exec"),
+        (
+            pickle.dumps(_Hop(payload, tmp_path / "hop")),
+            r"refusing to load torch\.distributed\.checkpoint\.format_utils\.torch_save_to_dcp",
+        ),
+        (pickle.dumps({"state_dict_metadata": {}}), "holds a dict, not DCP Metadata"),
+        (metadata.read_bytes()[:-40], "not a valid DCP metadata file"),  # truncated
+    ]
+    for data, message in cases:
+        metadata.write_bytes(data)
+        with pytest.raises(ValueError, match=message) as err:
+            DistCheckpoint(root)
+        assert str(metadata) in str(err.value)
+        with pytest.raises(ValueError, match=message):
+            megatron_to_hf(root, tmp_path / "hf")
+        assert not marker.exists()
+    assert not (tmp_path / "hf").exists()
 
 
 def test_unsafe_pickles_are_refused_with_a_clear_error(tmp_path):

@@ -97,19 +97,15 @@ def _megatron_model(hcfg, name: str):
     ).eval()  # fmt: skip
 
 
-def _check() -> None:
+def init_megatron_on_cpu() -> None:
+    """One gloo process with megatron's parallel state, its CUDA-only bookkeeping pointed at the
+    CPU (see the module doc); numerics untouched."""
     import torch
     import torch.distributed as dist
-    import transformers
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.validation import StrictHandling
     from megatron.core.tensor_parallel import random as megatron_random
     from megatron.core.transformer.moe import moe_utils
 
-    from forge_ckpt.megatron import hf_to_megatron
-
-    # CUDA-only bookkeeping pointed at the CPU (see the module doc); numerics untouched.
     torch.cuda.current_device = lambda: "cpu"
     megatron_random.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
     moe_utils.te_general_gemm = None
@@ -118,6 +114,17 @@ def _check() -> None:
     torch.empty = lambda *a, strides=None, **k: empty(*a, **k)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
+
+
+def _check() -> None:
+    import torch
+    import transformers
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from forge_ckpt.megatron import hf_to_megatron
+
+    init_megatron_on_cpu()
     tmp = Path(tempfile.mkdtemp())
     ids = torch.randint(
         0, _COMMON["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1)

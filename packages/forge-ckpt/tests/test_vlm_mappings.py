@@ -88,9 +88,6 @@ _SAVERS = {
     "internvl": _save_internvl,
 }
 
-#: Checkpoint tensors forge does not build (dropped on import, so not written back).
-_DROPPED = {"llava_onevision": {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"}}  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
@@ -168,8 +165,7 @@ def test_transformers_checkpoint_round_trips_bit_exact(checkpoints, family):
     assert {n.split(".")[0] for n in forge} == {"vision", "projector", "language_model"}
     back = dict(spec.forge_to_hf(forge.items(), ctx))
     saved = load_file(folder / "model.safetensors")
-    assert set(saved) - set(back) == _DROPPED.get(family, set())
-    assert set(back) <= set(saved)
+    assert set(back) == set(saved)  # every tensor (LLaVA's unapplied post_layernorm too)
     for name, tensor in back.items():
         assert tensor.dtype == saved[name].dtype, name
         assert torch.equal(tensor, saved[name]), name
@@ -236,10 +232,10 @@ def test_other_layouts_import_to_the_same_tensors(checkpoints, tmp_path, family,
     # Export keeps the detected layout; a context without detection writes transformers'.
     back = dict(spec.forge_to_hf(forge.items(), ctx))
     assert all(torch.equal(back[n], renamed[n]) for n in back)
-    assert set(renamed) - set(back) == {rename(n) for n in _DROPPED.get(family, ())}
+    assert set(back) == set(renamed)
     plain = dict(spec.forge_to_hf(forge.items(), default_ctx))
     assert set(plain) == set(spec.hf_names(spec.context(HFCheckpoint(tmp_path / "renamed").config)))
-    assert set(plain) <= set(load_file(checkpoints[family] / "model.safetensors"))
+    assert set(plain) == set(load_file(checkpoints[family] / "model.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,13 +299,14 @@ def test_convert_and_cli_round_trip_keep_the_layout(checkpoints, tmp_path, capsy
     source = _renamed(checkpoints["llava_onevision"], src, _hub_llava)
     forge, config = load_hf_as_forge(src)
     out = save_forge_as_hf(forge, tmp_path / "plain", config=config)
-    assert set(load_file(out / "model.safetensors")) <= set(load_file(checkpoints["llava_onevision"] / "model.safetensors"))  # fmt: skip
+    assert set(load_file(out / "model.safetensors")) == set(load_file(checkpoints["llava_onevision"] / "model.safetensors"))  # fmt: skip
     fdir, back = tmp_path / "forge", tmp_path / "back"
     assert main(["hf-to-forge", str(src), str(fdir), "--quiet"]) == 0
     meta = json.loads((fdir / "forge_mapping.json").read_text())
     assert meta["options"]["vision.vision_model_prefix"] is True
     assert main(["forge-to-hf", str(fdir), str(back), "--quiet"]) == 0
     again = load_file(back / "model.safetensors")
+    assert set(again) == set(source)
     assert all(torch.equal(again[n], source[n]) for n in again)
     capsys.readouterr()
     assert main(["hf-to-forge", str(src), str(fdir), "--check"]) == 0

@@ -33,6 +33,16 @@ def probe(vocab: int, shape, seed: int = 2) -> torch.Tensor:
     return torch.randn(*shape, vocab, generator=torch.Generator().manual_seed(seed))
 
 
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Move every float parameter and buffer of ``model`` off its values in place (as training
+    would), e.g. before checking that an export carries the model's weights, not its source's."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(scale * torch.randn(t.shape, generator=gen))
+
+
 class HFPair:
     """A transformers model with informative random weights, its saved folder, and the forge
     model loaded from it.
@@ -94,12 +104,15 @@ class HFPair:
         return {n: t for n, t in mapped.items() if n not in hf_buffers}
 
     def assert_grads_match(self, *, unused: tuple[str, ...] = (), **ctx_options) -> None:
-        """``unused``: reference parameters forge does not build (e.g. a ViT's post-layernorm
-        that a VLM reading an inner layer skips); they must get no gradient there either."""
+        """``unused``: reference parameters that no output depends on (e.g. SigLIP's
+        post-layernorm, which LLaVA-OneVision loads but never applies): they must get no
+        gradient there, and forge carries them as buffers (mapped along, not trained)."""
         params = dict(self.ref.named_parameters())
         assert all(params[n].grad is None for n in unused), unused
         ref = {n: p.grad for n, p in params.items() if n not in unused}
         ours = self.forge_grads_as_hf(**ctx_options)
+        for name in unused:  # a carried buffer: its value, equal to the reference's weight
+            assert torch.equal(ours.pop(name), params[name].detach()), name
         assert sorted(ours) == sorted(ref)  # every parameter, no more, no less
         for name, g in ref.items():
             if g.norm() < 1e-6:

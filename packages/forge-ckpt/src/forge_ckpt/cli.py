@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
     from forge_ckpt.hf.io import HFCheckpoint
 
@@ -167,9 +165,14 @@ def _hf_to_megatron(args) -> int:
     config = src.config
     family = get_megatron_family(args.family or config)
     te = not args.local_spec
+    options = {
+        "te_spec": te,
+        "grouped_gemm": args.grouped_gemm,
+        **family.mapping.detect_context(src.names()),
+    }
     ctx = megatron_context(
         family, config, tensor_parallel=args.tp, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        te_spec=te, grouped_gemm=args.grouped_gemm, **family.mapping.detect_context(src.names()),
+        **options,
     )  # fmt: skip
     shapes = {n: i.shape for n, i in src.tensor_info().items()}
     family.mapping.check_hf(shapes, ctx)
@@ -184,11 +187,12 @@ def _hf_to_megatron(args) -> int:
         out = open_megatron(args.out, trusted_globals=tuple(args.trust_global))
         padded = out.args.get("padded_vocab_size")
         if padded is not None:
-            ctx = {**ctx, "vocab_pad_multiple": int(padded)}
+            ctx = megatron_context(family, config, vocab_pad_multiple=int(padded), **options)
         by_target = {b.forge: b for b in bound}
-        from forge_ckpt.megatron.convert import _megatron_items
+        from forge_ckpt.megatron.convert import _language_model, _megatron_items
 
-        actual = _megatron_items(out, family, ctx)
+        _, lm, prefix = _language_model(family, config, ctx)  # a VLM: its language model's
+        actual = _megatron_items(out, family, lm, prefix)
         seen: set[str] = set()
 
         def pairs():
@@ -271,6 +275,8 @@ def _print_rules(bound, shapes, ctx, title: str, extra: Callable | None = None) 
 
 def _report(pairs, expected: set[str], present: set[str], args, lazy_expected: bool = False) -> int:
     """Compare ``(name, expected, actual)`` triples bit for bit; print a summary."""
+    from forge_ckpt.bits import differing_elements, identical
+
     bad: list[str] = []
     checked = 0
     for name, want, got in pairs:
@@ -279,9 +285,9 @@ def _report(pairs, expected: set[str], present: set[str], args, lazy_expected: b
             bad.append(
                 f"{name}: expected {list(want.shape)} {want.dtype}, found {list(got.shape)} {got.dtype}"
             )
-        elif not torch.equal(want, got):
+        elif not identical(want, got):  # bits: a NaN equals its copy, -0.0 is not 0.0
             diff = (want.double() - got.double()).abs()
-            bad.append(f"{name}: {int((diff > 0).sum())} of {want.numel()} values differ (max abs diff {diff.max().item():.3g})")  # fmt: skip
+            bad.append(f"{name}: {differing_elements(want, got)} of {want.numel()} values differ (max abs diff {diff.max().item():.3g})")  # fmt: skip
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     bad += [f"{n}: missing from the converted checkpoint" for n in missing]
     bad += [f"{n}: unexpected in the converted checkpoint" for n in unexpected]

@@ -95,8 +95,11 @@ def _load(encoder_cls, config, ref, spec, feature_layer):
 
 def _assert_grads(encoder, ref, spec, ctx, pixels, ref_pixels, pixel_rows=None):
     """Every forge gradient equals the reference's (same name through the mapping); the
-    reference parameters forge does not build got no gradient."""
-    ours = dict(spec.forge_to_hf(((n, p.grad) for n, p in encoder.named_parameters()), ctx))
+    reference parameters forge does not build or apply got no gradient."""
+    carried = dict(encoder.named_buffers())  # an unapplied post_layernorm: no gradient
+    grads = {n: p.grad for n, p in encoder.named_parameters()}
+    ours = dict(spec.forge_to_hf((grads | carried).items(), ctx))
+    ours = {n: g for n, g in ours.items() if not any(n.endswith(c) for c in carried)}
     theirs = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     assert sorted(ours) == sorted(theirs)
     for name, grad in theirs.items():
@@ -116,7 +119,12 @@ def test_siglip_matches_transformers(siglip_ref, feature_layer):
         SiglipVisionEncoder, siglip_config_from_hf, siglip_ref, SIGLIP_MAPPING, feature_layer
     )
     assert len(encoder.blocks) == (1 if feature_layer == 1 else 2)
-    assert (encoder.post_layernorm is None) == (feature_layer is not None)
+    assert encoder.applies_post_layernorm == (feature_layer is None)
+    # Not applied: carried as buffers (loaded and saved, never trained), as transformers' VLMs.
+    assert {n for n, _ in encoder.named_parameters() if "post_layernorm" in n} == (
+        {"post_layernorm.weight", "post_layernorm.bias"} if feature_layer is None else set()
+    )
+    assert torch.equal(encoder.post_layernorm.bias, siglip_ref.post_layernorm.bias)
     pixels = torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(3))
     ref_pixels = pixels.clone().requires_grad_()
     pixels.requires_grad_()
@@ -195,8 +203,6 @@ def test_mappings_round_trip_bit_exact(siglip_ref, siglip2_ref, hub_layout):
             assert sorted(forge) == sorted(encoder.state_dict())
             back = dict(spec.forge_to_hf(forge.items(), ctx))
             dropped = {n for n in state if n.removeprefix(prefix).startswith("head.")}
-            if feature_layer is not None:
-                dropped |= {n for n in state if "post_layernorm" in n}
             if feature_layer == 1:
                 dropped |= {n for n in state if "layers.1." in n}
             assert sorted(back) == sorted(set(state) - dropped)

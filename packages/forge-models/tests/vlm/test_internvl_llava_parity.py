@@ -113,6 +113,57 @@ def test_llava_onevision_packed_anyres_images_match_transformers(tmp_path):
     ]
     _compare(pair, docs, visual, ref_kwargs)
     assert ph.rel(pixels.grad, ref_pixels.grad) <= ph.RTOL
-    # LLaVA reads the last layer before SigLIP's post-layernorm, which forge does not build
+    # LLaVA reads the last layer before SigLIP's post-layernorm, which forge carries unapplied
     unused = ("model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias")
     pair.assert_grads_match(hf_layout="modules", unused=unused)
+
+
+def _image_inputs(family: str) -> tuple[torch.Tensor, VisualInputs, dict]:
+    """One document with one image: ids, the forge visual inputs, transformers' kwargs."""
+    if family == "internvl":
+        pixels = _pixels((3, 3, 32, 32), seed=21)
+        visual = VisualInputs(pixel_values=pixels, tiles_per_item=torch.tensor([3]))
+        return _doc([3, (IMAGE, 12), 4], seed=22), visual, {"pixel_values": pixels}
+    pixels, sizes = _pixels((3, 3, 21, 21), seed=23), torch.tensor([[18, 40]])
+    visual = VisualInputs(pixel_values=pixels, tiles_per_item=torch.tensor([3]), image_sizes=sizes)
+    return None, visual, {"pixel_values": pixels[None], "image_sizes": sizes}
+
+
+@pytest.mark.parametrize(
+    ("family", "config_cls", "model_cls", "config"),
+    [
+        ("internvl", "InternVLConfig", "InternVLForConditionalGeneration", INTERNVL),
+        (
+            "llava_onevision",
+            "LlavaOnevisionConfig",
+            "LlavaOnevisionForConditionalGeneration",
+            LLAVA,
+        ),
+    ],
+)
+def test_save_pretrained_loads_in_transformers(tmp_path, family, config_cls, model_cls, config):
+    """``save_pretrained`` of a forge VLM loads in transformers with every tensor (none missing,
+    unexpected or mis-shaped) and gives forge's logits: a model loaded from a checkpoint and then
+    changed (the source config.json passed through) and one built from scratch by forge (the
+    config.json generated from the forge config)."""
+    import forge_models
+
+    pair = ph.HFPair(config_cls, model_cls, config, tmp_path / "source")
+    loaded = forge_models.from_pretrained(pair.hf_dir, mmap=False)
+    ph.perturb(loaded, seed=31)
+    torch.manual_seed(32)
+    fresh = forge_models.build_model(pair.model.config)  # forge's own init, no source config
+    assert getattr(fresh, "hf_config", None) is None
+    ids, visual, ref_kwargs = _image_inputs(family)
+    if ids is None:  # LLaVA-OneVision: the placeholder count follows the AnyRes tiling
+        ids = _doc([3, (IMAGE, pair.model.num_visual_tokens(visual)[0]), 4], seed=24)
+    for name, model in (("loaded", loaded), ("fresh", fresh)):
+        out = forge_models.save_pretrained(model, tmp_path / name)
+        reloaded, info = pair.ref_cls.from_pretrained(out, output_loading_info=True)
+        assert not any(info.values()), (name, info)
+        with torch.no_grad():
+            ours = model(ids[None], images=visual)
+            theirs = reloaded.eval()(input_ids=ids[None], **ref_kwargs).logits
+            source = pair.ref(input_ids=ids[None], **ref_kwargs).logits
+        assert ph.rel(ours, theirs) <= ph.RTOL, name
+        assert ph.rel(theirs, source) > 1e-2, name  # not the source model's weights

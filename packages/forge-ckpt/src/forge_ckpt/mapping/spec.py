@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from forge_ckpt.bits import identical
 from forge_ckpt.errors import CheckpointMismatchError
 
 __all__ = [
@@ -595,7 +596,7 @@ class BoundRule:
     @staticmethod
     def _check_copy(name: str, source: str, want: Any, got: Any) -> None:
         if isinstance(want, torch.Tensor):
-            same = want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got)
+            same = identical(want, got)
             what = "values"
         else:  # shapes (check_hf)
             same, what = tuple(want) == tuple(got), f"shape {list(got)} vs {list(want)}"

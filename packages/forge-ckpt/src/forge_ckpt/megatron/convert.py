@@ -25,13 +25,20 @@ import torch
 
 from forge_ckpt.errors import CheckpointMismatchError
 from forge_ckpt.hf.io import HFCheckpoint, read_hf_config, save_hf_checkpoint
+from forge_ckpt.mapping.composed import ComposedMapping
 from forge_ckpt.mapping.spec import BoundRule
 from forge_ckpt.megatron.dist import DistCheckpoint, is_dist_checkpoint, save_dist
 from forge_ckpt.megatron.expert_parallel import expert_index
 from forge_ckpt.megatron.families import MegatronFamily, get_megatron_family
-from forge_ckpt.megatron.layout import iteration_dir, layer_of, read_latest_iteration
+from forge_ckpt.megatron.layout import (
+    iteration_dir,
+    layer_of,
+    on_first_stage,
+    read_latest_iteration,
+)
 from forge_ckpt.megatron.legacy import LegacyCheckpoint, save_legacy
 from forge_ckpt.megatron.virtual_pipeline import parse_pipeline_layout, pipeline_chunks
+from forge_ckpt.megatron.vlm_families import vision_args
 
 __all__ = [
     "FORMATS",
@@ -52,6 +59,17 @@ def _family(family: str | MegatronFamily | None, config: Mapping[str, Any]) -> M
     if isinstance(family, MegatronFamily):
         return family
     return get_megatron_family(family if family is not None else config)
+
+
+def _language_model(
+    family: MegatronFamily, config: Mapping[str, Any], ctx: Mapping[str, Any]
+) -> tuple[Mapping[str, Any], Mapping[str, Any], str]:
+    """``(config view, context, name prefix)`` of the (language) model: the whole model's for a
+    text family, the language model part's for a vision-language family (``language_model.``)."""
+    if isinstance(family.mapping, ComposedMapping):
+        text = family.mapping.parts[-1]
+        return text.config(config), ctx["parts"][text.name], "language_model."
+    return config, ctx, ""
 
 
 def megatron_context(
@@ -127,9 +145,7 @@ def _stage_rules(bound: list[BoundRule], layers: range, first: bool, last: bool)
     for b in bound:
         layer = layer_of(b.forge)
         if layer is None:
-            if (b.forge.startswith("embedding.") and first) or (
-                not b.forge.startswith("embedding.") and last
-            ):
+            if (on_first_stage(b.forge) and first) or (not on_first_stage(b.forge) and last):
                 out.append(b)
         elif layer in layers:
             out.append(b)
@@ -185,18 +201,25 @@ def hf_to_megatron(
     ckpt = HFCheckpoint(hf_dir)
     config = ckpt.config
     fam = _family(family, config)
+    hf_options = fam.mapping.detect_context(ckpt.names())
     ctx = megatron_context(
         fam, config, tensor_parallel=tensor_parallel, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        te_spec=te_spec, grouped_gemm=grouped_gemm, **fam.mapping.detect_context(ckpt.names()),
+        te_spec=te_spec, grouped_gemm=grouped_gemm, **hf_options,
     )  # fmt: skip
     spec = fam.mapping
     shapes = {n: i.shape for n, i in ckpt.tensor_info().items()}
     spec.check_hf(shapes, ctx)
     bound = spec.bind(ctx)
-    num_layers = int(ctx["num_layers"])
-    embedding = next(b for b in bound if b.forge.startswith("embedding."))
+    lm_config, lm, prefix = _language_model(fam, config, ctx)
+    num_layers = int(lm["num_layers"])
+    embedding = next(b for b in bound if b.forge == f"{prefix}embedding.word_embeddings.weight")
     padded = int(embedding.forge_shape([shapes[n] for n in embedding.hf], ctx)[0])
-    args = megatron_args(config, ctx, padded)
+    args = megatron_args(lm_config, lm, padded)
+    if prefix:  # a LLaVAModel: its encoder, and the checkpoint layout the way back restores
+        args.update(
+            vision_args(fam.name, config, ctx), hf_model_type=config.get("model_type"),
+            hf_options=hf_options,
+        )  # fmt: skip
     moe_layers = {
         layer_of(b.forge)
         for b in bound
@@ -215,17 +238,17 @@ def hf_to_megatron(
     )  # fmt: skip
     if pipeline_layout is not None:
         mtp = "".join(parse_pipeline_layout(pipeline_layout, pipeline_parallel)).count("m")
-        if mtp != int(ctx.get("mtp_depth") or 0):
+        if mtp != int(lm.get("mtp_depth") or 0):
             raise ValueError(
                 f"pipeline layout {pipeline_layout!r} places {mtp} multi-token prediction "
-                f"layer(s) ('m'); the checkpoint has {int(ctx.get('mtp_depth') or 0)}"
+                f"layer(s) ('m'); the checkpoint has {int(lm.get('mtp_depth') or 0)}"
             )
 
     def stage_tensors(stage: int, layers: range) -> Iterable[tuple[str, torch.Tensor]]:
         rules = _stage_rules(bound, layers, stage == 0, stage == len(chunks) - 1)
         return _convert(ckpt, rules, ctx)
 
-    experts = int(ctx.get("num_experts") or 0) if ctx.get("moe_layer") else 0
+    experts = int(lm.get("num_experts") or 0) if lm.get("moe_layer") else 0
     common = {
         "num_layers": num_layers, "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel,
         "expert_parallel": expert_parallel, "num_experts": experts, "first_stage_layers": first_stage_layers,
@@ -235,11 +258,17 @@ def hf_to_megatron(
     }  # fmt: skip
     if format == "legacy":
         out = save_legacy(
-            out_dir, stage_tensors, tied_embeddings=bool(ctx["tie_word_embeddings"]), **common
+            out_dir, stage_tensors, tied_embeddings=bool(lm["tie_word_embeddings"]), **common
         )
     else:
+        vision_layers = int(ctx["parts"]["vision"]["num_layers"]) if prefix else 0
         out = save_dist(
-            out_dir, stage_tensors, renames=fam.local_dist_renames, per_layer_keys=mixed, **common
+            out_dir,
+            stage_tensors,
+            renames=fam.local_dist_renames,
+            per_layer_keys=mixed,
+            vision_layers=vision_layers,
+            **common,
         )
     (out / HF_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     return out
@@ -268,14 +297,18 @@ def open_megatron(
 
 
 def _megatron_items(
-    ckpt: LegacyCheckpoint | DistCheckpoint, family: MegatronFamily, ctx: Mapping[str, Any]
+    ckpt: LegacyCheckpoint | DistCheckpoint,
+    family: MegatronFamily,
+    ctx: Mapping[str, Any],
+    prefix: str = "",
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full Megatron tensors of ``ckpt`` under the layer spec of ``ctx`` (``te_spec``,
-    ``grouped_gemm``); the last stage's copy of tied embeddings is dropped."""
+    """Full Megatron tensors of ``ckpt`` under the layer spec of ``ctx`` (the language model's:
+    ``te_spec``, ``grouped_gemm``); the last stage's copy of tied embeddings (``prefix`` +
+    ``output_layer.weight``) is dropped."""
     te_spec, grouped = bool(ctx["te_spec"]), bool(ctx["grouped_gemm"])
     if isinstance(ckpt, LegacyCheckpoint):
         tied = bool(ctx["tie_word_embeddings"])
-        skip = (lambda n: n == "output_layer.weight") if tied else None
+        skip = (lambda n: n == f"{prefix}output_layer.weight") if tied else None
         return ckpt.iter_tensors(te_spec=te_spec, skip=skip)
     renames = () if te_spec else family.local_dist_renames
     return ckpt.iter_tensors(renames=renames, grouped_gemm=grouped)
@@ -313,15 +346,17 @@ def iter_megatron_as_hf(
     te_spec = args.get("transformer_impl", "transformer_engine") != "local"
     grouped = bool(args.get("moe_grouped_gemm", False))
     layout = {"te_spec": te_spec, "grouped_gemm": grouped, **mtp_options(args)}
+    layout.update(args.get("hf_options") or {})  # a VLM's checkpoint layout, as it was read
     ctx0 = fam.mapping.context(config, **layout)
-    items = iter(_megatron_items(ckpt, fam, ctx0))
+    _, lm0, prefix = _language_model(fam, config, ctx0)
+    items = iter(_megatron_items(ckpt, fam, lm0, prefix))
     # The padded vocabulary comes from the embedding itself: the first tensors are read lazily.
     buffered: list[tuple[str, torch.Tensor]] = []
     padded = args.get("padded_vocab_size")
     if padded is None:
         for name, t in items:
             buffered.append((name, t))
-            if name == "embedding.word_embeddings.weight":
+            if name == f"{prefix}embedding.word_embeddings.weight":
                 padded = t.shape[0]
                 break
     ctx = fam.mapping.context(config, **layout, vocab_pad_multiple=int(padded or 1))

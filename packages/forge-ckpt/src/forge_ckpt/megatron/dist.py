@@ -20,8 +20,9 @@ at a time: with expert parallelism each rank's file holds its experts' chunks (a
 expert offsets; the key's layout is the same at any split) and expert rank 0's file everything
 else. Uneven pipeline stages and virtual (interleaved) stages only move layers between files.
 :class:`DistCheckpoint` reads key by key, whatever the split. DCP's ``.metadata`` is a pickle:
-it is read with an unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes and
-paths.
+it is read with :func:`forge_ckpt.dcp_metadata.load_dcp_metadata`, whose unpickler admits only
+DCP's metadata classes by exact name, ``torch.Size``, dtypes and paths (``ValueError`` naming
+anything else).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from forge_ckpt.atomic_folder import publish_folder
+from forge_ckpt.dcp_metadata import load_dcp_metadata
 from forge_ckpt.megatron.expert_parallel import expert_index, experts_per_rank
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
@@ -64,10 +65,17 @@ _BACKEND = {
     "common_backend": "torch",
     "common_backend_version": 1,
 }
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# Layer stacks: a GPTModel's decoder, under ``language_model.`` in a LLaVAModel, whose vision
+# encoder stacks its own layers under ``vision_model.`` (always one key per tensor: its layers
+# are alike, and its local spec renames no norms).
+_LAYER = re.compile(r"^((?:language_model\.|vision_model\.)?decoder\.layers\.)(\d+)\.(.*)$")
+_STACKS = ("decoder.layers.", "language_model.decoder.layers.", "vision_model.decoder.layers.")
+_VISION = "vision_model."
 # Keys of one layer (no layer axis): an MTP layer's transformer layer, and every decoder layer of
 # a model with non-homogeneous layers (Megatron-Core's per-layer keys).
-_ONE_LAYER = re.compile(r"^((?:mtp\.layers\.\d+\.transformer_layer|decoder\.layers\.\d+)\.)(.*)$")
+_ONE_LAYER = re.compile(
+    r"^((?:mtp\.layers\.\d+\.transformer_layer|(?:language_model\.)?decoder\.layers\.\d+)\.)(.*)$"
+)
 _SEQ_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.(?:weight|bias))(\d+)$")
 _EXPERTS = "mlp.experts.experts."
@@ -94,6 +102,7 @@ def dist_key(
     num_experts: int = 0,
     renames: tuple[tuple[str, str], ...] = (),
     per_layer: bool = False,
+    vision_layers: int = 0,
 ) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """``(DCP key, leading offsets, leading extents)`` of a full Megatron tensor name.
 
@@ -101,11 +110,16 @@ def dist_key(
     ``non_homogeneous_layers``: dense and MoE layers mixed), keep their own keys
     (``decoder.layers.{i}.*``, no layer axis) as the transformer layer of an MTP layer always
     does (``mtp.layers.{k}.transformer_layer.*``). Routed experts add an expert axis to either.
+    A LLaVAModel's language model keys its layers so under ``language_model.``; its vision
+    encoder's ``vision_layers`` layers share keys ``vision_model.decoder.layers.*`` (no renames).
     """
     match = _LAYER.match(name)
-    if match is not None and not per_layer:
-        prefix, rest = "decoder.layers.", match.group(2)
-        lead, size = (int(match.group(1)),), (num_layers,)
+    vision = match is not None and match.group(1).startswith(_VISION)
+    if match is not None and (vision or not per_layer):
+        prefix, rest = match.group(1), match.group(3)
+        lead, size = (int(match.group(2)),), (vision_layers if vision else num_layers,)
+        if vision:
+            return prefix + rest, lead, size
     else:
         one = _ONE_LAYER.match(name)
         if one is None:
@@ -122,8 +136,9 @@ def _leading_dims(key: str) -> int:
     one = _ONE_LAYER.match(key)
     if one is not None:
         return 1 if one.group(2).startswith(_EXPERTS) else 0
-    if key.startswith("decoder.layers."):
-        return 2 if key.startswith(f"decoder.layers.{_EXPERTS}") else 1
+    stack = next((s for s in _STACKS if key.startswith(s)), None)
+    if stack is not None:
+        return 2 if key.startswith(stack + _EXPERTS) else 1
     return 0
 
 
@@ -136,11 +151,14 @@ def _name_of(
 ) -> str:
     """The inverse of :func:`dist_key`."""
     one = _ONE_LAYER.match(key)
+    stack = next((s for s in _STACKS if key.startswith(s)), None)
     if one is not None:
         (prefix, rest), expert = one.groups(), (leading[0] if leading else None)
-    elif key.startswith("decoder.layers.") and leading:
-        prefix, rest = f"decoder.layers.{leading[0]}.", key[len("decoder.layers.") :]
+    elif stack is not None and leading:
+        prefix, rest = f"{stack}{leading[0]}.", key[len(stack) :]
         expert = leading[1] if len(leading) == 2 else None
+        if stack.startswith(_VISION):
+            return prefix + rest
     else:
         return key
     if expert is not None:
@@ -194,6 +212,7 @@ def save_dist(
     te_spec: bool = True,
     renames: tuple[tuple[str, str], ...] = (),
     per_layer_keys: bool = False,
+    vision_layers: int = 0,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
@@ -203,6 +222,7 @@ def save_dist(
     ``renames``: the local layer spec's key renames (used when ``te_spec`` is False).
     ``per_layer_keys``: one key per decoder layer (see :func:`dist_key`), as Megatron-Core
     stores models whose layers differ (dense and MoE layers mixed).
+    ``vision_layers``: a LLaVAModel's vision encoder layers (their keys' layer axis).
     ``expert_parallel``, ``first_stage_layers``, ``last_stage_layers``, ``virtual_pipeline``,
     ``pipeline_layout``: as for :func:`~forge_ckpt.megatron.legacy.save_legacy`. Keys are
     global, so virtual stages change only which pipeline rank's data file holds a layer.
@@ -254,7 +274,7 @@ def save_dist(
             for name, full in rank_tensors:
                 key, lead, lead_size = dist_key(
                     name, num_layers=num_layers, num_experts=num_experts, renames=renames,
-                    per_layer=per_layer_keys,
+                    per_layer=per_layer_keys, vision_layers=vision_layers,
                 )  # fmt: skip
                 global_size = torch.Size((*lead_size, *full.shape))
                 md = tensors_md.setdefault(
@@ -321,43 +341,13 @@ def save_dist(
 # Reading
 # --------------------------------------------------------------------------------------------
 
-_DCP_MODULES = ("torch.distributed.checkpoint.",)
-_TORCH_NAMES = {"Size", "device"}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata dataclasses, ``torch.Size``, dtypes and plain containers only."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        ok = (
-            module.startswith(_DCP_MODULES)
-            or (
-                module == "torch"
-                and (name in _TORCH_NAMES or isinstance(getattr(torch, name, None), torch.dtype))
-            )
-            or (module == "collections" and name == "OrderedDict")
-            or (
-                module == "pathlib"
-                and name in {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
-            )
-            or (module == "builtins" and name in {"set", "frozenset", "dict", "list", "tuple"})
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "torch._utils" and name == "_rebuild_tensor_v2")
-        )
-        if not ok:
-            raise pickle.UnpicklingError(
-                f"DCP metadata refers to {module}.{name}, which is not a DCP metadata class"
-            )
-        return super().find_class(module, name)
-
 
 def _reader(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
-            with (Path(self.path) / ".metadata").open("rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+            metadata = load_dcp_metadata(self.path)
             if getattr(metadata, "storage_meta", None) is None:
                 from torch.distributed.checkpoint.metadata import StorageMeta
 

@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron-Core ``GPTModel`` name and layout mappings, per family, as data.
+"""Hugging Face <-> Megatron-Core ``GPTModel`` name and layout mappings, per family, as data
+(the vision-language families' ``LLaVAModel`` mappings: :mod:`~forge_ckpt.megatron.vlm_families`).
 
 Each family is a :class:`~forge_ckpt.mapping.MappingSpec` whose target side (``forge`` in the
 spec's vocabulary) holds the full, unsharded Megatron-Core tensor names of a ``GPTModel``
@@ -325,6 +326,10 @@ def _build() -> dict[str, MegatronFamily]:
         "qwen2_moe": _spec("qwen2_moe", ("qwen2_moe",), EMBEDDING + gqa_attention("qwen_qkv_bias", False) + dense_mlp("!moe_layer") + moe_mlp("shared_expert", True, False) + HEAD, qwen2_moe_keys, moe_layers),
         "deepseek_v3": _spec("deepseek_v3", ("deepseek_v3",), EMBEDDING + ds_layer + mtp_layers(ds_layer) + HEAD, ds_keys, _deepseek_derive, **ds_extra),
     }  # fmt: skip
+    # The vision-language families: Megatron-Core LLaVAModel (see vlm_families).
+    from forge_ckpt.megatron.vlm_families import VLM_TEXT_FAMILIES, build_vlm_mappings
+
+    specs.update(build_vlm_mappings({t: specs[t] for t in VLM_TEXT_FAMILIES}))
     return {
         name: MegatronFamily(
             name=name,
@@ -349,7 +354,12 @@ def list_megatron_families() -> list[str]:
 
 def get_megatron_family(name_or_config: str | Mapping[str, Any]) -> MegatronFamily:
     """The family named ``name``, or the one for a ``config.json``'s ``model_type``."""
+    from forge_ckpt.megatron.vlm_families import UNSUPPORTED_VLM
+
     names = list_megatron_families()
+    key = name_or_config if isinstance(name_or_config, str) else name_or_config.get("model_type")
+    if key in UNSUPPORTED_VLM:
+        raise ValueError(f"no Megatron mapping for {key}: {UNSUPPORTED_VLM[key]}")
     if isinstance(name_or_config, str):
         if name_or_config not in MEGATRON_FAMILIES:
             raise KeyError(

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FIRST_STAGE_PREFIXES",
     "LATEST_FILE",
     "iteration_dir",
+    "on_first_stage",
     "parallel_args",
     "parse_rank_dir",
     "rank_dir_name",
@@ -34,7 +36,18 @@ __all__ = [
 ]
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# A LLaVAModel keeps its GPTModel under ``language_model.`` (its vision encoder's layers,
+# ``vision_model.decoder.layers.N``, are not pipeline-split: see FIRST_STAGE_PREFIXES).
+_LAYER = re.compile(r"^((?:language_model\.)?decoder\.layers\.)(\d+)\.")
+
+#: Names that live on the first pipeline stage: the (language model's) embedding and a
+#: LLaVAModel's vision encoder and projector (Megatron-Core builds them where ``add_encoder``).
+FIRST_STAGE_PREFIXES = (
+    "embedding.",
+    "language_model.embedding.",
+    "vision_model.",
+    "vision_projection.",
+)
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
@@ -121,17 +134,24 @@ def stage_layers(
 
 
 def layer_of(name: str) -> int | None:
-    """The layer number in ``decoder.layers.N....`` (``None`` for other tensors)."""
+    """The layer number in ``decoder.layers.N....`` or ``language_model.decoder.layers.N....``
+    (``None`` for other tensors)."""
     match = _LAYER.match(name)
-    return int(match.group(1)) if match else None
+    return int(match.group(2)) if match else None
+
+
+def on_first_stage(name: str) -> bool:
+    """Whether a tensor outside the decoder layers belongs to the first pipeline stage (the
+    others, ``decoder.final_layernorm`` and ``output_layer``, to the last)."""
+    return name.startswith(FIRST_STAGE_PREFIXES)
 
 
 def renumber(name: str, offset: int) -> str:
     """``name`` with its layer number shifted by ``offset`` (global <-> stage-local)."""
-    layer = layer_of(name)
-    if layer is None:
+    match = _LAYER.match(name)
+    if match is None:
         return name
-    return _LAYER.sub(f"decoder.layers.{layer + offset}.", name, count=1)
+    return f"{match.group(1)}{int(match.group(2)) + offset}.{name[match.end() :]}"
 
 
 def parallel_args(

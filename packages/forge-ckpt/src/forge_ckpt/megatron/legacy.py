@@ -30,12 +30,14 @@ from typing import Any
 import torch
 
 from forge_ckpt.atomic_folder import publish_folder
+from forge_ckpt.bits import identical
 from forge_ckpt.megatron.expert_parallel import expert_index, experts_per_rank, with_expert_index
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     RANK_DIR,
     iteration_dir,
     layer_of,
+    on_first_stage,
     parallel_args,
     parse_rank_dir,
     rank_dir_name,
@@ -56,6 +58,9 @@ CHECKPOINT_VERSION = 3.0
 MODEL_FILE = "model_optim_rng.pt"
 _MTP_MODEL_LAYER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
 _MODEL_KEY = re.compile(r"^model(\d*)$")
+# The (language model's) word embedding, and the output layer a tied model's last stage holds
+# beside it (under the same module prefix: ``language_model.`` in a LLaVAModel).
+_WORD_EMBEDDING, _OUTPUT_LAYER = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 def _chunk_count(state: Mapping[str, Any], file: Path) -> int:
@@ -82,7 +87,7 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 def _stage_of(name: str, stages: Sequence[range]) -> int:
     layer = layer_of(name)
     if layer is None:
-        return 0 if name.startswith("embedding.") else len(stages) - 1
+        return 0 if on_first_stage(name) else len(stages) - 1
     for s, layers in enumerate(stages):
         if layer in layers:
             return s
@@ -151,6 +156,7 @@ def save_legacy(
     try:
         it_dir = iteration_dir(tmp, iteration)
         embedding: list[torch.Tensor] | None = None
+        head = _OUTPUT_LAYER
         for s in range(pp):
             # shards[r][e][v]: the state dict of tensor-parallel rank r, expert rank e, chunk v.
             shards: list[list[list[dict[str, torch.Tensor]]]] = [
@@ -176,8 +182,8 @@ def save_legacy(
                                 raise ValueError(f"{name}: expert {expert} of only {num_experts}")
                             e, j = divmod(expert, per_rank)
                             shards[r][e][v][with_expert_index(local, j)] = part
-                    if name == "embedding.word_embeddings.weight":
-                        embedding = parts
+                    if name.endswith(_WORD_EMBEDDING) and layer_of(name) is None:
+                        embedding, head = parts, name[: -len(_WORD_EMBEDDING)] + _OUTPUT_LAYER
                     if progress is not None:
                         progress(1)
                 if tied_embeddings and pp > 1 and chunk == len(chunks) - 1:
@@ -186,7 +192,7 @@ def save_legacy(
                     for r in range(tp):
                         copy = embedding[r].clone()
                         for e in range(ep):
-                            shards[r][e][v]["output_layer.weight"] = copy
+                            shards[r][e][v][head] = copy
             for r in range(tp):
                 for e in range(ep):
                     folder = it_dir / rank_dir_name(r, s, pp, e, ep)
@@ -412,7 +418,7 @@ class LegacyCheckpoint:
     def _check_replicated(self, name: str, tensors: list[list[dict]], where: str) -> None:
         for e, row in enumerate(tensors[1:], start=1):
             for r, st in enumerate(row):
-                if not torch.equal(st[name], tensors[0][r][name]):
+                if not identical(st[name], tensors[0][r][name]):
                     raise ValueError(
                         f"{self.dir}: {name} ({where}, tp rank {r}) should be the same on "
                         f"every expert rank but expert rank {e} holds different values"

@@ -6,7 +6,9 @@ output rows (dim 0: ``linear_qkv``, ``linear_q_up_proj``, the vocabulary-paralle
 ``linear_fc2``). A SwiGLU ``linear_fc1`` holds ``[gate; up]`` and each rank keeps its slice of
 *both* halves, ``[gate_r; up_r]``. Norms, routers and biases of row-parallel layers are
 replicated. MLA down projections are column-parallel in the local layer spec and replicated
-(``parallel_mode="duplicated"``) in the Transformer Engine spec.
+(``parallel_mode="duplicated"``) in the Transformer Engine spec. A ``LLaVAModel``'s vision
+encoder splits its layers the same way except ``linear_fc1`` (a GELU MLP: plain column-parallel);
+its patch and position embeddings, class token, ``ln_post`` and layer scales are replicated.
 """
 
 from __future__ import annotations
@@ -16,14 +18,24 @@ from collections.abc import Sequence
 
 import torch
 
+from forge_ckpt.bits import identical
+
 __all__ = ["COLUMN", "REPLICATED", "ROW", "SWIGLU", "merge_tp", "split_tp", "tp_kind"]
 
 COLUMN, ROW, SWIGLU, REPLICATED = "column", "row", "swiglu", "replicated"
 
 #: (regular expression on the full name, kind); the first match wins.
 TP_RULES: tuple[tuple[str, str], ...] = (
+    # A LLaVAModel's vision encoder and projector (Megatron-Core CLIPViTModel, MultimodalProjector:
+    # plain GELU MLPs, so linear_fc1 is column-parallel, not SwiGLU); its language model is a
+    # GPTModel under ``language_model.``, split as below.
+    (r"^vision_model\.(conv1|position_embeddings|class_token|ln_pre|ln_post)(\.|$)", REPLICATED),
+    (r"^vision_model\.decoder\.layers\.\d+\.ls[12]$", REPLICATED),
+    (r"^vision_model\..*\.(q|k)_layernorm\.weight$", COLUMN),  # InternViT-6B: per-head norms
+    (r"^vision_projection\.image_newline$", REPLICATED),
+    (r"^vision_(model|projection)\..*\.linear_fc1\.(weight|bias)$", COLUMN),
     (r"(^|\.)embedding\.word_embeddings\.weight$", COLUMN),
-    (r"^output_layer\.weight$", COLUMN),
+    (r"^(language_model\.)?output_layer\.weight$", COLUMN),
     (r"\.layer_norm_(weight|bias)$", REPLICATED),
     (r"(layernorm|_norm)\.(weight|bias)$", REPLICATED),
     (r"\.linear_qkv\.(weight|bias)$", COLUMN),
@@ -89,7 +101,7 @@ def merge_tp(name: str, shards: Sequence[torch.Tensor], *, te_spec: bool = True)
     if kind == REPLICATED:
         first = shards[0]
         for k, s in enumerate(shards[1:], start=1):
-            if s.shape != first.shape or not torch.equal(s, first):
+            if not identical(s, first):
                 raise ValueError(
                     f"{name} should be replicated across tensor-parallel ranks but rank {k} "
                     "holds different values"

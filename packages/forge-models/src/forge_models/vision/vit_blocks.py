@@ -17,7 +17,9 @@ One block (``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``) has the module tree
     mlp.fc1.{weight,bias}                    [intermediate, hidden], [intermediate]
     mlp.fc2.{weight,bias}                    [hidden, intermediate], [hidden]
 
-:class:`PreNormVitEncoder` stacks them as ``blocks.{i}`` with an optional ``post_layernorm``.
+:class:`PreNormVitEncoder` stacks them as ``blocks.{i}`` with a ``post_layernorm``: applied
+when the encoder outputs the standalone tower's ``last_hidden_state``, else only carried (an
+:class:`UnappliedLayerNorm`, as transformers' VLMs load SigLIP's but never apply it).
 Attention goes through ``forge_kernels.attention.attention`` (bidirectional; variable-size items
 packed with ``cu_seqlens``), norms through ``forge_kernels.layer_norm`` (the second norm of each
 block fused with the residual add).
@@ -43,6 +45,7 @@ __all__ = [
     "ConvPatchEmbed",
     "LayerNorm",
     "PreNormVitEncoder",
+    "UnappliedLayerNorm",
     "VitAttention",
     "VitBlock",
     "VitConfig",
@@ -258,6 +261,38 @@ class LayerNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class UnappliedLayerNorm(nn.Module):
+    """A checkpoint LayerNorm the encoder's output does not go through, kept so that the
+    checkpoint round-trips bit for bit.
+
+    transformers' ``SiglipVisionModel`` always holds ``post_layernorm``, and a VLM that reads
+    ``hidden_states[vision_feature_layer]`` (LLaVA-OneVision) loads it but never applies it, so
+    no gradient reaches it and training leaves it as loaded. Forge keeps its ``weight`` and
+    ``bias`` as buffers, not parameters: they are read from and written to checkpoints like any
+    tensor, and no optimizer, FSDP or gradient clipping sees them (the same values as
+    transformers' untouched parameters). ``forward`` raises: nothing may apply it.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(dim))
+        self.register_buffer("bias", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "UnappliedLayerNorm only carries checkpoint values; build the encoder with "
+            "feature_layer=None to apply the post-layernorm"
+        )
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, not applied"
+
+
 class ConvPatchEmbed(nn.Module):
     """A ``Conv2d(kernel=stride=patch)`` patch embedding computed as one matmul.
 
@@ -383,8 +418,10 @@ class VitBlock(nn.Module):
 
 
 class PreNormVitEncoder(nn.Module):
-    """``config.depth`` :class:`VitBlock` s as ``blocks.{i}``, plus ``post_layernorm`` when
-    ``config.feature_layer is None``. Subclasses add the patch and position embeddings."""
+    """``config.depth`` :class:`VitBlock` s as ``blocks.{i}``, plus ``post_layernorm``: a
+    :class:`LayerNorm` applied to the output when ``config.feature_layer is None``, else an
+    :class:`UnappliedLayerNorm` that only carries the checkpoint's values. Subclasses add the
+    patch and position embeddings."""
 
     def __init__(self, config: VitConfig) -> None:
         super().__init__()
@@ -400,10 +437,11 @@ class PreNormVitEncoder(nn.Module):
             )
             for _ in range(config.depth)
         )
+        self.applies_post_layernorm = config.feature_layer is None
         self.post_layernorm = (
             LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            if config.feature_layer is None
-            else None
+            if self.applies_post_layernorm
+            else UnappliedLayerNorm(config.hidden_size)
         )
 
     def encode(
@@ -416,11 +454,10 @@ class PreNormVitEncoder(nn.Module):
         """The blocks (and the post-layernorm) over embedded patches ``x``."""
         for block in self.blocks:
             x = block(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return x if self.post_layernorm is None else self.post_layernorm(x)
+        return self.post_layernorm(x) if self.applies_post_layernorm else x
 
     def reset_blocks(self, *, generator: torch.Generator | None = None) -> None:
         """Initialize ``blocks`` and ``post_layernorm`` in place (works after ``to_empty``)."""
         for block in self.blocks:
             block.reset_parameters(generator=generator)
-        if self.post_layernorm is not None:
-            self.post_layernorm.reset_parameters()
+        self.post_layernorm.reset_parameters()

@@ -21,8 +21,10 @@ detected from a checkpoint's names (:meth:`~forge_ckpt.mapping.MappingSpec.detec
   outputs, as transformers' ``hidden_states`` index; ``None`` for the standalone tower's
   output with ``post_layernorm``. The encoder builds only the blocks it needs: the mapping
   derives ``num_layers`` (blocks built) and drops the checkpoint's later blocks
-  (``ignored_hf_layers``) and, unless ``feature_layer is None``, its ``post_layernorm``.
-  Pass ``feature_layer``, not ``num_layers``.
+  (``ignored_hf_layers``). ``post_layernorm`` is always mapped: the encoder applies it only
+  for ``feature_layer=None`` and otherwise carries it unapplied (as transformers' VLMs load it
+  without using it), so a checkpoint round-trips bit for bit. Pass ``feature_layer``, not
+  ``num_layers``.
 - ``with_projector`` (default True: the LLaVA-OneVision vision part) and ``projector_bias``
   (the top-level ``multimodal_projector_bias``, default True). A standalone SigLIP:
   ``feature_layer=None, with_projector=False``.
@@ -108,9 +110,7 @@ def tower_rules() -> tuple[Rule, ...]:
             Rule(f"unbuilt_blocks.{{k}}.{f}", f"{layer}.{h}", when=when) for f, h in BLOCK_NAMES
         ]
         post += [
-            Rule(
-                f"post_layernorm.{t}", f"{prefix}post_layernorm.{t}", when=(when, "post_layernorm")
-            )
+            Rule(f"post_layernorm.{t}", f"{prefix}post_layernorm.{t}", when=when)
             for t in ("weight", "bias")
         ]
     return (*globals_, *layers, *post)
@@ -137,15 +137,8 @@ PROJECTOR_RULES = (
     Rule("projector.image_newline", "image_newline", when="with_projector"),
 )
 
-#: Dropped on import: the pooling head (never built), the post-layernorm the encoder skips.
-IGNORED_HF = tuple(
-    [(f"{prefix}{name}", None) for prefix, _ in _LAYOUTS for name in _HEAD]
-    + [
-        (f"{prefix}post_layernorm.{t}", "!post_layernorm")
-        for prefix, _ in _LAYOUTS
-        for t in ("weight", "bias")
-    ]
-)
+#: Dropped on import: the pooling head (never built).
+IGNORED_HF = tuple((f"{prefix}{name}", None) for prefix, _ in _LAYOUTS for name in _HEAD)
 
 #: A checkpoint in the Hub (transformers 4.x) layout.
 LAYOUT_PROBES = (("vision_model_prefix", "vision_model.embeddings.patch_embedding.weight"),)
@@ -170,7 +163,6 @@ def derive_tower_context(ctx: Mapping[str, Any]) -> dict[str, Any]:
         "feature_layer": feature_layer,
         "num_layers": depth,
         "ignored_hf_layers": frozenset(range(depth, total)),
-        "post_layernorm": feature_layer is None,
         "vision_model_prefix": ctx.get("vision_model_prefix", True),
     }
 
