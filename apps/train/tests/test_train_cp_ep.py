@@ -46,6 +46,10 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     _close(pool.run(_losses, f"{tmp_path}/cp2", *model, "parallel=cp2-fsdp"), single)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "parallel.cp_load_balance=false")
     _close(pool.run(_losses, f"{tmp_path}/ulysses", *model, *ulysses), single)
+    # 2 pipeline stages x CP2: each stage's attention context-parallel, per micro-batch
+    # document boundaries, the last stage's fused loss on its shard of the shifted targets.
+    pp_cp = ("parallel=pp2-fsdp", "parallel.cp=2", "parallel.dp_shard=1")
+    _close(pool.run(_losses, f"{tmp_path}/pp2_cp2", *model, *pp_cp), single)
     # A MoE model: the switch loss and the expert-bias load summed over the context-parallel
     # ranks (forge_train.sharded_routing).
     moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")

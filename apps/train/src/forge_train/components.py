@@ -179,8 +179,9 @@ def build_components(
     pipeline = None
     if degrees["pp"] > 1:
         mesh = dims.build_mesh()
-        if sequence_and_experts["expert_parallel"] is not None:  # each stage shards its experts
-            stage_parallel["expert_parallel"] = sequence_and_experts["expert_parallel"]
+        for name, value in sequence_and_experts.items():  # each stage shards its own part
+            if value is not None:
+                stage_parallel[name] = value
         pipeline = _pipeline(model, config, cfg, mesh, stage_parallel)
         parallel, model = pipeline.stage_parallel, pipeline.stage
     elif vlm and degrees["tp"] > 1:

@@ -62,18 +62,47 @@ class ContextParallelInputs:
     def forward(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
         """Run the forward of a shard inside: attention within the documents of ``cu_seqlens``
         across all context-parallel ranks."""
-        from forge_kernels import registry
-
-        dispatch = registry.get_default("attention")
-
-        def through_sdpa(q, k, v, **kwargs):
-            return dispatch(q, k, v, **{**kwargs, "backend": "sdpa"})
-
-        with (
-            self.handle.packed(cu_seqlens),
-            registry.overridden("attention", through_sdpa, source="forge-train context parallel"),
-        ):
+        with self.handle.packed(cu_seqlens), _attention_through_sdpa():
             yield
+
+    def bind_pipeline(self, parallelized: list) -> None:
+        """Pipeline parallelism: each stage module (``forge_parallel`` ``Pipeline.parallelized``
+        results) takes the document boundaries of the micro-batch it runs
+        (``StageModule.microbatch``) from :meth:`pipeline_forward`'s list."""
+        self._microbatch_cu: list[torch.Tensor] = []
+        for result in parallelized:
+            handle = result.context_parallel_handle
+
+            def set_documents(stage, args, handle=handle) -> None:
+                handle.cu_seqlens = self._microbatch_cu[stage.microbatch]
+
+            # before the handle's own hook, which reads the boundaries
+            result.model.register_forward_pre_hook(set_documents, prepend=True)
+
+    @contextlib.contextmanager
+    def pipeline_forward(self, cu_seqlens: list[torch.Tensor]) -> Iterator[None]:
+        """Run a pipeline schedule inside: micro-batch ``i`` attends within ``cu_seqlens[i]``."""
+        self._microbatch_cu = list(cu_seqlens)
+        try:
+            with _attention_through_sdpa():
+                yield
+        finally:
+            self._microbatch_cu = []
+
+
+@contextlib.contextmanager
+def _attention_through_sdpa() -> Iterator[None]:
+    """forge-kernels' attention pinned to its SDPA backend, the call the context-parallel
+    router intercepts."""
+    from forge_kernels import registry
+
+    dispatch = registry.get_default("attention")
+
+    def through_sdpa(q, k, v, **kwargs):
+        return dispatch(q, k, v, **{**kwargs, "backend": "sdpa"})
+
+    with registry.overridden("attention", through_sdpa, source="forge-train context parallel"):
+        yield
 
 
 def sequence_balance_loss(moe) -> bool:
@@ -95,7 +124,6 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     refusals = {
         "model.kind=vlm (a vision-language model's image features are placed by token "
         "position over the whole row)": cfg.model.kind == "vlm",
-        "parallel.pp > 1 (pipeline stages)": degrees["pp"] > 1,
         "model.config.mtp_depth > 0 (multi-token prediction needs targets further ahead than "
         "a shard holds)": bool(getattr(model_config, "mtp_depth", 0)),
         "train.compile=true (the context-parallel attention is routed at run time)": (
@@ -109,6 +137,13 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
             "ranks; use model.config.moe.aux_loss=switch, router_aux_loss_coef=0 or "
             "output_router_logits=false)"
         ] = sequence_balance_loss(moe)
+        refusals[
+            "MoE balance statistics on pipeline stages (their per-stage sums are not reduced "
+            "over the context-parallel ranks yet; set model.config.moe.output_router_logits="
+            "false or router_aux_loss_coef=0, and expert_bias=false, or parallel.pp=1)"
+        ] = degrees["pp"] > 1 and (
+            bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
+        )
     for what, refused in refusals.items():
         if refused:
             raise ConfigError(

@@ -91,7 +91,8 @@ class Trainer:
         if parts.pipeline is not None:
             from forge_train.pipeline_step import PipelineStepRunner
 
-            runner_class, extra = PipelineStepRunner, {"pipeline": parts.pipeline}
+            runner_class = PipelineStepRunner
+            extra = {"pipeline": parts.pipeline, "context": extra.get("context")}
         self.runner = runner_class(
             **extra,
             model=parts.model,

@@ -64,7 +64,10 @@ class CausalLMLossHead:
 
         batch = self._batches[stage.microbatch]
         (inputs,) = block_args
-        targets = shift_labels(batch["labels"], cu_seqlens=inputs.cu_seqlens)
+        if "targets" in batch:  # already shifted on the whole row (a context-parallel shard)
+            targets = batch["targets"]
+        else:
+            targets = shift_labels(batch["labels"], cu_seqlens=inputs.cu_seqlens)
         loss = self._cross_entropy(stage, stage.norm(h), targets)
         if self.mtp_depth:
             route = None

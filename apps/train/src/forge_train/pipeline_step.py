@@ -9,11 +9,12 @@ pipeline ranks too; the loss lives on the last stage and is summed over the pipe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-from forge_train.data import model_inputs
+from forge_train.data import IGNORE_INDEX, model_inputs
 from forge_train.distributed import all_reduce
 from forge_train.step import StepRunner
 
@@ -33,6 +34,8 @@ class PipelineStepRunner(StepRunner):
                 "use bf16 or fp32"
             )
         self.pipeline = pipeline
+        if self.context is not None:
+            self.context.bind_pipeline(pipeline.pipe.parallelized)
 
     def _pipeline_inputs(
         self, micro_batches: list[dict[str, torch.Tensor]]
@@ -42,18 +45,28 @@ class PipelineStepRunner(StepRunner):
         computes them from its own copy)."""
         preparer = self.pipeline.inputs_model
         ids, targets, block_args, tokens, batches = [], [], [], [], []
+        self._documents = []
         for mb in micro_batches:
             kwargs, n = model_inputs(mb, self.device)
+            if self.context is not None:  # this rank's shard of the row (targets shifted whole)
+                kwargs, cu_seqlens = self.context.shard(kwargs)
+                self._documents.append(cu_seqlens)
+                n = (kwargs["targets"] != IGNORE_INDEX).sum()
+                targets.append(kwargs["targets"])
+                inputs = preparer.attention_inputs(
+                    kwargs["input_ids"], position_ids=kwargs["position_ids"]
+                )
+            else:
+                targets.append(mb["labels"].reshape(1, -1).to(self.device, non_blocking=True))
+                inputs = preparer.attention_inputs(
+                    kwargs["input_ids"],
+                    position_ids=kwargs["position_ids"],
+                    cu_seqlens=kwargs["cu_seqlens"],
+                    max_seqlen=kwargs["max_seqlen"],
+                    block_ids=kwargs.get("block_ids"),  # a VLM's bidirectional image blocks
+                )
             batches.append(kwargs)
             ids.append(kwargs["input_ids"])
-            targets.append(mb["labels"].reshape(1, -1).to(self.device, non_blocking=True))
-            inputs = preparer.attention_inputs(
-                kwargs["input_ids"],
-                position_ids=kwargs["position_ids"],
-                cu_seqlens=kwargs["cu_seqlens"],
-                max_seqlen=kwargs["max_seqlen"],
-                block_ids=kwargs.get("block_ids"),  # a VLM's bidirectional image blocks
-            )
             block_args.append((inputs,))
             tokens.append(n)
         lengths = {t.shape[-1] for t in ids}
@@ -75,8 +88,13 @@ class PipelineStepRunner(StepRunner):
         run = p.pipe.step if backward else p.pipe.eval
         if p.head is not None:  # the last stage computes the loss of each micro-batch itself
             p.head.load(batches if p.is_last else None)
+        documents = (
+            self.context.pipeline_forward(self._documents)
+            if self.context is not None
+            else contextlib.nullcontext()
+        )
         try:
-            with self.autocast():
+            with self.autocast(), documents:
                 first, finish = p.first_stage_inputs(ids, batches, backward=backward)
                 run(
                     *first,
@@ -99,10 +117,10 @@ class PipelineStepRunner(StepRunner):
         self, micro_batches: list[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         inputs = self._pipeline_inputs(micro_batches)
-        global_tokens = all_reduce(inputs[3].clone(), self.dp_group)
-        scale = float(self.dp_size / global_tokens.clamp(min=1))
+        global_tokens = self._batch_sum(inputs[3].clone())
+        scale = float(self.grad_ranks / global_tokens.clamp(min=1))
         ce = self._run_pipeline(inputs, backward=True, scale=scale)
-        loss = all_reduce(ce, self.dp_group) / global_tokens.clamp(min=1)
+        loss = self._batch_sum(ce) / global_tokens.clamp(min=1)
         return loss, self.clip(), int(global_tokens.item())
 
     def clip(self) -> torch.Tensor:
@@ -120,4 +138,4 @@ class PipelineStepRunner(StepRunner):
     def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         inputs = self._pipeline_inputs(micro_batches)
         ce = self._run_pipeline(inputs, backward=False, scale=1.0)
-        return torch.stack([ce, inputs[3]])
+        return all_reduce(torch.stack([ce, inputs[3]]), self.cp_group)
