@@ -10,6 +10,7 @@ forge-parallel offers"): 4-process runs of the tiny models give the single-proce
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,11 +69,20 @@ _MOE = ("model=tiny-moe", "+model.config.moe.mlp_only_layers=[0]", "model.init_d
 
 
 def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
-    """EP2 x FSDP4, EP2 x TP2 (expert tensor parallelism) and PP2 x EP2 with the balance loss; EP4 over dp_shard 2 x cp 2, the
-    all-to-all in two chunks, without it (context parallelism refuses balance statistics)."""
+    """EP2 x FSDP4 (and its checkpoint resumed in one process), EP2 x TP2 (expert tensor
+    parallelism) and PP2 x EP2 with the balance loss; EP4 over dp_shard 2 x cp 2, the
+    all-to-all in two chunks, without it."""
     pool = dist_pool(4)
     single = _losses(f"{tmp_path}/single", *_MOE)
-    _close(pool.run(_losses, f"{tmp_path}/ep2", *_MOE, "parallel=ep2-fsdp"), single)
+    ep2 = pool.run(_losses, f"{tmp_path}/ep2", *_MOE, "parallel=ep2-fsdp", "checkpoint.interval=2")
+    _close(ep2, single)
+    # Its step-2 checkpoint (experts sharded over ep x FSDP) resumes in one process and gives
+    # the step-3 loss and gradient norm the EP2 run went on to have.
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    step = "step_00000002"
+    shutil.copytree(tmp_path / "ep2" / "checkpoints" / step, resumed / step)
+    _close([_losses(f"{tmp_path}/resumed", *_MOE)], ep2[0][2:])
     # EP2 x TP2: each expert also split over the tensor-parallel ranks (etp = tp).
     tp_ep = ("parallel=tp2-fsdp", "parallel.sequence_parallel=false", "parallel.ep=2")
     _close(pool.run(_losses, f"{tmp_path}/tp2_ep2", *_MOE, *tp_ep), single)
