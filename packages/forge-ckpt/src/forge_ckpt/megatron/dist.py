@@ -43,7 +43,7 @@ import torch
 
 from forge_ckpt.atomic_folder import publish_folder
 from forge_ckpt.dcp_metadata import load_dcp_metadata
-from forge_ckpt.megatron.expert_parallel import expert_index, experts_per_rank
+from forge_ckpt.megatron.expert_parallel import expert_index
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     iteration_dir,
@@ -53,7 +53,7 @@ from forge_ckpt.megatron.layout import (
 from forge_ckpt.megatron.legacy import CHECKPOINT_VERSION
 from forge_ckpt.megatron.safe_load import load_pt
 from forge_ckpt.megatron.tensor_parallel import tp_chunks
-from forge_ckpt.megatron.virtual_pipeline import pipeline_chunks
+from forge_ckpt.megatron.virtual_pipeline import write_split
 
 __all__ = ["DistCheckpoint", "dist_key", "is_dist_checkpoint", "save_dist"]
 
@@ -244,17 +244,12 @@ def save_dist(
     )
 
     root = Path(root)
-    tp, pp, ep = int(tensor_parallel), int(pipeline_parallel), int(expert_parallel)
-    if tp < 1:
-        raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
-    per_rank = experts_per_rank(num_experts, ep)
-    chunks = pipeline_chunks(
-        num_layers, pp, virtual=virtual_pipeline, first=first_stage_layers,
-        last=last_stage_layers, layout=pipeline_layout,
+    tp, pp, ep, per_rank, chunks, vp = write_split(
+        root, num_layers=num_layers, num_experts=num_experts, tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel, expert_parallel=expert_parallel,
+        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
+        virtual_pipeline=virtual_pipeline, pipeline_layout=pipeline_layout, overwrite=overwrite,
     )  # fmt: skip
-    vp = len(chunks) // pp
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
     renames = () if te_spec else tuple(renames)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

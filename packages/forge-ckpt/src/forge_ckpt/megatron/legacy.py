@@ -31,7 +31,7 @@ import torch
 
 from forge_ckpt.atomic_folder import publish_folder
 from forge_ckpt.bits import identical
-from forge_ckpt.megatron.expert_parallel import expert_index, experts_per_rank, with_expert_index
+from forge_ckpt.megatron.expert_parallel import expert_index, with_expert_index
 from forge_ckpt.megatron.layout import (
     LATEST_FILE,
     RANK_DIR,
@@ -50,6 +50,7 @@ from forge_ckpt.megatron.virtual_pipeline import (
     chunk_model_key,
     pipeline_chunks,
     virtual_size_from_args,
+    write_split,
 )
 
 __all__ = ["CHECKPOINT_VERSION", "LegacyCheckpoint", "save_legacy"]
@@ -132,17 +133,12 @@ def save_legacy(
     :func:`~forge_ckpt.megatron.layout.stage_layers`).
     """
     root = Path(root)
-    tp, pp, ep = int(tensor_parallel), int(pipeline_parallel), int(expert_parallel)
-    if tp < 1:
-        raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
-    per_rank = experts_per_rank(num_experts, ep)
-    chunks = pipeline_chunks(
-        num_layers, pp, virtual=virtual_pipeline, first=first_stage_layers,
-        last=last_stage_layers, layout=pipeline_layout,
+    tp, pp, ep, per_rank, chunks, vp = write_split(
+        root, num_layers=num_layers, num_experts=num_experts, tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel, expert_parallel=expert_parallel,
+        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
+        virtual_pipeline=virtual_pipeline, pipeline_layout=pipeline_layout, overwrite=overwrite,
     )  # fmt: skip
-    vp = len(chunks) // pp
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
     namespace = argparse.Namespace(
         **{
             **dict(args or {}),

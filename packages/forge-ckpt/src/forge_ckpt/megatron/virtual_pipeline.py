@@ -33,15 +33,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+from forge_ckpt.megatron.expert_parallel import experts_per_rank
 from forge_ckpt.megatron.layout import stage_layers
 
 __all__ = [
+    "WriteSplit",
     "chunk_model_key",
     "parse_pipeline_layout",
     "pipeline_chunks",
     "virtual_size_from_args",
+    "write_split",
 ]
 
 _LAYOUT_CHARS = {"E": "embedding", "t": "decoder layer", "m": "MTP layer", "L": "loss"}
@@ -174,3 +178,44 @@ def virtual_size_from_args(args: Mapping[str, Any]) -> int | None:
     if per_stage is not None and args.get("num_layers") is not None:
         return int(args["num_layers"]) // pp // int(per_stage)
     return None
+
+
+class WriteSplit(NamedTuple):
+    """The checked degrees of a checkpoint to write and its model chunks (:func:`write_split`)."""
+
+    tp: int
+    pp: int
+    ep: int
+    experts_per_rank: int
+    chunks: list[range]
+    vp: int
+
+
+def write_split(
+    root: Path,
+    *,
+    num_layers: int,
+    num_experts: int,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    expert_parallel: int,
+    first_stage_layers: int | None,
+    last_stage_layers: int | None,
+    virtual_pipeline: int,
+    pipeline_layout: str | None,
+    overwrite: bool,
+) -> WriteSplit:
+    """Validate the split of a Megatron checkpoint about to be written into ``root`` (both
+    formats): the degrees, the experts per expert rank, the model chunks in Megatron's order
+    (:func:`pipeline_chunks`), and that ``root`` is empty unless ``overwrite``."""
+    tp, pp, ep = int(tensor_parallel), int(pipeline_parallel), int(expert_parallel)
+    if tp < 1:
+        raise ValueError(f"tensor_parallel must be >= 1, got {tp}")
+    per_rank = experts_per_rank(num_experts, ep)
+    chunks = pipeline_chunks(
+        num_layers, pp, virtual=virtual_pipeline, first=first_stage_layers,
+        last=last_stage_layers, layout=pipeline_layout,
+    )  # fmt: skip
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise ValueError(f"{root} is not empty; pass overwrite=True or pick a new folder")
+    return WriteSplit(tp, pp, ep, per_rank, chunks, len(chunks) // pp)
