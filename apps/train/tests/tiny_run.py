@@ -55,7 +55,6 @@ def train_losses_and_norms(*overrides: str) -> list[list[float]]:
     gradient that Adam's normalized update hides from the losses for a few steps."""
     import json
 
-    result = None
     with reference_kernels():
         result = train(compose_run_config([*overrides, "logging.log_every=1"]))
     path = Path(result.run_dir) / "metrics.jsonl"

@@ -42,10 +42,10 @@ class ContextParallelInputs:
         self.size = parallel.mesh.size("cp")
         self.rank = parallel.mesh.local_rank("cp")
 
-    def shard(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-        """``(forward kwargs of this rank's shard, document boundaries of the whole row)`` from
-        :func:`forge_train.data.model_inputs`' keyword arguments."""
-        from forge_models.causal_lm import shift_labels
+    def shard(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """``(forward kwargs of this rank's shard, its predicted tokens, document boundaries
+        of the whole row)`` from :func:`forge_train.data.model_inputs`' keyword arguments."""
+        from forge_models.causal_lm import IGNORE_INDEX, shift_labels
         from forge_parallel.context_parallel import shard_sequence
 
         cu_seqlens = kwargs["cu_seqlens"]
@@ -56,7 +56,7 @@ class ContextParallelInputs:
             "targets": shard_sequence(targets, dim=1, **layout),
             "position_ids": shard_sequence(kwargs["position_ids"], dim=1, **layout),
         }
-        return local, cu_seqlens
+        return local, (local["targets"] != IGNORE_INDEX).sum(), cu_seqlens
 
     @contextlib.contextmanager
     def forward(self, cu_seqlens: torch.Tensor) -> Iterator[None]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from forge_train.data import IGNORE_INDEX, model_inputs
+from forge_train.data import model_inputs
 from forge_train.distributed import all_reduce
 from forge_train.step import StepRunner
 
@@ -49,9 +49,8 @@ class PipelineStepRunner(StepRunner):
         for mb in micro_batches:
             kwargs, n = model_inputs(mb, self.device)
             if self.context is not None:  # this rank's shard of the row (targets shifted whole)
-                kwargs, cu_seqlens = self.context.shard(kwargs)
+                kwargs, n, cu_seqlens = self.context.shard(kwargs)
                 self._documents.append(cu_seqlens)
-                n = (kwargs["targets"] != IGNORE_INDEX).sum()
                 targets.append(kwargs["targets"])
                 inputs = preparer.attention_inputs(
                     kwargs["input_ids"], position_ids=kwargs["position_ids"]

@@ -94,8 +94,7 @@ class StepRunner:
         kwargs, n = model_inputs(micro_batch, self.device)
         if self.context is None:
             return kwargs, n, contextlib.nullcontext
-        local, cu_seqlens = self.context.shard(kwargs)
-        n = (local["targets"] != IGNORE_INDEX).sum()
+        local, n, cu_seqlens = self.context.shard(kwargs)
         return local, n, functools.partial(self.context.forward, cu_seqlens)
 
     def forward_sum(
