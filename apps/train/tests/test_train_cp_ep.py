@@ -70,7 +70,7 @@ _MOE = ("model=tiny-moe", "+model.config.moe.mlp_only_layers=[0]", "model.init_d
 
 def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
     """EP2 x FSDP4 (and its checkpoint resumed in one process), EP2 x TP2 (expert tensor
-    parallelism) and PP2 x EP2 with the balance loss; EP4 over dp_shard 2 x cp 2, the
+    parallelism), with and without sequence parallelism, and PP2 x EP2 with the balance loss; EP4 over dp_shard 2 x cp 2, the
     all-to-all in two chunks, without it."""
     pool = dist_pool(4)
     single = _losses(f"{tmp_path}/single", *_MOE)
@@ -86,6 +86,10 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
     # EP2 x TP2: each expert also split over the tensor-parallel ranks (etp = tp).
     tp_ep = ("parallel=tp2-fsdp", "parallel.sequence_parallel=false", "parallel.ep=2")
     _close(pool.run(_losses, f"{tmp_path}/tp2_ep2", *_MOE, *tp_ep), single)
+    # With sequence parallelism: each tensor-parallel rank routes its own sequence shard (the
+    # switch loss summed over tp), the dispatched rows gathered over etp for the experts.
+    tp_sp_ep = ("parallel=tp2-fsdp", "parallel.sequence_parallel=true", "parallel.ep=2")
+    _close(pool.run(_losses, f"{tmp_path}/tp2_sp_ep2", *_MOE, *tp_sp_ep), single)
     # 2 pipeline stages x EP2: the first stage holds only the dense layer, the second shards
     # its experts; the switch loss's sums travel between the stages.
     _close(pool.run(_losses, f"{tmp_path}/pp2_ep2", *_MOE, "parallel=pp2-fsdp", "parallel.ep=2"),
@@ -119,7 +123,7 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
             4,
             "sequence-wise balance loss",
         ),
-        (("parallel=tp2-fsdp", "model=tiny-moe", "parallel.ep=2"), 4, "sequence_parallel=true"),
+        (("parallel=ep2-fsdp", "model=tiny-moe", "train.compile=true"), 4, "train.compile=true"),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
         (
             (

@@ -6,7 +6,8 @@ skewed routing so that one rank receives no token for one of its experts and ano
 gets no token at all; blocking and chunked (overlapped) exchanges, through the raw functions
 and through ``apply_ep``. The training test is the acceptance test of ``tests/test_exactness.py``
 for EP2, EP2 with chunked overlap, EP2 x FSDP2 (experts sharded over edp), HSDP with EP and EP2
-with TP2 (attention over tp, experts over ep and etp).
+with TP2 (attention over tp, experts over ep and etp), also with sequence parallelism (each tp
+rank routes its own sequence shard; the dispatched rows are gathered over etp).
 """
 
 from __future__ import annotations
@@ -303,6 +304,17 @@ def _layouts_2() -> dict[str, dict]:
 def _layouts_4() -> dict[str, dict]:
     return {
         "ep2_tp2": {"dims": {"tp": 2, "ep": 2}, "plan": moe.moe_plan(), "expert_parallel": EP},
+        # each tp rank routes its sequence shard; the rows are gathered over etp after dispatch
+        "ep2_tp2_sp": {
+            "dims": {"tp": 2, "ep": 2},
+            "plan": moe.moe_plan(sequence_parallel=True, expert_parallel=True),
+            "expert_parallel": EPConfig(experts=EP.experts, sequence_parallel=True),
+        },
+        "ep2_tp2_sp_overlap": {
+            "dims": {"tp": 2, "ep": 2},
+            "plan": moe.moe_plan(sequence_parallel=True, expert_parallel=True),
+            "expert_parallel": EPConfig(experts=EP.experts, sequence_parallel=True, num_chunks=2),
+        },
         "ep2_fsdp4_edp2": {"dims": {"ep": 2}, "expert_parallel": EP},
         "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": moe.moe_plan()},
         # FSDP reduce-scatters over dp the MoE gradients that are partial sums over tp

@@ -84,17 +84,21 @@ def build_tiny_moe(seed: int = 0, *, n_layers: int = 2, **overrides) -> TinyMoE:
     return TinyMoE(tm.TinyConfig(n_layers=n_layers), TinyMoEConfig(**overrides))
 
 
-def moe_plan(*, sequence_parallel: bool = False) -> TPPlan:
+def moe_plan(*, sequence_parallel: bool = False, expert_parallel: bool = False) -> TPPlan:
     """Attention, embedding and head tensor-parallel; the MoE blocks stay replicated over tp
     (their experts are split by expert tensor parallelism instead).
 
     With sequence parallelism the norms run on sequence shards and so does each MoE block
     (``replicate``: its weights become replicated DTensors whose gradients, partial sums over
-    each rank's tokens, are summed over tp).
+    each rank's tokens, are summed over tp); with ``expert_parallel`` too, only its router and
+    shared expert (the experts are sharded over ep x etp, ``EPConfig(sequence_parallel=True)``).
     """
     tiny = tm.tiny_plan(sequence_parallel=sequence_parallel)
     styles = {k: v for k, v in tiny.styles.items() if k != "layers.*.mlp" and ".mlp." not in k}
-    if sequence_parallel:
+    if sequence_parallel and expert_parallel:
+        styles["layers.*.mlp.router"] = "replicate"
+        styles["layers.*.mlp.shared"] = "replicate"
+    elif sequence_parallel:
         styles["layers.*.mlp"] = "replicate"
     return TPPlan(styles=styles, attributes=tiny.attributes, sequence_parallel=sequence_parallel)
 

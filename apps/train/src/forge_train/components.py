@@ -274,7 +274,11 @@ def _text_plan(model, config, cfg: RunConfig):
         for i, block in enumerate(model.layers):
             if block.is_moe and cfg.parallel.ep > 1:
                 # Expert parallelism splits the experts over ep x etp (etp = tp: Megatron-Core's
-                # expert tensor parallelism); router and shared expert stay plain, replicated.
+                # expert tensor parallelism); router and shared expert stay plain, replicated,
+                # and under sequence parallelism run on the rank's shard (gradients summed).
+                if sp:
+                    for part in ("router", "shared_expert", "shared_expert_gate"):
+                        styles[f"layers.{i}.mlp.{part}"] = "replicate"
                 continue
             if block.is_moe:
                 styles[f"layers.{i}.mlp"] = "replicate"

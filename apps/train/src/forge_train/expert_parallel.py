@@ -33,10 +33,6 @@ def expert_parallel_config(cfg, model_config, degrees: dict[str, int]):
             "(e.g. model=tiny-moe)"
         )
     refusals = {
-        "tensor parallelism with parallel.sequence_parallel=true (each expert is split over "
-        "the tensor-parallel ranks, which must hold the same tokens)": (
-            degrees["tp"] > 1 and cfg.parallel.sequence_parallel
-        ),
         "train.compile=true (the token all-to-all has data-dependent sizes)": cfg.train.compile,
     }
     for what, refused in refusals.items():
@@ -53,4 +49,10 @@ def expert_parallel_config(cfg, model_config, degrees: dict[str, int]):
         )
     from forge_parallel.expert_parallel import EPConfig
 
-    return EPConfig(experts=EXPERTS_PATTERN, num_chunks=cfg.parallel.ep_chunks)
+    # Under sequence parallelism each tensor-parallel rank routes its own sequence shard: the
+    # experts (split over ep x etp, etp = tp) gather the dispatched rows over etp.
+    return EPConfig(
+        experts=EXPERTS_PATTERN,
+        num_chunks=cfg.parallel.ep_chunks,
+        sequence_parallel=degrees["tp"] > 1 and cfg.parallel.sequence_parallel,
+    )

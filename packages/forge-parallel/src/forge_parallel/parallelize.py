@@ -174,12 +174,25 @@ def _resolve_mode(data_parallel: str | None, dims: ParallelDims | None) -> str |
     return data_parallel
 
 
+def _experts_under_sequence_parallel(
+    model: nn.Module, dims: ParallelDims | None, config: EPConfig | None
+) -> list[str]:
+    """The experts modules that expert tensor parallelism distributes over the tensor-parallel
+    ranks while those route different tokens (``EPConfig(sequence_parallel=True)``)."""
+    if dims is None or dims.ep == 1 or not isinstance(config, EPConfig):
+        return []
+    if not config.sequence_parallel:
+        return []
+    return [name for name, _ in match_modules(model, config.experts)]
+
+
 def _validate(
     model: nn.Module,
     dims: ParallelDims | None,
     mode: str | None,
     plan: TPPlan | None,
     fsdp: FSDPConfig | None,
+    experts_elsewhere: list[str],
 ) -> None:
     tp = dims.tp if dims is not None else 1
     if tp > 1 and plan is None:
@@ -188,7 +201,7 @@ def _validate(
             "q_proj': 'colwise', ...}}) or the model family's default plan"
         )
     if plan is not None:
-        validate_tp(model, plan, tp)
+        validate_tp(model, plan, tp, distributed_elsewhere=experts_elsewhere)
     if dims is not None and dims.cp > 1 and mode not in ("fsdp", "hsdp"):
         raise ValueError(
             f"cp={dims.cp}: the context-parallel ranks hold partial gradients of the same "
@@ -230,7 +243,11 @@ def _experts(mesh: ParallelMesh, model: nn.Module) -> dict[str, Any]:
 
 
 def _validate_ep(
-    model: nn.Module, dims: ParallelDims | None, mode: str | None, config: EPConfig | None
+    model: nn.Module,
+    dims: ParallelDims | None,
+    mode: str | None,
+    config: EPConfig | None,
+    plan: TPPlan | None,
 ) -> None:
     ep = dims.ep if dims is not None else 1
     if config is not None and not isinstance(config, EPConfig):
@@ -254,6 +271,13 @@ def _validate_ep(
         raise ValueError(
             f"ep={ep}: expert gradients are reduced over the expert-data-parallel ranks by "
             f"FSDP/HSDP, but data_parallel={mode!r}; use data_parallel='auto', 'fsdp' or 'hsdp'"
+        )
+    sequence_parallel = dims.tp > 1 and plan is not None and plan.sequence_parallel
+    if dims.etp > 1 and config.sequence_parallel != sequence_parallel:
+        raise ValueError(
+            f"ep={ep} x etp={dims.etp}: EPConfig(sequence_parallel={config.sequence_parallel}) "
+            f"but the tensor-parallel plan has sequence_parallel={sequence_parallel}; the experts "
+            "must know whether the tensor-parallel ranks route the same tokens (set both alike)"
         )
     validate_ep(model, config, ep, dims.etp)
 
@@ -303,8 +327,9 @@ def parallelize(
     compile_config = (
         compile if isinstance(compile, CompileConfig) else (CompileConfig() if compile else None)
     )
-    _validate(model, dims, mode, tp_plan, fsdp)
-    _validate_ep(model, dims, mode, expert_parallel)
+    experts_elsewhere = _experts_under_sequence_parallel(model, dims, expert_parallel)
+    _validate(model, dims, mode, tp_plan, fsdp, experts_elsewhere)
+    _validate_ep(model, dims, mode, expert_parallel, tp_plan)
     cp = dims.cp if dims is not None else 1
     if context_parallel is not None and not isinstance(context_parallel, CPConfig):
         raise ValueError(
@@ -338,7 +363,7 @@ def parallelize(
     tp_applied: dict[str, str] = {}
     tp = dims.tp if dims is not None else 1
     if tp_plan is not None and tp > 1:
-        tp_applied = apply_tp(model, mesh["tp"], tp_plan)
+        tp_applied = apply_tp(model, mesh["tp"], tp_plan, distributed_elsewhere=experts_elsewhere)
         order.append("tensor+sequence parallel" if tp_plan.sequence_parallel else "tensor parallel")
     if dims is not None and dims.ep > 1:
         ep_mesh = mesh["ep", "etp"] if dims.etp > 1 else mesh["ep"]

@@ -63,7 +63,7 @@ Patterns match module names segment by segment (``fnmatch`` within each dot-sepa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -305,8 +305,18 @@ def valid_tp_degrees(model: nn.Module, plan: TPPlan | Mapping[str, str]) -> list
     return _divisors(math.gcd(*(c.value for c in constraints)))
 
 
-def validate_tp(model: nn.Module, plan: TPPlan | Mapping[str, str], tp: int) -> None:
-    """Raise ``ValueError`` naming the numbers if ``plan`` cannot run at degree ``tp``."""
+def validate_tp(
+    model: nn.Module,
+    plan: TPPlan | Mapping[str, str],
+    tp: int,
+    *,
+    distributed_elsewhere: Sequence[str] = (),
+) -> None:
+    """Raise ``ValueError`` naming the numbers if ``plan`` cannot run at degree ``tp``.
+
+    ``distributed_elsewhere``: names of modules whose parameters another dimension
+    distributes over the tensor-parallel ranks (expert tensor parallelism under sequence
+    parallelism), exempt from the check that every parameter has a style."""
     plan = TPPlan.coerce(plan)
     constraints = _constraints(model, plan)
     for c in constraints:
@@ -328,7 +338,7 @@ def validate_tp(model: nn.Module, plan: TPPlan | Mapping[str, str], tp: int) -> 
                     "sequence-sharded input: mark the module that feeds it (e.g. its "
                     "attention or MLP block) 'block_input' in the plan"
                 )
-        _check_every_parameter_styled(model, resolved)
+        _check_every_parameter_styled(model, {**resolved, **dict.fromkeys(distributed_elsewhere)})
 
 
 def _check_every_parameter_styled(model: nn.Module, resolved: Mapping[str, object]) -> None:
@@ -387,15 +397,20 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
 
 
 def apply_tp(
-    model: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan | Mapping[str, str]
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    plan: TPPlan | Mapping[str, str],
+    *,
+    distributed_elsewhere: Sequence[str] = (),
 ) -> dict[str, str]:
     """Validate and apply ``plan`` on the 1-D mesh ``tp_mesh``; returns module name -> style.
 
     Attributes marked ``"divide"`` are divided by the degree (once per module).
+    ``distributed_elsewhere``: see :func:`validate_tp`.
     """
     plan = TPPlan.coerce(plan)
     tp = tp_mesh.size()
-    validate_tp(model, plan, tp)
+    validate_tp(model, plan, tp, distributed_elsewhere=distributed_elsewhere)
     applied: dict[str, str] = {}
     if tp == 1:
         return applied

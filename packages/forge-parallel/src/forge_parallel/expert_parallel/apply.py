@@ -141,11 +141,17 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh, config: EPConfig) -> dict[str, 
             etp_group=etp_group,
             num_experts=experts,
             num_chunks=config.num_chunks,
+            etp_sequence_parallel=config.sequence_parallel,
         )
         cls = type(module)
         module.__class__ = type(f"ExpertParallel{cls.__name__}", (ExpertParallelExperts, cls), {})
         text = f"expert parallel (ep={ep}: {experts // ep} of {experts} experts"
-        text += f", etp={etp})" if etp > 1 else ")"
+        if etp > 1:
+            text += f", etp={etp}" + (
+                ", tokens gathered over etp)" if config.sequence_parallel else ")"
+            )
+        else:
+            text += ")"
         applied[name] = text
     return applied
 

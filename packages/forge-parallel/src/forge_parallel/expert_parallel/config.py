@@ -34,6 +34,12 @@ class EPConfig:
     ``etp_styles``: parameter name -> one of :data:`ETP_STYLES`, used when ``etp > 1`` (expert
     tensor parallelism, Megatron-Core's ``expert_tensor_parallel_size``). The defaults fit
     :class:`forge_models.blocks.moe.MoEExperts` and transformers' ``Qwen3MoeExperts``.
+
+    ``sequence_parallel`` (with ``etp > 1``): the ``etp`` ranks route different tokens (each
+    its sequence-parallel shard) instead of the same ones. After the expert-parallel dispatch
+    the rows are gathered over ``etp`` (each rank's share of every expert is then computed on
+    all of them) and the partial outputs are reduce-scattered back to the rows' ranks, as
+    Megatron-Core's all-to-all token dispatcher does under sequence parallelism.
     """
 
     experts: str = "layers.*.mlp.experts"
@@ -43,6 +49,7 @@ class EPConfig:
     #: raising (a pipeline stage holding only dense layers; ``pipeline(stage_parallel=...)``
     #: sets it for every stage).
     missing_ok: bool = False
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.experts, str) or not self.experts:

@@ -18,7 +18,11 @@ one whose forward is ``combine(experts(dispatch(x)))`` (:mod:`.dispatch`, :mod:`
 With expert tensor parallelism (``etp > 1``, Megatron-Core's expert layout) each expert's
 weights are also split over ``etp`` ranks that hold the same tokens: the input enters with
 Megatron's ``f`` (identity; backward all-reduce) and the partial output of the row-parallel
-projection leaves with ``g`` (all-reduce), as in Shoeybi et al. 2019.
+projection leaves with ``g`` (all-reduce), as in Shoeybi et al. 2019. When the ``etp`` ranks
+route different tokens (sequence parallelism, ``EPConfig.sequence_parallel``), each rank's
+dispatched rows are first gathered over ``etp`` and regrouped by expert, and the partial
+outputs are reduce-scattered back (:func:`gather_over_etp`), as Megatron-Core's all-to-all
+dispatcher does with sequence parallelism (Korthikanti et al. 2022, arXiv:2205.05198).
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from forge_core.collectives import copy_to_group, reduce_from_group
-from forge_parallel.expert_parallel.dispatch import combine, dispatch, plan_dispatch
+from forge_parallel.expert_parallel.dispatch import (
+    combine,
+    dispatch,
+    exchange_counts,
+    plan_dispatch,
+    plan_from_counts,
+)
 from forge_parallel.expert_parallel.overlap import chunked_expert_forward
 
-__all__ = ["ExpertParallelExperts", "ExpertsModule"]
+__all__ = ["ExpertParallelExperts", "ExpertsModule", "gather_over_etp"]
 
 
 @runtime_checkable
@@ -69,19 +79,49 @@ class EPState:
         etp_group: dist.ProcessGroup | None,
         num_experts: int,
         num_chunks: int,
+        etp_sequence_parallel: bool = False,
     ) -> None:
         self.ep_group = ep_group
         self.etp_group = etp_group
         self.num_experts = num_experts
         self.num_chunks = num_chunks
+        self.etp_sequence_parallel = etp_sequence_parallel
 
     def __repr__(self) -> str:
         ep = dist.get_world_size(self.ep_group)
         etp = 1 if self.etp_group is None else dist.get_world_size(self.etp_group)
         return (
             f"EPState(ep={ep}, etp={etp}, num_experts={self.num_experts}, "
-            f"num_chunks={self.num_chunks})"
+            f"num_chunks={self.num_chunks}, etp_sequence_parallel={self.etp_sequence_parallel})"
         )
+
+
+def gather_over_etp(
+    x_local: torch.Tensor,
+    local_counts: torch.Tensor,
+    experts_forward,
+    *,
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """``experts_forward`` on the rows of every rank of the expert-tensor-parallel ``group``,
+    returning this rank's rows' whole outputs (differentiable).
+
+    ``x_local``: this rank's rows grouped by local expert, ``local_counts`` ``[L]`` their group
+    sizes; the ranks' rows differ (each routed its own sequence shard). Every rank sends its
+    rows to every rank (an all-gather written as the dispatch's exchange, which regroups the
+    received rows by expert: :func:`~.dispatch.plan_from_counts`), ``experts_forward`` computes
+    this rank's share of each expert on all of them (a partial sum: the row-parallel
+    projection), and the combine sends each rank the partial outputs of its rows, summed here:
+    a reduce-scatter. The adjoint of sending ``etp`` copies is the sum of their gradients, so
+    the input gradient is whole.
+    """
+    etp = dist.get_world_size(group)
+    send = local_counts.to("cpu", torch.int64).view(1, -1).expand(etp, -1).contiguous()
+    recv = exchange_counts(send, group).cpu()
+    plan = plan_from_counts(send, recv, group, device=x_local.device)
+    gathered = dispatch(x_local.repeat(etp, 1), plan)
+    partial = experts_forward(gathered, plan.local_tokens_per_expert)
+    return combine(partial, plan).view(etp, x_local.shape[0], *partial.shape[1:]).sum(dim=0)
 
 
 class ExpertParallelExperts:
@@ -102,6 +142,8 @@ class ExpertParallelExperts:
         def compute(x_local: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
             if state.etp_group is None:
                 return base_forward(x_local, local_counts)
+            if state.etp_sequence_parallel:
+                return gather_over_etp(x_local, local_counts, base_forward, group=state.etp_group)
             x_local = copy_to_group(x_local, group=state.etp_group)
             return reduce_from_group(base_forward(x_local, local_counts), group=state.etp_group)
 
