@@ -125,7 +125,8 @@ _SHORT = (*_RUN[:2], "train.steps=2", *_RUN[3:])
 def test_multi_token_prediction_under_pp2_fsdp2(tmp_path, dist_pool):
     """A multi-token prediction module on the last stage embeds the shifted ids with that
     stage's copy of the first stage's embedding (here also the tied head): PP2 x FSDP2 gives
-    the single-process losses, to which the module's loss counts."""
+    the single-process losses, to which the module's loss counts; TP2 + SP x FSDP2 its losses
+    and gradient norms."""
     root = str(tmp_path)
     mtp = ("+model.config.mtp_depth=1", "+model.config.mtp_loss_weight=0.5")
     single = tiny.run_losses(f"{root}/single", *_SHORT, *mtp)
@@ -133,6 +134,14 @@ def test_multi_token_prediction_under_pp2_fsdp2(tmp_path, dist_pool):
     assert single[0] > 1.4 * math.log(8192)
     pipeline = dist_pool(4).run(tiny.run_losses, f"{root}/pp2", *_SHORT, *mtp, "parallel=pp2-fsdp")
     _close(pipeline, single)
+    # TP2 + SP x FSDP2: the module split like a decoder layer on each rank's sequence shard
+    # (its norms, eh_proj replicated with the gradient summed over tp, its block's plan).
+    run = (*tiny.TINY, *_SHORT, *mtp)
+    single = tiny.train_losses_and_norms(*run, f"train.output_dir={root}/single_norms")
+    ranks = dist_pool(4).run(
+        tiny.train_losses_and_norms, *run, f"train.output_dir={root}/tp2_sp", "parallel=tp2-fsdp"
+    )
+    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6)
 
 
 #: DeepSeek-V3-style MoE (a dense first layer, then MoE layers with expert-bias balancing)
@@ -194,7 +203,6 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
         )
     for model, overrides, message in (
         ("tiny-deepseek", ("+model.config.moe.output_router_logits=true",), "sequence-wise"),
-        ("tiny", ("+model.config.mtp_depth=1",), "multi-token prediction"),
     ):
         run = (*tiny.TINY_RUN, f"train.output_dir={tmp_path / model}", "parallel=tp2-fsdp")
         cfg = compose_run_config([*run, f"model={model}", *overrides])
@@ -250,14 +258,17 @@ def test_multi_head_latent_attention_under_tp2_fsdp2(tmp_path, dist_pool):
     """MLA split over heads: the latent down-projections replicated on the whole sequence
     (``gathered_input``), the rotary key every head reads with its gradient summed over the
     tensor-parallel ranks (``reduce_grad``). TP2 x FSDP2 (with a multi-token prediction module,
-    unsplit, its logits through the tensor-parallel head), and TP2 + SP x FSDP2 (no balance
-    statistics), give the single process's losses and gradient norms (a missing reduction of
+    unsplit, its logits through the tensor-parallel head), and TP2 + SP x FSDP2 (the module
+    split like a decoder layer on sequence shards, expert bias), give the single process's
+    losses and gradient norms (a missing reduction of
     the rotary key's gradient moves the norm first: Adam hides it in the loss)."""
     pool = dist_pool(4)
     for name, extra, layout in (
         # with a multi-token prediction module and the sequence-wise balance loss weighted 0.5
         ("tp2", _MLA_MTP, "parallel.sequence_parallel=false"),
-        ("tp2_sp", ("model.config.moe.expert_bias=false",), "parallel.sequence_parallel=true"),
+        # sequence parallel, the multi-token prediction module split like a decoder layer on
+        # the rank's sequence shard, its MoE block's expert load summed over tp
+        ("tp2_sp", ("+model.config.mtp_depth=1",), "parallel.sequence_parallel=true"),
     ):
         single = _losses_and_norms(f"{tmp_path}/single_{name}", *_MLA, *extra)
         ranks = pool.run(

@@ -240,16 +240,13 @@ def _text_plan(model, config, cfg: RunConfig):
 
     sp = cfg.parallel.sequence_parallel
     styles = model.parallel_plan(sequence_parallel=sp)
-    if getattr(config, "mtp_depth", 0):
-        # The prediction modules run unsplit on the whole sequence (each rank the same), their
-        # logits through the tensor-parallel head (forge_train.step: output_mtp_logits).
-        if sp:
-            raise ConfigError(
-                "parallel.sequence_parallel: the multi-token prediction modules run unsplit on "
-                "the whole sequence under tensor parallelism, which sequence parallelism would "
-                "cut; set parallel.sequence_parallel=false or model.config.mtp_depth=0"
-            )
-        styles = {k: v for k, v in styles.items() if not k.startswith("mtp.")}
+    # The multi-token prediction modules: without sequence parallelism they run unsplit on the
+    # whole sequence (each rank the same), their logits through the tensor-parallel head
+    # (forge_train.step: output_mtp_logits); with it, split like a decoder layer (added below).
+    styles = {k: v for k, v in styles.items() if not k.startswith("mtp.")}
+    block_styles = {
+        k.removeprefix("layers.*."): v for k, v in styles.items() if k.startswith("layers.*.")
+    }
     moe = getattr(config, "moe", None)
     if moe is not None:
         balance = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
@@ -286,9 +283,37 @@ def _text_plan(model, config, cfg: RunConfig):
                 styles[f"layers.{i}.mlp"] = "block_input"
                 styles[f"layers.{i}.mlp.gate_up_proj"] = "colwise_packed"
                 styles[f"layers.{i}.mlp.down_proj"] = "rowwise"
+    if sp:
+        styles.update(_mtp_sequence_parallel_styles(model, block_styles))
     # A family plan lists every variant's modules (MLA with and without a query latent).
     styles = {k: v for k, v in styles.items() if match_modules(model, k)}
     return TPPlan(styles=styles, sequence_parallel=sp)
+
+
+def _mtp_sequence_parallel_styles(model, block_styles: dict[str, str]) -> dict[str, str]:
+    """Under sequence parallelism the multi-token prediction modules (DeepSeek-V3 §2.2) get the
+    rank's sequence shard of the last hidden states and of the shared embedding's output, as
+    Megatron-Core runs them: their norms run on the shard, ``eh_proj`` is replicated (its
+    gradient summed over tp), the block is split like a decoder layer (``block_styles``: the
+    ``layers.*`` attention entries; a dense feed-forward split as a dense layer's, a MoE one
+    run whole on the shard, ``replicate``), and the head gathers the sequence as for the main
+    logits."""
+    styles: dict[str, str] = {}
+    for k, module in enumerate(getattr(model, "mtp", None) or ()):
+        prefix = f"mtp.{k}"
+        for norm in ("enorm", "hnorm", "norm"):
+            styles[f"{prefix}.{norm}"] = "sequence_parallel"
+        styles[f"{prefix}.eh_proj"] = "replicate"
+        for name, style in block_styles.items():
+            if name != "mlp" and not name.startswith("mlp."):
+                styles[f"{prefix}.block.{name}"] = style
+        if module.block.is_moe:
+            styles[f"{prefix}.block.mlp"] = "replicate"
+        else:
+            styles[f"{prefix}.block.mlp"] = "block_input"
+            styles[f"{prefix}.block.mlp.gate_up_proj"] = "colwise_packed"
+            styles[f"{prefix}.block.mlp.down_proj"] = "rowwise"
+    return styles
 
 
 def _count(model, pipeline, *, trainable: bool = False) -> int:
