@@ -24,6 +24,7 @@ from forge_models.vision.pixel_shuffle_projector import (
     pixel_shuffle_projector_config_from_hf,
     pixel_shuffle_projector_config_to_hf,
 )
+from forge_models.vision.vit_blocks import UnappliedLayerNorm
 from forge_models.vlm.inputs import VisualInputs
 
 ph = import_path(
@@ -78,10 +79,24 @@ def _load(spec_ctx: dict, hf_state: dict, *modules: tuple[str, torch.nn.Module])
     assert not forge, sorted(forge)
 
 
-def _forge_grads_as_hf(ctx: dict, *modules: tuple[str, torch.nn.Module]) -> dict:
+def _forge_grads_as_hf(
+    ctx: dict, *modules: tuple[str, torch.nn.Module], ref: torch.nn.Module | None = None
+) -> dict:
+    """The forge gradients under their checkpoint names. The tensors forge carries unapplied
+    (buffers: the blocks after ``feature_layer``, an unused final layernorm) are mapped along
+    and left out; with ``ref`` (a bare tower), they must hold its values and it got no
+    gradient there."""
     grads = {prefix + n: p.grad for prefix, m in modules for n, p in m.named_parameters()}
     assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
-    return dict(MAPPING.forge_to_hf(grads.items(), ctx))
+    buffers = {prefix + n: t for prefix, m in modules for n, t in m.named_buffers()}
+    ours = dict(MAPPING.forge_to_hf((grads | buffers).items(), ctx))
+    carried = {n: ours.pop(n) for b in MAPPING.bind(ctx) if b.forge in buffers for n in b.hf}
+    if ref is not None:
+        params = dict(ref.named_parameters())
+        for name, value in carried.items():
+            assert params[name].grad is None, name
+            assert torch.equal(value, params[name]), name
+    return ours
 
 
 def _ref_grads(ref: torch.nn.Module, prefix: str = "", strip: str = "") -> dict:
@@ -139,6 +154,7 @@ def test_encoder_matches_internvl_vision_model(case):
     _randomize(ref)
     encoder = InternVisionEncoder(config)
     assert len(encoder.blocks) == config.num_built_layers
+    assert len(encoder.unapplied_blocks) == config.num_layers - config.num_built_layers
     ctx = MAPPING.context(ref.config.to_dict(), feature_layer=feature_layer, projector=False)
     _load(ctx, ref.state_dict(), ("", encoder))
 
@@ -160,7 +176,7 @@ def test_encoder_matches_internvl_vision_model(case):
         (got * probe).sum().backward()
     (want * probe).sum().backward()
     assert ph.rel(px_ours.grad, px_ref.grad) <= ph.RTOL
-    _assert_grads(_forge_grads_as_hf(ctx, ("", encoder)), _ref_grads(ref))
+    _assert_grads(_forge_grads_as_hf(ctx, ("", encoder), ref=ref), _ref_grads(ref))
 
 
 def test_image_features_match_internvl_for_conditional_generation():
@@ -249,13 +265,18 @@ def test_mapping_round_trip_is_bit_exact(feature_layer):
         },
     )
     back = dict(MAPPING.forge_to_hf(forge.items(), ctx))
-    dropped = {"embeddings.mask_token"}
-    if feature_layer == -2:
-        dropped |= {n for n in hf if n.startswith("encoder.layer.1.") or n.startswith("layernorm.")}
-    assert sorted(back) == sorted(set(hf) - dropped)
+    # every tensor but the mask token; with -2 the last block and layernorm carried unapplied
+    assert sorted(back) == sorted(set(hf) - {"embeddings.mask_token"})
     for name, t in back.items():
         assert t.dtype == hf[name].dtype, name
         assert torch.equal(t, hf[name]), name
+    if feature_layer == -2:  # a target with no place for them drops them on import
+        assert isinstance(encoder.post_norm, UnappliedLayerNorm)
+        drop = MAPPING.context(hf_vision, feature_layer=-2, carry_unapplied_layers=False)
+        kept = dict(MAPPING.hf_to_forge(hf.items(), drop))
+        assert sorted(kept) == sorted(
+            n for n in forge if not n.startswith(("unapplied_blocks.", "post_norm."))
+        )
 
 
 def _projector_hf(projector: PixelShuffleProjector) -> dict:

@@ -95,12 +95,17 @@ def _load(encoder_cls, config, ref, spec, feature_layer):
 
 def _assert_grads(encoder, ref, spec, ctx, pixels, ref_pixels, pixel_rows=None):
     """Every forge gradient equals the reference's (same name through the mapping); the
-    reference parameters forge does not build or apply got no gradient."""
-    carried = dict(encoder.named_buffers())  # an unapplied post_layernorm: no gradient
+    reference parameters forge carries unapplied (buffers: the post-layernorm, the blocks
+    after ``feature_layer``) got no gradient there and hold the reference's values."""
+    buffers = dict(encoder.named_buffers())
     grads = {n: p.grad for n, p in encoder.named_parameters()}
-    ours = dict(spec.forge_to_hf((grads | carried).items(), ctx))
-    ours = {n: g for n, g in ours.items() if not any(n.endswith(c) for c in carried)}
-    theirs = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    ours = dict(spec.forge_to_hf((grads | buffers).items(), ctx))
+    carried = {n: ours.pop(n) for b in spec.bind(ctx) if b.forge in buffers for n in b.hf}
+    params = dict(ref.named_parameters())
+    for name, value in carried.items():
+        assert params[name].grad is None, name
+        assert torch.equal(value, params[name]), name
+    theirs = {n: p.grad for n, p in params.items() if p.grad is not None}
     assert sorted(ours) == sorted(theirs)
     for name, grad in theirs.items():
         if name.endswith("k_proj.bias"):
@@ -119,6 +124,7 @@ def test_siglip_matches_transformers(siglip_ref, feature_layer):
         SiglipVisionEncoder, siglip_config_from_hf, siglip_ref, SIGLIP_MAPPING, feature_layer
     )
     assert len(encoder.blocks) == (1 if feature_layer == 1 else 2)
+    assert len(encoder.unapplied_blocks) == (1 if feature_layer == 1 else 0)
     assert encoder.applies_post_layernorm == (feature_layer is None)
     # Not applied: carried as buffers (loaded and saved, never trained), as transformers' VLMs.
     assert {n for n, _ in encoder.named_parameters() if "post_layernorm" in n} == (
@@ -202,11 +208,22 @@ def test_mappings_round_trip_bit_exact(siglip_ref, siglip2_ref, hub_layout):
             encoder = encoder_cls(config(hf_config, feature_layer=feature_layer))
             assert sorted(forge) == sorted(encoder.state_dict())
             back = dict(spec.forge_to_hf(forge.items(), ctx))
+            # every tensor but the pooling head; the block after feature_layer=1 carried
             dropped = {n for n in state if n.removeprefix(prefix).startswith("head.")}
-            if feature_layer == 1:
-                dropped |= {n for n in state if "layers.1." in n}
             assert sorted(back) == sorted(set(state) - dropped)
             assert all(torch.equal(back[n], state[n]) for n in back)
+            if feature_layer == 1:  # a target with no place for it drops it on import
+                assert "unapplied_blocks.0.attn.q_proj.weight" in forge
+                drop = spec.context(
+                    hf_config,
+                    feature_layer=1,
+                    carry_unapplied_layers=False,
+                    **options,
+                    **spec.detect_context(state),
+                )
+                assert drop["ignored_hf_layers"] == {1}
+                kept = dict(spec.hf_to_forge(state.items(), drop))
+                assert sorted(kept) == sorted(n for n in forge if "unapplied_blocks" not in n)
 
 
 def test_configs_round_trip_and_validate():

@@ -445,4 +445,8 @@ class ComposedMapping(MappingSpec):
             lines += [
                 f"  (ignored if present: {part.hf_name(n, layout)})" for n, _ in spec.ignored_hf
             ]
+            lines += [
+                f"  (ignored: checkpoint layer {i} of part {part.name}, not loaded into this model)"
+                for i in sorted(int(i) for i in part_ctx.get("ignored_hf_layers", ()))
+            ]
         return "\n".join(lines)

@@ -41,6 +41,14 @@ Engine projector spec (``get_norm_mlp_module_spec_te``: ``linear_fc1.layer_norm_
 The pixel shuffle (``llava_model.pixel_shuffle``, version 2) is InternVL's and the class token is
 dropped (``drop_vision_class_token``), as transformers does.
 
+**Vision layers after** ``vision_feature_layer`` (LLaVA's ``-2``; InternVL's root key, with
+InternViT's final ``layernorm`` then unapplied): transformers loads them but reads an inner
+hidden state, and forge carries them unapplied (``carry_unapplied_layers``). Megatron-Core's
+``CLIPViTModel`` returns its last layer's output and has no place for layers it does not run,
+so these mappings build it with the layers the features need (``vision_num_layers``) and drop
+the later ones on import (``ignored_hf_layers``): HF -> Megatron -> HF then gives the tower
+without them, the one tensor set a Megatron checkpoint of this model can hold.
+
 **Qwen2.5-VL** has no Megatron-Core counterpart: ``CLIPViTModel`` and ``RADIOViTModel`` have
 learned absolute position embeddings and full attention, while Qwen2.5-VL's vision tower uses 2-D
 rotary embeddings, windowed attention in most blocks, a 3-D (temporal) patch embedding and a 2x2
@@ -103,7 +111,7 @@ class SqueezeLeading(TensorTransform):
 
 def _extra_layer(rule: Rule) -> Rule:
     """``rule`` for a checkpoint layer after those the encoder builds: bound only to list the
-    tensors of ``ignored_hf_layers`` (dropped on import)."""
+    tensors of ``ignored_hf_layers`` (dropped on import: see the module docstring)."""
     forge = rule.forge.replace(_V, "vision_model.unbuilt_layers.{k}")
     return Rule(forge, rule.hf, rule.concat, rule.transforms, rule.when)
 
@@ -157,7 +165,7 @@ def _siglip_rules() -> tuple[Rule, ...]:
 
 def _siglip_derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        **siglip_vision.derive_tower_context(ctx),
+        **siglip_vision.derive_tower_context({**ctx, "carry_unapplied_layers": False}),
         **_head_dim(ctx),
         "projector_bias": ctx.get("projector_bias", True),
     }
@@ -224,7 +232,10 @@ def _internvit_rules() -> tuple[Rule, ...]:
 def _internvit_derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
     """InternViT's derived context (layers built for ``feature_layer``), refusing what
     Megatron-Core's ``CLIPViTModel(internvit)`` cannot hold."""
-    out = {**intern_vit_vision.MAPPING.derive(ctx), **_head_dim(ctx)}
+    out = {
+        **intern_vit_vision.MAPPING.derive({**ctx, "carry_unapplied_layers": False}),
+        **_head_dim(ctx),
+    }
     if not ctx["use_absolute_position_embeddings"]:
         raise ValueError(
             "this InternViT has no absolute position embeddings; Megatron-Core's "

@@ -25,7 +25,10 @@ Module tree (the parameter names forge-ckpt maps, see
     blocks.{i}.ls1 [D], blocks.{i}.ls2 [D]                     (layer scale)
     blocks.{i}.norm2.weight (.bias)
     blocks.{i}.mlp.fc1.weight [I, D], .bias; blocks.{i}.mlp.fc2.weight [D, I], .bias
-    post_norm.weight, post_norm.bias                           (post_norm and feature_layer == -1)
+    unapplied_blocks.{k}. ...                                  (the checkpoint's blocks after
+                                                               feature_layer: buffers, never run)
+    post_norm.weight, post_norm.bias                           (post_norm; applied only with
+                                                               feature_layer == -1, else buffers)
 
 As a VLM encoder it reads ``VisualInputs.pixel_values`` ``[tiles, C, H, W]`` (all tiles of a
 batch share one size) and returns the features packed as ``[tiles * patches, D]``, without the
@@ -45,9 +48,11 @@ from torch import nn
 from forge_kernels.attention import attention
 from forge_models.blocks.norm import RMSNorm
 from forge_models.init import init_
+from forge_models.vision.unapplied_blocks import UnappliedBlocks
 from forge_models.vision.vit_blocks import (
     ConvPatchEmbed,
     LayerNorm,
+    UnappliedLayerNorm,
     VitMLP,
     activation,
     feature_layer_depth,
@@ -71,16 +76,18 @@ class InternVisionConfig:
     """InternViT hyper-parameters (the keys of transformers' ``InternVLVisionConfig``).
 
     Attributes:
-        num_layers: the checkpoint's blocks; the encoder builds :attr:`num_built_layers`.
+        num_layers: the checkpoint's blocks; the encoder runs :attr:`num_built_layers` and
+            carries the rest unapplied (buffers, for a bit-exact checkpoint round trip).
         norm_type: ``"layer_norm"`` (InternViT-300M) or ``"rms_norm"`` (InternViT-6B).
         image_size: the tile size ``(h, w)`` (or one int) the position table was trained for.
         patch_size: the (square) patch side in pixels.
         post_norm: a final LayerNorm on the last block's output (transformers applies it when
-            ``use_mean_pooling`` is false); used only with ``feature_layer == -1``.
+            ``use_mean_pooling`` is false); applied only with ``feature_layer == -1``, else
+            carried unapplied (transformers loads it but reads an inner hidden state).
         feature_layer: the hidden state returned, indexed as transformers' ``hidden_states``
             (0: the embeddings, ``i``: after block ``i``; negative from the end, ``-1`` the
             last block, then ``post_norm``), InternVL's ``vision_feature_layer``. Only the
-            blocks it needs are built.
+            blocks it needs run; the later ones are carried unapplied.
         drop_cls_token: drop the CLS token from the output (a VLM encoder; transformers'
             ``vision_feature_select_strategy="default"``).
     """
@@ -149,7 +156,8 @@ class InternVisionConfig:
 
     @property
     def num_built_layers(self) -> int:
-        """The blocks ``feature_layer`` needs (the hidden state it selects comes after them)."""
+        """The blocks ``feature_layer`` needs and the encoder runs (the hidden state it
+        selects comes after them)."""
         return feature_layer_depth(self.num_layers, self.feature_layer)
 
     @property
@@ -310,7 +318,15 @@ class InternVisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             InternVisionBlock(config) for _ in range(config.num_built_layers)
         )
-        self.post_norm = LayerNorm(d, eps=config.norm_eps) if config.applies_post_norm else None
+        self.unapplied_blocks = UnappliedBlocks(
+            InternVisionBlock(config) for _ in range(config.num_layers - config.num_built_layers)
+        )
+        if config.applies_post_norm:
+            self.post_norm = LayerNorm(d, eps=config.norm_eps)
+        elif config.post_norm:  # transformers loads it, but an inner feature layer skips it
+            self.post_norm = UnappliedLayerNorm(d)
+        else:
+            self.post_norm = None
         if not self.cls_token.is_meta:
             self.init_weights()
 
@@ -327,7 +343,7 @@ class InternVisionEncoder(nn.Module):
                 init_(module.weight, nn.init.normal_, mean=0.0, std=std, generator=generator)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (LayerNorm, RMSNorm)):
+            elif isinstance(module, (LayerNorm, RMSNorm, UnappliedLayerNorm)):
                 module.reset_parameters()
             elif isinstance(module, InternVisionBlock):
                 module.ls1.fill_(self.config.layer_scale_init_value)
@@ -377,7 +393,7 @@ class InternVisionEncoder(nn.Module):
             x = x + self.position_embeddings(grid)
         for block in self.blocks:
             x = block(x)
-        if self.post_norm is not None:
+        if self.config.applies_post_norm:
             x = self.post_norm(x)
         if self.config.drop_cls_token:
             x = x[:, 1:]

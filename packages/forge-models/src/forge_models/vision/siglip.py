@@ -9,6 +9,7 @@ VLMs do not use). Module tree (the names forge-ckpt's ``siglip_vision`` mapping 
     patch_embed.bias                  [hidden]
     pos_embed.weight                  [(image_size // patch) ** 2, hidden]
     blocks.{i}.norm1 / attn / norm2 / mlp ...   (forge_models.vision.vit_blocks.VitBlock)
+    unapplied_blocks.{k}. ...         the checkpoint's blocks after feature_layer (buffers, carried)
     post_layernorm.{weight,bias}      applied only with feature_layer=None (else buffers, carried)
 
 Reads ``VisualInputs.pixel_values`` ``[tiles, channels, image_size, image_size]`` (images,

@@ -14,6 +14,7 @@ Matches transformers' ``Siglip2VisionModel`` (without its attention-pooling head
     patch_embed.bias                  [hidden]
     pos_embed.weight                  [num_patches, hidden]  (a sqrt(num_patches)^2 grid)
     blocks.{i}.norm1 / attn / norm2 / mlp ...   (forge_models.vision.vit_blocks.VitBlock)
+    unapplied_blocks.{k}. ...         the checkpoint's blocks after feature_layer (buffers, carried)
     post_layernorm.{weight,bias}      applied only with feature_layer=None (else buffers, carried)
 
 Reads ``VisualInputs.pixel_values`` ``[total_patches, patch * patch * channels]`` (each

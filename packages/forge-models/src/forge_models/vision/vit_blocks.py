@@ -19,7 +19,9 @@ One block (``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``) has the module tree
 
 :class:`PreNormVitEncoder` stacks them as ``blocks.{i}`` with a ``post_layernorm``: applied
 when the encoder outputs the standalone tower's ``last_hidden_state``, else only carried (an
-:class:`UnappliedLayerNorm`, as transformers' VLMs load SigLIP's but never apply it).
+:class:`UnappliedLayerNorm`, as transformers' VLMs load SigLIP's but never apply it). The
+checkpoint's blocks after ``feature_layer`` are carried the same way, never run, as
+``unapplied_blocks.{k}`` (:class:`~forge_models.vision.unapplied_blocks.UnappliedBlocks`).
 Attention goes through ``forge_kernels.attention.attention`` (bidirectional; variable-size items
 packed with ``cu_seqlens``), norms through ``forge_kernels.layer_norm`` (the second norm of each
 block fused with the residual add).
@@ -39,6 +41,7 @@ from torch import nn
 import forge_kernels
 from forge_kernels.attention import attention
 from forge_models.init import init_
+from forge_models.vision.unapplied_blocks import UnappliedBlocks
 
 __all__ = [
     "ACTIVATIONS",
@@ -96,7 +99,7 @@ def lecun_normal_(weight: torch.Tensor, *, generator: torch.Generator | None = N
 
 
 def feature_layer_depth(num_layers: int, feature_layer: int | None) -> int:
-    """How many blocks an encoder builds to output hidden state ``feature_layer``.
+    """How many blocks an encoder runs to output hidden state ``feature_layer``.
 
     ``feature_layer`` indexes transformers' ``hidden_states`` tuple (``0``: the embeddings,
     ``k``: after block ``k``, ``-1``: after the last block); ``None`` means the last block
@@ -126,7 +129,8 @@ class VitConfig:
     Attributes:
         hidden_size: feature width (the encoder's output width).
         intermediate_size: MLP hidden width.
-        num_layers: blocks in the checkpoint (the encoder builds ``depth`` of them).
+        num_layers: blocks in the checkpoint (the encoder runs ``depth`` of them and carries
+            the rest, unapplied).
         num_heads: attention heads (``hidden_size % num_heads == 0``).
         num_channels: input channels.
         patch_size: square patch side in pixels.
@@ -177,7 +181,7 @@ class VitConfig:
 
     @property
     def depth(self) -> int:
-        """Blocks the encoder builds (see :func:`feature_layer_depth`)."""
+        """Blocks the encoder runs (see :func:`feature_layer_depth`)."""
         return feature_layer_depth(self.num_layers, self.feature_layer)
 
 
@@ -418,8 +422,10 @@ class VitBlock(nn.Module):
 
 
 class PreNormVitEncoder(nn.Module):
-    """``config.depth`` :class:`VitBlock` s as ``blocks.{i}``, plus ``post_layernorm``: a
-    :class:`LayerNorm` applied to the output when ``config.feature_layer is None``, else an
+    """``config.depth`` :class:`VitBlock` s as ``blocks.{i}``, the checkpoint's
+    ``num_layers - depth`` later blocks as ``unapplied_blocks.{k}`` (buffers, never run; see
+    :class:`~forge_models.vision.unapplied_blocks.UnappliedBlocks`), plus ``post_layernorm``:
+    a :class:`LayerNorm` applied to the output when ``config.feature_layer is None``, else an
     :class:`UnappliedLayerNorm` that only carries the checkpoint's values. Subclasses add the
     patch and position embeddings."""
 
@@ -427,21 +433,25 @@ class PreNormVitEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.hidden_size = config.hidden_size
-        self.blocks = nn.ModuleList(
-            VitBlock(
-                config.hidden_size,
-                config.num_heads,
-                config.intermediate_size,
-                eps=config.layer_norm_eps,
-                hidden_act=config.hidden_act,
-            )
-            for _ in range(config.depth)
+        self.blocks = nn.ModuleList(self._block() for _ in range(config.depth))
+        self.unapplied_blocks = UnappliedBlocks(
+            self._block() for _ in range(config.num_layers - config.depth)
         )
         self.applies_post_layernorm = config.feature_layer is None
         self.post_layernorm = (
             LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             if self.applies_post_layernorm
             else UnappliedLayerNorm(config.hidden_size)
+        )
+
+    def _block(self) -> VitBlock:
+        c = self.config
+        return VitBlock(
+            c.hidden_size,
+            c.num_heads,
+            c.intermediate_size,
+            eps=c.layer_norm_eps,
+            hidden_act=c.hidden_act,
         )
 
     def encode(
@@ -457,7 +467,8 @@ class PreNormVitEncoder(nn.Module):
         return self.post_layernorm(x) if self.applies_post_layernorm else x
 
     def reset_blocks(self, *, generator: torch.Generator | None = None) -> None:
-        """Initialize ``blocks`` and ``post_layernorm`` in place (works after ``to_empty``)."""
-        for block in self.blocks:
+        """Initialize ``blocks``, ``unapplied_blocks`` and ``post_layernorm`` in place (works
+        after ``to_empty``)."""
+        for block in (*self.blocks, *self.unapplied_blocks):
             block.reset_parameters(generator=generator)
         self.post_layernorm.reset_parameters()

@@ -18,6 +18,7 @@ modules: ``model.multi_modal_projector.*``). The VLM mapping adds the prefixes. 
     blocks.{i}.attn.o_proj            <- encoder.layer.{i}.attention.projection_layer
     blocks.{i}.ls1 / ls2              <- encoder.layer.{i}.lambda_1 / lambda_2
     blocks.{i}.mlp.fc1 / fc2          <- encoder.layer.{i}.mlp.fc1 / fc2
+    unapplied_blocks.{k}. ...         <- encoder.layer.{i}. ...     (i >= the layers run)
     post_norm                         <- layernorm                  (use_mean_pooling=false)
     projector.norm / fc1 / fc2        <- multi_modal_projector.layer_norm / linear_1 / linear_2
 
@@ -25,10 +26,13 @@ Context (from the ``vision_config`` dict): ``num_hidden_layers``, ``norm_type``,
 ``attention_bias``, ``use_qk_norm``, ``use_absolute_position_embeddings``,
 ``use_mean_pooling``; options ``feature_layer`` (InternVL's top-level
 ``vision_feature_layer``, default -1) and ``projector`` (default True; False for a bare
-``InternVLVisionModel``). The encoder builds only the layers ``feature_layer`` needs, so the
-checkpoint layers after them are dropped on import (``ignored_hf_layers``), and so is the final
-``layernorm`` unless ``feature_layer == -1``; ``embeddings.mask_token`` (masked image modeling)
-is always dropped.
+``InternVLVisionModel``). The encoder runs only the layers ``feature_layer`` needs; the
+checkpoint layers after them map to ``unapplied_blocks.{k}`` and the final ``layernorm`` (when
+``feature_layer != -1``) to ``post_norm``, both carried as buffers and never run (transformers
+loads them and reads an inner hidden state), so a checkpoint round-trips bit for bit. Option
+``carry_unapplied_layers=False`` drops them on import instead (``ignored_hf_layers``, flag
+``unused_post_norm``), for a target with no place for them (Megatron-Core's ``CLIPViTModel``).
+``embeddings.mask_token`` (masked image modeling) is always dropped.
 """
 
 from __future__ import annotations
@@ -73,15 +77,16 @@ LAYER_RULES = (
 )
 
 
-def _skipped(rule: Rule) -> Rule:
-    """``rule`` for a checkpoint layer after those the encoder builds (``{k}``: only ever bound
-    to list the tensors of ``ignored_hf_layers``, which import drops)."""
-    return Rule(rule.forge.replace("blocks.{i}", "skipped_blocks.{k}"), rule.hf, when=rule.when)
+def _unapplied(rule: Rule) -> Rule:
+    """``rule`` for a checkpoint layer after those the encoder runs (``{k}``: mapped to the
+    encoder's ``unapplied_blocks``, or listed as ``ignored_hf_layers`` when not carried)."""
+    return Rule(rule.forge.replace("blocks.{i}", "unapplied_blocks.{k}"), rule.hf, when=rule.when)
 
 
+#: ``carries_post_norm``: applied (``post_norm``) or carried unapplied.
 POST_NORM_RULES = (
-    Rule("post_norm.weight", "layernorm.weight", when="post_norm"),
-    Rule("post_norm.bias", "layernorm.bias", when="post_norm"),
+    Rule("post_norm.weight", "layernorm.weight", when="carries_post_norm"),
+    Rule("post_norm.bias", "layernorm.bias", when="carries_post_norm"),
 )
 
 TOWER_RULES = EMBEDDING_RULES + LAYER_RULES + POST_NORM_RULES
@@ -111,8 +116,9 @@ CONTEXT_KEYS = {
 
 
 def _derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
-    """The layers the encoder builds for ``feature_layer`` (as ``InternVisionConfig``), the
-    checkpoint layers it drops, and the flags of the optional parts."""
+    """The layers the encoder runs for ``feature_layer`` (as ``InternVisionConfig``), the
+    later checkpoint layers (carried or dropped, see ``carry_unapplied_layers``), and the flags
+    of the optional parts."""
     total, feature = int(ctx["num_checkpoint_layers"]), int(ctx["feature_layer"])
     if not -(total + 1) <= feature <= total:
         raise ValueError(
@@ -123,13 +129,16 @@ def _derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"norm_type must be 'layer_norm' or 'rms_norm', got {ctx['norm_type']!r}")
     built = feature if feature >= 0 else total + 1 + feature
     has_post_norm = not ctx["use_mean_pooling"]
+    carry = bool(ctx.get("carry_unapplied_layers", True))
     return {
         "num_layers": built,
-        "num_hf_layers": built,
-        "ignored_hf_layers": frozenset(range(built, total)),
+        "carry_unapplied_layers": carry,
+        "num_hf_layers": total if carry else built,
+        "ignored_hf_layers": frozenset() if carry else frozenset(range(built, total)),
         "layer_norm": ctx["norm_type"] == "layer_norm",
-        "post_norm": has_post_norm and feature == -1,
-        "unused_post_norm": has_post_norm and feature != -1,
+        "post_norm": has_post_norm and feature == -1,  # applied
+        "carries_post_norm": has_post_norm and (feature == -1 or carry),
+        "unused_post_norm": has_post_norm and feature != -1 and not carry,  # dropped
         "projector": bool(ctx.get("projector", True)),
     }
 
@@ -137,7 +146,7 @@ def _derive(ctx: Mapping[str, Any]) -> dict[str, Any]:
 MAPPING = MappingSpec(
     name="intern_vit_vision",
     hf_model_types=("internvl_vision",),
-    rules=TOWER_RULES + tuple(_skipped(r) for r in LAYER_RULES) + PROJECTOR_RULES,
+    rules=TOWER_RULES + tuple(_unapplied(r) for r in LAYER_RULES) + PROJECTOR_RULES,
     context_keys=CONTEXT_KEYS,
     ignored_hf=(
         ("embeddings.mask_token", None),

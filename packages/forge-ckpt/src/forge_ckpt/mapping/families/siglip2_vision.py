@@ -7,8 +7,9 @@ the names do not show), without a projector. Checkpoint names are relative to th
 tower, in the Hub layout (``vision_model.``-prefixed, the default) or transformers 5.x's
 (detected). Context: ``num_layers`` from the vision config's ``num_hidden_layers``; caller
 option ``feature_layer`` (default ``-1``; ``None`` for the standalone output with
-``post_layernorm``, which is otherwise carried unapplied), from which the blocks built and the
-checkpoint layers dropped are derived.
+``post_layernorm``, which is otherwise carried unapplied), from which the blocks run are
+derived; the checkpoint's later blocks map to ``unapplied_blocks.{k}`` (carried, never run;
+``carry_unapplied_layers=False`` drops them instead).
 The attention-pooling head is not built; its tensors are dropped on import.
 """
 

@@ -5,7 +5,7 @@ SigLIP: Zhai et al. 2023, arXiv:2303.15343; LLaVA-OneVision: Li et al. 2024, arX
 A piece of a VLM mapping: the lead composes it with the language model's.
 
 **Names.** Forge names are relative to the encoder (``patch_embed``, ``pos_embed``,
-``blocks.{i}``, ``post_layernorm``) and, for the projector, carry its ``projector.`` prefix.
+``blocks.{i}``, ``unapplied_blocks.{k}``, ``post_layernorm``) and, for the projector, carry its ``projector.`` prefix.
 Checkpoint names of the **tower are relative to the vision tower** (a LLaVA-OneVision
 checkpoint stores them under ``vision_tower.``; a standalone ``SiglipVisionModel`` under no
 prefix); those of the **projector are relative to the checkpoint root**
@@ -19,12 +19,17 @@ detected from a checkpoint's names (:meth:`~forge_ckpt.mapping.MappingSpec.detec
 
 - ``feature_layer`` (default ``-1``, the encoder config's): the hidden state the encoder
   outputs, as transformers' ``hidden_states`` index; ``None`` for the standalone tower's
-  output with ``post_layernorm``. The encoder builds only the blocks it needs: the mapping
-  derives ``num_layers`` (blocks built) and drops the checkpoint's later blocks
-  (``ignored_hf_layers``). ``post_layernorm`` is always mapped: the encoder applies it only
-  for ``feature_layer=None`` and otherwise carries it unapplied (as transformers' VLMs load it
-  without using it), so a checkpoint round-trips bit for bit. Pass ``feature_layer``, not
-  ``num_layers``.
+  output with ``post_layernorm``. The encoder runs only the blocks it needs: the mapping
+  derives ``num_layers`` (blocks run, ``blocks.{i}``). The checkpoint's later blocks (LLaVA's
+  ``vision_feature_layer=-2`` leaves one) are mapped to ``unapplied_blocks.{k}``, which the
+  encoder carries as buffers and never runs (transformers loads them and reads an inner
+  hidden state), so a checkpoint round-trips bit for bit and its export loads with no
+  missing weights. ``post_layernorm`` is always mapped: the encoder applies it only for
+  ``feature_layer=None`` and otherwise carries it unapplied the same way. Pass
+  ``feature_layer``, not ``num_layers``.
+- ``carry_unapplied_layers`` (default True): False drops the later blocks on import
+  (``ignored_hf_layers``) instead, for a target with no place for them (Megatron-Core's
+  ``CLIPViTModel``, :mod:`forge_ckpt.megatron.vlm_families`).
 - ``with_projector`` (default True: the LLaVA-OneVision vision part) and ``projector_bias``
   (the top-level ``multimodal_projector_bias``, default True). A standalone SigLIP:
   ``feature_layer=None, with_projector=False``.
@@ -93,8 +98,9 @@ def tower_rules() -> tuple[Rule, ...]:
     """The rules of a SigLIP-style tower (SigLIP's Conv2d or SigLIP 2's Linear patch
     embedding: same names), in both layouts.
 
-    The ``unbuilt_blocks.{k}`` rules name the checkpoint blocks after those the encoder
-    builds; they are only ever bound as ``ignored_hf_layers`` (dropped on import).
+    The ``unapplied_blocks.{k}`` rules map the checkpoint blocks after those the encoder
+    runs (``num_hf_layers``), or list them as ``ignored_hf_layers`` (dropped) when the
+    context does not carry them.
     """
     globals_, layers, post = [], [], []
     for prefix, when in _LAYOUTS:
@@ -107,7 +113,7 @@ def tower_rules() -> tuple[Rule, ...]:
         layer = f"{prefix}encoder.layers.{{i}}"
         layers += [Rule(f"blocks.{{i}}.{f}", f"{layer}.{h}", when=when) for f, h in BLOCK_NAMES]
         layers += [
-            Rule(f"unbuilt_blocks.{{k}}.{f}", f"{layer}.{h}", when=when) for f, h in BLOCK_NAMES
+            Rule(f"unapplied_blocks.{{k}}.{f}", f"{layer}.{h}", when=when) for f, h in BLOCK_NAMES
         ]
         post += [
             Rule(f"post_layernorm.{t}", f"{prefix}post_layernorm.{t}", when=when)
@@ -147,7 +153,9 @@ CONTEXT_KEYS = {"num_layers": ("num_hidden_layers", REQUIRED)}
 
 
 def derive_tower_context(ctx: Mapping[str, Any]) -> dict[str, Any]:
-    """Blocks built and checkpoint tensors dropped for ``feature_layer`` (see the docstring)."""
+    """Blocks run for ``feature_layer``, and the later checkpoint blocks carried unapplied
+    (``num_hf_layers``) or dropped (``ignored_hf_layers``, with ``carry_unapplied_layers``
+    False); see the module docstring."""
     total = int(ctx["num_layers"])
     feature_layer = ctx.get("feature_layer", -1)
     if feature_layer is None:
@@ -159,10 +167,13 @@ def derive_tower_context(ctx: Mapping[str, Any]) -> dict[str, Any]:
         )
     else:
         depth = int(feature_layer) % (total + 1)
+    carry = bool(ctx.get("carry_unapplied_layers", True))
     return {
         "feature_layer": feature_layer,
         "num_layers": depth,
-        "ignored_hf_layers": frozenset(range(depth, total)),
+        "carry_unapplied_layers": carry,
+        "num_hf_layers": total if carry else depth,
+        "ignored_hf_layers": frozenset() if carry else frozenset(range(depth, total)),
         "vision_model_prefix": ctx.get("vision_model_prefix", True),
     }
 
