@@ -5,18 +5,20 @@ Large Language Models", arXiv:2106.09685).
 (Kaiming-uniform) and ``B [out, r]`` zero, so training starts from the base model exactly.
 :func:`apply_lora` wraps the ``nn.Linear`` modules whose names match fnmatch patterns and
 freezes every other parameter; :func:`merge_lora_state_dict` folds ``W + (alpha / r) B A`` into
-a plain state dict for export.
+a plain state dict for export, :func:`merge_lora_tensors` does it on a stream of tensors (the
+streaming export), holding only a layer's weight and adapters until they are all there.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora_state_dict"]
+__all__ = ["LoRALinear", "apply_lora", "merge_lora_state_dict", "merge_lora_tensors"]
 
 
 class LoRALinear(nn.Module):
@@ -92,9 +94,50 @@ def merge_lora_state_dict(
         if ".base." in key:
             prefix, _, leaf = key.rpartition(".base.")
             if leaf == "weight":
-                a, b = state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"]
-                update = (b.float() @ a.float()) * scaling
-                value = (value.float() + update).to(value.dtype)
+                value = _merged(
+                    value, state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"], scaling
+                )
             key = f"{prefix}.{leaf}"
         merged[key] = value
     return merged
+
+
+def _merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W + scaling * B A``, computed in float32, in ``W``'s dtype."""
+    return (weight.float() + (b.float() @ a.float()) * scaling).to(weight.dtype)
+
+
+def merge_lora_tensors(
+    items: Iterable[tuple[str, torch.Tensor]], *, scaling: float
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`merge_lora_state_dict` on a stream of ``(name, tensor)`` pairs, lazily: a
+    layer's merged ``<name>.weight`` is yielded as soon as its base weight and both adapters
+    have arrived (in a :class:`LoRALinear`'s state-dict order the adapters come first, so at
+    the base weight's place); every other tensor passes through at once, renamed from
+    ``<name>.base.<leaf>`` to ``<name>.<leaf>``. Raises ``ValueError`` naming the layer if the
+    stream ends with a weight or an adapter whose partners never came."""
+    waiting: dict[str, dict[str, torch.Tensor]] = {}  # layer -> its parts seen so far
+    for key, value in items:
+        for part in ("lora_A", "lora_B", "base.weight"):
+            if key.endswith(f".{part}"):
+                prefix = key[: -len(part) - 1]
+                parts = waiting.setdefault(prefix, {})
+                parts[part] = value
+                if len(parts) == 3:
+                    del waiting[prefix]
+                    yield (
+                        f"{prefix}.weight",
+                        _merged(parts["base.weight"], parts["lora_A"], parts["lora_B"], scaling),
+                    )
+                break
+        else:
+            if ".base." in key:
+                prefix, _, leaf = key.rpartition(".base.")
+                key = f"{prefix}.{leaf}"
+            yield key, value
+    if waiting:
+        incomplete = {prefix: sorted(parts) for prefix, parts in waiting.items()}
+        raise ValueError(
+            f"LoRA layers without their base weight or both adapters in the state: "
+            f"{incomplete}; each needs <name>.base.weight, <name>.lora_A and <name>.lora_B"
+        )

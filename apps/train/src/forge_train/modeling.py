@@ -7,6 +7,7 @@ so each process allocates and initializes only its own shards.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from forge_train.config import ConfigError, LoraConfig, ModelSettings
 
-__all__ = ["META_INIT_PARAMS", "build_model", "export_hf", "model_config"]
+__all__ = ["META_INIT_PARAMS", "build_model", "export_hf", "export_tensors", "model_config"]
 
 #: ``init_device=auto`` builds on the meta device above this many parameters.
 META_INIT_PARAMS = 1_000_000_000
@@ -90,11 +91,79 @@ def load_hf_into(model: nn.Module, hf_path: str, config, *, pipeline=None) -> No
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on the CPU (collective: every rank calls it)."""
+    """The unsharded state dict on the CPU (collective: every rank calls it). The whole model
+    on every rank: the Hugging Face export streams instead (:func:`export_tensors`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def _plain_name(name: str) -> str:
+    """The unsplit plain model's name of a trained model's tensor (LoRA parts -> the merged
+    weight: ``q.lora_A`` / ``q.lora_B`` / ``q.base.weight`` -> ``q.weight``)."""
+    for suffix in (".lora_A", ".lora_B"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix) + ".weight"
+    prefix, base, leaf = name.rpartition(".base.")
+    return f"{prefix}.{leaf}" if base else name
+
+
+def export_tensors(
+    model: nn.Module,
+    plain: nn.Module,
+    *,
+    lora: LoraConfig | None,
+    is_main: bool,
+    pipeline=None,
+) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """The trained model's tensors for ``forge_models.save_pretrained(plain, ...,
+    tensors=...)``: gathered whole one at a time
+    (:func:`forge_ckpt.hf.full_tensors.iter_full_tensors`; a pipeline's stages sent to the main
+    process one tensor at a time), in ``plain``'s state-dict order (so the shards hold what a
+    one-process export's hold), LoRA adapters merged per layer, cast to ``plain``'s dtypes.
+    Collective: on the main process the stream (consume it to the end); elsewhere the gathers
+    are run here and ``None`` is returned. ``plain``: the unsplit model on the meta device."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from forge_ckpt.hf.full_tensors import iter_full_tensors
+
+    dtypes = {name: t.dtype for name, t in plain.state_dict().items()}
+    index = {name: i for i, name in enumerate(dtypes)}
+    # Names the plain model's state dict leaves out (a tied head: the last pipeline stage's
+    # copy of the embedding) are neither gathered nor written.
+    dropped = set(dict(plain.named_parameters(remove_duplicate=False))) - set(dtypes)
+
+    def sort_key(name: str) -> int:
+        return index.get(_plain_name(name), len(index))
+
+    def check(names: list[str]) -> None:
+        got = {_plain_name(name) for name in names}
+        missing, unexpected = sorted(set(index) - got), sorted(got - set(index))
+        if missing or unexpected:
+            raise ValueError(
+                f"export: the trained model's tensors do not match a plain {type(plain).__name__} "
+                f"of its config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )
+
+    stage = model if pipeline is None else pipeline.stage
+    state = {  # this rank's shards under whole-model names
+        name: t for name, t in get_model_state_dict(stage).items() if name not in dropped
+    }
+    group = None if pipeline is None else pipeline.group
+    stream = iter_full_tensors(state, pipeline_group=group, dst=0, sort_key=sort_key, check=check)
+    if not is_main:
+        for _ in stream:  # the gathers and sends are collective
+            pass
+        return None
+    if lora is not None:
+        from forge_train.lora import merge_lora_tensors
+
+        stream = merge_lora_tensors(stream, scaling=lora.alpha / lora.rank)
+    return (
+        (name, t if dtypes.get(name, t.dtype) == t.dtype else t.to(dtypes[name]))
+        for name, t in stream
     )
 
 
@@ -110,9 +179,11 @@ def export_hf(
     pipeline=None,
 ) -> Path | None:
     """Write ``out_dir`` as a Hugging Face folder (weights, ``config.json``, tokenizer) with
-    ``forge_models.save_pretrained``; LoRA adapters are merged into the weights first.
-    Collective; only the main process writes. ``pipeline``: the run's
-    :class:`~forge_train.pipeline_model.PipelineParts` when ``model`` is one stage of it."""
+    ``forge_models.save_pretrained``; LoRA adapters are merged into the weights. Tensors are
+    gathered, merged and written one at a time (:func:`export_tensors`): the main process's
+    peak is about one shard, not the model. Collective; only the main process writes.
+    ``pipeline``: the run's :class:`~forge_train.pipeline_model.PipelineParts` when ``model``
+    is one stage of it."""
     from forge_models.vlm import VLMConfig
 
     if isinstance(config, VLMConfig):
@@ -129,21 +200,17 @@ def export_hf(
             pipeline=pipeline,
         )
     import forge_models
-    from forge_train.lora import merge_lora_state_dict
 
-    # A pipeline stage holds some layers: gather the stages (forge_train.pipeline_model).
-    state = full_state_dict(model) if pipeline is None else pipeline.full_state_dict()
-    if not is_main:
+    plain = forge_models.build_model(config, device="meta")  # config, names, shapes: no memory
+    tensors = export_tensors(model, plain, lora=lora, is_main=is_main, pipeline=pipeline)
+    if tensors is None:
         return None
-    if lora is not None:
-        state = merge_lora_state_dict(state, scaling=lora.alpha / lora.rank)
-    plain = forge_models.build_model(config, device="meta")
-    forge_models.materialize(plain, "cpu", init=False)
-    plain.load_state_dict(state)
     hf_config = getattr(model, "hf_config", None)
     if hf_config is not None:
         plain.hf_config = hf_config
-    path = forge_models.save_pretrained(plain, out_dir, dtype=dtype, overwrite=True)
+    path = forge_models.save_pretrained(
+        plain, out_dir, dtype=dtype, overwrite=True, tensors=tensors
+    )
     if tokenizer is not None:
         tokenizer.save(path)
     return path

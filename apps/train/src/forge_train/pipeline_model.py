@@ -117,28 +117,20 @@ class PipelineParts:
         self.pipe.sync_tied_weights()  # the first stage's draw, on every stage using it
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's unsharded state dict on the CPU, on the ranks of the pipeline
-        group holding global rank 0 (``None`` elsewhere). Collective: every rank calls it."""
+        """The whole model's unsharded state dict on the CPU on global rank 0 (``None``
+        elsewhere), gathered one tensor at a time: FSDP / TP shards within the owning stage,
+        then sent from it to rank 0 (:func:`forge_ckpt.hf.full_tensors.iter_full_tensors`; no
+        other rank holds more than one tensor). Collective: every rank calls it. The Hugging
+        Face export streams the same tensors straight into the files
+        (:func:`forge_train.modeling.export_tensors`)."""
         import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        # Gathers FSDP / TP shards within the stage, on every rank (with cpu_offload only
-        # global rank 0 would get them, not the other stages' ranks).
-        full = get_model_state_dict(self.stage, options=StateDictOptions(full_state_dict=True))
-        local = {name: value.detach().cpu() for name, value in full.items()}
-        del full
-        ranks = dist.get_process_group_ranks(self.group)
-        if 0 not in ranks:
-            return None
-        parts: list = [None] * len(ranks)
-        dist.all_gather_object(parts, local, group=self.group)
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
+        from forge_ckpt.hf.full_tensors import iter_full_tensors
+
+        state = get_model_state_dict(self.stage)  # this rank's shards, whole-model names
+        full = dict(iter_full_tensors(state, pipeline_group=self.group, dst=0))
+        return full if dist.get_rank() == 0 else None
 
     def norm_parameters(self) -> list[torch.nn.Parameter]:
         """This rank's parameters that count towards the global gradient norm (a parameter

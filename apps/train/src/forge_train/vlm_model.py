@@ -163,23 +163,24 @@ def export_vlm_hf(
     """Write a trained VLM as a Hugging Face folder of its family (``config.family``:
     ``qwen2_5_vl``, ``llava_onevision`` or ``internvl``) through
     ``forge_models.save_pretrained`` and forge-ckpt's composed mapping, with the tokenizer
-    beside it. Collective (every rank gathers the full state dict); only the main process
-    writes. ``pipeline``: the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when
-    ``model`` is one pipeline rank's part (its stages are gathered)."""
+    beside it. Collective (tensors gathered and written one at a time,
+    :func:`forge_train.modeling.export_tensors`); only the main process writes. ``pipeline``:
+    the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when ``model`` is one
+    pipeline rank's part (its stages send their tensors to the main process)."""
     import forge_models
     from forge_models.vlm import build_vlm
-    from forge_train.modeling import full_state_dict
+    from forge_train.modeling import export_tensors
 
     if lora is not None:
         raise ConfigError("lora: vision-language models train without LoRA; set lora=null")
     check_vlm_exportable(config)
-    state = full_state_dict(model) if pipeline is None else pipeline.full_state_dict()
-    if not is_main:
+    plain = build_vlm(config, device="meta")  # config, names and shapes: no memory
+    tensors = export_tensors(model, plain, lora=None, is_main=is_main, pipeline=pipeline)
+    if tensors is None:
         return None
-    plain = build_vlm(config, device="meta")
-    forge_models.materialize(plain, "cpu", init=False)
-    plain.load_state_dict(state)
-    path = forge_models.save_pretrained(plain, out_dir, dtype=dtype, overwrite=True)
+    path = forge_models.save_pretrained(
+        plain, out_dir, dtype=dtype, overwrite=True, tensors=tensors
+    )
     if tokenizer is not None:
         tokenizer.save(path)
     return path

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,8 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-) -> Path:
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+) -> Path | None:
     """Save a forge model as a Hugging Face folder (``config.json`` + safetensors shards).
 
     ``config.json`` is the source config for a model from :func:`from_pretrained` (passthrough,
@@ -241,6 +242,17 @@ def save_pretrained(
     config. ``dtype`` casts the saved tensors (default: as they are). The write is atomic.
     Vocabulary padding is removed and a tied ``lm_head`` left out, so transformers'
     ``from_pretrained`` loads the folder.
+
+    Tensors stream: each is mapped, cast and handed to the shard writer as it comes, so the
+    peak beyond the model is about one shard (``max_shard_size``). A model holding ``DTensor``
+    shards (FSDP2, tensor or expert parallel) is gathered one tensor at a time
+    (:func:`forge_ckpt.hf.full_tensors.iter_full_tensors`): collective, every rank calls it,
+    global rank 0 writes and returns the folder, the others return ``None``.
+
+    ``tensors``: the model's ``(name, tensor)`` pairs in state-dict order, consumed lazily, in
+    place of ``model.state_dict()``; ``model`` then only gives the config and the names and
+    shapes to check (it may be on the meta device). E.g. a pipeline-parallel model's
+    :func:`~forge_ckpt.hf.full_tensors.iter_full_tensors` on the writing rank.
     """
     config = model.config
     fam = get_family(config.family)
@@ -265,10 +277,23 @@ def save_pretrained(
     state = model.state_dict()
     spec.check_forge({n: t.shape for n, t in state.items()}, ctx)
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in spec.forge_to_hf(state.items(), ctx):
+    if tensors is None:
+        tensors = state.items()
+        if _holds_shards(model):
+            import torch.distributed as dist
+
+            from forge_ckpt.hf.full_tensors import iter_full_tensors
+
+            tensors = iter_full_tensors(state, dst=0)
+            if dist.get_rank() != 0:
+                for _ in tensors:  # the gathers are collective
+                    pass
+                return None
+
+    def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in spec.forge_to_hf(tensors, ctx):
             yield name, tensor if dtype is None else tensor.to(dtype)
 
     return save_hf_checkpoint(
-        out_dir, tensors(), config=hf_config, max_shard_size=max_shard_size, overwrite=overwrite
+        out_dir, hf_tensors(), config=hf_config, max_shard_size=max_shard_size, overwrite=overwrite
     )
