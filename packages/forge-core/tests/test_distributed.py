@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -74,6 +75,11 @@ def test_single_process_init_and_shutdown():
 
 @pytest.mark.multiprocess
 def test_torchrun_launch_end_to_end(tmp_path):
+    # The job keeps its process-group holders (the mesh, the collective's autograd graph) in a
+    # function, so they are freed before interpreter finalization: a gloo group destroyed while
+    # the interpreter shuts down can abort the process at exit ("terminate called without an
+    # active exception", seen rarely with module-level holders). Faulthandler dumps every
+    # thread's stack if a rank still aborts, and the failure message shows both streams.
     script = tmp_path / "job.py"
     script.write_text(
         textwrap.dedent(
@@ -82,13 +88,20 @@ def test_torchrun_launch_end_to_end(tmp_path):
         from forge_core import ParallelDims, init_distributed, shutdown_distributed
         from forge_core.collectives import all_reduce
 
-        env = init_distributed()
-        mesh = ParallelDims(world_size=env.world_size, tp=2).build_mesh()
-        x = torch.tensor([float(env.rank + 1)], requires_grad=True)
-        y = all_reduce(x, group=mesh["tp"])
-        y.backward()
-        print(f"rank={env.rank} local={env.local_rank} world={env.world_size} sum={y.item()} grad={x.grad.item()}")
-        shutdown_distributed()
+
+        def main():
+            env = init_distributed()
+            mesh = ParallelDims(world_size=env.world_size, tp=2).build_mesh()
+            x = torch.tensor([float(env.rank + 1)], requires_grad=True)
+            y = all_reduce(x, group=mesh["tp"])
+            y.backward()
+            print(f"rank={env.rank} local={env.local_rank} world={env.world_size} "
+                  f"sum={y.item()} grad={x.grad.item()}", flush=True)
+            del y, x, mesh
+            shutdown_distributed()
+
+
+        main()
         """
         )
     )
@@ -105,7 +118,10 @@ def test_torchrun_launch_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (
+        f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-6000:]}"
+    )
     for rank in (0, 1):
         assert f"rank={rank} local={rank} world=2 sum=3.0 grad=2.0" in result.stdout

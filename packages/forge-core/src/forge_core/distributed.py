@@ -180,6 +180,11 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
     peer abort at exit ("terminate called without an active exception", seen with torch 2.11
     under torchrun). Pass ``barrier=False`` when leaving on an error, which the other ranks
     may never reach.
+
+    Objects that hold a process group (a ``DeviceMesh``, the autograd graph of a collective)
+    keep it alive past this call: free them before the interpreter exits (hold them in a
+    function, not at module level), so that no group is destroyed during interpreter
+    finalization, where gloo's threads can abort the process.
     """
     if dist.is_initialized():
         if barrier:
