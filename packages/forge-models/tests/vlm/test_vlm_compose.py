@@ -99,3 +99,36 @@ def test_bidirectional_image_blocks_change_only_image_tokens():
 def test_bad_configs_say_what_is_wrong(change, message):
     with pytest.raises(ValueError, match=message):
         vlm_config_from_dict({**yaml.safe_load(YAML), **change})
+
+
+def test_sequence_index_runs_the_language_model_on_a_shard():
+    """``sequence_index`` (context parallelism): features placed on the whole row, the
+    language model run on some of its positions. A causal prefix cut in the middle of the
+    second image gives the same per-token losses as the whole row's prefix; the features of
+    the placeholders there flow back to the encoder."""
+    from forge_models.causal_lm import IGNORE_INDEX, shift_labels
+
+    torch.manual_seed(0)
+    model = build_vlm({**yaml.safe_load(YAML), "image_attention": "causal", "frozen": []})
+    ids, labels, visual = _batch(1)
+    targets = shift_labels(labels)
+    whole = model(ids, labels=labels, images=visual, loss_reduction="sum")
+    logits = model(ids, images=visual)
+    cut = 14  # the 4 + 6 first tokens, then 4 of the second image's 8 placeholders
+    index = torch.arange(cut)
+    shard = model(ids, images=visual, sequence_index=index, targets=targets[:, :cut],
+                  loss_reduction="sum")  # fmt: skip
+    per_token = torch.nn.functional.cross_entropy(
+        logits[0, :cut], targets[0, :cut], ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    torch.testing.assert_close(shard, per_token, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(shard, whole)
+    shard.backward()
+    grads = [p.grad for p in model.vision.parameters()]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="targets"):
+        model(ids, images=visual, sequence_index=index, labels=labels)
+    bidirectional = build_vlm(yaml.safe_load(YAML))
+    with pytest.raises(ValueError, match="causal attention only"):
+        bidirectional(ids, images=visual, sequence_index=index, targets=targets[:, :cut])

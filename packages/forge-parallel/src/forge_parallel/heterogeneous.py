@@ -46,6 +46,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.utils._pytree import tree_map
 
 from forge_parallel.config import FSDPConfig, OffloadConfig, RecomputeConfig
+from forge_parallel.context_parallel.config import CPConfig
 from forge_parallel.data_parallel import no_gradient_sync
 from forge_parallel.parallelize import ParallelizeResult, parallelize
 from forge_parallel.tensor_parallel import TPPlan
@@ -60,6 +61,12 @@ class SubmoduleParallel:
     ``tp``: tensor-parallel degree (needs ``plan``, with patterns relative to the part).
     ``dp_replicate``: replica groups (HSDP / DDP); the rest of ``W / tp`` shards.
     ``data_parallel``: ``"auto"``, ``"fsdp"``, ``"hsdp"``, ``"ddp"`` or ``None``.
+    ``cp`` / ``context_parallel``: context parallelism for this part (a language model reading
+    long sequences), as :func:`parallelize`'s; the part's FSDP then shards over
+    ``dp_shard x cp``. The caller feeds the part its sequence shard
+    (:func:`~forge_parallel.context_parallel.shard_sequence`); a part without ``cp`` sees
+    the same inputs on the ``cp`` ranks (e.g. a vision encoder run on the whole batch) and
+    averages its gradients over all of them.
     """
 
     tp: int = 1
@@ -71,9 +78,11 @@ class SubmoduleParallel:
     offload: OffloadConfig | None = None
     blocks: str | None = None
     batch_boundary: bool = True
+    cp: int = 1
+    context_parallel: CPConfig | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "dp_replicate"):
+        for name in ("tp", "dp_replicate", "cp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -81,6 +90,11 @@ class SubmoduleParallel:
             raise ValueError(
                 f"tp={self.tp} needs a tensor-parallel plan for this part, e.g. "
                 "SubmoduleParallel(tp=2, plan={'layers.*.attn.q_proj': 'colwise', ...})"
+            )
+        if self.cp > 1 and self.context_parallel is None:
+            raise ValueError(
+                f"cp={self.cp} needs context_parallel=CPConfig(...) for this part (ring or "
+                "Ulysses attention)"
             )
         if self.data_parallel in ("zero1", "zero2"):
             raise ValueError(
@@ -229,9 +243,10 @@ def _validate(model: nn.Module, parts: Mapping[str, SubmoduleParallel], world: i
                 f"{name!r} is not a sub-module of {type(model).__name__}; its children are "
                 f"{children}"
             ) from None
-        if world % parts[name].tp or (world // parts[name].tp) % parts[name].dp_replicate:
+        spec = parts[name]
+        if world % (spec.tp * spec.cp * spec.dp_replicate):
             raise ValueError(
-                f"part {name!r}: tp={parts[name].tp} x dp_replicate={parts[name].dp_replicate} "
+                f"part {name!r}: tp={spec.tp} x cp={spec.cp} x dp_replicate={spec.dp_replicate} "
                 f"must divide the world size {world}"
             )
     for a in names:
@@ -267,11 +282,12 @@ def parallelize_submodules(
     parts: dict[str, ParallelizeResult] = {}
     for name, spec in submodules.items():
         dims = ParallelDims(
-            world_size=world, tp=spec.tp, dp_replicate=spec.dp_replicate, dp_shard=-1
+            world_size=world, tp=spec.tp, cp=spec.cp, dp_replicate=spec.dp_replicate, dp_shard=-1
         )
         result = parallelize(
             model.get_submodule(name),
             dims,
+            context_parallel=spec.context_parallel,
             plan=spec.plan,
             data_parallel=spec.data_parallel,
             fsdp=spec.fsdp,

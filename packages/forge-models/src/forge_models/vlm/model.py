@@ -174,6 +174,7 @@ class VisionLanguageModel(nn.Module):
         images: VisualInputs | None = None,
         videos: VisualInputs | None = None,
         block_ids: torch.Tensor | None = None,
+        sequence_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Logits, or the next-token loss with ``labels`` (as :meth:`CausalLM.forward`).
@@ -188,7 +189,16 @@ class VisionLanguageModel(nn.Module):
                 an ``mrope_section`` model (per document when packed), else as CausalLM.
             block_ids: bidirectional blocks; default with ``image_attention="bidirectional"``:
                 one block per image / video.
-            kwargs: the rest of :meth:`CausalLM.forward` (``loss_reduction``, ``max_seqlen``).
+            sequence_index: ``[n]`` positions of the (packed, one-row) sequence that this rank
+                computes, for context parallelism (each rank a shard of every sequence): the
+                visual features and M-RoPE positions are placed on the whole row given as
+                ``input_ids`` (the encoder sees every item), then the language model runs on
+                these positions only, without ``cu_seqlens`` (the context-parallel attention
+                holds the documents) and with ``targets`` (the shard's next tokens, cut from
+                the whole row's) in place of ``labels``. Causal attention only (no
+                ``block_ids``).
+            kwargs: the rest of :meth:`CausalLM.forward` (``loss_reduction``, ``max_seqlen``,
+                ``targets``).
         """
         # The features go in inside the language model's forward, where its embedding runs
         # (with FSDP, only there are the embedding's shards gathered).
@@ -198,6 +208,10 @@ class VisionLanguageModel(nn.Module):
                 input_ids, images=images, videos=videos,
                 attention_mask=attention_mask, cu_seqlens=cu_seqlens,
             )  # fmt: skip
+        if sequence_index is not None:
+            return self._forward_shard(
+                input_ids, position_ids, scatter, sequence_index, block_ids, labels, kwargs
+            )
         if block_ids is None and self.config.image_attention == "bidirectional":
             groups = [(self.config.image_token_id, images), (self.config.video_token_id, videos)]
             groups = [(t, v) for t, v in groups if v is not None]
@@ -212,6 +226,52 @@ class VisionLanguageModel(nn.Module):
             labels,
             embeds_scatter=scatter,
             block_ids=block_ids,
+            **kwargs,
+        )
+
+    def _forward_shard(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        scatter: list[tuple[torch.Tensor, torch.Tensor]],
+        index: torch.Tensor,
+        block_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The language model on positions ``index`` of the one-row ``input_ids`` (see
+        :meth:`forward`'s ``sequence_index``), the features of the placeholders there."""
+        if block_ids is not None or self.config.image_attention == "bidirectional":
+            raise ValueError(
+                "sequence_index (context parallelism) runs causal attention only: a model with "
+                "image_attention='bidirectional' (or block_ids) needs the whole sequence's "
+                "blocks on every rank; use image_attention='causal'"
+            )
+        if labels is not None:
+            raise ValueError(
+                "with sequence_index pass targets (the shard's next tokens, shifted on the whole "
+                "row) instead of labels"
+            )
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(
+                f"sequence_index needs one packed row [1, T] of input_ids, got "
+                f"{tuple(input_ids.shape)}"
+            )
+        index = index.to(input_ids.device)
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(t.dim() - 1, index)
+
+        local = []
+        for where, rows in scatter:
+            # Row k of ``rows`` is the k-th placeholder of the whole row.
+            order = torch.cumsum(where.reshape(-1).long(), 0) - 1
+            here = take(where)
+            local.append((here, rows.index_select(0, order[index][here.reshape(-1)])))
+        return self.language_model(
+            take(input_ids),
+            None if position_ids is None else take(position_ids),
+            embeds_scatter=local,
             **kwargs,
         )
 
