@@ -19,6 +19,9 @@ from forge_parallel import FSDPConfig, RecomputeConfig
 TOLERANCE = 1e-5
 #: Layouts that are not meant to be exact, with their own bound.
 LOOSE = {"fsdp_bf16_compute": 3e-2}
+#: Deliberately wrong layouts, with the error they must at least show: the suite would miss the
+#: bug they carry if they passed.
+MUST_FAIL = {"qk_norm_tp2_plain_replicate": 1e-4}
 
 
 tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
@@ -65,6 +68,29 @@ def _tiny_layouts_4() -> dict[str, dict]:
     }
 
 
+def _qk_norm_layouts_2() -> dict[str, dict]:
+    """Qwen3-style QK-norm: each tensor-parallel rank normalises only its own heads, so the
+    replicated ``q_norm``/``k_norm`` weights need their gradients summed over tp."""
+    return {
+        "qk_norm_tp2": {**TP2, "plan": tm.tiny_plan(qk_norm="replicate_partial")},
+        "qk_norm_tp2_sp": {
+            **TP2,
+            "plan": tm.tiny_plan(sequence_parallel=True, qk_norm="replicate_partial"),
+        },
+        # Plain replicate without sp keeps each rank's partial gradient: must be caught.
+        "qk_norm_tp2_plain_replicate": {**TP2, "plan": tm.tiny_plan(qk_norm="replicate")},
+    }
+
+
+def _qk_norm_layouts_4() -> dict[str, dict]:
+    return {
+        "qk_norm_tp2_sp_fsdp2": {
+            "dims": {"tp": 2, "dp_shard": 2},
+            "plan": tm.tiny_plan(sequence_parallel=True, qk_norm="replicate_partial"),
+        },
+    }
+
+
 def _hf_layouts_2() -> dict[str, dict]:
     return {
         "ddp": DDP,
@@ -86,6 +112,8 @@ def _job(build: str, group: str):
     layouts = {
         "tiny2": _tiny_layouts_2,
         "tiny4": _tiny_layouts_4,
+        "qk_norm2": _qk_norm_layouts_2,
+        "qk_norm4": _qk_norm_layouts_4,
         "hf2": _hf_layouts_2,
         "hf4": _hf_layouts_4,
     }[group]()
@@ -99,13 +127,25 @@ def _check(per_rank: list[dict[str, dict[str, float]]]) -> None:
         f"rank{rank} {layout}": errors
         for rank, result in enumerate(per_rank)
         for layout, errors in result.items()
-        if max(errors.values()) > LOOSE.get(layout, TOLERANCE)
+        if layout not in MUST_FAIL and max(errors.values()) > LOOSE.get(layout, TOLERANCE)
     }
     assert not bad, f"relative errors above {TOLERANCE}: {bad}"
+    missed = {
+        f"rank{rank} {layout}": errors
+        for rank, result in enumerate(per_rank)
+        for layout, errors in result.items()
+        if layout in MUST_FAIL and max(errors.values()) < MUST_FAIL[layout]
+    }
+    assert not missed, f"deliberately wrong layouts not caught ({MUST_FAIL}): {missed}"
 
 
 def test_tiny_llama_layouts_on_2_ranks(dist_pool):
     _check(dist_pool(2).run(_job, "tiny", "tiny2"))
+
+
+def test_qk_norm_layouts(dist_pool):
+    _check(dist_pool(2).run(_job, "tiny_qk_norm", "qk_norm2"))
+    _check(dist_pool(4).run(_job, "tiny_qk_norm", "qk_norm4"))
 
 
 def test_transformers_llama_layouts_on_2_ranks(dist_pool):

@@ -1,6 +1,7 @@
-"""Test helpers: a tiny Llama-like decoder in plain torch, a tiny ``transformers`` Llama, their
-tensor-parallel plans, and one training loop shared by the single-process reference and every
-parallel layout (AdamW, gradient accumulation, gradient clipping).
+"""Test helpers: a tiny Llama-like decoder in plain torch (optionally with Qwen3's per-head
+QK-norm), a tiny ``transformers`` Llama, their tensor-parallel plans, and one training loop
+shared by the single-process reference and every parallel layout (AdamW, gradient
+accumulation, gradient clipping).
 
 Imported by file path from the test modules (and, through them, by the worker pool).
 """
@@ -32,6 +33,7 @@ class TinyConfig:
     ffn: int = 64
     eps: float = 1e-5
     tie: bool = False  # the head shares the embedding matrix
+    qk_norm: bool = False  # Qwen3's per-head RMSNorm on queries and keys (``q_norm``/``k_norm``)
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +62,12 @@ def _rotate(x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.
 
 
 class Attention(nn.Module):
+    """Grouped-query attention; with ``cfg.qk_norm``, Qwen3's ``q_norm``/``k_norm`` (one
+    RMSNorm over ``head_dim`` shared by all heads, applied before the rotary embedding, as
+    ``transformers``' ``Qwen3Attention``). Under tensor parallelism each rank normalises only
+    its own heads, so those shared weights get partial gradients (plan style
+    ``replicate_partial``)."""
+
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.n_heads, cfg.n_kv_heads
@@ -68,11 +76,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, position_ids), _rotate(k, position_ids)
         repeat = self.num_heads // self.num_kv_heads
@@ -124,8 +137,15 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def tiny_plan(*, sequence_parallel: bool = False, loss_parallel: bool = True) -> TPPlan:
-    """The TinyLlama plan: Megatron attention/MLP split, vocab-parallel embedding and head."""
+def tiny_plan(
+    *, sequence_parallel: bool = False, loss_parallel: bool = True, qk_norm: str | None = None
+) -> TPPlan:
+    """The TinyLlama plan: Megatron attention/MLP split, vocab-parallel embedding and head.
+
+    ``qk_norm``: the style of a QK-norm model's ``q_norm``/``k_norm`` (``"replicate_partial"``,
+    the right one; another style only to show that the exactness test catches it).
+    """
+    norms = {} if qk_norm is None else {f"layers.*.attn.{n}": qk_norm for n in ("q_norm", "k_norm")}
     return TPPlan(
         styles={
             "embed": "vocab_parallel_embedding",
@@ -135,6 +155,7 @@ def tiny_plan(*, sequence_parallel: bool = False, loss_parallel: bool = True) ->
             "layers.*.attn.k_proj": "colwise",
             "layers.*.attn.v_proj": "colwise",
             "layers.*.attn.o_proj": "rowwise",
+            **norms,
             "layers.*.mlp_norm": "sequence_parallel",
             "layers.*.mlp": "block_input",
             "layers.*.mlp.gate_up_proj": "colwise_packed",
@@ -150,6 +171,17 @@ def tiny_plan(*, sequence_parallel: bool = False, loss_parallel: bool = True) ->
 def build_tiny(seed: int = 0, **overrides) -> TinyLlama:
     torch.manual_seed(seed)
     return TinyLlama(TinyConfig(**overrides))
+
+
+def build_tiny_qk_norm(seed: int = 0) -> TinyLlama:
+    """The tiny Llama with QK-norm, its norm weights drawn from [0.5, 1.5] instead of ones (as a
+    trained checkpoint's are), so that their scaling takes part in the forward too."""
+    model = build_tiny(seed, qk_norm=True)
+    with torch.no_grad():
+        for layer in model.layers:
+            for norm in (layer.attn.q_norm, layer.attn.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    return model
 
 
 # -- transformers' Llama -----------------------------------------------------------------
@@ -352,7 +384,7 @@ def run_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict[str, flo
     """Train the reference and every layout (``parallelize`` keyword arguments) on this rank."""
     from forge_core import ParallelDims
 
-    factory = build_tiny if build == "tiny" else build_hf_llama
+    factory = {"tiny": build_tiny, "tiny_qk_norm": build_tiny_qk_norm, "hf": build_hf_llama}[build]
     batches = make_batches()
     reference_model = factory()
     initial = copy.deepcopy(reference_model)

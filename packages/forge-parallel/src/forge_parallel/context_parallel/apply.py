@@ -7,6 +7,13 @@ group. That covers any model whose attention goes through SDPA (Forge's models, 
 wrote, ``transformers``' ``attn_implementation="sdpa"`` path) without changing its code.
 :func:`apply_cp` installs the mode around every forward of a model with hooks.
 
+Only calls that reach ``torch.nn.functional.scaled_dot_product_attention`` are routed. Attention
+computed any other way (flash-attn's ``flash_attn_func``, xformers, a Triton or vendor kernel,
+hand-written ``softmax(q @ k^T) @ v``) would attend within each rank's own shard only: silently
+wrong. So after every forward under :func:`apply_cp` the handle checks that at least one call was
+routed, and raises otherwise (a model with several attention paths, some of them not SDPA, is
+beyond this check: route them all through SDPA).
+
 What stays the training loop's job: feed each rank its shard of the tokens, labels **and
 position ids** (:func:`~forge_parallel.context_parallel.shard_sequence`; rotary embeddings must
 see global positions), and average the loss over the full sequence
@@ -24,6 +31,7 @@ switches it back).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -48,6 +56,7 @@ class _SDPAToContextParallel(TorchFunctionMode):
     def __init__(self, group, config: CPConfig, cu_seqlens: torch.Tensor | None) -> None:
         super().__init__()
         self.group, self.config, self.cu_seqlens = group, config, cu_seqlens
+        self.routed = 0  # attention calls answered by context parallelism
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,6 +82,7 @@ class _SDPAToContextParallel(TorchFunctionMode):
                 f"query has {heads} heads and key {kv_heads}: pass enable_gqa=True as "
                 "scaled_dot_product_attention itself requires"
             )
+        self.routed += 1
         return context_parallel_attention(
             query,
             key,
@@ -103,14 +113,32 @@ def context_parallel(
         yield
 
 
+def _refuse_recompute(model: nn.Module) -> None:
+    """Blocks checkpointed by :func:`forge_parallel.apply_recompute` replay their forward in
+    backward, where ``torch.utils.checkpoint`` does not re-enter the router: the replay would
+    run local attention and torch stops on a mismatch of saved tensors. Refuse it up front."""
+    checkpointed = [
+        name for name, module in model.named_modules() if getattr(module, "_forge_recompute", None)
+    ]
+    if checkpointed:
+        raise ValueError(
+            f"context parallelism with activation recomputation is not supported yet: "
+            f"{len(checkpointed)} blocks ({checkpointed[0]}, ...) are recomputed in backward, "
+            "where torch.utils.checkpoint replays them outside the context-parallel attention "
+            "router. Drop recompute (parallelize(..., recompute=None)) or context parallelism"
+        )
+
+
 class ContextParallelHandle:
     """What :func:`apply_cp` installed: :meth:`packed` sets document boundaries, :meth:`remove`
     takes the hooks off again (and restores a ``transformers`` model's attention)."""
 
     def __init__(self, model: nn.Module, group: GroupLike, config: CPConfig) -> None:
+        _refuse_recompute(model)
         self.group, self.config = as_process_group(group), config
         self.cu_seqlens: torch.Tensor | None = None
-        self._modes: list[contextlib.ExitStack] = []
+        self._model_name = type(model).__name__
+        self._modes: list[_SDPAToContextParallel] = []
         self._restore = (
             use_context_parallel_attention(model) if is_transformers_model(model) else None
         )
@@ -120,12 +148,27 @@ class ContextParallelHandle:
         ]
 
     def _enter(self, module: nn.Module, args) -> None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(context_parallel(self.group, self.config, cu_seqlens=self.cu_seqlens))
-        self._modes.append(stack)
+        mode = _SDPAToContextParallel(self.group, self.config, self.cu_seqlens)
+        mode.__enter__()
+        self._modes.append(mode)
 
     def _exit(self, module: nn.Module, args, output) -> None:
-        self._modes.pop().close()
+        mode = self._modes.pop()
+        mode.__exit__(None, None, None)
+        # torch runs this hook also when the forward raised (inside its ``except``): that error
+        # is the one to report.
+        if mode.routed == 0 and sys.exc_info()[1] is None:
+            raise ValueError(
+                f"context parallelism: a forward of {self._model_name} made no "
+                "torch.nn.functional.scaled_dot_product_attention call, so none of its attention "
+                "was routed across the context-parallel ranks and each rank attended within its "
+                "own sequence shard only (wrong results). Under context parallelism the model's "
+                "attention must call F.scaled_dot_product_attention (no attn_mask, dropout_p=0): "
+                "replace flash-attn / xformers / custom-kernel / hand-written matmul-softmax "
+                "attention by that call (forge-kernels: its 'sdpa' attention backend; "
+                "transformers models are switched automatically), or call "
+                "forge_parallel.context_parallel.context_parallel_attention in the model directly"
+            )
 
     @contextlib.contextmanager
     def packed(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
@@ -149,5 +192,17 @@ def apply_cp(
     model: nn.Module, group: GroupLike, config: CPConfig | None = None
 ) -> ContextParallelHandle:
     """Make every forward of ``model`` run its SDPA calls context-parallel over ``group``
-    (a process group or the 1-D ``mesh["cp"]``); the model's code is not changed."""
+    (a process group or the 1-D ``mesh["cp"]``); the model's code is not changed.
+
+    Requirement: the model's attention must call
+    ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal`` or no mask, no dropout);
+    only those calls are routed to ring / Ulysses attention. Attention through flash-attn,
+    xformers, another kernel or hand-written matmul-softmax is not seen and would be computed
+    within each rank's shard only; a forward in which no SDPA call was routed raises
+    ``ValueError``. A ``transformers`` model is switched to an SDPA attention implementation
+    here (:mod:`~forge_parallel.context_parallel.hf_attention`); forge-models' attention goes
+    through SDPA with forge-kernels' ``"sdpa"`` backend (forge-train pins it under CP).
+    Blocks checkpointed by :func:`~forge_parallel.apply_recompute` are refused (``ValueError``):
+    their replay in backward would run outside the router.
+    """
     return ContextParallelHandle(model, group, config or CPConfig())

@@ -1,0 +1,109 @@
+"""Context parallelism routes only ``scaled_dot_product_attention``: a model whose attention is
+computed another way (here hand-written matmul-softmax, standing in for flash-attn or any other
+kernel) must fail loudly under ``apply_cp`` instead of attending within each rank's shard.
+
+Activation recomputation replays blocks in backward outside the router, so ``apply_cp`` refuses
+checkpointed blocks up front.
+
+Single process on the fake process group: the checks are on the calls, not on the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from forge_core import ParallelDims
+from forge_core.testing import import_path
+from forge_parallel import RecomputeConfig, parallelize
+from forge_parallel.context_parallel import CPConfig, apply_cp
+
+tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
+
+
+class _SelfAttention(nn.Module):
+    """One causal self-attention layer, its core through SDPA or hand-written."""
+
+    def __init__(self, *, through_sdpa: bool, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.through_sdpa, self.heads = through_sdpa, heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = (
+            t.view(B, S, self.heads, D // self.heads).transpose(1, 2)
+            for t in self.qkv(x).chunk(3, dim=-1)
+        )
+        if self.through_sdpa:
+            core = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            causal = torch.ones(S, S, dtype=torch.bool).tril()
+            core = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        return self.out(core.transpose(1, 2).reshape(B, S, D))
+
+
+def _no_function_mode_left() -> bool:
+    return torch._C._len_torch_function_stack() == 0
+
+
+@pytest.mark.parametrize("style", ["ring", "ulysses"])
+def test_attention_outside_sdpa_is_refused_under_context_parallelism(fake_pg, style):
+    x = torch.randn(2, 4, 16)  # this rank's shard of an 8-token sequence
+    with fake_pg(world_size=2, rank=0):
+        routed = _SelfAttention(through_sdpa=True)
+        handle = apply_cp(routed, None, CPConfig(style=style))
+        assert routed(x).shape == x.shape  # its SDPA call was routed: no error
+        handle.remove()
+
+        hand_written = _SelfAttention(through_sdpa=False)
+        handle = apply_cp(hand_written, None, CPConfig(style=style))
+        with pytest.raises(
+            ValueError,
+            match=r"a forward of _SelfAttention made no torch\.nn\.functional\."
+            r"scaled_dot_product_attention call.*must call F\.scaled_dot_product_attention",
+        ):
+            hand_written(x)
+        assert _no_function_mode_left()  # the router was taken off despite the error
+        with pytest.raises(ValueError, match="made no"):  # every forward is checked
+            hand_written(x)
+        handle.remove()
+        assert hand_written(x).shape == x.shape  # without context parallelism it runs
+
+        # A forward that fails before its attention reports its own error, nothing else.
+        handle = apply_cp(routed, None, CPConfig(style=style))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(RuntimeError):
+                routed(x[..., :3])  # wrong hidden size
+        assert [str(w.message) for w in caught if "always_call" in str(w.message)] == []
+        handle.remove()
+    assert _no_function_mode_left()
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        RecomputeConfig(mode="full"),
+        RecomputeConfig(mode="selective", ops="attention"),
+        RecomputeConfig(mode="auto", memory_budget=0),
+    ],
+)
+def test_recompute_is_refused_under_context_parallelism(fake_pg, recompute):
+    with (
+        fake_pg(world_size=2, rank=1),
+        pytest.raises(
+            ValueError,
+            match=r"context parallelism with activation recomputation is not supported yet: "
+            r"2 blocks \(layers\.0, \.\.\.\)",
+        ),
+    ):
+        parallelize(tm.build_tiny(), ParallelDims(world_size=2, cp=2), recompute=recompute)
