@@ -23,6 +23,7 @@ from forge_parallel import (
     parallelize,
     valid_tp_degrees,
 )
+from forge_parallel.tensor_parallel import validate_tp
 
 tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
@@ -121,6 +122,15 @@ def test_plan_errors():
         ValueError, match=re.escape("style 'colwise' needs an nn.Linear, but embed is Embedding")
     ):
         parallelize(model, ParallelDims(world_size=2, tp=2), plan={"embed": "colwise"})
+    # A per-head norm inside a 'block_input' attention block without a style of its own
+    # would train on one rank's heads' partial gradient (Qwen3's q_norm / k_norm).
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.q_norm\.weight sits inside the"):
+        validate_tp(tm.build_tiny_qk_norm(), tm.tiny_plan(sequence_parallel=True), 2)
+    validate_tp(
+        tm.build_tiny_qk_norm(),
+        tm.tiny_plan(sequence_parallel=True, qk_norm="replicate_partial"),
+        2,
+    )
     with pytest.raises(ValueError, match="has no attribute 'n_heads'"):
         parallelize(
             model,

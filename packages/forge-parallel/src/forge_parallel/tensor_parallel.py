@@ -347,13 +347,26 @@ def _check_every_parameter_styled(model: nn.Module, resolved: Mapping[str, objec
     never reduced over tp. Name it instead of training it wrong."""
     for pname, _ in model.named_parameters():
         owner = pname.rpartition(".")[0]
-        if not any(owner == name or owner.startswith(name + ".") for name in resolved):
+        covering = [n for n in resolved if owner == n or owner.startswith(n + ".")]
+        if not covering:
             raise ValueError(
                 f"with sequence_parallel=True, parameter {pname} belongs to a module that no "
                 "tensor-parallel plan entry covers: it would run on a sequence shard and its "
                 "gradient would miss the other ranks' tokens. Give its module a style "
                 f"('replicate' for {owner or 'the model'} or a module above it, "
                 "'sequence_parallel' for a norm)"
+            )
+        nearest = max(covering, key=len)
+        if resolved[nearest] == "block_input":
+            # Inside a block of column-parallel layers a module without a style of its own
+            # runs on whatever the layers before it produce, e.g. a per-head norm on this
+            # rank's heads, whose replicated weight then gets a partial gradient.
+            raise ValueError(
+                f"parameter {pname} sits inside the 'block_input' block {nearest} without a "
+                "style of its own: its module would see this rank's slice of the heads or "
+                "features and train on a partial gradient. Give it a style: 'replicate_partial' "
+                "for a per-head norm (Qwen3's q_norm / k_norm), 'colwise' / 'rowwise' for a "
+                "projection"
             )
 
 
