@@ -2,9 +2,6 @@
 computed another way (here hand-written matmul-softmax, standing in for flash-attn or any other
 kernel) must fail loudly under ``apply_cp`` instead of attending within each rank's shard.
 
-Activation recomputation replays blocks in backward outside the router, so ``apply_cp`` refuses
-checkpointed blocks up front.
-
 Single process on the fake process group: the checks are on the calls, not on the numbers.
 """
 
@@ -19,9 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forge_core import ParallelDims
 from forge_core.testing import import_path
-from forge_parallel import RecomputeConfig, parallelize
 from forge_parallel.context_parallel import CPConfig, apply_cp
 
 tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
@@ -89,21 +84,21 @@ def test_attention_outside_sdpa_is_refused_under_context_parallelism(fake_pg, st
     assert _no_function_mode_left()
 
 
-@pytest.mark.parametrize(
-    "recompute",
-    [
-        RecomputeConfig(mode="full"),
-        RecomputeConfig(mode="selective", ops="attention"),
-        RecomputeConfig(mode="auto", memory_budget=0),
-    ],
-)
-def test_recompute_is_refused_under_context_parallelism(fake_pg, recompute):
-    with (
-        fake_pg(world_size=2, rank=1),
-        pytest.raises(
-            ValueError,
-            match=r"context parallelism with activation recomputation is not supported yet: "
-            r"2 blocks \(layers\.0, \.\.\.\)",
-        ),
-    ):
-        parallelize(tm.build_tiny(), ParallelDims(world_size=2, cp=2), recompute=recompute)
+def test_selective_recompute_is_refused_under_context_parallelism(fake_pg):
+    """Full recompute replays blocks under the router (exact: ``test_expert_parallel``'s CP
+    layouts); a selective policy would cache buffers the exchanges fill in place, so its
+    first checkpointed forward raises."""
+    from forge_core import ParallelDims
+    from forge_parallel import RecomputeConfig, parallelize
+
+    with fake_pg(world_size=2, rank=0):
+        model, _ = parallelize(
+            tm.build_tiny(),
+            ParallelDims(world_size=2, cp=2),
+            context_parallel=CPConfig(),
+            recompute=RecomputeConfig(mode="selective", ops="attention"),
+        )
+        ids = torch.randint(0, 64, (1, 8))
+        with pytest.raises(ValueError, match="selective activation recomputation under context"):
+            model(ids)
+    assert _no_function_mode_left()

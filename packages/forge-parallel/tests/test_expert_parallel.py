@@ -298,6 +298,17 @@ def _layouts_2() -> dict[str, dict]:
             "dims": {"cp": 2, "dp_shard": -1},
             "context_parallel": CPConfig(style="ulysses"),
         },
+        # recomputed blocks replay their forward in backward under the attention router
+        "cp2_ring_recompute": {
+            "dims": {"cp": 2, "dp_shard": -1},
+            "context_parallel": CPConfig(),
+            "recompute": RecomputeConfig(mode="full"),
+        },
+        "cp2_ulysses_recompute": {
+            "dims": {"cp": 2, "dp_shard": -1},
+            "context_parallel": CPConfig(style="ulysses"),
+            "recompute": RecomputeConfig(mode="full"),
+        },
     }
 
 

@@ -41,9 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import (
     CheckpointPolicy,
-    checkpoint,
     create_selective_checkpoint_contexts,
 )
+
+from forge_parallel.replay_checkpoint import checkpoint_block
 
 __all__ = [
     "AutoRecompute",
@@ -323,13 +324,9 @@ class AutoRecompute:
         if choice.kind == "none":
             return self.inner(*args, **kwargs)
         if choice.kind == "full":
-            return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
-        return checkpoint(
-            self.inner,
-            *args,
-            use_reentrant=False,
-            context_fn=lambda: _keyed_policy(choice.saved),
-            **kwargs,
+            return checkpoint_block(self.inner, *args, **kwargs)
+        return checkpoint_block(
+            self.inner, *args, context_fn=lambda: _keyed_policy(choice.saved), **kwargs
         )
 
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 from torch import nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
-    checkpoint,
     create_selective_checkpoint_contexts,
 )
 
 from forge_parallel.auto_recompute import AutoRecompute, auto_budgets
 from forge_parallel.config import RecomputeConfig
+from forge_parallel.replay_checkpoint import checkpoint_block
 
 __all__ = ["ATTENTION_OPS", "MATMUL_OPS", "apply_recompute", "selective_policy"]
 
@@ -86,15 +86,10 @@ def selective_policy(ops: str | Sequence[str]) -> Callable:
 
 def _checkpointed(inner: Callable, context_fn: Callable | None) -> Callable:
     # A closure rather than module attributes, so torch.compile traces it as a plain function.
-    if context_fn is None:
-
-        def forward(*args, **kwargs):
-            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    else:
-
-        def forward(*args, **kwargs):
-            return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    # checkpoint_block: the recomputation in backward runs under the forward's function modes
+    # (context parallelism's attention router).
+    def forward(*args, **kwargs):
+        return checkpoint_block(inner, *args, context_fn=context_fn, **kwargs)
 
     return forward
 

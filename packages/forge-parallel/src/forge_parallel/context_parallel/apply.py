@@ -53,6 +53,10 @@ _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 class _SDPAToContextParallel(TorchFunctionMode):
+    #: forge_parallel.replay_checkpoint: a selective recompute policy would cache the buffers
+    #: that the ring / all-to-all exchanges fill in place.
+    refuses_selective_recompute = True
+
     def __init__(self, group, config: CPConfig, cu_seqlens: torch.Tensor | None) -> None:
         super().__init__()
         self.group, self.config, self.cu_seqlens = group, config, cu_seqlens
@@ -113,28 +117,11 @@ def context_parallel(
         yield
 
 
-def _refuse_recompute(model: nn.Module) -> None:
-    """Blocks checkpointed by :func:`forge_parallel.apply_recompute` replay their forward in
-    backward, where ``torch.utils.checkpoint`` does not re-enter the router: the replay would
-    run local attention and torch stops on a mismatch of saved tensors. Refuse it up front."""
-    checkpointed = [
-        name for name, module in model.named_modules() if getattr(module, "_forge_recompute", None)
-    ]
-    if checkpointed:
-        raise ValueError(
-            f"context parallelism with activation recomputation is not supported yet: "
-            f"{len(checkpointed)} blocks ({checkpointed[0]}, ...) are recomputed in backward, "
-            "where torch.utils.checkpoint replays them outside the context-parallel attention "
-            "router. Drop recompute (parallelize(..., recompute=None)) or context parallelism"
-        )
-
-
 class ContextParallelHandle:
     """What :func:`apply_cp` installed: :meth:`packed` sets document boundaries, :meth:`remove`
     takes the hooks off again (and restores a ``transformers`` model's attention)."""
 
     def __init__(self, model: nn.Module, group: GroupLike, config: CPConfig) -> None:
-        _refuse_recompute(model)
         self.group, self.config = as_process_group(group), config
         self.cu_seqlens: torch.Tensor | None = None
         self._model_name = type(model).__name__
@@ -202,7 +189,8 @@ def apply_cp(
     ``ValueError``. A ``transformers`` model is switched to an SDPA attention implementation
     here (:mod:`~forge_parallel.context_parallel.hf_attention`); forge-models' attention goes
     through SDPA with forge-kernels' ``"sdpa"`` backend (forge-train pins it under CP).
-    Blocks checkpointed by :func:`~forge_parallel.apply_recompute` are refused (``ValueError``):
-    their replay in backward would run outside the router.
+    Blocks checkpointed by :func:`~forge_parallel.apply_recompute` replay their forward in
+    backward under the same router (:mod:`forge_parallel.replay_checkpoint`); full recompute
+    only (a selective policy raises at the first forward).
     """
     return ContextParallelHandle(model, group, config or CPConfig())
