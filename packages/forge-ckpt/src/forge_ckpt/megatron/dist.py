@@ -382,7 +382,7 @@ class DistCheckpoint:
                 "(only 'torch_dist'; convert zarr checkpoints with Megatron-LM first)"
             )
         common = (
-            load_pt(self.dir / COMMON_FILE, trusted_globals=trusted_globals)
+            load_pt(self.dir / COMMON_FILE, trusted_globals=trusted_globals, inert_untrusted=True)
             if (self.dir / COMMON_FILE).is_file()
             else {}
         )

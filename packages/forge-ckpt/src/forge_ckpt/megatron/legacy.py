@@ -305,7 +305,7 @@ class LegacyCheckpoint:
         self.stage_layers: list[range] = []
 
     def _load_file(self, file: Path) -> dict:
-        state = load_pt(file, trusted_globals=self._trusted)
+        state = load_pt(file, trusted_globals=self._trusted, inert_untrusted=True)
         if not isinstance(state, dict) or not (
             isinstance(state.get("model"), dict) or isinstance(state.get("model0"), dict)
         ):
