@@ -40,7 +40,6 @@ Module tree (the names forge-ckpt maps and parallel plans target)::
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -51,7 +50,11 @@ from torch import nn
 
 import forge_kernels
 from forge_kernels.attention import AttentionMask
-from forge_kernels.moe import load_balancing_loss_from_logits, sequence_balance_loss
+from forge_kernels.moe import (
+    load_balancing_loss_from_logits,
+    sequence_balance_loss_from_sums,
+    sequence_balance_sums,
+)
 from forge_models.blocks import (
     AttentionInputs,
     MoEBlock,
@@ -72,6 +75,7 @@ __all__ = [
     "mtp_depths",
     "router_sequence_balance",
     "shift_labels",
+    "token_documents",
 ]
 
 #: Label value that contributes no loss (as ``torch.nn.functional.cross_entropy``'s default).
@@ -153,12 +157,16 @@ class MoEStats:
             (unscaled, differentiable): transformers' ``load_balancing_loss_func``
             (``moe.aux_loss="switch"``) or DeepSeek-V3's sequence-wise loss summed over the
             layers (``"sequence"``).
+        routers: each MoE layer's :class:`~forge_models.blocks.RouterOutput`, in ``layers``
+            order (differentiable): for a balance loss formed outside the model, e.g. from
+            statistics summed over ranks that split the batch's tokens.
     """
 
     layers: tuple[int, ...]
     tokens_per_expert: torch.Tensor
     router_logits: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
+    routers: tuple[RouterOutput, ...] = ()
 
 
 def _drop_tied_head(module: CausalLM, state_dict, prefix: str, local_metadata) -> None:
@@ -173,6 +181,27 @@ def _alias_tied_head(module: CausalLM, state_dict, prefix: str, *args) -> None:
             state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "embed_tokens.weight"]
 
 
+def token_documents(
+    batch_shape: torch.Size,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, int]:
+    """``(document index of every token [batch * seq] int64, number of documents)`` for
+    DeepSeek-V3's sequence-wise balance loss: each packed document of a ``cu_seqlens`` row, else
+    each row (``-1`` for the padding of an ``attention_mask``)."""
+    batch, seq = batch_shape
+    if cu_seqlens is not None:  # one packed row: each document is a sequence
+        bounds = cu_seqlens.to(device=device, dtype=torch.int64)
+        positions = torch.arange(seq, device=device)
+        documents = torch.searchsorted(bounds[1:], positions, right=True)
+        return documents, bounds.numel() - 1
+    rows = torch.arange(batch, device=device)[:, None].expand(batch, seq)
+    if attention_mask is not None:  # padded rows: the real tokens of each row
+        rows = torch.where(attention_mask.to(device).bool(), rows, -1)
+    return rows.reshape(-1), batch
+
+
 def router_sequence_balance(
     router: RouterOutput,
     batch_shape: torch.Size,
@@ -180,24 +209,24 @@ def router_sequence_balance(
     cu_seqlens: torch.Tensor | None,
 ) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss of one layer, averaged over its sequences: the
-    rows of an unpadded batch, the real tokens of each padded row, or each packed document."""
-    scores = router.scores.view(*batch_shape, -1)
-    indices = router.indices.view(*batch_shape, -1)
-    if cu_seqlens is None and attention_mask is None:
-        return sequence_balance_loss(scores, indices)
-    if cu_seqlens is not None:  # one packed row: each document is a sequence
-        bounds = cu_seqlens.tolist()
-        spans = [(0, a, b) for a, b in itertools.pairwise(bounds) if b > a]
-        parts = [sequence_balance_loss(scores[r, a:b][None], indices[r, a:b][None])
-                 for r, a, b in spans]  # fmt: skip
-    else:  # padded rows: the real tokens of each row
-        valid = attention_mask.bool()
-        parts = [
-            sequence_balance_loss(scores[r][valid[r]][None], indices[r][valid[r]][None])
-            for r in range(scores.shape[0])
-            if bool(valid[r].any())
-        ]
-    return torch.stack(parts).mean()
+    rows of an unpadded batch, the real tokens of each padded row, or each packed document
+    (from the per-document sums, ``forge_kernels.moe.sequence_balance_sums``, of the whole
+    batch, as when a batch's tokens are split over ranks and their sums added up)."""
+    tokens = router.scores.shape[0]
+    if tokens != batch_shape.numel():
+        raise ValueError(
+            f"the router saw {tokens} tokens but the batch {tuple(batch_shape)} has "
+            f"{batch_shape.numel()}: a layer run on a shard of the sequence needs its tokens' "
+            "documents (token_documents of the whole batch, cut like the shard) and the sums "
+            "summed over the ranks (forge_kernels.moe.sequence_balance_sums)"
+        )
+    documents, num_documents = token_documents(
+        batch_shape, attention_mask, cu_seqlens, router.scores.device
+    )
+    sums = sequence_balance_sums(
+        router.scores, router.indices, documents, num_documents=num_documents
+    )
+    return sequence_balance_loss_from_sums(sums, top_k=router.indices.shape[-1])
 
 
 class CausalLM(nn.Module):
@@ -624,6 +653,7 @@ class CausalLM(nn.Module):
             tokens_per_expert=torch.stack([r.tokens_per_expert for _, r in routers]),
             router_logits=logits,
             aux_loss=aux_loss,
+            routers=tuple(r for _, r in routers),
         )
         return aux_loss
 

@@ -20,6 +20,8 @@ from forge_kernels.moe.balancing import (
     load_balancing_loss_from_logits,
     router_z_loss,
     sequence_balance_loss,
+    sequence_balance_loss_from_sums,
+    sequence_balance_sums,
     switch_balance_loss_from_sums,
     switch_balance_sums,
 )
@@ -62,6 +64,8 @@ __all__ = [
     "moe_unpermute_reference",
     "router_z_loss",
     "sequence_balance_loss",
+    "sequence_balance_loss_from_sums",
+    "sequence_balance_sums",
     "switch_balance_loss_from_sums",
     "switch_balance_sums",
     "update_expert_bias",

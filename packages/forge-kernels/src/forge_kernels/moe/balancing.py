@@ -10,7 +10,10 @@
 - :func:`sequence_balance_loss`: DeepSeek-V3's complementary sequence-wise balance loss
   (DeepSeek-V3 technical report 2024, arXiv:2412.19437, eqs. 17-20), the same product computed per
   sequence on normalised affinities and scaled so that balance scores 1. Multiply by the small
-  ``alpha`` yourself (DeepSeek-V3 uses 1e-4).
+  ``alpha`` yourself (DeepSeek-V3 uses 1e-4). It is formed from per-document sums
+  (:func:`sequence_balance_sums`, :func:`sequence_balance_loss_from_sums`), so the tokens of a
+  sequence may be split over ranks and their sums added up first, as Megatron-Core reduces the
+  sequence-wise statistics over its tensor x context-parallel group.
 - :func:`router_z_loss`: ST-MoE's router z-loss (Zoph et al. 2022, arXiv:2202.08906, eq. 5), the
   mean squared log-sum-exp of the router logits, which keeps them small for numerical stability.
 """
@@ -26,6 +29,8 @@ __all__ = [
     "load_balancing_loss_from_logits",
     "router_z_loss",
     "sequence_balance_loss",
+    "sequence_balance_loss_from_sums",
+    "sequence_balance_sums",
     "switch_balance_loss_from_sums",
     "switch_balance_sums",
 ]
@@ -148,6 +153,8 @@ def sequence_balance_loss(scores: torch.Tensor, topk_indices: torch.Tensor) -> t
     Per sequence of length ``S`` with ``E`` experts and ``K`` chosen per token (eqs. 17-20):
     ``f_i = E / (K * S) * #{t : i in topk(t)}`` and ``P_i = mean_t s'_{i,t}``, where
     ``s'_{., t} = s_{., t} / sum_j s_{j, t}`` are the token's affinities normalised to sum to one.
+    Each row is one sequence (:func:`sequence_balance_sums` for packed documents or tokens
+    split over ranks).
 
     Args:
         scores: ``[batch, seq, experts]`` unbiased affinities (``MoERouting.scores``, sigmoid or
@@ -163,16 +170,87 @@ def sequence_balance_loss(scores: torch.Tensor, topk_indices: torch.Tensor) -> t
             f"[batch, seq, top_k], got {tuple(scores.shape)} and {tuple(topk_indices.shape)}; "
             "reshape the flat routing outputs with .view(batch, seq, -1)"
         )
-    batch, seq, num_experts = scores.shape
-    top_k = topk_indices.shape[-1]
+    batch, seq, _ = scores.shape
+    rows = torch.arange(batch, device=scores.device).repeat_interleave(seq)
+    sums = sequence_balance_sums(
+        scores.flatten(0, 1), topk_indices.flatten(0, 1), rows, num_documents=batch
+    )
+    return sequence_balance_loss_from_sums(sums, top_k=topk_indices.shape[-1])
+
+
+def sequence_balance_sums(
+    scores: torch.Tensor,
+    topk_indices: torch.Tensor,
+    documents: torch.Tensor,
+    *,
+    num_documents: int,
+) -> torch.Tensor:
+    """Per-document statistics of :func:`sequence_balance_loss` for one layer: ``[documents, 2,
+    experts + 1]`` fp32, for document ``d`` row 0 the top-k selections per expert (no gradient)
+    then its token count, row 1 the summed normalised affinities per expert (differentiable)
+    then 0.
+
+    Sums of the parts of a batch (its tokens split over ranks: context or sequence
+    parallelism) add up to the sums of the whole; the loss is
+    :func:`sequence_balance_loss_from_sums` of the total.
+
+    Args:
+        scores: ``[tokens, experts]`` unbiased affinities.
+        topk_indices: ``[tokens, top_k]`` chosen experts.
+        documents: ``[tokens]`` int document (sequence) index of each token in
+            ``[0, num_documents)``, ``-1`` for a token left out (padding).
+        num_documents: number of documents of the whole batch.
+    """
+    if (
+        scores.dim() != 2
+        or topk_indices.dim() != 2
+        or documents.shape != scores.shape[:1]
+        or topk_indices.shape[0] != scores.shape[0]
+    ):
+        raise ValueError(
+            "sequence_balance_sums needs scores [tokens, experts], topk_indices [tokens, top_k] "
+            f"and documents [tokens], got {tuple(scores.shape)}, {tuple(topk_indices.shape)} and "
+            f"{tuple(documents.shape)}; pass the document index of each routed token"
+        )
+    num_experts = scores.shape[1]
+    top_k = topk_indices.shape[1]
+    device = scores.device
+    documents = documents.to(device=device, dtype=torch.int64)
+    kept = documents >= 0
+    doc = documents.clamp_min(0)
+    weight = kept.to(torch.float32)
     s = scores.float()
-    normalised = s / s.sum(dim=-1, keepdim=True)
-    mean_prob = normalised.mean(dim=1)  # [batch, experts]
-    counts = torch.zeros(batch, num_experts, dtype=torch.float32, device=scores.device)
-    flat = topk_indices.reshape(batch, -1).to(torch.int64)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
-    fraction = counts * (num_experts / (top_k * seq))
-    return (fraction * mean_prob).sum(dim=-1).mean()
+    normalised = torch.where(kept[:, None], s / s.sum(dim=-1, keepdim=True), 0.0)
+    probs = torch.zeros(num_documents, num_experts, dtype=torch.float32, device=device)
+    probs = probs.index_add(0, doc, normalised)
+    slots = (doc[:, None] * num_experts + topk_indices.to(device, torch.int64)).reshape(-1)
+    counts = torch.zeros(num_documents * num_experts, dtype=torch.float32, device=device)
+    counts = counts.index_add_(0, slots, weight.repeat_interleave(top_k))
+    lengths = torch.zeros(num_documents, 1, dtype=torch.float32, device=device)
+    lengths = lengths.index_add_(0, doc, weight[:, None])
+    zero = torch.zeros(num_documents, 1, dtype=torch.float32, device=device)
+    stats = torch.cat((counts.view(num_documents, num_experts), lengths), dim=1).detach()
+    return torch.stack((stats, torch.cat((probs, zero), dim=1)), dim=1)
+
+
+def sequence_balance_loss_from_sums(sums: torch.Tensor, *, top_k: int) -> torch.Tensor:
+    """:func:`sequence_balance_loss` from :func:`sequence_balance_sums`: ``[..., documents, 2,
+    experts + 1]``, each leading index (a layer) giving its mean over the documents that have
+    tokens, summed over the leading dims. ``top_k``: experts chosen per token."""
+    if sums.dim() < 3 or sums.shape[-2] != 2:
+        raise ValueError(
+            "sequence_balance_loss_from_sums needs sums [..., documents, 2, experts + 1] from "
+            f"sequence_balance_sums, got {tuple(sums.shape)}"
+        )
+    counts, lengths = sums[..., 0, :-1], sums[..., 0, -1]
+    num_experts = counts.shape[-1]
+    present = lengths > 0
+    length = lengths.clamp_min(1)[..., None]
+    fraction = counts * (num_experts / top_k) / length
+    per_document = (fraction * (sums[..., 1, :-1] / length)).sum(dim=-1)
+    per_document = torch.where(present, per_document, 0.0)
+    mean = per_document.sum(dim=-1) / present.sum(dim=-1).clamp_min(1)
+    return mean.sum()
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
