@@ -56,12 +56,49 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")
     single = _losses(f"{tmp_path}/single_moe", *moe)
     _close(pool.run(_losses, f"{tmp_path}/cp2_moe", *moe, "parallel=cp2-fsdp"), single)
+    # ... and under 2 pipeline stages: the last stage sums the carried switch-loss sums over
+    # the context-parallel ranks, each stage its expert load (forge_train.pipeline_moe).
+    _close(pool.run(_losses, f"{tmp_path}/pp2_cp2_moe", *moe, *pp_cp), single)
     # DeepSeek-V3-style: multi-head latent attention (value heads narrower than query/key
-    # heads) under Ulysses, MoE with expert bias.
-    deepseek = ("model=tiny-deepseek", "model.init_device=meta")
+    # heads) under Ulysses, MoE with expert bias and the sequence-wise balance loss weighted
+    # so that it moves the losses: each rank's per-document sums (its tokens mapped to their
+    # documents of the whole zigzag-cut row) summed over cp (forge_train.sharded_routing).
+    deepseek = (
+        "model=tiny-deepseek",
+        "model.init_device=meta",
+        "+model.config.moe.output_router_logits=true",
+        "model.config.moe.router_aux_loss_coef=0.5",
+    )
     single = _losses(f"{tmp_path}/single_deepseek", *deepseek)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses")
     _close(pool.run(_losses, f"{tmp_path}/cp2_deepseek", *deepseek, *ulysses), single)
+
+
+#: A short vision-language run: Qwen2.5-VL tiny (M-RoPE positions, causal attention).
+_VLM = (
+    "recipe=vlm",
+    "model=qwen2_5-vl-tiny",
+    "train.freeze=[]",
+    "data.global_batch_rows=4",
+    "logging.progress=plain",
+    "logging.tensorboard=false",
+    "train.steps=3",
+    "train.eval_batches=0",
+    "checkpoint.export_hf=false",
+)
+
+
+def _vlm_losses(output_dir: str, *overrides: str) -> list[list[float]]:
+    """Per-step ``[loss, gradient norm]`` of the ``_VLM`` run (a pool job)."""
+    return tiny.train_losses_and_norms(*_VLM, f"train.output_dir={output_dir}", *overrides)
+
+
+def test_vision_language_model_under_cp2_fsdp2(tmp_path, dist_pool):
+    """Each context-parallel rank runs the vision encoder on all of its batch's images, places
+    the features and M-RoPE positions on the whole packed row and runs the language model on
+    its shard (zigzag): CP2 x FSDP2 gives the single process's losses and gradient norms."""
+    single = _vlm_losses(f"{tmp_path}/single")
+    _close(dist_pool(4).run(_vlm_losses, f"{tmp_path}/cp2", "parallel=cp2-fsdp"), single)
 
 
 #: tiny-moe without the balance loss, with a dense first layer (not expert-parallel).
@@ -116,15 +153,19 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
         ),
         (
             (
-                "parallel=cp2-fsdp",
+                "parallel=pp2-fsdp",
+                "parallel.cp=2",
+                "parallel.dp_shard=1",
                 "model=tiny-moe",
                 "+model.config.moe.aux_loss=sequence",
             ),
             4,
-            "sequence-wise balance loss",
+            "sequence-wise balance loss on pipeline stages",
         ),
         (("parallel=ep2-fsdp", "model=tiny-moe", "train.compile=true"), 4, "train.compile=true"),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
+        (("parallel=cp2-fsdp", "recipe=vlm"), 4, "image_attention=bidirectional"),
+        (("parallel=cp2-fsdp", "parallel.recompute=full"), 4, "parallel.recompute"),
         (
             (
                 "parallel=ep2-fsdp",

@@ -182,8 +182,8 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     whole on every tensor-parallel rank (forge_train.components._text_plan), the balance loss
     added from the logits path. TP2 x FSDP2, with and without sequence parallelism, gives the
     single-process losses and gradient norms. Refused with what to do instead, under
-    sequence parallelism: DeepSeek-V3's sequence-wise balance loss, and multi-token prediction
-    (its modules run unsplit on the whole sequence) with any model."""
+    sequence parallelism on pipeline stages: DeepSeek-V3's sequence-wise balance loss (its
+    per-document sums are not reduced over tp there)."""
     from forge_train.components import build_components
     from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
@@ -195,20 +195,26 @@ def test_moe_under_tp2_fsdp2(tmp_path, dist_pool):
     # tensor-parallel ranks (replicate_partial), were 67% off and moved the losses only 2e-5.
     # With sequence parallelism each rank runs the MoE layers on its own sequence shard and the
     # switch loss and the expert load are summed over the ranks (forge_train.sharded_routing).
-    for sp in ("false", "true"):
-        layout = ("parallel=tp2-fsdp", f"parallel.sequence_parallel={sp}")
-        ranks = pool.run(_losses_and_norms, f"{root}/tp2_{sp}", *_SHORT, *_TP_MOE, *layout)
+    # PP2 x TP2 + SP: the last stage sums the carried switch-loss sums over the tensor-parallel
+    # ranks, the MoE stage its expert load (forge_train.pipeline_moe).
+    pp_tp = ("parallel=pp2-fsdp", "parallel.tp=2", "parallel.sequence_parallel=true")
+    for name, layout in (
+        ("tp2", ("parallel=tp2-fsdp", "parallel.sequence_parallel=false")),
+        ("tp2_sp", ("parallel=tp2-fsdp", "parallel.sequence_parallel=true")),
+        ("pp2_tp2_sp", pp_tp),
+    ):
+        ranks = pool.run(_losses_and_norms, f"{root}/{name}", *_SHORT, *_TP_MOE, *layout)
         torch.testing.assert_close(
             torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6
         )
     for model, overrides, message in (
         ("tiny-deepseek", ("+model.config.moe.output_router_logits=true",), "sequence-wise"),
     ):
-        run = (*tiny.TINY_RUN, f"train.output_dir={tmp_path / model}", "parallel=tp2-fsdp")
+        run = (*tiny.TINY_RUN, f"train.output_dir={tmp_path / model}", *pp_tp)
         cfg = compose_run_config([*run, f"model={model}", *overrides])
         with pytest.raises(ConfigError, match=message):
             build_components(
-                cfg, world_size=2, degrees=cfg.parallel.resolve(2), device=torch.device("cpu")
+                cfg, world_size=4, degrees=cfg.parallel.resolve(4), device=torch.device("cpu")
             )
 
 
@@ -259,18 +265,25 @@ def test_multi_head_latent_attention_under_tp2_fsdp2(tmp_path, dist_pool):
     (``gathered_input``), the rotary key every head reads with its gradient summed over the
     tensor-parallel ranks (``reduce_grad``). TP2 x FSDP2 (with a multi-token prediction module,
     unsplit, its logits through the tensor-parallel head), and TP2 + SP x FSDP2 (the module
-    split like a decoder layer on sequence shards, expert bias), give the single process's
+    split like a decoder layer on sequence shards, expert bias; also with the sequence-wise
+    balance loss, its per-document sums summed over tp), give the single process's
     losses and gradient norms (a missing reduction of
     the rotary key's gradient moves the norm first: Adam hides it in the loss)."""
     pool = dist_pool(4)
+    singles: dict[tuple[str, ...], list[list[float]]] = {}
     for name, extra, layout in (
         # with a multi-token prediction module and the sequence-wise balance loss weighted 0.5
         ("tp2", _MLA_MTP, "parallel.sequence_parallel=false"),
         # sequence parallel, the multi-token prediction module split like a decoder layer on
         # the rank's sequence shard, its MoE block's expert load summed over tp
         ("tp2_sp", ("+model.config.mtp_depth=1",), "parallel.sequence_parallel=true"),
+        # ... and the sequence-wise balance loss of every MoE block (the module's too) from
+        # each rank's per-document sums of its contiguous chunk, summed over tp
+        ("tp2_sp_balance", _MLA_MTP, "parallel.sequence_parallel=true"),
     ):
-        single = _losses_and_norms(f"{tmp_path}/single_{name}", *_MLA, *extra)
+        if extra not in singles:
+            singles[extra] = _losses_and_norms(f"{tmp_path}/single_{name}", *_MLA, *extra)
+        single = singles[extra]
         ranks = pool.run(
             _losses_and_norms, f"{tmp_path}/{name}", *_MLA, *extra, "parallel=tp2-fsdp", layout
         )

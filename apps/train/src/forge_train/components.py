@@ -56,14 +56,16 @@ def _recompute(cfg: RunConfig):
     return RecomputeConfig(mode=cfg.parallel.recompute)
 
 
-def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int]):
+def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int], *, context_parallel=None):
     """A vision-language model with a layout per part (heterogeneous parallelism,
     ``forge_parallel.parallelize_submodules``): the language model tensor-parallel over
-    ``parallel.tp`` and data-parallel over the rest, the vision encoder and the projector
-    without tensor parallelism, data-parallel over all ranks. The ranks of a tensor-parallel
-    group load the same batch (``batch_boundary=False``), so the encoder's average over all
-    ranks is the data-parallel average. With ``parallel.sequence_parallel`` see
-    :func:`forge_train.vlm_model.vlm_text_plan`."""
+    ``parallel.tp`` (context-parallel over ``parallel.cp`` with ``context_parallel``) and
+    data-parallel over the rest, the vision encoder and the projector without tensor or
+    context parallelism, data-parallel over all ranks. The ranks of a tensor- or
+    context-parallel group load the same batch (``batch_boundary=False``; under context
+    parallelism each runs the encoder on all of its items, and keeps the features of its
+    sequence shard), so the encoder's average over all ranks is the data-parallel average.
+    With ``parallel.sequence_parallel`` see :func:`forge_train.vlm_model.vlm_text_plan`."""
     from forge_parallel import SubmoduleParallel, parallelize_submodules
     from forge_train.vlm_model import vlm_text_plan
 
@@ -84,9 +86,13 @@ def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int]):
             "projector": SubmoduleParallel(dp_replicate=replicate, data_parallel=mode or "auto"),
             "language_model": SubmoduleParallel(
                 tp=degrees["tp"],
+                cp=degrees["cp"],
+                context_parallel=context_parallel,
                 plan=vlm_text_plan(
                     model.language_model, sequence_parallel=cfg.parallel.sequence_parallel
-                ),
+                )
+                if degrees["tp"] > 1
+                else None,
                 dp_replicate=replicate,
                 data_parallel=mode,
                 recompute=recompute,
@@ -184,8 +190,10 @@ def build_components(
                 stage_parallel[name] = value
         pipeline = _pipeline(model, config, cfg, mesh, stage_parallel)
         parallel, model = pipeline.stage_parallel, pipeline.stage
-    elif vlm and degrees["tp"] > 1:
-        parallel = _parallelize_vlm(model, cfg, degrees)
+    elif vlm and (degrees["tp"] > 1 or degrees["cp"] > 1):
+        parallel = _parallelize_vlm(
+            model, cfg, degrees, context_parallel=sequence_and_experts["context_parallel"]
+        )
         model, mesh = parallel.model, parallel.parts["language_model"].mesh
     else:
         parallel = parallelize(model, dims, **stage_parallel, **sequence_and_experts)
@@ -249,19 +257,19 @@ def _text_plan(model, config, cfg: RunConfig):
     }
     moe = getattr(config, "moe", None)
     if moe is not None:
-        balance = (moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
         # With sequence parallelism each rank runs the MoE layers on its sequence shard: the
-        # switch loss and the expert-bias load are summed over the tensor-parallel ranks
-        # (forge_train.sharded_routing), not yet on pipeline stages.
-        if sp and (sequence_balance_loss(moe) or (balance and cfg.parallel.pp > 1)):
+        # balance losses' sums and the expert-bias load are summed over the tensor-parallel
+        # ranks (forge_train.sharded_routing; on pipeline stages the switch loss's and the
+        # load, forge_train.pipeline_moe, not yet the sequence-wise loss's).
+        if sp and sequence_balance_loss(moe) and cfg.parallel.pp > 1:
             raise ConfigError(
-                "parallel.sequence_parallel: with sequence parallelism each tensor-parallel rank "
+                "parallel.sequence_parallel with parallel.pp > 1: each tensor-parallel rank "
                 "runs the MoE layers on its own sequence shard; DeepSeek-V3's sequence-wise "
-                "balance loss, and any balance statistics under pipeline stages, would need a "
-                "reduction over the tensor-parallel ranks that is not built; set "
-                "parallel.sequence_parallel=false, or train without them "
-                "(model.config.moe.output_router_logits=false or router_aux_loss_coef=0, and "
-                "expert_bias=false)"
+                "balance loss on pipeline stages would need per-document sums over the "
+                "tensor-parallel ranks, which is not built; set parallel.sequence_parallel="
+                "false or parallel.pp=1, or use model.config.moe.aux_loss=switch, or train "
+                "without it (model.config.moe.output_router_logits=false or "
+                "router_aux_loss_coef=0)"
             )
         styles = {
             k: v

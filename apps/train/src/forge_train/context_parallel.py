@@ -51,12 +51,27 @@ class ContextParallelInputs:
         cu_seqlens = kwargs["cu_seqlens"]
         targets = shift_labels(kwargs["labels"], cu_seqlens=cu_seqlens)
         layout = {"cp_size": self.size, "cp_rank": self.rank, "load_balance": self.load_balance}
+        local_targets = shard_sequence(targets, dim=1, **layout)
+        predicted = (local_targets != IGNORE_INDEX).sum()
+        if "images" in kwargs or "videos" in kwargs:
+            # A vision-language model places the visual features (and M-RoPE positions) on
+            # the whole row, then runs its language model on this rank's positions.
+            row = torch.arange(kwargs["input_ids"].shape[-1], device=targets.device)
+            visual = {k: kwargs[k] for k in ("images", "videos", "position_ids") if k in kwargs}
+            local = {
+                "input_ids": kwargs["input_ids"],
+                "cu_seqlens": cu_seqlens,
+                "targets": local_targets,
+                "sequence_index": shard_sequence(row, dim=0, **layout),
+                **visual,
+            }
+            return local, predicted, cu_seqlens
         local = {
             "input_ids": shard_sequence(kwargs["input_ids"], dim=1, **layout),
-            "targets": shard_sequence(targets, dim=1, **layout),
+            "targets": local_targets,
             "position_ids": shard_sequence(kwargs["position_ids"], dim=1, **layout),
         }
-        return local, (local["targets"] != IGNORE_INDEX).sum(), cu_seqlens
+        return local, predicted, cu_seqlens
 
     @contextlib.contextmanager
     def forward(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
@@ -105,6 +120,13 @@ def _attention_through_sdpa() -> Iterator[None]:
         yield
 
 
+def _balance_statistics(moe) -> bool:
+    """Whether a MoE config trains a balance loss or updates expert biases from the load."""
+    if moe is None:
+        return False
+    return bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) or bool(moe.expert_bias)
+
+
 def sequence_balance_loss(moe) -> bool:
     """Whether a MoE config trains DeepSeek-V3's sequence-wise balance loss."""
     return bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) and (
@@ -121,29 +143,36 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     if cp == 1:
         return None
     settings = cfg.parallel
+    vlm = cfg.model.kind == "vlm"
+    text_config = getattr(model_config, "text", model_config)  # a VLM's language model
     refusals = {
-        "model.kind=vlm (a vision-language model's image features are placed by token "
-        "position over the whole row)": cfg.model.kind == "vlm",
+        "a vision-language model with image_attention=bidirectional (the image blocks would "
+        "span the ranks; set model.config.image_attention=causal)": vlm
+        and getattr(model_config, "image_attention", "causal") == "bidirectional",
+        "a vision-language model under pipeline parallelism (set parallel.pp=1)": vlm
+        and degrees["pp"] > 1,
+        "a vision-language model whose language model has MoE balance statistics (their "
+        "sums are not reduced over the context-parallel ranks for VLMs yet; set "
+        "model.config.text.moe.output_router_logits=false and expert_bias=false)": vlm
+        and _balance_statistics(getattr(text_config, "moe", None)),
         "model.config.mtp_depth > 0 (multi-token prediction needs targets further ahead than "
-        "a shard holds)": bool(getattr(model_config, "mtp_depth", 0)),
+        "a shard holds)": bool(getattr(text_config, "mtp_depth", 0)),
         "train.compile=true (the context-parallel attention is routed at run time)": (
             cfg.train.compile
         ),
+        "parallel.recompute (a recomputed block replays its forward in backward, where the "
+        "SDPA pin of forge-kernels' attention that the context-parallel router needs is not "
+        "held; set parallel.recompute=none)": (settings.recompute != "none"),
     }
-    moe = getattr(model_config, "moe", None)
-    if moe is not None:  # the switch loss and the expert-bias load are summed over the ranks
+    moe = getattr(text_config, "moe", None)
+    if moe is not None:  # the balance losses' sums and the expert-bias load are summed over
+        # the ranks (forge_train.sharded_routing); not yet the sequence-wise ones of stages
         refusals[
-            "DeepSeek-V3's sequence-wise balance loss (its per-sequence statistics span the "
-            "ranks; use model.config.moe.aux_loss=switch, router_aux_loss_coef=0 or "
+            "DeepSeek-V3's sequence-wise balance loss on pipeline stages (their per-document "
+            "sums are not reduced over the context-parallel ranks yet; set parallel.pp=1, or "
+            "use model.config.moe.aux_loss=switch, router_aux_loss_coef=0 or "
             "output_router_logits=false)"
-        ] = sequence_balance_loss(moe)
-        refusals[
-            "MoE balance statistics on pipeline stages (their per-stage sums are not reduced "
-            "over the context-parallel ranks yet; set model.config.moe.output_router_logits="
-            "false or router_aux_loss_coef=0, and expert_bias=false, or parallel.pp=1)"
-        ] = degrees["pp"] > 1 and (
-            bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) or moe.expert_bias
-        )
+        ] = sequence_balance_loss(moe) and degrees["pp"] > 1
     for what, refused in refusals.items():
         if refused:
             raise ConfigError(
@@ -161,8 +190,8 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
         )
     if settings.cp_style == "ulysses":
         heads = {
-            "num_heads": model_config.num_heads,
-            "num_kv_heads": model_config.num_kv_heads or model_config.num_heads,
+            "num_heads": text_config.num_heads,
+            "num_kv_heads": text_config.num_kv_heads or text_config.num_heads,
         }
         bad = {k: v for k, v in heads.items() if v % cp}
         if bad:

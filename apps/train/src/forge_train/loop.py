@@ -73,21 +73,26 @@ class Trainer:
         )
         parts = self.parts
         moe = getattr(parts.model_config, "moe", None)  # a VLMConfig has none
-        balancer = routing = None
-        if parts.pipeline is None:
-            routing = sharded_routing(cfg, parts.model_config, parts.parallel)
+        balancer = None
+        routing = sharded_routing(cfg, parts.model_config, parts.parallel)
+        token_group = routing.group if routing is not None else None
+        if parts.pipeline is not None and parts.pipeline.moe is not None:
+            parts.pipeline.moe.routing = routing  # the last stage sums the switch loss's sums
         if ExpertBiasBalancer.wanted(parts.model_config) and parts.pipeline is not None:
             from forge_train.pipeline_moe import PipelineExpertBalancer
 
-            balancer = PipelineExpertBalancer(parts.pipeline.moe, parts.model, parts.dp_group)
+            balancer = PipelineExpertBalancer(
+                parts.pipeline.moe, parts.model, parts.dp_group, token_group
+            )
         elif ExpertBiasBalancer.wanted(parts.model_config):
-            token_group = routing.group if routing is not None else None
             balancer = ExpertBiasBalancer(parts.model, parts.dp_group, token_group)
         runner_class, extra = StepRunner, {"routing": routing}
-        if getattr(parts.parallel, "context_parallel_handle", None) is not None:
+        # A vision-language model's language model is one part of a heterogeneous layout.
+        text_parallel = getattr(parts.parallel, "parts", {}).get("language_model", parts.parallel)
+        if getattr(text_parallel, "context_parallel_handle", None) is not None:
             from forge_train.context_parallel import ContextParallelInputs
 
-            extra["context"] = ContextParallelInputs(parts.parallel)
+            extra["context"] = ContextParallelInputs(text_parallel)
         if parts.pipeline is not None:
             from forge_train.pipeline_step import PipelineStepRunner
 

@@ -23,6 +23,11 @@ so each stage handles its own (``forge_parallel`` ``pipeline(..., block_output=.
   the single-process one.
 - Aux-loss-free balancing (``moe.expert_bias``): each stage sums its layers' load over the
   step and updates their biases from the data-parallel total (:class:`PipelineExpertBalancer`).
+
+When a batch's tokens are split over ranks for the MoE layers (context parallelism, or tensor
+parallelism with sequence parallelism) each pipeline rank carries the sums of its token shard:
+the last stage sums them over those ranks before forming the switch loss, and the expert load
+is summed over them too (:mod:`forge_train.sharded_routing`, as without pipeline stages).
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class PipelineMoE:
         self._load: dict[int, torch.Tensor] = {}
         #: ``forge_kernels.moe.switch_balance_sums`` of the layers so far (this stage forward).
         self._sums: torch.Tensor | None = None
+        #: :class:`~forge_train.sharded_routing.ShardedRouting` when the ranks of a group split
+        #: each batch's tokens for the MoE layers (set by ``forge_train.loop``), else ``None``.
+        self.routing = None
 
     # -- forge_parallel StageCarry: the switch loss's sums ---------------------------------------
     def start(self, stage, carried: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
@@ -98,8 +106,14 @@ class PipelineMoE:
         sums, self._sums = self._sums, None
         if not torch.is_grad_enabled():  # evaluation reports the cross-entropy only
             return output
+        scale = 1.0
+        if self.routing is not None:  # this rank's token shard: the batch's sums over the group
+            from forge_core.collectives import reduce_from_group
+
+            sums = reduce_from_group(sums, group=self.routing.group)
+            scale = self.routing.aux_scale
         aux = switch_balance_loss_from_sums(sums)
-        return _AddAuxGradient.apply(output, aux, self.aux_weight)
+        return _AddAuxGradient.apply(output, aux, self.aux_weight * scale)
 
     def __call__(self, path: str, output: Any, block_args: tuple) -> torch.Tensor:
         if not isinstance(output, tuple):
@@ -147,9 +161,13 @@ class PipelineExpertBalancer:
     """:class:`~forge_train.expert_balance.ExpertBiasBalancer` for a pipeline stage: the load
     comes from :class:`PipelineMoE`, the update goes to this stage's MoE layers."""
 
-    def __init__(self, moe: PipelineMoE, stage: torch.nn.Module, dp_group) -> None:
+    def __init__(
+        self, moe: PipelineMoE, stage: torch.nn.Module, dp_group, token_group=None
+    ) -> None:
         self.moe = moe
         self.dp_group = dp_group
+        #: Ranks that split each batch's tokens for the MoE layers: their loads are summed too.
+        self.token_group = token_group
         self.blocks = {m.layer_idx: m.mlp for m in stage.modules() if getattr(m, "is_moe", False)}
 
     def add_micro_batch(self) -> None:
@@ -160,7 +178,7 @@ class PipelineExpertBalancer:
         if taken is None:  # no MoE layer on this stage
             return None
         layers, load = taken
-        load = all_reduce(load, self.dp_group)
+        load = all_reduce(all_reduce(load, self.dp_group), self.token_group)
         for row, idx in zip(load, layers, strict=True):
             self.blocks[idx].update_expert_bias(row, self.moe.moe.bias_update_speed)
         return load

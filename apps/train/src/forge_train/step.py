@@ -88,22 +88,36 @@ class StepRunner:
 
     def prepare(
         self, micro_batch: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, Any], torch.Tensor, Callable[[], contextlib.AbstractContextManager]]:
-        """``(forward kwargs, predicted tokens, context to run the forward in)`` of this rank's
-        part of a collated micro-batch (its context-parallel shard under ``parallel.cp > 1``)."""
+    ) -> tuple[
+        dict[str, Any],
+        torch.Tensor,
+        Callable[[], contextlib.AbstractContextManager],
+        tuple[torch.Tensor, int] | None,
+    ]:
+        """``(forward kwargs, predicted tokens, context to run the forward in, documents)`` of
+        this rank's part of a collated micro-batch (its context-parallel shard under
+        ``parallel.cp > 1``); ``documents``: for the sequence-wise balance loss of a batch split
+        over ranks, :meth:`ShardedRouting.local_documents`, else ``None``."""
         kwargs, n = model_inputs(micro_batch, self.device)
+        documents = None
+        if self.routing is not None and self.routing.aux_loss == "sequence":
+            documents = self.routing.local_documents(kwargs)
         if self.context is None:
-            return kwargs, n, contextlib.nullcontext
+            return kwargs, n, contextlib.nullcontext, documents
         local, n, cu_seqlens = self.context.shard(kwargs)
-        return local, n, functools.partial(self.context.forward, cu_seqlens)
+        return local, n, functools.partial(self.context.forward, cu_seqlens), documents
 
     def forward_sum(
         self,
         kwargs: dict[str, Any],
         around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        documents: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(summed cross-entropy, weighted auxiliary loss or None)`` of one micro-batch
-        (``around``: the context of :meth:`prepare`)."""
+        (``around``, ``documents``: from :meth:`prepare`)."""
+        split = self.routing is not None and self.routing.aux_loss is not None
+        if split:  # the model sees a shard: the balance loss of the whole batch is formed here
+            kwargs = {**kwargs, "output_router_logits": False}
         if self.tensor_parallel:
             with around():  # from the logits: no auxiliary loss added
                 loss = self._loss_parallel_sum(kwargs)
@@ -112,13 +126,14 @@ class StepRunner:
                 loss = self.model(**kwargs, loss_reduction="sum")
         stats = getattr(self.model, "moe_stats", None)
         aux = None
-        if stats is not None and stats.aux_loss is not None:
+        if split and stats is not None:
+            aux = self.aux_coef * self.routing.balance_loss(stats, documents)
+        elif stats is not None and stats.aux_loss is not None:
             if (
                 not self.tensor_parallel
             ):  # the model adds it unscaled; it is weighted per micro-batch
                 loss = loss - self.aux_coef * stats.aux_loss
-            whole = stats.aux_loss if self.routing is None else self.routing.switch_loss(stats)
-            aux = self.aux_coef * whole
+            aux = self.aux_coef * stats.aux_loss
         return loss, aux
 
     def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -166,8 +181,8 @@ class StepRunner:
         only (held-out evaluation)."""
         total = torch.zeros(2, device=self.device)
         for mb in micro_batches:
-            kwargs, n, around = self.prepare(mb)
-            ce, _ = self.forward_sum(kwargs, around)
+            kwargs, n, around, documents = self.prepare(mb)
+            ce, _ = self.forward_sum(kwargs, around, documents)
             total += torch.stack([local_value(ce).float(), n.to(self.device, torch.float32)])
         return all_reduce(total, self.cp_group)
 
@@ -182,15 +197,15 @@ class StepRunner:
         """Forward and backward of every micro-batch: ``(mean loss per predicted token of the
         global batch, gradient norm after unscaling, predicted tokens of the global batch)``."""
         inputs = [self.prepare(mb) for mb in micro_batches]
-        local = torch.stack([n for _, n, _ in inputs]).sum().to(self.device, torch.float32)
+        local = torch.stack([n for _, n, _, _ in inputs]).sum().to(self.device, torch.float32)
         global_tokens = self._batch_sum(local.clone())
         scale = self.grad_ranks / global_tokens.clamp(min=1)
         ce_total = torch.zeros((), device=self.device)
         last = len(inputs) - 1
-        for i, (kwargs, _, around) in enumerate(inputs):
+        for i, (kwargs, _, around, documents) in enumerate(inputs):
             sync = contextlib.nullcontext() if i == last else self.parallel.no_sync()
             with sync:
-                ce, aux = self.forward_sum(kwargs, around)
+                ce, aux = self.forward_sum(kwargs, around, documents)
                 if self.balancer is not None:
                     self.balancer.add_micro_batch()
                 objective = ce * scale
