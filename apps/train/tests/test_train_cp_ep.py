@@ -47,6 +47,9 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     _close(pool.run(_losses, f"{tmp_path}/cp2", *model, "parallel=cp2-fsdp"), single)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "parallel.cp_load_balance=false")
     _close(pool.run(_losses, f"{tmp_path}/ulysses", *model, *ulysses), single)
+    # Full recompute: the blocks replay their forward in backward under the router.
+    recompute = ("parallel=cp2-fsdp", "parallel.recompute=full")
+    _close(pool.run(_losses, f"{tmp_path}/cp2_recompute", *model, *recompute), single)
     # 2 pipeline stages x CP2: each stage's attention context-parallel, per micro-batch
     # document boundaries, the last stage's fused loss on its shard of the shifted targets.
     pp_cp = ("parallel=pp2-fsdp", "parallel.cp=2", "parallel.dp_shard=1")
@@ -165,7 +168,7 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
         (("parallel=ep2-fsdp", "model=tiny-moe", "train.compile=true"), 4, "train.compile=true"),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
         (("parallel=cp2-fsdp", "recipe=vlm"), 4, "image_attention=bidirectional"),
-        (("parallel=cp2-fsdp", "parallel.recompute=full"), 4, "parallel.recompute"),
+        (("parallel=cp2-fsdp", "parallel.recompute=selective"), 4, "recompute=selective"),
         (
             (
                 "parallel=ep2-fsdp",

@@ -80,6 +80,12 @@ class ContextParallelInputs:
         with self.handle.packed(cu_seqlens), _attention_through_sdpa():
             yield
 
+    def backward(self) -> contextlib.AbstractContextManager:
+        """Run a shard's backward inside: blocks recomputed there replay their forward under
+        the context-parallel router (``forge_parallel.replay_checkpoint``), and forge-kernels'
+        attention must reach it through SDPA as in the forward."""
+        return _attention_through_sdpa()
+
     def bind_pipeline(self, parallelized: list) -> None:
         """Pipeline parallelism: each stage module (``forge_parallel`` ``Pipeline.parallelized``
         results) takes the document boundaries of the micro-batch it runs
@@ -160,9 +166,10 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
         "train.compile=true (the context-parallel attention is routed at run time)": (
             cfg.train.compile
         ),
-        "parallel.recompute (a recomputed block replays its forward in backward, where the "
-        "SDPA pin of forge-kernels' attention that the context-parallel router needs is not "
-        "held; set parallel.recompute=none)": (settings.recompute != "none"),
+        "parallel.recompute=selective (its policy would cache buffers that the "
+        "context-parallel exchanges fill in place; use parallel.recompute=full or none)": (
+            settings.recompute == "selective"
+        ),
     }
     moe = getattr(text_config, "moe", None)
     if moe is not None:  # the balance losses' sums and the expert-bias load are summed over

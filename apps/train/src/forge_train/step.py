@@ -211,7 +211,10 @@ class StepRunner:
                 objective = ce * scale
                 if aux is not None:
                     objective = objective + aux / len(inputs)
-                with self.parallel.loss_context():
+                # Under context parallelism recomputed blocks replay their forward in backward
+                # (forge_parallel re-enters the router), with the same attention backend.
+                backward = contextlib.nullcontext if self.context is None else self.context.backward
+                with self.parallel.loss_context(), backward():
                     if self.scaler is not None:
                         self.scaler.scale(objective).backward()
                     else:
