@@ -176,6 +176,53 @@ def test_parallel_exports_are_the_former_export(tmp_path, dist_pool):
         assert ranks == [[]] * 4, (name, ranks)
 
 
+def _failing_export(root: str) -> str:
+    """Export an FSDP model into a folder rank 0 cannot create; what each rank saw (a pool
+    job). Rank 0's writer fails before consuming the stream of collective gathers."""
+    import torch.distributed as dist
+
+    from forge_train.components import build_components
+    from forge_train.compose import compose_run_config
+    from forge_train.modeling import export_hf
+
+    cfg = compose_run_config(
+        [
+            *tiny.TINY_MODEL,
+            *tiny.TINY_RUN,
+            f"train.output_dir={root}/failing",
+            "data=jsonl",
+            f"data.paths=[{_text_file(root)}]",
+            "data.global_batch_rows=8",
+            "parallel=fsdp",
+        ]
+    )
+    world = dist.get_world_size()
+    parts = build_components(
+        cfg, world_size=world, degrees=cfg.parallel.resolve(world), device=torch.device("cpu")
+    )
+    blocker = Path(root) / "a_file"
+    if dist.get_rank() == 0:
+        blocker.write_text("not a folder")
+    try:
+        export_hf(
+            parts.model, parts.model_config, blocker / "hf", tokenizer=None, lora=None,
+            dtype=None, is_main=dist.get_rank() == 0,
+        )  # fmt: skip
+    except OSError as exc:
+        return f"raised {type(exc).__name__}"
+    return "returned"
+
+
+def test_a_failing_writer_does_not_leave_the_other_ranks_waiting(tmp_path, dist_pool):
+    """The main process's error comes after it has run the rest of the stream's gathers: the
+    other ranks return at once instead of waiting in a collective until the timeout."""
+    root = str(tmp_path)
+    _text_file(root)
+    ranks = dist_pool(4).run(_failing_export, root, timeout=120)
+    assert ranks[0].startswith("raised "), ranks
+    assert ranks[1:] == ["returned"] * 3, ranks
+
+
 def test_incomplete_lora_layers_are_named():
     from forge_train.lora import merge_lora_tensors
 

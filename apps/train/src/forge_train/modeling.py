@@ -7,7 +7,7 @@ so each process allocates and initializes only its own shards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +208,24 @@ def export_hf(
     hf_config = getattr(model, "hf_config", None)
     if hf_config is not None:
         plain.hf_config = hf_config
-    path = forge_models.save_pretrained(
-        plain, out_dir, dtype=dtype, overwrite=True, tensors=tensors
+    path = write_draining(
+        lambda stream: forge_models.save_pretrained(
+            plain, out_dir, dtype=dtype, overwrite=True, tensors=stream
+        ),
+        tensors,
     )
     if tokenizer is not None:
         tokenizer.save(path)
     return path
+
+
+def write_draining(write: Callable[[Iterator], Any], tensors: Iterator) -> Any:
+    """``write(tensors)`` on the main process. If it fails (a full disk, a bad folder), the rest
+    of the stream is still consumed before the error is raised: its gathers are collective,
+    and the other ranks would otherwise wait in them until the process-group timeout."""
+    try:
+        return write(tensors)
+    except BaseException:
+        for _ in tensors:
+            pass
+        raise

@@ -169,7 +169,7 @@ def export_vlm_hf(
     pipeline rank's part (its stages send their tensors to the main process)."""
     import forge_models
     from forge_models.vlm import build_vlm
-    from forge_train.modeling import export_tensors
+    from forge_train.modeling import export_tensors, write_draining
 
     if lora is not None:
         raise ConfigError("lora: vision-language models train without LoRA; set lora=null")
@@ -178,8 +178,11 @@ def export_vlm_hf(
     tensors = export_tensors(model, plain, lora=None, is_main=is_main, pipeline=pipeline)
     if tensors is None:
         return None
-    path = forge_models.save_pretrained(
-        plain, out_dir, dtype=dtype, overwrite=True, tensors=tensors
+    path = write_draining(
+        lambda stream: forge_models.save_pretrained(
+            plain, out_dir, dtype=dtype, overwrite=True, tensors=stream
+        ),
+        tensors,
     )
     if tokenizer is not None:
         tokenizer.save(path)
