@@ -285,12 +285,7 @@ def _text_plan(model, config, cfg: RunConfig):
                     for part in ("router", "shared_expert", "shared_expert_gate"):
                         styles[f"layers.{i}.mlp.{part}"] = "replicate"
                 continue
-            if block.is_moe:
-                styles[f"layers.{i}.mlp"] = "replicate"
-            else:
-                styles[f"layers.{i}.mlp"] = "block_input"
-                styles[f"layers.{i}.mlp.gate_up_proj"] = "colwise_packed"
-                styles[f"layers.{i}.mlp.down_proj"] = "rowwise"
+            styles.update(_feed_forward_styles(f"layers.{i}.mlp", is_moe=block.is_moe))
     if sp:
         styles.update(_mtp_sequence_parallel_styles(model, block_styles))
     # A family plan lists every variant's modules (MLA with and without a query latent).
@@ -315,13 +310,21 @@ def _mtp_sequence_parallel_styles(model, block_styles: dict[str, str]) -> dict[s
         for name, style in block_styles.items():
             if name != "mlp" and not name.startswith("mlp."):
                 styles[f"{prefix}.block.{name}"] = style
-        if module.block.is_moe:
-            styles[f"{prefix}.block.mlp"] = "replicate"
-        else:
-            styles[f"{prefix}.block.mlp"] = "block_input"
-            styles[f"{prefix}.block.mlp.gate_up_proj"] = "colwise_packed"
-            styles[f"{prefix}.block.mlp.down_proj"] = "rowwise"
+        styles.update(_feed_forward_styles(f"{prefix}.block.mlp", is_moe=module.block.is_moe))
     return styles
+
+
+def _feed_forward_styles(path: str, *, is_moe: bool) -> dict[str, str]:
+    """A decoder block's feed-forward at ``path`` under tensor parallelism: a MoE block whole
+    on every rank (``replicate``), a dense one split (``gate_up_proj`` column-, ``down_proj``
+    row-parallel, its input gathered once)."""
+    if is_moe:
+        return {path: "replicate"}
+    return {
+        path: "block_input",
+        f"{path}.gate_up_proj": "colwise_packed",
+        f"{path}.down_proj": "rowwise",
+    }
 
 
 def _count(model, pipeline, *, trainable: bool = False) -> int:

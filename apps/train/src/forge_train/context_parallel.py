@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from forge_train.sharded_routing import balance_loss_trained
+
 __all__ = ["ContextParallelInputs", "context_parallel_config", "sequence_balance_loss"]
 
 
@@ -128,16 +130,12 @@ def _attention_through_sdpa() -> Iterator[None]:
 
 def _balance_statistics(moe) -> bool:
     """Whether a MoE config trains a balance loss or updates expert biases from the load."""
-    if moe is None:
-        return False
-    return bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) or bool(moe.expert_bias)
+    return moe is not None and (balance_loss_trained(moe) or bool(moe.expert_bias))
 
 
 def sequence_balance_loss(moe) -> bool:
     """Whether a MoE config trains DeepSeek-V3's sequence-wise balance loss."""
-    return bool(moe.output_router_logits and moe.router_aux_loss_coef > 0) and (
-        moe.aux_loss == "sequence"
-    )
+    return balance_loss_trained(moe) and moe.aux_loss == "sequence"
 
 
 def context_parallel_config(cfg, model_config, degrees: dict[str, int]):

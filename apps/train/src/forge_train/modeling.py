@@ -7,7 +7,7 @@ so each process allocates and initializes only its own shards.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,14 @@ from torch import nn
 
 from forge_train.config import ConfigError, LoraConfig, ModelSettings
 
-__all__ = ["META_INIT_PARAMS", "build_model", "export_hf", "export_tensors", "model_config"]
+__all__ = [
+    "META_INIT_PARAMS",
+    "build_model",
+    "export_hf",
+    "export_tensors",
+    "model_config",
+    "write_hf_folder",
+]
 
 #: ``init_device=auto`` builds on the meta device above this many parameters.
 META_INIT_PARAMS = 1_000_000_000
@@ -202,30 +209,46 @@ def export_hf(
     import forge_models
 
     plain = forge_models.build_model(config, device="meta")  # config, names, shapes: no memory
-    tensors = export_tensors(model, plain, lora=lora, is_main=is_main, pipeline=pipeline)
-    if tensors is None:
-        return None
     hf_config = getattr(model, "hf_config", None)
     if hf_config is not None:
         plain.hf_config = hf_config
-    path = write_draining(
-        lambda stream: forge_models.save_pretrained(
-            plain, out_dir, dtype=dtype, overwrite=True, tensors=stream
-        ),
-        tensors,
-    )
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
+    return write_hf_folder(
+        model, plain, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main,
+        pipeline=pipeline,
+    )  # fmt: skip
 
 
-def write_draining(write: Callable[[Iterator], Any], tensors: Iterator) -> Any:
-    """``write(tensors)`` on the main process. If it fails (a full disk, a bad folder), the rest
-    of the stream is still consumed before the error is raised: its gathers are collective,
-    and the other ranks would otherwise wait in them until the process-group timeout."""
+def write_hf_folder(
+    model: nn.Module,
+    plain: nn.Module,
+    out_dir: Path,
+    *,
+    tokenizer: Any,
+    lora: LoraConfig | None,
+    dtype: torch.dtype | None,
+    is_main: bool,
+    pipeline=None,
+) -> Path | None:
+    """The trained ``model``'s tensors (:func:`export_tensors`) written by
+    ``forge_models.save_pretrained(plain, ...)`` as a Hugging Face folder, with the tokenizer
+    beside them. Collective; the folder on the main process, ``None`` elsewhere.
+
+    If the writer fails (a full disk, a bad folder), the rest of the stream is still consumed
+    before the error is raised: its gathers are collective, and the other ranks would
+    otherwise wait in them until the process-group timeout."""
+    import forge_models
+
+    tensors = export_tensors(model, plain, lora=lora, is_main=is_main, pipeline=pipeline)
+    if tensors is None:
+        return None
     try:
-        return write(tensors)
+        path = forge_models.save_pretrained(
+            plain, out_dir, dtype=dtype, overwrite=True, tensors=tensors
+        )
     except BaseException:
         for _ in tensors:
             pass
         raise
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

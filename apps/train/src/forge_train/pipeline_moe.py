@@ -37,16 +37,13 @@ from typing import Any
 import torch
 
 from forge_train.distributed import all_reduce
+from forge_train.sharded_routing import balance_loss_trained
 
 __all__ = ["PipelineExpertBalancer", "PipelineMoE"]
 
 
-def _aux_enabled(moe) -> bool:
-    return bool(moe.output_router_logits) and moe.router_aux_loss_coef > 0
-
-
 def _switch_enabled(moe) -> bool:
-    return _aux_enabled(moe) and moe.aux_loss == "switch"
+    return balance_loss_trained(moe) and moe.aux_loss == "switch"
 
 
 class _AddAuxGradient(torch.autograd.Function):
@@ -74,7 +71,7 @@ class PipelineMoE:
     def __init__(self, config, *, microbatches: int) -> None:
         self.moe = config.moe
         self.aux_weight = (
-            self.moe.router_aux_loss_coef / microbatches if _aux_enabled(self.moe) else 0.0
+            self.moe.router_aux_loss_coef / microbatches if balance_loss_trained(self.moe) else 0.0
         )
         #: Whether the stages carry the switch loss's sums (pass ``carry=self`` then).
         self.switch = _switch_enabled(self.moe)
@@ -106,14 +103,11 @@ class PipelineMoE:
         sums, self._sums = self._sums, None
         if not torch.is_grad_enabled():  # evaluation reports the cross-entropy only
             return output
-        scale = 1.0
-        if self.routing is not None:  # this rank's token shard: the batch's sums over the group
-            from forge_core.collectives import reduce_from_group
-
-            sums = reduce_from_group(sums, group=self.routing.group)
-            scale = self.routing.aux_scale
-        aux = switch_balance_loss_from_sums(sums)
-        return _AddAuxGradient.apply(output, aux, self.aux_weight * scale)
+        if self.routing is None:
+            aux = switch_balance_loss_from_sums(sums)
+        else:  # this rank's token shard: the batch's sums over the group
+            aux = self.routing.switch_loss_of_sums(sums)
+        return _AddAuxGradient.apply(output, aux, self.aux_weight)
 
     def __call__(self, path: str, output: Any, block_args: tuple) -> torch.Tensor:
         if not isinstance(output, tuple):

@@ -29,7 +29,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["ShardedRouting", "sharded_routing"]
+__all__ = ["ShardedRouting", "balance_loss_trained", "sharded_routing"]
+
+
+def balance_loss_trained(moe) -> bool:
+    """Whether a MoE config trains a balance loss (router logits kept, a positive weight)."""
+    return bool(moe.output_router_logits) and moe.router_aux_loss_coef > 0
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,20 @@ class ShardedRouting:
 
     def switch_loss(self, stats) -> torch.Tensor:
         """The switch balance loss of the whole batch from this rank's ``moe_stats``."""
-        from forge_core.collectives import reduce_from_group
-        from forge_kernels.moe import switch_balance_loss_from_sums, switch_balance_sums
+        from forge_kernels.moe import switch_balance_sums
 
         if not stats.routers:
             raise RuntimeError("the switch balance loss needs the router outputs of the forward")
-        sums = sum(switch_balance_sums(r.logits, top_k=self.top_k) for r in stats.routers)
+        return self.switch_loss_of_sums(
+            sum(switch_balance_sums(r.logits, top_k=self.top_k) for r in stats.routers)
+        )
+
+    def switch_loss_of_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """The switch balance loss of the whole batch from this rank's
+        ``forge_kernels.moe.switch_balance_sums`` over all MoE layers (summed over the group)."""
+        from forge_core.collectives import reduce_from_group
+        from forge_kernels.moe import switch_balance_loss_from_sums
+
         total = reduce_from_group(sums, group=self.group)
         return switch_balance_loss_from_sums(total) * self.aux_scale
 

@@ -129,11 +129,9 @@ class StepRunner:
         if split and stats is not None:
             aux = self.aux_coef * self.routing.balance_loss(stats, documents)
         elif stats is not None and stats.aux_loss is not None:
-            if (
-                not self.tensor_parallel
-            ):  # the model adds it unscaled; it is weighted per micro-batch
-                loss = loss - self.aux_coef * stats.aux_loss
             aux = self.aux_coef * stats.aux_loss
+            if not self.tensor_parallel:
+                loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch
         return loss, aux
 
     def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -167,23 +167,14 @@ def export_vlm_hf(
     :func:`forge_train.modeling.export_tensors`); only the main process writes. ``pipeline``:
     the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when ``model`` is one
     pipeline rank's part (its stages send their tensors to the main process)."""
-    import forge_models
     from forge_models.vlm import build_vlm
-    from forge_train.modeling import export_tensors, write_draining
+    from forge_train.modeling import write_hf_folder
 
     if lora is not None:
         raise ConfigError("lora: vision-language models train without LoRA; set lora=null")
     check_vlm_exportable(config)
     plain = build_vlm(config, device="meta")  # config, names and shapes: no memory
-    tensors = export_tensors(model, plain, lora=None, is_main=is_main, pipeline=pipeline)
-    if tensors is None:
-        return None
-    path = write_draining(
-        lambda stream: forge_models.save_pretrained(
-            plain, out_dir, dtype=dtype, overwrite=True, tensors=stream
-        ),
-        tensors,
-    )
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
+    return write_hf_folder(
+        model, plain, out_dir, tokenizer=tokenizer, lora=None, dtype=dtype, is_main=is_main,
+        pipeline=pipeline,
+    )  # fmt: skip
