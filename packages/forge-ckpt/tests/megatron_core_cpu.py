@@ -17,6 +17,14 @@ import contextlib
 from datetime import timedelta
 from typing import Any
 
+#: TransformerConfig settings of every check: no dropout, no fusions, weights built on the CPU.
+CPU_CONFIG = {
+    "hidden_dropout": 0.0, "attention_dropout": 0.0, "bias_activation_fusion": False,
+    "bias_dropout_fusion": False, "masked_softmax_fusion": False, "apply_rope_fusion": False,
+    "persist_layer_norm": False, "gradient_accumulation_fusion": False,
+    "use_cpu_initialization": True,
+}  # fmt: skip
+
 
 def init_megatron_on_cpu(
     *,
@@ -91,11 +99,8 @@ def megatron_gpt(
         num_attention_heads=hcfg.num_attention_heads, num_query_groups=hcfg.num_key_value_heads,
         ffn_hidden_size=hcfg.intermediate_size, kv_channels=hcfg.head_dim, qk_layernorm=qk_layernorm,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
-        layernorm_epsilon=hcfg.rms_norm_eps, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False, use_cpu_initialization=True,
-        params_dtype=torch.float32, **moe,
+        layernorm_epsilon=hcfg.rms_norm_eps, add_bias_linear=False,
+        params_dtype=torch.float32, **CPU_CONFIG, **moe,
         # The split as Megatron-LM's core_transformer_config_from_args records it (the
         # pipeline stage builds its share of the layers from it).
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),

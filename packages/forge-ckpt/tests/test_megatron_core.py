@@ -53,20 +53,12 @@ def test_megatron_core_gives_transformers_logits():
         assert f"{name}: legacy and torch_dist logits match" in run.stdout, run.stdout
 
 
-def init_megatron_on_cpu() -> None:
-    """One gloo process with megatron's parallel state on the CPU (test_megatron_core_vlm's
-    entry point; see :func:`megatron_core_cpu.init_megatron_on_cpu`)."""
-    from megatron_core_cpu import init_megatron_on_cpu as init
-
-    init()
-
-
 def _check() -> None:
     import torch
     import transformers
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
-    from megatron_core_cpu import megatron_gpt
+    from megatron_core_cpu import init_megatron_on_cpu, megatron_gpt
 
     from forge_ckpt.megatron import hf_to_megatron
 

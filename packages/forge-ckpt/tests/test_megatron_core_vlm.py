@@ -3,7 +3,7 @@ transformers computes (a LLaVA-OneVision ``LLaVAModel``, an InternViT ``CLIPViTM
 
 Skipped unless megatron-core is installed (not in the workspace lock); run with
 ``uv run --with 'megatron-core==0.16.*' pytest packages/forge-ckpt/tests/test_megatron_core_vlm.py``.
-On CPU, as :mod:`test_megatron_core` (its ``init_megatron_on_cpu``), with local layer specs: the
+On CPU, as :mod:`test_megatron_core` (``megatron_core_cpu.init_megatron_on_cpu``), with local layer specs: the
 SigLIP layers as Megatron-LM's ``examples/multimodal/layer_specs.get_layer_spec(is_vit=True)``
 (LayerNorm, no attention mask, GELU-tanh MLP with biases), the language model as GPTModel's local
 spec. Two CPU-only adjustments, no numerics replaced: ``CLIPViTModel`` moves its
@@ -38,13 +38,6 @@ import sys
 import pytest
 
 TOLERANCE = 1e-5  # relative error in float32 (measured about 2e-7)
-# No dropout, no fusions, weights built on the CPU (float32: params_dtype given with them).
-_COMMON_CONFIG = {
-    "hidden_dropout": 0.0, "attention_dropout": 0.0, "bias_activation_fusion": False,
-    "bias_dropout_fusion": False, "masked_softmax_fusion": False, "apply_rope_fusion": False,
-    "persist_layer_norm": False, "gradient_accumulation_fusion": False,
-    "use_cpu_initialization": True,
-}  # fmt: skip
 
 
 def test_megatron_core_vlm_modules_compute_transformers_outputs():
@@ -146,7 +139,9 @@ def _llava_model(hc):
     init.__defaults__ = tuple(
         WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__
     )
-    common = {**_COMMON_CONFIG, "params_dtype": torch.float32}
+    from megatron_core_cpu import CPU_CONFIG
+
+    common = {**CPU_CONFIG, "params_dtype": torch.float32}
     t, v = hc.text_config, hc.vision_config
     language = TransformerConfig(
         num_layers=t.num_hidden_layers, hidden_size=t.hidden_size,
@@ -194,6 +189,7 @@ def _check_internvit(tmp) -> None:
     import transformers
     from megatron.core.models.vision.clip_vit_model import CLIPViTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_core_cpu import CPU_CONFIG
     from test_megatron_vlm import _save
 
     from forge_ckpt.megatron import hf_to_megatron
@@ -207,7 +203,7 @@ def _check_internvit(tmp) -> None:
         num_attention_heads=v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
         gated_linear_unit=False, activation_func=torch.nn.functional.gelu,
         normalization="LayerNorm", layernorm_epsilon=v.layer_norm_eps, add_bias_linear=True,
-        add_qkv_bias=True, params_dtype=torch.float32, **_COMMON_CONFIG,
+        add_qkv_bias=True, params_dtype=torch.float32, **CPU_CONFIG,
     )  # fmt: skip
     tower = CLIPViTModel(
         config, _vit_layer_spec(layer_scaling=True), add_class_token=True, class_token_len=1,
@@ -292,7 +288,7 @@ def _check() -> None:
     from pathlib import Path
 
     import torch
-    from test_megatron_core import init_megatron_on_cpu
+    from megatron_core_cpu import init_megatron_on_cpu
 
     init_megatron_on_cpu()
     torch.Tensor.cuda = lambda self, *a, **k: self  # CLIPViTModel's position_ids
