@@ -156,7 +156,7 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path):
     assert result.final_eval < result.initial_eval
     from forge_train.data import build_data, load_run_tokenizer
 
-    data = build_data(cfg.data, load_run_tokenizer(cfg.data))
+    data = build_data(cfg.data, load_run_tokenizer(cfg.data, cfg.model))
     assert isinstance(data.train, TokenDataset)
     ids, mask = data.train.document(0)
     assert mask is not None

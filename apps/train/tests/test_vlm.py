@@ -12,6 +12,8 @@ import dataclasses
 import pytest
 import torch
 
+from forge_data import default_tokenizer
+from forge_data.vision.placeholders import STYLES
 from forge_train.components import build_components
 from forge_train.compose import compose_run_config
 from forge_train.config import ConfigError, ParallelSettings
@@ -19,6 +21,7 @@ from forge_train.data import load_run_tokenizer, model_inputs
 from forge_train.modeling import build_model, export_hf
 from forge_train.trainer import train
 from forge_train.vlm_model import vlm_model_config
+from forge_train.vlm_processing import placeholder_style
 
 pytest.importorskip("skimage")
 
@@ -87,6 +90,13 @@ def test_family_presets_train(tmp_path, preset, image_token, init_device):
     parts = build_components(cfg, world_size=1, degrees=DEGREES, device=CPU)
     model, config = parts.model, parts.model_config
     assert config.image_token_id == parts.tokenizer.token_to_id(image_token)
+    # Only the family's own placeholder tokens join the tokenizer's vocabulary.
+    own = placeholder_style(config).special_tokens
+    others = {t for s in STYLES.values() for t in s.special_tokens} - set(own)
+    assert all(parts.tokenizer.token_to_id(t) is not None for t in own)
+    assert others
+    assert all(parts.tokenizer.token_to_id(t) is None for t in others), others
+    assert parts.tokenizer.vocab_size == default_tokenizer().vocab_size + len(own)
     assert not any(p.is_meta for p in model.parameters())
     batch = next(parts.loader)[0]
     images = model_inputs(batch, CPU)[0]["images"]
@@ -112,7 +122,7 @@ def test_meta_build_materializes_like_the_cpu_build(tmp_path, preset):
     import forge_models
 
     cfg = _compose(tmp_path, f"model={preset}")
-    tokenizer = load_run_tokenizer(cfg.data)
+    tokenizer = load_run_tokenizer(cfg.data, cfg.model)
     config = vlm_model_config(cfg.model, tokenizer, frozen=[])
     on_cpu, meta = build_model(cfg.model, config, seed=3)
     assert not meta
@@ -139,12 +149,12 @@ def test_real_size_preset_composes_on_the_meta_device(tmp_path):
     assert 3.5e9 < sum(p.numel() for p in model.parameters()) < 4e9
     # the demo tokenizer writes <|image_pad|> as another id than the preset's 151655
     with pytest.raises(ConfigError, match=r"data\.tokenizer to the model's own tokenizer"):
-        vlm_model_config(cfg.model, load_run_tokenizer(cfg.data), frozen=[])
+        vlm_model_config(cfg.model, load_run_tokenizer(cfg.data, cfg.model), frozen=[])
 
 
 def test_custom_combination_refuses_hf_export(tmp_path):
     cfg = _compose(tmp_path)  # vlm-tiny: SigLIP + pixel shuffle, no transformers counterpart
-    config = vlm_model_config(cfg.model, load_run_tokenizer(cfg.data), frozen=[])
+    config = vlm_model_config(cfg.model, load_run_tokenizer(cfg.data, cfg.model), frozen=[])
     with pytest.raises(ConfigError, match="no Hugging Face counterpart"):
         export_hf(None, config, tmp_path, tokenizer=None, lora=None, dtype=None, is_main=True)
     # A run asking for the export fails at start-up, before any training.

@@ -116,14 +116,11 @@ def build_components(
             f"(data=skimage-captions) and image data needs one; got model.kind="
             f"{cfg.model.kind}, data.kind={cfg.data.kind} (try recipe=vlm)"
         )
-    tokenizer = load_run_tokenizer(cfg.data, cfg.model.hf_path)
+    tokenizer = load_run_tokenizer(cfg.data, cfg.model)
     if cfg.model.kind == "vlm":
-        from forge_train.vlm_data import placeholder_style
         from forge_train.vlm_model import vlm_model_config
 
-        config = vlm_model_config(
-            cfg.model, tokenizer, style=placeholder_style(), frozen=cfg.train.freeze
-        )
+        config = vlm_model_config(cfg.model, tokenizer, frozen=cfg.train.freeze)
         if cfg.checkpoint.export_hf:  # fail now, not after training
             from forge_train.vlm_model import check_vlm_exportable
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from forge_train.config import ConfigError, DataConfig
+from forge_train.config import ConfigError, DataConfig, ModelSettings
 
 __all__ = ["DataBundle", "build_data", "load_run_tokenizer", "model_inputs"]
 
@@ -45,12 +45,15 @@ def _cache_root(config: DataConfig) -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "forge-data") / "forge-train"
 
 
-def load_run_tokenizer(config: DataConfig, hf_path: str | None = None):
-    """``data.tokenizer`` (a Hugging Face folder), else the model folder's own tokenizer, else
-    forge_data's BPE trained on the standard library (cached after the first use). Image data
-    adds the image placeholder tokens the tokenizer lacks."""
+def load_run_tokenizer(config: DataConfig, model: ModelSettings | None = None):
+    """``data.tokenizer`` (a Hugging Face folder), else the model folder's own tokenizer
+    (``model.hf_path``), else forge_data's BPE trained on the standard library (cached after the
+    first use). Image data adds the placeholder tokens of ``model``'s family (the style of its
+    projector, :func:`forge_train.vlm_processing.placeholder_style`) that the tokenizer lacks,
+    and only those: a model's own tokenizer keeps its vocabulary."""
     from forge_data import default_tokenizer, load_tokenizer
 
+    hf_path = None if model is None else model.hf_path
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     elif hf_path is not None and (Path(hf_path) / "tokenizer.json").exists():
@@ -61,7 +64,12 @@ def load_run_tokenizer(config: DataConfig, hf_path: str | None = None):
         from forge_data.vision import with_vision_tokens
         from forge_train.vlm_data import placeholder_style
 
-        tokenizer = with_vision_tokens(tokenizer, placeholder_style())
+        if model is None or model.kind != "vlm":
+            raise ConfigError(
+                "data.kind=skimage_captions: image data needs a vision-language model "
+                "(model.kind=vlm), whose projector decides the placeholder tokens"
+            )
+        tokenizer = with_vision_tokens(tokenizer, placeholder_style(model.config))
     return tokenizer
 
 

@@ -24,19 +24,18 @@ __all__ = [
 ]
 
 
-def vlm_model_config(settings: ModelSettings, tokenizer, *, style=None, frozen: list[str]):
+def vlm_model_config(settings: ModelSettings, tokenizer, *, frozen: list[str]):
     """The ``VLMConfig`` of ``model.config``.
 
     ``text.vocab_size`` null (or absent without a ``text.size``) takes ``model.vocab_size`` or
     the tokenizer's. Null token ids (``image_token_id``, ``video_token_id``,
     ``vision_start_token_id``) take the tokenizer's ids of the placeholder style's tokens, and
     set ones must equal them (the data writes the tokenizer's): the style of the model's
-    projector (:func:`forge_train.vlm_processing.placeholder_style`);
-    ``style``, when given as a family's style, must be that one (``None`` or the all-family
-    token set: the projector's).
+    projector (:func:`forge_train.vlm_processing.placeholder_style`), the tokens
+    :func:`forge_train.data.load_run_tokenizer` adds.
     """
     from forge_models.vlm import vlm_config_from_dict
-    from forge_train.vlm_processing import ANY_FAMILY, placeholder_style, style_token_names
+    from forge_train.vlm_processing import placeholder_style, style_token_names
 
     fields: dict[str, Any] = dict(settings.config)
     text = dict(fields.get("text") or {})
@@ -44,11 +43,6 @@ def vlm_model_config(settings: ModelSettings, tokenizer, *, style=None, frozen: 
         text["vocab_size"] = settings.vocab_size or tokenizer.vocab_size
     fields["text"] = text
     own = placeholder_style(fields)
-    if style is not None and style is not ANY_FAMILY and style.name != own.name:
-        raise ConfigError(
-            f"model.config.projector: the data's placeholder style {style.name!r} does not fit "
-            f"projector {fields['projector'].get('name')!r}, whose processor writes {own.name!r}"
-        )
     for key, token in style_token_names(own).items():
         token_id = None if token is None else tokenizer.token_to_id(token)
         if key in fields and fields[key] is None:

@@ -17,27 +17,23 @@ budget of that many attention windows (``max_tiles * vision.window_size**2`` pix
 LLaVA-OneVision image takes the tiles of the projector's ``image_grid_pinpoints`` (processor
 and projector must agree on them, so ``max_tiles`` does not apply).
 
-The run's tokenizer is extended before the model config exists (``forge_train.data``), so it
-gets :data:`ANY_FAMILY`'s tokens: those of every built-in style.
+The run's tokenizer gets the special tokens of the model's style only (``forge_train.data``):
+a family's own tokenizer already holds them and keeps its vocabulary.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 from forge_data.vision.placeholders import (
     INTERN_VL,
     LLAVA_ONEVISION,
     QWEN2_VL,
-    STYLES,
     PlaceholderStyle,
 )
 from forge_train.config import ConfigError, DataConfig
 
 __all__ = [
-    "ANY_FAMILY",
     "PROJECTOR_STYLES",
     "build_processor",
     "mrope_settings",
@@ -53,23 +49,6 @@ PROJECTOR_STYLES = {
 }
 
 
-@dataclass(frozen=True, kw_only=True)
-class AnyFamilyTokens(PlaceholderStyle):
-    """The special tokens of every built-in placeholder style together: what a tokenizer needs
-    to serve a model of any family. Only :attr:`special_tokens` differs from InternVL's style;
-    expand text with a family's own style (:func:`placeholder_style` of the model)."""
-
-    @property
-    def special_tokens(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(t for s in STYLES.values() for t in s.special_tokens))
-
-
-ANY_FAMILY = AnyFamilyTokens(
-    **{f.name: getattr(INTERN_VL, f.name) for f in dataclasses.fields(INTERN_VL)}
-    | {"name": "any_family"}
-)
-
-
 def _projector_name(model: Any) -> str | None:
     """The projector name of a ``VLMConfig`` or of a model config's plain data."""
     if hasattr(model, "projector_name"):
@@ -78,12 +57,9 @@ def _projector_name(model: Any) -> str | None:
     return dict(projector).get("name")
 
 
-def placeholder_style(model: Any = None) -> PlaceholderStyle:
+def placeholder_style(model: Any) -> PlaceholderStyle:
     """The placeholder style of ``model`` (a ``VLMConfig`` or its plain-data config), chosen by
-    its projector; without a model, :data:`ANY_FAMILY` (every family's tokens, for the
-    tokenizer)."""
-    if model is None:
-        return ANY_FAMILY
+    its projector."""
     name = _projector_name(model)
     style = PROJECTOR_STYLES.get(name)
     if style is None:
