@@ -93,10 +93,6 @@ def test_cli_prints_config_help_and_errors(capsys):
     ("overrides", "message"),
     [
         (
-            ["parallel=pp2-fsdp", "parallel.data_parallel=ddp"],
-            "parallel.data_parallel: with pipeline",
-        ),
-        (
             ["parallel=pp2-fsdp", "parallel.pp_schedule=interleaved_1f1b"],
             "parallel.pp_virtual_stages: schedule interleaved_1f1b runs several stages",
         ),
@@ -113,3 +109,9 @@ def test_cli_prints_config_help_and_errors(capsys):
 def test_pipeline_layouts_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_run_config(overrides)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "hsdp", "zero1", "zero2", "fsdp"])
+def test_every_data_parallel_mode_runs_on_pipeline_stages(mode):
+    parallel = compose_run_config(["parallel=pp2-fsdp", f"parallel.data_parallel={mode}"]).parallel
+    assert (parallel.pp, parallel.data_parallel) == (2, mode)

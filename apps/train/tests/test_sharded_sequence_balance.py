@@ -7,8 +7,6 @@ and the loss of the total equals the unsplit loss, in value and gradient."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -118,6 +116,6 @@ def test_a_shard_that_is_not_the_routed_tokens_is_refused():
     routers = tuple(RouterOutput(None, None, scores[i, :8], indices[i, :8]) for i in range(2))
     routing = ShardedRouting(group=None, top_k=TOP_K, aux_loss="sequence", size=2)
     with pytest.raises(RuntimeError, match="routed 8 tokens but its share of the row has 16"):
-        routing.sequence_loss(SimpleNamespace(routers=routers), torch.zeros(16).long(), 4)
+        routing.sequence_loss(routers, torch.zeros(16).long(), 4)
     with pytest.raises(ValueError, match="the router saw 8 tokens but the batch"):
         router_sequence_balance(routers[0], torch.Size((1, TOKENS)), None, CU_SEQLENS)

@@ -42,18 +42,26 @@ def _close(ranks: list[list[list[float]]], single: list[list[float]]) -> None:
 
 def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     pool = dist_pool(4)
-    model = (*tiny.TINY_MODEL, "model.init_device=meta")
+    # The dense model with a multi-token prediction module (DeepSeek-V3 section 2.2): its input
+    # ids and targets moved on the whole row, then cut like the shard
+    # (forge_train.context_parallel); its block's attention context-parallel like the
+    # decoder's. (A shard's own shift gives gradient norms 4% off.) The MoE runs below have none.
+    model = (*tiny.TINY_MODEL, "model.init_device=meta", "+model.config.mtp_depth=1")
     single = _losses(f"{tmp_path}/single", *model)
-    _close(pool.run(_losses, f"{tmp_path}/cp2", *model, "parallel=cp2-fsdp"), single)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "parallel.cp_load_balance=false")
     _close(pool.run(_losses, f"{tmp_path}/ulysses", *model, *ulysses), single)
-    # Full recompute: the blocks replay their forward in backward under the router.
+    # Ring attention, zigzag layout (the MoE runs below: without recompute), with full
+    # recompute: the blocks replay their forward in backward under the router.
     recompute = ("parallel=cp2-fsdp", "parallel.recompute=full")
     _close(pool.run(_losses, f"{tmp_path}/cp2_recompute", *model, *recompute), single)
     # 2 pipeline stages x CP2: each stage's attention context-parallel, per micro-batch
-    # document boundaries, the last stage's fused loss on its shard of the shifted targets.
+    # document boundaries, the last stage's fused loss (and its MTP module's) on its shard of
+    # the shifted targets.
     pp_cp = ("parallel=pp2-fsdp", "parallel.cp=2", "parallel.dp_shard=1")
     _close(pool.run(_losses, f"{tmp_path}/pp2_cp2", *model, *pp_cp), single)
+    # TP2 x CP2: the losses from the logits, each depth's against its shard of the targets.
+    tp_cp = ("parallel=tp2-fsdp", "parallel.cp=2", "parallel.sequence_parallel=false")
+    _close(pool.run(_losses, f"{tmp_path}/tp2_cp2", *model, *tp_cp), single)
     # A MoE model: the switch loss and the expert-bias load summed over the context-parallel
     # ranks (forge_train.sharded_routing).
     moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")
@@ -65,16 +73,21 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     # DeepSeek-V3-style: multi-head latent attention (value heads narrower than query/key
     # heads) under Ulysses, MoE with expert bias and the sequence-wise balance loss weighted
     # so that it moves the losses: each rank's per-document sums (its tokens mapped to their
-    # documents of the whole zigzag-cut row) summed over cp (forge_train.sharded_routing).
+    # documents of the whole zigzag-cut row) summed over cp (forge_train.sharded_routing),
+    # the MoE block of its multi-token prediction module's router among them.
     deepseek = (
         "model=tiny-deepseek",
         "model.init_device=meta",
+        "+model.config.mtp_depth=1",
         "+model.config.moe.output_router_logits=true",
         "model.config.moe.router_aux_loss_coef=0.5",
     )
     single = _losses(f"{tmp_path}/single_deepseek", *deepseek)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses")
     _close(pool.run(_losses, f"{tmp_path}/cp2_deepseek", *deepseek, *ulysses), single)
+    # ... and on 2 pipeline stages (ring, zigzag): each stage's MoE blocks sum their
+    # per-document sums over cp (forge_train.pipeline_moe).
+    _close(pool.run(_losses, f"{tmp_path}/pp2_cp2_deepseek", *deepseek, *pp_cp), single)
 
 
 #: A short vision-language run: Qwen2.5-VL tiny (M-RoPE positions, causal attention).
@@ -91,17 +104,36 @@ _VLM = (
 )
 
 
+#: vlm-tiny with causal image attention, to show that its bidirectional blocks matter.
+_CAUSAL_IMAGES = "model.config.image_attention=causal"
+
+
 def _vlm_losses(output_dir: str, *overrides: str) -> list[list[float]]:
-    """Per-step ``[loss, gradient norm]`` of the ``_VLM`` run (a pool job)."""
-    return tiny.train_losses_and_norms(*_VLM, f"train.output_dir={output_dir}", *overrides)
+    """Per-step ``[loss, gradient norm]`` of the ``_VLM`` run (a pool job; a ``model=``
+    override replaces its model)."""
+    run = _VLM
+    if any(o.startswith("model=") for o in overrides):
+        run = tuple(o for o in _VLM if not o.startswith("model="))
+    return tiny.train_losses_and_norms(*run, f"train.output_dir={output_dir}", *overrides)
 
 
 def test_vision_language_model_under_cp2_fsdp2(tmp_path, dist_pool):
     """Each context-parallel rank runs the vision encoder on all of its batch's images, places
     the features and M-RoPE positions on the whole packed row and runs the language model on
-    its shard (zigzag): CP2 x FSDP2 gives the single process's losses and gradient norms."""
+    its shard (zigzag): CP2 x FSDP2 gives the single process's losses and gradient norms.
+    vlm-tiny's bidirectional image attention too: the whole row's image blocks go to the
+    context-parallel attention (ring and Ulysses), which applies them on global positions."""
+    pool = dist_pool(4)
     single = _vlm_losses(f"{tmp_path}/single")
-    _close(dist_pool(4).run(_vlm_losses, f"{tmp_path}/cp2", "parallel=cp2-fsdp"), single)
+    _close(pool.run(_vlm_losses, f"{tmp_path}/cp2", "parallel=cp2-fsdp"), single)
+    tiny_vlm = "model=vlm-tiny"  # image_attention=bidirectional
+    single = _vlm_losses(f"{tmp_path}/single_bidirectional", tiny_vlm)
+    causal = _vlm_losses(f"{tmp_path}/single_causal", tiny_vlm, _CAUSAL_IMAGES)
+    assert not torch.allclose(torch.tensor(causal), torch.tensor(single))  # the blocks matter
+    _close(pool.run(_vlm_losses, f"{tmp_path}/cp2_bidirectional", tiny_vlm, "parallel=cp2-fsdp"),
+           single)  # fmt: skip
+    ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses")
+    _close(pool.run(_vlm_losses, f"{tmp_path}/ulysses_bidirectional", tiny_vlm, *ulysses), single)
 
 
 #: tiny-moe without the balance loss, with a dense first layer (not expert-parallel).
@@ -150,25 +182,19 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
         ),
         (("parallel=cp2-fsdp", "data.seq_len=63"), 4, "cannot be cut into 4 equal chunks"),
         (
-            ("parallel=cp2-fsdp", "parallel=cp2-fsdp", "+model.config.mtp_depth=1"),
-            4,
-            "multi-token prediction",
-        ),
-        (
             (
-                "parallel=pp2-fsdp",
-                "parallel.cp=2",
-                "parallel.dp_shard=1",
-                "model=tiny-moe",
-                "+model.config.moe.aux_loss=sequence",
+                "parallel=cp2-fsdp",
+                "recipe=vlm",
+                "model=qwen2_5-vl-tiny",
+                "+model.config.text.mtp_depth=1",
             ),
             4,
-            "sequence-wise balance loss on pipeline stages",
+            "language model has multi-token prediction",
         ),
         (("parallel=ep2-fsdp", "model=tiny-moe", "train.compile=true"), 4, "train.compile=true"),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
-        (("parallel=cp2-fsdp", "recipe=vlm"), 4, "image_attention=bidirectional"),
         (("parallel=cp2-fsdp", "parallel.recompute=selective"), 4, "recompute=selective"),
+        (("parallel=cp2-fsdp", "train.fp8=per_tensor"), 4, "amax of its own sequence shard"),
         (
             (
                 "parallel=ep2-fsdp",

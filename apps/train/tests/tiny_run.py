@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from forge_kernels.registry import reference_implementations
+from forge_kernels.registry import IMPL_ENV_VAR, reference_implementations
 from forge_train.compose import compose_run_config
 from forge_train.trainer import train
 
@@ -49,13 +52,15 @@ def train_losses(*overrides: str) -> list[float]:
         return train(compose_run_config(list(overrides))).losses
 
 
-def train_losses_and_norms(*overrides: str) -> list[list[float]]:
+def train_losses_and_norms(*overrides: str, fused: bool = False) -> list[list[float]]:
     """Per-step ``[loss, gradient norm]`` of the run composed from ``overrides`` (rank 0's
     metrics.jsonl; other ranks of a pool job return ``[]``). Gradient norms catch a wrong
-    gradient that Adam's normalized update hides from the losses for a few steps."""
+    gradient that Adam's normalized update hides from the losses for a few steps.
+    ``fused``: with forge-kernels' Triton kernels (interpreted on a CPU, slow), not their eager
+    references."""
     import json
 
-    with reference_kernels():
+    with fused_kernels() if fused else reference_kernels():
         result = train(compose_run_config([*overrides, "logging.log_every=1"]))
     path = Path(result.run_dir) / "metrics.jsonl"
     if not path.exists():  # only rank 0 writes metrics
@@ -68,3 +73,15 @@ def train_losses_and_norms(*overrides: str) -> list[list[float]]:
 #: Triton under its interpreter, which took ~90% of a tiny training step (the fused
 #: cross-entropy alone 65%); the kernels are tested against the references in their own suite.
 reference_kernels = reference_implementations
+
+
+@contextlib.contextmanager
+def fused_kernels() -> Iterator[None]:
+    """forge-kernels' own dispatch (the Triton kernels) inside, also within a test that runs
+    under :data:`reference_kernels`."""
+    previous = os.environ.pop(IMPL_ENV_VAR, None)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            os.environ[IMPL_ENV_VAR] = previous

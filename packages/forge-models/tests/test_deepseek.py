@@ -151,6 +151,57 @@ def test_mtp_packed_equals_documents_run_separately():
     assert loss.isfinite()
 
 
+def test_mtp_inputs_of_the_whole_row_equal_the_local_shift():
+    """``mtp_inputs`` (a context-parallel shard's depth inputs, cut from the whole row) give
+    the labels path's loss, per-depth losses and gradients bit for bit on an unsharded row;
+    the local shift of a shard would be wrong at its last positions."""
+    from forge_models.causal_lm import mtp_depth_inputs
+
+    model = _tiny(mtp_depth=2)
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(3))
+    cu_seqlens = torch.tensor([0, 6, 7, 16])
+    packed = {"cu_seqlens": cu_seqlens, "loss_reduction": "sum"}
+    loss = model(ids, labels=ids, **packed)
+    depths = model.mtp_losses
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    targets = shift_labels(ids, cu_seqlens=cu_seqlens)
+    depth_inputs = mtp_depth_inputs(ids, targets, 2, cu_seqlens=cu_seqlens)
+    assert torch.equal(depth_inputs[0][0][0, :15], ids[0, 1:])  # depth 1 embeds t_{i+1}
+    depth_2_targets = shift_labels(
+        shift_labels(targets, cu_seqlens=cu_seqlens), cu_seqlens=cu_seqlens
+    )
+    assert torch.equal(depth_inputs[1][1], depth_2_targets)  # t_{i+3}, within the documents
+    pre = model(ids, targets=targets, mtp_inputs=depth_inputs, **packed)
+    assert torch.equal(pre, loss)
+    assert all(torch.equal(a, b) for a, b in zip(model.mtp_losses, depths, strict=True))
+    pre.backward()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    # Logits only: the depth ids alone (no targets) give the local shift's logits.
+    logits_only = [(depth_ids, None) for depth_ids, _ in depth_inputs]
+    with torch.no_grad():
+        want = model(ids, cu_seqlens=cu_seqlens, output_mtp_logits=True)[1]
+        got = model(ids, cu_seqlens=cu_seqlens, output_mtp_logits=True, mtp_inputs=logits_only)[1]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # A shard (the first 8 positions) shifted by itself misses the next shard's tokens.
+    local_ids, _ = mtp_depth_inputs(ids[:, :8], targets[:, :8], 2)[0]
+    assert torch.equal(local_ids[:, :7], depth_inputs[0][0][:, :7])
+    assert local_ids[0, 7] == 0
+    assert depth_inputs[0][0][0, 7] == ids[0, 8] != 0
+
+    with pytest.raises(ValueError, match=r"mtp_inputs has 1 .* mtp_depth=2"):
+        model(ids, targets=targets, mtp_inputs=depth_inputs[:1])
+    with pytest.raises(ValueError, match="depth 2 has no targets"):
+        model(ids, targets=targets, mtp_inputs=[depth_inputs[0], logits_only[1]])
+    with pytest.raises(ValueError, match="depth 1: ids must have the shape"):
+        model(ids, targets=targets, mtp_inputs=[(ids[:, :8], targets), depth_inputs[1]])
+    with pytest.raises(ValueError, match="pass labels instead, or mtp_inputs"):
+        model(ids, targets=targets)
+
+
 # --------------------------------------------------------------------------------------------
 # Aux-loss-free balancing
 # --------------------------------------------------------------------------------------------

@@ -173,3 +173,13 @@ def test_a_plain_model_is_initialized_in_place():
     assert torch.equal(w, torch.full((4, 3), 2.0))
     assert materialized_device(nn.Linear(2, 2, device="meta")) is None
     assert materialized_device(nn.Linear(2, 2)) == torch.device("cpu")
+
+
+def test_materialize_keeps_a_tied_embedding_and_head_tied():
+    """Allocating meta parameters gives each module a new parameter; a tied head must still
+    share the embedding's (else it keeps uninitialized memory and trains apart)."""
+    config = _config(tie_word_embeddings=True)
+    reference = _reference(config)
+    model = build_model(config, device="meta")
+    assert not _mismatches(model, reference, seed=7)
+    assert model.lm_head.weight is model.embed_tokens.weight

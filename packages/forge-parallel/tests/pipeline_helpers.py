@@ -11,6 +11,7 @@ import copy
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,14 +31,19 @@ def train_pipeline(pipe, batches: list[list[torch.Tensor]], *, dp_group=None) ->
     the reference's accumulation micro-batches (each rank's data-parallel rows of them)."""
     dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
     dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
-    opt = torch.optim.AdamW(pipe.parameters(), lr=tm.LR, weight_decay=0.1)
+    opt = pipe.build_optimizer(torch.optim.AdamW, lr=tm.LR, weight_decay=0.1)  # ZeRO: sharded
+    if pipe.zero:  # the reduced gradients are the optimizer's shards: clipping needs it
+        with pytest.raises(
+            ValueError, match=r"pass it as clip_grad_norm_\(\.\.\., optimizer=opt\)"
+        ):
+            pipe.clip_grad_norm_(tm.MAX_NORM)
     losses, norms = [], []
     for micro_batches in batches:
         rows = torch.cat([t.chunk(dp_size)[dp_rank] for t in micro_batches])
         inputs, labels = rows[:, :-1], rows[:, 1:]
         step_losses: list[torch.Tensor] = []
         pipe.step(inputs, target=labels, losses=step_losses)
-        norm = pipe.clip_grad_norm_(tm.MAX_NORM)
+        norm = pipe.clip_grad_norm_(tm.MAX_NORM, optimizer=opt)
         opt.step()
         opt.zero_grad()
         # Only the last stage has the losses: sum over the pipeline, average over data parallel.

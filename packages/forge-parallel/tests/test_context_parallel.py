@@ -1,6 +1,7 @@
 """Context parallelism: sharding layouts, blockwise ring math emulated on one process, and
-exactness on the gloo pool (attention forward + backward against full-sequence SDPA, and the
-tiny Llama and ``transformers``' Llama trained 5 steps under CP against a single process)."""
+exactness on the gloo pool (attention forward + backward against full-sequence SDPA, also with
+bidirectional blocks spanning the ranks, and the tiny Llama and ``transformers``' Llama trained
+5 steps under CP against a single process)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from forge_parallel.context_parallel import (
     block_attention_backward,
     block_attention_forward,
     block_mask,
+    check_block_ids,
     context_parallel,
     context_parallel_attention,
     context_parallel_cross_entropy,
@@ -43,15 +45,27 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _reference(q, k, v, *, causal, cu_seqlens=None):
-    """Full-sequence SDPA (with a per-document mask for packed sequences): out, dq, dk, dv."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    mask = None
+def _dense_mask(seq_len, *, causal, cu_seqlens=None, block_ids=None):
+    """One process's (S, S) mask, as forge-kernels' ``AttentionMask`` defines it: same document
+    and (not causal, or ``k <= q``, or the same block ``>= 0``); ``None``: ``is_causal`` or none."""
+    if cu_seqlens is None and (block_ids is None or not causal):
+        return None
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
+        if block_ids is not None:
+            mask = mask | ((block_ids[:, None] == block_ids[None, :]) & (block_ids[:, None] >= 0))
     if cu_seqlens is not None:
-        docs = document_ids(cu_seqlens, q.shape[2])
-        mask = docs[:, None] == docs[None, :]
-        if causal:
-            mask = mask & torch.ones_like(mask).tril()
+        docs = document_ids(cu_seqlens, seq_len)
+        mask = mask & (docs[:, None] == docs[None, :])
+    return mask
+
+
+def _reference(q, k, v, *, causal, cu_seqlens=None, block_ids=None):
+    """Full-sequence SDPA (with the dense mask of packed documents and bidirectional blocks):
+    out, dq, dk, dv."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mask = _dense_mask(q.shape[2], causal=causal, cu_seqlens=cu_seqlens, block_ids=block_ids)
     out = F.scaled_dot_product_attention(
         q,
         k,
@@ -71,6 +85,11 @@ def _qkv(seed=0, b=2, h=4, hkv=2, s=16, d=8):
     k = torch.randn(b, hkv, s, d, generator=gen)
     v = torch.randn(b, hkv, s, d, generator=gen)
     return q, k, v
+
+
+#: Bidirectional blocks of a 24-token row (images inside documents 0, 2 and 3 of
+#: ``[0, 5, 6, 17, 24]``): the middle one spans 3 of the 8 zigzag chunks at cp=4.
+_BLOCKS_24 = torch.tensor([-1, -1, 0, 0, 0, -1, -1] + [1] * 8 + [-1, -1, -1] + [2] * 5 + [-1])
 
 
 # -- pure: sharding layouts ----------------------------------------------------------------
@@ -125,17 +144,60 @@ def test_layout_and_document_errors():
         validate_ulysses(6, 2, 4)
     with pytest.raises(ValueError, match="unknown context-parallel style 'star'"):
         CPConfig(style="star")
+    assert check_block_ids(torch.tensor([[-1, 0, 0, -1]]), 4).tolist() == [-1, 0, 0, -1]
+    with pytest.raises(ValueError, match=r"block_ids must cover the full sequence, \[8\]"):
+        check_block_ids(torch.zeros(4, dtype=torch.long), 8)  # a shard's, not the row's
+    with pytest.raises(ValueError, match="block_ids must be an integer tensor"):
+        check_block_ids(torch.zeros(8), 8)
+
+
+def test_block_masks_are_forge_kernels_attention_mask():
+    """The ring's per-pair masks (and the test's dense reference) are forge-kernels'
+    ``AttentionMask(causal=True, segment_ids=..., block_ids=...)`` restricted to the pair."""
+    from forge_kernels.attention import AttentionMask
+
+    cu = torch.tensor([0, 5, 6, 17, 24])
+    docs = document_ids(cu, 24)
+    expected = AttentionMask(causal=True, segment_ids=docs, block_ids=_BLOCKS_24).to_dense(24, 24)
+    expected = expected[0, 0]
+    dense = _dense_mask(24, causal=True, cu_seqlens=cu, block_ids=_BLOCKS_24)
+    assert torch.equal(dense, expected)
+    for cp, rank, src in ((4, 1, 2), (4, 3, 0), (3, 0, 2)):  # queries before their keys too
+        pos_q, pos_k = (shard_positions(24, cp_size=cp, cp_rank=r) for r in (rank, src))
+        pair = block_mask(
+            pos_q,
+            pos_k,
+            causal=True,
+            q_documents=docs[pos_q],
+            k_documents=docs[pos_k],
+            q_blocks=_BLOCKS_24[pos_q],
+            k_blocks=_BLOCKS_24[pos_k],
+        )
+        assert torch.equal(pair, expected[pos_q][:, pos_k])
 
 
 # -- pure: ring attention's blockwise math, ranks emulated on one process ------------------
 
 
-def _emulated_ring(q, k, v, *, cp, causal, load_balance, cu_seqlens, grad):
+def _emulated_ring(q, k, v, *, cp, causal, load_balance, cu_seqlens, grad, block_ids=None):
     """Every rank's ring steps (forward merge, backward accumulation) run in one process."""
     s = q.shape[2]
     pos = [shard_positions(s, cp_size=cp, cp_rank=r, load_balance=load_balance) for r in range(cp)]
     docs = document_ids(cu_seqlens, s) if cu_seqlens is not None else None
     doc = [None if docs is None else docs[p] for p in pos]
+    blk = [None if block_ids is None else block_ids[p] for p in pos]
+
+    def mask(r, src):
+        return block_mask(
+            pos[r],
+            pos[src],
+            causal=causal,
+            q_documents=doc[r],
+            k_documents=doc[src],
+            q_blocks=blk[r],
+            k_blocks=blk[src],
+        )
+
     scale = q.shape[-1] ** -0.5
     qs, ks, vs, gs = ([t[:, :, p] for p in pos] for t in (q, k, v, grad))
     outs, lses = [], []
@@ -144,10 +206,7 @@ def _emulated_ring(q, k, v, *, cp, causal, load_balance, cu_seqlens, grad):
         lse = torch.full(qs[r].shape[:-1], float("-inf"))
         for step in range(cp):
             src = (r - step) % cp
-            mask = block_mask(
-                pos[r], pos[src], causal=causal, q_documents=doc[r], k_documents=doc[src]
-            )
-            o, l_ = block_attention_forward(qs[r], ks[src], vs[src], mask, scale)
+            o, l_ = block_attention_forward(qs[r], ks[src], vs[src], mask(r, src), scale)
             out, lse = merge_blocks(out, lse, o, l_)
         outs.append(out)
         lses.append(lse)
@@ -157,11 +216,8 @@ def _emulated_ring(q, k, v, *, cp, causal, load_balance, cu_seqlens, grad):
     for r in range(cp):
         delta = (gs[r] * outs[r]).sum(-1)
         for src in range(cp):
-            mask = block_mask(
-                pos[r], pos[src], causal=causal, q_documents=doc[r], k_documents=doc[src]
-            )
             a, b, c = block_attention_backward(
-                qs[r], ks[src], vs[src], lses[r], gs[r], delta, mask, scale
+                qs[r], ks[src], vs[src], lses[r], gs[r], delta, mask(r, src), scale
             )
             dq[r] += a
             dk[src] += b
@@ -171,21 +227,33 @@ def _emulated_ring(q, k, v, *, cp, causal, load_balance, cu_seqlens, grad):
 
 
 @pytest.mark.parametrize(
-    ("cp", "causal", "load_balance", "packed"),
+    ("cp", "causal", "load_balance", "packed", "blocks"),
     [
-        (4, True, True, False),
-        (3, False, False, False),
-        (2, True, True, True),
-        (4, False, True, True),
-        (2, True, False, False),
+        (4, True, True, False, False),
+        (3, False, False, False, False),
+        (2, True, True, True, False),
+        (4, False, True, True, False),
+        (2, True, False, False, False),
+        (4, True, True, True, True),
+        (3, True, False, False, True),
+        (2, False, True, True, True),  # blocks change nothing without the causal mask
     ],
 )
-def test_ring_blockwise_math_matches_sdpa(cp, causal, load_balance, packed):
+def test_ring_blockwise_math_matches_sdpa(cp, causal, load_balance, packed, blocks):
     q, k, v = _qkv(s=24)
     cu = torch.tensor([0, 5, 6, 17, 24]) if packed else None
-    ref = _reference(q, k, v, causal=causal, cu_seqlens=cu)
+    block_ids = _BLOCKS_24 if blocks else None
+    ref = _reference(q, k, v, causal=causal, cu_seqlens=cu, block_ids=block_ids)
     got = _emulated_ring(
-        q, k, v, cp=cp, causal=causal, load_balance=load_balance, cu_seqlens=cu, grad=ref[4]
+        q,
+        k,
+        v,
+        cp=cp,
+        causal=causal,
+        load_balance=load_balance,
+        cu_seqlens=cu,
+        grad=ref[4],
+        block_ids=block_ids,
     )
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref[:4], strict=False):
         assert _rel(a, b) < TOLERANCE, (name, _rel(a, b))
@@ -282,6 +350,10 @@ def _attention_job(kv_heads: int):
     cp, rank = dist.get_world_size(), dist.get_rank()
     errors = {}
     cu = torch.tensor([0, 5, 6, 13, 16])
+    # bidirectional blocks across the ranks: one image per document, and random ids (blocks
+    # scattered over every rank, some spanning documents, which still keep apart)
+    images = torch.tensor([-1, 0, 0, 0, 0, -1, -1, 1, 1, 1, 1, 1, -1, 2, 2, 2])
+    scattered = torch.randint(-1, 3, (16,), generator=torch.Generator().manual_seed(11))
     cases = {
         "ring_causal_zigzag": {"style": "ring", "causal": True},
         "ring_causal_contiguous": {"style": "ring", "causal": True, "load_balance": False},
@@ -295,13 +367,24 @@ def _attention_job(kv_heads: int):
             "load_balance": False,
         },
         "ulysses_packed_causal": {"style": "ulysses", "causal": True, "cu_seqlens": cu},
-    }
+        "ring_packed_blocks": {"style": "ring", "causal": True, "cu_seqlens": cu,
+                               "block_ids": images},
+        "ring_scattered_blocks_contiguous": {"style": "ring", "causal": True,
+                                             "block_ids": scattered, "load_balance": False},
+        "ring_packed_scattered_blocks": {"style": "ring", "causal": True, "cu_seqlens": cu,
+                                         "block_ids": scattered},
+        "ulysses_packed_blocks": {"style": "ulysses", "causal": True, "cu_seqlens": cu,
+                                  "block_ids": images},
+        "ulysses_scattered_blocks_contiguous": {"style": "ulysses", "causal": True,
+                                                "block_ids": scattered, "load_balance": False},
+    }  # fmt: skip
     q, k, v = _qkv(seed=3, hkv=kv_heads)
     for name, kw in cases.items():
         lb = kw.get("load_balance", True)
         ref_out, dq, dk, dv, grad = _reference(
-            q, k, v, causal=kw["causal"], cu_seqlens=kw.get("cu_seqlens")
-        )
+            q, k, v, causal=kw["causal"], cu_seqlens=kw.get("cu_seqlens"),
+            block_ids=kw.get("block_ids"),
+        )  # fmt: skip
 
         def shard(t, lb=lb):
             return shard_sequence(t, dim=2, cp_size=cp, cp_rank=rank, load_balance=lb)
@@ -344,6 +427,22 @@ def _attention_job(kv_heads: int):
         _rel(unshard_sequence(out.detach(), dim=2, group=group), ref_out),
         _rel(lk.grad, shard_sequence(dk, dim=2, cp_size=cp, cp_rank=rank)),
     )
+    # ... with bidirectional image blocks given to the router (the model runs plain causal)
+    ref_out, dq, dk, dv, grad = _reference(q, k, v, causal=True, cu_seqlens=cu, block_ids=images)
+    for style in ("ring", "ulysses"):
+        lq, lk, lv = (
+            shard_sequence(t, dim=2, cp_size=cp, cp_rank=rank).requires_grad_() for t in (q, k, v)
+        )
+        with context_parallel(group, CPConfig(style=style), cu_seqlens=cu, block_ids=images):
+            out = F.scaled_dot_product_attention(lq, lk, lv, is_causal=True, enable_gqa=True)
+        out.backward(shard_sequence(grad, dim=2, cp_size=cp, cp_rank=rank))
+        errors[f"sdpa_router_{style}_blocks"] = max(
+            _rel(unshard_sequence(out.detach(), dim=2, group=group), ref_out),
+            *(
+                _rel(t.grad, shard_sequence(r, dim=2, cp_size=cp, cp_rank=rank))
+                for t, r in ((lq, dq), (lk, dk), (lv, dv))
+            ),
+        )
     # the loss: the full-sequence mean (with ignored labels unevenly spread) and its gradient
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 16, 11, generator=gen)

@@ -5,7 +5,9 @@ pipeline's micro-batches, gradient clipping by the norm over all pipeline ranks,
 gloo worker pool, from the same initial weights as a single-process reference (run on rank 0,
 broadcast); losses, gradient norms and gathered final parameters must agree to 1e-5 (float32).
 The tiny Llama and the tiny MoE decoder both run every schedule (virtual stages included),
-TP2xPP2 with and without sequence parallelism, and PP2xFSDP2xTP2 on 8 ranks.
+TP2xPP2 with and without sequence parallelism, PP2 x DP2 with FSDP, DDP and ZeRO-1/2 on the
+stages (the optimizer built by ``Pipeline.build_optimizer``), and PP2xFSDP2xTP2 and
+PP2 x HSDP (2 replicas x 2 shards) on 8 ranks.
 """
 
 from __future__ import annotations
@@ -93,6 +95,13 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
                     "pipeline": {"schedule": "zero_bubble"},
                     "stage_parallel": {"data_parallel": "fsdp"},
                 },
+                # ZB-H1's weight pass assigns .grad without running ZeRO-2's gradient hooks:
+                # those buckets are reduced at the step
+                "pp2_zero2_zero_bubble": {
+                    "dims": {"pp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "zero_bubble"},
+                    "stage_parallel": {"data_parallel": "zero2"},
+                },
             },
         ),
         "tied_4ranks": (
@@ -110,6 +119,24 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
                     "dims": {"pp": 2, "dp_shard": 2},
                     "pipeline": {"schedule": "1f1b"},
                     "stage_parallel": {"data_parallel": "fsdp"},
+                },
+                "pp2_ddp2": {
+                    "dims": {"pp": 2, "dp_replicate": 2},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"data_parallel": "ddp"},
+                },
+                # the optimizer shards each rank's two virtual stages together
+                "pp2_v2_zero1_interleaved_1f1b": {
+                    "dims": {"pp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "interleaved_1f1b", "virtual_stages": 2},
+                    "stage_parallel": {"data_parallel": "zero1"},
+                },
+                # reduce-scatter per micro-batch; the tied matrix at the step, after the
+                # pipeline summed its two copies' gradients
+                "pp2_zero2": {
+                    "dims": {"pp": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"data_parallel": "zero2"},
                 },
             },
         ),
@@ -146,6 +173,11 @@ def _layouts(group: str) -> tuple[str, dict[str, dict]]:
                     "dims": {"pp": 2, "tp": 2, "dp_shard": 2},
                     "pipeline": {"schedule": "1f1b"},
                     "stage_parallel": {"plan": tp_plan},
+                },
+                "pp2_hsdp_2x2": {
+                    "dims": {"pp": 2, "dp_replicate": 2, "dp_shard": 2},
+                    "pipeline": {"schedule": "1f1b"},
+                    "stage_parallel": {"data_parallel": "hsdp"},
                 },
             },
         ),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from forge_train.config import ConfigError, RunConfig
-from forge_train.context_parallel import context_parallel_config, sequence_balance_loss
+from forge_train.context_parallel import context_parallel_config
 from forge_train.data import DataBundle, build_data, build_loader, load_run_tokenizer
 from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
@@ -169,6 +169,10 @@ def build_components(
     plan = None
     if degrees["tp"] > 1 and not vlm:
         plan = _text_plan(model, config, cfg)
+        if fp8_layers:
+            from forge_train.fp8 import check_fp8_tensor_parallel
+
+            check_fp8_tensor_parallel(model, plan, degrees["tp"], cfg.train.fp8)
     stage_parallel = {
         "plan": plan,
         "data_parallel": cfg.parallel.data_parallel if dims is not None else None,
@@ -204,9 +208,10 @@ def build_components(
     loader = build_loader(
         data.train, cfg.data, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id
     )
-    optimizer = build_optimizer(
-        model, cfg.optim, device_type=device.type, build=parallel.build_optimizer
-    )
+    # On pipeline stages ZeRO shards the stage's parameters; the pipeline reduces the tied ones
+    # at the step, after summing their copies' gradients.
+    build = pipeline.pipe.build_optimizer if pipeline is not None else parallel.build_optimizer
+    optimizer = build_optimizer(model, cfg.optim, device_type=device.type, build=build)
     return Components(
         tokenizer=tokenizer,
         model_config=config,
@@ -256,18 +261,7 @@ def _text_plan(model, config, cfg: RunConfig):
     if moe is not None:
         # With sequence parallelism each rank runs the MoE layers on its sequence shard: the
         # balance losses' sums and the expert-bias load are summed over the tensor-parallel
-        # ranks (forge_train.sharded_routing; on pipeline stages the switch loss's and the
-        # load, forge_train.pipeline_moe, not yet the sequence-wise loss's).
-        if sp and sequence_balance_loss(moe) and cfg.parallel.pp > 1:
-            raise ConfigError(
-                "parallel.sequence_parallel with parallel.pp > 1: each tensor-parallel rank "
-                "runs the MoE layers on its own sequence shard; DeepSeek-V3's sequence-wise "
-                "balance loss on pipeline stages would need per-document sums over the "
-                "tensor-parallel ranks, which is not built; set parallel.sequence_parallel="
-                "false or parallel.pp=1, or use model.config.moe.aux_loss=switch, or train "
-                "without it (model.config.moe.output_router_logits=false or "
-                "router_aux_loss_coef=0)"
-            )
+        # ranks (forge_train.sharded_routing; on pipeline stages forge_train.pipeline_moe).
         styles = {
             k: v
             for k, v in styles.items()
@@ -287,6 +281,13 @@ def _text_plan(model, config, cfg: RunConfig):
         styles.update(_mtp_sequence_parallel_styles(model, block_styles))
     # A family plan lists every variant's modules (MLA with and without a query latent).
     styles = {k: v for k, v in styles.items() if match_modules(model, k)}
+    if cfg.lora is not None:  # adapted layers split with their adapters
+        from forge_train.lora import lora_tp_styles
+
+        try:
+            styles = lora_tp_styles(model, styles)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return TPPlan(styles=styles, sequence_parallel=sp)
 
 

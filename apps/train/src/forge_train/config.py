@@ -89,6 +89,8 @@ class ParallelSettings:
     ``zero_bubble``, i.e. ZB-H1); each rank's micro-batches are the pipeline's micro-batches.
     ``pp_virtual_stages > 1`` gives each rank that many stages (``pp x pp_virtual_stages`` in
     all) for ``interleaved_1f1b`` (Narayanan et al. 2021) or ``zbv`` (ZB-V, Qi et al. 2023).
+    Each stage is data parallel over the other ranks with any ``data_parallel`` mode (ZeRO-1
+    on stages is Megatron-LM's PP x distributed optimizer, HSDP torchtitan's).
 
     Context parallelism (``cp > 1``) splits every sequence over ``cp`` ranks, which then load
     the same micro-batches: ``cp_style`` ``ring`` (ring attention, Liu et al. 2023) or
@@ -171,14 +173,6 @@ class ParallelSettings:
             ),
             self.pp_virtual_stages,
         )
-        if self.pp > 1:
-            _require(
-                self.data_parallel in (None, "fsdp"),
-                "parallel.data_parallel",
-                "with pipeline parallelism (pp > 1) use fsdp or null (ddp, hsdp and ZeRO-1/2 "
-                "are not supported on pipeline stages yet)",
-                self.data_parallel,
-            )
 
     def resolve(self, world_size: int) -> dict[str, int]:
         """The degrees for ``world_size`` processes; ``ConfigError`` if they do not fit."""
@@ -470,9 +464,13 @@ class RunConfig:
             )
         if self.lora is not None:
             _require(
-                self.parallel.tp == 1,
-                "lora",
-                "LoRA with tensor parallelism is not supported; use parallel=ddp or fsdp",
+                self.parallel.tp == 1 or self.lora.dropout == 0,
+                "lora.dropout",
+                "LoRA dropout with tensor parallelism is not supported (it needs the same mask "
+                "on every tensor-parallel rank for a column-parallel layer's shared input, and "
+                "a row-parallel layer's slice of one mask; not built); set lora.dropout=0 or "
+                "parallel.tp=1",
+                self.lora.dropout,
             )
         profile = self.logging.profile
         if profile.start_step is not None:
@@ -484,11 +482,13 @@ class RunConfig:
                 f"train.steps={self.train.steps}; lower logging.profile.start_step or num_steps",
             )
         if self.train.fp8 is not None:
+            # FP8 under TP: forge_train.fp8.check_fp8_tensor_parallel checks the layers.
             _require(
-                self.parallel.tp == 1,
+                self.parallel.tp == 1 or self.lora is None,
                 "train.fp8",
-                "FP8 linears with tensor parallelism are not supported (the TP plan shards "
-                "nn.Linear modules); use parallel=ddp or fsdp, or train.fp8=null",
+                "FP8 linears inside LoRA layers under tensor parallelism are not supported (the "
+                "adapter style runs the base layer on plain local shards, whose FP8 scales "
+                "would be each rank's own); use parallel.tp=1, lora=null or train.fp8=null",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,11 @@ does here, per micro-batch:
   with the document boundaries: a position's next token may live on another rank), then the
   tokens, targets and position ids (rotary embeddings need global positions) are cut with the
   same layout (zigzag or contiguous, :func:`forge_parallel.context_parallel.shard_sequence`);
-- the forward runs with the document boundaries of the whole row set on the attention
+  so are, with multi-token prediction (DeepSeek-V3, arXiv:2412.19437 §2.2), each depth's input
+  ids and targets, moved ``k`` places left on the whole row
+  (``forge_models.causal_lm.mtp_depth_inputs``; the model's ``mtp_inputs``);
+- the forward runs with the document boundaries (and a vision-language model's bidirectional
+  image blocks) of the whole row set on the attention
   (:meth:`forge_parallel.context_parallel.ContextParallelHandle.packed`; the model itself sees a
   plain causal shard), and with forge-kernels' attention pinned to its SDPA backend, the call
   the context-parallel router intercepts (on a GPU the automatic choice would be flash-attn, and
@@ -22,13 +26,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from forge_train.sharded_routing import balance_loss_trained
 
-__all__ = ["ContextParallelInputs", "context_parallel_config", "sequence_balance_loss"]
+__all__ = ["ContextParallelInputs", "RowAttention", "context_parallel_config"]
+
+
+class RowAttention(NamedTuple):
+    """What the context-parallel attention of a micro-batch's whole packed row needs: its
+    document boundaries and, for a vision-language model with
+    ``image_attention=bidirectional``, its image blocks (``block_ids`` ``[1, T]``, ``-1`` on
+    text), applied on global positions across the ranks while each rank's model runs a plain
+    causal shard."""
+
+    cu_seqlens: torch.Tensor
+    block_ids: torch.Tensor | None = None
 
 
 class ContextParallelInputs:
@@ -44,10 +59,15 @@ class ContextParallelInputs:
         self.size = parallel.mesh.size("cp")
         self.rank = parallel.mesh.local_rank("cp")
 
-    def shard(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-        """``(forward kwargs of this rank's shard, its predicted tokens, document boundaries
-        of the whole row)`` from :func:`forge_train.data.model_inputs`' keyword arguments."""
-        from forge_models.causal_lm import IGNORE_INDEX, shift_labels
+    def shard(
+        self, kwargs: dict[str, Any], *, mtp_depth: int = 0
+    ) -> tuple[dict[str, Any], torch.Tensor, RowAttention]:
+        """``(forward kwargs of this rank's shard, its predicted tokens, what the attention of
+        the whole row needs (:meth:`forward`'s argument))`` from
+        :func:`forge_train.data.model_inputs`' keyword arguments;
+        ``mtp_depth``: the model's multi-token prediction modules (their inputs and targets,
+        ``mtp_inputs``, are moved on the whole row, then cut)."""
+        from forge_models.causal_lm import IGNORE_INDEX, mtp_depth_inputs, shift_labels
         from forge_parallel.context_parallel import shard_sequence
 
         cu_seqlens = kwargs["cu_seqlens"]
@@ -67,19 +87,31 @@ class ContextParallelInputs:
                 "sequence_index": shard_sequence(row, dim=0, **layout),
                 **visual,
             }
-            return local, predicted, cu_seqlens
+            # Bidirectional image blocks (image_attention=bidirectional) of the whole row go
+            # to the context-parallel attention with the documents; the model runs causal.
+            return local, predicted, RowAttention(cu_seqlens, kwargs.get("block_ids"))
         local = {
             "input_ids": shard_sequence(kwargs["input_ids"], dim=1, **layout),
             "targets": local_targets,
             "position_ids": shard_sequence(kwargs["position_ids"], dim=1, **layout),
         }
-        return local, predicted, cu_seqlens
+        if mtp_depth:
+            depths = mtp_depth_inputs(
+                kwargs["input_ids"], targets, mtp_depth, cu_seqlens=cu_seqlens
+            )
+            local["mtp_inputs"] = [
+                tuple(shard_sequence(t, dim=1, **layout) for t in depth) for depth in depths
+            ]
+        return local, predicted, RowAttention(cu_seqlens)
 
     @contextlib.contextmanager
-    def forward(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
-        """Run the forward of a shard inside: attention within the documents of ``cu_seqlens``
-        across all context-parallel ranks."""
-        with self.handle.packed(cu_seqlens), _attention_through_sdpa():
+    def forward(self, row: RowAttention) -> Iterator[None]:
+        """Run the forward of a shard inside: attention within the documents (and image
+        blocks) of the whole row, across all context-parallel ranks."""
+        with (
+            self.handle.packed(row.cu_seqlens, block_ids=row.block_ids),
+            _attention_through_sdpa(),
+        ):
             yield
 
     def backward(self) -> contextlib.AbstractContextManager:
@@ -90,27 +122,29 @@ class ContextParallelInputs:
 
     def bind_pipeline(self, parallelized: list) -> None:
         """Pipeline parallelism: each stage module (``forge_parallel`` ``Pipeline.parallelized``
-        results) takes the document boundaries of the micro-batch it runs
+        results) takes the document boundaries (and image blocks) of the micro-batch it runs
         (``StageModule.microbatch``) from :meth:`pipeline_forward`'s list."""
-        self._microbatch_cu: list[torch.Tensor] = []
+        self._microbatch_rows: list[RowAttention] = []
         for result in parallelized:
             handle = result.context_parallel_handle
 
             def set_documents(stage, args, handle=handle) -> None:
-                handle.cu_seqlens = self._microbatch_cu[stage.microbatch]
+                row = self._microbatch_rows[stage.microbatch]
+                handle.cu_seqlens, handle.block_ids = row.cu_seqlens, row.block_ids
 
             # before the handle's own hook, which reads the boundaries
             result.model.register_forward_pre_hook(set_documents, prepend=True)
 
     @contextlib.contextmanager
-    def pipeline_forward(self, cu_seqlens: list[torch.Tensor]) -> Iterator[None]:
-        """Run a pipeline schedule inside: micro-batch ``i`` attends within ``cu_seqlens[i]``."""
-        self._microbatch_cu = list(cu_seqlens)
+    def pipeline_forward(self, rows: list[RowAttention]) -> Iterator[None]:
+        """Run a pipeline schedule inside: micro-batch ``i`` attends as ``rows[i]`` says
+        (:meth:`shard`'s third result)."""
+        self._microbatch_rows = list(rows)
         try:
             with _attention_through_sdpa():
                 yield
         finally:
-            self._microbatch_cu = []
+            self._microbatch_rows = []
 
 
 @contextlib.contextmanager
@@ -133,11 +167,6 @@ def _balance_statistics(moe) -> bool:
     return moe is not None and (balance_loss_trained(moe) or bool(moe.expert_bias))
 
 
-def sequence_balance_loss(moe) -> bool:
-    """Whether a MoE config trains DeepSeek-V3's sequence-wise balance loss."""
-    return balance_loss_trained(moe) and moe.aux_loss == "sequence"
-
-
 def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     """forge_parallel's ``CPConfig`` for ``parallel.cp > 1`` (``None`` at ``cp == 1``), after
     checking that the run can split its sequences; ``ConfigError`` naming the setting if not."""
@@ -150,34 +179,24 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     vlm = cfg.model.kind == "vlm"
     text_config = getattr(model_config, "text", model_config)  # a VLM's language model
     refusals = {
-        "a vision-language model with image_attention=bidirectional (the image blocks would "
-        "span the ranks; set model.config.image_attention=causal)": vlm
-        and getattr(model_config, "image_attention", "causal") == "bidirectional",
         "a vision-language model under pipeline parallelism (set parallel.pp=1)": vlm
         and degrees["pp"] > 1,
         "a vision-language model whose language model has MoE balance statistics (their "
         "sums are not reduced over the context-parallel ranks for VLMs yet; set "
         "model.config.text.moe.output_router_logits=false and expert_bias=false)": vlm
         and _balance_statistics(getattr(text_config, "moe", None)),
-        "model.config.mtp_depth > 0 (multi-token prediction needs targets further ahead than "
-        "a shard holds)": bool(getattr(text_config, "mtp_depth", 0)),
+        "a vision-language model whose language model has multi-token prediction (set "
+        "model.config.text.mtp_depth=0)": vlm and bool(getattr(text_config, "mtp_depth", 0)),
         "train.compile=true (the context-parallel attention is routed at run time)": (
             cfg.train.compile
         ),
+        "train.fp8 (each rank would scale its activations by the amax of its own sequence "
+        "shard, not the micro-batch's; use train.fp8=null)": cfg.train.fp8 is not None,
         "parallel.recompute=selective (its policy would cache buffers that the "
         "context-parallel exchanges fill in place; use parallel.recompute=full or none)": (
             settings.recompute == "selective"
         ),
     }
-    moe = getattr(text_config, "moe", None)
-    if moe is not None:  # the balance losses' sums and the expert-bias load are summed over
-        # the ranks (forge_train.sharded_routing); not yet the sequence-wise ones of stages
-        refusals[
-            "DeepSeek-V3's sequence-wise balance loss on pipeline stages (their per-document "
-            "sums are not reduced over the context-parallel ranks yet; set parallel.pp=1, or "
-            "use model.config.moe.aux_loss=switch, router_aux_loss_coef=0 or "
-            "output_router_logits=false)"
-        ] = sequence_balance_loss(moe) and degrees["pp"] > 1
     for what, refused in refusals.items():
         if refused:
             raise ConfigError(

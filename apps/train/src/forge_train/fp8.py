@@ -10,7 +10,14 @@ elsewhere (the CPU) forge_kernels emulates them exactly (FP8 casts, fp32 GEMMs),
 and meant for tests and debugging. ``train.fp8_policy`` (a calibrated ``Fp8Policy`` JSON) keeps
 the GEMM shapes where FP8 was measured slower in high precision.
 
-The conversion runs before parallelization (FSDP then shards the shared parameters).
+The conversion runs before parallelization (FSDP then shards the shared parameters). Under
+tensor parallelism the plan's column-, packed-column- and row-parallel styles split the FP8
+linears like ``nn.Linear`` (``Fp8Linear`` subclasses it); each then computes on its shards with
+per-tensor amaxes all-reduced over the tensor-parallel ranks, which gives one process's scales
+(forge_kernels.fp8.tensor_parallel). :func:`check_fp8_tensor_parallel` refuses, naming the
+layer, what would not: block-wise blocks straddling two ranks, and FP8 linears run replicated
+on a sequence shard (a ``replicate`` style under sequence parallelism, where each rank would
+scale by its own tokens' amax).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torch import nn
 
 from forge_train.config import ConfigError
 
-__all__ = ["RECIPES", "check_fp8_support", "convert_model_to_fp8"]
+__all__ = ["RECIPES", "check_fp8_support", "check_fp8_tensor_parallel", "convert_model_to_fp8"]
 
 #: ``train.fp8`` -> forge_kernels recipe name.
 RECIPES = {"per_tensor": "current", "blockwise": "blockwise"}
@@ -71,3 +78,54 @@ def convert_model_to_fp8(
             "use a wider model or train.fp8=null"
         )
     return converted
+
+
+def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> None:
+    """``ConfigError`` naming the first FP8 linear of ``model`` that the tensor-parallel ``plan``
+    (a forge_parallel ``TPPlan``) at degree ``tp`` would split in a way that does not give one
+    process's FP8 numerics (see the module docstring)."""
+    from forge_kernels.fp8 import Fp8Linear
+    from forge_parallel.tensor_parallel import resolve_plan
+
+    styles = resolve_plan(model, plan)
+    block = 128 if mode == "blockwise" else None
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        covering = [n for n in styles if name == n or name.startswith(n + ".")]
+        nearest = max(covering, key=len) if covering else None
+        style = styles[nearest] if nearest is not None else None
+        if not isinstance(style, str):
+            continue
+        base, _, chunks = style.partition(":")
+        if nearest == name and block is not None:
+            _check_blocks(name, module, base, int(chunks or 2), tp, block)
+        elif plan.sequence_parallel and base.startswith("replicate"):
+            raise ConfigError(
+                f"train.fp8={mode}: {name} runs replicated on each rank's sequence shard (style "
+                f"{style!r} of {nearest}, under parallel.sequence_parallel), so its FP8 scales "
+                "would come from one rank's tokens instead of the whole sequence; set "
+                "parallel.sequence_parallel=false or train.fp8=null"
+            )
+
+
+def _check_blocks(
+    name: str, module: nn.Module, style: str, chunks: int, tp: int, block: int
+) -> None:
+    """Every 128-wide scaling block of a sharded dimension must lie within one rank's shard."""
+    if style in ("colwise", "colwise_output_replicated", "loss_parallel", "colwise_packed"):
+        what, size = "out_features", module.out_features
+        parts = chunks if style == "colwise_packed" else 1
+    elif style == "rowwise":
+        what, size, parts = "in_features", module.in_features, 1
+    else:
+        return
+    local = size // (parts * tp)
+    if local % block:
+        packed = f" ({parts} packed parts)" if parts > 1 else ""
+        raise ConfigError(
+            f"train.fp8=blockwise: {name} ({style}) splits {what}={size}{packed} over "
+            f"parallel.tp={tp} into {local}-wide shards, not multiples of the {block}-wide "
+            "scaling blocks (a block would straddle two ranks); use train.fp8=per_tensor, a "
+            f"parallel.tp that leaves multiples of {block} per rank, or wider layers"
+        )

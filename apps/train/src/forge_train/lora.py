@@ -7,6 +7,11 @@ Large Language Models", arXiv:2106.09685).
 freezes every other parameter; :func:`merge_lora_state_dict` folds ``W + (alpha / r) B A`` into
 a plain state dict for export, :func:`merge_lora_tensors` does it on a stream of tensors (the
 streaming export), holding only a layer's weight and adapters until they are all there.
+
+Under tensor parallelism :func:`lora_tp_styles` gives each adapted layer forge-parallel's
+``adapter:`` form of its base's style (:mod:`forge_parallel.tp_adapter`, after Megatron-Bridge's
+``ParallelLinearAdapter``): ``A`` replicated and ``B`` split like the weight of a
+column-parallel layer, ``A`` split like the weight and ``B`` replicated for a row-parallel one.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora_state_dict", "merge_lora_tensors"]
+__all__ = [
+    "LoRALinear",
+    "apply_lora",
+    "lora_tp_styles",
+    "merge_lora_state_dict",
+    "merge_lora_tensors",
+]
 
 
 class LoRALinear(nn.Module):
@@ -80,6 +91,43 @@ def apply_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
     return [name for name, _ in matched]
+
+
+#: The tensor-parallel styles of a linear layer that an adapted layer can take, in the
+#: ``adapter:`` form (forge_parallel.tensor_parallel).
+_ADAPTABLE_STYLES = ("colwise", "colwise_packed", "rowwise")
+
+
+def lora_tp_styles(model: nn.Module, styles: dict[str, object]) -> dict[str, object]:
+    """``styles`` (a tensor-parallel plan's pattern -> style) for ``model`` after
+    :func:`apply_lora`: a pattern whose matches are all :class:`LoRALinear` layers gets the
+    ``adapter:`` form of its style; a pattern matching adapted and plain layers is split into
+    one entry per module. A layer with another style (a vocabulary-parallel head) raises
+    ``ValueError``: its adapters have no split. Styles of other modules are kept (a
+    ``replicate`` block runs its adapted layers whole on every rank)."""
+    from forge_parallel.tensor_parallel import match_modules
+
+    out: dict[str, object] = {}
+    for pattern, style in styles.items():
+        matches = match_modules(model, pattern)
+        adapted = [name for name, m in matches if isinstance(m, LoRALinear)]
+        if not adapted:
+            out[pattern] = style
+            continue
+        base = style.partition(":")[0] if isinstance(style, str) else None
+        if base not in _ADAPTABLE_STYLES:
+            raise ValueError(
+                f"lora.targets: {adapted[0]} has the tensor-parallel style {style!r}, which "
+                f"LoRA adapters cannot be split with (only {', '.join(_ADAPTABLE_STYLES)} "
+                "layers: attention and MLP projections); leave it out of lora.targets or "
+                "set parallel.tp=1"
+            )
+        if len(adapted) == len(matches):
+            out[pattern] = f"adapter:{style}"
+            continue
+        for name, module in matches:
+            out[name] = f"adapter:{style}" if isinstance(module, LoRALinear) else style
+    return out
 
 
 def merge_lora_state_dict(

@@ -22,7 +22,9 @@ The head's weight is read inside the stage's forward, where FSDP2 has gathered t
 root parameters (a closure after the forward would see the resharded weight). The targets,
 and the input ids the prediction modules embed, are set per step (:meth:`load`) and taken for
 the micro-batch the stage runs (``StageModule.microbatch``); the document boundaries come with
-the blocks' arguments.
+the blocks' arguments. Under context parallelism the targets, and each depth's input ids and
+targets (``mtp_inputs``), come moved on the whole row and cut like the stage's shard
+(:meth:`forge_train.context_parallel.ContextParallelInputs.shard`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class CausalLMLossHead:
 
             depths = mtp_depths(
                 stage.mtp, h, batch["input_ids"], stage.embed_tokens, inputs,
-                targets=targets, route=route,
+                targets=targets, route=route, depth_inputs=batch.get("mtp_inputs"),
             )  # fmt: skip
             mtp_losses = [self._cross_entropy(stage, x, t) for x, t in depths]
             loss = loss + self.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)

@@ -2,7 +2,8 @@
 
 Built on :func:`forge_parallel.pipeline.pipeline`: the decoder is cut into ``pp`` stages
 (embedding with the first, final norm and head with the last), each rank keeps its stage and
-applies the other axes to it (FSDP over ``dp_shard``, tensor parallel over ``tp``, recompute,
+applies the other axes to it (FSDP, HSDP or DDP over the data ranks, or ZeRO-1/2 in the
+optimizer ``Pipeline.build_optimizer`` builds; tensor parallel over ``tp``, recompute,
 compile), and a ``torch.distributed.pipelining`` schedule runs a step's micro-batches.
 
 A rank's data-parallel micro-batches are the pipeline's micro-batches: each is one packed row

@@ -26,8 +26,10 @@ so each stage handles its own (``forge_parallel`` ``pipeline(..., block_output=.
 
 When a batch's tokens are split over ranks for the MoE layers (context parallelism, or tensor
 parallelism with sequence parallelism) each pipeline rank carries the sums of its token shard:
-the last stage sums them over those ranks before forming the switch loss, and the expert load
-is summed over them too (:mod:`forge_train.sharded_routing`, as without pipeline stages).
+the last stage sums them over those ranks before forming the switch loss, each MoE block sums
+its sequence-wise loss's per-document sums over them (its tokens mapped to their documents of
+the whole row), and the expert load is summed over them too (:mod:`forge_train.sharded_routing`,
+as without pipeline stages).
 """
 
 from __future__ import annotations
@@ -81,6 +83,20 @@ class PipelineMoE:
         #: :class:`~forge_train.sharded_routing.ShardedRouting` when the ranks of a group split
         #: each batch's tokens for the MoE layers (set by ``forge_train.loop``), else ``None``.
         self.routing = None
+        #: With ``routing`` and the sequence-wise loss: each micro-batch's attention inputs ->
+        #: ``ShardedRouting.local_documents`` of its whole row (set per step by
+        #: :meth:`set_documents`).
+        self._documents: dict[Any, tuple[torch.Tensor, int]] = {}
+
+    @property
+    def sequence_loss_sharded(self) -> bool:
+        """Whether the stages' sequence-wise loss needs each micro-batch's token documents."""
+        return self.routing is not None and bool(self.aux_weight) and not self.switch
+
+    def set_documents(self, documents: dict[Any, tuple[torch.Tensor, int]]) -> None:
+        """This step's micro-batches: attention inputs (the blocks' argument) -> this rank's
+        tokens' documents in the whole row and the row's document count."""
+        self._documents = dict(documents)
 
     # -- forge_parallel StageCarry: the switch loss's sums ---------------------------------------
     def start(self, stage, carried: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
@@ -135,6 +151,16 @@ class PipelineMoE:
 
             top_k = self.moe.num_experts_per_tok
             self._sums = self._sums + switch_balance_sums(router.logits, top_k=top_k)
+        elif self.aux_weight and self.routing is not None:  # this rank's token shard
+            documents = self._documents.get(inputs)
+            if documents is None:
+                raise RuntimeError(
+                    "the sequence-wise balance loss of a split batch needs the micro-batch's "
+                    "token documents: call PipelineMoE.set_documents before the schedule "
+                    "(forge_train.pipeline_step does)"
+                )
+            aux = self.routing.sequence_loss([router], *documents)
+            hidden = _AddAuxGradient.apply(hidden, aux, self.aux_weight)
         elif self.aux_weight:
             from forge_models.causal_lm import router_sequence_balance
 

@@ -3,8 +3,9 @@
 The same step as :class:`forge_train.step.StepRunner` (loss normalized by the global batch's
 predicted tokens, clipping, guarded update), with the forward and backward of all of this
 rank's micro-batches run by the pipeline schedule in one call. Gradients are synchronized by
-the schedule (FSDP reduces after the last micro-batch); the gradient norm is reduced over the
-pipeline ranks too; the loss lives on the last stage and is summed over the pipeline group.
+the schedule (FSDP, HSDP and DDP reduce after the last micro-batch) or by the optimizer (ZeRO-1
+at the step, ZeRO-2 per micro-batch); the gradient norm is reduced over the pipeline ranks too;
+the loss lives on the last stage and is summed over the pipeline group.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class PipelineStepRunner(StepRunner):
         preparer = self.pipeline.inputs_model
         ids, targets, block_args, tokens, batches = [], [], [], [], []
         self._documents = []
+        moe = self.pipeline.moe
+        token_documents = {}  # a split batch's sequence-wise loss: each block's inputs' rows
         for mb in micro_batches:
             kwargs, n = model_inputs(mb, self.device)
+            whole = kwargs
             if self.context is not None:  # this rank's shard of the row (targets shifted whole)
-                kwargs, n, cu_seqlens = self.context.shard(kwargs)
+                kwargs, n, cu_seqlens = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
                 self._documents.append(cu_seqlens)
                 targets.append(kwargs["targets"])
                 inputs = preparer.attention_inputs(
@@ -64,10 +68,14 @@ class PipelineStepRunner(StepRunner):
                     max_seqlen=kwargs["max_seqlen"],
                     block_ids=kwargs.get("block_ids"),  # a VLM's bidirectional image blocks
                 )
+            if moe is not None and moe.sequence_loss_sharded:
+                token_documents[inputs] = moe.routing.local_documents(whole)
             batches.append(kwargs)
             ids.append(kwargs["input_ids"])
             block_args.append((inputs,))
             tokens.append(n)
+        if moe is not None:
+            moe.set_documents(token_documents)
         lengths = {t.shape[-1] for t in ids}
         if len(lengths) != 1:
             raise ValueError(
@@ -125,8 +133,13 @@ class PipelineStepRunner(StepRunner):
     def clip(self) -> torch.Tensor:
         from forge_parallel.pipeline import pipeline_clip_grad_norm_, pipeline_grad_norm
 
-        params = [p for p in self.pipeline.stage.parameters() if p.grad is not None]
         counted = self.pipeline.norm_parameters()  # a tied embedding's copy: once
+        if hasattr(self.optimizer, "clip_grad_norm_"):  # ZeRO: the optimizer owns the shards
+            clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+            return self.optimizer.clip_grad_norm_(
+                clip, also_over=self.pipeline.group, counted=counted
+            )
+        params = [p for p in self.pipeline.stage.parameters() if p.grad is not None]
         if self.grad_clip > 0:
             return pipeline_clip_grad_norm_(
                 params, self.grad_clip, self.pipeline.group, counted=counted

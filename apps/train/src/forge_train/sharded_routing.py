@@ -24,6 +24,7 @@ Under these layouts the step asks the model for no balance loss of its own
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,7 @@ class ShardedRouting:
                     "the sequence-wise balance loss of a split batch needs the local tokens' "
                     "documents (ShardedRouting.local_documents of the micro-batch)"
                 )
-            return self.sequence_loss(stats, *documents)
+            return self.sequence_loss(stats.routers, *documents)
         raise RuntimeError(f"no balance loss is trained (aux_loss={self.aux_loss!r})")
 
     def switch_loss(self, stats) -> torch.Tensor:
@@ -111,15 +112,18 @@ class ShardedRouting:
         total = reduce_from_group(sums, group=self.group)
         return switch_balance_loss_from_sums(total) * self.aux_scale
 
-    def sequence_loss(self, stats, documents: torch.Tensor, num_documents: int) -> torch.Tensor:
+    def sequence_loss(
+        self, routers: Sequence[Any], documents: torch.Tensor, num_documents: int
+    ) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss of the whole batch, summed over the MoE
-        layers, from this rank's ``moe_stats`` and its tokens' ``documents`` in the whole row."""
+        layers of ``routers`` (``RouterOutput``: all of the forward's, or one pipeline stage
+        layer's), from this rank's tokens and their ``documents`` in the whole row."""
         from forge_core.collectives import reduce_from_group
         from forge_kernels.moe import sequence_balance_loss_from_sums, sequence_balance_sums
 
-        if not stats.routers:
+        if not routers:
             raise RuntimeError("the sequence-wise balance loss needs the router outputs")
-        tokens = stats.routers[0].scores.shape[0]
+        tokens = routers[0].scores.shape[0]
         if documents.numel() != tokens:
             raise RuntimeError(
                 f"this rank's MoE layers routed {tokens} tokens but its share of the row has "
@@ -129,7 +133,7 @@ class ShardedRouting:
         sums = torch.stack(
             [
                 sequence_balance_sums(r.scores, r.indices, documents, num_documents=num_documents)
-                for r in stats.routers
+                for r in routers
             ]
         )
         total = reduce_from_group(sums, group=self.group)

@@ -76,6 +76,8 @@ class StepRunner:
         self.context = context
         self.routing = routing
         self.cp_group = context.group if context is not None else None
+        #: Multi-token prediction modules of the model (their inputs are cut per shard too).
+        self.mtp_depth = len(getattr(model, "mtp", None) or ())
         #: Ranks whose gradients data parallelism averages (dp x cp).
         self.grad_ranks = dp_size * (context.size if context is not None else 1)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -104,7 +106,7 @@ class StepRunner:
             documents = self.routing.local_documents(kwargs)
         if self.context is None:
             return kwargs, n, contextlib.nullcontext, documents
-        local, n, cu_seqlens = self.context.shard(kwargs)
+        local, n, cu_seqlens = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
         return local, n, functools.partial(self.context.forward, cu_seqlens), documents
 
     def forward_sum(
@@ -144,11 +146,17 @@ class StepRunner:
 
         kwargs = dict(kwargs)
         cu_seqlens = kwargs.get("cu_seqlens")
-        if "targets" in kwargs:  # already shifted (a context-parallel shard)
+        # A context-parallel shard's targets (and each depth's, ``mtp_inputs``) were moved on
+        # the whole row; the model gets the depths' input ids only.
+        depth_targets = None
+        if "targets" in kwargs:
             targets = kwargs.pop("targets")
         else:
             targets = shift_labels(kwargs.pop("labels"), cu_seqlens=cu_seqlens)
-        depth = len(getattr(self.model, "mtp", None) or ())
+        if "mtp_inputs" in kwargs:
+            depth_targets = [t for _, t in kwargs["mtp_inputs"]]
+            kwargs["mtp_inputs"] = [(ids, None) for ids, _ in kwargs["mtp_inputs"]]
+        depth = self.mtp_depth
         with self.autocast():
             if depth:
                 logits, mtp_logits = self.model(**kwargs, output_mtp_logits=True)
@@ -166,8 +174,11 @@ class StepRunner:
         with self.parallel.loss_context():
             loss = summed_ce(logits, targets)
             depth_losses = []
-            for depth_logits in mtp_logits:  # depth k predicts the token k + 1 ahead
-                targets = shift_labels(targets, cu_seqlens=cu_seqlens)
+            for k, depth_logits in enumerate(mtp_logits):  # depth k + 1 predicts k + 2 ahead
+                if depth_targets is None:
+                    targets = shift_labels(targets, cu_seqlens=cu_seqlens)
+                else:
+                    targets = depth_targets[k]
                 depth_losses.append(summed_ce(depth_logits, targets))
         if depth_losses:
             loss = loss + self.model.config.mtp_loss_weight / depth * sum(depth_losses)

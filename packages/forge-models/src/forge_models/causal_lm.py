@@ -72,6 +72,7 @@ __all__ = [
     "IGNORE_INDEX",
     "CausalLM",
     "MoEStats",
+    "mtp_depth_inputs",
     "mtp_depths",
     "router_sequence_balance",
     "shift_labels",
@@ -107,6 +108,34 @@ def shift_labels(
     return targets
 
 
+def mtp_depth_inputs(
+    ids: torch.Tensor,
+    targets: torch.Tensor | None,
+    depth: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(input ids, targets) of depth 1, ..., depth]`` for the multi-token prediction modules
+    (DeepSeek-V3, arXiv:2412.19437 §2.2): at depth ``k`` position ``i`` embeds ``t_{i+k}`` and
+    predicts ``t_{i+k+1}``, so ``ids`` and the main ``targets`` (:func:`shift_labels`' output)
+    move one place left per depth. A target leaving its document (``cu_seqlens``) or reaching
+    padding (``attention_mask``) is ignored, like the main loss's last token; the ids moved in
+    at the end are ``0`` (any valid id: their targets are ignored).
+
+    Computed on a whole sequence, then cut like it, these are what a context-parallel shard
+    passes to :func:`mtp_depths` (``depth_inputs``): a shard's last position's next token may
+    live on another rank. ``targets=None``: ``None`` targets (logits only).
+    """
+    inputs = []
+    for _ in range(depth):
+        ids = F.pad(ids[..., 1:], (0, 1), value=0)
+        if targets is not None:
+            targets = shift_labels(targets, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        inputs.append((ids, targets))
+    return inputs
+
+
 def mtp_depths(
     modules: Sequence[nn.Module],
     h: torch.Tensor,
@@ -117,28 +146,37 @@ def mtp_depths(
     targets: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     route: Callable[[nn.Module, tuple], torch.Tensor] | None = None,
+    depth_inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Run the multi-token prediction modules in order (DeepSeek-V3, arXiv:2412.19437 §2.2):
     yield each depth's normed hidden states (what the shared output head reads) and, when the
     main ``targets`` are given, that depth's targets.
 
-    At depth ``k`` position ``i`` sees the embedding of ``t_{i+k}`` and predicts ``t_{i+k+1}``:
-    ``ids`` and ``targets`` move one place left per depth, and a target leaving its document
-    (``inputs.cu_seqlens``) or reaching padding (``attention_mask``) is ignored, like the main
-    loss's last token. ``h``: the main model's last hidden states (before the final norm);
-    ``embed``: the shared embedding; ``route(module, (h, router))``: the hidden states to go on
-    with, for a caller that records MoE routers (default: ``h`` as returned). One function for
-    :class:`CausalLM` and for a pipeline's last stage, which holds the same modules.
+    Each depth's input ids and targets are :func:`mtp_depth_inputs` of ``ids`` and ``targets``
+    (the document boundaries ``inputs.cu_seqlens``, padding ``attention_mask``), or
+    ``depth_inputs`` when given: that function's output computed on the whole sequence and cut
+    like ``h`` (a context-parallel shard; ``ids``, ``targets`` and ``attention_mask`` are then
+    not read). The hidden states are not moved: position ``i`` combines ``h_i`` with the
+    embedding of ``t_{i+k}``. ``h``: the main model's last hidden states (before the final
+    norm); ``embed``: the shared embedding; ``route(module, (h, router))``: the hidden states
+    to go on with, for a caller that records MoE routers (default: ``h`` as returned). One
+    function for :class:`CausalLM` and for a pipeline's last stage, which holds the same
+    modules.
     """
-    for module in modules:
-        ids = F.pad(ids[..., 1:], (0, 1), value=0)  # any valid id: its target is ignored
-        if targets is not None:
-            targets = shift_labels(
-                targets, attention_mask=attention_mask, cu_seqlens=inputs.cu_seqlens
-            )
-        out = module(h, embed(ids), inputs)
+    if depth_inputs is None:
+        depth_inputs = mtp_depth_inputs(
+            ids, targets, len(modules), attention_mask=attention_mask, cu_seqlens=inputs.cu_seqlens
+        )
+    elif len(depth_inputs) != len(modules):
+        raise ValueError(
+            f"depth_inputs has {len(depth_inputs)} (ids, targets) pairs for "
+            f"{len(modules)} multi-token prediction modules: give one per depth "
+            "(mtp_depth_inputs(ids, targets, depth) on the whole sequence)"
+        )
+    for module, (depth_ids, depth_targets) in zip(modules, depth_inputs, strict=True):
+        out = module(h, embed(depth_ids), inputs)
         h = out[0] if route is None else route(module, out)
-        yield module.norm(h), targets
+        yield module.norm(h), depth_targets
 
 
 @dataclass(frozen=True, eq=False)
@@ -406,6 +444,7 @@ class CausalLM(nn.Module):
         loss_reduction: Literal["mean", "sum"] = "mean",
         output_router_logits: bool | None = None,
         output_mtp_logits: bool = False,
+        mtp_inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits, or the next-token loss when ``labels`` are given.
 
@@ -429,8 +468,8 @@ class CausalLM(nn.Module):
             targets: instead of ``labels``, the next-token ids already aligned with the
                 inputs (``shift_labels(labels, ...)``, Megatron-LM's convention; ``-100``
                 ignored): for a context-parallel shard, whose positions' next tokens may
-                live on another rank. Not with multi-token prediction (its deeper targets
-                need the whole sequence).
+                live on another rank. With multi-token prediction, pass ``mtp_inputs`` too
+                (the deeper targets need the whole sequence).
             inputs_embeds: ``[*input_ids.shape, hidden]`` embeddings to use instead of
                 ``embed_tokens(input_ids)`` (a vision-language model's text embeddings with the
                 image features scattered in); ``input_ids`` still gives the shape.
@@ -446,6 +485,12 @@ class CausalLM(nn.Module):
             max_seqlen: longest packed document, if known (saves flash-attn a host sync).
             loss_reduction: ``"mean"`` over the predicted tokens (transformers' default) or
                 ``"sum"`` (for normalizing over a whole accumulated batch yourself).
+            mtp_inputs: (multi-token prediction) each depth's ``(input ids, targets)``
+                computed on the whole sequence (:func:`mtp_depth_inputs` of the unsharded ids
+                and main targets), cut like ``input_ids``: for a context-parallel shard,
+                whose positions' tokens ``k`` ahead may live on another rank. Default: moved
+                within ``input_ids`` and the targets here. Targets may be ``None`` without
+                ``labels`` and ``targets`` (``output_mtp_logits``).
             output_router_logits: (MoE models) keep the router logits and compute the
                 load-balancing loss; with ``labels`` the loss is then
                 ``ce + router_aux_loss_coef * aux_loss`` as in transformers (the aux term is
@@ -482,11 +527,16 @@ class CausalLM(nn.Module):
                     f"targets must have the shape of input_ids {tuple(input_ids.shape)}, got "
                     f"{tuple(targets.shape)}"
                 )
-            if len(self.mtp):
+            if len(self.mtp) and mtp_inputs is None:
                 raise ValueError(
                     "targets (pre-shifted labels) cannot train the multi-token prediction "
-                    "modules, which predict tokens further ahead; pass labels instead"
+                    "modules, which predict tokens further ahead; pass labels instead, or "
+                    "mtp_inputs (mtp_depth_inputs of the whole sequence, cut like input_ids)"
                 )
+        if mtp_inputs is not None:
+            mtp_inputs = self._check_mtp_inputs(
+                mtp_inputs, input_ids, with_targets=labels is not None or targets is not None
+            )
         ids, inputs = self._prepare(
             input_ids, position_ids, cu_seqlens, attention_mask, max_seqlen, block_ids
         )
@@ -515,7 +565,9 @@ class CausalLM(nn.Module):
             self.mtp_losses = None
             normed = [x]
             if output_mtp_logits:
-                normed += [n for n, _ in self._mtp_depths(h, ids, None, mask, inputs, routers)]
+                normed += [
+                    n for n, _ in self._mtp_depths(h, ids, None, mask, inputs, routers, mtp_inputs)
+                ]
             self._moe_stats(routers, output_router_logits, mask, ids.shape, inputs.cu_seqlens)
             logits = []
             for n in normed:
@@ -535,7 +587,9 @@ class CausalLM(nn.Module):
             targets = targets.reshape(ids.shape).to(ids.device)
         loss = self._lm_loss(x, targets, loss_reduction)
         if len(self.mtp):
-            mtp_losses = self._mtp_losses(h, ids, targets, mask, inputs, routers, loss_reduction)
+            mtp_losses = self._mtp_losses(
+                h, ids, targets, mask, inputs, routers, loss_reduction, mtp_inputs
+            )
             self.mtp_losses = tuple(x.detach() for x in mtp_losses)
             loss = loss + self.config.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
         aux_loss = self._moe_stats(
@@ -585,6 +639,7 @@ class CausalLM(nn.Module):
         mask: torch.Tensor | None,
         inputs: AttentionInputs,
         routers: list[tuple[int, RouterOutput]],
+        depth_inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """:func:`mtp_depths` of this model, its MoE blocks' routers appended to ``routers``."""
 
@@ -596,7 +651,7 @@ class CausalLM(nn.Module):
 
         return mtp_depths(
             self.mtp, h, ids, self.embed_tokens, inputs,
-            targets=targets, attention_mask=mask, route=route,
+            targets=targets, attention_mask=mask, route=route, depth_inputs=depth_inputs,
         )  # fmt: skip
 
     def _mtp_losses(
@@ -608,16 +663,55 @@ class CausalLM(nn.Module):
         inputs: AttentionInputs,
         routers: list[tuple[int, RouterOutput]],
         reduction: str,
+        depth_inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> list[torch.Tensor]:
         """Loss of each multi-token prediction depth (:func:`mtp_depths`). A depth whose inputs
         are all too short to have a target contributes 0 (not NaN)."""
         losses = []
-        for normed, depth_targets in self._mtp_depths(h, ids, targets, mask, inputs, routers):
+        depths = self._mtp_depths(h, ids, targets, mask, inputs, routers, depth_inputs)
+        for normed, depth_targets in depths:
             loss = self._lm_loss(normed, depth_targets, "sum")
             if reduction == "mean":  # a depth without any target (short documents) adds 0
                 loss = loss / (depth_targets != IGNORE_INDEX).sum().clamp_min(1)
             losses.append(loss)
         return losses
+
+    def _check_mtp_inputs(
+        self,
+        mtp_inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+        input_ids: torch.Tensor,
+        *,
+        with_targets: bool,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``mtp_inputs`` checked against the model and ``input_ids``, shaped ``[B, S]``."""
+        if len(mtp_inputs) != len(self.mtp):
+            raise ValueError(
+                f"mtp_inputs has {len(mtp_inputs)} (ids, targets) pairs but the model has "
+                f"mtp_depth={len(self.mtp)}: give one pair per depth (mtp_depth_inputs)"
+            )
+        shape = (1, -1) if input_ids.dim() == 1 else tuple(input_ids.shape)
+        checked = []
+        for k, (depth_ids, depth_targets) in enumerate(mtp_inputs, start=1):
+            given = {"ids": depth_ids, "targets": depth_targets}
+            if with_targets and depth_targets is None:
+                raise ValueError(
+                    f"mtp_inputs depth {k} has no targets but the loss is asked for (labels or "
+                    "targets given): pass mtp_depth_inputs(ids, targets, depth) of the whole "
+                    "sequence"
+                )
+            for what, t in given.items():
+                if t is not None and t.shape != input_ids.shape:
+                    raise ValueError(
+                        f"mtp_inputs depth {k}: {what} must have the shape of input_ids "
+                        f"{tuple(input_ids.shape)}, got {tuple(t.shape)}"
+                    )
+            checked.append(
+                tuple(
+                    None if t is None else t.reshape(shape).to(input_ids.device)
+                    for t in (depth_ids, depth_targets)
+                )
+            )
+        return checked
 
     def _moe_stats(
         self,

@@ -197,10 +197,30 @@ def materialize(
             return torch.empty_like(t, device=device)
         return torch.empty(t.shape, dtype=t.dtype, device=device)
 
+    ties = _tied_slots(model)
     model._apply(empty)
+    # _apply gives each module its own new meta -> device parameter: tie them again.
+    for module, name, first_module, first_name in ties:
+        module._parameters[name] = first_module._parameters[first_name]
     if init:
         model.init_weights()
     return model
+
+
+def _tied_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """``(module, name, first module, first name)`` of each parameter slot holding a
+    parameter an earlier slot holds (a tied embedding and head)."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    ties = []
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) in first:
+                ties.append((module, name, *first[id(param)]))
+            else:
+                first[id(param)] = (module, name)
+    return ties
 
 
 def build_model(

@@ -129,6 +129,13 @@ def test_sequence_index_runs_the_language_model_on_a_shard():
     assert any(g.abs().sum() > 0 for g in grads)
     with pytest.raises(ValueError, match="targets"):
         model(ids, images=visual, sequence_index=index, labels=labels)
+    # Bidirectional images: the shard runs causal; the whole row's blocks are for the
+    # context-parallel attention (forge-train's CP test checks the numerics), not the model.
     bidirectional = build_vlm(yaml.safe_load(YAML))
-    with pytest.raises(ValueError, match="causal attention only"):
-        bidirectional(ids, images=visual, sequence_index=index, targets=targets[:, :cut])
+    blocks = bidirectional.attention_block_ids(ids, images=visual)
+    assert blocks.shape == ids.shape
+    assert set(blocks.unique().tolist()) == {-1, 0, 1}
+    assert model.attention_block_ids(ids, images=visual) is None  # causal images
+    with pytest.raises(ValueError, match=r"give the whole row's block_ids .* to the context"):
+        bidirectional(ids, images=visual, sequence_index=index, targets=targets[:, :cut],
+                      block_ids=blocks)  # fmt: skip

@@ -52,6 +52,10 @@ Style names (``sp`` = ``plan.sequence_parallel``):
 ``reduce_grad``                     Megatron's ``f`` on the module's output: identity forward,
                                     gradient all-reduced over tp (a tensor every head shard
                                     reads, e.g. MLA's shared rotary key)
+``adapter:colwise`` /               a wrapper of an ``nn.Linear`` ``base`` with a low-rank
+``adapter:colwise_packed[:N]`` /    update (LoRA's ``lora_A`` ``[r, in]``, ``lora_B``
+``adapter:rowwise``                 ``[out, r]``) split as its base would be, the adapters
+                                    placed to match (:mod:`forge_parallel.tp_adapter`)
 ==================================  =========================================================
 
 A plan value may also be a ``ParallelStyle`` instance, used as given.
@@ -75,10 +79,10 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
-    SequenceParallel,
     parallelize_module,
 )
 
+from forge_parallel.tp_adapter import LinearAdapterParallel
 from forge_parallel.tp_styles import (
     BlockInput,
     GatheredInput,
@@ -121,6 +125,9 @@ _LINEAR_STYLES = {
     "loss_parallel",
 }
 _SP_ONLY = {"sequence_parallel", "sequence_scatter"}
+#: ``adapter:<style>``: the style of a wrapper (LoRA layer) around the linear layer ``base``.
+_ADAPTER = "adapter:"
+_ADAPTABLE = {"colwise", "colwise_packed", "rowwise"}
 
 AttributeAction = Literal["divide", "check"]
 
@@ -149,8 +156,9 @@ class TPPlan:
             if not isinstance(style, str) or _parse_style(style) is None:
                 raise ValueError(
                     f"unknown tensor-parallel style {style!r} for {pattern!r}; styles are "
-                    f"{', '.join(TP_STYLES)} (colwise_packed:N for N packed sub-matrices) or a "
-                    "ParallelStyle instance"
+                    f"{', '.join(TP_STYLES)} (colwise_packed:N for N packed sub-matrices; "
+                    "adapter:colwise, adapter:colwise_packed[:N] or adapter:rowwise for a LoRA "
+                    "wrapper of a linear layer) or a ParallelStyle instance"
                 )
         for pattern, actions in self.attributes.items():
             for attr, action in actions.items():
@@ -177,14 +185,24 @@ class TPPlan:
 
 
 def _parse_style(name: str) -> tuple[str, int] | None:
-    base, _, arg = name.partition(":")
-    if base not in TP_STYLES:
+    """``(style, chunks)``; an adapter style keeps its ``adapter:`` prefix."""
+    adapter = name.startswith(_ADAPTER)
+    base, _, arg = name.removeprefix(_ADAPTER).partition(":")
+    if base not in TP_STYLES or (adapter and base not in _ADAPTABLE):
         return None
+    prefix = _ADAPTER if adapter else ""
     if arg:
         if base != "colwise_packed" or not arg.isdigit() or int(arg) < 1:
             return None
-        return base, int(arg)
-    return base, 2 if base == "colwise_packed" else 1
+        return prefix + base, int(arg)
+    return prefix + base, 2 if base == "colwise_packed" else 1
+
+
+def _is_column_parallel(style: object) -> bool:
+    """Whether ``style`` (a name) splits a linear layer's output features on a replicated
+    input (``colwise``, ``colwise_packed[:N]``, their ``adapter:`` forms)."""
+    parsed = _parse_style(style) if isinstance(style, str) else None
+    return parsed is not None and parsed[0].removeprefix(_ADAPTER) in ("colwise", "colwise_packed")
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
@@ -253,6 +271,15 @@ def _constraints(model: nn.Module, plan: TPPlan) -> list[_Constraint]:
             continue
         base, chunks = _parse_style(style)  # type: ignore[misc]
         module = modules[name]
+        if base.startswith(_ADAPTER):
+            linear = getattr(module, "base", None)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(
+                    f"style {style!r} needs a wrapper whose 'base' is an nn.Linear (a LoRA "
+                    f"layer), but {name} is {type(module).__name__}; use "
+                    f"{style.removeprefix(_ADAPTER)!r} for a plain nn.Linear"
+                )
+            base, module, name = base.removeprefix(_ADAPTER), linear, f"{name}.base"
         if base in _LINEAR_STYLES and not isinstance(module, nn.Linear):
             raise ValueError(
                 f"style {style!r} needs an nn.Linear, but {name} is {type(module).__name__}"
@@ -329,10 +356,7 @@ def validate_tp(
         resolved = resolve_plan(model, plan)
         gathered = [n for n, s in resolved.items() if s in ("block_input", "gathered_input")]
         for name, style in resolved.items():
-            if (
-                style in ("colwise", "colwise_packed")
-                or (isinstance(style, str) and style.startswith("colwise_packed:"))
-            ) and not any(name.startswith(g + ".") for g in gathered):
+            if _is_column_parallel(style) and not any(name.startswith(g + ".") for g in gathered):
                 raise ValueError(
                     f"with sequence_parallel=True, {name} ({style}) would receive a "
                     "sequence-sharded input: mark the module that feeds it (e.g. its "
@@ -393,7 +417,10 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
         case "vocab_parallel_embedding":
             return RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
         case "sequence_parallel":
-            return SequenceParallel(use_local_output=True)
+            # The norm runs on its local shard with local weights (gradients summed over tp),
+            # not on DTensors: a fused kernel (forge-kernels' Triton RMSNorm) cannot take a
+            # DTensor argument.
+            return ReplicateParallel(sequence_parallel=True)
         case "block_input":
             return BlockInput(sequence_parallel=sp)
         case "sequence_scatter":
@@ -406,6 +433,10 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
             return GatheredInput(sequence_parallel=sp)
         case "reduce_grad":
             return ReduceGradient()
+        case "adapter:colwise" | "adapter:colwise_packed":
+            return LinearAdapterParallel("colwise", chunks=chunks, sequence_parallel=sp)
+        case "adapter:rowwise":
+            return LinearAdapterParallel("rowwise", sequence_parallel=sp)
     raise AssertionError(base)
 
 
@@ -440,6 +471,7 @@ def apply_tp(
                     setattr(owner, last, _get_attr(module, attr, name) // tp)
     modules = dict(model.named_modules())
     ties = _tied_parameters(model)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     for name, style in resolve_plan(model, plan).items():
         built = _build_style(style, plan.sequence_parallel)
         if built is None:
@@ -447,6 +479,10 @@ def apply_tp(
         parallelize_module(modules[name], tp_mesh, built)
         applied[name] = style if isinstance(style, str) else type(style).__name__
     _retie(model, ties)
+    # A style re-registers each parameter it distributes; one that makes a new Parameter
+    # (torch's SequenceParallel does) would unfreeze a frozen weight (a LoRA run's base).
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
     return applied
 
 

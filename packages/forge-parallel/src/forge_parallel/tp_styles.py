@@ -58,6 +58,16 @@ def is_packed(param: torch.Tensor) -> bool:
 
 def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     group = self._forge_tp_mesh
+    if type(self).forward is not nn.Linear.forward:
+        # A linear with arithmetic of its own (an FP8 linear, forge_kernels.fp8): as under
+        # ColwiseParallel it gets a replicated DTensor input and the strided-sharded weight,
+        # computes on the shards and returns a DTensor, here made local.
+        if isinstance(x, DTensor):
+            x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+        else:  # its gradient, partial on each rank, is all-reduced (f) by from_local's backward
+            x = DTensor.from_local(x, group, [Replicate()], run_check=False)
+        y = type(self).forward(self, x)
+        return y.to_local() if isinstance(y, DTensor) else y
     if isinstance(x, DTensor):
         # A replicated DTensor (from BlockInput): its gradient here is a partial sum.
         x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)

@@ -19,6 +19,18 @@ Both move the same bytes per step as DDP's all-reduce (a reduce-scatter plus an 
 and are exact: the shard update is the same elementwise update a single process would make.
 Gradient clipping must go through :meth:`ZeroOptimizer.clip_grad_norm_` (the reduced
 gradients exist only as shards). ``state_dict()`` is this rank's shard.
+
+On pipeline stages (``forge_parallel.pipeline``, Megatron-LM's PP x distributed optimizer) each
+stage's parameters are sharded over the stage's data-parallel ranks. Stage 1 reduces once per
+step, after the schedule; stage 2 reduces each bucket after every micro-batch's backward (the
+shard gradients add up: exact, at one reduce-scatter per micro-batch, the price of never
+holding a stage's whole gradient). A parameter whose gradient is still changed after the
+backward (a tied parameter, whose copies' gradients the pipeline sums after its schedule) is
+passed as ``reduce_at_step``: it is bucketed apart and reduced at the step, as in stage 1. The
+zero-bubble schedules' weight-gradient pass assigns ``.grad`` instead of accumulating it, so no
+hook runs: stage 2 reduces such gradients at the step (exact; the stage's whole gradient then
+exists until the step, as in stage 1). The norm covers all stages with
+``clip_grad_norm_(also_over=pipeline group, counted=...)``.
 """
 
 from __future__ import annotations
@@ -60,7 +72,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     Parameters are broadcast from the group's first rank at construction, so every replica
     starts equal. ``master_dtype`` is the dtype of the owned shards and optimizer state
     (float32 master weights for bf16 parameters). ``bucket_numel`` caps the elements per
-    flattened bucket (one reduce-scatter each).
+    flattened bucket (one reduce-scatter each). ``reduce_at_step``: parameters whose gradients
+    are reduced at the step in stage 2 too, each in a bucket of its own (see the module
+    docstring).
     """
 
     def __init__(
@@ -72,6 +86,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         stage: int = 1,
         master_dtype: torch.dtype = torch.float32,
         bucket_numel: int = 2**24,
+        reduce_at_step: Iterable[nn.Parameter] = (),
         **defaults: Any,
     ) -> None:
         if stage not in (1, 2):
@@ -87,12 +102,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.rank = dist.get_rank(self.process_group)
         self.master_dtype = master_dtype
         groups = _normalize_groups(params)
+        late = {id(p) for p in reduce_at_step}
         self._buckets: list[_Bucket] = []
+        self._late: set[int] = set()  # ids of the buckets reduced at the step in stage 2
         inner_groups = []
         for options in groups:
-            for bucket in self._make_buckets(options["params"], bucket_numel):
-                self._buckets.append(bucket)
-                inner_groups.append({**options, "params": [bucket.shard]})
+            # Each late parameter in a bucket of its own: every pipeline rank holding a copy
+            # shards it alike (equal optimizer state, stored once by a checkpoint).
+            chunks = [([p for p in options["params"] if id(p) not in late], False)]
+            chunks += [([p], True) for p in options["params"] if id(p) in late]
+            for chunk, at_step in chunks:
+                for bucket in self._make_buckets(chunk, bucket_numel):
+                    self._buckets.append(bucket)
+                    if at_step:
+                        self._late.add(id(bucket))
+                    inner_groups.append({**options, "params": [bucket.shard]})
         self.optimizer = optimizer_class(inner_groups, **defaults)
         super().__init__([b.shard for b in self._buckets], self.optimizer.defaults)
         # Share the inner optimizer's groups and state (learning-rate schedulers edit these).
@@ -100,6 +124,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.state = self.optimizer.state
         if stage == 2:
             for bucket in self._buckets:
+                if id(bucket) in self._late:
+                    continue
                 for p in bucket.params:
                     bucket.hooks.append(
                         p.register_post_accumulate_grad_hook(self._grad_ready_hook(bucket))
@@ -185,7 +211,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             bucket.shard.grad = shard_grad
         else:
             bucket.shard.grad.add_(shard_grad)
-        if self.stage == 2:
+        if self.stage == 2 and id(bucket) not in self._late:
             for p in bucket.params:
                 p.grad = None
         bucket.ready = 0
@@ -194,36 +220,79 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def reduce_gradients(self) -> None:
         """Reduce every gradient not reduced yet (called by ``step`` and ``clip_grad_norm_``)."""
         for bucket in self._buckets:
-            if self.stage == 1:
+            if self.stage == 1 or id(bucket) in self._late:
                 if bucket.shard.grad is None:
                     self._reduce_bucket(bucket)
-            elif bucket.pending:
+            elif bucket.pending or any(p.grad is not None for p in bucket.params):
+                # a gradient no hook saw (assigned, not accumulated: e.g. torch's split
+                # weight-gradient pass of the zero-bubble schedules) is reduced here
                 self._reduce_bucket(bucket)
 
     # -- optimizer interface ------------------------------------------------------------
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the reduced gradients by their global norm (over all shards); returns it."""
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        also_over: dist.ProcessGroup | None = None,
+        counted: Iterable[nn.Parameter] | None = None,
+    ) -> torch.Tensor:
+        """Clip the reduced gradients by their global norm (over all shards); returns it.
+
+        ``also_over``: a group of ranks holding *other* parameters (the pipeline group), over
+        which the norm is reduced too. ``counted``: the parameters whose gradients make up the
+        norm (default all; leave out the extra copies of a parameter several pipeline ranks
+        hold, ``Pipeline.norm_parameters``); every gradient is scaled.
+        """
         self.reduce_gradients()
         grads = [b.shard.grad for b in self._buckets if b.shard.grad is not None]
-        if not grads:
-            return torch.tensor(0.0)
+        parts = self._counted_grads(counted)
         norm_type = float(norm_type)
+        # every rank joins the reductions, also one whose shards got no gradient
+        device = self._buckets[0].shard.device if self._buckets else torch.device("cpu")
         if math.isinf(norm_type):
-            local = torch.stack([g.abs().max() for g in grads]).max()
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
-            total = local
+            maxima = [g.abs().max().double() for g in parts if g.numel()]
+            local = torch.stack(maxima).max() if maxima else torch.zeros((), dtype=torch.float64)
+            local = local.to(device)
+            for group in (self.process_group, also_over):
+                if group is not None:
+                    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+            total = local.float()
         else:
             # float64 accumulation, as forge_parallel.total_grad_norm (float32 norms on the
             # CPU lose about 1e-4 on large gradients).
-            norms = [g.norm(norm_type, dtype=torch.float64) for g in grads]
-            local = torch.stack(norms).pow(norm_type).sum()
-            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
+            local = torch.zeros((), dtype=torch.float64, device=device)
+            for g in parts:
+                local += g.norm(norm_type, dtype=torch.float64).pow(norm_type)
+            for group in (self.process_group, also_over):
+                if group is not None:
+                    dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
             total = local.pow(1.0 / norm_type).float()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
-            g.mul_(coef)
+            g.mul_(coef.to(g.dtype))
         return total
+
+    def _counted_grads(self, counted: Iterable[nn.Parameter] | None) -> list[torch.Tensor]:
+        """The parts of this rank's shard gradients that belong to ``counted`` parameters (all
+        of them when ``None``): per parameter, its overlap with the owned slice."""
+        buckets = [b for b in self._buckets if b.shard.grad is not None]
+        if counted is None:
+            return [b.shard.grad for b in buckets]
+        keep = {id(p) for p in counted}
+        parts = []
+        for bucket in buckets:
+            if all(id(p) in keep for p in bucket.params):
+                parts.append(bucket.shard.grad)  # the padding is zero
+                continue
+            start = self.rank * bucket.shard_size
+            stop = start + bucket.shard_size
+            for p, off in zip(bucket.params, bucket.offsets, strict=True):
+                lo, hi = max(start, off), min(stop, off + p.numel())
+                if id(p) in keep and lo < hi:
+                    parts.append(bucket.shard.grad[lo - start : hi - start])
+        return parts
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -152,7 +152,12 @@ def _sharded(
     dtype: torch.dtype,
     group,
 ):
-    """A ``ShardedTensor`` of ``local`` boxes (views), all ranks' boxes in its metadata."""
+    """A ``ShardedTensor`` of ``local`` boxes (views), all ranks' boxes in its metadata.
+
+    A box several ranks hold (a parameter several pipeline stages hold, e.g. a tied embedding
+    and head, sharded alike with equal state by each stage's ZeRO optimizer) is listed once,
+    as this rank's where it holds it: DCP writes it once and reads it into every copy."""
+    import torch.distributed as dist
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import (
@@ -161,11 +166,16 @@ def _sharded(
     )
 
     device = local[0][2].device.type if local else "cpu"
-    metas = [
-        ShardMetadata(list(offsets), list(sizes), f"rank:{rank}/{device}")
-        for rank, offsets, sizes in all_boxes
-    ]
-    mine = {(tuple(m.shard_offsets), tuple(m.shard_sizes)): m for m in metas}
+    me = dist.get_rank(group)
+    listed: set[tuple] = set()
+    metas = []
+    for rank, offsets, sizes in sorted(all_boxes, key=lambda box: box[0] != me):
+        if (offsets, sizes) not in listed:
+            listed.add((offsets, sizes))
+            metas.append(ShardMetadata(list(offsets), list(sizes), f"rank:{rank}/{device}"))
+    mine = {
+        (tuple(m.shard_offsets), tuple(m.shard_sizes)): m for m in metas if m.placement.rank() == me
+    }
     shards = [Shard(tensor, mine[(offsets, sizes)]) for offsets, sizes, tensor in local]
     metadata = ShardedTensorMetadata(
         shards_metadata=metas,

@@ -6,6 +6,8 @@ calibrated policy for when FP8 pays off.
 - :mod:`~forge_kernels.fp8.linear`: :func:`fp8_linear` (registered as op ``"fp8_linear"``),
   :class:`Fp8Linear` and :func:`convert_to_fp8`; real ``torch._scaled_mm`` GEMMs on FP8 GPUs,
   exact FP8 emulation elsewhere.
+- :mod:`~forge_kernels.fp8.tensor_parallel`: ``Fp8Linear`` split by tensor-parallel styles
+  computes on its shards, per-tensor amaxes all-reduced over the group (:class:`Fp8AmaxGroups`).
 - :mod:`~forge_kernels.fp8.te_backend`: ``Fp8Linear(backend="te")`` on NVIDIA Transformer Engine
   (optional extra, imported only when asked for).
 - :mod:`~forge_kernels.fp8.policy`: :class:`Fp8Policy` and :func:`calibrate_fp8_policy`.
@@ -35,6 +37,7 @@ from forge_kernels.fp8.quantize import (
     FP8_E4M3,
     FP8_E5M2,
     DelayedScalingState,
+    Fp8AmaxGroups,
     Fp8BlockwiseScaling,
     Fp8CurrentScaling,
     Fp8DelayedScaling,
@@ -47,6 +50,7 @@ from forge_kernels.fp8.quantize import (
     quantize_blockwise_reference,
     quantize_tensorwise,
     resolve_recipe,
+    tensor_amax,
 )
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "FP8_E5M2",
     "CalibrationEntry",
     "DelayedScalingState",
+    "Fp8AmaxGroups",
     "Fp8BlockwiseScaling",
     "Fp8CurrentScaling",
     "Fp8DelayedScaling",
@@ -77,4 +82,5 @@ __all__ = [
     "quantize_tensorwise",
     "resolve_recipe",
     "scaled_mm_unsupported_reason",
+    "tensor_amax",
 ]

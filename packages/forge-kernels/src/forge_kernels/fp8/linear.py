@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -39,6 +40,7 @@ from torch import nn
 from forge_kernels import registry
 from forge_kernels.fp8.quantize import (
     DelayedScalingState,
+    Fp8AmaxGroups,
     Fp8BlockwiseScaling,
     Fp8DelayedScaling,
     Fp8Recipe,
@@ -235,17 +237,19 @@ def _quantize_operand(
     state: DelayedScalingState | None,
     fp8_dtype: torch.dtype,
     block: tuple[int, int],
+    groups: Fp8AmaxGroups | None,
     *,
     transpose: bool = False,
 ) -> Fp8Tensor:
     """``x`` in FP8 under ``recipe``; per-tensor recipes also write the transposed copy when
     ``transpose`` (a backward GEMM takes it as an operand; block-wise quantizes that layout with
-    its own scales instead)."""
+    its own scales instead). Per-tensor amaxes are reduced over ``groups.for_role(role)``."""
     if isinstance(recipe, Fp8BlockwiseScaling):
         return quantize_blockwise(x, fp8_dtype, block)
+    group = None if groups is None else groups.for_role(role)
     if isinstance(recipe, Fp8DelayedScaling):
-        return state.quantize(role, x, fp8_dtype, recipe, transpose=transpose)
-    return quantize_tensorwise(x, fp8_dtype, transpose=transpose)
+        return state.quantize(role, x, fp8_dtype, recipe, transpose=transpose, amax_group=group)
+    return quantize_tensorwise(x, fp8_dtype, transpose=transpose, amax_group=group)
 
 
 def _token_padding(m: int, recipe: Fp8Recipe, impl: str) -> int:
@@ -258,7 +262,7 @@ def _token_padding(m: int, recipe: Fp8Recipe, impl: str) -> int:
 
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, recipe, state, impl, out_dtype):
+    def forward(ctx, x2d, weight, bias, recipe, state, impl, out_dtype, groups):
         m = x2d.shape[0]
         pad = _token_padding(m, recipe, impl)
         if pad:
@@ -267,8 +271,12 @@ class _Fp8LinearFunction(torch.autograd.Function):
         bs = recipe.block_size if blockwise else 0
         fwd = recipe.forward_dtype
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        xq = _quantize_operand(x2d, _INPUT, recipe, state, fwd, (1, bs), transpose=need_wgrad)
-        wq = _quantize_operand(weight, _WEIGHT, recipe, state, fwd, (bs, bs), transpose=need_dgrad)
+        xq = _quantize_operand(
+            x2d, _INPUT, recipe, state, fwd, (1, bs), groups, transpose=need_wgrad
+        )
+        wq = _quantize_operand(
+            weight, _WEIGHT, recipe, state, fwd, (bs, bs), groups, transpose=need_dgrad
+        )
         # Fast (Hopper FP8) accumulation forward only, as Transformer Engine; the block-wise
         # recipe keeps full-precision accumulation, as DeepSeek-V3 (section 3.3.2) asks.
         fast = not blockwise
@@ -281,6 +289,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
         if need_wgrad:
             ctx.xq_t = (quantize_blockwise(x2d, fwd, (bs, 1)) if blockwise else xq).t()
         ctx.recipe, ctx.state, ctx.impl, ctx.m, ctx.pad = recipe, state, impl, m, pad
+        ctx.groups = groups
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y[:m] if pad else y
@@ -301,7 +310,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dyq_t = quantize_blockwise(dy2d, gdt, (bs, 1)).t() if need_wgrad else None
         elif need_dgrad or need_wgrad:
             dyq = _quantize_operand(
-                dy2d, _GRAD, recipe, ctx.state, gdt, (0, 0), transpose=need_wgrad
+                dy2d, _GRAD, recipe, ctx.state, gdt, (0, 0), ctx.groups, transpose=need_wgrad
             )
             dyq_t = dyq.t()
         if need_dgrad:  # dx = dy @ W: contraction over out_features
@@ -309,7 +318,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dx = dx[: ctx.m] if ctx.pad else dx
         if need_wgrad:  # dW = dy^T @ x: contraction over tokens
             dw = fp8_gemm(dyq_t, ctx.xq_t, out_dtype=ctx.w_dtype, impl=impl)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -331,7 +340,9 @@ def _check_linear_args(x, weight, bias) -> tuple[int, int]:
     return n, k
 
 
-def _fp8_linear(x, weight, bias, recipe, state, gemm, *, emulate_only: bool) -> torch.Tensor:
+def _fp8_linear(
+    x, weight, bias, recipe, state, gemm, amax_groups, *, emulate_only: bool
+) -> torch.Tensor:
     recipe = resolve_recipe(recipe)
     n, k = _check_linear_args(x, weight, bias)
     if isinstance(recipe, Fp8DelayedScaling):
@@ -348,7 +359,7 @@ def _fp8_linear(x, weight, bias, recipe, state, gemm, *, emulate_only: bool) -> 
         return F.linear(x.to(out_dtype), weight.to(out_dtype), b)
     impl = "emulate" if emulate_only else _resolve_gemm(gemm, recipe, x.device, n, k)
     x2d = x.reshape(-1, k)
-    y = _Fp8LinearFunction.apply(x2d, weight, bias, recipe, state, impl, out_dtype)
+    y = _Fp8LinearFunction.apply(x2d, weight, bias, recipe, state, impl, out_dtype, amax_groups)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -360,12 +371,13 @@ def fp8_linear_reference(
     recipe: str | Fp8Recipe = "current",
     state: DelayedScalingState | None = None,
     gemm: GemmChoice = "auto",
+    amax_groups: Fp8AmaxGroups | None = None,
 ) -> torch.Tensor:
     """The emulated FP8 linear (real FP8 casts, fp32 GEMMs) that defines the op's numerics.
 
     Same signature as :func:`fp8_linear`; ``gemm`` is accepted and ignored.
     """
-    return _fp8_linear(x, weight, bias, recipe, state, gemm, emulate_only=True)
+    return _fp8_linear(x, weight, bias, recipe, state, gemm, amax_groups, emulate_only=True)
 
 
 def _fp8_linear_default(
@@ -376,8 +388,9 @@ def _fp8_linear_default(
     recipe: str | Fp8Recipe = "current",
     state: DelayedScalingState | None = None,
     gemm: GemmChoice = "auto",
+    amax_groups: Fp8AmaxGroups | None = None,
 ) -> torch.Tensor:
-    return _fp8_linear(x, weight, bias, recipe, state, gemm, emulate_only=False)
+    return _fp8_linear(x, weight, bias, recipe, state, gemm, amax_groups, emulate_only=False)
 
 
 registry.define_op(
@@ -396,6 +409,7 @@ def fp8_linear(
     recipe: str | Fp8Recipe = "current",
     state: DelayedScalingState | None = None,
     gemm: GemmChoice = "auto",
+    amax_groups: Fp8AmaxGroups | None = None,
 ) -> torch.Tensor:
     """``F.linear`` with its forward and both backward GEMMs in FP8.
 
@@ -409,10 +423,16 @@ def fp8_linear(
             delayed scaling reads and updates; unused otherwise.
         gemm: ``"auto"``, ``"scaled_mm"`` (the real FP8 GEMM, raising where it cannot run) or
             ``"emulate"`` (see the module docstring).
+        amax_groups: for operands that are shards of a tensor-parallel tensor, the groups over
+            which their per-tensor amax is all-reduced (:class:`Fp8AmaxGroups`); ``None``: every
+            operand is whole. :class:`Fp8Linear` sets it from its DTensor placements.
 
-    Dispatches through ``registry.get_op("fp8_linear")``, so a plugin override takes effect here.
+    Dispatches through ``registry.get_op("fp8_linear")``, so a plugin override takes effect here
+    (``amax_groups`` is passed to it only when set).
     """
-    return registry.get_op("fp8_linear")(x, weight, bias, recipe=recipe, state=state, gemm=gemm)
+    op = registry.get_op("fp8_linear")
+    extra = {} if amax_groups is None else {"amax_groups": amax_groups}
+    return op(x, weight, bias, recipe=recipe, state=state, gemm=gemm, **extra)
 
 
 # ============================================================================================
@@ -420,8 +440,14 @@ def fp8_linear(
 # ============================================================================================
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` whose GEMMs run in FP8 (same ``weight``/``bias`` parameters).
+
+    A subclass of ``nn.Linear`` (as torchao's ``Float8Linear``), so tensor-parallel styles that
+    split linears (torch's ``ColwiseParallel`` / ``RowwiseParallel``, forge-parallel's packed
+    column style) accept it. With a DTensor weight it computes on the local shards, reducing
+    per-tensor amaxes over the tensor-parallel group so the scales are one process's
+    (:mod:`forge_kernels.fp8.tensor_parallel`).
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -451,7 +477,7 @@ class Fp8Linear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: the parameters are made below (or by TE)
         if backend not in ("torch", "te"):
             raise ValueError(f"backend must be 'torch' or 'te', got {backend!r}")
         if gemm not in _GEMM_CHOICES:
@@ -534,7 +560,12 @@ class Fp8Linear(nn.Module):
     def _delayed_state(self) -> DelayedScalingState | None:
         if not isinstance(self.recipe, Fp8DelayedScaling):
             return None
-        return DelayedScalingState(self.fp8_amax_history, self.fp8_scale)
+        # Tensor-parallel styles make buffers replicated DTensors: update their local tensors
+        # (views of the same storage; the amax reduction keeps them equal on every rank).
+        history, scale = self.fp8_amax_history, self.fp8_scale
+        if _is_dtensor(history):
+            history, scale = history.to_local(), scale.to_local()
+        return DelayedScalingState(history, scale)
 
     def uses_fp8(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` runs in FP8 (always, unless the policy says it does not pay)."""
@@ -545,22 +576,48 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "te":
+            if _is_dtensor(x):
+                raise ValueError(
+                    "Fp8Linear(backend='te') got a DTensor input: tensor parallelism is not "
+                    "supported with the Transformer Engine backend; use backend='torch'"
+                )
             from forge_kernels.fp8 import te_backend
 
             with te_backend.te_autocast(self._te_recipe, enabled=self.uses_fp8(x)):
                 return self.te_linear(x)
+        linear = self._local_linear(x)  # decided on the whole x: every rank decides alike
+        if _is_dtensor(self.weight):
+            from forge_kernels.fp8.tensor_parallel import linear_on_shards
+
+            blockwise = isinstance(self.recipe, Fp8BlockwiseScaling) and self.uses_fp8(x)
+            block = self.recipe.block_size if blockwise else None
+            return linear_on_shards(x, self.weight, self.bias, linear=linear, block_size=block)
+        if _is_dtensor(x):
+            raise ValueError(
+                "Fp8Linear got a DTensor input but holds a plain weight: split the layer with "
+                "a tensor-parallel style (colwise / rowwise), or give it a local tensor"
+            )
+        return linear(x, self.weight, self.bias, None)
+
+    def _local_linear(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """``(x, weight, bias, amax_groups) -> y`` on plain tensors: the FP8 linear, or
+        ``F.linear`` in the compute dtype where the policy keeps the call in high precision."""
         if not self.uses_fp8(x):
             dtype = _compute_dtype(x)
-            bias = None if self.bias is None else self.bias.to(dtype)
-            return F.linear(x.to(dtype), self.weight.to(dtype), bias)
-        return fp8_linear(
-            x,
-            self.weight,
-            self.bias,
-            recipe=self.recipe,
-            state=self._delayed_state(),
-            gemm=self.gemm,
-        )
+
+            def high_precision(x, weight, bias, _amax_groups):
+                bias = None if bias is None else bias.to(dtype)
+                return F.linear(x.to(dtype), weight.to(dtype), bias)
+
+            return high_precision
+        recipe, state, gemm = self.recipe, self._delayed_state(), self.gemm
+
+        def fp8(x, weight, bias, amax_groups):
+            return fp8_linear(
+                x, weight, bias, recipe=recipe, state=state, gemm=gemm, amax_groups=amax_groups
+            )
+
+        return fp8
 
     def extra_repr(self) -> str:
         return (
@@ -568,6 +625,13 @@ class Fp8Linear(nn.Module):
             f"bias={self.bias is not None}, recipe={self.recipe.name}, backend={self.backend}, "
             f"gemm={self.gemm}, policy={'yes' if self.policy is not None else 'no'}"
         )
+
+
+def _is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor, without importing ``torch.distributed.tensor`` (seconds: it
+    imports sympy) in a process that never made one."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(t, dtensor_module.DTensor)
 
 
 # ============================================================================================

@@ -33,9 +33,12 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 from forge_kernels._triton_support import can_use_triton, triton_interpret_mode
 
@@ -43,6 +46,7 @@ __all__ = [
     "FP8_E4M3",
     "FP8_E5M2",
     "DelayedScalingState",
+    "Fp8AmaxGroups",
     "Fp8BlockwiseScaling",
     "Fp8CurrentScaling",
     "Fp8DelayedScaling",
@@ -55,6 +59,7 @@ __all__ = [
     "quantize_blockwise_reference",
     "quantize_tensorwise",
     "resolve_recipe",
+    "tensor_amax",
 ]
 
 FP8_E4M3 = torch.float8_e4m3fn
@@ -265,6 +270,42 @@ def amax_to_scale(
     return torch.where(ok, scale, fallback)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Fp8AmaxGroups:
+    """For each operand of an FP8 linear, the process group over which it is sharded, or None.
+
+    A per-tensor scale comes from the amax of the *whole* tensor. Under tensor parallelism a
+    rank holds a shard of some operands: a column-parallel layer's weight rows and output
+    gradient columns, a row-parallel layer's weight and input columns. Their amax is then
+    all-reduced (max) over the group, so every rank casts with the scale one process computes
+    (Transformer Engine reduces amaxes over its ``amax_reduction_group``; torchao takes amax
+    of DTensors). ``input``: the activation ``x``; ``weight``; ``grad``: the output gradient.
+    Block-wise scaling needs no reduction when every block lies in one shard.
+    """
+
+    input: ProcessGroup | None = None
+    weight: ProcessGroup | None = None
+    grad: ProcessGroup | None = None
+
+    def for_role(self, role: int) -> ProcessGroup | None:
+        """The group of operand ``role`` (0: input, 1: weight, 2: output gradient)."""
+        return (self.input, self.weight, self.grad)[role]
+
+
+def tensor_amax(x: torch.Tensor, *, group: ProcessGroup | None = None) -> torch.Tensor:
+    """``max |x|`` in fp32; with ``group``, of the whole tensor that ``x`` is this rank's shard
+    of (an all-reduce max; a NaN becomes inf first, which ``amax_to_scale`` treats alike, so
+    the result does not depend on how the collective orders NaN)."""
+    amax = x.detach().abs().amax().float()
+    if group is None:
+        return amax
+    import torch.distributed as dist
+
+    amax = torch.nan_to_num(amax, nan=math.inf)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return amax
+
+
 def _cast_scaled(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     limit = fp8_max(fp8_dtype)
     return (x.float() * scale).clamp_(-limit, limit).to(fp8_dtype)
@@ -277,8 +318,11 @@ def quantize_tensorwise(
     scale: torch.Tensor | None = None,
     transpose: bool = False,
     use_triton: bool | None = None,
+    amax_group: ProcessGroup | None = None,
 ) -> Fp8Tensor:
-    """Quantize with one scale: ``scale`` if given (delayed scaling), else from ``x``'s amax.
+    """Quantize with one scale: ``scale`` if given (delayed scaling), else from ``x``'s amax
+    (with ``amax_group``: the amax of the whole tensor ``x`` is a shard of, see
+    :class:`Fp8AmaxGroups`).
 
     Values beyond ``fp8_max / scale`` saturate to ``±fp8_max``. ``transpose=True`` (2-D ``x``)
     also writes ``data_t``, the row-major transpose, which the weight- and input-gradient GEMMs
@@ -300,6 +344,8 @@ def quantize_tensorwise(
             f"{x.dtype}, device {x.device}): it needs a 2-D float input and CUDA with compute "
             "capability >= 8.9 or TRITON_INTERPRET=1 on CPU"
         )
+    if scale is None and amax_group is not None:
+        scale = amax_to_scale(tensor_amax(x, group=amax_group), fp8_dtype)
     if use_triton and x.numel() > 0:
         return _quantize_tensorwise_triton(x.detach(), fp8_dtype, scale, transpose)
     if scale is None:
@@ -515,12 +561,15 @@ class DelayedScalingState:
         recipe: Fp8DelayedScaling,
         *,
         transpose: bool = False,
+        amax_group: ProcessGroup | None = None,
     ) -> Fp8Tensor:
         """Cast ``x`` with tensor ``index``'s current scale, then update its history and scale.
 
-        ``transpose`` also writes the transposed copy (see :func:`quantize_tensorwise`)."""
+        ``transpose`` also writes the transposed copy (see :func:`quantize_tensorwise`);
+        ``amax_group``: ``x`` is a shard over this group, the history records the amax of the
+        whole tensor (every rank keeps the same history, that of one process)."""
         q = quantize_tensorwise(x, fp8_dtype, scale=self.scale[index].clone(), transpose=transpose)
-        self.update(index, x.detach().abs().amax(), fp8_dtype, recipe)
+        self.update(index, tensor_amax(x, group=amax_group), fp8_dtype, recipe)
         return q
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from forge_kernels import registry
-from forge_kernels._triton_support import can_use_triton
+from forge_kernels._triton_support import can_use_triton, plain_tensor
 
 try:
     import triton
@@ -269,6 +269,7 @@ class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_out=None):
+        dy, dh_out = plain_tensor(dy), plain_tensor(dh_out)
         h, weight, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = h.shape
         if dy is None:  # only the returned residual stream was used
@@ -323,6 +324,8 @@ def _layer_norm_default(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The fused Triton LayerNorm where it can run, else :func:`layer_norm_reference`."""
+    x, residual = plain_tensor(x), plain_tensor(residual)
+    weight, bias = plain_tensor(weight), plain_tensor(bias)
     _check_args(x, weight, bias, residual)
     tensors = [t for t in (x, weight, bias, residual) if t is not None]
     if (

@@ -27,7 +27,7 @@ import functools
 import torch
 
 from forge_kernels import registry
-from forge_kernels._triton_support import can_use_triton
+from forge_kernels._triton_support import can_use_triton, plain_tensor
 
 try:
     import triton
@@ -246,6 +246,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_out=None):
+        dy, dh_out = plain_tensor(dy), plain_tensor(dh_out)
         h, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = h.shape
         if dy is None:  # only the returned residual stream was used
@@ -294,6 +295,7 @@ def _rms_norm_default(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The fused Triton RMSNorm where it can run, else :func:`rms_norm_reference`."""
+    x, weight, residual = plain_tensor(x), plain_tensor(weight), plain_tensor(residual)
     _check_args(x, weight, residual)
     tensors = [t for t in (x, weight, residual) if t is not None]
     if (

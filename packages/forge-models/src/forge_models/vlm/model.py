@@ -195,8 +195,12 @@ class VisionLanguageModel(nn.Module):
                 ``input_ids`` (the encoder sees every item), then the language model runs on
                 these positions only, without ``cu_seqlens`` (the context-parallel attention
                 holds the documents) and with ``targets`` (the shard's next tokens, cut from
-                the whole row's) in place of ``labels``. Causal attention only (no
-                ``block_ids``).
+                the whole row's) in place of ``labels``. The language model runs plain causal
+                attention on the shard: documents and, with ``image_attention="bidirectional"``,
+                the image blocks (:meth:`attention_block_ids` of the whole row) are the
+                context-parallel attention's to apply (forge-parallel's
+                ``ContextParallelHandle.packed(cu_seqlens, block_ids=...)``), so ``block_ids``
+                cannot be given here.
             kwargs: the rest of :meth:`CausalLM.forward` (``loss_reduction``, ``max_seqlen``,
                 ``targets``).
         """
@@ -212,12 +216,8 @@ class VisionLanguageModel(nn.Module):
             return self._forward_shard(
                 input_ids, position_ids, scatter, sequence_index, block_ids, labels, kwargs
             )
-        if block_ids is None and self.config.image_attention == "bidirectional":
-            groups = [(self.config.image_token_id, images), (self.config.video_token_id, videos)]
-            groups = [(t, v) for t, v in groups if v is not None]
-            block_ids = visual_block_ids(
-                input_ids, [t for t, _ in groups], [self.num_visual_tokens(v) for _, v in groups]
-            )
+        if block_ids is None:
+            block_ids = self.attention_block_ids(input_ids, images=images, videos=videos)
         return self.language_model(
             input_ids,
             position_ids,
@@ -227,6 +227,24 @@ class VisionLanguageModel(nn.Module):
             embeds_scatter=scatter,
             block_ids=block_ids,
             **kwargs,
+        )
+
+    def attention_block_ids(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        images: VisualInputs | None = None,
+        videos: VisualInputs | None = None,
+    ) -> torch.Tensor | None:
+        """The bidirectional blocks :meth:`forward` attends with by default: with
+        ``image_attention="bidirectional"``, :func:`visual_block_ids` (one block per image /
+        video) of ``input_ids``; ``None`` with causal image attention."""
+        if self.config.image_attention != "bidirectional":
+            return None
+        groups = [(self.config.image_token_id, images), (self.config.video_token_id, videos)]
+        groups = [(t, v) for t, v in groups if v is not None]
+        return visual_block_ids(
+            input_ids, [t for t, _ in groups], [self.num_visual_tokens(v) for _, v in groups]
         )
 
     def _forward_shard(
@@ -241,11 +259,12 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """The language model on positions ``index`` of the one-row ``input_ids`` (see
         :meth:`forward`'s ``sequence_index``), the features of the placeholders there."""
-        if block_ids is not None or self.config.image_attention == "bidirectional":
+        if block_ids is not None:
             raise ValueError(
-                "sequence_index (context parallelism) runs causal attention only: a model with "
-                "image_attention='bidirectional' (or block_ids) needs the whole sequence's "
-                "blocks on every rank; use image_attention='causal'"
+                "with sequence_index (context parallelism) the language model runs a plain "
+                "causal shard: give the whole row's block_ids (attention_block_ids) to the "
+                "context-parallel attention (ContextParallelHandle.packed(cu_seqlens, "
+                "block_ids=...)) instead of to the model"
             )
         if labels is not None:
             raise ValueError(

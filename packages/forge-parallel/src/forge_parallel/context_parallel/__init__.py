@@ -3,7 +3,8 @@
 - :func:`shard_sequence` / :func:`unshard_sequence`: the zigzag (load-balanced causal) or
   contiguous layout of tokens, labels and position ids over the ``cp`` ranks;
 - :func:`context_parallel_attention` (ring or Ulysses, causal or bidirectional, GQA, packed
-  documents through ``cu_seqlens``), for model code that calls it directly;
+  documents through ``cu_seqlens``, bidirectional blocks such as an image's tokens inside
+  causal attention through ``block_ids``), for model code that calls it directly;
 - :func:`apply_cp` / :func:`context_parallel`: route an unedited model's
   ``scaled_dot_product_attention`` calls to it;
 - :func:`context_parallel_cross_entropy`: the full-sequence mean loss from each rank's shard.
@@ -21,6 +22,7 @@ from forge_parallel.context_parallel.config import CP_STYLES, CPConfig
 from forge_parallel.context_parallel.loss import context_parallel_cross_entropy
 from forge_parallel.context_parallel.ring_attention import ring_attention
 from forge_parallel.context_parallel.sharding import (
+    check_block_ids,
     document_ids,
     gathered_positions,
     shard_positions,
@@ -42,6 +44,7 @@ __all__ = [
     "block_attention_backward",
     "block_attention_forward",
     "block_mask",
+    "check_block_ids",
     "context_parallel",
     "context_parallel_attention",
     "context_parallel_cross_entropy",

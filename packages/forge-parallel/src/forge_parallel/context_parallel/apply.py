@@ -21,7 +21,9 @@ see global positions), and average the loss over the full sequence
 reduced over the context-parallel ranks too: FSDP/HSDP over ``dp_shard x cp`` does it.
 
 Calls with a dense ``attn_mask`` or dropout are refused: the mask would be for the local shard
-only. Express masks as ``is_causal`` plus ``cu_seqlens`` (packed documents). On a
+only. Express masks as ``is_causal`` plus ids of the whole sequence: ``cu_seqlens`` (packed
+documents) and ``block_ids`` (bidirectional blocks such as an image's tokens, inside causal
+attention); the model itself then runs a plain causal shard. On a
 ``transformers`` model, :func:`apply_cp` also switches the attention implementation so that
 ``transformers`` passes ``is_causal`` instead of building a mask from the local shard
 (:mod:`~forge_parallel.context_parallel.hf_attention`; :meth:`ContextParallelHandle.remove`
@@ -57,9 +59,16 @@ class _SDPAToContextParallel(TorchFunctionMode):
     #: that the ring / all-to-all exchanges fill in place.
     refuses_selective_recompute = True
 
-    def __init__(self, group, config: CPConfig, cu_seqlens: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        group,
+        config: CPConfig,
+        cu_seqlens: torch.Tensor | None,
+        block_ids: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
-        self.group, self.config, self.cu_seqlens = group, config, cu_seqlens
+        self.group, self.config = group, config
+        self.cu_seqlens, self.block_ids = cu_seqlens, block_ids
         self.routed = 0  # attention calls answered by context parallelism
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -72,7 +81,9 @@ class _SDPAToContextParallel(TorchFunctionMode):
             raise ValueError(
                 "scaled_dot_product_attention got a dense attn_mask under context parallelism; "
                 "the mask would cover only this rank's shard. Use is_causal=True and pass packed "
-                "document boundaries as context_parallel(..., cu_seqlens=...) instead (for "
+                "document boundaries and bidirectional blocks of the whole sequence as "
+                "context_parallel(..., cu_seqlens=..., block_ids=...) or "
+                "ContextParallelHandle.packed(cu_seqlens, block_ids=...) instead (for "
                 "transformers models: no padding mask, attn_implementation='sdpa')"
             )
         if options.get("dropout_p", 0.0):
@@ -94,6 +105,7 @@ class _SDPAToContextParallel(TorchFunctionMode):
             group=self.group,
             causal=bool(options.get("is_causal", False)),
             cu_seqlens=self.cu_seqlens,
+            block_ids=self.block_ids,
             style=self.config.style,
             load_balance=self.config.load_balance,
             scale=options.get("scale"),
@@ -106,24 +118,32 @@ def context_parallel(
     config: CPConfig | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` calls inside the block to context parallelism.
 
     ``cu_seqlens``: document boundaries of the full packed sequence (same for every row of
-    the batch), or ``None``. Only the forward needs to run inside; backward does not.
+    the batch), or ``None``. ``block_ids``: bidirectional blocks of the full sequence (``[S]``,
+    ``-1`` outside any block; see
+    :func:`~forge_parallel.context_parallel.context_parallel_attention`), applied to causal
+    calls, or ``None``. Only the forward needs to run inside; backward does not.
     """
-    mode = _SDPAToContextParallel(as_process_group(group), config or CPConfig(), cu_seqlens)
+    mode = _SDPAToContextParallel(
+        as_process_group(group), config or CPConfig(), cu_seqlens, block_ids
+    )
     with mode:
         yield
 
 
 class ContextParallelHandle:
-    """What :func:`apply_cp` installed: :meth:`packed` sets document boundaries, :meth:`remove`
-    takes the hooks off again (and restores a ``transformers`` model's attention)."""
+    """What :func:`apply_cp` installed: :meth:`packed` sets document boundaries (and
+    bidirectional blocks), :meth:`remove` takes the hooks off again (and restores a
+    ``transformers`` model's attention)."""
 
     def __init__(self, model: nn.Module, group: GroupLike, config: CPConfig) -> None:
         self.group, self.config = as_process_group(group), config
         self.cu_seqlens: torch.Tensor | None = None
+        self.block_ids: torch.Tensor | None = None
         self._model_name = type(model).__name__
         self._modes: list[_SDPAToContextParallel] = []
         self._restore = (
@@ -135,7 +155,7 @@ class ContextParallelHandle:
         ]
 
     def _enter(self, module: nn.Module, args) -> None:
-        mode = _SDPAToContextParallel(self.group, self.config, self.cu_seqlens)
+        mode = _SDPAToContextParallel(self.group, self.config, self.cu_seqlens, self.block_ids)
         mode.__enter__()
         self._modes.append(mode)
 
@@ -158,13 +178,18 @@ class ContextParallelHandle:
             )
 
     @contextlib.contextmanager
-    def packed(self, cu_seqlens: torch.Tensor) -> Iterator[None]:
-        """Forwards run inside attend within the documents of ``cu_seqlens`` (full sequence)."""
-        previous, self.cu_seqlens = self.cu_seqlens, cu_seqlens
+    def packed(
+        self, cu_seqlens: torch.Tensor | None, *, block_ids: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Forwards run inside attend within the documents of ``cu_seqlens`` and, under their
+        causal mask, both ways within the blocks of ``block_ids`` (both of the full sequence;
+        see :func:`~forge_parallel.context_parallel.context_parallel_attention`)."""
+        previous = self.cu_seqlens, self.block_ids
+        self.cu_seqlens, self.block_ids = cu_seqlens, block_ids
         try:
             yield
         finally:
-            self.cu_seqlens = previous
+            self.cu_seqlens, self.block_ids = previous
 
     def remove(self) -> None:
         for hook in self._hooks:

@@ -45,6 +45,7 @@ def context_parallel_attention(
     group: GroupLike,
     causal: bool = True,
     cu_seqlens: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
     style: str = "ring",
     load_balance: bool = True,
     scale: float | None = None,
@@ -56,7 +57,11 @@ def context_parallel_attention(
     :func:`~forge_parallel.context_parallel.shard_sequence`); returns this rank's shard of the
     output, (B, H, S / cp, Dv). ``causal`` applies the causal mask on *global* positions;
     ``cu_seqlens`` (document boundaries of the full sequence, ``[0, ..., S]``) confines
-    attention to each packed document. ``style``: ``"ring"`` or ``"ulysses"``. ``scale``
+    attention to each packed document. ``block_ids`` (``[S]`` or ``[1, S]``, the full sequence,
+    ``-1`` outside any block): under ``causal``, tokens with the same non-negative id (one
+    image's) attend to each other both ways, even across ranks, as
+    ``forge_kernels.attention.AttentionMask(causal=True, segment_ids=..., block_ids=...)`` on one
+    process. ``style``: ``"ring"`` or ``"ulysses"``. ``scale``
     defaults to ``1 / sqrt(D)``. Differentiable; the result equals full-sequence
     ``scaled_dot_product_attention`` on one process.
     """
@@ -67,7 +72,7 @@ def context_parallel_attention(
     _check_shapes(q, k, v)
     pg = as_process_group(group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if dist.get_world_size(pg) == 1 and cu_seqlens is None:
+    if dist.get_world_size(pg) == 1 and cu_seqlens is None and block_ids is None:
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
         )
@@ -81,4 +86,5 @@ def context_parallel_attention(
         scale=scale,
         load_balance=load_balance,
         cu_seqlens=cu_seqlens,
+        block_ids=block_ids,
     )

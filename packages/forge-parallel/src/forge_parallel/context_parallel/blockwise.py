@@ -30,14 +30,27 @@ def block_mask(
     causal: bool,
     q_documents: torch.Tensor | None = None,
     k_documents: torch.Tensor | None = None,
+    q_blocks: torch.Tensor | None = None,
+    k_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Which keys each query may attend to, from their global positions (and documents).
 
-    ``None`` when everything is visible (bidirectional, one document).
+    ``q_blocks``/``k_blocks``: bidirectional block ids of the tokens (``-1``: none); under
+    ``causal`` a query also sees the later keys of its own block (one image's tokens see each
+    other), the predicate of ``forge_kernels.attention.AttentionMask``:
+    ``same document and (k <= q or same block >= 0)``. ``None`` when everything is visible
+    (bidirectional, one document).
     """
+    if (q_blocks is None) != (k_blocks is None):
+        raise ValueError(
+            "block_mask takes the block ids of both the queries and the keys, or neither"
+        )
     mask = None
     if causal:
         mask = k_positions[None, :] <= q_positions[:, None]
+        if q_blocks is not None:
+            same_block = (q_blocks[:, None] == k_blocks[None, :]) & (q_blocks[:, None] >= 0)
+            mask = mask | same_block
     if q_documents is not None:
         same = q_documents[:, None] == k_documents[None, :]
         mask = same if mask is None else mask & same

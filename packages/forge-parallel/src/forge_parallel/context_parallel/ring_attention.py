@@ -5,8 +5,12 @@ Context" (arXiv:2310.01889). Each rank keeps its query shard; the key/value shar
 around the ring (rank ``r`` sends to ``r + 1``), and at step ``i`` rank ``r`` attends to the
 shard of rank ``r - i`` while the next one is in flight, merging the partial results with their
 log-sum-exp (:mod:`~forge_parallel.context_parallel.blockwise`). Masks come from the *global*
-positions of both shards, so causal attention, bidirectional attention and packed documents
-(``cu_seqlens`` of the full sequence) are all exact under either sharding layout.
+positions of both shards, so causal attention, bidirectional attention, packed documents
+(``cu_seqlens`` of the full sequence) and bidirectional blocks inside causal attention
+(``block_ids`` of the full sequence: an image's tokens see each other, also the later ones on
+another rank) are all exact under either sharding layout. No block is skipped by position:
+each step computes its block pair's mask, and a pair (or a query row) with no visible key
+contributes nothing to the merge.
 
 Backward runs the ring again: K/V travel the same way, accompanied by the running sums of
 their gradients, which each rank adds its block's ``dK``/``dV`` to; one last hop returns each
@@ -31,7 +35,11 @@ from forge_parallel.context_parallel.blockwise import (
     block_mask,
     merge_blocks,
 )
-from forge_parallel.context_parallel.sharding import document_ids, shard_positions
+from forge_parallel.context_parallel.sharding import (
+    check_block_ids,
+    document_ids,
+    shard_positions,
+)
 
 __all__ = ["ring_attention"]
 
@@ -57,7 +65,8 @@ class _RingPass:
 
 
 class _Layout:
-    """Global positions (and documents) of every rank's shard, for building block masks."""
+    """Global positions (documents, bidirectional blocks) of every rank's shard, for building
+    block masks."""
 
     def __init__(
         self,
@@ -66,6 +75,7 @@ class _Layout:
         *,
         load_balance: bool,
         cu_seqlens: torch.Tensor | None,
+        block_ids: torch.Tensor | None = None,
         device: torch.device,
     ) -> None:
         seq_len = local_len * cp_size
@@ -77,6 +87,8 @@ class _Layout:
         ]
         docs = None if cu_seqlens is None else document_ids(cu_seqlens, seq_len).to(device)
         self.documents = [None if docs is None else docs[p] for p in self.positions]
+        blocks = None if block_ids is None else check_block_ids(block_ids, seq_len).to(device)
+        self.blocks = [None if blocks is None else blocks[p] for p in self.positions]
 
     def mask(self, q_rank: int, k_rank: int, causal: bool) -> torch.Tensor | None:
         return block_mask(
@@ -85,6 +97,8 @@ class _Layout:
             causal=causal,
             q_documents=self.documents[q_rank],
             k_documents=self.documents[k_rank],
+            q_blocks=self.blocks[q_rank],
+            k_blocks=self.blocks[k_rank],
         )
 
 
@@ -215,6 +229,7 @@ def ring_attention(
     scale: float,
     load_balance: bool = True,
     cu_seqlens: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's query shard over the whole sharded sequence.
 
@@ -227,6 +242,7 @@ def ring_attention(
         dist.get_world_size(group),
         load_balance=load_balance,
         cu_seqlens=cu_seqlens,
+        block_ids=block_ids,
         device=q.device,
     )
     return _RingAttention.apply(q, k, v, group, causal, scale, layout)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from forge_core.collectives import GroupLike, all_gather, as_process_group
 
 __all__ = [
+    "check_block_ids",
     "document_ids",
     "gathered_positions",
     "shard_positions",
@@ -129,3 +130,28 @@ def document_ids(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds.tolist()}")
     positions = torch.arange(seq_len)
     return torch.searchsorted(bounds[1:], positions, right=True).to(cu_seqlens.device)
+
+
+def check_block_ids(block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``block_ids`` of the *full* (unsharded) sequence of ``seq_len`` tokens as a 1-D int64
+    tensor, after checking them: tokens with the same non-negative id (one image, video or
+    action chunk) attend to each other both ways under a causal mask, ``-1`` marks ordinary
+    tokens (``forge_kernels.attention.AttentionMask``'s ``block_ids``). ``[S]`` or ``[1, S]``;
+    every row of a batch shares them, as it shares ``cu_seqlens``.
+    """
+    if not isinstance(block_ids, torch.Tensor):
+        raise ValueError(
+            f"block_ids must be an integer tensor of the full sequence's {seq_len} tokens, got "
+            f"{type(block_ids).__name__}"
+        )
+    if block_ids.is_floating_point() or block_ids.dtype == torch.bool:
+        raise ValueError(f"block_ids must be an integer tensor, got {block_ids.dtype}")
+    if block_ids.dim() == 2 and block_ids.shape[0] == 1:
+        block_ids = block_ids[0]
+    if block_ids.dim() != 1 or block_ids.shape[0] != seq_len:
+        raise ValueError(
+            f"block_ids must cover the full sequence, [{seq_len}] or [1, {seq_len}] (all ranks' "
+            f"tokens together, in sequence order; one set for every row of the batch), got "
+            f"shape {tuple(block_ids.shape)}"
+        )
+    return block_ids.to(torch.int64)

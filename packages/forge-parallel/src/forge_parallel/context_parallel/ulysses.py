@@ -5,7 +5,8 @@ Long Sequence Transformer Models" (arXiv:2309.14509). Before attention, an all-t
 context-parallel group turns each rank's (B, H, S / cp, D) sequence shard into the full
 sequence for ``H / cp`` heads; after it, the inverse all-to-all restores sequence sharding.
 Attention in between is ordinary attention over the whole sequence (the gathered tokens are put
-back in global order, so ``is_causal`` and document masks apply as on one process); the
+back in global order, so ``is_causal``, document masks and bidirectional blocks apply as on one
+process, from the ids of the full sequence); the
 all-to-alls are differentiable (their backward is the reverse exchange).
 
 Query heads and key/value heads (grouped-query attention) must both be divisible by ``cp``.
@@ -20,7 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from forge_core.collectives import all_to_all
-from forge_parallel.context_parallel.sharding import document_ids, gathered_positions
+from forge_parallel.context_parallel.sharding import (
+    check_block_ids,
+    document_ids,
+    gathered_positions,
+)
 
 __all__ = ["heads_to_sequence", "sequence_to_heads", "ulysses_attention", "validate_ulysses"]
 
@@ -56,6 +61,30 @@ def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor
     return received.transpose(0, 1).reshape(b, cp * hl, s // cp, d)
 
 
+def _full_mask(
+    seq_len: int,
+    causal: bool,
+    cu_seqlens: torch.Tensor | None,
+    block_ids: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Dense (S, S) mask of the whole sequence, ``None`` when ``is_causal`` (or nothing) says it
+    all: same document and (``k <= q`` or same block ``>= 0``) under ``causal``."""
+    blocks = None if block_ids is None else check_block_ids(block_ids, seq_len).to(device)
+    if cu_seqlens is None and (blocks is None or not causal):
+        return None
+    mask = None
+    if causal:
+        mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        if blocks is not None:
+            mask = mask | ((blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0))
+    if cu_seqlens is not None:
+        docs = document_ids(cu_seqlens, seq_len).to(device)
+        same = docs[:, None] == docs[None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,6 +95,7 @@ def ulysses_attention(
     scale: float,
     load_balance: bool = True,
     cu_seqlens: torch.Tensor | None = None,
+    block_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's sequence shard via head-sharded full-sequence attention.
 
@@ -77,12 +107,7 @@ def ulysses_attention(
     order = gathered_positions(seq_len, cp_size=cp, load_balance=load_balance).to(q.device)
     to_global = torch.argsort(order)
     q_h, k_h, v_h = (sequence_to_heads(t, group).index_select(2, to_global) for t in (q, k, v))
-    mask = None
-    if cu_seqlens is not None:
-        docs = document_ids(cu_seqlens, seq_len).to(q.device)
-        mask = docs[:, None] == docs[None, :]
-        if causal:
-            mask = mask & torch.ones_like(mask).tril()
+    mask = _full_mask(seq_len, causal, cu_seqlens, block_ids, q.device)
     out = F.scaled_dot_product_attention(
         q_h,
         k_h,

@@ -13,6 +13,13 @@ before ``optimizer.step()`` accumulate ``k`` mean losses (scale ``loss_fn`` by `
 their mean). Zero the gradients after each optimizer step. Clip with
 :meth:`Pipeline.clip_grad_norm_`: the norm is reduced over the pipeline ranks too.
 
+Data parallelism on the stages (``stage_parallel={"data_parallel": ...}``): ``fsdp``, ``hsdp``
+and ``ddp`` (FSDP2's ``replicate``) wrap each stage module, and torch's ``PipelineStage``
+defers their gradient reduction to after the last micro-batch; ``zero1`` / ``zero2`` act in
+the optimizer: build it with :meth:`Pipeline.build_optimizer` (a
+:class:`~forge_parallel.ZeroOptimizer` over the stage's data-parallel ranks, Megatron-LM's
+PP x distributed-optimizer layout) and pass it to :meth:`Pipeline.clip_grad_norm_`.
+
 With tensor parallelism on the stages the head may give replicated logits
 (``"colwise_output_replicated"``) or keep them sharded by vocabulary (``"loss_parallel"``): the
 schedule then runs inside ``loss_parallel()`` (:mod:`~forge_parallel.pipeline.loss_parallel`),
@@ -51,6 +58,7 @@ from forge_parallel.pipeline.stage_module import (
 )
 from forge_parallel.pipeline.tied import TiedWeight, _local, find_tied_weights, tied_group
 from forge_parallel.tensor_parallel import TPPlan, match_modules
+from forge_parallel.zero import ZeroOptimizer
 
 __all__ = ["Pipeline", "pipeline", "split_stages", "stage_plan"]
 
@@ -331,9 +339,52 @@ class Pipeline:
             losses.extend(loss.unscaled for loss in scaled)
         return out if self.has_last_stage else None
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    @property
+    def zero(self) -> bool:
+        """Whether ``stage_parallel`` asked for ZeRO-1/2 (the optimizer shards the stages)."""
+        return bool(self.parallelized) and self.parallelized[0].data_parallel in (
+            "zero1",
+            "zero2",
+        )
+
+    def build_optimizer(
+        self,
+        optimizer_class: Callable[..., torch.optim.Optimizer],
+        params: Any = None,
+        **kwargs: Any,
+    ) -> torch.optim.Optimizer:
+        """``optimizer_class(params, **kwargs)`` over this rank's parameters (default: all of
+        :meth:`parameters`), wrapped in a :class:`~forge_parallel.ZeroOptimizer` over the
+        stage's data-parallel ranks for ``zero1`` / ``zero2``; the tied parameters' gradients,
+        summed over the pipeline after the schedule, are reduced at the step."""
+        params = self.parameters() if params is None else params
+        if not self.zero:
+            return optimizer_class(params, **kwargs)
+        tied = [p for p, _, group, _ in self._held_tied() if group is not None]
+        return self.parallelized[0].build_optimizer(
+            optimizer_class, params, reduce_at_step=tied, **kwargs
+        )
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> torch.Tensor:
         """Clip by the global norm over all pipeline ranks (a collective on every rank); a
-        tied parameter's gradient counts once."""
+        tied parameter's gradient counts once. Under ZeRO the reduced gradients are the
+        optimizer's shards: pass ``optimizer`` (from :meth:`build_optimizer`)."""
+        if isinstance(optimizer, ZeroOptimizer):
+            return optimizer.clip_grad_norm_(
+                max_norm, norm_type, also_over=self.group, counted=self.norm_parameters()
+            )
+        if self.zero:
+            raise ValueError(
+                "the stages use ZeRO (stage_parallel data_parallel zero1/zero2): their reduced "
+                "gradients live in the optimizer's shards; build it with "
+                "Pipeline.build_optimizer and pass it as clip_grad_norm_(..., optimizer=opt)"
+            )
         return pipeline_clip_grad_norm_(
             self.parameters(),
             max_norm,

@@ -1,0 +1,109 @@
+"""``train.fp8`` under tensor parallelism: TP2 + SP x FSDP2 on 4 gloo ranks gives the single
+process's FP8 losses and gradient norms (per-tensor scaling, amaxes all-reduced over the
+tensor-parallel ranks; emulated FP8 GEMMs on the CPU). Layers that would not be exact are
+refused, named: block-wise blocks straddling two ranks, FP8 linears replicated on sequence
+shards.
+
+FP8 rounding is discontinuous. Where tensor parallelism sums partial results (a row-parallel
+layer's output, a column-parallel layer's input gradient, attention on a rank's heads) the fp32
+values differ from one process's in the last bit, and now and then such a value sits on an FP8
+rounding boundary and rounds the other way. A step's gradients then still agree to ~3e-6 (the
+FP8 weight gradients of one step of a 1-layer Llama were bit-identical, per-tensor), but:
+
+- AdamW's first updates are ``lr * sign(grad)``: a flipped near-zero weight gradient moves its
+  weight by ``2 lr``. At the tiny runs' ``lr=1e-2`` the step-3 gradient norms differ by ~8e-4
+  (FSDP4 without TP: equal; fp32 TP2: equal), so these runs use ``lr=1e-5``.
+- Block-wise scaling re-derives a scale from every 128-element block, so a last-bit change of a
+  block's largest element rescales the whole block: on a 256-wide Llama one flipped element of
+  ``q_proj``'s gradient (3.6e-4 of its largest) made step 1's gradient norm differ by 1.5e-5.
+  Block-wise under TP is checked exactly per layer instead (forge-parallel's
+  test_fp8_tensor_parallel: 128-wide shards, 4e-7), where no partial sum feeds a quantizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import forge_models
+from forge_core.testing import import_path
+from forge_parallel import TPPlan
+from forge_train.config import ConfigError
+from forge_train.fp8 import check_fp8_tensor_parallel, convert_model_to_fp8
+
+tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
+
+_RUN = (  # one 2-row micro-batch per data-parallel rank, two in one process
+    "data.global_batch_rows=4",
+    "data.micro_batch_rows=2",
+    "train.steps=3",
+    "train.eval_batches=0",
+    "checkpoint.export_hf=false",
+    "optim.lr=1e-5",
+)
+
+
+def _losses(output_dir: str, *overrides: str) -> list[list[float]]:
+    """Per-step ``[loss, gradient norm]`` of a tiny run (a pool job: rank 0's are the run's)."""
+    return tiny.train_losses_and_norms(
+        *tiny.TINY_RUN, *_RUN, f"train.output_dir={output_dir}", *overrides
+    )
+
+
+def _close(ranks: list[list[list[float]]], single: list[list[float]]) -> None:
+    assert len(single) == 3, single
+    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_under_tp2_sp_fsdp2_matches_one_process(tmp_path, dist_pool):
+    """Every FP8 linear of the tiny Llama split: q/k/v column-parallel, o_proj and down_proj
+    row-parallel, gate_up_proj packed column-parallel (each rank its halves of gate and up)."""
+    pool = dist_pool(4)
+    per_tensor = (*tiny.TINY_MODEL, "train.fp8=per_tensor")
+    single = _losses(f"{tmp_path}/single", *per_tensor)
+    _close(pool.run(_losses, f"{tmp_path}/tp2", *per_tensor, "parallel=tp2-fsdp"), single)
+
+
+def _fp8_llama(mode: str, **sizes: int) -> torch.nn.Module:
+    config = forge_models.TransformerConfig(family="llama", vocab_size=64, num_layers=1, **sizes)
+    model = forge_models.build_model(config)
+    convert_model_to_fp8(model, mode)
+    return model
+
+
+def test_blockwise_shards_that_split_a_block_are_refused():
+    # k_proj: 2 kv heads x 64 = 128 features, 64 per rank at tp=2.
+    model = _fp8_llama(
+        "blockwise", hidden_size=256, intermediate_size=256, num_heads=4, num_kv_heads=2
+    )
+    plan = TPPlan(styles=model.parallel_plan(sequence_parallel=True), sequence_parallel=True)
+    check_fp8_tensor_parallel(model, plan, 1, "blockwise")  # tp=1: nothing is split
+    with pytest.raises(
+        ConfigError,
+        match=r"train.fp8=blockwise: layers.0.attn.k_proj \(colwise\) splits out_features=128 "
+        r"over parallel.tp=2 into 64-wide shards, not multiples of the 128-wide",
+    ):
+        check_fp8_tensor_parallel(model, plan, 2, "blockwise")
+
+
+def test_fp8_linears_replicated_on_sequence_shards_are_refused():
+    """A module run whole on each rank's sequence shard (as a MoE block under sequence
+    parallelism) would scale by its own tokens' amax: refused; without SP it is exact."""
+    model = _fp8_llama(
+        "per_tensor", hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2
+    )
+    styles = {
+        k: v for k, v in model.parallel_plan(sequence_parallel=True).items() if ".mlp" not in k
+    }
+    styles["layers.*.mlp"] = "replicate"
+    check_fp8_tensor_parallel(model, TPPlan(styles=styles), 2, "per_tensor")
+    with pytest.raises(
+        ConfigError,
+        match=r"train.fp8=per_tensor: layers.0.mlp.gate_up_proj runs replicated on each rank's "
+        r"sequence shard \(style 'replicate' of layers.0.mlp, under parallel.sequence_parallel",
+    ):
+        check_fp8_tensor_parallel(
+            model, TPPlan(styles=styles, sequence_parallel=True), 2, "per_tensor"
+        )
