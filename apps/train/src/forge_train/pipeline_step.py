@@ -46,15 +46,15 @@ class PipelineStepRunner(StepRunner):
         computes them from its own copy)."""
         preparer = self.pipeline.inputs_model
         ids, targets, block_args, tokens, batches = [], [], [], [], []
-        self._documents = []
+        self._rows = []
         moe = self.pipeline.moe
         token_documents = {}  # a split batch's sequence-wise loss: each block's inputs' rows
         for mb in micro_batches:
             kwargs, n = model_inputs(mb, self.device)
             whole = kwargs
             if self.context is not None:  # this rank's shard of the row (targets shifted whole)
-                kwargs, n, cu_seqlens = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
-                self._documents.append(cu_seqlens)
+                kwargs, n, row = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
+                self._rows.append(row)  # the whole row's documents (and image blocks)
                 targets.append(kwargs["targets"])
                 inputs = preparer.attention_inputs(
                     kwargs["input_ids"], position_ids=kwargs["position_ids"]
@@ -96,7 +96,7 @@ class PipelineStepRunner(StepRunner):
         if p.head is not None:  # the last stage computes the loss of each micro-batch itself
             p.head.load(batches if p.is_last else None)
         documents = (
-            self.context.pipeline_forward(self._documents)
+            self.context.pipeline_forward(self._rows)
             if self.context is not None
             else contextlib.nullcontext()
         )

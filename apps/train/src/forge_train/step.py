@@ -106,8 +106,8 @@ class StepRunner:
             documents = self.routing.local_documents(kwargs)
         if self.context is None:
             return kwargs, n, contextlib.nullcontext, documents
-        local, n, cu_seqlens = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
-        return local, n, functools.partial(self.context.forward, cu_seqlens), documents
+        local, n, row = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
+        return local, n, functools.partial(self.context.forward, row), documents
 
     def forward_sum(
         self,
