@@ -6,6 +6,10 @@ per-tensor current and delayed scaling (amaxes all-reduced over tp) and block-wi
 The weights are built so that each rank's shard has a different amax (the second half of the
 column-parallel rows and of the row-parallel columns scaled up): without the amax reduction
 the outputs and gradients are wrong, which the job checks too.
+
+The same job checks FP8 linears whose *tokens* are split (context parallelism; a layer run
+whole on a sequence shard): each rank runs whole weights on its half of the sequence, with
+``token_group`` set, and the second half of the sequence scaled up so each rank's amax differs.
 """
 
 from __future__ import annotations
@@ -137,30 +141,96 @@ def _errors(recipe: str, dim: int, hidden: int, steps: int) -> dict[str, float]:
     return errors
 
 
+class _TokenMlp(nn.Module):
+    """``down(silu(up(x)))``, whole weights, as a layer on a sequence shard runs."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(x)))
+
+
+def _token_split_errors(recipe: str, dim: int, seq: int, steps: int) -> dict[str, float]:
+    """Largest relative error of FP8 linears on this rank's half of the sequence (amaxes of
+    the input and output gradient reduced over the token group) against one process on the
+    whole sequence: outputs, input gradients, summed weight gradients, delayed buffers."""
+    from forge_kernels.fp8 import convert_to_fp8, set_token_group
+
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(
+            convert_to_fp8(_TokenMlp(dim, 2 * dim), recipe=recipe, skip=(), gemm="emulate")
+        )
+    reference, split = models
+    assert set_token_group(split, dist.group.WORLD) == ["up", "down"]
+    errors: dict[str, float] = {}
+
+    def note(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        errors[name] = max(errors.get(name, 0.0), err)
+
+    shard = slice(rank * seq // ranks, (rank + 1) * seq // ranks)
+    for step in range(steps):
+        torch.manual_seed(200 + step)
+        x = torch.randn(1, seq, dim) * torch.linspace(0.5, 3, dim)
+        x[:, seq // 2 :] *= 4  # the second rank's tokens: a larger amax
+        for model in (reference, split):
+            model.zero_grad()
+        y_ref, dx_ref = _step(reference, x)
+        y, dx = _step(split, x[:, shard])
+        note("output", y, y_ref[:, shard])
+        note("input_grad", dx, dx_ref[:, shard])
+        for (name, p), p_ref in zip(split.named_parameters(), reference.parameters(), strict=True):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)  # each rank's tokens' share (data parallelism sums them)
+            note(f"grad {name}", grad, p_ref.grad)
+    if recipe == "delayed":
+        ref_buffers = dict(reference.named_buffers())
+        for name, buffer in split.named_buffers():
+            note(f"buffer {name}", buffer, ref_buffers[name])
+    return errors
+
+
 def _job() -> dict[str, dict[str, float]]:
     out = {
+        "tokens_current": _token_split_errors("current", 32, 16, 1),
+        "tokens_delayed": _token_split_errors("delayed", 32, 16, 3),
+        "tokens_blockwise": _token_split_errors("blockwise", 128, 256, 1),
         "current": _errors("current", 32, 64, 1),
         "delayed": _errors("delayed", 32, 64, 3),
         "blockwise": _errors("blockwise", 256, 256, 1),
     }
     with _amax_not_reduced():
         out["current_unreduced"] = _errors("current", 32, 64, 1)
+        out["tokens_unreduced"] = _token_split_errors("current", 32, 16, 1)
     try:  # 128 hidden units over 2 ranks: 64-wide shards of 128-wide blocks
         _errors("blockwise", 128, 128, 1)
     except ValueError as error:
         out["blockwise_misaligned"] = {"message": str(error)}
+    try:  # 64 tokens per rank: a 128-token weight-gradient block would span both
+        _token_split_errors("blockwise", 128, 128, 1)
+    except ValueError as error:
+        out["tokens_blockwise_misaligned"] = {"message": str(error)}
     return out
 
 
 def test_fp8_linears_under_tp2_sp_match_one_process(dist_pool):
     results = dist_pool(2).run(_job)
     for recipe, errors in results[0].items():  # shown with pytest -s
-        if recipe != "blockwise_misaligned":
+        if not recipe.endswith("_misaligned"):
             print(f"{recipe:18s} max relative error {max(errors.values()):.1e}")
     for rank_result in results:
         for recipe in ("current", "delayed", "blockwise"):
-            errors = rank_result[recipe]
-            assert max(errors.values()) < 1e-5, (recipe, errors)
+            for case in (recipe, f"tokens_{recipe}"):
+                errors = rank_result[case]
+                assert max(errors.values()) < 1e-5, (case, errors)
+        assert sum(k.startswith("buffer ") for k in rank_result["tokens_delayed"]) == 4
+        assert max(rank_result["tokens_unreduced"].values()) > 1e-3
         # Every layer's weight gradient was compared, and the delayed histories.
         assert sum(k.startswith("grad mlp.") for k in rank_result["current"]) == 5
         assert any(k.startswith("buffer ") for k in rank_result["delayed"])
@@ -168,3 +238,14 @@ def test_fp8_linears_under_tp2_sp_match_one_process(dist_pool):
         assert max(rank_result["current_unreduced"].values()) > 1e-3
         message = rank_result["blockwise_misaligned"]["message"]
         assert "gives 64-wide shards, not a multiple of the 128-wide blocks" in message
+        message = rank_result["tokens_blockwise_misaligned"]["message"]
+        assert "this rank holds 64 tokens, not a multiple of the 128-token blocks" in message
+
+
+def test_set_token_group_names_the_layers_it_cannot_find():
+    from forge_kernels.fp8 import convert_to_fp8, set_token_group
+
+    model = convert_to_fp8(_TokenMlp(32, 64), skip=(), gemm="emulate")
+    assert set_token_group(model, None, names=["down"]) == ["down"]
+    with pytest.raises(ValueError, match=r"\['nope'\] are not Fp8Linear modules of the model"):
+        set_token_group(model, None, names=["down", "nope"])

@@ -167,12 +167,26 @@ def build_components(
         dims = ParallelDims(world_size=world_size, **degrees)
     vlm = cfg.model.kind == "vlm"
     plan = None
+    fp8_on_sequence_shards: list[torch.nn.Module] = []  # FP8 linears run whole on SP shards
     if degrees["tp"] > 1 and not vlm:
         plan = _text_plan(model, config, cfg)
         if fp8_layers:
             from forge_train.fp8 import check_fp8_tensor_parallel
 
-            check_fp8_tensor_parallel(model, plan, degrees["tp"], cfg.train.fp8)
+            fp8_on_sequence_shards = check_fp8_tensor_parallel(
+                model, plan, degrees["tp"], cfg.train.fp8
+            )
+    if fp8_layers:
+        from forge_train.fp8 import check_fp8_token_split
+
+        check_fp8_token_split(
+            cfg.train.fp8,
+            tokens=cfg.data.seq_len * cfg.data.micro_batch_rows,
+            chunks=degrees["cp"] * (2 if cfg.parallel.cp_load_balance else 1),
+            cp=degrees["cp"],
+            tp=degrees["tp"],
+            on_sequence_shards=bool(fp8_on_sequence_shards),
+        )
     stage_parallel = {
         "plan": plan,
         "data_parallel": cfg.parallel.data_parallel if dims is not None else None,
@@ -201,6 +215,12 @@ def build_components(
         model, mesh = parallel.model, parallel.mesh
     if on_meta:
         _materialize(model, device, cfg, config, pipeline=pipeline)
+    if fp8_layers and mesh is not None:  # tokens split over cp (and tp on SP shards)
+        from forge_train.fp8 import set_fp8_token_groups
+
+        set_fp8_token_groups(
+            model, mesh, cp=degrees["cp"], on_sequence_shards=fp8_on_sequence_shards
+        )
     dp_group = mesh.group("dp") if mesh is not None else None
     dp_rank = mesh.local_rank("dp") if mesh is not None else 0
     dp_size = mesh.size("dp") if mesh is not None else 1

@@ -190,8 +190,6 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
         "train.compile=true (the context-parallel attention is routed at run time)": (
             cfg.train.compile
         ),
-        "train.fp8 (each rank would scale its activations by the amax of its own sequence "
-        "shard, not the micro-batch's; use train.fp8=null)": cfg.train.fp8 is not None,
         "parallel.recompute=selective (its policy would cache buffers that the "
         "context-parallel exchanges fill in place; use parallel.recompute=full or none)": (
             settings.recompute == "selective"

@@ -15,9 +15,17 @@ tensor parallelism the plan's column-, packed-column- and row-parallel styles sp
 linears like ``nn.Linear`` (``Fp8Linear`` subclasses it); each then computes on its shards with
 per-tensor amaxes all-reduced over the tensor-parallel ranks, which gives one process's scales
 (forge_kernels.fp8.tensor_parallel). :func:`check_fp8_tensor_parallel` refuses, naming the
-layer, what would not: block-wise blocks straddling two ranks, and FP8 linears run replicated
-on a sequence shard (a ``replicate`` style under sequence parallelism, where each rank would
-scale by its own tokens' amax).
+layer, block-wise blocks that would straddle two ranks.
+
+Where a layer's *tokens* are split over ranks, :func:`set_fp8_token_groups` gives it the group
+that splits them (forge_kernels.fp8.token_split), over which the amaxes of its input and output
+gradient are all-reduced, so the scales are again one process's: under context parallelism
+every FP8 linear (the ``cp`` group), under sequence parallelism the FP8 linears run whole on
+each rank's sequence shard (a ``replicate`` style: a MoE block's shared expert, multi-token
+prediction's ``eh_proj``; the ``tp`` group, and ``cp`` x ``tp`` with both). Block-wise scaling
+needs no reduction there, but its 128-token weight-gradient blocks must not straddle two
+ranks: :func:`check_fp8_token_split` refuses sequence shards that are not runs of multiples of
+128 tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +35,14 @@ from torch import nn
 
 from forge_train.config import ConfigError
 
-__all__ = ["RECIPES", "check_fp8_support", "check_fp8_tensor_parallel", "convert_model_to_fp8"]
+__all__ = [
+    "RECIPES",
+    "check_fp8_support",
+    "check_fp8_tensor_parallel",
+    "check_fp8_token_split",
+    "convert_model_to_fp8",
+    "set_fp8_token_groups",
+]
 
 #: ``train.fp8`` -> forge_kernels recipe name.
 RECIPES = {"per_tensor": "current", "blockwise": "blockwise"}
@@ -80,15 +95,17 @@ def convert_model_to_fp8(
     return converted
 
 
-def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> None:
+def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> list[nn.Module]:
     """``ConfigError`` naming the first FP8 linear of ``model`` that the tensor-parallel ``plan``
     (a forge_parallel ``TPPlan``) at degree ``tp`` would split in a way that does not give one
-    process's FP8 numerics (see the module docstring)."""
+    process's FP8 numerics (see the module docstring). Returns the FP8 linears that run whole
+    on each rank's sequence shard (for :func:`set_fp8_token_groups`)."""
     from forge_kernels.fp8 import Fp8Linear
     from forge_parallel.tensor_parallel import resolve_plan
 
     styles = resolve_plan(model, plan)
     block = 128 if mode == "blockwise" else None
+    on_sequence_shards: list[nn.Module] = []
     for name, module in model.named_modules():
         if not isinstance(module, Fp8Linear):
             continue
@@ -100,13 +117,65 @@ def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> Non
         base, _, chunks = style.partition(":")
         if nearest == name and block is not None:
             _check_blocks(name, module, base, int(chunks or 2), tp, block)
-        elif plan.sequence_parallel and base.startswith("replicate"):
+        elif plan.sequence_parallel and base == "replicate":
+            on_sequence_shards.append(module)
+        elif base == "replicate_partial":
             raise ConfigError(
-                f"train.fp8={mode}: {name} runs replicated on each rank's sequence shard (style "
-                f"{style!r} of {nearest}, under parallel.sequence_parallel), so its FP8 scales "
-                "would come from one rank's tokens instead of the whole sequence; set "
-                "parallel.sequence_parallel=false or train.fp8=null"
+                f"train.fp8={mode}: {name} runs replicated on each rank's part of the heads "
+                f"(style {style!r} of {nearest}), so its FP8 scales would come from those heads "
+                "only; keep the layer out of FP8 or set train.fp8=null"
             )
+    return on_sequence_shards
+
+
+def check_fp8_token_split(
+    mode: str, *, tokens: int, chunks: int, cp: int, tp: int, on_sequence_shards: bool
+) -> None:
+    """``ConfigError`` when block-wise FP8 linears would see sequence shards that are not runs
+    of whole 128-token blocks: the context-parallel chunks (``tokens`` of a micro-batch's
+    packed row cut into ``chunks``) and, for layers run on sequence shards under sequence
+    parallelism, the ``tokens / cp / tp`` each rank holds. Per-tensor scaling has no such
+    constraint (its amaxes are reduced over the token group)."""
+    if mode != "blockwise":
+        return
+    block = 128
+    runs = {}
+    if cp > 1:
+        runs["context-parallel chunk"] = tokens // chunks
+    if on_sequence_shards and tp > 1:
+        runs["sequence-parallel shard"] = tokens // cp // tp
+    for what, size in runs.items():
+        if size % block:
+            raise ConfigError(
+                f"train.fp8=blockwise: each {what} holds {size} tokens (a micro-batch's packed "
+                f"row of {tokens} tokens, parallel.cp={cp}, parallel.tp={tp}), not a multiple of "
+                f"the {block}-token blocks of the weight-gradient GEMM, so a block would mix two "
+                f"ranks' tokens; choose data.seq_len x data.micro_batch_rows so that it is, or "
+                "use train.fp8=per_tensor"
+            )
+
+
+def set_fp8_token_groups(
+    model: nn.Module, mesh, *, cp: int, on_sequence_shards: list[nn.Module]
+) -> int:
+    """After parallelization, tell each FP8 linear of ``model`` which groups of the forge_core
+    ``ParallelMesh`` split its tokens: ``cp`` for all under context parallelism, and ``tp`` for
+    those in ``on_sequence_shards`` (from :func:`check_fp8_tensor_parallel`). Returns how many
+    were given a group."""
+    from forge_kernels.fp8 import Fp8Linear
+
+    shard_ids = {id(module) for module in on_sequence_shards}
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        groups = (mesh.group("cp"),) if cp > 1 else ()
+        if id(module) in shard_ids:
+            groups += (mesh.group("tp"),)
+        if groups:
+            module.token_group = groups if len(groups) > 1 else groups[0]
+            count += 1
+    return count
 
 
 def _check_blocks(

@@ -8,6 +8,9 @@ calibrated policy for when FP8 pays off.
   exact FP8 emulation elsewhere.
 - :mod:`~forge_kernels.fp8.tensor_parallel`: ``Fp8Linear`` split by tensor-parallel styles
   computes on its shards, per-tensor amaxes all-reduced over the group (:class:`Fp8AmaxGroups`).
+- :mod:`~forge_kernels.fp8.token_split`: ``Fp8Linear(token_group=...)`` /
+  :func:`set_token_group` for layers whose tokens are split over ranks (context parallelism,
+  layers run on sequence shards): input and gradient amaxes all-reduced over that group.
 - :mod:`~forge_kernels.fp8.te_backend`: ``Fp8Linear(backend="te")`` on NVIDIA Transformer Engine
   (optional extra, imported only when asked for).
 - :mod:`~forge_kernels.fp8.policy`: :class:`Fp8Policy` and :func:`calibrate_fp8_policy`.
@@ -52,6 +55,7 @@ from forge_kernels.fp8.quantize import (
     resolve_recipe,
     tensor_amax,
 )
+from forge_kernels.fp8.token_split import check_token_blocks, set_token_group, token_group_size
 
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",
@@ -70,6 +74,7 @@ __all__ = [
     "Fp8Tensor",
     "amax_to_scale",
     "calibrate_fp8_policy",
+    "check_token_blocks",
     "convert_to_fp8",
     "dequantize",
     "fp8_gemm",
@@ -82,5 +87,7 @@ __all__ = [
     "quantize_tensorwise",
     "resolve_recipe",
     "scaled_mm_unsupported_reason",
+    "set_token_group",
     "tensor_amax",
+    "token_group_size",
 ]

@@ -49,9 +49,11 @@ from forge_kernels.fp8.quantize import (
     quantize_tensorwise,
     resolve_recipe,
 )
+from forge_kernels.fp8.token_split import check_token_blocks, token_group_size
 
 if TYPE_CHECKING:
     from forge_kernels.fp8.policy import Fp8Policy
+    from forge_kernels.fp8.quantize import AmaxGroup
 
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",
@@ -354,6 +356,12 @@ def _fp8_linear(
         if state.amax_history.shape[0] < 3:
             raise ValueError("the delayed-scaling state needs 3 rows: input, weight, gradient")
     out_dtype = _compute_dtype(x)
+    if x.numel() == 0 and amax_groups is not None and amax_groups.tokens is not None:
+        raise ValueError(
+            "an FP8 linear whose tokens are split over a group got no tokens on this rank: the "
+            "other ranks would wait for its amax in the all-reduce; give every rank of the "
+            "token group tokens (equal sequence shards), or clear the layer's token_group"
+        )
     if x.numel() == 0:
         b = None if bias is None else bias.to(out_dtype)
         return F.linear(x.to(out_dtype), weight.to(out_dtype), b)
@@ -423,9 +431,10 @@ def fp8_linear(
             delayed scaling reads and updates; unused otherwise.
         gemm: ``"auto"``, ``"scaled_mm"`` (the real FP8 GEMM, raising where it cannot run) or
             ``"emulate"`` (see the module docstring).
-        amax_groups: for operands that are shards of a tensor-parallel tensor, the groups over
-            which their per-tensor amax is all-reduced (:class:`Fp8AmaxGroups`); ``None``: every
-            operand is whole. :class:`Fp8Linear` sets it from its DTensor placements.
+        amax_groups: for operands that are shards of a tensor-parallel tensor, or whose tokens
+            are split over ranks, the groups over which their per-tensor amax is all-reduced
+            (:class:`Fp8AmaxGroups`); ``None``: every operand is whole. :class:`Fp8Linear` sets
+            it from its DTensor placements and its ``token_group``.
 
     Dispatches through ``registry.get_op("fp8_linear")``, so a plugin override takes effect here
     (``amax_groups`` is passed to it only when set).
@@ -447,7 +456,9 @@ class Fp8Linear(nn.Linear):
     split linears (torch's ``ColwiseParallel`` / ``RowwiseParallel``, forge-parallel's packed
     column style) accept it. With a DTensor weight it computes on the local shards, reducing
     per-tensor amaxes over the tensor-parallel group so the scales are one process's
-    (:mod:`forge_kernels.fp8.tensor_parallel`).
+    (:mod:`forge_kernels.fp8.tensor_parallel`). With a ``token_group`` its input holds this
+    rank's share of the tokens, and the amaxes of the input and output gradient are reduced
+    over that group too (:mod:`forge_kernels.fp8.token_split`).
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -462,6 +473,11 @@ class Fp8Linear(nn.Linear):
         policy: an :class:`~forge_kernels.fp8.policy.Fp8Policy`; each call then runs in FP8 only
             if the policy says FP8 pays off for its (tokens, out_features, in_features) GEMM,
             else in high precision (``F.linear`` in the compute dtype).
+        token_group: the process group (or a tuple of groups) over which the layer's tokens are
+            split, each rank calling it on its shard of the rows (context parallelism's sequence
+            shards; a layer run whole on a sequence shard under sequence parallelism); ``None``:
+            every call sees all the tokens. Also an attribute, which
+            :func:`~forge_kernels.fp8.token_split.set_token_group` sets after parallelization.
     """
 
     def __init__(
@@ -474,6 +490,7 @@ class Fp8Linear(nn.Linear):
         backend: Literal["torch", "te"] = "torch",
         gemm: GemmChoice = "auto",
         policy: Fp8Policy | None = None,
+        token_group: AmaxGroup = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -485,6 +502,7 @@ class Fp8Linear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.recipe = resolve_recipe(recipe)
         self.backend, self.gemm, self.policy = backend, gemm, policy
+        self.token_group = token_group
         if backend == "te":
             from forge_kernels.fp8 import te_backend
 
@@ -531,11 +549,18 @@ class Fp8Linear(nn.Linear):
         backend: Literal["torch", "te"] = "torch",
         gemm: GemmChoice = "auto",
         policy: Fp8Policy | None = None,
+        token_group: AmaxGroup = None,
     ) -> Fp8Linear:
         """An Fp8Linear computing ``linear``. The torch backend shares ``linear``'s parameters
         (same objects: an optimizer built on the original keeps working); TE copies them."""
         weight = linear.weight
-        kwargs = {"recipe": recipe, "backend": backend, "gemm": gemm, "policy": policy}
+        kwargs = {
+            "recipe": recipe,
+            "backend": backend,
+            "gemm": gemm,
+            "policy": policy,
+            "token_group": token_group,
+        }
         has_bias = linear.bias is not None
         if backend == "te":
             new = cls(
@@ -568,36 +593,49 @@ class Fp8Linear(nn.Linear):
         return DelayedScalingState(history, scale)
 
     def uses_fp8(self, x: torch.Tensor) -> bool:
-        """Whether a call on ``x`` runs in FP8 (always, unless the policy says it does not pay)."""
+        """Whether a call on ``x`` runs in FP8 (always, unless the policy says it does not pay).
+        The policy is asked about the whole GEMM: with a ``token_group``, the tokens of all its
+        ranks (equal shards), so every rank, and one process, decide alike."""
         if self.policy is None:
             return True
-        tokens = x.numel() // max(self.in_features, 1)
+        tokens = x.numel() // max(self.in_features, 1) * token_group_size(self.token_group)
         return self.policy.use_fp8(tokens, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "te":
-            if _is_dtensor(x):
+            if _is_dtensor(x) or self.token_group is not None:
                 raise ValueError(
-                    "Fp8Linear(backend='te') got a DTensor input: tensor parallelism is not "
-                    "supported with the Transformer Engine backend; use backend='torch'"
+                    "Fp8Linear(backend='te') got a DTensor input or a token_group: tensor, "
+                    "context and sequence parallelism are not supported with the Transformer "
+                    "Engine backend; use backend='torch'"
                 )
             from forge_kernels.fp8 import te_backend
 
             with te_backend.te_autocast(self._te_recipe, enabled=self.uses_fp8(x)):
                 return self.te_linear(x)
         linear = self._local_linear(x)  # decided on the whole x: every rank decides alike
+        blockwise = isinstance(self.recipe, Fp8BlockwiseScaling) and self.uses_fp8(x)
+        block = self.recipe.block_size if blockwise else None
+        if block is not None and self.token_group is not None:
+            check_token_blocks(x, block)
         if _is_dtensor(self.weight):
             from forge_kernels.fp8.tensor_parallel import linear_on_shards
 
-            blockwise = isinstance(self.recipe, Fp8BlockwiseScaling) and self.uses_fp8(x)
-            block = self.recipe.block_size if blockwise else None
-            return linear_on_shards(x, self.weight, self.bias, linear=linear, block_size=block)
+            return linear_on_shards(
+                x,
+                self.weight,
+                self.bias,
+                linear=linear,
+                block_size=block,
+                token_group=self.token_group,
+            )
         if _is_dtensor(x):
             raise ValueError(
                 "Fp8Linear got a DTensor input but holds a plain weight: split the layer with "
                 "a tensor-parallel style (colwise / rowwise), or give it a local tensor"
             )
-        return linear(x, self.weight, self.bias, None)
+        groups = None if self.token_group is None else Fp8AmaxGroups(tokens=self.token_group)
+        return linear(x, self.weight, self.bias, groups)
 
     def _local_linear(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
         """``(x, weight, bias, amax_groups) -> y`` on plain tensors: the FP8 linear, or
@@ -624,6 +662,7 @@ class Fp8Linear(nn.Linear):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, recipe={self.recipe.name}, backend={self.backend}, "
             f"gemm={self.gemm}, policy={'yes' if self.policy is not None else 'no'}"
+            + (", token_group=yes" if self.token_group is not None else "")
         )
 
 

@@ -40,6 +40,10 @@ import torch
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    #: Where a per-tensor amax is all-reduced (max): one process group, several (a tensor split
+    #: over their product: reduced over each in turn) or none (a whole tensor).
+    AmaxGroup = ProcessGroup | tuple[ProcessGroup, ...] | None
+
 from forge_kernels._triton_support import can_use_triton, triton_interpret_mode
 
 __all__ = [
@@ -280,29 +284,50 @@ class Fp8AmaxGroups:
     all-reduced (max) over the group, so every rank casts with the scale one process computes
     (Transformer Engine reduces amaxes over its ``amax_reduction_group``; torchao takes amax
     of DTensors). ``input``: the activation ``x``; ``weight``; ``grad``: the output gradient.
+
+    ``tokens``: the group(s) over which the layer's *tokens* are split (context parallelism's
+    sequence shards; a layer run whole on each rank's sequence shard under sequence
+    parallelism). The input and the output gradient are then row shards of one process's
+    tensors, so their amax is reduced over ``tokens`` as well; the weight is whole.
+
     Block-wise scaling needs no reduction when every block lies in one shard.
     """
 
     input: ProcessGroup | None = None
     weight: ProcessGroup | None = None
     grad: ProcessGroup | None = None
+    tokens: ProcessGroup | tuple[ProcessGroup, ...] | None = None
 
-    def for_role(self, role: int) -> ProcessGroup | None:
-        """The group of operand ``role`` (0: input, 1: weight, 2: output gradient)."""
-        return (self.input, self.weight, self.grad)[role]
+    def for_role(self, role: int) -> tuple[ProcessGroup, ...] | None:
+        """The groups of operand ``role`` (0: input, 1: weight, 2: output gradient), or None
+        when it is whole: its sharding group, then (input and gradient) the token groups."""
+        sharded = (self.input, self.weight, self.grad)[role]
+        groups = () if sharded is None else (sharded,)
+        if role != 1:
+            groups += _group_tuple(self.tokens)
+        return groups or None
 
 
-def tensor_amax(x: torch.Tensor, *, group: ProcessGroup | None = None) -> torch.Tensor:
-    """``max |x|`` in fp32; with ``group``, of the whole tensor that ``x`` is this rank's shard
-    of (an all-reduce max; a NaN becomes inf first, which ``amax_to_scale`` treats alike, so
-    the result does not depend on how the collective orders NaN)."""
-    amax = x.detach().abs().amax().float()
+def _group_tuple(group: AmaxGroup) -> tuple[ProcessGroup, ...]:
     if group is None:
+        return ()
+    return tuple(group) if isinstance(group, tuple | list) else (group,)
+
+
+def tensor_amax(x: torch.Tensor, *, group: AmaxGroup = None) -> torch.Tensor:
+    """``max |x|`` in fp32; with ``group`` (one or several process groups), of the whole
+    tensor that ``x`` is this rank's shard of (an all-reduce max over each group; a NaN becomes
+    inf first, which ``amax_to_scale`` treats alike, so the result does not depend on how the
+    collective orders NaN)."""
+    amax = x.detach().abs().amax().float()
+    groups = _group_tuple(group)
+    if not groups:
         return amax
     import torch.distributed as dist
 
     amax = torch.nan_to_num(amax, nan=math.inf)
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    for one in groups:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=one)
     return amax
 
 
@@ -318,7 +343,7 @@ def quantize_tensorwise(
     scale: torch.Tensor | None = None,
     transpose: bool = False,
     use_triton: bool | None = None,
-    amax_group: ProcessGroup | None = None,
+    amax_group: AmaxGroup = None,
 ) -> Fp8Tensor:
     """Quantize with one scale: ``scale`` if given (delayed scaling), else from ``x``'s amax
     (with ``amax_group``: the amax of the whole tensor ``x`` is a shard of, see
@@ -561,12 +586,12 @@ class DelayedScalingState:
         recipe: Fp8DelayedScaling,
         *,
         transpose: bool = False,
-        amax_group: ProcessGroup | None = None,
+        amax_group: AmaxGroup = None,
     ) -> Fp8Tensor:
         """Cast ``x`` with tensor ``index``'s current scale, then update its history and scale.
 
         ``transpose`` also writes the transposed copy (see :func:`quantize_tensorwise`);
-        ``amax_group``: ``x`` is a shard over this group, the history records the amax of the
+        ``amax_group``: ``x`` is a shard over this group (or these), the history records the amax of the
         whole tensor (every rank keeps the same history, that of one process)."""
         q = quantize_tensorwise(x, fp8_dtype, scale=self.scale[index].clone(), transpose=transpose)
         self.update(index, tensor_amax(x, group=amax_group), fp8_dtype, recipe)

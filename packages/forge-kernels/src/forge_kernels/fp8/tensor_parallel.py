@@ -20,7 +20,9 @@ every sharded operand is all-reduced over the group (:class:`~forge_kernels.fp8.
 Fp8AmaxGroups`): each rank casts with the scale one process computes, and its GEMM on its
 shards gives one process's values (up to fp32 summation order). Transformer Engine reduces
 amaxes over the tensor-parallel group for the same reason; torchao takes amax of DTensors.
-Delayed scaling records the reduced amax, so the histories stay one process's.
+Delayed scaling records the reduced amax, so the histories stay one process's. When the
+tokens are split as well (context parallelism), ``token_group`` adds that group to the input
+and output-gradient reductions (:mod:`forge_kernels.fp8.token_split`).
 
 Block-wise scaling (DeepSeek-V3 1x128 activation tiles, 128x128 weight blocks) needs no
 reduction when every block lies in one shard, that is when the sharded dimension of every
@@ -36,12 +38,16 @@ bias; its gradient, the sum of the replicated output gradient, is computed on ev
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from forge_kernels.fp8.quantize import Fp8AmaxGroups
+
+if TYPE_CHECKING:
+    from forge_kernels.fp8.quantize import AmaxGroup
 
 __all__ = ["linear_on_shards", "weight_split"]
 
@@ -118,10 +124,13 @@ def linear_on_shards(
     *,
     linear: LocalLinear,
     block_size: int | None = None,
+    token_group: AmaxGroup = None,
 ) -> DTensor:
     """``linear(x_local, weight_local, bias_local, amax_groups)`` on the local shards of a
     tensor-parallel linear, returned as the DTensor the layer's style expects (see the module
-    docstring). ``block_size``: the block-wise recipe's block, checked against the shards."""
+    docstring). ``block_size``: the block-wise recipe's block, checked against the shards.
+    ``token_group``: the group(s) splitting the tokens as well (context parallelism), over which
+    the input and output-gradient amaxes are reduced too (:mod:`forge_kernels.fp8.token_split`)."""
     mesh = weight.device_mesh
     if mesh.ndim != 1:
         raise ValueError(
@@ -160,6 +169,7 @@ def linear_on_shards(
         input=group if split == "in" else None,
         weight=None if split == "replicated" else group,
         grad=group if split == "out" else None,
+        tokens=token_group,
     )
     if split == "in":
         y_local = linear(x_local, w_local, None, groups)  # a partial sum
