@@ -23,10 +23,15 @@ tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_t
 _RUN = (
     "data.global_batch_rows=8",
     "data.micro_batch_rows=2",
-    "train.steps=3",
+    "train.steps=2",
     "train.eval_batches=1",
     "checkpoint.export_hf=false",
 )
+#: The single-process references skip the held-out evaluation (one process's is tested in
+#: test_train_e2e; the parallel runs keep theirs, so that it runs under every layout).
+_NO_EVAL = "train.eval_batches=0"
+#: The expert-parallel run whose step-2 checkpoint is resumed, and its reference, go on a step.
+_THREE_STEPS = "train.steps=3"
 
 
 def _losses(output_dir: str, *overrides: str) -> list[list[float]]:
@@ -47,7 +52,7 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     # (forge_train.context_parallel); its block's attention context-parallel like the
     # decoder's. (A shard's own shift gives gradient norms 4% off.) The MoE runs below have none.
     model = (*tiny.TINY_MODEL, "model.init_device=meta", "+model.config.mtp_depth=1")
-    single = _losses(f"{tmp_path}/single", *model)
+    single = _losses(f"{tmp_path}/single", *model, _NO_EVAL)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses", "parallel.cp_load_balance=false")
     _close(pool.run(_losses, f"{tmp_path}/ulysses", *model, *ulysses), single)
     # Ring attention, zigzag layout (the MoE runs below: without recompute), with full
@@ -65,7 +70,7 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     # A MoE model: the switch loss and the expert-bias load summed over the context-parallel
     # ranks (forge_train.sharded_routing).
     moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")
-    single = _losses(f"{tmp_path}/single_moe", *moe)
+    single = _losses(f"{tmp_path}/single_moe", *moe, _NO_EVAL)
     _close(pool.run(_losses, f"{tmp_path}/cp2_moe", *moe, "parallel=cp2-fsdp"), single)
     # ... and under 2 pipeline stages: the last stage sums the carried switch-loss sums over
     # the context-parallel ranks, each stage its expert load (forge_train.pipeline_moe).
@@ -82,7 +87,7 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
         "+model.config.moe.output_router_logits=true",
         "model.config.moe.router_aux_loss_coef=0.5",
     )
-    single = _losses(f"{tmp_path}/single_deepseek", *deepseek)
+    single = _losses(f"{tmp_path}/single_deepseek", *deepseek, _NO_EVAL)
     ulysses = ("parallel=cp2-fsdp", "parallel.cp_style=ulysses")
     _close(pool.run(_losses, f"{tmp_path}/cp2_deepseek", *deepseek, *ulysses), single)
     # ... and on 2 pipeline stages (ring, zigzag): each stage's MoE blocks sum their
@@ -98,7 +103,7 @@ _VLM = (
     "data.global_batch_rows=4",
     "logging.progress=plain",
     "logging.tensorboard=false",
-    "train.steps=3",
+    "train.steps=2",
     "train.eval_batches=0",
     "checkpoint.export_hf=false",
 )
@@ -145,8 +150,15 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
     parallelism), with and without sequence parallelism, and PP2 x EP2 with the balance loss; EP4 over dp_shard 2 x cp 2, the
     all-to-all in two chunks, without it."""
     pool = dist_pool(4)
-    single = _losses(f"{tmp_path}/single", *_MOE)
-    ep2 = pool.run(_losses, f"{tmp_path}/ep2", *_MOE, "parallel=ep2-fsdp", "checkpoint.interval=2")
+    single = _losses(f"{tmp_path}/single", *_MOE, _THREE_STEPS, _NO_EVAL)
+    ep2 = pool.run(
+        _losses,
+        f"{tmp_path}/ep2",
+        *_MOE,
+        "parallel=ep2-fsdp",
+        "checkpoint.interval=2",
+        _THREE_STEPS,
+    )
     _close(ep2, single)
     # Its step-2 checkpoint (experts sharded over ep x FSDP) resumes in one process and gives
     # the step-3 loss and gradient norm the EP2 run went on to have.
@@ -154,7 +166,8 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
     resumed.mkdir(parents=True)
     step = "step_00000002"
     shutil.copytree(tmp_path / "ep2" / "checkpoints" / step, resumed / step)
-    _close([_losses(f"{tmp_path}/resumed", *_MOE)], ep2[0][2:])
+    _close([_losses(f"{tmp_path}/resumed", *_MOE, _THREE_STEPS, _NO_EVAL)], ep2[0][2:])
+    single = single[:2]  # the runs below take 2 steps
     # EP2 x TP2: each expert also split over the tensor-parallel ranks (etp = tp).
     tp_ep = ("parallel=tp2-fsdp", "parallel.sequence_parallel=false", "parallel.ep=2")
     _close(pool.run(_losses, f"{tmp_path}/tp2_ep2", *_MOE, *tp_ep), single)
@@ -167,7 +180,7 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
     _close(pool.run(_losses, f"{tmp_path}/pp2_ep2", *_MOE, "parallel=pp2-fsdp", "parallel.ep=2"),
            single)  # fmt: skip
     no_aux = (*_MOE, "model.config.moe.output_router_logits=false")
-    single = _losses(f"{tmp_path}/single_no_aux", *no_aux)
+    single = _losses(f"{tmp_path}/single_no_aux", *no_aux, _NO_EVAL)
     cp_ep = ("parallel=cp2-fsdp", "parallel.ep=4", "parallel.ep_chunks=2")
     _close(pool.run(_losses, f"{tmp_path}/cp2_ep4", *no_aux, *cp_ep), single)
 

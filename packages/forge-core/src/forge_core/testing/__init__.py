@@ -6,6 +6,13 @@
 from forge_core.testing import conformance
 from forge_core.testing.fake_process_group import fake_process_group
 from forge_core.testing.modules import import_path
-from forge_core.testing.worker_pool import WorkerError, WorkerPool
+from forge_core.testing.worker_pool import WorkerError, WorkerPool, preload_in_workers
 
-__all__ = ["WorkerError", "WorkerPool", "conformance", "fake_process_group", "import_path"]
+__all__ = [
+    "WorkerError",
+    "WorkerPool",
+    "conformance",
+    "fake_process_group",
+    "import_path",
+    "preload_in_workers",
+]

@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 
 from forge_core.testing.modules import import_path
 
-__all__ = ["WorkerError", "WorkerPool"]
+__all__ = ["WorkerError", "WorkerPool", "preload_in_workers"]
 
 _STOP = None
 _MODULE_PREFIX = "_forge_pool_job_"
@@ -60,6 +60,17 @@ _PRELOAD = [
     "forge_core.testing.worker_pool",
     "pytest",
 ]
+
+
+def preload_in_workers(*modules: str) -> None:
+    """Import ``modules`` in the fork server too, so that every worker, and every worker
+    restarted after holding too many groups (``MAX_GROUPS_PER_WORKER``), starts with them
+    loaded instead of importing them on its first job (seconds per rank for a training stack,
+    paid again after each restart). Call it before the session's first pool starts (from a
+    conftest, at import): the fork server reads the list when it starts. Only modules that
+    import without running torch ops belong here (the server must stay safe to fork); those
+    not installed are skipped."""
+    _PRELOAD.extend(m for m in modules if m not in _PRELOAD)
 
 
 class WorkerError(RuntimeError):
