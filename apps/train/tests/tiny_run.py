@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from forge_kernels.registry import IMPL_ENV_VAR, reference_implementations
+from forge_kernels.registry import default_implementations, reference_implementations
 from forge_train.compose import compose_run_config
 from forge_train.trainer import train
 
@@ -75,13 +72,6 @@ def train_losses_and_norms(*overrides: str, fused: bool = False) -> list[list[fl
 reference_kernels = reference_implementations
 
 
-@contextlib.contextmanager
-def fused_kernels() -> Iterator[None]:
-    """forge-kernels' own dispatch (the Triton kernels) inside, also within a test that runs
-    under :data:`reference_kernels`."""
-    previous = os.environ.pop(IMPL_ENV_VAR, None)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            os.environ[IMPL_ENV_VAR] = previous
+#: forge-kernels' own dispatch (the Triton kernels) inside, also within a test that runs under
+#: :data:`reference_kernels`.
+fused_kernels = default_implementations

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "KernelOp",
+    "default_implementations",
     "define_op",
     "get_default",
     "get_op",
@@ -165,8 +166,27 @@ def reference_implementations() -> Iterator[None]:
     interpreter, an order of magnitude slower (the kernels are tested against the references
     in forge-kernels' own suite).
     """
+    with _impl_env("reference"):
+        yield
+
+
+@contextlib.contextmanager
+def default_implementations() -> Iterator[None]:
+    """Each op's default implementation (the Triton kernels) inside a ``with`` block, also
+    within a :func:`reference_implementations` block or a process started with
+    ``FORGE_KERNELS_IMPL=reference`` (unset for the block, so it reaches processes started
+    inside it too)."""
+    with _impl_env(None):
+        yield
+
+
+@contextlib.contextmanager
+def _impl_env(value: str | None) -> Iterator[None]:
     previous = os.environ.get(IMPL_ENV_VAR)
-    os.environ[IMPL_ENV_VAR] = "reference"
+    if value is None:
+        os.environ.pop(IMPL_ENV_VAR, None)
+    else:
+        os.environ[IMPL_ENV_VAR] = value
     try:
         yield
     finally:
