@@ -101,8 +101,8 @@ def test_cli_prints_config_help_and_errors(capsys):
             "parallel.pp_virtual_stages: schedule 1f1b runs one stage per rank",
         ),
         (
-            ["recipe=vlm", "train.fp8=per_tensor"],
-            "model.kind: vlm models train without LoRA or FP8",
+            ["recipe=vlm-lora", "parallel=pp2-fsdp"],
+            "parallel.pp: vision-language models on pipeline stages train without LoRA or FP8",
         ),
     ],
 )

@@ -22,16 +22,6 @@ tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_t
     ("overrides", "message"),
     [
         (["train.fp8=e4m3"], "train.fp8: must be one of per_tensor, blockwise, got 'e4m3'"),
-        (
-            [
-                "train.fp8=per_tensor",
-                "parallel=tp2-fsdp",
-                "recipe=lora",
-                "data=stdlib",
-                "lora.dropout=0",
-            ],
-            "train.fp8: FP8 linears inside LoRA layers under tensor parallelism",
-        ),
         (["train.fp8_policy=p.json"], "train.fp8_policy: needs train.fp8 to be set"),
     ],
 )

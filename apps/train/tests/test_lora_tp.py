@@ -75,10 +75,10 @@ def test_lora_under_tp2_fsdp2_matches_one_process(tmp_path, dist_pool):
             torch.testing.assert_close(got["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_lora_dropout_with_tensor_parallelism_is_refused():
+def test_lora_dropout_with_tensor_and_context_parallelism_is_refused():
     from forge_train.config import ConfigError
 
+    lora = ("recipe=lora", "data=stdlib", "parallel=tp2-fsdp", "lora.dropout=0.1")
+    tiny.tiny_config("unused", *lora)  # keyed masks (test_lora_tp_more.py)
     with pytest.raises(ConfigError, match=r"lora\.dropout: LoRA dropout with tensor parallelism"):
-        tiny.tiny_config(
-            "unused", "recipe=lora", "data=stdlib", "parallel=tp2-fsdp", "lora.dropout=0.1"
-        )
+        tiny.tiny_config("unused", *lora, "parallel.cp=2")

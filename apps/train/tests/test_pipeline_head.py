@@ -1,7 +1,7 @@
 """The loss head of a language model's last pipeline stage (forge_train.pipeline_head), in one
 process: the stages of a DeepSeek-V3-style model with two multi-token prediction modules,
-chained, give the whole model's summed loss and gradients; and the layouts it cannot carry are
-refused before any compute."""
+chained, give the whole model's summed loss and gradients, fused or from the logits; and the
+layout it cannot carry is refused before any compute."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ def _model() -> torch.nn.Module:
     )
 
 
-def test_the_stages_with_the_loss_head_compute_the_whole_models_loss():
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_stages_with_the_loss_head_compute_the_whole_models_loss(fused):
+    """Fused (the linear cross-entropy) and from the logits (what a tensor-parallel or
+    zero-bubble last stage computes)."""
     model = _model()
     config = model.config
     ids = torch.randint(0, 97, (1, 12))
@@ -40,7 +43,7 @@ def test_the_stages_with_the_loss_head_compute_the_whole_models_loss():
         split_stages(model, pp=2, pp_rank=r, config=pipeline, also_used=also) for r in (0, 1)
     )
     assert "embed_tokens.weight" in dict(last.named_parameters())  # for the MTP modules
-    head = CausalLMLossHead(config)
+    head = CausalLMLossHead(config, fused=fused)
     last.post_forward = head
     inputs = model.attention_inputs(ids, cu_seqlens=batch["cu_seqlens"])
     for stage in (first, last):
@@ -58,15 +61,10 @@ def test_the_stages_with_the_loss_head_compute_the_whole_models_loss():
         last(first(ids))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"tp": 2}, "multi-token prediction modules run on the last pipeline stage without"),
-        ({"schedule": "zero_bubble"}, "multi-token prediction does not run under the zero-"),
-        ({"schedule": "zbv", "virtual_stages": 2}, "not run under the zero-bubble schedules"),
-    ],
-)
-def test_layouts_multi_token_prediction_cannot_use_are_refused(kwargs, message):
+def test_zbv_with_multi_token_prediction_is_refused():
+    """ZB-V puts the first and the last stage, which both hold the embedding, on one rank;
+    tensor parallelism and the zero-bubble schedule are allowed."""
     model = _model()
-    with pytest.raises(ConfigError, match=message):
-        check_pipeline_model(model, model.config, pp=2, **{"virtual_stages": 1, **kwargs})
+    with pytest.raises(ConfigError, match="embedding the multi-token prediction modules share"):
+        check_pipeline_model(model, model.config, pp=2, virtual_stages=2, schedule="zbv")
+    check_pipeline_model(model, model.config, pp=2, tp=2, schedule="zero_bubble")

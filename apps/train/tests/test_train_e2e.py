@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -191,3 +192,40 @@ def test_lora_trains_adapters_and_exports_merged(tmp_path):
     for name, value in exported.items():
         same = torch.equal(value, initial[name])
         assert same != any(t in name for t in ("q_proj", "k_proj", "v_proj", "o_proj")), name
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path):
+    """fp16's loss scale and growth count are checkpointed: from 2^20, doubling after every
+    good step, the tiny run overflows (and skips the update) whenever the scale reaches 2^22, so a resumed
+    run that restarted the scale would skip other steps than the uninterrupted one."""
+    import forge_train.step as step_module
+
+    make = step_module.loss_scaler
+
+    def scaler(device, precision):
+        made = make(device, precision)
+        made.load_state_dict(
+            {"scale": 2.0**20, "growth_factor": 2.0, "backoff_factor": 1 / 16,
+             "growth_interval": 1, "_growth_tracker": 0}
+        )  # fmt: skip
+        return made
+
+    common = ("train.precision=fp16", "train.steps=8", "checkpoint.interval=4",
+              "checkpoint.export_hf=false", "train.eval_batches=0", "logging.log_every=1")  # fmt: skip
+    with mock.patch.object(step_module, "loss_scaler", scaler):
+        straight = train(tiny.tiny_config(tmp_path / "a", *common, "checkpoint.keep_last_n=null"))
+        (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+        shutil.copytree(
+            tmp_path / "a" / "checkpoints" / "step_00000004",
+            tmp_path / "b" / "checkpoints" / "step_00000004",
+        )
+        resumed = train(tiny.tiny_config(tmp_path / "b", *common))
+
+    def overflowed(run_dir):  # the steps whose scaled gradients overflowed (and were skipped)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if "grad_norm" in r and not math.isfinite(r["grad_norm"])]
+
+    assert overflowed(tmp_path / "a") == [2, 7]  # the scale reached 2^22 at steps 2 and 7
+    assert resumed.start_step == 4
+    assert overflowed(tmp_path / "b") == [7]
+    assert resumed.losses == straight.losses[4:]

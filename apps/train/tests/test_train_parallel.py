@@ -305,9 +305,9 @@ def test_multi_head_latent_attention_under_tp2_fsdp2(tmp_path, dist_pool):
         # ... and the sequence-wise balance loss of every MoE block (the module's too) from
         # each rank's per-document sums of its contiguous chunk, summed over tp
         ("tp2_sp_balance", _MLA_MTP, ("parallel.sequence_parallel=true",)),
-        # ... also on 2 pipeline stages x TP2 + SP (without the module: MTP with TP under PP is
-        # refused), each stage's MoE blocks summing their sums over tp
-        ("pp2_tp2_sp_balance", _MLA_MTP[1:], ("parallel.sequence_parallel=true", "parallel.pp=2")),
+        # ... also on 2 pipeline stages x TP2 + SP, each stage's MoE blocks summing their sums
+        # over tp, the module on the last stage (its loss from the stage's head's logits)
+        ("pp2_tp2_sp_balance", _MLA_MTP, ("parallel.sequence_parallel=true", "parallel.pp=2")),
     ):
         if extra not in singles:
             singles[extra] = _losses_and_norms(f"{tmp_path}/single_{name}", *_MLA, *extra)

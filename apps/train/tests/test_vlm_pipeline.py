@@ -4,7 +4,7 @@ runs of the Qwen2.5-VL preset (every part trained, the encoders through the feat
 M-RoPE positions and image blocks as block arguments; the token embedding ahead of the
 pipeline tied to the head on the last stage) against one process: PP2 x FSDP2 (1F1B) with the
 same losses, its checkpoint resumed in one process and the same Hugging Face export; TP2 with
-sequence parallelism x PP2 on virtual stages (interleaved 1F1B); PP2 x FSDP2 zero bubble."""
+sequence parallelism x PP2 on virtual stages (interleaved 1F1B); PP2 x CP2 zero bubble."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _text(*, frozen=(), **fields):
             {"pp_schedule": "zbv", "pp_virtual_stages": 2},
             "zbv places the first",
         ),
-        ({"frozen": ["language_model"]}, {}, "nothing to train"),
+        ({"moe": SimpleNamespace()}, {"tp": 2}, "without tensor parallelism"),
     ],
 )
 def test_layouts_not_carried_yet_are_refused(text, parallel, message):
@@ -54,6 +54,8 @@ def test_layouts_not_carried_yet_are_refused(text, parallel, message):
     fine = ParallelSettings(pp=2, dp_shard=-1, data_parallel="fsdp")
     check_vlm_pipeline(_text(), fine)
     check_vlm_pipeline(_text(tie_word_embeddings=True), fine)  # the head tied across stages
+    check_vlm_pipeline(_text(moe=SimpleNamespace()), fine)  # forge_train.pipeline_moe
+    check_vlm_pipeline(_text(frozen=["language_model"]), fine)  # its stages train nothing
 
 
 #: Qwen2.5-VL tiny with 4 language model layers (4 virtual stages at PP2), its embedding
@@ -103,9 +105,12 @@ def test_vlm_pipeline_layouts_match_one_process(tmp_path, dist_pool):
         "parallel.pp_schedule=interleaved_1f1b",
     )  # fmt: skip
     _close(interleaved, single)
+    # Zero bubble x CP2: each context-parallel rank embeds the whole rows, stage 0 takes its
+    # positions; the embedding's gradient goes back through them (forge_train.vlm_pipeline).
     zero_bubble = pool.run(
-        _vlm_losses, root, "zb", "parallel=pp2-fsdp", "parallel.pp_schedule=zero_bubble"
-    )
+        _vlm_losses, root, "zb", "parallel=pp2-fsdp", "parallel.pp_schedule=zero_bubble",
+        "parallel.cp=2",
+    )  # fmt: skip
     _close(zero_bubble, single)
     # The export gathers the stages and pipeline rank 0's encoder: the single process's weights
     # (the frozen vision tower's included). Adam turns float noise in near-zero gradients

@@ -82,23 +82,3 @@ def test_attention_outside_sdpa_is_refused_under_context_parallelism(fake_pg, st
         assert [str(w.message) for w in caught if "always_call" in str(w.message)] == []
         handle.remove()
     assert _no_function_mode_left()
-
-
-def test_selective_recompute_is_refused_under_context_parallelism(fake_pg):
-    """Full recompute replays blocks under the router (exact: ``test_expert_parallel``'s CP
-    layouts); a selective policy would cache buffers the exchanges fill in place, so its
-    first checkpointed forward raises."""
-    from forge_core import ParallelDims
-    from forge_parallel import RecomputeConfig, parallelize
-
-    with fake_pg(world_size=2, rank=0):
-        model, _ = parallelize(
-            tm.build_tiny(),
-            ParallelDims(world_size=2, cp=2),
-            context_parallel=CPConfig(),
-            recompute=RecomputeConfig(mode="selective", ops="attention"),
-        )
-        ids = torch.randint(0, 64, (1, 8))
-        with pytest.raises(ValueError, match="selective activation recomputation under context"):
-            model(ids)
-    assert _no_function_mode_left()

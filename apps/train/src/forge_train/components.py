@@ -53,10 +53,28 @@ def _recompute(cfg: RunConfig):
         return None
     from forge_parallel import RecomputeConfig
 
+    if cfg.parallel.recompute == "selective":
+        # Keep the matmuls' and the attention's outputs, recompute the cheap ops between them
+        # (norms, activations, residual adds), as torchtitan's per-op selective policy does.
+        # forge-parallel's "attention" preset (recompute the attention core, keep every other
+        # op's output) kept more than no recomputation with kernels that store no score
+        # matrix (a tiny decoder's blocks: 80.6 MiB vs 50.1 MiB without, 29.1 MiB here).
+        return RecomputeConfig(mode="selective", ops="pointwise")
     return RecomputeConfig(mode=cfg.parallel.recompute)
 
 
-def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int], *, context_parallel=None):
+def _compile(cfg: RunConfig):
+    """forge_parallel's ``CompileConfig`` for ``train.compile`` (``None`` without it)."""
+    if not cfg.train.compile:
+        return None
+    from forge_parallel import CompileConfig
+
+    return CompileConfig(backend=cfg.train.compile_backend)
+
+
+def _parallelize_vlm(
+    model, cfg: RunConfig, degrees: dict[str, int], *, context_parallel=None, plan=None
+):
     """A vision-language model with a layout per part (heterogeneous parallelism,
     ``forge_parallel.parallelize_submodules``): the language model tensor-parallel over
     ``parallel.tp`` (context-parallel over ``parallel.cp`` with ``context_parallel``) and
@@ -65,37 +83,32 @@ def _parallelize_vlm(model, cfg: RunConfig, degrees: dict[str, int], *, context_
     context-parallel group load the same batch (``batch_boundary=False``; under context
     parallelism each runs the encoder on all of its items, and keeps the features of its
     sequence shard), so the encoder's average over all ranks is the data-parallel average.
-    With ``parallel.sequence_parallel`` see :func:`forge_train.vlm_model.vlm_text_plan`."""
+    With ``parallel.sequence_parallel`` see :func:`forge_train.vlm_model.vlm_text_plan`;
+    ``plan``: the language model's (:func:`_vlm_text_plan`), under tensor parallelism."""
     from forge_parallel import SubmoduleParallel, parallelize_submodules
-    from forge_train.vlm_model import vlm_text_plan
 
-    if cfg.train.compile:
-        raise ConfigError(
-            "parallel.tp: a vision-language model with tensor parallelism trains without "
-            "train.compile so far; set train.compile=false"
-        )
-    recompute = _recompute(cfg)
+    recompute, compile = _recompute(cfg), _compile(cfg) or False
     mode = cfg.parallel.data_parallel
     replicate = degrees["dp_replicate"]
     return parallelize_submodules(
         model,
         {
             "vision": SubmoduleParallel(
-                dp_replicate=replicate, data_parallel=mode or "auto", recompute=recompute
+                dp_replicate=replicate,
+                data_parallel=mode or "auto",
+                recompute=recompute,
+                compile=compile,
             ),
             "projector": SubmoduleParallel(dp_replicate=replicate, data_parallel=mode or "auto"),
             "language_model": SubmoduleParallel(
                 tp=degrees["tp"],
                 cp=degrees["cp"],
                 context_parallel=context_parallel,
-                plan=vlm_text_plan(
-                    model.language_model, sequence_parallel=cfg.parallel.sequence_parallel
-                )
-                if degrees["tp"] > 1
-                else None,
+                plan=plan if degrees["tp"] > 1 else None,
                 dp_replicate=replicate,
                 data_parallel=mode,
                 recompute=recompute,
+                compile=compile,
                 batch_boundary=False,
             ),
         },
@@ -139,43 +152,43 @@ def build_components(
         check_fp8_support(cfg.train.fp8, device)
     data = build_data(cfg.data, tokenizer, model_config=config)
     model, on_meta = build_model(cfg.model, config, seed=cfg.train.seed)
-    if on_meta and cfg.model.hf_path is not None and cfg.lora is not None:
-        raise ConfigError(
-            "lora: LoRA adapters on a model loaded from model.hf_path onto the meta device are "
-            "not supported; set model.init_device=device"
-        )
-    lora_targets: list[str] = []
-    if cfg.lora is not None:
-        from forge_train.lora import apply_lora
-
-        lora_targets = apply_lora(
-            model,
-            targets=cfg.lora.targets,
-            rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout,
-        )
+    if cfg.lora is not None and cfg.model.kind == "llm" and cfg.model.hf_path and not on_meta:
+        # The adapters of a loaded model are drawn from the seed, as _materialize draws them.
+        torch.manual_seed(cfg.train.seed)
+    vlm = cfg.model.kind == "vlm"
+    lora_targets = _apply_lora(model, cfg, vlm=vlm)
     fp8_layers: list[str] = []
     if cfg.train.fp8 is not None:
         from forge_train.fp8 import convert_model_to_fp8
 
-        fp8_layers = convert_model_to_fp8(model, cfg.train.fp8, policy_path=cfg.train.fp8_policy)
+        # A VLM's language model only: see forge_train.fp8 (FP8 on vision-language models).
+        fp8_layers = convert_model_to_fp8(
+            model.language_model if vlm else model,
+            cfg.train.fp8,
+            policy_path=cfg.train.fp8_policy,
+            prefix="language_model." if vlm else "",
+        )
     if not on_meta:
         model.to(device)
     dims = None
     if world_size > 1:
         dims = ParallelDims(world_size=world_size, **degrees)
-    vlm = cfg.model.kind == "vlm"
     plan = None
+    vlm_plan = None  # the VLM language model's, for forge_train.components._parallelize_vlm
     fp8_on_sequence_shards: list[torch.nn.Module] = []  # FP8 linears run whole on SP shards
     if degrees["tp"] > 1 and not vlm:
         plan = _text_plan(model, config, cfg)
-        if fp8_layers:
-            from forge_train.fp8 import check_fp8_tensor_parallel
+    elif degrees["tp"] > 1 and degrees["pp"] == 1:
+        vlm_plan = _vlm_text_plan(model, cfg)
+    if fp8_layers and (plan is not None or vlm_plan is not None):
+        from forge_train.fp8 import check_fp8_tensor_parallel
 
-            fp8_on_sequence_shards = check_fp8_tensor_parallel(
-                model, plan, degrees["tp"], cfg.train.fp8
-            )
+        fp8_on_sequence_shards = check_fp8_tensor_parallel(
+            model if plan is not None else model.language_model,
+            plan if plan is not None else vlm_plan,
+            degrees["tp"],
+            cfg.train.fp8,
+        )
     if fp8_layers:
         from forge_train.fp8 import check_fp8_token_split
 
@@ -191,7 +204,7 @@ def build_components(
         "plan": plan,
         "data_parallel": cfg.parallel.data_parallel if dims is not None else None,
         "recompute": _recompute(cfg),
-        "compile": cfg.train.compile,
+        "compile": _compile(cfg),
     }
     sequence_and_experts = {
         "context_parallel": context_parallel_config(cfg, config, degrees),
@@ -207,7 +220,11 @@ def build_components(
         parallel, model = pipeline.stage_parallel, pipeline.stage
     elif vlm and (degrees["tp"] > 1 or degrees["cp"] > 1):
         parallel = _parallelize_vlm(
-            model, cfg, degrees, context_parallel=sequence_and_experts["context_parallel"]
+            model,
+            cfg,
+            degrees,
+            context_parallel=sequence_and_experts["context_parallel"],
+            plan=vlm_plan,
         )
         model, mesh = parallel.model, parallel.parts["language_model"].mesh
     else:
@@ -228,10 +245,14 @@ def build_components(
     loader = build_loader(
         data.train, cfg.data, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id
     )
+    if _keyed_lora_dropout(cfg):
+        loader = _key_lora_dropout(model, loader, plan, cfg, mesh)
     # On pipeline stages ZeRO shards the stage's parameters; the pipeline reduces the tied ones
     # at the step, after summing their copies' gradients.
     build = pipeline.pipe.build_optimizer if pipeline is not None else parallel.build_optimizer
-    optimizer = build_optimizer(model, cfg.optim, device_type=device.type, build=build)
+    optimizer = build_optimizer(
+        model, cfg.optim, device_type=device.type, build=build, allow_empty=pipeline is not None
+    )
     return Components(
         tokenizer=tokenizer,
         model_config=config,
@@ -309,6 +330,49 @@ def _text_plan(model, config, cfg: RunConfig):
         except ValueError as error:
             raise ConfigError(str(error)) from None
     return TPPlan(styles=styles, sequence_parallel=sp)
+
+
+def _vlm_text_plan(model, cfg: RunConfig):
+    """The tensor-parallel plan of a VLM's language model
+    (:func:`forge_train.vlm_model.vlm_text_plan`), its LoRA-adapted layers split with their
+    adapters (:func:`forge_train.lora.lora_tp_styles`)."""
+    import dataclasses
+
+    from forge_train.vlm_model import vlm_text_plan
+
+    plan = vlm_text_plan(model.language_model, sequence_parallel=cfg.parallel.sequence_parallel)
+    if cfg.lora is None:
+        return plan
+    from forge_train.lora import lora_tp_styles
+
+    try:
+        styles = lora_tp_styles(model.language_model, dict(plan.styles))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return dataclasses.replace(plan, styles=styles)
+
+
+def _apply_lora(model, cfg: RunConfig, *, vlm: bool) -> list[str]:
+    """LoRA adapters per ``cfg.lora`` (none without it): on a language model by
+    :func:`forge_train.lora.apply_lora`, on a vision-language model by
+    :func:`~forge_train.lora.apply_vlm_lora` (the parts without adapters trained per
+    ``train.freeze``). Returns the adapted layers' names."""
+    if cfg.lora is None:
+        return []
+    from forge_train.lora import apply_lora, apply_vlm_lora
+
+    lora = {
+        "targets": cfg.lora.targets,
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "dropout": cfg.lora.dropout,
+    }
+    if not vlm:
+        return apply_lora(model, **lora)
+    try:
+        return apply_vlm_lora(model, **lora, frozen=cfg.train.freeze)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _mtp_sequence_parallel_styles(model, block_styles: dict[str, str]) -> dict[str, str]:
@@ -408,6 +472,36 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
     )
 
 
+def _keyed_lora_dropout(cfg: RunConfig) -> bool:
+    """Whether the LoRA dropout masks are keyed by the data (:mod:`forge_train.lora_dropout`):
+    a language model whose forwards each see one whole micro-batch."""
+    return (
+        cfg.lora is not None
+        and cfg.lora.dropout > 0
+        and cfg.model.kind == "llm"
+        and cfg.parallel.pp == 1
+        and cfg.parallel.cp == 1
+    )
+
+
+def _key_lora_dropout(model, loader, plan, cfg: RunConfig, mesh):
+    """Key the LoRA layers' dropout masks by the data (row-parallel layers: this rank's
+    features' part of the mask); returns the loader that queues the micro-batches' keys."""
+    from forge_parallel.tensor_parallel import resolve_plan
+    from forge_train.lora_dropout import DropoutKeys, KeyedDropoutLoader, attach_keyed_dropout
+
+    row_parallel = {}
+    if plan is not None:
+        tp, rank = mesh.size("tp"), mesh.local_rank("tp")
+        for name, style in resolve_plan(model, plan).items():
+            if style == "adapter:rowwise":
+                layer = model.get_submodule(name)
+                row_parallel[layer] = rank * (layer.base.in_features // tp)
+    keys = DropoutKeys(seed=cfg.train.seed)
+    attach_keyed_dropout(model, keys, row_parallel=row_parallel)
+    return KeyedDropoutLoader(loader, keys, seq_len=cfg.data.seq_len)
+
+
 def _materialize(model, device, cfg: RunConfig, config, *, pipeline=None) -> None:
     """Allocate and initialize a meta-device model after parallelization (each rank its own
     shards); LoRA adapters, which ``init_weights`` does not know, after it, in the order a
@@ -429,6 +523,8 @@ def _materialize(model, device, cfg: RunConfig, config, *, pipeline=None) -> Non
         if isinstance(m, LoRALinear):
             m.reset_parameters()
     if hf_path is not None:  # last: the adapters' initialization above would overwrite it
+        from forge_train.lora import lora_bases
         from forge_train.modeling import load_hf_into
 
-        load_hf_into(model, hf_path, config, pipeline=pipeline)
+        with lora_bases(model):  # the checkpoint's names: LoRA layers as their base linears
+            load_hf_into(model, hf_path, config, pipeline=pipeline)

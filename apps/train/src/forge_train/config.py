@@ -304,12 +304,16 @@ class TrainSettings:
     or DeepSeek-V3 ``blockwise`` 1x128/128x128 scaling), optionally only for the GEMM shapes
     where the calibrated ``fp8_policy`` table (an ``Fp8Policy`` JSON) says FP8 pays off.
     ``freeze``: parts of a ``model.kind=vlm`` model left out of training (``vision``,
-    ``projector``, ``language_model``; ``VLMConfig.frozen``)."""
+    ``projector``, ``language_model``; ``VLMConfig.frozen``). ``compile``: ``torch.compile``
+    each block (regional; ``forge_parallel.apply_compile``) with ``compile_backend`` (a
+    ``torch._dynamo.list_backends()`` name: ``inductor``, or ``aot_eager`` to trace the same
+    graphs without code generation)."""
 
     steps: int = 150
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    compile_backend: str = "inductor"
     output_dir: str | None = None
     eval_every: int = 0
     eval_batches: int = 4
@@ -324,6 +328,17 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", "must be >= 1", self.steps)
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            _require(
+                self.compile_backend in backends,
+                "train.compile_backend",
+                f"is not a torch.compile backend; choose one of {', '.join(backends)} (inductor "
+                "generates kernels, aot_eager traces the same graphs without)",
+                self.compile_backend,
+            )
         if self.fp8_policy is not None:
             _require(self.fp8 is not None, "train.fp8_policy", "needs train.fp8 to be set")
         for name in ("eval_every", "eval_batches", "max_nan_skips", "benchmark_warmup"):
@@ -456,20 +471,26 @@ class RunConfig:
         vlm = self.model.kind == "vlm"
         if self.train.freeze:
             _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
-        if vlm:
+        if vlm and self.parallel.pp != 1:
             _require(
                 self.lora is None and self.train.fp8 is None,
-                "model.kind",
-                "vlm models train without LoRA or FP8 so far; use lora=null, train.fp8=null",
+                "parallel.pp",
+                "vision-language models on pipeline stages train without LoRA or FP8 so far "
+                "(both run with FSDP, TP and CP); use parallel.pp=1, or lora=null and "
+                "train.fp8=null",
             )
         if self.lora is not None:
+            # Under TP the masks are keyed by the data (forge_train.lora_dropout), which needs
+            # each forward to run one whole micro-batch of a language model.
             _require(
-                self.parallel.tp == 1 or self.lora.dropout == 0,
+                self.parallel.tp == 1
+                or self.lora.dropout == 0
+                or (self.model.kind == "llm" and self.parallel.pp == 1 and self.parallel.cp == 1),
                 "lora.dropout",
-                "LoRA dropout with tensor parallelism is not supported (it needs the same mask "
-                "on every tensor-parallel rank for a column-parallel layer's shared input, and "
-                "a row-parallel layer's slice of one mask; not built); set lora.dropout=0 or "
-                "parallel.tp=1",
+                "LoRA dropout with tensor parallelism runs on language models without pipeline "
+                "or context parallelism (its masks are keyed by each micro-batch's tokens, which "
+                "pipeline stages and context-parallel shards do not see whole); set "
+                "lora.dropout=0, parallel.tp=1, or parallel.pp=1 and parallel.cp=1",
                 self.lora.dropout,
             )
         profile = self.logging.profile
@@ -480,15 +501,6 @@ class RunConfig:
                 "logging.profile",
                 f"the window (steps {profile.start_step}..{last}) ends after "
                 f"train.steps={self.train.steps}; lower logging.profile.start_step or num_steps",
-            )
-        if self.train.fp8 is not None:
-            # FP8 under TP: forge_train.fp8.check_fp8_tensor_parallel checks the layers.
-            _require(
-                self.parallel.tp == 1 or self.lora is None,
-                "train.fp8",
-                "FP8 linears inside LoRA layers under tensor parallelism are not supported (the "
-                "adapter style runs the base layer on plain local shards, whose FP8 scales "
-                "would be each rank's own); use parallel.tp=1, lora=null or train.fp8=null",
             )
 
     def to_dict(self) -> dict[str, Any]:

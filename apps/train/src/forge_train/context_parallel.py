@@ -11,7 +11,9 @@ does here, per micro-batch:
   same layout (zigzag or contiguous, :func:`forge_parallel.context_parallel.shard_sequence`);
   so are, with multi-token prediction (DeepSeek-V3, arXiv:2412.19437 §2.2), each depth's input
   ids and targets, moved ``k`` places left on the whole row
-  (``forge_models.causal_lm.mtp_depth_inputs``; the model's ``mtp_inputs``);
+  (``forge_models.causal_lm.mtp_depth_inputs``; the model's ``mtp_inputs``; a vision-language
+  model's language model embeds a depth's ids as tokens, placeholders included, as in one
+  process);
 - the forward runs with the document boundaries (and a vision-language model's bidirectional
   image blocks) of the whole row set on the attention
   (:meth:`forge_parallel.context_parallel.ContextParallelHandle.packed`; the model itself sees a
@@ -29,8 +31,6 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
-
-from forge_train.sharded_routing import balance_loss_trained
 
 __all__ = ["ContextParallelInputs", "RowAttention", "context_parallel_config"]
 
@@ -75,6 +75,12 @@ class ContextParallelInputs:
         layout = {"cp_size": self.size, "cp_rank": self.rank, "load_balance": self.load_balance}
         local_targets = shard_sequence(targets, dim=1, **layout)
         predicted = (local_targets != IGNORE_INDEX).sum()
+        depths = []
+        if mtp_depth:  # a VLM's too: its language model embeds each depth's ids as tokens
+            depths = mtp_depth_inputs(
+                kwargs["input_ids"], targets, mtp_depth, cu_seqlens=cu_seqlens
+            )
+            depths = [tuple(shard_sequence(t, dim=1, **layout) for t in d) for d in depths]
         if "images" in kwargs or "videos" in kwargs:
             # A vision-language model places the visual features (and M-RoPE positions) on
             # the whole row, then runs its language model on this rank's positions.
@@ -87,6 +93,8 @@ class ContextParallelInputs:
                 "sequence_index": shard_sequence(row, dim=0, **layout),
                 **visual,
             }
+            if depths:
+                local["mtp_inputs"] = depths
             # Bidirectional image blocks (image_attention=bidirectional) of the whole row go
             # to the context-parallel attention with the documents; the model runs causal.
             return local, predicted, RowAttention(cu_seqlens, kwargs.get("block_ids"))
@@ -95,13 +103,8 @@ class ContextParallelInputs:
             "targets": local_targets,
             "position_ids": shard_sequence(kwargs["position_ids"], dim=1, **layout),
         }
-        if mtp_depth:
-            depths = mtp_depth_inputs(
-                kwargs["input_ids"], targets, mtp_depth, cu_seqlens=cu_seqlens
-            )
-            local["mtp_inputs"] = [
-                tuple(shard_sequence(t, dim=1, **layout) for t in depth) for depth in depths
-            ]
+        if depths:
+            local["mtp_inputs"] = depths
         return local, predicted, RowAttention(cu_seqlens)
 
     @contextlib.contextmanager
@@ -162,11 +165,6 @@ def _attention_through_sdpa() -> Iterator[None]:
         yield
 
 
-def _balance_statistics(moe) -> bool:
-    """Whether a MoE config trains a balance loss or updates expert biases from the load."""
-    return moe is not None and (balance_loss_trained(moe) or bool(moe.expert_bias))
-
-
 def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     """forge_parallel's ``CPConfig`` for ``parallel.cp > 1`` (``None`` at ``cp == 1``), after
     checking that the run can split its sequences; ``ConfigError`` naming the setting if not."""
@@ -176,31 +174,7 @@ def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     if cp == 1:
         return None
     settings = cfg.parallel
-    vlm = cfg.model.kind == "vlm"
     text_config = getattr(model_config, "text", model_config)  # a VLM's language model
-    refusals = {
-        "a vision-language model under pipeline parallelism (set parallel.pp=1)": vlm
-        and degrees["pp"] > 1,
-        "a vision-language model whose language model has MoE balance statistics (their "
-        "sums are not reduced over the context-parallel ranks for VLMs yet; set "
-        "model.config.text.moe.output_router_logits=false and expert_bias=false)": vlm
-        and _balance_statistics(getattr(text_config, "moe", None)),
-        "a vision-language model whose language model has multi-token prediction (set "
-        "model.config.text.mtp_depth=0)": vlm and bool(getattr(text_config, "mtp_depth", 0)),
-        "train.compile=true (the context-parallel attention is routed at run time)": (
-            cfg.train.compile
-        ),
-        "parallel.recompute=selective (its policy would cache buffers that the "
-        "context-parallel exchanges fill in place; use parallel.recompute=full or none)": (
-            settings.recompute == "selective"
-        ),
-    }
-    for what, refused in refusals.items():
-        if refused:
-            raise ConfigError(
-                f"parallel.cp={cp}: context parallelism does not support {what} yet; set "
-                "parallel.cp=1 or change that setting"
-            )
     chunks = 2 * cp if settings.cp_load_balance else cp
     tokens = cfg.data.seq_len * cfg.data.micro_batch_rows
     if tokens % chunks:

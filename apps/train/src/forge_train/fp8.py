@@ -14,8 +14,11 @@ The conversion runs before parallelization (FSDP then shards the shared paramete
 tensor parallelism the plan's column-, packed-column- and row-parallel styles split the FP8
 linears like ``nn.Linear`` (``Fp8Linear`` subclasses it); each then computes on its shards with
 per-tensor amaxes all-reduced over the tensor-parallel ranks, which gives one process's scales
-(forge_kernels.fp8.tensor_parallel). :func:`check_fp8_tensor_parallel` refuses, naming the
-layer, block-wise blocks that would straddle two ranks.
+(forge_kernels.fp8.tensor_parallel). The base of a LoRA layer (forge-parallel's ``adapter:``
+styles) runs the same way: the style hands an ``nn.Linear`` subclass its DTensor input and
+parameters (:mod:`forge_parallel.tp_adapter`), so its amaxes are reduced over tp as well.
+:func:`check_fp8_tensor_parallel` refuses, naming the layer, block-wise blocks that would
+straddle two ranks.
 
 Where a layer's *tokens* are split over ranks, :func:`set_fp8_token_groups` gives it the group
 that splits them (forge_kernels.fp8.token_split), over which the amaxes of its input and output
@@ -26,6 +29,14 @@ prediction's ``eh_proj``; the ``tp`` group, and ``cp`` x ``tp`` with both). Bloc
 needs no reduction there, but its 128-token weight-gradient blocks must not straddle two
 ranks: :func:`check_fp8_token_split` refuses sequence shards that are not runs of multiples of
 128 tokens.
+
+On a vision-language model only the language model's linears run in FP8 (forge-train passes
+``model.language_model``); the vision encoder and projector stay in high precision. Their
+token counts follow the images (a batch's patches, no fixed multiple), they are a small
+share of a big VLM's GEMM FLOPs (Qwen2.5-VL-72B: a 0.7B encoder beside a 72B decoder), and
+keeping them out keeps the token groups simple: under context parallelism every FP8 linear
+is the language model's, on the rank's sequence shard (the encoder runs whole on every
+context-parallel rank's images).
 """
 
 from __future__ import annotations
@@ -66,10 +77,11 @@ def check_fp8_support(mode: str, device: torch.device) -> None:
 
 
 def convert_model_to_fp8(
-    model: nn.Module, mode: str, *, policy_path: str | None = None
+    model: nn.Module, mode: str, *, policy_path: str | None = None, prefix: str = ""
 ) -> list[str]:
     """Swap the eligible linears of ``model`` for ``Fp8Linear`` (in place); returns their
-    names. ``ConfigError`` when none is eligible (FP8 would silently do nothing)."""
+    names, each after ``prefix`` (``"language_model."`` when ``model`` is a VLM's language
+    model). ``ConfigError`` when none is eligible (FP8 would silently do nothing)."""
     from forge_kernels.fp8 import Fp8Linear, Fp8Policy, convert_to_fp8
 
     policy = None
@@ -84,7 +96,7 @@ def convert_model_to_fp8(
 
     before = set(fp8_names())
     convert_to_fp8(model, recipe=RECIPES[mode], policy=policy)
-    converted = [name for name in fp8_names() if name not in before]
+    converted = [prefix + name for name in fp8_names() if name not in before]
     if not converted:
         multiple = 128 if mode == "blockwise" else 16
         raise ConfigError(
@@ -115,6 +127,9 @@ def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> lis
         if not isinstance(style, str):
             continue
         base, _, chunks = style.partition(":")
+        if base == "adapter" and name == f"{nearest}.base":  # a LoRA layer's base
+            base, _, chunks = chunks.partition(":")
+            nearest = name
         if nearest == name and block is not None:
             _check_blocks(name, module, base, int(chunks or 2), tp, block)
         elif plan.sequence_parallel and base == "replicate":

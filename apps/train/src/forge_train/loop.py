@@ -31,6 +31,7 @@ from forge_train.rundir import resolve_run_dir
 from forge_train.sharded_routing import sharded_routing
 from forge_train.step import StepRunner
 from forge_train.throughput import benchmark_line, mfu, peak_flops, peak_memory_gb
+from forge_train.vlm_model import language_model_config, language_model_of
 
 __all__ = ["Trainer"]
 
@@ -72,20 +73,24 @@ class Trainer:
             cfg, world_size=self.world_size, degrees=self.degrees, device=self.device
         )
         parts = self.parts
-        moe = getattr(parts.model_config, "moe", None)  # a VLMConfig has none
+        # A VLM's MoE layers are its language model's (statistics, expert biases).
+        text_config = language_model_config(parts.model_config)
+        moe = getattr(text_config, "moe", None)
         balancer = None
         routing = sharded_routing(cfg, parts.model_config, parts.parallel)
         token_group = routing.group if routing is not None else None
         if parts.pipeline is not None and parts.pipeline.moe is not None:
             parts.pipeline.moe.routing = routing  # the last stage sums the switch loss's sums
-        if ExpertBiasBalancer.wanted(parts.model_config) and parts.pipeline is not None:
+        if ExpertBiasBalancer.wanted(text_config) and parts.pipeline is not None:
             from forge_train.pipeline_moe import PipelineExpertBalancer
 
             balancer = PipelineExpertBalancer(
                 parts.pipeline.moe, parts.model, parts.dp_group, token_group
             )
-        elif ExpertBiasBalancer.wanted(parts.model_config):
-            balancer = ExpertBiasBalancer(parts.model, parts.dp_group, token_group)
+        elif ExpertBiasBalancer.wanted(text_config):
+            balancer = ExpertBiasBalancer(
+                language_model_of(parts.model), parts.dp_group, token_group
+            )
         runner_class, extra = StepRunner, {"routing": routing}
         # A vision-language model's language model is one part of a heterogeneous layout.
         text_parallel = getattr(parts.parallel, "parts", {}).get("language_model", parts.parallel)
@@ -137,10 +142,16 @@ class Trainer:
         p = self.parts
         return {
             "model": p.model,
-            "optimizer": p.optimizer,
+            # A pipeline stage whose parameters are all frozen has no optimizer state.
+            "optimizer": p.optimizer
+            if any(g["params"] for g in p.optimizer.param_groups)
+            else None,
             "scheduler": p.schedule,
             "dataloader": p.loader,
-            "extra": {"progress": self.progress},
+            # fp16's loss scale and its growth count, so a resumed run scales as the
+            # uninterrupted one (the same on every rank: the overflow flags are all-reduced).
+            "extra": {"progress": self.progress}
+            | ({"loss_scaler": self.runner.scaler} if self.runner.scaler is not None else {}),
         }
 
     def _save(self, manager, step: int) -> Path:

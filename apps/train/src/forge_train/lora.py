@@ -8,6 +8,12 @@ freezes every other parameter; :func:`merge_lora_state_dict` folds ``W + (alpha 
 a plain state dict for export, :func:`merge_lora_tensors` does it on a stream of tensors (the
 streaming export), holding only a layer's weight and adapters until they are all there.
 
+On a vision-language model (:func:`apply_vlm_lora`) the patterns match full module paths
+(``language_model.*_proj``: every attention and MLP projection of the language model, as
+LLaVA-1.5's LoRA recipe and PEFT's Qwen2.5-VL recipes adapt them). A part holding adapters has
+its base weights frozen; a part without adapters trains whole unless ``train.freeze`` names it
+(LLaVA's recipe trains the projector whole beside the language model's adapters).
+
 Under tensor parallelism :func:`lora_tp_styles` gives each adapted layer forge-parallel's
 ``adapter:`` form of its base's style (:mod:`forge_parallel.tp_adapter`, after Megatron-Bridge's
 ``ParallelLinearAdapter``): ``A`` replicated and ``B`` split like the weight of a
@@ -16,6 +22,7 @@ column-parallel layer, ``A`` split like the weight and ``B`` replicated for a ro
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Iterable, Iterator
@@ -23,9 +30,13 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from forge_train.lora_dropout import KeyedDropout
+
 __all__ = [
     "LoRALinear",
     "apply_lora",
+    "apply_vlm_lora",
+    "lora_bases",
     "lora_tp_styles",
     "merge_lora_state_dict",
     "merge_lora_tensors",
@@ -43,7 +54,8 @@ class LoRALinear(nn.Module):
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Masks keyed by the data under forge-train (forge_train.lora_dropout), else drawn.
+        self.dropout = KeyedDropout(dropout) if dropout > 0 else nn.Identity()
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
@@ -91,6 +103,59 @@ def apply_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
     return [name for name, _ in matched]
+
+
+def apply_vlm_lora(
+    model: nn.Module,
+    *,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    frozen: list[str],
+) -> list[str]:
+    """:func:`apply_lora` on a ``forge_models.vlm.VisionLanguageModel``, ``targets`` matched
+    against full module paths (``language_model.layers.0.attn.q_proj``). The parts holding
+    adapters keep only them trainable; the other parts (``vision``, ``projector``,
+    ``language_model``) train whole unless ``frozen`` (``train.freeze``) names them. Adapters in
+    a frozen part are refused (``ValueError``): a frozen part trains nothing. Returns the
+    wrapped module names."""
+    from forge_models.vlm.model import COMPONENTS
+
+    wrapped = apply_lora(model, targets=targets, rank=rank, alpha=alpha, dropout=dropout)
+    adapted = {name.partition(".")[0] for name in wrapped}
+    in_frozen = [name for name in wrapped if name.partition(".")[0] in frozen]
+    if in_frozen:
+        part = in_frozen[0].partition(".")[0]
+        raise ValueError(
+            f"lora.targets {targets} match {in_frozen[0]} in the {part} part, which "
+            f"train.freeze={list(frozen)} leaves out of training; match only the trained parts' "
+            "layers (e.g. language_model.*_proj) or take the part out of train.freeze"
+        )
+    for part in COMPONENTS:
+        if part not in adapted and part not in frozen:
+            getattr(model, part).requires_grad_(True)
+    return wrapped
+
+
+@contextlib.contextmanager
+def lora_bases(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with each :class:`LoRALinear` replaced by its base linear while inside (the
+    same parameter objects under the plain model's names), for name-based loaders such as
+    ``forge_models.load_hf_weights`` on a model adapted on the meta device; the adapters are
+    put back on exit."""
+    adapted = [
+        (model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear)
+    ]
+    for parent, name, layer in adapted:
+        setattr(parent, name.rpartition(".")[2], layer.base)
+    try:
+        yield model
+    finally:
+        for parent, name, layer in adapted:
+            setattr(parent, name.rpartition(".")[2], layer)
 
 
 #: The tensor-parallel styles of a linear layer that an adapted layer can take, in the

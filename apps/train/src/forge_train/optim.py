@@ -35,12 +35,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, *, device_type: str, build=None):
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, *, device_type: str, build=None, allow_empty=False
+):
     """AdamW (fused kernels on CUDA unless ``optim.fused=off``); ``build`` is
-    ``ParallelizeResult.build_optimizer`` (ZeRO wrapping) when given."""
+    ``ParallelizeResult.build_optimizer`` (ZeRO wrapping) when given. ``allow_empty``: ``model``
+    is one pipeline stage, whose parameters may all be frozen (a frozen language model's
+    stages still run forward and backward for the encoder): its optimizer then steps nothing."""
     fused = config.fused == "on" or (config.fused == "auto" and device_type == "cuda")
     groups = param_groups(model, config.weight_decay)
-    if not groups:
+    if not groups and allow_empty:
+        groups = [{"params": [], "weight_decay": 0.0}]
+    elif not groups:
         raise ValueError("the model has no trainable parameters (check lora.targets)")
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     if fused:

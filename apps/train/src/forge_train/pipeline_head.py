@@ -18,6 +18,25 @@ loss of its micro-batch, computed as :class:`forge_models.CausalLM` does with ``
   block of a module goes through :meth:`forge_train.pipeline_moe.PipelineMoE.route` like the
   decoder's MoE blocks.
 
+Where the fused loss cannot serve, the head reads the logits ``lm_head(x)`` and takes their
+cross-entropy in fp32, as ``forge_train.step`` does from a tensor-parallel model's logits
+(``fused=False``; used only with multi-token prediction, the main loss alone being the
+pipeline's ``loss_fn`` there), for the main head and every depth alike (DeepSeek-V3's shared
+output head):
+
+- with tensor parallelism the head's logits come as the plan makes them: gathered over the
+  vocabulary on every tensor-parallel rank (the families' ``"colwise_output_replicated"``),
+  so the cross-entropy is one process's, or kept vocabulary-sharded (a ``"loss_parallel"``
+  head) for the vocabulary-parallel cross-entropy (Megatron-LM, Shoeybi et al. 2019,
+  arXiv:1909.08053), the schedule then running inside ``loss_parallel()``
+  (:mod:`forge_parallel.pipeline.loss_parallel`); the modules get the run's plan like decoder
+  layers (with sequence parallelism each rank runs them on its sequence shard,
+  ``forge_train.components._mtp_sequence_parallel_styles``; without it unsplit on the whole
+  sequence), as one tensor-parallel process runs them;
+- under the zero-bubble schedules (Qi et al. 2024, arXiv:2401.10241) the stage's backward is
+  split into an input- and a weight-gradient pass through the same graph, and the fused
+  loss, whose gradients are computed in its forward and handed out once, refuses the second.
+
 The head's weight is read inside the stage's forward, where FSDP2 has gathered the stage's
 root parameters (a closure after the forward would see the resharded weight). The targets,
 and the input ids the prediction modules embed, are set per step (:meth:`load`) and taken for
@@ -39,9 +58,12 @@ __all__ = ["CausalLMLossHead"]
 class CausalLMLossHead:
     """``post_forward`` of a :class:`forge_models.CausalLM`'s last stage: the summed loss
     ``[1]`` (fp32) of the micro-batch (see the module docstring). ``moe``: the run's
-    :class:`~forge_train.pipeline_moe.PipelineMoE` when the model has MoE layers."""
+    :class:`~forge_train.pipeline_moe.PipelineMoE` when the model has MoE layers; ``fused``:
+    the fused linear cross-entropy, else the cross-entropy of the (possibly vocabulary-sharded)
+    logits (see the module docstring)."""
 
-    def __init__(self, config, *, moe: Any = None) -> None:
+    def __init__(self, config, *, moe: Any = None, fused: bool = True) -> None:
+        self.fused = fused
         self.vocab_size = config.vocab_size
         self.mtp_depth = config.mtp_depth
         self.mtp_loss_weight = config.mtp_loss_weight
@@ -89,10 +111,21 @@ class CausalLMLossHead:
     def _cross_entropy(
         self, stage: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """Summed cross-entropy of ``lm_head(x)`` without materializing the logits."""
+        """Summed cross-entropy of ``lm_head(x)``: fused, without materializing the logits, or
+        from the logits (vocabulary-sharded under tensor parallelism)."""
         import forge_kernels
         from forge_models.causal_lm import IGNORE_INDEX
 
+        if not self.fused:
+            logits = stage.lm_head(x)
+            if logits.shape[-1] != self.vocab_size:  # the padding rows' columns
+                logits = logits[..., : self.vocab_size]
+            return torch.nn.functional.cross_entropy(
+                logits.flatten(0, -2).float(),
+                targets.reshape(-1),
+                reduction="sum",
+                ignore_index=IGNORE_INDEX,
+            )
         weight = stage.lm_head.weight
         if weight.shape[0] != self.vocab_size:  # vocabulary padding rows are never predicted
             weight = weight[: self.vocab_size]

@@ -24,7 +24,9 @@ zero-bubble schedules: their split backward runs the loss's backward twice, whic
 loss does not allow; the last stage outputs the logits there.) With tensor parallelism it
 outputs the logits sharded by vocabulary and the loss is the vocabulary-parallel cross-entropy
 (``"loss_parallel"`` head, :mod:`forge_parallel.pipeline.loss_parallel`), as the single-process
-tensor-parallel step computes it. :class:`PipelineLoss` scales either by ``dp_size / global
+tensor-parallel step computes it. With multi-token prediction under tensor parallelism or a
+zero-bubble schedule the last stage still computes the loss itself, from the main head's and
+each depth's logits. :class:`PipelineLoss` scales either by ``dp_size / global
 tokens`` (the same objective as the single-process step, see :mod:`forge_train.step`),
 undoing the schedule's ``1 / microbatches``. A MoE model's balance losses and expert load are
 handled per stage, the switch loss's per-expert sums carried from stage to stage with the
@@ -180,26 +182,18 @@ def check_pipeline_model(
             f"{virtual_stages}) need at least {stages} layers, the model has {num_layers}; "
             "lower parallel.pp or parallel.pp_virtual_stages"
         )
-    mtp = getattr(config, "mtp_depth", 0)
-    if mtp and schedule in _SPLIT_BACKWARD:
-        raise ConfigError(
-            f"parallel.pp_schedule: multi-token prediction does not run under the zero-bubble "
-            f"schedules ({schedule}): they back-propagate the last stage's loss twice (input, "
-            "then weight gradients), which its fused cross-entropy does not allow; use 1f1b, "
-            "gpipe or interleaved_1f1b, or model.config.mtp_depth=0"
-        )
     if schedule == "zbv" and getattr(config, "tie_word_embeddings", False):
         raise ConfigError(
             "parallel.pp_schedule: zbv places the first and the last stage on one rank, where "
             "the tied embedding and head would be one parameter of two separately wrapped "
             "stages; use interleaved_1f1b, or model.config.tie_word_embeddings=false"
         )
-    if mtp and tp > 1:
+    if schedule == "zbv" and getattr(config, "mtp_depth", 0):
         raise ConfigError(
-            "parallel.pp: multi-token prediction modules run on the last pipeline stage "
-            "without tensor parallelism only (with tp > 1 the stage's loss is the "
-            "vocabulary-parallel cross-entropy of the main head); set parallel.tp=1 or "
-            "model.config.mtp_depth=0"
+            "parallel.pp_schedule: zbv places the first and the last stage on one rank, where "
+            "the embedding the multi-token prediction modules share with the first stage "
+            "would be one parameter of two separately wrapped stages; use zero_bubble or "
+            "interleaved_1f1b, or model.config.mtp_depth=0"
         )
 
 
@@ -228,11 +222,14 @@ def build_pipeline(
     head = None
     # With tensor parallelism the head keeps the logits vocab-sharded for loss_parallel; the
     # zero-bubble schedules back-propagate the loss twice (input, then weight gradients),
-    # which the fused loss (its gradients computed in its forward) does not allow.
-    if plan is None and schedule not in _SPLIT_BACKWARD:
+    # which the fused loss (its gradients computed in its forward) does not allow. There the
+    # last stage outputs the logits, or with multi-token prediction computes its loss from
+    # them (forge_train.pipeline_head, fused=False).
+    fused = plan is None and schedule not in _SPLIT_BACKWARD
+    if fused or getattr(config, "mtp_depth", 0):
         from forge_train.pipeline_head import CausalLMLossHead
 
-        head = CausalLMLossHead(config, moe=moe)
+        head = CausalLMLossHead(config, moe=moe, fused=fused)
     loss = PipelineLoss(
         microbatches=microbatches, in_stage=head is not None, vocab_size=config.vocab_size
     )

@@ -6,6 +6,13 @@ rank's micro-batches run by the pipeline schedule in one call. Gradients are syn
 the schedule (FSDP, HSDP and DDP reduce after the last micro-batch) or by the optimizer (ZeRO-1
 at the step, ZeRO-2 per micro-batch); the gradient norm is reduced over the pipeline ranks too;
 the loss lives on the last stage and is summed over the pipeline group.
+
+fp16 (Micikevicius et al. 2018, arXiv:1710.03740) as Megatron-LM runs it under pipeline
+parallelism: the last stage's loss is multiplied by the scaler's scale (``PipelineLoss.scale``;
+the MoE balance losses' gradient weight alike), the gradients every stage receives are
+therefore scaled, and the found-inf flags are summed over all ranks
+(:func:`forge_train.step.loss_scaler`), so every stage skips an overflowing step and moves the
+scale alike.
 """
 
 from __future__ import annotations
@@ -27,14 +34,9 @@ class PipelineStepRunner(StepRunner):
 
     def __init__(self, *, pipeline, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if self.scaler is not None:
-            from forge_train.config import ConfigError
-
-            raise ConfigError(
-                "train.precision: fp16 loss scaling is not supported with pipeline parallelism; "
-                "use bf16 or fp32"
-            )
         self.pipeline = pipeline
+        #: The MoE balance losses' gradient weight at loss scale 1 (fp16 multiplies it).
+        self._aux_weight = pipeline.moe.aux_weight if pipeline.moe is not None else 0.0
         if self.context is not None:
             self.context.bind_pipeline(pipeline.pipe.parallelized)
 
@@ -56,9 +58,13 @@ class PipelineStepRunner(StepRunner):
                 kwargs, n, row = self.context.shard(kwargs, mtp_depth=self.mtp_depth)
                 self._rows.append(row)  # the whole row's documents (and image blocks)
                 targets.append(kwargs["targets"])
-                inputs = preparer.attention_inputs(
-                    kwargs["input_ids"], position_ids=kwargs["position_ids"]
-                )
+                local_ids, positions = kwargs["input_ids"], kwargs["position_ids"]
+                index = kwargs.get("sequence_index")
+                if index is not None:  # a VLM keeps the whole row (its features go in there)
+                    local_ids, positions = (
+                        t.index_select(-1, index) for t in (local_ids, positions)
+                    )
+                inputs = preparer.attention_inputs(local_ids, position_ids=positions)
             else:
                 targets.append(mb["labels"].reshape(1, -1).to(self.device, non_blocking=True))
                 inputs = preparer.attention_inputs(
@@ -125,10 +131,22 @@ class PipelineStepRunner(StepRunner):
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         inputs = self._pipeline_inputs(micro_batches)
         global_tokens = self._batch_sum(inputs[3].clone())
-        scale = float(self.grad_ranks / global_tokens.clamp(min=1))
+        loss_scale = self._loss_scale()
+        scale = float(self.grad_ranks / global_tokens.clamp(min=1)) * loss_scale
+        if self.pipeline.moe is not None:  # the balance losses' gradients scaled alike
+            self.pipeline.moe.aux_weight = self._aux_weight * loss_scale
         ce = self._run_pipeline(inputs, backward=True, scale=scale)
         loss = self._batch_sum(ce) / global_tokens.clamp(min=1)
+        self.unscale()  # fp16: found-inf summed over every rank (forge_train.step.loss_scaler)
         return loss, self.clip(), int(global_tokens.item())
+
+    def _loss_scale(self) -> float:
+        """fp16: the scaler's current scale, by which the last stage's loss is multiplied (what
+        ``GradScaler.scale`` does to a single process's loss; a power of two, so exactly);
+        else 1. The reported cross-entropy divides it out again (``PipelineLoss.factor``)."""
+        if self.scaler is None:
+            return 1.0
+        return float(self.scaler.scale(torch.ones((), device=self.device)))
 
     def clip(self) -> torch.Tensor:
         from forge_parallel.pipeline import pipeline_clip_grad_norm_, pipeline_grad_norm

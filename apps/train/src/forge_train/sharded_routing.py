@@ -19,7 +19,9 @@ batch are sums, so they are all-reduced over those ranks before use:
 
 Under these layouts the step asks the model for no balance loss of its own
 (``output_router_logits=False``: it would see a shard only) and forms it here from
-``moe_stats.routers``.
+``moe_stats.routers``. One code path for language models and vision-language models, whose
+MoE layers are their language model's (``model.config.text.moe``, ``moe_stats`` of
+``model.language_model``: :func:`forge_train.vlm_model.language_model_of`).
 """
 
 from __future__ import annotations
@@ -142,10 +144,18 @@ class ShardedRouting:
 
 def sharded_routing(cfg, model_config, parallel) -> ShardedRouting | None:
     """The run's :class:`ShardedRouting`, or ``None`` when every rank's MoE layers see their
-    data-parallel batch whole. ``parallel``: forge_parallel's ``ParallelizeResult``."""
-    moe = getattr(model_config, "moe", None)
+    data-parallel batch whole. ``model_config``: a ``TransformerConfig``, or a ``VLMConfig``
+    whose language model (``text``) holds the MoE layers; ``parallel``: forge_parallel's
+    ``ParallelizeResult`` (a vision-language model's heterogeneous result: its
+    ``language_model`` part's). A VLM's row is the language model's: the visual features
+    replace the embeddings of the placeholder tokens one for one, so the row's documents
+    (``cu_seqlens``) and its sequence shards are those of ``input_ids``."""
+    from forge_train.vlm_model import language_model_config
+
+    moe = getattr(language_model_config(model_config), "moe", None)
+    parallel = getattr(parallel, "parts", {}).get("language_model", parallel)
     mesh = getattr(parallel, "mesh", None)
-    if moe is None or mesh is None or cfg.model.kind != "llm":
+    if moe is None or mesh is None:
         return None
     common = {
         "top_k": moe.num_experts_per_tok,
@@ -162,6 +172,7 @@ def sharded_routing(cfg, model_config, parallel) -> ShardedRouting | None:
         )
     if mesh.size("tp") > 1 and cfg.parallel.sequence_parallel:
         # each rank runs the MoE layers on its contiguous chunk of the sequence dimension
+        # (a VLM's: forge_train.vlm_model.vlm_text_plan's sequence_scatter, a DTensor Shard(1))
         return ShardedRouting(
             group=mesh["tp"].get_group(), rank=mesh.local_rank("tp"), size=mesh.size("tp"),
             **common,

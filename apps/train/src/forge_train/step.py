@@ -26,10 +26,28 @@ from forge_train.distributed import all_reduce, local_value
 from forge_train.expert_balance import ExpertBiasBalancer
 from forge_train.guards import NonFiniteGuard
 from forge_train.sharded_routing import ShardedRouting
+from forge_train.vlm_model import language_model_of
 
-__all__ = ["StepRunner"]
+__all__ = ["StepRunner", "loss_scaler"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scaler (Micikevicius et al. 2018, "Mixed Precision Training",
+    arXiv:1710.03740), ``None`` in other precisions. In a run of several processes each rank
+    holds other gradients (shards, stages): the found-inf flags are summed over all ranks
+    (``ShardedGradScaler`` over the world) so every rank skips the same overflowing step and
+    moves the scale alike, as Megatron-LM all-reduces them over its model-parallel group."""
+    if precision != "fp16":
+        return None
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, process_group=dist.group.WORLD)
+    return torch.amp.GradScaler(device.type)
 
 
 class StepRunner:
@@ -76,11 +94,14 @@ class StepRunner:
         self.context = context
         self.routing = routing
         self.cp_group = context.group if context is not None else None
+        #: The module whose MoE layers record ``moe_stats`` and that holds the multi-token
+        #: prediction modules: a vision-language model's language model, else the model.
+        self.language_model = language_model_of(model)
         #: Multi-token prediction modules of the model (their inputs are cut per shard too).
-        self.mtp_depth = len(getattr(model, "mtp", None) or ())
+        self.mtp_depth = len(getattr(self.language_model, "mtp", None) or ())
         #: Ranks whose gradients data parallelism averages (dp x cp).
         self.grad_ranks = dp_size * (context.size if context is not None else 1)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler = loss_scaler(device, precision)
 
     # -- forward ----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -126,7 +147,7 @@ class StepRunner:
         else:
             with self.autocast(), around():
                 loss = self.model(**kwargs, loss_reduction="sum")
-        stats = getattr(self.model, "moe_stats", None)
+        stats = getattr(self.language_model, "moe_stats", None)
         aux = None
         if split and stats is not None:
             aux = self.aux_coef * self.routing.balance_loss(stats, documents)
@@ -181,7 +202,8 @@ class StepRunner:
                     targets = depth_targets[k]
                 depth_losses.append(summed_ce(depth_logits, targets))
         if depth_losses:
-            loss = loss + self.model.config.mtp_loss_weight / depth * sum(depth_losses)
+            weight = self.language_model.config.mtp_loss_weight
+            loss = loss + weight / depth * sum(depth_losses)
         return loss
 
     @torch.no_grad()
@@ -230,9 +252,18 @@ class StepRunner:
                         objective.backward()
             ce_total += local_value(ce.detach()).float()
         loss = self._batch_sum(ce_total) / global_tokens.clamp(min=1)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        self.unscale()
         return loss, self.clip(), int(global_tokens.item())
+
+    def unscale(self) -> None:
+        """fp16: divide the gradients by the loss scale and record whether any rank's overflowed
+        (:func:`loss_scaler`). Under ZeRO the optimizer's parameters are its shards, whose
+        gradients exist once reduced: reduce first."""
+        if self.scaler is None:
+            return
+        if hasattr(self.optimizer, "reduce_gradients"):
+            self.optimizer.reduce_gradients()
+        self.scaler.unscale_(self.optimizer)
 
     def clip(self) -> torch.Tensor:
         """Clip to ``optim.grad_clip`` (0: off); returns the total norm before clipping."""

@@ -219,7 +219,11 @@ class VLMLoader:
         from forge_data.vision import collate_vlm
 
         rows = [self._next_row() for _ in range(self.rows_per_rank * self.dp_size)]
-        mine = rows[self.dp_rank :: self.dp_size]
+        # Contiguous, as forge_data's PackedLoader deals them: micro-batch i of rank r holds the
+        # rows of the single process's micro-batch r x (rows_per_rank / micro_batch_rows) + i,
+        # so a per-micro-batch statistic (a MoE balance loss) is the same at any dp size.
+        start = self.dp_rank * self.rows_per_rank
+        mine = rows[start : start + self.rows_per_rank]
         samples = [[self.data.samples[i] for i in row] for row in mine]
         step = self.micro_batch_rows
         batches = [

@@ -19,9 +19,24 @@ __all__ = [
     "build_vlm_model",
     "check_vlm_exportable",
     "export_vlm_hf",
+    "language_model_config",
+    "language_model_of",
     "vlm_model_config",
     "vlm_text_plan",
 ]
+
+
+def language_model_of(model: nn.Module) -> nn.Module:
+    """The language model of a run's model: a vision-language model's ``language_model`` (the
+    ``CausalLM`` whose MoE layers record ``moe_stats`` and whose ``mtp`` modules predict
+    further tokens), else the model itself."""
+    return getattr(model, "language_model", model)
+
+
+def language_model_config(config):
+    """The language model's config of a run's model config: a ``VLMConfig``'s ``text``, else
+    the config itself (a ``TransformerConfig``)."""
+    return getattr(config, "text", config)
 
 
 def vlm_model_config(settings: ModelSettings, tokenizer, *, frozen: list[str]):
@@ -101,10 +116,17 @@ def vlm_text_plan(language_model: nn.Module, *, sequence_parallel: bool, prefix:
     (``sequence_scatter``; its backward all-gathers). Sharding the embedding's output instead
     (the language model's plan, a reduce-scatter) would leave each rank a shard of the rows
     with no way to know which features fall in it.
+
+    A mixture-of-experts layer runs whole on every rank (``replicate``), as in a language
+    model's plan (:func:`forge_train.components._text_plan`): on the whole sequence without
+    sequence parallelism, on the rank's shard with it (its routing statistics then summed over
+    the tensor-parallel ranks, :mod:`forge_train.sharded_routing`).
     """
     from forge_parallel import TPPlan
 
     plan = dict(language_model.parallel_plan(sequence_parallel=sequence_parallel))
+    if any(getattr(block, "is_moe", False) for block in getattr(language_model, "layers", ())):
+        plan = _moe_layers_whole(language_model, plan)
     if not sequence_parallel:
         return TPPlan(styles={prefix + k: v for k, v in plan.items()})
     from torch.distributed.tensor import Replicate
@@ -116,9 +138,33 @@ def vlm_text_plan(language_model: nn.Module, *, sequence_parallel: bool, prefix:
             "entries to split the sequence after the visual features; set "
             "parallel.sequence_parallel=false"
         )
+    if len(getattr(language_model, "mtp", None) or ()):
+        # The embedding's output stays whole here, so an MTP module would get its depth's
+        # embeddings whole beside the hidden states' shard (a language model's plan
+        # reduce-scatters them: forge_train.components._mtp_sequence_parallel_styles).
+        raise ConfigError(
+            "parallel.sequence_parallel: a vision-language model's multi-token prediction "
+            "modules do not run on sequence shards yet; set parallel.sequence_parallel=false "
+            "(tensor parallelism without it works) or model.config.text.mtp_depth=0"
+        )
     plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     plan["layers.0"] = "sequence_scatter"
     return TPPlan(styles={prefix + k: v for k, v in plan.items()}, sequence_parallel=True)
+
+
+def _moe_layers_whole(language_model: nn.Module, plan: dict) -> dict:
+    """``plan`` with each decoder layer's feed-forward styled one by one: a MoE block whole on
+    every rank (``replicate``: the family's ``layers.*.mlp.*`` entries split a dense MLP or
+    place the router inside a ``block_input`` block, which forge-parallel's ``replicate``
+    refuses), a dense one split as the family splits it."""
+    from forge_train.components import _feed_forward_styles
+
+    plan = {
+        k: v for k, v in plan.items() if k != "layers.*.mlp" and not k.startswith("layers.*.mlp.")
+    }
+    for i, block in enumerate(language_model.layers):
+        plan.update(_feed_forward_styles(f"layers.{i}.mlp", is_moe=block.is_moe))
+    return plan
 
 
 def check_vlm_exportable(config) -> None:
@@ -160,15 +206,16 @@ def export_vlm_hf(
     beside it. Collective (tensors gathered and written one at a time,
     :func:`forge_train.modeling.export_tensors`); only the main process writes. ``pipeline``:
     the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when ``model`` is one
-    pipeline rank's part (its stages send their tensors to the main process)."""
+    pipeline rank's part (its stages send their tensors to the main process). With ``lora``
+    the adapters are merged into their layers' weights
+    (:func:`forge_train.lora.merge_lora_tensors`): a plain model of the family, as a
+    transformers user loads it."""
     from forge_models.vlm import build_vlm
     from forge_train.modeling import write_hf_folder
 
-    if lora is not None:
-        raise ConfigError("lora: vision-language models train without LoRA; set lora=null")
     check_vlm_exportable(config)
     plain = build_vlm(config, device="meta")  # config, names and shapes: no memory
     return write_hf_folder(
-        model, plain, out_dir, tokenizer=tokenizer, lora=None, dtype=dtype, is_main=is_main,
+        model, plain, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main,
         pipeline=pipeline,
     )  # fmt: skip

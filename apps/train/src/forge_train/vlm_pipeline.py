@@ -42,6 +42,20 @@ over the tensor-parallel ranks, which encode the same micro-batches. Virtual sta
 stage's backward, but torch runs stage 0's as one full backward (its weight pass), which
 leaves the whole input gradient on the leaf before the schedule returns.
 
+A mixture-of-experts language model's stages handle their balance losses and expert load as
+a language model's (:mod:`forge_train.pipeline_moe`, the switch loss's sums carried with the
+hidden states). Under context parallelism (``parallel.cp``) every context-parallel rank
+encodes all of a row's items and embeds the whole row, as without pipeline stages
+(:func:`forge_train.components._parallelize_vlm`): the encoder and the embedding run without
+the context-parallel router, FSDP-sharded over ``dp_shard x cp`` as the stages; stage 0 takes
+the rank's positions of the rows (``ContextParallelInputs.shard``'s ``sequence_index``) and
+the gradient of the whole rows (zero at the other ranks' positions) goes back to the
+features and the embedding, the ranks' gradients averaged by FSDP. With the language model
+frozen (``train.freeze=[language_model]``) its stages still run forward and backward, so the
+gradient reaches the projector and the encoder; a stage with nothing to train has an
+optimizer that steps nothing (``build_optimizer(allow_empty=True)``) and no optimizer state in
+the checkpoint.
+
 The blocks of every stage get each micro-batch's attention inputs, M-RoPE positions and
 bidirectional image blocks included, as pipeline block arguments
 (:meth:`forge_models.CausalLM.attention_inputs`, see :mod:`forge_train.pipeline_step`).
@@ -174,10 +188,11 @@ def check_vlm_pipeline(config, parallel) -> None:
             f"parallel.pp: {parallel.pp} pipeline stages need at least {parallel.pp} language "
             f"model layers, the model has {text.num_layers}; lower parallel.pp"
         )
-    if getattr(text, "moe", None) is not None:
+    if getattr(text, "moe", None) is not None and parallel.tp > 1:
         raise ConfigError(
-            "parallel.pp: mixture-of-experts language models are not pipelined yet; use "
-            "parallel.pp=1"
+            "parallel.tp: a vision-language model's MoE language model is pipelined without "
+            "tensor parallelism only (its plan does not run the MoE layers whole on the "
+            "tensor-parallel ranks yet); set parallel.tp=1"
         )
     if getattr(text, "mtp_depth", 0):
         raise ConfigError(
@@ -190,12 +205,6 @@ def check_vlm_pipeline(config, parallel) -> None:
             "the token embedding run ahead of the pipeline and the head tied to it would be one "
             "parameter of two separately wrapped parts; use interleaved_1f1b or zero_bubble, or "
             "+model.config.text.tie_word_embeddings=false (a new model)"
-        )
-    if "language_model" in (getattr(config, "frozen", None) or ()):
-        raise ConfigError(
-            "train.freeze: with the language model frozen its pipeline stages have nothing to "
-            "train (an optimizer without parameters is not supported yet); use parallel.pp=1 "
-            "to train the projector / encoder of a frozen language model"
         )
 
 
@@ -212,6 +221,16 @@ class _Step:
     leaf: torch.Tensor | None = None
     received: list[tuple[int, int]] = field(default_factory=list)
     own: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: Under context parallelism: this rank's positions of the whole rows (stage 0 takes
+    #: the embeddings there), else ``None``.
+    index: torch.Tensor | None = None
+
+    def row_gradient(self) -> torch.Tensor:
+        """The gradient of the whole rows' embeddings: stage 0's input gradient, placed at this
+        rank's positions under context parallelism (zero at the other ranks')."""
+        if self.index is None:
+            return self.leaf.grad
+        return torch.zeros_like(self.embeds).index_copy_(1, self.index, self.leaf.grad)
 
 
 @dataclass
@@ -351,10 +370,16 @@ class VLMPipelineParts(PipelineParts):
             if parts:
                 scatters.append((ids == token_id, torch.cat(parts)))
         state.embeds = self.embedding(ids, scatters)
+        shard = state.embeds
+        # Context parallelism: the features go into the whole rows, stage 0 takes this rank's
+        # positions of them (ContextParallelInputs.shard's sequence_index, one for every row).
+        state.index = batches[0].get("sequence_index") if batches else None
+        if state.index is not None:
+            shard = shard.index_select(1, state.index)
         # The leaf needs a gradient for the embedding, for rank 0's own features, or for the
         # features of the other ranks (whose gradients are its rows at their placeholders).
         wanted = state.embeds.requires_grad or (needs_feature_grad and bool(state.received))
-        state.leaf = state.embeds.detach().requires_grad_(grad and wanted)
+        state.leaf = shard.detach().requires_grad_(grad and wanted)
         return (state.leaf,), lambda: self._finish(state, grad, needs_feature_grad)
 
     @property
@@ -398,10 +423,11 @@ class VLMPipelineParts(PipelineParts):
                     "the pipeline schedule left no gradient on stage 0's input embeddings; the "
                     "encoder and the token embedding cannot be trained with this schedule"
                 )
+            row_grad = state.row_gradient() if leaf is not None and leaf.requires_grad else None
             if exchange:
-                self._send_feature_grads(state)
+                self._send_feature_grads(state, row_grad)
             if state.embeds is not None and state.embeds.requires_grad:
-                state.embeds.backward(leaf.grad)
+                state.embeds.backward(row_grad)
         elif exchange:
             outs, grads = [], []
             for k in sorted(state.own):
@@ -414,16 +440,28 @@ class VLMPipelineParts(PipelineParts):
         if exchange:
             self._reduce_encoder_grads()
 
-    def _send_feature_grads(self, state: _Step) -> None:
+    def _send_feature_grads(self, state: _Step, row_grad: torch.Tensor) -> None:
         """Send each received feature block's gradient back to the rank that encoded it: the
-        rows of stage 0's input gradient at the block's placeholders (``masked_scatter``
-        copies the features there, and each kind's placeholders are its own)."""
+        rows of the whole rows' embedding gradient ``row_grad`` at the block's placeholders
+        (``masked_scatter`` copies the features there, and each kind's placeholders are its
+        own)."""
         for k, owner in state.received:
             token_id, _, counts, owners = state.groups[k]
-            rows = state.leaf.grad[state.ids == token_id].split(counts)
+            rows = row_grad[state.ids == token_id].split(counts)
             mine = [rows[i] for i, o in enumerate(owners) if o == owner and counts[i]]
             g = torch.cat(mine).to(self._exchange_dtype)  # the owner's features' dtype
             dist.send(g.contiguous(), dst=self._global(owner), group=self.group)
+
+
+def _whole_on_context_ranks(parallelized) -> None:
+    """The encoder and the token embedding run on the whole rows on every context-parallel
+    rank (each rank encodes all of a row's items, as without pipeline stages): no attention
+    routed over ``mesh["cp"]`` (``parallelize`` installs it on a mesh with ``cp > 1``), their
+    FSDP shards over ``dp_shard x cp`` as the stages', averaging each rank's gradient of its
+    own positions' loss."""
+    handle = getattr(parallelized, "context_parallel_handle", None)
+    if handle is not None:
+        handle.remove()
 
 
 def build_vlm_pipeline(
@@ -457,6 +495,11 @@ def build_vlm_pipeline(
             ),
         }
     loss = PipelineLoss(microbatches=microbatches, vocab_size=config.text.vocab_size)
+    moe = None
+    if getattr(config.text, "moe", None) is not None:  # as a language model's stages do
+        from forge_train.pipeline_moe import PipelineMoE
+
+        moe = PipelineMoE(config.text, microbatches=microbatches)
     on_meta = any(p.is_meta for p in model.parameters())
     pipe = pipeline(
         DecoderTrunk(model),
@@ -468,13 +511,15 @@ def build_vlm_pipeline(
         split=split,
         stage_parallel=stage_parallel,
         ahead=("language_model.embed_tokens",),
+        block_output=moe,
+        carry=moe if moe is not None and moe.switch else None,  # the switch loss's sums
     )
     plan = stage_parallel.get("plan")
     # The encoder is replicated over the tensor-parallel ranks (an empty plan), which encode
     # the same micro-batches.
     encoder_parallel = {**stage_parallel, "plan": None if plan is None else {}}
     encoder = VisualEncoder(model)
-    parallelize(encoder, mesh, **encoder_parallel)
+    _whole_on_context_ranks(parallelize(encoder, mesh, **encoder_parallel))
     owned = nn.Module()  # everything this rank owns, under the whole model's names
     pp_rank = dist.get_rank(pipe.group)
     embedding = None
@@ -482,16 +527,13 @@ def build_vlm_pipeline(
         embedding = TokenEmbedding(model)
         # Under tensor parallelism the embedding is vocabulary-parallel as in the language
         # model's plan: the same shards as a head tied to it on the last stage.
-        parallelize(
-            embedding,
-            mesh,
-            **{
-                **encoder_parallel,
-                "recompute": None,
-                "compile": False,
-                "plan": None if plan is None else stage_plan(plan, embedding),
-            },
-        )
+        embedding_parallel = {
+            **encoder_parallel,
+            "recompute": None,
+            "compile": False,
+            "plan": None if plan is None else stage_plan(plan, embedding),
+        }
+        _whole_on_context_ranks(parallelize(embedding, mesh, **embedding_parallel))
         _mount(owned, encoder)
         _mount(owned, embedding)
     _mount(owned, pipe.local_module())
@@ -503,6 +545,7 @@ def build_vlm_pipeline(
         loss=loss,
         inputs_model=build_vlm(config, device="meta").language_model,
         stage_parallel=pipe.parallelized[0],
+        moe=moe,
         whole_model=model if on_meta else None,
         encoder=encoder,
         embedding=embedding,

@@ -170,6 +170,11 @@ def _flops(func, args, kwargs, out) -> int:
 class _Recorder(TorchDispatchMode):
     """Records each op call's new output storages and FLOPs, keyed like SAC's cache."""
 
+    #: It sees the ops the selective policy decides on, no others: a unit that the policy
+    #: recomputes whole (``forge_parallel.replay_checkpoint.recomputed_whole``, the
+    #: context-parallel attention) is neither recorded nor keyed.
+    sees_ops_like_selective_checkpoint = True
+
     def __init__(self, storages: _Storages) -> None:
         super().__init__()
         self.storages = storages

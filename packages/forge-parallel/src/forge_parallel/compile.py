@@ -17,6 +17,14 @@ def apply_compile(blocks: Sequence[tuple[str, nn.Module]], config: CompileConfig
     Applied after tensor parallelism and recompute (so the compiled graph contains the
     DTensor collectives and the checkpoint policy) and before FSDP (whose hooks stay outside
     the graph), the order torchtitan uses.
+
+    What cannot be one static graph runs eagerly between a block's graphs
+    (``torch.compiler.disable``, one graph break each), as in torchtitan: the context-parallel
+    attention (ring P2P / Ulysses all-to-all exchanges, the batch's document boundaries;
+    :mod:`forge_parallel.context_parallel.apply`) and the expert-parallel experts (all-to-alls
+    with data-dependent split sizes; :mod:`forge_parallel.expert_parallel.experts`). Their
+    graphs are reused by every layer and batch (no guard on run-time state such as the
+    routed-call count).
     """
     applied: dict[str, str] = {}
     for name, block in blocks:

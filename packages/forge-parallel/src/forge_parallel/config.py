@@ -72,7 +72,10 @@ class RecomputeConfig:
       * ``"attention"``: the attention core (scaled-dot-product attention, softmax, batched
         matmuls), as in Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
         Transformer Models": its activations are large (quadratic in sequence length) but cheap
-        to recompute.
+        to recompute. Every other op's output is kept, also where autograd would not keep it
+        (a residual add's): with attention kernels that store no score matrix (flash, and
+        PyTorch's CPU SDPA) this keeps more than no recomputation (a tiny decoder's blocks:
+        80.6 MiB against 50.1 MiB without and 29.1 MiB with ``"pointwise"``).
       * ``"pointwise"``: everything except the matrix multiplies and attention (norms,
         activations, residual adds): keeps the expensive outputs, recomputes the cheap ones.
       * a tuple of op names such as ``("aten._softmax", "aten.silu")``.

@@ -45,7 +45,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
 from torch.utils._pytree import tree_map
 
-from forge_parallel.config import FSDPConfig, OffloadConfig, RecomputeConfig
+from forge_parallel.config import CompileConfig, FSDPConfig, OffloadConfig, RecomputeConfig
 from forge_parallel.context_parallel.config import CPConfig
 from forge_parallel.data_parallel import no_gradient_sync
 from forge_parallel.parallelize import ParallelizeResult, parallelize
@@ -66,7 +66,8 @@ class SubmoduleParallel:
     ``dp_shard x cp``. The caller feeds the part its sequence shard
     (:func:`~forge_parallel.context_parallel.shard_sequence`); a part without ``cp`` sees
     the same inputs on the ``cp`` ranks (e.g. a vision encoder run on the whole batch) and
-    averages its gradients over all of them.
+    averages its gradients over all of them. ``compile``: ``torch.compile`` this part's blocks
+    (``True`` or a ``CompileConfig``; :func:`~forge_parallel.apply_compile`).
     """
 
     tp: int = 1
@@ -80,6 +81,7 @@ class SubmoduleParallel:
     batch_boundary: bool = True
     cp: int = 1
     context_parallel: CPConfig | None = None
+    compile: bool | CompileConfig = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp_replicate", "cp"):
@@ -293,6 +295,7 @@ def parallelize_submodules(
             fsdp=spec.fsdp,
             recompute=spec.recompute,
             offload=spec.offload,
+            compile=spec.compile,
             blocks=spec.blocks,
         )
         if spec.tp > 1 and spec.batch_boundary:

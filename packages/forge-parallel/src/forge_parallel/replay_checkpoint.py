@@ -9,8 +9,16 @@ attention over its own shard only, and torch would stop on the mismatch of the r
 tensors. :func:`checkpoint_block` captures the modes active at the forward (innermost last) and
 re-enters the same mode objects around the recomputation (they carry their state, e.g. the
 micro-batch's document boundaries, which a later micro-batch's forward does not change), ahead
-of the checkpoint's own recompute context (a selective policy's). A mode that marks itself
-``refuses_selective_recompute`` (the context-parallel router) refuses a selective policy.
+of the checkpoint's own recompute context (a selective policy's).
+
+:func:`recomputed_whole` runs a group of ops as one unit that a selective policy never splits:
+the context-parallel attention (ring exchanges or all-to-alls around the attention core), whose
+receive buffers are filled in place and whose collectives must run the same way on every rank.
+Op by op, a policy would cache some of its buffers (later overwritten by the exchanges) and
+skip some of its collectives in the recomputation but not others: the ranks deadlock. As one
+unit it is recomputed whole, its exchanges included, in the same order on every rank: the
+attention core is what selective recomputation (Korthikanti et al. 2022, arXiv:2205.05198)
+recomputes, and its inputs, the projections' outputs, are what the policy keeps.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpoint_block"]
+__all__ = ["checkpoint_block", "recomputed_whole"]
 
 
 def _active_function_modes() -> tuple[Any, ...]:
@@ -60,16 +68,51 @@ def checkpoint_block(
     modes it runs under itself)."""
     if not torch.compiler.is_compiling():
         modes = _active_function_modes()
-        if context_fn is not None and any(
-            getattr(mode, "refuses_selective_recompute", False) for mode in modes
-        ):
-            raise ValueError(
-                "selective activation recomputation under context parallelism is not supported "
-                "yet: its policy caches buffers that the context-parallel exchanges fill in "
-                "place. Use full recompute (RecomputeConfig(mode='full')) or none"
-            )
         if modes:
             context_fn = _replaying(modes, context_fn)
     if context_fn is None:
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
     return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def _is_selective_checkpoint_mode(mode: Any) -> bool:
+    """A selective checkpoint's caching (forward) or cached (recomputation) dispatch mode, or a
+    mode that sees ops as such a policy does (``sees_ops_like_selective_checkpoint``: auto
+    recompute's measurement, whose per-op keys must match its policy's)."""
+    from torch.utils import checkpoint as torch_checkpoint
+
+    kinds = tuple(
+        getattr(torch_checkpoint, name)
+        for name in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
+        if hasattr(torch_checkpoint, name)
+    )
+    return isinstance(mode, kinds) or getattr(mode, "sees_ops_like_selective_checkpoint", False)
+
+
+@contextlib.contextmanager
+def recomputed_whole() -> Iterator[None]:
+    """Run the ops inside as one unit that selective activation checkpointing recomputes whole
+    (see the module docstring): the selective checkpoint dispatch modes on top of the mode
+    stack are taken off while it runs, so the policy neither caches nor counts its ops; in
+    the forward nothing inside is kept by the policy, in the recomputation all of it runs
+    again. Outside a selective checkpoint this does nothing."""
+    from torch.utils._python_dispatch import (
+        _get_current_dispatch_mode_stack,
+        _pop_mode_temporarily,
+    )
+
+    stack = _get_current_dispatch_mode_stack()
+    top = len(stack)
+    while top and _is_selective_checkpoint_mode(stack[top - 1]):
+        top -= 1
+    if any(_is_selective_checkpoint_mode(mode) for mode in stack[:top]):
+        raise RuntimeError(
+            "a selective activation checkpoint is active under another dispatch mode "
+            f"({type(stack[-1]).__name__}) entered inside the checkpointed block; the "
+            "context-parallel attention cannot run outside its policy there. Enter that mode "
+            "outside the checkpointed block, or use full recompute"
+        )
+    with contextlib.ExitStack() as popped:
+        for _ in range(len(stack) - top):
+            popped.enter_context(_pop_mode_temporarily())
+        yield

@@ -23,6 +23,13 @@ parameters with the gradient layout each has, and turns the output into the layo
 style would return. The input of a column-parallel wrapper is the block's replicated DTensor
 (``block_input``, which under sequence parallelism gathered the sequence: the adapter sees the
 same whole input as the base), or a plain replicated tensor (Megatron's ``f``).
+
+A base whose class overrides ``nn.Linear.forward`` (forge_kernels' ``Fp8Linear``) is not run on
+plain local shards: it keeps its ``DTensor`` parameters and gets its input as the ``DTensor``
+its own style would hand it (``Replicate()`` column-parallel, ``Shard(-1)`` row-parallel), its
+output taken back to the local tensor; so it computes what it computes under that style (an
+FP8 linear then reduces its per-tensor amaxes over the tensor-parallel ranks, as one process
+takes them over the whole tensors). A plain ``nn.Linear`` runs on its local shards.
 """
 
 from __future__ import annotations
@@ -143,6 +150,10 @@ class LinearAdapterParallel(ParallelStyle):
             owner.register_parameter(name, nn.Parameter(placed, requires_grad=param.requires_grad))
         rowwise, sp, dim = self.layout == "rowwise", self.sequence_parallel, self.sequence_dim
         group = device_mesh.get_group()
+        base = owners["weight"][0]
+        on_dtensors = type(base).forward is not nn.Linear.forward  # see the module docstring
+        if on_dtensors:
+            _run_base_on_dtensors(base, device_mesh, rowwise=rowwise)
         saved: list[tuple[nn.Module, str, torch.Tensor]] = []
         bias_held: list[torch.Tensor] = []  # a row-parallel bias, added after the reduction
 
@@ -156,7 +167,14 @@ class LinearAdapterParallel(ParallelStyle):
                 return x.to_local(grad_placements=[Partial()])
             return copy_to_group(x, group=group)  # f: identity forward, all-reduce backward
 
+        def restore() -> None:
+            while saved:
+                owner, name, param = saved.pop()
+                owner._parameters[name] = param
+
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict):
+            restore()  # after a forward that raised, the post-hook did not run
+            bias_held.clear()
             if args and isinstance(args[0], torch.Tensor):
                 args = (local_input(args[0]), *args[1:])
             else:
@@ -171,14 +189,14 @@ class LinearAdapterParallel(ParallelStyle):
                     owner._parameters[name] = None
                     bias_held.append(param)
                     continue
+                if on_dtensors and owner is base:
+                    continue
                 grad_layout = placements[role][1]
                 owner._parameters[name] = param.to_local(grad_placements=[grad_layout])
             return args, kwargs
 
         def post_hook(_mod: nn.Module, _args: tuple, output: Any):
-            while saved:
-                owner, name, param = saved.pop()
-                owner._parameters[name] = param
+            restore()
             bias = bias_held.pop() if bias_held else None
             if not rowwise or not isinstance(output, torch.Tensor):
                 return None
@@ -189,6 +207,40 @@ class LinearAdapterParallel(ParallelStyle):
                 output = output + bias.to_local(grad_placements=[placements["bias"][1]])
             return output
 
+        # Not ``always_call``: dynamo guards on such a hook's identity, so each block of a
+        # regionally compiled model would compile again.
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        module.register_forward_hook(post_hook, always_call=True)
+        module.register_forward_hook(post_hook)
         return module
+
+
+def _run_base_on_dtensors(base: nn.Module, mesh: DeviceMesh, *, rowwise: bool) -> None:
+    """Hooks that hand ``base`` (with ``DTensor`` parameters) the wrapper's local input as the
+    ``DTensor`` its own style would give it and return its output as the local tensor the
+    wrapper adds the update to. Column-parallel: the input is replicated and its gradient a
+    partial sum (kept partial: the wrapper's input reduces it once, with the adapter's);
+    row-parallel: the input holds this rank's features and the output is a partial sum (its
+    gradient the replicated output gradient)."""
+
+    def pre_hook(_mod: nn.Module, args: tuple):
+        x = args[0]
+        if rowwise:
+            x = DTensor.from_local(x, mesh, [Shard(x.ndim - 1)], run_check=False)
+        else:
+            x = DTensor.from_local(
+                x, mesh, [Replicate()], run_check=False, grad_placements=[Partial()]
+            )
+        return (x, *args[1:])
+
+    def post_hook(_mod: nn.Module, _args: tuple, output: Any):
+        if not isinstance(output, DTensor):
+            raise ValueError(
+                f"linear adapter style: {type(base).__name__} with DTensor parameters returned "
+                f"a {type(output).__name__}, not a DTensor; its forward must run on DTensors"
+            )
+        if rowwise:
+            return output.to_local(grad_placements=[Replicate()])
+        return output.to_local()
+
+    base.register_forward_pre_hook(pre_hook)
+    base.register_forward_hook(post_hook)

@@ -293,6 +293,7 @@ class ReplicateParallel(ParallelStyle):
         saved: list[tuple[nn.Module, str, torch.Tensor]] = []
 
         def use_local_weights(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            restore_weights()  # after a forward that raised, its post-hook did not run
             for value in (*args, *kwargs.values()):
                 if isinstance(value, DTensor):
                     raise ValueError(
@@ -311,6 +312,8 @@ class ReplicateParallel(ParallelStyle):
                 owner, name, param = saved.pop()
                 owner._parameters[name] = param
 
+        # Not ``always_call``: dynamo guards on such a hook's identity, so each block of a
+        # regionally compiled model (one graph for all) would compile again.
         module.register_forward_pre_hook(use_local_weights, with_kwargs=True)
-        module.register_forward_hook(restore_weights, always_call=True)
+        module.register_forward_hook(restore_weights)
         return module

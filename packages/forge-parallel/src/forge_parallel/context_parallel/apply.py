@@ -55,10 +55,6 @@ _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 class _SDPAToContextParallel(TorchFunctionMode):
-    #: forge_parallel.replay_checkpoint: a selective recompute policy would cache the buffers
-    #: that the ring / all-to-all exchanges fill in place.
-    refuses_selective_recompute = True
-
     def __init__(
         self,
         group,
@@ -97,6 +93,13 @@ class _SDPAToContextParallel(TorchFunctionMode):
                 f"query has {heads} heads and key {kv_heads}: pass enable_gqa=True as "
                 "scaled_dot_product_attention itself requires"
             )
+        return self._route(query, key, value, options)
+
+    @torch.compiler.disable
+    def _route(self, query, key, value, options: dict) -> torch.Tensor:
+        # Outside torch.compile's graph (a compiled block breaks its graph here): the count and
+        # this batch's document boundaries are read at run time, not guarded on (a guard on
+        # ``routed`` would recompile the block at every layer).
         self.routed += 1
         return context_parallel_attention(
             query,
@@ -215,7 +218,8 @@ def apply_cp(
     here (:mod:`~forge_parallel.context_parallel.hf_attention`); forge-models' attention goes
     through SDPA with forge-kernels' ``"sdpa"`` backend (forge-train pins it under CP).
     Blocks checkpointed by :func:`~forge_parallel.apply_recompute` replay their forward in
-    backward under the same router (:mod:`forge_parallel.replay_checkpoint`); full recompute
-    only (a selective policy raises at the first forward).
+    backward under the same router (:mod:`forge_parallel.replay_checkpoint`); under a selective
+    policy each routed attention is one unit, recomputed whole with its exchanges
+    (:func:`forge_parallel.replay_checkpoint.recomputed_whole`).
     """
     return ContextParallelHandle(model, group, config or CPConfig())

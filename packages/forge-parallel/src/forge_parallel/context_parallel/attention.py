@@ -13,6 +13,7 @@ from forge_core.collectives import GroupLike, as_process_group
 from forge_parallel.context_parallel.config import CP_STYLES
 from forge_parallel.context_parallel.ring_attention import ring_attention
 from forge_parallel.context_parallel.ulysses import ulysses_attention
+from forge_parallel.replay_checkpoint import recomputed_whole
 
 __all__ = ["context_parallel_attention"]
 
@@ -37,6 +38,11 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+# Under torch.compile the exchanges (P2P ring steps, all-to-alls, data-dependent document
+# masks) run eagerly, outside the graph: one clean graph break around the attention while the
+# rest of a compiled block (projections, norms, MLP) stays in the graph, as torchtitan and
+# torch.distributed.tensor.experimental.context_parallel do.
+@torch.compiler.disable
 def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,7 +69,9 @@ def context_parallel_attention(
     ``forge_kernels.attention.AttentionMask(causal=True, segment_ids=..., block_ids=...)`` on one
     process. ``style``: ``"ring"`` or ``"ulysses"``. ``scale``
     defaults to ``1 / sqrt(D)``. Differentiable; the result equals full-sequence
-    ``scaled_dot_product_attention`` on one process.
+    ``scaled_dot_product_attention`` on one process. Inside a block checkpointed with a
+    selective policy it is one unit, recomputed whole with its exchanges
+    (:func:`forge_parallel.replay_checkpoint.recomputed_whole`).
     """
     if style not in CP_STYLES:
         raise ValueError(
@@ -77,14 +85,17 @@ def context_parallel_attention(
             q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
         )
     implementation = ring_attention if style == "ring" else ulysses_attention
-    return implementation(
-        q,
-        k,
-        v,
-        group=pg,
-        causal=causal,
-        scale=scale,
-        load_balance=load_balance,
-        cu_seqlens=cu_seqlens,
-        block_ids=block_ids,
-    )
+    # One unit for a selective recompute policy: never cached op by op, recomputed whole with
+    # its exchanges, in the same order on every rank.
+    with recomputed_whole():
+        return implementation(
+            q,
+            k,
+            v,
+            group=pg,
+            causal=causal,
+            scale=scale,
+            load_balance=load_balance,
+            cu_seqlens=cu_seqlens,
+            block_ids=block_ids,
+        )

@@ -127,9 +127,16 @@ def gather_over_etp(
 class ExpertParallelExperts:
     """Mixed into an experts module's class by ``apply_ep``: expert-parallel forward.
 
-    Reads ``self._forge_ep`` (the :class:`EPState` set by ``apply_ep``).
+    Reads ``self._forge_ep`` (the :class:`EPState` set by ``apply_ep``). Under
+    ``torch.compile`` the forward runs eagerly, outside the graph (one graph break per MoE
+    layer): its all-to-alls have data-dependent split sizes (``.tolist()`` of the exchanged
+    counts) and the local experts data-dependent group sizes, so tracing them would break
+    the graph at every one and recompile on new counts. The router, the permutation and
+    the rest of the block stay compiled (torchtitan keeps its MoE token dispatch out of
+    the graph the same way).
     """
 
+    @torch.compiler.disable
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         state = self._forge_ep
         if tokens_per_expert.numel() != state.num_experts:

@@ -20,6 +20,16 @@ forward really used, with or without FSDP (a plain stage gets its own parameters
 then accumulates into the unsharded parameters' ``.grad``; torch's stage already keeps FSDP from
 reducing before the last micro-batch (``set_requires_gradient_sync(False)``, manual backward
 finalization), and its final reduce-scatter reads exactly those gradients.
+
+``W`` also keeps the graph (``retain_graph=True``) on every stage: torch runs it per group of
+weights, each from the input-gradient nodes where the group's weights branch off, and frees
+what it ran through. A weight used both early and late in a stage (a tied embedding and head
+on the last stage, whose multi-token prediction module embeds tokens with it, DeepSeek-V3
+arXiv:2412.19437 section 2.2) has branch points along one chain: its group's pass runs from
+the head back through the module's block (the branch points' gradients are replaced by the
+recorded ones, so nothing is counted twice) and freed that block's nodes before or after the
+block's own weights' group needed them ("Trying to backward through the graph a second
+time"). The graph is still released with the pass's last reference to it.
 """
 
 from __future__ import annotations
@@ -76,16 +86,20 @@ def graph_weights(
 def split_backward(
     stage: Any, backward_type: str, bwd_kwargs: dict
 ) -> tuple[tuple[torch.Tensor | None, ...], list[dict[str, Any]] | None] | None:
-    """The ``"input"`` / ``"weight"`` pass of ``stage`` (a ``PipelineStage``) on an FSDP2
-    stage module, with the weights taken from the graph; ``None`` where torch's own pass is
-    right (no FSDP, or a full backward)."""
-    if backward_type == "full" or not isinstance(stage.submod, FSDPModule):
+    """The ``"input"`` / ``"weight"`` pass of ``stage`` (a ``PipelineStage``): on an FSDP2
+    stage module with the weights taken from the graph, and every ``"weight"`` pass keeping
+    the graph (see the module docstring); ``None`` where torch's own pass is right (a full
+    backward, the input pass without FSDP, a ``DistributedDataParallel`` stage)."""
+    fsdp = isinstance(stage.submod, FSDPModule)
+    if backward_type == "full" or (backward_type == "input" and not fsdp):
+        return None
+    if isinstance(stage.submod, torch.nn.parallel.DistributedDataParallel):
         return None
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-    # As torch's stage does for FSDP: accumulate unsharded gradients, reduce at the end.
-    stage.submod.set_reshard_after_backward(False)
-    stage.submod.set_requires_gradient_sync(False)
+    if fsdp:  # as torch's stage does for FSDP: accumulate unsharded gradients, reduce at the end
+        stage.submod.set_reshard_after_backward(False)
+        stage.submod.set_requires_gradient_sync(False)
     if backward_type == "input":
         outputs = bwd_kwargs["stage_output"]
         inputs = bwd_kwargs["input_values"]
@@ -94,5 +108,5 @@ def split_backward(
     if backward_type == "weight":
         groups = bwd_kwargs["param_groups"]
         weights = [node.variable for group in groups for node in group["params"]]
-        return stage_backward_weight(iter(weights), groups), None
+        return stage_backward_weight(iter(weights), groups, retain_graph=True), None
     raise RuntimeError(f"unknown backward type {backward_type!r}")

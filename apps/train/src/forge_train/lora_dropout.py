@@ -1,0 +1,194 @@
+"""LoRA dropout with masks keyed by the data, the same under any data- and tensor-parallel
+layout.
+
+LoRA applies dropout to the adapter's input (``(alpha / r) B A dropout(x)``, Hu et al. 2021,
+arXiv:2106.09685; PEFT's ``lora_dropout``). Drawn from a generator's stream, a mask depends on
+the order the stream is consumed in: data-parallel ranks and micro-batching split a batch
+differently from one process, and under tensor parallelism a column-parallel layer's
+replicated input needs one mask on every tensor-parallel rank while a row-parallel layer's
+input holds only the rank's features (Megatron-LM draws the first from a tensor-parallel-
+synchronized RNG state and the second from a per-rank one, ``get_cuda_rng_tracker``, so its
+masks are not one process's either).
+
+Here the keep/drop decision of one element is a counter-based hash (murmur3's 32-bit
+finalizer, Appleby 2008, as a Philox-style stateless generator: Salmon et al. 2011, "Parallel
+random numbers: as easy as 1, 2, 3") of the run's seed, the LoRA layer's index, the token's
+place in the data stream and the feature's index: ``(epoch, document, offset)`` of the token,
+from the loader's ``pieces``. Any data-parallel split, micro-batching, row balancing,
+activation recomputation, resumption, column-parallel layer (all features, on every rank) or
+row-parallel layer (its features' slice, ``feature_offset``) draws the single process's mask.
+
+:class:`KeyedDropoutLoader` computes each micro-batch's token keys as the loader yields a step
+and queues them; a forward pre-hook on the model (:func:`attach_keyed_dropout`) takes the next
+micro-batch's keys for each training forward. Layouts whose forwards do not see whole
+micro-batches in order (pipeline stages, context-parallel shards) are not keyed and fall back
+to ``torch.nn.functional.dropout`` (forge-train refuses those with tensor parallelism). The
+cost: a ``[tokens, features]`` int64 hash per adapted layer and forward.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DropoutKeys",
+    "KeyedDropout",
+    "KeyedDropoutLoader",
+    "attach_keyed_dropout",
+    "dropout_mask",
+    "token_keys",
+]
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 lanes holding 32-bit values."""
+    h = h & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def token_keys(pieces: torch.Tensor, *, rows: int, seq_len: int) -> torch.Tensor:
+    """One int64 key per slot of a collated micro-batch (``rows * seq_len``, rows back to back)
+    from its ``pieces`` (``(row, epoch, doc, start, length)`` per document piece, in row order,
+    the loader's audit field): a hash of the token's ``(epoch, doc, start + offset)``; padding
+    slots get ``-1``."""
+    p = pieces.to(torch.int64).cpu().numpy()
+    keys = np.full(rows * seq_len, -1, dtype=np.int64)
+    if p.size:
+        row, epoch, doc, start, length = p.T
+        first = np.cumsum(length) - length  # each piece's first token among all tokens
+        row_first = np.zeros(rows, dtype=np.int64)
+        starts_of_row = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+        row_first[row[starts_of_row]] = first[starts_of_row]
+        in_row = first - row_first[row]  # the piece's first slot within its row
+        n = int(length.sum())
+        offset = np.arange(n) - np.repeat(first, length)  # token index within its piece
+        slots = np.repeat(row * seq_len + in_row, length) + offset
+        ids = torch.from_numpy(np.stack([np.repeat(epoch, length), np.repeat(doc, length),
+                                         np.repeat(start, length) + offset]))  # fmt: skip
+        h = _mix32(ids[0] + 0x9E3779B9)
+        h = _mix32(h ^ ids[1] ^ ((ids[1] >> 32) * 0x27D4EB2F))
+        h = _mix32(h ^ ids[2] ^ ((ids[2] >> 32) * 0x165667B1))
+        keys[slots] = h.numpy()
+    return torch.from_numpy(keys)
+
+
+def dropout_mask(
+    keys: torch.Tensor, *, features: int, feature_offset: int, p: float, seed: int, layer: int
+) -> torch.Tensor:
+    """``[tokens, features]`` bool keep-mask of features ``feature_offset ..
+    feature_offset + features`` for the tokens ``keys`` (:func:`token_keys`) in LoRA layer
+    ``layer``: an element is kept when its hash is at least ``p * 2**32``."""
+    salt = _mix32(torch.tensor((seed * 0x2545F491 + layer * 0x9E3779B9 + 1) & _MASK32))
+    per_token = _mix32(keys.to(torch.int64) ^ salt.to(keys.device))
+    index = torch.arange(feature_offset, feature_offset + features, device=keys.device)
+    per_feature = _mix32(index * 0x61C88647 + 0x7F4A7C15)
+    h = _mix32(per_token[:, None] ^ per_feature[None, :])
+    return h >= int(p * 2**32)
+
+
+class DropoutKeys:
+    """The token keys of the micro-batches of the current step, in forward order, and those of
+    the forward being run (``current``; ``None``: no keys, stateful dropout)."""
+
+    def __init__(self, *, seed: int) -> None:
+        self.seed = seed
+        self.queue: collections.deque[torch.Tensor] = collections.deque()
+        self.current: torch.Tensor | None = None
+
+
+class KeyedDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask comes from :func:`dropout_mask` while ``keys.current`` is set
+    (``keys``, ``layer`` and, for a row-parallel layer's feature shard, ``feature_offset`` are
+    set by :func:`attach_keyed_dropout`), and from the generator otherwise."""
+
+    keys: DropoutKeys | None = None
+    layer: int = 0
+    feature_offset: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        current = self.keys.current if self.keys is not None else None
+        if current is None:
+            return F.dropout(x, self.p, True)
+        tokens = x.shape[:-1].numel()
+        if current.numel() != tokens:
+            raise ValueError(
+                f"LoRA dropout: the micro-batch's keys cover {current.numel()} tokens but the "
+                f"layer got {tokens}; keyed dropout needs each forward to see one whole "
+                "micro-batch (not a pipeline stage's or a context-parallel shard's)"
+            )
+        keep = dropout_mask(
+            current,
+            features=x.shape[-1],
+            feature_offset=self.feature_offset,
+            p=self.p,
+            seed=self.keys.seed,
+            layer=self.layer,
+        )
+        return x * keep.reshape(x.shape).to(x.dtype) / (1 - self.p)
+
+
+class KeyedDropoutLoader:
+    """A training loader (forge_data's ``PackedLoader``) that also queues each micro-batch's
+    :func:`token_keys` in ``keys`` as it yields a step; everything else is the loader's."""
+
+    def __init__(self, loader: Any, keys: DropoutKeys, *, seq_len: int) -> None:
+        self._loader, self._keys, self._seq_len = loader, keys, seq_len
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        batches = next(self._loader)
+        self._keys.queue.clear()
+        for batch in batches:
+            rows = batch["input_ids"].numel() // self._seq_len
+            self._keys.queue.append(token_keys(batch["pieces"], rows=rows, seq_len=self._seq_len))
+        return batches
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def attach_keyed_dropout(
+    model: nn.Module, keys: DropoutKeys, *, row_parallel: dict[nn.Module, int]
+) -> int:
+    """Key the dropout of every LoRA layer of ``model`` with ``keys``: layer indices in module
+    order, ``row_parallel`` (LoRA layer -> index of its first input feature on this rank) for
+    row-parallel layers, and a forward pre-hook on ``model`` that takes the next micro-batch's
+    keys for each training forward. Returns how many layers were keyed."""
+    from forge_train.lora import LoRALinear
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and isinstance(module.dropout, KeyedDropout):
+            module.dropout.keys, module.dropout.layer = keys, count
+            module.dropout.feature_offset = row_parallel.get(module, 0)
+            count += 1
+
+    def take_keys(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not mod.training:
+            return
+        if not keys.queue:
+            raise RuntimeError(
+                "LoRA dropout: a training forward with no micro-batch keys left; each forward "
+                "must run one micro-batch of a step the keyed loader yielded"
+            )
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        keys.current = keys.queue.popleft().to(ids.device if ids is not None else "cpu")
+
+    model.register_forward_pre_hook(take_keys, with_kwargs=True)
+    return count
