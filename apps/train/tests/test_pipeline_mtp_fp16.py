@@ -18,16 +18,7 @@ from forge_core.testing import import_path
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
 
 #: Two steps of the tiny run with 2 micro-batches per data-parallel rank (pp2: dp 2 or tp 2).
-_RUN = (
-    *tiny.TINY,
-    "data.global_batch_rows=8",
-    "data.micro_batch_rows=2",
-    "train.steps=2",
-    "train.eval_batches=0",
-    "checkpoint.export_hf=false",
-    "checkpoint.interval=0",
-    "checkpoint.save_final=false",
-)
+_RUN = (*tiny.TINY, *tiny.TWO_STEPS)
 _MTP = ("+model.config.mtp_depth=1", "+model.config.mtp_loss_weight=0.5")
 
 

@@ -28,15 +28,7 @@ from forge_core.testing import import_path
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
 
 _COMPILED = ("train.compile=true", "train.compile_backend=aot_eager")
-_RUN = (
-    *tiny.TINY_RUN,
-    "data.global_batch_rows=8",
-    "data.micro_batch_rows=2",
-    "train.steps=2",
-    "train.eval_batches=0",
-    "checkpoint.export_hf=false",
-    "checkpoint.save_final=false",
-)
+_RUN = (*tiny.TINY_RUN, *tiny.TWO_STEPS)
 #: tiny-moe with a dense first layer and no balance loss (the MoE blocks compile differently).
 _MOE = (
     "model=tiny-moe",

@@ -195,7 +195,6 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
         ),
         (("parallel=cp2-fsdp", "data.seq_len=63"), 4, "cannot be cut into 4 equal chunks"),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
-        (("parallel=ep2-fsdp", "recipe=vlm"), 4, "a vision-language model's experts"),
         (
             (
                 "parallel=ep2-fsdp",

@@ -19,15 +19,7 @@ from forge_core.testing import import_path
 
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
 
-_RUN = (
-    *tiny.TINY_MODEL,
-    *tiny.TINY_RUN,
-    "data.global_batch_rows=8",
-    "data.micro_batch_rows=2",
-    "train.steps=2",
-    "train.eval_batches=0",
-    "checkpoint.export_hf=false",
-)
+_RUN = (*tiny.TINY, *tiny.TWO_STEPS)
 
 
 def _losses(output_dir: str, *overrides: str) -> list[list[float]]:

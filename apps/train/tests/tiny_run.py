@@ -31,6 +31,17 @@ TINY_RUN = [
     "logging.log_every=5",
 ]
 TINY = TINY_MODEL + TINY_RUN
+#: Two steps of 2 micro-batches per data-parallel rank (4 ranks: dp 2 beside pp, tp or cp 2),
+#: nothing evaluated or saved: the layout comparisons' runs.
+TWO_STEPS = [
+    "data.global_batch_rows=8",
+    "data.micro_batch_rows=2",
+    "train.steps=2",
+    "train.eval_batches=0",
+    "checkpoint.export_hf=false",
+    "checkpoint.interval=0",
+    "checkpoint.save_final=false",
+]
 
 
 def tiny_config(output_dir: str | Path, *overrides: str):

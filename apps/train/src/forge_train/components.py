@@ -73,12 +73,19 @@ def _compile(cfg: RunConfig):
 
 
 def _parallelize_vlm(
-    model, cfg: RunConfig, degrees: dict[str, int], *, context_parallel=None, plan=None
+    model,
+    cfg: RunConfig,
+    degrees: dict[str, int],
+    *,
+    context_parallel=None,
+    expert_parallel=None,
+    plan=None,
 ):
     """A vision-language model with a layout per part (heterogeneous parallelism,
     ``forge_parallel.parallelize_submodules``): the language model tensor-parallel over
-    ``parallel.tp`` (context-parallel over ``parallel.cp`` with ``context_parallel``) and
-    data-parallel over the rest, the vision encoder and the projector without tensor or
+    ``parallel.tp`` (context-parallel over ``parallel.cp`` with ``context_parallel``, its MoE
+    experts sharded over ``parallel.ep`` ranks with ``expert_parallel``) and data-parallel
+    over the rest, the vision encoder and the projector without tensor or
     context parallelism, data-parallel over all ranks. The ranks of a tensor- or
     context-parallel group load the same batch (``batch_boundary=False``; under context
     parallelism each runs the encoder on all of its items, and keeps the features of its
@@ -104,6 +111,8 @@ def _parallelize_vlm(
                 tp=degrees["tp"],
                 cp=degrees["cp"],
                 context_parallel=context_parallel,
+                ep=degrees["ep"],
+                expert_parallel=expert_parallel,
                 plan=plan if degrees["tp"] > 1 else None,
                 dp_replicate=replicate,
                 data_parallel=mode,
@@ -218,14 +227,8 @@ def build_components(
                 stage_parallel[name] = value
         pipeline = _pipeline(model, config, cfg, mesh, stage_parallel)
         parallel, model = pipeline.stage_parallel, pipeline.stage
-    elif vlm and (degrees["tp"] > 1 or degrees["cp"] > 1):
-        parallel = _parallelize_vlm(
-            model,
-            cfg,
-            degrees,
-            context_parallel=sequence_and_experts["context_parallel"],
-            plan=vlm_plan,
-        )
+    elif vlm and (degrees["tp"] > 1 or degrees["cp"] > 1 or degrees["ep"] > 1):
+        parallel = _parallelize_vlm(model, cfg, degrees, **sequence_and_experts, plan=vlm_plan)
         model, mesh = parallel.model, parallel.parts["language_model"].mesh
     else:
         parallel = parallelize(model, dims, **stage_parallel, **sequence_and_experts)

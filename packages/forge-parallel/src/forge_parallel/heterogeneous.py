@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_map
 from forge_parallel.config import CompileConfig, FSDPConfig, OffloadConfig, RecomputeConfig
 from forge_parallel.context_parallel.config import CPConfig
 from forge_parallel.data_parallel import no_gradient_sync
+from forge_parallel.expert_parallel import EPConfig
 from forge_parallel.parallelize import ParallelizeResult, parallelize
 from forge_parallel.tensor_parallel import TPPlan
 
@@ -66,8 +67,12 @@ class SubmoduleParallel:
     ``dp_shard x cp``. The caller feeds the part its sequence shard
     (:func:`~forge_parallel.context_parallel.shard_sequence`); a part without ``cp`` sees
     the same inputs on the ``cp`` ranks (e.g. a vision encoder run on the whole batch) and
-    averages its gradients over all of them. ``compile``: ``torch.compile`` this part's blocks
-    (``True`` or a ``CompileConfig``; :func:`~forge_parallel.apply_compile`).
+    averages its gradients over all of them. ``ep`` / ``expert_parallel``: expert parallelism
+    for this part's MoE experts (a MoE language model; patterns relative to the part), as
+    :func:`parallelize`'s: the experts are sharded over ``ep`` ranks taken from
+    ``dp_shard x cp`` and FSDP shards them over the rest; the part's other modules, and the
+    other parts, are data-parallel as without it. ``compile``: ``torch.compile`` this part's
+    blocks (``True`` or a ``CompileConfig``; :func:`~forge_parallel.apply_compile`).
     """
 
     tp: int = 1
@@ -81,10 +86,12 @@ class SubmoduleParallel:
     batch_boundary: bool = True
     cp: int = 1
     context_parallel: CPConfig | None = None
+    ep: int = 1
+    expert_parallel: EPConfig | None = None
     compile: bool | CompileConfig = False
 
     def __post_init__(self) -> None:
-        for name in ("tp", "dp_replicate", "cp"):
+        for name in ("tp", "dp_replicate", "cp", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -97,6 +104,11 @@ class SubmoduleParallel:
             raise ValueError(
                 f"cp={self.cp} needs context_parallel=CPConfig(...) for this part (ring or "
                 "Ulysses attention)"
+            )
+        if self.ep > 1 and self.expert_parallel is None:
+            raise ValueError(
+                f"ep={self.ep} needs expert_parallel=EPConfig(experts='<pattern of the experts "
+                "modules, relative to the part>') for this part"
             )
         if self.data_parallel in ("zero1", "zero2"):
             raise ValueError(
@@ -284,12 +296,18 @@ def parallelize_submodules(
     parts: dict[str, ParallelizeResult] = {}
     for name, spec in submodules.items():
         dims = ParallelDims(
-            world_size=world, tp=spec.tp, cp=spec.cp, dp_replicate=spec.dp_replicate, dp_shard=-1
+            world_size=world,
+            tp=spec.tp,
+            cp=spec.cp,
+            dp_replicate=spec.dp_replicate,
+            dp_shard=-1,
+            ep=spec.ep,
         )
         result = parallelize(
             model.get_submodule(name),
             dims,
             context_parallel=spec.context_parallel,
+            expert_parallel=spec.expert_parallel,
             plan=spec.plan,
             data_parallel=spec.data_parallel,
             fsdp=spec.fsdp,
