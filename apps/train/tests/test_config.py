@@ -100,10 +100,6 @@ def test_cli_prints_config_help_and_errors(capsys):
             ["parallel=pp2-fsdp", "parallel.pp_virtual_stages=2"],
             "parallel.pp_virtual_stages: schedule 1f1b runs one stage per rank",
         ),
-        (
-            ["recipe=vlm-lora", "parallel=pp2-fsdp"],
-            "parallel.pp: vision-language models on pipeline stages train without LoRA or FP8",
-        ),
     ],
 )
 def test_pipeline_layouts_are_validated(overrides, message):

@@ -44,7 +44,6 @@ def _text(*, frozen=(), **fields):
             {"pp_schedule": "zbv", "pp_virtual_stages": 2},
             "zbv places the first",
         ),
-        ({"moe": SimpleNamespace()}, {"tp": 2}, "without tensor parallelism"),
     ],
 )
 def test_layouts_not_carried_yet_are_refused(text, parallel, message):
@@ -55,6 +54,8 @@ def test_layouts_not_carried_yet_are_refused(text, parallel, message):
     check_vlm_pipeline(_text(), fine)
     check_vlm_pipeline(_text(tie_word_embeddings=True), fine)  # the head tied across stages
     check_vlm_pipeline(_text(moe=SimpleNamespace()), fine)  # forge_train.pipeline_moe
+    tp = ParallelSettings(pp=2, tp=2, dp_shard=-1, data_parallel="fsdp")
+    check_vlm_pipeline(_text(moe=SimpleNamespace()), tp)  # MoE blocks whole on the tp ranks
     check_vlm_pipeline(_text(frozen=["language_model"]), fine)  # its stages train nothing
 
 

@@ -189,12 +189,16 @@ def build_components(
         plan = _text_plan(model, config, cfg)
     elif degrees["tp"] > 1 and degrees["pp"] == 1:
         vlm_plan = _vlm_text_plan(model, cfg)
-    if fp8_layers and (plan is not None or vlm_plan is not None):
+    # On VLM pipeline stages the same plan splits the stages (forge_train.vlm_pipeline).
+    fp8_vlm_plan = vlm_plan
+    if fp8_layers and vlm and degrees["tp"] > 1 and degrees["pp"] > 1:
+        fp8_vlm_plan = _vlm_text_plan(model, cfg)
+    if fp8_layers and (plan is not None or fp8_vlm_plan is not None):
         from forge_train.fp8 import check_fp8_tensor_parallel
 
         fp8_on_sequence_shards = check_fp8_tensor_parallel(
             model if plan is not None else model.language_model,
-            plan if plan is not None else vlm_plan,
+            plan if plan is not None else fp8_vlm_plan,
             degrees["tp"],
             cfg.train.fp8,
         )
@@ -325,34 +329,21 @@ def _text_plan(model, config, cfg: RunConfig):
         styles.update(_mtp_sequence_parallel_styles(model, block_styles))
     # A family plan lists every variant's modules (MLA with and without a query latent).
     styles = {k: v for k, v in styles.items() if match_modules(model, k)}
-    if cfg.lora is not None:  # adapted layers split with their adapters
-        from forge_train.lora import lora_tp_styles
+    from forge_train.lora import lora_tp_plan
 
-        try:
-            styles = lora_tp_styles(model, styles)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    return TPPlan(styles=styles, sequence_parallel=sp)
+    # adapted layers split with their adapters
+    return lora_tp_plan(model, TPPlan(styles=styles, sequence_parallel=sp))
 
 
 def _vlm_text_plan(model, cfg: RunConfig):
     """The tensor-parallel plan of a VLM's language model
     (:func:`forge_train.vlm_model.vlm_text_plan`), its LoRA-adapted layers split with their
-    adapters (:func:`forge_train.lora.lora_tp_styles`)."""
-    import dataclasses
-
+    adapters (:func:`forge_train.lora.lora_tp_plan`)."""
+    from forge_train.lora import lora_tp_plan
     from forge_train.vlm_model import vlm_text_plan
 
     plan = vlm_text_plan(model.language_model, sequence_parallel=cfg.parallel.sequence_parallel)
-    if cfg.lora is None:
-        return plan
-    from forge_train.lora import lora_tp_styles
-
-    try:
-        styles = lora_tp_styles(model.language_model, dict(plan.styles))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return dataclasses.replace(plan, styles=styles)
+    return lora_tp_plan(model.language_model, plan)
 
 
 def _apply_lora(model, cfg: RunConfig, *, vlm: bool) -> list[str]:

@@ -471,14 +471,6 @@ class RunConfig:
         vlm = self.model.kind == "vlm"
         if self.train.freeze:
             _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
-        if vlm and self.parallel.pp != 1:
-            _require(
-                self.lora is None and self.train.fp8 is None,
-                "parallel.pp",
-                "vision-language models on pipeline stages train without LoRA or FP8 so far "
-                "(both run with FSDP, TP and CP); use parallel.pp=1, or lora=null and "
-                "train.fp8=null",
-            )
         if self.lora is not None:
             # Under TP the masks are keyed by the data (forge_train.lora_dropout), which needs
             # each forward to run one whole micro-batch of a language model.

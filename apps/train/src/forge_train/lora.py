@@ -37,6 +37,7 @@ __all__ = [
     "apply_lora",
     "apply_vlm_lora",
     "lora_bases",
+    "lora_tp_plan",
     "lora_tp_styles",
     "merge_lora_state_dict",
     "merge_lora_tensors",
@@ -161,6 +162,23 @@ def lora_bases(model: nn.Module) -> Iterator[nn.Module]:
 #: The tensor-parallel styles of a linear layer that an adapted layer can take, in the
 #: ``adapter:`` form (forge_parallel.tensor_parallel).
 _ADAPTABLE_STYLES = ("colwise", "colwise_packed", "rowwise")
+
+
+def lora_tp_plan(model: nn.Module, plan):
+    """``plan`` (forge_parallel's ``TPPlan`` for ``model``) with its LoRA-adapted layers split
+    with their adapters (:func:`lora_tp_styles`); ``plan`` itself for a model without
+    adapters. ``ConfigError`` for an adapted layer whose style has no adapter form."""
+    import dataclasses
+
+    from forge_train.config import ConfigError
+
+    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+        return plan
+    try:
+        styles = lora_tp_styles(model, dict(plan.styles))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return dataclasses.replace(plan, styles=styles)
 
 
 def lora_tp_styles(model: nn.Module, styles: dict[str, object]) -> dict[str, object]:

@@ -44,8 +44,19 @@ leaves the whole input gradient on the leaf before the schedule returns.
 
 A mixture-of-experts language model's stages handle their balance losses and expert load as
 a language model's (:mod:`forge_train.pipeline_moe`, the switch loss's sums carried with the
-hidden states). Under context parallelism (``parallel.cp``) every context-parallel rank
-encodes all of a row's items and embeds the whole row, as without pipeline stages
+hidden states), also under ``parallel.tp``: its MoE blocks run whole on every
+tensor-parallel rank (:func:`forge_train.vlm_model.vlm_text_plan`), on the rank's sequence
+shard with ``parallel.sequence_parallel``, their routing statistics then summed over the
+tensor-parallel ranks (:mod:`forge_train.sharded_routing`).
+
+LoRA adapters (:func:`forge_train.lora.apply_vlm_lora`, applied before the split) go to the
+stages with their layers, split with them under ``parallel.tp``
+(:func:`forge_train.lora.lora_tp_styles`); the export merges them from the stages' streamed
+tensors. FP8 linears (``train.fp8``, the language model's) live on the stages likewise, their
+amaxes reduced over the ranks that split their tokens (``forge_train.fp8``).
+
+Under context parallelism (``parallel.cp``) every context-parallel rank encodes all of a
+row's items and embeds the whole row, as without pipeline stages
 (:func:`forge_train.components._parallelize_vlm`): the encoder and the embedding run without
 the context-parallel router, FSDP-sharded over ``dp_shard x cp`` as the stages; stage 0 takes
 the rank's positions of the rows (``ContextParallelInputs.shard``'s ``sequence_index``) and
@@ -187,12 +198,6 @@ def check_vlm_pipeline(config, parallel) -> None:
         raise ConfigError(
             f"parallel.pp: {parallel.pp} pipeline stages need at least {parallel.pp} language "
             f"model layers, the model has {text.num_layers}; lower parallel.pp"
-        )
-    if getattr(text, "moe", None) is not None and parallel.tp > 1:
-        raise ConfigError(
-            "parallel.tp: a vision-language model's MoE language model is pipelined without "
-            "tensor parallelism only (its plan does not run the MoE layers whole on the "
-            "tensor-parallel ranks yet); set parallel.tp=1"
         )
     if getattr(text, "mtp_depth", 0):
         raise ConfigError(
@@ -485,15 +490,15 @@ def build_vlm_pipeline(
     from forge_models.vlm import build_vlm
     from forge_parallel import parallelize
     from forge_parallel.pipeline import pipeline, stage_plan
+    from forge_train.lora import lora_tp_plan
     from forge_train.vlm_model import vlm_text_plan
 
     if mesh.size("tp") > 1:
-        stage_parallel = {
-            **stage_parallel,
-            "plan": vlm_text_plan(
-                model.language_model, sequence_parallel=sequence_parallel, prefix="language_model."
-            ),
-        }
+        text_plan = vlm_text_plan(
+            model.language_model, sequence_parallel=sequence_parallel, prefix="language_model."
+        )
+        # LoRA-adapted layers split with their adapters
+        stage_parallel = {**stage_parallel, "plan": lora_tp_plan(model, text_plan)}
     loss = PipelineLoss(microbatches=microbatches, vocab_size=config.text.vocab_size)
     moe = None
     if getattr(config.text, "moe", None) is not None:  # as a language model's stages do
