@@ -183,22 +183,20 @@ def build_components(
     if world_size > 1:
         dims = ParallelDims(world_size=world_size, **degrees)
     plan = None
-    vlm_plan = None  # the VLM language model's, for forge_train.components._parallelize_vlm
+    vlm_plan = None  # a VLM language model's plan (components._parallelize_vlm, FP8 checks)
     fp8_on_sequence_shards: list[torch.nn.Module] = []  # FP8 linears run whole on SP shards
     if degrees["tp"] > 1 and not vlm:
         plan = _text_plan(model, config, cfg)
-    elif degrees["tp"] > 1 and degrees["pp"] == 1:
+    elif degrees["tp"] > 1 and (degrees["pp"] == 1 or fp8_layers):
+        # With pp > 1 the same plan splits the stages (forge_train.vlm_pipeline): built here
+        # for FP8's checks only.
         vlm_plan = _vlm_text_plan(model, cfg)
-    # On VLM pipeline stages the same plan splits the stages (forge_train.vlm_pipeline).
-    fp8_vlm_plan = vlm_plan
-    if fp8_layers and vlm and degrees["tp"] > 1 and degrees["pp"] > 1:
-        fp8_vlm_plan = _vlm_text_plan(model, cfg)
-    if fp8_layers and (plan is not None or fp8_vlm_plan is not None):
+    if fp8_layers and (plan is not None or vlm_plan is not None):
         from forge_train.fp8 import check_fp8_tensor_parallel
 
         fp8_on_sequence_shards = check_fp8_tensor_parallel(
             model if plan is not None else model.language_model,
-            plan if plan is not None else fp8_vlm_plan,
+            plan if plan is not None else vlm_plan,
             degrees["tp"],
             cfg.train.fp8,
         )
