@@ -48,6 +48,11 @@ def test_default_config_and_presets_compose():
         (["data.nope=1"], "Could not override 'data.nope'"),
         (["model=nope"], "Could not find 'model/nope'"),
         (["+model.config.bogus=1"], None),  # unknown model fields surface when the model is built
+        (
+            ["parallel.recompute_modules=[attn]"],
+            "parallel.recompute_modules: checkpoints the listed submodules of each block under "
+            "parallel.recompute=selective; set parallel.recompute=selective",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message):

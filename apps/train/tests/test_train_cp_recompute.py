@@ -1,5 +1,6 @@
 """``parallel.recompute=selective`` under context parallelism (was refused): 4-process CP2 x
-FSDP2 runs of the tiny model give the single process's losses and gradient norms.
+FSDP2 runs of the tiny model give the single process's losses and gradient norms; so does
+``parallel.recompute_modules`` (in one process).
 
 Selective recompute (Korthikanti et al. 2022, arXiv:2205.05198) keeps the projections and
 recomputes the attention core; under context parallelism the core is the ring / Ulysses
@@ -40,3 +41,19 @@ def test_selective_recompute_under_cp2_fsdp2_matches_one_process(tmp_path, dist_
     # DeepSpeed-Ulysses: the all-to-alls and the attention core between them, one unit
     ulysses = (*selective, "parallel.cp_style=ulysses")
     _close(pool.run(_losses, f"{tmp_path}/ulysses", *ulysses), single)
+    # Megatron-Core's recompute_modules (attn and mlp checkpointed whole, autograd keeps the
+    # rest of each block), in this process; under CP2 x FSDP2 in forge-parallel's
+    # test_cp_selective_recompute.py
+    modules = ("parallel.recompute=selective", "parallel.recompute_modules=[attn,mlp]")
+    _close([_losses(f"{tmp_path}/modules", *modules)], single)
+
+
+def test_recompute_modules_reach_forge_parallel():
+    from forge_train.components import _recompute
+    from forge_train.compose import compose_run_config
+
+    cfg = compose_run_config(
+        [*_RUN, "parallel.recompute=selective", "parallel.recompute_modules=[attn,mlp]"]
+    )
+    assert _recompute(cfg).modules == ("attn", "mlp")
+    assert _recompute(cfg).ops is None

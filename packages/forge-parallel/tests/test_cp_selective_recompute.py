@@ -49,6 +49,12 @@ def _layouts() -> dict[str, dict]:
             "context_parallel": CPConfig(load_balance=False),
             "recompute": RecomputeConfig(mode="selective", ops="pointwise"),
         },
+        # module-level (Megatron-Core's recompute_modules): attn and mlp checkpointed whole,
+        # their forward replayed under the context-parallel router
+        "ring_zigzag_modules_attn_mlp": {
+            "context_parallel": CPConfig(),
+            "recompute": RecomputeConfig(mode="selective", modules=("attn", "mlp")),
+        },
         "ring_zigzag_auto": {
             "context_parallel": CPConfig(),
             "recompute": RecomputeConfig(mode="auto", memory_budget=_AUTO_BUDGET),
@@ -88,8 +94,8 @@ def _policy_job(style: str) -> dict:
     asked: set[str] = set()
     original = recompute.selective_policy
 
-    def recording_policy(ops):
-        policy = original(ops)
+    def recording_policy(ops, **options):
+        policy = original(ops, **options)
 
         def record(ctx, op, *args, **kwargs):
             asked.add(recompute._op_name(op))

@@ -65,6 +65,15 @@ def _tiny_layouts_4() -> dict[str, dict]:
             "plan": tm.tiny_plan(sequence_parallel=True),
             "recompute": RecomputeConfig(mode="selective", ops="pointwise"),
         },
+        # module-level: the attention preset's policy inside attn and mlp (their TP
+        # collectives kept, never re-issued; checkpointed whole: the HF and CP layouts)
+        "tp2_sp_fsdp2_recompute_modules": {
+            "dims": {"tp": 2, "dp_shard": 2},
+            "plan": tm.tiny_plan(sequence_parallel=True),
+            "recompute": RecomputeConfig(
+                mode="selective", modules=("attn", "mlp"), ops="attention"
+            ),
+        },
     }
 
 
@@ -105,6 +114,12 @@ def _hf_layouts_4() -> dict[str, dict]:
     return {
         "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
         "tp2_fsdp2": {"dims": {"tp": 2, "dp_shard": 2}, "plan": tm.HF_LLAMA_PLAN},
+        # transformers' submodule names; self_attn takes hidden_states as a keyword
+        "tp2_fsdp2_recompute_modules": {
+            "dims": {"tp": 2, "dp_shard": 2},
+            "plan": tm.HF_LLAMA_PLAN,
+            "recompute": RecomputeConfig(mode="selective", modules=("self_attn", "mlp")),
+        },
     }
 
 

@@ -102,7 +102,12 @@ class ParallelSettings:
     Expert parallelism (``ep > 1``) shards each MoE layer's routed experts over ``ep`` ranks
     taken from ``dp_shard x cp`` (it adds no processes; Megatron-Core's and torchtitan's
     convention); tokens reach their experts by all-to-all, split into ``ep_chunks`` chunks to
-    overlap it with the experts' compute."""
+    overlap it with the experts' compute.
+
+    ``recompute``: ``full`` checkpoints each block, ``selective`` runs forge-parallel's
+    ``pointwise`` policy in each block, or with ``recompute_modules`` (``fnmatch`` patterns of
+    submodule paths relative to each block, e.g. ``[attn,mlp]``: Megatron-Core's
+    ``--recompute-modules``) checkpoints those submodules whole and nothing else."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
@@ -113,6 +118,7 @@ class ParallelSettings:
     data_parallel: Literal["ddp", "fsdp", "hsdp", "zero1", "zero2"] | None = None
     sequence_parallel: bool = False
     recompute: Literal["none", "full", "selective"] = "none"
+    recompute_modules: list[str] = field(default_factory=list)
     pp_schedule: Literal["gpipe", "1f1b", "zero_bubble", "interleaved_1f1b", "zbv"] = "1f1b"
     pp_split: Literal["layers", "params"] = "layers"
     pp_virtual_stages: int = 1
@@ -143,6 +149,21 @@ class ParallelSettings:
                 degrees[name] != -1, f"parallel.{name}", "cannot be inferred (-1); give the degree"
             )
         _require(self.ep >= 1, "parallel.ep", "must be >= 1 (1: no expert parallelism)", self.ep)
+        _require(
+            isinstance(self.recompute_modules, list | tuple)
+            and all(isinstance(m, str) and m for m in self.recompute_modules),
+            "parallel.recompute_modules",
+            "must be a list of submodule path patterns relative to each block, e.g. "
+            "[attn,mlp] (forge models) or [self_attn,mlp] (transformers models)",
+            self.recompute_modules,
+        )
+        _require(
+            not self.recompute_modules or self.recompute == "selective",
+            "parallel.recompute_modules",
+            "checkpoints the listed submodules of each block under parallel.recompute=selective; "
+            f"set parallel.recompute=selective (it is {self.recompute}) or drop the list",
+            self.recompute_modules,
+        )
         _require(self.ep_chunks >= 1, "parallel.ep_chunks", "must be >= 1", self.ep_chunks)
         if self.cp > 1:
             _require(

@@ -154,6 +154,32 @@ class Trainer:
             | ({"loss_scaler": self.runner.scaler} if self.runner.scaler is not None else {}),
         }
 
+    def _resume(self, manager):
+        """Load the newest checkpoint (rank 0's choice), if any; one written in another
+        precision resumes without fp16's loss scale (forge_train.loss_scale_resume)."""
+        import torch.distributed as dist
+
+        from forge_train.loss_scale_resume import loss_scale_extras, saved_global_objects
+
+        found = [None]
+        if self.rank == 0 and (info := manager.latest()) is not None:
+            found = [(info.step, info.path, saved_global_objects(info.path))]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            return None
+        step, path, saved = found[0]
+        stateful = self._stateful()
+        stateful["extra"] = loss_scale_extras(
+            stateful["extra"],
+            saved=saved,
+            scaler=self.runner.scaler,
+            checkpoint=path,
+            precision=self.cfg.train.precision,
+            report=self.log.message,
+        )
+        return manager.load(step, **stateful)
+
     def _save(self, manager, step: int) -> Path:
         return manager.save(step, **self._stateful())
 
@@ -195,7 +221,7 @@ class Trainer:
         result = TrainResult(run_dir=self.run_dir)
         manager = None if cfg.train.benchmark else self._checkpoints()
         if manager is not None and cfg.checkpoint.resume:
-            loaded = manager.load_latest(**self._stateful())
+            loaded = self._resume(manager)
             if loaded is not None:
                 self.log.message(f"resumed from {loaded.path} (step {loaded.step})")
         result.start_step = self.progress.step

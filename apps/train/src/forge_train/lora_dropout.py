@@ -22,8 +22,12 @@ row-parallel layer (its features' slice, ``feature_offset``) draws the single pr
 and queues them; a forward pre-hook on the model (:func:`attach_keyed_dropout`) takes the next
 micro-batch's keys for each training forward. Layouts whose forwards do not see whole
 micro-batches in order (pipeline stages, context-parallel shards) are not keyed and fall back
-to ``torch.nn.functional.dropout`` (forge-train refuses those with tensor parallelism). The
-cost: a ``[tokens, features]`` int64 hash per adapted layer and forward.
+to ``torch.nn.functional.dropout`` (forge-train refuses those with tensor parallelism).
+
+The mask itself is forge-kernels' ``keyed_dropout`` op (one definition of the hash, shared with
+its Triton kernel): on a GPU the kernel hashes the mask in registers in the forward and again in
+the backward, so a LoRA layer keeps only its micro-batch's token keys for backward, not a
+``[tokens, features]`` mask (the eager reference, on CPU, materializes and saves it).
 """
 
 from __future__ import annotations
@@ -36,26 +40,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forge_kernels.dropout import keyed_dropout, keyed_dropout_mask, mix32
+
 __all__ = [
     "DropoutKeys",
     "KeyedDropout",
     "KeyedDropoutLoader",
     "attach_keyed_dropout",
     "dropout_mask",
+    "layer_salt",
     "token_keys",
 ]
 
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finalizer on int64 lanes holding 32-bit values."""
-    h = h & _MASK32
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
+def layer_salt(*, seed: int, layer: int) -> int:
+    """The uint32 salt of LoRA layer ``layer``'s masks in a run seeded ``seed``."""
+    return int(mix32(torch.tensor((seed * 0x2545F491 + layer * 0x9E3779B9 + 1) & _MASK32)))
 
 
 def token_keys(pieces: torch.Tensor, *, rows: int, seq_len: int) -> torch.Tensor:
@@ -77,9 +79,9 @@ def token_keys(pieces: torch.Tensor, *, rows: int, seq_len: int) -> torch.Tensor
         slots = np.repeat(row * seq_len + in_row, length) + offset
         ids = torch.from_numpy(np.stack([np.repeat(epoch, length), np.repeat(doc, length),
                                          np.repeat(start, length) + offset]))  # fmt: skip
-        h = _mix32(ids[0] + 0x9E3779B9)
-        h = _mix32(h ^ ids[1] ^ ((ids[1] >> 32) * 0x27D4EB2F))
-        h = _mix32(h ^ ids[2] ^ ((ids[2] >> 32) * 0x165667B1))
+        h = mix32(ids[0] + 0x9E3779B9)
+        h = mix32(h ^ ids[1] ^ ((ids[1] >> 32) * 0x27D4EB2F))
+        h = mix32(h ^ ids[2] ^ ((ids[2] >> 32) * 0x165667B1))
         keys[slots] = h.numpy()
     return torch.from_numpy(keys)
 
@@ -89,13 +91,15 @@ def dropout_mask(
 ) -> torch.Tensor:
     """``[tokens, features]`` bool keep-mask of features ``feature_offset ..
     feature_offset + features`` for the tokens ``keys`` (:func:`token_keys`) in LoRA layer
-    ``layer``: an element is kept when its hash is at least ``p * 2**32``."""
-    salt = _mix32(torch.tensor((seed * 0x2545F491 + layer * 0x9E3779B9 + 1) & _MASK32))
-    per_token = _mix32(keys.to(torch.int64) ^ salt.to(keys.device))
-    index = torch.arange(feature_offset, feature_offset + features, device=keys.device)
-    per_feature = _mix32(index * 0x61C88647 + 0x7F4A7C15)
-    h = _mix32(per_token[:, None] ^ per_feature[None, :])
-    return h >= int(p * 2**32)
+    ``layer``: forge-kernels' ``keyed_dropout_mask`` salted with :func:`layer_salt` (an element
+    is kept when its hash is at least ``p * 2**32``)."""
+    return keyed_dropout_mask(
+        keys,
+        features=features,
+        p=p,
+        salt=layer_salt(seed=seed, layer=layer),
+        feature_offset=feature_offset,
+    )
 
 
 class DropoutKeys:
@@ -109,7 +113,8 @@ class DropoutKeys:
 
 
 class KeyedDropout(nn.Dropout):
-    """``nn.Dropout`` whose mask comes from :func:`dropout_mask` while ``keys.current`` is set
+    """``nn.Dropout`` whose mask is :func:`dropout_mask`'s (forge-kernels' ``keyed_dropout``, the
+    mask regenerated in backward) while ``keys.current`` is set
     (``keys``, ``layer`` and, for a row-parallel layer's feature shard, ``feature_offset`` are
     set by :func:`attach_keyed_dropout`), and from the generator otherwise."""
 
@@ -130,15 +135,13 @@ class KeyedDropout(nn.Dropout):
                 f"layer got {tokens}; keyed dropout needs each forward to see one whole "
                 "micro-batch (not a pipeline stage's or a context-parallel shard's)"
             )
-        keep = dropout_mask(
+        return keyed_dropout(
+            x,
             current,
-            features=x.shape[-1],
-            feature_offset=self.feature_offset,
             p=self.p,
-            seed=self.keys.seed,
-            layer=self.layer,
+            salt=layer_salt(seed=self.keys.seed, layer=self.layer),
+            feature_offset=self.feature_offset,
         )
-        return x * keep.reshape(x.shape).to(x.dtype) / (1 - self.p)
 
 
 class KeyedDropoutLoader:

@@ -8,6 +8,7 @@ kernels run on CUDA, and on CPU under ``TRITON_INTERPRET=1``; elsewhere the eage
 
 from forge_kernels import attention, registry  # attention: `forge_kernels.attention.attention(...)`
 from forge_kernels.activations import geglu, geglu_reference, swiglu, swiglu_reference
+from forge_kernels.dropout import keyed_dropout, keyed_dropout_mask, keyed_dropout_reference
 from forge_kernels.fp8 import (
     Fp8BlockwiseScaling,
     Fp8CurrentScaling,
@@ -69,6 +70,9 @@ __all__ = [
     "geglu",
     "geglu_reference",
     "grouped_mm",
+    "keyed_dropout",
+    "keyed_dropout_mask",
+    "keyed_dropout_reference",
     "layer_norm",
     "layer_norm_reference",
     "load_balancing_loss",

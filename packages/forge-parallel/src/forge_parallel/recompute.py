@@ -10,13 +10,20 @@ recompute to fit a memory budget with the least extra compute. Both use PyTorch'
 ``torch.utils.checkpoint``; the selective policy is a per-op
 ``create_selective_checkpoint_contexts`` policy.
 
-The block's ``forward`` is wrapped in place (no wrapper module), so parameter names and state
+Selective recomputation can also checkpoint chosen submodules of each block and leave the rest
+to autograd (Megatron-Core's ``--recompute-modules``; Korthikanti et al. wrap only the core
+attention in a checkpoint): ``RecomputeConfig(modules=...)``, and the ``"attention"`` preset,
+whose policy runs inside the block's attention submodule. A policy over the whole block saves
+every op's output it does not recompute, also those autograd would free (a residual add's).
+
+The module's ``forward`` is wrapped in place (no wrapper module), so parameter names and state
 dicts are unchanged, and FSDP / ``torch.compile`` applied afterwards see the checkpointed
 forward.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -29,7 +36,13 @@ from forge_parallel.auto_recompute import AutoRecompute, auto_budgets
 from forge_parallel.config import RecomputeConfig
 from forge_parallel.replay_checkpoint import checkpoint_block
 
-__all__ = ["ATTENTION_OPS", "MATMUL_OPS", "apply_recompute", "selective_policy"]
+__all__ = [
+    "ATTENTION_MODULE_NAMES",
+    "ATTENTION_OPS",
+    "MATMUL_OPS",
+    "apply_recompute",
+    "selective_policy",
+]
 
 #: The attention core: recomputed by the ``"attention"`` preset, kept by ``"pointwise"``.
 ATTENTION_OPS = frozenset(
@@ -48,6 +61,10 @@ ATTENTION_OPS = frozenset(
         "aten.baddbmm",
     }
 )
+#: Child names of a block's attention submodule, where the ``"attention"`` preset applies its
+#: policy when no ``modules`` are given (forge's and timm's ``attn``, ``transformers``'
+#: ``self_attn``).
+ATTENTION_MODULE_NAMES = ("attn", "self_attn", "attention")
 #: Projections (linear layers): always kept by the presets.
 MATMUL_OPS = frozenset({"aten.mm", "aten.addmm", "aten._scaled_mm", "aten._grouped_mm"})
 
@@ -57,7 +74,13 @@ def _op_name(op: object) -> str:
     return str(packet if packet is not None else op)
 
 
-def _recompute_predicate(ops: str | Sequence[str]) -> Callable[[str], bool]:
+def _recompute_predicate(ops: str | Sequence[str], *, submodule: bool) -> Callable[[str], bool]:
+    if ops == "attention" and submodule:
+        # Inside the attention submodule: keep only the projections' outputs (and collectives'),
+        # recompute the attention core and the cheap ops around it (rotary embedding, QK norm,
+        # head reshapes). Saving every other op's output instead keeps intermediates autograd
+        # would free (the rotary embedding's products, the output projection's result).
+        return lambda name: name not in MATMUL_OPS and "c10d" not in name
     if ops == "attention":
         return ATTENTION_OPS.__contains__
     if ops == "pointwise":
@@ -68,13 +91,14 @@ def _recompute_predicate(ops: str | Sequence[str]) -> Callable[[str], bool]:
     return names.__contains__
 
 
-def selective_policy(ops: str | Sequence[str]) -> Callable:
+def selective_policy(ops: str | Sequence[str], *, submodule: bool = False) -> Callable:
     """The ``create_selective_checkpoint_contexts`` policy that recomputes ``ops``.
 
     ``ops`` is ``"attention"``, ``"pointwise"`` or op names such as ``"aten._softmax"``;
-    every other op's output is saved.
+    every other op's output is saved. ``submodule=True``: the policy of a checkpointed
+    submodule; there ``"attention"`` keeps only the matmuls' and collectives' outputs.
     """
-    recompute = _recompute_predicate(ops)
+    recompute = _recompute_predicate(ops, submodule=submodule)
 
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         if recompute(_op_name(op)):
@@ -94,32 +118,116 @@ def _checkpointed(inner: Callable, context_fn: Callable | None) -> Callable:
     return forward
 
 
+def _selective_context(ops: str | Sequence[str], *, submodule: bool = False) -> Callable:
+    policy = selective_policy(ops, submodule=submodule)
+
+    def context_fn():
+        return create_selective_checkpoint_contexts(policy)
+
+    return context_fn
+
+
+def _ops_text(ops: str | Sequence[str]) -> str:
+    return ops if isinstance(ops, str) else ",".join(ops)
+
+
+def _check_not_checkpointed(name: str, module: nn.Module) -> None:
+    if any(getattr(m, "_forge_recompute", None) for m in module.modules()):
+        raise ValueError(f"{name} (or a submodule) is already checkpointed; apply recompute once")
+
+
+def _checkpoint_in_place(name: str, module: nn.Module, context_fn, description: str) -> None:
+    _check_not_checkpointed(name, module)
+    module.forward = _checkpointed(module.forward, context_fn)
+    module._forge_recompute = description
+
+
+def _matched_submodules(
+    blocks: Sequence[tuple[str, nn.Module]], patterns: Sequence[str]
+) -> list[list[tuple[str, nn.Module]]]:
+    """Per block, the outermost submodules whose path relative to the block matches one of
+    ``patterns`` (``fnmatch``); a pattern that matches in no block is an error."""
+    used: set[str] = set()
+    per_block = []
+    for _, block in blocks:
+        chosen: list[tuple[str, nn.Module]] = []
+        for path, module in block.named_modules():
+            hits = [p for p in patterns if path and fnmatch.fnmatchcase(path, p)]
+            used.update(hits)
+            inside = any(path.startswith(f"{outer}.") for outer, _ in chosen)
+            if hits and not inside:  # (inside a checkpointed submodule: already recomputed)
+                chosen.append((path, module))
+        per_block.append(chosen)
+    unmatched = [p for p in patterns if p not in used]
+    if unmatched and blocks:
+        name, block = blocks[0]
+        paths = [path for path, _ in block.named_modules() if path]
+        raise ValueError(
+            f"recompute modules pattern(s) {unmatched} match no submodule of any block; "
+            f"patterns are relative to each block, and block {name!r} "
+            f"({type(block).__name__}) has: {', '.join(paths) or '(no submodules)'}"
+        )
+    return per_block
+
+
+def _attention_child(block: nn.Module) -> str | None:
+    children = dict(block.named_children())
+    return next((n for n in ATTENTION_MODULE_NAMES if n in children), None)
+
+
 def apply_recompute(
     blocks: Sequence[tuple[str, nn.Module]], config: RecomputeConfig
 ) -> dict[str, str]:
-    """Checkpoint ``blocks`` (``(name, module)`` pairs) in place; returns name -> description."""
+    """Checkpoint ``blocks`` (``(name, module)`` pairs) in place; returns module name ->
+    description (the blocks, or with ``modules`` / the ``"attention"`` preset their
+    checkpointed submodules)."""
     if config.mode == "auto":
         return _apply_auto(blocks, config)
+    if config.mode == "selective" and config.modules:
+        return _apply_modules(blocks, config.modules, config.ops)
+    ops = "attention" if config.ops is None else config.ops
+    attention_children = blocks and all(_attention_child(block) for _, block in blocks)
+    if config.mode == "selective" and ops == "attention" and attention_children:
+        # Korthikanti et al. 2022 checkpoint the attention core only: the policy runs inside
+        # the attention submodule; outside it autograd decides what is kept.
+        return _apply_modules(blocks, (), ops)
     context_fn: Callable | None = None
     if config.mode == "full":
         description = "full" if config.every == 1 else f"full (every {config.every})"
     else:
-        policy = selective_policy(config.ops)
-
-        def context_fn():
-            return create_selective_checkpoint_contexts(policy)
-
-        ops = config.ops if isinstance(config.ops, str) else ",".join(config.ops)
-        description = f"selective ({ops})"
+        context_fn = _selective_context(ops)
+        description = f"selective ({_ops_text(ops)})"
     applied: dict[str, str] = {}
     for index, (name, block) in enumerate(blocks):
         if config.mode == "full" and index % config.every:
             continue
-        if getattr(block, "_forge_recompute", None):
-            raise ValueError(f"{name} is already checkpointed; apply recompute once")
-        block.forward = _checkpointed(block.forward, context_fn)
-        block._forge_recompute = description
+        _checkpoint_in_place(name, block, context_fn, description)
         applied[name] = description
+    return applied
+
+
+def _apply_modules(
+    blocks: Sequence[tuple[str, nn.Module]],
+    patterns: Sequence[str],
+    ops: str | Sequence[str] | None,
+) -> dict[str, str]:
+    """Checkpoint submodules of each block (Megatron-Core's ``--recompute-modules``); the rest
+    of the block runs without checkpoint, so autograd decides what it keeps there. ``patterns``
+    empty: each block's attention child (the ``"attention"`` preset)."""
+    if patterns:
+        per_block = _matched_submodules(blocks, patterns)
+    else:
+        children = [_attention_child(block) for _, block in blocks]
+        per_block = [[(c, getattr(b, c))] for (_, b), c in zip(blocks, children, strict=True)]
+    context_fn = None if ops is None else _selective_context(ops, submodule=True)
+    description = "full" if ops is None else f"selective ({_ops_text(ops)})"
+    applied: dict[str, str] = {}
+    for (name, block), chosen in zip(blocks, per_block, strict=True):
+        _check_not_checkpointed(name, block)
+        for path, module in chosen:
+            full_name = f"{name}.{path}" if name else path
+            _checkpoint_in_place(full_name, module, context_fn, description)
+            applied[full_name] = description
     return applied
 
 
@@ -129,8 +237,7 @@ def _apply_auto(blocks: Sequence[tuple[str, nn.Module]], config: RecomputeConfig
     description = f"auto ({config.memory_budget / 2**20:.2f} MiB {scope})"
     applied: dict[str, str] = {}
     for name, block in blocks:
-        if getattr(block, "_forge_recompute", None):
-            raise ValueError(f"{name} is already checkpointed; apply recompute once")
+        _check_not_checkpointed(name, block)
         # Decided on the block's first forward with gradients; then _forge_recompute says what.
         block.forward = AutoRecompute(block.forward, budget(), block)
         block._forge_recompute = description

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from forge_kernels import registry
+from forge_kernels._autocast import autocast_inputs
 from forge_kernels.attention.backends import (
     BACKENDS,
     AttentionProblem,
@@ -282,8 +283,12 @@ def attention(
         ``out`` in q's layout and dtype (value head dim), or ``(out, lse)``. A query that sees
         no key gets a zero output.
 
+    Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as torch casts
+    ``scaled_dot_product_attention``'s inputs.
+
     Dispatches through ``registry.get_op("attention")``, so a plugin override takes effect here.
     """
+    q, k, v = autocast_inputs(q, k, v)
     return registry.get_op("attention")(
         q,
         k,

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from forge_kernels import registry
+from forge_kernels._autocast import autocast_inputs
 from forge_kernels._triton_support import can_use_triton
 
 __all__ = [
@@ -433,11 +434,8 @@ def _fused_linear_cross_entropy_chunked(
     """Default implementation: the chunked algorithm, with Triton when it can run."""
     _validate(hidden, weight, labels, bias, label_smoothing, reduction, logit_softcap, chunk_size)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # What F.linear would do under autocast; the cast stays visible to autograd.
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    # What F.linear would do under autocast; the cast stays visible to autograd.
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     labels_shape = labels.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from forge_kernels import registry
+from forge_kernels._autocast import autocast_inputs
 from forge_kernels._triton_support import can_use_triton
 
 __all__ = [
@@ -288,8 +289,12 @@ def grouped_mm(
     Returns:
         ``[T, N]`` in ``x``'s dtype, differentiable w.r.t. ``x`` and ``weight``.
 
+    Under ``torch.autocast``, ``x`` and ``weight`` are cast to the autocast dtype first, as
+    torch casts a matmul's inputs (an fp32 expert weight with bf16 tokens).
+
     Dispatches through ``registry.get_op("grouped_mm")``.
     """
+    x, weight = autocast_inputs(x, weight)
     return registry.get_op("grouped_mm")(
         x, weight, tokens_per_expert, transpose_weight=transpose_weight, backend=backend
     )

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run HERE (the development machine, which has network), once per checkout, before a session's
+# first `device` call: puts the wheels the GPU machine lacks and ../shared/tools/device-env.sh
+# into the ignored folder .whl/, which every call then names in `carry`.
+# See ../shared/DEVICE.md and tools/device/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .git/info
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl
+rm -f .whl/*.whl
+# The versions uv.lock pins (hydra-core 1.3 needs antlr4 4.9, not the newest).
+pinned() {
+    for name in "$@"; do
+        version=$(grep -A1 "^name = \"$name\"$" uv.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+        echo "$name==${version:?$name is not in uv.lock}"
+    done
+}
+# shellcheck disable=SC2046
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl \
+    $(pinned hydra-core omegaconf webdataset braceexpand)
+# antlr4-python3-runtime 4.9.3 is published as a source archive only: build its (pure-Python)
+# wheel here.
+python3 -m pip wheel --quiet --no-deps -w .whl $(pinned antlr4-python3-runtime)
+# Liger-Kernel (pure Python + Triton): the kernel benchmarks' and forge-bench's peer.
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform any -d .whl liger-kernel || echo "liger-kernel: not downloaded"
+cp ../shared/tools/device-env.sh .whl/device-env.sh
+du -sh .whl
