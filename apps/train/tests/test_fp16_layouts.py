@@ -1,7 +1,7 @@
 """fp16 loss scaling (forge_train.step.loss_scaler: Micikevicius et al. 2018, "Mixed Precision
 Training") under DDP, ZeRO-1, ZeRO-2 and TP2 + SP x FSDP2, each against one fp16 process across
 a step that overflows: per-step losses, gradient norms and the skipped steps; and a run resumed
-in another precision than its checkpoint was written in (forge_train.loss_scale_resume)."""
+in another precision than its checkpoint was written in (forge-ckpt's ``optional_extra``)."""
 
 from __future__ import annotations
 
@@ -94,8 +94,12 @@ def test_resume_across_precisions(tmp_path, capsys):
     """A bf16 checkpoint resumed in fp16 (no loss scale saved: the scaler starts fresh, one log
     line) and that run's fp16 checkpoint resumed in bf16 (the saved scale left unused, one log
     line): each run resumes where the last stopped and trains."""
-    from forge_train.loss_scale_resume import saved_global_objects
+    from forge_ckpt import CheckpointConfig, CheckpointManager
     from forge_train.trainer import train
+
+    def saved_global_objects(checkpoint: Path) -> tuple[str, ...]:
+        manager = CheckpointManager(CheckpointConfig(directory=checkpoint.parent, save_rng=False))
+        return manager.load(checkpoint).unread  # asked for nothing: every global object
 
     def run(steps: int, precision: str):
         common = ("data.global_batch_rows=2", "train.eval_batches=0", "checkpoint.interval=0",

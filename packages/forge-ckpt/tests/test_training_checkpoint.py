@@ -199,6 +199,31 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         manager.load(3, model=model)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_optional_extras_load_where_present_and_unasked_state_is_reported(tmp_path):
+    """``optional_extra``: state only some runs save (forge-train's fp16 loss scale) loads where
+    the checkpoint holds it and is listed in ``not_in_checkpoint`` where it does not; what the
+    checkpoint holds but the load did not ask for is listed in ``unread``."""
+    model, _, sched, _ = _build()
+    manager = CheckpointManager(CheckpointConfig(directory=tmp_path, save_rng=False))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    manager.save(1, model=model, scheduler=sched)
+    manager.save(2, model=model, scheduler=sched, extra={"loss_scaler": scaler})
+
+    fresh = torch.amp.GradScaler("cpu")
+    without = manager.load(1, model=model, optional_extra={"loss_scaler": fresh})
+    assert (without.not_in_checkpoint, without.unread) == (("loss_scaler",), ("scheduler",))
+    assert fresh.get_scale() == 2.0**16  # left as it was
+    with_it = manager.load(2, model=model, scheduler=sched, optional_extra={"loss_scaler": fresh})
+    assert (with_it.restored, with_it.not_in_checkpoint) == (("scheduler", "loss_scaler"), ())
+    assert fresh.get_scale() == 2.0**20
+    assert manager.load(2, model=model).unread == ("loss_scaler", "scheduler")
+    with pytest.raises(ValueError, match="holds no state for 'loss_scaler'"):
+        manager.load(1, model=model, extra={"loss_scaler": fresh})
+    with pytest.raises(ValueError, match="both as extra and as optional_extra"):
+        manager.load(2, model=model, extra={"s": fresh}, optional_extra={"s": fresh})
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

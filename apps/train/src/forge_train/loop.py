@@ -155,30 +155,29 @@ class Trainer:
         }
 
     def _resume(self, manager):
-        """Load the newest checkpoint (rank 0's choice), if any; one written in another
-        precision resumes without fp16's loss scale (forge_train.loss_scale_resume)."""
-        import torch.distributed as dist
-
-        from forge_train.loss_scale_resume import loss_scale_extras, saved_global_objects
-
-        found = [None]
-        if self.rank == 0 and (info := manager.latest()) is not None:
-            found = [(info.step, info.path, saved_global_objects(info.path))]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(found, src=0)
-        if found[0] is None:
-            return None
-        step, path, saved = found[0]
+        """Load the newest checkpoint, if any. fp16's loss scale exists only in checkpoints of
+        fp16 runs: an fp16 run resumed from a bf16/fp32 checkpoint starts its scaler fresh (as
+        a new fp16 run does), a bf16/fp32 run resumed from an fp16 checkpoint leaves the saved
+        scale unread; the log says which."""
         stateful = self._stateful()
-        stateful["extra"] = loss_scale_extras(
-            stateful["extra"],
-            saved=saved,
-            scaler=self.runner.scaler,
-            checkpoint=path,
-            precision=self.cfg.train.precision,
-            report=self.log.message,
+        extra = dict(stateful.pop("extra"))
+        scaler = extra.pop("loss_scaler", None)
+        loaded = manager.load_latest(
+            **stateful,
+            extra=extra,
+            optional_extra={"loss_scaler": scaler} if scaler is not None else None,
         )
-        return manager.load(step, **stateful)
+        if loaded is not None and "loss_scaler" in loaded.not_in_checkpoint:
+            self.log.message(
+                f"{loaded.path} holds no fp16 loss scale (written in another precision): the "
+                f"loss scaler starts fresh at {scaler.get_scale():g}"
+            )
+        elif loaded is not None and "loss_scaler" in loaded.unread:
+            self.log.message(
+                f"{loaded.path} holds an fp16 loss scale; this run is "
+                f"{self.cfg.train.precision} (no loss scaling): the scale is not used"
+            )
+        return loaded
 
     def _save(self, manager, step: int) -> Path:
         return manager.save(step, **self._stateful())

@@ -75,10 +75,18 @@ class TrainingState:
     optimizers: tuple[torch.optim.Optimizer, ...] = ()
     global_objects: Mapping[str, Stateful] = None  # type: ignore[assignment]
     rank_objects: Mapping[str, Stateful] = None  # type: ignore[assignment]
+    #: Global objects a checkpoint may lack (loaded where present, else left as they are).
+    optional: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_objects", dict(self.global_objects or {}))
         object.__setattr__(self, "rank_objects", dict(self.rank_objects or {}))
+        object.__setattr__(self, "optional", frozenset(self.optional))
+        if not self.optional <= set(self.global_objects):
+            raise ValueError(
+                f"optional names {sorted(self.optional - set(self.global_objects))} are not "
+                "among the global objects"
+            )
         if self.optimizers and self.model is None:
             raise ValueError("optimizer state is saved by parameter name: pass the model too")
         names = [*self.global_objects, *self.rank_objects]
@@ -320,8 +328,9 @@ def _restore_flat(current: dict[str, Any], saved: Mapping[str, Any], targets, wh
 def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dict[str, list[str]]:
     """After ``dcp.load`` filled ``plan.targets``: put every object's state back.
 
-    Returns ``{"restored": [...], "not_in_checkpoint": [...]}`` naming the per-rank and global
-    objects restored or absent from the checkpoint."""
+    Returns ``{"restored": [...], "not_in_checkpoint": [...], "unread": [...]}`` naming the
+    per-rank and global objects restored or absent from the checkpoint (only optional global
+    ones may be absent), and the global objects the checkpoint holds that were not asked for."""
     targets = dict(plan.targets)
     for key, like in plan.strided.items():
         targets[key] = _restride(targets[key], like)
@@ -356,8 +365,17 @@ def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dic
                 )
         else:
             set_model_state_dict(state.model, model_sd, options=_OPTIONS)
-    report: dict[str, list[str]] = {"restored": [], "not_in_checkpoint": []}
+    report: dict[str, list[str]] = {
+        "restored": [],
+        "not_in_checkpoint": [],
+        "unread": sorted(
+            k for k in saved if k not in _TENSOR_COMPONENTS and k not in state.global_objects
+        ),
+    }
     for name, obj in state.global_objects.items():
+        if name not in saved and name in state.optional:
+            report["not_in_checkpoint"].append(name)
+            continue
         if name not in saved:
             raise ValueError(
                 f"checkpoint {where} holds no state for {name!r} (it has "

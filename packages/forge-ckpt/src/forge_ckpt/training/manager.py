@@ -86,8 +86,9 @@ class LoadResult:
 
     ``restored``: names of the stateful objects restored besides model and optimizer (per-rank
     ones such as ``"rng"`` and ``"dataloader"`` only where the checkpoint holds this rank's
-    state); ``not_in_checkpoint``: per-rank objects left as they were (this rank index was not
-    in the saving job).
+    state); ``not_in_checkpoint``: objects left as they were (per-rank ones whose rank index
+    was not in the saving job, and ``optional_extra`` ones the checkpoint lacks); ``unread``:
+    global objects the checkpoint holds that this load did not ask for.
     """
 
     step: int
@@ -95,6 +96,7 @@ class LoadResult:
     world_size: int
     restored: tuple[str, ...]
     not_in_checkpoint: tuple[str, ...]
+    unread: tuple[str, ...] = ()
 
 
 class CheckpointManager:
@@ -205,14 +207,19 @@ class CheckpointManager:
         if pending is not None:
             pending.result()
 
-    def _state(self, model, optimizer, scheduler, dataloader, extra) -> TrainingState:
+    def _state(
+        self, model, optimizer, scheduler, dataloader, extra, optional_extra=None
+    ) -> TrainingState:
         if optimizer is None:
             optimizers: tuple = ()
         elif isinstance(optimizer, torch.optim.Optimizer):
             optimizers = (optimizer,)
         else:
             optimizers = tuple(optimizer)
-        global_objects = dict(extra or {})
+        overlap = set(extra or {}) & set(optional_extra or {})
+        if overlap:
+            raise ValueError(f"{sorted(overlap)} given both as extra and as optional_extra")
+        global_objects = {**(extra or {}), **(optional_extra or {})}
         if scheduler is not None:
             global_objects = {"scheduler": scheduler, **global_objects}
         rank_objects: dict[str, Any] = {}
@@ -225,6 +232,7 @@ class CheckpointManager:
             optimizers=optimizers,
             global_objects=global_objects,
             rank_objects=rank_objects,
+            optional=frozenset(optional_extra or {}),
         )
 
     def _agree_on_tag(self) -> str:
@@ -286,8 +294,13 @@ class CheckpointManager:
         scheduler: Stateful | None = None,
         dataloader: Stateful | None = None,
         extra: Mapping[str, Stateful] | None = None,
+        optional_extra: Mapping[str, Stateful] | None = None,
     ) -> LoadResult:
         """Load a complete checkpoint (by step in ``config.directory``, or a folder) in place.
+
+        ``extra`` objects must be in the checkpoint; ``optional_extra`` ones are loaded where
+        it holds them and listed in ``LoadResult.not_in_checkpoint`` where it does not (state
+        that only some runs save, e.g. an fp16 loss scale resumed by a bf16 run's checkpoint).
 
         The model and optimizer may be laid out differently than when saved (another mix of
         FSDP / TP / DP, another world size, or one process): DCP reads the slices each rank
@@ -307,7 +320,7 @@ class CheckpointManager:
                 f"{path} is not a complete forge training checkpoint (missing, still being "
                 f"written, or damaged); complete checkpoints in {self.directory}: {complete}"
             )
-        state = self._state(model, optimizer, scheduler, dataloader, extra)
+        state = self._state(model, optimizer, scheduler, dataloader, extra, optional_extra)
         from forge_ckpt.training.safe_reader import read_metadata
 
         with _quiet_dcp():
@@ -326,6 +339,7 @@ class CheckpointManager:
             world_size=manifest["world_size"],
             restored=tuple(report["restored"]),
             not_in_checkpoint=tuple(report["not_in_checkpoint"]),
+            unread=tuple(report["unread"]),
         )
 
     # -- lifetime -------------------------------------------------------------------------
