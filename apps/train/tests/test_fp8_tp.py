@@ -21,6 +21,10 @@ way. A step's gradients then still agree to ~3e-6 (the FP8 weight gradients of o
   ``q_proj``'s gradient (3.6e-4 of its largest) made step 1's gradient norm differ by 1.5e-5.
   Block-wise under TP is checked exactly per layer instead (forge-parallel's
   test_fp8_tensor_parallel: 128-wide shards, 4e-7), where no partial sum feeds a quantizer.
+- Deeper models spread one flip through the FP8 backward (a 4-layer tiny LLM or VLM: ~5e-4 on
+  step 1's gradient norm, as large as a missing amax reduction's error), so the models here have
+  2 layers, and test_fp8_tp_scales checks every scale and code of a 4-layer TP2 step against
+  one process's quantizer on the gathered operand instead.
 """
 
 from __future__ import annotations
