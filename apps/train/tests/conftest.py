@@ -38,6 +38,13 @@ def _reference_kernels():
 
 
 @pytest.fixture(scope="session")
+def vlm_data_cache_dir(tmp_path_factory):
+    """One data cache (demo tokenizer, image shard) for every VLM test module of the session:
+    the second module finds it built (about 10 s each otherwise)."""
+    return tmp_path_factory.mktemp("vlm-cache")
+
+
+@pytest.fixture(scope="session")
 def reported_run(tmp_path_factory):
     """``(TrainResult, fake wandb module, fake mlflow module)`` of a 4-step run that logs every
     step, evaluates at step 2, profiles step 3 and reports to (fake) W&B and MLflow."""

@@ -30,10 +30,10 @@ DEGREES = ParallelSettings().resolve(1)  # one process
 
 
 @pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    """One data cache (demo tokenizer, image shard) for the module's runs."""
+def data_cache(vlm_data_cache_dir):
+    """The session's VLM data cache (demo tokenizer, image shard) for the module's runs."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FORGE_DATA_CACHE", str(tmp_path_factory.mktemp("vlm-cache")))
+        mp.setenv("FORGE_DATA_CACHE", str(vlm_data_cache_dir))
         yield
 
 

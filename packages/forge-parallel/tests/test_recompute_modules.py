@@ -6,8 +6,10 @@ block's attention submodule only. One process: gradients equal no recompute exac
 tiny decoder and a ``transformers`` Llama), the right ops are recomputed, the summary names
 the checkpointed modules. ``torch.compile`` after a submodule checkpoint:
 ``test_parallelize.py::test_compile_each_block_after_recompute[selective]`` (the attention
-preset). Under context, tensor and data parallelism: ``test_cp_selective_recompute.py`` and
-``test_exactness.py``.
+preset) and here with whole ``attn`` and ``mlp``. Under context, tensor and data parallelism:
+``test_cp_selective_recompute.py`` and ``test_exactness.py``. Zero-bubble pipelines (a split
+backward: input-gradient pass, then weight-gradient pass) run whole-submodule checkpoints and
+refuse per-op policies, which allow one backward per region.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from forge_core.testing import import_path
-from forge_parallel import RecomputeConfig, parallelize
+from forge_parallel import CompileConfig, RecomputeConfig, parallelize
 
 tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
@@ -172,3 +174,69 @@ def test_config_errors():
         RecomputeConfig(mode="full", ops="pointwise")
     with pytest.raises(ValueError, match="unknown selective recompute preset 'mlp'"):
         RecomputeConfig(mode="selective", modules=("mlp",), ops="mlp")
+
+
+def test_compile_after_whole_submodule_checkpoints_gives_eager_gradients():
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    plain = tm.build_tiny()
+    config = RecomputeConfig(mode="selective", modules=("attn", "mlp"))
+    compiled = parallelize(
+        copy.deepcopy(plain), None, recompute=config, compile=CompileConfig(backend="aot_eager")
+    )
+    eager = parallelize(copy.deepcopy(plain), None, recompute=config)
+    assert compiled.summary.row("layers.1").compiled == "aot_eager"
+    assert compiled.summary.row("layers.1.mlp.down_proj").recompute == "full"
+    for model in (plain, compiled.model, eager.model):
+        tm.logits_of(model, tokens).logsumexp(-1).mean().backward()
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(
+            compiled.model.get_parameter(name).grad, p.grad, rtol=1e-6, atol=1e-7, msg=name
+        )
+        torch.testing.assert_close(eager.model.get_parameter(name).grad, p.grad, msg=name)
+
+
+def _zero_bubble_job() -> dict[str, dict[str, float]]:
+    ph = import_path(
+        Path(__file__).with_name("pipeline_helpers.py"), "forge_parallel_tests_pipeline_helpers"
+    )
+    whole = RecomputeConfig(mode="selective", modules=("attn", "mlp"))
+    layout = {"dims": {"pp": 2, "dp_shard": 1}, "pipeline": {"schedule": "zero_bubble"}}
+    return ph.run_pipeline_layouts(
+        "tiny4", {"whole": {**layout, "stage_parallel": {"recompute": whole}}}
+    )
+
+
+def test_zero_bubble_pipeline_with_whole_submodule_checkpoints_trains_like_one_process(
+    dist_pool,
+):
+    # 5 AdamW steps, 2 micro-batches, clipping that bites: losses, gradient norms and final
+    # parameters against one process without recompute (pipeline_helpers.py).
+    for errors in dist_pool(2).run(_zero_bubble_job):
+        worst = max(v for k, v in errors["whole"].items() if k != "seconds")
+        assert worst <= 1e-5, errors
+
+
+@pytest.mark.parametrize(
+    ("config", "detail"),
+    [
+        (RecomputeConfig(mode="selective"), "without modules runs the 'attention' preset"),
+        (RecomputeConfig(mode="selective", ops="pointwise"), "with ops='pointwise'"),
+        (
+            RecomputeConfig(mode="selective", modules=("mlp",), ops=("aten.silu",)),
+            r"with ops=\('aten.silu',\)",
+        ),
+        (RecomputeConfig(mode="auto", memory_budget=2**20), "mode='auto' may choose"),
+    ],
+)
+def test_zero_bubble_refuses_per_op_policies_and_names_whole_submodules(config, detail):
+    from forge_parallel.pipeline.config import PipelineConfig
+    from forge_parallel.pipeline.schedule import _check_split_backward
+
+    for schedule, virtual in (("zero_bubble", 1), ("zbv", 2)):
+        with pytest.raises(ValueError, match=f"{detail}.*modules=\\('attn', 'mlp'\\)"):
+            _check_split_backward(
+                PipelineConfig(schedule=schedule, virtual_stages=virtual), {"recompute": config}
+            )
+    whole = RecomputeConfig(mode="selective", modules=("attn", "mlp"))
+    _check_split_backward(PipelineConfig(schedule="zero_bubble"), {"recompute": whole})
+    _check_split_backward(PipelineConfig(schedule="1f1b"), {"recompute": config})

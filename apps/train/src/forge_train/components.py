@@ -66,6 +66,63 @@ def _recompute(cfg: RunConfig):
     return RecomputeConfig(mode=cfg.parallel.recompute)
 
 
+def _part_recompute(model, cfg: RunConfig, parts: tuple[str, ...]) -> dict[str, Any]:
+    """Each part's recompute (a vision-language model's ``vision`` and ``language_model``, as
+    torchtitan checkpoints both the encoder's and the decoder's blocks): with
+    ``parallel.recompute_modules`` a part gets the patterns that match a submodule of its blocks
+    (none: no recompute), as Megatron-Core skips a ``--recompute-modules`` entry a layer does
+    not have; a pattern that matches in no part is an error naming it."""
+    recompute = _recompute(cfg)
+    if recompute is None or not recompute.modules:
+        return dict.fromkeys(parts, recompute)
+    import fnmatch
+    from dataclasses import replace
+
+    from forge_parallel import find_blocks
+
+    paths = {
+        part: {
+            path
+            for _, block in find_blocks(model.get_submodule(part))
+            for path, _ in block.named_modules()
+            if path
+        }
+        for part in parts
+    }
+
+    def matches(part: str, pattern: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, pattern) for path in paths[part])
+
+    unmatched = [p for p in recompute.modules if not any(matches(part, p) for part in parts)]
+    if unmatched:
+        listing = "; ".join(f"{part}: {', '.join(sorted(paths[part]))}" for part in parts)
+        raise ConfigError(
+            f"parallel.recompute_modules: {unmatched} match no submodule of any block of "
+            f"{' or '.join(parts)}; patterns are relative to each block, whose submodules are "
+            f"({listing})"
+        )
+    out = {}
+    for part in parts:
+        mine = tuple(p for p in recompute.modules if matches(part, p))
+        out[part] = replace(recompute, modules=mine) if mine else None
+    return out
+
+
+def _recompute_vision_apart(model, cfg: RunConfig):
+    """A vision-language model parallelized whole (no TP / CP / EP): ``parallelize`` finds the
+    language model's blocks (the largest ``nn.ModuleList``); checkpoint the vision encoder's
+    blocks here with the vision part's recompute and return the language model's."""
+    from forge_parallel import apply_recompute, find_blocks
+
+    if not all(name.startswith("language_model.") for name, _ in find_blocks(model)):
+        return _recompute(cfg)  # parallelize checkpoints other blocks: as they are
+    parts = _part_recompute(model, cfg, ("vision", "language_model"))
+    if parts["vision"] is not None:
+        vision_blocks = [(f"vision.{n}", b) for n, b in find_blocks(model.vision)]
+        apply_recompute(vision_blocks, parts["vision"])
+    return parts["language_model"]
+
+
 def _compile(cfg: RunConfig):
     """forge_parallel's ``CompileConfig`` for ``train.compile`` (``None`` without it)."""
     if not cfg.train.compile:
@@ -97,7 +154,8 @@ def _parallelize_vlm(
     ``plan``: the language model's (:func:`_vlm_text_plan`), under tensor parallelism."""
     from forge_parallel import SubmoduleParallel, parallelize_submodules
 
-    recompute, compile = _recompute(cfg), _compile(cfg) or False
+    recompute = _part_recompute(model, cfg, ("vision", "language_model"))
+    compile = _compile(cfg) or False
     mode = cfg.parallel.data_parallel
     replicate = degrees["dp_replicate"]
     return parallelize_submodules(
@@ -106,7 +164,7 @@ def _parallelize_vlm(
             "vision": SubmoduleParallel(
                 dp_replicate=replicate,
                 data_parallel=mode or "auto",
-                recompute=recompute,
+                recompute=recompute["vision"],
                 compile=compile,
             ),
             "projector": SubmoduleParallel(dp_replicate=replicate, data_parallel=mode or "auto"),
@@ -119,7 +177,7 @@ def _parallelize_vlm(
                 plan=plan if degrees["tp"] > 1 else None,
                 dp_replicate=replicate,
                 data_parallel=mode,
-                recompute=recompute,
+                recompute=recompute["language_model"],
                 compile=compile,
                 batch_boundary=False,
             ),
@@ -236,6 +294,8 @@ def build_components(
         parallel = _parallelize_vlm(model, cfg, degrees, **sequence_and_experts, plan=vlm_plan)
         model, mesh = parallel.model, parallel.parts["language_model"].mesh
     else:
+        if vlm and stage_parallel["recompute"] is not None:
+            stage_parallel["recompute"] = _recompute_vision_apart(model, cfg)
         parallel = parallelize(model, dims, **stage_parallel, **sequence_and_experts)
         model, mesh = parallel.model, parallel.mesh
     if on_meta:
@@ -454,6 +514,14 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
         plan = {
             k: ("colwise_output_replicated" if v == "loss_parallel" else v) for k, v in plan.items()
         }
+    vlm_extra = {}
+    if vlm:
+        parts = _part_recompute(model, cfg, ("vision", "language_model"))
+        stage_parallel = {**stage_parallel, "recompute": parts["language_model"]}
+        vlm_extra = {
+            "sequence_parallel": cfg.parallel.sequence_parallel,
+            "encoder_recompute": parts["vision"],
+        }
     return (build_vlm_pipeline if vlm else build_pipeline)(
         model,
         config,
@@ -463,7 +531,7 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
         split=cfg.parallel.pp_split,
         stage_parallel={**stage_parallel, "plan": plan},
         virtual_stages=cfg.parallel.pp_virtual_stages,
-        **({"sequence_parallel": cfg.parallel.sequence_parallel} if vlm else {}),
+        **vlm_extra,
     )
 
 

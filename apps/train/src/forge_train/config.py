@@ -164,6 +164,21 @@ class ParallelSettings:
             f"set parallel.recompute=selective (it is {self.recompute}) or drop the list",
             self.recompute_modules,
         )
+        _require(
+            not (
+                self.pp > 1
+                and self.pp_schedule in ("zero_bubble", "zbv")
+                and self.recompute == "selective"
+                and not self.recompute_modules
+            ),
+            "parallel.recompute",
+            f"selective without recompute_modules runs a per-op policy, which allows one "
+            f"backward per block, but pp_schedule={self.pp_schedule} back-propagates through "
+            "each block twice (input, then weight gradients); checkpoint whole submodules "
+            "(parallel.recompute_modules=[attn,mlp]) or whole blocks (parallel.recompute=full), "
+            "or use pp_schedule=1f1b / interleaved_1f1b",
+            self.recompute,
+        )
         _require(self.ep_chunks >= 1, "parallel.ep_chunks", "must be >= 1", self.ep_chunks)
         if self.cp > 1:
             _require(

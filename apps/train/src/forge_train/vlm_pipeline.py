@@ -480,13 +480,15 @@ def build_vlm_pipeline(
     stage_parallel: dict[str, Any],
     virtual_stages: int = 1,
     sequence_parallel: bool = False,
+    encoder_recompute: Any = "stages",
 ) -> VLMPipelineParts:
     """Split a :class:`~forge_models.vlm.VisionLanguageModel`'s decoder over ``mesh["pp"]``
     (``virtual_stages`` stages per pipeline rank) and place its encoder and embedding (see the
     module docstring); ``stage_parallel``: :func:`forge_parallel.parallelize` arguments but
     ``plan``, applied to every part. With ``mesh["tp"]`` the language model's stages and its
     embedding are tensor-parallel (:func:`forge_train.vlm_model.vlm_text_plan`, with
-    ``sequence_parallel``), the encoder replicated over the tensor-parallel ranks."""
+    ``sequence_parallel``), the encoder replicated over the tensor-parallel ranks.
+    ``encoder_recompute``: the encoder's ``RecomputeConfig`` (or ``None``), if not the stages'."""
     from forge_models.vlm import build_vlm
     from forge_parallel import parallelize
     from forge_parallel.pipeline import pipeline, stage_plan
@@ -523,6 +525,8 @@ def build_vlm_pipeline(
     # The encoder is replicated over the tensor-parallel ranks (an empty plan), which encode
     # the same micro-batches.
     encoder_parallel = {**stage_parallel, "plan": None if plan is None else {}}
+    if encoder_recompute != "stages":
+        encoder_parallel["recompute"] = encoder_recompute
     encoder = VisualEncoder(model)
     _whole_on_context_ranks(parallelize(encoder, mesh, **encoder_parallel))
     owned = nn.Module()  # everything this rank owns, under the whole model's names

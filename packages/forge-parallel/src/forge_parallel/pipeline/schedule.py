@@ -415,18 +415,31 @@ def _resolve_group(
 
 def _check_split_backward(config: PipelineConfig, stage_parallel: Mapping[str, Any]) -> None:
     """Zero-bubble schedules back-propagate through each block twice (input gradients, then
-    weight gradients); torch's selective activation checkpointing allows one backward per
-    region, so refuse selective (and automatic, which may pick selective) recompute."""
+    weight gradients). A plain checkpoint recomputes its region in each pass (whole blocks,
+    ``mode="full"``, or whole submodules, ``mode="selective"`` with ``modules`` and no
+    ``ops``); torch's selective activation checkpointing (a per-op policy) allows one backward
+    per region ("Trying to backward an extra time"), so refuse per-op policies (and automatic
+    recompute, which may pick one)."""
     recompute = stage_parallel.get("recompute")
     mode = getattr(recompute, "mode", None)
-    if config.schedule in ("zero_bubble", "zbv") and mode in ("selective", "auto"):
-        why = "uses" if mode == "selective" else "may choose"
-        raise ValueError(
-            f"schedule {config.schedule!r} splits the backward into input- and weight-gradient "
-            f"passes through each block, but recompute mode={mode!r} {why} selective activation "
-            "checkpointing, which allows one backward per region. Use RecomputeConfig("
-            "mode='full'), or schedule='1f1b' / 'interleaved_1f1b' with selective recompute"
-        )
+    if config.schedule not in ("zero_bubble", "zbv") or mode not in ("selective", "auto"):
+        return
+    if mode == "auto":
+        detail = "mode='auto' may choose a per-op policy"
+    elif recompute.ops is not None:
+        detail = f"mode='selective' with ops={recompute.ops!r} runs a per-op policy"
+    elif not recompute.modules:
+        detail = "mode='selective' without modules runs the 'attention' preset, a per-op policy"
+    else:
+        return  # whole submodules: plain checkpoints
+    raise ValueError(
+        f"schedule {config.schedule!r} splits the backward into input- and weight-gradient "
+        f"passes through each block, but recompute {detail} (torch's selective activation "
+        "checkpointing), which allows one backward per region. Checkpoint whole submodules "
+        "instead: RecomputeConfig(mode='selective', modules=('attn', 'mlp')) without ops, or "
+        "whole blocks: RecomputeConfig(mode='full'); or keep the per-op policy with "
+        "schedule='1f1b' / 'interleaved_1f1b'"
+    )
 
 
 def _stage_class() -> type:
