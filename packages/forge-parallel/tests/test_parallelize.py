@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from forge_core import ParallelDims
 from forge_core.testing import import_path
@@ -163,19 +162,9 @@ def test_config_errors():
 # -- recompute and compile in one process --------------------------------------------------
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _backward_ops(model, tokens) -> tuple[Counter[str], dict[str, torch.Tensor]]:
     loss = model(tokens).logsumexp(-1).mean()
-    with _CountOps() as mode:
+    with tm.OpCounter() as mode:
         loss.backward()
     return mode.counts, {n: p.grad for n, p in model.named_parameters()}
 

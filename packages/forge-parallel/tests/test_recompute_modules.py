@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from forge_core.testing import import_path
 from forge_parallel import CompileConfig, RecomputeConfig, parallelize
@@ -31,19 +30,9 @@ tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tes
 SDPA = "aten._scaled_dot_product_flash_attention_for_cpu"
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _backward(model, tokens) -> tuple[Counter[str], dict[str, torch.Tensor]]:
     loss = tm.logits_of(model, tokens).logsumexp(-1).mean()
-    with _CountOps() as mode:
+    with tm.OpCounter() as mode:
         loss.backward()
     return mode.counts, {n: p.grad for n, p in model.named_parameters()}
 

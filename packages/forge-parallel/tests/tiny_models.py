@@ -8,6 +8,7 @@ Imported by file path from the test modules (and, through them, by the worker po
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import forge_parallel
 from forge_parallel import TPPlan, ZeroOptimizer
@@ -402,3 +404,16 @@ def run_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict[str, flo
         got = train(result.model, batches, result=result, optimizer=optimizer)
         out[name] = compare(reference, ref_params, got, full_params(result.model))
     return out
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (``counts["aten.mm"]``): what a recompute
+    policy reran in backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
