@@ -120,6 +120,10 @@ def test_one_process_vlm_checkpoints_both_parts_with_exact_gradients(tmp_path):
             assert not hasattr(model.vision.blocks[0].mlp, "_forge_recompute")
             assert model.language_model.layers[1].attn._forge_recompute == "full"
             assert not hasattr(model.language_model.layers[0].mlp, "_forge_recompute")
+            # the summary lists the vision checkpoints made before parallelize, too
+            summary = parts.parallel.summary
+            assert summary.row("vision.blocks.0.mlp.fc1").recompute == "full"
+            assert summary.row("language_model.layers.1.attn").recompute == "full"
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         assert grad is not None, name

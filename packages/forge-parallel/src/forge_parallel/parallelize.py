@@ -369,9 +369,15 @@ def parallelize(
         ep_mesh = mesh["ep", "etp"] if dims.etp > 1 else mesh["ep"]
         tp_applied.update(apply_ep(model, ep_mesh, expert_parallel))
         order.append("expert parallel")
-    recompute_applied: dict[str, str] = {}
+    # Modules checkpointed before this call (e.g. a part's blocks that are not the blocks found
+    # here) are listed as such in the summary.
+    recompute_applied: dict[str, str] = {
+        name: module._forge_recompute
+        for name, module in model.named_modules()
+        if getattr(module, "_forge_recompute", None)
+    }
     if recompute is not None:
-        recompute_applied = apply_recompute(block_list, recompute)
+        recompute_applied.update(apply_recompute(block_list, recompute))
         order.append(f"recompute ({recompute.mode})")
     compiled: dict[str, str] = {}
     if compile_config is not None:
