@@ -51,3 +51,14 @@ def test_outside_autocast_mixed_dtypes_are_still_refused():
         attention(q, q, q.to(torch.bfloat16))
     with pytest.raises(ValueError, match="one dtype"):
         grouped_mm(torch.randn(4, 8).to(torch.bfloat16), torch.randn(2, 8, 4), torch.tensor([2, 2]))
+
+
+def test_float64_and_meta_tensors_are_left_alone():
+    """As torch's autocast: double precision is not cast; a meta tensor (a shape-only forward)
+    has no autocast state to ask."""
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention(q, q, q).dtype == torch.float64
+        assert torch.mm(q[0, 0], q[0, 0].T).dtype == torch.float64  # torch's own rule
+    meta = torch.empty(1, 4, 2, 8, device="meta")
+    assert attention(meta, meta, meta, causal=True).shape == (1, 4, 2, 8)

@@ -138,6 +138,50 @@ def test_unmatched_pattern_names_it_and_lists_the_block_paths():
         parallelize(tm.build_tiny(), None, recompute=config)
 
 
+class _ExpertsBlock(torch.nn.Module):
+    """A block whose experts sit in a ModuleList the block indexes (its forward never runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x):
+        return sum(expert(x).relu() for expert in self.experts)
+
+
+def test_a_pattern_naming_a_container_checkpoints_its_members():
+    from forge_parallel import apply_recompute
+
+    blocks = [(f"layers.{i}", _ExpertsBlock()) for i in range(2)]
+    applied = apply_recompute(blocks, RecomputeConfig(mode="selective", modules=("experts",)))
+    assert sorted(applied) == [f"layers.{i}.experts.{e}" for i in range(2) for e in range(2)]
+    assert all(blocks[0][1].experts[e]._forge_recompute for e in range(2))
+    assert not hasattr(blocks[0][1].experts, "_forge_recompute")
+
+
+def test_a_pipeline_stage_gets_the_patterns_its_blocks_have():
+    """Layer 0 dense, layer 1 with experts (DeepSeek-V3's first dense layers): the stage with
+    only layer 0 gets no recompute for an experts-only pattern; a pattern no layer has is an
+    error, also on a stage that has none of the layers it would match."""
+    from forge_parallel.recompute import stage_recompute
+
+    dense = torch.nn.Module()
+    dense.mlp = torch.nn.Linear(8, 8)
+    moe = _ExpertsBlock()
+    model_blocks = [("layers.0", dense), ("layers.1", moe)]
+    config = RecomputeConfig(mode="selective", modules=("experts", "mlp"))
+    assert stage_recompute(config, model_blocks[:1], model_blocks).modules == ("mlp",)
+    assert stage_recompute(config, model_blocks[1:], model_blocks).modules == ("experts",)
+    experts_only = RecomputeConfig(mode="selective", modules=("experts",))
+    assert stage_recompute(experts_only, model_blocks[:1], model_blocks) is None
+    with pytest.raises(ValueError, match=r"\['attn'\] match no submodule of any block"):
+        stage_recompute(
+            RecomputeConfig(mode="selective", modules=("attn",)), model_blocks[:1], model_blocks
+        )
+    full = RecomputeConfig(mode="full")
+    assert stage_recompute(full, model_blocks[:1], model_blocks) is full
+
+
 def test_recompute_applies_once_also_with_modules():
     from forge_parallel import apply_recompute
 

@@ -23,6 +23,7 @@ forward.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,7 @@ __all__ = [
     "MATMUL_OPS",
     "apply_recompute",
     "selective_policy",
+    "stage_recompute",
 ]
 
 #: The attention core: recomputed by the ``"attention"`` preset, kept by ``"pointwise"``.
@@ -156,7 +158,12 @@ def _matched_submodules(
             used.update(hits)
             inside = any(path.startswith(f"{outer}.") for outer, _ in chosen)
             if hits and not inside:  # (inside a checkpointed submodule: already recomputed)
-                chosen.append((path, module))
+                if isinstance(module, nn.ModuleList | nn.ModuleDict):
+                    # A container's forward never runs (the block calls its members): its
+                    # members are what a pattern naming it checkpoints.
+                    chosen += [(f"{path}.{n}", child) for n, child in module.named_children()]
+                else:
+                    chosen.append((path, module))
         per_block.append(chosen)
     unmatched = [p for p in patterns if p not in used]
     if unmatched and blocks:
@@ -168,6 +175,31 @@ def _matched_submodules(
             f"({type(block).__name__}) has: {', '.join(paths) or '(no submodules)'}"
         )
     return per_block
+
+
+def stage_recompute(
+    config: RecomputeConfig,
+    stage_blocks: Sequence[tuple[str, nn.Module]],
+    model_blocks: Sequence[tuple[str, nn.Module]],
+) -> RecomputeConfig | None:
+    """The recompute of a pipeline stage holding ``stage_blocks`` of a model whose blocks are
+    ``model_blocks``: with ``modules``, the patterns that match a submodule of the stage's
+    blocks (none: no recompute; a stage may hold no MoE layer, as Megatron-Core skips a
+    ``--recompute-modules`` entry a layer lacks); a pattern that matches in no block of the
+    whole model is an error. Without ``modules``, ``config`` as it is."""
+    if config.mode != "selective" or not config.modules:
+        return config
+    _matched_submodules(model_blocks, config.modules)  # raises for a pattern matching nowhere
+    mine = tuple(
+        p
+        for p in config.modules
+        if any(
+            path and fnmatch.fnmatchcase(path, p)
+            for _, block in stage_blocks
+            for path, _ in block.named_modules()
+        )
+    )
+    return dataclasses.replace(config, modules=mine) if mine else None
 
 
 def _attention_child(block: nn.Module) -> str | None:

@@ -26,6 +26,7 @@ lanes masked to 32 bits) and :func:`keyed_dropout_mask` its mask.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from forge_kernels import registry
 from forge_kernels._triton_support import can_use_triton, plain_tensor
@@ -136,6 +137,7 @@ class _KeyedDropoutFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @once_differentiable  # the kernel's dx has no graph: a double backward raises, not drops
     def backward(ctx, dy):
         from forge_kernels.dropout.keyed_dropout_kernels import keyed_dropout_rows
 

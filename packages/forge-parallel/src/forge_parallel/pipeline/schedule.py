@@ -572,10 +572,16 @@ def pipeline(
         if mesh is None:
             raise ValueError("stage_parallel needs a ParallelMesh as mesh_or_group")
         _check_split_backward(config, stage_parallel)
-        from forge_parallel.parallelize import parallelize
+        from forge_parallel.parallelize import find_blocks, parallelize
+        from forge_parallel.recompute import stage_recompute
 
+        recompute = stage_parallel.get("recompute")
+        model_blocks = find_blocks(model, stage_parallel.get("blocks", layout.blocks_pattern))
         for module in modules:
             kwargs = dict(stage_parallel)
+            if recompute is not None:  # a stage gets the modules patterns its blocks have
+                stage_blocks = find_blocks(module, kwargs.get("blocks", layout.blocks_pattern))
+                kwargs["recompute"] = stage_recompute(recompute, stage_blocks, model_blocks)
             if kwargs.get("plan") is not None:
                 kwargs["plan"] = stage_plan(kwargs["plan"], module)
             if kwargs.get("expert_parallel") is not None:  # a stage may hold no MoE layer
