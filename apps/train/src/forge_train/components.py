@@ -75,37 +75,26 @@ def _part_recompute(model, cfg: RunConfig, parts: tuple[str, ...]) -> dict[str, 
     recompute = _recompute(cfg)
     if recompute is None or not recompute.modules:
         return dict.fromkeys(parts, recompute)
-    import fnmatch
     from dataclasses import replace
 
     from forge_parallel import find_blocks
+    from forge_parallel.recompute import patterns_in_blocks
 
-    paths = {
-        part: {
-            path
-            for _, block in find_blocks(model.get_submodule(part))
-            for path, _ in block.named_modules()
-            if path
-        }
-        for part in parts
-    }
-
-    def matches(part: str, pattern: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, pattern) for path in paths[part])
-
-    unmatched = [p for p in recompute.modules if not any(matches(part, p) for part in parts)]
+    blocks = {part: find_blocks(model.get_submodule(part)) for part in parts}
+    mine = {part: patterns_in_blocks(blocks[part], recompute.modules) for part in parts}
+    unmatched = [p for p in recompute.modules if not any(p in mine[part] for part in parts)]
     if unmatched:
-        listing = "; ".join(f"{part}: {', '.join(sorted(paths[part]))}" for part in parts)
+        paths = {
+            part: sorted({path for _, b in blocks[part] for path, _ in b.named_modules() if path})
+            for part in parts
+        }
+        listing = "; ".join(f"{part}: {', '.join(paths[part])}" for part in parts)
         raise ConfigError(
             f"parallel.recompute_modules: {unmatched} match no submodule of any block of "
             f"{' or '.join(parts)}; patterns are relative to each block, whose submodules are "
             f"({listing})"
         )
-    out = {}
-    for part in parts:
-        mine = tuple(p for p in recompute.modules if matches(part, p))
-        out[part] = replace(recompute, modules=mine) if mine else None
-    return out
+    return {part: replace(recompute, modules=mine[part]) if mine[part] else None for part in parts}
 
 
 def _recompute_vision_apart(model, cfg: RunConfig):

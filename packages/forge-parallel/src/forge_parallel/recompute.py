@@ -42,6 +42,7 @@ __all__ = [
     "ATTENTION_OPS",
     "MATMUL_OPS",
     "apply_recompute",
+    "patterns_in_blocks",
     "selective_policy",
     "stage_recompute",
 ]
@@ -190,16 +191,17 @@ def stage_recompute(
     if config.mode != "selective" or not config.modules:
         return config
     _matched_submodules(model_blocks, config.modules)  # raises for a pattern matching nowhere
-    mine = tuple(
-        p
-        for p in config.modules
-        if any(
-            path and fnmatch.fnmatchcase(path, p)
-            for _, block in stage_blocks
-            for path, _ in block.named_modules()
-        )
-    )
+    mine = patterns_in_blocks(stage_blocks, config.modules)
     return dataclasses.replace(config, modules=mine) if mine else None
+
+
+def patterns_in_blocks(
+    blocks: Sequence[tuple[str, nn.Module]], patterns: Sequence[str]
+) -> tuple[str, ...]:
+    """The ``patterns`` (in order) that match a submodule path, relative to its block, of one
+    of ``blocks``."""
+    paths = {path for _, block in blocks for path, _ in block.named_modules() if path}
+    return tuple(p for p in patterns if any(fnmatch.fnmatchcase(path, p) for path in paths))
 
 
 def _attention_child(block: nn.Module) -> str | None:
