@@ -33,6 +33,7 @@ the backward, so a LoRA layer keeps only its micro-batch's token keys for backwa
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ __all__ = [
 _MASK32 = 0xFFFFFFFF
 
 
+@functools.cache  # called by every adapted layer's forward: a few tensor ops, once per layer
 def layer_salt(*, seed: int, layer: int) -> int:
     """The uint32 salt of LoRA layer ``layer``'s masks in a run seeded ``seed``."""
     return int(mix32(torch.tensor((seed * 0x2545F491 + layer * 0x9E3779B9 + 1) & _MASK32)))
