@@ -154,3 +154,57 @@ def test_auto_config_errors():
         RecomputeConfig(mode="full", memory_budget=10)
     with pytest.raises(ValueError, match="budget_scope"):
         RecomputeConfig(mode="auto", memory_budget=10, budget_scope="layer")
+
+
+def test_submodule_candidates_predicted_exactly():
+    """Each whole-submodule candidate keeps what ``RecomputeConfig(modules=...)`` really keeps,
+    and recomputes its submodules' forward FLOPs (a fraction of the block's)."""
+    from forge_parallel.auto_recompute import _module_choices
+
+    block, x = _block_and_input()
+    measurement = measure_block(block, x)
+    choices = {c.modules: c for c in _module_choices(measurement)}
+    assert {("attn",), ("mlp",), ("attn", "mlp")} <= set(choices)
+    for modules, choice in choices.items():
+        checkpointed = copy.deepcopy(block)
+        apply_recompute([("b", checkpointed)], RecomputeConfig(mode="selective", modules=modules))
+        held, _ = held_bytes(checkpointed, x)
+        assert held == choice.kept_bytes, modules
+        assert 0 < choice.extra_flops < measurement.total_flops
+    both = choices[("attn", "mlp")]
+    assert both.extra_flops == choices[("attn",)].extra_flops + choices[("mlp",)].extra_flops
+    assert both.kept_bytes < min(choices[("attn",)].kept_bytes, choices[("mlp",)].kept_bytes)
+
+
+def test_submodule_choice_trains_like_no_recompute():
+    """A budget just under what autograd keeps: checkpointing the two norms whole recomputes
+    the fewest FLOPs; the choice is in the summary, the memory and gradients are exact."""
+    reference = tm.build_tiny(dim=32, n_layers=2)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    x = reference.embed(tokens)
+    measurement = measure_block(reference.layers[0], x)
+    budget = int(measurement.saved_bytes * 0.9)
+    choice = plan_recompute(measurement, budget)
+    assert choice.kind == "modules"
+    assert choice.describe().startswith(f"auto: modules {','.join(choice.modules)} (")
+    block = copy.deepcopy(reference.layers[0])
+    apply_recompute([("b", block)], RecomputeConfig(mode="auto", memory_budget=budget))
+    held, _ = held_bytes(block, x.detach().requires_grad_())
+    assert held == choice.kept_bytes <= budget
+    reference(tokens).logsumexp(-1).mean().backward()
+    model = copy.deepcopy(reference)
+    model.zero_grad()
+    parallelize(model, recompute=RecomputeConfig(mode="auto", memory_budget=budget))
+    model(tokens).logsumexp(-1).mean().backward()
+    assert {layer.forward.choice.kind for layer in model.layers} == {"modules"}
+    assert model.layers[0]._forge_recompute == choice.describe()
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_budget_only_full_fits_picks_full():
+    block, x = _block_and_input()
+    measurement = measure_block(block, x)
+    choice = plan_recompute(measurement, measurement.input_bytes)
+    assert choice.kind == "full"
+    assert choice.kept_bytes == measurement.input_bytes

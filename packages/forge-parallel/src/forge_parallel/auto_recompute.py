@@ -17,6 +17,13 @@ from a measurement instead of a preset:
    the op outputs with the most FLOPs per byte (a greedy 0/1 knapsack: value = FLOPs not
    recomputed, weight = bytes kept) and recomputes every other op, else the whole block (full
    recompute keeps only the block's input). Collectives are always kept, never re-issued.
+   Whole-submodule checkpoints of the block's direct children (its ``attn``, its ``mlp``, or
+   both: Megatron-Core's ``--recompute-modules``, ``RecomputeConfig(modules=...)``) are
+   candidates too, measured in the same pass: each op call and each saved tensor is
+   attributed to the direct child whose forward ran it (module forward hooks), so a set of
+   checkpointed children keeps what the rest of the block saves plus the children's inputs
+   and recomputes the children's forward FLOPs (collectives inside them are re-issued, as with
+   ``modules=...``). The least extra compute that fits wins; ties go to fewer bytes.
 
 The selective policy is keyed like PyTorch's own SAC cache, by ``(op, n-th call of that op)``
 in the block's forward, so each op *call* gets its own decision. PyTorch's compiler has a
@@ -29,10 +36,11 @@ its input (kept by every option) plus the outputs it keeps; parameters are not c
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -114,6 +122,8 @@ class OpRecord:
     output_bytes: int
     flops: int
     collective: bool
+    #: The block's direct child whose forward ran the op ("" outside every child).
+    module: str = ""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -126,33 +136,60 @@ class BlockMeasurement:
 
     ``saved_bytes``: bytes autograd keeps for backward without recomputation (input included).
     ``input_bytes``: bytes of the block's tensor inputs (what full recomputation keeps).
+    ``storage_bytes`` / ``saved_in`` / ``module_inputs`` / ``input_ids``: per storage id, its
+    bytes; per saved storage, the direct children ("" for the block outside them) whose
+    forward saved it; per direct child, the storages of its tensor inputs; the block's input
+    storages. From them :meth:`kept_with_checkpointed` predicts submodule checkpoints.
     """
 
     ops: tuple[OpRecord, ...]
     input_bytes: int
     saved_bytes: int
+    storage_bytes: dict[int, int] = field(default_factory=dict)
+    saved_in: dict[int, frozenset[str]] = field(default_factory=dict)
+    module_inputs: dict[str, frozenset[int]] = field(default_factory=dict)
+    input_ids: frozenset[int] = frozenset()
 
     @property
     def total_flops(self) -> int:
         return sum(r.flops for r in self.ops)
 
+    def module_flops(self, modules: Iterable[str]) -> int:
+        """Forward FLOPs of the ops the direct children ``modules`` run."""
+        names = set(modules)
+        return sum(r.flops for r in self.ops if r.module in names)
+
+    def kept_with_checkpointed(self, modules: Iterable[str]) -> int:
+        """Bytes kept for backward with the direct children ``modules`` checkpointed whole:
+        what is saved outside them, their inputs (the checkpoints keep them) and the block's."""
+        names = set(modules)
+        kept = {u for u, where in self.saved_in.items() if not where <= names}
+        kept |= self.input_ids
+        for name in names:
+            kept |= self.module_inputs.get(name, frozenset())
+        return sum(self.storage_bytes[u] for u in kept)
+
 
 @dataclass(frozen=True)
 class RecomputeChoice:
-    """The decision for one block: ``kind`` ``"none"``, ``"selective"`` or ``"full"``.
+    """The decision for one block: ``kind`` ``"none"``, ``"selective"``, ``"modules"`` (the
+    direct children ``modules`` checkpointed whole) or ``"full"``.
 
     ``saved``: the ``(op, index)`` calls whose outputs a selective policy keeps (every other
     op is recomputed). ``kept_bytes`` / ``extra_flops``: predicted memory kept for backward
     and forward FLOPs recomputed in backward.
     """
 
-    kind: Literal["none", "selective", "full"]
+    kind: Literal["none", "selective", "modules", "full"]
     saved: frozenset[tuple[str, int]]
     kept_bytes: int
     extra_flops: int
+    modules: tuple[str, ...] = ()
 
     def describe(self) -> str:
         mib = self.kept_bytes / 2**20
+        if self.kind == "modules":
+            return f"auto: modules {','.join(self.modules)} ({mib:.2f} MiB)"
         if self.kind == "selective":
             return f"auto: selective (saves {len(self.saved)} ops, {mib:.2f} MiB)"
         return f"auto: {self.kind} ({mib:.2f} MiB)"
@@ -180,6 +217,11 @@ class _Recorder(TorchDispatchMode):
         self.storages = storages
         self.counts: dict[Any, int] = defaultdict(int)
         self.records: list[OpRecord] = []
+        self.module_stack: list[str] = []  # the direct children whose forward is running
+
+    @property
+    def module(self) -> str:
+        return self.module_stack[0] if self.module_stack else ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -194,8 +236,40 @@ class _Recorder(TorchDispatchMode):
             nbytes += self.storages.sizes[uid] if new else 0
         name = str(func)
         flops = _flops(func, args, kwargs, out) if nbytes else 0
-        self.records.append(OpRecord(name, index, nbytes, flops, "c10d" in name))
+        self.records.append(OpRecord(name, index, nbytes, flops, "c10d" in name, self.module))
         return out
+
+
+def _direct_children(block: Callable) -> list[tuple[str, nn.Module]]:
+    module = block if isinstance(block, nn.Module) else getattr(block, "module", None)
+    if not isinstance(module, nn.Module):
+        return []
+    # A container's forward never runs (the block calls its members): not a candidate.
+    return [
+        (name, child)
+        for name, child in module.named_children()
+        if not isinstance(child, nn.ModuleList | nn.ModuleDict)
+    ]
+
+
+def _track_children(
+    children: list[tuple[str, nn.Module]], recorder: _Recorder, module_inputs: dict[str, set]
+) -> list[Any]:
+    """Forward hooks that keep ``recorder.module_stack`` and each child's input storages."""
+    handles = []
+    for name, child in children:
+
+        def enter(_module, args, kwargs, name=name):
+            recorder.module_stack.append(name)
+            for t in _tensors((args, kwargs)):
+                module_inputs[name].add(recorder.storages.add(t)[0])
+
+        def leave(_module, _args, _out):
+            recorder.module_stack.pop()
+
+        handles.append(child.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(child.register_forward_hook(leave))
+    return handles
 
 
 def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasurement:
@@ -208,41 +282,86 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
     get_params = getattr(block, "parameters", None)
     params = {storages.add(p)[0] for p in (get_params() if callable(get_params) else ())}
     inputs = {storages.add(t)[0] for t in _tensors((args, kwargs))} - params - {None}
-    saved: set[int] = set()
+    saved: dict[int, set[str]] = defaultdict(set)  # storage id -> where it was saved
+    recorder = _Recorder(storages)
 
     def pack(t: torch.Tensor) -> int | None:
         # Returns an id, not ``t``: a saved output packed as itself would be a reference
         # cycle through C++ that keeps the measured graph alive.
         uid = storages.find(t)
         if uid is not None:
-            saved.add(uid)
+            saved[uid].add(recorder.module)
         return uid
 
     def unpack(uid: int | None) -> torch.Tensor:
         raise RuntimeError("the measurement forward of auto recompute has no backward")
 
-    recorder = _Recorder(storages)
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack), recorder:
-            out = block(*args, **kwargs)
-        del out
+    module_inputs: dict[str, set] = defaultdict(set)
+    handles = _track_children(_direct_children(block), recorder, module_inputs)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack), recorder:
+                out = block(*args, **kwargs)
+            del out
+    finally:
+        for handle in handles:
+            handle.remove()
     sizes = storages.sizes
+    saved_in = {u: frozenset(where) for u, where in saved.items() if u not in params}
+    module_inputs = {n: frozenset(ids - params - {None}) for n, ids in module_inputs.items()}
+    used = set(saved_in) | inputs | {u for ids in module_inputs.values() for u in ids}
     return BlockMeasurement(
         ops=tuple(recorder.records),
         input_bytes=sum(sizes[u] for u in inputs),
-        saved_bytes=sum(sizes[u] for u in (saved - params) | inputs),
+        saved_bytes=sum(sizes[u] for u in set(saved_in) | inputs),
+        storage_bytes={u: sizes[u] for u in used},
+        saved_in=saved_in,
+        module_inputs=module_inputs,
+        input_ids=frozenset(inputs),
     )
 
 
+def _module_sets(names: list[str]) -> list[tuple[str, ...]]:
+    """Every non-empty set of up to 6 direct children; with more, each one alone and all."""
+    if len(names) > 6:
+        return [(n,) for n in names] + [tuple(names)]
+    return [c for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
+
+
+def _module_choices(measurement: BlockMeasurement) -> list[RecomputeChoice]:
+    """Whole-submodule checkpoints of the direct children that ran ops with FLOPs."""
+    names = list(dict.fromkeys(r.module for r in measurement.ops if r.module and r.flops))
+    return [
+        RecomputeChoice(
+            "modules",
+            frozenset(),
+            measurement.kept_with_checkpointed(chosen),
+            measurement.module_flops(chosen),
+            chosen,
+        )
+        for chosen in _module_sets(names)
+    ]
+
+
 def plan_recompute(measurement: BlockMeasurement, budget: int) -> RecomputeChoice:
-    """The option with the least recomputed FLOPs whose kept bytes fit ``budget``.
+    """The option with the least recomputed FLOPs whose kept bytes fit ``budget`` (ties: the
+    fewer bytes): nothing, a selective policy, whole direct children checkpointed, or full.
 
     Falls back to full recomputation (the least memory) when nothing fits, e.g. ``budget=0``.
     """
-    total = measurement.total_flops
     if measurement.saved_bytes <= budget:
         return RecomputeChoice("none", frozenset(), measurement.saved_bytes, 0)
+    options = [_plan_selective(measurement, budget), *_module_choices(measurement)]
+    fitting = [c for c in options if c.kept_bytes <= budget]
+    if not fitting:
+        return options[0]  # full: nothing fits
+    return min(fitting, key=lambda c: (c.extra_flops, c.kept_bytes))
+
+
+def _plan_selective(measurement: BlockMeasurement, budget: int) -> RecomputeChoice:
+    """The greedy selective policy for ``budget``, or full recomputation if none fits."""
+    total = measurement.total_flops
     full = RecomputeChoice("full", frozenset(), measurement.input_bytes, total)
     forced = [r for r in measurement.ops if r.collective]
     kept = measurement.input_bytes + sum(r.output_bytes for r in forced)
@@ -318,6 +437,9 @@ class AutoRecompute:
         self.choice = plan_recompute(self.measurement, budget)
         if isinstance(self.budget, _Budget):
             self.budget.spend(self.choice.kept_bytes)
+        for name in self.choice.modules:  # checkpointed whole from this forward on
+            child = self.module.get_submodule(name)
+            child.forward = _checkpointed_forward(child.forward)
         self.module._forge_recompute = self.choice.describe()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -326,13 +448,21 @@ class AutoRecompute:
                 return self.inner(*args, **kwargs)
             self._decide(args, kwargs)
         choice = self.choice
-        if choice.kind == "none":
+        if choice.kind in ("none", "modules"):
             return self.inner(*args, **kwargs)
         if choice.kind == "full":
             return checkpoint_block(self.inner, *args, **kwargs)
         return checkpoint_block(
             self.inner, *args, context_fn=lambda: _keyed_policy(choice.saved), **kwargs
         )
+
+
+def _checkpointed_forward(inner: Callable) -> Callable:
+    # A closure (as recompute.py's ``modules=...``), so torch.compile traces a plain function.
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint_block(inner, *args, **kwargs)
+
+    return forward
 
 
 class _ModuleView:
