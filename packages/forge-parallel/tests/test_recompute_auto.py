@@ -4,52 +4,18 @@ changes no gradient."""
 from __future__ import annotations
 
 import copy
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from forge_core.testing import import_path
 from forge_parallel import RecomputeConfig, apply_recompute, parallelize
 from forge_parallel.auto_recompute import measure_block, plan_recompute
+from forge_parallel.memory_probe import kept_for_backward
 
 tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 CFG = tm.TinyConfig(dim=32, n_heads=4, n_kv_heads=2, ffn=64)
-
-
-class _Storages(TorchDispatchMode):
-    """Weak references to the storage of every tensor an op creates."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refs: list[weakref.ref] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.refs.append(weakref.ref(t.untyped_storage()))
-        return out
-
-
-def held_bytes(block: torch.nn.Module, x: torch.Tensor) -> tuple[int, object]:
-    """Bytes the autograd graph of ``block(x)`` keeps alive (the input counted, parameters not),
-    measured from which storages created in forward outlive the output."""
-    tracker = _Storages()
-    with tracker:
-        out = block(x)
-    graph = out.grad_fn
-    del out  # the graph now keeps alive only what it saved for backward
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    alive = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()}
-    for ref in tracker.refs:
-        storage = ref()
-        if storage is not None and storage.data_ptr() not in params:
-            alive[storage.data_ptr()] = storage.nbytes()
-    return sum(alive.values()), graph
 
 
 def _block_and_input():
@@ -60,7 +26,7 @@ def _block_and_input():
 def test_chosen_policy_fits_budget_measured_independently():
     block, x = _block_and_input()
     measurement = measure_block(block, x)
-    plain, _ = held_bytes(block, x)
+    plain = kept_for_backward(block, x)
     assert measurement.saved_bytes == plain
     extra = []
     for budget in [0, *(int(plain * f) for f in (0.3, 0.7)), plain, 100 * plain]:
@@ -68,7 +34,7 @@ def test_chosen_policy_fits_budget_measured_independently():
         checkpointed = copy.deepcopy(block)
         config = RecomputeConfig(mode="auto", memory_budget=budget)
         apply_recompute([("block", checkpointed)], config)
-        held, _ = held_bytes(checkpointed, x)
+        held = kept_for_backward(checkpointed, x)
         assert checkpointed._forge_recompute == choice.describe()
         assert held == choice.kept_bytes, (budget, choice)
         assert held <= max(budget, measurement.input_bytes), (budget, held)
@@ -168,7 +134,7 @@ def test_submodule_candidates_predicted_exactly():
     for modules, choice in choices.items():
         checkpointed = copy.deepcopy(block)
         apply_recompute([("b", checkpointed)], RecomputeConfig(mode="selective", modules=modules))
-        held, _ = held_bytes(checkpointed, x)
+        held = kept_for_backward(checkpointed, x)
         assert held == choice.kept_bytes, modules
         assert 0 < choice.extra_flops < measurement.total_flops
     both = choices[("attn", "mlp")]
@@ -189,7 +155,7 @@ def test_submodule_choice_trains_like_no_recompute():
     assert choice.describe().startswith(f"auto: modules {','.join(choice.modules)} (")
     block = copy.deepcopy(reference.layers[0])
     apply_recompute([("b", block)], RecomputeConfig(mode="auto", memory_budget=budget))
-    held, _ = held_bytes(block, x.detach().requires_grad_())
+    held = kept_for_backward(block, x.detach().requires_grad_())
     assert held == choice.kept_bytes <= budget
     reference(tokens).logsumexp(-1).mean().backward()
     model = copy.deepcopy(reference)

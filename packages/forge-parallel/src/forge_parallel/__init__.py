@@ -36,6 +36,7 @@ from forge_parallel.heterogeneous import (
     SubmoduleParallel,
     parallelize_submodules,
 )
+from forge_parallel.memory_probe import kept_for_backward
 from forge_parallel.offload import ActivationOffload, OffloadStats, apply_offload
 from forge_parallel.parallelize import ParallelizeResult, find_blocks, parallelize
 from forge_parallel.pipeline import Pipeline, PipelineConfig, bubble_fraction, measure_bubble
@@ -89,6 +90,7 @@ __all__ = [
     "context_parallel_attention",
     "context_parallel_cross_entropy",
     "find_blocks",
+    "kept_for_backward",
     "measure_block",
     "measure_bubble",
     "no_gradient_sync",
