@@ -63,7 +63,26 @@ def _recompute(cfg: RunConfig):
         # It keeps the least of the per-op policies (a tiny decoder's blocks: 29.1 MiB here,
         # 47.0 MiB with forge-parallel's "attention" preset, 50.1 MiB without recompute).
         return RecomputeConfig(mode="selective", ops="pointwise")
+    if cfg.parallel.recompute == "auto":
+        # forge-parallel measures each block on its first forward and picks the least extra
+        # compute whose kept activations fit the budget (forge_parallel.auto_recompute).
+        return RecomputeConfig(
+            mode="auto",
+            memory_budget=round(cfg.parallel.recompute_budget_mib * 2**20),
+            budget_scope=cfg.parallel.recompute_budget_scope,
+        )
     return RecomputeConfig(mode=cfg.parallel.recompute)
+
+
+def recompute_choices(model: torch.nn.Module) -> dict[str, int]:
+    """What ``parallel.recompute=auto`` chose for ``model``'s blocks (forge-parallel records it
+    as each block's ``_forge_recompute``, e.g. ``auto: modules attn,mlp (1.23 MiB)``), with the
+    number of blocks of each choice; blocks not yet run forward with gradients read
+    ``auto (<budget>)``."""
+    from collections import Counter
+
+    described = (getattr(m, "_forge_recompute", None) for m in model.modules())
+    return dict(Counter(d for d in described if isinstance(d, str) and d.startswith("auto")))
 
 
 def _part_recompute(model, cfg: RunConfig, parts: tuple[str, ...]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Every error names the key that is wrong and why, e.g. ``optim.lr: must be > 0, g
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -107,7 +108,14 @@ class ParallelSettings:
     ``recompute``: ``full`` checkpoints each block, ``selective`` runs forge-parallel's
     ``pointwise`` policy in each block, or with ``recompute_modules`` (``fnmatch`` patterns of
     submodule paths relative to each block, e.g. ``[attn,mlp]``: Megatron-Core's
-    ``--recompute-modules``) checkpoints those submodules whole and nothing else."""
+    ``--recompute-modules``) checkpoints those submodules whole and nothing else. ``auto``
+    runs forge-parallel's automatic policy (``RecomputeConfig(mode="auto")``): each block is
+    measured on its first forward and gets the option with the least extra compute (nothing, a
+    per-op selective policy, whole direct children such as ``attn`` / ``mlp``, or the whole
+    block) whose activations kept for backward fit ``recompute_budget_mib`` (MiB, required
+    with ``auto``; ``0`` keeps as little as possible, i.e. full recompute).
+    ``recompute_budget_scope``: ``block`` (the budget of each block) or ``total`` (shared by
+    the blocks of the model, or of each pipeline stage, in forward order)."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
@@ -117,8 +125,10 @@ class ParallelSettings:
     ep: int = 1
     data_parallel: Literal["ddp", "fsdp", "hsdp", "zero1", "zero2"] | None = None
     sequence_parallel: bool = False
-    recompute: Literal["none", "full", "selective"] = "none"
+    recompute: Literal["none", "full", "selective", "auto"] = "none"
     recompute_modules: list[str] = field(default_factory=list)
+    recompute_budget_mib: float | None = None
+    recompute_budget_scope: Literal["block", "total"] = "block"
     pp_schedule: Literal["gpipe", "1f1b", "zero_bubble", "interleaved_1f1b", "zbv"] = "1f1b"
     pp_split: Literal["layers", "params"] = "layers"
     pp_virtual_stages: int = 1
@@ -157,6 +167,7 @@ class ParallelSettings:
             "[attn,mlp] (forge models) or [self_attn,mlp] (transformers models)",
             self.recompute_modules,
         )
+        self._check_auto_recompute()
         _require(
             not self.recompute_modules or self.recompute == "selective",
             "parallel.recompute_modules",
@@ -208,6 +219,66 @@ class ParallelSettings:
                 "interleaved_1f1b / zbv)"
             ),
             self.pp_virtual_stages,
+        )
+
+    def _check_auto_recompute(self) -> None:
+        """``recompute=auto`` and its budget settings, which nothing else takes."""
+        budget, scope = self.recompute_budget_mib, self.recompute_budget_scope
+        if self.recompute != "auto":
+            _require(
+                budget is None,
+                "parallel.recompute_budget_mib",
+                f"is the budget of parallel.recompute=auto (it is {self.recompute}); set "
+                "parallel.recompute=auto or drop the budget (recompute_budget_mib=null)",
+                budget,
+            )
+            _require(
+                scope == "block",
+                "parallel.recompute_budget_scope",
+                f"applies to parallel.recompute=auto only (it is {self.recompute}); set "
+                "parallel.recompute=auto or leave the scope at block",
+                scope,
+            )
+            return
+        _require(
+            budget is not None,
+            "parallel.recompute_budget_mib",
+            "is required with parallel.recompute=auto: the MiB of activations each block "
+            "(recompute_budget_scope=block) or all blocks (total) may keep for backward, e.g. "
+            "parallel.recompute_budget_mib=64 (0: keep as little as possible)",
+        )
+        _require(
+            math.isfinite(budget) and budget >= 0,
+            "parallel.recompute_budget_mib",
+            "must be a finite number of MiB >= 0 (0: keep as little as possible, i.e. full "
+            "recompute)",
+            budget,
+        )
+        _require(
+            not self.recompute_modules,
+            "parallel.recompute_modules",
+            "parallel.recompute=auto picks the submodules to checkpoint itself (among each "
+            "block's direct children); drop the list, or set parallel.recompute=selective to "
+            "checkpoint exactly these",
+            self.recompute_modules,
+        )
+        _require(
+            not (self.pp > 1 and self.pp_schedule in ("zero_bubble", "zbv")),
+            "parallel.recompute",
+            f"auto may choose a per-op policy, which allows one backward per block, but "
+            f"pp_schedule={self.pp_schedule} back-propagates through each block twice (input, "
+            "then weight gradients); checkpoint whole submodules (parallel.recompute=selective "
+            "parallel.recompute_modules=[attn,mlp]) or whole blocks (parallel.recompute=full), "
+            "or use pp_schedule=1f1b / interleaved_1f1b",
+            self.recompute,
+        )
+        _require(
+            not (scope == "total" and self.pp > 1 and self.pp_virtual_stages > 1),
+            "parallel.recompute_budget_scope",
+            f"total is shared by the blocks of each pipeline stage, but with pp_virtual_stages="
+            f"{self.pp_virtual_stages} a rank holds several stages, each of which would get "
+            "the whole budget; use recompute_budget_scope=block",
+            scope,
         )
 
     def resolve(self, world_size: int) -> dict[str, int]:
@@ -507,6 +578,18 @@ class RunConfig:
         vlm = self.model.kind == "vlm"
         if self.train.freeze:
             _require(vlm, "train.freeze", "needs a vision-language model (model.kind=vlm)")
+        _require(
+            not (
+                vlm
+                and self.parallel.recompute == "auto"
+                and self.parallel.recompute_budget_scope == "total"
+            ),
+            "parallel.recompute_budget_scope",
+            "total is ambiguous for a vision-language model, whose vision encoder and language "
+            "model are checkpointed apart (each would get the whole budget); use "
+            "recompute_budget_scope=block (the budget of each block of either part)",
+            self.parallel.recompute_budget_scope,
+        )
         if self.lora is not None:
             # Under TP the masks are keyed by the data (forge_train.lora_dropout), which needs
             # each forward to run one whole micro-batch of a language model.

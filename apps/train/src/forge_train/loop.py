@@ -273,6 +273,8 @@ class Trainer:
                 window_tokens += tokens
                 bench_tokens += tokens
                 done = self.progress.step
+                if done == result.start_step + 1 and cfg.parallel.recompute == "auto":
+                    self._report_recompute()
                 if done % cfg.logging.log_every == 0 or done == cfg.train.steps:
                     now = time.perf_counter()
                     self._log_row(
@@ -301,6 +303,23 @@ class Trainer:
         if cfg.train.benchmark:
             self._benchmark_summary(result, bench_start, bench_tokens)
         return saved_at
+
+    def _report_recompute(self) -> None:
+        """One line after the first step: what ``parallel.recompute=auto`` chose for the blocks
+        (decided on their first forward), as the number of blocks of each choice; under
+        pipeline parallelism every stage's (gathered over the pipeline group)."""
+        from forge_train.components import recompute_choices
+
+        choices = recompute_choices(self.parts.model)
+        if self.parts.pipeline is not None:
+            gathered: list = [None] * dist.get_world_size(self.parts.pipeline.group)
+            dist.all_gather_object(gathered, choices, group=self.parts.pipeline.group)
+            choices = {}
+            for stage in gathered:
+                for choice, count in stage.items():
+                    choices[choice] = choices.get(choice, 0) + count
+        listing = "; ".join(f"{n} x {choice}" for choice, n in sorted(choices.items()))
+        self.log.message(f"recompute auto (blocks per choice): {listing or 'no blocks'}")
 
     def _finish(self, result: TrainResult) -> None:
         """Final evaluation and the Hugging Face export."""
