@@ -14,10 +14,13 @@ its own child process on a fresh model built from the same seed and trains ``--w
   ``replicate``: the all-reduce of a single rank is skipped, the hooks remain);
 - ``fsdp``: ``parallelize(data_parallel="fsdp")`` on one rank, with bf16 parameters and fp32
   reductions (``FSDPConfig``) when ``--precision bf16``;
-- ``recompute-full`` / ``recompute-selective`` (attention core only, Korthikanti et al. 2022)
-  / ``recompute-auto``: ``RecomputeConfig``; the automatic policy gets a per-block budget of
-  half the bytes the plain model's block keeps for backward (measured with
-  ``forge_parallel.measure_block`` on the first block);
+- ``recompute-full`` / ``recompute-selective`` (the ``"attention"`` preset: the attention
+  core only, Korthikanti et al. 2022) / ``recompute-pointwise`` (matmul and attention outputs
+  kept, the ops between them recomputed: torchtitan's per-op policy, forge-train's
+  ``selective``) / ``recompute-modules`` (``attn`` and ``mlp`` checkpointed whole:
+  Megatron-Core's ``--recompute-modules``) / ``recompute-auto``: ``RecomputeConfig``; the
+  automatic policy gets a per-block budget of half the bytes the plain model's block keeps for
+  backward (measured with ``forge_parallel.measure_block`` on the first block);
 - ``offload``: ``OffloadConfig()`` (saved activations to host memory, overlapped on CUDA);
 - ``compile``: ``parallelize(compile=CompileConfig(...))``, regional ``torch.compile``.
 
@@ -27,8 +30,14 @@ the parameters instead. Printed per variant: the median step time and its ratio 
 peak memory and its ratio (CUDA: ``torch.cuda.max_memory_allocated`` over the steps, so
 parameters, gradients, optimizer state and activations; CPU: the rise of the child's peak
 resident set size over its size before the first step, so gradients, optimizer state,
-activations and allocator slack); the loss after the last step and its distance to ``plain``'s
-(only dtype rounding should separate them).
+activations and allocator slack); the bytes one step keeps for its backward, measured exactly
+after one more forward (``forge_parallel.memory_probe``: storages allocated in the forward and
+still alive, on the compute device, so offloaded activations do not count) and its ratio; the
+FLOPs of that step's forward and backward relative to ``plain`` (``torch.utils.flop_counter``,
+which counts matmuls and attention, not pointwise ops: recomputed matmuls show as extra, a
+policy that recomputes only pointwise ops shows 1.00); the loss after the last step and its distance to ``plain``'s (only
+dtype rounding should separate them). Kept bytes and FLOPs are not measured under ``compile``
+(a dispatch mode does not see inside compiled graphs).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ VARIANTS = (
     "fsdp",
     "recompute-full",
     "recompute-selective",
+    "recompute-pointwise",
+    "recompute-modules",
     "recompute-auto",
     "offload",
     "compile",
@@ -146,6 +157,12 @@ def _wrap(variant: str, model, args, ids, autocast):
     if variant == "recompute-selective":
         config = RecomputeConfig(mode="selective", ops="attention")
         return parallelize(model, recompute=config).model, "attention core", True
+    if variant == "recompute-pointwise":
+        config = RecomputeConfig(mode="selective", ops="pointwise")
+        return parallelize(model, recompute=config).model, "matmuls kept", True
+    if variant == "recompute-modules":
+        config = RecomputeConfig(mode="selective", modules=("attn", "mlp"))
+        return parallelize(model, recompute=config).model, "attn, mlp whole", True
     if variant == "recompute-auto":
         budget, saved = _auto_budget(model, ids, autocast)
         config = RecomputeConfig(mode="auto", memory_budget=budget)
@@ -157,6 +174,24 @@ def _wrap(variant: str, model, args, ids, autocast):
         config = CompileConfig(backend=args.compile_backend)
         return parallelize(model, compile=config).model, args.compile_backend, True
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _kept_and_flops(model, ids, autocast, device) -> tuple[int | None, int | None]:
+    """Bytes one step keeps for backward (on ``device``) and its forward + backward FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from forge_parallel.memory_probe import CreatedStorages
+
+    with FlopCounterMode(display=False) as flops:
+        with CreatedStorages() as probe, autocast():
+            loss = model(ids, labels=ids)
+        kept = probe.alive_bytes(device=device, exclude=(loss,))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return kept, flops.get_total_flops()
 
 
 def _skip_reason(variant: str) -> str | None:
@@ -222,6 +257,9 @@ def _run_variant(variant: str, args) -> dict:
             peak = torch.cuda.max_memory_allocated()
         else:
             peak = _peak_rss_bytes() - (baseline if rss_reset else 0)
+        kept, flops = (None, None)
+        if variant != "compile":
+            kept, flops = _kept_and_flops(model, batches[-1], autocast, device)
         if variant == "recompute-auto":
             from forge_parallel import find_blocks
 
@@ -230,6 +268,8 @@ def _run_variant(variant: str, args) -> dict:
         return {
             "ms": statistics.median(times) * 1e3,
             "peak": peak,
+            "kept": kept,
+            "flops": flops,
             "loss": float(loss.detach().float().item()),
             "params": params,
             "note": note,
@@ -270,9 +310,7 @@ def _spawn(variant: str, args) -> dict:
 
 
 # -- the table ----------------------------------------------------------------------------------
-def _print_table(args, results: dict[str, dict]) -> int:
-    ok = {v: r for v, r in results.items() if "ms" in r}
-    first = next(iter(ok.values()), {})
+def _print_header(args, first: dict) -> None:
     tokens = args.batch * args.seq
     device = first.get("gpu") or args.device
     print(
@@ -284,27 +322,43 @@ def _print_table(args, results: dict[str, dict]) -> int:
     metric = "max_memory_allocated" if args.device == "cuda" else "peak RSS rise"
     print(
         f"{'variant':<20} {'ms/step':>9} {'x plain':>7} {'peak MiB':>9} {'x plain':>7} "
-        f"{'loss':>9} {'|dloss|':>8}  note (peak = {metric})"
+        f"{'kept MiB':>9} {'x plain':>7} {'FLOPs x':>7} {'loss':>9} {'|dloss|':>8}  "
+        f"note (peak = {metric}; kept = activations held for backward)",
+        flush=True,
     )
+
+
+def _print_row(variant: str, r: dict, plain: dict | None) -> None:
+    """One variant's row, printed as soon as it finished (a run cut short keeps its rows)."""
+    if "skipped" in r or "failed" in r:
+        label = "skipped" if "skipped" in r else "failed"
+        print(f"{variant:<20} {label}: {r.get('skipped') or r.get('failed')}", flush=True)
+        return
+    ratio_t = f"{r['ms'] / plain['ms']:.2f}" if plain else "-"
+    ratio_m = f"{r['peak'] / plain['peak']:.2f}" if plain and plain["peak"] > 0 else "-"
+    dloss = f"{abs(r['loss'] - plain['loss']):.2e}" if plain else "-"
+    kept = f"{r['kept'] / 2**20:.1f}" if r["kept"] is not None else "-"
+    ratio_k = _ratio(r["kept"], plain and plain["kept"])
+    ratio_f = _ratio(r["flops"], plain and plain["flops"])
+    print(
+        f"{variant:<20} {r['ms']:>9.1f} {ratio_t:>7} {r['peak'] / 2**20:>9.1f} "
+        f"{ratio_m:>7} {kept:>9} {ratio_k:>7} {ratio_f:>7} {r['loss']:>9.5f} {dloss:>8}  "
+        f"{r['note']}".rstrip(),
+        flush=True,
+    )
+
+
+def _print_footer(results: dict[str, dict]) -> int:
+    ok = {v: r for v, r in results.items() if "ms" in r}
     plain = ok.get("plain")
-    failed = 0
-    for variant, r in results.items():
-        if "skipped" in r or "failed" in r:
-            failed += "failed" in r
-            label = "skipped" if "skipped" in r else "failed"
-            print(f"{variant:<20} {label}: {r.get('skipped') or r.get('failed')}")
-            continue
-        ratio_t = f"{r['ms'] / plain['ms']:.2f}" if plain else "-"
-        ratio_m = f"{r['peak'] / plain['peak']:.2f}" if plain and plain["peak"] > 0 else "-"
-        dloss = f"{abs(r['loss'] - plain['loss']):.2e}" if plain else "-"
-        print(
-            f"{variant:<20} {r['ms']:>9.1f} {ratio_t:>7} {r['peak'] / 2**20:>9.1f} "
-            f"{ratio_m:>7} {r['loss']:>9.5f} {dloss:>8}  {r['note']}".rstrip()
-        )
     if plain and len(ok) > 1:
         worst = max(abs(r["loss"] - plain["loss"]) for r in ok.values())
         print(f"max |loss - plain| over {len(ok)} variants: {worst:.3e}")
-    return failed
+    return sum("failed" in r for r in results.values())
+
+
+def _ratio(value: int | None, baseline: int | None) -> str:
+    return f"{value / baseline:.2f}" if value is not None and baseline else "-"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -374,14 +428,18 @@ def main(argv: list[str] | None = None) -> int:
 
         import forge_models  # noqa: F401
         import forge_parallel  # noqa: F401
-    results = {}
-    for variant in args.variants:
+    results: dict[str, dict] = {}
+    for variant in args.variants:  # "plain" first: every ratio's baseline
         start = time.perf_counter()
-        results[variant] = _spawn(variant, args)
-        status = next(k for k in ("ms", "skipped", "failed") if k in results[variant])
+        results[variant] = result = _spawn(variant, args)
+        status = next(k for k in ("ms", "skipped", "failed") if k in result)
         wall = time.perf_counter() - start
         print(f"[{variant}: {status}, {wall:.1f} s]", file=sys.stderr, flush=True)
-    return 1 if _print_table(args, results) else 0
+        if len(results) == 1:
+            _print_header(args, result)
+        plain = results["plain"] if "ms" in results["plain"] else None
+        _print_row(variant, result, plain)
+    return 1 if _print_footer(results) else 0
 
 
 if __name__ == "__main__":
