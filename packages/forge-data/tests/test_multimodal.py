@@ -123,5 +123,5 @@ def test_ranks_and_workers_split_the_shards(shards, tokenizer):
         num_workers=2,
     )
     assert _keys(loader) == ["g0", "g1", "g2", "g3", "v0"]
-    with pytest.raises(ValueError, match="3 shards cannot feed dp_size=4"):
+    with pytest.raises(ValueError, match="3 shards do not split evenly over dp_size=4"):
         MultimodalDataset(MultimodalConfig(urls=shards, seq_len=8, dp_size=4), tokenizer)

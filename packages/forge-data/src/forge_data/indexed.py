@@ -5,7 +5,9 @@ to what packing needs: ``<prefix>.bin`` is every document's token ids back to ba
 when the vocabulary fits, else ``uint32``); ``<prefix>.idx`` is a 32-byte header (magic, version,
 dtype code, document count) followed by ``count + 1`` ``int64`` token offsets. An optional
 ``<prefix>.mask.bin`` holds one ``uint8`` loss-mask value per token (SFT). Opening a shard maps it;
-reading document ``i`` is a slice of the map, with no parsing and no copy.
+reading document ``i`` is a slice of the map, with no parsing and no copy. Opening checks what
+is cheap to check (file sizes against the header and the last offset, offsets starting at 0 and
+never decreasing: one pass over the offsets) and names the damaged file.
 """
 
 from __future__ import annotations
@@ -105,10 +107,20 @@ class IndexedDataset:
                 f"{idx} is not a forge indexed dataset (magic {magic!r}, version {version})"
             )
         self.dtype = _DTYPES[code]
-        self.offsets = np.memmap(idx, dtype=np.int64, mode="r", offset=_HEADER.size)
-        if self.offsets.size != count + 1:
+        rerun = "the shard is damaged: rerun forge-preprocess"
+        offset_bytes = idx.stat().st_size - _HEADER.size
+        if offset_bytes != (count + 1) * 8:
             raise ValueError(
-                f"{idx} declares {count} documents but holds {self.offsets.size - 1} offsets"
+                f"{idx} declares {count} documents, so {count + 1} offsets of 8 bytes, but holds "
+                f"{offset_bytes} bytes after its header: {rerun}"
+            )
+        self.offsets = np.memmap(idx, dtype=np.int64, mode="r", offset=_HEADER.size)
+        if self.offsets[0] != 0 or (self.offsets[1:] < self.offsets[:-1]).any():
+            bad = np.flatnonzero(np.diff(self.offsets) < 0)
+            what = "the first offset is not 0" if self.offsets[0] else f"document {bad[0]}"
+            raise ValueError(
+                f"{idx}: token offsets must start at 0 and never decrease; {what} breaks that: "
+                f"{rerun}"
             )
         n_tokens = int(self.offsets[-1])
         bin_path = _path(self.prefix, ".bin")
@@ -117,10 +129,15 @@ class IndexedDataset:
             raise ValueError(
                 f"{bin_path} should hold {n_tokens} tokens ({expected} bytes): rerun forge-preprocess"
             )
+        mask_path = _path(self.prefix, ".mask.bin")
+        if mask_path.exists() and mask_path.stat().st_size != n_tokens:
+            raise ValueError(
+                f"{mask_path} should hold one loss-mask byte per token, {n_tokens} bytes, but "
+                f"holds {mask_path.stat().st_size}: {rerun}"
+            )
         self._tokens = (
             np.memmap(bin_path, dtype=self.dtype, mode="r") if n_tokens else np.zeros(0, self.dtype)
         )
-        mask_path = _path(self.prefix, ".mask.bin")
         self._mask = (
             np.memmap(mask_path, dtype=np.uint8, mode="r")
             if mask_path.exists() and n_tokens

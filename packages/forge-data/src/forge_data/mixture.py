@@ -2,8 +2,12 @@
 
 :func:`blend_schedule` decides which dataset each of ``num_documents`` draws comes from with the
 error-minimizing rule of Megatron-LM's ``BlendedDataset`` (Shoeybi et al. 2019): draw ``i`` goes
-to the dataset whose share so far lags its weight the most, so after any prefix of draws every
-dataset's count is within one of ``weight * draws``. Within a dataset, draws walk a seeded
+to the dataset whose share so far lags its weight the most. After any prefix of ``n`` draws no
+dataset is a whole document ahead of its share: ``count < weight * n + 1`` (before draw ``n + 1``
+the lags ``weight * (n + 1) - count`` sum to 1, so the largest is at least ``1 / k`` with ``k``
+datasets, and the chosen one ends at most ``1 - 1 / k`` ahead). A dataset can fall behind its
+share by somewhat more than one document (1.11 measured over 300 random blends of 2 to 11
+datasets), and by less than ``k - 1`` (the lags sum to 0). Within a dataset, draws walk a seeded
 permutation of its documents, reshuffled each time it is exhausted (small datasets are upsampled,
 large ones subsampled). The schedule depends only on sizes, weights and seed.
 

@@ -9,12 +9,21 @@ a video, either as a file ``key.mp4`` (also ``.mkv`` / ``.webm`` / ``.mov``; dec
 uint8), and actions ``key.actions.npy`` (``T x action_dim``). Shards are local paths or anything webdataset opens (``http(s)://``,
 ``pipe:``, and fsspec URLs such as ``s3://`` / ``gs://`` with the matching fsspec backend).
 
-Shards are shuffled per epoch with the seed, split over data-parallel ranks (passed explicitly)
-and then over DataLoader workers; samples go through a seeded shuffle buffer. Bad data never
-crashes a run silently: a corrupt shard, an undecodable image, video or array, an empty text and a text
-longer than ``seq_len`` are counted in :class:`BadDataReport` with their location and logged, and
-skipped (or truncated, for long texts); ``on_error="raise"`` stops at the first one instead.
-Counts are per process: with DataLoader workers each worker logs its own.
+Shards are shuffled per epoch with the seed, split over data-parallel ranks (passed explicitly;
+the shard count must be a multiple of ``dp_size``, so every rank reads as many shards) and then
+over DataLoader workers; samples go through a seeded shuffle buffer. :meth:`set_epoch` reaches
+DataLoader workers, persistent ones included (the epoch is held in shared memory). Equal shard
+counts give equal sample counts only when every shard holds as many usable samples: write shards
+of equal size, and stop a data-parallel epoch after a fixed number of steps rather than at the
+first rank to run dry (a rank that stops early leaves the others waiting in a collective).
+
+Bad data never crashes a run silently: a corrupt shard (truncated, even exactly between two
+members, or malformed: see :mod:`forge_data.tar_shards`), an undecodable image, video or array,
+an empty text and a text longer than ``seq_len`` are counted in :class:`BadDataReport` with their
+location and logged, and skipped (or truncated, for long texts); ``on_error="raise"`` stops at the
+first one instead. A corrupt shard counts once, under its URL, and the sample being assembled
+when it failed is dropped (the samples before it are complete and kept). Counts are per process:
+with DataLoader workers each worker logs its own.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from forge_data.tar_shards import ShardError, tar_samples
 from forge_data.tokenizer import Tokenizer
 from forge_data.video import VIDEO_EXTENSIONS, FrameSampling, decode_video
 
@@ -108,24 +118,31 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
         self.tokenizer = tokenizer
         urls = config.urls if isinstance(config.urls, str) else list(config.urls)
         self.urls = expand_urls(urls) if isinstance(urls, str) else urls
-        if len(self.urls) < config.dp_size:
-            raise ValueError(
-                f"{len(self.urls)} shards cannot feed dp_size={config.dp_size} ranks: write at "
-                "least one shard per rank (times the DataLoader workers per rank)"
-            )
-        self.epoch = 0
+        _check_shard_split(len(self.urls), config.dp_size)
+        # In shared memory, so that set_epoch reaches DataLoader workers, which hold copies of
+        # this dataset (persistent workers keep theirs from epoch to epoch).
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.report = BadDataReport()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Shard order and shuffle buffer follow ``(seed, epoch)``."""
-        self.epoch = epoch
+        """Shard order and shuffle buffer follow ``(seed, epoch)``; call it before iterating
+        (before ``iter(loader)`` with a DataLoader)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(epoch)
 
     # -- shard selection ----------------------------------------------------------------------
-    def shards(self) -> list[str]:
-        """This rank's and this DataLoader worker's shards for the current epoch."""
+    def shards(self, epoch: int | None = None) -> list[str]:
+        """This rank's and this DataLoader worker's shards for ``epoch`` (default: the
+        current one)."""
+        epoch = self.epoch if epoch is None else epoch
         urls = list(self.urls)
         if self.config.shuffle_shards:
-            order = np.random.default_rng([self.config.seed, self.epoch]).permutation(len(urls))
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(urls))
             urls = [urls[i] for i in order]
         mine = urls[self.config.dp_rank :: self.config.dp_size]
         info = torch.utils.data.get_worker_info()
@@ -144,31 +161,33 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
             raise BadSampleError(f"{reason} at {location}: {detail} (on_error='skip' skips it)")
         self.report.add(reason, location, detail)
 
-    def _on_shard_error(self, exn: Exception) -> bool:
-        where = next((a for a in reversed(exn.args) if isinstance(a, str) and a), "?")
-        self._fail(
-            "corrupt shard", where, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
-        )
-        return True  # go on with the next shard
+    def _raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        """The complete samples of ``urls`` in order; a damaged shard is counted once (or
+        raises) and its samples up to the damage are kept."""
+        for url in urls:
+            damage = None
+            try:
+                yield from tar_samples(url)
+            except ShardError as err:
+                damage = str(err)
+            if damage is not None:  # outside the except: a raised error is not nested in it
+                self._fail("corrupt shard", url, damage)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
-        stages: list[Any] = [
-            wds.SimpleShardList(self.shards()),
-            wds.tarfile_to_samples(handler=self._on_shard_error),
-        ]
+        epoch = self.epoch
+        samples: Iterator[dict[str, Any]] = self._raw_samples(self.shards(epoch))
         if self.config.shuffle_buffer:
-            key = [self.config.seed, self.epoch, self.config.dp_rank, worker]
+            key = [self.config.seed, epoch, self.config.dp_rank, worker]
             seed = int(np.random.SeedSequence(key).generate_state(1)[0])
-            stages.append(
-                wds.shuffle(
-                    self.config.shuffle_buffer, initial=self.config.shuffle_buffer, seed=seed
-                )
+            shuffle = wds.shuffle(
+                self.config.shuffle_buffer, initial=self.config.shuffle_buffer, seed=seed
             )
-        for raw in wds.DataPipeline(*stages):
+            samples = shuffle(samples)
+        for raw in samples:
             sample = self._decode(raw)
             if sample is not None:
                 yield sample
@@ -260,6 +279,22 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
                 im = im.resize(self.config.image_size[::-1], Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # C x H x W uint8
+
+
+def _check_shard_split(num_shards: int, dp_size: int) -> None:
+    """Every rank must read as many shards (else one runs dry first and the others wait)."""
+    if num_shards == 0:
+        raise ValueError("no shards: urls is empty")
+    if num_shards % dp_size == 0:
+        return
+    divisors = [d for d in range(1, num_shards + 1) if num_shards % d == 0]
+    lower, upper = num_shards - num_shards % dp_size, num_shards - num_shards % dp_size + dp_size
+    shard_counts = " or ".join(str(n) for n in (lower, upper) if n > 0)
+    raise ValueError(
+        f"{num_shards} shards do not split evenly over dp_size={dp_size} ranks: write a "
+        f"multiple of {dp_size} shards (e.g. {shard_counts}, of equal size) or use a dp_size "
+        f"that divides {num_shards}: one of {divisors}"
+    )
 
 
 def _natural(name: str) -> list[Any]:

@@ -117,9 +117,14 @@ def iter_documents(config: PreprocessConfig) -> Iterator[tuple[str, Any, str | N
             except UnicodeDecodeError as err:
                 yield str(path), None, f"not UTF-8: {err}"
         elif path.suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for lineno, line in enumerate(f, 1):
+            with open(path, "rb") as f:  # decoded line by line: a bad line is that line's error
+                for lineno, raw in enumerate(f, 1):
                     where = f"{path}:{lineno}"
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        yield where, None, f"not UTF-8: {err}"
+                        continue
                     if not line.strip():
                         continue
                     try:
