@@ -200,3 +200,42 @@ def test_save_zero2_resume_other_slices_and_one_process(dist_pool, tmp_path):
     per_rank = dist_pool(2).run(_save_zero2_and_resume, str(tmp_path))
     assert per_rank[0] == per_rank[1]
     _resume_in_this_process(tmp_path, per_rank[0])
+
+
+def _zero_with_an_unused_parameter(directory: str, stage: int) -> list[float]:
+    """ZeRO where one parameter never gets a gradient (no optimizer state, not stepped, as a
+    single process skips it): the checkpoint saves (it used to fail on the missing state),
+    and a resumed run continues as the uninterrupted one."""
+    import forge_parallel
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({n: torch.nn.Linear(8, 8) for n in ("a", "unused", "b")})
+        opt = forge_parallel.ZeroOptimizer(
+            model.parameters(), torch.optim.AdamW, stage=stage, lr=1e-2, weight_decay=0.1
+        )
+        return model, opt
+
+    def train(model, opt, steps):
+        for step in steps:
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step + dist.get_rank()))
+            model["b"](model["a"](x)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    model, opt = setup()
+    train(model, opt, range(2))
+    with CheckpointManager(CheckpointConfig(directory=directory)) as manager:
+        manager.save(2, model=model, optimizer=opt)
+    straight = train(model, opt, range(2, 4))
+    model, opt = setup()
+    CheckpointManager(CheckpointConfig(directory=directory)).load_latest(model=model, optimizer=opt)
+    resumed = train(model, opt, range(2, 4))
+    return [(a - b).abs().max().item() for a, b in zip(straight, resumed, strict=True)]
+
+
+def test_zero_checkpoint_with_a_parameter_that_never_had_a_gradient(dist_pool, tmp_path):
+    for stage in (1, 2):
+        for diffs in dist_pool(2).run(_zero_with_an_unused_parameter, f"{tmp_path}/{stage}", stage):
+            assert max(diffs) == 0.0, diffs

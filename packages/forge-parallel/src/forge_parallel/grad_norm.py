@@ -55,10 +55,18 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) 
     parts = []
     for key, group in _grouped(grads).items():
         local = [g.to_local() if isinstance(g, DTensor) else g for g in group]
-        # Accumulated in float64: torch's float32 norm kernel on the CPU loses about 1e-4 of
-        # a 2M-element gradient (a vocabulary embedding), more than the layouts differ by.
-        norms = torch.stack(torch._foreach_norm(local, norm_type, dtype=torch.float64))
-        value = norms.max() if inf else norms.pow(norm_type).sum()
+        # An FSDP shard may be empty on this rank (a parameter smaller than the mesh): the
+        # infinity norm of no elements raises, so such tensors count as 0 (every rank must
+        # still join the reductions below).
+        local = [t for t in local if t.numel()]
+        if local:
+            # Accumulated in float64: torch's float32 norm kernel on the CPU loses about 1e-4
+            # of a 2M-element gradient (a vocabulary embedding), more than the layouts differ by.
+            norms = torch.stack(torch._foreach_norm(local, norm_type, dtype=torch.float64))
+            value = norms.max() if inf else norms.pow(norm_type).sum()
+        else:
+            device = group[0].device
+            value = torch.zeros((), dtype=torch.float64, device=device)
         if key is not None:
             mesh, placements = key
             for axis, placement in enumerate(placements):

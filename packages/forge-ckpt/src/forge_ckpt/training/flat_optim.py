@@ -216,11 +216,11 @@ def flat_state_dict(
             name = f"state.{fqn}.{key}"
             if kind == "scalar":
                 if own:
-                    out[name] = optimizer.state[own[0].opt_param][key]
+                    out[name] = _state_value(optimizer, own[0], key, kind, dtype)
                 continue
             local = []
             for s in own:
-                flat = optimizer.state[s.opt_param][key].reshape(-1)
+                flat = _state_value(optimizer, s, key, kind, dtype).reshape(-1)
                 for offsets, sizes, at in s.boxes():
                     local.append((offsets, sizes, flat[at : at + math.prod(sizes)].view(sizes)))
             out[name] = _sharded(
@@ -258,6 +258,20 @@ def _state_keys(
                 )
             keys[key] = (kind, str(value.dtype).removeprefix("torch."))
     return keys
+
+
+def _state_value(
+    optimizer: torch.optim.Optimizer, segment: FlatSegment, key: str, kind: str, dtype: str
+) -> torch.Tensor:
+    """The slice's ``key`` state, or zeros where the slice has none yet: a parameter that has
+    had no gradient (``ZeroOptimizer`` does not step it, as a single process skips a gradient of
+    ``None``) while others have. Zero moments and step 0 are the fresh state of the Adam family,
+    so a resumed run steps it as the saved one would have."""
+    value = optimizer.state.get(segment.opt_param, {}).get(key)
+    if value is not None:
+        return value
+    like = () if kind == "scalar" else segment.opt_param.shape
+    return torch.zeros(like, dtype=getattr(torch, dtype), device=segment.opt_param.device)
 
 
 def init_flat_state(
