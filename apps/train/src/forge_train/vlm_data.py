@@ -237,10 +237,36 @@ class VLMLoader:
                 batch["mrope_position_ids"] = mrope_positions(batch, self.data.mrope)
         return batches
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def _pinned(self) -> dict[str, Any]:
+        """What the sample order depends on (as forge_data's PackedLoader pins its own):
+        ``micro_batch_rows`` and the data-parallel size may change on resume, these may not."""
+        import hashlib
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+        digest = hashlib.sha256()
+        for sample in self.data.samples:
+            digest.update(f"{sample.get('key')}:{len(sample['input_ids'])};".encode())
+        return {
+            "seed": self.seed,
+            "seq_len": self.data.seq_len,
+            "global_batch_rows": self.rows_per_rank * self.dp_size,
+            "shuffle": self.shuffle,
+            "samples": digest.hexdigest()[:16],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the stream; the same on every rank (stored once)."""
+        return {"epoch": self.epoch, "position": self.position, "config": self._pinned()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self._pinned()
+        # (the states of earlier builds hold no "config": they resume unchecked, as before)
+        for key, value in state.get("config", {}).items():
+            if mine.get(key) != value:
+                raise ValueError(
+                    f"cannot resume: the checkpoint's image-caption loader has {key}={value!r} "
+                    f"but this one {mine.get(key)!r}; the sample order depends on it "
+                    "(data-parallel size and data.micro_batch_rows may change, it may not)"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._rows = self._epoch_rows()
 

@@ -6,11 +6,16 @@ saved with their global shapes and offsets and DCP reshards them on load into wh
 the loading job uses (or into one process without a process group). Everything else is any
 object with ``state_dict()`` / ``load_state_dict()``:
 
-- *global* objects (LR scheduler, user extras) are the same on every rank: their tensors are
-  stored once (DCP deduplicates replicated tensors) under ``<name>/...``;
-- *per-rank* objects (data loader, RNG) are stored under ``rank_XXXXX/<name>/...`` and restored
-  by rank index: at another world size, ranks beyond the saved ones keep their own state (the
-  load result says which state was restored).
+- *global* objects (LR scheduler, data loader, user extras) are the same on every rank: their
+  tensors are stored once (DCP deduplicates replicated tensors) under ``<name>/...``;
+- *per-rank* objects (RNG) are stored under ``rank_XXXXX/<name>/...`` and restored by rank
+  index: at another world size, ranks beyond the saved ones keep their own state (the load
+  result says which state was restored).
+
+Checkpoints of earlier forge-ckpt 0.1.0 builds stored the data loader per rank, so a rank the saving
+job did not have restarted its loader at step 0. Such a global object (``TrainingState.
+formerly_per_rank``) is read from rank 0's stored state on every rank when the checkpoint holds
+no global entry for it (forge's loaders' states are the same on every rank).
 
 Non-tensor values go to JSON documents stored as ``uint8`` tensors (:mod:`.state_codec`):
 ``json/global/<hash>`` (identical on all ranks, so stored once; pipeline stages may differ) and
@@ -27,6 +32,7 @@ while loading).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -58,6 +64,7 @@ from forge_ckpt.training.state_codec import (
 
 __all__ = ["Stateful", "TrainingState", "build_save_state", "load_training_state"]
 
+_log = logging.getLogger(__name__)
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _TENSOR_COMPONENTS = ("model", "optim")
 
@@ -77,15 +84,19 @@ class TrainingState:
     rank_objects: Mapping[str, Stateful] = None  # type: ignore[assignment]
     #: Global objects a checkpoint may lack (loaded where present, else left as they are).
     optional: frozenset[str] = frozenset()
+    #: Global objects that older checkpoints stored per rank: read from rank 0's state there.
+    formerly_per_rank: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_objects", dict(self.global_objects or {}))
         object.__setattr__(self, "rank_objects", dict(self.rank_objects or {}))
         object.__setattr__(self, "optional", frozenset(self.optional))
-        if not self.optional <= set(self.global_objects):
+        object.__setattr__(self, "formerly_per_rank", frozenset(self.formerly_per_rank))
+        if not (self.optional | self.formerly_per_rank) <= set(self.global_objects):
             raise ValueError(
-                f"optional names {sorted(self.optional - set(self.global_objects))} are not "
-                "among the global objects"
+                f"optional names {sorted(self.optional - set(self.global_objects))} or formerly "
+                f"per-rank names {sorted(self.formerly_per_rank - set(self.global_objects))} "
+                "are not among the global objects"
             )
         if self.optimizers and self.model is None:
             raise ValueError("optimizer state is saved by parameter name: pass the model too")
@@ -201,19 +212,24 @@ class LoadPlan:
     strided: dict[str, Any]  # key -> the DTensor a full tensor read for it is sharded like
     #: Second names of tied parameters not stored under them -> the stored first name.
     aliases: dict[str, str] = field(default_factory=dict)
+    #: Rank 0's per-rank document, read for ``TrainingState.formerly_per_rank`` objects.
+    rank_zero_doc_key: str | None = None
+    #: Second names of tied parameters stored under both names -> the first name: read into
+    #: a buffer of its own and compared with the first (``load_training_state``).
+    tied_pairs: dict[str, str] = field(default_factory=dict)
 
 
 def _across_ranks(
-    expected: set[str], missing: list[str], mismatched: list[tuple]
+    expected: set[str], missing: list[str], mismatched: list[tuple], group
 ) -> tuple[set[str], list[str], list[tuple]]:
-    """The union over all ranks of the keys they load, their missing and mis-shaped keys
-    (this rank's own without a process group)."""
+    """The union over the ranks of ``group`` (a process group; ``None``: this rank alone) of
+    the keys they load, their missing and mis-shaped keys."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if group is None or dist.get_world_size(group) == 1:
         return expected, missing, mismatched
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (sorted(expected), missing, mismatched))
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (sorted(expected), missing, mismatched), group=group)
     keys = {k for rank_keys, _, _ in gathered for k in rank_keys}
     all_missing = sorted({k for _, rank_missing, _ in gathered for k in rank_missing})
     all_mismatched = sorted({tuple(m) for _, _, rank_mm in gathered for m in rank_mm})
@@ -222,9 +238,11 @@ def _across_ranks(
 
 def _tied_aliases(model: nn.Module | None) -> dict[str, str]:
     """``{"model/<second name>": "model/<first name>"}`` of parameters known by two names
-    (a tied embedding and head). Some state dicts hold both names (FSDP2 modules, a pipeline
-    stage holding the tied matrix), others only the first (a plain module), so a checkpoint
-    is matched to a model up to these aliases."""
+    (a tied embedding and head). ``get_model_state_dict`` holds both names (a plain module,
+    FSDP2 modules, a pipeline stage holding the tied matrix: checked on torch 2.15), but
+    ``nn.Module.state_dict``-style writers may store only one, so a checkpoint is matched to a
+    model up to these aliases. Where both names are stored, they must hold equal tensors (a
+    checkpoint of an untied model does not load into a tied one: see ``plan_load``)."""
     if model is None:
         return {}
     first: dict[int, str] = {}
@@ -237,8 +255,33 @@ def _tied_aliases(model: nn.Module | None) -> dict[str, str]:
     return aliases
 
 
-def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -> LoadPlan:
-    """Check the checkpoint against the state to load and allocate the tensors to read."""
+def _report_casts(stored: dict, expected: dict[str, Any], rank: int, where: str) -> None:
+    """Log (rank 0, one line) the tensors stored in another dtype than the model's: DCP casts
+    them on load (an fp32 checkpoint into a bf16 model rounds its weights)."""
+    casts = [
+        f"{k} ({str(stored[k].properties.dtype).removeprefix('torch.')} -> "
+        f"{str(t.dtype).removeprefix('torch.')})"
+        for k, t in sorted(expected.items())
+        if k in stored and stored[k].properties.dtype != t.dtype
+    ]
+    if casts and rank == 0:
+        shown = ", ".join(casts[:3]) + (
+            f", ... and {len(casts) - 3} more" if len(casts) > 3 else ""
+        )
+        _log.warning(
+            "checkpoint %s: %d tensors are cast to the dtype of the model/optimizer being "
+            "loaded: %s",
+            where,
+            len(casts),
+            shown,
+        )
+
+
+def plan_load(
+    state: TrainingState, metadata: Metadata, rank: int, where: str, group=None
+) -> LoadPlan:
+    """Check the checkpoint against the state to load and allocate the tensors to read;
+    collective over ``group`` (the ranks loading together; ``None``: this process alone)."""
     stored = {
         key: md
         for key, md in metadata.state_dict_metadata.items()
@@ -259,7 +302,7 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
     model_t, _ = split_state(model_sd, "model")
     optim_t, _ = split_state(optim_sd, "optim")
     expected = {**model_t, **optim_t}
-    aliases = _tied_aliases(state.model)
+    aliases = tied = _tied_aliases(state.model)
     checked = ("model/", "optim/") if state.optimizers else ("model/",)
     if state.model is not None:
         ckpt_keys = {k for k in stored if k.startswith(checked)}
@@ -273,7 +316,7 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
         # the collective load), and a key is unexpected only if no rank loads it: a pipeline
         # stage holds only its own layers.
         loaded, missing, mismatched = _across_ranks(
-            set(expected) | set(aliases), missing, mismatched
+            set(expected) | set(aliases), missing, mismatched, group
         )
         unexpected = sorted(ckpt_keys - loaded)
         if missing or unexpected or mismatched:
@@ -287,12 +330,22 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
                 mismatched=mismatched,
                 context=f"checkpoint {where} does not match the model/optimizer being loaded",
             )
+    _report_casts(stored, expected, rank, where)
     # A tied parameter's second name not in the checkpoint is read under its first name.
     aliases = {k: v for k, v in aliases.items() if k in expected and k not in stored}
     targets = {k: v for k, v in expected.items() if k not in aliases}
     strided = {k: v for k, v in targets.items() if _is_strided(v)}
     for key, like in strided.items():
         targets[key] = torch.empty(tuple(like.shape), dtype=like.dtype)
+    # Both names of a tied parameter stored: DCP would read both into the one tensor (the last
+    # wins); the second is read into a buffer of its own and must equal the first.
+    tied_pairs = {
+        second: first
+        for second, first in tied.items()
+        if second in targets and first in targets and second not in strided
+    }
+    for second in tied_pairs:
+        targets[second] = torch.empty_like(targets[second])
     rank_doc_key = f"json/{_rank_prefix(rank)}"
     if rank_doc_key not in stored:
         rank_doc_key = None
@@ -302,10 +355,29 @@ def plan_load(state: TrainingState, metadata: Metadata, rank: int, where: str) -
     wanted_prefixes = [f"{name}/" for name in state.global_objects]
     if rank_doc_key is not None:
         wanted_prefixes += [f"{_rank_prefix(rank)}/{name}/" for name in state.rank_objects]
+    rank_zero_doc_key = f"json/{_rank_prefix(0)}"
+    if state.formerly_per_rank and rank_zero_doc_key in stored:
+        wanted_prefixes += [f"{_rank_prefix(0)}/{name}/" for name in state.formerly_per_rank]
+    else:
+        rank_zero_doc_key = None
     for key, md in stored.items():
-        if key in global_doc_keys or key == rank_doc_key or key.startswith(tuple(wanted_prefixes)):
+        if (
+            key in global_doc_keys
+            or key in (rank_doc_key, rank_zero_doc_key)
+            or key.startswith(tuple(wanted_prefixes))
+        ):
             targets[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    return LoadPlan(targets, model_sd, optim_sd, global_doc_keys, rank_doc_key, strided, aliases)
+    return LoadPlan(
+        targets,
+        model_sd,
+        optim_sd,
+        global_doc_keys,
+        rank_doc_key,
+        strided,
+        aliases,
+        rank_zero_doc_key,
+        tied_pairs,
+    )
 
 
 def _restore_flat(current: dict[str, Any], saved: Mapping[str, Any], targets, where, what):
@@ -325,8 +397,38 @@ def _restore_flat(current: dict[str, Any], saved: Mapping[str, Any], targets, wh
     return restored
 
 
-def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dict[str, list[str]]:
-    """After ``dcp.load`` filled ``plan.targets``: put every object's state back.
+def _check_tied_pairs(plan: LoadPlan, targets: dict[str, Any], where: str, group) -> None:
+    """Raise on every rank of ``group`` when the two stored names of a tied parameter hold
+    different tensors (a checkpoint of an untied model loaded into a tied one)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    def local(t: Any) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    differ = [
+        (second, first)
+        for second, first in sorted(plan.tied_pairs.items())
+        if not torch.equal(local(targets[second]), local(targets[first]))
+    ]
+    if group is not None and dist.get_world_size(group) > 1:
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, differ, group=group)
+        differ = sorted({tuple(pair) for rank_differ in gathered for pair in rank_differ})
+    if differ:
+        pairs = "; ".join(f"{second!r} and {first!r}" for second, first in differ)
+        raise CheckpointMismatchError(
+            context=f"checkpoint {where} stores different tensors under the two names of a "
+            f"parameter the model ties ({pairs}): it is a checkpoint of a model without this "
+            "tie; load it into a model with untied weights (e.g. tie_word_embeddings=false)"
+        )
+
+
+def load_training_state(
+    state: TrainingState, plan: LoadPlan, where: str, group=None
+) -> dict[str, list[str]]:
+    """After ``dcp.load`` filled ``plan.targets``: put every object's state back (collective
+    over ``group``, the ranks loading together, to check tied parameters alike).
 
     Returns ``{"restored": [...], "not_in_checkpoint": [...], "unread": [...]}`` naming the
     per-rank and global objects restored or absent from the checkpoint (only optional global
@@ -336,6 +438,7 @@ def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dic
         targets[key] = _restride(targets[key], like)
     for alias, first in plan.aliases.items():
         targets[alias] = targets[first]
+    _check_tied_pairs(plan, targets, where, group)
     global_docs = [decode_json_tensor(targets[k]) for k in plan.global_doc_keys]
     saved: dict[str, Any] = {}
     for doc in global_docs:  # pipeline stages may hold different parts
@@ -372,7 +475,17 @@ def load_training_state(state: TrainingState, plan: LoadPlan, where: str) -> dic
             k for k in saved if k not in _TENSOR_COMPONENTS and k not in state.global_objects
         ),
     }
+    rank_zero = (
+        decode_json_tensor(targets[plan.rank_zero_doc_key])["components"]
+        if plan.rank_zero_doc_key is not None
+        else {}
+    )
     for name, obj in state.global_objects.items():
+        if name not in saved and name in state.formerly_per_rank and name in rank_zero:
+            # an older checkpoint's per-rank state: rank 0's is every rank's (module docstring)
+            obj.load_state_dict(join_state(rank_zero[name], targets))
+            report["restored"].append(name)
+            continue
         if name not in saved and name in state.optional:
             report["not_in_checkpoint"].append(name)
             continue

@@ -8,6 +8,8 @@
         forge_checkpoint.json
       step_00000200.tmp-<id>/        being written, or left by a crash: never loaded
       step_00000050.deleting-<id>/   being deleted by retention: never loaded
+      abandoned/step_00000300/       a step after a newer save of an earlier step (the run went
+                                     back to an older checkpoint): kept, never loaded by step
 
 A checkpoint is written into ``step_XXXXXXXX.tmp-<id>``; once every rank has written and
 fsynced its files, rank 0 fsyncs them all, writes the marker (a JSON manifest: step, world
@@ -109,10 +111,13 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest of a complete checkpoint folder, or ``None`` if it is not complete."""
+def read_manifest(folder: Path, *, named: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete checkpoint folder, or ``None`` if it is not complete.
+
+    ``named``: the folder must be named ``step_XXXXXXXX`` after the manifest's step (as in a
+    checkpoint directory); ``False`` for a folder given by path (a copy named ``best``)."""
     match = _STEP_RE.match(folder.name)
-    if match is None:
+    if named and match is None:
         return None
     try:
         manifest = json.loads((folder / MARKER).read_text())
@@ -121,7 +126,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT
-        or manifest.get("step") != int(match.group(1))
+        or not isinstance(manifest.get("step"), int)
+        or (named and manifest["step"] != int(match.group(1)))
         or not isinstance(manifest.get("files"), list)
     ):
         return None
@@ -169,6 +175,23 @@ def publish(tmp: Path, final: Path, tag: str) -> None:
     fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: Where checkpoints of an abandoned branch go (steps beyond a newer save of an earlier step).
+ABANDONED = "abandoned"
+
+
+def set_aside(info: CheckpointInfo, tag: str) -> Path:
+    """Move a complete checkpoint into ``<directory>/abandoned/`` (kept, never loaded by
+    step: ``load`` can still be given its folder); returns its new folder."""
+    aside = info.path.parent / ABANDONED
+    aside.mkdir(exist_ok=True)
+    target = aside / info.path.name
+    if target.exists():
+        target = aside / f"{info.path.name}-{tag}"
+    os.rename(info.path, target)
+    fsync_path(info.path.parent)
+    return target
 
 
 def delete_checkpoint(info: CheckpointInfo, tag: str) -> None:

@@ -28,6 +28,9 @@ the background, and its warnings cannot be scoped; hence this thread around ``dc
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import uuid
 import warnings
@@ -58,13 +61,17 @@ from forge_ckpt.training.layout import (
     publish,
     read_manifest,
     remove_leftovers,
+    set_aside,
     step_dir_name,
     write_manifest,
 )
 from forge_ckpt.training.rng import RNGState
 from forge_ckpt.training.safe_reader import SafeFileSystemReader, TensorOnlyLoadPlanner
+from forge_ckpt.training.state_codec import split_state
 
 __all__ = ["CheckpointManager", "LoadResult"]
+
+_log = logging.getLogger(__name__)
 
 _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 # ZeRO optimizer state is saved as ShardedTensors (see flat_optim: DTensor cannot describe it).
@@ -84,11 +91,11 @@ def _quiet_dcp() -> Iterator[None]:
 class LoadResult:
     """What :meth:`CheckpointManager.load` restored.
 
-    ``restored``: names of the stateful objects restored besides model and optimizer (per-rank
-    ones such as ``"rng"`` and ``"dataloader"`` only where the checkpoint holds this rank's
-    state); ``not_in_checkpoint``: objects left as they were (per-rank ones whose rank index
-    was not in the saving job, and ``optional_extra`` ones the checkpoint lacks); ``unread``:
-    global objects the checkpoint holds that this load did not ask for.
+    ``restored``: names of the stateful objects restored besides model and optimizer (the
+    per-rank ``"rng"`` only where the checkpoint holds this rank's state);
+    ``not_in_checkpoint``: objects left as they were (per-rank ones whose rank index was not
+    in the saving job, and ``optional_extra`` ones the checkpoint lacks); ``unread``: global
+    objects the checkpoint holds that this load did not ask for.
     """
 
     step: int
@@ -105,7 +112,8 @@ class CheckpointManager:
     Args:
         config: the :class:`CheckpointConfig`.
         process_group: the ranks that save together (default: the default process group when
-            one is initialized, else this process alone).
+            one is initialized, else this process alone); only its ranks construct the
+            manager and call its methods. A flat (ZeRO-1/2) optimizer needs every rank.
     """
 
     def __init__(
@@ -126,9 +134,12 @@ class CheckpointManager:
             self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
             self._group = group
             if config.async_save:
-                # collective over the whole world: every rank constructs the manager
+                # Only the group's ranks construct the manager: a group of some ranks is
+                # created among them alone (the whole world's is collective over all ranks).
                 self._owned_group = dist.new_group(
-                    ranks=dist.get_process_group_ranks(group), backend="gloo"
+                    ranks=dist.get_process_group_ranks(group),
+                    backend="gloo",
+                    use_local_synchronization=not self._spans_world(),
                 )
                 self._group = self._owned_group
         self._executor = (
@@ -138,6 +149,18 @@ class CheckpointManager:
         )
         self._pending: Future | None = None
         self._stager = None
+
+    def _spans_world(self) -> bool:
+        return self._group is None or self.world_size == dist.get_world_size()
+
+    def _refuse_flat_optimizer_in_a_subgroup(self, state: TrainingState) -> None:
+        if not self._spans_world() and state.flat_segments() is not None:
+            raise ValueError(
+                "a flat (ZeRO-1/2) optimizer's state is checkpointed over the default process "
+                f"group, but this CheckpointManager saves with a group of {self.world_size} of "
+                f"the {dist.get_world_size()} ranks: construct it without process_group (every "
+                "rank saves), or checkpoint the model with an optimizer of its own parameters"
+            )
 
     # -- queries --------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -166,13 +189,18 @@ class CheckpointManager:
         """Save the checkpoint of ``step``; returns the folder it is (or will be) in.
 
         ``model`` and ``optimizer`` are saved through DCP's ``get_state_dict`` (resharded on
-        load); ``scheduler`` and ``extra`` objects are the same on every rank; ``dataloader``
-        (and the RNG states) are stored per rank. With ``async_save`` the call returns once
-        the state is copied to CPU; :meth:`wait` blocks until the checkpoint is complete.
+        load); ``scheduler``, ``dataloader`` and ``extra`` objects are the same on every rank
+        and stored once (a ``dataloader`` whose state differs between ranks is refused: its
+        state could not resume at another world size); the RNG states are stored per rank.
+        With ``async_save`` the call returns once the state is copied to CPU; :meth:`wait`
+        blocks until the checkpoint is complete.
         """
         final = self.directory / step_dir_name(step)
         self.wait()
         state = self._state(model, optimizer, scheduler, dataloader, extra)
+        self._refuse_flat_optimizer_in_a_subgroup(state)
+        if dataloader is not None:
+            self._check_same_on_every_rank("dataloader", dataloader)
         tag = self._agree_on_tag()
         tmp = self.directory / f"{final.name}.tmp-{tag}"
         if self.rank == 0:
@@ -220,11 +248,14 @@ class CheckpointManager:
         if overlap:
             raise ValueError(f"{sorted(overlap)} given both as extra and as optional_extra")
         global_objects = {**(extra or {}), **(optional_extra or {})}
+        for name, given in (("scheduler", scheduler), ("dataloader", dataloader)):
+            if given is not None and name in global_objects:
+                raise ValueError(f"{name!r} given both as a keyword and as an extra")
+        if dataloader is not None:
+            global_objects = {"dataloader": dataloader, **global_objects}
         if scheduler is not None:
             global_objects = {"scheduler": scheduler, **global_objects}
         rank_objects: dict[str, Any] = {}
-        if dataloader is not None:
-            rank_objects["dataloader"] = dataloader
         if self.config.save_rng:
             rank_objects["rng"] = RNGState()
         return TrainingState(
@@ -233,7 +264,28 @@ class CheckpointManager:
             global_objects=global_objects,
             rank_objects=rank_objects,
             optional=frozenset(optional_extra or {}),
+            formerly_per_rank=frozenset({"dataloader"} if dataloader is not None else ()),
         )
+
+    def _check_same_on_every_rank(self, name: str, obj: Stateful) -> None:
+        """Raise on every rank when ``obj``'s state differs between ranks (it is stored once)."""
+        if self._group is None:
+            return
+        tensors, skeleton = split_state(obj.state_dict(), name)
+        digest = hashlib.sha256(json.dumps(skeleton, sort_keys=True, default=repr).encode())
+        for key in sorted(tensors):
+            raw = tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, digest.hexdigest(), group=self._group)
+        differ = [r for r, d in enumerate(gathered) if d != gathered[0]]
+        if differ:
+            raise ValueError(
+                f"the {name}'s state differs between ranks (ranks {differ} differ from rank 0); "
+                f"a checkpoint stores the {name} once, so that it resumes at any world size: "
+                "make its state_dict() the same on every rank (a step / position counter, "
+                "not this rank's share of the data)"
+            )
 
     def _agree_on_tag(self) -> str:
         tag = [uuid.uuid4().hex[:12]]
@@ -256,7 +308,7 @@ class CheckpointManager:
             try:
                 write_manifest(tmp, step=step, world_size=self.world_size)
                 publish(tmp, final, tag)
-                self._apply_retention(final, tag)
+                self._apply_retention(final, step, tag)
             except Exception as exc:  # reported to every rank below
                 error[0] = f"{type(exc).__name__}: {exc}"
         if self._group is not None:
@@ -264,7 +316,21 @@ class CheckpointManager:
         if error[0] is not None:
             raise RuntimeError(f"saving checkpoint {final} failed on rank 0: {error[0]}")
 
-    def _apply_retention(self, newest: Path, tag: str) -> None:
+    def _apply_retention(self, newest: Path, step: int, tag: str) -> None:
+        """Set aside checkpoints of steps after ``step`` (a run that saves an earlier step went
+        back, e.g. ``load(4)`` after a loss spike at 6: the later ones are of the abandoned
+        branch, and ``load_latest`` must not resume them), then delete the oldest beyond
+        ``keep_last_n``."""
+        for info in self.checkpoints():
+            if info.step > step:
+                moved = set_aside(info, tag)
+                _log.warning(
+                    "checkpoint %s is of a step after the newly saved %d (the run went back "
+                    "to an earlier checkpoint): moved to %s",
+                    info.path,
+                    step,
+                    moved,
+                )
         keep = self.config.keep_last_n
         if keep is None:
             return
@@ -313,7 +379,7 @@ class CheckpointManager:
             if isinstance(step_or_path, int)
             else Path(step_or_path)
         )
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, named=isinstance(step_or_path, int))
         if manifest is None:
             complete = [info.step for info in self.checkpoints()]
             raise FileNotFoundError(
@@ -321,10 +387,11 @@ class CheckpointManager:
                 f"written, or damaged); complete checkpoints in {self.directory}: {complete}"
             )
         state = self._state(model, optimizer, scheduler, dataloader, extra, optional_extra)
+        self._refuse_flat_optimizer_in_a_subgroup(state)
         from forge_ckpt.training.safe_reader import read_metadata
 
         with _quiet_dcp():
-            plan = plan_load(state, read_metadata(path), self.rank, str(path))
+            plan = plan_load(state, read_metadata(path), self.rank, str(path), self._group)
             dcp.load(
                 plan.targets,
                 storage_reader=SafeFileSystemReader(path),
@@ -332,7 +399,7 @@ class CheckpointManager:
                 process_group=self._group,
                 no_dist=self._group is None,
             )
-            report = load_training_state(state, plan, str(path))
+            report = load_training_state(state, plan, str(path), self._group)
         return LoadResult(
             step=manifest["step"],
             path=path,
