@@ -239,3 +239,38 @@ def test_zero_checkpoint_with_a_parameter_that_never_had_a_gradient(dist_pool, t
     for stage in (1, 2):
         for diffs in dist_pool(2).run(_zero_with_an_unused_parameter, f"{tmp_path}/{stage}", stage):
             assert max(diffs) == 0.0, diffs
+
+
+def _zero_on_a_frozen_stage(directory: str) -> bool:
+    """Pipeline-like: rank 0's stage trains under ZeRO, rank 1's is frozen (an empty
+    ZeroOptimizer). The flat save and load are collective over every rank: the frozen stage
+    must join them (it used to pass no optimizer and the other stage's save hung)."""
+    import forge_parallel
+
+    rank = dist.get_rank()
+    groups = [dist.new_group([0]), dist.new_group([1])]
+
+    def setup():
+        torch.manual_seed(rank)
+        model = torch.nn.ModuleDict({f"stage{rank}": torch.nn.Linear(4, 4)})
+        model.requires_grad_(rank == 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = forge_parallel.ZeroOptimizer(
+            [{"params": params}], torch.optim.AdamW, group=groups[rank], lr=1e-2
+        )
+        return model, opt
+
+    model, opt = setup()
+    if rank == 0:
+        model["stage0"](torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with CheckpointManager(CheckpointConfig(directory=directory)) as manager:
+        manager.save(1, model=model, optimizer=opt)
+    saved = [p.detach().clone() for p in model.parameters()]
+    model, opt = setup()
+    CheckpointManager(CheckpointConfig(directory=directory)).load_latest(model=model, optimizer=opt)
+    return all(torch.equal(a, b) for a, b in zip(saved, model.parameters(), strict=True))
+
+
+def test_zero_checkpoint_with_a_frozen_pipeline_stage(dist_pool, tmp_path):
+    assert dist_pool(2).run(_zero_on_a_frozen_stage, str(tmp_path), timeout=60) == [True, True]

@@ -142,9 +142,11 @@ class Trainer:
         p = self.parts
         return {
             "model": p.model,
-            # A pipeline stage whose parameters are all frozen has no optimizer state.
+            # A pipeline stage whose parameters are all frozen has no optimizer state; a flat
+            # (ZeRO) optimizer still joins the other stages' collective save and load.
             "optimizer": p.optimizer
             if any(g["params"] for g in p.optimizer.param_groups)
+            or getattr(p.optimizer, "steps_flat_slices", False)
             else None,
             "scheduler": p.schedule,
             "dataloader": p.loader,

@@ -109,6 +109,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     parameter list (a pipeline stage with nothing to train) gives an optimizer with no buckets.
     """
 
+    #: Read by forge-ckpt: this optimizer steps flat slices of the parameters, saved by
+    #: parameter name through a collective on every rank, also one that owns no slice (a
+    #: frozen pipeline stage, a shard of padding only).
+    steps_flat_slices = True
+
     def __init__(
         self,
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],

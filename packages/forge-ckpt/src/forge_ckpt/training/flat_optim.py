@@ -99,7 +99,9 @@ def _storage_key(t: torch.Tensor) -> tuple[int, torch.dtype, torch.device]:
 
 def flat_segments(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[FlatSegment] | None:
     """How ``optimizer``'s parameters cover the model's, or ``None`` when it steps the model's
-    parameters themselves (the ordinary case, which DCP's ``get_state_dict`` handles).
+    parameters themselves (the ordinary case, which DCP's ``get_state_dict`` handles). An
+    optimizer that says it steps flat slices (``steps_flat_slices = True``) but owns none on
+    this rank gives ``[]``.
 
     Raises ``ValueError`` for an optimizer parameter that is neither a model parameter nor a
     flat view of model parameters (see the module docstring)."""
@@ -108,7 +110,9 @@ def flat_segments(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Fl
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
     foreign = [p for p in opt_params if id(p) not in own]
     if not foreign:
-        return None
+        # A flat optimizer owning no slice here (forge_parallel.ZeroOptimizer on a frozen
+        # pipeline stage) still joins the collectives of the others' flat save and load.
+        return [] if getattr(optimizer, "steps_flat_slices", False) else None
     if len(foreign) != len(opt_params):
         raise ValueError(
             f"{type(optimizer).__name__} steps some model parameters and some other tensors; "
