@@ -154,3 +154,55 @@ def test_offload_copies_each_saved_activation_once():
     assert stats.offloaded == 6 * 2 * 2
     assert stats.shared_bytes == stats.shared * activation
     assert stats.reloaded == stats.offloaded
+
+
+class _Wrapped(torch.Tensor):
+    """A wrapper tensor subclass (as float8 tensors are): offload must keep it as it is."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor) -> _Wrapped:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, dtype=inner.dtype, requires_grad=inner.requires_grad
+        )
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = torch.utils._pytree.tree_map_only(cls, lambda t: t.inner, (args, kwargs or {}))
+        out = func(*unwrap[0], **unwrap[1])
+        return torch.utils._pytree.tree_map_only(torch.Tensor, cls, out)
+
+
+class _WrappedBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        wrapped = _Wrapped(h.detach()).requires_grad_()  # saved by sigmoid as a _Wrapped
+        gate = wrapped.sigmoid()
+        return h * gate.inner.detach() + torch.tanh(h)
+
+
+def test_offload_keeps_tensor_subclasses_on_the_device():
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(_WrappedBlock(), _WrappedBlock())
+    x = torch.randn(4, 16, 32)
+
+    def step(model):
+        model.zero_grad()
+        model(x).logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = step(reference)
+    model = copy.deepcopy(reference)
+    parallelize(model, blocks="*", offload=OffloadConfig(min_bytes=1024))
+    got = step(model)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+    stats = model[0]._forge_offload.stats
+    assert stats.kept_subclasses == 2  # the sigmoid's _Wrapped output, one per block
+    assert stats.offloaded > 0  # the plain activations still moved

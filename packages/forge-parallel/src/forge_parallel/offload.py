@@ -21,10 +21,21 @@ copied once: a saved tensor with the storage, offset, element count, dtype and v
 in-place write in between) of one already copied, and the same strides or both contiguous,
 shares that copy (15-25% fewer bytes moved on a Llama block; :attr:`OffloadStats.shared`).
 
+Tensor / sequence parallelism: autograd saves DTensors there (the inputs of the column- and
+row-parallel matmuls). Their local shard is what moves (``to_local`` outside autograd: the
+DTensor's own local tensor, never a communication, for every placement, ``Partial`` included:
+its unreduced values are copied as they are). Unpack wraps the reloaded shard in a DTensor with
+the saved tensor's own spec (mesh, placements, global shape and stride), built directly (no
+``from_local``: no autograd node, no collective); :attr:`OffloadStats.offloaded_dtensor_bytes`.
+A pending functional collective's result (``AsyncCollectiveTensor``: a row-parallel output
+after its all-reduce or reduce-scatter) is waited for and its values moved; other tensor
+subclasses (float8 tensors) stay on the device (:attr:`OffloadStats.kept_subclasses`). Copy
+sharing works on the local shards; each saved DTensor keeps its own spec, so views with other
+placements share a copy exactly.
+
 Composes with recomputation: applied outside a fully checkpointed block, the offloaded tensors
 are the block inputs the checkpoint keeps (non-reentrant checkpointing saves them through the
-active hooks). The outputs a selective recompute policy caches stay on the device, and so do
-DTensors (tensor-parallel activations) in this release.
+active hooks). The outputs a selective recompute policy caches stay on the device.
 """
 
 from __future__ import annotations
@@ -48,16 +59,51 @@ class OffloadStats:
 
     packed: int = 0  # tensors seen by the pack hook
     offloaded: int = 0  # tensors copied to the host
-    offloaded_bytes: int = 0
-    kept_bytes: int = 0  # saved activations left on the device (small ones, DTensors)
+    offloaded_bytes: int = 0  # local bytes for DTensors: what actually moves
+    offloaded_dtensor_bytes: int = 0  # of which DTensor shards (tensor-parallel activations)
+    kept_bytes: int = 0  # saved activations left on the device (small ones, subclasses)
+    kept_subclasses: int = 0  # kept as tensor subclasses other than DTensor (float8 tensors)
     reloaded: int = 0  # host copies brought back by backward
     prefetched: int = 0  # of which started ahead of need
     shared: int = 0  # saved tensors that reused a copy made for an earlier one (no new copy)
     shared_bytes: int = 0
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def _split(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(local shard, spec)`` of a DTensor, ``(tensor, None)`` of a plain tensor.
+
+    Under ``no_grad`` ``to_local`` returns the DTensor's own local tensor: no autograd node, no
+    communication, whatever the placements (a ``Partial`` shard holds its unreduced values).
+    """
+    if not hasattr(tensor, "to_local"):
+        return tensor, None
+    with torch.no_grad():
+        return tensor.to_local(), tensor._spec
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The plain tensor holding ``tensor``'s values, or ``None`` for a tensor subclass that
+    cannot be offloaded as one.
+
+    A functional collective's result (``AsyncCollectiveTensor``: a row-parallel projection's
+    output) is waited for: the op saving it reads it, so waits for it, anyway.
+    """
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor
+    if torch.distributed.is_available():
+        from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+        if isinstance(tensor, AsyncCollectiveTensor):
+            return tensor.trigger_wait()
+    return None
+
+
+def _as_dtensor(local: torch.Tensor, spec: Any) -> torch.Tensor:
+    """The DTensor ``spec`` describes, over ``local``: the constructor DTensor's own ops use,
+    so no autograd node and no collective (``from_local`` would add both possibilities)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, spec, requires_grad=False)
 
 
 class _Offloaded:
@@ -75,13 +121,14 @@ class _Offloaded:
 
 
 class _SavedView:
-    """What the pack hook returns for an offloaded tensor: its copy, and the shape to view the
-    copy as when the tensor was a contiguous reshape of the copied one (``None``: as copied)."""
+    """What the pack hook returns for an offloaded tensor: its copy, the shape to view the
+    copy as when the tensor was a contiguous reshape of the copied one (``None``: as copied),
+    and for a DTensor its spec (the copy holds its local shard)."""
 
-    __slots__ = ("copy", "shape")
+    __slots__ = ("copy", "shape", "spec")
 
-    def __init__(self, copy: _Offloaded, shape: torch.Size | None = None) -> None:
-        self.copy, self.shape = copy, shape
+    def __init__(self, copy: _Offloaded, shape: torch.Size | None = None, spec: Any = None) -> None:
+        self.copy, self.shape, self.spec = copy, shape, spec
 
 
 class _Group:
@@ -138,19 +185,24 @@ class ActivationOffload:
             return _SavedView(copy, tensor.shape)
         return None
 
-    def _pack(self, group: _Group, params: set[int], tensor: torch.Tensor) -> Any:
+    def _pack(self, group: _Group, params: set[int], saved: torch.Tensor) -> Any:
         self.stats.packed += 1
-        local = _local(tensor)
-        if local.untyped_storage().data_ptr() in params:
-            return tensor  # a weight: not an activation, alive anyway
+        local, spec = _split(saved)  # a DTensor's local shard is what moves
+        tensor = _plain(local)
+        if tensor is not None and tensor.untyped_storage().data_ptr() in params:
+            return saved  # a weight: not an activation, alive anyway
         nbytes = local.numel() * local.element_size()
-        # DTensors (tensor-parallel activations) stay on the device in this release.
-        if hasattr(tensor, "to_local") or nbytes < self.config.min_bytes:
+        if nbytes < self.config.min_bytes:
             self.stats.kept_bytes += nbytes
-            return tensor
+            return saved
+        if tensor is None:  # e.g. a float8 tensor: a copy would lose what its subclass adds
+            self.stats.kept_bytes += nbytes
+            self.stats.kept_subclasses += 1
+            return saved
         shared = self._shared(group, tensor)
         if shared is not None:
             shared.copy.users += 1
+            shared.spec = spec
             self.stats.shared += 1
             self.stats.shared_bytes += nbytes
             return shared
@@ -175,7 +227,9 @@ class ActivationOffload:
         group.by_memory[_memory_key(tensor)] = (copy, *layout)
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += nbytes
-        return _SavedView(copy)
+        if spec is not None:
+            self.stats.offloaded_dtensor_bytes += nbytes
+        return _SavedView(copy, spec=spec)
 
     def _start_reload(self, handle: _Offloaded) -> None:
         if handle.reloaded is not None:
@@ -210,7 +264,9 @@ class ActivationOffload:
         if copy.users == 0:  # its last saved tensor: the graph holds the device copy now
             copy.reloaded = None
             self.stats.reloaded += 1
-        return tensor if packed.shape is None else tensor.view(packed.shape)
+        if packed.shape is not None:
+            tensor = tensor.view(packed.shape)
+        return tensor if packed.spec is None else _as_dtensor(tensor, packed.spec)
 
     def block_forward(self, inner: Callable, module: nn.Module) -> Callable:
         """``inner`` (a block's forward) with its saved tensors offloaded."""
@@ -218,7 +274,11 @@ class ActivationOffload:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return inner(*args, **kwargs)
-            params = {_local(p).untyped_storage().data_ptr() for p in module.parameters()}
+            params = {
+                plain.untyped_storage().data_ptr()
+                for plain in (_plain(_split(p)[0]) for p in module.parameters())
+                if plain is not None
+            }
             group = _Group()
             if module is self._first:
                 self._groups = []  # a new forward pass of the model
