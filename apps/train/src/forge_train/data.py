@@ -89,8 +89,13 @@ def _input_files(inputs: list[Path], key: str) -> list[Path]:
 
 
 def _fingerprint(inputs: list[Path], tokenizer, config: DataConfig, mode: str, key: str) -> str:
+    """The cache key of the tokenized ``inputs``: the tokenizer (its vocabulary and its folder's
+    ``tokenizer_config.json``: chat template, special tokens), the data settings and every input
+    file's path, size and modification time."""
     h = hashlib.sha1()
-    h.update(tokenizer.__getstate__()["json"].encode())
+    state = tokenizer.__getstate__()
+    h.update(state["json"].encode())
+    h.update(json.dumps(state["config"], sort_keys=True, default=str).encode())
     h.update(
         json.dumps([mode, config.text_key, config.messages_key, config.chat_template]).encode()
     )
