@@ -1,12 +1,14 @@
 """Shared fixtures: a small byte-level BPE, trained once per session on part of the Python
-standard library, and a webdataset shard writer."""
+standard library, a webdataset shard writer and the bytes of the files it holds."""
 
 from __future__ import annotations
 
 import io
 import tarfile
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from forge_data.tokenizer import stdlib_corpus_files, train_bpe_tokenizer
 
@@ -38,3 +40,27 @@ def _write_tar(path, samples) -> None:
 def write_tar():
     """``write_tar(path, [(key, {ext: bytes, ...}), ...])``: a webdataset tar shard."""
     return _write_tar
+
+
+def _png(color, size=(6, 4)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def png_bytes():
+    """``png_bytes(color, size=(6, 4))``: an RGB image of one colour, PNG-encoded."""
+    return _png
+
+
+@pytest.fixture(scope="session")
+def npy_bytes():
+    """``npy_bytes(array)``: the array in NumPy's ``.npy`` format."""
+    return _npy

@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from forge_data.multimodal import BadSampleError, MultimodalConfig, MultimodalDataset
 
 
-def _png(color, size=(6, 4)):
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, write_tar):
+def shards(tmp_path_factory, write_tar, png_bytes, npy_bytes):
     root = tmp_path_factory.mktemp("wds")
     good = [
         (
             f"g{i}",
             {
                 "txt": f"sample {i} text".encode(),
-                "png": _png((i * 40, 0, 0)),
-                "actions.npy": _npy(np.full((3, 2), i, dtype=np.float64)),
+                "png": png_bytes((i * 40, 0, 0)),
+                "actions.npy": npy_bytes(np.full((3, 2), i, dtype=np.float64)),
             },
         )
         for i in range(4)
@@ -43,7 +29,7 @@ def shards(tmp_path_factory, write_tar):
         "v0",
         {
             "json": json.dumps({"text": "a video"}).encode(),
-            "frames.npy": _npy(np.zeros((2, 4, 6, 3), np.uint8)),
+            "frames.npy": npy_bytes(np.zeros((2, 4, 6, 3), np.uint8)),
         },
     )
     write_tar(root / "shard-0.tar", [*good[:2], video])

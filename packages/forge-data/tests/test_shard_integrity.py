@@ -3,30 +3,17 @@
 
 from __future__ import annotations
 
-import io
+import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from forge_data.multimodal import BadSampleError, MultimodalConfig, MultimodalDataset
 
 
-def _png(color):
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
-def whole_shard(tmp_path_factory, write_tar):
+def whole_shard(tmp_path_factory, write_tar, png_bytes, npy_bytes):
     """Three samples; each holds its text, then its actions, then its image."""
     path = tmp_path_factory.mktemp("whole") / "shard.tar"
     files = [
@@ -34,8 +21,8 @@ def whole_shard(tmp_path_factory, write_tar):
             f"s{i}",
             {
                 "txt": f"sample {i}".encode(),
-                "actions.npy": _npy(np.full((2, 2), i, np.float32)),
-                "png": _png((i * 50, 0, 0)),
+                "actions.npy": npy_bytes(np.full((2, 2), i, np.float32)),
+                "png": png_bytes((i * 50, 0, 0), size=(8, 8)),
             },
         )
         for i in range(3)
@@ -46,7 +33,7 @@ def whole_shard(tmp_path_factory, write_tar):
 
 def _cut_points(raw: bytes) -> dict[str, int]:
     header = raw.index(b"s2.png")  # the last member's header (its name is its first field)
-    size = len(_png((100, 0, 0)))
+    size = tarfile.TarInfo.frombuf(raw[header : header + 512], "utf-8", "strict").size
     data_end = header + 512 + -(-size // 512) * 512
     return {
         "between two members": header,  # s2.png's header lost: a clean member boundary

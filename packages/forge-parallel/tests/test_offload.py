@@ -15,9 +15,9 @@ from forge_parallel.config import OffloadConfig
 tm = import_path(Path(__file__).with_name("tiny_models.py"), "forge_parallel_tests_tiny_models")
 
 
-def _step(model, tokens):
+def _step(model, inputs):
     model.zero_grad()
-    loss = model(tokens).logsumexp(-1).mean()
+    loss = model(inputs).logsumexp(-1).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -131,20 +131,12 @@ def test_offload_copies_each_saved_activation_once():
     torch.manual_seed(0)
     reference = _Stack(in_place=False)
     x = torch.randn(2, 16, 32)
-
-    def step(model):
-        model.zero_grad()
-        model(x).logsumexp(-1).mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    expected = step(reference)
+    expected = _step(reference, x)
     model = _Stack(in_place=True)
     model.load_state_dict(reference.state_dict())
     parallelize(model, blocks="layers.*", offload=OffloadConfig(min_bytes=1024))
     for _ in range(2):
-        got = step(model)
-        for name, grad in expected.items():
-            torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+        _assert_same(expected, _step(model, x))
     stats = model.layers[0]._forge_offload.stats
     activation = 2 * 16 * 32 * 4  # h's 2-D views are the same bytes
     # Per block and pass, 9 activations saved: the normed h by q, k and v (one copy, two
@@ -191,18 +183,10 @@ def test_offload_keeps_tensor_subclasses_on_the_device():
     torch.manual_seed(0)
     reference = torch.nn.Sequential(_WrappedBlock(), _WrappedBlock())
     x = torch.randn(4, 16, 32)
-
-    def step(model):
-        model.zero_grad()
-        model(x).logsumexp(-1).mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    expected = step(reference)
+    expected = _step(reference, x)
     model = copy.deepcopy(reference)
     parallelize(model, blocks="*", offload=OffloadConfig(min_bytes=1024))
-    got = step(model)
-    for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+    _assert_same(expected, _step(model, x))
     stats = model[0]._forge_offload.stats
     assert stats.kept_subclasses == 2  # the sigmoid's _Wrapped output, one per block
     assert stats.offloaded > 0  # the plain activations still moved
