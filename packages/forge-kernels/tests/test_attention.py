@@ -438,7 +438,11 @@ def test_flex_forward_on_cpu_matches_reference(case):
         q, k, v = q[0], k[0], v[0]
     with torch.no_grad(), record_attention_backends() as log:
         out, lse = attention(q, k, v, backend="flex", return_lse=True, **kwargs)
-    assert log.backends == ["flex"]
+        # A second layer of the same step reuses the cached block mask of the same owner
+        # (cu_seqlens tensor or AttentionMask): it used to fail for a tensor owner.
+        again, _ = attention(q, k, v, backend="flex", return_lse=True, **kwargs)
+    assert log.backends == ["flex", "flex"]
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
     if case == "block_mask":
         kwargs = {"causal": True}
     ref_out, ref_lse = attention_reference(q, k, v, return_lse=True, **kwargs)
@@ -540,9 +544,16 @@ def test_registry_override_replaces_attention():
     q, k, v = _qkv((1, 7, 2, 16), (1, 7, 2, 16), seed=101)
     assert registry.implementation_of("attention") == "default"
     assert registry.get_reference("attention") is attention_reference
+    attention(q, k, v)  # a default call first: its choice must not be reported for the next
     with registry.overridden("attention", vendor_attention, source="acme-npu"):
         assert registry.implementation_of("attention") == "acme-npu"
-        assert attention(q, k, v, causal=True).abs().max().item() == 0.0
+        with record_attention_backends() as log:
+            assert attention(q, k, v, causal=True).abs().max().item() == 0.0
+    assert log.backends == ["acme-npu"]
+    assert last_attention_backend().backend == "acme-npu"
+    with registry.reference_implementations(), record_attention_backends() as log:
+        attention(q, k, v, backend="sdpa")  # the reference runs, whatever backend is asked
+    assert [(c.backend, c.requested) for c in log] == [("reference", "sdpa")]
     assert len(calls) == 1
     assert calls[0]["causal"] is True
     assert calls[0]["backend"] is None

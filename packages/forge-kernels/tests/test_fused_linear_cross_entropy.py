@@ -147,6 +147,17 @@ def test_matches_reference_fp32(path, case, reduction):
         assert not grads[0][labels == ignore_index].any()
 
 
+def test_int32_labels_work_in_the_reference_as_in_the_default():
+    hidden, weight, _, labels = _inputs(ignore_index=-100, bias=False)
+    labels32 = labels.to(torch.int32)
+    want = fused_linear_cross_entropy_reference(hidden, weight, labels)
+    got = fused_linear_cross_entropy_reference(hidden, weight, labels32)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(
+        fused_linear_cross_entropy(hidden, weight, labels32, chunk_size=CHUNK), want
+    )
+
+
 def test_z_loss_is_palm_mean_of_squared_lse(path):
     hidden, weight, _, labels = _inputs(bias=False)
     z = 3e-2

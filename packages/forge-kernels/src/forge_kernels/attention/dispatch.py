@@ -13,7 +13,9 @@ then ``backend="auto"`` (the default) takes the first backend that can run it:
 A named backend runs or raises: ``ImportError`` naming the extra if its package is missing,
 ``ValueError`` saying why it cannot run this call. Which backend ran is observable:
 :func:`last_attention_backend`, :func:`record_attention_backends` and a debug log line on the
-``forge_kernels.attention.dispatch`` logger (all skipped while ``torch.compile`` traces).
+``forge_kernels.attention.dispatch`` logger (all skipped while ``torch.compile`` traces). A call
+served without this dispatch, by the reference (``FORGE_KERNELS_IMPL=reference``) or by a plugin
+override that does not call it, is recorded under ``"reference"`` or the override's source.
 
 The op is registered as ``"attention"`` in :mod:`forge_kernels.registry` with
 :func:`~forge_kernels.attention.backends.eager.attention_reference` as its reference, and
@@ -89,6 +91,7 @@ class AttentionBackendLog(list):
 
 
 _last_choice: BackendChoice | None = None
+_records = 0  # calls recorded so far: tells attention() whether the implementation recorded one
 _active_logs: list[AttentionBackendLog] = []
 
 
@@ -116,10 +119,11 @@ def record_attention_backends() -> Iterator[AttentionBackendLog]:
 
 
 def _record(choice: BackendChoice) -> None:
-    global _last_choice
+    global _last_choice, _records
     if torch.compiler.is_compiling():
         return
     _last_choice = choice
+    _records += 1
     for log in _active_logs:
         log.append(choice)
     if logger.isEnabledFor(logging.DEBUG):
@@ -213,8 +217,8 @@ def _attention_default(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     problem = AttentionProblem.from_args(q, k, v, **kwargs)
     name, module, skipped = choose_backend(problem, backend)
-    _record(BackendChoice(backend=name, requested=backend or "auto", skipped=skipped))
     out, lse = module.run(problem)
+    _record(BackendChoice(backend=name, requested=backend or "auto", skipped=skipped))
     return (out, lse) if problem.return_lse else out
 
 
@@ -289,7 +293,8 @@ def attention(
     Dispatches through ``registry.get_op("attention")``, so a plugin override takes effect here.
     """
     q, k, v = autocast_inputs(q, k, v)
-    return registry.get_op("attention")(
+    recorded_before = _records
+    result = registry.get_op("attention")(
         q,
         k,
         v,
@@ -307,3 +312,9 @@ def attention(
         dropout_p=dropout_p,
         return_lse=return_lse,
     )
+    if _records == recorded_before:
+        # The reference (FORGE_KERNELS_IMPL=reference) or a plugin override ran without
+        # dispatching: record it under its own name, so no earlier choice is reported instead.
+        implementation = registry.implementation_of("attention")
+        _record(BackendChoice(backend=implementation, requested=backend or "auto"))
+    return result

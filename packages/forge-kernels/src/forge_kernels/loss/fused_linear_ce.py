@@ -506,7 +506,7 @@ def fused_linear_cross_entropy_reference(
     _validate(hidden, weight, labels, bias, label_smoothing, reduction, logit_softcap, None)
     logits = F.linear(hidden, weight, bias).float()
     logits = logits.reshape(-1, logits.shape[-1])
-    flat_labels = labels.reshape(-1)
+    flat_labels = labels.reshape(-1).long()  # int32 labels, as the default accepts them
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     loss = F.cross_entropy(

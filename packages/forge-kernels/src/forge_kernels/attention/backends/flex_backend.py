@@ -22,6 +22,7 @@ import warnings
 import weakref
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from forge_kernels._triton_support import triton_importable
 from forge_kernels.attention.backends import AttentionProblem
@@ -29,14 +30,18 @@ from forge_kernels.attention.masks import AttentionMask
 
 __all__ = ["clear_block_mask_cache", "run", "unsupported_reason"]
 
-#: Built block masks by owner (AttentionMask or cu_seqlens tensor), then by shape/device key.
+#: Built block masks by owner, then by shape/device key: AttentionMask owners (hashed by
+#: identity, ``eq=False``) and cu_seqlens tensors apart, because a plain WeakKeyDictionary compares
+#: tensor keys with ``==`` (elementwise) and fails on the second lookup of the same tensor.
 _BLOCK_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TENSOR_BLOCK_MASKS = WeakTensorKeyDictionary()
 _MAX_PER_OWNER = 4
 
 
 def clear_block_mask_cache() -> None:
     """Forget the cached block masks (they are also dropped with their owners)."""
     _BLOCK_MASKS.clear()
+    _TENSOR_BLOCK_MASKS.clear()
     _structural_block_mask.cache_clear()
 
 
@@ -74,9 +79,10 @@ def _structural_block_mask(causal, window, q_len, kv_len, device):
 def _cached(owner, key, build):
     if torch.compiler.is_compiling():
         return build()
-    per_owner = _BLOCK_MASKS.get(owner)
+    by_owner = _TENSOR_BLOCK_MASKS if isinstance(owner, torch.Tensor) else _BLOCK_MASKS
+    per_owner = by_owner.get(owner)
     if per_owner is None:
-        per_owner = _BLOCK_MASKS[owner] = {}
+        per_owner = by_owner[owner] = {}
     if key not in per_owner:
         if len(per_owner) >= _MAX_PER_OWNER:
             per_owner.pop(next(iter(per_owner)))
