@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "forge_kernels"
 HOPPER = ("cuda", 90, 32)
 
@@ -440,6 +442,7 @@ def _jit_functions_in_source() -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.sm90_compile
 def test_every_kernel_compiles_for_hopper(monkeypatch, tmp_path):
     import pytest
 

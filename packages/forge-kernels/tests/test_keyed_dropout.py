@@ -248,6 +248,7 @@ print("compiled")
 """
 
 
+@pytest.mark.sm90_compile
 def test_kernel_compiles_for_hopper():
     """The interpreter runs the kernel as Python (numpy's uint32 and IEEE division): compile it
     for sm90 (front end to PTX, no GPU needed), in a process without ``TRITON_INTERPRET``, and
