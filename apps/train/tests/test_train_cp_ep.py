@@ -185,6 +185,11 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
     _close(pool.run(_losses, f"{tmp_path}/cp2_ep4", *no_aux, *cp_ep), single)
 
 
+#: Tensor x context parallelism on 4 processes (contiguous layout: a row of 2 x cp chunks is
+#: not needed).
+_TP_CP = ("parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_load_balance=false")
+
+
 @pytest.mark.parametrize(
     ("overrides", "world", "message"),
     [
@@ -194,6 +199,26 @@ def test_expert_parallel_layouts_match_one_process(tmp_path, dist_pool):
             "must divide the head counts",
         ),
         (("parallel=cp2-fsdp", "data.seq_len=63"), 4, "cannot be cut into 4 equal chunks"),
+        (  # tp x cp Ulysses: each rank's tp shard of the heads is split over cp
+            (
+                "parallel=tp2-fsdp",
+                *_TP_CP,
+                "parallel.cp_style=ulysses",
+                "model.config.num_kv_heads=2",
+            ),
+            4,
+            r"tp x cp = 2 x 2 = 4 must divide the head counts \(num_heads=8, num_kv_heads=2\)",
+        ),
+        (  # sequence parallelism cuts the packed row (63 tokens) into tp shards
+            ("parallel=tp2-fsdp", "data.seq_len=63", "data.micro_batch_rows=1"),
+            4,
+            r"63 x 1 = 63 tokens cannot be cut into 2 equal sequence shards",
+        ),
+        (  # ... each context-parallel rank's part of it (66 / cp=2 = 33 tokens)
+            ("parallel=tp2-fsdp", *_TP_CP, "data.seq_len=33"),
+            4,
+            r"66 / cp=2 = 33 tokens per rank\) .* multiple of tp x cp = 2 x 2 = 4",
+        ),
         (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
         (
             (

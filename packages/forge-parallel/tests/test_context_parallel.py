@@ -142,6 +142,12 @@ def test_layout_and_document_errors():
         document_ids(torch.tensor([0, 5, 3, 8]), 8)
     with pytest.raises(ValueError, match=r"num_heads=6 and num_kv_heads=2 .*cp in \[1, 2\]"):
         validate_ulysses(6, 2, 4)
+    # The heads an attention call sees are the rank's own: under tp, the model's / tp.
+    with pytest.raises(ValueError, match=r"num_kv_heads=1 \(the heads of this rank's attention"):
+        validate_ulysses(2, 1, 2)
+    tp_message = r"over tp=2: the model has num_heads=4 and num_kv_heads=2, which tp x cp = 4"
+    with pytest.raises(ValueError, match=tp_message):
+        validate_ulysses(2, 1, 2, tp=2)
     with pytest.raises(ValueError, match="unknown context-parallel style 'star'"):
         CPConfig(style="star")
     assert check_block_ids(torch.tensor([[-1, 0, 0, -1]]), 4).tolist() == [-1, 0, 0, -1]

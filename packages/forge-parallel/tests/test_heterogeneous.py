@@ -130,6 +130,15 @@ def _job():
     assert language.mesh["tp"].size() == 2
     got = _train(model, batches, result)
     decided = {layer.forward.choice.kind for layer in model.language_model.layers}
+    # A short last batch on one rank of a tp=2 group: a clear error on both ranks, not a
+    # size-mismatched all-gather (R7: gloo aborted).
+    rows = 3 if language.mesh["tp"].get_local_rank() == 0 else 2
+    try:
+        with torch.no_grad():
+            model(torch.randn(rows, PATCHES, FEATURES), torch.randint(0, 64, (rows, tm.SEQ)))
+        uneven = "no error"
+    except ValueError as error:
+        uneven = str(error)
     return {
         **tm.compare(
             expected,
@@ -139,6 +148,7 @@ def _job():
         ),
         "decided": sorted(decided),
         "summary": str(result),
+        "uneven": uneven,
     }
 
 
@@ -148,6 +158,8 @@ def test_tp1_encoder_tp2_decoder_trains_like_one_process(dist_pool):
     for rank, errors in enumerate(per_rank):
         decided = errors.pop("decided")
         errors.pop("summary")
+        assert "hold [3, 2] rows" in errors["uneven"], errors["uneven"]
+        assert "drop or pad the last, short batch" in errors.pop("uneven")
         assert decided
         assert set(decided) <= {"none", "selective", "full"}
         assert max(errors.values()) <= TOLERANCE, (rank, errors)

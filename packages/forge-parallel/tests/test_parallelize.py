@@ -316,3 +316,17 @@ def test_hsdp_and_ddp_placements(fake_pg):
     offload = FSDPConfig(cpu_offload=True)
     with fake_pg(world_size=2), pytest.raises(ValueError, match="cpu_offload=True moves sharded"):
         parallelize(tm.build_tiny(), ParallelDims(world_size=2), fsdp=offload)
+
+
+def test_sequence_parallel_refuses_a_sequence_tp_does_not_divide(fake_pg):
+    """Sequence parallelism cuts the embedding output into tp shards: an odd length is refused
+    there, before any collective (R7: uneven shards aborted gloo at the next all-gather)."""
+    with fake_pg(world_size=2, rank=1):
+        model = tm.build_tiny(dim=32, n_layers=1)
+        parallelize(
+            model, ParallelDims(world_size=2, tp=2), plan=tm.tiny_plan(sequence_parallel=True)
+        )
+        assert model(torch.randint(0, 64, (1, 8))).shape[1] == 8  # (even: runs)
+        message = r"vocab_parallel_embedding: sequence length 7 \(dim 1\) is not divisible by tp=2"
+        with pytest.raises(ValueError, match=message):
+            model(torch.randint(0, 64, (1, 7)))

@@ -32,7 +32,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ContextParallelInputs", "RowAttention", "context_parallel_config"]
+__all__ = [
+    "ContextParallelInputs",
+    "RowAttention",
+    "check_sequence_split",
+    "context_parallel_config",
+]
 
 
 class RowAttention(NamedTuple):
@@ -167,35 +172,78 @@ def _attention_through_sdpa() -> Iterator[None]:
 
 def context_parallel_config(cfg, model_config, degrees: dict[str, int]):
     """forge_parallel's ``CPConfig`` for ``parallel.cp > 1`` (``None`` at ``cp == 1``), after
-    checking that the run can split its sequences; ``ConfigError`` naming the setting if not."""
+    checking that the run can split its sequences (:func:`check_sequence_split`, also for
+    sequence parallelism alone) and, for Ulysses, its heads; ``ConfigError`` naming the
+    setting if not."""
     from forge_train.config import ConfigError
 
+    check_sequence_split(cfg, degrees)
     cp = degrees["cp"]
     if cp == 1:
         return None
     settings = cfg.parallel
     text_config = getattr(model_config, "text", model_config)  # a VLM's language model
-    chunks = 2 * cp if settings.cp_load_balance else cp
-    tokens = cfg.data.seq_len * cfg.data.micro_batch_rows
-    if tokens % chunks:
-        raise ConfigError(
-            f"parallel.cp={cp}: a micro-batch's packed row of data.seq_len x "
-            f"data.micro_batch_rows = {tokens} tokens cannot be cut into {chunks} equal chunks "
-            f"({'zigzag: 2 x cp' if settings.cp_load_balance else 'cp'}); choose data.seq_len "
-            f"so that the row is a multiple of {chunks}"
-        )
     if settings.cp_style == "ulysses":
+        # Tensor parallelism first gives each rank num_heads / tp heads (and KV heads); Ulysses
+        # then splits those over the cp ranks.
+        tp = degrees["tp"]
         heads = {
             "num_heads": text_config.num_heads,
             "num_kv_heads": text_config.num_kv_heads or text_config.num_heads,
         }
-        bad = {k: v for k, v in heads.items() if v % cp}
+        bad = {k: v for k, v in heads.items() if v % (cp * tp)}
         if bad:
+            split = f"cp={cp}" if tp == 1 else f"tp x cp = {tp} x {cp} = {cp * tp}"
+            after_tp = (
+                ""
+                if tp == 1
+                else " (tensor parallelism gives each rank 1/tp of the heads, which Ulysses "
+                "splits over cp)"
+            )
+            fewer = "a cp" if tp == 1 else "a lower parallel.tp or parallel.cp"
             raise ConfigError(
-                f"parallel.cp_style=ulysses: cp={cp} must divide the head counts "
-                f"({', '.join(f'{k}={v}' for k, v in heads.items())}); use cp_style=ring or a cp "
-                "that divides both"
+                f"parallel.cp_style=ulysses: {split} must divide the head counts "
+                f"({', '.join(f'{k}={v}' for k, v in heads.items())}){after_tp}; use "
+                f"cp_style=ring or {fewer} that divides both"
             )
     from forge_parallel.context_parallel import CPConfig
 
     return CPConfig(style=settings.cp_style, load_balance=settings.cp_load_balance)
+
+
+def check_sequence_split(cfg, degrees: dict[str, int]) -> None:
+    """``ConfigError`` unless a micro-batch's packed row can be cut as the layout cuts it.
+
+    :func:`forge_train.data.model_inputs` packs a micro-batch into one row of ``data.seq_len x
+    data.micro_batch_rows`` tokens. Context parallelism cuts it into ``cp`` (zigzag: ``2 x
+    cp``) equal chunks, each rank keeping ``row / cp`` tokens; sequence parallelism
+    (``parallel.sequence_parallel`` with ``tp > 1``; Korthikanti et al. 2022) then cuts each
+    rank's tokens into ``tp`` equal shards. Uneven shards would make the sequence all-gathers
+    disagree across ranks (an abort on gloo, a hang or garbage on NCCL).
+    """
+    from forge_train.config import ConfigError
+
+    cp, tp = degrees["cp"], degrees["tp"]
+    settings = cfg.parallel
+    tokens = cfg.data.seq_len * cfg.data.micro_batch_rows
+    row = (
+        f"a micro-batch's packed row of data.seq_len x data.micro_batch_rows = "
+        f"{cfg.data.seq_len} x {cfg.data.micro_batch_rows} = {tokens} tokens"
+    )
+    if cp > 1:
+        chunks = 2 * cp if settings.cp_load_balance else cp
+        if tokens % chunks:
+            raise ConfigError(
+                f"parallel.cp={cp}: {row} cannot be cut into {chunks} equal chunks "
+                f"({'zigzag: 2 x cp' if settings.cp_load_balance else 'cp'}); choose "
+                f"data.seq_len so that the row is a multiple of {chunks}"
+            )
+    if tp > 1 and settings.sequence_parallel and tokens % (cp * tp):
+        per_rank = f"{tokens} / cp={cp} = {tokens / cp:g} tokens per rank" if cp > 1 else ""
+        split = f"tp x cp = {tp} x {cp} = {tp * cp}" if cp > 1 else f"tp={tp}"
+        raise ConfigError(
+            f"parallel.sequence_parallel=true with parallel.tp={tp}: {row}"
+            f"{' (' + per_rank + ')' if per_rank else ''} cannot be cut into {tp} equal "
+            f"sequence shards; choose data.seq_len (or data.micro_batch_rows) so that the row "
+            f"is a multiple of {split}, or set parallel.sequence_parallel=false"
+        )

@@ -21,7 +21,8 @@ code (loss, labels) does not change. A part with ``tp=t > 1`` converts at its bo
 
 The factors keep every part's gradient averaging exact: a ``tp=t`` part averages gradients
 over ``W / t`` ranks, each of which computed the mean of its ``t`` ranks' losses. Every rank
-of a tensor-parallel group must hold the same number of rows.
+of a tensor-parallel group must hold the same number of rows (a ``ValueError`` naming the
+counts otherwise: drop or pad a short last batch).
 
 ``SubmoduleParallel(batch_boundary=False)`` drops the conversion: the caller loads the same
 batch on the ranks of each tensor-parallel group (a data loader over the ``tp > 1`` part's
@@ -132,12 +133,33 @@ def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out
 
 
+def _check_same_rows(t: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """``ValueError`` unless every rank of ``group`` holds ``t.shape[0]`` rows: the row counts
+    (one integer per rank) are gathered first, so that unequal batches give this error on
+    every rank instead of a size-mismatched all-gather (an abort on gloo, a hang or garbage
+    on NCCL)."""
+    size = dist.get_world_size(group)
+    count = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    counts = count.new_empty(size)
+    dist.all_gather_into_tensor(counts, count, group=group)
+    if bool((counts != count).any()):
+        ranks = dist.get_process_group_ranks(group)
+        raise ValueError(
+            f"heterogeneous batch boundary: the ranks {ranks} of a tp={size} part's "
+            f"tensor-parallel group hold {counts.tolist()} rows (dim 0 of a "
+            f"{tuple(t.shape)} input on this rank); each rank of the part's tp group must hold "
+            "the same number of rows: drop or pad the last, short batch (e.g. "
+            "DataLoader(drop_last=True))"
+        )
+
+
 class _GatherBatch(torch.autograd.Function):
     """Forward: all-gather rows over ``group``. Backward: this rank's rows, times the size."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
+        _check_same_rows(x, group)
         return _all_gather_rows(x, group)
 
     @staticmethod
@@ -159,7 +181,10 @@ class _ScatterBatch(torch.autograd.Function):
 
 
 def gather_batch(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Rows of every rank of ``group``, concatenated (the boundary into a ``tp > 1`` part)."""
+    """Rows of every rank of ``group``, concatenated (the boundary into a ``tp > 1`` part).
+
+    Every rank must hold the same number of rows; a ``ValueError`` naming the counts otherwise
+    (checked with one small all-gather of the counts per call)."""
     return _GatherBatch.apply(x, group)
 
 

@@ -90,6 +90,7 @@ from forge_parallel.tp_styles import (
     ReduceGradient,
     ReplicateParallel,
     SequenceScatter,
+    SequenceShardingEmbedding,
 )
 
 __all__ = [
@@ -414,6 +415,8 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
             return ColwiseParallel(
                 input_layouts=between, output_layouts=Shard(-1), use_local_output=False
             )
+        case "vocab_parallel_embedding" if sp:  # checks the ids' length before the cut
+            return SequenceShardingEmbedding()
         case "vocab_parallel_embedding":
             return RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
         case "sequence_parallel":

@@ -10,6 +10,8 @@
   sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models") it all-gathers the sequence shards (the backward reduce-scatters).
 - :class:`SequenceScatter`: split a replicated activation into sequence shards.
+- :class:`SequenceShardingEmbedding`: a vocab-parallel embedding whose output is cut into
+  sequence shards, after checking that the ids' length splits evenly over the ranks.
 - :class:`ReplicateParallel`: weights replicated over the tensor-parallel ranks, the module run
   on its local input (an MoE router, experts and shared expert next to sequence-parallel
   layers); under sequence parallelism its weight gradients are summed over the ranks.
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from forge_core.collectives import copy_to_group
@@ -45,6 +47,7 @@ __all__ = [
     "ReduceGradient",
     "ReplicateParallel",
     "SequenceScatter",
+    "SequenceShardingEmbedding",
     "is_packed",
 ]
 
@@ -131,6 +134,34 @@ def _check_sequence(x: torch.Tensor, dim: int, size: int, what: str) -> None:
             f"{what}: sequence length {length} (dim {dim}) is not divisible by tp={size}; "
             f"pad sequences to a multiple of {size} for sequence parallelism"
         )
+
+
+class SequenceShardingEmbedding(RowwiseParallel):
+    """A vocab-parallel embedding (``RowwiseParallel`` on ``nn.Embedding``: vocabulary rows
+    sharded, partial lookups summed) whose output is reduce-scattered into sequence shards
+    (``Shard(sequence_dim)``): where sequence parallelism first cuts the sequence (Korthikanti
+    et al. 2022).
+
+    The ids' sequence length is checked first: an uneven cut would give the ranks shards of
+    different lengths, and the first sequence all-gather after it (a :class:`BlockInput`) would
+    disagree on sizes (an abort on gloo, a hang or garbage on NCCL). Only here is the whole
+    length known without a collective; the check is a shape comparison.
+    """
+
+    def __init__(self, *, sequence_dim: int = 1) -> None:
+        super().__init__(input_layouts=Replicate(), output_layouts=Shard(sequence_dim))
+        self.sequence_dim = sequence_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module = super()._apply(module, device_mesh)
+        dim, size = self.sequence_dim, device_mesh.size()
+
+        def check(_mod: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].ndim > dim:
+                _check_sequence(args[0], dim, size, "vocab_parallel_embedding")
+
+        module.register_forward_pre_hook(check, prepend=True)
+        return module
 
 
 class BlockInput(ParallelStyle):

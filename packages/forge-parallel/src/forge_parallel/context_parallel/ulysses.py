@@ -9,7 +9,8 @@ back in global order, so ``is_causal``, document masks and bidirectional blocks 
 process, from the ids of the full sequence); the
 all-to-alls are differentiable (their backward is the reverse exchange).
 
-Query heads and key/value heads (grouped-query attention) must both be divisible by ``cp``.
+Query heads and key/value heads (grouped-query attention) must both be divisible by ``cp``:
+the heads each rank holds, so under tensor parallelism ``tp x cp`` must divide the model's counts.
 """
 
 from __future__ import annotations
@@ -30,16 +31,35 @@ from forge_parallel.context_parallel.sharding import (
 __all__ = ["heads_to_sequence", "sequence_to_heads", "ulysses_attention", "validate_ulysses"]
 
 
-def validate_ulysses(num_heads: int, num_kv_heads: int, cp: int) -> None:
-    """Raise a ``ValueError`` naming the valid degrees when the heads do not split over ``cp``."""
+def validate_ulysses(num_heads: int, num_kv_heads: int, cp: int, *, tp: int | None = None) -> None:
+    """Raise a ``ValueError`` naming the valid degrees when the heads do not split over ``cp``.
+
+    ``num_heads`` / ``num_kv_heads`` are the heads the attention call receives on this rank:
+    under tensor parallelism the model's counts divided by the tensor-parallel degree ``tp``
+    (given, the message names the model's counts; ``None``: not known here, as inside
+    :func:`ulysses_attention`, which sees only the local tensors).
+    """
     if num_heads % cp == 0 and num_kv_heads % cp == 0:
         return
     common = math.gcd(num_heads, num_kv_heads)
     valid = [d for d in range(1, common + 1) if common % d == 0]
+    if tp is None:
+        local = (
+            " (the heads of this rank's attention call: under tensor parallelism, the model's "
+            "counts divided by tp; tp x cp must divide the model's counts)"
+        )
+    elif tp > 1:
+        local = (
+            f" (local heads after tensor parallelism over tp={tp}: the model has "
+            f"num_heads={num_heads * tp} and num_kv_heads={num_kv_heads * tp}, which "
+            f"tp x cp = {tp * cp} must divide; or lower tp)"
+        )
+    else:
+        local = ""
     raise ValueError(
         f"Ulysses context parallelism splits attention heads over cp={cp} ranks, but "
-        f"num_heads={num_heads} and num_kv_heads={num_kv_heads} are not both divisible by {cp}; "
-        f"use cp in {valid} or style='ring' (any head count)"
+        f"num_heads={num_heads} and num_kv_heads={num_kv_heads}{local} are not both divisible "
+        f"by {cp}; use cp in {valid} or style='ring' (any head count)"
     )
 
 
