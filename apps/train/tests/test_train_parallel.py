@@ -170,8 +170,9 @@ def test_multi_token_prediction_under_pp2_fsdp2(tmp_path, dist_pool):
     root = str(tmp_path)
     mtp = ("+model.config.mtp_depth=1", "+model.config.mtp_loss_weight=0.5")
     single = tiny.run_losses(f"{root}/single", *_SHORT, *mtp)
-    # The first loss: the main cross-entropy plus 0.5 x the module's, each about ln(vocab).
-    assert single[0] > 1.4 * math.log(8192)
+    # The logged loss is the main cross-entropy alone, about ln(vocab) (the module's, about
+    # as large, is logged apart as mtp_1_loss and weighted into the gradient only).
+    assert abs(single[0] - math.log(8192)) < 0.2 * math.log(8192)
     pipeline = dist_pool(4).run(tiny.run_losses, f"{root}/pp2", *_SHORT, *mtp, "parallel=pp2-fsdp")
     _close(pipeline, single)
     # TP2 + SP x FSDP2: the module split like a decoder layer on each rank's sequence shard

@@ -362,8 +362,10 @@ class DataConfig:
 class OptimConfig:
     """AdamW with weight-decay groups (no decay on norms, biases and embeddings), gradient
     clipping (``grad_clip`` 0: off) and a learning-rate schedule after ``warmup_steps`` of linear
-    warmup: ``cosine`` or ``linear`` decay to ``min_lr_ratio * lr``, ``wsd`` (constant, then
-    linear decay over the last ``decay_fraction`` of the steps) or ``constant``."""
+    warmup: ``cosine`` or ``linear`` decay to ``min_lr_ratio * lr`` (reached at step
+    ``train.steps``, one past the last step run, as Hugging Face's schedules), ``wsd``
+    (constant, then linear decay over the last ``decay_fraction`` of the steps, its last step
+    at exactly ``min_lr_ratio * lr``) or ``constant``; exact values in :mod:`forge_train.optim`."""
 
     name: Literal["adamw"] = "adamw"
     lr: float = 3e-3
@@ -450,6 +452,16 @@ class TrainSettings:
             _require(self.fp8 is not None, "train.fp8_policy", "needs train.fp8 to be set")
         for name in ("eval_every", "eval_batches", "max_nan_skips", "benchmark_warmup"):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        # The data order is drawn with numpy's SeedSequence, which takes non-negative seeds only.
+        _require(self.seed >= 0, "train.seed", "must be >= 0 (a non-negative integer)", self.seed)
+        _require(
+            not (self.eval_every > 0 and self.eval_batches == 0),
+            "train.eval_every",
+            f"evaluates every {self.eval_every} steps but train.eval_batches=0 gives it no "
+            "batches to evaluate; set train.eval_batches >= 1, or train.eval_every=0 (no "
+            "evaluation during the run)",
+            self.eval_every,
+        )
         if self.benchmark:
             _require(
                 self.steps > self.benchmark_warmup,

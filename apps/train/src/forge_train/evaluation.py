@@ -1,4 +1,6 @@
-"""The held-out loss: mean cross-entropy per predicted token over a fixed set of batches."""
+"""The held-out loss: mean next-token cross-entropy per predicted token over a fixed set of
+batches (of the validation set; the loop labels it when there is none and it reads training
+batches). Also the input-token count of a batch, which throughput and MFU count."""
 
 from __future__ import annotations
 
@@ -9,7 +11,18 @@ from forge_train.data import build_loader
 from forge_train.distributed import all_reduce
 from forge_train.step import StepRunner
 
-__all__ = ["held_out_loss"]
+__all__ = ["held_out_loss", "input_tokens"]
+
+
+def input_tokens(micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    """Non-padding input positions of collated micro-batches (``document_ids`` is -1 on a
+    row's padding): the tokens the model processes, which throughput and MFU count. The loss
+    counts only the predicted ones (for SFT with assistant-only loss, a fraction of them)."""
+    total = 0
+    for mb in micro_batches:
+        documents = mb.get("document_ids")
+        total += int((documents >= 0).sum()) if documents is not None else mb["input_ids"].numel()
+    return total
 
 
 @torch.no_grad()
@@ -24,7 +37,7 @@ def held_out_loss(
     dp_size: int,
     pad_id: int,
 ) -> float | None:
-    """Mean loss per predicted token over ``batches`` global batches of ``dataset``, read in
+    """Mean next-token cross-entropy per predicted token over ``batches`` global batches of ``dataset``, read in
     order from the start (the same batches every time); ``None`` when ``batches`` is 0."""
     if batches == 0:
         return None

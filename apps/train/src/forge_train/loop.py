@@ -7,6 +7,13 @@ parts (:mod:`forge_train.components`), resume from the newest checkpoint, evalua
 window; SIGTERM or ``train.max_minutes`` stop all ranks at the same step with a checkpoint
 (:mod:`forge_train.preemption`). At the end: a final checkpoint, evaluation and the Hugging
 Face export.
+
+Each log row's ``loss`` is the next-token cross-entropy per predicted token (with multi-token
+prediction, each depth's ``mtp_<k>_loss`` beside it); ``tokens`` counts the predicted (loss)
+tokens trained on, while ``tokens_per_s`` and ``mfu`` count the input tokens processed (every
+non-padding position of the batch, as the model runs on all of them), over the time of the
+steps only (held-out evaluation and checkpoint saves are left out). Without a validation set
+the "held-out" evaluation reads training batches: its rows say ``eval_split: "train"``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import torch.distributed as dist
 
 from forge_train.components import Components, build_components
 from forge_train.config import ConfigError, RunConfig
-from forge_train.evaluation import held_out_loss
+from forge_train.distributed import all_reduce
+from forge_train.evaluation import held_out_loss, input_tokens
 from forge_train.expert_balance import ExpertBiasBalancer
 from forge_train.guards import NonFiniteGuard
 from forge_train.metrics import MetricsLogger
@@ -184,8 +192,22 @@ class Trainer:
     def _save(self, manager, step: int) -> Path:
         return manager.save(step, **self._stateful())
 
+    @property
+    def eval_split(self) -> str:
+        """What evaluation reads: ``val`` (the validation set) or ``train`` (none given: the
+        first training batches, which the model trains on, so not a held-out figure)."""
+        return "val" if self.parts.data.val is not None else "train"
+
+    @property
+    def _eval_name(self) -> str:
+        return "held-out loss" if self.eval_split == "val" else "loss on training batches"
+
+    def _log_eval(self, step: int, value: float) -> None:
+        self.log.log({"step": step, "eval_loss": value, "eval_split": self.eval_split}, show=False)
+
     def evaluate(self) -> float | None:
-        """Mean loss per predicted token over ``train.eval_batches`` fixed held-out steps."""
+        """Mean next-token cross-entropy per predicted token over ``train.eval_batches`` fixed
+        steps of the validation set (of the training set without one: :attr:`eval_split`)."""
         p, cfg = self.parts, self.cfg
         return held_out_loss(
             self.runner,
@@ -213,6 +235,34 @@ class Trainer:
             f"data: {p.data.description}; {cfg.data.global_batch_rows} rows x "
             f"{cfg.data.seq_len} tokens per step | run folder {self.run_dir}"
         )
+        self._warnings()
+
+    def _warnings(self) -> None:
+        """Set-ups that run but likely not as meant: one line each at the start."""
+        cfg = self.cfg
+        if not cfg.train.benchmark and cfg.train.eval_batches and self.eval_split == "train":
+            how = {
+                "stdlib": "add one with data.stdlib_val_files > 0",
+                "skimage_captions": "the image-caption data has no validation split",
+            }.get(cfg.data.kind, "add one with data.val_paths=[...] (held-out files)")
+            self.log.message(
+                "warning: no validation set: evaluation reads the first training batches, so "
+                f"its loss is not held out (logged as eval_split=train); {how}"
+            )
+        warmup, steps = cfg.optim.warmup_steps, cfg.train.steps
+        if warmup >= steps:
+            peak = cfg.optim.lr * steps / warmup  # the last step's: (T - 1 + 1) / W
+            reached = (
+                f"peaks at {peak:.3g} on its last step (step {steps}), below optim.lr="
+                f"{cfg.optim.lr:g}"
+                if warmup > steps
+                else f"reaches optim.lr={cfg.optim.lr:g} only on its last step"
+            )
+            self.log.message(
+                f"warning: optim.warmup_steps={warmup} >= train.steps={steps}: the run ends "
+                f"inside the warmup, its learning rate {reached} and never decays; lower "
+                "optim.warmup_steps for a full schedule (fine for a smoke run)"
+            )
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -229,7 +279,7 @@ class Trainer:
         if not cfg.train.benchmark:
             result.initial_eval = self.evaluate()
             if result.initial_eval is not None:
-                self.log.message(f"held-out loss before training: {result.initial_eval:.4f}")
+                self.log.message(f"{self._eval_name} before training: {result.initial_eval:.4f}")
         saved_at = self._steps(result, manager)
         result.steps_done = self.progress.step
         result.skipped_steps = list(self.progress.skipped)
@@ -251,7 +301,7 @@ class Trainer:
         cfg, p = self.cfg, self.parts
         saved_at = -1
         started = time.perf_counter()
-        window_start, window_tokens = started, 0
+        window_start, window_tokens = started, 0  # input tokens of this rank's batches
         bench_start, bench_tokens = None, 0
         profile = ProfileWindow(
             cfg.logging.profile,
@@ -266,23 +316,25 @@ class Trainer:
                 if cfg.train.benchmark and step - result.start_step == cfg.train.benchmark_warmup:
                     self.accelerator.synchronize()
                     bench_start, bench_tokens = time.perf_counter(), 0
-                loss, grad_norm, tokens = self.runner.run(step, next(p.loader))
+                batch = next(p.loader)
+                loss, grad_norm, tokens = self.runner.run(step, batch)
                 p.schedule.step()
                 profile.step()
                 self.progress.step += 1
                 self.progress.tokens += tokens
                 result.losses.append(loss)
-                window_tokens += tokens
-                bench_tokens += tokens
+                processed = input_tokens(batch)
+                window_tokens += processed
+                bench_tokens += processed
                 done = self.progress.step
                 if done == result.start_step + 1 and cfg.parallel.recompute == "auto":
                     self._report_recompute()
                 if done % cfg.logging.log_every == 0 or done == cfg.train.steps:
                     now = time.perf_counter()
-                    self._log_row(
-                        done, loss, grad_norm, window_tokens / max(now - window_start, 1e-9)
-                    )
+                    processed = self._global_input_tokens(window_tokens)
+                    self._log_row(done, loss, grad_norm, processed / max(now - window_start, 1e-9))
                     window_start, window_tokens = now, 0
+                paused = time.perf_counter()  # saves and evaluations: not in tokens/s
                 if manager is not None and manager.should_save(done):
                     result.checkpoint, saved_at = self._save(manager, done), done
                 if (
@@ -291,8 +343,12 @@ class Trainer:
                     and done < cfg.train.steps
                 ):
                     value = self.evaluate()
-                    self.log.message(f"step {done}: held-out loss {value:.4f}")
-                    self.log.log({"step": done, "eval_loss": value}, show=False)
+                    self.log.message(f"step {done}: {self._eval_name} {value:.4f}")
+                    self._log_eval(done, value)
+                paused = time.perf_counter() - paused
+                window_start += paused
+                if bench_start is not None:
+                    bench_start += paused
                 if should_stop(
                     preemption,
                     started=started,
@@ -329,10 +385,10 @@ class Trainer:
         result.final_eval = self.evaluate()
         if result.final_eval is not None and result.initial_eval is not None:
             self.log.message(
-                f"held-out loss: {result.initial_eval:.4f} -> {result.final_eval:.4f} after "
+                f"{self._eval_name}: {result.initial_eval:.4f} -> {result.final_eval:.4f} after "
                 f"{self.progress.step} steps"
             )
-            self.log.log({"step": self.progress.step, "eval_loss": result.final_eval}, show=False)
+            self._log_eval(self.progress.step, result.final_eval)
         if not cfg.checkpoint.export_hf:
             return
         dtype = getattr(torch, cfg.checkpoint.export_dtype) if cfg.checkpoint.export_dtype else None
@@ -349,11 +405,21 @@ class Trainer:
         if result.hf_dir is not None:
             self.log.message(f"saved checkpoint {result.checkpoint} and HF export {result.hf_dir}")
 
+    def _global_input_tokens(self, local: int) -> int:
+        """Input tokens of the whole global batch from this rank's count (summed over the
+        data-parallel ranks; the other ranks of a data-parallel rank read the same batch)."""
+        if self.parts.dp_size == 1:
+            return local
+        total = torch.tensor([float(local)], device=self.device)
+        return int(all_reduce(total, self.parts.dp_group).item())
+
     def _log_row(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+        """One metrics row; ``tokens_per_s``: input (non-padding) tokens per second."""
         p = self.parts
         row = {
             "step": step,
             "loss": loss,
+            **getattr(self.runner, "last_mtp_losses", {}),
             "lr": p.schedule.config.lr * p.schedule.factor(step - 1),
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
@@ -367,7 +433,7 @@ class Trainer:
         self.accelerator.synchronize()
         measured = self.progress.step - result.start_step - self.cfg.train.benchmark_warmup
         elapsed = time.perf_counter() - (start or time.perf_counter())
-        result.tokens_per_s = tokens / max(elapsed, 1e-9)
+        result.tokens_per_s = self._global_input_tokens(tokens) / max(elapsed, 1e-9)
         self.log.message(
             benchmark_line(
                 n_params=self.parts.n_params,

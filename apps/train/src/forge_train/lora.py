@@ -97,6 +97,7 @@ def apply_lora(
             f"lora.targets {targets} match no linear layer; linear layers are named like "
             f"{', '.join(linears)}"
         )
+    _refuse_tied(model, matched)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in matched:
@@ -104,6 +105,27 @@ def apply_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
     return [name for name, _ in matched]
+
+
+def _refuse_tied(model: nn.Module, matched: list[tuple[str, nn.Module]]) -> None:
+    """A ``ValueError`` if a matched layer's weight is tied to another module's parameter (a
+    tied ``lm_head`` is the token embedding, ``tie_word_embeddings``): its adapter would train
+    a separate head while the Hugging Face export keeps the tie, so the merge cannot be
+    written (found at export, after the whole run)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, module in matched:
+        names = owners.get(id(module.weight), [])
+        others = [n for n in names if n != (f"{name}.weight" if name else "weight")]
+        if others:
+            raise ValueError(
+                f"lora.targets: {name!r} matches a layer whose weight is tied to {others[0]} "
+                "(tie_word_embeddings: the output head shares the token embedding); a LoRA "
+                "update of it cannot be merged into the tied export. Leave it out of "
+                "lora.targets (e.g. drop 'lm_head'), or use a model with "
+                "tie_word_embeddings=false"
+            )
 
 
 def apply_vlm_lora(

@@ -18,7 +18,10 @@ __all__ = ["MetricsLogger"]
 
 
 def _format(row: dict[str, Any]) -> str:
-    parts = [f"step {row['step']:5d}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    parts = [f"step {row['step']:5d}", f"loss {row['loss']:.4f}"]
+    # Multi-token prediction depths' losses (mtp_1_loss, ...), beside the next-token loss.
+    parts += [f"{key[:-5]} {value:.4f}" for key, value in row.items() if key.startswith("mtp_")]
+    parts.append(f"lr {row['lr']:.2e}")
     parts.append(f"grad norm {row['grad_norm']:.3f}")
     parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
     if row.get("mfu") is not None:

@@ -69,10 +69,24 @@ class CausalLMLossHead:
         self.mtp_loss_weight = config.mtp_loss_weight
         self.moe = moe
         self._batches: list[dict[str, Any]] | None = None
+        #: Each multi-token prediction depth's summed cross-entropy (detached, ``[D]``) per
+        #: micro-batch this stage ran in the schedule since :meth:`load`, for the step's report
+        #: of the main loss apart from them (:meth:`depth_sums`).
+        self._depth_sums: dict[int, torch.Tensor] = {}
 
     def load(self, batches: list[dict[str, Any]] | None) -> None:
         """Set the model inputs of the coming micro-batches (``None``: forget them)."""
         self._batches = batches
+        if batches is not None:
+            self._depth_sums = {}
+
+    def depth_sums(self, device: torch.device) -> torch.Tensor:
+        """``[D]``: each depth's summed cross-entropy over the micro-batches run since
+        :meth:`load` (zeros on a rank whose stage does not end the model)."""
+        total = torch.zeros(self.mtp_depth, device=device)
+        for sums in self._depth_sums.values():
+            total += sums.to(device)
+        return total
 
     def __call__(self, stage: torch.nn.Module, h: torch.Tensor, block_args: tuple) -> torch.Tensor:
         if h.is_meta:  # the pipeline runtime's shape inference on the meta device
@@ -105,6 +119,8 @@ class CausalLMLossHead:
                 targets=targets, route=route, depth_inputs=batch.get("mtp_inputs"),
             )  # fmt: skip
             mtp_losses = [self._cross_entropy(stage, x, t) for x, t in depths]
+            if stage.in_schedule:  # not the runtime's probe
+                self._depth_sums[stage.microbatch] = torch.stack(mtp_losses).detach().float()
             loss = loss + self.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
         return torch.stack((loss,))  # a new tensor, not a view (FSDP2 hooks the output)
 

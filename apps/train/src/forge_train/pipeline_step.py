@@ -91,11 +91,17 @@ class PipelineStepRunner(StepRunner):
         count = torch.stack(tokens).sum().to(self.device, torch.float32)
         return torch.cat(ids), torch.cat(targets), block_args, count, batches
 
-    def _run_pipeline(self, inputs, *, backward: bool, scale: float) -> torch.Tensor:
-        """Run the schedule on ``_pipeline_inputs``; returns the summed cross-entropy of this
-        rank's micro-batches (from the last stage, summed over the pipeline group)."""
+    def _run_pipeline(
+        self, inputs, *, backward: bool, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the schedule on ``_pipeline_inputs``; returns the summed next-token
+        cross-entropy of this rank's micro-batches and each multi-token prediction depth's
+        (``[D]``), from the last stage, summed over the pipeline group; the schedule's loss
+        (the gradient's) is their weighted sum, as :class:`StepRunner`'s."""
         p = self.pipeline
         ids, targets, block_args, _, batches = inputs
+        depth = p.head.mtp_depth if p.head is not None else 0  # the same on every stage
+        depth_sums = torch.zeros(depth, device=self.device)
         p.loss.scale = scale
         reported: list[torch.Tensor] = []
         run = p.pipe.step if backward else p.pipe.eval
@@ -118,13 +124,19 @@ class PipelineStepRunner(StepRunner):
                     # of the first stage (a VLM's encoder and token embedding)
                     **({"finish": finish} if backward else {}),
                 )
+            if depth:
+                depth_sums = p.head.depth_sums(self.device)
         finally:
             if p.head is not None:
                 p.head.load(None)
         if not backward:
             finish()
         ce = p.loss.cross_entropy(reported) if reported else torch.zeros((), device=self.device)
-        return all_reduce(ce.float(), p.group)
+        sums = all_reduce(torch.cat([ce.float().reshape(1), depth_sums]), p.group)
+        ce, depth_sums = sums[0], sums[1:]
+        if depth:
+            ce = ce - p.head.mtp_loss_weight / depth * depth_sums.sum()
+        return ce, depth_sums
 
     def accumulate(
         self, micro_batches: list[dict[str, torch.Tensor]]
@@ -135,8 +147,13 @@ class PipelineStepRunner(StepRunner):
         scale = float(self.grad_ranks / global_tokens.clamp(min=1)) * loss_scale
         if self.pipeline.moe is not None:  # the balance losses' gradients scaled alike
             self.pipeline.moe.aux_weight = self._aux_weight * loss_scale
-        ce = self._run_pipeline(inputs, backward=True, scale=scale)
-        loss = self._batch_sum(ce) / global_tokens.clamp(min=1)
+        ce, depth_sums = self._run_pipeline(inputs, backward=True, scale=scale)
+        sums = self._batch_sum(torch.cat([ce.reshape(1), depth_sums]))
+        means = sums / global_tokens.clamp(min=1)
+        loss = means[0]
+        self.last_mtp_losses = {
+            f"mtp_{k}_loss": v for k, v in enumerate(means[1:].tolist(), start=1)
+        }
         self.unscale()  # fp16: found-inf summed over every rank (forge_train.step.loss_scaler)
         return loss, self.clip(), int(global_tokens.item())
 
@@ -167,5 +184,5 @@ class PipelineStepRunner(StepRunner):
     @torch.no_grad()
     def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         inputs = self._pipeline_inputs(micro_batches)
-        ce = self._run_pipeline(inputs, backward=False, scale=1.0)
+        ce, _ = self._run_pipeline(inputs, backward=False, scale=1.0)
         return all_reduce(torch.stack([ce, inputs[3]]), self.cp_group)

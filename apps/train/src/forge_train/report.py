@@ -97,12 +97,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     ax.plot(*_series(train, "loss"), label="train", color="tab:blue")
     steps, values = _series(evals, "eval_loss")
     if steps:
-        ax.plot(steps, values, "o--", label="held-out", color="tab:orange")
+        # Without a validation set the loop evaluates training batches (eval_split "train").
+        held_out = all(r.get("eval_split", "val") == "val" for r in evals)
+        label = "held-out" if held_out else "eval on training batches (no validation set)"
+        ax.plot(steps, values, "o--", label=label, color="tab:orange")
     ax.legend()
     written.append(_save(fig, out / "loss.png"))
 
     fig, ax = _figure(f"throughput ({run_dir.name})", "tokens/s")
-    ax.plot(*_series(train, "tokens_per_s"), color="tab:green", label="tokens/s")
+    # Input (non-padding) tokens per second, the work MFU counts (forge_train.throughput).
+    ax.plot(*_series(train, "tokens_per_s"), color="tab:green", label="input tokens/s")
     steps, values = _series(train, "mfu")
     if steps:
         mfu_ax = ax.twinx()

@@ -7,7 +7,10 @@ Under context parallelism each rank runs its shard of every sequence
 (:class:`forge_train.context_parallel.ContextParallelInputs`) and token counts and loss sums
 are reduced over the context-parallel ranks too.
 MoE auxiliary losses are weighted per micro-batch; bf16/fp16 run under autocast (fp16 with
-loss scaling). After clipping, the non-finite guard decides whether the optimizer steps; the
+loss scaling). With multi-token prediction the gradient is that of ``ce + mtp_loss_weight / D *
+sum_k ce_k`` (DeepSeek-V3, arXiv:2412.19437, section 2.2), but the reported loss is the main
+next-token cross-entropy ``ce`` only, each depth's ``ce_k`` reported apart (as Megatron-LM logs
+"lm loss" and "mtp_1 loss"), so runs with and without MTP compare. After clipping, the non-finite guard decides whether the optimizer steps; the
 expert-bias balancer (models with ``moe.expert_bias``) updates after it.
 """
 
@@ -102,6 +105,10 @@ class StepRunner:
         #: Ranks whose gradients data parallelism averages (dp x cp).
         self.grad_ranks = dp_size * (context.size if context is not None else 1)
         self.scaler = loss_scaler(device, precision)
+        #: The last step's multi-token prediction losses, ``{"mtp_1_loss": ...}``: depth k's
+        #: summed cross-entropy over the predicted tokens of the main loss (the normalizer of
+        #: the gradient), so ``loss + mtp_loss_weight / D * sum(values)`` is the objective.
+        self.last_mtp_losses: dict[str, float] = {}
 
     # -- forward ----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -135,18 +142,22 @@ class StepRunner:
         kwargs: dict[str, Any],
         around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         documents: tuple[torch.Tensor, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(summed cross-entropy, weighted auxiliary loss or None)`` of one micro-batch
-        (``around``, ``documents``: from :meth:`prepare`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """``(summed objective cross-entropy, weighted auxiliary loss or None, depth sums)`` of
+        one micro-batch (``around``, ``documents``: from :meth:`prepare`). The objective is the
+        next-token cross-entropy plus, with multi-token prediction, ``mtp_loss_weight / D``
+        times the depths' summed cross-entropies, which ``depth sums`` holds (detached; empty
+        without MTP): :meth:`main_ce` takes them out again for the reported loss."""
         split = self.routing is not None and self.routing.aux_loss is not None
         if split:  # the model sees a shard: the balance loss of the whole batch is formed here
             kwargs = {**kwargs, "output_router_logits": False}
         if self.tensor_parallel:
             with around():  # from the logits: no auxiliary loss added
-                loss = self._loss_parallel_sum(kwargs)
+                loss, depth_sums = self._loss_parallel_sum(kwargs)
         else:
             with self.autocast(), around():
                 loss = self.model(**kwargs, loss_reduction="sum")
+            depth_sums = list(getattr(self.language_model, "mtp_losses", None) or ())
         stats = getattr(self.language_model, "moe_stats", None)
         aux = None
         if split and stats is not None:
@@ -155,12 +166,22 @@ class StepRunner:
             aux = self.aux_coef * stats.aux_loss
             if not self.tensor_parallel:
                 loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch
-        return loss, aux
+        return loss, aux, [local_value(x.detach()).float() for x in depth_sums]
 
-    def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> torch.Tensor:
+    def main_ce(self, objective_ce: torch.Tensor, depth_sums: list[torch.Tensor]) -> torch.Tensor:
+        """The next-token cross-entropy of an objective from :meth:`forward_sum` (detached):
+        the objective less the weighted multi-token prediction depths."""
+        ce = local_value(objective_ce.detach()).float()
+        if not depth_sums:
+            return ce
+        weight = self.language_model.config.mtp_loss_weight
+        return ce - weight / len(depth_sums) * torch.stack(depth_sums).sum()
+
+    def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list]:
         """Tensor parallel: cross-entropy of the logits (under ``loss_parallel`` when the plan
         shards them by vocabulary), plus the multi-token prediction depths' weighted as
-        ``CausalLM`` weighs them (``mtp_loss_weight / D``), from their logits."""
+        ``CausalLM`` weighs them (``mtp_loss_weight / D``), from their logits; and the depths'
+        summed cross-entropies."""
         import torch.nn.functional as F
 
         from forge_models.causal_lm import shift_labels
@@ -204,17 +225,18 @@ class StepRunner:
         if depth_losses:
             weight = self.language_model.config.mtp_loss_weight
             loss = loss + weight / depth * sum(depth_losses)
-        return loss
+        return loss, depth_losses
 
     @torch.no_grad()
     def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """``[summed cross-entropy, predicted tokens]`` of this rank's micro-batches, forward
-        only (held-out evaluation)."""
+        """``[summed next-token cross-entropy, predicted tokens]`` of this rank's micro-batches,
+        forward only (held-out evaluation; multi-token prediction depths left out)."""
         total = torch.zeros(2, device=self.device)
         for mb in micro_batches:
             kwargs, n, around, documents = self.prepare(mb)
-            ce, _ = self.forward_sum(kwargs, around, documents)
-            total += torch.stack([local_value(ce).float(), n.to(self.device, torch.float32)])
+            ce, _, depth_sums = self.forward_sum(kwargs, around, documents)
+            ce = self.main_ce(ce, depth_sums)
+            total += torch.stack([ce, n.to(self.device, torch.float32)])
         return all_reduce(total, self.cp_group)
 
     def _batch_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -225,18 +247,20 @@ class StepRunner:
     def accumulate(
         self, micro_batches: list[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Forward and backward of every micro-batch: ``(mean loss per predicted token of the
-        global batch, gradient norm after unscaling, predicted tokens of the global batch)``."""
+        """Forward and backward of every micro-batch: ``(mean next-token cross-entropy per
+        predicted token of the global batch, gradient norm after unscaling, predicted tokens of
+        the global batch)``; the multi-token prediction depths' in :attr:`last_mtp_losses`."""
         inputs = [self.prepare(mb) for mb in micro_batches]
         local = torch.stack([n for _, n, _, _ in inputs]).sum().to(self.device, torch.float32)
         global_tokens = self._batch_sum(local.clone())
         scale = self.grad_ranks / global_tokens.clamp(min=1)
         ce_total = torch.zeros((), device=self.device)
+        depth_totals = torch.zeros(self.mtp_depth, device=self.device)
         last = len(inputs) - 1
         for i, (kwargs, _, around, documents) in enumerate(inputs):
             sync = contextlib.nullcontext() if i == last else self.parallel.no_sync()
             with sync:
-                ce, aux = self.forward_sum(kwargs, around, documents)
+                ce, aux, depth_sums = self.forward_sum(kwargs, around, documents)
                 if self.balancer is not None:
                     self.balancer.add_micro_batch()
                 objective = ce * scale
@@ -250,8 +274,15 @@ class StepRunner:
                         self.scaler.scale(objective).backward()
                     else:
                         objective.backward()
-            ce_total += local_value(ce.detach()).float()
-        loss = self._batch_sum(ce_total) / global_tokens.clamp(min=1)
+            ce_total += self.main_ce(ce, depth_sums)
+            if depth_sums:
+                depth_totals += torch.stack(depth_sums)
+        sums = self._batch_sum(torch.cat([ce_total.reshape(1), depth_totals]))
+        means = (sums / global_tokens.clamp(min=1)).tolist() if self.mtp_depth else None
+        loss = sums[0] / global_tokens.clamp(min=1)
+        self.last_mtp_losses = (
+            {f"mtp_{k}_loss": v for k, v in enumerate(means[1:], start=1)} if means else {}
+        )
         self.unscale()
         return loss, self.clip(), int(global_tokens.item())
 

@@ -2,7 +2,9 @@
 ``--benchmark`` summary line.
 
 MFU (model FLOPs utilization, Chowdhery et al. 2022, PaLM, appendix B) is
-``tokens/s x flops_per_token / (devices x peak FLOP/s)``, with ``forge_models.flops_per_token``.
+``tokens/s x flops_per_token / (devices x peak FLOP/s)``, with ``forge_models.flops_per_token``;
+tokens/s counts the input tokens the model processes (every non-padding position), not only the
+predicted (loss) tokens: with an assistant-only SFT loss those are a fraction of the work.
 """
 
 from __future__ import annotations
@@ -11,10 +13,31 @@ import torch
 
 from forge_train.config import LoggingConfig
 
-__all__ = ["benchmark_line", "mfu", "peak_flops", "peak_memory_gb"]
+__all__ = ["benchmark_line", "known_peak_flops", "mfu", "peak_flops", "peak_memory_gb"]
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets).
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+# Dense bf16 peak FLOP/s per device (NVIDIA datasheets, without sparsity), matched against
+# ``torch.cuda.get_device_name``: the first row whose words all occur in the name, so the
+# PCIe and NVL boards (lower clocks and power) come before their SXM parts' rows
+# ("NVIDIA H100 80GB HBM3" is the SXM, "NVIDIA H100 PCIe" / "NVIDIA H100 NVL" the others).
+_PEAK_BF16: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),
+    (("H200", "NVL"), 835e12),
+    (("H200",), 989e12),
+    (("H800", "PCIe"), 756e12),
+    (("H800",), 989e12),
+    (("A100",), 312e12),
+    (("B200",), 2250e12),
+)
+
+
+def known_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its name; ``None`` for an unknown one."""
+    for words, value in _PEAK_BF16:
+        if all(word in device_name for word in words):
+            return value
+    return None
 
 
 def peak_flops(config: LoggingConfig, device: torch.device) -> float | None:
@@ -22,10 +45,7 @@ def peak_flops(config: LoggingConfig, device: torch.device) -> float | None:
     if config.peak_tflops is not None:
         return config.peak_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in _PEAK_BF16.items():
-            if key in name:
-                return value
+        return known_peak_flops(torch.cuda.get_device_name(device))
     return None
 
 

@@ -355,6 +355,11 @@ class InternVisionEncoder(nn.Module):
     def reset_parameters(self) -> None:
         self.init_weights()
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters (names relative to this module) that an optimizer should not decay: the
+        CLS token and the position table, as timm's ``VisionTransformer.no_weight_decay``."""
+        return {"cls_token"} | ({"pos_embed"} if self.pos_embed is not None else set())
+
     # -- forward ------------------------------------------------------------------------------
     def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """``(h, w)`` in patches of tiles ``[tiles, C, H, W]``; ``ValueError`` if they do not fit."""
