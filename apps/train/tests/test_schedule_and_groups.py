@@ -151,15 +151,9 @@ def test_lora_on_a_tied_head_is_refused_at_setup():
 # -- peak FLOP/s -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "tflops"),
-    [
-        ("NVIDIA H100 80GB HBM3", 989),
-        ("NVIDIA H100 PCIe", 756),
-        ("NVIDIA H100 NVL", 835),
-        ("NVIDIA H200", 989),
-        ("NVIDIA H200 NVL", 835),
-        ("NVIDIA A100-SXM4-80GB", 312),
-        ("NVIDIA GeForce RTX 4090", None),
-    ],
+    # The table and its name matching are forge-kernels' (tests/test_peak_tflops.py): here,
+    # that the loop reads it in FLOP/s and passes an unknown GPU through as None.
+    [("NVIDIA H100 PCIe", 756), ("NVIDIA GeForce RTX 4090", None)],
 )
 def test_peak_flops_by_device_name(name, tflops):
     expected = None if tflops is None else tflops * 1e12

@@ -300,3 +300,69 @@ def test_bad_inputs_explain_themselves(dist_pool):
     assert any("1 entries but the group has 2 ranks" in m for m in messages)
     assert any("'sum' or 'avg'" in m for m in messages)
     assert any("2-D mesh" in m for m in messages)
+
+
+def _uneven_gathers() -> None:
+    """all_gather(sizes=...) and its async twin against one process holding every rank's block,
+    including the gradient: rank r's block receives the sum of every rank's weights on it."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [r + 1 for r in range(world)]
+    for dim in (0, 1):
+        blocks = [
+            torch.randn(*((n, 3) if dim == 0 else (2, n)), generator=_gen(f"uneven{dim}", [r]))
+            for r, n in enumerate(sizes)
+        ]
+        full = torch.cat(blocks, dim=dim)
+        weights = [torch.randn(full.shape, generator=_gen(f"w{dim}", [r])) for r in range(world)]
+        x = blocks[rank].clone().requires_grad_()
+        y = C.all_gather(x, dim=dim, sizes=sizes)
+        torch.testing.assert_close(y, full)
+        (y * weights[rank]).sum().backward()
+        expected_grad = sum(weights).split(sizes, dim=dim)[rank]
+        torch.testing.assert_close(x.grad, expected_grad)
+        pending = C.all_gather_async(blocks[rank], dim=dim, sizes=sizes)
+        torch.testing.assert_close(pending.wait(), full)
+
+
+def test_uneven_all_gather_matches_one_process_with_gradients(dist_pool):
+    dist_pool(2).run(_uneven_gathers, timeout=60)
+
+
+def _mismatched_shapes_raise() -> list[str]:
+    import os
+
+    rank = dist.get_rank()
+    messages = []
+    x = torch.zeros(rank + 1, 2)
+    try:
+        C.all_gather(x, check_shapes=True)
+    except ValueError as exc:
+        messages.append(str(exc))
+    os.environ["FORGE_CHECK_COLLECTIVES"] = "1"
+    try:
+        C.all_gather_async(x)
+    except ValueError as exc:
+        messages.append(str(exc))
+    try:  # lengths along dim 0 announced right, but dim 1 differs between ranks
+        C.all_gather(torch.zeros(rank + 1, 2 + rank), sizes=[1, 2])
+    except ValueError as exc:
+        messages.append(str(exc))
+    finally:
+        del os.environ["FORGE_CHECK_COLLECTIVES"]
+    try:  # a wrong local length is caught with no communication (here on both ranks)
+        C.all_gather(x, sizes=[2, 1])
+    except ValueError as exc:
+        messages.append(str(exc))
+    C.all_gather(x, sizes=[1, 2])  # the group is still in step after all of the above
+    return messages
+
+
+def test_mismatched_gather_shapes_raise_on_every_rank_when_checked(dist_pool):
+    results = dist_pool(2).run(_mismatched_shapes_raise, timeout=60)
+    for messages in results:
+        assert "all_gather along dim 0 got rank 0: (1, 2), rank 1: (2, 2)" in messages[0]
+        assert "pass sizes=" in messages[0]
+        assert "all_gather_async along dim 0 got rank 0: (1, 2), rank 1: (2, 2)" in messages[1]
+        assert "rank 0: (1, 2), rank 1: (2, 3)" in messages[2]
+    assert "sizes[0]=2 but this rank's input has length 1" in results[0][3]
+    assert "sizes[1]=1 but this rank's input has length 2" in results[1][3]

@@ -48,6 +48,10 @@ def test_torchrun_variables_are_read():
         ({"MASTER_ADDR": None}, "MASTER_ADDR is not set but WORLD_SIZE=8"),
         ({"MASTER_PORT": None}, "MASTER_PORT is not set but WORLD_SIZE=8"),
         ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a valid TCP port"),
+        (
+            {"LOCAL_RANK": None, "LOCAL_WORLD_SIZE": None},
+            "LOCAL_RANK is not set but WORLD_SIZE=8",
+        ),
     ],
 )
 def test_inconsistent_environments_are_explained(changes, message):
@@ -55,6 +59,27 @@ def test_inconsistent_environments_are_explained(changes, message):
     environ = {k: v for k, v in environ.items() if v is not None}
     with pytest.raises(ValueError, match=re.escape(message)):
         read_launch_env(environ)
+
+
+def test_local_rank_is_derived_per_node_when_only_local_world_size_is_set():
+    environ = {**TORCHRUN_ENV, "RANK": "5", "LOCAL_WORLD_SIZE": "4"}
+    del environ["LOCAL_RANK"]
+    env = read_launch_env(environ)
+    assert (env.local_rank, env.local_world_size) == (1, 4)  # second node, not RANK=5
+
+
+def test_rank_zero_of_one_without_master_addr_runs_alone(monkeypatch):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not dist.is_initialized()
+    try:
+        env = init_distributed()  # os.environ: env:// would need MASTER_ADDR
+        assert (env.rank, env.world_size, env.local_rank, env.launched) == (0, 1, 0, True)
+        assert dist.get_world_size() == 1
+    finally:
+        shutdown_distributed()
 
 
 def test_single_process_init_and_shutdown():

@@ -85,3 +85,80 @@ def test_workers_holding_many_groups_are_restarted_before_the_next_job():
         # The next job runs on fresh workers (the groups' threads are gone) and still works.
         assert pool.run(_rank_and_sum) == pool.run(_rank_and_sum)
         assert pool.restarts == 1
+
+
+def _scaled_by_rank(x: torch.Tensor) -> torch.Tensor:
+    return x * (dist.get_rank() + 1)
+
+
+def _return_graph_tensor() -> torch.Tensor:
+    return torch.ones(2, requires_grad=True) * 2  # non-leaf, requires grad: cannot be sent
+
+
+def _call(fn):
+    return fn()
+
+
+def test_tensor_arguments_and_results_cross_to_every_rank(dist_pool):
+    x = torch.arange(3.0)
+    results = dist_pool(2).run(_scaled_by_rank, x, timeout=30)
+    assert torch.equal(results[0], x)
+    assert torch.equal(results[1], 2 * x)
+
+
+def test_unpicklable_result_fails_at_once_naming_the_job(dist_pool):
+    import time
+
+    pool = dist_pool(2)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"result of _return_graph_tensor cannot be sent back"):
+        pool.run(_return_graph_tensor, timeout=30)
+    assert time.monotonic() - start < 10  # not the timeout: the error comes back at once
+    assert pool.alive
+    assert [r for r, _, _ in pool.run(_rank_and_sum, timeout=30)] == [0, 1]
+
+
+def test_unpicklable_argument_raises_type_error_before_sending(dist_pool):
+    import threading
+
+    pool = dist_pool(2)
+    with pytest.raises(TypeError, match=r"arguments of _call .*argument 0 \(lock\)"):
+        pool.run(_call, threading.Lock(), timeout=30)
+    assert pool.alive
+    assert [r for r, _, _ in pool.run(_rank_and_sum, timeout=30)] == [0, 1]
+
+
+def _rank_one_dies() -> int:
+    import os
+
+    if dist.get_rank() == 1:
+        os._exit(3)  # as a segfault or an OOM kill would
+    return dist.get_rank()
+
+
+def test_a_dead_worker_stops_its_surviving_peers(dist_pool):
+    pool = dist_pool(2)
+    procs = list(pool._procs)
+    with pytest.raises(WorkerError, match="worker process died"):
+        pool.run(_rank_one_dies, timeout=30)
+    assert not pool.alive
+    assert not any(p.is_alive() for p in procs)  # rank 0 was idle and alive: now stopped
+    assert dist_pool(2).run(_rank_and_sum, timeout=60)[0][0] == 0  # a fresh pool replaces it
+
+
+def test_pool_set_closes_a_broken_pool_before_replacing_it(monkeypatch):
+    from forge_core.testing import pytest_plugin
+
+    class _Pool:
+        def __init__(self, world_size: int) -> None:
+            self.alive, self.closed = True, False
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(pytest_plugin, "WorkerPool", _Pool)
+    pools = pytest_plugin.PoolSet()
+    broken = pools(2)
+    broken.alive = False
+    assert pools(2) is not broken
+    assert broken.closed

@@ -38,20 +38,7 @@ from forge_kernels.attention import (
     multimodal_mask,
     record_attention_backends,
 )
-
-#: Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, from NVIDIA's data sheets; the first
-#: name contained in ``torch.cuda.get_device_name()`` wins (so specific names come first).
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),  # H200 SXM and GH200: the H100 SXM's tensor cores
-    ("H800", 989.0),
-    ("GB200", 2500.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-]
+from forge_kernels.benchmarking import peak_tflops as peak_tflops_of
 
 PROVIDERS = ["forge auto", "flash_attn", "sdpa", "flex", "eager"]
 
@@ -61,11 +48,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops
-    return None
+    return peak_tflops_of(torch.cuda.get_device_name(device))  # forge-kernels' one table
 
 
 def document_lengths(total: int, max_len: int, seed: int) -> list[int]:

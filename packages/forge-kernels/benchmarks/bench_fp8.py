@@ -28,16 +28,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from forge_kernels.benchmarking import peak_tflops as peak_tflops_of
 from forge_kernels.benchmarking import time_ms
-
-#: Dense tensor-core peak TFLOP/s, (bf16, fp8), by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {
-    "H100 PCIe": (756.0, 1513.0),
-    "H100 NVL": (835.0, 1671.0),
-    "H100": (989.0, 1979.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
-    "H200": (989.0, 1979.0),
-    "B200": (2250.0, 4500.0),
-}
 
 LLAMA_SHAPES = "8192x4096x4096,8192x1024x4096,8192x14336x4096,8192x4096x14336"
 SMOKE_SHAPES = "64x256x128,48x128x256"
@@ -47,11 +39,9 @@ POLICY_TOKENS = "256,512,1024,2048,4096,8192,16384"
 def peak_tflops(device: torch.device) -> tuple[float, float] | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS.items():  # most specific first
-        if key in name:
-            return peaks
-    return None
+    name = torch.cuda.get_device_name(device)  # forge-kernels' one table, by name token
+    bf16, fp8 = peak_tflops_of(name), peak_tflops_of(name, dtype="fp8")
+    return None if bf16 is None else (bf16, fp8)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -201,7 +191,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "FP8 emulated"
     peaks = peak_tflops(device)
     peak_text = (
-        f"dense peak bf16 {peaks[0]:.0f}, fp8 {peaks[1]:.0f} TFLOP/s" if peaks else "peak n/a"
+        f"dense peak bf16 {peaks[0]:.0f}, fp8 {peaks[1] or 'n/a'} TFLOP/s" if peaks else "peak n/a"
     )
     print(f"device={device} ({name}), torch {torch.__version__}, {peak_text}")
     print("fwd+bwd of one linear layer (3 GEMMs + FP8 casts); bf16 activations and weights")

@@ -118,6 +118,22 @@ def test_activation_installs_the_overrides_and_deactivation_removes_them(fake_xp
     }
 
 
+def test_deactivation_restores_the_override_that_replace_true_replaced(fake_xpytorch):
+    acc = KunlunXpuAccelerator()
+    theirs = registry.get_reference("swiglu")
+    registry.override_op("swiglu", theirs, source="someone-else")
+    try:
+        acc.activate(replace=True)
+        assert registry.implementation_of("swiglu") == "kunlun"
+        acc.deactivate()
+        assert registry.implementation_of("swiglu") == "someone-else"
+        assert registry.get_op("swiglu") is theirs
+        assert registry.implementation_of("rms_norm") in ("default", "reference")
+    finally:
+        acc.deactivate()
+        registry.remove_override("swiglu")
+
+
 def test_activation_refuses_to_replace_another_sources_override(fake_xpytorch):
     acc = KunlunXpuAccelerator()
     registry.override_op("swiglu", registry.get_reference("swiglu"), source="someone-else")

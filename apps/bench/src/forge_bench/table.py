@@ -21,27 +21,14 @@ FLOP_FORMULA = (
     "active experts only; attention at row length seq, not halved for causal or packing)"
 )
 
-#: Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's datasheets, by device-name part.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-)
 
+def peak_tflops_for(device_name: str, *, dtype: str = "bf16") -> float | None:
+    """The dense peak TFLOP/s of a known GPU, else None: forge-kernels' one table
+    (:func:`forge_kernels.benchmarking.peak_tflops`, matched by name token, so an L40 is not
+    taken for an L4)."""
+    from forge_kernels.benchmarking import peak_tflops
 
-def peak_tflops_for(device_name: str) -> float | None:
-    """The bf16 dense peak of a known GPU (first match in :data:`PEAK_BF16_TFLOPS`), else None."""
-    for part, tflops in PEAK_BF16_TFLOPS:
-        if part in device_name:
-            return tflops
-    return None
+    return peak_tflops(device_name, dtype=dtype)
 
 
 @dataclass(kw_only=True)

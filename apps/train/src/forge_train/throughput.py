@@ -15,29 +15,15 @@ from forge_train.config import LoggingConfig
 
 __all__ = ["benchmark_line", "known_peak_flops", "mfu", "peak_flops", "peak_memory_gb"]
 
-# Dense bf16 peak FLOP/s per device (NVIDIA datasheets, without sparsity), matched against
-# ``torch.cuda.get_device_name``: the first row whose words all occur in the name, so the
-# PCIe and NVL boards (lower clocks and power) come before their SXM parts' rows
-# ("NVIDIA H100 80GB HBM3" is the SXM, "NVIDIA H100 PCIe" / "NVIDIA H100 NVL" the others).
-_PEAK_BF16: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H100", "PCIe"), 756e12),
-    (("H100", "NVL"), 835e12),
-    (("H100",), 989e12),
-    (("H200", "NVL"), 835e12),
-    (("H200",), 989e12),
-    (("H800", "PCIe"), 756e12),
-    (("H800",), 989e12),
-    (("A100",), 312e12),
-    (("B200",), 2250e12),
-)
-
 
 def known_peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a GPU by its name; ``None`` for an unknown one."""
-    for words, value in _PEAK_BF16:
-        if all(word in device_name for word in words):
-            return value
-    return None
+    """Dense bf16 peak FLOP/s of a GPU by its ``torch.cuda.get_device_name``; ``None`` for an
+    unknown one. The table is forge-kernels' (:func:`forge_kernels.benchmarking.peak_tflops`,
+    shared with forge-bench and the kernel benchmarks)."""
+    from forge_kernels.benchmarking import peak_tflops
+
+    tflops = peak_tflops(device_name, dtype="bf16")
+    return None if tflops is None else tflops * 1e12
 
 
 def peak_flops(config: LoggingConfig, device: torch.device) -> float | None:

@@ -3,7 +3,9 @@
 Forge does not launch processes: ``torchrun`` (directly, or wrapped by SLURM / Kubernetes
 launchers) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT``, and :func:`init_distributed` reads them. Without them the process runs alone
-(world size 1) with an in-memory store, so the same code path works in a notebook.
+(world size 1) with an in-memory store, so the same code path works in a notebook; so does
+``RANK=0 WORLD_SIZE=1`` without ``MASTER_ADDR``. Without ``LOCAL_RANK`` a multi-process job
+derives it as ``RANK % LOCAL_WORLD_SIZE``, or is refused when that is not set either.
 """
 
 from __future__ import annotations
@@ -82,7 +84,19 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
         raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size}); check the launcher")
     local_rank = _int_var(environ, "LOCAL_RANK")
     local_world_size = _int_var(environ, "LOCAL_WORLD_SIZE")
-    local_rank = rank if local_rank is None else local_rank
+    if local_rank is None:
+        # RANK is the global rank: it equals the local one on the first node only.
+        if world_size == 1:
+            local_rank = 0
+        elif local_world_size is not None:
+            local_rank = rank % max(local_world_size, 1)  # ranks are numbered node by node
+        else:
+            raise ValueError(
+                f"LOCAL_RANK is not set but WORLD_SIZE={world_size}: the device of this process "
+                "cannot be chosen (RANK is global, not per node). torchrun sets it; with another "
+                "launcher set LOCAL_RANK, or LOCAL_WORLD_SIZE (processes per node) to derive it "
+                "as RANK % LOCAL_WORLD_SIZE"
+            )
     local_world_size = world_size if local_world_size is None else local_world_size
     if not 1 <= local_world_size <= world_size:
         raise ValueError(
@@ -150,7 +164,10 @@ def init_distributed(
     if accelerator.device_type != "cpu":
         accelerator.set_device(env.local_rank)
     backend = backend or accelerator.dist_backend
-    if env.launched:
+    # One process without a rendezvous address (RANK=0 WORLD_SIZE=1 set by hand or by a
+    # launcher) needs no rendezvous: it takes the same in-memory path as an unlaunched one.
+    alone = env.world_size == 1 and (env.master_addr is None or env.master_port is None)
+    if env.launched and not alone:
         # env:// lets torchrun's agent share its store; an explicit mapping gets its own.
         init_method = "env://" if environ is None else _tcp_url(env.master_addr, env.master_port)
         dist.init_process_group(

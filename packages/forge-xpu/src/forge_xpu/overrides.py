@@ -12,7 +12,8 @@ resolves a table of them into :class:`KernelOverride` callables with the op's ow
   a tensor subclass such as DTensor): that call runs the reference.
 
 :func:`activate` installs an accelerator's ``kernel_overrides()`` into forge-kernels' registry
-(by op name, ``source=accelerator.name``) and :func:`deactivate` removes them. forge-core cannot
+(by op name, ``source=accelerator.name``) and :func:`deactivate` removes them, restoring any
+override that ``activate(replace=True)`` replaced (as ``registry.overridden`` does). forge-core cannot
 do this itself (it must not import forge-kernels); a plugin, which depends on both, can.
 """
 
@@ -157,6 +158,11 @@ def build_overrides(
     return overrides
 
 
+#: ``{(accelerator name, op): (fn, source)}``: what ``activate(replace=True)`` replaced, put
+#: back by :func:`deactivate`.
+_REPLACED: dict[tuple[str, str], tuple[Callable[..., Any], str]] = {}
+
+
 def activate(accelerator: Any, *, replace: bool = False) -> list[str]:
     """Install ``accelerator.kernel_overrides()`` into forge-kernels' registry; returns op names.
 
@@ -183,15 +189,22 @@ def activate(accelerator: Any, *, replace: bool = False) -> list[str]:
             f"cannot activate {accelerator.name!r}: {details}; deactivate that source first or "
             "pass replace=True"
         )
+    for op, source in taken.items():
+        _REPLACED[(accelerator.name, op)] = (registry.get_op(op), source)
     for op, fn in overrides.items():
         registry.override_op(op, fn, source=accelerator.name, replace=replace)
     return sorted(overrides)
 
 
 def deactivate(accelerator: Any) -> None:
-    """Remove the overrides :func:`activate` installed for ``accelerator`` (others stay)."""
+    """Remove the overrides :func:`activate` installed for ``accelerator`` (others stay), and
+    put back the overrides of other sources that ``activate(replace=True)`` replaced."""
     from forge_kernels import registry
 
     for op in accelerator.kernel_overrides():
+        replaced = _REPLACED.pop((accelerator.name, op), None)
         if op in registry.list_ops() and registry.implementation_of(op) == accelerator.name:
             registry.remove_override(op)
+            if replaced is not None:
+                fn, source = replaced
+                registry.override_op(op, fn, source=source)

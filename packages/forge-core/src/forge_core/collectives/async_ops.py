@@ -20,7 +20,15 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from forge_core.collectives.differentiable import exchange_split_sizes, reduce_op_by_name
+from forge_core.collectives.differentiable import (
+    check_gather_shapes,
+    check_sizes,
+    exchange_split_sizes,
+    pad_dim0,
+    reduce_op_by_name,
+    shape_checks_enabled,
+    unpad_gathered,
+)
 from forge_core.collectives.groups import GroupLike, as_process_group
 
 __all__ = [
@@ -63,15 +71,32 @@ class PendingCollective:
 
 
 def all_gather_async(
-    x: torch.Tensor, *, dim: int = 0, group: GroupLike = None
+    x: torch.Tensor,
+    *,
+    dim: int = 0,
+    group: GroupLike = None,
+    sizes: Sequence[int] | None = None,
+    check_shapes: bool | None = None,
 ) -> PendingCollective:
-    """Start concatenating every rank's ``x`` along ``dim``."""
+    """Start concatenating every rank's ``x`` along ``dim``.
+
+    Equal shapes on every rank unless ``sizes`` gives each rank's length along ``dim``; a
+    mismatch is not detected unless ``check_shapes`` (see
+    :func:`forge_core.collectives.all_gather`, whose rules these are).
+    """
     pg = as_process_group(group)
     dim = dim % x.dim()
-    moved = x.movedim(dim, 0).contiguous()
+    if sizes is not None:
+        sizes = check_sizes(x, dim, sizes, pg)
+    if shape_checks_enabled(check_shapes):
+        check_gather_shapes(x, dim, sizes, pg, "all_gather_async")
+    moved = x.movedim(dim, 0)
+    moved = moved.contiguous() if sizes is None else pad_dim0(moved, max(sizes))
     out = moved.new_empty((moved.shape[0] * dist.get_world_size(pg), *moved.shape[1:]))
     work = dist.all_gather_into_tensor(out, moved, group=pg, async_op=True)
-    return PendingCollective(work, out, lambda t: t.movedim(0, dim))
+    if sizes is None:
+        return PendingCollective(work, out, lambda t: t.movedim(0, dim))
+    return PendingCollective(work, out, lambda t: unpad_gathered(t, sizes).movedim(0, dim))
 
 
 def reduce_scatter_async(

@@ -18,10 +18,18 @@ shift by ``k``         shift by ``-k``
 
 For tensors that are *replicated* across the group (tensor parallelism), use the conjugate
 ``f``/``g`` operators of :mod:`forge_core.collectives.regions` instead.
+
+Shapes: the backends trust every rank to pass the shape its peers expect and do not check it.
+A mismatch (an all-gather of ``(3, 2)`` on one rank and ``(2, 2)`` on another) gives garbage on
+one rank and an abort or a hang on another. Uneven all-gathers take ``sizes=``; to find a
+mismatch, pass ``check_shapes=True`` or set ``FORGE_CHECK_COLLECTIVES=1``: every rank then
+exchanges its shape first (two small extra collectives per call, off by default) and all raise
+the same ``ValueError`` naming every rank's shape.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +40,75 @@ from forge_core.collectives.groups import GroupLike, as_process_group, global_ra
 __all__ = ["all_gather", "all_reduce", "all_to_all", "recv", "reduce_scatter", "send", "shift"]
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG}
+#: Set to ``1`` to check the shapes of every all-gather across ranks (see the module docstring).
+CHECK_ENV_VAR = "FORGE_CHECK_COLLECTIVES"
+
+
+def shape_checks_enabled(check_shapes: bool | None) -> bool:
+    """``check_shapes`` if given, else whether ``FORGE_CHECK_COLLECTIVES`` is set (not ``0``)."""
+    if check_shapes is not None:
+        return check_shapes
+    return os.environ.get(CHECK_ENV_VAR, "") not in ("", "0")
+
+
+def gather_shapes(x: torch.Tensor, group: dist.ProcessGroup) -> list[tuple[int, ...]]:
+    """Every rank's ``x.shape``, in group rank order (two small all-gathers)."""
+    size = dist.get_world_size(group)
+    ndims = torch.empty(size, dtype=torch.int64, device=x.device)
+    mine = torch.tensor([x.dim()], dtype=torch.int64, device=x.device)
+    dist.all_gather_into_tensor(ndims, mine, group=group)
+    width = max(int(ndims.max()), 1)
+    dims = torch.tensor([*x.shape] + [-1] * (width - x.dim()), dtype=torch.int64, device=x.device)
+    everyone = torch.empty(size * width, dtype=torch.int64, device=x.device)
+    dist.all_gather_into_tensor(everyone, dims, group=group)
+    rows = everyone.view(size, width).tolist()
+    return [tuple(row[:n]) for row, n in zip(rows, ndims.tolist(), strict=True)]
+
+
+def check_gather_shapes(
+    x: torch.Tensor, dim: int, sizes: Sequence[int] | None, group: dist.ProcessGroup, what: str
+) -> None:
+    """Raise the same ``ValueError`` on every rank if the ranks' shapes cannot be gathered."""
+    shapes = gather_shapes(x, group)
+    if sizes is None:
+        ok = all(s == shapes[0] for s in shapes)
+        need = "equal shapes on every rank (pass sizes=[...] to gather uneven lengths)"
+    else:
+        rest = [s[:dim] + s[dim + 1 :] if len(s) > dim else s for s in shapes]
+        ok = all(len(s) == x.dim() for s in shapes) and all(r == rest[0] for r in rest)
+        ok = ok and all(s[dim] == n for s, n in zip(shapes, sizes, strict=True))
+        need = f"shapes equal except along dim {dim}, whose lengths must be sizes={list(sizes)}"
+    if not ok:
+        listing = ", ".join(f"rank {r}: {tuple(s)}" for r, s in enumerate(shapes))
+        raise ValueError(f"{what} along dim {dim} got {listing}; it needs {need}")
+
+
+def check_sizes(x: torch.Tensor, dim: int, sizes: Sequence[int], group) -> list[int]:
+    """Validate an uneven all-gather's ``sizes`` locally (no communication)."""
+    sizes = [int(n) for n in sizes]
+    world = dist.get_world_size(group)
+    if len(sizes) != world or any(n < 0 for n in sizes):
+        raise ValueError(f"sizes must hold one non-negative length per rank ({world}), got {sizes}")
+    me = dist.get_rank(group)
+    if sizes[me] != x.shape[dim]:
+        raise ValueError(
+            f"sizes[{me}]={sizes[me]} but this rank's input has length {x.shape[dim]} along "
+            f"dim {dim} (shape {tuple(x.shape)})"
+        )
+    return sizes
+
+
+def pad_dim0(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` zero-padded along dim 0 to ``length`` rows, contiguous."""
+    if x.shape[0] == length:
+        return x.contiguous()
+    return torch.cat([x, x.new_zeros((length - x.shape[0], *x.shape[1:]))])
+
+
+def unpad_gathered(full: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Undo :func:`pad_dim0` on an all-gather of padded blocks (dim 0)."""
+    longest = max(sizes)
+    return torch.cat([full[r * longest : r * longest + n] for r, n in enumerate(sizes)])
 
 
 def reduce_op_by_name(op: str) -> dist.ReduceOp:
@@ -71,6 +148,25 @@ def gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.T
     return _gather_dim0(x.movedim(dim, 0), group).movedim(0, dim)
 
 
+def gather_uneven_along(
+    x: torch.Tensor, dim: int, sizes: Sequence[int], group: dist.ProcessGroup
+) -> torch.Tensor:
+    """All-gather of blocks of lengths ``sizes`` along ``dim``: pad to the longest, gather, cut."""
+    moved = pad_dim0(x.movedim(dim, 0), max(sizes))
+    return unpad_gathered(_gather_dim0(moved, group), sizes).movedim(0, dim)
+
+
+def reduce_scatter_uneven_along(
+    x: torch.Tensor, dim: int, sizes: Sequence[int], group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Sum over ranks, keep this rank's block of length ``sizes[rank]`` (adjoint of the above)."""
+    longest = max(sizes)
+    blocks = x.movedim(dim, 0).split(list(sizes))
+    padded = torch.cat([pad_dim0(b, longest) for b in blocks])
+    out = _reduce_scatter_dim0(padded, group, dist.ReduceOp.SUM)
+    return out[: sizes[dist.get_rank(group)]].movedim(0, dim)
+
+
 def reduce_scatter_along(
     x: torch.Tensor, dim: int, group: dist.ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM
 ) -> torch.Tensor:
@@ -87,13 +183,17 @@ def all_reduce_tensor(x: torch.Tensor, group: dist.ProcessGroup, op: dist.Reduce
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return gather_along(x, dim, group)
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup, sizes) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.sizes = dim, group, sizes
+        if sizes is None:
+            return gather_along(x, dim, group)
+        return gather_uneven_along(x, dim, sizes, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return reduce_scatter_along(grad, ctx.dim, ctx.group), None, None
+        if ctx.sizes is None:
+            return reduce_scatter_along(grad, ctx.dim, ctx.group), None, None, None
+        return reduce_scatter_uneven_along(grad, ctx.dim, ctx.sizes, ctx.group), None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
@@ -181,10 +281,31 @@ def _check_splits(name: str, splits: Sequence[int] | None, size: int) -> list[in
     return splits
 
 
-def all_gather(x: torch.Tensor, *, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` (equal shapes); backward reduce-scatters."""
+def all_gather(
+    x: torch.Tensor,
+    *,
+    dim: int = 0,
+    group: GroupLike = None,
+    sizes: Sequence[int] | None = None,
+    check_shapes: bool | None = None,
+) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``; backward reduce-scatters.
+
+    Without ``sizes`` every rank MUST pass the same shape: it is not checked (that would cost a
+    collective per call), and a mismatch gives garbage on one rank and an abort or a hang on
+    another. For lengths along ``dim`` that differ by rank, pass ``sizes`` (one length per group
+    rank, the same list on every rank): blocks are padded to the longest, gathered and cut, and
+    the backward returns each rank its block's gradient. ``check_shapes=True`` (default: the
+    ``FORGE_CHECK_COLLECTIVES`` environment variable) exchanges the shapes first and raises a
+    ``ValueError`` naming every rank's shape, on every rank, when they do not fit.
+    """
     pg = as_process_group(group)
-    return _AllGather.apply(x, dim % x.dim(), pg)
+    dim = dim % x.dim()
+    if sizes is not None:
+        sizes = tuple(check_sizes(x, dim, sizes, pg))
+    if shape_checks_enabled(check_shapes):
+        check_gather_shapes(x, dim, sizes, pg, "all_gather")
+    return _AllGather.apply(x, dim, pg, sizes)
 
 
 def reduce_scatter(

@@ -23,6 +23,8 @@ class PoolSet:
     def __call__(self, world_size: int) -> WorkerPool:
         pool = self._pools.get(world_size)
         if pool is None or not pool.alive:
+            if pool is not None:
+                pool.close()  # stop the survivors of a broken pool before replacing it
             pool = WorkerPool(world_size)
             self._pools[world_size] = pool
         return pool

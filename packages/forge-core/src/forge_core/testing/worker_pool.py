@@ -12,6 +12,10 @@ returns a picklable result::
     def test_all_reduce(dist_pool):
         results = dist_pool(4).run(_check_all_reduce, 2.0)   # one result per rank
 
+Arguments and results are pickled eagerly (``ForkingPickler``, as the queues would): an
+argument that cannot be pickled raises ``TypeError`` in ``run`` naming it, and a result that
+cannot (a tensor that requires grad, a lambda) fails the job at once instead of being lost and
+blamed on a hang. A worker that dies stops its pool, survivors included.
 An exception on any rank fails the job with that rank's traceback. A rank that hangs (for
 example, waiting in a collective that a failed peer never joined) makes the pool be torn down
 and started afresh on next use, so one bad test does not poison the rest.
@@ -23,6 +27,7 @@ import contextlib
 import hashlib
 import importlib.util
 import inspect
+import io
 import os
 import queue
 import tempfile
@@ -30,6 +35,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -73,6 +79,15 @@ def preload_in_workers(*modules: str) -> None:
     _PRELOAD.extend(m for m in modules if m not in _PRELOAD)
 
 
+def _dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` as a multiprocessing queue would (``ForkingPickler``, so tensors go
+    through torch's shared-memory reducers), but now, in the caller: ``Queue.put`` pickles in
+    a feeder thread that only prints a failure, so the message would be lost silently."""
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(obj)
+    return buffer.getvalue()
+
+
 class WorkerError(RuntimeError):
     """A job failed on one or more ranks; the message holds each failing rank's traceback."""
 
@@ -81,8 +96,8 @@ class WorkerError(RuntimeError):
 class _Job:
     path: str
     qualname: str
-    args: tuple
-    kwargs: dict
+    #: ``(args, kwargs)`` pickled eagerly by :func:`_dumps` in ``run`` (errors surface there).
+    payload: bytes
     seed: int
 
 
@@ -117,11 +132,48 @@ def _worker_main(rank: int, world_size: int, init_file: str, backend: str, jobs,
         try:
             torch.manual_seed(job.seed)
             fn = _load_function(job.path, job.qualname)
-            value = fn(*job.args, **job.kwargs)
-            results.put(("ok", rank, value, _live_groups()))
+            args, kwargs = ForkingPickler.loads(job.payload)
+            value = fn(*args, **kwargs)
         except BaseException:
             results.put(("error", rank, traceback.format_exc(), _live_groups()))
+            continue
+        try:
+            message = _dumps(("ok", rank, value, _live_groups()))
+        except Exception as exc:
+            results.put(
+                (
+                    "error",
+                    rank,
+                    f"the result of {job.qualname} cannot be sent back: "
+                    f"{type(exc).__name__}: {exc}\n(return plain data: detach tensors that "
+                    "require grad, e.g. `t.detach()`, and no lambdas, locks or open files)",
+                    _live_groups(),
+                )
+            )
+            continue
+        results.put(message)
     dist.destroy_process_group()
+
+
+def _pickle_arguments(qualname: str, args: tuple, kwargs: dict) -> bytes:
+    """Pickle a job's arguments once, here, naming the part that cannot be sent."""
+    try:
+        return _dumps((args, kwargs))
+    except Exception as exc:
+        named = [(f"argument {i}", a) for i, a in enumerate(args)]
+        named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+        culprits = []
+        for name, value in named:
+            try:
+                _dumps(value)
+            except Exception:
+                culprits.append(f"{name} ({type(value).__name__})")
+        raise TypeError(
+            f"the arguments of {qualname} cannot be sent to the workers: "
+            f"{', '.join(culprits) or 'see the cause'} cannot be pickled "
+            f"({type(exc).__name__}: {exc}); pass plain data (numbers, strings, tensors "
+            "without grad) and build the rest inside the job"
+        ) from exc
 
 
 def _live_groups() -> int:
@@ -200,8 +252,15 @@ class WorkerPool:
                 f"{qualname} is not a module-level function; workers import jobs by name, so "
                 "define it at the top level of the test module"
             )
-        job = _Job(path=inspect.getfile(fn), qualname=qualname, args=args, kwargs=kwargs, seed=seed)
-        for q in self._jobs:
+        # One pickle per rank, as the queues did: a tensor shared by file descriptor can be
+        # received only once per pickle. All are made before any is sent, so a bad argument
+        # raises here and the workers stay idle.
+        path = inspect.getfile(fn)
+        jobs = [
+            _Job(path, qualname, _pickle_arguments(qualname, args, kwargs), seed)
+            for _ in self._jobs
+        ]
+        for q, job in zip(self._jobs, jobs, strict=True):
             q.put(job)
         outcome = self._collect(timeout, what=qualname)
         errors = {r: v for r, (status, v) in outcome.items() if status != "ok"}
@@ -223,7 +282,7 @@ class WorkerPool:
             if remaining <= 0:
                 break
             try:
-                status, rank, value, groups = self._results.get(timeout=min(remaining, 0.5))
+                message = self._results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 dead = [p.name for p in self._procs if not p.is_alive()]
                 if dead:
@@ -231,8 +290,14 @@ class WorkerPool:
                         outcome.setdefault(
                             rank, ("error", f"worker process died ({', '.join(dead)})")
                         )
+                    # The survivors may be waiting in a collective the dead rank never joins:
+                    # stop them now rather than leak them (the pool is unusable anyway).
+                    self.close()
                     break
                 continue
+            if isinstance(message, bytes):  # an "ok" result pickled eagerly by the worker
+                message = ForkingPickler.loads(message)
+            status, rank, value, groups = message
             outcome[rank] = (status, value)
             self._groups = max(self._groups, groups)
         missing = [r for r in range(self.world_size) if r not in outcome]
