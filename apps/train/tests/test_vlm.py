@@ -192,6 +192,7 @@ def test_qwen2_5_vl_export_matches_transformers(tmp_path):
     model, config = trainer.parts.model.eval(), trainer.parts.model_config
     assert result.hf_dir is not None
     assert (result.hf_dir / "tokenizer.json").exists()
+    assert (result.hf_dir / "preprocessor_config.json").exists()  # the run's image processor
     tokenizer = load_tokenizer(result.hf_dir)
     assert tokenizer.token_to_id("<|image_pad|>") == config.image_token_id
     reference = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -213,3 +214,11 @@ def test_qwen2_5_vl_export_matches_transformers(tmp_path):
     assert vocab == config.text.vocab_size
     error = (ours[..., :vocab] - theirs).norm() / theirs.norm()
     assert error < 1e-5, error
+
+
+def test_null_token_the_style_lacks_means_none(tmp_path):
+    """LLaVA-OneVision's placeholders open an image with no token: null there means none (it
+    used to fail, naming a placeholder token ``None``)."""
+    cfg = _compose(tmp_path, "model=llava-ov-tiny", "+model.config.vision_start_token_id=null")
+    config = vlm_model_config(cfg.model, load_run_tokenizer(cfg.data, cfg.model), frozen=[])
+    assert config.vision_start_token_id is None

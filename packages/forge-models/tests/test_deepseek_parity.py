@@ -14,6 +14,7 @@ the gather of the sigmoid scores), so the gradients are compared directly. Nothi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,24 @@ def test_save_pretrained_round_trip_is_bit_exact(pair, tmp_path):
     with torch.no_grad():
         assert ph.rel(model(ids), reloaded(ids).logits) <= RTOL
         assert torch.equal(reloaded(ids).logits, pair.ref(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite-debug", "deepseek-v3-debug"])
+def test_generated_export_of_a_preset_runs_in_transformers(name, tmp_path):
+    """A preset built by name (no source config.json) exports a folder transformers runs to the
+    same logits: without expert groups (``n_group`` None, written as one group of which one is
+    chosen) and with groups and an MTP module (which transformers does not hold)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = forge_models.build_model(name).eval()
+    ph.perturb(model, seed=3, scale=0.2)  # routers, biases and norms off their initial values
+    out = forge_models.save_pretrained(model, tmp_path / name)
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = ph.ids(model.config.vocab_size, 2, 9, seed=4)
+    with torch.no_grad():
+        assert ph.rel(model(ids), ref(ids).logits) <= RTOL
+    family = forge_models.get_family("deepseek_v3")
+    config = model.config.replace(mtp_depth=0)  # transformers' config says 1, holding none
+    read = family.config_from_hf(json.loads((out / "config.json").read_text()), mtp_depth=0)
+    assert read == config

@@ -6,6 +6,7 @@ parameter must stay a private, writable copy-on-write mapping, so training never
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import forge_models
@@ -92,3 +93,85 @@ def test_casting_and_joining_loads_match_the_source(tmp_path):
     for name, tensor in model.state_dict().items():
         assert _storage_ptr(tensor) == before[name], name
         assert torch.equal(tensor, source.state_dict()[name]), name
+
+
+def test_export_after_a_training_only_change_keeps_the_source_keys(tmp_path):
+    """An export keeps the source ``config.json``'s keys forge does not read (token ids,
+    ``transformers_version``) and its ``generation_config.json`` after a training-only
+    override (the MoE aux loss switched on); transformers reads them back."""
+    import dataclasses
+    import json
+
+    import transformers
+
+    _, folder = _saved(tmp_path, "qwen3-moe-debug")
+    source = json.loads((folder / "config.json").read_text())
+    source.update(bos_token_id=7, eos_token_id=[8, 9], transformers_version="5.0.0")
+    (folder / "config.json").write_text(json.dumps(source))
+    generation = {"bos_token_id": 7, "eos_token_id": [8, 9], "temperature": 0.6}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    model = forge_models.from_pretrained(folder)
+    moe = dataclasses.replace(model.config.moe, output_router_logits=True)
+    model.config = model.config.replace(moe=moe)
+    out = forge_models.save_pretrained(model, tmp_path / "out")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["output_router_logits"] is True  # the changed key takes the new value
+    assert exported["transformers_version"] == "5.0.0"
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.bos_token_id, config.eos_token_id) == (7, [8, 9])
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.temperature) == (7, [8, 9], 0.6)
+
+
+def test_an_architecture_change_overlays_the_keys_transformers_derives():
+    """``overlay_hf_config``: changed keys take the new values, a source alias of a changed key
+    follows it, per-layer ``layer_types`` follow the layer count, other keys stay."""
+    import dataclasses
+
+    from forge_models.families._hf_config import overlay_hf_config
+
+    fam = get_family("qwen3_moe")
+    config = forge_models.get_config("qwen3-moe-debug")
+    source = {
+        **fam.config_to_hf(config),
+        "num_local_experts": config.moe.num_experts,
+        "layer_types": ["full_attention"] * config.num_layers,
+        "eos_token_id": 5,
+    }
+    grown = config.replace(
+        num_layers=config.num_layers + 1, moe=dataclasses.replace(config.moe, num_experts=16)
+    )
+    out = overlay_hf_config(source, fam.config_to_hf(grown))
+    assert (out["num_hidden_layers"], out["num_experts"], out["num_local_experts"]) == (3, 16, 16)
+    assert out["layer_types"] == ["full_attention"] * 3
+    assert out["eos_token_id"] == 5
+    assert fam.config_from_hf(out) == grown
+
+
+@pytest.mark.parametrize("how", ["quantization_config", "float8 tensor"])
+def test_a_quantized_checkpoint_is_refused(tmp_path, how):
+    """A quantized folder (``quantization_config``, or float8 weights without one) is refused
+    with the method and the fix (dequantize first), not cast number by number."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _saved(tmp_path, "llama-debug")
+    if how == "quantization_config":
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        (folder / "config.json").write_text(json.dumps(config))
+        match = r"quant_method='fp8'.*dequantize"
+    else:
+        tensors = load_file(folder / "model.safetensors")
+        name = "model.layers.0.mlp.down_proj.weight"
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        match = (
+            r"quantized dtype \(model\.layers\.0\.mlp\.down_proj\.weight \(F8_E4M3\)\).*dequantize"
+        )
+    with pytest.raises(ValueError, match=match):
+        forge_models.from_pretrained(folder)
+    model = build_model("llama-debug")
+    with pytest.raises(ValueError, match=match):
+        forge_models.load_hf_weights(model, folder)

@@ -144,12 +144,113 @@ def test_unsupported_hf_configs_are_refused():
         family.config_from_hf(
             {**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0, "factor": 2.0}}
         )
-    with pytest.raises(ValueError, match="sliding-window"):
-        get_family("qwen2").config_from_hf({**base, "use_sliding_window": True})
+    with pytest.raises(ValueError, match=r"sliding-window.*layers \[1\]"):
+        get_family("qwen2").config_from_hf(
+            {**base, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+        )
     with pytest.raises(ValueError, match="hidden_act"):
         family.config_from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="no forge model family"):
         forge_models.family_for_hf_config({"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen2_moe", "qwen3_moe"])
+def test_sliding_window_flag_refused_only_with_sliding_layers(family):
+    """``use_sliding_window=True`` slides only the layers transformers' config derives (Qwen2:
+    ``i >= max_window_layers``): a config whose layers all use full attention loads as if the
+    flag were off; one with a sliding layer is refused."""
+    import transformers
+
+    from forge_models.families._hf_config import effective_layer_types
+
+    config_cls = {
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+    }[family]
+    fam = get_family(family)
+    hf = fam.config_to_hf(get_config(family.replace("_", "-") + "-debug"))
+    layers = hf["num_hidden_layers"]
+    for window_layers in (0, 1, layers, layers + 3):
+        for use in (False, True):
+            flags = {
+                "use_sliding_window": use,
+                "sliding_window": 4,
+                "max_window_layers": window_layers,
+            }
+            reference = config_cls(**{**hf, **flags})
+            expected = getattr(reference, "layer_types", None)
+            if expected is None:  # Qwen3-MoE: one window for every layer, or none
+                slides = reference.sliding_window is not None
+                expected = ["sliding_attention" if slides else "full_attention"] * layers
+            assert effective_layer_types({**hf, **flags}, family) == expected
+            if "sliding_attention" in expected:
+                with pytest.raises(ValueError, match="sliding-window"):
+                    fam.config_from_hf({**hf, **flags})
+            else:
+                assert fam.config_from_hf({**hf, **flags}) == fam.config_from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+)
+def test_missing_hf_keys_read_as_transformers_defaults(family):
+    """A ``config.json`` leaving out a key forge reads gets transformers' default for it (its
+    config class), not one of forge's own."""
+    import transformers
+
+    from forge_models.families import deepseek_v3
+
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "deepseek_v3": transformers.DeepseekV3Config,
+    }
+    fam = get_family(family)
+    size = {"llama": "llama3-debug", "deepseek_v3": "deepseek-v3-debug"}
+    hf = fam.config_to_hf(get_config(size.get(family, family.replace("_", "-") + "-debug")))
+    dropped = ["max_position_embeddings", "num_key_value_heads", "head_dim"]
+    if family == "deepseek_v3":
+        dropped = list(deepseek_v3.HF_DEFAULTS)
+    sparse = {k: v for k, v in hf.items() if k not in dropped}
+    if family != "deepseek_v3":  # heads that the default key-value heads (4 to 32) divide
+        sparse["num_attention_heads"] = 32
+    ours, ref = fam.config_from_hf(sparse), classes[family](**sparse)
+    assert ours.max_position_embeddings == ref.max_position_embeddings
+    if family != "deepseek_v3":
+        assert ours.num_kv_heads == ref.num_key_value_heads
+        assert ours.head_dim == (
+            getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
+        )
+        return
+    moe, mla = ours.moe, ours.mla
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (
+        ref.n_routed_experts,
+        ref.num_experts_per_tok,
+        ref.moe_intermediate_size,
+    )
+    assert moe.shared_expert_intermediate_size == ref.n_shared_experts * ref.moe_intermediate_size
+    assert (moe.routed_scaling_factor, moe.n_group, moe.topk_group) == (
+        ref.routed_scaling_factor,
+        ref.n_group,
+        ref.topk_group,
+    )
+    assert moe.mlp_only_layers == tuple(range(ref.first_k_dense_replace))
+    assert moe.norm_topk_prob == ref.norm_topk_prob
+    assert (mla.q_lora_rank, mla.kv_lora_rank, mla.v_head_dim, mla.rope_interleave) == (
+        ref.q_lora_rank,
+        ref.kv_lora_rank,
+        ref.v_head_dim,
+        ref.rope_interleave,
+    )
+    assert (mla.qk_nope_head_dim, mla.qk_rope_head_dim) == (
+        ref.qk_nope_head_dim,
+        ref.qk_rope_head_dim,
+    )
 
 
 def test_config_validation():
@@ -337,6 +438,11 @@ def test_forward_input_errors():
         model(ids[:1], cu_seqlens=cu, attention_mask=torch.ones(1, 6))
     with pytest.raises(ValueError, match="last boundary"):
         model(ids[:1], cu_seqlens=torch.tensor([0, 3, 5]))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    for short_or_long in ([0, 3, 5], [0, 3, 8]):  # checked with explicit positions too
+        with pytest.raises(ValueError, match="last boundary"):
+            model(ids[:1], cu_seqlens=torch.tensor(short_or_long), position_ids=positions)
+    model(ids[:1], cu_seqlens=cu, position_ids=positions)
     with pytest.raises(ValueError, match="labels"):
         model(ids, labels=ids[:, 1:])
     with pytest.raises(ValueError, match="attention_mask"):

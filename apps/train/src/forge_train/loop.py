@@ -401,6 +401,7 @@ class Trainer:
             dtype=dtype,
             is_main=self.is_main,
             pipeline=p.pipeline,
+            data=cfg.data,
         )
         if result.hf_dir is not None:
             self.log.message(f"saved checkpoint {result.checkpoint} and HF export {result.hf_dir}")

@@ -72,9 +72,12 @@ def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Modul
     )
     if settings.hf_path is not None:
         from forge_ckpt import HFCheckpoint
+        from forge_models.hf import read_generation_config
 
         model = forge_models.build_model(config, device="meta", dtype=torch.float32)
         model.hf_config = dict(HFCheckpoint(settings.hf_path).config)
+        # written back beside the export's config.json (forge_models.save_pretrained)
+        model.hf_generation_config = read_generation_config(settings.hf_path)
         if meta:  # each rank reads its own shards after parallelization (load_hf_into)
             return model, True
         forge_models.materialize(model, "cpu", init=False)
@@ -184,13 +187,15 @@ def export_hf(
     dtype: torch.dtype | None,
     is_main: bool,
     pipeline=None,
+    data=None,
 ) -> Path | None:
     """Write ``out_dir`` as a Hugging Face folder (weights, ``config.json``, tokenizer) with
     ``forge_models.save_pretrained``; LoRA adapters are merged into the weights. Tensors are
     gathered, merged and written one at a time (:func:`export_tensors`): the main process's
     peak is about one shard, not the model. Collective; only the main process writes.
     ``pipeline``: the run's :class:`~forge_train.pipeline_model.PipelineParts` when ``model``
-    is one stage of it."""
+    is one stage of it. ``data``: the run's ``DataConfig``; a VLM export writes the image
+    processor it builds (:func:`forge_train.vlm_model.export_vlm_hf`)."""
     from forge_models.vlm import VLMConfig
 
     if isinstance(config, VLMConfig):
@@ -205,6 +210,7 @@ def export_hf(
             dtype=dtype,
             is_main=is_main,
             pipeline=pipeline,
+            data=data,
         )
     import forge_models
 
@@ -212,6 +218,7 @@ def export_hf(
     hf_config = getattr(model, "hf_config", None)
     if hf_config is not None:
         plain.hf_config = hf_config
+        plain.hf_generation_config = getattr(model, "hf_generation_config", None)
     return write_hf_folder(
         model, plain, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main,
         pipeline=pipeline,

@@ -250,6 +250,7 @@ def build_pipeline(
     stage = pipe.local_module()  # this rank's (virtual) stages under the whole model's names
     if hasattr(model, "hf_config"):  # the source config.json, written back by the export
         stage.hf_config = model.hf_config
+        stage.hf_generation_config = getattr(model, "hf_generation_config", None)
     return PipelineParts(
         pipe=pipe,
         stage=stage,

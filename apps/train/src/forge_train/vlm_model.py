@@ -7,13 +7,14 @@ after parallelization, as a language model is); and its Hugging Face export.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from forge_train.config import ConfigError, LoraConfig, ModelSettings
+from forge_train.config import ConfigError, DataConfig, LoraConfig, ModelSettings
 
 __all__ = [
     "build_vlm_model",
@@ -24,6 +25,8 @@ __all__ = [
     "vlm_model_config",
     "vlm_text_plan",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 def language_model_of(model: nn.Module) -> nn.Module:
@@ -44,8 +47,9 @@ def vlm_model_config(settings: ModelSettings, tokenizer, *, frozen: list[str]):
 
     ``text.vocab_size`` null (or absent without a ``text.size``) takes ``model.vocab_size`` or
     the tokenizer's. Null token ids (``image_token_id``, ``video_token_id``,
-    ``vision_start_token_id``) take the tokenizer's ids of the placeholder style's tokens, and
-    set ones must equal them (the data writes the tokenizer's): the style of the model's
+    ``vision_start_token_id``) take the tokenizer's ids of the placeholder style's tokens (null
+    for a token the style lacks, e.g. LLaVA-OneVision's image start: none), and set ones must
+    equal them (the data writes the tokenizer's): the style of the model's
     projector (:func:`forge_train.vlm_processing.placeholder_style`), the tokens
     :func:`forge_train.data.load_run_tokenizer` adds.
     """
@@ -59,7 +63,9 @@ def vlm_model_config(settings: ModelSettings, tokenizer, *, frozen: list[str]):
     fields["text"] = text
     own = placeholder_style(fields)
     for key, token in style_token_names(own).items():
-        token_id = None if token is None else tokenizer.token_to_id(token)
+        if token is None:  # the style has no such token: null means none (VLMConfig's default)
+            continue
+        token_id = tokenizer.token_to_id(token)
         if key in fields and fields[key] is None:
             if token_id is None:
                 raise ConfigError(
@@ -199,11 +205,15 @@ def export_vlm_hf(
     dtype: torch.dtype | None,
     is_main: bool,
     pipeline=None,
+    data: DataConfig | None = None,
 ) -> Path | None:
     """Write a trained VLM as a Hugging Face folder of its family (``config.family``:
     ``qwen2_5_vl``, ``llava_onevision`` or ``internvl``) through
     ``forge_models.save_pretrained`` and forge-ckpt's composed mapping, with the tokenizer
-    beside it. Collective (tensors gathered and written one at a time,
+    beside it. With ``data`` (the run's data settings), the image processor training used
+    (:func:`forge_train.vlm_processing.build_processor`) is written as transformers'
+    ``preprocessor_config.json`` / ``processor_config.json``
+    (:func:`~forge_train.vlm_processing.hf_processor_files`), or the log says why not. Collective (tensors gathered and written one at a time,
     :func:`forge_train.modeling.export_tensors`); only the main process writes. ``pipeline``:
     the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when ``model`` is one
     pipeline rank's part (its stages send their tensors to the main process). With ``lora``
@@ -214,8 +224,19 @@ def export_vlm_hf(
     from forge_train.modeling import write_hf_folder
 
     check_vlm_exportable(config)
+    processor_files: dict[str, str] = {}
+    if data is not None:
+        from forge_train.vlm_processing import build_processor, hf_processor_files
+
+        processor_files, why_not = hf_processor_files(build_processor(config, data))
+        if why_not is not None and is_main:
+            _log.warning("checkpoint.export_hf: %s", why_not)
     plain = build_vlm(config, device="meta")  # config, names and shapes: no memory
-    return write_hf_folder(
+    path = write_hf_folder(
         model, plain, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main,
         pipeline=pipeline,
     )  # fmt: skip
+    if path is not None:  # beside the weights, as the tokenizer
+        for name, text in processor_files.items():
+            (path / name).write_text(text)
+    return path

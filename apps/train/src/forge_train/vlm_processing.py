@@ -36,6 +36,7 @@ from forge_train.config import ConfigError, DataConfig
 __all__ = [
     "PROJECTOR_STYLES",
     "build_processor",
+    "hf_processor_files",
     "mrope_settings",
     "placeholder_style",
     "style_token_names",
@@ -179,3 +180,86 @@ def mrope_settings(model_config) -> dict[str, Any] | None:
         "spatial_merge_size": merge,
         "tokens_per_second": model_config.tokens_per_second,
     }
+
+
+def _pixel_settings(config) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` pixel keys every reference image processor shares."""
+    from forge_data.vision.pixels import RESAMPLE
+
+    return {
+        "do_convert_rgb": True,
+        "do_resize": config.do_resize,
+        "resample": RESAMPLE[config.resample],
+        "do_rescale": config.do_rescale,
+        "rescale_factor": config.rescale_factor,
+        "do_normalize": config.do_normalize,
+        "image_mean": list(config.image_mean),
+        "image_std": list(config.image_std),
+    }
+
+
+def _qwen2_vl_files(config) -> dict[str, dict[str, Any]]:
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": config.min_pixels,
+        "max_pixels": config.max_pixels,
+        "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+        "patch_size": config.patch_size,
+        "temporal_patch_size": config.temporal_patch_size,
+        "merge_size": config.merge_size,
+        **_pixel_settings(config),
+    }
+    return {"preprocessor_config.json": preprocessor}
+
+
+def _llava_onevision_files(config) -> dict[str, dict[str, Any]]:
+    if config.anyres_for_multi_image:
+        raise ValueError(
+            "anyres_for_multi_image=True has no transformers LlavaOnevisionProcessor setting "
+            "(it gives AnyRes tiles to single images only)"
+        )
+    height, width = config.size
+    preprocessor = {
+        "image_processor_type": "LlavaOnevisionImageProcessor",
+        "processor_class": "LlavaOnevisionProcessor",
+        "size": {"height": height, "width": width},
+        "image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+        "do_pad": True,
+        **_pixel_settings(config),
+    }
+    processor = {
+        "processor_class": "LlavaOnevisionProcessor",
+        "num_image_tokens": config.num_image_tokens,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_aspect_ratio": config.vision_aspect_ratio,
+    }
+    return {"preprocessor_config.json": preprocessor, "processor_config.json": processor}
+
+
+_HF_PROCESSOR_FILES = {
+    "Qwen2VLProcessor": _qwen2_vl_files,
+    "LlavaOnevisionProcessor": _llava_onevision_files,
+}
+
+
+def hf_processor_files(processor) -> tuple[dict[str, str], str | None]:
+    """``(files, why_not)``: the Hugging Face processor files (``preprocessor_config.json``,
+    and ``processor_config.json`` where the transformers processor reads its token count
+    there) holding the settings of ``processor`` (a :func:`build_processor` result), so that
+    ``transformers.AutoProcessor.from_pretrained`` of an export prepares images as training did
+    (pixel budget, AnyRes grid, tile size). ``files`` is empty and ``why_not`` says why for a
+    processor whose settings a transformers processor config cannot express exactly."""
+    import json
+
+    write = _HF_PROCESSOR_FILES.get(type(processor).__name__)
+    if write is None:
+        return {}, (
+            f"no transformers processor config is written for {type(processor).__name__}: its "
+            "settings (thumbnail, tile limits) are not checked against a transformers processor"
+        )
+    try:
+        files = write(processor.config)
+    except ValueError as exc:
+        return {}, f"no transformers processor config is written: {exc}"
+    return {name: json.dumps(body, indent=2) + "\n" for name, body in files.items()}, None

@@ -267,6 +267,25 @@ def router_sequence_balance(
     return sequence_balance_loss_from_sums(sums, top_k=router.indices.shape[-1])
 
 
+def _check_cu_seqlens_end(cu_seqlens: torch.Tensor, seq: int) -> None:
+    """Check that the last document boundary is the row's token count ``seq`` (the check that
+    :func:`forge_kernels.packed_position_ids` makes when positions are derived from
+    ``cu_seqlens``). Boundaries on the CPU are checked at once; on an accelerator the check is
+    an asynchronous device assert, so the forward never waits for the device."""
+    message = (
+        f"cu_seqlens must end at the packed row's {seq} tokens (its last boundary is the number "
+        "of tokens); fix the boundaries passed with position_ids"
+    )
+    if cu_seqlens.numel() == 0:
+        raise ValueError(message + ", got an empty cu_seqlens")
+    if cu_seqlens.device.type == "cpu":
+        end = int(cu_seqlens[-1])
+        if end != seq:
+            raise ValueError(message + f", got last boundary {end}")
+    elif cu_seqlens.device.type != "meta":  # no values to check while tracing shapes
+        torch._assert_async(cu_seqlens[-1] == seq, message)
+
+
 class CausalLM(nn.Module):
     """A decoder-only language model (see the module docstring for the module tree).
 
@@ -783,6 +802,8 @@ class CausalLM(nn.Module):
                 )
             if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
                 raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens!r}")
+            if position_ids is not None:
+                _check_cu_seqlens_end(cu_seqlens, seq)
             cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
             if position_ids is None:
                 position_ids = forge_kernels.packed_position_ids(cu_seqlens)

@@ -30,10 +30,31 @@ from torch import nn
 from forge_ckpt import HFCheckpoint, get_mapping, save_hf_checkpoint
 from forge_ckpt.mapping import MappingSpec
 from forge_models.config import TransformerConfig
+from forge_models.families._hf_config import overlay_hf_config
 from forge_models.registry import build_model, family_for_hf_config, get_family, materialize
 from forge_models.vlm.config import VLMConfig
 
-__all__ = ["from_pretrained", "load_hf_weights", "loading_context", "save_pretrained"]
+__all__ = [
+    "check_not_quantized",
+    "from_pretrained",
+    "load_hf_weights",
+    "loading_context",
+    "read_generation_config",
+    "save_pretrained",
+]
+
+#: Safetensors dtype codes (and torch dtype names, for ``.bin``) of quantized weight storage:
+#: 8-bit and smaller floats and integers, which forge would otherwise cast as plain numbers.
+QUANTIZED_DTYPES = frozenset(
+    {
+        "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "I8", "U8", "I4", "U4",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "int8", "uint8",
+    }
+)  # fmt: skip
+
+#: transformers' generation defaults file, copied through an export of a loaded model.
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _dtype_from_config(hf_config: Mapping[str, Any]) -> torch.dtype | None:
@@ -52,6 +73,43 @@ def _mtp_option(
     if "mtp_depth" in spec.context(hf_config):
         return {"mtp_depth": config.mtp_depth}
     return {}
+
+
+def check_not_quantized(ckpt: HFCheckpoint) -> None:
+    """Refuse a quantized checkpoint (``quantization_config`` in ``config.json``, or weights
+    stored as 8-bit or smaller floats / integers): loading casts each stored number to the
+    parameter dtype and would drop the scales, so the model would compute something else."""
+    how = (
+        "forge trains full-precision weights and does not dequantize; dequantize the checkpoint "
+        "to bfloat16 first (e.g. DeepSeek's inference/fp8_cast_bf16.py for its FP8 release, or "
+        "transformers' dequantizing load followed by save_pretrained in bfloat16) and load that "
+        "folder"
+    )
+    quant = ckpt.config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else quant
+        raise ValueError(
+            f"{ckpt.path} is a quantized checkpoint (config.json quantization_config with "
+            f"quant_method={method!r}); {how}"
+        )
+    low = {
+        name: info.dtype
+        for name, info in ckpt.tensor_info().items()
+        if info.dtype in QUANTIZED_DTYPES
+    }
+    if low:
+        examples = ", ".join(f"{n} ({d})" for n, d in sorted(low.items())[:3])
+        raise ValueError(
+            f"{ckpt.path} stores {len(low)} tensors in a quantized dtype ({examples}) without a "
+            f"quantization_config; {how}"
+        )
+
+
+def read_generation_config(hf_dir: str | os.PathLike) -> str | None:
+    """The text of ``hf_dir``'s ``generation_config.json`` (``None`` without one), which
+    :func:`save_pretrained` writes back beside the weights as ``model.hf_generation_config``."""
+    path = Path(hf_dir) / GENERATION_CONFIG
+    return path.read_text() if path.is_file() else None
 
 
 def from_pretrained(
@@ -88,13 +146,16 @@ def from_pretrained(
             ``False`` copies every tensor into memory of the model's own, e.g. when the files
             will be overwritten in place (not by rename) while the model lives.
 
-    The model keeps the source ``config.json`` as ``model.hf_config`` so that
-    :func:`save_pretrained` writes it back unchanged. Raises
+    The model keeps the source ``config.json`` as ``model.hf_config`` (and its
+    ``generation_config.json`` as ``model.hf_generation_config``) so that
+    :func:`save_pretrained` writes them back. A quantized checkpoint is refused
+    (:func:`check_not_quantized`). Raises
     :class:`forge_ckpt.CheckpointMismatchError` (missing / unexpected / mis-shaped tensors)
     before reading any tensor data if the checkpoint does not fit the config.
     """
     ckpt = HFCheckpoint(hf_dir, allow_bin=allow_bin)
     hf_config = ckpt.config
+    check_not_quantized(ckpt)
     fam = get_family(family) if family is not None else family_for_hf_config(hf_config)
     if mtp_depth is None:  # the MTP layers the checkpoint holds, where the mapping maps them
         spec = get_mapping(fam.ckpt_mapping)
@@ -112,6 +173,7 @@ def from_pretrained(
         model.to_empty(device=torch.device("cpu") if device is None else device)
     load_hf_weights(model, ckpt, mmap=mmap and parallelize is None)
     model.hf_config = dict(hf_config)
+    model.hf_generation_config = read_generation_config(hf_dir)
     return model
 
 
@@ -160,6 +222,7 @@ def load_hf_weights(
     checkpoint file by file.
     """
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
+    check_not_quantized(ckpt)
     if config is not None or not hasattr(model, "config") or _holds_shards(model):
         from forge_models.sharded_load import load_hf_shards
 
@@ -237,9 +300,12 @@ def save_pretrained(
 ) -> Path | None:
     """Save a forge model as a Hugging Face folder (``config.json`` + safetensors shards).
 
-    ``config.json`` is the source config for a model from :func:`from_pretrained` (passthrough,
-    unless the model's config has since diverged from it), else generated from the model's
-    config. ``dtype`` casts the saved tensors (default: as they are). The write is atomic.
+    ``config.json`` is the source config for a model from :func:`from_pretrained` (passed
+    through as it is while the model's config is the one it reads as; once the config has
+    changed, the source with every key forge writes overlaid:
+    :func:`forge_models.families._hf_config.overlay_hf_config`, so token ids and other keys
+    forge does not read survive), else generated from the model's config; a source
+    ``generation_config.json`` (``model.hf_generation_config``) is written beside it. ``dtype`` casts the saved tensors (default: as they are). The write is atomic.
     Vocabulary padding is removed and a tied ``lm_head`` left out, so transformers'
     ``from_pretrained`` loads the folder.
 
@@ -256,19 +322,24 @@ def save_pretrained(
     """
     config = model.config
     fam = get_family(config.family)
+    spec = get_mapping(fam.ckpt_mapping)
     hf_config = getattr(model, "hf_config", None)
-    if (
-        hf_config is None
-        or fam.config_from_hf(hf_config, vocab_pad_multiple=config.vocab_pad_multiple) != config
-    ):
+    if hf_config is None:
         hf_config = fam.config_to_hf(config)
+    else:  # the MTP depth comes from the checkpoint's tensors, not config.json (as on load)
+        read = fam.config_from_hf(
+            hf_config,
+            vocab_pad_multiple=config.vocab_pad_multiple,
+            **_mtp_option(spec, hf_config, config),
+        )
+        if read != config:
+            hf_config = overlay_hf_config(hf_config, fam.config_to_hf(config))
     hf_config = dict(hf_config)
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         hf_config["dtype"] = name
         if "torch_dtype" in hf_config:
             hf_config["torch_dtype"] = name
-    spec = get_mapping(fam.ckpt_mapping)
     ctx = spec.context(
         hf_config,
         vocab_pad_multiple=config.vocab_pad_multiple,
@@ -294,6 +365,12 @@ def save_pretrained(
         for name, tensor in spec.forge_to_hf(tensors, ctx):
             yield name, tensor if dtype is None else tensor.to(dtype)
 
+    generation = getattr(model, "hf_generation_config", None)
     return save_hf_checkpoint(
-        out_dir, hf_tensors(), config=hf_config, max_shard_size=max_shard_size, overwrite=overwrite
+        out_dir,
+        hf_tensors(),
+        config=hf_config,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        extra_files=None if generation is None else {GENERATION_CONFIG: generation},
     )

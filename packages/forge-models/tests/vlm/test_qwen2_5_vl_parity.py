@@ -130,6 +130,54 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     assert ph.rel(ours, theirs.logits) <= ph.RTOL
 
 
+def _flatten(hf_dir: Path, out: Path, **root) -> Path:
+    """``hf_dir`` with the original Qwen2.5-VL ``config.json`` layout: the text settings at the
+    root (no ``text_config``, M-RoPE in ``rope_scaling``), the weights linked."""
+    import json
+
+    out.mkdir()
+    for file in hf_dir.iterdir():
+        if file.name != "config.json":
+            (out / file.name).symlink_to(file)
+    config = json.loads((hf_dir / "config.json").read_text())
+    text = config.pop("text_config")
+    text.pop("model_type", None)
+    rope = text.pop("rope_parameters")
+    scaling = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat = {**text, **config, "rope_theta": rope["rope_theta"], "rope_scaling": scaling, **root}
+    (out / "config.json").write_text(json.dumps(flat))
+    return out
+
+
+def test_flat_config_json_loads_and_matches_transformers(pair, tmp_path):
+    """The original uploads' layout (text settings at the root) reads through the qwen2 text
+    family (it used to pick the VLM family again for the text model: RecursionError)."""
+    model = forge_models.from_pretrained(_flatten(Path(pair.hf_dir), tmp_path / "flat"))
+    assert model.config.text.mrope_section == (2, 1, 3)
+    assert model.config.text.hidden_size == 48
+    images = _visual([[1, 4, 6]], seed=10)
+    ids = _document([3, (IMAGE, 6), 4], seed=11)[None]
+    with torch.no_grad():
+        ours = model(ids, images=images)
+        theirs = pair.ref(
+            input_ids=ids, pixel_values=images.pixel_values, image_grid_thw=images.grid_thw,
+            mm_token_type_ids=_token_types(ids),
+        ).logits  # fmt: skip
+    assert ph.rel(ours, theirs) <= ph.RTOL
+
+
+def test_text_settings_of_an_unknown_vlm_type_are_a_clear_error(pair, tmp_path):
+    import json
+
+    from forge_models.vlm.hf_text import text_config_from_vlm_hf
+
+    flat = _flatten(Path(pair.hf_dir), tmp_path / "flat")
+    settings = json.loads((flat / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"vision-language family .*text_config"):
+        # as the families call it: forge-ckpt's view of the root (a flat file's model_type)
+        text_config_from_vlm_hf({"text_config": {**settings, "model_type": "llava_onevision"}})
+
+
 def test_placeholder_count_mismatch_is_explained(pair):
     images = _visual([[1, 4, 4]], seed=8)
     ids = _document([4, (IMAGE, 3), 3], seed=9)[None]  # 4 features, 3 placeholders

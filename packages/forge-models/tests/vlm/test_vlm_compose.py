@@ -101,6 +101,32 @@ def test_bad_configs_say_what_is_wrong(change, message):
         vlm_config_from_dict({**yaml.safe_load(YAML), **change})
 
 
+def test_module_docstring_example_builds():
+    import forge_models.vlm.config as module
+
+    example = module.__doc__.split("::", 1)[1].split("\n\n(", 1)[0]
+    model = build_vlm(yaml.safe_load(example), device="meta")
+    assert model.config.projector_name == "pixel_shuffle_mlp"
+    assert model.config.projector.vision_hidden_size == 64  # wired from the encoder
+    assert model.config.projector.patch_size == 14
+
+
+@pytest.mark.parametrize(
+    ("part", "change", "message"),
+    [
+        ("projector", {"patch_size": 14}, r"projector.patch_size=14 but vision.patch_size=7"),
+        ("projector", {"vision_hidden_size": 48}, r"vision_hidden_size=48 but vision.hidden_size"),
+        ("vision", {"intermediate_size": None}, r"vision 'siglip' .* needs \['intermediate_size'"),
+    ],
+)
+def test_projector_disagreeing_with_its_neighbours_or_missing_fields_fail(part, change, message):
+    settings = yaml.safe_load(YAML)
+    settings[part] = {**settings[part], **change}
+    settings[part] = {k: v for k, v in settings[part].items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        vlm_config_from_dict(settings)
+
+
 def test_sequence_index_runs_the_language_model_on_a_shard():
     """``sequence_index`` (context parallelism): features placed on the whole row, the
     language model run on some of its positions. A causal prefix cut in the middle of the
@@ -139,3 +165,22 @@ def test_sequence_index_runs_the_language_model_on_a_shard():
     with pytest.raises(ValueError, match=r"give the whole row's block_ids .* to the context"):
         bidirectional(ids, images=visual, sequence_index=index, targets=targets[:, :cut],
                       block_ids=blocks)  # fmt: skip
+
+
+def test_qwen2_5_vl_merger_with_another_merge_size_than_the_encoder_fails():
+    """The encoder orders its patches in 2 x 2 merge units; a merger folding 4 x 4 would run and
+    mix patches of different units (it used to build silently)."""
+    settings = {
+        "vision": {
+            "name": "qwen2_5_vit", "depth": 1, "hidden_size": 32, "intermediate_size": 48,
+            "num_heads": 2, "patch_size": 2, "temporal_patch_size": 2, "spatial_merge_size": 2,
+            "window_size": 8, "fullatt_block_indexes": [0],
+        },
+        "projector": {"name": "qwen2_5_vl_merger", "spatial_merge_size": 4},
+        "text": {"size": "qwen2-debug", "vocab_size": 100, "mrope_section": [2, 3, 3]},
+        "image_token_id": 90, "video_token_id": 91, "vision_start_token_id": 92,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"spatial_merge_size=4 but vision.spatial_merge_size=2"):
+        vlm_config_from_dict(settings)
+    settings["projector"]["spatial_merge_size"] = 2  # the same value is fine
+    assert vlm_config_from_dict(settings).projector.spatial_merge_size == 2

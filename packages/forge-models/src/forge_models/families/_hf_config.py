@@ -18,8 +18,10 @@ from forge_models.config import Llama3RopeScaling, MoEConfig, TransformerConfig,
 __all__ = [
     "dense_config_from_hf",
     "dense_config_to_hf",
+    "effective_layer_types",
     "moe_config_from_hf",
     "moe_config_to_hf",
+    "overlay_hf_config",
     "rope_from_hf",
     "rope_to_hf",
     "sliding_window_off",
@@ -86,9 +88,34 @@ def _require_plain(hf: Mapping[str, Any], family: str) -> None:
         raise ValueError(
             f"{family}: attention_dropout={hf['attention_dropout']} is not supported; set it to 0"
         )
-    layer_types = hf.get("layer_types") or []
-    if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"{family}: sliding-window attention layers are not supported yet")
+    sliding = [i for i, t in enumerate(effective_layer_types(hf, family)) if t != "full_attention"]
+    if sliding:
+        raise ValueError(
+            f"{family}: sliding-window attention layers are not supported yet (layers {sliding} "
+            "of this config.json use a sliding window: use_sliding_window / max_window_layers / "
+            "layer_types); set use_sliding_window=false to train with full attention everywhere"
+        )
+
+
+def effective_layer_types(hf: Mapping[str, Any], family: str) -> list[str]:
+    """Each layer's attention type as transformers (5.x ``configuration_<family>.py``) derives it
+    when ``config.json`` has no ``layer_types``: Qwen2 / Qwen3 slide layers
+    ``i >= max_window_layers`` (default 28), Qwen2-MoE even layers ``i < max_window_layers``,
+    Qwen3-MoE every layer, and only with ``use_sliding_window`` (and a ``sliding_window``);
+    other families slide nowhere unless ``layer_types`` says so."""
+    layers = int(hf["num_hidden_layers"])
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    slides = bool(hf.get("use_sliding_window")) and hf.get("sliding_window", 4096) is not None
+    window_layers = int(hf.get("max_window_layers", 28))
+    rules = {
+        "qwen2": lambda i: i >= window_layers,
+        "qwen3": lambda i: i >= window_layers,
+        "qwen2_moe": lambda i: i % 2 == 0 and i < window_layers,
+        "qwen3_moe": lambda i: True,
+    }
+    rule = rules.get(family, lambda i: False)
+    return ["sliding_attention" if slides and rule(i) else "full_attention" for i in range(layers)]
 
 
 def dense_config_from_hf(
@@ -99,14 +126,26 @@ def dense_config_from_hf(
     attention_out_bias: bool | None,
     qk_norm: bool,
     allow_yarn: bool = False,
+    hf_defaults: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> TransformerConfig:
     """A :class:`TransformerConfig` of ``family`` from a ``config.json`` dict.
 
     ``attention_bias`` / ``attention_out_bias`` ``None`` read the config's ``attention_bias``
     (default False); a bool fixes them (Qwen2: q/k/v biases, none on o_proj).
+    ``hf_defaults``: the family's transformers config class defaults for keys the dict leaves
+    out (``max_position_embeddings``, ``num_key_value_heads``, ``head_dim``), so a sparse
+    ``config.json`` reads as transformers reads it; a key missing there too, or ``null``,
+    takes the derived value (``num_key_value_heads = num_attention_heads``, ``head_dim =
+    hidden_size // num_attention_heads``).
     """
     _require_plain(hf, family)
+    defaults = dict(hf_defaults or {})
+
+    def read(key: str, fallback: Any) -> Any:
+        value = hf[key] if key in hf else defaults.get(key)
+        return fallback if value is None else value
+
     theta, scaling = rope_from_hf(hf, allow_yarn=allow_yarn)
     config_bias = bool(hf.get("attention_bias", False))
     heads = int(hf["num_attention_heads"])
@@ -117,11 +156,11 @@ def dense_config_from_hf(
         "intermediate_size": int(hf["intermediate_size"]),
         "num_layers": int(hf["num_hidden_layers"]),
         "num_heads": heads,
-        "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
-        "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        "num_kv_heads": int(read("num_key_value_heads", heads)),
+        "head_dim": int(read("head_dim", int(hf["hidden_size"]) // heads)),
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
+        "max_position_embeddings": int(read("max_position_embeddings", 4096)),
         "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "attention_bias": config_bias if attention_bias is None else attention_bias,
         "attention_out_bias": config_bias if attention_out_bias is None else attention_out_bias,
@@ -230,3 +269,35 @@ def moe_config_to_hf(moe: MoEConfig, *, shared_expert: bool) -> dict[str, Any]:
     if shared_expert:
         hf["shared_expert_intermediate_size"] = moe.shared_expert_intermediate_size
     return hf
+
+
+#: Keys that transformers reads as another name of a key forge writes (``attribute_map``):
+#: when forge changes the canonical key, a source alias takes the new value too.
+HF_KEY_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_local_experts": ("num_experts", "n_routed_experts"),
+    "num_mtp_layers": ("num_nextn_predict_layers",),
+    "torch_dtype": ("dtype",),
+}
+
+
+def overlay_hf_config(source: Mapping[str, Any], generated: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` to export for a model loaded from ``source`` whose forge config has
+    since changed (``generated``: ``config_to_hf`` of the model's config).
+
+    The rule: start from ``source``, so keys forge does not read (``bos_token_id``,
+    ``eos_token_id``, ``transformers_version``, ``auto_map``, ...) survive; every key of
+    ``generated`` takes its new value (forge writes every key its config determines, so the
+    architecture is the model's). Keys transformers derives from the architecture but forge
+    does not write follow it: an alias of a written key (:data:`HF_KEY_ALIASES`, transformers'
+    ``attribute_map``) takes that key's value, and ``layer_types`` becomes full attention for
+    each layer (the only kind forge builds; ``generated`` switches sliding windows off).
+    """
+    out = {**source, **generated}
+    for alias, targets in HF_KEY_ALIASES.items():
+        value = next((generated[k] for k in targets if k in generated), None)
+        if alias in source and alias not in generated and value is not None:
+            out[alias] = value
+    layers = out.get("num_hidden_layers")
+    if "layer_types" in source and "layer_types" not in generated and isinstance(layers, int):
+        out["layer_types"] = ["full_attention"] * layers
+    return out

@@ -19,7 +19,11 @@ so ``router_aux_loss_coef`` is the paper's ``alpha = 1e-4`` (or the original Dee
 says ``num_nextn_predict_layers: 1`` but it saves no MTP tensors), so ``mtp_depth`` comes from
 the checkpoint's tensors: :func:`forge_models.from_pretrained` builds as many MTP modules as
 DeepSeek's own release stores (``model.layers.{num_hidden_layers + k}.*``, mapped by forge-ckpt),
-none for a transformers-saved folder.
+none for a transformers-saved folder. For that reason :func:`config_from_hf` does not read
+``num_nextn_predict_layers``. No expert groups (``n_group`` ``None``) is written as one group of
+which one is chosen (``n_group = topk_group = 1``: the same routing, which transformers runs),
+and read back as ``None``; keys a ``config.json`` leaves out take ``DeepseekV3Config``'s
+defaults (:data:`HF_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,41 @@ __all__ = ["FAMILY", "SIZES"]
 #: DeepSeek-V3's sequence-wise balance loss weight ``alpha`` (section 4.2).
 SEQ_AUX_ALPHA = 1e-4
 
+#: The values transformers' ``DeepseekV3Config`` (5.x ``configuration_deepseek_v3.py``) takes for
+#: keys a ``config.json`` leaves out, so a sparse config reads as transformers reads it.
+HF_DEFAULTS: dict[str, Any] = {
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 2048,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "n_group": 8,
+    "topk_group": 4,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rope_interleave": True,
+    "max_position_embeddings": 4096,
+}
+
+
+def _hf(hf: Mapping[str, Any], key: str) -> Any:
+    """``hf[key]``, or transformers' default where the key is missing (``null`` stays ``None``)."""
+    return hf[key] if key in hf else HF_DEFAULTS[key]
+
+
+def _groups(hf: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``(n_group, topk_group)``; one group (1 of 1, what forge writes for no groups, since
+    transformers cannot route with ``null``) or ``null`` is no group-limited routing."""
+    n_group, topk_group = _hf(hf, "n_group"), _hf(hf, "topk_group")
+    if n_group is None or (int(n_group) == 1 and int(topk_group or 1) == 1):
+        return None, None
+    return int(n_group), int(topk_group)
+
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
@@ -46,40 +85,41 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig
                 f"deepseek_v3: {key}={hf[key]!r} is not supported (DeepSeek-V3 routes with "
                 f"{key}={expected!r})"
             )
-    moe_inter = int(hf["moe_intermediate_size"])
-    n_group = hf.get("n_group")
+    moe_inter = int(_hf(hf, "moe_intermediate_size"))
+    n_group, topk_group = _groups(hf)
     overrides.setdefault(
         "moe",
         MoEConfig(
-            num_experts=int(hf["n_routed_experts"]),
-            num_experts_per_tok=int(hf["num_experts_per_tok"]),
+            num_experts=int(_hf(hf, "n_routed_experts")),
+            num_experts_per_tok=int(_hf(hf, "num_experts_per_tok")),
             moe_intermediate_size=moe_inter,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-            shared_expert_intermediate_size=int(hf.get("n_shared_experts") or 0) * moe_inter,
+            norm_topk_prob=bool(_hf(hf, "norm_topk_prob")),
+            shared_expert_intermediate_size=int(_hf(hf, "n_shared_experts") or 0) * moe_inter,
             shared_expert_gate=False,
-            mlp_only_layers=tuple(range(int(hf.get("first_k_dense_replace") or 0))),
+            mlp_only_layers=tuple(range(int(_hf(hf, "first_k_dense_replace") or 0))),
             score_func="sigmoid",
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            n_group=None if n_group is None else int(n_group),
-            topk_group=None if n_group is None else int(hf["topk_group"]),
+            routed_scaling_factor=float(_hf(hf, "routed_scaling_factor")),
+            n_group=n_group,
+            topk_group=topk_group,
             expert_bias=True,
             aux_loss="sequence",
             router_aux_loss_coef=float(hf.get("aux_loss_alpha", SEQ_AUX_ALPHA)),
             output_router_logits=bool(hf.get("output_router_logits", False)),
         ),
     )
-    q_lora = hf.get("q_lora_rank")
+    q_lora = _hf(hf, "q_lora_rank")
     overrides.setdefault(
         "mla",
         MLAConfig(
             q_lora_rank=None if q_lora is None else int(q_lora),
-            kv_lora_rank=int(hf["kv_lora_rank"]),
-            qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-            v_head_dim=int(hf["v_head_dim"]),
-            rope_interleave=bool(hf.get("rope_interleave", True)),
+            kv_lora_rank=int(_hf(hf, "kv_lora_rank")),
+            qk_nope_head_dim=int(_hf(hf, "qk_nope_head_dim")),
+            qk_rope_head_dim=int(_hf(hf, "qk_rope_head_dim")),
+            v_head_dim=int(_hf(hf, "v_head_dim")),
+            rope_interleave=bool(_hf(hf, "rope_interleave")),
         ),
     )
+
     # transformers writes head_dim = qk_rope_head_dim and a num_key_value_heads MLA ignores.
     overrides.setdefault("head_dim", None)
     overrides.setdefault("num_kv_heads", None)
@@ -90,6 +130,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig
         attention_out_bias=None,
         qk_norm=False,
         allow_yarn=True,
+        hf_defaults={"max_position_embeddings": HF_DEFAULTS["max_position_embeddings"]},
         **overrides,
     )
 
@@ -131,8 +172,9 @@ def config_to_hf(config: TransformerConfig) -> dict[str, Any]:
             "moe_intermediate_size": moe.moe_intermediate_size,
             "norm_topk_prob": moe.norm_topk_prob,
             "routed_scaling_factor": moe.routed_scaling_factor,
-            "n_group": moe.n_group,
-            "topk_group": moe.topk_group,
+            # No group-limited routing is one group, of which the one is chosen.
+            "n_group": 1 if moe.n_group is None else moe.n_group,
+            "topk_group": 1 if moe.n_group is None else moe.topk_group,
             "first_k_dense_replace": first_k,
             "aux_loss_alpha": moe.router_aux_loss_coef,
             "output_router_logits": moe.output_router_logits,

@@ -24,9 +24,19 @@ from forge_models.registry import ModelFamily
 __all__ = ["FAMILY", "SIZES"]
 
 
+#: transformers' config class defaults (5.x) for keys a ``config.json`` leaves out.
+HF_DEFAULTS = {"max_position_embeddings": 2048}
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     return dense_config_from_hf(
-        hf, family="llama", attention_bias=None, attention_out_bias=None, qk_norm=False, **overrides
+        hf,
+        family="llama",
+        attention_bias=None,
+        attention_out_bias=None,
+        qk_norm=False,
+        hf_defaults=HF_DEFAULTS,
+        **overrides,
     )
 
 

@@ -25,6 +25,10 @@ from forge_models.registry import ModelFamily
 __all__ = ["FAMILY", "SIZES"]
 
 
+#: transformers' config class defaults (5.x) for keys a ``config.json`` leaves out.
+HF_DEFAULTS = {"max_position_embeddings": 32768, "num_key_value_heads": 32}
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     return dense_config_from_hf(
         hf,
@@ -32,6 +36,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig
         attention_bias=True,
         attention_out_bias=False,
         qk_norm=False,
+        hf_defaults=HF_DEFAULTS,
         **overrides,
     )
 

@@ -28,6 +28,10 @@ from forge_models.registry import ModelFamily
 __all__ = ["FAMILY", "SIZES"]
 
 
+#: transformers' config class defaults (5.x) for keys a ``config.json`` leaves out.
+HF_DEFAULTS = {"max_position_embeddings": 32768, "num_key_value_heads": 16}
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     overrides.setdefault("moe", moe_config_from_hf(hf, shared_expert=True))
     # transformers 5.x writes ``qkv_bias`` (default True); 4.x configs always had the biases.
@@ -38,6 +42,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig
         attention_bias=qkv_bias,
         attention_out_bias=False,
         qk_norm=False,
+        hf_defaults=HF_DEFAULTS,
         **overrides,
     )
 

@@ -24,9 +24,19 @@ from forge_models.registry import ModelFamily
 __all__ = ["FAMILY", "QWEN3_DEFAULTS", "SIZES"]
 
 
+#: transformers' config class defaults (5.x) for keys a ``config.json`` leaves out.
+HF_DEFAULTS = {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128}
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     return dense_config_from_hf(
-        hf, family="qwen3", attention_bias=None, attention_out_bias=None, qk_norm=True, **overrides
+        hf,
+        family="qwen3",
+        attention_bias=None,
+        attention_out_bias=None,
+        qk_norm=True,
+        hf_defaults=HF_DEFAULTS,
+        **overrides,
     )
 
 

@@ -29,6 +29,10 @@ from forge_models.registry import ModelFamily
 __all__ = ["FAMILY", "SIZES"]
 
 
+#: transformers' config class defaults (5.x) for keys a ``config.json`` leaves out.
+HF_DEFAULTS = {"max_position_embeddings": 32768, "num_key_value_heads": 4}
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     overrides.setdefault("moe", moe_config_from_hf(hf, shared_expert=False))
     return dense_config_from_hf(
@@ -37,6 +41,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig
         attention_bias=None,
         attention_out_bias=None,
         qk_norm=True,
+        hf_defaults=HF_DEFAULTS,
         **overrides,
     )
 

@@ -3,10 +3,13 @@
 Any registered vision encoder, any projector and any forge language-model family combine; the
 YAML of a combination none of the reference models has looks like::
 
-    vision: {name: siglip, hidden_size: 64, num_layers: 2, num_heads: 2, image_size: 28}
-    projector: {name: mlp}
+    vision: {name: siglip, hidden_size: 64, intermediate_size: 128, num_layers: 2,
+             num_heads: 2, patch_size: 14, image_size: 56}
+    projector: {name: pixel_shuffle_mlp, downsample_ratio: 0.5}  # widths, patch wired in
     text: {size: qwen3-debug, num_layers: 2}     # a registered size plus overrides
-    image_token_id: 151655
+    image_token_id: 500                          # the tokenizer's id of the image token
+
+(``tests/vlm/test_vlm_compose.py`` builds this example.)
 """
 
 from __future__ import annotations
@@ -143,20 +146,55 @@ _WIRED_FROM_VISION = ("patch_size", "image_size", "spatial_merge_size")
 def _wire_projector(
     config_cls: type, settings: dict[str, Any], vision: Any, text: TransformerConfig
 ) -> dict[str, Any]:
-    """Fill the widths and geometry a projector shares with its neighbours (if it has them)."""
+    """Fill the widths and geometry a projector shares with its neighbours (if it has them).
+
+    A value the YAML gives must equal its neighbour's: a projector merging other units than the
+    encoder orders its patches in (``spatial_merge_size``), or tiling at another size, builds a
+    model that runs and computes something else."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
     filled = dict(settings)
-    wired = {"vision_hidden_size": vision.hidden_size}
+    wired = {"vision_hidden_size": ("vision.hidden_size", vision.hidden_size)}
     for name in ("text_hidden_size", "out_hidden_size"):
-        wired[name] = text.hidden_size
+        wired[name] = ("text.hidden_size", text.hidden_size)
     for name in _WIRED_FROM_VISION:
         if hasattr(vision, name):
             value = getattr(vision, name)
-            wired[name] = value[0] if isinstance(value, tuple) else value
-    for name, value in wired.items():
-        if name in fields and name not in filled:
+            wired[name] = (f"vision.{name}", value[0] if isinstance(value, tuple) else value)
+    for name, (source, value) in wired.items():
+        if name not in fields:
+            continue
+        if name not in filled:
             filled[name] = value
+        elif filled[name] != value:
+            raise ValueError(
+                f"projector.{name}={filled[name]!r} but {source}={value!r}: the projector takes "
+                f"it from its neighbour; drop projector.{name} (it is filled in) or give both "
+                "the same value"
+            )
     return filled
+
+
+def _make_config(part: Any, settings: dict[str, Any]) -> Any:
+    """``part.make_config(settings)`` (unknown keys: its ``ValueError``), with a missing required
+    field a ``ValueError`` naming the component and the fields (a dataclass says only
+    ``TypeError: missing ... argument``)."""
+    try:
+        return part.make_config(settings)
+    except TypeError:
+        missing = [
+            f.name
+            for f in dataclasses.fields(part.config_cls)
+            if f.init
+            and f.name not in settings
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if not missing:
+            raise
+        raise ValueError(
+            f"{part.kind} {part.name!r} ({part.config_cls.__name__}) needs {missing}; give "
+            f"them under `{part.kind}:` in the VLM config"
+        ) from None
 
 
 def vlm_config_from_dict(settings: Mapping[str, Any]) -> VLMConfig:
@@ -178,14 +216,14 @@ def vlm_config_from_dict(settings: Mapping[str, Any]) -> VLMConfig:
         raise ValueError("`vision` and `projector` each need a `name` (a registered component)")
     text = text_config_from_settings(settings.pop("text"))
     vision_part = get_component(vision_name, "vision")
-    vision = vision_part.make_config(vision_settings)
+    vision = _make_config(vision_part, vision_settings)
     projector_part = get_component(projector_name, "projector")
     if projector_part.wire is not None:
         projector_settings = projector_part.wire(projector_settings, vision, text.hidden_size)
     projector_settings = _wire_projector(
         projector_part.config_cls, projector_settings, vision, text
     )
-    projector = projector_part.make_config(projector_settings)
+    projector = _make_config(projector_part, projector_settings)
     if "frozen" in settings:
         settings["frozen"] = tuple(settings["frozen"])
     return VLMConfig(

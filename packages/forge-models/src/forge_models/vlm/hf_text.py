@@ -15,8 +15,16 @@ from forge_models.config import TransformerConfig
 
 __all__ = ["text_config_from_vlm_hf", "text_config_to_vlm_hf", "text_hf_config"]
 
-#: ``model_type`` of a VLM's text config -> the forge family that reads it.
-TEXT_MODEL_TYPES = {"qwen2_5_vl_text": "qwen2", "qwen2_vl_text": "qwen2"}
+#: ``model_type`` of a VLM's text config -> the forge family that reads it. The bare VLM types
+#: are what a flat ``config.json`` (the original Qwen2-VL / Qwen2.5-VL uploads: text settings at
+#: the root, no ``text_config``) shows as the text settings' ``model_type``. LLaVA-OneVision and
+#: InternVL always nest their language model in ``text_config`` with its own ``model_type``.
+TEXT_MODEL_TYPES = {
+    "qwen2_5_vl_text": "qwen2",
+    "qwen2_vl_text": "qwen2",
+    "qwen2_5_vl": "qwen2",
+    "qwen2_vl": "qwen2",
+}
 
 _VLM_ONLY_KEYS = ("vision_config", "text_config", "architectures", "model_type", "auto_map")
 
@@ -54,6 +62,7 @@ def text_config_from_vlm_hf(
     Qwen2.5-VL falls back to ``[16, 24, 24]``); ``None`` for 1-D RoPE families.
     """
     from forge_models.registry import family_for_hf_config, get_family
+    from forge_models.vlm.model import VisionLanguageModel
 
     text = text_hf_config(hf)
     section = _pop_mrope(text) or mrope_default
@@ -62,6 +71,14 @@ def text_config_from_vlm_hf(
         family = get_family(TEXT_MODEL_TYPES[model_type])
     else:
         family = family_for_hf_config(text)
+    if issubclass(family.model_cls, VisionLanguageModel):
+        raise ValueError(
+            f"the language model's settings in this config.json have model_type="
+            f"{model_type!r}, a vision-language family ({family.name!r}), so forge cannot tell "
+            f"which text family reads them; put them in text_config with the text model's "
+            f"model_type (a text family's, e.g. 'qwen2', 'llama', or one of "
+            f"{sorted(t for t in TEXT_MODEL_TYPES if t.endswith('_text'))})"
+        )
     if section is not None:
         overrides["mrope_section"] = section
     return family.config_from_hf(text, **overrides)
