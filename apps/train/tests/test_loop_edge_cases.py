@@ -21,17 +21,6 @@ from forge_train.step import StepRunner
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
 
 
-def _chat_file(path: Path, n: int = 24) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            messages = [
-                {"role": "user", "content": f"What is {i} plus {i}? Answer briefly please."},
-                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -113,7 +102,7 @@ def test_sft_throughput_counts_input_tokens_over_step_time_only(tmp_path, monkey
     monkeypatch.setattr(StepRunner, "run", timed_run)
     monkeypatch.setattr(Trainer, "evaluate", slow(evaluate))
     monkeypatch.setattr(Trainer, "_save", slow(save))
-    chat = _chat_file(tmp_path / "chat.jsonl")
+    chat = tiny.chat_file(tmp_path / "chat.jsonl", n=24)
     cfg = tiny.tiny_config(
         tmp_path / "run",
         "data=chat",
@@ -163,7 +152,7 @@ def test_merged_lora_export_reproduces_the_trained_model(tmp_path):
     trained model with its adapters."""
     import forge_models
 
-    chat = _chat_file(tmp_path / "chat.jsonl")
+    chat = tiny.chat_file(tmp_path / "chat.jsonl", n=24)
     cfg = compose_run_config(
         [
             *tiny.TINY,

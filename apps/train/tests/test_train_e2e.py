@@ -128,21 +128,10 @@ def test_parallel_layouts_match_one_process(tmp_path, dist_pool):
         )
 
 
-def _chat_file(path: Path, n: int = 40) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            messages = [
-                {"role": "user", "content": f"What is {i} plus {i}? Answer briefly please."},
-                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
 def test_sft_trains_on_assistant_tokens_only(tmp_path):
     from forge_data import TokenDataset
 
-    chat = _chat_file(tmp_path / "chat.jsonl")
+    chat = tiny.chat_file(tmp_path / "chat.jsonl")
     cfg = tiny.tiny_config(
         tmp_path / "run",
         "recipe=sft",
@@ -167,7 +156,7 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path):
 def test_lora_trains_adapters_and_exports_merged(tmp_path):
     from forge_models import from_pretrained
 
-    chat = _chat_file(tmp_path / "chat.jsonl")
+    chat = tiny.chat_file(tmp_path / "chat.jsonl")
     result = train(
         tiny.tiny_config(
             tmp_path / "run",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from forge_kernels.registry import default_implementations, reference_implementations
@@ -86,3 +87,15 @@ reference_kernels = reference_implementations
 #: forge-kernels' own dispatch (the Triton kernels) inside, also within a test that runs under
 #: :data:`reference_kernels`.
 fused_kernels = default_implementations
+
+
+def chat_file(path: Path, n: int = 40) -> Path:
+    """A jsonl file of ``n`` two-turn chats (``{"messages": [...]}``) for SFT runs."""
+    with open(path, "w") as f:
+        for i in range(n):
+            messages = [
+                {"role": "user", "content": f"What is {i} plus {i}? Answer briefly please."},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
