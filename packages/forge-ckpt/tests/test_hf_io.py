@@ -78,6 +78,43 @@ def test_views_and_non_contiguous_tensors_are_saved_by_value(tmp_path):
     )
 
 
+def test_tied_tensors_are_each_saved_by_value(tmp_path):
+    w = torch.arange(12.0).reshape(4, 3)
+    tensors = {"embed.weight": w, "lm_head.weight": w, "flat": w.view(12), "other": torch.ones(2)}
+    out = save_hf_checkpoint(tmp_path / "c", tensors)
+    _assert_same(dict(HFCheckpoint(out).iter_tensors()), tensors)
+    assert tensors["embed.weight"] is w  # the caller's tensors are not touched
+
+
+def _write_raw_safetensors(folder, header: dict, data: bytes) -> None:
+    folder.mkdir()
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        # 'a' claims 8 floats but its offsets cover 4: a reader trusting them returns b's bytes
+        ({"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 16]},
+          "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, r"'a' claims F32 shape \[8\]"),
+        ({"a": {"dtype": "F32", "shape": [4]}}, "'a' has no 'data_offsets'"),
+        ({"a": {"dtype": "F33", "shape": [4], "data_offsets": [0, 16]}}, "'a' has unknown dtype 'F33'"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, "'b'.*overlaps tensor 'a'"),
+        ({"a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}, "'a'.*truncated"),
+        ({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, "'a' has shape"),
+    ],
+)  # fmt: skip
+def test_corrupt_safetensors_header_is_refused(tmp_path, header, error):
+    _write_raw_safetensors(tmp_path / "c", header, torch.arange(8.0).numpy().tobytes())
+    with pytest.raises(
+        ValueError, match=rf"model\.safetensors has a corrupt safetensors header: tensor {error}"
+    ):
+        HFCheckpoint(tmp_path / "c").tensor_info()
+
+
 def test_write_is_atomic_on_failure(tmp_path):
     def broken():
         yield "a", torch.ones(10)

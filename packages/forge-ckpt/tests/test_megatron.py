@@ -274,6 +274,13 @@ def test_errors_are_clear(hf_dirs, tmp_path):
         hf_to_megatron(hf_dirs["llama"], tmp_path / "a", pipeline_parallel=3)
     with pytest.raises(ValueError, match="tensor-parallel"):
         hf_to_megatron(hf_dirs["llama"], tmp_path / "b", tensor_parallel=3)
+    # 4 heads in 2 query groups: tp=4 splits the groups (every tensor still divides by 4).
+    for fmt in ("legacy", "torch_dist"):
+        with pytest.raises(ValueError, match=r"num_attention_heads=4 .*=2 .*\[1, 2\]"):
+            hf_to_megatron(hf_dirs["llama"], tmp_path / f"g{fmt}", tensor_parallel=4, format=fmt)
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 .*=4 .*\[1, 2, 4\]"):
+        hf_to_megatron(hf_dirs["deepseek_v3"], tmp_path / "mla", tensor_parallel=8)
+    assert not any((tmp_path / name).exists() for name in ("glegacy", "gtorch_dist", "mla"))
     with pytest.raises(KeyError, match="no Megatron mapping for family"):
         get_megatron_family("gpt2")
     with pytest.raises(ValueError, match="supported model types"):

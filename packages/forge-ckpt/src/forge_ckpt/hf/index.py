@@ -14,6 +14,8 @@ starts with an 8-byte little-endian header length and a JSON header giving each 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -110,8 +112,66 @@ def read_index(path: Path) -> dict[str, str]:
     return dict(weight_map)
 
 
+#: Bits per element of every safetensors dtype code (the safetensors format's ``Dtype``).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, entry: object, data_size: int) -> tuple[int, int]:
+    """``(begin, end)`` of tensor ``name``'s bytes in the data section, after checking that its
+    header entry is well formed: a known dtype, a shape, and ``data_offsets`` that cover exactly
+    ``prod(shape)`` elements and lie inside the ``data_size`` bytes the file holds."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(
+            f"{path} has a corrupt safetensors header: tensor {name!r} {why}; the file is "
+            "damaged or was not written by a safetensors writer (re-download or re-save it)"
+        )
+
+    if not isinstance(entry, dict):
+        raise bad(f"is described by {type(entry).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise bad(f"has no {key!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    bits = SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+    if bits is None:
+        raise bad(f"has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPE_BITS)})")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end]")
+    begin, end = offsets
+    numel = math.prod(shape)
+    if end < begin or (end - begin) * 8 != numel * bits:
+        raise bad(
+            f"claims {dtype} shape {shape} ({numel * bits / 8:g} bytes) but its data_offsets "
+            f"[{begin}, {end}] cover {end - begin} bytes"
+        )
+    if end > data_size:
+        raise bad(
+            f"has data_offsets [{begin}, {end}] past the end of the data ({data_size} bytes): "
+            "the file is truncated"
+        )
+    return begin, end
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Name -> :class:`TensorInfo` of every tensor in a safetensors file, from its header only."""
+    """Name -> :class:`TensorInfo` of every tensor in a safetensors file, from its header only.
+
+    Every entry is checked (one pass over the header, no tensor data read): a known dtype,
+    ``data_offsets`` covering exactly ``prod(shape)`` elements, inside the file and not
+    overlapping another tensor's; a :class:`ValueError` naming the file and the tensor
+    otherwise, since readers that trust the offsets would return another tensor's bytes.
+    """
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -120,19 +180,39 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if length > 100 * 2**20:
             raise ValueError(f"{path}: safetensors header of {length} bytes is implausibly large")
         header = f.read(length)
+        file_size = os.fstat(f.fileno()).st_size
     try:
         entries = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header: not a JSON object")
     start = 8 + length  # the data section follows the header
-    return {
-        name: TensorInfo(
+    data_size = max(file_size - start, 0)
+    infos: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in entries.items():
+        if name == "__metadata__":
+            continue
+        begin, end = _check_entry(path, name, entry, data_size)
+        spans.append((begin, end, name))
+        infos[name] = TensorInfo(
             shape=tuple(entry["shape"]),
             dtype=entry["dtype"],
             file=path.name,
-            offset=start + entry["data_offsets"][0],
-            nbytes=entry["data_offsets"][1] - entry["data_offsets"][0],
+            offset=start + begin,
+            nbytes=end - begin,
         )
-        for name, entry in entries.items()
-        if name != "__metadata__"
-    }
+    spans.sort()
+    prev_end, prev = 0, ""  # the furthest end so far, and whose
+    for begin, end, name in spans:
+        if end == begin:
+            continue  # an empty tensor holds no bytes
+        if begin < prev_end:
+            raise ValueError(
+                f"{path} has a corrupt safetensors header: tensor {name!r} (data_offsets "
+                f"[{begin}, {end}]) overlaps tensor {prev!r} (ending at {prev_end}); the file is "
+                "damaged or was not written by a safetensors writer (re-download or re-save it)"
+            )
+        prev_end, prev = end, name
+    return infos

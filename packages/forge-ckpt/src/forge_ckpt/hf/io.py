@@ -280,7 +280,15 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
-def _to_savable(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _to_savable(name: str, tensor: torch.Tensor, shard_storages: set[int]) -> torch.Tensor:
+    """``tensor`` as safetensors writes it: a contiguous CPU tensor owning its whole storage.
+
+    A view into a larger buffer is copied, and so is a tensor whose storage another tensor of
+    the same shard already uses (tied weights, ``{"a": w, "b": w.view(-1)}``): safetensors
+    refuses shared storages ("use save_model"), and a checkpoint stores every name by value, so
+    both names are written. ``shard_storages`` holds the storage addresses of the tensors in
+    the shard being filled (all alive, so an address is never a freed buffer's reuse).
+    """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
     if _is_dtensor(tensor):
@@ -298,6 +306,8 @@ def _to_savable(name: str, tensor: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
     if t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.clone()  # a view into a larger buffer: safetensors stores whole storages
+    elif t.numel() and t.untyped_storage().data_ptr() in shard_storages:
+        t = t.clone()  # tied to a tensor already in this shard: write it by value
     return t
 
 
@@ -323,7 +333,8 @@ def save_hf_checkpoint(
     Args:
         out_dir: destination folder; must not exist or be empty unless ``overwrite``.
         tensors: ``(name, tensor)`` pairs (any iterable, consumed once, so a generator streams)
-            or a mapping. Tensors are moved to CPU as they are written.
+            or a mapping. Tensors are moved to CPU as they are written; tensors that share
+            storage (tied weights, views of one buffer) are each written by value.
         config: written as ``config.json`` (as given: a passthrough of the source config).
         max_shard_size: bytes per shard (int, or ``"5GB"``-style); a tensor larger than it gets
             a shard of its own. One shard is written as ``model.safetensors`` without an
@@ -352,6 +363,7 @@ def save_hf_checkpoint(
         shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         seen: set[str] = set()
         pending: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()  # storage addresses of the tensors in ``pending``
         pending_bytes = 0
         total_bytes = 0
         total_params = 0
@@ -364,6 +376,7 @@ def save_hf_checkpoint(
             save_file(pending, tmp / file, metadata={"format": "pt"})
             shards.append((file, list(pending)))
             pending, pending_bytes = {}, 0
+            storages.clear()
 
         for name, tensor in items:
             if not isinstance(name, str):
@@ -371,11 +384,13 @@ def save_hf_checkpoint(
             if name in seen:
                 raise ValueError(f"tensor {name!r} is given twice")
             seen.add(name)
-            t = _to_savable(name, tensor)
+            t = _to_savable(name, tensor, storages)
             size = t.numel() * t.element_size()
             if pending and pending_bytes + size > limit:
                 flush()
             pending[name] = t
+            if t.numel():
+                storages.add(t.untyped_storage().data_ptr())
             pending_bytes += size
             total_bytes += size
             total_params += t.numel()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -167,6 +168,26 @@ def _convert(
             yield b.forge, b.to_forge(parts, ctx)
 
 
+def _check_attention_heads(args: Mapping[str, Any], tensor_parallel: int) -> None:
+    """Megatron-Core gives each tensor-parallel rank whole attention heads and whole query
+    groups (``TransformerConfig``: ``num_attention_heads`` and ``num_query_groups`` must be
+    multiples of ``tensor_model_parallel_size``; multi-latent attention has no query groups and
+    splits its heads the same way). A split that breaks a head or a group apart is refused."""
+    if tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
+    heads = int(args["num_attention_heads"])
+    groups = int(args.get("num_query_groups") or heads)
+    if heads % tensor_parallel or groups % tensor_parallel:
+        common = math.gcd(heads, groups)
+        allowed = [d for d in range(1, common + 1) if common % d == 0]
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} does not divide the model's attention: "
+            f"num_attention_heads={heads} and num_query_groups (num_key_value_heads)={groups} "
+            f"must both be multiples of it (Megatron-Core gives each tensor-parallel rank whole "
+            f"heads and query groups); pick tensor_parallel from {allowed}"
+        )
+
+
 def hf_to_megatron(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -215,6 +236,7 @@ def hf_to_megatron(
     embedding = next(b for b in bound if b.forge == f"{prefix}embedding.word_embeddings.weight")
     padded = int(embedding.forge_shape([shapes[n] for n in embedding.hf], ctx)[0])
     args = megatron_args(lm_config, lm, padded)
+    _check_attention_heads(args, tensor_parallel)
     if prefix:  # a LLaVAModel: its encoder, and the checkpoint layout the way back restores
         args.update(
             vision_args(fam.name, config, ctx), hf_model_type=config.get("model_type"),
