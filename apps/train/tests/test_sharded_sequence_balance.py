@@ -1,6 +1,7 @@
 """DeepSeek-V3's sequence-wise balance loss of a packed row split over ranks (context
 parallelism: zigzag or contiguous shards; sequence parallelism: contiguous chunks, the last
-one short when the ranks do not divide the row): the
+one short when the ranks do not divide the row; both: each context shard cut into sequence
+chunks): the
 per-document sums of every rank's tokens (each mapped to its document in the whole row by
 :meth:`forge_train.sharded_routing.ShardedRouting.local_documents`) add up to the whole row's,
 and the loss of the total equals the unsplit loss, in value and gradient."""
@@ -60,24 +61,26 @@ def _unsplit(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _split(scores, indices, *, size: int, load_balance: bool) -> torch.Tensor:
+def _split(scores, indices, *, size: int, load_balance: bool, sp: int = 1) -> torch.Tensor:
     """Every rank's per-document sums of its own tokens, added up (the all-reduce), then the
-    loss of the total, as :meth:`ShardedRouting.sequence_loss` forms it."""
+    loss of the total, as :meth:`ShardedRouting.sequence_loss` forms it. ``sp``: each of the
+    ``size`` context shards cut again into ``sp`` contiguous sequence-parallel chunks."""
     from forge_kernels.moe import sequence_balance_loss_from_sums, sequence_balance_sums
     from forge_parallel.context_parallel import shard_positions
 
     kwargs = {"input_ids": torch.zeros(1, TOKENS, dtype=torch.long), "cu_seqlens": CU_SEQLENS}
     total = 0
-    for rank in range(size):
+    for rank, chunk in ((r, c) for r in range(size) for c in range(sp)):
         routing = ShardedRouting(
             group=None, top_k=TOP_K, aux_loss="sequence", rank=rank, size=size,
-            load_balance=load_balance,
+            load_balance=load_balance, sequence_shard=chunk, sequence_shards=sp,
         )  # fmt: skip
         documents, count = routing.local_documents(kwargs)
         if load_balance:
             mine = shard_positions(TOKENS, cp_size=size, cp_rank=rank, load_balance=True)
         else:  # as a DTensor Shard(1) cuts the sequence (the last chunk may be short)
             mine = torch.arange(TOKENS).chunk(size)[rank]
+        mine = mine.chunk(sp)[chunk]
         assert documents.tolist() == [DOCUMENTS[p] for p in mine.tolist()]
         total = total + torch.stack(
             [
@@ -91,17 +94,17 @@ def _split(scores, indices, *, size: int, load_balance: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("size", "load_balance"),
-    [(2, True), (2, False), (4, False), (3, False)],
-    ids=["zigzag2", "contiguous2", "contiguous4", "uneven3"],
+    ("size", "load_balance", "sp"),
+    [(2, True, 1), (2, False, 1), (4, False, 1), (3, False, 1), (2, True, 2)],
+    ids=["zigzag2", "contiguous2", "contiguous4", "uneven3", "zigzag2_sp2"],
 )
-def test_split_row_gives_the_unsplit_loss_and_gradient(size, load_balance):
+def test_split_row_gives_the_unsplit_loss_and_gradient(size, load_balance, sp):
     scores, indices = _routing(seed=size + load_balance)
     naive = _naive(scores, indices)
     (naive_grad,) = torch.autograd.grad(naive, scores)
     whole = _unsplit(scores, indices)
     (whole_grad,) = torch.autograd.grad(whole, scores)
-    split = _split(scores, indices, size=size, load_balance=load_balance)
+    split = _split(scores, indices, size=size, load_balance=load_balance, sp=sp)
     (split_grad,) = torch.autograd.grad(split, scores)
     torch.testing.assert_close(whole, naive, rtol=1e-6, atol=0)
     torch.testing.assert_close(whole_grad, naive_grad, rtol=1e-5, atol=1e-8)

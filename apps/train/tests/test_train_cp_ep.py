@@ -72,6 +72,11 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")
     single = _losses(f"{tmp_path}/single_moe", *moe, _NO_EVAL)
     _close(pool.run(_losses, f"{tmp_path}/cp2_moe", *moe, "parallel=cp2-fsdp"), single)
+    # ... and under CP2 x TP2 with sequence parallelism: each rank routes a tensor-parallel
+    # chunk of its context shard, the statistics summed over cp x tp (one expert bias, the
+    # switch loss of every token: summed over cp alone, step 1's grad norm is 77% off).
+    cp_tp_sp = ("parallel=tp2-fsdp", "parallel.cp=2", "parallel.sequence_parallel=true")
+    _close(pool.run(_losses, f"{tmp_path}/tp2_sp_cp2_moe", *moe, *cp_tp_sp), single)
     # ... and under 2 pipeline stages: the last stage sums the carried switch-loss sums over
     # the context-parallel ranks, each stage its expert load (forge_train.pipeline_moe).
     _close(pool.run(_losses, f"{tmp_path}/pp2_cp2_moe", *moe, *pp_cp), single)

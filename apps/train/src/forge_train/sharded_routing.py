@@ -17,6 +17,11 @@ batch are sums, so they are all-reduced over those ranks before use:
 - the expert-bias load (DeepSeek-V3's auxiliary-loss-free balancing), summed over them too
   (:class:`forge_train.expert_balance.ExpertBiasBalancer`).
 
+Under context parallelism with tensor parallelism and sequence parallelism, each rank routes a
+tensor-parallel chunk of its context-parallel shard (``1 / (cp x tp)`` of the row): the group
+is then the context x tensor-parallel ranks (``mesh["cp", "tp"]`` flattened), as Megatron-Core
+reduces its MoE statistics over its tensor x context-parallel group.
+
 Under these layouts the step asks the model for no balance loss of its own
 (``output_router_logits=False``: it would see a shard only) and forms it here from
 ``moe_stats.routers``. One code path for language models and vision-language models, whose
@@ -50,7 +55,10 @@ class ShardedRouting:
     tensor-parallel ranks). ``aux_loss``: the balance loss trained (``moe.aux_loss``:
     ``"switch"`` or ``"sequence"``), ``None`` without one. ``rank`` / ``size`` /
     ``load_balance``: how a packed row is cut over the group (this rank's index, the group's
-    size, zigzag or contiguous, :func:`forge_parallel.context_parallel.shard_sequence`)."""
+    size, zigzag or contiguous, :func:`forge_parallel.context_parallel.shard_sequence`);
+    ``sequence_shard`` / ``sequence_shards``: how that cut is then cut again, contiguously, by
+    sequence parallelism under context parallelism (this rank's tensor-parallel index and the
+    tensor-parallel size; 0 / 1 otherwise)."""
 
     group: Any
     top_k: int
@@ -59,6 +67,8 @@ class ShardedRouting:
     rank: int = 0
     size: int = 1
     load_balance: bool = False
+    sequence_shard: int = 0
+    sequence_shards: int = 1
 
     def local_documents(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """``(document index in the whole row of each token this rank routes, number of
@@ -79,6 +89,8 @@ class ShardedRouting:
         else:  # contiguous, cut as a DTensor Shard(1) is (torch.chunk: the last may be short)
             chunks = documents.chunk(self.size, dim=1)
             local = chunks[self.rank] if self.rank < len(chunks) else documents[:, :0]
+        if self.sequence_shards > 1:  # sequence parallelism's chunk of the context shard
+            local = local.chunk(self.sequence_shards, dim=1)[self.sequence_shard]
         return local.reshape(-1), count
 
     def balance_loss(self, stats, documents: tuple[torch.Tensor, int] | None) -> torch.Tensor:
@@ -162,14 +174,19 @@ def sharded_routing(cfg, model_config, parallel) -> ShardedRouting | None:
         "aux_loss": moe.aux_loss if moe.output_router_logits else None,
     }
     if getattr(parallel, "context_parallel_handle", None) is not None:
-        return ShardedRouting(
-            group=mesh["cp"].get_group(),
-            aux_scale=mesh.size("cp"),
-            rank=mesh.local_rank("cp"),
-            size=mesh.size("cp"),
-            load_balance=parallel.context_parallel.load_balance,
-            **common,
-        )
+        cut = {
+            "aux_scale": mesh.size("cp"),
+            "rank": mesh.local_rank("cp"),
+            "size": mesh.size("cp"),
+            "load_balance": parallel.context_parallel.load_balance,
+        }
+        if mesh.size("tp") > 1 and cfg.parallel.sequence_parallel:
+            # each rank routes a contiguous tensor-parallel chunk of its context shard: the
+            # statistics are summed over cp x tp (a collective: every rank builds the group)
+            group = mesh["cp", "tp"]._flatten("cp_tp").get_group()
+            sequence = {"sequence_shard": mesh.local_rank("tp"), "sequence_shards": mesh.size("tp")}
+            return ShardedRouting(group=group, **cut, **sequence, **common)
+        return ShardedRouting(group=mesh["cp"].get_group(), **cut, **common)
     if mesh.size("tp") > 1 and cfg.parallel.sequence_parallel:
         # each rank runs the MoE layers on its contiguous chunk of the sequence dimension
         # (a VLM's: forge_train.vlm_model.vlm_text_plan's sequence_scatter, a DTensor Shard(1))
