@@ -52,6 +52,32 @@ def test_conversion_swaps_eligible_linears_only():
         convert_model_to_fp8(_tiny_llama(), "blockwise")  # 32/64 features: no 128 block
 
 
+def test_a_policy_for_another_recipe_or_gpu_is_a_config_error(tmp_path, monkeypatch):
+    """A ``train.fp8_policy`` table timed with another recipe, or on another GPU model, is
+    refused saying to recalibrate (forge-train has no ``force`` setting to pass)."""
+    import forge_kernels.fp8.policy as policy_module
+    from forge_kernels.fp8 import CalibrationEntry, Fp8Policy
+
+    entry = CalibrationEntry(m=128, n=32, k=32, bf16_ms=1.0, fp8_ms=0.5)
+    path = tmp_path / "policy.json"
+    Fp8Policy(entries=(entry,), device_name="NVIDIA H100 80GB HBM3", recipe="current").save(path)
+    with pytest.raises(
+        ConfigError,
+        match=r"train.fp8_policy: .* was calibrated for the 'current' recipe, but "
+        r"train.fp8=blockwise trains with 'blockwise'.*recalibrate it on this GPU with recipe "
+        r"'blockwise' .*--policy-recipe blockwise",
+    ):
+        convert_model_to_fp8(_tiny_llama(), "blockwise", policy_path=str(path))
+    assert convert_model_to_fp8(_tiny_llama(), "per_tensor", policy_path=str(path))
+
+    monkeypatch.setattr(policy_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(policy_module, "current_device_name", lambda: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"calibrated on 'NVIDIA H100.*not on this GPU") as err:
+        convert_model_to_fp8(_tiny_llama(), "per_tensor", policy_path=str(path))
+    assert "force=True" not in str(err.value)
+    assert "train.fp8_policy=null" in str(err.value)
+
+
 def test_unusable_fp8_is_a_config_error(monkeypatch):
     import forge_kernels.fp8
 

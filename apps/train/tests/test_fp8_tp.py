@@ -152,3 +152,33 @@ def test_fp8_linears_replicated_on_sequence_shards_get_a_token_group():
         check_fp8_token_split("blockwise", **{**split, "chunks": 8}, on_sequence_shards=False)
     with pytest.raises(ConfigError, match=r"each sequence-parallel shard holds 64 tokens"):
         check_fp8_token_split("blockwise", **{**split, "cp": 4}, on_sequence_shards=True)
+
+
+@pytest.mark.parametrize("mode", ["per_tensor", "blockwise"])
+def test_mtp_eh_proj_runs_on_sequence_shards_for_both_recipes(mode):
+    """forge-train's plan gives multi-token prediction's eh_proj its own ``replicate`` style
+    under sequence parallelism: it runs on the sequence shard for block-wise scaling as for
+    per-tensor (the block check must not hide it), so block-wise refuses 96-token shards (a
+    weight-gradient block would mix two ranks' tokens: 3e-2 off one process)."""
+    from types import SimpleNamespace
+
+    from forge_train.components import _text_plan
+
+    config = forge_models.TransformerConfig(
+        family="llama", vocab_size=64, num_layers=1, hidden_size=256, intermediate_size=256,
+        num_heads=2, num_kv_heads=2, mtp_depth=1,
+    )  # fmt: skip
+    model = forge_models.build_model(config)
+    convert_model_to_fp8(model, mode)
+    cfg = SimpleNamespace(parallel=SimpleNamespace(sequence_parallel=True, ep=1))
+    plan = _text_plan(model, config, cfg)
+    assert plan.styles.get("mtp.0.eh_proj") == "replicate"
+    on_shards = check_fp8_tensor_parallel(model, plan, 2, mode)
+    assert any(m is model.get_submodule("mtp.0.eh_proj") for m in on_shards)
+    shards = {"chunks": 1, "cp": 1, "tp": 2, "on_sequence_shards": bool(on_shards)}
+    check_fp8_token_split(mode, tokens=256, **shards)  # 128-token shards
+    if mode == "blockwise":
+        with pytest.raises(ConfigError, match=r"each sequence-parallel shard holds 96 tokens"):
+            check_fp8_token_split(mode, tokens=192, **shards)
+    else:
+        check_fp8_token_split(mode, tokens=192, **shards)

@@ -450,6 +450,75 @@ def test_registry_op_and_errors():
         fp8_linear(x[:, :24], w[:, :24], gemm="scaled_mm")
 
 
+@pytest.mark.parametrize("recipe", ["current", "blockwise", "delayed"])
+def test_fp8_linear_saves_its_fp8_operands_for_backward(recipe, monkeypatch):
+    """The FP8 copies the backward uses go through ``save_for_backward``, hence through the
+    saved-tensor hooks with which non-reentrant activation checkpointing (torch.utils.checkpoint,
+    forge-parallel's recompute) drops them after the forward and recomputes them in the backward;
+    a hook stashing every saved tensor must hold every FP8 tensor still alive after the forward.
+    Delayed scaling keeps them on ctx (its recompute would cast with the updated scale). The
+    gradients through the hooks are bit-equal to a plain run. (The hooks stand in for the
+    checkpoint itself, whose first use imports torch._dynamo: tens of seconds.)"""
+    import weakref
+
+    import forge_kernels.fp8.linear as linear_module
+
+    made: list[weakref.ref] = []
+
+    def spy(quantize):
+        def wrapped(*args, **kwargs):
+            q = quantize(*args, **kwargs)
+            made.extend(weakref.ref(t) for t in (q.data, q.data_t) if t is not None)
+            return q
+
+        return wrapped
+
+    for module, name in [
+        (linear_module, "quantize_tensorwise"),
+        (linear_module, "quantize_blockwise"),
+        (quantize_module, "quantize_tensorwise"),  # delayed scaling's state.quantize
+    ]:
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
+
+    def run(hooked: bool):
+        torch.manual_seed(0)
+        layer = Fp8Linear(128, 128, recipe=recipe, gemm="emulate")
+        grads, outside = [], []
+        for step in range(2):
+            x = (torch.randn(128, 128) * (1 + step)).requires_grad_()
+            made.clear()
+            stash: list[torch.Tensor] = []
+
+            def pack(t, stash=stash):
+                stash.append(t)
+                return len(stash) - 1
+
+            if hooked:
+                with torch.autograd.graph.saved_tensors_hooks(pack, stash.__getitem__):
+                    y = layer(x)
+            else:
+                y = layer(x)
+            stashed = {id(t) for t in stash} | {id(t._base) for t in stash if t._base is not None}
+            outside.append(sum(r() is not None and id(r()) not in stashed for r in made))
+            y.square().sum().backward()
+            grads.append([x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()])
+            layer.weight.grad = layer.bias.grad = None
+        history = layer.fp8_amax_history.clone() if recipe == "delayed" else None
+        return grads, outside, history
+
+    grads, outside_plain, history = run(False)
+    grads_hooked, outside_hooked, history_hooked = run(True)
+    assert all(n > 0 for n in outside_plain), "the spy must see the FP8 copies kept for backward"
+    for plain, hooked in zip(grads, grads_hooked, strict=True):
+        for a, b in zip(plain, hooked, strict=True):
+            assert torch.equal(a, b)
+    if recipe == "delayed":
+        assert torch.equal(history, history_hooked)
+        assert outside_hooked == outside_plain
+    else:
+        assert outside_hooked == [0, 0], f"FP8 copies kept outside the hooks: {outside_hooked}"
+
+
 # ============================================================================================
 # convert_to_fp8 and training
 # ============================================================================================
@@ -603,6 +672,19 @@ def test_policy_save_load_round_trip_and_device_check(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not an FP8 policy table"):
         Fp8Policy.load(tmp_path / "bad.json", force=True)
+
+
+def test_policy_load_checks_the_recipe(tmp_path):
+    path = tmp_path / "fp8_policy.json"
+    _synthetic_policy().save(path)  # timed with the "current" recipe
+    assert Fp8Policy.load(path, device_name=H100, recipe="current").recipe == "current"
+    assert Fp8Policy.load(path, device_name=H100, recipe=Fp8CurrentScaling()).recipe == "current"
+    with pytest.raises(
+        ValueError,
+        match=r"calibrated for the 'current' recipe, but it would be used with 'blockwise'.*"
+        r"calibrate_fp8_policy\(recipe='blockwise'\)",
+    ):
+        Fp8Policy.load(path, device_name=H100, recipe=Fp8BlockwiseScaling(), force=True)
 
 
 def test_fp8_linear_follows_the_policy():

@@ -82,14 +82,9 @@ def convert_model_to_fp8(
     """Swap the eligible linears of ``model`` for ``Fp8Linear`` (in place); returns their
     names, each after ``prefix`` (``"language_model."`` when ``model`` is a VLM's language
     model). ``ConfigError`` when none is eligible (FP8 would silently do nothing)."""
-    from forge_kernels.fp8 import Fp8Linear, Fp8Policy, convert_to_fp8
+    from forge_kernels.fp8 import Fp8Linear, convert_to_fp8
 
-    policy = None
-    if policy_path is not None:
-        try:
-            policy = Fp8Policy.load(policy_path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"train.fp8_policy: cannot use {policy_path!r}: {exc}") from exc
+    policy = None if policy_path is None else _load_policy(policy_path, mode)
 
     def fp8_names() -> list[str]:
         return [name for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
@@ -105,6 +100,39 @@ def convert_model_to_fp8(
             "use a wider model or train.fp8=null"
         )
     return converted
+
+
+def _load_policy(path: str, mode: str):
+    """``train.fp8_policy`` as an ``Fp8Policy``; ``ConfigError`` saying how to fix it when the
+    table was timed with another recipe or on another GPU model (FP8 speed-ups differ)."""
+    from forge_kernels.fp8 import Fp8Policy, Fp8PolicyDeviceMismatchError
+
+    recipe = RECIPES[mode]
+    recalibrate = (
+        f"recalibrate it on this GPU with recipe {recipe!r} (python packages/forge-kernels/"
+        f"benchmarks/bench_fp8.py --write-policy PATH --policy-recipe {recipe}, or "
+        f"forge_kernels.fp8.calibrate_fp8_policy(recipe={recipe!r})), or set "
+        "train.fp8_policy=null to run every eligible linear in FP8"
+    )
+    try:
+        policy = Fp8Policy.load(path, force=True)  # the device is checked below, for our message
+        if policy.recipe != recipe:
+            raise ConfigError(
+                f"train.fp8_policy: {path!r} was calibrated for the {policy.recipe!r} recipe, "
+                f"but train.fp8={mode} trains with {recipe!r} (the recipes' FP8 speed-ups "
+                f"differ); {recalibrate}"
+            )
+        Fp8Policy.load(path, recipe=recipe)
+    except ConfigError:
+        raise
+    except Fp8PolicyDeviceMismatchError as exc:
+        raise ConfigError(
+            f"train.fp8_policy: {path!r} was calibrated on {policy.device_name!r}, not on this "
+            f"GPU (FP8 speed-ups differ between GPUs); {recalibrate}"
+        ) from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"train.fp8_policy: cannot use {path!r}: {exc}") from exc
+    return policy
 
 
 def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> list[nn.Module]:
@@ -132,7 +160,9 @@ def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> lis
             nearest = name
         if nearest == name and block is not None:
             _check_blocks(name, module, base, int(chunks or 2), tp, block)
-        elif plan.sequence_parallel and base == "replicate":
+        # Independent of the block check: a layer's own ``replicate`` style (multi-token
+        # prediction's eh_proj) runs it on the sequence shard as much as an ancestor's does.
+        if plan.sequence_parallel and base == "replicate":
             on_sequence_shards.append(module)
         elif base == "replicate_partial":
             raise ConfigError(

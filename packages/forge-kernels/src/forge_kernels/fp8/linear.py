@@ -262,6 +262,41 @@ def _token_padding(m: int, recipe: Fp8Recipe, impl: str) -> int:
     return -m % multiple
 
 
+def _save_fp8(ctx, wq: Fp8Tensor | None, xq_t: Fp8Tensor | None, *, recompute_safe: bool) -> None:
+    """Keep the backward's FP8 operands: through ``ctx.save_for_backward`` (their data, data_t
+    and scale_inv tensors; the block layout on ``ctx``), so non-reentrant activation
+    checkpointing (``torch.utils.checkpoint``, forge-parallel's recompute) drops them after the
+    forward and recomputes them in the backward. Delayed scaling keeps them on ``ctx`` instead:
+    its recompute would cast with the scale already updated by the forward (and update the amax
+    history twice), so the recomputed operands would differ from the forward's."""
+    ctx.fp8_layout = [None if q is None else (q.block, q.data_t is not None) for q in (wq, xq_t)]
+    if not recompute_safe:
+        ctx.fp8_operands = (wq, xq_t)
+        return
+    ctx.fp8_operands = None
+    tensors = []
+    for q in (wq, xq_t):
+        if q is not None:
+            tensors += [q.data, q.scale_inv] + ([q.data_t] if q.data_t is not None else [])
+    ctx.save_for_backward(*tensors)
+
+
+def _saved_fp8(ctx) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
+    """The operands :func:`_save_fp8` kept, rebuilt as Fp8Tensor objects."""
+    if ctx.fp8_operands is not None:
+        return ctx.fp8_operands
+    tensors = iter(ctx.saved_tensors)
+    rebuilt = []
+    for layout in ctx.fp8_layout:
+        if layout is None:
+            rebuilt.append(None)
+            continue
+        block, has_t = layout
+        data, scale_inv = next(tensors), next(tensors)
+        rebuilt.append(Fp8Tensor(data, scale_inv, block, next(tensors) if has_t else None))
+    return rebuilt[0], rebuilt[1]
+
+
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, recipe, state, impl, out_dtype, groups):
@@ -286,10 +321,11 @@ class _Fp8LinearFunction(torch.autograd.Function):
 
         # Saved in FP8: the weight for dgrad; for wgrad the input, quantized along tokens
         # (its contraction dim there): the same per-tensor cast, or 128x1 blocks (DeepSeek-V3).
-        ctx.wq = wq if need_dgrad else None
-        ctx.xq_t = None
+        wq = wq if need_dgrad else None
+        xq_t = None
         if need_wgrad:
-            ctx.xq_t = (quantize_blockwise(x2d, fwd, (bs, 1)) if blockwise else xq).t()
+            xq_t = (quantize_blockwise(x2d, fwd, (bs, 1)) if blockwise else xq).t()
+        _save_fp8(ctx, wq, xq_t, recompute_safe=not isinstance(recipe, Fp8DelayedScaling))
         ctx.recipe, ctx.state, ctx.impl, ctx.m, ctx.pad = recipe, state, impl, m, pad
         ctx.groups = groups
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
@@ -299,6 +335,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         recipe, impl = ctx.recipe, ctx.impl
+        wq, xq_t = _saved_fp8(ctx)
         need_dgrad, need_wgrad, need_bgrad = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_bgrad:
@@ -316,10 +353,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
             )
             dyq_t = dyq.t()
         if need_dgrad:  # dx = dy @ W: contraction over out_features
-            dx = fp8_gemm(dyq, ctx.wq.t(), out_dtype=ctx.x_dtype, impl=impl)
+            dx = fp8_gemm(dyq, wq.t(), out_dtype=ctx.x_dtype, impl=impl)
             dx = dx[: ctx.m] if ctx.pad else dx
         if need_wgrad:  # dW = dy^T @ x: contraction over tokens
-            dw = fp8_gemm(dyq_t, ctx.xq_t, out_dtype=ctx.w_dtype, impl=impl)
+            dw = fp8_gemm(dyq_t, xq_t, out_dtype=ctx.w_dtype, impl=impl)
         return dx, dw, db, None, None, None, None, None
 
 

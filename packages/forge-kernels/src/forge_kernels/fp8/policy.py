@@ -197,15 +197,29 @@ class Fp8Policy:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device_name: str | None = None, force: bool = False
+        cls,
+        path: str | Path,
+        *,
+        device_name: str | None = None,
+        force: bool = False,
+        recipe: str | Fp8Recipe | None = None,
     ) -> Fp8Policy:
         """Read a table written by :meth:`save`, checking it was measured on this device kind.
 
         ``device_name`` is the device it will be used on (default: the current CUDA device; no
         check without CUDA). A table from another device raises
-        :class:`Fp8PolicyDeviceMismatchError` unless ``force=True``.
+        :class:`Fp8PolicyDeviceMismatchError` unless ``force=True``. ``recipe``: the recipe it
+        will be used with; a table timed with another raises ``ValueError`` (the recipes'
+        quantization costs differ, so do their speed-ups; ``force`` does not skip this check).
         """
         policy = cls.from_dict(json.loads(Path(path).read_text()))
+        if recipe is not None and policy.recipe != resolve_recipe(recipe).name:
+            expected = resolve_recipe(recipe).name
+            raise ValueError(
+                f"FP8 policy {str(path)!r} was calibrated for the {policy.recipe!r} recipe, but "
+                f"it would be used with {expected!r}: FP8 speed-ups differ between recipes. "
+                f"Recalibrate with calibrate_fp8_policy(recipe={expected!r})."
+            )
         if device_name is None and torch.cuda.is_available():
             device_name = current_device_name()
         if device_name is not None and policy.device_name != device_name and not force:
