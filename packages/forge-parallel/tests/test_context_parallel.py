@@ -143,7 +143,7 @@ def test_layout_and_document_errors():
     with pytest.raises(ValueError, match=r"num_heads=6 and num_kv_heads=2 .*cp in \[1, 2\]"):
         validate_ulysses(6, 2, 4)
     # The heads an attention call sees are the rank's own: under tp, the model's / tp.
-    with pytest.raises(ValueError, match=r"num_kv_heads=1 \(the heads of this rank's attention"):
+    with pytest.raises(ValueError, match=r"divisible by 2 \(the heads of this rank's attention"):
         validate_ulysses(2, 1, 2)
     tp_message = r"over tp=2: the model has num_heads=4 and num_kv_heads=2, which tp x cp = 4"
     with pytest.raises(ValueError, match=tp_message):

@@ -58,8 +58,8 @@ def validate_ulysses(num_heads: int, num_kv_heads: int, cp: int, *, tp: int | No
         local = ""
     raise ValueError(
         f"Ulysses context parallelism splits attention heads over cp={cp} ranks, but "
-        f"num_heads={num_heads} and num_kv_heads={num_kv_heads}{local} are not both divisible "
-        f"by {cp}; use cp in {valid} or style='ring' (any head count)"
+        f"num_heads={num_heads} and num_kv_heads={num_kv_heads} are not both divisible by "
+        f"{cp}{local}; use cp in {valid} or style='ring' (any head count)"
     )
 
 
