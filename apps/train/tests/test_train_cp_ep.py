@@ -67,18 +67,17 @@ def test_context_parallel_layouts_match_one_process(tmp_path, dist_pool):
     # TP2 x CP2: the losses from the logits, each depth's against its shard of the targets.
     tp_cp = ("parallel=tp2-fsdp", "parallel.cp=2", "parallel.sequence_parallel=false")
     _close(pool.run(_losses, f"{tmp_path}/tp2_cp2", *model, *tp_cp), single)
-    # A MoE model: the switch loss and the expert-bias load summed over the context-parallel
-    # ranks (forge_train.sharded_routing).
+    # A MoE model: the switch loss and the expert-bias load summed over the ranks that split a
+    # row (forge_train.sharded_routing). Under CP2 x TP2 with sequence parallelism each rank
+    # routes a tensor-parallel chunk of its context shard, the statistics summed over cp x tp
+    # (one expert bias, the switch loss of every token: summed over cp alone, step 1's grad
+    # norm is 77% off). CP alone: the pipeline run below, and tests/test_vlm_cp_moe.py.
     moe = (*_MOE, "model.config.moe.router_aux_loss_coef=0.5", "+model.config.moe.expert_bias=true")
     single = _losses(f"{tmp_path}/single_moe", *moe, _NO_EVAL)
-    _close(pool.run(_losses, f"{tmp_path}/cp2_moe", *moe, "parallel=cp2-fsdp"), single)
-    # ... and under CP2 x TP2 with sequence parallelism: each rank routes a tensor-parallel
-    # chunk of its context shard, the statistics summed over cp x tp (one expert bias, the
-    # switch loss of every token: summed over cp alone, step 1's grad norm is 77% off).
     cp_tp_sp = ("parallel=tp2-fsdp", "parallel.cp=2", "parallel.sequence_parallel=true")
     _close(pool.run(_losses, f"{tmp_path}/tp2_sp_cp2_moe", *moe, *cp_tp_sp), single)
-    # ... and under 2 pipeline stages: the last stage sums the carried switch-loss sums over
-    # the context-parallel ranks, each stage its expert load (forge_train.pipeline_moe).
+    # ... and under 2 pipeline stages x CP2: the last stage sums the carried switch-loss sums
+    # over the context-parallel ranks, each stage its expert load (forge_train.pipeline_moe).
     _close(pool.run(_losses, f"{tmp_path}/pp2_cp2_moe", *moe, *pp_cp), single)
     # DeepSeek-V3-style: multi-head latent attention (value heads narrower than query/key
     # heads) under Ulysses, MoE with expert bias and the sequence-wise balance loss weighted
