@@ -237,8 +237,9 @@ def write_hf_folder(
     pipeline=None,
 ) -> Path | None:
     """The trained ``model``'s tensors (:func:`export_tensors`) written by
-    ``forge_models.save_pretrained(plain, ...)`` as a Hugging Face folder, with the tokenizer
-    beside them. Collective; the folder on the main process, ``None`` elsewhere.
+    ``forge_models.save_pretrained(plain, ...)`` as a Hugging Face folder, with the tokenizer's
+    files inside the same atomic write (the folder never appears without them). Collective; the
+    folder on the main process, ``None`` elsewhere.
 
     If the writer fails (a full disk, a bad folder), the rest of the stream is still consumed
     before the error is raised: its gathers are collective, and the other ranks would
@@ -249,13 +250,15 @@ def write_hf_folder(
     if tensors is None:
         return None
     try:
-        path = forge_models.save_pretrained(
-            plain, out_dir, dtype=dtype, overwrite=True, tensors=tensors
+        return forge_models.save_pretrained(
+            plain,
+            out_dir,
+            dtype=dtype,
+            overwrite=True,
+            tensors=tensors,
+            extra_files=None if tokenizer is None else tokenizer.files(),
         )
     except BaseException:
         for _ in tensors:
             pass
         raise
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path

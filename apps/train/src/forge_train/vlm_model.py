@@ -213,7 +213,12 @@ def export_vlm_hf(
     beside it. With ``data`` (the run's data settings), the image processor training used
     (:func:`forge_train.vlm_processing.build_processor`) is written as transformers'
     ``preprocessor_config.json`` / ``processor_config.json``
-    (:func:`~forge_train.vlm_processing.hf_processor_files`), or the log says why not. Collective (tensors gathered and written one at a time,
+    (:func:`~forge_train.vlm_processing.hf_processor_files`; InternVL's tokenizer gets the
+    ``extra_special_tokens`` its transformers processor reads), or the log says why not. They
+    go into the weights' atomic write (``save_pretrained``'s ``hf_extra_files``), so the folder
+    never appears, or replaces an earlier export, without them.
+
+    Collective (tensors gathered and written one at a time,
     :func:`forge_train.modeling.export_tensors`); only the main process writes. ``pipeline``:
     the run's :class:`~forge_train.vlm_pipeline.VLMPipelineParts` when ``model`` is one
     pipeline rank's part (its stages send their tensors to the main process). With ``lora``
@@ -228,15 +233,37 @@ def export_vlm_hf(
     if data is not None:
         from forge_train.vlm_processing import build_processor, hf_processor_files
 
-        processor_files, why_not = hf_processor_files(build_processor(config, data))
+        processor = build_processor(config, data)
+        processor_files, why_not = hf_processor_files(processor)
         if why_not is not None and is_main:
             _log.warning("checkpoint.export_hf: %s", why_not)
+        intern_vl = type(processor).__name__ == "InternVLProcessor"
+        if processor_files and intern_vl and tokenizer is not None and is_main:
+            tokenizer = _with_intern_vl_tokens(tokenizer)
     plain = build_vlm(config, device="meta")  # config, names and shapes: no memory
-    path = write_hf_folder(
+    plain.hf_extra_files = processor_files  # written with the weights, in one atomic write
+    return write_hf_folder(
         model, plain, out_dir, tokenizer=tokenizer, lora=lora, dtype=dtype, is_main=is_main,
         pipeline=pipeline,
     )  # fmt: skip
-    if path is not None:  # beside the weights, as the tokenizer
-        for name, text in processor_files.items():
-            (path / name).write_text(text)
-    return path
+
+
+def _with_intern_vl_tokens(tokenizer: Any) -> Any:
+    """``tokenizer`` whose ``tokenizer_config.json`` names InternVL's placeholder tokens in
+    ``extra_special_tokens`` (:data:`forge_data.vision.intern_vl.HF_TOKENIZER_TOKENS`), which
+    transformers' ``InternVLProcessor`` reads as tokenizer attributes; the names a tokenizer
+    already sets are kept. A non-empty list there (extra tokens without names) is left as it
+    is and the log says what is missing."""
+    from forge_data.vision.intern_vl import HF_TOKENIZER_TOKENS
+
+    named = tokenizer.config.get("extra_special_tokens") or {}
+    if not isinstance(named, dict):
+        _log.warning(
+            "checkpoint.export_hf: the tokenizer's extra_special_tokens is a %s, not the names "
+            "transformers' InternVLProcessor reads (%s); AutoProcessor will not load the export "
+            "until they are added",
+            type(named).__name__,
+            sorted(HF_TOKENIZER_TOKENS),
+        )
+        return tokenizer
+    return tokenizer.with_config(extra_special_tokens={**HF_TOKENIZER_TOKENS, **named})

@@ -240,23 +240,25 @@ def _llava_onevision_files(config) -> dict[str, dict[str, Any]]:
 _HF_PROCESSOR_FILES = {
     "Qwen2VLProcessor": _qwen2_vl_files,
     "LlavaOnevisionProcessor": _llava_onevision_files,
+    "InternVLProcessor": lambda config: config.to_hf(),
 }
 
 
 def hf_processor_files(processor) -> tuple[dict[str, str], str | None]:
     """``(files, why_not)``: the Hugging Face processor files (``preprocessor_config.json``,
     and ``processor_config.json`` where the transformers processor reads its token count
-    there) holding the settings of ``processor`` (a :func:`build_processor` result), so that
+    there; InternVL's ``video_preprocessor_config.json`` too) holding the settings of
+    ``processor`` (a :func:`build_processor` result), so that
     ``transformers.AutoProcessor.from_pretrained`` of an export prepares images as training did
-    (pixel budget, AnyRes grid, tile size). ``files`` is empty and ``why_not`` says why for a
-    processor whose settings a transformers processor config cannot express exactly."""
+    (pixel budget, AnyRes grid, tile size and limits). ``files`` is empty and ``why_not`` says
+    why for a processor whose settings a transformers processor config cannot express exactly."""
     import json
 
     write = _HF_PROCESSOR_FILES.get(type(processor).__name__)
     if write is None:
         return {}, (
             f"no transformers processor config is written for {type(processor).__name__}: its "
-            "settings (thumbnail, tile limits) are not checked against a transformers processor"
+            "settings are not checked against a transformers processor"
         )
     try:
         files = write(processor.config)

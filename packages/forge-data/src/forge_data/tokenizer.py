@@ -114,12 +114,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)
 
+    def files(self) -> dict[str, str]:
+        """The texts of ``tokenizer.json`` and ``tokenizer_config.json`` by file name, for a
+        writer that puts them into its own (atomic) folder write."""
+        return {
+            "tokenizer.json": self._backend.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(self.config, indent=2),
+        }
+
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (a Hugging Face folder)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._backend.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2))
+        for name, text in self.files().items():
+            (folder / name).write_text(text)
         return folder
 
 

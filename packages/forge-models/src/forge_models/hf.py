@@ -19,6 +19,7 @@ inverse mapping into shards.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -35,8 +36,10 @@ from forge_models.registry import build_model, family_for_hf_config, get_family,
 from forge_models.vlm.config import VLMConfig
 
 __all__ = [
+    "KEEP_FP32_MODULES",
     "check_not_quantized",
     "from_pretrained",
+    "keep_fp32_patterns",
     "load_hf_weights",
     "loading_context",
     "read_generation_config",
@@ -55,6 +58,20 @@ QUANTIZED_DTYPES = frozenset(
 
 #: transformers' generation defaults file, copied through an export of a loaded model.
 GENERATION_CONFIG = "generation_config.json"
+
+#: The tensors transformers keeps in float32 whatever the model's dtype, by ``model_type`` (of
+#: ``config.json`` or of one of its sub-configs): ``(strict, fp16_only)`` name patterns, the
+#: ``_keep_in_fp32_modules_strict`` (float32 at bfloat16 and float16) and
+#: ``_keep_in_fp32_modules`` (float32 at float16 only) of the model classes, as in transformers
+#: 5.23 for every family forge exports (llama, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v3,
+#: qwen2_5_vl, llava_onevision, internvl and their vision / text sub-models): DeepSeek-V3's
+#: router selection bias only (``test_hf_keep_fp32.py`` checks the table against the installed
+#: transformers).
+KEEP_FP32_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "deepseek_v3": (("e_score_correction_bias",), ()),
+}
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _dtype_from_config(hf_config: Mapping[str, Any]) -> torch.dtype | None:
@@ -103,6 +120,46 @@ def check_not_quantized(ckpt: HFCheckpoint) -> None:
             f"{ckpt.path} stores {len(low)} tensors in a quantized dtype ({examples}) without a "
             f"quantization_config; {how}"
         )
+
+
+def _model_types(hf_config: Mapping[str, Any]) -> list[str]:
+    """``model_type`` of ``config.json`` and of each sub-config (``text_config``,
+    ``vision_config``, ...): transformers builds each sub-model from its own class, whose
+    float32 keep-list joins the whole model's."""
+    found = [hf_config.get("model_type")]
+    found += [v.get("model_type") for v in hf_config.values() if isinstance(v, Mapping)]
+    return list(dict.fromkeys(t for t in found if isinstance(t, str)))
+
+
+def keep_fp32_patterns(hf_config: Mapping[str, Any], dtype: torch.dtype) -> tuple[str, ...]:
+    """Name patterns (``*`` any characters, matched anywhere in a tensor name, as transformers
+    matches them) of the tensors transformers keeps in float32 when it builds ``hf_config``'s
+    model in ``dtype``: the strict keep-list at bfloat16 / float16, the other one at float16
+    too; none at other dtypes. Read from :data:`KEEP_FP32_MODULES` for the config's model types
+    (sub-configs included): kept as data, as forge-ckpt keeps its mappings, and checked against
+    the installed transformers' classes by the tests.
+
+    :func:`save_pretrained` writes these tensors in float32: transformers loads them as float32
+    even from a bfloat16 file, but the bits a bfloat16 cast dropped are gone (DeepSeek-V3's
+    ``e_score_correction_bias`` near 1 moves in steps of 2**-7, and the routing it steers
+    changes)."""
+    if dtype not in _HALF_DTYPES:
+        return ()
+    strict: set[str] = set()
+    fp16: set[str] = set()
+    for model_type in _model_types(hf_config):
+        table_strict, table_fp16 = KEEP_FP32_MODULES.get(model_type, ((), ()))
+        strict.update(table_strict)
+        fp16.update(table_fp16)
+    return tuple(sorted(strict | (fp16 if dtype == torch.float16 else set())))
+
+
+def _keep_fp32_matcher(hf_config: Mapping[str, Any], dtype: torch.dtype) -> re.Pattern | None:
+    """One regex of :func:`keep_fp32_patterns` (``None`` when there are none)."""
+    patterns = keep_fp32_patterns(hf_config, dtype)
+    if not patterns:
+        return None
+    return re.compile("|".join(re.escape(p).replace(r"\*", ".*") for p in patterns))
 
 
 def read_generation_config(hf_dir: str | os.PathLike) -> str | None:
@@ -297,6 +354,7 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path | None:
     """Save a forge model as a Hugging Face folder (``config.json`` + safetensors shards).
 
@@ -305,9 +363,17 @@ def save_pretrained(
     changed, the source with every key forge writes overlaid:
     :func:`forge_models.families._hf_config.overlay_hf_config`, so token ids and other keys
     forge does not read survive), else generated from the model's config; a source
-    ``generation_config.json`` (``model.hf_generation_config``) is written beside it. ``dtype`` casts the saved tensors (default: as they are). The write is atomic.
-    Vocabulary padding is removed and a tied ``lm_head`` left out, so transformers'
-    ``from_pretrained`` loads the folder.
+    ``generation_config.json`` (``model.hf_generation_config``) is written beside it, and so are
+    ``model.hf_extra_files`` and ``extra_files`` (file name -> text or bytes, e.g. a VLM's
+    ``preprocessor_config.json``), inside the same atomic write: the folder appears with every
+    file or not at all, and a failed write leaves what was there before.
+
+    ``dtype`` casts the saved tensors (default: as they are), except that at bfloat16 / float16
+    the tensors transformers keeps in float32 at that dtype (:func:`keep_fp32_patterns`, e.g.
+    DeepSeek-V3's ``e_score_correction_bias``) are written in float32, as transformers'
+    ``save_pretrained`` writes them; :func:`from_pretrained` reads either. Vocabulary padding is
+    removed and a tied ``lm_head`` left out, so transformers' ``from_pretrained`` loads the
+    folder.
 
     Tensors stream: each is mapped, cast and handed to the shard writer as it comes, so the
     peak beyond the model is about one shard (``max_shard_size``). A model holding ``DTensor``
@@ -361,16 +427,28 @@ def save_pretrained(
                     pass
                 return None
 
+    keep_fp32 = None if dtype is None else _keep_fp32_matcher(hf_config, dtype)
+
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in spec.forge_to_hf(tensors, ctx):
-            yield name, tensor if dtype is None else tensor.to(dtype)
+            if dtype is None:
+                yield name, tensor
+            elif keep_fp32 is not None and tensor.is_floating_point() and keep_fp32.search(name):
+                yield name, tensor.to(torch.float32)
+            else:
+                yield name, tensor.to(dtype)
 
+    files: dict[str, str | bytes] = {}
     generation = getattr(model, "hf_generation_config", None)
+    if generation is not None:
+        files[GENERATION_CONFIG] = generation
+    files.update(getattr(model, "hf_extra_files", None) or {})
+    files.update(extra_files or {})
     return save_hf_checkpoint(
         out_dir,
         hf_tensors(),
         config=hf_config,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
-        extra_files=None if generation is None else {GENERATION_CONFIG: generation},
+        extra_files=files or None,
     )

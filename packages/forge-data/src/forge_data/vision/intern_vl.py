@@ -31,6 +31,7 @@ import torch
 from forge_data.vision.pixels import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    RESAMPLE,
     as_frames,
     as_rgb_chw,
     normalize_frames,
@@ -47,7 +48,17 @@ from forge_data.vision.processing import (
     hf_processor_settings,
 )
 
-__all__ = ["InternVLProcessor", "InternVLProcessorConfig", "tile_grid"]
+__all__ = ["HF_TOKENIZER_TOKENS", "InternVLProcessor", "InternVLProcessorConfig", "tile_grid"]
+
+#: The tokens transformers' ``InternVLProcessor`` reads from its tokenizer's attributes
+#: (``tokenizer_config.json`` ``extra_special_tokens``), InternVL's placeholders: without them
+#: ``AutoProcessor.from_pretrained`` of a folder fails.
+HF_TOKENIZER_TOKENS = {
+    "start_image_token": INTERN_VL.image_open,
+    "end_image_token": INTERN_VL.image_close,
+    "context_image_token": INTERN_VL.image_token,
+    "video_token": INTERN_VL.video_anchor,
+}
 
 
 @lru_cache(maxsize=256)
@@ -168,6 +179,56 @@ class InternVLProcessorConfig:
             if video_config.get("resample") is not None:
                 kw["video_resample"] = video_config["resample"]
         return cls(**kw)
+
+    def to_hf(self) -> dict[str, dict[str, Any]]:
+        """The transformers files that load as these settings, the inverse of :meth:`from_hf`:
+        ``preprocessor_config.json`` (``GotOcr2ImageProcessor``, which ``InternVLProcessor``
+        calls with ``crop_to_patches``), ``processor_config.json`` (``image_seq_length``: the
+        placeholder tokens per tile, which ``InternVLProcessor`` does not derive itself) and
+        ``video_preprocessor_config.json`` (``InternVLVideoProcessor``). ``patch_size`` and
+        ``downsample_ratio`` belong to the model's ``config.json``.
+
+        ``ValueError`` for settings transformers cannot express: a tiled image without its
+        thumbnail (``crop_to_patches`` always appends one to more than one tile)."""
+        if self.crop_to_patches and self.max_patches > 1 and not self.use_thumbnail:
+            raise ValueError(
+                "use_thumbnail=False has no transformers GotOcr2ImageProcessor setting (it "
+                "appends the thumbnail to every image cut into more than one tile)"
+            )
+        pixels = {
+            "do_convert_rgb": True,
+            "do_resize": self.do_resize,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+        h, w = self.tile_size
+        vh, vw = self.video_size or self.tile_size
+        return {
+            "preprocessor_config.json": {
+                "image_processor_type": "GotOcr2ImageProcessor",
+                "processor_class": "InternVLProcessor",
+                "size": {"height": h, "width": w},
+                "crop_to_patches": self.crop_to_patches,
+                "min_patches": self.min_patches,
+                "max_patches": self.max_patches,
+                "resample": RESAMPLE[self.resample],
+                **pixels,
+            },
+            "processor_config.json": {
+                "processor_class": "InternVLProcessor",
+                "image_seq_length": self.tokens_per_tile,
+            },
+            "video_preprocessor_config.json": {
+                "video_processor_type": "InternVLVideoProcessor",
+                "processor_class": "InternVLProcessor",
+                "size": {"height": vh, "width": vw},
+                "resample": RESAMPLE[self.video_resample],
+                **pixels,
+            },
+        }
 
 
 def _size(size: Mapping[str, int]) -> tuple[int, int]:
