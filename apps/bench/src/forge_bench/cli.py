@@ -122,7 +122,7 @@ def _run_cases(cases, args, runner: JobRunner, device, dtype_name: str, peak) ->
     return rows
 
 
-def _start_kernels(args, device_type: str):
+def _start_kernels(args, device: str):
     """Rows for the kernels workload and the scripts started for it (see forge_bench.kernels)."""
     from forge_bench.kernels import SMOKE_SCRIPTS, find_scripts
     from forge_bench.table import Row
@@ -135,7 +135,7 @@ def _start_kernels(args, device_type: str):
     names = None if wanted == "all" else {n.removesuffix(".py") for n in _csv(wanted)}
     rows, todo = [], []
     for script in scripts:
-        row = Row(workload="kernels", case=device_type, impl=script.name)
+        row = Row(workload="kernels", case=device, impl=script.name)
         rows.append(row)
         if names is not None and script.stem not in names:
             row.status = f"skipped: not in --kernel-scripts ({wanted})"
@@ -144,7 +144,7 @@ def _start_kernels(args, device_type: str):
     return rows, todo
 
 
-def _finish_kernels(todo, args, device_type: str, running=None) -> list[str]:
+def _finish_kernels(todo, args, device: str, running=None) -> list[str]:
     """Run (or, with ``running``, wait for) the scripts of ``todo``; fills their rows."""
     from forge_bench.kernels import finish_script, start_script
 
@@ -152,13 +152,32 @@ def _finish_kernels(todo, args, device_type: str, running=None) -> list[str]:
     for n, (row, script) in enumerate(todo):
         if running is None:
             print(f"[forge-bench] kernels: {script.name} ...", flush=True)
-        handle = running[n] if running else start_script(script, device_type=device_type)
+        handle = running[n] if running else start_script(script, device=device)
         result = finish_script(handle, timeout_s=args.timeout)
         if result.error:
             row.status = f"error: {result.error}"
         row.notes = [f"{result.seconds:.1f} s; its output is below the table"]
         outputs.append(f"### {script.name}\n\n{result.output.rstrip()}")
     return outputs
+
+
+def _check_device(device) -> None:
+    """``--device cuda:N`` names a GPU this process sees: otherwise every row would fail with
+    the same CUDA error (and ``cuda:N`` is what each part is pinned to: the workers'
+    ``torch.cuda.set_device``, the kernel scripts' ``CUDA_VISIBLE_DEVICES``, the header's name
+    and peak TFLOP/s)."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError(f"--device {device}: no CUDA device is visible; pass --device cpu")
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {device}, but this process sees {count} CUDA device(s) (cuda:0 to "
+            f"cuda:{count - 1}): pick one of those or check CUDA_VISIBLE_DEVICES"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from forge_bench.table import FLOP_FORMULA, fill_ratios, format_table, peak_tflops_for
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_device(device)
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     env = environment(device)
     peak = args.peak_tflops or (peak_tflops_for(env["device"]) if device.type == "cuda" else None)
@@ -187,23 +207,26 @@ def main(argv: list[str] | None = None) -> int:
         cases += moe_cases(seqs=args.seq, peers=peers, smoke=args.smoke, tokens=args.tokens)
     kernel_rows, todo, running = [], [], None
     if "kernels" in args.workloads:
-        kernel_rows, todo = _start_kernels(args, device.type)
+        kernel_rows, todo = _start_kernels(args, str(device))
         if device.type != "cuda":  # CPU figures mean nothing: run beside the model workloads
             from forge_bench.kernels import start_script
 
-            running = [start_script(script, device_type=device.type) for _, script in todo]
+            running = [start_script(script, device=str(device)) for _, script in todo]
     rows = _run_cases(cases, args, runner, device, dtype_name, peak) + kernel_rows
-    outputs = _finish_kernels(todo, args, device.type, running)
+    outputs = _finish_kernels(todo, args, str(device), running)
     fill_ratios(rows)
 
     header = [
         "forge-bench: " + " | ".join(f"{k} {v}" for k, v in env.items()),
-        f"{dtype_name}, {args.warmup} warmup + {args.steps} timed steps of forward + backward + "
+        f"{dtype_name} on {device}, {args.warmup} warmup + {args.steps} timed steps of "
+        "forward + backward + "
         f"AdamW; peak TFLOP/s {peak if peak else 'unknown (pass --peak-tflops)'}",
         FLOP_FORMULA,
         "ratio: peer rows forge/peer (same recompute setting); forge rows forge/transformers; "
         "fp8 rows fp8/bf16 forge. peak GiB: " + (
-            "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+            f"torch.cuda.max_memory_allocated({device})" if device.type == "cuda" else
+            "the job process's peak resident set above its start (Linux VmHWM after a "
+            "clear_refs reset; the fork server's imports excluded; '-' where /proc has no reset)"
         ),
     ]  # fmt: skip
     report = "\n".join([*header, "", format_table(rows)])

@@ -3,7 +3,10 @@
 The scripts (``packages/forge-kernels/benchmarks/bench_*.py``) live in the repository, not in
 the installed package: they are found next to ``forge_kernels``'s source folder in a checkout.
 Each runs with its defaults on CUDA, or with ``--device cpu --smoke`` elsewhere (Triton
-interpreted: the figures only show that the script works). Their printed tables are kept as
+interpreted: the figures only show that the script works). On ``cuda:N`` a script is given that
+one GPU through ``CUDA_VISIBLE_DEVICES`` (see :func:`cuda_visible_devices`): the scripts take the
+default ``cuda`` device, and Triton launches on the *current* device whatever the tensors' index,
+so an index passed to ``--device`` alone would not be enough. Their printed tables are kept as
 they are and shown under the main table. On a GPU they run one after another once the model
 workloads are done (so nothing else competes for the device); on CPU, where their figures say
 nothing about speed, they run beside the model workloads to keep ``--smoke`` short.
@@ -18,7 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KernelResult", "RunningScript", "find_scripts", "finish_script", "start_script"]
+__all__ = [
+    "KernelResult",
+    "RunningScript",
+    "cuda_visible_devices",
+    "find_scripts",
+    "finish_script",
+    "start_script",
+]
 
 #: Scripts that --smoke runs by default: the quickest one checks the plumbing in seconds.
 SMOKE_SCRIPTS = ("bench_fused_linear_cross_entropy",)
@@ -65,6 +75,27 @@ def script_args(script: Path, *, device_type: str) -> list[str]:
     return args
 
 
+def cuda_visible_devices(index: int, inherited: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` that shows a subprocess only ``cuda:index`` of this process.
+
+    ``index`` counts within what this process sees, so with an inherited
+    ``CUDA_VISIBLE_DEVICES="4,6"`` ``cuda:1`` is entry ``"6"`` (a GPU number or UUID, passed on
+    as written); without one it is GPU ``index`` itself.
+    """
+    if index < 0:
+        raise ValueError(f"a CUDA device index is >= 0, got cuda:{index}")
+    if inherited is None:
+        return str(index)
+    entries = [e.strip() for e in inherited.split(",") if e.strip()]
+    if index >= len(entries):
+        raise ValueError(
+            f"--device cuda:{index}, but CUDA_VISIBLE_DEVICES={inherited!r} makes "
+            f"{len(entries)} GPU(s) visible (cuda:0 to cuda:{len(entries) - 1}): pick one of "
+            "those or widen CUDA_VISIBLE_DEVICES"
+        )
+    return entries[index]
+
+
 @dataclass(kw_only=True)
 class RunningScript:
     """A started script: :func:`start_script`'s handle for :func:`finish_script`."""
@@ -74,11 +105,21 @@ class RunningScript:
     started: float
 
 
-def start_script(script: Path, *, device_type: str) -> RunningScript:
-    """Start one script in a subprocess (Triton interpreted on CPU), capturing its output."""
+def start_script(script: Path, *, device: str) -> RunningScript:
+    """Start one script in a subprocess, capturing its output.
+
+    ``device`` is forge-bench's ``--device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``): on CPU the
+    script runs at smoke size with Triton interpreted; on ``cuda:N`` it sees that GPU only
+    (as its ``cuda:0``), so its kernels, timings, memory figures and peak lookup are that GPU's.
+    """
+    device_type, _, index = device.partition(":")
     env = dict(os.environ)
     if device_type != "cuda":
         env["TRITON_INTERPRET"] = "1"
+    elif index:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(
+            int(index), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
     env["PYTHONPATH"] = os.pathsep.join([*sys.path[1:], env.get("PYTHONPATH", "")]).strip(
         os.pathsep
     )

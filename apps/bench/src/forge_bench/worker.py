@@ -5,16 +5,18 @@ the same weights), applies its options (recompute, FP8, Liger-Kernel), then runs
 ``steps`` training steps: forward with labels (next-token loss), backward, ``torch.optim.AdamW``
 step, gradients set to ``None``. Throughput is the timed steps' tokens over their wall time
 (CUDA synchronized); peak memory is ``torch.cuda.max_memory_allocated`` from the first step on
-(weights, gradients, optimizer state, activations) on CUDA, the process's peak resident set
-elsewhere.
+(weights, gradients, optimizer state, activations) on CUDA. On CPU it is how far the process's
+resident set rose above where it started (:class:`RssPeak`): the job's process is forked from a
+server that already holds torch and the peers (hundreds of MB), and its plain peak resident set
+(``ru_maxrss``) starts from that, so every small job showed the same figure.
 """
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,7 +27,7 @@ from forge_bench.data import packed_batch
 from forge_bench.plan import Impl
 from forge_models import TransformerConfig
 
-__all__ = ["Job", "run_job"]
+__all__ = ["Job", "RssPeak", "run_job"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -134,6 +136,42 @@ BUILDERS = {
 }
 
 
+class RssPeak:
+    """The peak resident memory a process gains from now on (Linux; elsewhere unavailable).
+
+    Resets the process's resident-set high-water mark (``5`` written to ``/proc/self/clear_refs``,
+    Linux >= 4.0) and notes the resident set at that moment; :meth:`gained` is the high-water
+    mark (``VmHWM``) since, less that start: what the job added (weights, gradients, optimizer
+    state, activations, allocator slack), not the modules the fork server had imported. Without
+    the reset the high-water mark would be the inherited one (the server's, or an earlier
+    allocation's), so :meth:`gained` is ``None`` where the reset is unavailable.
+    """
+
+    def __init__(self, proc: Path = Path("/proc/self")) -> None:
+        self.proc = proc
+        try:
+            (proc / "clear_refs").write_text("5")
+            self.start: int | None = self._status_bytes("VmRSS")
+        except OSError:  # not Linux, or /proc not writable: no honest figure
+            self.start = None
+
+    def _status_bytes(self, key: str) -> int:
+        for line in (self.proc / "status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024  # "VmHWM:   123456 kB"
+        raise OSError(f"no {key} in {self.proc / 'status'}")
+
+    def gained(self) -> int | None:
+        """Bytes the resident set rose above its start at its highest, or ``None``."""
+        if self.start is None:
+            return None
+        try:
+            return max(0, self._status_bytes("VmHWM") - self.start)
+        except OSError:
+            return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,6 +185,7 @@ def run_job(job: Job) -> dict:
             "cuda", torch.cuda.current_device() if device.index is None else device.index
         )
         torch.cuda.set_device(device)
+    rss = RssPeak() if device.type != "cuda" else None  # before the model: weights count
     torch.manual_seed(0)
     if job.impl.runner not in BUILDERS:
         raise ValueError(f"unknown runner {job.impl.runner!r}; known: {', '.join(BUILDERS)}")
@@ -167,10 +206,7 @@ def run_job(job: Job) -> dict:
         losses.append(loss.detach())
     _sync(device)
     elapsed = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:  # Linux reports KiB
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated(device) if rss is None else rss.gained()
     values = [float(v) for v in losses]
     return {
         "tokens_per_s": job.rows * job.seq * job.steps / elapsed,

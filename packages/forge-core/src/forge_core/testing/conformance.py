@@ -13,7 +13,9 @@ It checks what Forge relies on, through the :class:`~forge_core.Accelerator` int
   a reference implementation, outputs and gradients. forge-core does not import
   forge-kernels, so the caller passes ``reference_for(op) -> callable`` (for Forge's ops:
   ``forge_kernels.registry.get_reference``) and a :class:`KernelCase` per op that builds
-  sample inputs.
+  sample inputs. An override that hands calls it cannot serve to the reference says so in an
+  int attribute ``fallback_calls`` (forge-xpu's ``KernelOverride`` does); an op whose every
+  checked call fell back fails the check, since only the reference was compared with itself.
 
 Run it with pytest (Forge's runner is ``tests/test_accelerator_conformance.py``; on hardware:
 ``FORGE_CONFORMANCE_BACKEND=<name> uv run pytest tests/test_accelerator_conformance.py``) or
@@ -392,15 +394,34 @@ def check_kernel_override(
             _assert_close(f"{op} ({dtype}) grad of input {i}", gi, ri, case)
 
 
+def _fallback_calls(override: Callable[..., Any]) -> int | None:
+    """How many calls ``override`` has handed to the reference so far, if it counts them.
+
+    forge-core cannot see how a plugin decides to fall back, so it relies on the override
+    counting: an int attribute ``fallback_calls`` (forge-xpu's ``KernelOverride`` keeps one,
+    beside ``vendor_calls``). ``None`` for an override that keeps no count (a plain function,
+    which is its own kernel unless it falls back internally, unseen).
+    """
+    count = getattr(override, "fallback_calls", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
 def check_kernel_overrides(
     acc: Accelerator,
     *,
     reference_for: Callable[[str], Callable[..., Any]],
     kernel_cases: Mapping[str, KernelCase | Sequence[KernelCase]],
+    allow_fallback: bool = False,
 ) -> str:
     """Every op in ``acc.kernel_overrides()`` against ``reference_for(op)`` on its case(s).
 
-    Dtypes the accelerator's capabilities rule out (bf16, fp16) are skipped.
+    Dtypes the accelerator's capabilities rule out (bf16, fp16) are skipped. A case whose call
+    the override handed to the reference (its ``fallback_calls`` count rose, see
+    :func:`_fallback_calls`) is marked ``(fell back)`` in the returned description: it matched
+    trivially. An op that fell back on *every* case fails the check (its own kernel never ran:
+    vendor runtime absent, or it declines every input), unless ``allow_fallback`` (a host
+    without the vendor runtime, checking the fallback path on purpose). Some cases falling
+    back (a layout or dtype the kernel does not take) is reported, not failed.
     """
     overrides = acc.kernel_overrides()
     missing = sorted(set(overrides) - set(kernel_cases))
@@ -410,18 +431,44 @@ def check_kernel_overrides(
     )
     caps = acc.capabilities
     ruled_out = {torch.bfloat16: not caps.bf16, torch.float16: not caps.fp16}
-    checked = []
+    checked: list[str] = []
+    fell_back: dict[str, int] = {}  # op -> cases that fell back
+    runs: dict[str, int] = {}  # op -> cases checked
+    unobserved: list[str] = []
     for op in sorted(overrides):
+        fn = overrides[op]
+        if _fallback_calls(fn) is None:
+            unobserved.append(op)
         cases = kernel_cases[op]
         for case in [cases] if isinstance(cases, KernelCase) else cases:
             for dtype in case.dtypes:
                 if ruled_out.get(dtype, False):
                     continue
+                before = _fallback_calls(fn)
                 check_kernel_override(
-                    op, overrides[op], reference_for(op), case, device=acc.device(), dtype=dtype
+                    op, fn, reference_for(op), case, device=acc.device(), dtype=dtype
                 )
-                checked.append(f"{op}[{str(dtype).removeprefix('torch.')}]")
-    return ", ".join(checked) or "no overrides"
+                label = f"{op}[{str(dtype).removeprefix('torch.')}]"
+                runs[op] = runs.get(op, 0) + 1
+                if before is not None and _fallback_calls(fn) != before:
+                    fell_back[op] = fell_back.get(op, 0) + 1
+                    label += " (fell back)"
+                checked.append(label)
+    never = sorted(op for op, n in fell_back.items() if n == runs[op])
+    if never and not allow_fallback:
+        raise AssertionError(
+            f"{acc.name!r}: the override of {', '.join(never)} fell back to the reference on "
+            f"every call ({', '.join(f'{op}: {runs[op]} case(s)' for op in never)}), so its own "
+            "kernel never ran and was never checked (vendor kernel not installed, or it "
+            "declines every input it was given); install the vendor runtime, or pass "
+            "allow_fallback=True to accept a check of the fallback path only"
+        )
+    detail = ", ".join(checked) or "no overrides"
+    if never:
+        detail += f"; fell back to the reference on every call: {', '.join(never)}"
+    if unobserved:
+        detail += f"; no fallback_calls count, fallback not observable: {', '.join(unobserved)}"
+    return detail
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,9 +509,11 @@ def run_conformance(
     pool: Any | None = None,
     reference_for: Callable[[str], Callable[..., Any]] | None = None,
     kernel_cases: Mapping[str, KernelCase | Sequence[KernelCase]] | None = None,
+    allow_fallback: bool = False,
 ) -> ConformanceReport:
     """All checks on one accelerator; collectives only with a ``pool``, kernels only with
-    ``reference_for``. Failures are recorded with their traceback, not raised."""
+    ``reference_for`` (``allow_fallback``: see :func:`check_kernel_overrides`). Failures are
+    recorded with their traceback, not raised."""
     acc = get_backend(backend) if isinstance(backend, str) else backend
     report = ConformanceReport(backend=acc.name)
     steps: list[tuple[str, Callable[[], str]]] = [
@@ -477,7 +526,10 @@ def run_conformance(
             (
                 "kernel_overrides",
                 lambda: check_kernel_overrides(
-                    acc, reference_for=reference_for, kernel_cases=kernel_cases or {}
+                    acc,
+                    reference_for=reference_for,
+                    kernel_cases=kernel_cases or {},
+                    allow_fallback=allow_fallback,
                 ),
             )
         )
