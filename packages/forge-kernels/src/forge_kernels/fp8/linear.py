@@ -26,10 +26,12 @@ and emulation elsewhere (with a one-time warning on CUDA, where emulation is slo
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +41,7 @@ from torch import nn
 
 from forge_kernels import registry
 from forge_kernels.fp8.quantize import (
+    DelayedForwardScales,
     DelayedScalingState,
     Fp8AmaxGroups,
     Fp8BlockwiseScaling,
@@ -75,6 +78,9 @@ DEFAULT_SKIP_PATTERNS = ("lm_head", "*.lm_head", "output", "*.gate", "*.router",
 
 #: Delayed-scaling rows of an Fp8Linear's state: input, weight, output gradient.
 _INPUT, _WEIGHT, _GRAD = 0, 1, 2
+
+#: The buffers of an Fp8Linear's delayed-scaling state, fp32 whatever dtype the model is cast to.
+_FP32_BUFFERS = ("fp8_amax_history", "fp8_scale")
 
 
 # ============================================================================================
@@ -240,17 +246,22 @@ def _quantize_operand(
     fp8_dtype: torch.dtype,
     block: tuple[int, int],
     groups: Fp8AmaxGroups | None,
+    forward: DelayedForwardScales | None = None,
     *,
     transpose: bool = False,
 ) -> Fp8Tensor:
     """``x`` in FP8 under ``recipe``; per-tensor recipes also write the transposed copy when
     ``transpose`` (a backward GEMM takes it as an operand; block-wise quantizes that layout with
-    its own scales instead). Per-tensor amaxes are reduced over ``groups.for_role(role)``."""
+    its own scales instead). Per-tensor amaxes are reduced over ``groups.for_role(role)``.
+    Delayed scaling casts the forward's operands with the scales of ``forward`` (see
+    :meth:`DelayedScalingState.begin_forward`)."""
     if isinstance(recipe, Fp8BlockwiseScaling):
         return quantize_blockwise(x, fp8_dtype, block)
     group = None if groups is None else groups.for_role(role)
     if isinstance(recipe, Fp8DelayedScaling):
-        return state.quantize(role, x, fp8_dtype, recipe, transpose=transpose, amax_group=group)
+        return state.quantize(
+            role, x, fp8_dtype, recipe, transpose=transpose, amax_group=group, forward=forward
+        )
     return quantize_tensorwise(x, fp8_dtype, transpose=transpose, amax_group=group)
 
 
@@ -262,18 +273,15 @@ def _token_padding(m: int, recipe: Fp8Recipe, impl: str) -> int:
     return -m % multiple
 
 
-def _save_fp8(ctx, wq: Fp8Tensor | None, xq_t: Fp8Tensor | None, *, recompute_safe: bool) -> None:
+def _save_fp8(ctx, wq: Fp8Tensor | None, xq_t: Fp8Tensor | None) -> None:
     """Keep the backward's FP8 operands: through ``ctx.save_for_backward`` (their data, data_t
     and scale_inv tensors; the block layout on ``ctx``), so non-reentrant activation
     checkpointing (``torch.utils.checkpoint``, forge-parallel's recompute) drops them after the
-    forward and recomputes them in the backward. Delayed scaling keeps them on ``ctx`` instead:
-    its recompute would cast with the scale already updated by the forward (and update the amax
-    history twice), so the recomputed operands would differ from the forward's."""
+    forward and recomputes them in the backward. Every recipe, delayed scaling included: its
+    recomputation casts with the scales of the original forward and leaves the state alone
+    (:meth:`DelayedScalingState.begin_forward`), so the recomputed operands are the forward's,
+    bit for bit."""
     ctx.fp8_layout = [None if q is None else (q.block, q.data_t is not None) for q in (wq, xq_t)]
-    if not recompute_safe:
-        ctx.fp8_operands = (wq, xq_t)
-        return
-    ctx.fp8_operands = None
     tensors = []
     for q in (wq, xq_t):
         if q is not None:
@@ -283,8 +291,6 @@ def _save_fp8(ctx, wq: Fp8Tensor | None, xq_t: Fp8Tensor | None, *, recompute_sa
 
 def _saved_fp8(ctx) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
     """The operands :func:`_save_fp8` kept, rebuilt as Fp8Tensor objects."""
-    if ctx.fp8_operands is not None:
-        return ctx.fp8_operands
     tensors = iter(ctx.saved_tensors)
     rebuilt = []
     for layout in ctx.fp8_layout:
@@ -299,7 +305,7 @@ def _saved_fp8(ctx) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
 
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, recipe, state, impl, out_dtype, groups):
+    def forward(ctx, x2d, weight, bias, recipe, state, impl, out_dtype, groups, delayed):
         m = x2d.shape[0]
         pad = _token_padding(m, recipe, impl)
         if pad:
@@ -309,10 +315,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
         fwd = recipe.forward_dtype
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         xq = _quantize_operand(
-            x2d, _INPUT, recipe, state, fwd, (1, bs), groups, transpose=need_wgrad
+            x2d, _INPUT, recipe, state, fwd, (1, bs), groups, delayed, transpose=need_wgrad
         )
         wq = _quantize_operand(
-            weight, _WEIGHT, recipe, state, fwd, (bs, bs), groups, transpose=need_dgrad
+            weight, _WEIGHT, recipe, state, fwd, (bs, bs), groups, delayed, transpose=need_dgrad
         )
         # Fast (Hopper FP8) accumulation forward only, as Transformer Engine; the block-wise
         # recipe keeps full-precision accumulation, as DeepSeek-V3 (section 3.3.2) asks.
@@ -325,7 +331,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
         xq_t = None
         if need_wgrad:
             xq_t = (quantize_blockwise(x2d, fwd, (bs, 1)) if blockwise else xq).t()
-        _save_fp8(ctx, wq, xq_t, recompute_safe=not isinstance(recipe, Fp8DelayedScaling))
+        _save_fp8(ctx, wq, xq_t)
+        ctx.delayed = delayed if delayed is not None and delayed.holds_node else None
+        if ctx.delayed is not None:  # queued until this node runs its backward or is freed
+            weakref.finalize(ctx, state.release, delayed)
         ctx.recipe, ctx.state, ctx.impl, ctx.m, ctx.pad = recipe, state, impl, m, pad
         ctx.groups = groups
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
@@ -335,7 +344,9 @@ class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         recipe, impl = ctx.recipe, ctx.impl
-        wq, xq_t = _saved_fp8(ctx)
+        wq, xq_t = _saved_fp8(ctx)  # first: may recompute this forward (non-reentrant)
+        if ctx.delayed is not None:  # no recomputation of this forward can follow any more
+            ctx.state.release(ctx.delayed)
         need_dgrad, need_wgrad, need_bgrad = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_bgrad:
@@ -357,7 +368,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dx = dx[: ctx.m] if ctx.pad else dx
         if need_wgrad:  # dW = dy^T @ x: contraction over tokens
             dw = fp8_gemm(dyq_t, xq_t, out_dtype=ctx.w_dtype, impl=impl)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -404,7 +415,13 @@ def _fp8_linear(
         return F.linear(x.to(out_dtype), weight.to(out_dtype), b)
     impl = "emulate" if emulate_only else _resolve_gemm(gemm, recipe, x.device, n, k)
     x2d = x.reshape(-1, k)
-    y = _Fp8LinearFunction.apply(x2d, weight, bias, recipe, state, impl, out_dtype, amax_groups)
+    # Decided here, outside the autograd Function, where grad mode is still the caller's.
+    delayed = (
+        state.begin_forward(x, weight, bias) if isinstance(recipe, Fp8DelayedScaling) else None
+    )
+    y = _Fp8LinearFunction.apply(
+        x2d, weight, bias, recipe, state, impl, out_dtype, amax_groups, delayed
+    )
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -501,7 +518,10 @@ class Fp8Linear(nn.Linear):
         in_features, out_features, bias: as ``nn.Linear``.
         recipe: scaling recipe or its name; delayed scaling keeps its amax histories and scales
             in the buffers ``fp8_amax_history`` (3, amax_history_len) and ``fp8_scale`` (3,)
-            (rows: input, weight, output gradient), so they are checkpointed with the model.
+            (rows: input, weight, output gradient), so they are checkpointed with the model;
+            they stay fp32 when the model is cast (``.to(torch.bfloat16)``), and an activation
+            checkpoint's recomputation casts with the scales of the forward it replays,
+            leaving them alone (:meth:`DelayedScalingState.begin_forward`).
         backend: ``"torch"`` (this package's kernels) or ``"te"`` (NVIDIA Transformer Engine's
             ``te.Linear`` under its FP8 autocast with the matching recipe; CUDA only; needs
             ``pip install "forge-kernels[transformer-engine]"``; the parameters then live in the
@@ -564,8 +584,25 @@ class Fp8Linear(nn.Linear):
     def _init_fp8_state(self, device) -> None:
         if isinstance(self.recipe, Fp8DelayedScaling):
             history = self.recipe.amax_history_len
-            self.register_buffer("fp8_amax_history", torch.zeros(3, history, device=device))
-            self.register_buffer("fp8_scale", torch.ones(3, device=device))
+            fp32 = {"device": device, "dtype": torch.float32}
+            self.register_buffer("fp8_amax_history", torch.zeros(3, history, **fp32))
+            self.register_buffer("fp8_scale", torch.ones(3, **fp32))
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``, ``.bfloat16()``, ...), but
+        the delayed-scaling buffers stay fp32, as the state's contract says: ``.to(bfloat16)``
+        of the model would otherwise round the scales and amaxes to 8 significant bits, so
+        every cast would use a scale up to 0.4% off and the history would compare rounded
+        amaxes. ``fn`` is applied to each of them as to any buffer (so a device move, a meta or
+        ``to_empty`` conversion is done as ``fn`` says), and if it changed the dtype, the fp32
+        original is moved to the device of ``fn``'s result instead."""
+        kept = {name: self._buffers.get(name) for name in _FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers.get(name)
+            if before is not None and after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        return self
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation (Kaiming-uniform weight, uniform bias)."""
@@ -627,7 +664,13 @@ class Fp8Linear(nn.Linear):
         history, scale = self.fp8_amax_history, self.fp8_scale
         if _is_dtensor(history):
             history, scale = history.to_local(), scale.to_local()
-        return DelayedScalingState(history, scale)
+        # The scales of forwards an activation checkpoint may still recompute: kept on the
+        # module, since the state wrapper is rebuilt per call (not in the state_dict: a model
+        # is saved between steps, when nothing is pending).
+        pending = self.__dict__.get("_fp8_pending")
+        if pending is None:
+            pending = self._fp8_pending = collections.deque(maxlen=DelayedScalingState.MAX_PENDING)
+        return DelayedScalingState(history, scale, pending=pending)
 
     def uses_fp8(self, x: torch.Tensor) -> bool:
         """Whether a call on ``x`` runs in FP8 (always, unless the policy says it does not pay).

@@ -49,6 +49,7 @@ from forge_kernels._triton_support import can_use_triton, triton_interpret_mode
 __all__ = [
     "FP8_E4M3",
     "FP8_E5M2",
+    "DelayedForwardScales",
     "DelayedScalingState",
     "Fp8AmaxGroups",
     "Fp8BlockwiseScaling",
@@ -547,6 +548,31 @@ def _quantize_blockwise_triton(
 # ============================================================================================
 
 
+def _saved_tensors_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active, as in the first pass of a non-reentrant activation
+    checkpoint (True where this torch has no way to tell: queueing a forward that is never
+    recomputed only costs the queue a slot)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+@dataclass(eq=False)
+class DelayedForwardScales:
+    """The scales one forward casts its input and weight with (rows of the state's ``scale``).
+
+    Made by :meth:`DelayedScalingState.begin_forward`. ``replayed``: this forward is an
+    activation-checkpointing recomputation, which casts with the scales the original forward
+    used (``scale`` is that forward's copy) and leaves the amax history and scales alone.
+    ``holds_node``: the forward is queued and records an autograd node (grad mode on and an
+    input requires grad), which drops it from the queue (:meth:`DelayedScalingState.release`).
+    Compared by identity (the queue removes exactly this forward's entry).
+    """
+
+    scale: torch.Tensor
+    replayed: bool = False
+    holds_node: bool = False
+
+
 class DelayedScalingState:
     """Amax histories and current scales of ``n_tensors`` tensors under delayed scaling.
 
@@ -556,9 +582,31 @@ class DelayedScalingState:
     records its amax in slot 0 of the history, recomputes ``scale = fp8_max / amax / 2**margin``
     from the window (``max`` of it, or slot 0 for ``most_recent``; the old scale is kept when that
     amax is 0 or not finite), and rolls the window so slot 0 is free for the next step.
+
+    Activation checkpointing runs a forward twice: once in the forward pass, once again in the
+    backward pass to rebuild what it saved. The recomputation must cast with the scales of the
+    first run (so its activations and FP8 operands are bit-identical to the ones it replaces)
+    and must not record its amaxes a second time (the history would roll twice per step and the
+    next step's scales would differ from a run without recompute). ``pending`` holds, oldest
+    first, the scales of forwards that may still be recomputed; :meth:`begin_forward` queues
+    them and hands them back to the recomputation (see there how a recomputation is told apart).
+    A module that rebuilds this wrapper around its buffers on every call passes the same
+    ``pending`` deque each time (``Fp8Linear`` does).
     """
 
-    def __init__(self, amax_history: torch.Tensor, scale: torch.Tensor) -> None:
+    #: The most forwards whose scales wait for a recomputation: far above the forwards in
+    #: flight at once (the micro-batches of a pipeline schedule). A queued forward without an
+    #: autograd node that is never replayed (a frozen layer's, under activation offloading's
+    #: saved-tensor hooks without a checkpoint) leaves the queue only through this bound.
+    MAX_PENDING = 1024
+
+    def __init__(
+        self,
+        amax_history: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        pending: collections.deque[DelayedForwardScales] | None = None,
+    ) -> None:
         if amax_history.dim() != 2 or scale.shape != amax_history.shape[:1]:
             raise ValueError(
                 "amax_history must be (n_tensors, history_len) and scale (n_tensors,), got "
@@ -566,6 +614,7 @@ class DelayedScalingState:
             )
         self.amax_history = amax_history
         self.scale = scale
+        self.pending = collections.deque(maxlen=self.MAX_PENDING) if pending is None else pending
 
     @classmethod
     def create(
@@ -577,6 +626,63 @@ class DelayedScalingState:
             torch.ones(n_tensors, dtype=torch.float32, device=device),
         )
 
+    def begin_forward(self, *inputs: torch.Tensor | None) -> DelayedForwardScales:
+        """The scales a forward taking ``inputs`` (its tensors: ``x, weight, bias``) casts
+        with: the current ones, or, in an activation-checkpointing recomputation, those of the
+        oldest forward still pending (its first run). Call it outside the autograd Function,
+        where grad mode is still the caller's.
+
+        A recomputation is a forward that runs while the autograd engine executes a backward
+        pass (``torch._C._current_graph_task_id() != -1``): both flavours of
+        ``torch.utils.checkpoint`` replay the forward from inside the backward, reentrant
+        (``CheckpointFunction.backward`` reruns the function, then back-propagates through it)
+        and non-reentrant (the unpack hook of the first saved tensor the backward needs reruns
+        it; forge-parallel's recompute is this one). Counting forwards alone cannot tell a
+        recomputation from the next micro-batch's forward, and a flag set by a checkpoint
+        wrapper of ours would miss a plain ``torch.utils.checkpoint``. Inside a backward with
+        nothing pending, a forward is an ordinary one.
+
+        The forwards queued for a recomputation are those a checkpoint may replay: under grad
+        mode, those run inside a non-reentrant checkpoint (saved-tensor hooks are active: the
+        checkpoint's, or an activation-offload's; where torch does not say, every forward under
+        grad mode), with or without an autograd node of their own (a frozen layer's forward is
+        replayed when later ops of its block need its output); with grad mode off, those run
+        inside another autograd Function's forward (grad mode and forward-mode AD both off
+        there, and not under inference mode), as a reentrant checkpoint runs its first pass
+        inside ``CheckpointFunction.forward``. A forward under plain ``torch.no_grad()`` or
+        ``torch.inference_mode()`` (evaluation) or outside any checkpoint is not queued. A
+        queued forward with an autograd node leaves the queue when that node has run its
+        backward or is freed (:meth:`release`); one without, when it is replayed.
+
+        Recomputations take the queued forwards first in, first out, as Transformer Engine's
+        checkpointing does (``copy_forward_fp8_meta_tensors_for_recompute``): right for one
+        forward and backward per micro-batch, gradient accumulation and pipeline schedules
+        (micro-batches go backward in the order they went forward). Not covered: one layer
+        called in two checkpointed blocks of one graph (the backward recomputes the later block
+        first), and a reentrant checkpoint run under ``torch.no_grad()`` and never
+        back-propagated (its forwards stay queued).
+        """
+        compiling = torch.compiler.is_compiling()  # compiled: AOTAutograd recomputes, not this
+        if not compiling and torch._C._current_graph_task_id() != -1 and self.pending:
+            return DelayedForwardScales(self.pending.popleft().scale, replayed=True)
+        forward = DelayedForwardScales(self.scale.detach().clone())
+        if compiling:
+            return forward
+        if torch.is_grad_enabled():
+            queue = _saved_tensors_hooks_active()
+            forward.holds_node = queue and any(t is not None and t.requires_grad for t in inputs)
+        else:
+            queue = not torch._C._is_fwd_grad_enabled() and not torch.is_inference_mode_enabled()
+        if queue:
+            self.pending.append(forward)
+        return forward
+
+    def release(self, forward: DelayedForwardScales) -> None:
+        """Drop ``forward`` from the pending queue (if still there): its autograd node ran its
+        backward or was freed, so nothing will recompute it any more."""
+        if any(queued is forward for queued in self.pending):
+            self.pending.remove(forward)
+
     @torch.no_grad()
     def quantize(
         self,
@@ -587,14 +693,20 @@ class DelayedScalingState:
         *,
         transpose: bool = False,
         amax_group: AmaxGroup = None,
+        forward: DelayedForwardScales | None = None,
     ) -> Fp8Tensor:
         """Cast ``x`` with tensor ``index``'s current scale, then update its history and scale.
 
         ``transpose`` also writes the transposed copy (see :func:`quantize_tensorwise`);
-        ``amax_group``: ``x`` is a shard over this group (or these), the history records the amax of the
-        whole tensor (every rank keeps the same history, that of one process)."""
-        q = quantize_tensorwise(x, fp8_dtype, scale=self.scale[index].clone(), transpose=transpose)
-        self.update(index, tensor_amax(x, group=amax_group), fp8_dtype, recipe)
+        ``amax_group``: ``x`` is a shard over this group (or these), the history records the
+        amax of the whole tensor (every rank keeps the same history, that of one process).
+        ``forward`` (from :meth:`begin_forward`): cast with its scale instead; if it is a
+        recomputation, leave the history and scales alone (and skip the amax reduction, which
+        every rank skips alike)."""
+        scale = self.scale[index].clone() if forward is None else forward.scale[index]
+        q = quantize_tensorwise(x, fp8_dtype, scale=scale, transpose=transpose)
+        if forward is None or not forward.replayed:
+            self.update(index, tensor_amax(x, group=amax_group), fp8_dtype, recipe)
         return q
 
     @torch.no_grad()
