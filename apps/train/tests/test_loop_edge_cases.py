@@ -27,12 +27,17 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def test_mtp_loss_is_reported_apart_and_the_gradient_keeps_it(tmp_path):
     """With ``mtp_depth=1`` the step's ``loss`` and the evaluation are the next-token
-    cross-entropy alone (from the logits, independently), ``mtp_1_loss`` the depth's, and the
-    gradient still that of ``ce + mtp_loss_weight * ce_1``."""
+    cross-entropy alone (from the logits, independently; and bit for bit the summed loss of
+    the same weights without the MTP module, which the objective less the weighted depth
+    matches only up to rounding), ``mtp_1_loss`` the depth's, and the gradient still that of
+    ``ce + mtp_loss_weight * ce_1``."""
+    from forge_models import build_model
     from forge_models.causal_lm import shift_labels
 
+    # DeepSeek-V3's weight; on these weights and batches the objective less 0.3 * ce_1 is
+    # off the plain cross-entropy in the last bit (0.5 would happen to subtract back exactly).
     cfg = tiny.tiny_config(
-        tmp_path, "+model.config.mtp_depth=1", "+model.config.mtp_loss_weight=0.5"
+        tmp_path, "+model.config.mtp_depth=1", "+model.config.mtp_loss_weight=0.3"
     )
     trainer = Trainer(cfg)
     try:
@@ -42,9 +47,18 @@ def test_mtp_loss_is_reported_apart_and_the_gradient_keeps_it(tmp_path):
             micro_batches = next(trainer.parts.loader)
             inputs = [model_inputs(mb, trainer.device) for mb in micro_batches]
             n = sum(int(count) for _, count in inputs)
+            # The same weights without the MTP module: its summed loss is the plain next-token
+            # cross-entropy, by the same computation as the model's, added up as the step does.
+            plain = build_model(model.config, mtp_depth=0)
+            missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+            assert not missing
+            assert unexpected
+            assert all(k.startswith("mtp.") for k in unexpected)
+            plain_sum = torch.zeros((), device=trainer.device)
             ce = depth = 0.0
             with torch.no_grad():
                 for kwargs, _ in inputs:
+                    plain_sum += plain(**kwargs, loss_reduction="sum").float()
                     logits = model(**{k: v for k, v in kwargs.items() if k != "labels"})
                     targets = shift_labels(kwargs["labels"], cu_seqlens=kwargs["cu_seqlens"])
                     ce += F.cross_entropy(
@@ -55,9 +69,11 @@ def test_mtp_loss_is_reported_apart_and_the_gradient_keeps_it(tmp_path):
             eval_sum, eval_tokens = runner.eval_sums(micro_batches).tolist()
             assert eval_tokens == n
             assert abs(eval_sum - ce) <= 1e-5 * ce
+            assert eval_sum == plain_sum.item()
             loss, _, tokens = runner.accumulate(micro_batches)
             assert tokens == n
             torch.testing.assert_close(loss.item(), ce / n, rtol=1e-5, atol=0)
+            assert torch.equal(loss, plain_sum / n), (loss.item(), (plain_sum / n).item())
             torch.testing.assert_close(
                 runner.last_mtp_losses["mtp_1_loss"], depth / n, rtol=1e-5, atol=0
             )

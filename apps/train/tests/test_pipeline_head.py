@@ -1,7 +1,8 @@
 """The loss head of a language model's last pipeline stage (forge_train.pipeline_head), in one
 process: the stages of a DeepSeek-V3-style model with two multi-token prediction modules,
-chained, give the whole model's summed loss and gradients, fused or from the logits; and the
-layout it cannot carry is refused before any compute."""
+chained, give the whole model's summed loss and gradients, fused or from the logits, and
+record the next-token and each depth's cross-entropy for the step's report; and the layout it
+cannot carry is refused before any compute."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def test_the_stages_with_the_loss_head_compute_the_whole_models_loss(fused):
     labels[0, 3] = -100
     batch = {"input_ids": ids, "labels": labels, "cu_seqlens": torch.tensor([0, 5, 12])}
     expected = model(**batch, loss_reduction="sum", output_router_logits=False)
+    parts = torch.stack([model.main_loss, *model.mtp_losses])  # next-token, depth 1, depth 2
     expected.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -49,8 +51,16 @@ def test_the_stages_with_the_loss_head_compute_the_whole_models_loss(fused):
     for stage in (first, last):
         stage.set_block_args([(inputs,)])
     head.load([batch])
+    last.in_schedule = True  # as the schedule sets it: the head records this micro-batch
     loss = last(first(ids))
     torch.testing.assert_close(loss, expected.reshape(1))
+    # The step reports the next-token cross-entropy and the depths' as the head took them
+    # (not the loss less the weighted depths): fused, the model's own computation bit for bit.
+    sums = head.sums(torch.device("cpu"))
+    if fused:
+        assert torch.equal(sums, parts), (sums, parts)
+    else:
+        torch.testing.assert_close(sums, parts)
     loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys()

@@ -202,6 +202,36 @@ def test_mtp_inputs_of_the_whole_row_equal_the_local_shift():
         model(ids, targets=targets)
 
 
+def test_main_loss_is_the_next_token_cross_entropy_bit_for_bit():
+    """``main_loss`` is the next-token cross-entropy the forward computed: bit for bit the loss
+    of the same weights without the MTP modules and the MoE auxiliary loss, for either
+    reduction (a trainer reading it reports the plain cross-entropy exactly, where the
+    objective less the weighted depths matches only up to rounding). The returned loss stays
+    the objective; a forward without labels clears it."""
+    model = _tiny(mtp_depth=2)
+    plain = build_model("deepseek-v3-debug", vocab_size=97, num_layers=2, mtp_depth=0)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    assert unexpected
+    assert all(k.startswith("mtp.") for k in unexpected)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    c = model.config
+    for reduction in ("mean", "sum"):
+        loss = model(ids, labels=ids, loss_reduction=reduction, output_router_logits=True)
+        want = plain(ids, labels=ids, loss_reduction=reduction, output_router_logits=False)
+        assert torch.equal(model.main_loss, want), (reduction, model.main_loss, want)
+        assert not model.main_loss.requires_grad
+        assert model.main_loss.dtype == torch.float32
+        aux = model.moe_stats.aux_loss
+        assert aux is not None
+        assert aux > 0
+        objective = model.main_loss + c.mtp_loss_weight / 2 * sum(model.mtp_losses)
+        assert torch.equal(loss.detach(), objective + c.moe.router_aux_loss_coef * aux)
+    model(ids)
+    assert model.main_loss is None
+    assert model.mtp_losses is None
+
+
 # --------------------------------------------------------------------------------------------
 # Aux-loss-free balancing
 # --------------------------------------------------------------------------------------------

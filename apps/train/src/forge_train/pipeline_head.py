@@ -69,22 +69,25 @@ class CausalLMLossHead:
         self.mtp_loss_weight = config.mtp_loss_weight
         self.moe = moe
         self._batches: list[dict[str, Any]] | None = None
-        #: Each multi-token prediction depth's summed cross-entropy (detached, ``[D]``) per
-        #: micro-batch this stage ran in the schedule since :meth:`load`, for the step's report
-        #: of the main loss apart from them (:meth:`depth_sums`).
-        self._depth_sums: dict[int, torch.Tensor] = {}
+        #: With multi-token prediction, ``[next-token, depth 1, ..., depth D]`` summed
+        #: cross-entropies (detached fp32, ``[1 + D]``) per micro-batch this stage ran in the
+        #: schedule since :meth:`load`: the step reports the next-token one as computed here
+        #: rather than the schedule's loss less the weighted depths (inexact by rounding),
+        #: and the depths apart (:meth:`sums`).
+        self._sums: dict[int, torch.Tensor] = {}
 
     def load(self, batches: list[dict[str, Any]] | None) -> None:
         """Set the model inputs of the coming micro-batches (``None``: forget them)."""
         self._batches = batches
         if batches is not None:
-            self._depth_sums = {}
+            self._sums = {}
 
-    def depth_sums(self, device: torch.device) -> torch.Tensor:
-        """``[D]``: each depth's summed cross-entropy over the micro-batches run since
-        :meth:`load` (zeros on a rank whose stage does not end the model)."""
-        total = torch.zeros(self.mtp_depth, device=device)
-        for sums in self._depth_sums.values():
+    def sums(self, device: torch.device) -> torch.Tensor:
+        """``[1 + D]`` (multi-token prediction only): the next-token and each depth's summed
+        cross-entropy over the micro-batches run since :meth:`load` (zeros on a rank whose
+        stage does not end the model)."""
+        total = torch.zeros(1 + self.mtp_depth, device=device)
+        for sums in self._sums.values():
             total += sums.to(device)
         return total
 
@@ -120,7 +123,7 @@ class CausalLMLossHead:
             )  # fmt: skip
             mtp_losses = [self._cross_entropy(stage, x, t) for x, t in depths]
             if stage.in_schedule:  # not the runtime's probe
-                self._depth_sums[stage.microbatch] = torch.stack(mtp_losses).detach().float()
+                self._sums[stage.microbatch] = torch.stack([loss, *mtp_losses]).detach().float()
             loss = loss + self.mtp_loss_weight / len(mtp_losses) * sum(mtp_losses)
         return torch.stack((loss,))  # a new tensor, not a view (FSDP2 hooks the output)
 

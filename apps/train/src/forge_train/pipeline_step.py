@@ -97,11 +97,12 @@ class PipelineStepRunner(StepRunner):
         """Run the schedule on ``_pipeline_inputs``; returns the summed next-token
         cross-entropy of this rank's micro-batches and each multi-token prediction depth's
         (``[D]``), from the last stage, summed over the pipeline group; the schedule's loss
-        (the gradient's) is their weighted sum, as :class:`StepRunner`'s."""
+        (the gradient's) is their weighted sum, as :class:`StepRunner`'s. With multi-token
+        prediction both come as the loss head computed them (``CausalLMLossHead.sums``), not
+        recovered from the schedule's weighted sum."""
         p = self.pipeline
         ids, targets, block_args, _, batches = inputs
         depth = p.head.mtp_depth if p.head is not None else 0  # the same on every stage
-        depth_sums = torch.zeros(depth, device=self.device)
         p.loss.scale = scale
         reported: list[torch.Tensor] = []
         run = p.pipe.step if backward else p.pipe.eval
@@ -124,19 +125,18 @@ class PipelineStepRunner(StepRunner):
                     # of the first stage (a VLM's encoder and token embedding)
                     **({"finish": finish} if backward else {}),
                 )
-            if depth:
-                depth_sums = p.head.depth_sums(self.device)
+            if depth:  # [next-token, depth 1, ..., depth D] as the last stage's head took them
+                sums = p.head.sums(self.device)
         finally:
             if p.head is not None:
                 p.head.load(None)
         if not backward:
             finish()
-        ce = p.loss.cross_entropy(reported) if reported else torch.zeros((), device=self.device)
-        sums = all_reduce(torch.cat([ce.float().reshape(1), depth_sums]), p.group)
-        ce, depth_sums = sums[0], sums[1:]
-        if depth:
-            ce = ce - p.head.mtp_loss_weight / depth * depth_sums.sum()
-        return ce, depth_sums
+        if not depth:  # the schedule's loss is the next-token cross-entropy alone
+            ce = p.loss.cross_entropy(reported) if reported else torch.zeros((), device=self.device)
+            sums = ce.float().reshape(1)
+        sums = all_reduce(sums, p.group)
+        return sums[0], sums[1:]
 
     def accumulate(
         self, micro_batches: list[dict[str, torch.Tensor]]

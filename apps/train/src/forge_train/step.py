@@ -142,22 +142,27 @@ class StepRunner:
         kwargs: dict[str, Any],
         around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         documents: tuple[torch.Tensor, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """``(summed objective cross-entropy, weighted auxiliary loss or None, depth sums)`` of
-        one micro-batch (``around``, ``documents``: from :meth:`prepare`). The objective is the
-        next-token cross-entropy plus, with multi-token prediction, ``mtp_loss_weight / D``
-        times the depths' summed cross-entropies, which ``depth sums`` holds (detached; empty
-        without MTP): :meth:`main_ce` takes them out again for the reported loss."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
+        """``(summed objective cross-entropy, weighted auxiliary loss or None, summed next-token
+        cross-entropy, depth sums)`` of one micro-batch (``around``, ``documents``: from
+        :meth:`prepare`). The objective (what back-propagates) is the next-token
+        cross-entropy plus, with multi-token prediction, ``mtp_loss_weight / D`` times the
+        depths' summed cross-entropies, which ``depth sums`` holds (empty without MTP). The
+        next-token cross-entropy, for the reported loss, is the one the model computed
+        (``CausalLM.main_loss``; under tensor parallelism the one taken from the logits here),
+        not the objective less the other terms, which rounding would leave inexact. It and the
+        depth sums are detached fp32 local tensors."""
         split = self.routing is not None and self.routing.aux_loss is not None
         if split:  # the model sees a shard: the balance loss of the whole batch is formed here
             kwargs = {**kwargs, "output_router_logits": False}
         if self.tensor_parallel:
             with around():  # from the logits: no auxiliary loss added
-                loss, depth_sums = self._loss_parallel_sum(kwargs)
+                loss, ce, depth_sums = self._loss_parallel_sum(kwargs)
         else:
             with self.autocast(), around():
                 loss = self.model(**kwargs, loss_reduction="sum")
             depth_sums = list(getattr(self.language_model, "mtp_losses", None) or ())
+            ce = getattr(self.language_model, "main_loss", None)
         stats = getattr(self.language_model, "moe_stats", None)
         aux = None
         if split and stats is not None:
@@ -166,22 +171,29 @@ class StepRunner:
             aux = self.aux_coef * stats.aux_loss
             if not self.tensor_parallel:
                 loss = loss - aux  # the model adds it unscaled; it is weighted per micro-batch
-        return loss, aux, [local_value(x.detach()).float() for x in depth_sums]
+        if ce is None:  # a model that does not record it: its loss is the cross-entropy alone
+            if depth_sums:
+                raise ValueError(
+                    f"the model reports {len(depth_sums)} multi-token prediction depth losses "
+                    "(mtp_losses) but not its next-token cross-entropy (main_loss): set "
+                    "main_loss beside mtp_losses in its forward"
+                )
+            ce = loss
+        return (
+            loss,
+            aux,
+            local_value(ce.detach()).float(),
+            [local_value(x.detach()).float() for x in depth_sums],
+        )
 
-    def main_ce(self, objective_ce: torch.Tensor, depth_sums: list[torch.Tensor]) -> torch.Tensor:
-        """The next-token cross-entropy of an objective from :meth:`forward_sum` (detached):
-        the objective less the weighted multi-token prediction depths."""
-        ce = local_value(objective_ce.detach()).float()
-        if not depth_sums:
-            return ce
-        weight = self.language_model.config.mtp_loss_weight
-        return ce - weight / len(depth_sums) * torch.stack(depth_sums).sum()
-
-    def _loss_parallel_sum(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list]:
-        """Tensor parallel: cross-entropy of the logits (under ``loss_parallel`` when the plan
-        shards them by vocabulary), plus the multi-token prediction depths' weighted as
-        ``CausalLM`` weighs them (``mtp_loss_weight / D``), from their logits; and the depths'
-        summed cross-entropies."""
+    def _loss_parallel_sum(
+        self, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Tensor parallel: ``(objective, next-token cross-entropy, depths' cross-entropies)``,
+        all summed. The cross-entropies are taken from the logits (under ``loss_parallel`` when
+        the plan shards them by vocabulary); the objective adds the multi-token prediction
+        depths' to the next-token one, weighted as ``CausalLM`` weighs them
+        (``mtp_loss_weight / D``)."""
         import torch.nn.functional as F
 
         from forge_models.causal_lm import shift_labels
@@ -214,7 +226,7 @@ class StepRunner:
             )
 
         with self.parallel.loss_context():
-            loss = summed_ce(logits, targets)
+            ce = summed_ce(logits, targets)
             depth_losses = []
             for k, depth_logits in enumerate(mtp_logits):  # depth k + 1 predicts k + 2 ahead
                 if depth_targets is None:
@@ -222,10 +234,11 @@ class StepRunner:
                 else:
                     targets = depth_targets[k]
                 depth_losses.append(summed_ce(depth_logits, targets))
+        loss = ce
         if depth_losses:
             weight = self.language_model.config.mtp_loss_weight
-            loss = loss + weight / depth * sum(depth_losses)
-        return loss, depth_losses
+            loss = ce + weight / depth * sum(depth_losses)
+        return loss, ce, depth_losses
 
     @torch.no_grad()
     def eval_sums(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -234,8 +247,7 @@ class StepRunner:
         total = torch.zeros(2, device=self.device)
         for mb in micro_batches:
             kwargs, n, around, documents = self.prepare(mb)
-            ce, _, depth_sums = self.forward_sum(kwargs, around, documents)
-            ce = self.main_ce(ce, depth_sums)
+            _, _, ce, _ = self.forward_sum(kwargs, around, documents)
             total += torch.stack([ce, n.to(self.device, torch.float32)])
         return all_reduce(total, self.cp_group)
 
@@ -260,10 +272,10 @@ class StepRunner:
         for i, (kwargs, _, around, documents) in enumerate(inputs):
             sync = contextlib.nullcontext() if i == last else self.parallel.no_sync()
             with sync:
-                ce, aux, depth_sums = self.forward_sum(kwargs, around, documents)
+                objective, aux, ce, depth_sums = self.forward_sum(kwargs, around, documents)
                 if self.balancer is not None:
                     self.balancer.add_micro_batch()
-                objective = ce * scale
+                objective = objective * scale
                 if aux is not None:
                     objective = objective + aux / len(inputs)
                 # Under context parallelism recomputed blocks replay their forward in backward
@@ -274,7 +286,7 @@ class StepRunner:
                         self.scaler.scale(objective).backward()
                     else:
                         objective.backward()
-            ce_total += self.main_ce(ce, depth_sums)
+            ce_total += ce
             if depth_sums:
                 depth_totals += torch.stack(depth_sums)
         sums = self._batch_sum(torch.cat([ce_total.reshape(1), depth_totals]))

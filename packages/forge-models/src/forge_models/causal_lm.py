@@ -319,6 +319,12 @@ class CausalLM(nn.Module):
         )
         #: :class:`MoEStats` of the last forward of a mixture-of-experts model (else ``None``).
         self.moe_stats: MoEStats | None = None
+        #: Next-token cross-entropy of the last forward with labels (detached fp32, the
+        #: forward's ``loss_reduction``), ``None`` after one without. The returned loss is the
+        #: objective (this plus the multi-token prediction depths and the MoE auxiliary loss); a
+        #: trainer that reports the plain cross-entropy reads it here rather than subtracting
+        #: the other terms back out (which is exact only up to float rounding).
+        self.main_loss: torch.Tensor | None = None
         #: Per-depth multi-token prediction losses of the last forward with labels (detached),
         #: for logging; ``None`` without MTP.
         self.mtp_losses: tuple[torch.Tensor, ...] | None = None
@@ -521,7 +527,9 @@ class CausalLM(nn.Module):
         With ``labels`` and ``config.mtp_depth = D > 0`` the multi-token prediction modules run
         too and the loss is ``ce + mtp_loss_weight / D * sum_k ce_k`` (``ce_k``: module ``k``'s
         prediction of the token ``k + 1`` ahead, same reduction); ``self.mtp_losses`` holds the
-        ``ce_k``. Without labels they run only with ``output_mtp_logits=True``: the return is
+        ``ce_k`` and ``self.main_loss`` the ``ce`` (set by every forward with labels, MTP or
+        not: the plain next-token cross-entropy, without the depths or the MoE auxiliary
+        loss). Without labels they run only with ``output_mtp_logits=True``: the return is
         then ``(logits, [logits of depth 1, ..., D])`` (for a loss computed outside, e.g. on
         vocabulary-sharded logits under tensor parallelism; depth ``k``'s targets are
         :func:`shift_labels` applied ``k + 1`` times).
@@ -581,6 +589,7 @@ class CausalLM(nn.Module):
 
         vocab = self.config.vocab_size
         if labels is None and targets is None:
+            self.main_loss = None
             self.mtp_losses = None
             normed = [x]
             if output_mtp_logits:
@@ -605,6 +614,7 @@ class CausalLM(nn.Module):
         else:
             targets = targets.reshape(ids.shape).to(ids.device)
         loss = self._lm_loss(x, targets, loss_reduction)
+        self.main_loss = loss.detach()
         if len(self.mtp):
             mtp_losses = self._mtp_losses(
                 h, ids, targets, mask, inputs, routers, loss_reduction, mtp_inputs
