@@ -7,6 +7,8 @@ the code that applies it, in :mod:`forge_parallel.tensor_parallel`.
 
 from __future__ import annotations
 
+import difflib
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +26,129 @@ __all__ = [
 DATA_PARALLEL_MODES = ("fsdp", "hsdp", "ddp", "zero1", "zero2")
 
 _SELECTIVE_PRESETS = ("attention", "pointwise")
+
+# Dispatch keys whose kernel makes an op reach the selective-checkpoint policy (a
+# TorchDispatchMode, below autograd) rather than decompose at the autograd key.
+_BACKEND_KEYS = (
+    "CPU",
+    "CUDA",
+    "XPU",
+    "MPS",
+    "HIP",
+    "PrivateUse1",
+    "CompositeExplicitAutograd",
+    "CompositeExplicitAutogradNonFunctional",
+)
+# What common CompositeImplicitAutograd ops run instead, where the name alone does not tell
+# (``_decomposed_into`` also finds ``softmax -> _softmax``, ``layer_norm -> native_layer_norm``).
+_DECOMPOSED_INTO = {
+    "linear": ("aten.mm", "aten.addmm", "aten.bmm"),
+    "matmul": ("aten.mm", "aten.bmm"),
+    "einsum": ("aten.bmm", "aten.mm"),
+    "rms_norm": ("aten.pow", "aten.mean", "aten.rsqrt", "aten.mul", "aten._fused_rms_norm"),
+    "dropout": ("aten.native_dropout", "aten.bernoulli_"),
+    "cross_entropy_loss": ("aten._log_softmax", "aten.nll_loss_forward"),
+    "scaled_dot_product_attention": (
+        "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._scaled_dot_product_flash_attention",
+        "aten._scaled_dot_product_efficient_attention",
+        "aten._scaled_dot_product_cudnn_attention",
+    ),
+}
+
+
+@functools.cache
+def _aten_overloads() -> dict[str, tuple[str, ...]]:
+    """aten op name (``"softmax"``) -> its overloads' dispatcher names (``"aten::softmax.int"``).
+    Every aten op is registered when torch is imported."""
+    table: dict[str, list[str]] = {}
+    for full in torch._C._dispatch_get_all_op_names():
+        if full.startswith("aten::"):
+            table.setdefault(full[6:].split(".", 1)[0], []).append(full)
+    return {name: tuple(overloads) for name, overloads in table.items()}
+
+
+def _reaches_policy(name: str) -> bool:
+    """Whether aten op ``name`` can reach the selective-checkpoint policy under autograd.
+
+    An op whose only kernel is CompositeImplicitAutograd (``softmax``, ``linear``,
+    ``scaled_dot_product_attention``) is decomposed at the autograd key, before any
+    TorchDispatchMode sees it: the policy sees the ops it runs instead. ``out=`` overloads are
+    skipped (autograd refuses them).
+    """
+    packet = getattr(torch.ops.aten, name)
+    for full in _aten_overloads()[name]:
+        overload = full.split(".", 1)[1] if "." in full else "default"
+        if any(a.is_out for a in getattr(packet, overload)._schema.arguments):
+            continue
+        has = functools.partial(torch._C._dispatch_has_kernel_for_dispatch_key, full)
+        if not has("CompositeImplicitAutograd") or any(has(key) for key in _BACKEND_KEYS):
+            return True
+    return False
+
+
+def _decomposed_into(name: str) -> tuple[str, ...]:
+    """Ops a decomposed aten op ``name`` likely runs instead (for the error message)."""
+    if name in _DECOMPOSED_INTO:
+        return _DECOMPOSED_INTO[name]
+    found = [
+        other
+        for other in _aten_overloads()
+        if (
+            other in (f"_{name}", f"native_{name}", f"_native_{name}")
+            or (other.startswith(f"_{name}_") and "backward" not in other)
+        )
+        and _reaches_policy(other)
+    ]
+    return tuple(f"aten.{other}" for other in sorted(found))
+
+
+def _check_op_name(op: str) -> None:
+    """``ValueError`` for an ``ops`` entry the policy can never match: it compares each op's
+    packet name (``"aten._softmax"``), so a name without namespace, an unknown aten op, an
+    overload (``"aten.silu.default"``) or an op decomposed before the policy would leave the
+    policy saving every op's output (more memory than no recompute). Names in other
+    namespaces (custom ops, collectives) are not checked: their library may register them
+    after the config is built."""
+    namespace, _, name = op.partition(".")
+    if "::" in op:
+        namespace, _, name = op.partition("::")
+    if not name:
+        bare = op.strip()
+        hint = ""
+        if bare in _aten_overloads():
+            hint = f"; did you mean 'aten.{bare}'?"
+        else:
+            close = difflib.get_close_matches(bare, list(_aten_overloads()), n=3)
+            if close:
+                hint = "; did you mean " + " or ".join(f"'aten.{c}'" for c in close) + "?"
+        raise ValueError(
+            f"ops entry {op!r} has no namespace: the selective recompute policy matches op "
+            f"names like 'aten.silu' or 'aten._softmax'{hint}"
+        )
+    if namespace != "aten":
+        return
+    if "::" in op or "." in name:
+        packet = name.split(".", 1)[0]
+        raise ValueError(
+            f"ops entry {op!r}: the policy matches op names without overload, written "
+            f"'aten.{packet}'; use 'aten.{packet}'"
+        )
+    if name not in _aten_overloads():
+        close = difflib.get_close_matches(name, list(_aten_overloads()), n=3)
+        hint = "; did you mean " + " or ".join(f"'aten.{c}'" for c in close) + "?" if close else ""
+        raise ValueError(f"ops entry {op!r}: there is no op torch.ops.aten.{name}{hint}")
+    if not _reaches_policy(name):
+        into = _decomposed_into(name)
+        runs = (
+            f"; it runs {', '.join(repr(o) for o in into)} (name those)"
+            if into
+            else "; name the ops it runs (list them with a TorchDispatchMode over one forward)"
+        )
+        raise ValueError(
+            f"ops entry {op!r}: aten.{name} is CompositeImplicitAutograd, decomposed before "
+            f"the selective recompute policy sees any op, so it never matches{runs}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +178,9 @@ class FSDPConfig:
                 raise ValueError(
                     f"{name} must be a floating-point torch.dtype or None, got {value!r}"
                 )
-        if not isinstance(self.reshard_after_forward, bool):
-            raise ValueError(
-                f"reshard_after_forward must be True or False, got {self.reshard_after_forward!r}"
-            )
+        for name in ("reshard_after_forward", "cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,9 +239,19 @@ class RecomputeConfig:
                 f"recompute mode must be 'full' or 'selective', or 'auto' with a memory_budget; "
                 f"got {self.mode!r}"
             )
-        if not isinstance(self.every, int) or self.every < 1:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"every must be a positive integer, got {self.every!r}")
+        if self.budget_scope not in ("block", "total"):
+            raise ValueError(f"budget_scope must be 'block' or 'total', got {self.budget_scope!r}")
         if self.mode == "auto":
+            # auto chooses what to recompute per block itself: ops / modules would be ignored.
+            if self.ops is not None or self.modules != ():
+                given = "ops" if self.ops is not None else "modules"
+                raise ValueError(
+                    f"{given}={getattr(self, given)!r} is ignored by mode='auto', which chooses "
+                    "per block between no recompute, a per-op policy of its own and the whole "
+                    f"block; drop {given}=, or use mode='selective' with {given}= (no budget)"
+                )
             budget = self.memory_budget
             if budget is None or isinstance(budget, bool) or not isinstance(budget, int):
                 raise ValueError(
@@ -131,15 +265,16 @@ class RecomputeConfig:
                     f"every={self.every} applies to full recompute only; mode='auto' decides "
                     "per block"
                 )
-            if self.budget_scope not in ("block", "total"):
-                raise ValueError(
-                    f"budget_scope must be 'block' or 'total', got {self.budget_scope!r}"
-                )
             return
         if self.memory_budget is not None:
             raise ValueError(
                 f"memory_budget={self.memory_budget} is used by mode='auto' only, but "
                 f"mode={self.mode!r}"
+            )
+        if self.budget_scope != "block":
+            raise ValueError(
+                f"budget_scope={self.budget_scope!r} shares out mode='auto''s memory_budget, "
+                f"but mode={self.mode!r}; drop budget_scope or use mode='auto'"
             )
         if self.mode == "selective" and self.every != 1:
             raise ValueError(
@@ -169,6 +304,9 @@ class RecomputeConfig:
             raise ValueError(
                 f"ops must be a preset name or a non-empty tuple of op names, got {self.ops!r}"
             )
+        else:
+            for op in self.ops:
+                _check_op_name(op)
 
     def _check_modules(self) -> None:
         modules = self.modules
@@ -218,3 +356,15 @@ class CompileConfig:
     backend: str = "inductor"
     fullgraph: bool = False
     dynamic: bool | None = None
+
+    def __post_init__(self) -> None:
+        # torch.compile reads these as truth values: 'no' would silently mean True.
+        if not (callable(self.backend) or (isinstance(self.backend, str) and self.backend)):
+            raise ValueError(
+                f"backend must be a torch.compile backend name such as 'inductor' (or a "
+                f"backend callable), got {self.backend!r}"
+            )
+        if not isinstance(self.fullgraph, bool):
+            raise ValueError(f"fullgraph must be True or False, got {self.fullgraph!r}")
+        if self.dynamic is not None and not isinstance(self.dynamic, bool):
+            raise ValueError(f"dynamic must be True, False or None, got {self.dynamic!r}")

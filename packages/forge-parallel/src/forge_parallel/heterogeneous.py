@@ -17,7 +17,10 @@ code (loss, labels) does not change. A part with ``tp=t > 1`` converts at its bo
   sees its data-parallel rank's rows, replicated across its tensor-parallel ranks); backward
   keeps this rank's rows of the (identical, replicated) gradient, times ``t``;
 - leaving, tensor outputs are split back to this rank's rows; backward all-gathers the
-  gradient rows and divides by ``t``.
+  gradient rows and divides by ``t``. Only batch-major outputs are split: those whose dim 0
+  is a row count gathered on entry. Any other non-scalar tensor (a per-expert load, a
+  statistic: the same on every rank of the group) raises a ``ValueError`` naming its shape,
+  as splitting it would hand each rank a different slice (0-d tensors pass unchanged).
 
 The factors keep every part's gradient averaging exact: a ``tp=t`` part averages gradients
 over ``W / t`` ranks, each of which computed the mean of its ``t`` ranks' losses. Every rank
@@ -36,7 +39,7 @@ make rows of several packs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +121,44 @@ class SubmoduleParallel:
             )
 
 
-def _rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+def _split_rows(t: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s rows of ``t`` split into ``size`` equal parts along dim 0."""
     if t.shape[0] % size:
-        raise AssertionError(f"{t.shape[0]} rows do not split over {size} ranks")
+        raise ValueError(
+            f"heterogeneous batch boundary: a {tuple(t.shape)} tensor has {t.shape[0]} rows, "
+            f"which do not split over the {size} ranks of a tp={size} part's tensor-parallel "
+            f"group ({t.shape[0]} % {size} = {t.shape[0] % size}); only batch-major tensors "
+            "(dim 0 = rows) cross the boundary: return other tensors from outside the part, "
+            "or use SubmoduleParallel(batch_boundary=False)"
+        )
     return t.narrow(0, rank * (t.shape[0] // size), t.shape[0] // size)
+
+
+def _rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _split_rows(t, dist.get_world_size(group), dist.get_rank(group))
+
+
+def _check_batch_major(t: torch.Tensor, rows: Collection[int], size: int) -> None:
+    """``ValueError`` unless ``t`` (an output of a ``tp=size`` part) is batch-major: its dim 0
+    is a row count the boundary gathered on the way in (``rows``).
+
+    Splitting any other tensor along dim 0 would hand each rank a different slice of a value
+    that is the same on all of them (an aux loss's per-expert load, a statistic): silently
+    wrong, or an error deep in autograd when the length does not divide. A non-batch tensor
+    whose length happens to equal a gathered row count cannot be told apart and is split:
+    return such values as 0-d tensors, or outside the part.
+    """
+    if t.shape[0] in rows:
+        return
+    gathered = ", ".join(str(r) for r in sorted(rows)) or "none (no tensor input)"
+    raise ValueError(
+        f"heterogeneous batch boundary: a tp={size} part returned a {tuple(t.shape)} tensor "
+        f"whose dim 0 ({t.shape[0]}) is not a row count the boundary gathered on entry "
+        f"({gathered}: each rank's rows x {size}), so it is not batch-major and cannot be split "
+        "back to each rank's rows; return only batch-major tensors (or 0-d ones) from the "
+        "part, or use SubmoduleParallel(batch_boundary=False) and load the same batch on the "
+        "ranks of each tensor-parallel group"
+    )
 
 
 def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -209,9 +245,27 @@ def _convert(fn: Callable, group: dist.ProcessGroup) -> Callable[[Any], Any]:
 
 
 def _install_boundary(module: nn.Module, group: dist.ProcessGroup) -> None:
-    gather, scatter = _convert(gather_batch, group), _convert(scatter_batch, group)
+    """Gather the part's tensor inputs along dim 0 on entry, split its outputs on exit.
+
+    The pre-hook records the row counts it gathered; the post-hook splits only outputs with
+    one of them as dim 0 and refuses any other non-scalar tensor (:func:`_check_batch_major`).
+    """
+    size = dist.get_world_size(group)
+    state: dict[str, set[int]] = {"rows": set()}  # the row counts the current call gathered
+
+    def gather_one(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = gather_batch(x, group)
+        state["rows"].add(out.shape[0])
+        return out
+
+    def scatter_one(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        _check_batch_major(x, state["rows"], size)
+        return scatter_batch(x, group)
+
+    gather, scatter = _convert(gather_one, group), _convert(scatter_one, group)
 
     def pre_hook(mod, args, kwargs):
+        state["rows"] = set()
         return tree_map(gather, args), tree_map(gather, kwargs)
 
     def post_hook(mod, args, output):

@@ -246,11 +246,16 @@ class ActivationOffload:
             handle.reload_event = torch.cuda.Event()
             handle.reload_event.record(h2d)
 
-    def _unpack(self, index: int, packed: Any) -> torch.Tensor:
+    def _unpack(self, groups: list[_Group], index: int, packed: Any) -> torch.Tensor:
+        """Reload ``packed``; on the way, start the copies of ``groups[index - 1]``: the
+        block that runs backward next *in the same forward pass*. ``groups`` is that pass's
+        list, captured at forward time: with several micro-batches in flight (pipeline 1F1B:
+        F1 F2 B1 B2) ``self._groups`` already holds a later pass, whose copies must stay on the
+        host until its own backward."""
         if not isinstance(packed, _SavedView):
             return packed
         if self.config.prefetch and index > 0:
-            for copy in self._groups[index - 1].copies:
+            for copy in groups[index - 1].copies:
                 if copy.reloaded is None and copy.users > 0:
                     self._start_reload(copy)
                     self.stats.prefetched += 1
@@ -283,11 +288,12 @@ class ActivationOffload:
             group = _Group()
             if module is self._first:
                 self._groups = []  # a new forward pass of the model
-            index = len(self._groups)
-            self._groups.append(group)
+            groups = self._groups  # this pass's list: the next pass replaces the attribute
+            index = len(groups)
+            groups.append(group)
             with torch.autograd.graph.saved_tensors_hooks(
                 lambda t: self._pack(group, params, t),
-                lambda packed: self._unpack(index, packed),
+                lambda packed: self._unpack(groups, index, packed),
             ):
                 return inner(*args, **kwargs)
 
