@@ -60,10 +60,8 @@ def _recording(records: list[dict]):
         current["layer"] = ctx.recorded_layer
         return fn_backward(ctx, dy)
 
-    def record(x, role, recipe, state, fp8_dtype, block, groups, *, transpose=False):
-        out = quantize_operand(
-            x, role, recipe, state, fp8_dtype, block, groups, transpose=transpose
-        )
+    def record(x, role, recipe, state, fp8_dtype, block, groups, *args, **kwargs):
+        out = quantize_operand(x, role, recipe, state, fp8_dtype, block, groups, *args, **kwargs)
         if current["layer"] is not None:
             records.append(
                 {
