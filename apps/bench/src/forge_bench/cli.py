@@ -4,6 +4,12 @@ forge-bench                                   # llm + moe on this machine's GPU
 forge-bench --workloads kernels               # forge-kernels' benchmark scripts
 forge-bench --sizes 1b --seq 4096 --record BENCHMARKS.md
 forge-bench --smoke                           # every workload, tiny, CPU, under a minute
+forge-bench --deadline 520 --timeout 200      # inside a 560 s limit: rows that no longer fit
+                                              # are reported as skipped, not cut off
+
+Each row prints a one-line summary as it finishes and --record is rewritten after every row
+(the rows done and "(incomplete: N rows not run yet)"), so an outer kill keeps what was
+measured; SIGTERM stops the running row, writes the table and the record, and exits with 143.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from forge_bench import progress
 from forge_bench.isolate import JobRunner
 
 __all__ = ["main", "parse_args"]
@@ -49,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per implementation")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock budget of the whole run: a row is started only while its "
+                        "--timeout fits in what is left (else it is reported as skipped), and "
+                        "gets at most what is left (default: no bound)")  # fmt: skip
     p.add_argument("--kernel-scripts", default=None,
                    help="kernels workload: script names (bench_fp8,...) or 'all' "
                         "(default: all; with --smoke: bench_fused_linear_cross_entropy)")  # fmt: skip
@@ -63,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = _csv(args.sizes)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.timeout <= 0:
+        p.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if args.deadline is not None and args.deadline < args.timeout:
+        p.error(
+            f"--deadline {args.deadline:g} is less than --timeout {args.timeout:g}: no row "
+            "could start; pass a --deadline of at least --timeout (a few rows' worth) or a "
+            "smaller --timeout"
+        )
     return args
 
 
@@ -79,51 +99,68 @@ def _save_weights(config, dtype, folder: Path) -> str:
     return str(out)
 
 
-def _run_cases(cases, args, runner: JobRunner, device, dtype_name: str, peak) -> list:
-    import forge_models
+def _model_rows(cases) -> list:
+    """One row per (case, implementation), in table order; a missing peer's row is skipped."""
     from forge_bench.table import Row
-    from forge_bench.worker import DTYPES, Job
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="forge_bench_") as tmp:
-        weights: dict = {}
-        for case in cases:
-            label = f"{case.label} {case.rows}x{case.seq}"
-            flops = forge_models.flops_per_token(case.config, case.seq)
-            for impl in case.impls:
-                row = Row(workload=case.workload, case=label, impl=impl.name)
-                rows.append(row)
-                if impl.skip:
-                    row.status = f"skipped: {impl.skip}"
-                    continue
-                key = repr(case.config)
-                if key not in weights:
-                    weights[key] = _save_weights(case.config, DTYPES[dtype_name], Path(tmp))
-                job = Job(impl=impl, hf_dir=weights[key], moe=case.workload == "moe",
-                          rows=case.rows, seq=case.seq, vocab_size=case.config.vocab_size,
-                          device=str(device), dtype=dtype_name, warmup=args.warmup,
-                          steps=args.steps, config=case.config)  # fmt: skip
-                print(f"[forge-bench] {case.workload} {label}: {impl.name} ...", flush=True)
-                started = time.perf_counter()
-                result = runner.run(job)
-                result["seconds"] = time.perf_counter() - started
-                row.peak_bytes = result.get("peak_bytes")
-                if "error" in result:
-                    row.status = f"error: {result['error']}"
-                    print(f"[forge-bench]   {row.status}", flush=True)
-                    continue
-                row.tokens_per_s = result["tokens_per_s"]
-                row.loss_first, row.loss_last = result["loss_first"], result["loss_last"]
-                row.notes = list(result["notes"])
-                print(f"[forge-bench]   {row.tokens_per_s:,.0f} tokens/s, loss {row.loss_first:.4f}"
-                      f" -> {row.loss_last:.4f}, {result['seconds']:.0f} s", flush=True)  # fmt: skip
-                if peak:
-                    row.mfu = row.tokens_per_s * flops / (peak * 1e12)
+    for case in cases:
+        for impl in case.impls:
+            row = Row(workload=case.workload, case=f"{case.label} {case.rows}x{case.seq}",
+                      impl=impl.name)  # fmt: skip
+            if impl.skip:
+                row.status = f"skipped: {impl.skip}"
+            rows.append((row, case, impl))
     return rows
 
 
-def _start_kernels(args, device: str):
-    """Rows for the kernels workload and the scripts started for it (see forge_bench.kernels)."""
+def _run_cases(todo, args, runner: JobRunner, device, dtype_name: str, peak, run) -> None:
+    """Run the (row, case, impl) entries of ``todo`` one by one, filling their rows; ``run`` is
+    the :class:`forge_bench.progress.Progress` that decides whether each may start and shows it
+    when it is done."""
+    import forge_models
+    from forge_bench.worker import DTYPES, Job
+
+    with tempfile.TemporaryDirectory(prefix="forge_bench_") as tmp:
+        weights: dict = {}
+        for row, case, impl in todo:
+            if not run.admit(row):
+                continue
+            key = repr(case.config)
+            if key not in weights:
+                weights[key] = _save_weights(case.config, DTYPES[dtype_name], Path(tmp))
+            limit = run.allowance(row)  # the save took some of what was left
+            if limit is None:
+                continue
+            job = Job(impl=impl, hf_dir=weights[key], moe=case.workload == "moe",
+                      rows=case.rows, seq=case.seq, vocab_size=case.config.vocab_size,
+                      device=str(device), dtype=dtype_name, warmup=args.warmup,
+                      steps=args.steps, config=case.config)  # fmt: skip
+            run.start(row, f"{case.workload} {row.case}: {impl.name} ...")
+            started = time.perf_counter()
+            result = runner.run(job, timeout_s=limit)
+            seconds = time.perf_counter() - started
+            row.peak_bytes = result.get("peak_bytes")
+            if "error" in result:
+                error = result["error"]
+                if limit < args.timeout and error.startswith("timed out"):
+                    error = f"stopped at the run's --deadline after {limit:.0f} s"
+                row.status = f"error: {error}"
+                run.finish(row, row.status)
+                continue
+            row.tokens_per_s = result["tokens_per_s"]
+            row.loss_first, row.loss_last = result["loss_first"], result["loss_last"]
+            row.notes = list(result["notes"])
+            if peak:
+                flops = forge_models.flops_per_token(case.config, case.seq)
+                row.mfu = row.tokens_per_s * flops / (peak * 1e12)
+            mfu = "" if row.mfu is None else f", MFU {100 * row.mfu:.1f}%"
+            run.finish(row, f"{row.tokens_per_s:,.0f} tokens/s{mfu}, loss {row.loss_first:.4f}"
+                            f" -> {row.loss_last:.4f}, {seconds:.0f} s")  # fmt: skip
+
+
+def _kernel_rows(args, device: str):
+    """Rows for the kernels workload and the (row, script) pairs to run (see forge_bench.kernels)."""
     from forge_bench.kernels import SMOKE_SCRIPTS, find_scripts
     from forge_bench.table import Row
 
@@ -144,21 +181,28 @@ def _start_kernels(args, device: str):
     return rows, todo
 
 
-def _finish_kernels(todo, args, device: str, running=None) -> list[str]:
-    """Run (or, with ``running``, wait for) the scripts of ``todo``; fills their rows."""
+def _finish_kernels(todo, args, device: str, run, running=None) -> None:
+    """Run (or, with ``running``: row -> started script, wait for) the scripts of ``todo``;
+    fills their rows and hands their output to ``run`` (a Progress)."""
     from forge_bench.kernels import finish_script, start_script
 
-    outputs = []
-    for n, (row, script) in enumerate(todo):
-        if running is None:
-            print(f"[forge-bench] kernels: {script.name} ...", flush=True)
-        handle = running[n] if running else start_script(script, device=device)
-        result = finish_script(handle, timeout_s=args.timeout)
+    for row, script in todo:
+        if running is not None:
+            if id(row) not in running:  # not started: the deadline was already too close
+                continue
+            handle = running[id(row)]
+            run.start(row, f"kernels: {script.name} (started beside the model rows) ...")
+        else:
+            if not run.admit(row):
+                continue
+            run.start(row, f"kernels: {script.name} ...")
+            handle = start_script(script, device=device)
+        result = finish_script(handle, timeout_s=args.timeout, budget_s=run.left())
         if result.error:
             row.status = f"error: {result.error}"
         row.notes = [f"{result.seconds:.1f} s; its output is below the table"]
-        outputs.append(f"### {script.name}\n\n{result.output.rstrip()}")
-    return outputs
+        summary = f"kernels {script.name}: {row.status}, {result.seconds:.1f} s"
+        run.finish(row, summary, output=f"### {script.name}\n\n{result.output.rstrip()}")
 
 
 def _check_device(device) -> None:
@@ -181,17 +225,74 @@ def _check_device(device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = progress.clock()  # --deadline counts from here
     args = parse_args(argv)
-    runner = JobRunner(start_method=args.start_method, timeout_s=args.timeout)
-    if {"llm", "moe"} & set(args.workloads):
-        runner.start()  # the server imports torch & co. while this process does the same
+    with progress.stop_on_sigterm() as sigterm:
+        return _main(args, argv, started, sigterm)
 
+
+def _main(args, argv, started: float, sigterm) -> int:
+    runner = JobRunner(start_method=args.start_method, timeout_s=args.timeout)
+    run, running = None, {}  # running: the kernel scripts started beside the model rows (CPU)
+    try:
+        if {"llm", "moe"} & set(args.workloads):
+            runner.start()  # the server imports torch & co. while this process does the same
+        run, plan = _setup(args, argv, started, running)
+        _run_cases(plan.todo, args, runner, plan.device, plan.dtype_name, plan.peak, run)
+        _finish_kernels(plan.kernel_todo, args, str(plan.device), run,
+                        running if plan.device.type != "cuda" else None)  # fmt: skip
+    except (progress.Stopped, KeyboardInterrupt) as exc:
+        sigterm.raising = False  # a second SIGTERM must not cut the writing short
+        from forge_bench.kernels import stop_script
+
+        for handle in running.values():
+            stop_script(handle)
+        reason = "SIGTERM" if isinstance(exc, progress.Stopped) else "Ctrl-C"
+        if run is None:
+            print(f"[forge-bench] stopped by {reason} before any row ran", flush=True)
+            return 143 if reason == "SIGTERM" else 130
+        run.stop(reason)
+    sigterm.raising = False
+    print(run.report())
+    for out in run.outputs:
+        print(f"\n{out}")
+    if run.record is not None:
+        run.save()
+        print(f"[forge-bench] appended to {args.record}")
+    skipped = sum(r.status.startswith("skipped: deadline") for r in run.rows)
+    if skipped:
+        print(f"[forge-bench] --deadline {args.deadline:g}: {skipped} row(s) not started (too "
+              "little time left for their --timeout); see the table", flush=True)  # fmt: skip
+    if run.stopped is not None:
+        return 143 if "SIGTERM" in run.stopped else 130
+    if sigterm.received:  # arrived while the results were being written: they are complete
+        return 143
+    return 1 if any(r.status.startswith("error") for r in run.rows) else 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """What :func:`_setup` decided: the device, its dtype and peak TFLOP/s, the model rows to
+    run (row, case, impl) and the kernel scripts to run (row, script)."""
+
+    device: object
+    dtype_name: str
+    peak: float | None
+    todo: list
+    kernel_todo: list
+
+
+def _setup(args, argv, started: float, running: dict):
+    """The device, the cases and their rows, the table header and the record: the run's
+    :class:`forge_bench.progress.Progress` and :class:`_Plan`. On CPU the kernel scripts start
+    here, beside the model workloads, and go into ``running`` (row id -> started script; filled
+    in place so that a SIGTERM meanwhile still finds them to stop)."""
     import torch
 
     from forge_bench.peers import find_peers
     from forge_bench.plan import llm_cases, moe_cases
-    from forge_bench.record import append_record, environment
-    from forge_bench.table import FLOP_FORMULA, fill_ratios, format_table, peak_tflops_for
+    from forge_bench.record import Record, environment
+    from forge_bench.table import FLOP_FORMULA, peak_tflops_for
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _check_device(device)
@@ -205,17 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                            tokens=args.tokens)  # fmt: skip
     if "moe" in args.workloads:
         cases += moe_cases(seqs=args.seq, peers=peers, smoke=args.smoke, tokens=args.tokens)
-    kernel_rows, todo, running = [], [], None
+    entries = _model_rows(cases)
+    todo = [entry for entry in entries if not entry[0].status.startswith("skipped")]
+    kernel_rows, kernel_todo = [], []
     if "kernels" in args.workloads:
-        kernel_rows, todo = _start_kernels(args, str(device))
-        if device.type != "cuda":  # CPU figures mean nothing: run beside the model workloads
-            from forge_bench.kernels import start_script
-
-            running = [start_script(script, device=str(device)) for _, script in todo]
-    rows = _run_cases(cases, args, runner, device, dtype_name, peak) + kernel_rows
-    outputs = _finish_kernels(todo, args, str(device), running)
-    fill_ratios(rows)
-
+        kernel_rows, kernel_todo = _kernel_rows(args, str(device))
     header = [
         "forge-bench: " + " | ".join(f"{k} {v}" for k, v in env.items()),
         f"{dtype_name} on {device}, {args.warmup} warmup + {args.steps} timed steps of "
@@ -229,13 +324,27 @@ def main(argv: list[str] | None = None) -> int:
             "clear_refs reset; the fork server's imports excluded; '-' where /proc has no reset)"
         ),
     ]  # fmt: skip
-    report = "\n".join([*header, "", format_table(rows)])
-    print(report)
-    for out in outputs:
-        print(f"\n{out}")
+    record = None
     if args.record:
         command = "forge-bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-        body = "\n\n".join([report, *outputs])
-        append_record(args.record, env=env, command=command, body=body)
-        print(f"[forge-bench] appended to {args.record}")
-    return 1 if any(r.status.startswith("error") for r in rows) else 0
+        record = Record(args.record, env=env, command=command)
+    run = progress.Progress(
+        rows=[row for row, _, _ in entries] + kernel_rows,
+        pending=[r for r, _, _ in todo] + [r for r, _ in kernel_todo],
+        header=header,
+        record=record,
+        timeout_s=args.timeout,
+        deadline_s=args.deadline,
+        started=started,
+    )
+    if record is not None:
+        run.save()
+        print(f"[forge-bench] recording to {args.record} (rewritten after every row)", flush=True)
+    if device.type != "cuda":  # CPU figures mean nothing: run beside the model workloads
+        from forge_bench.kernels import start_script
+
+        for row, script in kernel_todo:
+            if run.admit(row):
+                running[id(row)] = start_script(script, device=str(device))
+    return run, _Plan(device=device, dtype_name=dtype_name, peak=peak, todo=todo,
+                      kernel_todo=kernel_todo)  # fmt: skip

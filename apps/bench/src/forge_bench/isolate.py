@@ -71,24 +71,53 @@ class JobRunner:
 
             forkserver.ensure_running()
 
-    def run(self, job) -> dict:
+    def run(self, job, *, timeout_s: float | None = None) -> dict:
+        """Run ``job`` in a new process; ``{"error": ...}`` if it fails, crashes or runs past
+        ``timeout_s`` (default: the runner's), in which case it is killed at once. If this
+        process is interrupted meanwhile (SIGTERM, Ctrl-C), the job is killed before the
+        exception goes on, so that no orphan keeps the GPU."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_child, args=(writer, job), daemon=True)
         proc.start()
         writer.close()
         result = None
-        if reader.poll(self.timeout_s):
+        try:
+            if not reader.poll(timeout_s):
+                _stop(proc)
+                return {"error": f"timed out after {timeout_s:.0f} s"}
             try:
                 result = reader.recv()
             except EOFError:  # the child died before sending (killed, segfault)
                 result = None
-        proc.join(timeout=30)
+            # It has sent its result (or died): it only has its exit (CUDA teardown) left.
+            proc.join(timeout=EXIT_GRACE_S)
+        except BaseException:
+            _stop(proc)
+            raise
+        finally:
+            reader.close()
         if proc.is_alive():
-            proc.kill()
-            proc.join()
-            if result is None:
-                return {"error": f"timed out after {self.timeout_s:.0f} s"}
+            _stop(proc)
         if result is None:
             return {"error": f"process exited with code {proc.exitcode} before reporting "
                              "(killed for memory, or a crash in native code)"}  # fmt: skip
         return result
+
+
+#: How long a job that has reported may take to exit before it is killed.
+EXIT_GRACE_S = 30.0
+#: How long a job asked to stop (SIGTERM) gets before SIGKILL.
+KILL_GRACE_S = 3.0
+
+
+def _stop(proc) -> None:
+    """End a job that missed its time or is no longer wanted: SIGTERM, a short wait, SIGKILL.
+    (Waiting for a hung job to exit by itself, as this once did for 30 s, only burned the
+    budget of the next rows.)"""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=KILL_GRACE_S)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()

@@ -28,6 +28,7 @@ __all__ = [
     "find_scripts",
     "finish_script",
     "start_script",
+    "stop_script",
 ]
 
 #: Scripts that --smoke runs by default: the quickest one checks the plumbing in seconds.
@@ -128,16 +129,33 @@ def start_script(script: Path, *, device: str) -> RunningScript:
     return RunningScript(script=script, proc=proc, started=time.perf_counter())
 
 
-def finish_script(running: RunningScript, *, timeout_s: float) -> KernelResult:
-    """Wait for a started script (killed after ``timeout_s`` from its start)."""
-    left = max(1.0, timeout_s - (time.perf_counter() - running.started))
+def finish_script(
+    running: RunningScript, *, timeout_s: float, budget_s: float | None = None
+) -> KernelResult:
+    """Wait for a started script: killed after ``timeout_s`` from its start, or earlier when
+    the run's ``--deadline`` leaves only ``budget_s`` seconds from now. Killed as well if this
+    process is interrupted while waiting (SIGTERM, Ctrl-C), before the exception goes on."""
+    elapsed = time.perf_counter() - running.started
+    wait = max(1.0, timeout_s - elapsed)
+    by_deadline = budget_s is not None and budget_s < wait
+    if by_deadline:
+        wait = max(0.0, budget_s)
     try:
-        stdout, stderr = running.proc.communicate(timeout=left)
+        stdout, stderr = running.proc.communicate(timeout=wait)
     except subprocess.TimeoutExpired:
         running.proc.kill()
         stdout, _ = running.proc.communicate()
-        return KernelResult(script=running.script.name, seconds=timeout_s, output=stdout,
-                            error=f"timed out after {timeout_s:.0f} s")  # fmt: skip
+        seconds = time.perf_counter() - running.started
+        error = (
+            f"stopped at the run's --deadline after {seconds:.0f} s"
+            if by_deadline
+            else f"timed out after {timeout_s:.0f} s"
+        )
+        return KernelResult(script=running.script.name, seconds=seconds, output=stdout,
+                            error=error)  # fmt: skip
+    except BaseException:
+        stop_script(running)
+        raise
     seconds = time.perf_counter() - running.started
     code = running.proc.returncode
     error = None
@@ -146,3 +164,10 @@ def finish_script(running: RunningScript, *, timeout_s: float) -> KernelResult:
         error = f"exit code {code}: {last[:200]}"
     output = stdout + (stderr if code else "")
     return KernelResult(script=running.script.name, seconds=seconds, error=error, output=output)
+
+
+def stop_script(running: RunningScript) -> None:
+    """Kill a started script that is still running (the run is being cut short)."""
+    if running.proc.poll() is None:
+        running.proc.kill()
+        running.proc.wait()
