@@ -63,6 +63,17 @@ def test_invalid_values_name_the_key(overrides, message):
         compose_run_config(overrides)
 
 
+def test_expert_parallelism_refuses_per_op_recompute():
+    """forge-parallel cannot replay the expert all-to-all op by op: refused at config time."""
+    ep = {"ep": 2, "data_parallel": "fsdp"}
+    for recompute in ({"recompute": "selective"}, {"recompute": "auto", "recompute_budget_mib": 8}):
+        with pytest.raises(ConfigError, match=r"parallel.recompute: .* expert-parallel all-to-all"):
+            ParallelSettings(**ep, **recompute)
+    ParallelSettings(**ep, recompute="full")
+    ParallelSettings(**ep, recompute="selective", recompute_modules=["attn", "mlp"])
+    ParallelSettings(ep=1, data_parallel="fsdp", recompute="selective")
+
+
 def test_world_size_must_fit_the_layout():
     tp2 = compose_run_config(["parallel=tp2-fsdp"]).parallel
     one = {"cp": 1, "ep": 1}

@@ -9,14 +9,21 @@ from a measurement instead of a preset:
 
 1. :func:`measure_block` runs the block's forward once under a ``TorchDispatchMode`` that
    records, per op call, the bytes of the new tensors it outputs and its FLOPs (matmuls and
-   attention from ``torch.utils.flop_counter``'s formulas, one FLOP per output element for
-   everything else, nothing for views), and under ``saved_tensors_hooks`` that record what
-   autograd keeps for backward.
+   attention from ``torch.utils.flop_counter``'s formulas, nothing for views and allocations
+   (``empty*``), one FLOP per output element for everything else), whether a later op writes
+   into its output in place, and under ``saved_tensors_hooks`` what autograd keeps for
+   backward.
 2. :func:`plan_recompute` picks, for a budget of bytes, the option with the least extra
-   compute: nothing (if what autograd keeps fits), else selective checkpointing that *saves*
-   the op outputs with the most FLOPs per byte (a greedy 0/1 knapsack: value = FLOPs not
-   recomputed, weight = bytes kept) and recomputes every other op, else the whole block (full
-   recompute keeps only the block's input). Collectives are always kept, never re-issued.
+   compute it finds: nothing (if what autograd keeps fits), else selective checkpointing that
+   *saves* some op outputs and recomputes every other op, else the whole block (full
+   recompute keeps only the block's input). The saved outputs are a 0/1 knapsack (value =
+   FLOPs not recomputed, weight = bytes kept), solved approximately: the better of filling
+   greedily by FLOPs per byte, and the single output that keeps the most FLOPs then filled
+   greedily (at least half the best possible saving). Functional collectives
+   (``_c10d_functional``) are always kept, never re-issued; in-place ones (``c10d``, forge's
+   autograd all-to-all) and the buffers they fill are always recomputed, as is an output a
+   later op writes in place (an ``inplace=True`` activation, dropout's mask buffer): a saved
+   copy would be the written one, and the recomputation would write it a second time.
    Whole-submodule checkpoints of the block's direct children (its ``attn``, its ``mlp``, or
    both: Megatron-Core's ``--recompute-modules``, ``RecomputeConfig(modules=...)``) are
    candidates too, measured in the same pass: each op call and each saved tensor is
@@ -36,6 +43,8 @@ its input (kept by every option) plus the outputs it keeps; parameters are not c
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import weakref
 from collections import defaultdict
@@ -125,9 +134,20 @@ class OpRecord:
     #: The block's direct child whose forward ran the op ("" outside every child).
     module: str = ""
 
+    #: A later op of the forward writes into this output in place: never saved (see
+    #: :func:`written_tensors`).
+    written_later: bool = False
+
     @property
     def key(self) -> tuple[str, int]:
         return (self.op, self.index)
+
+    @property
+    def savable(self) -> bool:
+        """Worth saving: new bytes that cost FLOPs to recompute, safe to cache."""
+        return (
+            self.output_bytes > 0 and self.flops > 0 and not (self.collective or self.written_later)
+        )
 
 
 @dataclass(frozen=True)
@@ -195,9 +215,61 @@ class RecomputeChoice:
         return f"auto: {self.kind} ({mib:.2f} MiB)"
 
 
+#: Ops that only allocate (their output's values are whatever the memory held): nothing to
+#: recompute. Costed at one FLOP per element, saving dropout's mask buffer looked worthwhile.
+_ALLOCATIONS = frozenset(
+    {
+        "aten.empty",
+        "aten.empty_like",
+        "aten.new_empty",
+        "aten.empty_strided",
+        "aten.new_empty_strided",
+        "aten.empty_permuted",
+    }
+)
+
+
+def is_inplace_collective(name: str) -> bool:
+    """``name`` (``"c10d.alltoall_base_"``, with or without overload) is an in-place c10d
+    collective: it fills a buffer made by an earlier op (``new_empty``). A selective policy
+    must recompute it with its buffer: cached, the recomputation would get a fresh, never
+    filled buffer (or the cached one, written after it was cached). Their schemas do not mark
+    the write, hence the name (trailing ``_``); functional collectives (``_c10d_functional``)
+    return new tensors and may be kept."""
+    parts = name.split(".")
+    return len(parts) > 1 and parts[0] == "c10d" and parts[1].endswith("_")
+
+
+def is_kept_collective(name: str) -> bool:
+    """A collective a selective policy keeps (never re-issues in backward): a functional one."""
+    return "c10d" in name and not is_inplace_collective(name)
+
+
+def written_tensors(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors ``func(*args, **kwargs)`` writes in place: its schema's written arguments
+    (``relu_``, ``bernoulli_``, ``out=``), or an in-place collective's first argument (the
+    output buffer of ``alltoall_base_``, the tensors of ``allreduce_``)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return []
+    packet = getattr(func, "overloadpacket", func)
+    if is_inplace_collective(str(packet)):
+        return _tensors(args[:1])
+    if not schema.is_mutable:
+        return []
+    written = []
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            written += _tensors(value)
+    return written
+
+
 def _flops(func, args, kwargs, out) -> int:
     from torch.utils.flop_counter import flop_registry
 
+    if str(func.overloadpacket) in _ALLOCATIONS:
+        return 0
     counter = flop_registry.get(func.overloadpacket)
     if counter is not None:
         return int(counter(*args, **kwargs, out_val=out))
@@ -205,7 +277,8 @@ def _flops(func, args, kwargs, out) -> int:
 
 
 class _Recorder(TorchDispatchMode):
-    """Records each op call's new output storages and FLOPs, keyed like SAC's cache."""
+    """Records each op call's new output storages and FLOPs, keyed like SAC's cache, and which
+    calls' outputs a later op writes in place (``written``: indices into ``records``)."""
 
     #: It sees the ops the selective policy decides on, no others: a unit that the policy
     #: recomputes whole (``forge_parallel.replay_checkpoint.recomputed_whole``, the
@@ -218,6 +291,8 @@ class _Recorder(TorchDispatchMode):
         self.counts: dict[Any, int] = defaultdict(int)
         self.records: list[OpRecord] = []
         self.module_stack: list[str] = []  # the direct children whose forward is running
+        self.producer: dict[int, int] = {}  # storage id -> index of the record that made it
+        self.written: set[int] = set()
 
     @property
     def module(self) -> str:
@@ -225,6 +300,10 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        for t in written_tensors(func, args, kwargs):
+            producer = self.producer.get(self.storages.find(t))
+            if producer is not None:
+                self.written.add(producer)
         out = func(*args, **kwargs)
         if func in _IGNORED:
             return out
@@ -233,10 +312,13 @@ class _Recorder(TorchDispatchMode):
         nbytes = 0
         for t in _tensors(out):
             uid, new = self.storages.add(t)
-            nbytes += self.storages.sizes[uid] if new else 0
+            if new:
+                nbytes += self.storages.sizes[uid]
+                self.producer[uid] = len(self.records)
         name = str(func)
         flops = _flops(func, args, kwargs, out) if nbytes else 0
-        self.records.append(OpRecord(name, index, nbytes, flops, "c10d" in name, self.module))
+        collective = is_kept_collective(name)
+        self.records.append(OpRecord(name, index, nbytes, flops, collective, self.module))
         return out
 
 
@@ -311,8 +393,12 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
     saved_in = {u: frozenset(where) for u, where in saved.items() if u not in params}
     module_inputs = {n: frozenset(ids - params - {None}) for n, ids in module_inputs.items()}
     used = set(saved_in) | inputs | {u for ids in module_inputs.values() for u in ids}
+    ops = tuple(
+        dataclasses.replace(r, written_later=True) if i in recorder.written else r
+        for i, r in enumerate(recorder.records)
+    )
     return BlockMeasurement(
-        ops=tuple(recorder.records),
+        ops=ops,
         input_bytes=sum(sizes[u] for u in inputs),
         saved_bytes=sum(sizes[u] for u in set(saved_in) | inputs),
         storage_bytes={u: sizes[u] for u in used},
@@ -345,8 +431,9 @@ def _module_choices(measurement: BlockMeasurement) -> list[RecomputeChoice]:
 
 
 def plan_recompute(measurement: BlockMeasurement, budget: int) -> RecomputeChoice:
-    """The option with the least recomputed FLOPs whose kept bytes fit ``budget`` (ties: the
-    fewer bytes): nothing, a selective policy, whole direct children checkpointed, or full.
+    """Among the options it builds, the one with the least recomputed FLOPs whose kept bytes
+    fit ``budget`` (ties: the fewer bytes): nothing, a selective policy (an approximate
+    knapsack, see :func:`_plan_selective`), whole direct children checkpointed, or full.
 
     Falls back to full recomputation (the least memory) when nothing fits, e.g. ``budget=0``.
     """
@@ -359,24 +446,43 @@ def plan_recompute(measurement: BlockMeasurement, budget: int) -> RecomputeChoic
     return min(fitting, key=lambda c: (c.extra_flops, c.kept_bytes))
 
 
+def _fill(
+    candidates: list[OpRecord], first: list[OpRecord], kept: int, budget: int
+) -> tuple[set[tuple[str, int]], int, int]:
+    """Save ``first``, then every candidate (in order) that still fits: (keys, bytes, FLOPs)."""
+    saved, kept_flops = set(), 0
+    for r in [*first, *candidates]:
+        if r.key not in saved and kept + r.output_bytes <= budget:
+            kept += r.output_bytes
+            kept_flops += r.flops
+            saved.add(r.key)
+    return saved, kept, kept_flops
+
+
 def _plan_selective(measurement: BlockMeasurement, budget: int) -> RecomputeChoice:
-    """The greedy selective policy for ``budget``, or full recomputation if none fits."""
+    """The selective policy for ``budget``, or full recomputation if none fits.
+
+    Which outputs to save is a 0/1 knapsack; filling by FLOPs per byte alone can keep a small
+    output and miss a large one that alone saves far more (a 1 KiB product instead of a 64 KiB
+    matmul). Also starting from the single output with the most FLOPs that fits, and taking
+    the better of the two, keeps at least half the FLOPs the best choice would keep.
+    """
     total = measurement.total_flops
     full = RecomputeChoice("full", frozenset(), measurement.input_bytes, total)
     forced = [r for r in measurement.ops if r.collective]
     kept = measurement.input_bytes + sum(r.output_bytes for r in forced)
     if kept > budget:
         return full
-    saved = {r.key for r in forced}
-    kept_flops = sum(r.flops for r in forced)
-    candidates = [r for r in measurement.ops if r.output_bytes > 0 and not r.collective]
-    # Greedy knapsack: most FLOPs kept per byte first; skip what does not fit, keep filling.
+    candidates = [r for r in measurement.ops if r.savable]
     candidates.sort(key=lambda r: (-r.flops / r.output_bytes, r.output_bytes))
-    for r in candidates:
-        if kept + r.output_bytes <= budget:
-            kept += r.output_bytes
-            kept_flops += r.flops
-            saved.add(r.key)
+    starts: list[list[OpRecord]] = [[]]
+    fitting = [r for r in candidates if kept + r.output_bytes <= budget]
+    if fitting:
+        starts.append([max(fitting, key=lambda r: (r.flops, -r.output_bytes))])
+    fills = [_fill(candidates, first, kept, budget) for first in starts]
+    saved, kept, kept_flops = max(fills, key=lambda f: (f[2], -f[1]))
+    saved |= {r.key for r in forced}
+    kept_flops += sum(r.flops for r in forced)
     if kept_flops == 0:
         return full
     return RecomputeChoice("selective", frozenset(saved), kept, total - kept_flops)
@@ -425,7 +531,12 @@ class AutoRecompute:
         self.module = module
         self.choice: RecomputeChoice | None = None
         self.measurement: BlockMeasurement | None = None
+        self._context_fn: Callable | None = None
 
+    # Eager even under torch.compile: the measurement is a dispatch mode, and the policy's
+    # context function must exist before the traced call, which passes it to checkpoint
+    # (Dynamo cannot trace a checkpoint whose context_fn is a closure made inside the graph).
+    @torch.compiler.disable
     def _decide(self, args: tuple, kwargs: dict) -> None:
         self.measurement = measure_block(_ModuleView(self.inner, self.module), *args, **kwargs)
         # Under autocast the measuring forward cached this block's weight casts; the checkpointed
@@ -435,6 +546,8 @@ class AutoRecompute:
         torch.clear_autocast_cache()
         budget = self.budget if isinstance(self.budget, int) else self.budget.share()
         self.choice = plan_recompute(self.measurement, budget)
+        if self.choice.kind == "selective":
+            self._context_fn = functools.partial(_keyed_policy, self.choice.saved)
         if isinstance(self.budget, _Budget):
             self.budget.spend(self.choice.kept_bytes)
         for name in self.choice.modules:  # checkpointed whole from this forward on
@@ -452,9 +565,7 @@ class AutoRecompute:
             return self.inner(*args, **kwargs)
         if choice.kind == "full":
             return checkpoint_block(self.inner, *args, **kwargs)
-        return checkpoint_block(
-            self.inner, *args, context_fn=lambda: _keyed_policy(choice.saved), **kwargs
-        )
+        return checkpoint_block(self.inner, *args, context_fn=self._context_fn, **kwargs)
 
 
 def _checkpointed_forward(inner: Callable) -> Callable:

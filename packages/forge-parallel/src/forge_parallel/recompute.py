@@ -27,13 +27,21 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     create_selective_checkpoint_contexts,
 )
 
-from forge_parallel.auto_recompute import AutoRecompute, auto_budgets
+from forge_parallel.auto_recompute import (
+    AutoRecompute,
+    auto_budgets,
+    is_inplace_collective,
+    is_kept_collective,
+    written_tensors,
+)
 from forge_parallel.config import RecomputeConfig
 from forge_parallel.replay_checkpoint import checkpoint_block
 
@@ -78,18 +86,22 @@ def _op_name(op: object) -> str:
 
 
 def _recompute_predicate(ops: str | Sequence[str], *, submodule: bool) -> Callable[[str], bool]:
+    # An in-place collective (c10d.*_, forge's autograd all-to-all) shares the fate of the
+    # buffer it fills: cached while the buffer (new_empty, clone) is recomputed, the
+    # recomputation would never fill the fresh buffer. The presets that recompute those
+    # buffers recompute the collective; the others save both. _guarded matches them per call.
     if ops == "attention" and submodule:
         # Inside the attention submodule: keep only the projections' outputs (and collectives'),
         # recompute the attention core and the cheap ops around it (rotary embedding, QK norm,
         # head reshapes). Saving every other op's output instead keeps intermediates autograd
         # would free (the rotary embedding's products, the output projection's result).
-        return lambda name: name not in MATMUL_OPS and "c10d" not in name
+        return lambda name: name not in MATMUL_OPS and not is_kept_collective(name)
     if ops == "attention":
         return ATTENTION_OPS.__contains__
     if ops == "pointwise":
         keep = ATTENTION_OPS | MATMUL_OPS
-        # Collectives (tensor parallelism inside the block) are kept, never re-issued.
-        return lambda name: name not in keep and "c10d" not in name
+        # Functional collectives (tensor parallelism inside the block) are kept, never re-issued.
+        return lambda name: name not in keep and not is_kept_collective(name)
     names = frozenset(ops)
     return names.__contains__
 
@@ -121,17 +133,104 @@ def _checkpointed(inner: Callable, context_fn: Callable | None) -> Callable:
     return forward
 
 
+_SAVES = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
+#: In-place ops that give the same result applied twice (``nn.ReLU(inplace=True)``, ``ReLU6``):
+#: recomputed on the saved copy they change nothing, so a policy that recomputes them may save
+#: what they write. (Saved themselves, PyTorch's cache check still sees the write.)
+_IDEMPOTENT_WRITES = frozenset(
+    {"aten.relu_", "aten.clamp_", "aten.clamp_min_", "aten.clamp_max_", "aten.hardtanh_"}
+)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return getattr(t, "_local_tensor", t).untyped_storage().data_ptr()
+    except RuntimeError:  # a tensor subclass without a storage of its own
+        return 0
+
+
+def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
+    """``policy`` for one checkpointed call, refusing an in-place write into an output it saved.
+
+    The cache holds the saved output as it was; the recomputation would run the in-place op
+    again on the cached tensor (``nn.Linear`` on 3-D input ends in ``_unsafe_view``, which
+    hides the write from PyTorch's own check: silently wrong gradients), or PyTorch stops
+    with a generic "mutated" error in backward. Refused in the forward instead, naming both
+    ops. An in-place collective is saved or recomputed as the buffer it fills was (see
+    :func:`_recompute_predicate`). The policy sees each op's output after it ran
+    (``ctx.op_output``); a torch without it gets no check.
+    """
+    made: dict[int, bool] = {}  # storage address of an output made here -> saved
+    saved: dict[int, str] = {}  # storage address of a saved output -> the op that made it
+
+    def guarded(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        decision = policy(ctx, op, *args, **kwargs)
+        if is_inplace_collective(_op_name(op)):
+            buffers = [
+                made[p] for t in written_tensors(op, args, kwargs) if (p := _storage_ptr(t)) in made
+            ]
+            if buffers:
+                return (
+                    CheckpointPolicy.MUST_SAVE
+                    if all(buffers)
+                    else CheckpointPolicy.PREFER_RECOMPUTE
+                )
+            return decision
+        replay_harmless = decision not in _SAVES and _op_name(op) in _IDEMPOTENT_WRITES
+        for t in () if replay_harmless else written_tensors(op, args, kwargs):
+            maker = saved.get(_storage_ptr(t))
+            if maker is not None:
+                raise ValueError(
+                    f"selective recompute ({_ops_text(ops)}) saves the output of {maker}, and "
+                    f"{_op_name(op)} then writes into it in place: the recomputation would "
+                    "apply the write a second time to the saved copy (wrong gradients). Make "
+                    "the write out of place (e.g. nn.ReLU / nn.LeakyReLU(inplace=False), "
+                    "x = x * s instead of x.mul_(s)), or checkpoint whole submodules "
+                    "(RecomputeConfig(mode='selective', modules=...)), or use mode='full' or "
+                    "mode='auto' (which recomputes such outputs)"
+                )
+        for t in tree_flatten(getattr(ctx, "op_output", None))[0]:
+            if isinstance(t, torch.Tensor) and (ptr := _storage_ptr(t)):
+                made[ptr] = decision in _SAVES  # the latest: a freed address is reused
+                if decision in _SAVES:
+                    saved.setdefault(ptr, _op_name(op))
+        return decision
+
+    return guarded
+
+
 def _selective_context(ops: str | Sequence[str], *, submodule: bool = False) -> Callable:
     policy = selective_policy(ops, submodule=submodule)
 
     def context_fn():
-        return create_selective_checkpoint_contexts(policy)
+        # A fresh guard per call: the addresses it tracks are this forward's saved outputs.
+        return create_selective_checkpoint_contexts(_guarded(policy, ops))
 
     return context_fn
 
 
 def _ops_text(ops: str | Sequence[str]) -> str:
     return ops if isinstance(ops, str) else ",".join(ops)
+
+
+def _refuse_expert_parallel(name: str, module: nn.Module, what: str) -> None:
+    """A per-op policy (or auto, which may choose one) over expert-parallel experts is refused:
+    their dispatch (all-to-alls into ``new_empty`` buffers, split sizes read from exchanged
+    counts, chunked overlap) cannot be replayed op by op: gradients came out as garbage or the
+    recomputation crashed. Full checkpoints of the block or of submodules replay it whole."""
+    from forge_parallel.expert_parallel.experts import ExpertParallelExperts
+
+    experts = [n for n, m in module.named_modules() if isinstance(m, ExpertParallelExperts)]
+    if experts:
+        inner = f"{name}.{experts[0]}" if experts[0] else name
+        raise ValueError(
+            f"recompute {what} on {name!r}, which holds the expert-parallel experts "
+            f"{inner!r}: a per-op policy cannot replay their all-to-all dispatch (wrong "
+            "gradients). Use RecomputeConfig(mode='full'), the attention preset "
+            "(mode='selective' with blocks that have an attn / self_attn child), "
+            "modules=('attn',) (with ops=... its policy stays inside attention), or "
+            "modules=('mlp',) without ops (checkpointed whole)"
+        )
 
 
 def _check_not_checkpointed(name: str, module: nn.Module) -> None:
@@ -231,6 +330,8 @@ def apply_recompute(
     else:
         context_fn = _selective_context(ops)
         description = f"selective ({_ops_text(ops)})"
+        for name, block in blocks:
+            _refuse_expert_parallel(name, block, f"selective (ops={_ops_text(ops)})")
     applied: dict[str, str] = {}
     for index, (name, block) in enumerate(blocks):
         if config.mode == "full" and index % config.every:
@@ -255,6 +356,11 @@ def _apply_modules(
         per_block = [[(c, getattr(b, c))] for (_, b), c in zip(blocks, children, strict=True)]
     context_fn = None if ops is None else _selective_context(ops, submodule=True)
     description = "full" if ops is None else f"selective ({_ops_text(ops)})"
+    if ops is not None:  # checked before anything is wrapped
+        for (name, _), chosen in zip(blocks, per_block, strict=True):
+            for path, module in chosen:
+                full_name = f"{name}.{path}" if name else path
+                _refuse_expert_parallel(full_name, module, f"selective (ops={_ops_text(ops)})")
     applied: dict[str, str] = {}
     for (name, block), chosen in zip(blocks, per_block, strict=True):
         _check_not_checkpointed(name, block)
@@ -269,6 +375,8 @@ def _apply_auto(blocks: Sequence[tuple[str, nn.Module]], config: RecomputeConfig
     budget = auto_budgets(config.memory_budget, config.budget_scope, len(blocks))
     scope = "per block" if config.budget_scope == "block" else "in total"
     description = f"auto ({config.memory_budget / 2**20:.2f} MiB {scope})"
+    for name, block in blocks:  # checked before anything is wrapped
+        _refuse_expert_parallel(name, block, "mode='auto' (it may choose a per-op policy)")
     applied: dict[str, str] = {}
     for name, block in blocks:
         _check_not_checkpointed(name, block)

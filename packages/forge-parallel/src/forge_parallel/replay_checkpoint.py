@@ -24,6 +24,7 @@ recomputes, and its inputs, the projections' outputs, are what the policy keeps.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,14 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["checkpoint_block", "recomputed_whole"]
+
+
+#: ``checkpoint(respect_saved_tensors_hooks=...)`` (torch >= 2.15): whether the outputs a
+#: selective policy caches go through the ``saved_tensors_hooks`` active around the block.
+#: Forge passes ``False``: activation offload (:mod:`forge_parallel.offload`) documents that
+#: those outputs stay on the device, and without an explicit choice PyTorch warns on every
+#: call under offload that its default will change.
+_HOOKS_ARGUMENT = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
 
 
 def _active_function_modes() -> tuple[Any, ...]:
@@ -65,14 +74,19 @@ def checkpoint_block(
     """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, ...)`` with
     the function modes of this call re-entered around the recomputation (see the module
     docstring). Under ``torch.compile`` nothing is captured (a compiled region traces the
-    modes it runs under itself)."""
+    modes it runs under itself). With a ``context_fn`` (a selective policy), the outputs it
+    caches bypass the ``saved_tensors_hooks`` around the call (``respect_saved_tensors_hooks=
+    False`` where this torch has the argument; the behaviour of older ones)."""
     if not torch.compiler.is_compiling():
         modes = _active_function_modes()
         if modes:
             context_fn = _replaying(modes, context_fn)
     if context_fn is None:
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
-    return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    hooks = {"respect_saved_tensors_hooks": False} if _HOOKS_ARGUMENT else {}
+    return checkpoint(
+        function, *args, use_reentrant=False, context_fn=context_fn, **hooks, **kwargs
+    )
 
 
 def _is_selective_checkpoint_mode(mode: Any) -> bool:
