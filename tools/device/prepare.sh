@@ -5,8 +5,7 @@
 # See ../shared/DEVICE.md and tools/device/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-mkdir -p .git/info
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# .whl/ is in .gitignore (no .git/info/exclude edit: in a worktree .git is a file).
 mkdir -p .whl
 rm -f .whl/*.whl
 # The versions uv.lock pins (hydra-core 1.3 needs antlr4 4.9, not the newest).
@@ -23,8 +22,11 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
 # antlr4-python3-runtime 4.9.3 is published as a source archive only: build its (pure-Python)
 # wheel here.
 python3 -m pip wheel --quiet --no-deps -w .whl $(pinned antlr4-python3-runtime)
-# Liger-Kernel (pure Python + Triton): the kernel benchmarks' and forge-bench's peer.
+# Liger-Kernel (pure Python + Triton): the kernel benchmarks' and forge-bench's peer, at the
+# version uv.lock pins for forge-bench's `peers` extra.
+liger=$(pinned liger-kernel)
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform any -d .whl liger-kernel || echo "liger-kernel: not downloaded"
+    --implementation cp --platform any -d .whl "$liger" \
+    || echo "$liger: not downloaded (its rows will say skipped)"
 cp ../shared/tools/device-env.sh .whl/device-env.sh
 du -sh .whl

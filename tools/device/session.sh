@@ -1,67 +1,233 @@
 #!/usr/bin/env bash
-# Run THERE (the lent GPU machine), one part per `device` call, each well inside the 10-minute
-# limit of a call; logs and result tables go to $OUT (the files that come back):
+# Run THERE (the lent GPU machine), one part per `device` call; logs and result tables go to $OUT
+# (the files that come back, at most 8 per call):
 #   run(carry=[".whl"], command="source .whl/device-env.sh && bash tools/device/session.sh PART")
-# Parts, in the order a session with 30 minutes of device time should run them:
-#   kernels  forge-kernels' GPU tests, then the packed FlexAttention check with its traceback
-#   bench    forge-kernels' benchmark scripts (FP8 policy calibration included)
-#   llm      forge-bench: Llama 1B at 4096, forge vs the peers installed there (--record)
-#   moe      forge-bench: the Qwen3-MoE-style workload, and forge-parallel's single-device
-#            wrapper overhead
+# Parts, in the order of their value; each part's commands run under `timeout`, and the bound
+# is the most the part can take (a call may run 600 s, device-env.sh's wheel install included):
+#   kernels  <= 480 s  forge-kernels' tests on CUDA: the `gpu`-marked ones, the packed
+#                      FlexAttention check (two calls with the same cu_seqlens, then backward),
+#                      then the whole suite but `sm90_compile` (pytest-xdist, per-test timeout)
+#   llm      <= 560 s  forge-bench: Llama 1B at 4096, forge vs the peers installed there (MFU)
+#   bench    <= 440 s  kernel benchmarks owed first: attention, fused linear CE, FP8 + policy
+#   bench2   <= 540 s  kernel benchmarks: norms, GLU, RoPE, MoE, keyed dropout
+#   moe      <= 550 s  forge-bench's Qwen3-MoE-style workload; forge-parallel's single-device
+#                      wrapper overhead
+# kernels + llm + bench stay under 1500 s, so they fit a 30-minute session with the machine's
+# start; run bench2 and moe only while the device's budget_left_s exceeds their bound + 60.
 # `session.sh --list` prints the parts. Copy the figures into the BENCHMARKS.md files by hand,
-# with the date, GPU, torch version and the command (the logs carry all four).
+# with the date, GPU, torch version and the command (env.log and the logs carry all four).
+#
+# SESSION_DRY_RUN=1 runs the same commands on a machine without a GPU (tiny sizes: each
+# script's --smoke, forge-bench --smoke) to check the parts before a session spends device
+# time on them. KERNEL_TESTS (default packages/forge-kernels) narrows the kernels part's tests,
+# e.g. to one file for a dry run or a re-run.
 set -uo pipefail
 OUT="${OUT:-/tmp/forge-device-out}"
 mkdir -p "$OUT"
-PARTS="kernels bench llm moe"
+PARTS="kernels llm bench bench2 moe"
 part="${1:-}"
+DRY="${SESSION_DRY_RUN:-0}"
+KERNEL_TESTS="${KERNEL_TESTS:-packages/forge-kernels}"
+export PYTHONUNBUFFERED=1
+if [ "$DRY" != 1 ]; then
+    # conftest.py switches the interpreter on when it finds no /dev/nvidiactl; here the kernels
+    # must run compiled whatever the machine's device files look like. (A dry run leaves it to
+    # conftest.py and the scripts, as their CPU commands do.)
+    export TRITON_INTERPRET=0
+fi
 
 env_report() {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    else
+        echo "nvidia-smi: not found"
+    fi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    echo "TRITON_INTERPRET=${TRITON_INTERPRET:-unset} SESSION_DRY_RUN=$DRY"
+}
+
+# Pytest under a limit: SIGINT first, so that pytest (and xdist's workers) print the summary of
+# what ran, then SIGKILL 10 s later. The whole verbose log goes to $OUT/LOG; the console shows
+# the failures and the summary lines.
+run_pytest() {  # LIMIT LOG PYTEST-ARGS...
+    local limit=$1 log=$2
+    shift 2
+    echo "=== pytest $* (limit ${limit} s)" | tee "$OUT/$log"
+    timeout -s INT -k 10 "$limit" python3 -m pytest -p no:cacheprovider -v -rfE --durations=15 \
+        "$@" 2>&1 | tee -a "$OUT/$log" \
+        | grep -E --line-buffered '(^| )(FAILED|ERROR)( |$)|^=+ .*(passed|failed|error|skipped|deselected|no tests ran)|Timeout|KeyboardInterrupt'
+    local rc=${PIPESTATUS[0]}
+    echo "=== pytest exit $rc$([ "$rc" = 124 ] && echo " (cut off at ${limit} s)")" \
+        | tee -a "$OUT/$log"
+}
+
+# pytest-xdist and pytest-timeout are on the GPU machine's image (not in uv.lock): used when
+# importable, so the part also runs where they are missing (slower, bounded by `timeout` alone).
+pytest_extras() {  # WORKERS PER-TEST-SECONDS
+    python3 -c "import xdist" 2>/dev/null && [ "$1" -gt 0 ] && printf -- '-n\n%s\n' "$1"
+    python3 -c "import pytest_timeout" 2>/dev/null && printf -- '--timeout\n%s\n' "$2"
+}
+
+# One benchmark script under its own limit, appending to its log. SIZE-ARGS (one string) are the
+# GPU run's size flags, dropped in a dry run for the script's --smoke (and --no-compile where it
+# has one: torch.compile of interpreted Triton kernels is not what a dry run checks).
+run_script() {  # LIMIT SCRIPT SIZE-ARGS [OTHER-ARGS...]
+    local limit=$1 script=$2 sizes=$3
+    shift 3
+    local path="packages/forge-kernels/benchmarks/$script.py" args
+    # shellcheck disable=SC2206
+    args=($sizes)
+    if [ "$DRY" = 1 ]; then
+        args=(--device cpu --smoke)
+        python3 "$path" --help | grep -q -- --no-compile && args+=(--no-compile)
+    fi
+    echo "=== $script ${args[*]} $* (limit ${limit} s)"
+    timeout -k 10 "$limit" python3 "$path" "${args[@]}" "$@" 2>&1
+    local rc=$?
+    echo "=== $script: exit $rc$([ "$rc" = 124 ] && echo " (cut off at ${limit} s)")"
+}
+
+# How many forge-bench rows will run here (skipped ones cost nothing), from forge-bench's own
+# plan for these flags; 8 when that cannot be found out.
+bench_rows() {  # FORGE-BENCH-ARGS...
+    python3 - "$@" <<'PY' || echo 8
+import sys
+
+import torch
+
+from forge_bench.cli import parse_args
+from forge_bench.peers import find_peers
+from forge_bench.plan import llm_cases, moe_cases
+
+args = parse_args(sys.argv[1:])
+device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+peers = find_peers(device_type=torch.device(device).type)
+cases = []
+if "llm" in args.workloads:
+    cases += llm_cases(sizes=args.sizes, seqs=args.seq, peers=peers, smoke=args.smoke,
+                       tokens=args.tokens)
+if "moe" in args.workloads:
+    cases += moe_cases(seqs=args.seq, peers=peers, smoke=args.smoke, tokens=args.tokens)
+print(sum(impl.skip is None for case in cases for impl in case.impls))
+PY
+}
+
+# forge-bench bounds itself with --deadline (a row whose --timeout no longer fits what is left
+# is reported as skipped, not started), prints each row as it finishes and rewrites --record
+# after every row, and on the outer timeout's SIGTERM writes what is done. So a row may take
+# twice its share of the limit (a cold first row compiles Triton and FlexAttention kernels),
+# 60-200 s, and the deadline keeps the whole run 20 s inside the outer `timeout`.
+run_forge_bench() {  # LIMIT SETUP NAME FORGE-BENCH-ARGS...
+    local limit=$1 setup=$2 name=$3
+    shift 3
+    local smoke=()
+    [ "$DRY" = 1 ] && smoke=(--smoke)
+    local rows per_row deadline=$((limit - 20))
+    rows=$(bench_rows "$@" "${smoke[@]}" | tail -n 1)
+    [[ "$rows" =~ ^[1-9][0-9]*$ ]] || rows=8
+    per_row=$((2 * (limit - setup) / rows))
+    [ "$per_row" -gt 200 ] && per_row=200
+    [ "$per_row" -lt 60 ] && per_row=60
+    echo "=== forge-bench $*: $rows rows run here; --timeout $per_row --deadline $deadline" \
+        "(outer limit $limit s)"
+    timeout -k 10 "$limit" python3 -m forge_bench "$@" "${smoke[@]}" --timeout "$per_row" \
+        --deadline "$deadline" --record "$OUT/BENCHMARKS-$name.md" 2>&1
+    local rc=$?
+    echo "=== forge-bench exit $rc$([ "$rc" = 124 ] && echo " (cut off at ${limit} s)")"
 }
 
 case "$part" in
 --list) echo "$PARTS" ;;
 kernels)
     env_report 2>&1 | tee "$OUT/env.log"
-    timeout 420 python3 -m pytest packages/forge-kernels -m gpu -q -p no:cacheprovider \
-        --durations=15 2>&1 | tee "$OUT/kernels_gpu_tests.log"
-    timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/flex_packed.log"
+    mapfile -t extras < <(pytest_extras 0 100)
+    # The gpu-marked tests first, alone: their log is complete whatever happens after.
+    run_pytest 150 kernels_gpu_tests.log "$KERNEL_TESTS" -m gpu "${extras[@]}"
+    timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/flex_packed.log"
+# Packed documents through FlexAttention: on CUDA with torch 2.11 the second call with the same
+# cu_seqlens tensor failed (its block-mask cache compared tensors with ==), so: two calls with
+# the same tensor, then the backward, each against SDPA with its dense block-diagonal mask.
 import traceback
+
 import torch
+
 from forge_kernels.attention import attention
-lengths = [3839, 2000, 1500, 777]
-cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-q, k, v = (torch.randn(sum(lengths), h, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8))
-reference = attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=max(lengths), backend="sdpa")
-try:
-    out = attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=max(lengths), backend="flex")
-    print("flex packed: max|d| against sdpa", (out - reference).abs().max().item())
-except Exception:
-    traceback.print_exc()
+
+cuda = torch.cuda.is_available()
+device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+lengths = [3839, 2000, 1500, 777] if cuda else [96, 50, 37, 20]  # CPU: a dry run, small
+cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+gen = torch.Generator(device=device).manual_seed(0)
+q, k, v = (
+    torch.randn(sum(lengths), h, 128, device=device, dtype=dtype, generator=gen).requires_grad_(cuda)
+    for h in (32, 8, 8)
+)  # FlexAttention has no backward on CPU: a dry run checks the forward calls alone
+grad_out = torch.randn(q.shape, device=device, dtype=dtype, generator=gen)
+kwargs = dict(causal=True, cu_seqlens=cu, max_seqlen=max(lengths))
+reference = attention(q, k, v, backend="sdpa", **kwargs)
+ref_grads = torch.autograd.grad(reference, (q, k, v), grad_out) if cuda else None
+print(f"device={device} dtype={dtype} lengths={lengths} torch {torch.__version__}")
+out = None
+for call in (1, 2):
+    try:
+        out = attention(q, k, v, backend="flex", **kwargs)
+        diff = (out - reference).abs().max().item()
+        print(f"flex packed, call {call} (same cu_seqlens): max|d| against sdpa {diff:.3e}")
+    except Exception:
+        print(f"flex packed, call {call} (same cu_seqlens): failed")
+        traceback.print_exc()
+        out = None
+if out is not None and cuda:
+    try:
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        diffs = ", ".join(
+            f"d{n} {(g - r).abs().max().item():.3e}"
+            for n, g, r in zip("qkv", grads, ref_grads, strict=True)
+        )
+        print(f"flex packed, backward of call 2: max|d| against sdpa: {diffs}")
+    except Exception:
+        print("flex packed, backward of call 2: failed")
+        traceback.print_exc()
 PY
+    mapfile -t extras < <(pytest_extras 8 100)
+    run_pytest 270 kernels_cuda_tests.log "$KERNEL_TESTS" -m "not gpu and not sm90_compile" \
+        "${extras[@]}"
+    ;;
+llm)
+    env_report 2>&1 | tee "$OUT/env.log"
+    run_forge_bench 560 40 llm --workloads llm --sizes 1b --seq 4096 2>&1 \
+        | tee "$OUT/forge_bench_llm.log"
     ;;
 bench)
     env_report 2>&1 | tee "$OUT/env.log"
-    # One log for all scripts: at most 8 files come back from $OUT.
-    for script in bench_norms bench_glu bench_rope bench_fused_linear_cross_entropy \
-            bench_attention bench_moe bench_keyed_dropout; do
-        echo "=== $script"
-        timeout 60 python3 "packages/forge-kernels/benchmarks/$script.py" 2>&1
-    done | tee "$OUT/kernel_benchmarks.log"
-    timeout 120 python3 packages/forge-kernels/benchmarks/bench_fp8.py \
-        --write-policy "$OUT/fp8_policy.json" 2>&1 | tee "$OUT/bench_fp8.log"
+    run_script 170 bench_attention "" | tee "$OUT/bench_attention.log"
+    run_script 90 bench_fused_linear_cross_entropy "" \
+        | tee "$OUT/bench_fused_linear_cross_entropy.log"
+    run_script 180 bench_fp8 "" --write-policy "$OUT/fp8_policy.json" | tee "$OUT/bench_fp8.log"
     ;;
-llm)
-    timeout 560 python3 -m forge_bench --workloads llm --sizes 1b --seq 4096 --timeout 100 \
-        --record "$OUT/BENCHMARKS-llm.md" 2>&1 | tee "$OUT/forge_bench_llm.log"
+bench2)
+    env_report 2>&1 | tee "$OUT/env.log"
+    # bench_norms and bench_glu compile every case afresh (torch.compile and the Triton
+    # kernels): the shapes of BENCHMARKS.md's summary, not all four / both defaults.
+    run_script 150 bench_norms "--shapes 16384x4096,16384x5120" | tee "$OUT/bench_norms.log"
+    run_script 120 bench_glu "--shapes 8192x14336" | tee "$OUT/bench_glu.log"
+    run_script 90 bench_rope "" | tee "$OUT/bench_rope.log"
+    run_script 90 bench_moe "" | tee "$OUT/bench_moe.log"
+    run_script 90 bench_keyed_dropout "" | tee "$OUT/bench_keyed_dropout.log"
     ;;
 moe)
-    timeout 360 python3 -m forge_bench --workloads moe --seq 4096 --timeout 240 \
-        --record "$OUT/BENCHMARKS-moe.md" 2>&1 | tee "$OUT/forge_bench_moe.log"
-    timeout 180 python3 packages/forge-parallel/benchmarks/bench_single_device.py 2>&1 \
+    env_report 2>&1 | tee "$OUT/env.log"
+    run_forge_bench 340 60 moe --workloads moe --seq 4096 2>&1 | tee "$OUT/forge_bench_moe.log"
+    # A row per variant as each finishes; compile (the one never run on a GPU yet) right after
+    # the baseline, each variant bounded by its own --timeout.
+    variants=plain,compile,fsdp,ddp,recompute-full,recompute-selective,recompute-pointwise
+    variants=$variants,recompute-modules,recompute-auto,offload
+    smoke=()
+    [ "$DRY" = 1 ] && smoke=(--smoke)
+    echo "=== bench_single_device --variants $variants --timeout 90 ${smoke[*]} (limit 210 s)" \
         | tee "$OUT/bench_single_device.log"
+    timeout -k 10 210 python3 packages/forge-parallel/benchmarks/bench_single_device.py \
+        --variants "$variants" --timeout 90 "${smoke[@]}" 2>&1 | tee -a "$OUT/bench_single_device.log"
     ;;
 *)
     echo "usage: session.sh {$(echo $PARTS | tr ' ' '|')|--list}" >&2

@@ -28,7 +28,6 @@ On CPU the forge rows time the Triton interpreter (meaningless as speed; it chec
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -292,9 +291,9 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny sizes and 1 iteration: check the script runs"
     )
     args = parser.parse_args()
+    # On CPU, TRITON_INTERPRET=1 was set when bench_norms was imported (the first import of
+    # forge_kernels is that module's): bench_norms.interpret_triton_on_cpu.
     device = torch.device(args.device)
-    if device.type == "cpu":  # before forge_kernels is imported
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.smoke:
         args.tokens, args.hidden, args.inter, args.experts, args.top_k = 37, 24, 16, "6", 2
         args.warmup, args.iters = 1, 1

@@ -21,14 +21,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from forge_kernels.benchmarking import copy_bandwidth_gbps, time_ms
-from forge_kernels.benchmarking import peak_memory_mib as peak_mib
+
+def interpret_triton_on_cpu(argv: list[str]) -> None:
+    """Set ``TRITON_INTERPRET=1`` when ``argv``'s ``--device`` (as :func:`base_parser` reads it)
+    is the CPU.
+
+    Triton fixes interpreted-or-compiled when a kernel is decorated, that is when forge_kernels
+    is first imported, so this runs before this module's forge_kernels imports, which are also
+    the first ones of every script that imports this module (bench_glu, bench_keyed_dropout,
+    bench_moe, bench_attention). Set later (in :func:`prepare_environment`), the forge rows on
+    CPU launched compiled kernels with no GPU: "0 active drivers".
+    """
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--device", default=None)
+    device = probe.parse_known_args(argv)[0].device
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+interpret_triton_on_cpu(sys.argv[1:])
+
+# After the call above: see its docstring.
+from forge_kernels.benchmarking import copy_bandwidth_gbps, time_ms  # noqa: E402
+from forge_kernels.benchmarking import peak_memory_mib as peak_mib  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -71,10 +95,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def prepare_environment(
     args: argparse.Namespace, *, default_shapes: str, smoke_shapes: str
 ) -> torch.device:
-    """Fill in shapes and, before forge_kernels is imported, the Triton interpreter for CPU."""
+    """Fill in shapes and the iteration counts of ``--smoke``. (The Triton interpreter of a CPU
+    run is switched on at import, by :func:`interpret_triton_on_cpu`: here would be too late.)"""
     device = torch.device(args.device)
-    if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.smoke:
         args.warmup, args.iters = 1, 2
     if args.shapes is None:
