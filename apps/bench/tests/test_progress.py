@@ -236,8 +236,10 @@ def test_a_job_past_its_timeout_is_killed_at_once(monkeypatch):
     runner.ctx = multiprocessing.get_context("fork")  # the child sees the patched run_job
     job = Job(impl=Impl(name="forge", runner="forge"), hf_dir="-", moe=False, rows=1, seq=1,
               vocab_size=1, device="cpu", dtype="float32", warmup=0, steps=1)  # fmt: skip
+    before = {p.pid for p in multiprocessing.active_children()}  # e.g. a worker pool's
     started = time.monotonic()
     assert runner.run(job) == {"error": "timed out after 1 s"}
     # SIGTERM, KILL_GRACE_S (3 s), SIGKILL: not another 30 s of waiting for it to exit.
     assert time.monotonic() - started < 1.0 + isolate.KILL_GRACE_S + 3.0
-    assert not any(p.is_alive() for p in multiprocessing.active_children())
+    left = [p.pid for p in multiprocessing.active_children() if p.pid not in before]
+    assert left == [], f"the timed-out job's process is still alive: {left}"
