@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Record", "append_record", "atomic_write", "environment"]
+__all__ = ["Record", "atomic_write", "environment"]
 
 
 def _driver_version() -> str:
@@ -95,8 +95,3 @@ class Record:
     def write(self, body: str) -> None:
         """The file becomes what it held before this run plus this run's section with ``body``."""
         atomic_write(self.path, f"{self.before}{self.heading}```\n{body.rstrip()}\n```\n")
-
-
-def append_record(path: str | Path, *, env: dict[str, str], command: str, body: str) -> None:
-    """Append a dated section with ``env``, ``command`` and ``body`` (the table) to ``path``."""
-    Record(path, env=env, command=command).write(body)

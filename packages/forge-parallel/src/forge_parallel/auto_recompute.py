@@ -82,6 +82,15 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
     return getattr(t, "_local_tensor", t).untyped_storage()  # a DTensor's local shard
 
 
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (a DTensor's local shard's), ``None`` for a tensor
+    subclass without a storage of its own."""
+    try:
+        return _storage(t).data_ptr()
+    except RuntimeError:
+        return None
+
+
 def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
@@ -99,10 +108,8 @@ class _Storages:
             del self.live[ptr]
 
     def find(self, t: torch.Tensor) -> int | None:
-        try:
-            return self.live.get(_storage(t).data_ptr())
-        except RuntimeError:  # a tensor subclass without a storage of its own
-            return None
+        ptr = storage_ptr(t)
+        return None if ptr is None else self.live.get(ptr)
 
     def add(self, t: torch.Tensor) -> tuple[int | None, bool]:
         """``(id, new)`` of ``t``'s storage, registering it if it was not known."""

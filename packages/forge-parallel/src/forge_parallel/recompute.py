@@ -40,6 +40,7 @@ from forge_parallel.auto_recompute import (
     auto_budgets,
     is_inplace_collective,
     is_kept_collective,
+    storage_ptr,
     written_tensors,
 )
 from forge_parallel.config import RecomputeConfig
@@ -142,13 +143,6 @@ _IDEMPOTENT_WRITES = frozenset(
 )
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
-    try:
-        return getattr(t, "_local_tensor", t).untyped_storage().data_ptr()
-    except RuntimeError:  # a tensor subclass without a storage of its own
-        return 0
-
-
 def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
     """``policy`` for one checkpointed call, refusing an in-place write into an output it saved.
 
@@ -167,7 +161,7 @@ def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
         decision = policy(ctx, op, *args, **kwargs)
         if is_inplace_collective(_op_name(op)):
             buffers = [
-                made[p] for t in written_tensors(op, args, kwargs) if (p := _storage_ptr(t)) in made
+                made[p] for t in written_tensors(op, args, kwargs) if (p := storage_ptr(t)) in made
             ]
             if buffers:
                 return (
@@ -178,7 +172,7 @@ def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
             return decision
         replay_harmless = decision not in _SAVES and _op_name(op) in _IDEMPOTENT_WRITES
         for t in () if replay_harmless else written_tensors(op, args, kwargs):
-            maker = saved.get(_storage_ptr(t))
+            maker = saved.get(storage_ptr(t))
             if maker is not None:
                 raise ValueError(
                     f"selective recompute ({_ops_text(ops)}) saves the output of {maker}, and "
@@ -190,7 +184,7 @@ def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
                     "mode='auto' (which recomputes such outputs)"
                 )
         for t in tree_flatten(getattr(ctx, "op_output", None))[0]:
-            if isinstance(t, torch.Tensor) and (ptr := _storage_ptr(t)):
+            if isinstance(t, torch.Tensor) and (ptr := storage_ptr(t)):
                 made[ptr] = decision in _SAVES  # the latest: a freed address is reused
                 if decision in _SAVES:
                     saved.setdefault(ptr, _op_name(op))
