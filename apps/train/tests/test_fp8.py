@@ -78,6 +78,29 @@ def test_a_policy_for_another_recipe_or_gpu_is_a_config_error(tmp_path, monkeypa
     assert "train.fp8_policy=null" in str(err.value)
 
 
+def test_a_policy_is_read_once(tmp_path, monkeypatch):
+    """``train.fp8_policy`` is read from disk once; its recipe and device are checked on that
+    object (a second read could see another file, and costs a parse per conversion)."""
+    import forge_kernels.fp8.policy as policy_module
+    from forge_kernels.fp8 import CalibrationEntry, Fp8Policy
+
+    entry = CalibrationEntry(m=128, n=32, k=32, bf16_ms=1.0, fp8_ms=0.5)
+    path = tmp_path / "policy.json"
+    Fp8Policy(entries=(entry,), device_name="NVIDIA H100 80GB HBM3", recipe="current").save(path)
+    reads = []
+    read_text = Path.read_text
+
+    def counting_read_text(self, *args, **kwargs):
+        reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    monkeypatch.setattr(policy_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(policy_module, "current_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert convert_model_to_fp8(_tiny_llama(), "per_tensor", policy_path=str(path))
+    assert reads == [path]
+
+
 def test_unusable_fp8_is_a_config_error(monkeypatch):
     import forge_kernels.fp8
 

@@ -673,6 +673,27 @@ def test_policy_save_load_round_trip_and_device_check(tmp_path):
         Fp8Policy.load(tmp_path / "bad.json", force=True)
 
 
+def test_policy_check_device_on_a_loaded_table(monkeypatch):
+    """``check_device`` is the check ``load`` runs, on a table already in hand (one loaded with
+    ``force=True``): the current CUDA device by default, nothing to check without CUDA."""
+    import forge_kernels.fp8.policy as policy_module
+
+    p = _synthetic_policy()
+    p.check_device(H100)
+    with pytest.raises(
+        Fp8PolicyDeviceMismatchError, match=r"^this FP8 policy was calibrated on 'NVIDIA H100"
+    ):
+        p.check_device("NVIDIA A100-SXM4-80GB")
+    with pytest.raises(Fp8PolicyDeviceMismatchError, match=r"^FP8 policy 'p.json' was calib"):
+        p.check_device("NVIDIA A100-SXM4-80GB", source="p.json")
+    monkeypatch.setattr(policy_module.torch.cuda, "is_available", lambda: False)
+    p.check_device()  # no CUDA: no device to compare with
+    monkeypatch.setattr(policy_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(policy_module, "current_device_name", lambda: "NVIDIA L40S")
+    with pytest.raises(Fp8PolicyDeviceMismatchError, match=r"this device is 'NVIDIA L40S'"):
+        p.check_device()
+
+
 def test_policy_load_checks_the_recipe(tmp_path):
     path = tmp_path / "fp8_policy.json"
     _synthetic_policy().save(path)  # timed with the "current" recipe

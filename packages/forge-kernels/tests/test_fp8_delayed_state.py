@@ -190,3 +190,68 @@ def test_fp8_linear_forward_under_checkpoint_uses_fp32_state_after_bf16_cast():
 
     for a, b in zip(run(False), run(True), strict=True):
         assert torch.equal(a, b)
+
+
+def _nan_to_empty(module: nn.Module) -> nn.Module:
+    """``module.to_empty(device="cpu")`` whose memory happens to hold NaN (``torch.empty`` is
+    arbitrary: NaN made explicit, so the test is deterministic)."""
+    return module._apply(lambda t: torch.full(t.shape, float("nan"), dtype=t.dtype))
+
+
+def _steps(layer: Fp8Linear) -> list[torch.Tensor]:
+    """Outputs, gradients and delayed-scaling state of two training steps."""
+    outs = []
+    for step in range(2):
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step)) * (2 + step)
+        y = layer(x.requires_grad_())
+        y.square().sum().backward()
+        outs += [y.detach(), x.grad, layer.weight.grad, layer.fp8_amax_history.clone()]
+        outs.append(layer.fp8_scale.clone())
+        layer.zero_grad()
+    return outs
+
+
+@pytest.mark.parametrize("materialize", ["to_empty+reset_parameters", "to_empty"])
+def test_meta_built_delayed_linear_materializes_to_the_fresh_state(materialize):
+    """A delayed-scaling Fp8Linear built on the meta device (FSDP2, ``forge_models``' meta
+    builds) and materialized trains exactly as one built on the CPU with the same weights:
+    ``reset_parameters`` resets the scaling state with the weights, and leaving the meta
+    device starts it fresh even where only the weights are initialized afterwards (a model's
+    ``init_weights`` by parameter name, a Hugging Face checkpoint without the buffers)."""
+    eager = _model()[0]
+    with torch.device("meta"):
+        layer = Fp8Linear(32, 48, recipe=RECIPE, gemm="emulate")
+    assert layer.fp8_scale.is_meta
+    if materialize == "to_empty":
+        _nan_to_empty(layer)  # the scaling state is fresh straight away
+    else:
+        layer.to_empty(device="cpu")
+        with torch.no_grad():
+            for buffer in (layer.fp8_amax_history, layer.fp8_scale):
+                buffer.fill_(float("nan"))  # arbitrary to_empty memory, made explicit
+        layer.reset_parameters()
+    _checked_fp32(layer)
+    assert torch.equal(layer.fp8_scale, torch.ones(3))
+    assert torch.equal(layer.fp8_amax_history, torch.zeros(3, RECIPE.amax_history_len))
+    with torch.no_grad():  # the weights as a model's init_weights / a checkpoint writes them
+        layer.weight.copy_(eager.weight)
+        layer.bias.copy_(eager.bias)
+    got, expected = _steps(layer), _steps(eager)
+    assert all(t.isfinite().all() for t in got)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reset_fp8_state_restarts_delayed_scaling_in_place():
+    """``reset_fp8_state`` writes the buffers in place (a TP-replicated DTensor buffer, or a
+    reference held elsewhere, sees it) and is a no-op for recipes without state."""
+    layer = _model()[0]
+    _steps(layer)
+    history, scale = layer.fp8_amax_history, layer.fp8_scale
+    assert not torch.equal(scale, torch.ones(3))
+    layer.reset_fp8_state()
+    assert layer.fp8_amax_history is history
+    assert layer.fp8_scale is scale
+    assert torch.equal(scale, torch.ones(3))
+    assert not history.any()
+    Fp8Linear(32, 48, recipe="current").reset_fp8_state()  # no buffers: nothing to do

@@ -115,14 +115,16 @@ def _load_policy(path: str, mode: str):
         "train.fp8_policy=null to run every eligible linear in FP8"
     )
     try:
-        policy = Fp8Policy.load(path, force=True)  # the device is checked below, for our message
+        # Read once, unchecked, so the recipe and device errors below can say how to fix it
+        # in forge-train's terms; then the same object's device is checked.
+        policy = Fp8Policy.load(path, force=True)
         if policy.recipe != recipe:
             raise ConfigError(
                 f"train.fp8_policy: {path!r} was calibrated for the {policy.recipe!r} recipe, "
                 f"but train.fp8={mode} trains with {recipe!r} (the recipes' FP8 speed-ups "
                 f"differ); {recalibrate}"
             )
-        Fp8Policy.load(path, recipe=recipe)
+        policy.check_device(source=path)
     except ConfigError:
         raise
     except Fp8PolicyDeviceMismatchError as exc:

@@ -595,17 +595,39 @@ class Fp8Linear(nn.Linear):
         every cast would use a scale up to 0.4% off and the history would compare rounded
         amaxes. ``fn`` is applied to each of them as to any buffer (so a device move, a meta or
         ``to_empty`` conversion is done as ``fn`` says), and if it changed the dtype, the fp32
-        original is moved to the device of ``fn``'s result instead."""
+        original is moved to the device of ``fn``'s result instead.
+
+        Buffers leaving the meta device (``to_empty``, ``forge_models.materialize``, a model
+        built under ``torch.device("meta")`` for FSDP2) start as the fresh state
+        (:meth:`reset_fp8_state`): they had no values to keep, ``to_empty`` leaves arbitrary
+        memory (NaN scales poison every cast), and a model's ``init_weights`` that initializes
+        parameters by name, or a checkpoint without these buffers (a Hugging Face one), would
+        never write them. Unlike random weights, the fresh state is a constant and draws no
+        random numbers, so filling it here changes no initialization stream."""
         kept = {name: self._buffers.get(name) for name in _FP32_BUFFERS}
         super()._apply(fn, recurse)
+        materialized = False
         for name, before in kept.items():
             after = self._buffers.get(name)
-            if before is not None and after is not None and after.dtype != torch.float32:
+            if before is None or after is None:
+                continue
+            if before.is_meta and not after.is_meta:  # nothing to keep: reset below
+                if after.dtype != torch.float32:
+                    self._buffers[name] = torch.empty_like(after, dtype=torch.float32)
+                materialized = True
+            elif after.dtype != torch.float32:
                 self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        if materialized:
+            self.reset_fp8_state()
         return self
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation (Kaiming-uniform weight, uniform bias)."""
+        """``nn.Linear``'s initialisation (Kaiming-uniform weight, uniform bias) and, under
+        delayed scaling, the fresh scaling state (:meth:`reset_fp8_state`), as
+        ``nn.BatchNorm``'s resets its running statistics: a module built on the meta device
+        and materialized with ``to_empty(device=...)`` then ``reset_parameters()`` is the
+        module built on the device. (The TE backend keeps its scaling state inside
+        ``te.Linear``, created at its first FP8 forward, so there is none to reset here.)"""
         if self.backend == "te":
             self.te_linear.reset_parameters()
             return
@@ -613,6 +635,20 @@ class Fp8Linear(nn.Linear):
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_fp8_state()
+
+    @torch.no_grad()
+    def reset_fp8_state(self) -> None:
+        """Delayed scaling's state as ``__init__`` makes it: empty amax histories (0), scales 1,
+        no forward waiting for a recomputation. In place (a tensor-parallel replicated
+        ``DTensor`` buffer stays one); a no-op for the other recipes, which keep no state."""
+        if "fp8_scale" not in self._buffers:  # not delayed, or called from __init__ before it
+            return
+        self.fp8_amax_history.zero_()
+        self.fp8_scale.fill_(1.0)
+        pending = self.__dict__.get("_fp8_pending")
+        if pending is not None:
+            pending.clear()
 
     @classmethod
     def from_linear(

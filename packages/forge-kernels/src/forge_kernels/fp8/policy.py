@@ -208,9 +208,10 @@ class Fp8Policy:
 
         ``device_name`` is the device it will be used on (default: the current CUDA device; no
         check without CUDA). A table from another device raises
-        :class:`Fp8PolicyDeviceMismatchError` unless ``force=True``. ``recipe``: the recipe it
-        will be used with; a table timed with another raises ``ValueError`` (the recipes'
-        quantization costs differ, so do their speed-ups; ``force`` does not skip this check).
+        :class:`Fp8PolicyDeviceMismatchError` unless ``force=True`` (:meth:`check_device`
+        runs the same check later, on the loaded table). ``recipe``: the recipe it will be
+        used with; a table timed with another raises ``ValueError`` (the recipes' quantization
+        costs differ, so do their speed-ups; ``force`` does not skip this check).
         """
         policy = cls.from_dict(json.loads(Path(path).read_text()))
         if recipe is not None and policy.recipe != resolve_recipe(recipe).name:
@@ -220,16 +221,29 @@ class Fp8Policy:
                 f"it would be used with {expected!r}: FP8 speed-ups differ between recipes. "
                 f"Recalibrate with calibrate_fp8_policy(recipe={expected!r})."
             )
+        if not force:
+            policy.check_device(device_name, source=path)
+        return policy
+
+    def check_device(
+        self, device_name: str | None = None, *, source: str | Path | None = None
+    ) -> None:
+        """Raise :class:`Fp8PolicyDeviceMismatchError` if this table was measured on another
+        device kind than ``device_name`` (default: the current CUDA device; no check without
+        CUDA). The check :meth:`load` runs, for a caller that loaded with ``force=True`` (to
+        look at the table first) and checks the same object afterwards instead of reading the
+        file again. ``source`` names the table in the message (its path)."""
         if device_name is None and torch.cuda.is_available():
             device_name = current_device_name()
-        if device_name is not None and policy.device_name != device_name and not force:
-            raise Fp8PolicyDeviceMismatchError(
-                f"FP8 policy {str(path)!r} was calibrated on {policy.device_name!r} "
-                f"({policy.date}), but this device is {device_name!r}: FP8 speed-ups differ "
-                "between GPUs. Recalibrate with calibrate_fp8_policy() (or benchmarks/"
-                "bench_fp8.py --write-policy) on this device, or pass force=True to use it anyway."
-            )
-        return policy
+        if device_name is None or self.device_name == device_name:
+            return
+        what = "this FP8 policy" if source is None else f"FP8 policy {str(source)!r}"
+        raise Fp8PolicyDeviceMismatchError(
+            f"{what} was calibrated on {self.device_name!r} ({self.date}), but this device is "
+            f"{device_name!r}: FP8 speed-ups differ between GPUs. Recalibrate with "
+            "calibrate_fp8_policy() (or benchmarks/bench_fp8.py --write-policy) on this "
+            "device, or pass force=True to use it anyway."
+        )
 
 
 # ============================================================================================
