@@ -16,7 +16,11 @@ from torch import nn
 import forge_parallel
 from forge_core.testing import import_path
 from forge_parallel import RecomputeConfig
-from forge_parallel.heterogeneous import SubmoduleParallel, parallelize_submodules
+from forge_parallel.heterogeneous import (
+    SubmoduleParallel,
+    _install_boundary,
+    parallelize_submodules,
+)
 
 TOLERANCE = 1e-5
 WORLD, PATCHES, FEATURES = 4, 4, 12
@@ -106,6 +110,47 @@ def _train(model, batches, result=None):
     return {"losses": losses, "norms": norms}
 
 
+class _Shifted(nn.Linear):
+    """A part reading a shift broadcast over the batch, e.g. position embeddings (1, S, D)."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + shift)
+
+
+def _shared_input(group) -> dict[str, float]:
+    """A tp=2 boundary with a (1, P, F) input that needs a gradient: outputs and gradients
+    (the part's, averaged over the group as its data parallelism would, and the shift's, which
+    its producer's data parallelism averages) equal the per-rank single-process ones. R15: the
+    shift was gathered to (2, P, F) beside the (4, P, F) rows and the part failed to broadcast.
+    A shift that differs across the group is refused on every rank."""
+    torch.manual_seed(3)
+    reference = _Shifted(FEATURES, FEATURES)
+    part = copy.deepcopy(reference)
+    _install_boundary(part, group)
+    x = torch.randn(2, PATCHES, FEATURES, generator=torch.Generator().manual_seed(dist.get_rank()))
+    shift = torch.randn(1, PATCHES, FEATURES, generator=torch.Generator().manual_seed(9))
+    shifts = [shift.clone().requires_grad_(), shift.clone().requires_grad_()]
+    out, expected = part(x, shifts[0]), reference(x, shifts[1])
+    (out.square().mean()).backward()
+    (expected.square().mean()).backward()
+    grads = [reference.weight.grad, reference.bias.grad, shifts[1].grad]
+    for grad in grads:
+        dist.all_reduce(grad, group=group)
+        grad /= dist.get_world_size(group)
+    got = [part.weight.grad, part.bias.grad, shifts[0].grad]
+    errors = {"shared_out": (out - expected).abs().max().item()}
+    errors |= {
+        f"shared_grad{k}": (a - b).abs().max().item()
+        for k, (a, b) in enumerate(zip(got, grads, strict=True))
+    }
+    try:
+        part(x, shift + dist.get_rank())
+        differ = "no error"
+    except ValueError as error:
+        differ = str(error)
+    return errors, differ
+
+
 def _job():
     reference = TinyVLM()
     model = copy.deepcopy(reference)
@@ -139,7 +184,10 @@ def _job():
         uneven = "no error"
     except ValueError as error:
         uneven = str(error)
+    shared, differ = _shared_input(language.mesh["tp"].get_group())
     return {
+        **shared,
+        "differ": differ,
         **tm.compare(
             expected,
             tm.full_params(reference),
@@ -160,6 +208,8 @@ def test_tp1_encoder_tp2_decoder_trains_like_one_process(dist_pool):
         errors.pop("summary")
         assert "hold [3, 2] rows" in errors["uneven"], errors["uneven"]
         assert "drop or pad the last, short batch" in errors.pop("uneven")
+        assert "(1, 4, 12) input of a tp=2 part is broadcast" in errors["differ"], errors["differ"]
+        assert "differ across the ranks" in errors.pop("differ")
         assert decided
         assert set(decided) <= {"none", "selective", "full"}
         assert max(errors.values()) <= TOLERANCE, (rank, errors)

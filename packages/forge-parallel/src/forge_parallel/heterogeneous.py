@@ -13,17 +13,39 @@ data loader for a ``tp=1`` job splits them), and its outputs leave in that layou
 code (loss, labels) does not change. A part with ``tp=t > 1`` converts at its boundary, the
 ``f``/``g`` pair of Megatron-LM (Shoeybi et al. 2019) applied to the batch dimension:
 
-- entering, tensor inputs are all-gathered along dim 0 over the part's ``tp`` group (the part
-  sees its data-parallel rank's rows, replicated across its tensor-parallel ranks); backward
-  keeps this rank's rows of the (identical, replicated) gradient, times ``t``;
+- entering, batch-major tensor inputs are all-gathered along dim 0 over the part's ``tp``
+  group (the part sees its data-parallel rank's rows, replicated across its tensor-parallel
+  ranks); backward keeps this rank's rows of the (identical, replicated) gradient, times ``t``;
 - leaving, tensor outputs are split back to this rank's rows; backward all-gathers the
-  gradient rows and divides by ``t``. Only batch-major outputs are split: those whose dim 0
-  is a row count gathered on entry. Any other non-scalar tensor (a per-expert load, a
-  statistic: the same on every rank of the group) raises a ``ValueError`` naming its shape,
-  as splitting it would hand each rank a different slice (0-d tensors pass unchanged).
+  gradient rows and divides by ``t``.
+
+Which tensors cross as rows is decided by shape, by one rule for inputs and outputs
+(:func:`_boundary_kind`), against the batch's row count: on entry, dim 0 of the part's first
+tensor argument (``B``: ``input_ids``, ``pixel_values``); on exit, the row counts gathered on
+entry. 0-d tensors pass unchanged both ways. On entry:
+
+- dim 0 == ``B``: batch-major, gathered;
+- dim 0 == 1 (while ``B > 1``), or a 1-D vector whose length is not ``B``: broadcast over the
+  batch (``position_ids`` ``(1, S)``, an ``(S,)`` mask), passed unchanged. After the gather
+  every rank of the group computes every rank's rows, so such a tensor must be the same on
+  all of them: a ``ValueError`` otherwise (checked with a fingerprint of its values, in the
+  one small all-gather of every input's shape that each call makes);
+- any other tensor of 2 or more dims: rows that follow the batch's rows in order (a VLM's
+  visual features, one row per image placeholder of the batch), gathered; each rank must
+  hold the same number of them.
+
+A tensor shared by the batch whose shape looks like rows (an ``(S, S)`` mask, an
+``(H, S, S)`` bias) would be gathered: give it a leading dim of 1 (``(1, S, S)``), as
+broadcasting expects anyway. A tensor with the batch along dim 1 (M-RoPE's ``(3, B, S)``
+positions) is refused. On exit only batch-major outputs are split: those whose dim 0 is a
+row count gathered on entry. Any other non-scalar tensor (a per-expert load, a statistic:
+the same on every rank of the group) raises a ``ValueError`` naming its shape, as splitting
+it would hand each rank a different slice.
 
 The factors keep every part's gradient averaging exact: a ``tp=t`` part averages gradients
-over ``W / t`` ranks, each of which computed the mean of its ``t`` ranks' losses. Every rank
+over ``W / t`` ranks, each of which computed the mean of its ``t`` ranks' losses. A shared
+input that needs a gradient gets that mean's gradient on each rank of the group, which the
+data-parallel average of whatever produced it turns into the single-process gradient. Every rank
 of a tensor-parallel group must hold the same number of rows (a ``ValueError`` naming the
 counts otherwise: drop or pad a short last batch).
 
@@ -47,7 +69,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor.parallel import ParallelStyle
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from forge_parallel.config import CompileConfig, FSDPConfig, OffloadConfig, RecomputeConfig
 from forge_parallel.context_parallel.config import CPConfig
@@ -138,6 +160,26 @@ def _rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _split_rows(t, dist.get_world_size(group), dist.get_rank(group))
 
 
+def _boundary_kind(shape: torch.Size, rows: Collection[int]) -> str:
+    """How a tensor of ``shape`` crosses a heterogeneous boundary whose batch has ``rows`` rows
+    (the one rule for inputs and outputs; see the module docstring).
+
+    ``"scalar"``: 0-d, passes unchanged. ``"batch"``: dim 0 is a row count of the batch,
+    gathered on entry and split on exit. ``"shared"``: broadcast over the batch's rows (dim 0
+    of 1, or a 1-D vector whose length is not a row count): passed unchanged on entry, where it
+    must be equal on the group's ranks. ``"rows"``: any other tensor, rows that follow the
+    batch's rows (a VLM's visual features): gathered on entry. The decision is by shape only,
+    so that every rank of the group, holding same-shaped inputs, takes the same collectives.
+    """
+    if len(shape) == 0:
+        return "scalar"
+    if shape[0] in rows:
+        return "batch"
+    if shape[0] == 1 or len(shape) == 1:
+        return "shared"
+    return "rows"
+
+
 def _check_batch_major(t: torch.Tensor, rows: Collection[int], size: int) -> None:
     """``ValueError`` unless ``t`` (an output of a ``tp=size`` part) is batch-major: its dim 0
     is a row count the boundary gathered on the way in (``rows``).
@@ -148,7 +190,7 @@ def _check_batch_major(t: torch.Tensor, rows: Collection[int], size: int) -> Non
     whose length happens to equal a gathered row count cannot be told apart and is split:
     return such values as 0-d tensors, or outside the part.
     """
-    if t.shape[0] in rows:
+    if _boundary_kind(t.shape, rows) in ("scalar", "batch"):
         return
     gathered = ", ".join(str(r) for r in sorted(rows)) or "none (no tensor input)"
     raise ValueError(
@@ -159,6 +201,104 @@ def _check_batch_major(t: torch.Tensor, rows: Collection[int], size: int) -> Non
         "part, or use SubmoduleParallel(batch_boundary=False) and load the same batch on the "
         "ranks of each tensor-parallel group"
     )
+
+
+#: Per tensor input, the numbers the ranks of a tp group compare: ndim, dim 0, numel and two
+#: sums of the values (the fingerprint of a shared input; 0 for the others).
+_META = 5
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two float64 sums of ``t``'s values (plain and position-weighted): equal on every rank
+    when ``t`` is, and different for any accidental difference in practice. NaN and infinities
+    map to fixed numbers so that equal tensors holding them compare equal."""
+    x = t.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    x = torch.nan_to_num(x.reshape(-1).to(torch.float64), nan=0.5, posinf=1.5, neginf=-1.5)
+    weights = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device)
+    return torch.stack([x.sum(), (x * weights).sum()])
+
+
+def _input_meta(t: torch.Tensor, kind: str, device: torch.device) -> torch.Tensor:
+    shape = torch.tensor([t.ndim, t.shape[0], t.numel()], dtype=torch.float64, device=device)
+    fingerprint = _fingerprint(t).to(device) if kind == "shared" else shape.new_zeros(2)
+    return torch.cat([shape, fingerprint])
+
+
+def _rows_error(shape: torch.Size, counts: list[int], size: int, ranks: Collection[int]) -> str:
+    return (
+        f"heterogeneous batch boundary: the ranks {list(ranks)} of a tp={size} part's "
+        f"tensor-parallel group hold {counts} rows (dim 0 of a {tuple(shape)} input on this "
+        "rank); each rank of the part's tp group must hold the same number of rows: drop or "
+        "pad the last, short batch (e.g. DataLoader(drop_last=True))"
+    )
+
+
+def _decide_inputs(
+    shapes: list[torch.Size], table: list[list[list[float]]], size: int, ranks: Collection[int]
+) -> list[str]:
+    """The :func:`_boundary_kind` of each tensor input (``shapes``, this rank's), checked
+    against the group: ``table[r][k]`` holds rank ``r``'s :data:`_META` numbers of input ``k``.
+
+    The batch's row count is dim 0 of the first input. ``ValueError`` (raised on every rank
+    alike, as they all read the same table) when the ranks disagree: unequal batches, a shared
+    input that differs, rows whose count differs, or the batch along dim 1 of a tensor.
+    """
+    batch = shapes[0][0]
+    kinds = []
+    for k, shape in enumerate(shapes):
+        kind = _boundary_kind(shape, {batch})
+        column = [table[r][k] for r in range(size)]
+        ndims, counts = {int(c[0]) for c in column}, [int(c[1]) for c in column]
+        if kind == "batch" and (len(ndims) > 1 or set(counts) != {batch}):
+            raise ValueError(_rows_error(shape, counts, size, ranks))
+        if kind == "shared" and any(c != column[0] for c in column):
+            why = "dim 0 of 1" if len(shape) > 1 else f"a vector whose length is not {batch}"
+            raise ValueError(
+                f"heterogeneous batch boundary: a {tuple(shape)} input of a tp={size} part is "
+                f"broadcast over the batch of {batch} rows ({why}), so it enters the part "
+                f"unchanged, but its shape or values differ across the ranks {list(ranks)} of "
+                "the part's tensor-parallel group; the part computes every rank's rows "
+                "together, so a per-rank value cannot apply to them: give it the batch "
+                f"dimension ({batch}, ...) so that it is gathered with the rows, or use "
+                "SubmoduleParallel(batch_boundary=False) and load the same batch on the ranks "
+                "of each tensor-parallel group"
+            )
+        if kind == "rows" and len(shape) >= 3 and shape[1] == batch:
+            raise ValueError(
+                f"heterogeneous batch boundary: a {tuple(shape)} input of a tp={size} part has "
+                f"the batch's {batch} rows along dim 1 (as M-RoPE's (3, B, S) positions); the "
+                "boundary gathers rows along dim 0 only: move the batch to dim 0, or use "
+                "SubmoduleParallel(batch_boundary=False)"
+            )
+        if kind == "rows" and (len(ndims) > 1 or len(set(counts)) > 1):
+            raise ValueError(
+                f"heterogeneous batch boundary: a {tuple(shape)} input of a tp={size} part is "
+                f"neither batch-major (dim 0 = the batch's {batch} rows) nor broadcast over the "
+                "batch (dim 0 of 1), so it is gathered as rows that follow the batch's rows (a "
+                "VLM's visual features), but the ranks "
+                f"{list(ranks)} of the part's tensor-parallel group hold {counts} of them; "
+                "give every rank the same number (pad), or use "
+                "SubmoduleParallel(batch_boundary=False) and load the same batch on the ranks "
+                "of each tensor-parallel group"
+            )
+        kinds.append(kind)
+    return kinds
+
+
+def _input_kinds(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[str]:
+    """:func:`_decide_inputs` over ``group``: one all-gather of every input's :data:`_META`
+    numbers (for the whole call, where gathering each input used to check its rows alone)."""
+    size = dist.get_world_size(group)
+    batch = tensors[0].shape[0]
+    device = tensors[0].device
+    local = torch.stack([_input_meta(t, _boundary_kind(t.shape, {batch}), device) for t in tensors])
+    table = local.new_empty((size * len(tensors), _META))
+    dist.all_gather_into_tensor(table, local, group=group)
+    rows = table.view(size, len(tensors), _META).tolist()
+    ranks = dist.get_process_group_ranks(group)
+    return _decide_inputs([t.shape for t in tensors], rows, size, ranks)
 
 
 def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -180,27 +320,23 @@ def _check_same_rows(t: torch.Tensor, group: dist.ProcessGroup) -> None:
     dist.all_gather_into_tensor(counts, count, group=group)
     if bool((counts != count).any()):
         ranks = dist.get_process_group_ranks(group)
-        raise ValueError(
-            f"heterogeneous batch boundary: the ranks {ranks} of a tp={size} part's "
-            f"tensor-parallel group hold {counts.tolist()} rows (dim 0 of a "
-            f"{tuple(t.shape)} input on this rank); each rank of the part's tp group must hold "
-            "the same number of rows: drop or pad the last, short batch (e.g. "
-            "DataLoader(drop_last=True))"
-        )
+        raise ValueError(_rows_error(t.shape, counts.tolist(), size, ranks))
 
 
 class _GatherBatch(torch.autograd.Function):
-    """Forward: all-gather rows over ``group``. Backward: this rank's rows, times the size."""
+    """Forward: all-gather rows over ``group`` (``check``: their counts first). Backward: this
+    rank's rows, times the size."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, check: bool) -> torch.Tensor:
         ctx.group = group
-        _check_same_rows(x, group)
+        if check:
+            _check_same_rows(x, group)
         return _all_gather_rows(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _rows(grad, ctx.group) * dist.get_world_size(ctx.group), None
+        return _rows(grad, ctx.group) * dist.get_world_size(ctx.group), None, None
 
 
 class _ScatterBatch(torch.autograd.Function):
@@ -221,7 +357,7 @@ def gather_batch(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
     Every rank must hold the same number of rows; a ``ValueError`` naming the counts otherwise
     (checked with one small all-gather of the counts per call)."""
-    return _GatherBatch.apply(x, group)
+    return _GatherBatch.apply(x, group, True)
 
 
 def scatter_batch(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -229,23 +365,18 @@ def scatter_batch(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _ScatterBatch.apply(x, group)
 
 
-def _convert(fn: Callable, group: dist.ProcessGroup) -> Callable[[Any], Any]:
-    def convert(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor) or x.ndim == 0:
-            return x
-        if hasattr(x, "to_local"):
-            raise ValueError(
-                "a part with tp > 1 returned a DTensor (e.g. vocab-sharded logits); at a "
-                "heterogeneous boundary outputs must be plain tensors: use a replicated-output "
-                "style such as 'colwise_output_replicated' for its last layer"
-            )
-        return fn(x, group)
-
-    return convert
+def _refuse_dtensor(x: torch.Tensor) -> None:
+    if hasattr(x, "to_local"):
+        raise ValueError(
+            "a DTensor crossed the boundary of a part with tp > 1 (e.g. its vocab-sharded "
+            "logits); at a heterogeneous boundary inputs and outputs must be plain tensors: use "
+            "a replicated-output style such as 'colwise_output_replicated' for its last layer"
+        )
 
 
 def _install_boundary(module: nn.Module, group: dist.ProcessGroup) -> None:
-    """Gather the part's tensor inputs along dim 0 on entry, split its outputs on exit.
+    """Gather the part's batch-major and row inputs along dim 0 on entry, split its outputs on
+    exit (:func:`_boundary_kind` decides for each tensor, in ``args`` and ``kwargs`` alike).
 
     The pre-hook records the row counts it gathered; the post-hook splits only outputs with
     one of them as dim 0 and refuses any other non-scalar tensor (:func:`_check_batch_major`).
@@ -253,20 +384,27 @@ def _install_boundary(module: nn.Module, group: dist.ProcessGroup) -> None:
     size = dist.get_world_size(group)
     state: dict[str, set[int]] = {"rows": set()}  # the row counts the current call gathered
 
-    def gather_one(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        out = gather_batch(x, group)
-        state["rows"].add(out.shape[0])
-        return out
+    def pre_hook(mod, args, kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.ndim]
+        rows: set[int] = set()
+        if where:
+            for i in where:
+                _refuse_dtensor(leaves[i])
+            kinds = _input_kinds([leaves[i] for i in where], group)
+            for i, kind in zip(where, kinds, strict=True):
+                if kind in ("batch", "rows"):
+                    leaves[i] = _GatherBatch.apply(leaves[i], group, False)
+                    rows.add(leaves[i].shape[0])
+        state["rows"] = rows
+        return tree_unflatten(leaves, spec)
 
-    def scatter_one(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def scatter(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            return x
+        _refuse_dtensor(x)
         _check_batch_major(x, state["rows"], size)
         return scatter_batch(x, group)
-
-    gather, scatter = _convert(gather_one, group), _convert(scatter_one, group)
-
-    def pre_hook(mod, args, kwargs):
-        state["rows"] = set()
-        return tree_map(gather, args), tree_map(gather, kwargs)
 
     def post_hook(mod, args, output):
         return tree_map(scatter, output)
@@ -318,6 +456,77 @@ class HeterogeneousResult:
         return "\n".join(f"[{name}] {result.summary}" for name, result in self.parts.items())
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _validate_degrees(part: nn.Module, name: str, spec: SubmoduleParallel, world: int) -> None:
+    """``ValueError`` naming the part, the numbers and the valid values when ``spec``'s degrees
+    do not fit ``world`` ranks or its experts.
+
+    Checked for every part before any is parallelized: :func:`parallelize` would find the
+    same errors, but only when it reaches the part, with the parts before it already changed
+    in place (and without the part's name or the values that fit both ranks and experts).
+    """
+    from forge_core import ParallelDims
+
+    others = spec.cp * spec.dp_replicate
+    if world % (spec.tp * others):
+        fits = [d for d in _divisors(world) if world % (d * others) == 0]
+        hint = (
+            f"with cp={spec.cp} x dp_replicate={spec.dp_replicate}, tp can be {fits}"
+            if fits
+            else f"cp x dp_replicate = {others} does not divide it either"
+        )
+        raise ValueError(
+            f"part {name!r}: tp={spec.tp} x cp={spec.cp} x dp_replicate={spec.dp_replicate} "
+            f"must divide the world size {world}; {hint}"
+        )
+    if spec.ep > 1:
+        from forge_parallel.expert_parallel import validate_ep
+
+        if spec.data_parallel in ("ddp", None):
+            raise ValueError(
+                f"part {name!r}: ep={spec.ep} needs FSDP/HSDP, which reduces the experts' "
+                "gradients over their expert-data-parallel ranks, but data_parallel="
+                f"{spec.data_parallel!r}; use data_parallel='auto', 'fsdp' or 'hsdp' for it"
+            )
+        # The experts are sharded over ep of the part's dp_shard x cp ranks (etp = tp).
+        borrowed = world // (spec.tp * spec.dp_replicate)
+        try:
+            found = validate_ep(part, spec.expert_parallel, 1)
+        except ValueError as error:
+            raise ValueError(f"part {name!r}: {error}") from None
+        experts = {n: next(m.parameters(recurse=False)).shape[0] for n, m in found}
+        counts = sorted(set(experts.values()))
+        if borrowed % spec.ep or any(e % spec.ep for e in counts):
+            fits = [d for d in _divisors(borrowed) if all(e % d == 0 for e in counts)]
+            held = (
+                f" and the {' / '.join(map(str, counts))} experts of its experts modules "
+                f"(e.g. {next(iter(experts))})"
+                if counts
+                else ""
+            )
+            raise ValueError(
+                f"part {name!r}: ep={spec.ep} must divide the part's dp_shard x cp = {borrowed} "
+                f"ranks (world {world} / (tp={spec.tp} x dp_replicate={spec.dp_replicate}), "
+                f"over which the experts are sharded){held}; choose ep among {fits}"
+            )
+    try:  # anything else ParallelDims refuses (and validate_ep at etp = tp), with the part named
+        ParallelDims(
+            world_size=world,
+            tp=spec.tp,
+            cp=spec.cp,
+            dp_replicate=spec.dp_replicate,
+            dp_shard=-1,
+            ep=spec.ep,
+        )
+        if spec.ep > 1:
+            validate_ep(part, spec.expert_parallel, spec.ep, spec.tp)
+    except ValueError as error:
+        raise ValueError(f"part {name!r}: {error}") from None
+
+
 def _validate(model: nn.Module, parts: Mapping[str, SubmoduleParallel], world: int) -> None:
     if not parts:
         raise ValueError("submodules is empty: name at least one part, e.g. {'vision': ...}")
@@ -336,12 +545,7 @@ def _validate(model: nn.Module, parts: Mapping[str, SubmoduleParallel], world: i
                 f"{name!r} is not a sub-module of {type(model).__name__}; its children are "
                 f"{children}"
             ) from None
-        spec = parts[name]
-        if world % (spec.tp * spec.cp * spec.dp_replicate):
-            raise ValueError(
-                f"part {name!r}: tp={spec.tp} x cp={spec.cp} x dp_replicate={spec.dp_replicate} "
-                f"must divide the world size {world}"
-            )
+        _validate_degrees(model.get_submodule(name), name, parts[name], world)
     for a in names:
         for b in names:
             if a != b and b.startswith(a + "."):
