@@ -12,7 +12,9 @@ from a measurement instead of a preset:
    attention from ``torch.utils.flop_counter``'s formulas, nothing for views and allocations
    (``empty*``), one FLOP per output element for everything else), whether a later op writes
    into its output in place, and under ``saved_tensors_hooks`` what autograd keeps for
-   backward.
+   backward. The measurement leaves no trace: the state the forward updates (BatchNorm's
+   running statistics, an FP8 delayed-scaling amax history, a call counter) is put back
+   afterwards, so the real forward that follows updates it once, as without recompute.
 2. :func:`plan_recompute` picks, for a budget of bytes, the option with the least extra
    compute it finds: nothing (if what autograd keeps fits), else selective checkpointing that
    *saves* some op outputs and recomputes every other op, else the whole block (full
@@ -252,23 +254,47 @@ def is_kept_collective(name: str) -> bool:
     return "c10d" in name and not is_inplace_collective(name)
 
 
+#: Batch-norm ops that update their ``running_mean`` / ``running_var`` arguments in place
+#: although their schemas do not mark them written (the legacy forms; ``nn.BatchNorm*`` runs
+#: ``native_batch_norm`` on CPU, ``cudnn_batch_norm`` on CUDA, SyncBatchNorm the gather ops):
+#: op -> the position of their ``training`` flag (``None``: they always update).
+_UNMARKED_RUNNING_STATS: dict[str, int | None] = {
+    "aten.native_batch_norm": 5,
+    "aten.cudnn_batch_norm": 5,
+    "aten.miopen_batch_norm": 5,
+    "aten.batch_norm_update_stats": None,
+    "aten.batch_norm_gather_stats": None,
+    "aten.batch_norm_gather_stats_with_counts": None,
+}
+
+
+def _argument(schema: Any, args: tuple, kwargs: dict, i: int) -> Any:
+    return args[i] if i < len(args) else kwargs.get(schema.arguments[i].name)
+
+
 def written_tensors(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors ``func(*args, **kwargs)`` writes in place: its schema's written arguments
-    (``relu_``, ``bernoulli_``, ``out=``), or an in-place collective's first argument (the
-    output buffer of ``alltoall_base_``, the tensors of ``allreduce_``)."""
+    (``relu_``, ``bernoulli_``, ``out=``), an in-place collective's first argument (the
+    output buffer of ``alltoall_base_``, the tensors of ``allreduce_``), or the running
+    statistics a legacy batch-norm op updates (:data:`_UNMARKED_RUNNING_STATS`)."""
     schema = getattr(func, "_schema", None)
     if schema is None:
         return []
-    packet = getattr(func, "overloadpacket", func)
-    if is_inplace_collective(str(packet)):
+    name = str(getattr(func, "overloadpacket", func))
+    if is_inplace_collective(name):
         return _tensors(args[:1])
-    if not schema.is_mutable:
-        return []
     written = []
+    if name in _UNMARKED_RUNNING_STATS:
+        flag = _UNMARKED_RUNNING_STATS[name]
+        if flag is None or _argument(schema, args, kwargs, flag):
+            for i, argument in enumerate(schema.arguments):
+                if argument.name in ("running_mean", "running_var"):
+                    written += _tensors(_argument(schema, args, kwargs, i))
+    if not schema.is_mutable:
+        return written
     for i, argument in enumerate(schema.arguments):
         if argument.alias_info is not None and argument.alias_info.is_write:
-            value = args[i] if i < len(args) else kwargs.get(argument.name)
-            written += _tensors(value)
+            written += _tensors(_argument(schema, args, kwargs, i))
     return written
 
 
@@ -300,28 +326,58 @@ class _Recorder(TorchDispatchMode):
         self.module_stack: list[str] = []  # the direct children whose forward is running
         self.producer: dict[int, int] = {}  # storage id -> index of the record that made it
         self.written: set[int] = set()
+        self.allocated: set[int] = set()  # storage ids this forward allocated (no views)
+        self.backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (written view, old values)
+        self._backed_up: set[tuple[Any, ...]] = set()
 
     @property
     def module(self) -> str:
         return self.module_stack[0] if self.module_stack else ""
 
+    def _back_up(self, t: torch.Tensor) -> None:
+        """Keep a copy of ``t``'s values before its first in-place write in this forward."""
+        local = getattr(t, "_local_tensor", t)  # a DTensor's shard: copies stay local
+        ptr = storage_ptr(local)
+        key = (id(local) if ptr is None else ptr, local.storage_offset(), local.shape)
+        key += (local.stride(), local.dtype)
+        if key not in self._backed_up:
+            self._backed_up.add(key)
+            self.backups.append((local, local.detach().clone()))
+
+    def restore(self) -> None:
+        """Put back what the forward wrote in place into tensors older than it, newest copy
+        first: where two written views overlap, the older copy (taken before any write to the
+        overlap) is the one left."""
+        with torch.no_grad():
+            for view, old in reversed(self.backups):
+                view.copy_(old)
+        self.backups.clear()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for t in written_tensors(func, args, kwargs):
-            producer = self.producer.get(self.storages.find(t))
+            uid = self.storages.find(t)
+            producer = self.producer.get(uid)
             if producer is not None:
                 self.written.add(producer)
+            if uid not in self.allocated:  # module state, an input, or a view of them
+                self._back_up(t)
         out = func(*args, **kwargs)
         if func in _IGNORED:
             return out
         index = self.counts[func]
         self.counts[func] += 1
         nbytes = 0
+        arguments: set[int | None] | None = None
         for t in _tensors(out):
             uid, new = self.storages.add(t)
             if new:
                 nbytes += self.storages.sizes[uid]
                 self.producer[uid] = len(self.records)
+                if arguments is None:
+                    arguments = {storage_ptr(a) for a in _tensors((args, kwargs))}
+                if storage_ptr(t) not in arguments:  # not a view of an older tensor
+                    self.allocated.add(uid)
         name = str(func)
         flops = _flops(func, args, kwargs, out) if nbytes else 0
         collective = is_kept_collective(name)
@@ -329,9 +385,15 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def _direct_children(block: Callable) -> list[tuple[str, nn.Module]]:
+def _module_of(block: Callable) -> nn.Module | None:
+    """The module a measured ``block`` runs: itself, or a :class:`_ModuleView`'s module."""
     module = block if isinstance(block, nn.Module) else getattr(block, "module", None)
-    if not isinstance(module, nn.Module):
+    return module if isinstance(module, nn.Module) else None
+
+
+def _direct_children(block: Callable) -> list[tuple[str, nn.Module]]:
+    module = _module_of(block)
+    if module is None:
         return []
     # A container's forward never runs (the block calls its members): not a candidate.
     return [
@@ -361,11 +423,41 @@ def _track_children(
     return handles
 
 
+#: The attribute types of a module whose values a measurement puts back (a forward's counter).
+_SCALARS = (int, float, bool)
+
+
+def _scalar_attributes(modules: list[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
+    return [(m, {k: v for k, v in vars(m).items() if type(v) in _SCALARS}) for m in modules]
+
+
+def _restore_scalar_attributes(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, values in saved:
+        attributes = vars(module)
+        for name, value in values.items():
+            if attributes.get(name, value) is not value:
+                attributes[name] = value
+
+
 def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasurement:
     """Run ``block(*args, **kwargs)`` once (with gradients) and record what it computes and keeps.
 
     ``block`` may have a ``parameters()`` method (a module): parameters are not activations.
-    The RNG state is restored afterwards, so the measurement does not change a later forward.
+
+    The measurement leaves no trace, so the forward that follows it runs as if it were the
+    first (the next one updates module state once per step, as without recompute, and its
+    outputs are those of a run without the measurement): the RNG state is restored; every
+    tensor that existed before it and that its ops write in place (a module's buffers:
+    BatchNorm's running statistics and ``num_batches_tracked``, an FP8 delayed-scaling amax
+    history and scale; parameters, also written through ``.data``; the inputs; a global) is
+    copied just before its first write and copied back afterwards; and the ``int`` / ``float``
+    / ``bool`` attributes of ``block``'s modules (a call counter, a "first call done" flag)
+    get their old values back. Copying on the first write is exact (the old bits come back)
+    and cheap: only what the forward writes is copied, usually a few small buffers, once per
+    block. Python containers the forward changes (a list it appends to) are not restored.
+    Measuring the real forward instead would run it before its recompute policy exists: with
+    everything kept for backward (over the budget the measurement is there to meet), or
+    under a checkpoint whose own saved-tensor hooks would hide what autograd keeps.
     """
     storages = _Storages()
     get_params = getattr(block, "parameters", None)
@@ -387,15 +479,19 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
 
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
     module_inputs: dict[str, set] = defaultdict(set)
+    module = _module_of(block)
+    scalars = _scalar_attributes([] if module is None else list(module.modules()))
     handles = _track_children(_direct_children(block), recorder, module_inputs)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, unpack), recorder:
                 out = block(*args, **kwargs)
-            del out
+            del out  # (frees the measured graph: FP8 delayed scaling's pending forward too)
     finally:
         for handle in handles:
             handle.remove()
+        recorder.restore()
+        _restore_scalar_attributes(scalars)
     sizes = storages.sizes
     saved_in = {u: frozenset(where) for u, where in saved.items() if u not in params}
     module_inputs = {n: frozenset(ids - params - {None}) for n, ids in module_inputs.items()}
