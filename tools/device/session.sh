@@ -87,29 +87,11 @@ run_script() {  # LIMIT SCRIPT SIZE-ARGS [OTHER-ARGS...]
     echo "=== $script: exit $rc$([ "$rc" = 124 ] && echo " (cut off at ${limit} s)")"
 }
 
-# How many forge-bench rows will run here (skipped ones cost nothing), from forge-bench's own
-# plan for these flags; 8 when that cannot be found out.
+# How many forge-bench rows will run here (skipped ones cost nothing): forge-bench's own plan for
+# these flags (--list-rows: a row a line, tab-separated, 'run' or 'skipped: ...' last). Prints
+# nothing usable (0 or an error) when that cannot be found out; the caller then assumes 8.
 bench_rows() {  # FORGE-BENCH-ARGS...
-    python3 - "$@" <<'PY' || echo 8
-import sys
-
-import torch
-
-from forge_bench.cli import parse_args
-from forge_bench.peers import find_peers
-from forge_bench.plan import llm_cases, moe_cases
-
-args = parse_args(sys.argv[1:])
-device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-peers = find_peers(device_type=torch.device(device).type)
-cases = []
-if "llm" in args.workloads:
-    cases += llm_cases(sizes=args.sizes, seqs=args.seq, peers=peers, smoke=args.smoke,
-                       tokens=args.tokens)
-if "moe" in args.workloads:
-    cases += moe_cases(seqs=args.seq, peers=peers, smoke=args.smoke, tokens=args.tokens)
-print(sum(impl.skip is None for case in cases for impl in case.impls))
-PY
+    python3 -m forge_bench "$@" --list-rows | awk -F '\t' '$4 == "run"' | wc -l
 }
 
 # forge-bench bounds itself with --deadline (a row whose --timeout no longer fits what is left
@@ -123,8 +105,12 @@ run_forge_bench() {  # LIMIT SETUP NAME FORGE-BENCH-ARGS...
     local smoke=()
     [ "$DRY" = 1 ] && smoke=(--smoke)
     local rows per_row deadline=$((limit - 20))
-    rows=$(bench_rows "$@" "${smoke[@]}" | tail -n 1)
-    [[ "$rows" =~ ^[1-9][0-9]*$ ]] || rows=8
+    rows=$(bench_rows "$@" "${smoke[@]}")
+    rows=${rows//[[:space:]]/}
+    if ! [[ "$rows" =~ ^[1-9][0-9]*$ ]]; then
+        echo "=== forge-bench --list-rows found no row to run ('$rows'): 8 rows assumed"
+        rows=8
+    fi
     per_row=$((2 * (limit - setup) / rows))
     [ "$per_row" -gt 200 ] && per_row=200
     [ "$per_row" -lt 60 ] && per_row=60
@@ -132,8 +118,13 @@ run_forge_bench() {  # LIMIT SETUP NAME FORGE-BENCH-ARGS...
         "(outer limit $limit s)"
     timeout -k 10 "$limit" python3 -m forge_bench "$@" "${smoke[@]}" --timeout "$per_row" \
         --deadline "$deadline" --record "$OUT/BENCHMARKS-$name.md" 2>&1
-    local rc=$?
-    echo "=== forge-bench exit $rc$([ "$rc" = 124 ] && echo " (cut off at ${limit} s)")"
+    local rc=$? why=""
+    # 124: the outer timeout (forge-bench wrote the rows done on its SIGTERM); forge-bench's own
+    # non-zero statuses: 1 a row failed, 3 nothing measured (e.g. every row past --deadline).
+    [ "$rc" = 124 ] && why=" (cut off at ${limit} s)"
+    [ "$rc" = 1 ] && why=" (a row failed: see the table)"
+    [ "$rc" = 3 ] && why=" (nothing measured: every row was skipped)"
+    echo "=== forge-bench exit $rc$why"
 }
 
 case "$part" in

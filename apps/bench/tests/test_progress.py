@@ -17,8 +17,10 @@ import time
 import pytest
 from forge_bench import cli, isolate, progress, worker
 from forge_bench.isolate import JobRunner
-from forge_bench.plan import Impl
+from forge_bench.peers import find_peers
+from forge_bench.plan import Impl, llm_cases, moe_cases
 from forge_bench.record import Record
+from forge_bench.table import Row
 from forge_bench.worker import Job
 
 OLD = "# Benchmarks\n\n## 2020-01-01, some GPU\n\nold row 1\nold row 2\n"
@@ -88,6 +90,58 @@ def test_a_running_row_gets_at_most_what_the_deadline_leaves(fake_jobs, capsys):
     assert code == 0, out
     assert fake_jobs["calls"] == [("forge", 25.0)]  # 100 - 75 left when it started
     assert "deadline (15 s left of 100" in out
+
+
+def test_a_deadline_that_leaves_time_for_no_row_exits_non_zero(fake_jobs, capsys):
+    # The first row is admitted (30 s left, --timeout 30), saving its weights takes all 30 s:
+    # it and every row after it are skipped, nothing is measured, and the exit status says so
+    # (it was 0, which a CI job or the GPU session script reads as success).
+    fake_jobs["save_s"] = 30.0
+    code = cli.main([*ARGS, "--timeout", "30", "--deadline", "30"])
+    out = capsys.readouterr().out
+    assert fake_jobs["calls"] == [], out
+    assert "llm llama-tiny 2x64: forge skipped: deadline (0 s left of 30" in out
+    assert code == cli.EXIT_NOTHING_MEASURED == 3, out
+    assert "no row was measured" in out
+
+
+@pytest.mark.parametrize(
+    ("statuses", "stopped", "received", "expected"),
+    [
+        (["ok", "skipped: transformers not installed"], None, False, 0),  # a missing peer
+        (["ok", "skipped: deadline (20 s left of 100, ...)"], None, False, 0),  # partial
+        (["ok", "error: CUDA out of memory"], None, False, 1),
+        (["skipped: deadline (0 s left of 30, ...)", "error: timed out"], None, False, 1),
+        (["skipped: deadline (0 s left of 30, ...)"] * 3, None, False, 3),
+        (["skipped: transformers not installed"], None, False, 3),
+        ([], None, False, 3),  # e.g. --workloads kernels without a checkout's scripts
+        (["ok"], "stopped by SIGTERM after 5 s", False, 143),
+        (["ok"], "stopped by Ctrl-C after 5 s", False, 130),
+        ([], "stopped by SIGTERM after 5 s", False, 143),  # stopped before a row finished
+        (["ok"], None, True, 143),  # SIGTERM while the results were being written
+    ],
+)
+def test_exit_status(statuses, stopped, received, expected):
+    done = [Row(workload="llm", case="c", impl=f"i{n}", status=s) for n, s in enumerate(statuses)]
+    assert cli.exit_status(done, stopped=stopped, sigterm_received=received) == expected
+
+
+def test_list_rows_prints_the_plan_and_runs_nothing(fake_jobs, capsys):
+    """``--list-rows`` is the plan a run follows (what tools/device/session.sh counts to size
+    its per-row --timeout): one tab-separated line per row, 'run' or the skip reason."""
+    code = cli.main([*ARGS, "--workloads", "llm,moe", "--list-rows"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert fake_jobs["calls"] == []  # nothing ran
+    peers = find_peers(device_type="cpu")
+    cases = llm_cases(sizes=[], seqs=[], peers=peers, smoke=True)
+    cases += moe_cases(seqs=[], peers=peers, smoke=True)
+    expected = [
+        (case.workload, f"{case.label} {case.rows}x{case.seq}", impl.name,
+         "run" if impl.skip is None else f"skipped: {impl.skip}")
+        for case in cases for impl in case.impls
+    ]  # fmt: skip
+    assert [tuple(line.split("\t")) for line in out.splitlines()] == expected, out
 
 
 def test_a_deadline_below_the_timeout_is_refused(capsys):

@@ -6,10 +6,17 @@ forge-bench --sizes 1b --seq 4096 --record BENCHMARKS.md
 forge-bench --smoke                           # every workload, tiny, CPU, under a minute
 forge-bench --deadline 520 --timeout 200      # inside a 560 s limit: rows that no longer fit
                                               # are reported as skipped, not cut off
+forge-bench --workloads llm --list-rows       # the rows this would run or skip, run nothing
 
 Each row prints a one-line summary as it finishes and --record is rewritten after every row
 (the rows done and "(incomplete: N rows not run yet)"), so an outer kill keeps what was
 measured; SIGTERM stops the running row, writes the table and the record, and exits with 143.
+
+Exit status: 0 when every row that ran was measured (rows skipped for a missing peer, for
+--kernel-scripts or, beside measured rows, for --deadline do not count against it); 1 when a
+row failed (an error row); 3 when no row was measured at all (e.g. --deadline left time for
+none: the table is all skipped rows); 143 on SIGTERM, 130 on Ctrl-C (the rows done are still
+printed and recorded); 2 when the flags are refused.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ from pathlib import Path
 from forge_bench import progress
 from forge_bench.isolate import JobRunner
 
-__all__ = ["main", "parse_args"]
+__all__ = ["EXIT_NOTHING_MEASURED", "exit_status", "main", "parse_args"]
 
 WORKLOADS = ("llm", "moe", "kernels")
+
+#: The exit status of a run that measured no row: told apart from 0, which a CI job or the GPU
+#: session script would read as success, and from 1 (a row failed).
+EXIT_NOTHING_MEASURED = 3
 
 
 def _csv(text: str) -> list[str]:
@@ -59,11 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per implementation")
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="wall-clock budget of the whole run: a row is started only while its "
-                        "--timeout fits in what is left (else it is reported as skipped), and "
-                        "gets at most what is left (default: no bound)")  # fmt: skip
+                        "--timeout fits in what is left (else it is reported as skipped; exit "
+                        "status 3 if no row was measured at all), and gets at most what is "
+                        "left (default: no bound)")  # fmt: skip
     p.add_argument("--kernel-scripts", default=None,
                    help="kernels workload: script names (bench_fp8,...) or 'all' "
                         "(default: all; with --smoke: bench_fused_linear_cross_entropy)")  # fmt: skip
+    p.add_argument("--list-rows", action="store_true",
+                   help="print the rows these flags plan, one per line, tab-separated: "
+                        "workload, case, implementation, and 'run' or 'skipped: <reason>' "
+                        "(a missing peer, --kernel-scripts); run nothing")  # fmt: skip
     args = p.parse_args(argv)
     args.workloads = _csv(args.workloads or ("llm,moe,kernels" if args.smoke else "llm,moe"))
     unknown = sorted(set(args.workloads) - set(WORKLOADS))
@@ -227,6 +243,8 @@ def _check_device(device) -> None:
 def main(argv: list[str] | None = None) -> int:
     started = progress.clock()  # --deadline counts from here
     args = parse_args(argv)
+    if args.list_rows:
+        return _list_rows(args)
     with progress.stop_on_sigterm() as sigterm:
         return _main(args, argv, started, sigterm)
 
@@ -263,11 +281,80 @@ def _main(args, argv, started: float, sigterm) -> int:
     if skipped:
         print(f"[forge-bench] --deadline {args.deadline:g}: {skipped} row(s) not started (too "
               "little time left for their --timeout); see the table", flush=True)  # fmt: skip
-    if run.stopped is not None:
-        return 143 if "SIGTERM" in run.stopped else 130
-    if sigterm.received:  # arrived while the results were being written: they are complete
+    code = exit_status(run.done(), stopped=run.stopped, sigterm_received=sigterm.received)
+    if code == EXIT_NOTHING_MEASURED:
+        print(f"[forge-bench] no row was measured, every row was skipped (see the table): "
+              f"exit status {code}", flush=True)  # fmt: skip
+    return code
+
+
+def exit_status(done: list, *, stopped: str | None, sigterm_received: bool) -> int:
+    """forge-bench's exit status from the rows ``done`` (finished, failed or skipped; not those
+    never reached) and how the run ended (``stopped``: :attr:`forge_bench.progress.Progress.
+    stopped`; ``sigterm_received``: a SIGTERM came while the results were being written).
+
+    A script or CI job that runs forge-bench reads 0 as "measured": a run whose rows were all
+    skipped (a ``--deadline`` that left time for none, a ``--kernel-scripts`` that names no
+    script) used to exit 0 with nothing measured, so it gets :data:`EXIT_NOTHING_MEASURED`.
+    In order: stopped by SIGTERM 143 (also when it came during the writing: the results are
+    complete, but the caller asked to stop), by Ctrl-C 130; an error row 1; no measured row
+    :data:`EXIT_NOTHING_MEASURED`; else 0, skipped rows beside measured ones included (a
+    missing peer is the machine's, not the run's, failure; rows past ``--deadline`` are
+    reported in the table and the log)."""
+    if stopped is not None:
+        return 143 if "SIGTERM" in stopped else 130
+    if sigterm_received:
         return 143
-    return 1 if any(r.status.startswith("error") for r in run.rows) else 0
+    if any(r.status.startswith("error") for r in done):
+        return 1
+    if not any(r.ok for r in done):
+        return EXIT_NOTHING_MEASURED
+    return 0
+
+
+def _list_rows(args) -> int:
+    """``--list-rows``: the rows :func:`_setup` would plan for these flags, one per line
+    (tab-separated workload, case, implementation, ``run`` or ``skipped: <reason>``), nothing
+    run. The GPU session script sizes its per-row ``--timeout`` from the number of ``run``
+    rows; it used to re-derive this plan with its own copy of the calls below."""
+    device = _device(args)
+    entries, _, kernel_rows, _ = _plan_rows(args, device)
+    for row in [row for row, _, _ in entries] + kernel_rows:
+        plan = "run" if row.ok else row.status
+        print("\t".join((row.workload, row.case, row.impl, plan)), flush=True)
+    return 0
+
+
+def _device(args):
+    """``--device`` (default: cuda if available, else cpu), checked by :func:`_check_device`."""
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_device(device)
+    return device
+
+
+def _plan_rows(args, device):
+    """The run's rows for these flags on ``device``: the model rows (row, case, impl), those of
+    them to run, the kernel rows and the (row, script) pairs to run. Rows skipped here (a
+    missing peer, --kernel-scripts) carry their reason; the deadline is decided as rows start.
+    The one plan both a run (:func:`_setup`) and ``--list-rows`` use."""
+    from forge_bench.peers import find_peers
+    from forge_bench.plan import llm_cases, moe_cases
+
+    peers = find_peers(device_type=device.type)
+    cases = []
+    if "llm" in args.workloads:
+        cases += llm_cases(sizes=args.sizes, seqs=args.seq, peers=peers, smoke=args.smoke,
+                           tokens=args.tokens)  # fmt: skip
+    if "moe" in args.workloads:
+        cases += moe_cases(seqs=args.seq, peers=peers, smoke=args.smoke, tokens=args.tokens)
+    entries = _model_rows(cases)
+    todo = [entry for entry in entries if not entry[0].status.startswith("skipped")]
+    kernel_rows, kernel_todo = [], []
+    if "kernels" in args.workloads:
+        kernel_rows, kernel_todo = _kernel_rows(args, str(device))
+    return entries, todo, kernel_rows, kernel_todo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,30 +374,14 @@ def _setup(args, argv, started: float, running: dict):
     :class:`forge_bench.progress.Progress` and :class:`_Plan`. On CPU the kernel scripts start
     here, beside the model workloads, and go into ``running`` (row id -> started script; filled
     in place so that a SIGTERM meanwhile still finds them to stop)."""
-    import torch
-
-    from forge_bench.peers import find_peers
-    from forge_bench.plan import llm_cases, moe_cases
     from forge_bench.record import Record, environment
     from forge_bench.table import FLOP_FORMULA, peak_tflops_for
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _check_device(device)
+    device = _device(args)
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     env = environment(device)
     peak = args.peak_tflops or (peak_tflops_for(env["device"]) if device.type == "cuda" else None)
-    peers = find_peers(device_type=device.type)
-    cases = []
-    if "llm" in args.workloads:
-        cases += llm_cases(sizes=args.sizes, seqs=args.seq, peers=peers, smoke=args.smoke,
-                           tokens=args.tokens)  # fmt: skip
-    if "moe" in args.workloads:
-        cases += moe_cases(seqs=args.seq, peers=peers, smoke=args.smoke, tokens=args.tokens)
-    entries = _model_rows(cases)
-    todo = [entry for entry in entries if not entry[0].status.startswith("skipped")]
-    kernel_rows, kernel_todo = [], []
-    if "kernels" in args.workloads:
-        kernel_rows, kernel_todo = _kernel_rows(args, str(device))
+    entries, todo, kernel_rows, kernel_todo = _plan_rows(args, device)
     header = [
         "forge-bench: " + " | ".join(f"{k} {v}" for k, v in env.items()),
         f"{dtype_name} on {device}, {args.warmup} warmup + {args.steps} timed steps of "
