@@ -144,6 +144,18 @@ def test_list_rows_prints_the_plan_and_runs_nothing(fake_jobs, capsys):
     assert [tuple(line.split("\t")) for line in out.splitlines()] == expected, out
 
 
+def test_an_unknown_kernel_script_is_refused(fake_jobs, capsys):
+    """A misspelled --kernel-scripts name was skipped silently beside the scripts it did find."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--smoke", "--workloads", "kernels", "--kernel-scripts",
+                  "bench_fused_linear_cross_entropy,bench_rmsnrom", "--list-rows"])  # fmt: skip
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "names no benchmark script ['bench_rmsnrom']" in err, err
+    assert "bench_fused_linear_cross_entropy" in err.split("choose from:")[1]
+    assert fake_jobs["calls"] == []
+
+
 def test_a_deadline_below_the_timeout_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--timeout", "200", "--deadline", "150"])

@@ -186,6 +186,12 @@ def _kernel_rows(args, device: str):
                     status=f"skipped: {reason}")], []  # fmt: skip
     wanted = args.kernel_scripts or (",".join(SMOKE_SCRIPTS) if args.smoke else "all")
     names = None if wanted == "all" else {n.removesuffix(".py") for n in _csv(wanted)}
+    unknown = sorted((names or set()) - {script.stem for script in scripts})
+    if unknown:  # a typo would skip the script silently and measure the others
+        known = ", ".join(script.stem for script in scripts)
+        print(f"forge-bench: error: --kernel-scripts names no benchmark script {unknown}; "
+              f"choose from: {known} (or 'all')", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     rows, todo = [], []
     for script in scripts:
         row = Row(workload="kernels", case=device, impl=script.name)
