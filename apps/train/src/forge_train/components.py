@@ -17,7 +17,7 @@ import torch
 
 from forge_train.config import ConfigError, RunConfig
 from forge_train.context_parallel import context_parallel_config
-from forge_train.data import DataBundle, build_data, build_loader, load_run_tokenizer
+from forge_train.data import VLM_KINDS, DataBundle, build_data, build_loader, load_run_tokenizer
 from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
 from forge_train.optim import LRSchedule, build_optimizer
@@ -201,11 +201,11 @@ def build_components(
     from forge_core import ParallelDims
     from forge_parallel import parallelize
 
-    if (cfg.model.kind == "vlm") != (cfg.data.kind == "skimage_captions"):
+    if (cfg.model.kind == "vlm") != (cfg.data.kind in VLM_KINDS):
         raise ConfigError(
             f"data.kind: a vision-language model (model.kind=vlm) trains on image data "
-            f"(data=skimage-captions) and image data needs one; got model.kind="
-            f"{cfg.model.kind}, data.kind={cfg.data.kind} (try recipe=vlm)"
+            f"(data=skimage-captions or data=vlm-shards) and image data needs one; got "
+            f"model.kind={cfg.model.kind}, data.kind={cfg.data.kind} (try recipe=vlm)"
         )
     tokenizer = load_run_tokenizer(cfg.data, cfg.model)
     if cfg.model.kind == "vlm":

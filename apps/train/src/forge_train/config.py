@@ -334,11 +334,23 @@ class ParallelSettings:
 class DataConfig:
     """Training data. ``kind``: ``stdlib`` (the Python standard library's source), ``jsonl``
     (raw text jsonl), ``preprocessed`` (``forge-preprocess`` output folders), ``chat``
-    (SFT conversations, assistant-only loss) or ``skimage_captions`` (captioned scikit-image
-    sample images for a ``model.kind=vlm`` model; up to ``max_tiles`` tiles per image). Each optimizer step takes ``global_batch_rows``
-    packed rows of ``seq_len`` tokens, as micro-batches of ``micro_batch_rows`` rows per rank."""
+    (SFT conversations, assistant-only loss), ``skimage_captions`` (captioned scikit-image
+    sample images for a ``model.kind=vlm`` model; up to ``max_tiles`` tiles per image) or
+    ``vlm_shards`` (the user's webdataset ``.tar`` shards for a ``model.kind=vlm`` model:
+    ``paths`` / ``val_paths`` are shard files, globs, brace patterns or folders of ``.tar``
+    files; each sample a ``key.json`` conversation ``{"messages": [...]}`` with ``<image>``
+    markers, or a caption ``key.txt`` / ``{"text": ...}``, beside its images ``key.jpg`` /
+    ``key.0.png`` ... or video, or none: a text-only sample). ``vlm_shards`` streams: each
+    data-parallel rank reads its own shards (at least one each), packs ``pack_buffer`` samples
+    at a time into rows (memory bound and shuffle window), and its sample order depends on the
+    data-parallel size; a bad shard or sample is counted and skipped (``on_bad_data=skip``, the
+    counts in the run log) or stops the run (``raise``); :mod:`forge_train.vlm_stream`. Each
+    optimizer step takes ``global_batch_rows`` packed rows of ``seq_len`` tokens, as
+    micro-batches of ``micro_batch_rows`` rows per rank."""
 
-    kind: Literal["stdlib", "jsonl", "preprocessed", "chat", "skimage_captions"] = "stdlib"
+    kind: Literal["stdlib", "jsonl", "preprocessed", "chat", "skimage_captions", "vlm_shards"] = (
+        "stdlib"
+    )
     paths: list[str] = field(default_factory=list)
     val_paths: list[str] = field(default_factory=list)
     tokenizer: str | None = None
@@ -352,9 +364,12 @@ class DataConfig:
     micro_batch_rows: int = 4
     cache_dir: str | None = None
     max_tiles: int = 2
+    pack_buffer: int = 128
+    on_bad_data: Literal["skip", "raise"] = "skip"
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "global_batch_rows", "micro_batch_rows", "stdlib_files"):
+        names = ("seq_len", "global_batch_rows", "micro_batch_rows", "stdlib_files", "pack_buffer")
+        for name in names:
             _require(getattr(self, name) >= 1, f"data.{name}", "must be >= 1", getattr(self, name))
         _require(self.stdlib_val_files >= 0, "data.stdlib_val_files", "must be >= 0")
         _require(
@@ -364,7 +379,14 @@ class DataConfig:
             self.global_batch_rows,
         )
         _require(self.max_tiles >= 1, "data.max_tiles", "must be >= 1", self.max_tiles)
-        if self.kind not in ("stdlib", "skimage_captions"):
+        if self.kind == "vlm_shards":
+            _require(
+                bool(self.paths),
+                "data.paths",
+                "data.kind=vlm_shards needs the webdataset shards to train on: "
+                "data.paths=[/data/train/*.tar] (.tar files, globs, brace patterns or folders)",
+            )
+        elif self.kind not in ("stdlib", "skimage_captions"):
             _require(bool(self.paths), "data.paths", f"data.kind={self.kind} needs input paths")
 
 

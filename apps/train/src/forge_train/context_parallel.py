@@ -86,11 +86,13 @@ class ContextParallelInputs:
                 kwargs["input_ids"], targets, mtp_depth, cu_seqlens=cu_seqlens
             )
             depths = [tuple(shard_sequence(t, dim=1, **layout) for t in d) for d in depths]
-        if "images" in kwargs or "videos" in kwargs:
+        visual_keys = ("images", "videos", "dummy_visual")
+        if any(k in kwargs for k in visual_keys):
             # A vision-language model places the visual features (and M-RoPE positions) on
-            # the whole row, then runs its language model on this rank's positions.
+            # the whole row, then runs its language model on this rank's positions; a
+            # text-only micro-batch too (its stand-in image keeps the encoder's collectives).
             row = torch.arange(kwargs["input_ids"].shape[-1], device=targets.device)
-            visual = {k: kwargs[k] for k in ("images", "videos", "position_ids") if k in kwargs}
+            visual = {k: kwargs[k] for k in (*visual_keys, "position_ids") if k in kwargs}
             local = {
                 "input_ids": kwargs["input_ids"],
                 "cu_seqlens": cu_seqlens,

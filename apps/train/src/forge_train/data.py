@@ -6,8 +6,10 @@ rank 0 and published atomically; every rank then reads the same shards. ``prepro
 (``forge-preprocess`` output folders) are read as they are. Each optimizer step is this rank's
 list of micro-batches; :func:`model_inputs` turns one into the keyword arguments of
 :class:`forge_models.CausalLM` (one packed row with ``cu_seqlens``, so attention never crosses
-a document boundary). Image-caption data for a vision-language model (``skimage_captions``)
-comes from :mod:`forge_train.vlm_data`; its micro-batches add the images to those arguments.
+a document boundary). Image data for a vision-language model comes from
+:mod:`forge_train.vlm_data` (the ``skimage_captions`` demo, in memory) or
+:mod:`forge_train.vlm_stream` (``vlm_shards``: the user's webdataset shards, streamed); its
+micro-batches add the images and videos to those arguments.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import torch.distributed as dist
 
 from forge_train.config import ConfigError, DataConfig, ModelSettings
 
-__all__ = ["DataBundle", "build_data", "load_run_tokenizer", "model_inputs"]
+__all__ = ["VLM_KINDS", "DataBundle", "build_data", "load_run_tokenizer", "model_inputs"]
 
 IGNORE_INDEX = -100
+#: The data kinds of a vision-language model (``model.kind=vlm``).
+VLM_KINDS = ("skimage_captions", "vlm_shards")
 
 
 @dataclass
@@ -60,13 +64,13 @@ def load_run_tokenizer(config: DataConfig, model: ModelSettings | None = None):
         tokenizer = load_tokenizer(hf_path)
     else:
         tokenizer = default_tokenizer()
-    if config.kind == "skimage_captions":
+    if config.kind in VLM_KINDS:
         from forge_data.vision import with_vision_tokens
         from forge_train.vlm_data import placeholder_style
 
         if model is None or model.kind != "vlm":
             raise ConfigError(
-                "data.kind=skimage_captions: image data needs a vision-language model "
+                f"data.kind={config.kind}: image data needs a vision-language model "
                 "(model.kind=vlm), whose projector decides the placeholder tokens"
             )
         tokenizer = with_vision_tokens(tokenizer, placeholder_style(model.config))
@@ -150,6 +154,21 @@ def build_data(config: DataConfig, tokenizer, *, model_config=None) -> DataBundl
 
         train, what = build_caption_data(config, tokenizer, model_config, _cache_root(config))
         return DataBundle(tokenizer, train, None, what)
+    if config.kind == "vlm_shards":
+        from forge_train.vlm_stream import build_shard_data
+
+        train = build_shard_data(
+            config, tokenizer, model_config, paths=config.paths, key="data.paths"
+        )
+        val = None
+        if config.val_paths:
+            val = build_shard_data(
+                config, tokenizer, model_config, paths=config.val_paths, key="data.val_paths"
+            )
+        what = f"{len(train.urls)} webdataset shards {config.paths}, streamed" + (
+            f" ({len(val.urls)} held out)" if val is not None else ""
+        )
+        return DataBundle(tokenizer, train, val, what)
     if config.kind == "preprocessed":
         train = TokenDataset(config.paths if len(config.paths) > 1 else config.paths[0])
         val = None
@@ -193,7 +212,8 @@ def build_loader(
     shuffle: bool = True,
 ):
     """forge_data's ``PackedLoader`` over ``dataset`` for this data-parallel rank (a
-    :class:`forge_train.vlm_data.VLMLoader` for image-caption samples)."""
+    :class:`forge_train.vlm_data.VLMLoader` for image-caption samples, a
+    :class:`forge_train.vlm_stream.VLMStreamLoader` for streamed shards)."""
     from forge_data import LoaderConfig, PackedLoader
 
     loader_config = LoaderConfig(
@@ -214,6 +234,19 @@ def build_loader(
         from forge_train.vlm_data import VLMLoader
 
         return VLMLoader(
+            dataset,
+            global_batch_rows=config.global_batch_rows,
+            micro_batch_rows=config.micro_batch_rows,
+            seed=seed,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            pad_id=pad_id,
+            shuffle=shuffle,
+        )
+    if config.kind == "vlm_shards":
+        from forge_train.vlm_stream import VLMStreamLoader
+
+        return VLMStreamLoader(
             dataset,
             global_batch_rows=config.global_batch_rows,
             micro_batch_rows=config.micro_batch_rows,
@@ -244,7 +277,7 @@ def model_inputs(
         "cu_seqlens": batch["cu_seqlens"].to(device, non_blocking=True),
         "max_seqlen": int(batch["max_seqlen"]),
     }
-    if "visual" in batch:  # image-caption data for a VisionLanguageModel
+    if "visual" in batch:  # image data for a VisionLanguageModel
         from forge_train.vlm_data import vlm_model_inputs
 
         kwargs.update(vlm_model_inputs(batch, device))

@@ -14,6 +14,9 @@ tokens trained on, while ``tokens_per_s`` and ``mfu`` count the input tokens pro
 non-padding position of the batch, as the model runs on all of them), over the time of the
 steps only (held-out evaluation and checkpoint saves are left out). Without a validation set
 the "held-out" evaluation reads training batches: its rows say ``eval_split: "train"``.
+A loader that skips bad data (``data.kind=vlm_shards``) adds ``bad_samples`` to each row (its
+count summed over the data-parallel ranks) and the run log says by reason what was skipped
+whenever the count grows.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class Trainer:
         )
         self.progress = Progress()
         self.peak = peak_flops(cfg.logging, self.device)
+        self._bad_reported = 0  # bad-data count the run log last reported
 
     # -- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -428,7 +432,37 @@ class Trainer:
             "mfu": mfu(tokens_per_s, p.flops_per_token, self.world_size, self.peak),
             "memory_gb": peak_memory_gb(self.accelerator),
         }
+        bad = self._bad_data()
+        if bad is not None:
+            row["bad_samples"] = sum(bad.values())
         self.log.log(row, show=True)
+        if bad is not None and row["bad_samples"] > self._bad_reported:
+            self._bad_reported = row["bad_samples"]
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items()))
+            records = self.parts.loader.bad_data.records
+            first = f"; first on this rank: {records[0]['location']}" if records else ""
+            self.log.message(
+                f"data: {row['bad_samples']} bad shard(s) / sample(s) skipped or truncated so "
+                f"far, over all data-parallel ranks ({reasons}){first}; "
+                "data.on_bad_data=raise stops at the first one instead"
+            )
+
+    def _bad_data(self) -> dict[str, int] | None:
+        """The training loader's bad-data counts by reason (``forge_data``'s
+        ``BadDataReport``), summed over the data-parallel ranks (a collective there: every rank
+        logs its rows); ``None`` for a loader that counts none."""
+        report = getattr(self.parts.loader, "bad_data", None)
+        if report is None:
+            return None
+        counts = dict(report.counts)
+        if self.parts.dp_size > 1:
+            gathered: list = [None] * self.parts.dp_size
+            dist.all_gather_object(gathered, counts, group=self.parts.dp_group)
+            counts = {}
+            for ranks in gathered:
+                for reason, n in ranks.items():
+                    counts[reason] = counts.get(reason, 0) + n
+        return counts
 
     def _benchmark_summary(self, result: TrainResult, start: float | None, tokens: int) -> None:
         self.accelerator.synchronize()

@@ -6,11 +6,13 @@ cache (as the standard-library BPE data is cached); every rank then reads it wit
 :class:`forge_data.vision.VLMDataset` and the processor of the model's family, chosen from its
 projector and sized from its encoder (:mod:`forge_train.vlm_processing`: InternVL tiles,
 Qwen2-VL dynamic resolution or LLaVA-OneVision AnyRes, each with its own placeholders).
-Samples are packed into rows with :func:`forge_data.vision.pack_vlm_samples` and batched with
-:func:`forge_data.vision.collate_vlm`; :class:`VLMLoader` yields each optimizer step's
-micro-batches, like ``forge_data.PackedLoader``, with Qwen2-VL's 3-D M-RoPE positions
-(:func:`forge_models.vlm.mrope.mrope_position_ids`, per packed document) for a model that
-uses them.
+Samples are packed into rows with :func:`forge_data.vision.pack_vlm_samples` and batched by
+:func:`collate_micro_batches` (:func:`forge_data.vision.collate_vlm`, plus Qwen2-VL's 3-D M-RoPE
+positions, :func:`forge_models.vlm.mrope.mrope_position_ids`, per packed document, for a model
+that uses them, and a stand-in image for a micro-batch without any); :class:`VLMLoader` yields
+each optimizer step's micro-batches, like ``forge_data.PackedLoader``. The user's own shards
+(``data.kind=vlm_shards``) are streamed by :mod:`forge_train.vlm_stream` through the same
+collation.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = [
     "VLMLoader",
     "VLMSamples",
     "build_caption_data",
+    "collate_micro_batches",
+    "dummy_visual",
     "mrope_positions",
     "placeholder_style",
     "vlm_model_inputs",
@@ -124,17 +128,31 @@ def _cached_shard(root: Path) -> Path:
     return shard
 
 
+def dummy_visual(processor) -> dict[str, Any]:
+    """The processed visual fields of one small black image (``concat_items``' layout), in the
+    layout the model's encoder reads: what a micro-batch without images or videos passes as
+    ``dummy_visual`` (see :meth:`forge_models.vlm.VisionLanguageModel.forward`), so that its
+    rank runs the encoder as the others do. The processor makes it, so it fits every family
+    (InternVL tiles, Qwen2-VL patches, LLaVA-OneVision crops) without model-specific code."""
+    from PIL import Image
+
+    return processor([Image.new("RGB", (28, 28))])
+
+
 @dataclass
 class VLMSamples:
     """Every processed sample of the shard, in memory (the demo set is a few dozen images).
     ``bidirectional``: the model's ``image_attention``; the batches carry ``block_ids`` (an
     image's tokens see each other) only then. ``mrope``: the model's arguments of
-    :func:`forge_models.vlm.mrope.mrope_position_ids` (``None``: no M-RoPE)."""
+    :func:`forge_models.vlm.mrope.mrope_position_ids` (``None``: no M-RoPE). ``dummy``:
+    :func:`dummy_visual` of the run's processor (``None``: a micro-batch without visual items
+    runs the language model alone)."""
 
     samples: list[dict[str, Any]]
     seq_len: int
     bidirectional: bool
     mrope: dict[str, Any] | None = None
+    dummy: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -158,8 +176,46 @@ def build_caption_data(config: DataConfig, tokenizer, model_config, cache_root: 
         raise ConfigError(f"data.kind=skimage_captions: no usable samples in {shard}")
     what = f"{len(samples)} captioned scikit-image sample images ({shard})"
     bidirectional = model_config.image_attention == "bidirectional"
-    data = VLMSamples(samples, config.seq_len, bidirectional, mrope_settings(model_config))
+    data = VLMSamples(
+        samples,
+        config.seq_len,
+        bidirectional,
+        mrope_settings(model_config),
+        dummy_visual(dataset.processor),
+    )
     return data, what
+
+
+def collate_micro_batches(
+    rows: list[list[dict[str, Any]]],
+    *,
+    micro_batch_rows: int,
+    seq_len: int,
+    pad_id: int,
+    bidirectional: bool,
+    mrope: dict[str, Any] | None,
+    dummy: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """This rank's micro-batches of one step from its packed ``rows`` (lists of samples), for
+    both VLM data kinds: :func:`forge_data.vision.collate_vlm` per ``micro_batch_rows`` rows,
+    ``block_ids`` kept only for bidirectional image attention, the M-RoPE positions added for
+    a model with ``mrope`` settings, and ``dummy`` (:func:`dummy_visual`) as
+    ``batch["dummy_visual"]`` on a micro-batch with neither images nor videos."""
+    from forge_data.vision import collate_vlm
+
+    batches = [
+        collate_vlm(rows[i : i + micro_batch_rows], seq_len=seq_len, pad_id=pad_id)
+        for i in range(0, len(rows), micro_batch_rows)
+    ]
+    for batch in batches:
+        if not bidirectional:
+            del batch["block_ids"]
+        if mrope is not None:
+            batch["mrope_position_ids"] = mrope_positions(batch, mrope)
+        visual = batch["visual"]
+        if dummy is not None and "image" not in visual and "video" not in visual:
+            batch["dummy_visual"] = dummy
+    return batches
 
 
 class VLMLoader:
@@ -216,26 +272,21 @@ class VLMLoader:
         return self
 
     def __next__(self) -> list[dict[str, Any]]:
-        from forge_data.vision import collate_vlm
-
         rows = [self._next_row() for _ in range(self.rows_per_rank * self.dp_size)]
         # Contiguous, as forge_data's PackedLoader deals them: micro-batch i of rank r holds the
         # rows of the single process's micro-batch r x (rows_per_rank / micro_batch_rows) + i,
         # so a per-micro-batch statistic (a MoE balance loss) is the same at any dp size.
         start = self.dp_rank * self.rows_per_rank
         mine = rows[start : start + self.rows_per_rank]
-        samples = [[self.data.samples[i] for i in row] for row in mine]
-        step = self.micro_batch_rows
-        batches = [
-            collate_vlm(samples[i : i + step], seq_len=self.data.seq_len, pad_id=self.pad_id)
-            for i in range(0, len(samples), step)
-        ]
-        for batch in batches:
-            if not self.data.bidirectional:
-                del batch["block_ids"]
-            if self.data.mrope is not None:
-                batch["mrope_position_ids"] = mrope_positions(batch, self.data.mrope)
-        return batches
+        return collate_micro_batches(
+            [[self.data.samples[i] for i in row] for row in mine],
+            micro_batch_rows=self.micro_batch_rows,
+            seq_len=self.data.seq_len,
+            pad_id=self.pad_id,
+            bidirectional=self.data.bidirectional,
+            mrope=self.data.mrope,
+            dummy=self.data.dummy,
+        )
 
     def _pinned(self) -> dict[str, Any]:
         """What the sample order depends on (as forge_data's PackedLoader pins its own):
@@ -290,20 +341,36 @@ def mrope_positions(batch: dict[str, Any], mrope: dict[str, Any]) -> torch.Tenso
     return positions
 
 
-def vlm_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The visual keyword arguments of :class:`forge_models.vlm.VisionLanguageModel` for one
-    collated micro-batch (the text ones are :func:`forge_train.data.model_inputs`'), and the
-    3-D ``position_ids`` in place of the text ones for a model with M-RoPE."""
+def _visual_inputs(stream: dict[str, Any], device: torch.device, **extra: Any):
     from forge_models.vlm import VisualInputs
 
+    fields = ("pixel_values", "grid_thw", "tiles_per_item", "image_sizes")
+    values = {k: stream[k] for k in fields if stream.get(k) is not None}
+    return VisualInputs(**values, **extra).to(device)
+
+
+def vlm_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The visual keyword arguments of :class:`forge_models.vlm.VisionLanguageModel` for one
+    collated micro-batch (the text ones are :func:`forge_train.data.model_inputs`'): ``images``,
+    ``videos`` (with Qwen2.5-VL's seconds per temporal patch), ``dummy_visual`` for a
+    micro-batch with neither, and the 3-D ``position_ids`` in place of the text ones for a
+    model with M-RoPE."""
     extra: dict[str, Any] = {}
     if "mrope_position_ids" in batch:
         extra["position_ids"] = batch["mrope_position_ids"].to(device, non_blocking=True)
     if "block_ids" in batch:
         extra["block_ids"] = batch["block_ids"].reshape(1, -1).to(device, non_blocking=True)
-    image = batch["visual"].get("image")
-    if image is not None:
-        fields = ("pixel_values", "grid_thw", "tiles_per_item", "image_sizes")
-        visual = VisualInputs(**{k: image[k] for k in fields if image.get(k) is not None})
-        extra["images"] = visual.to(device)
+    visual = batch["visual"]
+    if visual.get("image") is not None:
+        extra["images"] = _visual_inputs(visual["image"], device)
+    if visual.get("video") is not None:
+        seconds = visual.get("second_per_grid_ts")
+        extra["videos"] = _visual_inputs(
+            visual["video"],
+            device,
+            kind="video",
+            second_per_grid_ts=None if seconds is None else seconds.to(device),
+        )
+    if "dummy_visual" in batch:
+        extra["dummy_visual"] = _visual_inputs(batch["dummy_visual"]["image"], device)
     return extra

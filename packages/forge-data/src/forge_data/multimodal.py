@@ -193,6 +193,18 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
                 yield sample
 
     # -- decoding -----------------------------------------------------------------------------
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """One raw sample of :func:`forge_data.tar_shards.tar_samples` decoded as
+        :meth:`__iter__` decodes it, or ``None`` when it is bad (counted in :attr:`report`, or
+        raised with ``on_error="raise"``): for a reader that walks the shards itself, e.g. a
+        resumable loader that skips the raw samples it has read without decoding them."""
+        return self._decode(raw)
+
+    def shard_failed(self, url: str, error: Exception) -> None:
+        """Count a damaged shard (a :class:`~forge_data.tar_shards.ShardError` of
+        ``tar_samples(url)``) once, as :meth:`__iter__` does, or raise per ``on_error``."""
+        self._fail("corrupt shard", url, str(error))
+
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         out: dict[str, Any] = {"key": raw.get("__key__"), "url": raw.get("__url__")}

@@ -175,6 +175,7 @@ class VisionLanguageModel(nn.Module):
         videos: VisualInputs | None = None,
         block_ids: torch.Tensor | None = None,
         sequence_index: torch.Tensor | None = None,
+        dummy_visual: VisualInputs | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Logits, or the next-token loss with ``labels`` (as :meth:`CausalLM.forward`).
@@ -201,12 +202,21 @@ class VisionLanguageModel(nn.Module):
                 context-parallel attention's to apply (forge-parallel's
                 ``ContextParallelHandle.packed(cu_seqlens, block_ids=...)``), so ``block_ids``
                 cannot be given here.
+            dummy_visual: a minimal visual input (one small image, in the encoder's layout)
+                run through the encoder and projector when the batch has neither ``images``
+                nor ``videos`` (ignored otherwise): its features join the embeddings with
+                zero weight (:meth:`_no_visual_scatter`), so a text-only micro-batch runs the
+                same encoder collectives as one with images (FSDP / TP of the encoder would
+                otherwise leave the other ranks waiting) and gives the encoder and projector
+                exact zero gradients instead of none.
             kwargs: the rest of :meth:`CausalLM.forward` (``loss_reduction``, ``max_seqlen``,
                 ``targets``).
         """
         # The features go in inside the language model's forward, where its embedding runs
         # (with FSDP, only there are the embedding's shards gathered).
         scatter = self.visual_scatter(input_ids, images=images, videos=videos)
+        if images is None and videos is None and dummy_visual is not None:
+            scatter = self._no_visual_scatter(input_ids, dummy_visual)
         if position_ids is None and self.config.text.mrope_section is not None:
             position_ids = self.mrope_positions(
                 input_ids, images=images, videos=videos,
@@ -228,6 +238,19 @@ class VisionLanguageModel(nn.Module):
             block_ids=block_ids,
             **kwargs,
         )
+
+    def _no_visual_scatter(
+        self, input_ids: torch.Tensor, dummy: VisualInputs
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The scatter of a batch without visual items: ``dummy``'s features under an empty
+        placeholder mask, which places none of them. The embeddings are unchanged (the same
+        values, bit for bit, as without it: ``masked_scatter`` copies no row and adds nothing,
+        so unlike ``0 * features.sum()`` a non-finite feature cannot leak into the loss), yet
+        the features stay in the graph: the backward runs through the projector and encoder
+        with zero gradients (the effect of the common ``+ 0 * features.sum()``), so every
+        rank runs the encoder's forward and backward collectives."""
+        features = self.visual_features(dummy)
+        return [(torch.zeros_like(input_ids, dtype=torch.bool), features)]
 
     def attention_block_ids(
         self,

@@ -1,0 +1,388 @@
+"""The user's own webdataset shards for a vision-language run (``data.kind=vlm_shards``),
+streamed: nothing but a bounded buffer of samples is held in memory, so a set of millions of
+samples trains as a demo set does.
+
+A sample is the webdataset group of files sharing a key (decoded by
+:class:`forge_data.vision.VLMDataset` with the model family's processor and placeholders,
+:mod:`forge_train.vlm_processing`): a conversation ``key.json`` ``{"messages": [...]}`` (loss on
+the assistant turns, ``<image>`` / ``<video>`` markers where the items go) or a caption
+``key.txt`` / ``{"text": ...}``, beside any number of images ``key.jpg`` / ``key.0.png`` ... and at
+most one video, or none (a text-only sample, normal in VLM SFT mixtures).
+
+How a rank reads (as webdataset / Megatron-Energon do):
+
+* ``data.paths`` (and ``data.val_paths``) resolve to shard files (:func:`resolve_shards`); every
+  epoch the shard list is shuffled with ``(seed, epoch)`` and data-parallel rank ``r`` of ``n``
+  reads shards ``r, r + n, ...`` of it, in order, sample by sample. Every rank needs a shard
+  (fewer shards than ranks is a ``ConfigError``); an even split (a multiple of ``n`` shards of
+  equal size) keeps each sample's frequency equal, an uneven one makes the ranks with fewer
+  shards cycle theirs faster. Each rank's stream is endless (epoch after epoch), so no rank
+  runs dry before the others.
+* ``data.pack_buffer`` decoded samples at a time are packed into rows of ``seq_len`` tokens by
+  first fit (:func:`forge_data.vision.pack_vlm_samples`) in a seeded order: the buffer bounds
+  memory and is the shuffle window. A rank takes ``global_batch_rows / dp`` rows per step and
+  collates them as the demo data is collated (:func:`forge_train.vlm_data.collate_micro_batches`).
+* So, unlike ``skimage_captions``, the sample order depends on the data-parallel size: a
+  checkpoint resumes at the data-parallel size that wrote it (refused otherwise);
+  ``micro_batch_rows`` may change.
+* Bad data (a corrupt or truncated shard, an undecodable image, a placeholder mismatch, an
+  over-long sample) is counted in the loader's :attr:`VLMStreamLoader.bad_data` and skipped,
+  and the run log reports the counts (summed over the ranks); ``data.on_bad_data=raise`` stops
+  at the first one instead. A rank whose shards hold no usable sample in a whole epoch is a
+  ``ConfigError``.
+
+Resuming: the loader's state is, per data-parallel rank, where its current packing buffer
+started (epoch, shard, raw sample) and how many of that buffer's rows it has handed out. On
+resume the rank skips the raw samples before the buffer undecoded (the tar bytes are read,
+no image decoded), decodes and packs the buffer again and goes on at the same row, so a
+resumed run gets exactly the batches of the uninterrupted one. Samples of that buffer that
+were bad are counted again after a resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from forge_train.config import ConfigError, DataConfig
+from forge_train.vlm_data import collate_micro_batches, dummy_visual
+from forge_train.vlm_processing import build_processor, mrope_settings
+
+__all__ = [
+    "StreamPosition",
+    "VLMShardData",
+    "VLMStreamLoader",
+    "build_shard_data",
+    "resolve_shards",
+]
+
+SHARD_SUFFIX = ".tar"
+
+
+def _remote(path: str) -> bool:
+    """A shard URL webdataset opens itself (``s3://``, ``http(s)://``, ``pipe:``), not globbed."""
+    return "://" in path or path.startswith("pipe:")
+
+
+def resolve_shards(paths: list[str], key: str) -> list[str]:
+    """The shard files of ``paths`` in order: each a ``.tar`` file, a glob (``*``, ``**``), a
+    brace pattern (``shard-{000..099}.tar``) or a folder (its ``.tar`` files, recursively,
+    sorted); remote URLs pass as they are. ``ConfigError`` naming a path that gives no
+    ``.tar`` file (``key``: the config key, ``data.paths`` or ``data.val_paths``)."""
+    from webdataset.shardlists import expand_urls
+
+    shards: list[str] = []
+    for path in paths:
+        if _remote(str(path)):
+            shards += expand_urls(str(path))
+            continue
+        found: list[str] = []
+        for pattern in expand_urls(os.path.expanduser(str(path))):
+            matches = (
+                sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+            )
+            for match in matches:
+                if os.path.isdir(match):
+                    tars = Path(match).rglob(f"*{SHARD_SUFFIX}")
+                    found += sorted(str(p) for p in tars if p.is_file())
+                elif match.endswith(SHARD_SUFFIX) and os.path.isfile(match):
+                    found.append(match)
+        if not found:
+            what = (
+                "does not exist"
+                if not glob.has_magic(str(path)) and not os.path.exists(str(path))
+                else f"holds or matches no {SHARD_SUFFIX} file"
+            )
+            raise ConfigError(
+                f"{key}: {path!r} {what}; give webdataset shards: {SHARD_SUFFIX} files, a glob "
+                f"(/data/train/*{SHARD_SUFFIX}), a brace pattern (shard-{{000..099}}"
+                f"{SHARD_SUFFIX}) or a folder of {SHARD_SUFFIX} files"
+            )
+        shards += found
+    return list(dict.fromkeys(shards))  # a shard given twice is read once
+
+
+@dataclass
+class VLMShardData:
+    """One split (training or held-out) of ``data.kind=vlm_shards``: its shard files and the
+    decoder of their samples, not the samples (they are streamed by :class:`VLMStreamLoader`).
+    ``dataset``: a :class:`forge_data.vision.VLMDataset` over all the shards, used only to
+    decode (each loader splits the shards over the ranks itself). The other fields are
+    :class:`forge_train.vlm_data.VLMSamples`' (``dummy``: the stand-in image of a micro-batch
+    without visual items)."""
+
+    urls: list[str]
+    dataset: Any
+    seq_len: int
+    bidirectional: bool
+    mrope: dict[str, Any] | None
+    dummy: dict[str, Any] | None
+    pack_buffer: int
+    key: str
+
+
+def build_shard_data(
+    config: DataConfig, tokenizer, model_config, *, paths: list[str], key: str
+) -> VLMShardData:
+    """The :class:`VLMShardData` of the shards ``paths`` (config key ``key``) for a model of
+    ``model_config`` (its family's processor and placeholders)."""
+    from forge_data.multimodal import MultimodalConfig
+    from forge_data.vision import VLMDataset
+
+    urls = resolve_shards(paths, key)
+    processor = build_processor(model_config, config)
+    dataset = VLMDataset(
+        MultimodalConfig(
+            urls=urls,
+            seq_len=config.seq_len,
+            shuffle_shards=False,
+            chat_template=config.chat_template,
+            on_error=config.on_bad_data,
+        ),
+        tokenizer,
+        processor,
+    )
+    return VLMShardData(
+        urls=urls,
+        dataset=dataset,
+        seq_len=config.seq_len,
+        bidirectional=model_config.image_attention == "bidirectional",
+        mrope=mrope_settings(model_config),
+        dummy=dummy_visual(processor),
+        pack_buffer=config.pack_buffer,
+        key=key,
+    )
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """A place in one rank's stream: ``shard`` indexes the rank's shards of ``epoch``,
+    ``sample`` counts the raw (undecoded) samples of that shard already read."""
+
+    epoch: int = 0
+    shard: int = 0
+    sample: int = 0
+
+
+@dataclass
+class _Buffer:
+    """The packed rows of the samples read from ``start`` on (up to ``pack_buffer`` of them),
+    ``row``: how many rows were handed out."""
+
+    start: StreamPosition
+    samples: list[dict[str, Any]]
+    rows: list[list[int]]
+    row: int = 0
+
+
+class VLMStreamLoader:
+    """Each ``next()`` is this rank's micro-batches of one optimizer step, streamed from its
+    own shards (see the module doc); ``state_dict`` / ``load_state_dict`` resume it exactly
+    (at the same data-parallel size)."""
+
+    def __init__(
+        self,
+        data: VLMShardData,
+        *,
+        global_batch_rows: int,
+        micro_batch_rows: int,
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        pad_id: int,
+        shuffle: bool = True,
+    ) -> None:
+        n = len(data.urls)
+        if n < dp_size:
+            raise ConfigError(
+                f"{data.key}: {n} shard file(s) for {dp_size} data-parallel ranks; each rank "
+                f"reads its own shards, so the data needs at least {dp_size} {SHARD_SUFFIX} "
+                f"files (best a multiple of {dp_size}, of equal size): split it into more "
+                "shards or use fewer data-parallel ranks"
+            )
+        self.data = data
+        self.rows_per_rank = global_batch_rows // dp_size
+        self.micro_batch_rows = micro_batch_rows
+        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.pad_id, self.shuffle = pad_id, shuffle
+        # This loader's own decoder and bad-data counts (an evaluation's loader over the
+        # same shards counts apart).
+        from forge_data.multimodal import BadDataReport
+
+        self.decoder = copy.copy(data.dataset)
+        self.decoder.report = BadDataReport()
+        self._buffer: _Buffer | None = None
+        self._next_start = StreamPosition()
+        self._raw: Iterator[tuple[StreamPosition, dict[str, Any] | None]] | None = None
+
+    @property
+    def bad_data(self):
+        """This rank's :class:`forge_data.multimodal.BadDataReport` (skipped shards and
+        samples by reason, their first locations)."""
+        return self.decoder.report
+
+    # -- reading ----------------------------------------------------------------------------
+    def shards(self, epoch: int) -> list[str]:
+        """This rank's shards of ``epoch``, in reading order."""
+        urls = self.data.urls
+        order = np.arange(len(urls))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(urls))
+        return [urls[i] for i in order[self.dp_rank :: self.dp_size]]
+
+    def _raw_samples(
+        self, start: StreamPosition
+    ) -> Iterator[tuple[StreamPosition, dict[str, Any] | None]]:
+        """``(position after it, raw sample)`` from ``start`` on, endlessly, and ``(start of
+        the next epoch, None)`` at each epoch's end; the raw samples before ``start`` in its
+        shard are read past, not decoded."""
+        from forge_data.tar_shards import ShardError, tar_samples
+
+        epoch, shard, skip = start.epoch, start.shard, start.sample
+        while True:
+            shards = self.shards(epoch)
+            while shard < len(shards):
+                url, damage = shards[shard], None
+                try:
+                    for i, raw in enumerate(tar_samples(url)):
+                        if i >= skip:
+                            yield StreamPosition(epoch, shard, i + 1), raw
+                except ShardError as err:
+                    damage = err
+                if damage is not None:  # outside the except: a raised error is not nested
+                    self._checked(self.decoder.shard_failed, url, damage)
+                shard, skip = shard + 1, 0
+            epoch, shard = epoch + 1, 0
+            yield StreamPosition(epoch, 0, 0), None
+
+    def _checked(self, call, *args):
+        """``call(*args)`` with ``data.on_bad_data=raise``'s error naming the setting."""
+        from forge_data.multimodal import BadSampleError
+
+        try:
+            return call(*args)
+        except BadSampleError as err:
+            raise BadSampleError(
+                f"{err}; data.on_bad_data=skip counts and skips bad samples instead"
+            ) from None
+
+    def _fill(self) -> _Buffer:
+        """Read, decode and pack the next buffer (from :attr:`_next_start`)."""
+        from forge_data.vision import pack_vlm_samples
+
+        start = self._next_start
+        if self._raw is None:
+            self._raw = self._raw_samples(start)
+        samples: list[dict[str, Any]] = []
+        position, idle_epoch_ends = start, 0
+        for after, raw in self._raw:
+            position = after  # where the next buffer starts, if this one stops here
+            if raw is None:
+                idle_epoch_ends += 1
+                if idle_epoch_ends >= 2:  # a whole epoch of this rank's shards gave nothing
+                    raise ConfigError(
+                        f"{self.data.key}: the {len(self.shards(0))} shard(s) of data-parallel "
+                        f"rank {self.dp_rank} hold no usable sample (bad data so far: "
+                        f"{self.bad_data.counts or 'none: the shards are empty'}); check the "
+                        "shards (a sample is key.json / key.txt with its images, see "
+                        "forge_data.vision.VLMDataset)"
+                    )
+                continue
+            sample = self._checked(self.decoder.decode, raw)
+            if sample is None:
+                continue
+            samples.append(sample)
+            idle_epoch_ends = 0
+            if len(samples) == self.data.pack_buffer:
+                break
+        self._next_start = position
+        order = None
+        if self.shuffle:
+            key = [self.seed, self.dp_rank, start.epoch, start.shard, start.sample]
+            order = np.random.default_rng(key).permutation(len(samples))
+        rows, _ = pack_vlm_samples(samples, seq_len=self.data.seq_len, order=order)
+        return _Buffer(start, samples, rows)
+
+    def _next_row(self) -> list[dict[str, Any]]:
+        while self._buffer is None or self._buffer.row >= len(self._buffer.rows):
+            self._buffer = self._fill()
+        buffer = self._buffer
+        row = buffer.rows[buffer.row]
+        buffer.row += 1
+        return [buffer.samples[i] for i in row]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        return collate_micro_batches(
+            [self._next_row() for _ in range(self.rows_per_rank)],
+            micro_batch_rows=self.micro_batch_rows,
+            seq_len=self.data.seq_len,
+            pad_id=self.pad_id,
+            bidirectional=self.data.bidirectional,
+            mrope=self.data.mrope,
+            dummy=self.data.dummy,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+    def _position(self) -> dict[str, int]:
+        if self._buffer is None:
+            return {**asdict(self._next_start), "row": 0}
+        return {**asdict(self._buffer.start), "row": self._buffer.row}
+
+    def _pinned(self) -> dict[str, Any]:
+        """What the sample order depends on; ``micro_batch_rows`` may change on resume."""
+        digest = hashlib.sha256("\n".join(self.data.urls).encode()).hexdigest()[:16]
+        return {
+            "seed": self.seed,
+            "seq_len": self.data.seq_len,
+            "global_batch_rows": self.rows_per_rank * self.dp_size,
+            "dp_size": self.dp_size,
+            "pack_buffer": self.data.pack_buffer,
+            "shuffle": self.shuffle,
+            "shards": digest,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every data-parallel rank's position (gathered from all ranks: a collective, which
+        every rank's checkpoint save calls), so the state is the same on every rank and is
+        stored once."""
+        mine = self._position()
+        ranks: list[dict[str, int] | None] = [None] * self.dp_size
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.dp_rank, mine))
+        else:
+            gathered = [(self.dp_rank, mine)]
+        for rank, position in gathered:
+            # the ranks of one data-parallel rank (tensor / context / pipeline) read alike
+            assert ranks[rank] in (None, position), (rank, ranks[rank], position)
+            ranks[rank] = position
+        return {"ranks": ranks, "config": self._pinned()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self._pinned()
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(
+                    f"cannot resume: the checkpoint's data.kind=vlm_shards loader has "
+                    f"{key}={value!r} but this one {mine.get(key)!r}; its sample order depends "
+                    "on it (each data-parallel rank streams its own shards, so the "
+                    "data-parallel size may not change either; data.micro_batch_rows may)"
+                )
+        position = state["ranks"][self.dp_rank]
+        start = StreamPosition(position["epoch"], position["shard"], position["sample"])
+        self._next_start, self._raw, self._buffer = start, None, None
+        if position["row"]:
+            self._buffer = self._fill()
+            self._buffer.row = int(position["row"])

@@ -1,0 +1,318 @@
+"""``data.kind=vlm_shards``: a vision-language model trained on the user's own webdataset
+shards, streamed (forge_train.vlm_stream), on shards written here with tarfile + PIL: image
+captions, a two-image conversation, text-only conversations and one undecodable image.
+
+- a short run trains (the loss falls), counts the bad image in its metrics and run log, and
+  its step-2 checkpoint resumes to the uninterrupted run's steps 3-4 (losses and gradient
+  norms); the loader alone resumes mid-buffer to the same batches;
+- a micro-batch without images runs the encoder on the stand-in image (``dummy_visual``): the
+  loss is the same, the encoder and projector get zero gradients instead of none, and under
+  FSDP2 a rank whose micro-batch is text-only neither hangs nor changes the step (2 ranks give
+  one process's loss and gradient norm on the same global batch);
+- configuration errors: no paths, a path without ``.tar`` files, fewer shards than ranks, a
+  resume at another data-parallel size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from forge_core.testing import import_path
+
+tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
+
+CPU = torch.device("cpu")
+
+
+def _png(seed: int, size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _chat(user: str, assistant: str) -> bytes:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return json.dumps({"messages": messages}).encode()
+
+
+def _write(path: Path, files: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _captions(shard: int, n: int) -> list[tuple[str, bytes]]:
+    files = []
+    for i in range(n):
+        files += [(f"{shard}_{i}.png", _png(10 * shard + i)),
+                  (f"{shard}_{i}.txt", f"picture {i} of set {shard}".encode())]  # fmt: skip
+    return files
+
+
+def _text_only(shard: int, n: int) -> list[tuple[str, bytes]]:
+    return [(f"{shard}_t{i}.json", _chat(f"say {i}", f"number {i} said")) for i in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(vlm_data_cache_dir):
+    """The session's VLM data cache (the demo tokenizer, built once for every VLM module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_DATA_CACHE", str(vlm_data_cache_dir))
+        yield
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """3 shards: captions, a two-image conversation, text-only chats, one undecodable image."""
+    root = tmp_path_factory.mktemp("vlm-shards")
+    two_images = [("pair.0.png", _png(90)), ("pair.1.png", _png(91)),
+                  ("pair.json", _chat("<image> and <image>: same?", "no, they differ"))]  # fmt: skip
+    broken = [("broken.png", b"not a png at all"), ("broken.txt", b"lost caption")]
+    _write(root / "a.tar", _captions(0, 4) + two_images + _text_only(0, 1))
+    _write(root / "b.tar", _captions(1, 4) + broken + _text_only(1, 1))
+    _write(root / "c.tar", _captions(2, 3) + _text_only(2, 2))
+    return root
+
+
+#: vlm-tiny, every part trained, on the shards; 4 steps of 2 micro-batches of 2 rows.
+_RUN = (
+    "recipe=vlm",
+    "data=vlm-shards",
+    "data.seq_len=64",
+    "data.pack_buffer=6",
+    "train.freeze=[]",
+    "train.steps=4",
+    "train.eval_batches=0",
+    "optim.warmup_steps=1",
+    "logging.progress=plain",
+    "logging.tensorboard=false",
+    "checkpoint.export_hf=false",
+)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "grad_norm" in r]
+
+
+def test_shards_train_count_bad_data_and_resume(tmp_path, shards, capsys):
+    from forge_train.trainer import train
+
+    def run(name: str, *extra: str):
+        overrides = [*_RUN, f"data.paths=[{shards}]", f"train.output_dir={tmp_path / name}"]
+        with tiny.reference_kernels():
+            return train(tiny.compose_run_config([*overrides, "logging.log_every=1", *extra]))
+
+    straight = run("straight", "checkpoint.interval=2", "checkpoint.keep_last_n=null")
+    rows = _rows(Path(straight.run_dir))
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 4, losses
+    assert all(np.isfinite(losses)), losses
+    assert losses[-1] < losses[0], losses
+    # The undecodable image: counted (every pass of its shard), reported, never fatal.
+    bad = [r["bad_samples"] for r in rows]
+    assert bad[-1] >= 1, bad
+    assert bad == sorted(bad), bad
+    log = capsys.readouterr().out  # the run log's messages
+    assert "undecodable media" in log, log
+    assert "b.tar:broken" in log, log
+    # Step 2's checkpoint resumes to the uninterrupted run's steps 3 and 4.
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    step = "step_00000002"
+    import shutil
+
+    shutil.copytree(Path(straight.run_dir) / "checkpoints" / step, resumed_dir / step)
+    resumed = run("resumed")
+    assert resumed.start_step == 2
+    got = [[r["loss"], r["grad_norm"]] for r in _rows(Path(resumed.run_dir))]
+    want = [[r["loss"], r["grad_norm"]] for r in rows[2:]]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def _shard_data(shards: Path, *extra: str, paths: str | None = None):
+    """``(run config, tokenizer, VLM config, VLMShardData)`` of vlm-tiny on ``shards``."""
+    from forge_train.data import load_run_tokenizer
+    from forge_train.vlm_model import vlm_model_config
+    from forge_train.vlm_stream import build_shard_data
+
+    cfg = tiny.compose_run_config(
+        [*_RUN, f"data.paths=[{paths or shards}]", "train.output_dir=/nonexistent", *extra]
+    )
+    tokenizer = load_run_tokenizer(cfg.data, cfg.model)
+    config = vlm_model_config(cfg.model, tokenizer, frozen=[])
+    data = build_shard_data(cfg.data, tokenizer, config, paths=cfg.data.paths, key="data.paths")
+    return cfg, tokenizer, config, data
+
+
+def _loader(data, *, dp_rank=0, dp_size=1, micro=1):
+    from forge_train.vlm_stream import VLMStreamLoader
+
+    return VLMStreamLoader(
+        data, global_batch_rows=2, micro_batch_rows=micro, seed=3, dp_rank=dp_rank,
+        dp_size=dp_size, pad_id=0,
+    )  # fmt: skip
+
+
+def _flat(step: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's token ids and pixels, each joined over its micro-batches."""
+    ids = [mb["input_ids"].reshape(-1) for mb in step]
+    pixels = [mb["visual"]["image"]["pixel_values"].reshape(-1)
+              for mb in step if "image" in mb["visual"]]  # fmt: skip
+    return torch.cat(ids), torch.cat(pixels) if pixels else torch.zeros(0)
+
+
+def test_loader_resumes_mid_buffer_to_the_same_batches(shards):
+    """Positions inside a packing buffer, across buffers and epochs (5-sample buffers, 3
+    shards): the resumed loader yields the uninterrupted one's batches."""
+    _, _, _, data = _shard_data(shards, "data.pack_buffer=5")
+    straight = _loader(data)
+    for _ in range(3):
+        next(straight)
+    state = straight.state_dict()
+    assert state["ranks"][0]["row"] > 0  # mid-buffer: the buffer is decoded again on resume
+    expected = [_flat(next(straight)) for _ in range(12)]
+    resumed = _loader(data, micro=2)  # micro_batch_rows may change
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # plain data, as checkpoints store it
+    for want in expected:
+        got = _flat(next(resumed))
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1], want[1])
+    assert straight.shards(0) != straight.shards(1) or len(data.urls) == 1  # reshuffled per epoch
+
+
+def test_text_only_micro_batch_runs_the_encoder_with_zero_gradients(shards):
+    """A micro-batch of text-only samples carries ``dummy_visual``: the model's loss is the
+    one without it (bit for bit) and the encoder and projector get zero gradients instead of
+    ``None`` (which, under FSDP / TP of the encoder, meant a rank skipping its collectives);
+    with the encoder frozen it runs too."""
+    from forge_data.tar_shards import tar_samples
+    from forge_models.vlm import build_vlm
+    from forge_train.data import model_inputs
+    from forge_train.vlm_data import collate_micro_batches
+
+    _, _, config, data = _shard_data(shards)
+    texts = [data.dataset.decode(raw) for raw in tar_samples(str(shards / "c.tar"))]
+    texts = [s for s in texts if s is not None and "image" not in s["visual"]]
+    assert len(texts) == 2
+    (batch,) = collate_micro_batches(
+        [texts], micro_batch_rows=1, seq_len=64, pad_id=0, bidirectional=True, mrope=None,
+        dummy=data.dummy,
+    )  # fmt: skip
+    assert "dummy_visual" in batch
+    kwargs, _ = model_inputs(batch, CPU)
+    assert "images" not in kwargs
+    assert "dummy_visual" in kwargs
+    torch.manual_seed(0)
+    model = build_vlm(config)
+    plain = {k: v for k, v in kwargs.items() if k != "dummy_visual"}
+    with torch.no_grad():
+        assert torch.equal(model(**kwargs), model(**plain))
+    model(**kwargs).backward()
+    for part in (model.vision, model.projector):
+        for name, p in part.named_parameters():
+            assert p.grad is not None, name
+            assert not p.grad.any(), name
+    model.zero_grad(set_to_none=True)
+    model.set_trainable(vision=False)  # train.freeze=[vision]
+    model(**kwargs).backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def _one_step(shards: str, output_dir: str, *layout: str) -> list[float]:
+    """``[loss, gradient norm]`` of one step on a fixed global batch of 2 rows: an image row
+    and a text-only row (each data-parallel rank takes its own: rank 1's is text-only). Also
+    a pool job."""
+    from forge_data.tar_shards import tar_samples
+    from forge_train.loop import Trainer
+    from forge_train.vlm_data import collate_micro_batches
+
+    cfg = tiny.compose_run_config(
+        [*_RUN, f"data.paths=[{shards}]", f"train.output_dir={output_dir}",
+         "data.global_batch_rows=2", "data.micro_batch_rows=1", *layout]
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        with tiny.reference_kernels():
+            trainer._build()
+            parts = trainer.parts
+            data = parts.data.train
+            decoded = [data.dataset.decode(r) for r in tar_samples(str(Path(shards) / "a.tar"))]
+            decoded = [s for s in decoded if s is not None]
+            images = [s for s in decoded if "image" in s["visual"]][:3]
+            texts = [s for s in decoded if "image" not in s["visual"]]
+            batches = collate_micro_batches(
+                [images, texts], micro_batch_rows=1, seq_len=data.seq_len, pad_id=parts.pad_id,
+                bidirectional=data.bidirectional, mrope=data.mrope, dummy=data.dummy,
+            )  # fmt: skip
+            assert "dummy_visual" in batches[1]
+            assert "dummy_visual" not in batches[0]
+            mine = batches if parts.dp_size == 1 else [batches[parts.dp_rank]]
+            loss, grad_norm, _ = trainer.runner.run(0, mine)
+    finally:
+        trainer.close()
+    return [float(loss), float(grad_norm)]
+
+
+def test_text_only_rank_under_fsdp2_matches_one_process(tmp_path, shards, dist_pool):
+    """FSDP2 over 2 ranks, rank 1's micro-batch text-only: the encoder's all-gathers and
+    reduce-scatters run on both ranks (without the stand-in image rank 1 skipped them: a
+    collective mismatch, gloo's "Received data size doesn't match expected size", a hang on
+    NCCL), and the loss and gradient norm are one process's on the same global batch. Also
+    CP2, whose ranks both run the text-only micro-batch."""
+    single = _one_step(str(shards), str(tmp_path / "single"))
+    pool = dist_pool(2)
+    ranks = pool.run(_one_step, str(shards), str(tmp_path / "fsdp2"), "parallel=fsdp", timeout=240)
+    for rank in ranks:
+        torch.testing.assert_close(torch.tensor(rank), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    # CP2: the text-only micro-batch's row is cut over the context-parallel ranks like an
+    # image row (the whole row's stand-in features, then this rank's positions).
+    ranks = pool.run(
+        _one_step, str(shards), str(tmp_path / "cp2"), "parallel=cp2-fsdp", timeout=240
+    )
+    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6)
+
+
+def test_configuration_errors(tmp_path, shards):
+    from forge_train.config import ConfigError
+    from forge_train.vlm_stream import resolve_shards
+
+    with pytest.raises(ConfigError, match=r"data\.paths.*data\.kind=vlm_shards needs"):
+        tiny.compose_run_config([*_RUN, "train.output_dir=/nonexistent"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no shards here")
+    for path, what in [
+        (tmp_path / "empty", "holds or matches no .tar file"),
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty" / "*.tar", "holds or matches no .tar file"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(f"data.val_paths: '{path}' {what}")):
+            resolve_shards([str(shards), str(path)], "data.val_paths")
+    assert resolve_shards([f"{shards}/{{a,b}}.tar", str(shards)], "data.paths") == [
+        str(shards / n) for n in ("a.tar", "b.tar", "c.tar")
+    ]
+    _, _, _, data = _shard_data(shards, paths=f"{shards}/a.tar")
+    with pytest.raises(
+        ConfigError, match=r"1 shard file\(s\) for 2 data-parallel ranks.*at least 2"
+    ):
+        _loader(data, dp_size=2)
+    # The order depends on the data-parallel size: a resume at another one is refused.
+    _, _, _, data = _shard_data(shards)
+    state = _loader(data).state_dict()
+    with pytest.raises(ValueError, match=r"cannot resume.*dp_size=1"):
+        _loader(data, dp_size=2).load_state_dict(state)
