@@ -63,15 +63,15 @@ def test_invalid_values_name_the_key(overrides, message):
         compose_run_config(overrides)
 
 
-def test_expert_parallelism_refuses_per_op_recompute():
-    """forge-parallel cannot replay the expert all-to-all op by op: refused at config time."""
+def test_expert_parallelism_takes_every_recompute():
+    """forge-parallel replays the expert all-to-all under per-op policies too (exact at EP2,
+    forge-parallel's test_expert_parallel.py): every recompute setting is accepted with ep > 1
+    (was a ConfigError for selective without recompute_modules and for auto)."""
     ep = {"ep": 2, "data_parallel": "fsdp"}
-    for recompute in ({"recompute": "selective"}, {"recompute": "auto", "recompute_budget_mib": 8}):
-        with pytest.raises(ConfigError, match=r"parallel.recompute: .* expert-parallel all-to-all"):
-            ParallelSettings(**ep, **recompute)
+    ParallelSettings(**ep, recompute="selective")
+    ParallelSettings(**ep, recompute="auto", recompute_budget_mib=8)
     ParallelSettings(**ep, recompute="full")
     ParallelSettings(**ep, recompute="selective", recompute_modules=["attn", "mlp"])
-    ParallelSettings(ep=1, data_parallel="fsdp", recompute="selective")
 
 
 def test_world_size_must_fit_the_layout():

@@ -7,7 +7,8 @@ gets no token at all; blocking and chunked (overlapped) exchanges, through the r
 and through ``apply_ep``. The training test is the acceptance test of ``tests/test_exactness.py``
 for EP2, EP2 with chunked overlap, EP2 x FSDP2 (experts sharded over edp), HSDP with EP and EP2
 with TP2 (attention over tp, experts over ep and etp), also with sequence parallelism (each tp
-rank routes its own sequence shard; the dispatched rows are gathered over etp).
+rank routes its own sequence shard; the dispatched rows are gathered over etp), and EP2 under
+full, per-op (``pointwise``) and automatic recompute.
 """
 
 from __future__ import annotations
@@ -281,6 +282,20 @@ def _layouts_2() -> dict[str, dict]:
             "dims": {"ep": 2},
             "expert_parallel": EP,
             "recompute": RecomputeConfig(mode="full"),
+        },
+        # A per-op policy over the whole block, the experts' all-to-alls included (their
+        # buffers recomputed, so the exchanges run again in backward); the experts are a
+        # nested FSDP unit whose hooks run outside the policy.
+        "ep2_pointwise": {
+            "dims": {"ep": 2},
+            "expert_parallel": EP,
+            "recompute": RecomputeConfig(mode="selective", ops="pointwise"),
+        },
+        # 20,000 bytes of the ~54,000 each block keeps: auto picks a selective policy
+        "ep2_overlap_auto": {
+            "dims": {"ep": 2},
+            "expert_parallel": EPConfig(experts=EP.experts, num_chunks=2),
+            "recompute": RecomputeConfig(mode="auto", memory_budget=20_000),
         },
         # The MoE model without expert parallelism: the dense layouts must stay exact too.
         "ddp": {"dims": {"dp_replicate": -1, "dp_shard": 1}, "data_parallel": "ddp"},

@@ -201,16 +201,6 @@ class ParallelSettings:
             )
         if self.ep > 1:
             _require(
-                self.recompute != "auto"
-                and not (self.recompute == "selective" and not self.recompute_modules),
-                "parallel.recompute",
-                f"recompute={self.recompute} runs a per-op policy over the MoE blocks (auto may "
-                "choose one), which cannot replay the expert-parallel all-to-all dispatch "
-                "(ep > 1); use parallel.recompute=full, or selective with "
-                "parallel.recompute_modules=[attn] (or [attn,mlp]: whole submodules)",
-                self.recompute,
-            )
-            _require(
                 self.data_parallel in ("fsdp", "hsdp"),
                 "parallel.data_parallel",
                 "expert parallelism (ep > 1) needs fsdp or hsdp, which reduce the experts' "

@@ -15,6 +15,8 @@ to autograd (Megatron-Core's ``--recompute-modules``; Korthikanti et al. wrap on
 attention in a checkpoint): ``RecomputeConfig(modules=...)``, and the ``"attention"`` preset,
 whose policy runs inside the block's attention submodule. A policy over the whole block saves
 every op's output it does not recompute, also those autograd would free (a residual add's).
+Over expert-parallel experts the policy decides on their forward's ops, their hooks (FSDP's)
+run outside it (:class:`~forge_parallel.expert_parallel.ExpertParallelExperts`).
 
 The module's ``forward`` is wrapped in place (no wrapper module), so parameter names and state
 dicts are unchanged, and FSDP / ``torch.compile`` applied afterwards see the checkpointed
@@ -207,26 +209,6 @@ def _ops_text(ops: str | Sequence[str]) -> str:
     return ops if isinstance(ops, str) else ",".join(ops)
 
 
-def _refuse_expert_parallel(name: str, module: nn.Module, what: str) -> None:
-    """A per-op policy (or auto, which may choose one) over expert-parallel experts is refused:
-    their dispatch (all-to-alls into ``new_empty`` buffers, split sizes read from exchanged
-    counts, chunked overlap) cannot be replayed op by op: gradients came out as garbage or the
-    recomputation crashed. Full checkpoints of the block or of submodules replay it whole."""
-    from forge_parallel.expert_parallel.experts import ExpertParallelExperts
-
-    experts = [n for n, m in module.named_modules() if isinstance(m, ExpertParallelExperts)]
-    if experts:
-        inner = f"{name}.{experts[0]}" if experts[0] else name
-        raise ValueError(
-            f"recompute {what} on {name!r}, which holds the expert-parallel experts "
-            f"{inner!r}: a per-op policy cannot replay their all-to-all dispatch (wrong "
-            "gradients). Use RecomputeConfig(mode='full'), the attention preset "
-            "(mode='selective' with blocks that have an attn / self_attn child), "
-            "modules=('attn',) (with ops=... its policy stays inside attention), or "
-            "modules=('mlp',) without ops (checkpointed whole)"
-        )
-
-
 def _check_not_checkpointed(name: str, module: nn.Module) -> None:
     if any(getattr(m, "_forge_recompute", None) for m in module.modules()):
         raise ValueError(f"{name} (or a submodule) is already checkpointed; apply recompute once")
@@ -324,8 +306,6 @@ def apply_recompute(
     else:
         context_fn = _selective_context(ops)
         description = f"selective ({_ops_text(ops)})"
-        for name, block in blocks:
-            _refuse_expert_parallel(name, block, f"selective (ops={_ops_text(ops)})")
     applied: dict[str, str] = {}
     for index, (name, block) in enumerate(blocks):
         if config.mode == "full" and index % config.every:
@@ -350,11 +330,6 @@ def _apply_modules(
         per_block = [[(c, getattr(b, c))] for (_, b), c in zip(blocks, children, strict=True)]
     context_fn = None if ops is None else _selective_context(ops, submodule=True)
     description = "full" if ops is None else f"selective ({_ops_text(ops)})"
-    if ops is not None:  # checked before anything is wrapped
-        for (name, _), chosen in zip(blocks, per_block, strict=True):
-            for path, module in chosen:
-                full_name = f"{name}.{path}" if name else path
-                _refuse_expert_parallel(full_name, module, f"selective (ops={_ops_text(ops)})")
     applied: dict[str, str] = {}
     for (name, block), chosen in zip(blocks, per_block, strict=True):
         _check_not_checkpointed(name, block)
@@ -369,8 +344,6 @@ def _apply_auto(blocks: Sequence[tuple[str, nn.Module]], config: RecomputeConfig
     budget = auto_budgets(config.memory_budget, config.budget_scope, len(blocks))
     scope = "per block" if config.budget_scope == "block" else "in total"
     description = f"auto ({config.memory_budget / 2**20:.2f} MiB {scope})"
-    for name, block in blocks:  # checked before anything is wrapped
-        _refuse_expert_parallel(name, block, "mode='auto' (it may choose a per-op policy)")
     applied: dict[str, str] = {}
     for name, block in blocks:
         _check_not_checkpointed(name, block)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,7 @@ from forge_parallel.expert_parallel.dispatch import (
     plan_from_counts,
 )
 from forge_parallel.expert_parallel.overlap import chunked_expert_forward
+from forge_parallel.replay_checkpoint import _is_selective_checkpoint_mode, recomputed_whole
 
 __all__ = ["ExpertParallelExperts", "ExpertsModule", "gather_over_etp"]
 
@@ -124,6 +125,33 @@ def gather_over_etp(
     return combine(partial, plan).view(etp, x_local.shape[0], *partial.shape[1:]).sum(dim=0)
 
 
+def _policy_modes() -> tuple[Any, ...]:
+    """The selective checkpoint dispatch modes (a per-op policy's caching or cached mode, auto
+    recompute's measurement) on top of the dispatch mode stack, outermost first: what
+    :func:`~forge_parallel.replay_checkpoint.recomputed_whole` takes off."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    stack = _get_current_dispatch_mode_stack()
+    top = len(stack)
+    while top and _is_selective_checkpoint_mode(stack[top - 1]):
+        top -= 1
+    return tuple(stack[top:])
+
+
+@contextlib.contextmanager
+def _pushed(modes: tuple[Any, ...]) -> Iterator[None]:
+    """Put ``modes`` (outermost first) back on the dispatch mode stack while inside."""
+    from torch.utils._python_dispatch import _pop_mode, _push_mode
+
+    for mode in modes:
+        _push_mode(mode)
+    try:
+        yield
+    finally:
+        for _ in modes:
+            _pop_mode()
+
+
 class ExpertParallelExperts:
     """Mixed into an experts module's class by ``apply_ep``: expert-parallel forward.
 
@@ -134,10 +162,44 @@ class ExpertParallelExperts:
     the graph at every one and recompile on new counts. The router, the permutation and
     the rest of the block stay compiled (torchtitan keeps its MoE token dispatch out of
     the graph the same way).
+
+    Under a per-op recompute policy (``RecomputeConfig(ops=...)``, ``mode="auto"``) the
+    module's hooks run outside the policy and its forward inside it. The hooks are FSDP's
+    when the experts are sharded over ``edp`` (``apply_fsdp(..., experts=...)``, a unit nested
+    in the checkpointed block). What they do depends on FSDP's state, which differs between
+    the forward and the recomputation inside backward (unshard or not, reshard or not), and
+    so does the number of ops they issue (profiler ranges, all-gather copies): a policy keyed
+    by each op's call count (PyTorch's cache, auto's plan) then looks up the wrong call or
+    none ("profiler._record_function_enter_new.default invocation index 2 encountered during
+    backward but not found in storage"). Outside the policy they run as under a full
+    checkpoint. The forward (count exchange, dispatch, experts, combine) issues the same ops
+    in both passes, so the policy decides on those; its in-place all-to-alls follow their
+    receive buffers (recomputed with them, the exchanges run again in backward, in the same
+    order on every rank, as under full recompute).
     """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        modes = _policy_modes()
+        if not modes:
+            return super().__call__(*args, **kwargs)
+        self._forge_ep_policy_modes = modes
+        try:
+            with recomputed_whole():
+                return super().__call__(*args, **kwargs)
+        finally:
+            del self._forge_ep_policy_modes
 
     @torch.compiler.disable
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        modes = self.__dict__.get("_forge_ep_policy_modes", ())
+        with _pushed(modes):
+            return self._expert_parallel_forward(x_sorted, tokens_per_expert)
+
+    def _expert_parallel_forward(
+        self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor:
         state = self._forge_ep
         if tokens_per_expert.numel() != state.num_experts:
             raise ValueError(
