@@ -3,14 +3,16 @@ shards, streamed (forge_train.vlm_stream), on shards written here with tarfile +
 captions, a two-image conversation, text-only conversations and one undecodable image.
 
 - a short run trains (the loss falls), counts the bad image in its metrics and run log, and
-  its step-2 checkpoint resumes to the uninterrupted run's steps 3-4 (losses and gradient
-  norms); the loader alone resumes mid-buffer to the same batches;
+  its step-2 checkpoint resumes to the uninterrupted run's steps 3-4 (losses, gradient norms
+  and bad-data counts); the loader alone resumes mid-buffer to the same batches and counts;
 - a micro-batch without images runs the encoder on the stand-in image (``dummy_visual``): the
   loss is the same, the encoder and projector get zero gradients instead of none, and under
   FSDP2 a rank whose micro-batch is text-only neither hangs nor changes the step (2 ranks give
-  one process's loss and gradient norm on the same global batch);
-- configuration errors: no paths, a path without ``.tar`` files, fewer shards than ranks, a
-  resume at another data-parallel size.
+  one process's loss and gradient norm on the same global batch), and the run log's bad-data
+  counts are summed over the ranks with a location from whichever rank has one;
+- configuration errors: no paths, a path without ``.tar`` files, fewer shards than ranks (but
+  evaluation splits one held-out shard's samples over the ranks), a resume at another
+  data-parallel size.
 """
 
 from __future__ import annotations
@@ -139,9 +141,12 @@ def test_shards_train_count_bad_data_and_resume(tmp_path, shards, capsys):
     shutil.copytree(Path(straight.run_dir) / "checkpoints" / step, resumed_dir / step)
     resumed = run("resumed")
     assert resumed.start_step == 2
-    got = [[r["loss"], r["grad_norm"]] for r in _rows(Path(resumed.run_dir))]
+    resumed_rows = _rows(Path(resumed.run_dir))
+    got = [[r["loss"], r["grad_norm"]] for r in resumed_rows]
     want = [[r["loss"], r["grad_norm"]] for r in rows[2:]]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    # ... and reports its bad-data counts (the checkpoint keeps those before the buffer).
+    assert [r["bad_samples"] for r in resumed_rows] == bad[2:], (resumed_rows, bad)
 
 
 def _shard_data(shards: Path, *extra: str, paths: str | None = None):
@@ -159,12 +164,12 @@ def _shard_data(shards: Path, *extra: str, paths: str | None = None):
     return cfg, tokenizer, config, data
 
 
-def _loader(data, *, dp_rank=0, dp_size=1, micro=1):
+def _loader(data, *, dp_rank=0, dp_size=1, micro=1, shuffle=True):
     from forge_train.vlm_stream import VLMStreamLoader
 
     return VLMStreamLoader(
         data, global_batch_rows=2, micro_batch_rows=micro, seed=3, dp_rank=dp_rank,
-        dp_size=dp_size, pad_id=0,
+        dp_size=dp_size, pad_id=0, shuffle=shuffle,
     )  # fmt: skip
 
 
@@ -185,13 +190,16 @@ def test_loader_resumes_mid_buffer_to_the_same_batches(shards):
         next(straight)
     state = straight.state_dict()
     assert state["ranks"][0]["row"] > 0  # mid-buffer: the buffer is decoded again on resume
-    expected = [_flat(next(straight)) for _ in range(12)]
+    assert state["ranks"][0]["bad"], state  # bad data read before the checkpoint
+    expected = [(_flat(next(straight)), dict(straight.bad_data.counts)) for _ in range(12)]
     resumed = _loader(data, micro=2)  # micro_batch_rows may change
     resumed.load_state_dict(json.loads(json.dumps(state)))  # plain data, as checkpoints store it
-    for want in expected:
+    for want, counts in expected:
         got = _flat(next(resumed))
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1], want[1])
+        # the bad data read before the checkpoint is still counted (not from 0 again)
+        assert resumed.bad_data.counts == counts, (resumed.bad_data.counts, counts)
     assert straight.shards(0) != straight.shards(1) or len(data.urls) == 1  # reshuffled per epoch
 
 
@@ -264,9 +272,13 @@ def _one_step(shards: str, output_dir: str, *layout: str) -> list[float]:
             assert "dummy_visual" not in batches[0]
             mine = batches if parts.dp_size == 1 else [batches[parts.dp_rank]]
             loss, grad_norm, _ = trainer.runner.run(0, mine)
+            # The run log's bad data: only the last data-parallel rank has met any.
+            if parts.dp_size > 1 and parts.dp_rank == parts.dp_size - 1:
+                parts.loader.bad_data.add("undecodable media", f"rank{parts.dp_rank}.tar:x")
+            bad = trainer._bad_data()
     finally:
         trainer.close()
-    return [float(loss), float(grad_norm)]
+    return [float(loss), float(grad_norm)], bad
 
 
 def test_text_only_rank_under_fsdp2_matches_one_process(tmp_path, shards, dist_pool):
@@ -275,17 +287,22 @@ def test_text_only_rank_under_fsdp2_matches_one_process(tmp_path, shards, dist_p
     collective mismatch, gloo's "Received data size doesn't match expected size", a hang on
     NCCL), and the loss and gradient norm are one process's on the same global batch. Also
     CP2, whose ranks both run the text-only micro-batch."""
-    single = _one_step(str(shards), str(tmp_path / "single"))
+    single, bad = _one_step(str(shards), str(tmp_path / "single"))
+    assert bad == ({}, None)
     pool = dist_pool(2)
     ranks = pool.run(_one_step, str(shards), str(tmp_path / "fsdp2"), "parallel=fsdp", timeout=240)
-    for rank in ranks:
+    for rank, bad in ranks:
         torch.testing.assert_close(torch.tensor(rank), torch.tensor(single), rtol=1e-5, atol=1e-6)
+        # summed over the ranks, and rank 1's location given though rank 0 has none
+        assert bad == ({"undecodable media": 1}, "rank1.tar:x"), bad
     # CP2: the text-only micro-batch's row is cut over the context-parallel ranks like an
     # image row (the whole row's stand-in features, then this rank's positions).
     ranks = pool.run(
         _one_step, str(shards), str(tmp_path / "cp2"), "parallel=cp2-fsdp", timeout=240
     )
-    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(ranks[0][0]), torch.tensor(single), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_configuration_errors(tmp_path, shards):
@@ -311,8 +328,17 @@ def test_configuration_errors(tmp_path, shards):
         ConfigError, match=r"1 shard file\(s\) for 2 data-parallel ranks.*at least 2"
     ):
         _loader(data, dp_size=2)
-    # The order depends on the data-parallel size: a resume at another one is refused.
+    # ... but evaluation (no shuffling) of a one-shard held-out set at dp=2 reads it: each
+    # rank its share of the samples (6 in a.tar: 3 each), none read twice.
+    keys = [
+        {s["key"] for s in _loader(data, dp_rank=r, dp_size=2, shuffle=False)._fill().samples}
+        for r in (0, 1)
+    ]
+    assert len(keys[0]) == len(keys[1]) == 3, keys
+    assert not keys[0] & keys[1], keys
+    # The order depends on the data-parallel size: a resume at another one is refused (a
+    # ConfigError: the command line prints it, no traceback).
     _, _, _, data = _shard_data(shards)
     state = _loader(data).state_dict()
-    with pytest.raises(ValueError, match=r"cannot resume.*dp_size=1"):
+    with pytest.raises(ConfigError, match=r"cannot resume.*dp_size=1.*new run"):
         _loader(data, dp_size=2).load_state_dict(state)

@@ -21,6 +21,7 @@ from forge_train.data import VLM_KINDS, DataBundle, build_data, build_loader, lo
 from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
 from forge_train.optim import LRSchedule, build_optimizer
+from forge_train.throughput import VisualFlops
 
 __all__ = ["Components", "build_components"]
 
@@ -46,6 +47,9 @@ class Components:
     fp8_layers: list[str] = field(default_factory=list)
     #: This rank's pipeline stage and schedule (``parallel.pp > 1``; ``model`` is the stage).
     pipeline: Any = None
+    #: A VLM's vision encoder + projector FLOPs of a step's micro-batches, which MFU adds to
+    #: ``flops_per_token`` x tokens (:class:`forge_train.throughput.VisualFlops`); ``None``: an LLM.
+    visual_flops: Any = None
 
 
 def _recompute(cfg: RunConfig):
@@ -344,11 +348,12 @@ def build_components(
         schedule=LRSchedule(optimizer, cfg.optim, cfg.train.steps),
         n_params=_count(model, pipeline),
         n_trainable=_count(model, pipeline, trainable=True),
-        # A VLM's vision encoder and projector are not counted yet (language model only).
+        # A VLM's language model per token; its encoder and projector per batch (visual_flops).
         flops_per_token=forge_models.flops_per_token(text_config, cfg.data.seq_len, causal=True),
         lora_targets=lora_targets,
         fp8_layers=fp8_layers,
         pipeline=pipeline,
+        visual_flops=VisualFlops(config) if vlm else None,
     )
 
 

@@ -12,7 +12,9 @@ Each log row's ``loss`` is the next-token cross-entropy per predicted token (wit
 prediction, each depth's ``mtp_<k>_loss`` beside it); ``tokens`` counts the predicted (loss)
 tokens trained on, while ``tokens_per_s`` and ``mfu`` count the input tokens processed (every
 non-padding position of the batch, as the model runs on all of them), over the time of the
-steps only (held-out evaluation and checkpoint saves are left out). Without a validation set
+steps only (held-out evaluation and checkpoint saves are left out); ``flops`` and ``mfu`` add a
+vision-language model's encoder and projector FLOPs of those batches
+(:mod:`forge_train.throughput`). Without a validation set
 the "held-out" evaluation reads training batches: its rows say ``eval_split: "train"``.
 A loader that skips bad data (``data.kind=vlm_shards``) adds ``bad_samples`` to each row (its
 count summed over the data-parallel ranks) and the run log says by reason what was skipped
@@ -41,7 +43,7 @@ from forge_train.progress import Progress, TrainResult
 from forge_train.rundir import resolve_run_dir
 from forge_train.sharded_routing import sharded_routing
 from forge_train.step import StepRunner
-from forge_train.throughput import benchmark_line, mfu, peak_flops, peak_memory_gb
+from forge_train.throughput import benchmark_line, peak_flops, peak_memory_gb, window_figures
 from forge_train.vlm_model import language_model_config, language_model_of
 
 __all__ = ["Trainer"]
@@ -267,6 +269,12 @@ class Trainer:
                 f"inside the warmup, its learning rate {reached} and never decays; lower "
                 "optim.warmup_steps for a full schedule (fine for a smoke run)"
             )
+        visual = self.parts.visual_flops
+        if visual is not None and visual.unsupported is not None:
+            self.log.message(
+                f"warning: MFU and flops count the language model only: {visual.unsupported} "
+                "(forge_models.vision_flops counts the built-in encoders and projectors)"
+            )
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -305,8 +313,9 @@ class Trainer:
         cfg, p = self.cfg, self.parts
         saved_at = -1
         started = time.perf_counter()
-        window_start, window_tokens = started, 0  # input tokens of this rank's batches
-        bench_start, bench_tokens = None, 0
+        # Input tokens and (VLM) vision encoder + projector FLOPs of this rank's batches.
+        window_start, window_tokens, window_visual = started, 0, 0
+        bench_start, bench_tokens, bench_visual = None, 0, 0
         profile = ProfileWindow(
             cfg.logging.profile,
             default_dir=self.run_dir / "profile",
@@ -319,7 +328,7 @@ class Trainer:
                 step = self.progress.step
                 if cfg.train.benchmark and step - result.start_step == cfg.train.benchmark_warmup:
                     self.accelerator.synchronize()
-                    bench_start, bench_tokens = time.perf_counter(), 0
+                    bench_start, bench_tokens, bench_visual = time.perf_counter(), 0, 0
                 batch = next(p.loader)
                 loss, grad_norm, tokens = self.runner.run(step, batch)
                 p.schedule.step()
@@ -328,16 +337,17 @@ class Trainer:
                 self.progress.tokens += tokens
                 result.losses.append(loss)
                 processed = input_tokens(batch)
-                window_tokens += processed
-                bench_tokens += processed
+                visual = p.visual_flops(batch) if p.visual_flops is not None else 0
+                window_tokens, window_visual = window_tokens + processed, window_visual + visual
+                bench_tokens, bench_visual = bench_tokens + processed, bench_visual + visual
                 done = self.progress.step
                 if done == result.start_step + 1 and cfg.parallel.recompute == "auto":
                     self._report_recompute()
                 if done % cfg.logging.log_every == 0 or done == cfg.train.steps:
                     now = time.perf_counter()
-                    processed = self._global_input_tokens(window_tokens)
-                    self._log_row(done, loss, grad_norm, processed / max(now - window_start, 1e-9))
-                    window_start, window_tokens = now, 0
+                    processed, visual = self._global_sums(window_tokens, window_visual)
+                    self._log_row(done, loss, grad_norm, processed, visual, now - window_start)
+                    window_start, window_tokens, window_visual = now, 0, 0
                 paused = time.perf_counter()  # saves and evaluations: not in tokens/s
                 if manager is not None and manager.should_save(done):
                     result.checkpoint, saved_at = self._save(manager, done), done
@@ -363,7 +373,7 @@ class Trainer:
                     break
         result.profile_traces = list(profile.traces)
         if cfg.train.benchmark:
-            self._benchmark_summary(result, bench_start, bench_tokens)
+            self._benchmark_summary(result, bench_start, bench_tokens, bench_visual)
         return saved_at
 
     def _report_recompute(self) -> None:
@@ -410,65 +420,99 @@ class Trainer:
         if result.hf_dir is not None:
             self.log.message(f"saved checkpoint {result.checkpoint} and HF export {result.hf_dir}")
 
-    def _global_input_tokens(self, local: int) -> int:
-        """Input tokens of the whole global batch from this rank's count (summed over the
-        data-parallel ranks; the other ranks of a data-parallel rank read the same batch)."""
+    def _global_sums(self, *local: int) -> list[int]:
+        """Counts of the whole global batch (input tokens, visual FLOPs) from this rank's:
+        summed over the data-parallel ranks (the other ranks of a data-parallel rank read the
+        same batch), in one float64 all-reduce (exact to 2**53)."""
         if self.parts.dp_size == 1:
-            return local
-        total = torch.tensor([float(local)], device=self.device)
-        return int(all_reduce(total, self.parts.dp_group).item())
+            return list(local)
+        total = torch.tensor([float(n) for n in local], dtype=torch.float64, device=self.device)
+        return [int(n) for n in all_reduce(total, self.parts.dp_group).tolist()]
 
-    def _log_row(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
-        """One metrics row; ``tokens_per_s``: input (non-padding) tokens per second."""
+    def _log_row(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        tokens: int,
+        visual_flops: int,
+        seconds: float,
+    ) -> None:
+        """One metrics row from the global batches since the previous one: ``tokens`` input
+        (non-padding) tokens and ``visual_flops`` (a VLM's encoder + projector) in ``seconds``."""
         p = self.parts
+        figures = window_figures(
+            tokens=tokens,
+            visual_flops=visual_flops,
+            seconds=seconds,
+            flops_per_token=p.flops_per_token,
+            world_size=self.world_size,
+            peak=self.peak,
+        )
         row = {
             "step": step,
             "loss": loss,
             **getattr(self.runner, "last_mtp_losses", {}),
             "lr": p.schedule.config.lr * p.schedule.factor(step - 1),
             "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": figures["tokens_per_s"],
             "tokens": self.progress.tokens,
-            "mfu": mfu(tokens_per_s, p.flops_per_token, self.world_size, self.peak),
+            "flops": figures["flops"],
+            "mfu": figures["mfu"],
             "memory_gb": peak_memory_gb(self.accelerator),
         }
         bad = self._bad_data()
         if bad is not None:
-            row["bad_samples"] = sum(bad.values())
+            row["bad_samples"] = sum(bad[0].values())
         self.log.log(row, show=True)
         if bad is not None and row["bad_samples"] > self._bad_reported:
             self._bad_reported = row["bad_samples"]
-            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items()))
-            records = self.parts.loader.bad_data.records
-            first = f"; first on this rank: {records[0]['location']}" if records else ""
+            counts, where = bad
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
             self.log.message(
                 f"data: {row['bad_samples']} bad shard(s) / sample(s) skipped or truncated so "
-                f"far, over all data-parallel ranks ({reasons}){first}; "
-                "data.on_bad_data=raise stops at the first one instead"
+                f"far, over all data-parallel ranks ({reasons})"
+                + (f"; e.g. {where}" if where else "")
+                + "; data.on_bad_data=raise stops at the first one instead"
             )
 
-    def _bad_data(self) -> dict[str, int] | None:
+    def _bad_data(self) -> tuple[dict[str, int], str | None] | None:
         """The training loader's bad-data counts by reason (``forge_data``'s
         ``BadDataReport``), summed over the data-parallel ranks (a collective there: every rank
-        logs its rows); ``None`` for a loader that counts none."""
+        logs its rows), and the location of one of them, the first recorded on the lowest
+        data-parallel rank that has any (the others may hold all of them: rank 0 has no
+        location to give then); ``None`` for a loader that counts none."""
         report = getattr(self.parts.loader, "bad_data", None)
         if report is None:
             return None
-        counts = dict(report.counts)
+        mine = (dict(report.counts), report.records[0]["location"] if report.records else None)
+        gathered = [mine]
         if self.parts.dp_size > 1:
-            gathered: list = [None] * self.parts.dp_size
-            dist.all_gather_object(gathered, counts, group=self.parts.dp_group)
-            counts = {}
-            for ranks in gathered:
-                for reason, n in ranks.items():
-                    counts[reason] = counts.get(reason, 0) + n
-        return counts
+            gathered = [None] * self.parts.dp_size
+            dist.all_gather_object(gathered, mine, group=self.parts.dp_group)
+        counts: dict[str, int] = {}
+        for ranks, _ in gathered:
+            for reason, n in ranks.items():
+                counts[reason] = counts.get(reason, 0) + n
+        where = next((location for _, location in gathered if location), None)
+        return counts, where
 
-    def _benchmark_summary(self, result: TrainResult, start: float | None, tokens: int) -> None:
+    def _benchmark_summary(
+        self, result: TrainResult, start: float | None, tokens: int, visual: int
+    ) -> None:
         self.accelerator.synchronize()
         measured = self.progress.step - result.start_step - self.cfg.train.benchmark_warmup
         elapsed = time.perf_counter() - (start or time.perf_counter())
-        result.tokens_per_s = self._global_input_tokens(tokens) / max(elapsed, 1e-9)
+        tokens, visual = self._global_sums(tokens, visual)
+        figures = window_figures(
+            tokens=tokens,
+            visual_flops=visual,
+            seconds=elapsed,
+            flops_per_token=self.parts.flops_per_token,
+            world_size=self.world_size,
+            peak=self.peak,
+        )
+        result.tokens_per_s = figures["tokens_per_s"]
         self.log.message(
             benchmark_line(
                 n_params=self.parts.n_params,
@@ -478,9 +522,7 @@ class Trainer:
                 steps=measured,
                 elapsed=elapsed,
                 tokens_per_s=result.tokens_per_s,
-                mfu_value=mfu(
-                    result.tokens_per_s, self.parts.flops_per_token, self.world_size, self.peak
-                ),
+                mfu_value=figures["mfu"],
                 memory_gb=peak_memory_gb(self.accelerator),
             )
         )

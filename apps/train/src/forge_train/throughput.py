@@ -2,18 +2,34 @@
 ``--benchmark`` summary line.
 
 MFU (model FLOPs utilization, Chowdhery et al. 2022, PaLM, appendix B) is
-``tokens/s x flops_per_token / (devices x peak FLOP/s)``, with ``forge_models.flops_per_token``;
-tokens/s counts the input tokens the model processes (every non-padding position), not only the
-predicted (loss) tokens: with an assistant-only SFT loss those are a fraction of the work.
+``(tokens/s x flops_per_token + visual FLOP/s) / (devices x peak FLOP/s)``, with
+``forge_models.flops_per_token`` for the (language) model; tokens/s counts the input tokens the
+model processes (every non-padding position), not only the predicted (loss) tokens: with an
+assistant-only SFT loss those are a fraction of the work. A vision-language model adds its
+vision encoder and projector (:class:`VisualFlops`, ``forge_models.vision_flops``): their work
+grows with each image's patches, not with the tokens, so it is counted per micro-batch from the
+images' and videos' shapes (a frozen encoder forward only). The stand-in image of a text-only
+micro-batch (``dummy_visual``) is not counted, as padding is not: it computes nothing the model
+keeps. An LLM's figures are those of ``tokens/s x flops_per_token`` alone, unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from forge_train.config import LoggingConfig
 
-__all__ = ["benchmark_line", "known_peak_flops", "mfu", "peak_flops", "peak_memory_gb"]
+__all__ = [
+    "VisualFlops",
+    "benchmark_line",
+    "known_peak_flops",
+    "mfu",
+    "peak_flops",
+    "peak_memory_gb",
+    "window_figures",
+]
 
 
 def known_peak_flops(device_name: str) -> float | None:
@@ -36,12 +52,81 @@ def peak_flops(config: LoggingConfig, device: torch.device) -> float | None:
 
 
 def mfu(
-    tokens_per_s: float, flops_per_token: float, world_size: int, peak: float | None
+    tokens_per_s: float,
+    flops_per_token: float,
+    world_size: int,
+    peak: float | None,
+    *,
+    visual_flops_per_s: float = 0.0,
 ) -> float | None:
-    """Model FLOPs utilization in [0, 1]; ``None`` without a known peak."""
+    """Model FLOPs utilization in [0, 1]; ``None`` without a known peak.
+    ``visual_flops_per_s``: a VLM's vision encoder + projector FLOPs per second."""
     if peak is None:
         return None
-    return tokens_per_s * flops_per_token / (world_size * peak)
+    return (tokens_per_s * flops_per_token + visual_flops_per_s) / (world_size * peak)
+
+
+def window_figures(
+    *,
+    tokens: int,
+    visual_flops: int,
+    seconds: float,
+    flops_per_token: float,
+    world_size: int,
+    peak: float | None,
+) -> dict[str, Any]:
+    """``tokens_per_s``, ``flops`` and ``mfu`` of a log row from what the global batches since
+    the previous row processed: ``tokens`` input tokens, ``visual_flops`` vision encoder +
+    projector FLOPs (0 for an LLM), in ``seconds`` of steps. ``flops``: the model FLOPs of those
+    batches, ``tokens x flops_per_token + visual_flops``."""
+    seconds = max(seconds, 1e-9)
+    tokens_per_s = tokens / seconds
+    return {
+        "tokens_per_s": tokens_per_s,
+        "flops": tokens * flops_per_token + visual_flops,
+        "mfu": mfu(
+            tokens_per_s,
+            flops_per_token,
+            world_size,
+            peak,
+            visual_flops_per_s=visual_flops / seconds,
+        ),
+    }
+
+
+class VisualFlops:
+    """The vision encoder + projector training FLOPs of this rank's micro-batches of one step
+    (``forge_models.vision_flops.visual_flops`` of each micro-batch's images and videos, as
+    :func:`forge_train.vlm_data.vlm_model_inputs` hands them to the model; frozen parts as
+    ``config.frozen``, i.e. ``train.freeze``). Reads shapes and ``grid_thw`` on the host only.
+
+    ``unsupported``: why the config's encoder or projector cannot be counted (a registered
+    component without a formula), else ``None``; such a run counts the language model only.
+    """
+
+    def __init__(self, config: Any) -> None:
+        from forge_models.vision_flops import visual_flops_unsupported
+
+        self.config = config
+        self.unsupported = visual_flops_unsupported(config)
+
+    def __call__(self, micro_batches: list[dict[str, Any]]) -> int:
+        if self.unsupported is not None:
+            return 0
+        from forge_models.vision_flops import visual_flops
+        from forge_models.vlm import VisualInputs
+
+        total = 0
+        for mb in micro_batches:
+            visual = mb.get("visual") or {}
+            for kind in ("image", "video"):
+                stream = visual.get(kind)
+                if stream is None:
+                    continue
+                fields = ("pixel_values", "grid_thw", "tiles_per_item", "image_sizes")
+                values = {k: stream[k] for k in fields if stream.get(k) is not None}
+                total += visual_flops(self.config, VisualInputs(**values, kind=kind))
+        return total
 
 
 def peak_memory_gb(accelerator) -> float:

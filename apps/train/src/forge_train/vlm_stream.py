@@ -30,13 +30,17 @@ How a rank reads (as webdataset / Megatron-Energon do):
   and the run log reports the counts (summed over the ranks); ``data.on_bad_data=raise`` stops
   at the first one instead. A rank whose shards hold no usable sample in a whole epoch is a
   ``ConfigError``.
+* Evaluation (``data.val_paths``, read in order from the start each time) also takes fewer
+  shards than ranks (a held-out set is often one file): then every rank reads all of them and
+  keeps every ``n``-th sample (:attr:`VLMStreamLoader.by_sample`).
 
 Resuming: the loader's state is, per data-parallel rank, where its current packing buffer
 started (epoch, shard, raw sample) and how many of that buffer's rows it has handed out. On
 resume the rank skips the raw samples before the buffer undecoded (the tar bytes are read,
 no image decoded), decodes and packs the buffer again and goes on at the same row, so a
-resumed run gets exactly the batches of the uninterrupted one. Samples of that buffer that
-were bad are counted again after a resume.
+resumed run gets exactly the batches of the uninterrupted one. The state also keeps the rank's
+bad-data counts from before that buffer (the buffer's own bad samples are counted again as it
+is decoded again), so a resumed run reports the uninterrupted run's counts.
 """
 
 from __future__ import annotations
@@ -176,11 +180,13 @@ class StreamPosition:
 @dataclass
 class _Buffer:
     """The packed rows of the samples read from ``start`` on (up to ``pack_buffer`` of them),
-    ``row``: how many rows were handed out."""
+    ``row``: how many rows were handed out, ``bad``: the rank's bad-data counts before
+    ``start`` (what a resume at this buffer starts counting from)."""
 
     start: StreamPosition
     samples: list[dict[str, Any]]
     rows: list[list[int]]
+    bad: dict[str, int]
     row: int = 0
 
 
@@ -202,7 +208,12 @@ class VLMStreamLoader:
         shuffle: bool = True,
     ) -> None:
         n = len(data.urls)
-        if n < dp_size:
+        # Evaluation (no shuffling, never resumed) takes whatever shards it is given, as a
+        # held-out set is often one file: with fewer shards than ranks every rank reads them all
+        # and keeps its share of the samples (sample i of the j-th shard goes to rank
+        # (i + j) % dp), the tar bytes of the others read past undecoded.
+        self.by_sample = n < dp_size and not shuffle
+        if n < dp_size and shuffle:
             raise ConfigError(
                 f"{data.key}: {n} shard file(s) for {dp_size} data-parallel ranks; each rank "
                 f"reads its own shards, so the data needs at least {dp_size} {SHARD_SUFFIX} "
@@ -232,12 +243,19 @@ class VLMStreamLoader:
 
     # -- reading ----------------------------------------------------------------------------
     def shards(self, epoch: int) -> list[str]:
-        """This rank's shards of ``epoch``, in reading order."""
+        """This rank's shards of ``epoch``, in reading order (all of them when it keeps a
+        share of their samples, :attr:`by_sample`)."""
         urls = self.data.urls
         order = np.arange(len(urls))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(urls))
+        if self.by_sample:
+            return [urls[i] for i in order]
         return [urls[i] for i in order[self.dp_rank :: self.dp_size]]
+
+    def _mine(self, shard: int, sample: int) -> bool:
+        """Whether raw sample ``sample`` of this rank's ``shard``-th shard is this rank's."""
+        return not self.by_sample or (sample + shard) % self.dp_size == self.dp_rank
 
     def _raw_samples(
         self, start: StreamPosition
@@ -254,7 +272,7 @@ class VLMStreamLoader:
                 url, damage = shards[shard], None
                 try:
                     for i, raw in enumerate(tar_samples(url)):
-                        if i >= skip:
+                        if i >= skip and self._mine(shard, i):
                             yield StreamPosition(epoch, shard, i + 1), raw
                 except ShardError as err:
                     damage = err
@@ -280,6 +298,7 @@ class VLMStreamLoader:
         from forge_data.vision import pack_vlm_samples
 
         start = self._next_start
+        bad = dict(self.bad_data.counts)  # everything before ``start``: read and counted
         if self._raw is None:
             self._raw = self._raw_samples(start)
         samples: list[dict[str, Any]] = []
@@ -289,9 +308,15 @@ class VLMStreamLoader:
             if raw is None:
                 idle_epoch_ends += 1
                 if idle_epoch_ends >= 2:  # a whole epoch of this rank's shards gave nothing
+                    n = len(self.shards(0))
+                    what = (
+                        f"data-parallel rank {self.dp_rank}'s share of the samples of the {n} "
+                        f"shard(s) holds"
+                        if self.by_sample
+                        else f"the {n} shard(s) of data-parallel rank {self.dp_rank} hold"
+                    )
                     raise ConfigError(
-                        f"{self.data.key}: the {len(self.shards(0))} shard(s) of data-parallel "
-                        f"rank {self.dp_rank} hold no usable sample (bad data so far: "
+                        f"{self.data.key}: {what} no usable sample (bad data so far: "
                         f"{self.bad_data.counts or 'none: the shards are empty'}); check the "
                         "shards (a sample is key.json / key.txt with its images, see "
                         "forge_data.vision.VLMDataset)"
@@ -310,7 +335,7 @@ class VLMStreamLoader:
             key = [self.seed, self.dp_rank, start.epoch, start.shard, start.sample]
             order = np.random.default_rng(key).permutation(len(samples))
         rows, _ = pack_vlm_samples(samples, seq_len=self.data.seq_len, order=order)
-        return _Buffer(start, samples, rows)
+        return _Buffer(start, samples, rows, bad)
 
     def _next_row(self) -> list[dict[str, Any]]:
         while self._buffer is None or self._buffer.row >= len(self._buffer.rows):
@@ -335,10 +360,14 @@ class VLMStreamLoader:
         )
 
     # -- state ------------------------------------------------------------------------------
-    def _position(self) -> dict[str, int]:
+    def _position(self) -> dict[str, Any]:
+        """Where this rank resumes: its buffer's start, the rows handed out of it and the
+        bad-data counts before it (the buffer's own bad samples are counted again when it is
+        decoded again, so a resumed run's counts are the uninterrupted run's)."""
         if self._buffer is None:
-            return {**asdict(self._next_start), "row": 0}
-        return {**asdict(self._buffer.start), "row": self._buffer.row}
+            return {**asdict(self._next_start), "row": 0, "bad": dict(self.bad_data.counts)}
+        buffer = self._buffer
+        return {**asdict(buffer.start), "row": buffer.row, "bad": dict(buffer.bad)}
 
     def _pinned(self) -> dict[str, Any]:
         """What the sample order depends on; ``micro_batch_rows`` may change on resume."""
@@ -358,7 +387,7 @@ class VLMStreamLoader:
         every rank's checkpoint save calls), so the state is the same on every rank and is
         stored once."""
         mine = self._position()
-        ranks: list[dict[str, int] | None] = [None] * self.dp_size
+        ranks: list[dict[str, Any] | None] = [None] * self.dp_size
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (self.dp_rank, mine))
@@ -374,15 +403,20 @@ class VLMStreamLoader:
         mine = self._pinned()
         for key, value in state["config"].items():
             if mine.get(key) != value:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume: the checkpoint's data.kind=vlm_shards loader has "
                     f"{key}={value!r} but this one {mine.get(key)!r}; its sample order depends "
                     "on it (each data-parallel rank streams its own shards, so the "
-                    "data-parallel size may not change either; data.micro_batch_rows may)"
+                    "data-parallel size may not change either; data.micro_batch_rows may): "
+                    "resume with the checkpoint's setting, or start a new run (another "
+                    "train.output_dir, or checkpoint.resume=false)"
                 )
         position = state["ranks"][self.dp_rank]
         start = StreamPosition(position["epoch"], position["shard"], position["sample"])
         self._next_start, self._raw, self._buffer = start, None, None
+        # The counts before the buffer (none in a checkpoint written before they were kept).
+        self.bad_data.counts = {k: int(n) for k, n in position.get("bad", {}).items()}
+        self.bad_data.records = []
         if position["row"]:
             self._buffer = self._fill()
             self._buffer.row = int(position["row"])

@@ -32,6 +32,10 @@
 - Multi-token prediction modules (``mtp_depth`` ``D``) run in training: each adds its
   ``eh_proj`` (``2 * hidden * hidden``), its block and another pass through the output
   projection to ``N_matmul``, and its block's attention to the attention term.
+
+A vision-language model's encoder and projector cost per image, not per token (patches, and
+windowed or per-tile attention): :func:`forge_models.vision_flops.visual_flops` counts them
+per batch of visual items, in the same convention; add it to ``tokens x flops_per_token``.
 """
 
 from __future__ import annotations
