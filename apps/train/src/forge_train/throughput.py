@@ -114,18 +114,15 @@ class VisualFlops:
         if self.unsupported is not None:
             return 0
         from forge_models.vision_flops import visual_flops
-        from forge_models.vlm import VisualInputs
+        from forge_train.vlm_data import visual_inputs
 
         total = 0
         for mb in micro_batches:
             visual = mb.get("visual") or {}
             for kind in ("image", "video"):
                 stream = visual.get(kind)
-                if stream is None:
-                    continue
-                fields = ("pixel_values", "grid_thw", "tiles_per_item", "image_sizes")
-                values = {k: stream[k] for k in fields if stream.get(k) is not None}
-                total += visual_flops(self.config, VisualInputs(**values, kind=kind))
+                if stream is not None:
+                    total += visual_flops(self.config, visual_inputs(stream, kind=kind))
         return total
 
 

@@ -341,12 +341,19 @@ def mrope_positions(batch: dict[str, Any], mrope: dict[str, Any]) -> torch.Tenso
     return positions
 
 
-def _visual_inputs(stream: dict[str, Any], device: torch.device, **extra: Any):
+def visual_inputs(stream: dict[str, Any], **extra: Any):
+    """A collated micro-batch's image or video fields (``batch["visual"]["image"]``) as the
+    model's :class:`forge_models.vlm.VisualInputs` (``extra``: ``kind="video"``, ...), on the
+    host: what the model is given and what ``forge_train.throughput.VisualFlops`` counts."""
     from forge_models.vlm import VisualInputs
 
     fields = ("pixel_values", "grid_thw", "tiles_per_item", "image_sizes")
     values = {k: stream[k] for k in fields if stream.get(k) is not None}
-    return VisualInputs(**values, **extra).to(device)
+    return VisualInputs(**values, **extra)
+
+
+def _visual_inputs(stream: dict[str, Any], device: torch.device, **extra: Any):
+    return visual_inputs(stream, **extra).to(device)
 
 
 def vlm_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
