@@ -4,7 +4,9 @@ runs of the Qwen2.5-VL preset (every part trained, the encoders through the feat
 M-RoPE positions and image blocks as block arguments; the token embedding ahead of the
 pipeline tied to the head on the last stage) against one process: PP2 x FSDP2 (1F1B) with the
 same losses, its checkpoint resumed in one process and the same Hugging Face export; TP2 with
-sequence parallelism x PP2 on virtual stages (interleaved 1F1B); PP2 x CP2 zero bubble."""
+sequence parallelism x PP2 on virtual stages (interleaved 1F1B); PP2 x CP2 zero bubble; and
+one PP2 x FSDP2 step whose micro-batches are partly text-only (the encoder runs on the stand-in
+image, and every pipeline rank encodes as many micro-batches on each data-parallel rank)."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_t
 
 
 def test_encoder_work_goes_largest_first_to_the_least_loaded_rank():
-    # 7 -> rank 1 (ties to the highest rank), 5 -> rank 0, 3 -> rank 0 (load 5 < 7)
-    assert assign_encoder_work([3, 7, 5], 2) == [0, 1, 0]
+    # 7 -> rank 1 (ties to the highest rank), 5 -> rank 0, 3 -> rank 1 (rank 0 has room for one)
+    assert assign_encoder_work([3, 7, 5], 2) == [1, 1, 0]
     assert assign_encoder_work([4, 4, 4, 4], 4) == [3, 2, 1, 0]
     # micro-batches without images stay on rank 0, which needs no features for them
     assert assign_encoder_work([0, 2, 0], 2) == [0, 1, 0]
@@ -113,6 +115,10 @@ def test_vlm_pipeline_layouts_match_one_process(tmp_path, dist_pool):
         "parallel.cp=2",
     )  # fmt: skip
     _close(zero_bubble, single)
+    # Text-only micro-batches: one step on a fixed batch, data-parallel rank 1's mostly text.
+    mixed = _mixed_step(root, "mixed-single")
+    for rank in pool.run(_mixed_step, root, "mixed-pp2", "parallel=pp2-fsdp"):
+        torch.testing.assert_close(torch.tensor(rank), torch.tensor(mixed), rtol=1e-5, atol=1e-6)
     # The export gathers the stages and pipeline rank 0's encoder: the single process's weights
     # (the frozen vision tower's included). Adam turns float noise in near-zero gradients
     # (e.g. the key biases', which attention cancels) into ~1e-6 weight differences.
@@ -127,3 +133,52 @@ def test_vlm_pipeline_layouts_match_one_process(tmp_path, dist_pool):
     shutil.copytree(tmp_path / "pp2" / "checkpoints" / "step_00000001", resumed / "step_00000001")
     last = _vlm_losses(root, "resumed")
     torch.testing.assert_close(torch.tensor(last), torch.tensor(ranks[0][1:]), rtol=1e-5, atol=0)
+
+
+def _text_only(sample: dict) -> dict:
+    """``sample``'s caption alone: the tokens after its image (and the image's end token)."""
+    start = int((sample["block_ids"] >= 0).nonzero().max()) + 2
+    ids = sample["input_ids"][start:]
+    return {
+        "key": f"{sample['key']}-text",
+        "input_ids": ids,
+        "loss_mask": sample["loss_mask"][start:],
+        "block_ids": torch.full_like(ids, -1),
+    }
+
+
+def _mixed_step(root: str, name: str, *layout: str) -> list[float]:
+    """``[loss, gradient norm]`` of one step on a fixed global batch of 6 one-row micro-batches:
+    4 of 24-patch images, then 2 text-only ones (a caption without its image), which run the
+    encoder on the 16-patch stand-in image (``dummy_visual``). At dp 2 each data-parallel rank
+    takes 3: by cost alone rank 0's would be encoded 1 + 2 over the pipeline ranks and rank
+    1's 2 + 1 (FSDP's all-gathers of the encoder unpaired: a hang), and without the stand-ins
+    rank 1 would encode 1 + 0 (gloo's "Received data size doesn't match expected size").
+    Also a pool job."""
+    from forge_train.loop import Trainer
+    from forge_train.vlm_data import collate_micro_batches
+
+    cfg = tiny.compose_run_config(
+        [*_RUN, f"train.output_dir={root}/{name}", "data.global_batch_rows=6",
+         "data.micro_batch_rows=1", *layout]
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        with tiny.reference_kernels():
+            trainer._build()
+            parts = trainer.parts
+            data = parts.data.train
+            s = data.samples
+            rows = [s[2], s[3], s[4], s[5], _text_only(s[0]), _text_only(s[1])]
+            batches = collate_micro_batches(
+                [[r] for r in rows], micro_batch_rows=1, seq_len=data.seq_len,
+                pad_id=parts.pad_id, bidirectional=data.bidirectional, mrope=data.mrope,
+                dummy=data.dummy,
+            )  # fmt: skip
+            assert ["dummy_visual" in b for b in batches] == [False] * 4 + [True] * 2
+            per = len(batches) // parts.dp_size
+            mine = batches[parts.dp_rank * per : (parts.dp_rank + 1) * per]
+            loss, grad_norm, _ = trainer.runner.run(0, mine)
+    finally:
+        trainer.close()
+    return [float(loss), float(grad_norm)]

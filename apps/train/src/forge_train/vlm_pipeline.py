@@ -19,7 +19,13 @@ critical path while the others wait. Here every pipeline rank encodes a share of
 micro-batches, chosen from the batch (which every pipeline rank of a data-parallel group
 holds) by longest-processing-time on the patch count, so the encoder's time is divided by
 ``pp``; the rank holding stage 0 receives the features (point-to-point), builds the embeddings
-and later sends each owner the gradient of its features. The encoder's weights are *owned* by
+and later sends each owner the gradient of its features. A micro-batch without images or videos
+encodes its stand-in image (``dummy_visual``) as one process does
+(:meth:`forge_models.vlm.VisionLanguageModel.forward`): its owner back-propagates zeros from
+the features (pipeline rank 0 scatters its own into the embeddings with zero weight), so with
+the encoder FSDP-sharded over the data-parallel ranks a text-only rank runs the same
+collectives as the others, and every pipeline rank encodes as many micro-batches on every
+data-parallel rank (:func:`assign_encoder_work`). The encoder's weights are *owned* by
 pipeline rank 0 (its optimizer state, its checkpoint keys, its share of the gradient norm); the
 other pipeline ranks hold a compute replica, sharded over the same data-parallel axis: after
 the backward their encoder gradients are summed onto pipeline rank 0 (one ``reduce``) and
@@ -172,16 +178,23 @@ def _mount(root: nn.Module, module: nn.Module, prefix: str = "") -> None:
 def assign_encoder_work(costs: list[int], ranks: int) -> list[int]:
     """The pipeline rank that encodes each micro-batch: largest cost first, each to the rank
     with the least work so far (ties to the highest rank: rank 0 also embeds and runs stage
-    0). Micro-batches without visual inputs (cost 0) stay on rank 0, which needs no features
+    0) among those with room left. Of the ``n`` micro-batches to encode, each rank takes
+    ``n // ranks``, the highest ``n % ranks`` ranks one more: a count set by ``n`` alone, not
+    by the costs, because the encoder is FSDP-sharded over the data-parallel ranks, whose
+    encoder calls must pair up (one all-gather per call): with every micro-batch encoded
+    (images, videos or the stand-in image of a text-only one) ``n`` is the same on every
+    data-parallel rank, and so is each pipeline rank's count, whatever the image sizes.
+    Micro-batches with nothing to encode (cost 0) stay on rank 0, which needs no features
     for them. Deterministic: every pipeline rank computes it from its own copy of the batch."""
     owners = [0] * len(costs)
     load = [0] * ranks
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        if costs[i] == 0:
-            continue
-        rank = min(range(ranks), key=lambda r: (load[r], -r))
+    work = [i for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)) if costs[i]]
+    room = [len(work) // ranks + (r >= ranks - len(work) % ranks) for r in range(ranks)]
+    for i in work:
+        rank = min((r for r in range(ranks) if room[r]), key=lambda r: (load[r], -r))
         owners[i] = rank
         load[rank] += costs[i]
+        room[rank] -= 1
     return owners
 
 
@@ -218,7 +231,7 @@ class _Step:
     """What one schedule call of :meth:`VLMPipelineParts.first_stage_inputs` keeps for its
     backward: the token ids and visual groups, stage 0's embeddings and input leaf (rank 0),
     the ``(kind, owner)`` of each received feature block (rank 0) and this rank's own encoded
-    features per kind."""
+    features per kind (the stand-ins' included)."""
 
     ids: torch.Tensor
     groups: list[tuple]
@@ -335,19 +348,21 @@ class VLMPipelineParts(PipelineParts):
         hidden = self.vlm_config.text.hidden_size
         me = self.pp_rank
         features: dict[int, list[torch.Tensor | None]] = {}
-        for k, (_, visual, counts, owners) in enumerate(groups):
-            mine = [i for i, o in enumerate(owners) if o == me and counts[i]]
+        for k, (token_id, visual, counts, owners) in enumerate(groups):
+            mine = [i for i, o in enumerate(owners) if o == me and visual[i] is not None]
             if mine:
                 # One call per micro-batch, as one process runs it: concatenating them would
                 # make a dense-mask attention backend (CPU) quadratic in the total patches.
                 out = torch.cat([self.encoder(visual[i]) for i in mine]).to(dtype)
                 expected = sum(counts[i] for i in mine)
-                if out.shape[0] != expected:
+                if token_id is not None and out.shape[0] != expected:
                     raise ValueError(
                         f"the encoder gave {out.shape[0]} feature rows for {expected} placeholder "
                         "tokens; expand each placeholder to the model's token count"
                     )
                 state.own[k] = out
+            if token_id is None:  # stand-ins: their features stay where they were encoded
+                continue
             if me != 0:
                 if mine:
                     dist.send(out.detach().contiguous(), dst=self._global(0), group=self.group)
@@ -371,6 +386,12 @@ class VLMPipelineParts(PipelineParts):
             return (), lambda: self._finish(state, grad, needs_feature_grad)
         scatters = []
         for k, (token_id, *_) in enumerate(groups):
+            if token_id is None:  # rank 0's stand-ins: in the embeddings with zero weight
+                from forge_models.vlm import VisionLanguageModel
+
+                if k in state.own:
+                    scatters += VisionLanguageModel.stand_in_scatter(ids, state.own[k])
+                continue
             parts = [f for f in features[k] if f is not None]
             if parts:
                 scatters.append((ids == token_id, torch.cat(parts)))
@@ -394,8 +415,15 @@ class VLMPipelineParts(PipelineParts):
 
     def _visual_groups(self, ids: torch.Tensor, batches: list[dict[str, Any]]):
         """Per visual kind present in the batch: ``(placeholder token id, visual inputs per
-        micro-batch, placeholder count per micro-batch, encoding rank per micro-batch)``."""
-        groups = []
+        micro-batch, placeholder count per micro-batch, encoding rank per micro-batch)``, then,
+        if a micro-batch has neither images nor videos but a stand-in image
+        (``dummy_visual``, see :meth:`forge_models.vlm.VisionLanguageModel.forward`), the
+        stand-ins' group, with token id ``None`` and no placeholders: the micro-batch's owner
+        encodes its stand-in and back-propagates zeros from it (the stand-in's features join
+        the embeddings with zero weight), so a text-only micro-batch runs the encoder's
+        collectives as one process does. A micro-batch's inputs of every kind go to one
+        pipeline rank (:func:`assign_encoder_work` on their total patch count)."""
+        kinds = []
         for key, token_field in VISUAL_KINDS:
             visual = [b.get(key) for b in batches]
             if all(v is None for v in visual):
@@ -408,9 +436,24 @@ class VLMPipelineParts(PipelineParts):
                         f"micro-batch {i} has {n} {key[:-1]} placeholder tokens (id {token_id}) "
                         f"but {'no' if v is None else 'some'} {key}"
                     )
-            costs = [0 if v is None else int(v.pixel_values.shape[0]) for v in visual]
-            groups.append((token_id, visual, counts, assign_encoder_work(costs, self.pp)))
-        return groups
+            kinds.append((token_id, visual, counts))
+        keys = [key for key, _ in VISUAL_KINDS]
+        stand_ins = [
+            None if any(b.get(key) is not None for key in keys) else b.get("dummy_visual")
+            for b in batches
+        ]
+        if any(v is not None for v in stand_ins):
+            kinds.append((None, stand_ins, [0] * len(batches)))
+        costs = [
+            sum(
+                int(visual[i].pixel_values.shape[0])
+                for _, visual, _ in kinds
+                if visual[i] is not None
+            )
+            for i in range(len(batches))
+        ]
+        owners = assign_encoder_work(costs, self.pp)
+        return [(token_id, visual, counts, owners) for token_id, visual, counts in kinds]
 
     def _finish(self, state: _Step, grad: bool, needs_feature_grad: bool) -> None:
         """After the schedule: the gradients of the other ranks' features (stage 0's input
@@ -436,8 +479,11 @@ class VLMPipelineParts(PipelineParts):
         elif exchange:
             outs, grads = [], []
             for k in sorted(state.own):
-                g = torch.empty_like(state.own[k])
-                dist.recv(g, src=self._global(0), group=self.group)
+                if state.groups[k][0] is None:  # stand-ins: zero weight, so zero gradient
+                    g = torch.zeros_like(state.own[k])
+                else:
+                    g = torch.empty_like(state.own[k])
+                    dist.recv(g, src=self._global(0), group=self.group)
                 outs.append(state.own[k])
                 grads.append(g)
             if outs:

@@ -249,7 +249,16 @@ class VisionLanguageModel(nn.Module):
         the features stay in the graph: the backward runs through the projector and encoder
         with zero gradients (the effect of the common ``+ 0 * features.sum()``), so every
         rank runs the encoder's forward and backward collectives."""
-        features = self.visual_features(dummy)
+        return self.stand_in_scatter(input_ids, self.visual_features(dummy))
+
+    @staticmethod
+    def stand_in_scatter(
+        input_ids: torch.Tensor, features: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The scatter that joins a stand-in's ``features`` to the embeddings of ``input_ids``
+        with zero weight (an empty placeholder mask; see :meth:`_no_visual_scatter`): for a
+        caller that runs the encoder itself, as the decoupled encoder of
+        :mod:`forge_train.vlm_pipeline` does."""
         return [(torch.zeros_like(input_ids, dtype=torch.bool), features)]
 
     def attention_block_ids(
