@@ -355,7 +355,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in written_tensors(func, args, kwargs):
+        written = written_tensors(func, args, kwargs)
+        for t in written:
             uid = self.storages.find(t)
             producer = self.producer.get(uid)
             if producer is not None:
@@ -369,9 +370,13 @@ class _Recorder(TorchDispatchMode):
         self.counts[func] += 1
         nbytes = 0
         arguments: set[int | None] | None = None
+        # What the op wrote in place is no new output, also the first time it is seen (module
+        # state: ``num_batches_tracked.add_(1)``, an EMA buffer): no bytes, so never saved (a
+        # cached in-place output fails PyTorch's "has been mutated" check in backward).
+        targets = {storage_ptr(t) for t in written}
         for t in _tensors(out):
             uid, new = self.storages.add(t)
-            if new:
+            if new and storage_ptr(t) not in targets:
                 nbytes += self.storages.sizes[uid]
                 self.producer[uid] = len(self.records)
                 if arguments is None:
@@ -427,16 +432,24 @@ def _track_children(
 _SCALARS = (int, float, bool)
 
 
-def _scalar_attributes(modules: list[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
-    return [(m, {k: v for k, v in vars(m).items() if type(v) in _SCALARS}) for m in modules]
+def _scalar_attributes(modules: list[nn.Module]) -> list[tuple[nn.Module, dict, dict]]:
+    """Per module, its scalar attributes and its buffer slots (a forward may reassign one:
+    ``self.ema = self.ema * m + x``)."""
+    return [
+        (m, {k: v for k, v in vars(m).items() if type(v) in _SCALARS}, dict(m._buffers))
+        for m in modules
+    ]
 
 
-def _restore_scalar_attributes(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
-    for module, values in saved:
+def _restore_scalar_attributes(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+    for module, values, buffers in saved:
         attributes = vars(module)
         for name, value in values.items():
             if attributes.get(name, value) is not value:
                 attributes[name] = value
+        for name, tensor in buffers.items():
+            if module._buffers.get(name) is not tensor:
+                module._buffers[name] = tensor
 
 
 def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasurement:
@@ -452,9 +465,9 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
     history and scale; parameters, also written through ``.data``; the inputs; a global) is
     copied just before its first write and copied back afterwards; and the ``int`` / ``float``
     / ``bool`` attributes of ``block``'s modules (a call counter, a "first call done" flag)
-    get their old values back. Copying on the first write is exact (the old bits come back)
-    and cheap: only what the forward writes is copied, usually a few small buffers, once per
-    block. Python containers the forward changes (a list it appends to) are not restored.
+    get their old values back, as do the buffers it reassigns. Copying on the first write is
+    exact (the old bits come back) and cheap: only what the forward writes is copied, usually
+    a few small buffers, once per block. Python containers the forward changes (a list it appends to) are not restored.
     Measuring the real forward instead would run it before its recompute policy exists: with
     everything kept for backward (over the budget the measurement is there to meet), or
     under a checkpoint whose own saved-tensor hooks would hide what autograd keeps.

@@ -126,12 +126,13 @@ def selective_policy(ops: str | Sequence[str], *, submodule: bool = False) -> Ca
     return policy
 
 
-def _checkpointed(inner: Callable, context_fn: Callable | None) -> Callable:
+def _checkpointed(inner: Callable, context_fn: Callable | None, module: nn.Module) -> Callable:
     # A closure rather than module attributes, so torch.compile traces it as a plain function.
     # checkpoint_block: the recomputation in backward runs under the forward's function modes
-    # (context parallelism's attention router).
+    # (context parallelism's attention router), from the state of ``module`` the forward
+    # started from, and leaves no writes to it behind (BatchNorm's running statistics).
     def forward(*args, **kwargs):
-        return checkpoint_block(inner, *args, context_fn=context_fn, **kwargs)
+        return checkpoint_block(inner, *args, context_fn=context_fn, state_module=module, **kwargs)
 
     return forward
 
@@ -172,8 +173,9 @@ def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
                     else CheckpointPolicy.PREFER_RECOMPUTE
                 )
             return decision
+        written = written_tensors(op, args, kwargs)
         replay_harmless = decision not in _SAVES and _op_name(op) in _IDEMPOTENT_WRITES
-        for t in () if replay_harmless else written_tensors(op, args, kwargs):
+        for t in () if replay_harmless else written:
             maker = saved.get(storage_ptr(t))
             if maker is not None:
                 raise ValueError(
@@ -185,7 +187,14 @@ def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
                     "(RecomputeConfig(mode='selective', modules=...)), or use mode='full' or "
                     "mode='auto' (which recomputes such outputs)"
                 )
-        for t in tree_flatten(getattr(ctx, "op_output", None))[0]:
+        outputs = tree_flatten(getattr(ctx, "op_output", None))[0]
+        if decision in _SAVES and written and _aliases(outputs, written):
+            # The op's output is what it wrote in place (``num_batches_tracked.add_(1)``, a
+            # user's EMA buffer, ``x.mul_(s)``): PyTorch's cache takes its version before the
+            # op's own bump and would fail "has been mutated" in backward. Recomputed instead;
+            # a write into module state is undone after the recomputation (replay_checkpoint).
+            decision = CheckpointPolicy.PREFER_RECOMPUTE
+        for t in outputs:
             if isinstance(t, torch.Tensor) and (ptr := storage_ptr(t)):
                 made[ptr] = decision in _SAVES  # the latest: a freed address is reused
                 if decision in _SAVES:
@@ -193,6 +202,12 @@ def _guarded(policy: Callable, ops: str | Sequence[str]) -> Callable:
         return decision
 
     return guarded
+
+
+def _aliases(outputs: list, written: list[torch.Tensor]) -> bool:
+    """Whether one of an op's ``outputs`` shares storage with a tensor it wrote in place."""
+    targets = {storage_ptr(t) for t in written} - {None}
+    return any(isinstance(t, torch.Tensor) and storage_ptr(t) in targets for t in outputs)
 
 
 def _selective_context(ops: str | Sequence[str], *, submodule: bool = False) -> Callable:
@@ -216,7 +231,7 @@ def _check_not_checkpointed(name: str, module: nn.Module) -> None:
 
 def _checkpoint_in_place(name: str, module: nn.Module, context_fn, description: str) -> None:
     _check_not_checkpointed(name, module)
-    module.forward = _checkpointed(module.forward, context_fn)
+    module.forward = _checkpointed(module.forward, context_fn, module)
     module._forge_recompute = description
 
 
