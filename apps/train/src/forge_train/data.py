@@ -230,23 +230,13 @@ def build_loader(
             f"size {dp_size} x data.micro_batch_rows={config.micro_batch_rows} = {per_step}; "
             "change one of them"
         )
-    if config.kind == "skimage_captions":
-        from forge_train.vlm_data import VLMLoader
+    if config.kind in VLM_KINDS:  # the demo set in memory, or the user's shards streamed
+        if config.kind == "skimage_captions":
+            from forge_train.vlm_data import VLMLoader as Loader
+        else:
+            from forge_train.vlm_stream import VLMStreamLoader as Loader
 
-        return VLMLoader(
-            dataset,
-            global_batch_rows=config.global_batch_rows,
-            micro_batch_rows=config.micro_batch_rows,
-            seed=seed,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            pad_id=pad_id,
-            shuffle=shuffle,
-        )
-    if config.kind == "vlm_shards":
-        from forge_train.vlm_stream import VLMStreamLoader
-
-        return VLMStreamLoader(
+        return Loader(
             dataset,
             global_batch_rows=config.global_batch_rows,
             micro_batch_rows=config.micro_batch_rows,

@@ -460,6 +460,21 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _part_dims(spec: SubmoduleParallel, world: int):
+    """The part's ``ParallelDims`` over all ``world`` ranks (its data-parallel shard takes the
+    rest: ``dp_shard=-1``)."""
+    from forge_core import ParallelDims
+
+    return ParallelDims(
+        world_size=world,
+        tp=spec.tp,
+        cp=spec.cp,
+        dp_replicate=spec.dp_replicate,
+        dp_shard=-1,
+        ep=spec.ep,
+    )
+
+
 def _validate_degrees(part: nn.Module, name: str, spec: SubmoduleParallel, world: int) -> None:
     """``ValueError`` naming the part, the numbers and the valid values when ``spec``'s degrees
     do not fit ``world`` ranks or its experts.
@@ -468,7 +483,6 @@ def _validate_degrees(part: nn.Module, name: str, spec: SubmoduleParallel, world
     same errors, but only when it reaches the part, with the parts before it already changed
     in place (and without the part's name or the values that fit both ranks and experts).
     """
-    from forge_core import ParallelDims
 
     others = spec.cp * spec.dp_replicate
     if world % (spec.tp * others):
@@ -513,14 +527,7 @@ def _validate_degrees(part: nn.Module, name: str, spec: SubmoduleParallel, world
                 f"over which the experts are sharded){held}; choose ep among {fits}"
             )
     try:  # anything else ParallelDims refuses (and validate_ep at etp = tp), with the part named
-        ParallelDims(
-            world_size=world,
-            tp=spec.tp,
-            cp=spec.cp,
-            dp_replicate=spec.dp_replicate,
-            dp_shard=-1,
-            ep=spec.ep,
-        )
+        _part_dims(spec, world)
         if spec.ep > 1:
             validate_ep(part, spec.expert_parallel, spec.ep, spec.tp)
     except ValueError as error:
@@ -572,20 +579,12 @@ def parallelize_submodules(
     """
     if not dist.is_initialized():
         raise RuntimeError("parallelize_submodules needs the default process group")
-    from forge_core import ParallelDims
 
     world = dist.get_world_size()
     _validate(model, submodules, world)
     parts: dict[str, ParallelizeResult] = {}
     for name, spec in submodules.items():
-        dims = ParallelDims(
-            world_size=world,
-            tp=spec.tp,
-            cp=spec.cp,
-            dp_replicate=spec.dp_replicate,
-            dp_shard=-1,
-            ep=spec.ep,
-        )
+        dims = _part_dims(spec, world)
         result = parallelize(
             model.get_submodule(name),
             dims,
