@@ -10,6 +10,11 @@ captions, a two-image conversation, text-only conversations and one undecodable 
   FSDP2 a rank whose micro-batch is text-only neither hangs nor changes the step (2 ranks give
   one process's loss and gradient norm on the same global batch), and the run log's bad-data
   counts are summed over the ranks with a location from whichever rank has one;
+- decoding ahead (``data.prefetch_buffers``): the same batches, states and bad-data counts as
+  decoding in the step, over several buffers and a resume mid-buffer, with the thread as far
+  ahead as it may go; ``data.on_bad_data=raise``'s error of the thread raised by the step that
+  reaches the bad sample, with the same message; no thread left after ``close()``, a resume, or
+  a dropped loader (an evaluation's), nor after a run;
 - configuration errors: no paths, a path without ``.tar`` files, fewer shards than ranks (but
   evaluation splits one held-out shard's samples over the ranks), a resume at another
   data-parallel size.
@@ -17,11 +22,15 @@ captions, a two-image conversation, text-only conversations and one undecodable 
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import re
 import tarfile
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,6 +129,7 @@ def test_shards_train_count_bad_data_and_resume(tmp_path, shards, capsys):
             return train(tiny.compose_run_config([*overrides, "logging.log_every=1", *extra]))
 
     straight = run("straight", "checkpoint.interval=2", "checkpoint.keep_last_n=null")
+    assert not _prefetch_threads()  # the run closed its loader's (and its evaluations')
     rows = _rows(Path(straight.run_dir))
     losses = [r["loss"] for r in rows]
     assert len(losses) == 4, losses
@@ -164,12 +174,12 @@ def _shard_data(shards: Path, *extra: str, paths: str | None = None):
     return cfg, tokenizer, config, data
 
 
-def _loader(data, *, dp_rank=0, dp_size=1, micro=1, shuffle=True):
+def _loader(data, *, dp_rank=0, dp_size=1, micro=1, shuffle=True, prefetch=None):
     from forge_train.vlm_stream import VLMStreamLoader
 
     return VLMStreamLoader(
         data, global_batch_rows=2, micro_batch_rows=micro, seed=3, dp_rank=dp_rank,
-        dp_size=dp_size, pad_id=0, shuffle=shuffle,
+        dp_size=dp_size, pad_id=0, shuffle=shuffle, prefetch_buffers=prefetch,
     )  # fmt: skip
 
 
@@ -201,6 +211,141 @@ def test_loader_resumes_mid_buffer_to_the_same_batches(shards):
         # the bad data read before the checkpoint is still counted (not from 0 again)
         assert resumed.bad_data.counts == counts, (resumed.bad_data.counts, counts)
     assert straight.shards(0) != straight.shards(1) or len(data.urls) == 1  # reshuffled per epoch
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "forge-vlm-prefetch"]
+
+
+def _settled(loader):
+    """``loader`` once its prefetch thread has decoded as far ahead as it may (or stopped), so
+    that a state or count taken from the thread's progress instead of the step's would show."""
+    prefetcher = loader._prefetcher
+    if prefetcher is not None:
+        deadline = time.monotonic() + 30
+        while prefetcher.thread.is_alive() and time.monotonic() < deadline:
+            if prefetcher._ready.qsize() >= loader.prefetch_buffers:
+                break
+            time.sleep(0.005)
+    return loader
+
+
+def test_prefetch_gives_the_same_batches_state_and_counts(shards):
+    """Buffers decoded ahead (1 and 2) give the batches, ``state_dict`` and bad-data counts of
+    decoding in the step, step after step over several 4-sample buffers and epochs, with the
+    thread as far ahead as it goes; a resume mid-buffer from a prefetching loader's state
+    gives them too, with or without prefetching."""
+    _, _, _, data = _shard_data(shards, "data.pack_buffer=4")
+    loaders = {n: _loader(data, prefetch=n) for n in (0, 1, 2)}
+    for step in range(14):
+        got = {}
+        for n, loader in loaders.items():
+            ids, pixels = _flat(next(loader))
+            _settled(loader)
+            got[n] = (ids, pixels, loader.state_dict(), dict(loader.bad_data.counts))
+        for n in (1, 2):
+            assert torch.equal(got[n][0], got[0][0]), (step, n)
+            assert torch.equal(got[n][1], got[0][1]), (step, n)
+            assert got[n][2:] == got[0][2:], (step, n, got[n][2:], got[0][2:])
+        if step == 4:
+            state = got[1][2]
+    assert state["ranks"][0]["row"] > 0, state  # mid-buffer
+    assert loaders[0].bad_data.counts, "the shards' bad image was met"
+    assert loaders[0].state_dict()["ranks"][0]["epoch"] >= 1, "several epochs were read"
+    for n in (0, 1):
+        straight, resumed = _loader(data, prefetch=0), _loader(data, prefetch=n)
+        straight.load_state_dict(state)
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        for _ in range(6):
+            want, got = _flat(next(straight)), _flat(next(resumed))
+            assert torch.equal(got[0], want[0])
+            assert torch.equal(got[1], want[1])
+            _settled(resumed)
+            assert resumed.state_dict() == straight.state_dict()
+            assert resumed.bad_data.counts == straight.bad_data.counts
+        resumed.close()
+    for loader in loaders.values():
+        loader.close()
+
+
+def test_prefetch_raises_bad_data_at_the_step_that_reaches_it(shards):
+    """``data.on_bad_data=raise`` with the bad image decoded ahead: the step that reaches it
+    raises the error decoding in the step raises, at the same step, with the same message;
+    no step before it does (though the thread met it long before), and a later ``next()``
+    raises it again instead of waiting for a thread that has stopped."""
+    from forge_data.multimodal import BadSampleError
+
+    _, _, _, data = _shard_data(shards, "data.pack_buffer=4", "data.on_bad_data=raise")
+
+    def first_error(prefetch: int) -> tuple[int, str, object, bool]:
+        """The step that raises, its message (no object address), the loader, and whether
+        the thread had met the error (and stopped) before that step."""
+        loader, met = _loader(data, prefetch=prefetch), False
+        for step in range(40):
+            try:
+                next(loader)
+            except BadSampleError as err:
+                return step, re.sub(r"0x[0-9a-f]+", "0x?", str(err)), loader, met
+            met = prefetch > 0 and not _settled(loader)._prefetcher.thread.is_alive()
+        raise AssertionError("the bad image was never reached")
+
+    step, message, _, _ = first_error(0)
+    assert "b.tar:broken" in message, message
+    assert "data.on_bad_data=skip" in message, message
+    assert step > 0
+    got_step, got_message, loader, met = first_error(1)
+    assert met, "the thread decodes ahead: it met the bad image a step before"
+    assert (got_step, got_message) == (step, message)
+    with pytest.raises(BadSampleError, match=r"b\.tar:broken"):
+        next(loader)
+    loader.close()
+    assert not _prefetch_threads()
+
+
+def test_prefetch_thread_stops_on_close_resume_and_collection(shards):
+    """The prefetch thread ends when the loader is closed (a later ``next()`` goes on with
+    the batches it would have given), when it loads a state (the thread decoding the old
+    position is replaced, not added to) and when the loader is dropped, as an evaluation's
+    loader is after its batches."""
+    _, _, _, data = _shard_data(shards, "data.pack_buffer=4")
+    assert not _prefetch_threads()
+    reference = _loader(data, prefetch=0)
+    want = [_flat(next(reference)) for _ in range(4)]
+    loader = _loader(data, prefetch=1)
+    next(loader)
+    assert len(_prefetch_threads()) == 1
+    _settled(loader).close()
+    assert not _prefetch_threads()
+    for ids, pixels in want[1:]:
+        got = _flat(next(loader))  # starts a new thread where the step is
+        assert torch.equal(got[0], ids)
+        assert torch.equal(got[1], pixels)
+    state = loader.state_dict()
+    loader.load_state_dict(state)
+    next(loader)
+    assert len(_prefetch_threads()) == 1
+    loader.close()
+
+    def evaluate():  # forge_train.evaluation.held_out_loss's use: a loader per evaluation
+        held_out = _loader(data, prefetch=1, shuffle=False)
+        return [next(held_out) for _ in range(2)]
+
+    evaluate()
+    # The end of a run: forge_train.loop.Trainer.close closes the training loader, which the
+    # trainer (kept by its caller) still references.
+    from forge_train.loop import Trainer
+
+    loader = _loader(data, prefetch=1)
+    next(loader)
+    trainer = SimpleNamespace(log=SimpleNamespace(close=lambda: None), parts=SimpleNamespace())
+    trainer.parts.loader = loader
+    Trainer.close(trainer)
+    assert not _prefetch_threads()
+    loader = _loader(data, prefetch=2)
+    next(_settled(loader))
+    del loader
+    gc.collect()  # not needed on CPython (reference counting); other interpreters
+    assert not _prefetch_threads()
 
 
 def test_text_only_micro_batch_runs_the_encoder_with_zero_gradients(shards):
@@ -331,7 +476,7 @@ def test_configuration_errors(tmp_path, shards):
     # ... but evaluation (no shuffling) of a one-shard held-out set at dp=2 reads it: each
     # rank its share of the samples (6 in a.tar: 3 each), none read twice.
     keys = [
-        {s["key"] for s in _loader(data, dp_rank=r, dp_size=2, shuffle=False)._fill().samples}
+        {s["key"] for s in _loader(data, dp_rank=r, dp_size=2, shuffle=False)._take().samples}
         for r in (0, 1)
     ]
     assert len(keys[0]) == len(keys[1]) == 3, keys

@@ -336,7 +336,9 @@ class DataConfig:
     data-parallel size; a bad shard or sample is counted and skipped (``on_bad_data=skip``, the
     counts in the run log) or stops the run (``raise``); :mod:`forge_train.vlm_stream`. Each
     optimizer step takes ``global_batch_rows`` packed rows of ``seq_len`` tokens, as
-    micro-batches of ``micro_batch_rows`` rows per rank."""
+    micro-batches of ``micro_batch_rows`` rows per rank. ``prefetch_buffers`` (``vlm_shards``):
+    packing buffers a background thread decodes ahead of the step (0: decoded in the step when
+    a buffer runs out); the batches are the same either way."""
 
     kind: Literal["stdlib", "jsonl", "preprocessed", "chat", "skimage_captions", "vlm_shards"] = (
         "stdlib"
@@ -356,12 +358,19 @@ class DataConfig:
     max_tiles: int = 2
     pack_buffer: int = 128
     on_bad_data: Literal["skip", "raise"] = "skip"
+    prefetch_buffers: int = 1
 
     def __post_init__(self) -> None:
         names = ("seq_len", "global_batch_rows", "micro_batch_rows", "stdlib_files", "pack_buffer")
         for name in names:
             _require(getattr(self, name) >= 1, f"data.{name}", "must be >= 1", getattr(self, name))
         _require(self.stdlib_val_files >= 0, "data.stdlib_val_files", "must be >= 0")
+        _require(
+            self.prefetch_buffers >= 0,
+            "data.prefetch_buffers",
+            "must be >= 0 (0: decode in the training step)",
+            self.prefetch_buffers,
+        )
         _require(
             self.global_batch_rows % self.micro_batch_rows == 0,
             "data.global_batch_rows",

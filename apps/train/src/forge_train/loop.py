@@ -529,3 +529,6 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        loader = getattr(getattr(self, "parts", None), "loader", None)
+        if hasattr(loader, "close"):  # a streaming loader's prefetch thread (vlm_stream)
+            loader.close()

@@ -41,6 +41,22 @@ no image decoded), decodes and packs the buffer again and goes on at the same ro
 resumed run gets exactly the batches of the uninterrupted one. The state also keeps the rank's
 bad-data counts from before that buffer (the buffer's own bad samples are counted again as it
 is decoded again), so a resumed run reports the uninterrupted run's counts.
+
+Decoding ahead (``data.prefetch_buffers``, default 1): a background thread of the training
+process reads, decodes (PIL, the processor's resizing and patching, tokenizing) and packs the
+next buffer(s) while the step runs on the current one, as the DataLoader workers of LLaVA /
+Qwen-VL trainers do; 0 decodes in the step, when a buffer runs out. A thread, not processes:
+PIL decoding, torch resizing and the tar reads release the GIL, and decoded pixels need no
+copying between processes (``apps/train/benchmarks/bench_vlm_prefetch.py`` measures it). The
+thread reads the stream as the step would, alone and in order, so the batches, the bad-data
+counts and the state are the same with or without it: the loader hands out a buffer's rows, and
+adds the bad data met while decoding it to :attr:`VLMStreamLoader.bad_data`, only when the
+step reaches that buffer; ``state_dict`` describes what the step has taken, never what was
+decoded ahead; an error of the thread (``data.on_bad_data=raise``, a ``ConfigError``) is raised
+by the ``next()`` that reaches the buffer it happened in. At most ``prefetch_buffers`` buffers
+are decoded ahead (memory: ``1 + prefetch_buffers`` buffers of ``pack_buffer`` samples), and
+the thread stops when the loader is closed (:meth:`VLMStreamLoader.close`, at the end of a run),
+loads a state or is garbage-collected (an evaluation's loader).
 """
 
 from __future__ import annotations
@@ -48,7 +64,11 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
+import logging
 import os
+import queue
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +80,8 @@ import torch.distributed as dist
 from forge_train.config import ConfigError, DataConfig
 from forge_train.vlm_data import collate_micro_batches, dummy_visual
 from forge_train.vlm_processing import build_processor, mrope_settings
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "StreamPosition",
@@ -122,7 +144,8 @@ class VLMShardData:
     ``dataset``: a :class:`forge_data.vision.VLMDataset` over all the shards, used only to
     decode (each loader splits the shards over the ranks itself). The other fields are
     :class:`forge_train.vlm_data.VLMSamples`' (``dummy``: the stand-in image of a micro-batch
-    without visual items)."""
+    without visual items); ``prefetch_buffers``: ``data.prefetch_buffers``, how many buffers a
+    loader decodes ahead in a background thread (0: none)."""
 
     urls: list[str]
     dataset: Any
@@ -132,6 +155,7 @@ class VLMShardData:
     dummy: dict[str, Any] | None
     pack_buffer: int
     key: str
+    prefetch_buffers: int = 1
 
 
 def build_shard_data(
@@ -164,6 +188,7 @@ def build_shard_data(
         dummy=dummy_visual(processor),
         pack_buffer=config.pack_buffer,
         key=key,
+        prefetch_buffers=config.prefetch_buffers,
     )
 
 
@@ -179,21 +204,247 @@ class StreamPosition:
 
 @dataclass
 class _Buffer:
-    """The packed rows of the samples read from ``start`` on (up to ``pack_buffer`` of them),
-    ``row``: how many rows were handed out, ``bad``: the rank's bad-data counts before
-    ``start`` (what a resume at this buffer starts counting from)."""
+    """The packed rows of the samples read from ``start`` to ``end`` (up to ``pack_buffer`` of
+    them); ``found``: the bad data met while decoding them (a ``BadDataReport``), which the
+    loader counts when the step reaches the buffer; ``row``: how many rows were handed out;
+    ``bad``: the rank's bad-data counts before ``start`` (what a resume at this buffer starts
+    counting from), set when the step reaches the buffer."""
 
     start: StreamPosition
+    end: StreamPosition
     samples: list[dict[str, Any]]
     rows: list[list[int]]
-    bad: dict[str, int]
+    found: Any
+    bad: dict[str, int] | None = None
     row: int = 0
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Which shards, and which of their samples, a data-parallel rank reads each epoch."""
+
+    urls: list[str]
+    seed: int
+    dp_rank: int
+    dp_size: int
+    shuffle: bool
+    by_sample: bool
+
+    def shards(self, epoch: int) -> list[str]:
+        order = np.arange(len(self.urls))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        if self.by_sample:
+            return [self.urls[i] for i in order]
+        return [self.urls[i] for i in order[self.dp_rank :: self.dp_size]]
+
+    def mine(self, shard: int, sample: int) -> bool:
+        """Whether raw sample ``sample`` of the rank's ``shard``-th shard is the rank's."""
+        return not self.by_sample or (sample + shard) % self.dp_size == self.dp_rank
+
+
+class _StoppedError(Exception):
+    """The reader was stopped (:attr:`_Reader.stop`) in the middle of a buffer."""
+
+
+class _Reader:
+    """One rank's stream from a position on, buffer after buffer: reading the raw samples,
+    decoding them (its own copy of the split's decoder) and packing them. Only one thread uses
+    a reader (the step, or the loader's prefetch thread); it holds no reference to the loader,
+    so a loader dropped while its thread decodes is still garbage-collected, and its finalizer
+    stops the thread (:attr:`stop`, looked at before every raw sample)."""
+
+    def __init__(
+        self,
+        data: VLMShardData,
+        split: _Split,
+        start: StreamPosition,
+        counts: dict[str, int],
+    ) -> None:
+        self.data, self.split = data, split
+        self.cursor = start  # where the next buffer starts
+        self.counts = dict(counts)  # the rank's bad data before the cursor (for messages)
+        self.decoder = copy.copy(data.dataset)
+        self.stop = threading.Event()
+        self._raw: Iterator[tuple[StreamPosition, dict[str, Any] | None]] | None = None
+
+    def _raw_samples(
+        self, start: StreamPosition
+    ) -> Iterator[tuple[StreamPosition, dict[str, Any] | None]]:
+        """``(position after it, raw sample)`` from ``start`` on, endlessly, and ``(start of
+        the next epoch, None)`` at each epoch's end; the raw samples before ``start`` in its
+        shard are read past, not decoded."""
+        from forge_data.tar_shards import ShardError, tar_samples
+
+        epoch, shard, skip = start.epoch, start.shard, start.sample
+        while True:
+            shards = self.split.shards(epoch)
+            while shard < len(shards):
+                url, damage = shards[shard], None
+                try:
+                    for i, raw in enumerate(tar_samples(url)):
+                        if self.stop.is_set():  # also while reading past a resume's samples
+                            raise _StoppedError
+                        if i >= skip and self.split.mine(shard, i):
+                            yield StreamPosition(epoch, shard, i + 1), raw
+                except ShardError as err:
+                    damage = err
+                if damage is not None:  # outside the except: a raised error is not nested
+                    self._checked(self.decoder.shard_failed, url, damage)
+                shard, skip = shard + 1, 0
+            epoch, shard = epoch + 1, 0
+            yield StreamPosition(epoch, 0, 0), None
+
+    @staticmethod
+    def _checked(call, *args):
+        """``call(*args)`` with ``data.on_bad_data=raise``'s error naming the setting."""
+        from forge_data.multimodal import BadSampleError
+
+        try:
+            return call(*args)
+        except BadSampleError as err:
+            raise BadSampleError(
+                f"{err}; data.on_bad_data=skip counts and skips bad samples instead"
+            ) from None
+
+    def fill(self) -> _Buffer:
+        """Read, decode and pack the next buffer (from :attr:`cursor`)."""
+        from forge_data.multimodal import BadDataReport
+        from forge_data.vision import pack_vlm_samples
+
+        start = self.cursor
+        found = self.decoder.report = BadDataReport()  # this buffer's bad data
+        if self._raw is None:
+            self._raw = self._raw_samples(start)
+        samples: list[dict[str, Any]] = []
+        position, idle_epoch_ends = start, 0
+        for after, raw in self._raw:
+            if self.stop.is_set():
+                raise _StoppedError
+            position = after  # where the next buffer starts, if this one stops here
+            if raw is None:
+                idle_epoch_ends += 1
+                if idle_epoch_ends >= 2:  # a whole epoch of this rank's shards gave nothing
+                    raise self._no_sample(found)
+                continue
+            sample = self._checked(self.decoder.decode, raw)
+            if sample is None:
+                continue
+            samples.append(sample)
+            idle_epoch_ends = 0
+            if len(samples) == self.data.pack_buffer:
+                break
+        self.cursor = position
+        self.counts = _summed(self.counts, found.counts)
+        order = None
+        if self.split.shuffle:
+            split = self.split
+            key = [split.seed, split.dp_rank, start.epoch, start.shard, start.sample]
+            order = np.random.default_rng(key).permutation(len(samples))
+        rows, _ = pack_vlm_samples(samples, seq_len=self.data.seq_len, order=order)
+        return _Buffer(start, position, samples, rows, found)
+
+    def _no_sample(self, found) -> ConfigError:
+        split, n = self.split, len(self.split.shards(0))
+        what = (
+            f"data-parallel rank {split.dp_rank}'s share of the samples of the {n} shard(s) holds"
+            if split.by_sample
+            else f"the {n} shard(s) of data-parallel rank {split.dp_rank} hold"
+        )
+        counts = _summed(self.counts, found.counts)
+        return ConfigError(
+            f"{self.data.key}: {what} no usable sample (bad data so far: "
+            f"{counts or 'none: the shards are empty'}); check the shards (a sample is key.json "
+            "/ key.txt with its images, see forge_data.vision.VLMDataset)"
+        )
+
+
+def _summed(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for reason, n in b.items():
+        out[reason] = out.get(reason, 0) + n
+    return out
+
+
+#: How long closing a loader waits for its prefetch thread to finish the sample it decodes.
+_JOIN_SECONDS = 60.0
+
+
+class _Prefetcher:
+    """A daemon thread that fills a :class:`_Reader`'s buffers ahead of the step, in order, at
+    most ``depth`` of them filled or being filled and not yet taken (:meth:`get`). An
+    exception of the reader is handed out in place of the buffer it happened in, and ends the
+    thread. Holds no reference to the loader (see :class:`_Reader`)."""
+
+    def __init__(self, reader: _Reader, depth: int) -> None:
+        self._reader = reader
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots = threading.Semaphore(depth)  # buffers the thread may fill before a get()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="forge-vlm-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        reader = self._reader
+        while True:
+            self._slots.acquire()
+            if reader.stop.is_set():
+                return
+            try:
+                item: _Buffer | BaseException = reader.fill()
+            except _StoppedError:
+                return
+            except BaseException as err:  # handed to the step, which raises it
+                err.add_note(
+                    "(raised while decoding ahead in forge_train.vlm_stream's prefetch thread, "
+                    "data.prefetch_buffers; at the step that reaches this buffer)"
+                )
+                item = err
+            self._ready.put(item)
+            if isinstance(item, BaseException):
+                return
+
+    def get(self) -> _Buffer:
+        """The next buffer, waiting for it if needed; raises the reader's error there."""
+        if self._error is not None:
+            raise self._error
+        while True:
+            try:
+                item = self._ready.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self._ready.empty():
+                    raise RuntimeError(
+                        "forge_train.vlm_stream: the data prefetch thread ended without a "
+                        "buffer (the loader was closed or stopped); this is a bug"
+                    ) from None
+        self._slots.release()
+        if isinstance(item, BaseException):
+            self._error = item
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (after the raw sample it is at) and wait for it."""
+        self._reader.stop.set()
+        self._slots.release()  # wakes a thread waiting for a free slot
+        if threading.current_thread() is self.thread:  # collected from inside the thread
+            return
+        self.thread.join(_JOIN_SECONDS)
+        if self.thread.is_alive():
+            log.warning(
+                "forge_train.vlm_stream: the data prefetch thread is still reading after "
+                "%.0f s (a slow shard read?); leaving it, a daemon thread, behind",
+                _JOIN_SECONDS,
+            )
 
 
 class VLMStreamLoader:
     """Each ``next()`` is this rank's micro-batches of one optimizer step, streamed from its
     own shards (see the module doc); ``state_dict`` / ``load_state_dict`` resume it exactly
-    (at the same data-parallel size)."""
+    (at the same data-parallel size). With ``prefetch_buffers`` (default: the data's,
+    ``data.prefetch_buffers``) > 0 a background thread decodes that many buffers ahead;
+    :meth:`close` stops it (so does garbage collection)."""
 
     def __init__(
         self,
@@ -206,6 +457,7 @@ class VLMStreamLoader:
         dp_size: int,
         pad_id: int,
         shuffle: bool = True,
+        prefetch_buffers: int | None = None,
     ) -> None:
         n = len(data.urls)
         # Evaluation (no shuffling, never resumed) takes whatever shards it is given, as a
@@ -220,126 +472,64 @@ class VLMStreamLoader:
                 f"files (best a multiple of {dp_size}, of equal size): split it into more "
                 "shards or use fewer data-parallel ranks"
             )
+        self.prefetch_buffers = (
+            data.prefetch_buffers if prefetch_buffers is None else prefetch_buffers
+        )
+        if self.prefetch_buffers < 0:
+            raise ValueError(
+                f"prefetch_buffers={self.prefetch_buffers} must be >= 0 (0: decode in the step)"
+            )
         self.data = data
         self.rows_per_rank = global_batch_rows // dp_size
         self.micro_batch_rows = micro_batch_rows
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.pad_id, self.shuffle = pad_id, shuffle
-        # This loader's own decoder and bad-data counts (an evaluation's loader over the
-        # same shards counts apart).
+        self._split = _Split(list(data.urls), seed, dp_rank, dp_size, shuffle, self.by_sample)
+        # This loader's own bad-data counts (an evaluation's loader over the same shards counts
+        # apart): those of the buffers the step has reached.
         from forge_data.multimodal import BadDataReport
 
-        self.decoder = copy.copy(data.dataset)
-        self.decoder.report = BadDataReport()
-        self._buffer: _Buffer | None = None
-        self._next_start = StreamPosition()
-        self._raw: Iterator[tuple[StreamPosition, dict[str, Any] | None]] | None = None
+        self._report = BadDataReport()
+        self._buffer: _Buffer | None = None  # the buffer the step takes rows of
+        self._next_start = StreamPosition()  # where the buffer after it starts
+        self._reader = _Reader(data, self._split, self._next_start, {})
+        self._prefetcher: _Prefetcher | None = None
+        self._stop_prefetcher: weakref.finalize | None = None
 
     @property
     def bad_data(self):
         """This rank's :class:`forge_data.multimodal.BadDataReport` (skipped shards and
-        samples by reason, their first locations)."""
-        return self.decoder.report
+        samples by reason, their first locations) up to the end of the buffer the step takes
+        rows of (not of the buffers decoded ahead)."""
+        return self._report
 
     # -- reading ----------------------------------------------------------------------------
     def shards(self, epoch: int) -> list[str]:
         """This rank's shards of ``epoch``, in reading order (all of them when it keeps a
         share of their samples, :attr:`by_sample`)."""
-        urls = self.data.urls
-        order = np.arange(len(urls))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(urls))
-        if self.by_sample:
-            return [urls[i] for i in order]
-        return [urls[i] for i in order[self.dp_rank :: self.dp_size]]
+        return self._split.shards(epoch)
 
-    def _mine(self, shard: int, sample: int) -> bool:
-        """Whether raw sample ``sample`` of this rank's ``shard``-th shard is this rank's."""
-        return not self.by_sample or (sample + shard) % self.dp_size == self.dp_rank
-
-    def _raw_samples(
-        self, start: StreamPosition
-    ) -> Iterator[tuple[StreamPosition, dict[str, Any] | None]]:
-        """``(position after it, raw sample)`` from ``start`` on, endlessly, and ``(start of
-        the next epoch, None)`` at each epoch's end; the raw samples before ``start`` in its
-        shard are read past, not decoded."""
-        from forge_data.tar_shards import ShardError, tar_samples
-
-        epoch, shard, skip = start.epoch, start.shard, start.sample
-        while True:
-            shards = self.shards(epoch)
-            while shard < len(shards):
-                url, damage = shards[shard], None
-                try:
-                    for i, raw in enumerate(tar_samples(url)):
-                        if i >= skip and self._mine(shard, i):
-                            yield StreamPosition(epoch, shard, i + 1), raw
-                except ShardError as err:
-                    damage = err
-                if damage is not None:  # outside the except: a raised error is not nested
-                    self._checked(self.decoder.shard_failed, url, damage)
-                shard, skip = shard + 1, 0
-            epoch, shard = epoch + 1, 0
-            yield StreamPosition(epoch, 0, 0), None
-
-    def _checked(self, call, *args):
-        """``call(*args)`` with ``data.on_bad_data=raise``'s error naming the setting."""
-        from forge_data.multimodal import BadSampleError
-
-        try:
-            return call(*args)
-        except BadSampleError as err:
-            raise BadSampleError(
-                f"{err}; data.on_bad_data=skip counts and skips bad samples instead"
-            ) from None
-
-    def _fill(self) -> _Buffer:
-        """Read, decode and pack the next buffer (from :attr:`_next_start`)."""
-        from forge_data.vision import pack_vlm_samples
-
-        start = self._next_start
-        bad = dict(self.bad_data.counts)  # everything before ``start``: read and counted
-        if self._raw is None:
-            self._raw = self._raw_samples(start)
-        samples: list[dict[str, Any]] = []
-        position, idle_epoch_ends = start, 0
-        for after, raw in self._raw:
-            position = after  # where the next buffer starts, if this one stops here
-            if raw is None:
-                idle_epoch_ends += 1
-                if idle_epoch_ends >= 2:  # a whole epoch of this rank's shards gave nothing
-                    n = len(self.shards(0))
-                    what = (
-                        f"data-parallel rank {self.dp_rank}'s share of the samples of the {n} "
-                        f"shard(s) holds"
-                        if self.by_sample
-                        else f"the {n} shard(s) of data-parallel rank {self.dp_rank} hold"
-                    )
-                    raise ConfigError(
-                        f"{self.data.key}: {what} no usable sample (bad data so far: "
-                        f"{self.bad_data.counts or 'none: the shards are empty'}); check the "
-                        "shards (a sample is key.json / key.txt with its images, see "
-                        "forge_data.vision.VLMDataset)"
-                    )
-                continue
-            sample = self._checked(self.decoder.decode, raw)
-            if sample is None:
-                continue
-            samples.append(sample)
-            idle_epoch_ends = 0
-            if len(samples) == self.data.pack_buffer:
-                break
-        self._next_start = position
-        order = None
-        if self.shuffle:
-            key = [self.seed, self.dp_rank, start.epoch, start.shard, start.sample]
-            order = np.random.default_rng(key).permutation(len(samples))
-        rows, _ = pack_vlm_samples(samples, seq_len=self.data.seq_len, order=order)
-        return _Buffer(start, samples, rows, bad)
+    def _take(self) -> _Buffer:
+        """The next buffer (decoded here, or by the prefetch thread, started on first use),
+        its bad data now counted."""
+        if self.prefetch_buffers == 0:
+            buffer = self._reader.fill()
+        else:
+            if self._prefetcher is None:
+                self._prefetcher = _Prefetcher(self._reader, self.prefetch_buffers)
+                # stops the thread when the loader is collected; holds the prefetcher only
+                self._stop_prefetcher = weakref.finalize(self, self._prefetcher.close)
+            buffer = self._prefetcher.get()
+        buffer.bad = dict(self._report.counts)
+        self._report.counts = _summed(self._report.counts, buffer.found.counts)
+        room = max(self._report.max_records - len(self._report.records), 0)
+        self._report.records += buffer.found.records[:room]
+        self._next_start = buffer.end
+        return buffer
 
     def _next_row(self) -> list[dict[str, Any]]:
         while self._buffer is None or self._buffer.row >= len(self._buffer.rows):
-            self._buffer = self._fill()
+            self._buffer = self._take()
         buffer = self._buffer
         row = buffer.rows[buffer.row]
         buffer.row += 1
@@ -359,18 +549,34 @@ class VLMStreamLoader:
             dummy=self.data.dummy,
         )
 
+    def _restart(self, start: StreamPosition, counts: dict[str, int]) -> None:
+        """Stop the prefetch thread (its buffers decoded ahead are dropped) and read on from
+        ``start`` (the rank's bad data before it: ``counts``)."""
+        if self._stop_prefetcher is not None:
+            self._stop_prefetcher()  # runs the prefetcher's close once
+        self._prefetcher = self._stop_prefetcher = None
+        self._reader = _Reader(self.data, self._split, start, counts)
+
+    def close(self) -> None:
+        """Stop the prefetch thread and drop what it decoded ahead (at the end of a run;
+        garbage collection does it too). A later ``next()`` goes on where the step is."""
+        if self._prefetcher is not None:
+            self._restart(self._next_start, self._report.counts)
+
     # -- state ------------------------------------------------------------------------------
     def _position(self) -> dict[str, Any]:
         """Where this rank resumes: its buffer's start, the rows handed out of it and the
         bad-data counts before it (the buffer's own bad samples are counted again when it is
-        decoded again, so a resumed run's counts are the uninterrupted run's)."""
+        decoded again, so a resumed run's counts are the uninterrupted run's). The step's
+        buffer, not the ones decoded ahead."""
         if self._buffer is None:
-            return {**asdict(self._next_start), "row": 0, "bad": dict(self.bad_data.counts)}
+            return {**asdict(self._next_start), "row": 0, "bad": dict(self._report.counts)}
         buffer = self._buffer
-        return {**asdict(buffer.start), "row": buffer.row, "bad": dict(buffer.bad)}
+        return {**asdict(buffer.start), "row": buffer.row, "bad": dict(buffer.bad or {})}
 
     def _pinned(self) -> dict[str, Any]:
-        """What the sample order depends on; ``micro_batch_rows`` may change on resume."""
+        """What the sample order depends on; ``micro_batch_rows`` (and ``prefetch_buffers``)
+        may change on resume."""
         digest = hashlib.sha256("\n".join(self.data.urls).encode()).hexdigest()[:16]
         return {
             "seed": self.seed,
@@ -413,10 +619,11 @@ class VLMStreamLoader:
                 )
         position = state["ranks"][self.dp_rank]
         start = StreamPosition(position["epoch"], position["shard"], position["sample"])
-        self._next_start, self._raw, self._buffer = start, None, None
         # The counts before the buffer (none in a checkpoint written before they were kept).
-        self.bad_data.counts = {k: int(n) for k, n in position.get("bad", {}).items()}
-        self.bad_data.records = []
+        counts = {k: int(n) for k, n in position.get("bad", {}).items()}
+        self._restart(start, counts)
+        self._next_start, self._buffer = start, None
+        self._report.counts, self._report.records = dict(counts), []
         if position["row"]:
-            self._buffer = self._fill()
+            self._buffer = self._take()
             self._buffer.row = int(position["row"])
