@@ -104,15 +104,15 @@ def resolve_shards(paths: list[str], key: str) -> list[str]:
     brace pattern (``shard-{000..099}.tar``) or a folder (its ``.tar`` files, recursively,
     sorted); remote URLs pass as they are. ``ConfigError`` naming a path that gives no
     ``.tar`` file (``key``: the config key, ``data.paths`` or ``data.val_paths``)."""
-    from webdataset.shardlists import expand_urls
+    from forge_data.tar_shards import expand_shard_urls
 
     shards: list[str] = []
     for path in paths:
         if _remote(str(path)):
-            shards += expand_urls(str(path))
+            shards += expand_shard_urls(str(path))
             continue
         found: list[str] = []
-        for pattern in expand_urls(os.path.expanduser(str(path))):
+        for pattern in expand_shard_urls(os.path.expanduser(str(path))):
             matches = (
                 sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
             )

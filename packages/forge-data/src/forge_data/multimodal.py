@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from forge_data.tar_shards import ShardError, tar_samples
+from forge_data.tar_shards import ShardError, expand_shard_urls, tar_samples
 from forge_data.tokenizer import Tokenizer
 from forge_data.video import VIDEO_EXTENSIONS, FrameSampling, decode_video
 
@@ -111,13 +111,11 @@ class MultimodalDataset(torch.utils.data.IterableDataset):
     """Decoded, tokenized samples of webdataset shards (see the module doc)."""
 
     def __init__(self, config: MultimodalConfig, tokenizer: Tokenizer):
-        from webdataset.shardlists import expand_urls
-
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         urls = config.urls if isinstance(config.urls, str) else list(config.urls)
-        self.urls = expand_urls(urls) if isinstance(urls, str) else urls
+        self.urls = expand_shard_urls(urls) if isinstance(urls, str) else urls
         _check_shard_split(len(self.urls), config.dp_size)
         # In shared memory, so that set_epoch reaches DataLoader workers, which hold copies of
         # this dataset (persistent workers keep theirs from epoch to epoch).

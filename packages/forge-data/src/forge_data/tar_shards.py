@@ -22,10 +22,18 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ShardError", "tar_samples"]
+__all__ = ["ShardError", "expand_shard_urls", "tar_samples"]
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
+def expand_shard_urls(pattern: str) -> list[str]:
+    """The shard URLs of a brace pattern (``shard-{000..099}.tar``, ``{a,b}.tar``; several
+    patterns joined by ``::``), as webdataset expands them; a plain path is itself."""
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(pattern))
 
 
 class ShardError(ValueError):
