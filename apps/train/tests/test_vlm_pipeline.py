@@ -171,10 +171,8 @@ def _mixed_step(root: str, name: str, *layout: str) -> list[float]:
             s = data.samples
             rows = [s[2], s[3], s[4], s[5], _text_only(s[0]), _text_only(s[1])]
             batches = collate_micro_batches(
-                [[r] for r in rows], micro_batch_rows=1, seq_len=data.seq_len,
-                pad_id=parts.pad_id, bidirectional=data.bidirectional, mrope=data.mrope,
-                dummy=data.dummy,
-            )  # fmt: skip
+                [[r] for r in rows], data, micro_batch_rows=1, pad_id=parts.pad_id
+            )
             assert ["dummy_visual" in b for b in batches] == [False] * 4 + [True] * 2
             per = len(batches) // parts.dp_size
             mine = batches[parts.dp_rank * per : (parts.dp_rank + 1) * per]

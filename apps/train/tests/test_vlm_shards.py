@@ -362,10 +362,7 @@ def test_text_only_micro_batch_runs_the_encoder_with_zero_gradients(shards):
     texts = [data.dataset.decode(raw) for raw in tar_samples(str(shards / "c.tar"))]
     texts = [s for s in texts if s is not None and "image" not in s["visual"]]
     assert len(texts) == 2
-    (batch,) = collate_micro_batches(
-        [texts], micro_batch_rows=1, seq_len=64, pad_id=0, bidirectional=True, mrope=None,
-        dummy=data.dummy,
-    )  # fmt: skip
+    (batch,) = collate_micro_batches([texts], data, micro_batch_rows=1, pad_id=0)
     assert "dummy_visual" in batch
     kwargs, _ = model_inputs(batch, CPU)
     assert "images" not in kwargs
@@ -410,9 +407,8 @@ def _one_step(shards: str, output_dir: str, *layout: str) -> list[float]:
             images = [s for s in decoded if "image" in s["visual"]][:3]
             texts = [s for s in decoded if "image" not in s["visual"]]
             batches = collate_micro_batches(
-                [images, texts], micro_batch_rows=1, seq_len=data.seq_len, pad_id=parts.pad_id,
-                bidirectional=data.bidirectional, mrope=data.mrope, dummy=data.dummy,
-            )  # fmt: skip
+                [images, texts], data, micro_batch_rows=1, pad_id=parts.pad_id
+            )
             assert "dummy_visual" in batches[1]
             assert "dummy_visual" not in batches[0]
             mine = batches if parts.dp_size == 1 else [batches[parts.dp_rank]]

@@ -187,34 +187,30 @@ def build_caption_data(config: DataConfig, tokenizer, model_config, cache_root: 
 
 
 def collate_micro_batches(
-    rows: list[list[dict[str, Any]]],
-    *,
-    micro_batch_rows: int,
-    seq_len: int,
-    pad_id: int,
-    bidirectional: bool,
-    mrope: dict[str, Any] | None,
-    dummy: dict[str, Any] | None,
+    rows: list[list[dict[str, Any]]], data: Any, *, micro_batch_rows: int, pad_id: int
 ) -> list[dict[str, Any]]:
     """This rank's micro-batches of one step from its packed ``rows`` (lists of samples), for
-    both VLM data kinds: :func:`forge_data.vision.collate_vlm` per ``micro_batch_rows`` rows,
-    ``block_ids`` kept only for bidirectional image attention, the M-RoPE positions added for
-    a model with ``mrope`` settings, and ``dummy`` (:func:`dummy_visual`) as
-    ``batch["dummy_visual"]`` on a micro-batch with neither images nor videos."""
+    both VLM data kinds (``data``: a :class:`VLMSamples` or a
+    :class:`forge_train.vlm_stream.VLMShardData`, whose ``seq_len``, ``bidirectional``,
+    ``mrope`` and ``dummy`` it reads): :func:`forge_data.vision.collate_vlm` per
+    ``micro_batch_rows`` rows, ``block_ids`` kept only for bidirectional image attention, the
+    M-RoPE positions added for a model with ``mrope`` settings, and ``dummy``
+    (:func:`dummy_visual`) as ``batch["dummy_visual"]`` on a micro-batch with neither images
+    nor videos."""
     from forge_data.vision import collate_vlm
 
     batches = [
-        collate_vlm(rows[i : i + micro_batch_rows], seq_len=seq_len, pad_id=pad_id)
+        collate_vlm(rows[i : i + micro_batch_rows], seq_len=data.seq_len, pad_id=pad_id)
         for i in range(0, len(rows), micro_batch_rows)
     ]
     for batch in batches:
-        if not bidirectional:
+        if not data.bidirectional:
             del batch["block_ids"]
-        if mrope is not None:
-            batch["mrope_position_ids"] = mrope_positions(batch, mrope)
+        if data.mrope is not None:
+            batch["mrope_position_ids"] = mrope_positions(batch, data.mrope)
         visual = batch["visual"]
-        if dummy is not None and "image" not in visual and "video" not in visual:
-            batch["dummy_visual"] = dummy
+        if data.dummy is not None and "image" not in visual and "video" not in visual:
+            batch["dummy_visual"] = data.dummy
     return batches
 
 
@@ -280,12 +276,9 @@ class VLMLoader:
         mine = rows[start : start + self.rows_per_rank]
         return collate_micro_batches(
             [[self.data.samples[i] for i in row] for row in mine],
+            self.data,
             micro_batch_rows=self.micro_batch_rows,
-            seq_len=self.data.seq_len,
             pad_id=self.pad_id,
-            bidirectional=self.data.bidirectional,
-            mrope=self.data.mrope,
-            dummy=self.data.dummy,
         )
 
     def _pinned(self) -> dict[str, Any]:

@@ -541,12 +541,9 @@ class VLMStreamLoader:
     def __next__(self) -> list[dict[str, Any]]:
         return collate_micro_batches(
             [self._next_row() for _ in range(self.rows_per_rank)],
+            self.data,
             micro_batch_rows=self.micro_batch_rows,
-            seq_len=self.data.seq_len,
             pad_id=self.pad_id,
-            bidirectional=self.data.bidirectional,
-            mrope=self.data.mrope,
-            dummy=self.data.dummy,
         )
 
     def _restart(self, start: StreamPosition, counts: dict[str, int]) -> None:
