@@ -98,6 +98,33 @@ def test_single_process_init_and_shutdown():
     shutdown_distributed()  # no-op when nothing is initialised
 
 
+def test_shutdown_frees_groups_held_by_reference_cycles():
+    # A group kept alive only by a cycle must be freed by shutdown, while the interpreter is
+    # whole, not by a later collection or at finalization (where gloo can abort the process).
+    import gc
+    import weakref
+
+    class Holder:
+        pass
+
+    init_distributed(environ={})
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the automatic collector must not do the work this test checks
+    try:
+        holder = Holder()
+        holder.cycle = holder
+        holder.group = dist.new_group([0])
+        alive = weakref.ref(holder)
+        del holder
+        assert alive() is not None
+        shutdown_distributed()
+        assert alive() is None, "a group held by a reference cycle outlived shutdown_distributed"
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        shutdown_distributed()
+
+
 @pytest.mark.multiprocess
 def test_torchrun_launch_end_to_end(tmp_path):
     # The job keeps its process-group holders (the mesh, the collective's autograd graph) in a

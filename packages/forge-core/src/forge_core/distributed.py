@@ -10,6 +10,7 @@ derives it as ``RANK % LOCAL_WORLD_SIZE``, or is refused when that is not set ei
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -207,3 +208,7 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+        # A group held only by a reference cycle (an autograd graph, a mesh in a closure) would
+        # otherwise wait for the collector, possibly until interpreter finalization, where its
+        # gloo threads can abort the process (pytorch/pytorch#179291): free it now.
+        gc.collect()
