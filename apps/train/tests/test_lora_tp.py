@@ -75,10 +75,18 @@ def test_lora_under_tp2_fsdp2_matches_one_process(tmp_path, dist_pool):
             torch.testing.assert_close(got["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_lora_dropout_with_tensor_and_context_parallelism_is_refused():
+def test_lora_dropout_with_tensor_parallelism_is_refused_on_vision_language_models_only():
+    """A language model's masks are keyed by its tokens under any layout (test_lora_tp_more.py:
+    TP2 beside FSDP, pipeline stages, context-parallel shards); a vision-language model's
+    batches carry no token identities, so its drawn masks would differ between the
+    tensor-parallel ranks."""
+    from forge_train.compose import compose_run_config
     from forge_train.config import ConfigError
 
     lora = ("recipe=lora", "data=stdlib", "parallel=tp2-fsdp", "lora.dropout=0.1")
-    tiny.tiny_config("unused", *lora)  # keyed masks (test_lora_tp_more.py)
+    for layout in ((), ("parallel.cp=2",), ("parallel.pp=2",)):
+        tiny.tiny_config("unused", *lora, *layout)
+    vlm = ("recipe=vlm-lora", "parallel=tp2-fsdp", "lora.dropout=0.1", "train.output_dir=unused")
     with pytest.raises(ConfigError, match=r"lora\.dropout: LoRA dropout with tensor parallelism"):
-        tiny.tiny_config("unused", *lora, "parallel.cp=2")
+        compose_run_config(list(vlm))
+    compose_run_config([*vlm, "parallel.tp=1"])

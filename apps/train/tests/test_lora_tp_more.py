@@ -15,6 +15,7 @@ norms (the adapters' only: the base stays frozen):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,9 +55,13 @@ def _rows(output_dir: str, *overrides: str) -> list[list[float]]:
     )
 
 
-def _close(got: list[list[float]], single: list[list[float]]) -> None:
+def _close(
+    got: list[list[float]], single: list[list[float]], msg: Callable[[str], str] | None = None
+) -> None:
     assert len(single) == 2, single
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(got), torch.tensor(single), rtol=1e-5, atol=1e-6, msg=msg
+    )
 
 
 def test_fp8_inside_lora_under_tp2_fsdp2_matches_one_process(tmp_path, dist_pool):
@@ -110,15 +115,28 @@ def test_lora_on_a_meta_loaded_hf_model_matches_the_device_loaded_one(tmp_path, 
     _close(got[0], single)
 
 
-def test_lora_dropout_under_tp2_sp_fsdp2_matches_one_process(tmp_path, dist_pool):
-    """Without the row-parallel layers' feature offsets (each rank the mask of the first
-    features) the gradient norms differ by up to 0.5 relative."""
+def test_lora_dropout_under_tp2_with_fsdp_pipeline_or_context_parallelism_matches_one_process(
+    tmp_path, dist_pool
+):
+    """The keyed masks under TP2 (+ SP) beside FSDP2, pipeline stages or context-parallel
+    shards. Without the row-parallel layers' feature offsets (each rank the mask of the first
+    features) the gradient norms differ by up to 0.5 relative. PP2 x TP2 recomputes its
+    blocks: under 1F1B the first stage runs micro-batch 1's forward before micro-batch 0's
+    backward, so a recomputation reading the latest forward's keys instead of its own
+    (:class:`forge_train.lora_dropout.MicrobatchKeys`) gives other gradients. CP2 x TP2 cuts the
+    keys as the tokens (zigzag)."""
     dropout = ("lora.dropout=0.1", "optim.lr=5e-2")
     single = _rows(f"{tmp_path}/single", *dropout)
     no_dropout = _rows(f"{tmp_path}/no_dropout", "optim.lr=5e-2", "train.steps=1")
     assert single[0][1] != no_dropout[0][1]  # the masks change the gradients
-    layout = ("parallel=tp2-fsdp", "parallel.sequence_parallel=true")
-    _close(dist_pool(4).run(_rows, f"{tmp_path}/tp2", *dropout, *layout)[0], single)
+    pool = dist_pool(4)
+    for name, layout in (
+        ("tp2", ("parallel=tp2-fsdp", "parallel.sequence_parallel=true")),
+        ("pp2_tp2", ("parallel=pp2-fsdp", "parallel.tp=2", "parallel.recompute=full")),
+        ("cp2_tp2", ("parallel=cp2-fsdp", "parallel.tp=2", "parallel.sequence_parallel=true")),
+    ):
+        got = pool.run(_rows, f"{tmp_path}/{name}", *dropout, *layout)[0]
+        _close(got, single, msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def test_dropout_keys_follow_the_tokens_not_the_layout():

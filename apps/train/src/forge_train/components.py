@@ -326,7 +326,7 @@ def build_components(
         data.train, cfg.data, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id
     )
     if _keyed_lora_dropout(cfg):
-        loader = _key_lora_dropout(model, loader, plan, cfg, mesh)
+        loader = _key_lora_dropout(model, loader, plan, cfg, mesh, pipeline=pipeline)
     # On pipeline stages ZeRO shards the stage's parameters; the pipeline reduces the tied ones
     # at the step, after summing their copies' gradients.
     build = pipeline.pipe.build_optimizer if pipeline is not None else parallel.build_optimizer
@@ -550,32 +550,47 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
 
 def _keyed_lora_dropout(cfg: RunConfig) -> bool:
     """Whether the LoRA dropout masks are keyed by the data (:mod:`forge_train.lora_dropout`):
-    a language model whose forwards each see one whole micro-batch."""
-    return (
-        cfg.lora is not None
-        and cfg.lora.dropout > 0
-        and cfg.model.kind == "llm"
-        and cfg.parallel.pp == 1
-        and cfg.parallel.cp == 1
-    )
+    a language model's, under any layout (a vision-language model's batches carry no token
+    identities to key them by)."""
+    return cfg.lora is not None and cfg.lora.dropout > 0 and cfg.model.kind == "llm"
 
 
-def _key_lora_dropout(model, loader, plan, cfg: RunConfig, mesh):
+def _key_lora_dropout(model, loader, plan, cfg: RunConfig, mesh, *, pipeline=None):
     """Key the LoRA layers' dropout masks by the data (row-parallel layers: this rank's
-    features' part of the mask); returns the loader that queues the micro-batches' keys."""
-    from forge_parallel.tensor_parallel import resolve_plan
+    features' part of the mask; context-parallel ranks: their shard's tokens' keys, cut as the
+    step cuts the tokens; pipeline stages: the keys of the micro-batch each forward runs);
+    returns the loader that queues the micro-batches' keys."""
+    from forge_parallel.tensor_parallel import match_modules
     from forge_train.lora_dropout import DropoutKeys, KeyedDropoutLoader, attach_keyed_dropout
 
     row_parallel = {}
-    if plan is not None:
+    if plan is not None:  # (a pipeline stage holds only some of the plan's modules)
         tp, rank = mesh.size("tp"), mesh.local_rank("tp")
-        for name, style in resolve_plan(model, plan).items():
+        for pattern, style in plan.styles.items():
             if style == "adapter:rowwise":
-                layer = model.get_submodule(name)
-                row_parallel[layer] = rank * (layer.base.in_features // tp)
+                for _, layer in match_modules(model, pattern):
+                    row_parallel[layer] = rank * (layer.base.in_features // tp)
+    shard = None
+    if cfg.parallel.cp > 1:
+        from functools import partial
+
+        from forge_train.context_parallel import shard_tokens
+
+        shard = partial(
+            shard_tokens,
+            cp_size=mesh.size("cp"),
+            cp_rank=mesh.local_rank("cp"),
+            load_balance=cfg.parallel.cp_load_balance,
+        )
     keys = DropoutKeys(seed=cfg.train.seed)
-    attach_keyed_dropout(model, keys, row_parallel=row_parallel)
-    return KeyedDropoutLoader(loader, keys, seq_len=cfg.data.seq_len)
+    attach_keyed_dropout(
+        model,
+        keys,
+        row_parallel=row_parallel,
+        stages=pipeline.pipe.modules if pipeline is not None else None,
+        replay=cfg.parallel.recompute != "none",
+    )
+    return KeyedDropoutLoader(loader, keys, seq_len=cfg.data.seq_len, shard=shard)
 
 
 def _materialize(model, device, cfg: RunConfig, config, *, pipeline=None) -> None:

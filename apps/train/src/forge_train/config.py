@@ -634,17 +634,17 @@ class RunConfig:
             self.parallel.recompute_budget_scope,
         )
         if self.lora is not None:
-            # Under TP the masks are keyed by the data (forge_train.lora_dropout), which needs
-            # each forward to run one whole micro-batch of a language model.
+            # A language model's masks are keyed by the data under any layout
+            # (forge_train.lora_dropout); a vision-language model's are drawn per rank, which
+            # under TP would give a replicated activation different masks on the TP ranks.
             _require(
-                self.parallel.tp == 1
-                or self.lora.dropout == 0
-                or (self.model.kind == "llm" and self.parallel.pp == 1 and self.parallel.cp == 1),
+                self.parallel.tp == 1 or self.lora.dropout == 0 or self.model.kind == "llm",
                 "lora.dropout",
-                "LoRA dropout with tensor parallelism runs on language models without pipeline "
-                "or context parallelism (its masks are keyed by each micro-batch's tokens, which "
-                "pipeline stages and context-parallel shards do not see whole); set "
-                "lora.dropout=0, parallel.tp=1, or parallel.pp=1 and parallel.cp=1",
+                f"LoRA dropout with tensor parallelism (parallel.tp={self.parallel.tp}) runs on "
+                "language models only: a vision-language model's masks cannot be keyed by its "
+                "tokens (its batches carry no token identities, nor its images' patches), and "
+                "drawn masks would differ between the tensor-parallel ranks of a replicated "
+                "activation; set lora.dropout=0 or parallel.tp=1",
                 self.lora.dropout,
             )
         profile = self.logging.profile

@@ -37,6 +37,7 @@ __all__ = [
     "RowAttention",
     "check_sequence_split",
     "context_parallel_config",
+    "shard_tokens",
 ]
 
 
@@ -155,6 +156,19 @@ class ContextParallelInputs:
                 yield
         finally:
             self._microbatch_rows = []
+
+
+def shard_tokens(
+    per_token: torch.Tensor, *, cp_size: int, cp_rank: int, load_balance: bool
+) -> torch.Tensor:
+    """Rank ``cp_rank``'s part of ``per_token``, one value per token of a micro-batch's packed
+    row (``[rows * seq_len]``, rows back to back), in the order :meth:`ContextParallelInputs.shard`
+    gives the rank's tokens to the model: the same zigzag or contiguous cut. A language model's
+    LoRA dropout keys (:mod:`forge_train.lora_dropout`) are cut so."""
+    from forge_parallel.context_parallel import shard_sequence
+
+    layout = {"cp_size": cp_size, "cp_rank": cp_rank, "load_balance": load_balance}
+    return shard_sequence(per_token.reshape(1, -1), dim=1, **layout).reshape(-1)
 
 
 @contextlib.contextmanager

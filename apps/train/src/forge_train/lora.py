@@ -85,7 +85,9 @@ def apply_lora(
     model: nn.Module, *, targets: list[str], rank: int, alpha: float, dropout: float = 0.0
 ) -> list[str]:
     """Wrap every ``nn.Linear`` whose name matches one of ``targets`` in :class:`LoRALinear`, in
-    place, and freeze all other parameters; returns the wrapped module names."""
+    place (numbered in module order: the index salting each layer's keyed dropout masks, see
+    :mod:`forge_train.lora_dropout`), and freeze all other parameters; returns the wrapped
+    module names."""
     matched = [
         (name, module)
         for name, module in model.named_modules()
@@ -100,10 +102,15 @@ def apply_lora(
     _refuse_tied(model, matched)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in matched:
+    for layer, (name, module) in enumerate(matched):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout))
+        wrapped = LoRALinear(module, rank=rank, alpha=alpha, dropout=dropout)
+        if isinstance(wrapped.dropout, KeyedDropout):
+            # The layer's mask salt (forge_train.lora_dropout): its index in the whole model,
+            # which a pipeline stage holding only some layers keeps.
+            wrapped.dropout.layer = layer
+        setattr(parent, child, wrapped)
     return [name for name, _ in matched]
 
 

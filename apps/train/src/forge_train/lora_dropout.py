@@ -1,5 +1,5 @@
-"""LoRA dropout with masks keyed by the data, the same under any data- and tensor-parallel
-layout.
+"""LoRA dropout with masks keyed by the data, the same under any data-, tensor-, pipeline- and
+context-parallel layout of a language model.
 
 LoRA applies dropout to the adapter's input (``(alpha / r) B A dropout(x)``, Hu et al. 2021,
 arXiv:2106.09685; PEFT's ``lora_dropout``). Drawn from a generator's stream, a mask depends on
@@ -19,10 +19,33 @@ activation recomputation, resumption, column-parallel layer (all features, on ev
 row-parallel layer (its features' slice, ``feature_offset``) draws the single process's mask.
 
 :class:`KeyedDropoutLoader` computes each micro-batch's token keys as the loader yields a step
-and queues them; a forward pre-hook on the model (:func:`attach_keyed_dropout`) takes the next
-micro-batch's keys for each training forward. Layouts whose forwards do not see whole
-micro-batches in order (pipeline stages, context-parallel shards) are not keyed and fall back
-to ``torch.nn.functional.dropout`` (forge-train refuses those with tensor parallelism).
+and queues them (this rank's shard of them under context parallelism, ``shard``: the same
+:func:`forge_parallel.context_parallel.shard_sequence` cut, zigzag or contiguous, that the
+step applies to the micro-batch's tokens, so a shard's layers get its own tokens' keys); a
+forward pre-hook on the model (:func:`attach_keyed_dropout`) takes the next micro-batch's keys
+for each training forward. LoRA layers are numbered once, in the whole model's module order,
+when :func:`forge_train.lora.apply_lora` wraps them, so a pipeline stage's layers keep the
+single process's indices.
+
+Pipeline stages (``stages``) do not run a step's micro-batches in order, one forward and
+backward after the other: the schedule runs micro-batch ``i + 1``'s forward before ``i``'s
+backward (1F1B), interleaves virtual stages, and the zero-bubble schedules run a weight-
+gradient pass later still. Each stage's forward is therefore wrapped to take the keys of the
+micro-batch the pipeline runtime says it runs (``StageModule.microbatch``, the index into the
+step's queue; the stages see hidden states, not tokens, so the keys come from the queue, not
+from the inputs). The forward's own masks are saved with it for backward; a block the stage
+recomputes in backward (activation checkpointing) replays its forward later, after other
+micro-batches' forwards, so with ``replay`` the stage forward also runs inside a
+:class:`MicrobatchKeys` function mode holding its keys: forge-parallel's checkpoint re-enters
+the forward's function modes around the recomputation
+(:func:`forge_parallel.replay_checkpoint.checkpoint_block`), and :class:`KeyedDropout` takes
+the innermost such mode's keys before the shared ``current``. (A pass-through function mode
+costs about a microsecond per torch call on this CPU, so it is entered only with recompute.)
+
+Vision-language models are not keyed: their batches carry no per-token data identity (no
+``pieces``), and their vision encoders' patches none either; they fall back to
+``torch.nn.functional.dropout`` (forge-train refuses that with tensor parallelism, whose ranks
+would draw different masks of a replicated activation).
 
 The mask itself is forge-kernels' ``keyed_dropout`` op (one definition of the hash, shared with
 its Triton kernel): on a GPU the kernel hashes the mask in registers in the forward and again in
@@ -34,12 +57,14 @@ from __future__ import annotations
 
 import collections
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from forge_kernels.dropout import keyed_dropout, keyed_dropout_mask, mix32
 
@@ -47,6 +72,7 @@ __all__ = [
     "DropoutKeys",
     "KeyedDropout",
     "KeyedDropoutLoader",
+    "MicrobatchKeys",
     "attach_keyed_dropout",
     "dropout_mask",
     "layer_salt",
@@ -105,8 +131,9 @@ def dropout_mask(
 
 
 class DropoutKeys:
-    """The token keys of the micro-batches of the current step, in forward order, and those of
-    the forward being run (``current``; ``None``: no keys, stateful dropout)."""
+    """The token keys of the micro-batches of the current step, in forward order (``queue``;
+    pipeline stages index it by micro-batch), and those of the forward being run (``current``;
+    ``None``: no keys, stateful dropout)."""
 
     def __init__(self, *, seed: int) -> None:
         self.seed = seed
@@ -114,11 +141,36 @@ class DropoutKeys:
         self.current: torch.Tensor | None = None
 
 
+class MicrobatchKeys(TorchFunctionMode):
+    """A pass-through function mode holding the token keys of the micro-batch a pipeline
+    stage's forward runs: a block recomputed in backward replays its forward under the same
+    mode object (forge-parallel's ``checkpoint_block``), so its masks are its forward's even
+    when other micro-batches' forwards ran in between (see the module docstring)."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _mode_keys() -> torch.Tensor | None:
+    """The keys of the innermost :class:`MicrobatchKeys` mode entered, or ``None``."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, MicrobatchKeys):
+            return mode.keys
+    return None
+
+
 class KeyedDropout(nn.Dropout):
     """``nn.Dropout`` whose mask is :func:`dropout_mask`'s (forge-kernels' ``keyed_dropout``, the
-    mask regenerated in backward) while ``keys.current`` is set
-    (``keys``, ``layer`` and, for a row-parallel layer's feature shard, ``feature_offset`` are
-    set by :func:`attach_keyed_dropout`), and from the generator otherwise."""
+    mask regenerated in backward) while keys are set (a :class:`MicrobatchKeys` mode's, else
+    ``keys.current``; ``keys`` and, for a row-parallel layer's feature shard,
+    ``feature_offset`` are set by :func:`attach_keyed_dropout`, ``layer`` by
+    :func:`forge_train.lora.apply_lora`), and from the generator otherwise."""
 
     keys: DropoutKeys | None = None
     layer: int = 0
@@ -127,7 +179,11 @@ class KeyedDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        current = self.keys.current if self.keys is not None else None
+        current = None
+        if self.keys is not None:
+            current = _mode_keys()
+            if current is None:
+                current = self.keys.current
         if current is None:
             return F.dropout(x, self.p, True)
         tokens = x.shape[:-1].numel()
@@ -135,7 +191,7 @@ class KeyedDropout(nn.Dropout):
             raise ValueError(
                 f"LoRA dropout: the micro-batch's keys cover {current.numel()} tokens but the "
                 f"layer got {tokens}; keyed dropout needs each forward to see one whole "
-                "micro-batch (not a pipeline stage's or a context-parallel shard's)"
+                "micro-batch, or its context-parallel shard with the keys cut alike"
             )
         return keyed_dropout(
             x,
@@ -148,10 +204,20 @@ class KeyedDropout(nn.Dropout):
 
 class KeyedDropoutLoader:
     """A training loader (forge_data's ``PackedLoader``) that also queues each micro-batch's
-    :func:`token_keys` in ``keys`` as it yields a step; everything else is the loader's."""
+    :func:`token_keys` in ``keys`` as it yields a step (``shard``: this rank's part of a
+    micro-batch's ``[rows * seq_len]`` keys, its context-parallel shard); everything else is
+    the loader's."""
 
-    def __init__(self, loader: Any, keys: DropoutKeys, *, seq_len: int) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        keys: DropoutKeys,
+        *,
+        seq_len: int,
+        shard: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self._loader, self._keys, self._seq_len = loader, keys, seq_len
+        self._shard = shard
 
     def __iter__(self):
         return self
@@ -161,7 +227,8 @@ class KeyedDropoutLoader:
         self._keys.queue.clear()
         for batch in batches:
             rows = batch["input_ids"].numel() // self._seq_len
-            self._keys.queue.append(token_keys(batch["pieces"], rows=rows, seq_len=self._seq_len))
+            keys = token_keys(batch["pieces"], rows=rows, seq_len=self._seq_len)
+            self._keys.queue.append(keys if self._shard is None else self._shard(keys))
         return batches
 
     def __getattr__(self, name: str) -> Any:
@@ -169,20 +236,32 @@ class KeyedDropoutLoader:
 
 
 def attach_keyed_dropout(
-    model: nn.Module, keys: DropoutKeys, *, row_parallel: dict[nn.Module, int]
+    model: nn.Module,
+    keys: DropoutKeys,
+    *,
+    row_parallel: dict[nn.Module, int],
+    stages: Sequence[nn.Module] | None = None,
+    replay: bool = False,
 ) -> int:
-    """Key the dropout of every LoRA layer of ``model`` with ``keys``: layer indices in module
-    order, ``row_parallel`` (LoRA layer -> index of its first input feature on this rank) for
-    row-parallel layers, and a forward pre-hook on ``model`` that takes the next micro-batch's
-    keys for each training forward. Returns how many layers were keyed."""
+    """Key the dropout of every LoRA layer of ``model`` with ``keys`` (``row_parallel``: LoRA
+    layer -> index of its first input feature on this rank, for row-parallel layers) and make
+    each training forward take its micro-batch's keys: without ``stages`` a forward pre-hook
+    on ``model`` takes the next queued ones; with them (this rank's pipeline ``StageModule`` s)
+    each stage's forward takes those of the micro-batch it runs, inside a
+    :class:`MicrobatchKeys` mode with ``replay`` (its blocks recomputed in backward; see the
+    module docstring). Returns how many layers were keyed."""
     from forge_train.lora import LoRALinear
 
     count = 0
     for module in model.modules():
         if isinstance(module, LoRALinear) and isinstance(module.dropout, KeyedDropout):
-            module.dropout.keys, module.dropout.layer = keys, count
+            module.dropout.keys = keys
             module.dropout.feature_offset = row_parallel.get(module, 0)
             count += 1
+    if stages is not None:
+        for stage in stages:
+            _key_stage(stage, keys, replay=replay)
+        return count
 
     def take_keys(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         if not mod.training:
@@ -197,3 +276,37 @@ def attach_keyed_dropout(
 
     model.register_forward_pre_hook(take_keys, with_kwargs=True)
     return count
+
+
+def _key_stage(stage: nn.Module, keys: DropoutKeys, *, replay: bool) -> None:
+    """Wrap pipeline stage ``stage``'s forward (a ``forge_parallel`` ``StageModule``: its
+    ``microbatch`` and ``in_schedule`` are set by the pipeline runtime) to run with the keys of
+    its micro-batch, the ``stage.microbatch``-th of the step's queue. The runtime's shape
+    inference (not ``in_schedule``) and evaluation run without keys."""
+    dropouts = [m for m in stage.modules() if isinstance(m, KeyedDropout) and m.keys is keys]
+    if not dropouts:
+        return
+    forward = stage.forward
+
+    @functools.wraps(forward)
+    def keyed_forward(*args: Any, **kwargs: Any) -> Any:
+        if not (stage.in_schedule and dropouts[0].training):
+            keys.current = None
+            return forward(*args, **kwargs)
+        i = stage.microbatch
+        if not 0 <= i < len(keys.queue):
+            raise RuntimeError(
+                f"LoRA dropout: pipeline micro-batch {i} has no keys ({len(keys.queue)} "
+                "queued this step); each schedule step must run the micro-batches of one step "
+                "the keyed loader yielded"
+            )
+        device = args[0].device if args and isinstance(args[0], torch.Tensor) else None
+        if device is not None and keys.queue[i].device != device:
+            keys.queue[i] = keys.queue[i].to(device)  # once per step: later stages reuse it
+        keys.current = keys.queue[i]
+        if not replay:
+            return forward(*args, **kwargs)
+        with MicrobatchKeys(keys.current):
+            return forward(*args, **kwargs)
+
+    stage.forward = keyed_forward
