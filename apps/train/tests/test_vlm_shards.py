@@ -174,12 +174,12 @@ def _shard_data(shards: Path, *extra: str, paths: str | None = None):
     return cfg, tokenizer, config, data
 
 
-def _loader(data, *, dp_rank=0, dp_size=1, micro=1, shuffle=True, prefetch=None):
+def _loader(data, *, dp_rank=0, dp_size=1, micro=1, shuffle=True, prefetch=None, log=True):
     from forge_train.vlm_stream import VLMStreamLoader
 
     return VLMStreamLoader(
         data, global_batch_rows=2, micro_batch_rows=micro, seed=3, dp_rank=dp_rank,
-        dp_size=dp_size, pad_id=0, shuffle=shuffle, prefetch_buffers=prefetch,
+        dp_size=dp_size, pad_id=0, shuffle=shuffle, prefetch_buffers=prefetch, log_bad_data=log,
     )  # fmt: skip
 
 
@@ -211,6 +211,33 @@ def test_loader_resumes_mid_buffer_to_the_same_batches(shards):
         # the bad data read before the checkpoint is still counted (not from 0 again)
         assert resumed.bad_data.counts == counts, (resumed.bad_data.counts, counts)
     assert straight.shards(0) != straight.shards(1) or len(data.urls) == 1  # reshuffled per epoch
+
+
+def test_one_rank_of_those_reading_the_same_shards_logs_bad_data(shards, caplog):
+    """Tensor-, context- and pipeline-parallel peers read one data-parallel rank's shards: each
+    counts the undecodable image (the run log sums the counts over the data-parallel ranks
+    only), and only the first of them (index 0 on pp, cp and tp) logs its warning."""
+    from forge_train.vlm_stream import log_bad_data_here
+
+    def mesh(**ranks):
+        return SimpleNamespace(size=lambda axis: 2, local_rank=lambda axis: ranks.get(axis, 0))
+
+    assert log_bad_data_here(None)
+    assert log_bad_data_here(mesh(dp=1))  # another data-parallel rank reads other shards
+    for axis in ("tp", "cp", "pp"):
+        assert not log_bad_data_here(mesh(**{axis: 1})), axis
+    _, _, _, data = _shard_data(shards, paths=str(shards / "b.tar"))  # the shard with it
+    for logs in (False, True):
+        loader = _loader(data, prefetch=0, log=logs)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="forge_data"):
+            for _ in range(20):
+                if loader.bad_data.counts:
+                    break
+                next(loader)
+        assert loader.bad_data.counts == {"undecodable media": 1}, loader.bad_data.counts
+        warned = [r for r in caplog.records if "undecodable media" in r.getMessage()]
+        assert len(warned) == logs, warned
 
 
 def _prefetch_threads() -> list[threading.Thread]:
@@ -422,12 +449,19 @@ def _one_step(shards: str, output_dir: str, *layout: str) -> list[float]:
     return [float(loss), float(grad_norm)], bad
 
 
-def test_text_only_rank_under_fsdp2_matches_one_process(tmp_path, shards, dist_pool):
+def test_text_only_rank_under_fsdp2_matches_one_process(tmp_path, shards, video_shards, dist_pool):
     """FSDP2 over 2 ranks, rank 1's micro-batch text-only: the encoder's all-gathers and
     reduce-scatters run on both ranks (without the stand-in image rank 1 skipped them: a
     collective mismatch, gloo's "Received data size doesn't match expected size", a hang on
     NCCL), and the loss and gradient norm are one process's on the same global batch. Also
-    CP2, whose ranks both run the text-only micro-batch."""
+    CP2, whose ranks both run the text-only micro-batch.
+
+    Then rank 0's micro-batch holds an image and a video, rank 1's an image only, under EP2
+    (a MoE language model: the encoder and the projector are sharded apart, the encoder block
+    by block, over the 2 data-parallel ranks): Qwen2.5-VL encodes both kinds in one call (two
+    calls made two sets of the encoder's all-gathers on rank 0, one on rank 1: the mismatch
+    above), and LLaVA-OneVision, whose projector takes each kind apart, runs its projector for
+    both kinds on every micro-batch (a stand-in for the missing one)."""
     single, bad = _one_step(str(shards), str(tmp_path / "single"))
     assert bad == ({}, None)
     pool = dist_pool(2)
@@ -444,6 +478,73 @@ def test_text_only_rank_under_fsdp2_matches_one_process(tmp_path, shards, dist_p
     torch.testing.assert_close(
         torch.tensor(ranks[0][0]), torch.tensor(single), rtol=1e-5, atol=1e-6
     )
+    videos, ep2 = str(video_shards), ("parallel=ep2-fsdp", _MOE)
+    single = _mixed_step(videos, str(tmp_path / "qwen"), "qwen2_5-vl-tiny", _MOE)
+    ranks = pool.run(_mixed_step, videos, str(tmp_path / "qwen-ep2"), "qwen2_5-vl-tiny", *ep2)
+    for rank in ranks:
+        torch.testing.assert_close(torch.tensor(rank), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    ranks = pool.run(_mixed_step, videos, str(tmp_path / "llava-ep2"), "llava-ov-tiny", *ep2)
+    assert ranks[0] == ranks[1], ranks
+    assert all(np.isfinite(ranks[0])), ranks
+
+
+#: A mixture-of-experts language model (for EP2, which shards the encoder on its own).
+_MOE = "+model.config.text.moe={num_experts:4,num_experts_per_tok:2,moe_intermediate_size:32}"
+
+
+def _frames(seed: int, n: int = 2, size=(28, 28)) -> bytes:
+    """``n`` RGB frames as the ``key.frames.npy`` of a webdataset sample."""
+    out = io.BytesIO()
+    frames = np.random.default_rng(seed).integers(0, 255, (n, *size, 3), dtype=np.uint8)
+    np.save(out, frames)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory) -> Path:
+    """2 shards: a conversation about an image and a video; two image captions."""
+    root = tmp_path_factory.mktemp("vlm-video-shards")
+    both = [("both.png", _png(70)), ("both.frames.npy", _frames(71)),
+            ("both.json", _chat("<image> then <video>: what moved?", "the dots"))]  # fmt: skip
+    _write(root / "v.tar", both)
+    _write(root / "w.tar", _captions(7, 2))
+    return root
+
+
+def _mixed_step(shards: str, output_dir: str, model: str, *layout: str) -> list[float]:
+    """``[loss, gradient norm]`` of one step of ``model`` on a global batch of 2 rows: one
+    holding an image and a video, one an image only (each data-parallel rank takes its own).
+    A pool job."""
+    from forge_data.tar_shards import tar_samples
+    from forge_train.loop import Trainer
+    from forge_train.vlm_data import collate_micro_batches
+
+    cfg = tiny.compose_run_config(
+        [*_RUN, f"model={model}", f"data.paths=[{shards}]", f"train.output_dir={output_dir}",
+         "data.seq_len=256", "data.global_batch_rows=2", "data.micro_batch_rows=1", *layout]
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        with tiny.reference_kernels():
+            trainer._build()
+            parts = trainer.parts
+            data = parts.data.train
+            raw = [r for name in ("v", "w") for r in tar_samples(str(Path(shards) / f"{name}.tar"))]
+            decoded = [data.dataset.decode(r) for r in raw]
+            both = [s for s in decoded if "video" in s["visual"]]
+            images = [s for s in decoded if "video" not in s["visual"]]
+            assert len(both) == 1, decoded
+            assert "image" in both[0]["visual"], decoded
+            batches = collate_micro_batches(
+                [both, images[:1]], data, micro_batch_rows=1, pad_id=parts.pad_id
+            )
+            assert set(batches[0]["visual"]) >= {"image", "video"}
+            assert "video" not in batches[1]["visual"]
+            mine = batches if parts.dp_size == 1 else [batches[parts.dp_rank]]
+            loss, grad_norm, _ = trainer.runner.run(0, mine)
+    finally:
+        trainer.close()
+    return [float(loss), float(grad_norm)]
 
 
 def test_configuration_errors(tmp_path, shards):

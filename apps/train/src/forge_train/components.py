@@ -322,8 +322,16 @@ def build_components(
     dp_rank = mesh.local_rank("dp") if mesh is not None else 0
     dp_size = mesh.size("dp") if mesh is not None else 1
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    from forge_train.vlm_stream import log_bad_data_here
+
     loader = build_loader(
-        data.train, cfg.data, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id
+        data.train,
+        cfg.data,
+        seed=cfg.train.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        pad_id=pad_id,
+        log_bad_data=log_bad_data_here(mesh),
     )
     if _keyed_lora_dropout(cfg):
         loader = _key_lora_dropout(model, loader, plan, cfg, mesh, pipeline=pipeline)

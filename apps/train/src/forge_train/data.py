@@ -210,10 +210,12 @@ def build_loader(
     dp_size: int,
     pad_id: int,
     shuffle: bool = True,
+    log_bad_data: bool = True,
 ):
     """forge_data's ``PackedLoader`` over ``dataset`` for this data-parallel rank (a
     :class:`forge_train.vlm_data.VLMLoader` for image-caption samples, a
-    :class:`forge_train.vlm_stream.VLMStreamLoader` for streamed shards)."""
+    :class:`forge_train.vlm_stream.VLMStreamLoader` for streamed shards, which logs each bad
+    sample it meets with ``log_bad_data``: :func:`forge_train.vlm_stream.log_bad_data_here`)."""
     from forge_data import LoaderConfig, PackedLoader
 
     loader_config = LoaderConfig(
@@ -231,11 +233,13 @@ def build_loader(
             "change one of them"
         )
     if config.kind in VLM_KINDS:  # the demo set in memory, or the user's shards streamed
+        extra = {}
         if config.kind == "skimage_captions":
             from forge_train.vlm_data import VLMLoader as Loader
         else:
             from forge_train.vlm_stream import VLMStreamLoader as Loader
 
+            extra["log_bad_data"] = log_bad_data
         return Loader(
             dataset,
             global_batch_rows=config.global_batch_rows,
@@ -245,6 +249,7 @@ def build_loader(
             dp_size=dp_size,
             pad_id=pad_id,
             shuffle=shuffle,
+            **extra,
         )
     return PackedLoader(dataset, loader_config, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id)
 

@@ -112,15 +112,27 @@ VISUAL_KINDS = (("images", "image_token_id"), ("videos", "video_token_id"))
 
 class VisualEncoder(nn.Module):
     """A VLM's vision encoder and projector (``vision.*``, ``projector.*``):
-    ``forward(visual)`` gives the projected features, one row per placeholder token."""
+    ``forward(visual)`` gives the projected features, one row per placeholder token; given a
+    list (a micro-batch's images and videos), the features of each from one encoder call
+    (:func:`forge_models.vlm.model.encode_visual`, as the whole model encodes them)."""
 
     def __init__(self, model: nn.Module) -> None:
+        from forge_models.vlm.model import projects_kinds_jointly
+
         super().__init__()
         self.vision = model.vision
         self.projector = model.projector
+        self.jointly = projects_kinds_jointly(model.config.projector_name, model.projector)
 
-    def forward(self, visual) -> torch.Tensor:
-        return self.projector(self.vision(visual), visual)
+    def forward(self, visual) -> torch.Tensor | list[torch.Tensor]:
+        if not isinstance(visual, (list, tuple)):
+            return self.projector(self.vision(visual), visual)
+        from forge_models.vlm.model import encode_visual
+
+        # No stand-ins for a kind the micro-batch lacks: the projector is part of this one
+        # module (one FSDP unit), whose gradients are reduced once however often it runs.
+        features, _ = encode_visual(self.vision, self.projector, list(visual), jointly=self.jointly)
+        return features
 
 
 class TokenEmbedding(nn.Module):
@@ -348,12 +360,23 @@ class VLMPipelineParts(PipelineParts):
         hidden = self.vlm_config.text.hidden_size
         me = self.pp_rank
         features: dict[int, list[torch.Tensor | None]] = {}
+        # One encoder call per micro-batch, its images and videos together, as one process
+        # runs it: every data-parallel rank then makes as many calls (the encoder is
+        # FSDP-sharded over them) whatever its micro-batches hold. Not one call for all of
+        # them: that would make a dense-mask attention backend (CPU) quadratic in the total
+        # patches.
+        encoded: dict[tuple[int, int], torch.Tensor] = {}
+        owners = groups[0][3] if groups else []
+        for i, owner in enumerate(owners):
+            kinds = [k for k, group in enumerate(groups) if group[1][i] is not None]
+            if owner != me or not kinds:
+                continue
+            outs = self.encoder([groups[k][1][i] for k in kinds])
+            encoded.update({(k, i): out for k, out in zip(kinds, outs, strict=True)})
         for k, (token_id, visual, counts, owners) in enumerate(groups):
             mine = [i for i, o in enumerate(owners) if o == me and visual[i] is not None]
             if mine:
-                # One call per micro-batch, as one process runs it: concatenating them would
-                # make a dense-mask attention backend (CPU) quadratic in the total patches.
-                out = torch.cat([self.encoder(visual[i]) for i in mine]).to(dtype)
+                out = torch.cat([encoded[k, i] for i in mine]).to(dtype)
                 expected = sum(counts[i] for i in mine)
                 if token_id is not None and out.shape[0] != expected:
                     raise ValueError(

@@ -28,7 +28,9 @@ How a rank reads (as webdataset / Megatron-Energon do):
 * Bad data (a corrupt or truncated shard, an undecodable image, a placeholder mismatch, an
   over-long sample) is counted in the loader's :attr:`VLMStreamLoader.bad_data` and skipped,
   and the run log reports the counts (summed over the ranks); ``data.on_bad_data=raise`` stops
-  at the first one instead. A rank whose shards hold no usable sample in a whole epoch is a
+  at the first one instead. Each is logged as a warning by one rank of those reading the same
+  shards (``log_bad_data``, :func:`log_bad_data_here`), not once per tensor-, context- or
+  pipeline-parallel peer. A rank whose shards hold no usable sample in a whole epoch is a
   ``ConfigError``.
 * Evaluation (``data.val_paths``, read in order from the start each time) also takes fewer
   shards than ranks (a held-out set is often one file): then every rank reads all of them and
@@ -88,10 +90,23 @@ __all__ = [
     "VLMShardData",
     "VLMStreamLoader",
     "build_shard_data",
+    "log_bad_data_here",
     "resolve_shards",
 ]
 
 SHARD_SUFFIX = ".tar"
+
+
+def log_bad_data_here(mesh) -> bool:
+    """Whether this rank logs each bad sample it meets (``VLMStreamLoader(log_bad_data=...)``):
+    the ranks of one data-parallel rank's tensor-, context- and pipeline-parallel groups read
+    the same shards (only ``dp`` splits the data), so each would print the same warning; the
+    first of them (index 0 on every one of these axes of the ``ParallelMesh`` ``mesh``; no
+    mesh: a single process) logs it. Every rank still counts it (the run log's counts are
+    summed over the data-parallel ranks only)."""
+    if mesh is None:
+        return True
+    return all(mesh.size(axis) == 1 or mesh.local_rank(axis) == 0 for axis in ("pp", "cp", "tp"))
 
 
 def _remote(path: str) -> bool:
@@ -260,10 +275,13 @@ class _Reader:
         split: _Split,
         start: StreamPosition,
         counts: dict[str, int],
+        *,
+        log_bad_data: bool = True,
     ) -> None:
         self.data, self.split = data, split
         self.cursor = start  # where the next buffer starts
         self.counts = dict(counts)  # the rank's bad data before the cursor (for messages)
+        self.log_bad_data = log_bad_data
         self.decoder = copy.copy(data.dataset)
         self.stop = threading.Event()
         self._raw: Iterator[tuple[StreamPosition, dict[str, Any] | None]] | None = None
@@ -313,7 +331,7 @@ class _Reader:
         from forge_data.vision import pack_vlm_samples
 
         start = self.cursor
-        found = self.decoder.report = BadDataReport()  # this buffer's bad data
+        found = self.decoder.report = BadDataReport(log=self.log_bad_data)  # this buffer's
         if self._raw is None:
             self._raw = self._raw_samples(start)
         samples: list[dict[str, Any]] = []
@@ -444,7 +462,9 @@ class VLMStreamLoader:
     own shards (see the module doc); ``state_dict`` / ``load_state_dict`` resume it exactly
     (at the same data-parallel size). With ``prefetch_buffers`` (default: the data's,
     ``data.prefetch_buffers``) > 0 a background thread decodes that many buffers ahead;
-    :meth:`close` stops it (so does garbage collection)."""
+    :meth:`close` stops it (so does garbage collection). ``log_bad_data``: whether this rank
+    logs a warning for each bad sample (:func:`log_bad_data_here`: one rank of those reading
+    the same shards); it counts them either way."""
 
     def __init__(
         self,
@@ -458,6 +478,7 @@ class VLMStreamLoader:
         pad_id: int,
         shuffle: bool = True,
         prefetch_buffers: int | None = None,
+        log_bad_data: bool = True,
     ) -> None:
         n = len(data.urls)
         # Evaluation (no shuffling, never resumed) takes whatever shards it is given, as a
@@ -492,7 +513,10 @@ class VLMStreamLoader:
         self._report = BadDataReport()
         self._buffer: _Buffer | None = None  # the buffer the step takes rows of
         self._next_start = StreamPosition()  # where the buffer after it starts
-        self._reader = _Reader(data, self._split, self._next_start, {})
+        # Every rank reading this rank's shards counts their bad data; one of them logs it
+        # (log_bad_data_here).
+        self.log_bad_data = log_bad_data
+        self._reader = _Reader(data, self._split, self._next_start, {}, log_bad_data=log_bad_data)
         self._prefetcher: _Prefetcher | None = None
         self._stop_prefetcher: weakref.finalize | None = None
 
@@ -552,7 +576,9 @@ class VLMStreamLoader:
         if self._stop_prefetcher is not None:
             self._stop_prefetcher()  # runs the prefetcher's close once
         self._prefetcher = self._stop_prefetcher = None
-        self._reader = _Reader(self.data, self._split, start, counts)
+        self._reader = _Reader(
+            self.data, self._split, start, counts, log_bad_data=self.log_bad_data
+        )
 
     def close(self) -> None:
         """Stop the prefetch thread and drop what it decoded ahead (at the end of a run;

@@ -55,17 +55,24 @@ MEDIA_ERRORS = (OSError, ValueError, SyntaxError)
 
 @dataclass
 class BadDataReport:
-    """Counts of skipped / truncated samples by reason, and their first locations."""
+    """Counts of skipped / truncated samples by reason, and their first locations.
+
+    ``log``: whether :meth:`add` logs a warning for each one. Ranks that read the same data
+    (the tensor-, context- or pipeline-parallel peers of one data-parallel rank) each count
+    it, but only one of them need say so: the others pass ``log=False`` (the counts and
+    records are the same either way)."""
 
     counts: dict[str, int] = field(default_factory=dict)
     records: list[dict[str, str]] = field(default_factory=list)
     max_records: int = 1000
+    log: bool = True
 
     def add(self, reason: str, location: str, detail: str = "") -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.records) < self.max_records:
             self.records.append({"reason": reason, "location": location, "detail": detail})
-        log.warning("%s at %s %s", reason, location, detail)
+        if self.log:
+            log.warning("%s at %s %s", reason, location, detail)
 
     @property
     def total(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -69,6 +70,41 @@ class VisualInputs:
                 f"{who} needs VisualInputs.{', '.join(missing)}; the processor of this model "
                 "family produces it (see forge_data.vision)"
             )
+
+    @staticmethod
+    def join(inputs: Sequence[VisualInputs]) -> VisualInputs:
+        """The items of several inputs as one, in order: what a single encoder call takes for a
+        micro-batch's images and videos together
+        (:meth:`forge_models.vlm.VisionLanguageModel.encode_visual`).
+
+        ``pixel_values`` are concatenated (they must share the encoder's per-row layout, as a
+        family's processor makes them for images and video frames), and so is each per-item
+        field that every input has (one missing anywhere: ``None``). ``kind`` is the first
+        input's: encoders read no kind, and a projector that does gets each input apart."""
+        if not inputs:
+            raise ValueError("VisualInputs.join needs at least one input")
+        shapes = {tuple(v.pixel_values.shape[1:]) for v in inputs}
+        if len(shapes) > 1:
+            described = ", ".join(f"{v.kind}s {list(v.pixel_values.shape[1:])}" for v in inputs)
+            raise ValueError(
+                f"VisualInputs.join: the inputs' pixel_values rows differ ({described}), so one "
+                "encoder call cannot take them; give images and video frames in the encoder's "
+                "one layout (the family's processor does: video frames resized to its tile / "
+                "patch size)"
+            )
+
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(v, name) for v in inputs]
+            return None if any(t is None for t in values) else torch.cat(values)
+
+        return VisualInputs(
+            pixel_values=torch.cat([v.pixel_values for v in inputs]),
+            grid_thw=cat("grid_thw"),
+            tiles_per_item=cat("tiles_per_item"),
+            image_sizes=cat("image_sizes"),
+            kind=inputs[0].kind,
+            second_per_grid_ts=cat("second_per_grid_ts"),
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """A copy on ``device``; ``dtype`` applies to ``pixel_values`` only."""

@@ -25,9 +25,97 @@ from forge_models.vlm.components import get_component
 from forge_models.vlm.config import VLMConfig
 from forge_models.vlm.inputs import VisualInputs
 
-__all__ = ["VisionLanguageModel", "visual_block_ids"]
+__all__ = ["VisionLanguageModel", "encode_visual", "projects_kinds_jointly", "visual_block_ids"]
 
 COMPONENTS = ("vision", "projector", "language_model")
+
+#: The built-in projectors whose rows for an item depend on that item alone, never on its kind:
+#: a micro-batch's images and videos go through them in one call. (LLaVA-OneVision's pools a
+#: video's frames and lays out an image's AnyRes crops: it projects each kind apart.) A
+#: registered projector joins them with a ``projects_kinds_jointly = True`` attribute.
+KIND_FREE_PROJECTORS = frozenset({"qwen2_5_vl_merger", "pixel_shuffle_mlp"})
+
+
+def projects_kinds_jointly(projector_name: str, projector: nn.Module) -> bool:
+    """Whether ``projector`` (registered as ``projector_name``) takes images and videos in one
+    call (:data:`KIND_FREE_PROJECTORS`, or its own ``projects_kinds_jointly`` attribute)."""
+    flag = getattr(projector, "projects_kinds_jointly", None)
+    return bool(flag) if flag is not None else projector_name in KIND_FREE_PROJECTORS
+
+
+def encode_visual(
+    vision: nn.Module,
+    projector: nn.Module,
+    groups: list[VisualInputs],
+    *,
+    jointly: bool,
+    kinds: tuple[str, ...] = (),
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(features per group, stand-in features)``: the projected features (one row per
+    placeholder) of each of ``groups`` (a micro-batch's images, then its videos), from ONE call
+    of the encoder ``vision`` on all their items (:meth:`VisualInputs.join`), then one call of
+    ``projector`` on all of them (``jointly``: it reads no kind, :func:`projects_kinds_jointly`)
+    or one call per kind in ``kinds`` order.
+
+    Why one encoder call: under FSDP (or any sharding that gathers the encoder's weights per
+    call) every data-parallel rank must make as many encoder calls as its peers, whatever its
+    micro-batch holds; a rank encoding its images and its video apart made two sets of
+    all-gathers where a peer with images only made one (a gloo "collective mismatch", an NCCL
+    hang). The encoders encode every item (tile, frame, patch grid) on its own, so the joined
+    call gives each group's rows as a call of its own does, up to the float rounding of matrix
+    products over more rows (CPU and GPU GEMMs round a row differently at another row count).
+
+    A projector that takes each kind apart is called for every kind of ``kinds`` (``("image",
+    "video")`` for a model that takes videos; empty: the kinds given) on every micro-batch, the
+    same count on every rank (under FSDP of the projector each call reduces its gradients):
+    a kind the micro-batch lacks gets a stand-in, the first group's first tile as a one-tile
+    image or a one-frame video (the ``[tiles, C, H, W]`` layout of the tile encoders such
+    projectors follow), whose features the caller joins with zero weight
+    (:meth:`VisionLanguageModel.stand_in_scatter`): the loss and every gradient stay as
+    without it, bit for bit."""
+    missing = [k for k in kinds if all(g.kind != k for g in groups)] if not jointly else []
+    if len(groups) == 1 and not missing:
+        visual = groups[0]
+        return [projector(vision(visual), visual)], []
+    joined = VisualInputs.join(groups) if len(groups) > 1 else groups[0]
+    features = vision(joined)
+    if jointly:
+        out = projector(features, joined)
+        sizes = [sum(int(n) for n in projector.num_tokens(v)) for v in groups]
+        if out.shape[0] != sum(sizes):
+            raise ValueError(
+                f"the projector gave {out.shape[0]} rows for the joined groups, whose metadata "
+                f"says {sizes} placeholder tokens; a projector whose rows depend on the item's "
+                "kind must set projects_kinds_jointly = False"
+            )
+        return list(out.split(sizes)), []
+    # Apart: the encoder's rows split as its input rows (a fixed number per tile / patch).
+    rows = [int(v.pixel_values.shape[0]) for v in groups]
+    per_row, rest = divmod(int(features.shape[0]), max(sum(rows), 1))
+    if rest:
+        raise ValueError(
+            f"the encoder gave {features.shape[0]} rows for {sum(rows)} pixel_values rows: "
+            "not a fixed number per row, so they cannot be split back into images and videos"
+        )
+    split = features.split([r * per_row for r in rows])
+    parts = dict(zip([v.kind for v in groups], split, strict=True))
+    given = {v.kind: v for v in groups}
+    out: dict[str, torch.Tensor] = {}
+    for kind in [*dict.fromkeys([*kinds, *given])]:
+        if kind in given:
+            out[kind] = projector(parts[kind], given[kind])
+        else:
+            out[kind] = projector(features[:per_row], _one_tile(groups[0], kind))
+    return [out[v.kind] for v in groups], [out[k] for k in missing]
+
+
+def _one_tile(visual: VisualInputs, kind: str) -> VisualInputs:
+    """``visual``'s first tile as a one-tile image (its size the tile's) or a one-frame video:
+    the stand-in of :func:`encode_visual` for a kind a micro-batch lacks."""
+    tile = visual.pixel_values[:1]
+    one = torch.ones(1, dtype=torch.long, device=tile.device)
+    sizes = torch.tensor([list(tile.shape[-2:])], device=tile.device) if kind == "image" else None
+    return VisualInputs(pixel_values=tile, tiles_per_item=one, image_sizes=sizes, kind=kind)
 
 
 def visual_block_ids(
@@ -110,6 +198,18 @@ class VisionLanguageModel(nn.Module):
         features = self.vision(visual)
         return self.projector(features, visual)
 
+    def encode_visual(
+        self, groups: list[VisualInputs]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(features per group, stand-in features)``: :meth:`visual_features` of each of
+        ``groups`` (a micro-batch's images, then its videos) from one encoder call, and the
+        projector called as often on every micro-batch (with stand-ins for a missing kind,
+        to be joined with zero weight): see :func:`encode_visual`."""
+        jointly = projects_kinds_jointly(self.config.projector_name, self.projector)
+        takes_videos = self.config.video_token_id is not None
+        kinds = ("image", "video") if takes_videos else ()
+        return encode_visual(self.vision, self.projector, groups, jointly=jointly, kinds=kinds)
+
     def num_visual_tokens(self, visual: VisualInputs) -> list[int]:
         """Placeholder tokens each item of ``visual`` takes (from its metadata)."""
         return [int(n) for n in self.projector.num_tokens(visual)]
@@ -135,8 +235,10 @@ class VisionLanguageModel(nn.Module):
         videos: VisualInputs | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(placeholder mask, feature rows)`` of the images, then the videos (checked against
-        the placeholder counts): what :meth:`embed` scatters into the token embeddings."""
-        out = []
+        the placeholder counts): what :meth:`embed` scatters into the token embeddings. Both
+        kinds are encoded in one encoder call (:meth:`encode_visual`), so a micro-batch makes
+        one call whatever it holds."""
+        groups = []
         for visual, token_id, what in (
             (images, self.config.image_token_id, "image"),
             (videos, self.config.video_token_id, "video"),
@@ -152,7 +254,12 @@ class VisionLanguageModel(nn.Module):
                 continue
             if token_id is None:
                 raise ValueError(f"{what}s were passed but the config has no {what}_token_id")
-            features = self.visual_features(visual)
+            groups.append((visual, token_id, what, where, count))
+        if not groups:
+            return []
+        out = []
+        encoded, stand_ins = self.encode_visual([g[0] for g in groups])
+        for (visual, token_id, what, where, count), features in zip(groups, encoded, strict=True):
             if features.shape[0] != count:
                 raise ValueError(
                     f"the {visual.num_items} {what}(s) give {features.shape[0]} feature rows but "
@@ -161,6 +268,8 @@ class VisionLanguageModel(nn.Module):
                     f"{self.num_visual_tokens(visual)})"
                 )
             out.append((where, features))
+        for features in stand_ins:
+            out += self.stand_in_scatter(input_ids, features)
         return out
 
     def forward(
@@ -249,7 +358,8 @@ class VisionLanguageModel(nn.Module):
         the features stay in the graph: the backward runs through the projector and encoder
         with zero gradients (the effect of the common ``+ 0 * features.sum()``), so every
         rank runs the encoder's forward and backward collectives."""
-        return self.stand_in_scatter(input_ids, self.visual_features(dummy))
+        encoded, stand_ins = self.encode_visual([dummy])
+        return [s for f in [*encoded, *stand_ins] for s in self.stand_in_scatter(input_ids, f)]
 
     @staticmethod
     def stand_in_scatter(
