@@ -452,6 +452,29 @@ def _restore_scalar_attributes(saved: list[tuple[nn.Module, dict, dict]]) -> Non
                 module._buffers[name] = tensor
 
 
+def _buffer_values(modules: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each buffer of ``modules`` (a DTensor's local shard; once if shared) and a copy of its
+    values: what the measurement puts back, including writes no dispatch mode sees (FP8
+    delayed scaling updates its amax history outside a mode that keys ops as a selective
+    checkpoint does, :class:`_Recorder` included, because a recomputation skips that update;
+    ``forge_kernels.fp8.quantize``)."""
+    values, seen = [], set()
+    with torch.no_grad():
+        for module in modules:
+            for tensor in module._buffers.values():
+                local = None if tensor is None else getattr(tensor, "_local_tensor", tensor)
+                if local is not None and not local.is_inference() and id(local) not in seen:
+                    seen.add(id(local))
+                    values.append((local, local.detach().clone()))
+    return values
+
+
+def _restore_buffer_values(values: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, old in values:
+            tensor.data.copy_(old)
+
+
 def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasurement:
     """Run ``block(*args, **kwargs)`` once (with gradients) and record what it computes and keeps.
 
@@ -463,11 +486,14 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
     tensor that existed before it and that its ops write in place (a module's buffers:
     BatchNorm's running statistics and ``num_batches_tracked``, an FP8 delayed-scaling amax
     history and scale; parameters, also written through ``.data``; the inputs; a global) is
-    copied just before its first write and copied back afterwards; and the ``int`` / ``float``
-    / ``bool`` attributes of ``block``'s modules (a call counter, a "first call done" flag)
-    get their old values back, as do the buffers it reassigns. Copying on the first write is
-    exact (the old bits come back) and cheap: only what the forward writes is copied, usually
-    a few small buffers, once per block. Python containers the forward changes (a list it appends to) are not restored.
+    copied just before its first write and copied back afterwards; the buffers of ``block``'s
+    modules are copied before it and put back afterwards whatever wrote them (also outside
+    the measuring mode, as FP8 delayed scaling's history update: :func:`_buffer_values`); and
+    the ``int`` / ``float`` / ``bool`` attributes of ``block``'s modules (a call counter, a
+    "first call done" flag) get their old values back, as do the buffers it reassigns.
+    Copying is exact (the old bits come back) and cheap: what the forward writes and the
+    block's buffers, usually a few small ones, once per block. Python containers the forward
+    changes (a list it appends to) are not restored.
     Measuring the real forward instead would run it before its recompute policy exists: with
     everything kept for backward (over the budget the measurement is there to meet), or
     under a checkpoint whose own saved-tensor hooks would hide what autograd keeps.
@@ -493,7 +519,9 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda})
     module_inputs: dict[str, set] = defaultdict(set)
     module = _module_of(block)
-    scalars = _scalar_attributes([] if module is None else list(module.modules()))
+    modules = [] if module is None else list(module.modules())
+    scalars = _scalar_attributes(modules)
+    buffers = _buffer_values(modules)
     handles = _track_children(_direct_children(block), recorder, module_inputs)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -505,6 +533,7 @@ def measure_block(block: Callable, *args: Any, **kwargs: Any) -> BlockMeasuremen
             handle.remove()
         recorder.restore()
         _restore_scalar_attributes(scalars)
+        _restore_buffer_values(buffers)
     sizes = storages.sizes
     saved_in = {u: frozenset(where) for u, where in saved.items() if u not in params}
     module_inputs = {n: frozenset(ids - params - {None}) for n, ids in module_inputs.items()}

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     AmaxGroup = ProcessGroup | tuple[ProcessGroup, ...] | None
 
 from forge_kernels._triton_support import can_use_triton, triton_interpret_mode
+
+_T = TypeVar("_T")
 
 __all__ = [
     "FP8_E4M3",
@@ -334,7 +337,10 @@ def tensor_amax(x: torch.Tensor, *, group: AmaxGroup = None) -> torch.Tensor:
 
 def _cast_scaled(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     limit = fp8_max(fp8_dtype)
-    return (x.float() * scale).clamp_(-limit, limit).to(fp8_dtype)
+    # Out of place: under a selective activation-checkpoint policy that saves the product (one
+    # that saves every op but a few), a clamp_ would write into the saved copy, which
+    # forge-parallel refuses and PyTorch's cache reports as mutated in backward.
+    return torch.clamp(x.float() * scale, -limit, limit).to(fp8_dtype)
 
 
 def quantize_tensorwise(
@@ -556,6 +562,54 @@ def _saved_tensors_hooks_active() -> bool:
     return top is None or top(False) is not None
 
 
+def _keys_ops_like_selective_checkpoint(mode: object) -> bool:
+    """Whether dispatch ``mode`` keys ops by ``(op, n-th call of that op)`` in a checkpointed
+    forward: PyTorch's selective-checkpoint cache (its forward's caching mode, its
+    recomputation's cached mode), or a mode that says it sees ops as that cache does
+    (``sees_ops_like_selective_checkpoint``: forge-parallel's auto-recompute measurement,
+    whose per-op keys must match its policy's)."""
+    if getattr(mode, "sees_ops_like_selective_checkpoint", False):
+        return True
+    from torch.utils import checkpoint as torch_checkpoint
+
+    names = ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
+    kinds = tuple(getattr(torch_checkpoint, n) for n in names if hasattr(torch_checkpoint, n))
+    return isinstance(mode, kinds)
+
+
+def _unseen_by_selective_checkpoint(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)``, run outside the dispatch modes when a selective activation checkpoint's
+    is among them: delayed scaling's bookkeeping (the copy of the scales a forward casts
+    with; the amax of a cast operand, its reduction over the amax group, the history and
+    scale update).
+
+    PyTorch's selective-checkpoint cache keys each op by how many calls of that op came
+    before it in the checkpointed forward, and hands the recomputation the output cached
+    under the same key. The recomputation of a delayed-scaling forward casts with the scales
+    of the forward it replays and does none of this bookkeeping (it would update the state
+    a second time), so had the cache seen the bookkeeping ops, every later call of the same
+    op (``mul``, ``abs``, ``amax``, ``_to_copy``, ``clone``, an all-reduce) would be looked up
+    under a key shifted by them: another op's cached output (``isfinite``'s bool product
+    cast as an operand: "result type Float can't be cast to the desired output type bool";
+    silently wrong values where the dtypes happen to agree). Unseen, the forward and its
+    recomputation issue the same ops. The bookkeeping writes only the state (whose writes a
+    checkpoint must not replay anyway) and makes scalars; every dispatch mode active at that
+    point is left out of it, not only the checkpoint's (a ``FlopCounterMode`` around a step
+    with selective recompute does not count these few scalar ops). Under ``torch.compile``
+    (AOTAutograd's functional recomputation applies the update once) and without such a
+    mode, ``fn`` runs as it is."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if torch.compiler.is_compiling() or not any(
+        _keys_ops_like_selective_checkpoint(mode) for mode in _get_current_dispatch_mode_stack()
+    ):
+        return fn(*args)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return fn(*args)
+
+
 @dataclass(eq=False)
 class DelayedForwardScales:
     """The scales one forward casts its input and weight with (rows of the state's ``scale``).
@@ -591,7 +645,10 @@ class DelayedScalingState:
     first, the scales of forwards that may still be recomputed; :meth:`begin_forward` queues
     them and hands them back to the recomputation (see there how a recomputation is told apart).
     A module that rebuilds this wrapper around its buffers on every call passes the same
-    ``pending`` deque each time (``Fp8Linear`` does).
+    ``pending`` deque each time (``Fp8Linear`` does). Under selective checkpointing (PyTorch's
+    per-op cache, which forge-parallel's selective and auto recompute use) the bookkeeping the
+    recomputation skips runs unseen by the cache, so the forward and its recomputation issue
+    the same ops (:func:`_unseen_by_selective_checkpoint`).
     """
 
     #: The most forwards whose scales wait for a recomputation: far above the forwards in
@@ -665,7 +722,8 @@ class DelayedScalingState:
         compiling = torch.compiler.is_compiling()  # compiled: AOTAutograd recomputes, not this
         if not compiling and torch._C._current_graph_task_id() != -1 and self.pending:
             return DelayedForwardScales(self.pending.popleft().scale, replayed=True)
-        forward = DelayedForwardScales(self.scale.detach().clone())
+        # Unseen by a selective checkpoint: its recomputation takes the scales from the queue.
+        forward = DelayedForwardScales(_unseen_by_selective_checkpoint(self._scale_copy))
         if compiling:
             return forward
         if torch.is_grad_enabled():
@@ -676,6 +734,12 @@ class DelayedScalingState:
         if queue:
             self.pending.append(forward)
         return forward
+
+    def _scale_copy(self) -> torch.Tensor:
+        return self.scale.detach().clone()
+
+    def _record(self, index, x, fp8_dtype, recipe, amax_group) -> None:
+        self.update(index, tensor_amax(x, group=amax_group), fp8_dtype, recipe)
 
     def release(self, forward: DelayedForwardScales) -> None:
         """Drop ``forward`` from the pending queue (if still there): its autograd node ran its
@@ -706,7 +770,8 @@ class DelayedScalingState:
         scale = self.scale[index].clone() if forward is None else forward.scale[index]
         q = quantize_tensorwise(x, fp8_dtype, scale=scale, transpose=transpose)
         if forward is None or not forward.replayed:
-            self.update(index, tensor_amax(x, group=amax_group), fp8_dtype, recipe)
+            # Unseen by a selective checkpoint, as its recomputation does not do it.
+            _unseen_by_selective_checkpoint(self._record, index, x, fp8_dtype, recipe, amax_group)
         return q
 
     @torch.no_grad()
