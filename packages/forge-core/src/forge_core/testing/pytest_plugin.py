@@ -47,6 +47,16 @@ def fake_pg():
     return fake_process_group
 
 
+def pytest_configure(config) -> None:
+    """Register the ``multiprocess`` marker this plugin adds, so a project that enables the
+    plugin without declaring the marker itself gets no unknown-mark warning, and no
+    collection error under ``--strict-markers``."""
+    config.addinivalue_line(
+        "markers",
+        "multiprocess: runs on the persistent gloo worker pool (deselect with -m 'not multiprocess')",
+    )
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "dist_pool" in getattr(item, "fixturenames", ()):
