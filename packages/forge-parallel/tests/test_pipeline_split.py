@@ -277,8 +277,23 @@ def test_block_args_reach_every_block_per_microbatch():
     with pytest.raises(RuntimeError, match="micro-batch 2 has no block arguments"):
         stage(tokens)
     stage.set_block_args(None)
-    with pytest.raises(TypeError):  # without block arguments the block lacks its scale
+    # Without block arguments the block lacks its scale: the error says how to pass it.
+    with pytest.raises(TypeError, match=r"block 'layers.0' \(_ScaledBlock\).*block_args="):
         stage(tokens)
+
+
+class _FailingBlock(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x)  # a TypeError inside the block, not at its call
+
+
+def test_a_type_error_inside_a_block_is_not_blamed_on_its_arguments():
+    model = _ScaledDecoder()
+    model.layers[0] = _FailingBlock()
+    _, (stage,), _, _ = split_stages(model, pp=1, pp_rank=0, config=PipelineConfig())
+    with pytest.raises(TypeError) as raised:
+        stage(torch.randint(0, 16, (2, 5)))
+    assert "block_args" not in str(raised.value)
 
 
 def test_graph_weights_are_the_leaves_the_forward_used():

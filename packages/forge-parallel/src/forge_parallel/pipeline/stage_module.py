@@ -183,6 +183,31 @@ class StageCarry(Protocol):
         gradient attached)."""
 
 
+def _explain_block_call(
+    err: TypeError, block: nn.Module, path: str, args: tuple, kwargs: dict[str, Any]
+) -> None:
+    """Raise a ``TypeError`` that says how to pass a block's other inputs when ``err`` came
+    from calling ``block`` itself with arguments its ``forward`` does not take (a block that
+    needs more than the hidden states, e.g. forge-models' ``TransformerBlock`` its RoPE tables
+    and documents); return, for ``err`` to propagate as it is, when the call's arguments fit
+    (the error came from inside the block)."""
+    import inspect
+
+    try:
+        inspect.signature(block.forward).bind(*args, **kwargs)
+    except TypeError as mismatch:
+        given = f"{len(args)} positional argument(s)" + (
+            f" and {', '.join(kwargs)}" if kwargs else ""
+        )
+        raise TypeError(
+            f"pipeline block {path!r} ({type(block).__name__}) cannot be called with the "
+            f"{given} the stage gives it: {mismatch}. A block that takes more than the hidden "
+            "states gets its other inputs per micro-batch from Pipeline.step(..., "
+            "block_args=[(...), ...]), one tuple per micro-batch (forge-models' CausalLM: "
+            "block_args=[(model.attention_inputs(mb),) for mb in micro_batches])"
+        ) from err
+
+
 def _attach(root: nn.Module, path: str, module: nn.Module, containers: set[str]) -> None:
     parts = path.split(".")
     node = root
@@ -330,7 +355,12 @@ class StageModule(nn.Module):
                 "position_ids": position_ids,
             }
         for path in self._blocks:
-            out = self.get_submodule(path)(x, *extra, **kwargs)
+            block = self.get_submodule(path)
+            try:
+                out = block(x, *extra, **kwargs)
+            except TypeError as err:
+                _explain_block_call(err, block, path, (x, *extra), kwargs)
+                raise
             if self.block_output is not None and self.in_schedule:
                 x = self.block_output(path, out, extra)
             else:
