@@ -92,9 +92,12 @@ def test_mtp_loss_is_reported_apart_and_the_gradient_keeps_it(tmp_path):
 
 def test_sft_throughput_counts_input_tokens_over_step_time_only(tmp_path, monkeypatch, capsys):
     """Chat data (assistant-only loss, padded rows) without a validation set, on a clock that
-    advances 1 s per step and 1000 s per evaluation or checkpoint save: every row's tokens/s
-    is the step's non-padding input tokens (more than its loss tokens), the evaluation is
-    labelled as read from the training set, and the set-up warnings are printed once."""
+    advances 0.25 s per batch taken from the loader, 1 s per step and 1000 s per evaluation or
+    checkpoint save: every row's tokens/s is the step's non-padding input tokens (more than its
+    loss tokens) over 1.25 s, its data wait 0.25 s, the evaluation is labelled as read from the
+    training set, and the set-up warnings are printed once."""
+    from forge_data import PackedLoader
+
     clock = [0.0]
     monkeypatch.setattr(
         forge_train.loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0])
@@ -115,6 +118,13 @@ def test_sft_throughput_counts_input_tokens_over_step_time_only(tmp_path, monkey
 
         return wrapped
 
+    take = PackedLoader.__next__
+
+    def slow_next(self):
+        clock[0] += 0.25
+        return take(self)
+
+    monkeypatch.setattr(PackedLoader, "__next__", slow_next)
     monkeypatch.setattr(StepRunner, "run", timed_run)
     monkeypatch.setattr(Trainer, "evaluate", slow(evaluate))
     monkeypatch.setattr(Trainer, "_save", slow(save))
@@ -148,9 +158,10 @@ def test_sft_throughput_counts_input_tokens_over_step_time_only(tmp_path, monkey
         b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *steps[:-1]], steps, strict=True)
     ]
     for row, fed, trained in zip(steps, processed, loss_tokens, strict=True):
-        assert row["tokens_per_s"] == fed  # 1 s per step: no evaluation or save inside
+        assert row["tokens_per_s"] == fed / 1.25  # no evaluation or save inside
+        assert row["data_wait_s"] == 0.25
         assert fed > 2 * trained > 0  # the user turns and chat markup are input too
-        assert row["mfu"] == fed * flops_per_token / 1e12
+        assert row["mfu"] == fed / 1.25 * flops_per_token / 1e12
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval_split"] == "train" for r in evals)

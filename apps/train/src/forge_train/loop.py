@@ -315,6 +315,7 @@ class Trainer:
         started = time.perf_counter()
         # Input tokens and (VLM) vision encoder + projector FLOPs of this rank's batches.
         window_start, window_tokens, window_visual = started, 0, 0
+        window_wait, window_steps = 0.0, 0  # seconds next(loader) took, steps of the window
         bench_start, bench_tokens, bench_visual = None, 0, 0
         profile = ProfileWindow(
             cfg.logging.profile,
@@ -329,7 +330,10 @@ class Trainer:
                 if cfg.train.benchmark and step - result.start_step == cfg.train.benchmark_warmup:
                     self.accelerator.synchronize()
                     bench_start, bench_tokens, bench_visual = time.perf_counter(), 0, 0
+                waited = time.perf_counter()
                 batch = next(p.loader)
+                window_wait += time.perf_counter() - waited
+                window_steps += 1
                 loss, grad_norm, tokens = self.runner.run(step, batch)
                 p.schedule.step()
                 profile.step()
@@ -346,8 +350,17 @@ class Trainer:
                 if done % cfg.logging.log_every == 0 or done == cfg.train.steps:
                     now = time.perf_counter()
                     processed, visual = self._global_sums(window_tokens, window_visual)
-                    self._log_row(done, loss, grad_norm, processed, visual, now - window_start)
+                    self._log_row(
+                        done,
+                        loss,
+                        grad_norm,
+                        processed,
+                        visual,
+                        now - window_start,
+                        data_wait=window_wait / window_steps,
+                    )
                     window_start, window_tokens, window_visual = now, 0, 0
+                    window_wait, window_steps = 0.0, 0
                 paused = time.perf_counter()  # saves and evaluations: not in tokens/s
                 if manager is not None and manager.should_save(done):
                     result.checkpoint, saved_at = self._save(manager, done), done
@@ -437,9 +450,13 @@ class Trainer:
         tokens: int,
         visual_flops: int,
         seconds: float,
+        *,
+        data_wait: float,
     ) -> None:
         """One metrics row from the global batches since the previous one: ``tokens`` input
-        (non-padding) tokens and ``visual_flops`` (a VLM's encoder + projector) in ``seconds``."""
+        (non-padding) tokens and ``visual_flops`` (a VLM's encoder + projector) in ``seconds``;
+        ``data_wait``: the seconds per step this rank waited for its batches (``next`` of the
+        loader: decoding, packing, reading not done ahead), part of ``seconds``."""
         p = self.parts
         figures = window_figures(
             tokens=tokens,
@@ -460,6 +477,7 @@ class Trainer:
             "flops": figures["flops"],
             "mfu": figures["mfu"],
             "memory_gb": peak_memory_gb(self.accelerator),
+            "data_wait_s": data_wait,
         }
         bad = self._bad_data()
         if bad is not None:

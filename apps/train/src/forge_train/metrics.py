@@ -27,6 +27,8 @@ def _format(row: dict[str, Any]) -> str:
     if row.get("mfu") is not None:
         parts.append(f"MFU {100 * row['mfu']:.1f}%")
     parts.append(f"mem {row['memory_gb']:.2f} GB")
+    if row.get("data_wait_s") is not None:
+        parts.append(f"data wait {row['data_wait_s']:.3f} s")
     return " | ".join(parts)
 
 
