@@ -15,6 +15,10 @@ pinned() {
         echo "$name==${version:?$name is not in uv.lock}"
     done
 }
+# webdataset + braceexpand: forge-data's shard reader (forge-train's data=vlm-shards, session.sh's
+# vlm part); the rest of the VLM path's needs (pillow, tokenizers, jinja2, tqdm, numpy) are on the
+# GPU machine's image, and nothing there imports torchvision or (outside data=skimage-captions)
+# scikit-image.
 # shellcheck disable=SC2046
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl \

@@ -8,12 +8,18 @@
 #                      FlexAttention check (two calls with the same cu_seqlens, then backward),
 #                      then the whole suite but `sm90_compile` (pytest-xdist, per-test timeout)
 #   llm      <= 560 s  forge-bench: Llama 1B at 4096, forge vs the peers installed there (MFU)
+#   vlm      <= 480 s  forge-train on a Qwen2.5-VL-3B-shaped VLM (random init, bf16, vision
+#                      frozen, full recompute) over synthetic webdataset shards written there:
+#                      tokens/s, MFU with the encoder counted, the loader's wait per step; then
+#                      bench_vlm_prefetch.py at GPU-sized images
 #   bench    <= 440 s  kernel benchmarks owed first: attention, fused linear CE, FP8 + policy
 #   bench2   <= 540 s  kernel benchmarks: norms, GLU, RoPE, MoE, keyed dropout
 #   moe      <= 550 s  forge-bench's Qwen3-MoE-style workload; forge-parallel's single-device
 #                      wrapper overhead
-# kernels + llm + bench stay under 1500 s, so they fit a 30-minute session with the machine's
-# start; run bench2 and moe only while the device's budget_left_s exceeds their bound + 60.
+# kernels + llm stay under 1050 s; then vlm or bench (the first owed VLM figures, or the kernel
+# benchmarks): kernels + llm + vlm (or bench) stay under 1530 s, which fits a 30-minute session
+# with the machine's start. Run the rest only while the device's budget_left_s exceeds the
+# part's bound + 60.
 # `session.sh --list` prints the parts. Copy the figures into the BENCHMARKS.md files by hand,
 # with the date, GPU, torch version and the command (env.log and the logs carry all four).
 #
@@ -24,7 +30,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/forge-device-out}"
 mkdir -p "$OUT"
-PARTS="kernels llm bench bench2 moe"
+PARTS="kernels llm vlm bench bench2 moe"
 part="${1:-}"
 DRY="${SESSION_DRY_RUN:-0}"
 KERNEL_TESTS="${KERNEL_TESTS:-packages/forge-kernels}"
@@ -188,6 +194,51 @@ llm)
     env_report 2>&1 | tee "$OUT/env.log"
     run_forge_bench 560 40 llm --workloads llm --sizes 1b --seq 4096 2>&1 \
         | tee "$OUT/forge_bench_llm.log"
+    ;;
+vlm)
+    env_report 2>&1 | tee "$OUT/env.log"
+    # 1. A synthetic shard set on the local disk (no network there): 8 shards of 64 samples,
+    #    photo-like JPEG / PNG images of 448-1344 px with chat or caption text.
+    bench=apps/train/benchmarks
+    shards=$(mktemp -d /tmp/forge-vlm-shards.XXXXXX)
+    smoke=()
+    [ "$DRY" = 1 ] && smoke=(--smoke)
+    echo "=== make_vlm_shards --out $shards ${smoke[*]} (limit 45 s)" | tee "$OUT/vlm_shards.log"
+    timeout -k 5 45 python3 $bench/make_vlm_shards.py --out "$shards" "${smoke[@]}" 2>&1 \
+        | tee -a "$OUT/vlm_shards.log"
+    echo "=== make_vlm_shards: exit ${PIPESTATUS[0]}" | tee -a "$OUT/vlm_shards.log"
+    # 2. forge-train recipe=vlm data=vlm-shards: model=qwen2_5-vl-3b (3.75B, random init, bf16,
+    #    vision frozen, parallel.recompute=full: without it a 4096-token row does not fit 78 GiB,
+    #    see the script's docstring), 8 rows x 4096 tokens per step, 40 steps, a row every 5.
+    #    --deadline stops the steps 30 s inside the limit, the summary still printed. SIGINT:
+    #    forge-train's SIGTERM handler would save a checkpoint (3.75B + AdamW) before exiting.
+    echo "=== bench_vlm_train ${smoke[*]} --deadline 230 (limit 260 s)" \
+        | tee "$OUT/forge_train_vlm.log"
+    timeout -s INT -k 10 260 python3 $bench/bench_vlm_train.py --shards "$shards" \
+        --deadline 230 --metrics-copy "$OUT/vlm_metrics.jsonl" "${smoke[@]}" 2>&1 \
+        | tee -a "$OUT/forge_train_vlm.log"
+    rc=${PIPESTATUS[0]}
+    why=""
+    [ "$rc" = 124 ] && why=" (cut off at 260 s)"
+    [ "$rc" = 3 ] && why=" (CUDA out of memory: see above)"
+    echo "=== bench_vlm_train: exit $rc$why" | tee -a "$OUT/forge_train_vlm.log"
+    rm -rf "$shards"
+    # 3. The loader alone (its own shards), at the run's sizes: 4 rows x 4096 tokens per step,
+    #    images of 448-1344 px at a 1,003,520-pixel budget (qwen2_5-vl-tiny's processor: 320
+    #    windows of 56 px; the 3B's is 80 of 112, the same pixels and tokens); few steps, one
+    #    repeat: it writes its shards in one process and decodes in the step first.
+    prefetch=(--rows 4 --seq-len 4096 --max-tiles 320 --pack-buffer 64 --shards 4 --per-shard 32
+        --min-px 448 --max-px 1344 --steps 8 --repeats 1)
+    if [ "$DRY" = 1 ]; then
+        prefetch=(--rows 2 --seq-len 256 --max-tiles 8 --pack-buffer 8 --shards 2 --per-shard 8
+            --min-px 64 --max-px 128 --steps 3 --repeats 1)
+    fi
+    echo "=== bench_vlm_prefetch ${prefetch[*]} (limit 140 s)" | tee "$OUT/bench_vlm_prefetch.log"
+    timeout -k 10 140 python3 $bench/bench_vlm_prefetch.py "${prefetch[@]}" 2>&1 \
+        | tee -a "$OUT/bench_vlm_prefetch.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== bench_vlm_prefetch: exit $rc$([ "$rc" = 124 ] && echo " (cut off at 140 s)")" \
+        | tee -a "$OUT/bench_vlm_prefetch.log"
     ;;
 bench)
     env_report 2>&1 | tee "$OUT/env.log"
