@@ -16,9 +16,18 @@ measured first without prefetching (1.0: the data takes as long as the step, whe
 the step doubles the step time). ``--busy`` also runs a step that holds the GIL instead (pure
 Python), the worst case for a thread.
 
+``--decode-workers N`` (``data.decode_workers``, :mod:`forge_train.vlm_decode_workers`) adds
+variants decoding in ``N`` worker processes, without and with the prefetch thread, beside the
+ones without workers in the same run, and times the two ways a worker's decoded sample can
+come back (pickled through its pipe, or torch's shared memory: a file descriptor per tensor):
+seconds per sample of one worker, and the training process's CPU seconds per sample. The
+workers' pool starts in the warm-up step (a fork from the fork server, whose own start, once
+per process, is also paid there by the first variant with workers).
+
 Printed per variant (medians over ``--repeats`` alternating runs, each of ``--steps`` steps from
 a fresh loader after one warm-up step): wall seconds per step, seconds per step waiting in
-``next()``, and the speed-up over prefetch 0. Every variant yields the same batches (checked).
+``next()``, and the speed-up over prefetch 0 without workers. Every variant yields the same
+batches (checked: token ids and pixels).
 """
 
 from __future__ import annotations
@@ -85,13 +94,15 @@ def build_data(root: Path, args):
     return build_shard_data(cfg.data, tokenizer, config, paths=cfg.data.paths, key="data.paths")
 
 
-def run(data, args, *, prefetch: int, step_s: float, busy: bool) -> tuple[float, float, list]:
-    """``(wall s / step, s / step in next(), first ids of each step)`` of one loop."""
+def run(
+    data, args, *, prefetch: int, step_s: float, busy: bool, workers: int = 0
+) -> tuple[float, float, list]:
+    """``(wall s / step, s / step in next(), checksums of each step)`` of one loop."""
     from forge_train.vlm_stream import VLMStreamLoader
 
     loader = VLMStreamLoader(
         data, global_batch_rows=args.rows, micro_batch_rows=args.rows, seed=0, dp_rank=0,
-        dp_size=1, pad_id=0, prefetch_buffers=prefetch,
+        dp_size=1, pad_id=0, prefetch_buffers=prefetch, decode_workers=workers,
     )  # fmt: skip
     next(loader)  # warm-up: the first buffer is decoded in the step either way
     waited, marks = 0.0, []
@@ -100,7 +111,8 @@ def run(data, args, *, prefetch: int, step_s: float, busy: bool) -> tuple[float,
         t = time.perf_counter()
         batch = next(loader)
         waited += time.perf_counter() - t
-        marks.append(int(batch[0]["input_ids"].sum()))
+        pixels = batch[0]["visual"].get("image", {}).get("pixel_values", torch.zeros(1))
+        marks.append((int(batch[0]["input_ids"].sum()), float(pixels.double().sum())))
         if busy:  # holds the GIL, as a Python-heavy step would
             end = time.perf_counter() + step_s
             while time.perf_counter() < end:
@@ -110,6 +122,30 @@ def run(data, args, *, prefetch: int, step_s: float, busy: bool) -> tuple[float,
     wall = time.perf_counter() - start
     loader.close()
     return wall / args.steps, waited / args.steps, marks
+
+
+def transport_costs(data, root: Path, *, samples: int) -> dict[str, tuple[float, float]]:
+    """``transport -> (wall s / sample, training-process CPU s / sample)`` of one decode
+    worker decoding ``samples`` raw samples of the first shard, all submitted at once (the
+    pool's start not counted): what bringing the decoded tensors back costs each way."""
+    from forge_data.tar_shards import tar_samples
+    from forge_train.vlm_decode_workers import DecodePool
+
+    raws = list(tar_samples(str(sorted(root.glob("*.tar"))[0])))[:samples]
+    out = {}
+    for transport in ("pickle", "shared_memory"):
+        pool = DecodePool(data.dataset, 1, transport=transport)
+        pool.result(pool.submit(raws[0]))  # started
+        wall, cpu = time.perf_counter(), time.process_time()
+        tickets = [pool.submit(raw) for raw in raws]
+        decoded = [pool.result(t) for t in tickets]
+        out[transport] = (
+            (time.perf_counter() - wall) / len(raws),
+            (time.process_time() - cpu) / len(raws),
+        )
+        del decoded
+        pool.close()
+    return out
 
 
 def main() -> None:
@@ -126,6 +162,9 @@ def main() -> None:
     parser.add_argument("--max-px", type=int, default=512)
     parser.add_argument("--step-fraction", type=float, default=1.0)
     parser.add_argument("--busy", action="store_true", help="also a GIL-holding step")
+    parser.add_argument(
+        "--decode-workers", type=int, default=0, help="also decode in this many processes"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,26 +186,39 @@ def main() -> None:
             f"step; pack_buffer {args.pack_buffer}; data time {per_step * 1e3:.0f} ms / step; "
             f"simulated step {step_s * 1e3:.0f} ms; {args.steps} steps x {args.repeats}"
         )
-        print(f"{'step':<8}{'prefetch':>9}{'wall s/step':>13}{'in next() s':>13}{'speed-up':>10}")
+        # (prefetch_buffers, decode_workers)
+        variants = [(0, 0), (1, 0)]
+        if args.decode_workers:
+            variants += [(0, args.decode_workers), (1, args.decode_workers)]
+        print(
+            f"{'step':<8}{'prefetch':>9}{'workers':>8}{'wall s/step':>13}{'in next() s':>13}"
+            f"{'speed-up':>10}"
+        )
         for busy in (False, True) if args.busy else (False,):
-            walls: dict[int, list[float]] = {0: [], 1: []}
-            waits: dict[int, list[float]] = {0: [], 1: []}
+            walls: dict[tuple, list[float]] = {v: [] for v in variants}
+            waits: dict[tuple, list[float]] = {v: [] for v in variants}
             marks = {}
             for _ in range(args.repeats):
-                for prefetch in (0, 1):  # alternating: machine noise hits both alike
-                    wall, wait, marks[prefetch] = run(
-                        data, args, prefetch=prefetch, step_s=step_s, busy=busy
+                for v in variants:  # alternating: machine noise hits all alike
+                    wall, wait, marks[v] = run(
+                        data, args, prefetch=v[0], workers=v[1], step_s=step_s, busy=busy
                     )
-                    walls[prefetch].append(wall)
-                    waits[prefetch].append(wait)
-            assert marks[0] == marks[1], "prefetching changed the batches"
-            base = statistics.median(walls[0])
-            for prefetch in (0, 1):
-                wall = statistics.median(walls[prefetch])
+                    walls[v].append(wall)
+                    waits[v].append(wait)
+            for v in variants:
+                assert marks[v] == marks[0, 0], f"prefetch / workers {v} changed the batches"
+            base = statistics.median(walls[0, 0])
+            for v in variants:
+                wall = statistics.median(walls[v])
                 print(
-                    f"{'busy' if busy else 'sleep':<8}{prefetch:>9}{wall:>13.3f}"
-                    f"{statistics.median(waits[prefetch]):>13.3f}{base / wall:>9.2f}x"
+                    f"{'busy' if busy else 'sleep':<8}{v[0]:>9}{v[1]:>8}{wall:>13.3f}"
+                    f"{statistics.median(waits[v]):>13.3f}{base / wall:>9.2f}x"
                 )
+        if args.decode_workers:
+            costs = transport_costs(data, root, samples=min(args.per_shard, 32))
+            print(f"{'results':<15}{'wall ms/sample':>16}{'parent CPU ms/sample':>22}")
+            for transport, (wall, cpu) in costs.items():
+                print(f"{transport:<15}{wall * 1e3:>16.1f}{cpu * 1e3:>22.1f}")
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

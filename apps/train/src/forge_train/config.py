@@ -338,7 +338,9 @@ class DataConfig:
     optimizer step takes ``global_batch_rows`` packed rows of ``seq_len`` tokens, as
     micro-batches of ``micro_batch_rows`` rows per rank. ``prefetch_buffers`` (``vlm_shards``):
     packing buffers a background thread decodes ahead of the step (0: decoded in the step when
-    a buffer runs out); the batches are the same either way."""
+    a buffer runs out); ``decode_workers`` (``vlm_shards``): processes that decode the samples
+    (images, processor, tokenizing) for each rank (0: the rank's own process); the batches are
+    the same either way."""
 
     kind: Literal["stdlib", "jsonl", "preprocessed", "chat", "skimage_captions", "vlm_shards"] = (
         "stdlib"
@@ -359,6 +361,7 @@ class DataConfig:
     pack_buffer: int = 128
     on_bad_data: Literal["skip", "raise"] = "skip"
     prefetch_buffers: int = 1
+    decode_workers: int = 0
 
     def __post_init__(self) -> None:
         names = ("seq_len", "global_batch_rows", "micro_batch_rows", "stdlib_files", "pack_buffer")
@@ -370,6 +373,12 @@ class DataConfig:
             "data.prefetch_buffers",
             "must be >= 0 (0: decode in the training step)",
             self.prefetch_buffers,
+        )
+        _require(
+            self.decode_workers >= 0,
+            "data.decode_workers",
+            "must be >= 0 (0: decode in the training process; N: N worker processes per rank)",
+            self.decode_workers,
         )
         _require(
             self.global_batch_rows % self.micro_batch_rows == 0,

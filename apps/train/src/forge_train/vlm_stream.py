@@ -59,10 +59,24 @@ by the ``next()`` that reaches the buffer it happened in. At most ``prefetch_buf
 are decoded ahead (memory: ``1 + prefetch_buffers`` buffers of ``pack_buffer`` samples), and
 the thread stops when the loader is closed (:meth:`VLMStreamLoader.close`, at the end of a run),
 loads a state or is garbage-collected (an evaluation's loader).
+
+Decoding in worker processes (``data.decode_workers``, default 0: in the training process):
+with ``N > 0`` the rank's samples are decoded by a pool of ``N`` processes
+(:mod:`forge_train.vlm_decode_workers`), for the share of decoding that holds the GIL (the
+processor's Python, tokenizing), with either of the above. Only the decoding moves: the reader
+(the step or the prefetch thread) still reads the tar stream, sends each raw sample to the
+pool (up to ``2 N`` ahead of the one it waits for) and takes the decoded samples back in
+order, packs them, keeps the state and counts the bad data (a worker sends back what its
+decoder met, replayed where the sample is taken). So the batches, the state, the bad-data
+counts and records, and the point where ``data.on_bad_data=raise`` raises are those of
+``decode_workers=0``, and a resume is unchanged. The workers stop with the reader: on
+:meth:`VLMStreamLoader.close`, ``load_state_dict``, garbage collection, the process's exit or
+death; a worker that dies raises an error naming the sample it held.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import glob
 import hashlib
@@ -160,7 +174,8 @@ class VLMShardData:
     decode (each loader splits the shards over the ranks itself). The other fields are
     :class:`forge_train.vlm_data.VLMSamples`' (``dummy``: the stand-in image of a micro-batch
     without visual items); ``prefetch_buffers``: ``data.prefetch_buffers``, how many buffers a
-    loader decodes ahead in a background thread (0: none)."""
+    loader decodes ahead in a background thread (0: none); ``decode_workers``:
+    ``data.decode_workers``, how many processes decode a loader's samples (0: its reader)."""
 
     urls: list[str]
     dataset: Any
@@ -171,6 +186,7 @@ class VLMShardData:
     pack_buffer: int
     key: str
     prefetch_buffers: int = 1
+    decode_workers: int = 0
 
 
 def build_shard_data(
@@ -204,6 +220,7 @@ def build_shard_data(
         pack_buffer=config.pack_buffer,
         key=key,
         prefetch_buffers=config.prefetch_buffers,
+        decode_workers=config.decode_workers,
     )
 
 
@@ -262,12 +279,23 @@ class _StoppedError(Exception):
     """The reader was stopped (:attr:`_Reader.stop`) in the middle of a buffer."""
 
 
+@dataclass(frozen=True)
+class _ShardDamage:
+    """In the raw stream after a damaged shard's last readable sample: counted (or raised)
+    by the reader when it gets there, so that reading ahead for the decode workers counts it
+    in the buffer it belongs to."""
+
+    url: str
+    error: Exception
+
+
 class _Reader:
     """One rank's stream from a position on, buffer after buffer: reading the raw samples,
-    decoding them (its own copy of the split's decoder) and packing them. Only one thread uses
-    a reader (the step, or the loader's prefetch thread); it holds no reference to the loader,
-    so a loader dropped while its thread decodes is still garbage-collected, and its finalizer
-    stops the thread (:attr:`stop`, looked at before every raw sample)."""
+    decoding them (its own copy of the split's decoder, or ``decode_workers`` processes'
+    copies) and packing them. Only one thread uses a reader (the step, or the loader's
+    prefetch thread); it holds no reference to the loader, so a loader dropped while its thread
+    decodes is still garbage-collected, and its finalizer stops the thread (:attr:`stop`,
+    looked at before every raw sample) and the workers (:meth:`close`)."""
 
     def __init__(
         self,
@@ -277,6 +305,7 @@ class _Reader:
         counts: dict[str, int],
         *,
         log_bad_data: bool = True,
+        decode_workers: int = 0,
     ) -> None:
         self.data, self.split = data, split
         self.cursor = start  # where the next buffer starts
@@ -284,14 +313,18 @@ class _Reader:
         self.log_bad_data = log_bad_data
         self.decoder = copy.copy(data.dataset)
         self.stop = threading.Event()
-        self._raw: Iterator[tuple[StreamPosition, dict[str, Any] | None]] | None = None
+        self.decode_workers = decode_workers
+        self._pool = None  # the decode workers' DecodePool, started on first use
+        self._pool_lock = threading.Lock()
+        self._raw: Iterator[tuple[StreamPosition | None, Any, Any]] | None = None
 
     def _raw_samples(
         self, start: StreamPosition
-    ) -> Iterator[tuple[StreamPosition, dict[str, Any] | None]]:
-        """``(position after it, raw sample)`` from ``start`` on, endlessly, and ``(start of
-        the next epoch, None)`` at each epoch's end; the raw samples before ``start`` in its
-        shard are read past, not decoded."""
+    ) -> Iterator[tuple[StreamPosition | None, dict[str, Any] | _ShardDamage | None]]:
+        """``(position after it, raw sample)`` from ``start`` on, endlessly, ``(start of the
+        next epoch, None)`` at each epoch's end and ``(None, _ShardDamage)`` after a damaged
+        shard's readable samples; the raw samples before ``start`` in its shard are read
+        past, not decoded."""
         from forge_data.tar_shards import ShardError, tar_samples
 
         epoch, shard, skip = start.epoch, start.shard, start.sample
@@ -307,8 +340,8 @@ class _Reader:
                             yield StreamPosition(epoch, shard, i + 1), raw
                 except ShardError as err:
                     damage = err
-                if damage is not None:  # outside the except: a raised error is not nested
-                    self._checked(self.decoder.shard_failed, url, damage)
+                if damage is not None:
+                    yield None, _ShardDamage(url, damage)
                 shard, skip = shard + 1, 0
             epoch, shard = epoch + 1, 0
             yield StreamPosition(epoch, 0, 0), None
@@ -325,6 +358,67 @@ class _Reader:
                 f"{err}; data.on_bad_data=skip counts and skips bad samples instead"
             ) from None
 
+    def _stream(
+        self, start: StreamPosition
+    ) -> Iterator[tuple[StreamPosition | None, dict[str, Any] | _ShardDamage | None, Any]]:
+        """:meth:`_raw_samples` with, for each raw sample, its decode workers' ticket (None
+        without workers: decoded when taken). With workers, up to the pool's window of raw
+        samples are read and sent ahead of the one taken, so the workers decode while the
+        reader waits for the oldest; an error of the reading is raised where it happened,
+        after the samples read before it."""
+        raws = self._raw_samples(start)
+        if not self.decode_workers:
+            for after, raw in raws:
+                yield after, raw, None
+            return
+        pool = self._decode_pool()
+        ahead: collections.deque = collections.deque()
+        failure: Exception | None = None
+        while True:
+            while failure is None and len(ahead) < pool.window:
+                try:
+                    after, raw = next(raws)
+                except Exception as err:  # a reading error, or _StoppedError
+                    failure = err
+                    break
+                ticket = pool.submit(raw) if isinstance(raw, dict) else None
+                ahead.append((after, raw, ticket))
+            if not ahead:
+                assert failure is not None
+                raise failure
+            yield ahead.popleft()
+
+    def _decode_pool(self):
+        """The decode workers' pool, started here (in the thread that reads) on first use."""
+        from forge_train.vlm_decode_workers import DecodePool
+
+        with self._pool_lock:
+            if self.stop.is_set():
+                raise _StoppedError
+            self._pool = DecodePool(self.data.dataset, self.decode_workers)
+            return self._pool
+
+    def _decoded(self, raw: dict[str, Any], ticket) -> dict[str, Any] | None:
+        """The decoded sample of ``raw`` (None: bad), with its bad data in the decoder's
+        report: decoded here, or taken from the decode workers (``ticket``) and replayed."""
+        if ticket is None:
+            return self.decoder.decode(raw)
+        from forge_train.vlm_decode_workers import DecodeStoppedError
+
+        try:
+            decoded = self._pool.result(ticket, stop=self.stop)
+        except DecodeStoppedError:
+            raise _StoppedError from None
+        return decoded.replay(self.decoder.report)
+
+    def close(self) -> None:
+        """Stop reading (:attr:`stop`) and stop the decode workers, if any."""
+        with self._pool_lock:
+            self.stop.set()
+            pool = self._pool
+        if pool is not None:
+            pool.close()
+
     def fill(self) -> _Buffer:
         """Read, decode and pack the next buffer (from :attr:`cursor`)."""
         from forge_data.multimodal import BadDataReport
@@ -333,19 +427,22 @@ class _Reader:
         start = self.cursor
         found = self.decoder.report = BadDataReport(log=self.log_bad_data)  # this buffer's
         if self._raw is None:
-            self._raw = self._raw_samples(start)
+            self._raw = self._stream(start)
         samples: list[dict[str, Any]] = []
         position, idle_epoch_ends = start, 0
-        for after, raw in self._raw:
+        for after, raw, ticket in self._raw:
             if self.stop.is_set():
                 raise _StoppedError
+            if isinstance(raw, _ShardDamage):
+                self._checked(self.decoder.shard_failed, raw.url, raw.error)
+                continue
             position = after  # where the next buffer starts, if this one stops here
             if raw is None:
                 idle_epoch_ends += 1
                 if idle_epoch_ends >= 2:  # a whole epoch of this rank's shards gave nothing
                     raise self._no_sample(found)
                 continue
-            sample = self._checked(self.decoder.decode, raw)
+            sample = self._checked(self._decoded, raw, ticket)
             if sample is None:
                 continue
             samples.append(sample)
@@ -457,14 +554,25 @@ class _Prefetcher:
             )
 
 
+def _stop_reading(prefetcher: _Prefetcher | None, reader: _Reader) -> None:
+    """Stop a loader's reader and its decode workers (which wakes a prefetch thread waiting
+    for a worker), then the prefetch thread, waiting for it."""
+    reader.close()
+    if prefetcher is not None:
+        prefetcher.close()
+
+
 class VLMStreamLoader:
     """Each ``next()`` is this rank's micro-batches of one optimizer step, streamed from its
     own shards (see the module doc); ``state_dict`` / ``load_state_dict`` resume it exactly
     (at the same data-parallel size). With ``prefetch_buffers`` (default: the data's,
     ``data.prefetch_buffers``) > 0 a background thread decodes that many buffers ahead;
-    :meth:`close` stops it (so does garbage collection). ``log_bad_data``: whether this rank
-    logs a warning for each bad sample (:func:`log_bad_data_here`: one rank of those reading
-    the same shards); it counts them either way."""
+    :meth:`close` stops it (so does garbage collection). With ``decode_workers`` (default: the
+    data's, ``data.decode_workers``) > 0 that many processes decode the samples
+    (:mod:`forge_train.vlm_decode_workers`), started on the first ``next()``, stopped as the
+    thread is. ``log_bad_data``: whether this rank logs a warning for each bad sample
+    (:func:`log_bad_data_here`: one rank of those reading the same shards); it counts them
+    either way."""
 
     def __init__(
         self,
@@ -479,6 +587,7 @@ class VLMStreamLoader:
         shuffle: bool = True,
         prefetch_buffers: int | None = None,
         log_bad_data: bool = True,
+        decode_workers: int | None = None,
     ) -> None:
         n = len(data.urls)
         # Evaluation (no shuffling, never resumed) takes whatever shards it is given, as a
@@ -500,6 +609,12 @@ class VLMStreamLoader:
             raise ValueError(
                 f"prefetch_buffers={self.prefetch_buffers} must be >= 0 (0: decode in the step)"
             )
+        self.decode_workers = data.decode_workers if decode_workers is None else decode_workers
+        if self.decode_workers < 0:
+            raise ValueError(
+                f"decode_workers={self.decode_workers} must be >= 0 (0: decode in the training "
+                "process)"
+            )
         self.data = data
         self.rows_per_rank = global_batch_rows // dp_size
         self.micro_batch_rows = micro_batch_rows
@@ -516,9 +631,18 @@ class VLMStreamLoader:
         # Every rank reading this rank's shards counts their bad data; one of them logs it
         # (log_bad_data_here).
         self.log_bad_data = log_bad_data
-        self._reader = _Reader(data, self._split, self._next_start, {}, log_bad_data=log_bad_data)
+        self._reader = _Reader(
+            data,
+            self._split,
+            self._next_start,
+            {},
+            log_bad_data=log_bad_data,
+            decode_workers=self.decode_workers,
+        )
         self._prefetcher: _Prefetcher | None = None
-        self._stop_prefetcher: weakref.finalize | None = None
+        # Stops the prefetch thread and the decode workers (_stop_reading) once, on close(),
+        # a resume or the loader's collection; set when they may start (the first _take).
+        self._stop_reading: weakref.finalize | None = None
 
     @property
     def bad_data(self):
@@ -536,14 +660,15 @@ class VLMStreamLoader:
     def _take(self) -> _Buffer:
         """The next buffer (decoded here, or by the prefetch thread, started on first use),
         its bad data now counted."""
-        if self.prefetch_buffers == 0:
-            buffer = self._reader.fill()
-        else:
-            if self._prefetcher is None:
+        if self._stop_reading is None and (self.prefetch_buffers or self.decode_workers):
+            if self.prefetch_buffers:
                 self._prefetcher = _Prefetcher(self._reader, self.prefetch_buffers)
-                # stops the thread when the loader is collected; holds the prefetcher only
-                self._stop_prefetcher = weakref.finalize(self, self._prefetcher.close)
-            buffer = self._prefetcher.get()
+            # stops the thread and the workers when the loader is collected; holds the
+            # prefetcher and the reader only
+            self._stop_reading = weakref.finalize(
+                self, _stop_reading, self._prefetcher, self._reader
+            )
+        buffer = self._reader.fill() if self._prefetcher is None else self._prefetcher.get()
         buffer.bad = dict(self._report.counts)
         self._report.counts = _summed(self._report.counts, buffer.found.counts)
         room = max(self._report.max_records - len(self._report.records), 0)
@@ -571,19 +696,25 @@ class VLMStreamLoader:
         )
 
     def _restart(self, start: StreamPosition, counts: dict[str, int]) -> None:
-        """Stop the prefetch thread (its buffers decoded ahead are dropped) and read on from
-        ``start`` (the rank's bad data before it: ``counts``)."""
-        if self._stop_prefetcher is not None:
-            self._stop_prefetcher()  # runs the prefetcher's close once
-        self._prefetcher = self._stop_prefetcher = None
+        """Stop the prefetch thread and the decode workers (what they decoded ahead is
+        dropped) and read on from ``start`` (the rank's bad data before it: ``counts``)."""
+        if self._stop_reading is not None:
+            self._stop_reading()  # runs _stop_reading once
+        self._prefetcher = self._stop_reading = None
         self._reader = _Reader(
-            self.data, self._split, start, counts, log_bad_data=self.log_bad_data
+            self.data,
+            self._split,
+            start,
+            counts,
+            log_bad_data=self.log_bad_data,
+            decode_workers=self.decode_workers,
         )
 
     def close(self) -> None:
-        """Stop the prefetch thread and drop what it decoded ahead (at the end of a run;
-        garbage collection does it too). A later ``next()`` goes on where the step is."""
-        if self._prefetcher is not None:
+        """Stop the prefetch thread and the decode workers and drop what they decoded ahead
+        (at the end of a run; garbage collection does it too). A later ``next()`` goes on
+        where the step is."""
+        if self._stop_reading is not None:
             self._restart(self._next_start, self._report.counts)
 
     # -- state ------------------------------------------------------------------------------
@@ -598,8 +729,8 @@ class VLMStreamLoader:
         return {**asdict(buffer.start), "row": buffer.row, "bad": dict(buffer.bad or {})}
 
     def _pinned(self) -> dict[str, Any]:
-        """What the sample order depends on; ``micro_batch_rows`` (and ``prefetch_buffers``)
-        may change on resume."""
+        """What the sample order depends on; ``micro_batch_rows`` (and ``prefetch_buffers``,
+        ``decode_workers``) may change on resume."""
         digest = hashlib.sha256("\n".join(self.data.urls).encode()).hexdigest()[:16]
         return {
             "seed": self.seed,

@@ -1,0 +1,259 @@
+"""``data.decode_workers``: a data-parallel rank's VLM samples decoded by worker processes
+(forge_train.vlm_decode_workers) while the rank reads, packs and counts, on shards written
+here: captions, a two-image conversation, text-only chats, an undecodable image, a sample
+with broken json and a shard cut short in the middle of a member (a corrupt shard).
+
+- the same batches (token ids and pixels), loader states, bad-data counts and records as
+  ``decode_workers=0``, with and without the prefetch thread, over several buffers and
+  epochs, and a resume mid-buffer; ``data.on_bad_data=raise`` raises at the same step with
+  the same message;
+- a worker killed mid-stream raises an error naming the shard and sample it held (no hang);
+  ``close()`` and garbage collection leave no worker process, and the config refuses a
+  negative count.
+
+Each pool start costs a fork from the fork server (the first one also starts the server), so
+the tests share their loaders' pools where they can.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import io
+import json
+import os
+import re
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from forge_core.testing import import_path
+
+tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
+
+
+def _png(seed: int, size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _chat(user: str, assistant: str) -> bytes:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return json.dumps({"messages": messages}).encode()
+
+
+def _tar(files: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _captions(shard: int, n: int) -> list[tuple[str, bytes]]:
+    files = []
+    for i in range(n):
+        files += [(f"{shard}_{i}.png", _png(10 * shard + i)),
+                  (f"{shard}_{i}.txt", f"picture {i} of set {shard}".encode())]  # fmt: skip
+    return files
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_cache(vlm_data_cache_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_DATA_CACHE", str(vlm_data_cache_dir))
+        yield
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """4 shards; bad data: an undecodable image (b), broken json (c), a cut shard (d)."""
+    root = tmp_path_factory.mktemp("vlm-decode-workers")
+    pair = [("pair.0.png", _png(90)), ("pair.1.png", _png(91)),
+            ("pair.json", _chat("<image> and <image>: same?", "no, they differ"))]  # fmt: skip
+    chats = [(f"t{i}.json", _chat(f"say {i}", f"number {i} said")) for i in range(2)]
+    (root / "a.tar").write_bytes(_tar(_captions(0, 3) + pair))
+    broken = [("broken.png", b"not a png at all"), ("broken.txt", b"lost caption")]
+    (root / "b.tar").write_bytes(_tar(_captions(1, 2) + broken + chats))
+    bad_json = [("badjson.json", b"{not json"), ("badjson.png", _png(7))]
+    (root / "c.tar").write_bytes(_tar(_captions(2, 2) + bad_json + _captions(3, 1)))
+    whole = _tar(_captions(4, 4))
+    (root / "d.tar").write_bytes(whole[: len(whole) * 2 // 3])  # cut inside a member
+    return root
+
+
+def _data(shards: Path, *extra: str):
+    from forge_train.data import load_run_tokenizer
+    from forge_train.vlm_model import vlm_model_config
+    from forge_train.vlm_stream import build_shard_data
+
+    cfg = tiny.compose_run_config(
+        ["recipe=vlm", "data=vlm-shards", "data.seq_len=64", "data.pack_buffer=4",
+         f"data.paths=[{shards}]", "train.output_dir=/nonexistent", *extra]
+    )  # fmt: skip
+    tokenizer = load_run_tokenizer(cfg.data, cfg.model)
+    config = vlm_model_config(cfg.model, tokenizer, frozen=[])
+    return build_shard_data(cfg.data, tokenizer, config, paths=cfg.data.paths, key="data.paths")
+
+
+def _loader(data, *, prefetch: int, workers: int):
+    from forge_train.vlm_stream import VLMStreamLoader
+
+    return VLMStreamLoader(
+        data, global_batch_rows=2, micro_batch_rows=1, seed=3, dp_rank=0, dp_size=1, pad_id=0,
+        prefetch_buffers=prefetch, decode_workers=workers,
+    )  # fmt: skip
+
+
+def _flat(step: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [mb["input_ids"].reshape(-1) for mb in step]
+    pixels = [mb["visual"]["image"]["pixel_values"].reshape(-1)
+              for mb in step if "image" in mb["visual"]]  # fmt: skip
+    return torch.cat(ids), torch.cat(pixels) if pixels else torch.zeros(0)
+
+
+def _seen(loader) -> tuple:
+    """The state, bad-data counts and records (PIL's messages name an object's address)."""
+    records = [{k: re.sub(r"0x[0-9a-f]+", "0x?", v) for k, v in record.items()}
+               for record in loader.bad_data.records]  # fmt: skip
+    return loader.state_dict(), dict(loader.bad_data.counts), records
+
+
+def _gone(pids: list[int], within: float = 10.0) -> bool:
+    """Whether none of ``pids`` runs (or waits to be reaped) any more."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return not alive
+        time.sleep(0.05)
+
+
+def _pids(loader) -> list[int]:
+    pool = loader._reader._pool
+    return [] if pool is None else pool.pids
+
+
+@pytest.mark.multiprocess
+def test_decode_workers_give_the_same_batches_state_and_bad_data(shards):
+    """2 workers, with and without the prefetch thread, against decoding in process: step
+    after step over 4-sample buffers and several epochs, the same batches, state, bad-data
+    counts and records (an undecodable image, broken json, a corrupt shard, each in the
+    buffer it belongs to); a resume mid-buffer from a worker loader's state; and
+    ``on_bad_data=raise`` raises at the same step with the same message."""
+    from forge_data.multimodal import BadSampleError
+
+    data = _data(shards)
+    loaders = {(0, 0): _loader(data, prefetch=0, workers=0),
+               (0, 2): _loader(data, prefetch=0, workers=2),
+               (1, 2): _loader(data, prefetch=1, workers=2)}  # fmt: skip
+    for step in range(12):
+        got = {key: (_flat(next(loader)), _seen(loader)) for key, loader in loaders.items()}
+        (want_ids, want_pixels), want_seen = got[0, 0]
+        for key in [(0, 2), (1, 2)]:
+            (ids, pixels), seen = got[key]
+            assert torch.equal(ids, want_ids), (step, key)
+            assert torch.equal(pixels, want_pixels), (step, key)
+            assert seen == want_seen, (step, key, seen, want_seen)
+        if step == 4:
+            state = want_seen[0]
+    counts = loaders[0, 0].bad_data.counts
+    assert set(counts) == {"undecodable media", "undecodable text", "corrupt shard"}, counts
+    assert loaders[0, 0].state_dict()["ranks"][0]["epoch"] >= 1, "several epochs were read"
+    assert state["ranks"][0]["row"] > 0, state  # mid-buffer
+    pids = _pids(loaders[0, 2]) + _pids(loaders[1, 2])
+    assert len(pids) == 4, pids
+    assert not _gone(pids, within=0), pids
+    loaders[0, 2].load_state_dict(state)  # re-seek: the old workers stop, new ones start
+    straight = _loader(data, prefetch=0, workers=0)
+    straight.load_state_dict(state)
+    for _ in range(4):
+        want, got_ = _flat(next(straight)), _flat(next(loaders[0, 2]))
+        assert torch.equal(got_[0], want[0])
+        assert torch.equal(got_[1], want[1])
+        assert _seen(loaders[0, 2]) == _seen(straight)
+    for loader in loaders.values():
+        loader.close()
+    assert _gone(pids), "close() and load_state_dict stop the workers"
+
+    # data.on_bad_data=raise (what build_shard_data gives; one config composition less)
+    decoder = copy.copy(data.dataset)
+    decoder.config = dataclasses.replace(decoder.config, on_error="raise")
+    raising = dataclasses.replace(data, dataset=decoder)
+
+    def first_error(prefetch: int, workers: int) -> tuple[int, str]:
+        loader = _loader(raising, prefetch=prefetch, workers=workers)
+        try:
+            for step in range(30):
+                try:
+                    next(loader)
+                except BadSampleError as err:
+                    return step, re.sub(r"0x[0-9a-f]+", "0x?", str(err))
+            raise AssertionError("no bad sample was reached")
+        finally:
+            loader.close()
+
+    step, message = first_error(0, 0)
+    assert "data.on_bad_data=skip" in message, message
+    assert first_error(1, 2) == (step, message)
+
+
+@pytest.mark.multiprocess
+def test_killed_decode_worker_names_the_sample_and_workers_stop(shards):
+    """SIGKILL of a worker mid-stream: ``next()`` raises an error naming the shard and the
+    sample the worker held, at once (not a hang), and again on a later ``next()``;
+    ``close()`` and a dropped loader leave no worker process; a negative count is refused."""
+    from forge_train.config import ConfigError, DataConfig
+    from forge_train.vlm_decode_workers import DecodeWorkerError
+
+    data = _data(shards)
+    loader = _loader(data, prefetch=0, workers=1)
+    next(loader)
+    (pid,) = _pids(loader)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+
+    def until_it_fails(loader):
+        for _ in range(20):  # the samples already sent back are taken first
+            next(loader)
+
+    with pytest.raises(DecodeWorkerError) as caught:
+        until_it_fails(loader)
+    assert time.monotonic() - start < 5
+    message = str(caught.value)
+    assert "killed by SIGKILL" in message, message
+    key = r"'(\d_\d|pair|broken|t\d|badjson)'"
+    assert re.search(rf"sample {key} of shard \S+/[abcd]\.tar", message), message
+    with pytest.raises(DecodeWorkerError):
+        next(loader)
+    loader.close()
+    assert _gone([pid])
+
+    loader = _loader(data, prefetch=1, workers=2)
+    next(loader)
+    pids = _pids(loader)
+    assert len(pids) == 2
+    del loader
+    gc.collect()
+    assert _gone(pids), "a dropped loader stops its workers"
+
+    with pytest.raises(ConfigError, match=r"data.decode_workers.*must be >= 0"):
+        DataConfig(kind="vlm_shards", paths=["x.tar"], decode_workers=-1)
