@@ -226,9 +226,10 @@ vlm)
     # 3. The loader alone (its own shards), at the run's sizes: 4 rows x 4096 tokens per step,
     #    images of 448-1344 px at a 1,003,520-pixel budget (qwen2_5-vl-tiny's processor: 320
     #    windows of 56 px; the 3B's is 80 of 112, the same pixels and tokens); few steps, one
-    #    repeat: it writes its shards in one process and decodes in the step first.
+    #    repeat: it writes its shards in one process and decodes in the step first; beside
+    #    the in-process variants, 4 decode worker processes (data.decode_workers=4).
     prefetch=(--rows 4 --seq-len 4096 --max-tiles 320 --pack-buffer 64 --shards 4 --per-shard 32
-        --min-px 448 --max-px 1344 --steps 8 --repeats 1)
+        --min-px 448 --max-px 1344 --steps 8 --repeats 1 --decode-workers 4)
     if [ "$DRY" = 1 ]; then
         prefetch=(--rows 2 --seq-len 256 --max-tiles 8 --pack-buffer 8 --shards 2 --per-shard 8
             --min-px 64 --max-px 128 --steps 3 --repeats 1)
