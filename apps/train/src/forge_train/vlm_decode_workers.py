@@ -115,6 +115,12 @@ class _Ticket:
     where: str
 
 
+def _where(raw: dict[str, Any]) -> str:
+    """``url:key`` of a raw sample, for messages (:meth:`DecodePool._died` splits it at the
+    last colon)."""
+    return f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+
+
 def _context():
     """The multiprocessing context of the workers: a fork server with this module's imports
     preloaded, or spawn where there is no fork server (never fork, see the module doc)."""
@@ -249,7 +255,7 @@ class DecodePool:
         if self._closed:
             raise DecodeStoppedError
         worker = min(self._workers, key=lambda w: len(w.pending))
-        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        where = _where(raw)
         ticket = _Ticket(self._seq, worker.index, where)
         self._seq += 1
         worker.pending.append(ticket)
@@ -502,7 +508,7 @@ def _serve(
             seq, raw = _read_message(tasks)
         except (EOFError, OSError):
             break
-        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        where = _where(raw)
         decoder.report = report = BadDataReport(log=False, max_records=sys.maxsize)
         sample, error = None, None
         try:
