@@ -21,7 +21,7 @@ from forge_train.data import VLM_KINDS, DataBundle, build_data, build_loader, lo
 from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
 from forge_train.optim import LRSchedule, build_optimizer
-from forge_train.throughput import VisualFlops
+from forge_train.throughput import VisualFlops, language_model_flops_options
 
 __all__ = ["Components", "build_components"]
 
@@ -357,7 +357,13 @@ def build_components(
         n_params=_count(model, pipeline),
         n_trainable=_count(model, pipeline, trainable=True),
         # A VLM's language model per token; its encoder and projector per batch (visual_flops).
-        flops_per_token=forge_models.flops_per_token(text_config, cfg.data.seq_len, causal=True),
+        # Only what trains: LoRA adapters, frozen weights without their gradients.
+        flops_per_token=forge_models.flops_per_token(
+            text_config,
+            cfg.data.seq_len,
+            causal=True,
+            **language_model_flops_options(cfg, text_config),
+        ),
         lora_targets=lora_targets,
         fp8_layers=fp8_layers,
         pipeline=pipeline,

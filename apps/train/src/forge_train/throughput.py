@@ -10,26 +10,74 @@ vision encoder and projector (:class:`VisualFlops`, ``forge_models.vision_flops`
 grows with each image's patches, not with the tokens, so it is counted per micro-batch from the
 images' and videos' shapes (a frozen encoder forward only). The stand-in image of a text-only
 micro-batch (``dummy_visual``) is not counted, as padding is not: it computes nothing the model
-keeps. An LLM's figures are those of ``tokens/s x flops_per_token`` alone, unchanged.
+keeps. An LLM's figures are those of ``tokens/s x flops_per_token`` alone.
+
+``flops_per_token`` counts what the run trains (:func:`language_model_flops_options`): the
+weights of a LoRA run's base model get no weight gradient (``4 N`` per weight; ``2 N`` where
+no gradient reaches the input, as in layer 0's projections before its first adapter), its
+adapters are counted as they run, and a language model frozen by ``train.freeze`` runs forward
+only, or forward and the input gradient behind a trained projector or encoder. MFU in PaLM's
+sense counts the FLOPs the model requires: the weight gradients of frozen weights are not
+required, so a LoRA run's MFU is not that of full training at the same speed (about 2/3 of it
+for large models).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import torch
 
-from forge_train.config import LoggingConfig
+from forge_train.config import LoggingConfig, RunConfig
 
 __all__ = [
     "VisualFlops",
     "benchmark_line",
     "known_peak_flops",
+    "language_model_flops_options",
     "mfu",
     "peak_flops",
     "peak_memory_gb",
     "window_figures",
 ]
+
+
+def language_model_flops_options(cfg: RunConfig, text_config: Any) -> dict[str, Any]:
+    """The keyword arguments of ``forge_models.flops_per_token`` that say what ``cfg`` trains
+    in its language model (``text_config``: a VLM's ``config.text``), as
+    :func:`forge_train.components.build_components` sets it up:
+
+    - ``lora``: :func:`forge_train.lora.apply_lora` freezes every parameter and adapts the
+      linear layers whose names match ``lora.targets`` (``lora_targets``: those layers' names).
+      On a vision-language model (:func:`~forge_train.lora.apply_vlm_lora`) the patterns match
+      full paths (``language_model.layers.0.attn.q_proj``): the language model keeps only its
+      adapters if it holds any, else it trains whole unless ``train.freeze`` names it.
+    - ``train.freeze=[language_model]``: none of its weights train.
+    - ``input_grad``: a vision-language model whose encoder or projector trains (whole or by
+      adapters: ``train.freeze`` does not name both) needs the gradient of the language
+      model's input, so even a frozen language model runs it.
+    """
+    from forge_models.flops import linear_layers
+
+    vlm = cfg.model.kind == "vlm"
+    options: dict[str, Any] = {
+        "input_grad": vlm and not {"vision", "projector"} <= set(cfg.train.freeze)
+    }
+    adapted: list[str] = []
+    if cfg.lora is not None:
+        prefix = "language_model." if vlm else ""
+        adapted = [
+            name
+            for name in linear_layers(text_config)
+            if any(fnmatch.fnmatchcase(prefix + name, p) for p in cfg.lora.targets)
+        ]
+    if adapted:
+        options.update(lora_rank=cfg.lora.rank, lora_targets=tuple(adapted))
+    frozen = "language_model" in cfg.train.freeze
+    if frozen or adapted or (cfg.lora is not None and not vlm):
+        options["trainable"] = ()
+    return options
 
 
 def known_peak_flops(device_name: str) -> float | None:

@@ -41,7 +41,13 @@ from forge_models.config import (
     TransformerConfig,
     YarnRopeScaling,
 )
-from forge_models.flops import active_params, count_params, flops_per_token, matmul_params
+from forge_models.flops import (
+    active_params,
+    count_params,
+    flops_per_token,
+    linear_layers,
+    matmul_params,
+)
 from forge_models.hf import from_pretrained, load_hf_weights, save_pretrained
 from forge_models.parallel_plan import DEEPSEEK_V3_TP_PLAN, DENSE_TP_PLAN, MOE_TP_PLAN, STYLES
 from forge_models.registry import (
@@ -91,6 +97,7 @@ __all__ = [
     "from_pretrained",
     "get_config",
     "get_family",
+    "linear_layers",
     "list_families",
     "list_sizes",
     "load_hf_weights",

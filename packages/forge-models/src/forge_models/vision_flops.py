@@ -29,8 +29,15 @@ projector behind a trained encoder runs forward and the input gradient (``4 N``)
 projector behind a frozen encoder skips the input gradient of a first linear that reads the
 encoder's features directly (LLaVA-OneVision: ``4 N`` there, ``6 N`` after), not of one behind
 a norm with a trained weight (the Qwen2.5-VL merger, InternVL's projector: ``6 N`` throughout,
-as autograd needs the norm output's gradient for the norm's weight). (A part with LoRA adapters counts as trained, its base weights' full ``6 N``,
-as :func:`~forge_models.flops.flops_per_token` counts a LoRA language model.)
+as autograd needs the norm output's gradient for the norm's weight).
+
+The language model follows the same rule matmul by matmul
+(:func:`~forge_models.flops.flops_per_token`'s ``trainable``, ``lora_rank``/``lora_targets`` and
+``input_grad``): its LoRA adapters are counted as they run and its frozen base weights without
+weight gradients (``4 N``, ``2 N`` where no gradient reaches). Here a vision part holding LoRA
+adapters (``lora.targets`` on ``vision.*`` or ``projector.*``) still counts as trained whole,
+its base weights' ``6 N`` and not its adapters: an overcount of about ``2 N`` per base weight
+for that part, as the formulas below do not split a part per linear layer.
 
 Per family, with ``D`` the encoder width, ``I`` its MLP width, ``L`` the blocks it runs (up to
 ``feature_layer``), ``P`` the patch side, ``C`` the channels:
