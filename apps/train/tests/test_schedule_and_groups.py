@@ -142,10 +142,23 @@ def _tiny_lm(tied: bool) -> forge_models.CausalLM:
 def test_lora_on_a_tied_head_is_refused_at_setup():
     with pytest.raises(ValueError, match=r"'lm_head'.*tied to embed_tokens.*tie_word_embeddings"):
         apply_lora(_tiny_lm(tied=True), targets=["*q_proj", "lm_head"], rank=2, alpha=4.0)
-    # Untied, the same targets are fine; tied, the other layers are too.
-    assert "lm_head" in apply_lora(_tiny_lm(tied=False), targets=["lm_head"], rank=2, alpha=4.0)
+    # Tied, the other layers are fine.
     wrapped = apply_lora(_tiny_lm(tied=True), targets=["*q_proj"], rank=2, alpha=4.0)
     assert wrapped == ["layers.0.attn.q_proj"]
+
+
+def test_lora_on_a_layer_whose_weight_the_model_reads_is_refused_at_setup():
+    """The fused loss reads ``lm_head.weight`` and sigmoid routing ``router.weight``: an
+    adapter there would never run (the first step failed on the wrapper's missing weight)."""
+    with pytest.raises(ValueError, match=r"'lm_head' cannot take a LoRA adapter.*fused linear"):
+        apply_lora(_tiny_lm(tied=False), targets=["*q_proj", "lm_head"], rank=2, alpha=4.0)
+    moe = forge_models.build_model(forge_models.get_config("deepseek-v3-debug"))
+    with pytest.raises(ValueError, match=r"mlp.router' cannot take a LoRA adapter.*sigmoid"):
+        apply_lora(moe, targets=["*router"], rank=2, alpha=4.0)
+    softmax = forge_models.build_model(forge_models.get_config("qwen2-moe-debug"))
+    wrapped = apply_lora(softmax, targets=["*router"], rank=2, alpha=4.0)
+    assert wrapped
+    assert all(name.endswith("router") for name in wrapped)
 
 
 # -- peak FLOP/s -------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def apply_lora(
             f"{', '.join(linears)}"
         )
     _refuse_tied(model, matched)
+    _refuse_read_by_weight(model, matched)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer, (name, module) in enumerate(matched):
@@ -133,6 +134,29 @@ def _refuse_tied(model: nn.Module, matched: list[tuple[str, nn.Module]]) -> None
                 "lora.targets (e.g. drop 'lm_head'), or use a model with "
                 "tie_word_embeddings=false"
             )
+
+
+def _refuse_read_by_weight(model: nn.Module, matched: list[tuple[str, nn.Module]]) -> None:
+    """A ``ValueError`` if a matched layer is one whose ``weight`` the model reads directly
+    instead of calling the layer, so an adapter there would never run (and the model would fail
+    on the wrapper's missing ``weight`` at the first step): a forge ``CausalLM``'s ``lm_head``,
+    whose weight the fused linear cross-entropy reads (the logits are never materialized), and
+    the router of a mixture-of-experts block with sigmoid scores (DeepSeek-V3), computed from
+    its weight in float32."""
+    for name, _ in matched:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if child == "lm_head" and hasattr(parent, "_lm_loss"):
+            why = "the loss reads lm_head.weight directly (fused linear cross-entropy)"
+        elif child == "router" and getattr(parent, "score_func", None) == "sigmoid":
+            why = "sigmoid routing computes its scores from router.weight in float32"
+        else:
+            continue
+        raise ValueError(
+            f"lora.targets: {name!r} cannot take a LoRA adapter: {why}, so the adapter would "
+            f"never run; leave {child!r} out of lora.targets (the attention and MLP projections "
+            "are the usual targets)"
+        )
 
 
 def apply_vlm_lora(
