@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from forge_core.testing import import_path
@@ -75,18 +74,15 @@ def test_lora_under_tp2_fsdp2_matches_one_process(tmp_path, dist_pool):
             torch.testing.assert_close(got["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_lora_dropout_with_tensor_parallelism_is_refused_on_vision_language_models_only():
-    """A language model's masks are keyed by its tokens under any layout (test_lora_tp_more.py:
-    TP2 beside FSDP, pipeline stages, context-parallel shards); a vision-language model's
-    batches carry no token identities, so its drawn masks would differ between the
-    tensor-parallel ranks."""
+def test_lora_dropout_with_tensor_parallelism_composes_for_language_and_vision_language_models():
+    """LoRA dropout's masks are keyed by the data under any layout (forge_train.lora_dropout):
+    a language model's by its tokens (test_lora_tp_more.py: TP2 beside FSDP, pipeline stages,
+    context-parallel shards), a vision-language model's by its samples' tokens and pixel blocks
+    (test_vlm_lora_fp8.py: TP2), so tensor parallelism is no longer refused for either."""
     from forge_train.compose import compose_run_config
-    from forge_train.config import ConfigError
 
     lora = ("recipe=lora", "data=stdlib", "parallel=tp2-fsdp", "lora.dropout=0.1")
     for layout in ((), ("parallel.cp=2",), ("parallel.pp=2",)):
         tiny.tiny_config("unused", *lora, *layout)
     vlm = ("recipe=vlm-lora", "parallel=tp2-fsdp", "lora.dropout=0.1", "train.output_dir=unused")
-    with pytest.raises(ConfigError, match=r"lora\.dropout: LoRA dropout with tensor parallelism"):
-        compose_run_config(list(vlm))
-    compose_run_config([*vlm, "parallel.tp=1"])
+    assert compose_run_config(list(vlm)).lora.dropout == 0.1

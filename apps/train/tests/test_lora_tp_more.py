@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from forge_core.testing import import_path
@@ -162,3 +163,32 @@ def test_dropout_keys_follow_the_tokens_not_the_layout():
     assert not torch.equal(whole, dropout_mask(keys, feature_offset=0, **{**mask, "layer": 2}))
     kept = dropout_mask(torch.arange(4096), features=256, feature_offset=0, p=0.1, seed=0, layer=0)
     assert abs(kept.float().mean().item() - 0.9) < 0.005
+
+
+def test_visual_dropout_keys_follow_the_pixel_blocks_not_the_call():
+    """A vision or projector layer's row keys (forge_train.lora_dropout.VisualCall) depend on
+    the row's sample block and its place in it only: the same with other blocks before it
+    (another micro-batch), in a layer with 4 rows per pixel row (a tile's patches) or 1 per 4
+    (a merged patch group); a projector taking the images apart gets the image blocks; a call
+    on other pixels (a stand-in image) gets its own block; rows out of proportion are refused."""
+    from forge_train.lora_dropout import VisualKeys
+
+    cpu = torch.device("cpu")
+    # (stream, epoch, sample, 0, pixel rows): two images, then a video
+    both = VisualKeys(torch.tensor([[0, 0, 5, 0, 4], [0, 1, 2, 0, 8], [1, 0, 7, 0, 4]]))
+    alone = VisualKeys(torch.tensor([[0, 1, 2, 0, 8]]))
+    for per_pixel in (1, 4, 0.25):
+
+        def rows(pixels: int, per_pixel: float = per_pixel) -> int:
+            return int(pixels * per_pixel)
+
+        joined = both.call(16, None).row_keys(rows(16), cpu)
+        mine = alone.call(8, "image").row_keys(rows(8), cpu)
+        assert torch.equal(joined[rows(4) : rows(12)], mine), per_pixel
+        assert len(set(joined.tolist())) == rows(16)  # every row its own key
+    images = both.call(12, "image").row_keys(12, cpu)
+    assert torch.equal(images, both.call(16, None).row_keys(16, cpu)[:12])
+    stand_in = both.call(1, "video").row_keys(4, cpu)
+    assert not set(stand_in.tolist()) & set(both.call(16, None).row_keys(64, cpu).tolist())
+    with pytest.raises(ValueError, match="in proportion"):
+        both.call(16, None).row_keys(6, cpu)

@@ -9,7 +9,10 @@ with broken json and a shard cut short in the middle of a member (a corrupt shar
   the same message;
 - a worker killed mid-stream raises an error naming the shard and sample it held (no hang);
   ``close()`` and garbage collection leave no worker process, and the config refuses a
-  negative count.
+  negative count;
+- successive evaluations (``Trainer.evaluate``, and loaders of the split it keeps) borrow one
+  pool, started once: the same worker processes, the same batches as decoding in process,
+  a pool that lost a worker replaced, no worker left after the trainer closes.
 
 Each pool start costs a fork from the fork server (the first one also starts the server), so
 the tests share their loaders' pools where they can.
@@ -22,12 +25,14 @@ import dataclasses
 import gc
 import io
 import json
+import multiprocessing
 import os
 import re
 import signal
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -94,7 +99,8 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def _data(shards: Path, *extra: str):
+def _config_and_data(shards: Path, *extra: str):
+    """The run config and the shard data of ``shards`` (4-sample buffers)."""
     from forge_train.data import load_run_tokenizer
     from forge_train.vlm_model import vlm_model_config
     from forge_train.vlm_stream import build_shard_data
@@ -105,7 +111,12 @@ def _data(shards: Path, *extra: str):
     )  # fmt: skip
     tokenizer = load_run_tokenizer(cfg.data, cfg.model)
     config = vlm_model_config(cfg.model, tokenizer, frozen=[])
-    return build_shard_data(cfg.data, tokenizer, config, paths=cfg.data.paths, key="data.paths")
+    data = build_shard_data(cfg.data, tokenizer, config, paths=cfg.data.paths, key="data.paths")
+    return cfg, data
+
+
+def _data(shards: Path, *extra: str):
+    return _config_and_data(shards, *extra)[1]
 
 
 def _loader(data, *, prefetch: int, workers: int):
@@ -257,3 +268,91 @@ def test_killed_decode_worker_names_the_sample_and_workers_stop(shards):
 
     with pytest.raises(ConfigError, match=r"data.decode_workers.*must be >= 0"):
         DataConfig(kind="vlm_shards", paths=["x.tar"], decode_workers=-1)
+
+
+def _workers_alive() -> set[int]:
+    """The decode worker processes of this process that run now."""
+    children = multiprocessing.active_children()
+    return {child.pid for child in children if child.name.startswith("forge-vlm-decode-")}
+
+
+class _Runner:
+    """What ``held_out_loss`` needs of a step runner; keeps each batch it is given and the
+    decode workers running while it evaluates."""
+
+    def __init__(self) -> None:
+        self.model = SimpleNamespace(eval=lambda: None, train=lambda: None)
+        self.device, self.dp_group = torch.device("cpu"), None
+        self.batches, self.workers = [], set()
+
+    def eval_sums(self, batch) -> torch.Tensor:
+        self.batches.append(_flat(batch))
+        self.workers |= _workers_alive()
+        return torch.ones(2)
+
+
+@pytest.mark.multiprocess
+def test_evaluations_share_one_decode_pool(shards):
+    """``Trainer.evaluate`` every ``eval_every`` steps reads the held-out split through a new
+    loader each time; with ``data.decode_workers`` they borrow one pool: the second
+    evaluation and loaders of the same kept split (with the prefetch thread, and dropped
+    without ``close()``) find the first one's worker processes, and read the batches that
+    decoding in process gives, although each stopped with samples still in flight. A pool
+    whose worker died meanwhile is replaced; ``Trainer.close`` stops the workers."""
+    from forge_train.loop import Trainer
+    from forge_train.vlm_stream import VLMStreamLoader
+
+    cfg, data = _config_and_data(shards, "data.decode_workers=2", "train.eval_batches=2")
+    trainer = Trainer.__new__(Trainer)  # what evaluate() and close() use of a built trainer
+    trainer.cfg, trainer.runner, trainer._eval_data = cfg, _Runner(), None
+    trainer.parts = SimpleNamespace(data=SimpleNamespace(val=data, train=data), dp_rank=0,
+                                    dp_size=1, pad_id=0)  # fmt: skip
+    trainer.log = SimpleNamespace(close=lambda: None)
+
+    def eval_loader(data, **kwargs):
+        return VLMStreamLoader(
+            data, global_batch_rows=cfg.data.global_batch_rows, dp_rank=0, dp_size=1,
+            micro_batch_rows=cfg.data.micro_batch_rows, seed=0, pad_id=0, shuffle=False,
+            **kwargs,
+        )  # fmt: skip
+
+    straight = eval_loader(data, decode_workers=0)
+    want = [_flat(next(straight)) for _ in range(3)]
+
+    def same_batches(got: list, n: int) -> None:
+        assert len(got) == n
+        for (ids, pixels), (want_ids, want_pixels) in zip(got, want[:n], strict=True):
+            assert torch.equal(ids, want_ids)
+            assert torch.equal(pixels, want_pixels)
+
+    before = _workers_alive()  # another test's, if any
+    trainer.evaluate()
+    trainer.evaluate()
+    pids = trainer.runner.workers - before
+    assert len(pids) == 2, f"two evaluations started {len(pids)} workers, not 2 once: {pids}"
+    assert _workers_alive() - before == pids, "kept between evaluations"
+    same_batches(trainer.runner.batches[:2], 2)
+    same_batches(trainer.runner.batches[2:], 2)
+
+    loader = eval_loader(trainer._eval_data, prefetch_buffers=1)  # the thread's pool, given back
+    same_batches([_flat(next(loader)) for _ in range(3)], 3)
+    assert set(_pids(loader)) == pids
+    loader.close()
+    loader = eval_loader(trainer._eval_data, prefetch_buffers=0)
+    same_batches([_flat(next(loader))], 1)
+    assert set(_pids(loader)) == pids
+    del loader  # garbage collection gives the pool back too
+    gc.collect()
+    assert _workers_alive() - before == pids
+
+    os.kill(min(pids), signal.SIGKILL)  # between evaluations: the next one gets a new pool
+    assert _gone([min(pids)])
+    trainer.runner.batches, trainer.runner.workers = [], set()
+    trainer.evaluate()
+    same_batches(trainer.runner.batches, 2)
+    fresh = trainer.runner.workers - before
+    assert len(fresh) == 2, fresh
+    assert not fresh & pids, (fresh, pids)
+    assert _gone(list(pids)), "the broken pool was stopped"
+    trainer.close()
+    assert _gone(list(fresh)), "Trainer.close stops the evaluations' workers"

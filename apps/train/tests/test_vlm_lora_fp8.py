@@ -6,7 +6,9 @@ falls, and its merged Hugging Face export loads in transformers with the trained
 logits. FP8 converts the language model's linears only. On 4 gloo ranks (the worker pool):
 LoRA under FSDP4 and TP2 + SP x FSDP2 (the adapters split with their layers:
 ``forge_train.lora.lora_tp_styles``), per-tensor FP8 under TP2 + SP x FSDP2 and LoRA with FP8
-under CP2 x FSDP2 give the single process's per-step losses and gradient norms.
+under CP2 x FSDP2 give the single process's per-step losses and gradient norms. On 2 ranks:
+LoRA dropout on the language model's, the vision encoder's and the projector's layers (masks
+keyed by the data, ``forge_train.lora_dropout``) under TP2 (+ SP) and PP2 gives them too.
 """
 
 from __future__ import annotations
@@ -193,3 +195,41 @@ def test_vlm_lora_and_fp8_layouts_match_one_process(tmp_path, dist_pool):
     ):
         single = _lora_run(f"{tmp_path}/{name}_single", *overrides)["rows"]
         _close(pool.run(_lora_run, f"{tmp_path}/{name}", *overrides, layout)[0]["rows"], single)
+
+
+#: LoRA dropout on every part's layers: the language model's projections (keyed by their
+#: tokens), the vision encoder's and the projector's (keyed by their rows' pixel blocks), all
+#: parts trained (``train.freeze=[]``).
+_DROPOUT = ("lora.dropout=0.1", "train.freeze=[]", "checkpoint.export_hf=false")
+
+
+def test_vlm_lora_dropout_under_tp2_and_pp2_matches_one_process(tmp_path, dist_pool):
+    """TP2 + SP and PP2 with recomputation (Qwen2.5-VL: windowed encoder rows, 2x2-merged
+    projector rows) and TP2 without SP (InternVL-style vlm-tiny: a tile's patches,
+    pixel-shuffled projector rows) draw the single process's masks: the tensor-parallel ranks
+    those of the replicated activations (the column-parallel layers' inputs, the encoder and
+    the projector, which both ranks run whole; per-rank drawn masks gave other losses) and the
+    row-parallel layers' feature slices; the pipeline's decoupled encoder those of the
+    micro-batch it encodes, also in the blocks recomputed in backward."""
+    pool = dist_pool(2)
+    qwen = "lora.targets=[language_model.*_proj,vision.*_proj,projector.fc1,projector.fc2]"
+    tiles = "lora.targets=[language_model.*_proj,vision.*_proj,vision.*.fc1,projector.fc2]"
+    for name, run, layouts in (
+        (
+            "qwen",
+            (qwen,),
+            {
+                "tp2_sp": ("parallel=tp2-fsdp", "parallel.sequence_parallel=true"),
+                "pp2": ("parallel=pp2-fsdp", "parallel.recompute=full"),
+            },
+        ),
+        (
+            "tiles",
+            ("model=vlm-tiny", tiles),
+            {"tp2": ("parallel=tp2-fsdp", "parallel.sequence_parallel=false")},
+        ),
+    ):
+        single = _lora_run(f"{tmp_path}/{name}_single", *_DROPOUT, *run)["rows"]
+        for layout, overrides in layouts.items():
+            got = pool.run(_lora_run, f"{tmp_path}/{name}_{layout}", *_DROPOUT, *run, *overrides)
+            _close(got[0]["rows"], single)

@@ -191,6 +191,16 @@ def _flat(step: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(ids), torch.cat(pixels) if pixels else torch.zeros(0)
 
 
+def _samples_of(step: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's samples' ``(epoch, sample id, 0, tokens)`` and pixel blocks' ``(stream, epoch,
+    sample id, 0, rows)`` (``pieces`` without the row, ``visual_pieces``), joined over its
+    micro-batches."""
+    return (
+        torch.cat([mb["pieces"][:, 1:] for mb in step]),
+        torch.cat([mb["visual_pieces"] for mb in step]),
+    )
+
+
 def test_loader_resumes_mid_buffer_to_the_same_batches(shards):
     """Positions inside a packing buffer, across buffers and epochs (5-sample buffers, 3
     shards): the resumed loader yields the uninterrupted one's batches."""
@@ -201,13 +211,19 @@ def test_loader_resumes_mid_buffer_to_the_same_batches(shards):
     state = straight.state_dict()
     assert state["ranks"][0]["row"] > 0  # mid-buffer: the buffer is decoded again on resume
     assert state["ranks"][0]["bad"], state  # bad data read before the checkpoint
-    expected = [(_flat(next(straight)), dict(straight.bad_data.counts)) for _ in range(12)]
+    steps = [(next(straight), dict(straight.bad_data.counts)) for _ in range(12)]
+    expected = [(_flat(step), _samples_of(step), counts) for step, counts in steps]
+    assert len({p[1] >> 32 for _, (p, _), _ in expected for p in p.tolist()}) > 1  # shards
     resumed = _loader(data, micro=2)  # micro_batch_rows may change
     resumed.load_state_dict(json.loads(json.dumps(state)))  # plain data, as checkpoints store it
-    for want, counts in expected:
-        got = _flat(next(resumed))
+    for want, samples, counts in expected:
+        step = next(resumed)
+        got = _flat(step)
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1], want[1])
+        # the samples' identities, which key their LoRA dropout masks (forge_train.lora_dropout)
+        for mine, theirs in zip(_samples_of(step), samples, strict=True):
+            assert torch.equal(mine, theirs)
         # the bad data read before the checkpoint is still counted (not from 0 again)
         assert resumed.bad_data.counts == counts, (resumed.bad_data.counts, counts)
     assert straight.shards(0) != straight.shards(1) or len(data.urls) == 1  # reshuffled per epoch

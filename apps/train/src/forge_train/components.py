@@ -564,26 +564,48 @@ def _pipeline(model, config, cfg: RunConfig, mesh, stage_parallel: dict):
 
 def _keyed_lora_dropout(cfg: RunConfig) -> bool:
     """Whether the LoRA dropout masks are keyed by the data (:mod:`forge_train.lora_dropout`):
-    a language model's, under any layout (a vision-language model's batches carry no token
-    identities to key them by)."""
-    return cfg.lora is not None and cfg.lora.dropout > 0 and cfg.model.kind == "llm"
+    whenever there is LoRA dropout, a language model's and a vision-language model's (its
+    loaders give every micro-batch its samples' identities, ``pieces`` and
+    ``visual_pieces``), under any layout."""
+    return cfg.lora is not None and cfg.lora.dropout > 0
 
 
 def _key_lora_dropout(model, loader, plan, cfg: RunConfig, mesh, *, pipeline=None):
     """Key the LoRA layers' dropout masks by the data (row-parallel layers: this rank's
     features' part of the mask; context-parallel ranks: their shard's tokens' keys, cut as the
-    step cuts the tokens; pipeline stages: the keys of the micro-batch each forward runs);
-    returns the loader that queues the micro-batches' keys."""
+    step cuts the tokens; pipeline stages: the keys of the micro-batch each forward runs; a
+    vision-language model's encoder and projector: their rows' pixel blocks, the decoupled
+    encoder of a pipeline those of the micro-batch it encodes); returns the loader that queues
+    the micro-batches' keys."""
     from forge_parallel.tensor_parallel import match_modules
-    from forge_train.lora_dropout import DropoutKeys, KeyedDropoutLoader, attach_keyed_dropout
+    from forge_train.lora import LoRALinear
+    from forge_train.lora_dropout import (
+        DropoutKeys,
+        KeyedDropoutLoader,
+        attach_keyed_dropout,
+        attach_visual_keys,
+    )
 
+    vlm = cfg.model.kind == "vlm"
+    if vlm and mesh is not None and mesh.size("tp") > 1:
+        # The language model's plan under the whole model's names (a pipeline's stages hold
+        # plain containers there: its meta copy of the language model has the plan).
+        from forge_train.vlm_model import vlm_text_plan
+
+        language_model = pipeline.inputs_model if pipeline is not None else model.language_model
+        plan = vlm_text_plan(
+            language_model,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            prefix="language_model.",
+        )
     row_parallel = {}
     if plan is not None:  # (a pipeline stage holds only some of the plan's modules)
         tp, rank = mesh.size("tp"), mesh.local_rank("tp")
         for pattern, style in plan.styles.items():
-            if style == "adapter:rowwise":
+            if style in ("rowwise", "adapter:rowwise"):
                 for _, layer in match_modules(model, pattern):
-                    row_parallel[layer] = rank * (layer.base.in_features // tp)
+                    if isinstance(layer, LoRALinear):
+                        row_parallel[layer] = rank * (layer.base.in_features // tp)
     shard = None
     if cfg.parallel.cp > 1:
         from functools import partial
@@ -597,13 +619,19 @@ def _key_lora_dropout(model, loader, plan, cfg: RunConfig, mesh, *, pipeline=Non
             load_balance=cfg.parallel.cp_load_balance,
         )
     keys = DropoutKeys(seed=cfg.train.seed)
+    replay = cfg.parallel.recompute != "none"
     attach_keyed_dropout(
         model,
         keys,
         row_parallel=row_parallel,
         stages=pipeline.pipe.modules if pipeline is not None else None,
-        replay=cfg.parallel.recompute != "none",
+        replay=replay,
     )
+    if vlm:
+        encoder = getattr(pipeline, "encoder", None)  # every pipeline rank's (a replica too)
+        attach_visual_keys([model] if encoder is None else [model, encoder], keys)
+        if pipeline is not None:
+            pipeline.dropout_keys, pipeline.dropout_replay = keys, replay
     return KeyedDropoutLoader(loader, keys, seq_len=cfg.data.seq_len, shard=shard)
 
 

@@ -642,20 +642,6 @@ class RunConfig:
             "recompute_budget_scope=block (the budget of each block of either part)",
             self.parallel.recompute_budget_scope,
         )
-        if self.lora is not None:
-            # A language model's masks are keyed by the data under any layout
-            # (forge_train.lora_dropout); a vision-language model's are drawn per rank, which
-            # under TP would give a replicated activation different masks on the TP ranks.
-            _require(
-                self.parallel.tp == 1 or self.lora.dropout == 0 or self.model.kind == "llm",
-                "lora.dropout",
-                f"LoRA dropout with tensor parallelism (parallel.tp={self.parallel.tp}) runs on "
-                "language models only: a vision-language model's masks cannot be keyed by its "
-                "tokens (its batches carry no token identities, nor its images' patches), and "
-                "drawn masks would differ between the tensor-parallel ranks of a replicated "
-                "activation; set lora.dropout=0 or parallel.tp=1",
-                self.lora.dropout,
-            )
         profile = self.logging.profile
         if profile.start_step is not None:
             last = profile.start_step + profile.num_steps - 1

@@ -32,7 +32,12 @@ import torch.distributed as dist
 from forge_train.components import Components, build_components
 from forge_train.config import ConfigError, RunConfig
 from forge_train.distributed import all_reduce
-from forge_train.evaluation import held_out_loss, input_tokens
+from forge_train.evaluation import (
+    close_evaluation_data,
+    evaluation_data,
+    held_out_loss,
+    input_tokens,
+)
 from forge_train.expert_balance import ExpertBiasBalancer
 from forge_train.guards import NonFiniteGuard
 from forge_train.metrics import MetricsLogger
@@ -79,6 +84,7 @@ class Trainer:
         self.progress = Progress()
         self.peak = peak_flops(cfg.logging, self.device)
         self._bad_reported = 0  # bad-data count the run log last reported
+        self._eval_data = None  # what every evaluation reads (evaluation_data), kept for the run
 
     # -- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -215,9 +221,12 @@ class Trainer:
         """Mean next-token cross-entropy per predicted token over ``train.eval_batches`` fixed
         steps of the validation set (of the training set without one: :attr:`eval_split`)."""
         p, cfg = self.parts, self.cfg
+        if self._eval_data is None:  # one set of decode workers for all the evaluations
+            split = p.data.val if p.data.val is not None else p.data.train
+            self._eval_data = evaluation_data(split)
         return held_out_loss(
             self.runner,
-            p.data.val if p.data.val is not None else p.data.train,
+            self._eval_data,
             cfg.data,
             batches=cfg.train.eval_batches,
             seed=cfg.train.seed + 1,
@@ -550,3 +559,4 @@ class Trainer:
         loader = getattr(getattr(self, "parts", None), "loader", None)
         if hasattr(loader, "close"):  # a streaming loader's prefetch thread (vlm_stream)
             loader.close()
+        close_evaluation_data(getattr(self, "_eval_data", None))  # evaluations' decode workers

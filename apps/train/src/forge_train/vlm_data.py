@@ -41,6 +41,7 @@ __all__ = [
     "dummy_visual",
     "mrope_positions",
     "placeholder_style",
+    "sample_pieces",
     "vlm_model_inputs",
     "write_skimage_shard",
 ]
@@ -187,7 +188,12 @@ def build_caption_data(config: DataConfig, tokenizer, model_config, cache_root: 
 
 
 def collate_micro_batches(
-    rows: list[list[dict[str, Any]]], data: Any, *, micro_batch_rows: int, pad_id: int
+    rows: list[list[dict[str, Any]]],
+    data: Any,
+    *,
+    micro_batch_rows: int,
+    pad_id: int,
+    identities: list[list[tuple[int, int]]] | None = None,
 ) -> list[dict[str, Any]]:
     """This rank's micro-batches of one step from its packed ``rows`` (lists of samples), for
     both VLM data kinds (``data``: a :class:`VLMSamples` or a
@@ -196,13 +202,22 @@ def collate_micro_batches(
     ``micro_batch_rows`` rows, ``block_ids`` kept only for bidirectional image attention, the
     M-RoPE positions added for a model with ``mrope`` settings, and ``dummy``
     (:func:`dummy_visual`) as ``batch["dummy_visual"]`` on a micro-batch with neither images
-    nor videos."""
+    nor videos. With ``identities`` (per row, each sample's ``(epoch, sample id)``: what the
+    loader knows it by, the same whatever the data-parallel split or micro-batching) each
+    micro-batch carries the keys of its LoRA dropout masks (:mod:`forge_train.lora_dropout`):
+    :func:`sample_pieces`' ``pieces`` and ``visual_pieces``."""
     from forge_data.vision import collate_vlm
 
     batches = [
         collate_vlm(rows[i : i + micro_batch_rows], seq_len=data.seq_len, pad_id=pad_id)
         for i in range(0, len(rows), micro_batch_rows)
     ]
+    if identities is not None:
+        for batch, i in zip(batches, range(0, len(rows), micro_batch_rows), strict=True):
+            pieces, visual = sample_pieces(
+                rows[i : i + micro_batch_rows], identities[i : i + micro_batch_rows]
+            )
+            batch["pieces"], batch["visual_pieces"] = pieces, visual
     for batch in batches:
         if not data.bidirectional:
             del batch["block_ids"]
@@ -212,6 +227,32 @@ def collate_micro_batches(
         if data.dummy is not None and "image" not in visual and "video" not in visual:
             batch["dummy_visual"] = data.dummy
     return batches
+
+
+def sample_pieces(
+    rows: list[list[dict[str, Any]]], identities: list[list[tuple[int, int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pieces, visual_pieces)`` of one micro-batch's packed ``rows`` of samples whose
+    ``identities`` are ``(epoch, sample id)``: what the LoRA dropout masks are keyed by
+    (:mod:`forge_train.lora_dropout`), int64 ``[n, 5]`` each. ``pieces``: ``(row, epoch,
+    sample, 0, tokens)`` per sample, in row order, as forge_data's ``PackedLoader`` gives a
+    language model's document pieces (a VLM sample is never split: its tokens start at 0).
+    ``visual_pieces``: ``(stream, epoch, sample, 0, pixel rows)`` per sample and stream (0:
+    the image stream, 1: the video stream) with ``pixel_values``, in the order the encoder
+    reads them (:func:`forge_data.vision.collate_vlm` joins each stream's samples in row
+    order, and the model encodes the images, then the videos)."""
+    pieces, visual = [], []
+    for r, (row, ids) in enumerate(zip(rows, identities, strict=True)):
+        for sample, (epoch, doc) in zip(row, ids, strict=True):
+            pieces.append((r, epoch, doc, 0, len(sample["input_ids"])))
+    for stream, name in enumerate(("image", "video")):
+        for row, ids in zip(rows, identities, strict=True):
+            for sample, (epoch, doc) in zip(row, ids, strict=True):
+                fields = sample.get("visual", {}).get(name)
+                if fields is not None:
+                    visual.append((stream, epoch, doc, 0, int(fields["pixel_values"].shape[0])))
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64).reshape(-1, 5)  # noqa: E731
+    return as_tensor(pieces), as_tensor(visual)
 
 
 class VLMLoader:
@@ -254,7 +295,8 @@ class VLMLoader:
             )
         return rows
 
-    def _next_row(self) -> list[int]:
+    def _next_row(self) -> tuple[int, list[int]]:
+        """``(epoch, sample indices)`` of the next packed row."""
         if self._rows is None:
             self._rows = self._epoch_rows()
         if self.position >= len(self._rows):
@@ -262,7 +304,7 @@ class VLMLoader:
             self._rows = self._epoch_rows()
         row = self._rows[self.position]
         self.position += 1
-        return row
+        return self.epoch, row
 
     def __iter__(self):
         return self
@@ -275,10 +317,12 @@ class VLMLoader:
         start = self.dp_rank * self.rows_per_rank
         mine = rows[start : start + self.rows_per_rank]
         return collate_micro_batches(
-            [[self.data.samples[i] for i in row] for row in mine],
+            [[self.data.samples[i] for i in row] for _, row in mine],
             self.data,
             micro_batch_rows=self.micro_batch_rows,
             pad_id=self.pad_id,
+            # a sample's identity: (epoch, its index in the set)
+            identities=[[(epoch, i) for i in row] for epoch, row in mine],
         )
 
     def _pinned(self) -> dict[str, Any]:

@@ -22,8 +22,12 @@ reading the tar stream, packing, the loader state and the bad-data accounting.
   window of :attr:`DecodePool.window` samples in flight, no reordering buffer.
 * Start method: ``forkserver`` (``spawn`` where there is none), never ``fork``: the training
   process may hold CUDA, which a forked child cannot use. The fork server is started once per
-  process with torch and forge-data imported, so a later pool (each loader, each evaluation,
-  each resume) costs a fork and an unpickle per worker, not an interpreter start.
+  process with torch and forge-data imported, so a later pool (each loader, each resume)
+  costs a fork and an unpickle per worker, not an interpreter start.
+* The main script: as with PyTorch's DataLoader workers under ``spawn`` / ``forkserver``,
+  each worker imports the training script as ``__mp_main__`` (multiprocessing's own
+  behaviour), so a script that embeds the trainer keeps its top-level work under
+  ``if __name__ == "__main__":``. forge-train's own entry points do.
 * Results come back pickled through each worker's pipe (``transport="pickle"``), a tensor as
   its bytes (:class:`_TensorPickler`). Shared memory (``"shared_memory"``: torch's
   reductions, a file descriptor per tensor passed over a socket) is kept for the measurement
@@ -31,13 +35,22 @@ reading the tar stream, packing, the loader state and the bad-data accounting.
   ``apps/train/BENCHMARKS.md``): it keeps a file descriptor open per tensor of every sample
   held, and a packing buffer of 128 samples of about 8 tensors each is past the usual limit
   of 1024 open files (PyTorch's DataLoader has the same trap).
+* Reuse across readers: loaders that take turns on one split (each held-out evaluation's,
+  every ``train.eval_every`` steps) borrow a pool from one :class:`DecodePools` kept for the
+  run and give it back when they stop, instead of starting and stopping ``N`` processes each
+  time. A pool given back may still hold the answers of samples its last reader sent ahead
+  and never took; the next borrower drops them first (:meth:`DecodePool.drain`), so it starts
+  from a clean ordered map (the same batches, bad data and state as a fresh pool), and a pool
+  that lost a worker meanwhile is replaced.
 * Lifecycle: :meth:`DecodePool.close` terminates the workers and waits for them; so does
   garbage collection of the pool and the interpreter's exit (``multiprocessing.util.Finalize``).
-  A worker exits by itself when the training process is gone (it polls its parent's pid), so
-  a killed rank leaves no orphan; it ignores ``SIGINT`` (Ctrl-C reaches the whole process
-  group: the training process handles it and closes the pool). A worker that dies (killed,
-  out of memory, a crash in an image library) makes :meth:`DecodePool.result` raise
-  :class:`DecodeWorkerError` naming the sample it held, at once, not a hang.
+  :meth:`DecodePools.close` (the end of a run) closes the pools it keeps, and a pool given
+  back after it is closed. A worker exits by itself when the training process is gone (it
+  polls its parent's pid), so a killed rank leaves no orphan; it ignores ``SIGINT`` (Ctrl-C
+  reaches the whole process group: the training process handles it and closes the pool). A
+  worker that dies (killed, out of memory, a crash in an image library) makes
+  :meth:`DecodePool.result` raise :class:`DecodeWorkerError` naming the sample it held, at
+  once, not a hang.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DecodePool", "DecodeStoppedError", "DecodeWorkerError", "Decoded"]
+__all__ = ["DecodePool", "DecodePools", "DecodeStoppedError", "DecodeWorkerError", "Decoded"]
 
 #: Samples in flight per worker (sent and not yet taken): one being decoded and one queued,
 #: so a worker never waits for the reader to send its next sample. Memory: this many raw and
@@ -72,6 +85,10 @@ _WATCH_SECONDS = 1.0
 
 #: Modules the fork server imports once, so that each worker it forks has them.
 _PRELOAD = ["__main__", "torch", "PIL.Image", "forge_data.vision", __name__]
+
+#: How long :meth:`DecodePool.drain` waits for the answers a pool's last reader left behind
+#: (a worker decodes at most :data:`TASKS_PER_WORKER` of them; slower: taken as hung).
+_DRAIN_SECONDS = 60.0
 
 _STARTUP = -1  # the sequence number of a worker's startup failure
 
@@ -173,6 +190,19 @@ class _Worker:
         results_end.close()
         self.index = index
         self.pending: deque[_Ticket] = deque()
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Whether a worker's result socket is open with nothing to read: not closed by the
+    worker's death (seen as soon as it is dead, where ``is_alive`` waits for the fork server
+    to reap it) and holding no answer nobody asked for."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # the end of the stream (b""), or bytes nobody asked for
 
 
 def _grow_buffers(sock: socket.socket) -> None:
@@ -314,6 +344,29 @@ class DecodePool:
         )
         return self._broken
 
+    def drain(self, *, timeout: float = _DRAIN_SECONDS) -> bool:
+        """Take and drop the answers of the samples still in flight (sent by a reader that
+        stopped before taking them), so that another reader starts on an empty ordered map;
+        whether the pool can serve it: ``False`` when it is closed or broken, a worker is gone,
+        or a worker does not answer within ``timeout`` seconds (hung; the pool is left in an
+        unknown state). A ``False`` pool is to be closed."""
+        if self._closed or self._broken is not None:
+            return False
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            try:
+                while worker.pending:
+                    worker.results.settimeout(max(deadline - time.monotonic(), 0.001))
+                    seq = _read_message(worker.results)[0]
+                    if seq != worker.pending.popleft().seq:  # a startup failure
+                        return False
+            except Exception:  # gone (EOFError), timed out (TimeoutError), a garbled answer
+                return False
+            finally:
+                with contextlib.suppress(OSError):
+                    worker.results.settimeout(None)
+        return all(_quiet(w.results) and w.process.is_alive() for w in self._workers)
+
     def close(self) -> None:
         """Terminate the workers and wait for them; later calls do nothing. A reader waiting
         in :meth:`result` gets ``DecodeStoppedError``."""
@@ -322,6 +375,55 @@ class DecodePool:
                 return
             self._closed = True
         self._finalizer()
+
+
+class DecodePools:
+    """Decode pools of one ``decoder`` (``workers`` processes each) kept for a run and lent to
+    readers that take turns, e.g. each held-out evaluation's loader
+    (:meth:`forge_train.vlm_stream.VLMShardData.sharing_decode_workers`): :meth:`borrow` gives
+    a pool kept from an earlier reader, its leftovers dropped (:meth:`DecodePool.drain`), or
+    starts one; :meth:`give_back` keeps it for the next. As many pools are kept as readers
+    held one at once (one, for evaluations). :meth:`close` at the end of the run stops them;
+    garbage collection and the interpreter's exit do too (each pool's finalizer)."""
+
+    def __init__(self, decoder, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
+        self.decoder = decoder
+        self.workers = workers
+        self._idle: list[DecodePool] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def borrow(self) -> DecodePool:
+        """A pool for one reader (the calling thread; to :meth:`give_back` when it stops): a
+        kept one, drained, or a new one (a kept one that lost or hung a worker is closed)."""
+        while True:
+            with self._lock:
+                pool = self._idle.pop() if self._idle else None
+            if pool is None:
+                return DecodePool(self.decoder, self.workers)
+            if pool.drain():
+                return pool
+            pool.close()
+
+    def give_back(self, pool: DecodePool) -> None:
+        """Keep ``pool`` for the next :meth:`borrow` (its reader stopped using it: no thread
+        waits on it); close it instead when it is broken or these pools are closed."""
+        with self._lock:
+            if not self._closed and not pool._closed and pool._broken is None:
+                self._idle.append(pool)
+                return
+        pool.close()
+
+    def close(self) -> None:
+        """Stop the pools kept (a pool borrowed now is stopped when given back); a later
+        :meth:`borrow` starts a pool that is stopped when given back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for pool in idle:
+            pool.close()
 
 
 # -- the worker's side -----------------------------------------------------------------------

@@ -58,7 +58,9 @@ tensor-parallel ranks (:mod:`forge_train.sharded_routing`).
 LoRA adapters (:func:`forge_train.lora.apply_vlm_lora`, applied before the split) go to the
 stages with their layers, split with them under ``parallel.tp``
 (:func:`forge_train.lora.lora_tp_styles`); the export merges them from the stages' streamed
-tensors. FP8 linears (``train.fp8``, the language model's) live on the stages likewise, their
+tensors. Their dropout masks are keyed by the data (:mod:`forge_train.lora_dropout`): the
+stages' by the tokens of the micro-batch they run, the encoder's by the pixel blocks of the
+micro-batch it encodes (:attr:`VLMPipelineParts.dropout_keys`). FP8 linears (``train.fp8``, the language model's) live on the stages likewise, their
 amaxes reduced over the ranks that split their tokens (``forge_train.fp8``).
 
 Under context parallelism (``parallel.cp``) every context-parallel rank encodes all of a
@@ -275,6 +277,11 @@ class VLMPipelineParts(PipelineParts):
     #: The replica's weights may differ from pipeline rank 0's (set after each backward).
     stale: bool = True
     _frozen_synced: bool = False
+    #: The run's keyed LoRA dropout (``forge_train.lora_dropout.DropoutKeys``; None: none):
+    #: each training encoder call runs with its micro-batch's visual keys, in a mode that
+    #: blocks recomputed in backward re-enter with ``dropout_replay``.
+    dropout_keys: Any = None
+    dropout_replay: bool = False
 
     @property
     def pp_rank(self) -> int:
@@ -371,7 +378,8 @@ class VLMPipelineParts(PipelineParts):
             kinds = [k for k, group in enumerate(groups) if group[1][i] is not None]
             if owner != me or not kinds:
                 continue
-            outs = self.encoder([groups[k][1][i] for k in kinds])
+            with self._encoder_keys(i, grad):
+                outs = self.encoder([groups[k][1][i] for k in kinds])
             encoded.update({(k, i): out for k, out in zip(kinds, outs, strict=True)})
         for k, (token_id, visual, counts, owners) in enumerate(groups):
             mine = [i for i, o in enumerate(owners) if o == me and visual[i] is not None]
@@ -430,6 +438,15 @@ class VLMPipelineParts(PipelineParts):
         wanted = state.embeds.requires_grad or (needs_feature_grad and bool(state.received))
         state.leaf = shard.detach().requires_grad_(grad and wanted)
         return (state.leaf,), lambda: self._finish(state, grad, needs_feature_grad)
+
+    def _encoder_keys(self, microbatch: int, grad: bool):
+        """The LoRA dropout keys of the ``microbatch``-th micro-batch's encoding in a training
+        step (:meth:`forge_train.lora_dropout.DropoutKeys.encoding`), else nothing."""
+        import contextlib
+
+        if self.dropout_keys is None or not (grad and self.encoder.training):
+            return contextlib.nullcontext()
+        return self.dropout_keys.encoding(microbatch, replay=self.dropout_replay)
 
     @property
     def _exchange_dtype(self) -> torch.dtype:

@@ -22,6 +22,9 @@ How a rank reads (as webdataset / Megatron-Energon do):
   first fit (:func:`forge_data.vision.pack_vlm_samples`) in a seeded order: the buffer bounds
   memory and is the shuffle window. A rank takes ``global_batch_rows / dp`` rows per step and
   collates them as the demo data is collated (:func:`forge_train.vlm_data.collate_micro_batches`).
+* A sample is known by its shard's index in the whole shard list and its raw index in the
+  shard (with the epoch): the identity its micro-batch's ``pieces`` give, which keys its LoRA
+  dropout masks (:func:`forge_train.vlm_data.sample_pieces`), the same on a resume.
 * So, unlike ``skimage_captions``, the sample order depends on the data-parallel size: a
   checkpoint resumes at the data-parallel size that wrote it (refused otherwise);
   ``micro_batch_rows`` may change.
@@ -71,13 +74,18 @@ decoder met, replayed where the sample is taken). So the batches, the state, the
 counts and records, and the point where ``data.on_bad_data=raise`` raises are those of
 ``decode_workers=0``, and a resume is unchanged. The workers stop with the reader: on
 :meth:`VLMStreamLoader.close`, ``load_state_dict``, garbage collection, the process's exit or
-death; a worker that dies raises an error naming the sample it held.
+death; a worker that dies raises an error naming the sample it held. Loaders that take turns
+on a split, each evaluation's (:meth:`VLMShardData.sharing_decode_workers`, which the trainer
+uses), share one pool instead: each borrows it on its first ``next()`` and gives it back when
+it stops, and the pool stops when the split's :meth:`VLMShardData.close` is called (the end of
+the run), so the ``N`` processes start once per run, not once per evaluation.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -86,7 +94,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +183,10 @@ class VLMShardData:
     :class:`forge_train.vlm_data.VLMSamples`' (``dummy``: the stand-in image of a micro-batch
     without visual items); ``prefetch_buffers``: ``data.prefetch_buffers``, how many buffers a
     loader decodes ahead in a background thread (0: none); ``decode_workers``:
-    ``data.decode_workers``, how many processes decode a loader's samples (0: its reader)."""
+    ``data.decode_workers``, how many processes decode a loader's samples (0: its reader);
+    ``decode_pools``: the :class:`forge_train.vlm_decode_workers.DecodePools` its loaders
+    borrow their workers from (:meth:`sharing_decode_workers`), or ``None``: each loader
+    starts and stops its own."""
 
     urls: list[str]
     dataset: Any
@@ -187,6 +198,25 @@ class VLMShardData:
     key: str
     prefetch_buffers: int = 1
     decode_workers: int = 0
+    decode_pools: Any = None
+
+    def sharing_decode_workers(self) -> VLMShardData:
+        """This split for loaders that take turns on it (each held-out evaluation's, read
+        every ``train.eval_every`` steps): with decode workers, a copy whose loaders borrow one
+        pool of them, started by the first and kept between them until :meth:`close`, instead
+        of starting ``decode_workers`` processes each (without: this split)."""
+        if not self.decode_workers:
+            return self
+        from forge_train.vlm_decode_workers import DecodePools
+
+        pools = DecodePools(self.dataset, self.decode_workers)
+        return dataclasses.replace(self, decode_pools=pools)
+
+    def close(self) -> None:
+        """Stop the decode workers its loaders share (:meth:`sharing_decode_workers`; none:
+        nothing to do). Each loader's own stop with the loader."""
+        if self.decode_pools is not None:
+            self.decode_pools.close()
 
 
 def build_shard_data(
@@ -247,6 +277,10 @@ class _Buffer:
     samples: list[dict[str, Any]]
     rows: list[list[int]]
     found: Any
+    #: Each sample's ``(epoch, sample id)``: the shard's index in ``data.urls`` times 2**32
+    #: plus the raw sample's index in the shard (its LoRA dropout masks' key,
+    #: :func:`forge_train.vlm_data.sample_pieces`: the same on a resume, at any micro-batching).
+    identities: list[tuple[int, int]] = field(default_factory=list)
     bad: dict[str, int] | None = None
     row: int = 0
 
@@ -314,9 +348,13 @@ class _Reader:
         self.decoder = copy.copy(data.dataset)
         self.stop = threading.Event()
         self.decode_workers = decode_workers
-        self._pool = None  # the decode workers' DecodePool, started on first use
+        # The loaders' shared pools to borrow from, if any (of as many workers as this reader's)
+        pools = data.decode_pools
+        self.shared = pools if pools is not None and pools.workers == decode_workers else None
+        self._pool = None  # the decode workers' DecodePool, started (or borrowed) on first use
         self._pool_lock = threading.Lock()
         self._raw: Iterator[tuple[StreamPosition | None, Any, Any]] | None = None
+        self._epoch_shards: tuple[int, list[int]] | None = None  # (epoch, shard indices)
 
     def _raw_samples(
         self, start: StreamPosition
@@ -389,13 +427,17 @@ class _Reader:
             yield ahead.popleft()
 
     def _decode_pool(self):
-        """The decode workers' pool, started here (in the thread that reads) on first use."""
+        """The decode workers' pool, started (or borrowed from :attr:`shared`) here, in the
+        thread that reads, on first use."""
         from forge_train.vlm_decode_workers import DecodePool
 
         with self._pool_lock:
             if self.stop.is_set():
                 raise _StoppedError
-            self._pool = DecodePool(self.data.dataset, self.decode_workers)
+            if self.shared is not None:
+                self._pool = self.shared.borrow()
+            else:
+                self._pool = DecodePool(self.data.dataset, self.decode_workers)
             return self._pool
 
     def _decoded(self, raw: dict[str, Any], ticket) -> dict[str, Any] | None:
@@ -405,18 +447,27 @@ class _Reader:
             return self.decoder.decode(raw)
         from forge_train.vlm_decode_workers import DecodeStoppedError
 
+        pool = self._pool
+        if pool is None:  # closed (let go of) meanwhile
+            raise _StoppedError
         try:
-            decoded = self._pool.result(ticket, stop=self.stop)
+            decoded = pool.result(ticket, stop=self.stop)
         except DecodeStoppedError:
             raise _StoppedError from None
         return decoded.replay(self.decoder.report)
 
-    def close(self) -> None:
-        """Stop reading (:attr:`stop`) and stop the decode workers, if any."""
+    def close(self, *, in_use: bool = False) -> None:
+        """Stop reading (:attr:`stop`) and let go of the decode workers, if any: stop the
+        reader's own (which wakes a thread waiting on them); give shared ones back for the
+        next reader, unless ``in_use`` (a thread may still wait on them): then stop them."""
         with self._pool_lock:
             self.stop.set()
-            pool = self._pool
-        if pool is not None:
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self.shared is not None and not in_use:
+            self.shared.give_back(pool)
+        else:
             pool.close()
 
     def fill(self) -> _Buffer:
@@ -429,6 +480,7 @@ class _Reader:
         if self._raw is None:
             self._raw = self._stream(start)
         samples: list[dict[str, Any]] = []
+        identities: list[tuple[int, int]] = []
         position, idle_epoch_ends = start, 0
         for after, raw, ticket in self._raw:
             if self.stop.is_set():
@@ -446,6 +498,7 @@ class _Reader:
             if sample is None:
                 continue
             samples.append(sample)
+            identities.append(self._identity(after))
             idle_epoch_ends = 0
             if len(samples) == self.data.pack_buffer:
                 break
@@ -457,7 +510,16 @@ class _Reader:
             key = [split.seed, split.dp_rank, start.epoch, start.shard, start.sample]
             order = np.random.default_rng(key).permutation(len(samples))
         rows, _ = pack_vlm_samples(samples, seq_len=self.data.seq_len, order=order)
-        return _Buffer(start, position, samples, rows, found)
+        return _Buffer(start, position, samples, rows, found, identities)
+
+    def _identity(self, after: StreamPosition) -> tuple[int, int]:
+        """``(epoch, sample id)`` of the raw sample just before ``after`` (see
+        :class:`_Buffer`): its shard's index in the whole shard list, not in this rank's."""
+        if self._epoch_shards is None or self._epoch_shards[0] != after.epoch:
+            index = {url: i for i, url in enumerate(self.data.urls)}
+            shards = [index[url] for url in self.split.shards(after.epoch)]
+            self._epoch_shards = (after.epoch, shards)
+        return after.epoch, (self._epoch_shards[1][after.shard] << 32) + after.sample - 1
 
     def _no_sample(self, found) -> ConfigError:
         split, n = self.split, len(self.split.shards(0))
@@ -556,7 +618,15 @@ class _Prefetcher:
 
 def _stop_reading(prefetcher: _Prefetcher | None, reader: _Reader) -> None:
     """Stop a loader's reader and its decode workers (which wakes a prefetch thread waiting
-    for a worker), then the prefetch thread, waiting for it."""
+    for a worker), then the prefetch thread, waiting for it. Shared workers
+    (:attr:`_Reader.shared`) are not stopped but given back, once the thread is done with
+    them: it is stopped and waited for first (a worker it waits on answers within a sample's
+    decoding), and if it does not end in time they are stopped after all."""
+    if reader.shared is not None and prefetcher is not None:
+        reader.stop.set()
+        prefetcher.close()
+        reader.close(in_use=prefetcher.thread.is_alive())
+        return
     reader.close()
     if prefetcher is not None:
         prefetcher.close()
@@ -676,23 +746,26 @@ class VLMStreamLoader:
         self._next_start = buffer.end
         return buffer
 
-    def _next_row(self) -> list[dict[str, Any]]:
+    def _next_row(self) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+        """The next packed row's samples and their identities (:class:`_Buffer`)."""
         while self._buffer is None or self._buffer.row >= len(self._buffer.rows):
             self._buffer = self._take()
         buffer = self._buffer
         row = buffer.rows[buffer.row]
         buffer.row += 1
-        return [buffer.samples[i] for i in row]
+        return [buffer.samples[i] for i in row], [buffer.identities[i] for i in row]
 
     def __iter__(self):
         return self
 
     def __next__(self) -> list[dict[str, Any]]:
+        rows = [self._next_row() for _ in range(self.rows_per_rank)]
         return collate_micro_batches(
-            [self._next_row() for _ in range(self.rows_per_rank)],
+            [samples for samples, _ in rows],
             self.data,
             micro_batch_rows=self.micro_batch_rows,
             pad_id=self.pad_id,
+            identities=[ids for _, ids in rows],
         )
 
     def _restart(self, start: StreamPosition, counts: dict[str, int]) -> None:
