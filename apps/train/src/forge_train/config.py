@@ -456,7 +456,10 @@ class TrainSettings:
     ``projector``, ``language_model``; ``VLMConfig.frozen``). ``compile``: ``torch.compile``
     each block (regional; ``forge_parallel.apply_compile``) with ``compile_backend`` (a
     ``torch._dynamo.list_backends()`` name: ``inductor``, or ``aot_eager`` to trace the same
-    graphs without code generation)."""
+    graphs without code generation). ``output_dir``: the run folder (null: a new
+    ``runs/<date>-<time>``); a run that would start fresh in a folder holding a previous run's
+    checkpoints, export or metrics is refused unless ``overwrite_output_dir`` deletes those
+    first (:mod:`forge_train.rundir`)."""
 
     steps: int = 150
     seed: int = 0
@@ -464,6 +467,7 @@ class TrainSettings:
     compile: bool = False
     compile_backend: str = "inductor"
     output_dir: str | None = None
+    overwrite_output_dir: bool = False
     eval_every: int = 0
     eval_batches: int = 4
     nan_policy: Literal["skip", "stop"] = "skip"

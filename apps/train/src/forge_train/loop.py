@@ -45,7 +45,7 @@ from forge_train.modeling import export_hf
 from forge_train.preemption import Preemption, should_stop
 from forge_train.profiling import ProfileWindow
 from forge_train.progress import Progress, TrainResult
-from forge_train.rundir import resolve_run_dir
+from forge_train.rundir import prepare_run_dir, resume_mismatch
 from forge_train.sharded_routing import sharded_routing
 from forge_train.step import StepRunner
 from forge_train.throughput import benchmark_line, peak_flops, peak_memory_gb, window_figures
@@ -74,13 +74,16 @@ class Trainer:
             )
         self.accelerator = current_accelerator()
         self.device = self.accelerator.device()
-        self.run_dir = resolve_run_dir(cfg)
+        # Before anything is written: the folder is this run's, or the run stops here.
+        self.run_dir, folder_note = prepare_run_dir(cfg)
         self.log = MetricsLogger(
             cfg.logging,
             self.run_dir if not cfg.train.benchmark else None,
             enabled=self.is_main,
             run_config=cfg.to_dict(),
         )
+        if folder_note is not None:
+            self.log.message(folder_note)
         self.progress = Progress()
         self.peak = peak_flops(cfg.logging, self.device)
         self._bad_reported = 0  # bad-data count the run log last reported
@@ -180,15 +183,27 @@ class Trainer:
         """Load the newest checkpoint, if any. fp16's loss scale exists only in checkpoints of
         fp16 runs: an fp16 run resumed from a bf16/fp32 checkpoint starts its scaler fresh (as
         a new fp16 run does), a bf16/fp32 run resumed from an fp16 checkpoint leaves the saved
-        scale unread; the log says which."""
+        scale unread; the log says which. A checkpoint this run cannot resume (another model,
+        optimizer or data set-up: a forge-ckpt ``CheckpointMismatchError`` or a loader's
+        ``ValueError``) stops the run with a ``ConfigError`` naming the folder, the step and
+        what differs, before anything in the folder is written."""
         stateful = self._stateful()
         extra = dict(stateful.pop("extra"))
         scaler = extra.pop("loss_scaler", None)
-        loaded = manager.load_latest(
-            **stateful,
-            extra=extra,
-            optional_extra={"loss_scaler": scaler} if scaler is not None else None,
-        )
+        try:
+            loaded = manager.load_latest(
+                **stateful,
+                extra=extra,
+                optional_extra={"loss_scaler": scaler} if scaler is not None else None,
+            )
+        except ValueError as exc:  # CheckpointMismatchError and ConfigError included
+            newest = manager.latest()
+            raise resume_mismatch(
+                self.run_dir,
+                newest.step if newest is not None else None,
+                newest.path if newest is not None else None,
+                exc,
+            ) from exc
         if loaded is not None and "loss_scaler" in loaded.not_in_checkpoint:
             self.log.message(
                 f"{loaded.path} holds no fp16 loss scale (written in another precision): the "

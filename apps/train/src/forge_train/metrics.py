@@ -36,6 +36,10 @@ class MetricsLogger:
     """Console + JSONL + TensorBoard + trackers for the main process (a no-op on the others).
 
     ``run_config`` (the resolved config as plain data) is handed to the trackers once.
+    ``metrics.jsonl`` (appended to: a resumed run's rows follow its earlier ones) and the
+    TensorBoard writer are opened at the first row, so a run that stops before its first step
+    (e.g. a checkpoint it cannot resume) leaves the run folder as it found it; whose folder it
+    is was settled before (:func:`forge_train.rundir.prepare_run_dir`).
     """
 
     def __init__(
@@ -50,6 +54,9 @@ class MetricsLogger:
         self.config = config
         self._jsonl = None
         self._tb = None
+        self._run_dir = run_dir
+        self._tb_class = None  # torch's SummaryWriter, when TensorBoard logging is on
+        self._opened = False
         self._live = None
         self._trackers = []
         if not enabled:
@@ -63,9 +70,6 @@ class MetricsLogger:
             self._console = Console()
             self._live = Live("", console=self._console, refresh_per_second=4, transient=False)
             self._live.start()
-        if run_dir is not None and config.jsonl:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if run_dir is not None and config.tensorboard != "false":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -76,7 +80,18 @@ class MetricsLogger:
                         "'forge-train[tensorboard]'"
                     ) from exc
             else:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self._tb_class = SummaryWriter
+
+    def _open(self) -> None:
+        """Open ``metrics.jsonl`` and the TensorBoard writer (at the first row)."""
+        run_dir, self._opened = self._run_dir, True
+        if run_dir is None:
+            return
+        if self.config.jsonl:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if self._tb_class is not None:
+            self._tb = self._tb_class(log_dir=str(run_dir / "tensorboard"))
 
     def message(self, text: str) -> None:
         """A line above the live display (or a plain line)."""
@@ -93,6 +108,8 @@ class MetricsLogger:
             return
         for tracker in self._trackers:
             tracker.log(row)
+        if not self._opened:
+            self._open()
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()

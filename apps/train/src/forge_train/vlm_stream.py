@@ -841,8 +841,8 @@ class VLMStreamLoader:
                     f"{key}={value!r} but this one {mine.get(key)!r}; its sample order depends "
                     "on it (each data-parallel rank streams its own shards, so the "
                     "data-parallel size may not change either; data.micro_batch_rows may): "
-                    "resume with the checkpoint's setting, or start a new run (another "
-                    "train.output_dir, or checkpoint.resume=false)"
+                    "resume with the checkpoint's setting, or start a new run in another "
+                    "train.output_dir"
                 )
         position = state["ranks"][self.dp_rank]
         start = StreamPosition(position["epoch"], position["shard"], position["sample"])
