@@ -86,8 +86,13 @@ def _hf_to_forge(args) -> int:
 
     src = HFCheckpoint(args.src)
     spec, ctx, options = _forge_spec_ctx(src, args)
-    shapes = {n: i.shape for n, i in src.tensor_info().items()}
-    spec.check_hf(shapes, ctx)
+    info = src.tensor_info()
+    shapes = {n: i.shape for n, i in info.items()}
+    # No model to compare with here: check the shapes config.json implies (a plain-copy rule
+    # cannot see a mis-shaped tensor) and refuse integer tensors where weights are floats.
+    spec.check_hf(
+        shapes, ctx, hf_config=src.config, hf_dtypes={n: i.dtype for n, i in info.items()}
+    )
     bound = spec.bind(ctx)
     if args.dry_run:
         return _print_rules(bound, shapes, ctx, f"hf-to-forge ({spec.name})")

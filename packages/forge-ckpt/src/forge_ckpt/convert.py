@@ -37,14 +37,21 @@ def load_hf_as_forge(
     ``mapping`` defaults to the one for the config's ``model_type``; ``options`` go into the
     mapping context (``vocab_pad_multiple=...``). Raises
     :class:`~forge_ckpt.errors.CheckpointMismatchError` before reading any data if the
-    checkpoint's tensors do not fit the mapping.
+    checkpoint's tensors do not fit the mapping, the shapes its config.json implies, or are
+    not floating-point.
     """
     ckpt = HFCheckpoint(hf_dir)
     config = ckpt.config
     spec = _spec(mapping, config)
     # What the tensor names say (stacked experts, DeepSeek's MTP layers); options override it.
     ctx = spec.context(config, **{**spec.detect_context(ckpt.names()), **options})
-    spec.check_hf({n: i.shape for n, i in ckpt.tensor_info().items()}, ctx)
+    info = ckpt.tensor_info()
+    spec.check_hf(
+        {n: i.shape for n, i in info.items()},
+        ctx,
+        hf_config=config,
+        hf_dtypes={n: i.dtype for n, i in info.items()},
+    )
     return dict(spec.hf_to_forge(ckpt.iter_tensors(), ctx)), config
 
 

@@ -18,12 +18,15 @@ def _listing(title: str, items: Sequence[str]) -> str:
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint does not match the model: tensors missing, unexpected or of the wrong shape.
+    """A checkpoint does not match the model: tensors missing, unexpected, of the wrong shape or
+    of a non-floating dtype.
 
     Attributes:
         missing: tensor names the model needs and the checkpoint lacks (checkpoint naming).
         unexpected: tensor names in the checkpoint that the model has no place for.
         mismatched: ``(name, checkpoint_shape, expected_shape)`` triples.
+        wrong_dtype: ``(name, checkpoint dtype)`` of integer / boolean tensors where the model
+            holds floating-point weights.
     """
 
     def __init__(
@@ -32,11 +35,13 @@ class CheckpointMismatchError(ValueError):
         missing: Sequence[str] = (),
         unexpected: Sequence[str] = (),
         mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+        wrong_dtype: Sequence[tuple[str, str]] = (),
         context: str = "",
     ) -> None:
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.mismatched = sorted(mismatched)
+        self.wrong_dtype = sorted(wrong_dtype)
         shapes = [
             f"{name}: checkpoint {list(got)}, model expects {list(want)}"
             for name, got, want in self.mismatched
@@ -46,6 +51,11 @@ class CheckpointMismatchError(ValueError):
             + _listing("missing from the checkpoint", self.missing)
             + _listing("unexpected in the checkpoint", self.unexpected)
             + _listing("mis-shaped", shapes)
+            + _listing(
+                "not floating-point (the model's weights are: re-export them as float32, "
+                "bfloat16 or float16)",
+                [f"{name}: {dtype}" for name, dtype in self.wrong_dtype],
+            )
             + "\n  Is this a checkpoint of another model (family, size or config)?"
         )
         super().__init__(message)

@@ -42,6 +42,38 @@ __all__ = ["LoaderConfig", "PackedLoader", "TokenDataset", "gather_pieces", "gat
 STATE_VERSION = 1
 
 
+def _manifest_prefixes(folder: Path) -> list[Path]:
+    """The shard prefixes a ``forge-preprocess`` folder's ``manifest.json`` lists; every way
+    it can be wrong (no folder, no manifest, a damaged one) is named with the path at fault."""
+    if not folder.exists():
+        raise ValueError(
+            f"preprocessed data folder {folder} does not exist: pass the --out folder of a "
+            "forge-preprocess run"
+        )
+    if not folder.is_dir():
+        raise ValueError(
+            f"{folder} is a file: pass the folder a forge-preprocess run wrote (its --out), "
+            "which holds manifest.json and the shards"
+        )
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        raise ValueError(f"{folder} has no manifest.json: is it a forge-preprocess output?")
+    try:
+        shards = json.loads(manifest.read_text())["shards"]
+        return [folder / shard["prefix"] for shard in shards]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{manifest} is not valid JSON ({err}): the file is damaged; run forge-preprocess "
+            "again into a new folder"
+        ) from err
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"{manifest} does not list shards as a forge-preprocess manifest does "
+            f'({{"shards": [{{"prefix": ...}}, ...]}}; {type(err).__name__}: {err}): '
+            "run forge-preprocess again into a new folder"
+        ) from err
+
+
 class TokenDataset:
     """The documents of several indexed shards, numbered globally in shard order.
 
@@ -51,11 +83,7 @@ class TokenDataset:
 
     def __init__(self, source: str | os.PathLike | list[str | os.PathLike]):
         if isinstance(source, str | os.PathLike):
-            folder = Path(source)
-            manifest = folder / "manifest.json"
-            if not manifest.exists():
-                raise ValueError(f"{folder} has no manifest.json: is it a forge-preprocess output?")
-            prefixes = [folder / s["prefix"] for s in json.loads(manifest.read_text())["shards"]]
+            prefixes = _manifest_prefixes(Path(source))
         else:
             prefixes = [Path(p) for p in source]
         if not prefixes:

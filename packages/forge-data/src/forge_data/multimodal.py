@@ -43,7 +43,7 @@ from forge_data.tar_shards import ShardError, expand_shard_urls, tar_samples
 from forge_data.tokenizer import Tokenizer
 from forge_data.video import VIDEO_EXTENSIONS, FrameSampling, decode_video
 
-__all__ = ["BadDataReport", "MultimodalConfig", "MultimodalDataset"]
+__all__ = ["BadDataReport", "MultimodalConfig", "MultimodalDataset", "unread_members"]
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,32 @@ def _check_shard_split(num_shards: int, dp_size: int) -> None:
         f"{num_shards} shards do not split evenly over dp_size={dp_size} ranks: write a "
         f"multiple of {dp_size} shards (e.g. {shard_counts}, of equal size) or use a dp_size "
         f"that divides {num_shards}: one of {divisors}"
+    )
+
+
+#: Member names (after the sample key) the readers use besides images and videos.
+OTHER_MEMBERS = ("txt", "json", "frames.npy", "actions.npy")
+
+
+def unread_members(raw: dict[str, Any]) -> str:
+    """A sentence naming the members of a raw sample that no reader reads (an image saved as
+    ``key.webp2``, a typo'd extension), or ``""``: said where the sample then fails (its
+    image placeholders find fewer images), since the member is otherwise silently passed
+    over."""
+    known = set(IMAGE_EXTENSIONS) | set(VIDEO_EXTENSIONS)
+    odd = sorted(
+        k
+        for k in raw
+        if not k.startswith("__") and k not in OTHER_MEMBERS and k.rsplit(".", 1)[-1] not in known
+    )
+    if not odd:
+        return ""
+    key = raw.get("__key__", "key")
+    names = ", ".join(f"{key}.{k}" for k in odd)
+    return (
+        f"member(s) {names} not read: the extension is not one this reader reads (images: "
+        f"{', '.join(IMAGE_EXTENSIONS)}; videos: {', '.join(VIDEO_EXTENSIONS)}; also "
+        f"{', '.join(OTHER_MEMBERS)}); rename an image to its type's extension"
     )
 
 

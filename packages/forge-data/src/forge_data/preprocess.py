@@ -100,7 +100,11 @@ def _files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             raise ValueError(f"input {path} does not exist")
     if not files:
-        raise ValueError(f"no supported files under {[str(i) for i in inputs]}")
+        raise ValueError(
+            f"no supported files under {[str(i) for i in inputs]}: a folder is searched "
+            f"recursively for {', '.join(sorted(supported))} files; add some, or name the "
+            "files to read"
+        )
     return files
 
 

@@ -131,20 +131,75 @@ class Tokenizer:
         return folder
 
 
+#: Files a slow (non-``tokenizer.json``) tokenizer folder holds, one of which transformers
+#: converts: sentencepiece models, byte-level BPE vocabularies, WordPiece, tiktoken.
+SLOW_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.tiktoken",
+)
+
+
+def _read_json_config(path: Path) -> dict[str, Any]:
+    """A JSON object file (``tokenizer_config.json``), with its name in any error."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): fix or remove it") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _tokenizer_folder(path: Path) -> Path:
+    """The folder ``path`` names: a ``tokenizer.json`` file stands for its folder (whose
+    ``tokenizer_config.json`` gives the special tokens and chat template)."""
+    if path.is_file():
+        if path.name == "tokenizer.json":
+            return path.parent
+        raise ValueError(
+            f"{path} is a file: pass the tokenizer's folder (the one holding tokenizer.json "
+            f"and tokenizer_config.json), e.g. {path.parent}"
+        )
+    if not path.is_dir():
+        raise ValueError(f"tokenizer folder {path} does not exist")
+    return path
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a Hugging Face tokenizer folder (``tokenizer.json`` + config)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"tokenizer folder {folder} does not exist")
+    """The tokenizer of a Hugging Face tokenizer folder (``tokenizer.json`` + config), or of
+    the folder of a ``tokenizer.json`` file given directly."""
+    folder = _tokenizer_folder(Path(folder))
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = _read_json_config(config_path) if config_path.exists() else {}
     if "chat_template" not in config and (folder / "chat_template.jinja").exists():
         config["chat_template"] = (folder / "chat_template.jinja").read_text()
     fast = folder / "tokenizer.json"
     if fast.exists():
         from tokenizers import Tokenizer as _Fast
 
-        return Tokenizer(_Fast.from_file(str(fast)), config, path=folder)
+        try:
+            backend = _Fast.from_file(str(fast))
+        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(
+                f"{fast} cannot be read by the tokenizers library ({err}): the file is damaged "
+                "or not a tokenizers serialization; copy it again from the model's folder"
+            ) from err
+        return Tokenizer(backend, config, path=folder)
+    slow = [name for name in SLOW_TOKENIZER_FILES if (folder / name).exists()]
+    if not slow:
+        holds = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(holds[:10]) + (f" ... ({len(holds)} in all)" if len(holds) > 10 else "")
+        hint = ""
+        if (folder / "hf" / "tokenizer.json").is_file():  # a forge-train run folder
+            hint = f"; {folder / 'hf'} holds one (a run folder's export): pass that folder"
+        raise ValueError(
+            f"no tokenizer.json (nor a slow tokenizer's {' / '.join(SLOW_TOKENIZER_FILES)}) in "
+            f"{folder}, which holds: {shown or 'nothing'}{hint}"
+        )
     # A folder with only a slow tokenizer: let transformers convert it to a fast one.
     try:
         from transformers import AutoTokenizer
@@ -153,7 +208,13 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
             f"{folder} has no tokenizer.json; converting a slow tokenizer needs transformers: "
             "pip install 'forge-data[transformers]'"
         ) from err
-    hf = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    except (ValueError, OSError) as err:
+        raise ValueError(
+            f"transformers could not build a fast tokenizer from {folder} (slow tokenizer "
+            f"files: {', '.join(slow)}): {err}"
+        ) from err
     if not hasattr(hf, "backend_tokenizer"):
         raise ValueError(f"transformers could not build a fast tokenizer from {folder}")
     for key in ("bos_token", "eos_token", "pad_token", "chat_template"):

@@ -81,6 +81,18 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
+def _is_floating(dtype: Any) -> bool:
+    """Whether a dtype (a torch dtype, its name, or a safetensors code such as ``"I32"``) is a
+    floating-point one; unknown names count as floating (nothing is refused on a guess)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    text = str(dtype)
+    if text.startswith("torch."):
+        found = getattr(torch, text.removeprefix("torch."), None)
+        return not isinstance(found, torch.dtype) or found.is_floating_point
+    return not (text == "BOOL" or (text[:1] in ("I", "U") and text[1:].isdigit()))
+
+
 def _fill_views(views: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> None:
     for view, part in zip(views, parts, strict=True):
         view.copy_(part.reshape(view.shape))
@@ -705,6 +717,10 @@ class MappingSpec:
         presence_probes: ``(flag, name suffix)`` as ``layout_probes``, for optional parts of a
             checkpoint (DeepSeek-V3's multi-token prediction layers, which transformers' config
             announces but does not save); read by :meth:`detect_context` only.
+        hf_shapes: ``(config.json, context) -> {checkpoint name: shape}``: the shapes the
+            config implies (names may contain ``{i}``; names left out are not checked). A
+            one-to-one rule (a plain copy) cannot see a mis-shaped tensor from the others, so
+            :meth:`check_hf` compares against these when given the config.
         description: one line for listings.
 
     Optional context keys the spec reads: ``num_hf_layers`` (checkpoint layers the rules map,
@@ -723,6 +739,7 @@ class MappingSpec:
     layout_probes: tuple[tuple[str, str], ...] = ()
     hf_copies: tuple[HFCopy, ...] = ()
     presence_probes: tuple[tuple[str, str], ...] = ()
+    hf_shapes: Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Shape]] | None = None
 
     def __post_init__(self) -> None:
         if not all(isinstance(c, HFCopy) for c in self.hf_copies):
@@ -888,17 +905,41 @@ class MappingSpec:
         return "\n".join(lines)
 
     # -- validation ---------------------------------------------------------------------------
+    def expected_hf_shapes(
+        self, hf_config: Mapping[str, Any], ctx: Mapping[str, Any]
+    ) -> dict[str, Shape]:
+        """Checkpoint name -> the shape ``config.json`` implies, for the names the mapping
+        binds in ``ctx`` that :attr:`hf_shapes` describes (empty without it)."""
+        if self.hf_shapes is None:
+            return {}
+        patterns = self.hf_shapes(hf_config, ctx)
+        layers = range(int(ctx.get("num_layers", 0)))
+        wanted: dict[str, Shape] = {}
+        for pattern, shape in patterns.items():
+            for name in {pattern.format(i=i) for i in layers} if "{i}" in pattern else {pattern}:
+                wanted[name] = tuple(int(x) for x in shape)
+        bound = {n for b in self.bind(ctx) for n in b.own}
+        return {n: shape for n, shape in wanted.items() if n in bound}
+
     def check_hf(
         self,
         hf_shapes: Mapping[str, Sequence[int]],
         ctx: Mapping[str, Any],
         forge_shapes: Mapping[str, Sequence[int]] | None = None,
+        *,
+        hf_config: Mapping[str, Any] | None = None,
+        hf_dtypes: Mapping[str, Any] | None = None,
     ) -> None:
         """Raise :class:`CheckpointMismatchError` unless the checkpoint fits.
 
         ``hf_shapes``: checkpoint name -> shape (from the headers). ``forge_shapes``: the
         shapes the forge model expects (its ``state_dict``); when given, each mapped tensor's
-        shape is checked and model tensors that no rule fills are reported.
+        shape is checked and model tensors that no rule fills are reported. ``hf_config``: the
+        checkpoint's ``config.json``; when given, each tensor is checked against the shape it
+        implies (:meth:`expected_hf_shapes`): the check for a converter that has no model to
+        compare with. ``hf_dtypes``: checkpoint name -> dtype (torch dtype or safetensors
+        code); every tensor a mapping fills is a floating-point weight, so an integer or
+        boolean one is refused (a copy would silently turn it into float values).
         """
         bound = self.bind(ctx)
         expected = {n for b in bound for n in b.hf}
@@ -906,10 +947,24 @@ class MappingSpec:
         missing = sorted(expected - present)
         unexpected = sorted(present - expected - self._ignored(ctx))
         mismatched = []
+        by_config = self.expected_hf_shapes(hf_config, ctx) if hf_config is not None else {}
+        wrong_dtype = sorted(
+            (n, str(hf_dtypes[n]))
+            for n in expected
+            if hf_dtypes is not None and n in hf_dtypes and not _is_floating(hf_dtypes[n])
+        )
         for b in bound:
             if not all(n in hf_shapes for n in b.hf):
                 continue
             sources = [tuple(hf_shapes[n]) for n in b.hf]
+            off = [
+                (n, tuple(hf_shapes[n]), by_config[n])
+                for n in b.own
+                if n in by_config and tuple(hf_shapes[n]) != by_config[n]
+            ]
+            if off:  # the config's shape is the clearer message than what the join says
+                mismatched += [(f"{n} (shape from config.json)", got, want) for n, got, want in off]
+                continue
             label = b.forge if b.hf == (b.forge,) else f"{b.forge} (from {' + '.join(b.hf)})"
             try:
                 shape = b.forge_shape(sources, ctx)
@@ -926,11 +981,12 @@ class MappingSpec:
                 f"{n} (a model tensor no rule of mapping {self.name!r} fills)"
                 for n in sorted(set(forge_shapes) - produced)
             ]
-        if missing or unexpected or mismatched:
+        if missing or unexpected or mismatched or wrong_dtype:
             raise CheckpointMismatchError(
                 missing=missing,
                 unexpected=unexpected,
                 mismatched=mismatched,
+                wrong_dtype=wrong_dtype,
                 context=self._mismatch_context(unexpected, ctx),
             )
 
@@ -981,6 +1037,11 @@ class MappingSpec:
                     unexpected=[name], context=self._mismatch_context([name], ctx)
                 )
             b, k = slots[name]
+            if not tensor.is_floating_point():
+                raise CheckpointMismatchError(
+                    wrong_dtype=[(name, str(tensor.dtype))],
+                    context=f"the checkpoint does not match the {self.name} model",
+                )
             if b.forge in done:
                 raise ValueError(f"checkpoint tensor {name} is given twice")
             parts = waiting.setdefault(b.forge, [None] * len(b.hf))

@@ -16,7 +16,11 @@ fsynced its files, rank 0 fsyncs them all, writes the marker (a JSON manifest: s
 size, every file with its size, versions, time) with fsync, renames the folder to
 ``step_XXXXXXXX`` and fsyncs the parent. A folder counts only if its name parses, its marker
 parses, names the same step and every listed file exists with the listed size; anything else
-is ignored, and ``*.tmp-*`` / ``*.deleting-*`` leftovers are removed by the next save.
+is ignored, and ``*.tmp-*`` / ``*.deleting-*`` leftovers are removed by the next save. A
+``step_XXXXXXXX`` folder that fails these checks is damaged (a truncated or deleted file, a
+lost marker): it is never loaded, and left where it is for inspection (only a new save of the
+same step replaces it); ``CheckpointManager.load_latest`` warns about each one newer than the
+checkpoint it resumes, with the reason.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from typing import Any
 __all__ = [
     "MARKER",
     "CheckpointInfo",
+    "check_folder",
     "list_checkpoints",
     "read_manifest",
+    "scan_checkpoints",
     "step_dir_name",
     "write_manifest",
 ]
@@ -116,41 +122,74 @@ def read_manifest(folder: Path, *, named: bool = True) -> dict[str, Any] | None:
 
     ``named``: the folder must be named ``step_XXXXXXXX`` after the manifest's step (as in a
     checkpoint directory); ``False`` for a folder given by path (a copy named ``best``)."""
+    return check_folder(folder, named=named)[0]
+
+
+def check_folder(folder: Path, *, named: bool = True) -> tuple[dict[str, Any] | None, str]:
+    """``(manifest, "")`` for a complete checkpoint folder, else ``(None, why not)``.
+
+    The reason names what is wrong (the marker missing or unreadable, a listed file missing,
+    or its size against the manifest's), so that a damaged checkpoint skipped on resume can be
+    reported instead of passed over in silence."""
     match = _STEP_RE.match(folder.name)
     if named and match is None:
-        return None
+        return None, f"the folder name is not step_XXXXXXXX (8 or more digits): {folder.name!r}"
+    marker = folder / MARKER
     try:
-        manifest = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+        manifest = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None, (
+            f"it has no {MARKER} (the completion marker, written last: the save did not finish, "
+            "or the file was removed)"
+        )
+    except (OSError, ValueError) as err:
+        return None, f"its {MARKER} cannot be read as JSON ({type(err).__name__}: {err})"
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT
         or not isinstance(manifest.get("step"), int)
-        or (named and manifest["step"] != int(match.group(1)))
         or not isinstance(manifest.get("files"), list)
     ):
-        return None
+        return None, f"its {MARKER} is not a forge training checkpoint manifest"
+    if named and manifest["step"] != int(match.group(1)):
+        return None, f"its {MARKER} is of step {manifest['step']}, not of this folder's"
     for entry in manifest["files"]:
         try:
-            if (folder / entry["name"]).stat().st_size != entry["size"]:
-                return None
-        except (OSError, KeyError, TypeError):
-            return None
-    return manifest
+            name, size = entry["name"], entry["size"]
+            found = (folder / name).stat().st_size
+        except (KeyError, TypeError):
+            return None, f"its {MARKER} lists a file without name and size: {entry!r}"
+        except FileNotFoundError:
+            return None, f"{name} is missing (the manifest lists it with {size} bytes)"
+        except OSError as err:
+            return None, f"{name} cannot be read ({type(err).__name__}: {err})"
+        if found != size:
+            return None, f"{name} is {found} bytes, the manifest says {size}"
+    return manifest, ""
 
 
 def list_checkpoints(directory: Path) -> list[CheckpointInfo]:
     """Complete checkpoints in ``directory``, oldest step first."""
+    return scan_checkpoints(directory)[0]
+
+
+def scan_checkpoints(directory: Path) -> tuple[list[CheckpointInfo], list[tuple[int, Path, str]]]:
+    """``(complete, damaged)`` step folders of ``directory``, each oldest step first.
+
+    ``damaged``: ``(step, folder, reason)`` of every ``step_XXXXXXXX`` folder that is not a
+    complete checkpoint (see :func:`check_folder`); retention never deletes or moves them."""
     if not directory.is_dir():
-        return []
-    found = []
+        return [], []
+    found, damaged = [], []
     for folder in directory.iterdir():
-        if folder.is_dir() and _STEP_RE.match(folder.name):
-            manifest = read_manifest(folder)
+        match = _STEP_RE.match(folder.name)
+        if folder.is_dir() and match:
+            manifest, reason = check_folder(folder)
             if manifest is not None:
                 found.append(CheckpointInfo(manifest["step"], folder, manifest))
-    return sorted(found, key=lambda info: info.step)
+            else:
+                damaged.append((int(match.group(1)), folder, reason))
+    return sorted(found, key=lambda info: info.step), sorted(damaged)
 
 
 def remove_leftovers(directory: Path, *, keep: Path | None = None) -> list[str]:

@@ -56,11 +56,12 @@ from forge_ckpt.training.dcp_state import (
 from forge_ckpt.training.flat_optim import stage
 from forge_ckpt.training.layout import (
     CheckpointInfo,
+    check_folder,
     delete_checkpoint,
     list_checkpoints,
     publish,
-    read_manifest,
     remove_leftovers,
+    scan_checkpoints,
     set_aside,
     step_dir_name,
     write_manifest,
@@ -344,12 +345,36 @@ class CheckpointManager:
         :meth:`load`); ``None`` (nothing changed) when there is none."""
         self.wait()
         info = self.latest()
+        if self.rank == 0:
+            self._warn_skipped(info)
         step = [info.step if info is not None else None]
         if self._group is not None:  # every rank loads the step rank 0 found
             dist.broadcast_object_list(step, group_src=0, group=self._group)
         if step[0] is None:
             return None
         return self.load(step[0], **objects)
+
+    def _warn_skipped(self, resumed: CheckpointInfo | None) -> None:
+        """Log each damaged step folder newer than the checkpoint resumed (rank 0 only): it is
+        passed over, so the run repeats its steps, and a user who finds the run resumed from
+        an older step than the newest folder deserves to know which file is at fault. The
+        folder is left where it is."""
+        newest = -1 if resumed is None else resumed.step
+        for step, folder, reason in scan_checkpoints(self.directory)[1]:
+            if step <= newest:
+                continue
+            instead = (
+                f"resuming from {resumed.path} (step {resumed.step}) instead"
+                if resumed is not None
+                else f"no complete checkpoint in {self.directory}: starting from scratch"
+            )
+            _log.warning(
+                "checkpoint %s is damaged and skipped: %s; %s. The folder is left as it is "
+                "(delete it, or restore the file from a copy, to silence this warning)",
+                folder,
+                reason,
+                instead,
+            )
 
     def load(
         self,
@@ -379,12 +404,16 @@ class CheckpointManager:
             if isinstance(step_or_path, int)
             else Path(step_or_path)
         )
-        manifest = read_manifest(path, named=isinstance(step_or_path, int))
+        manifest, reason = (
+            check_folder(path, named=isinstance(step_or_path, int))
+            if path.is_dir()
+            else (None, "no such folder")
+        )
         if manifest is None:
             complete = [info.step for info in self.checkpoints()]
             raise FileNotFoundError(
-                f"{path} is not a complete forge training checkpoint (missing, still being "
-                f"written, or damaged); complete checkpoints in {self.directory}: {complete}"
+                f"{path} is not a complete forge training checkpoint ({reason}); complete "
+                f"checkpoints in {self.directory}: {complete}"
             )
         state = self._state(model, optimizer, scheduler, dataloader, extra, optional_extra)
         self._refuse_flat_optimizer_in_a_subgroup(state)

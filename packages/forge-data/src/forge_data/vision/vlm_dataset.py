@@ -30,7 +30,12 @@ from typing import Any
 
 import torch
 
-from forge_data.multimodal import MEDIA_ERRORS, MultimodalConfig, MultimodalDataset
+from forge_data.multimodal import (
+    MEDIA_ERRORS,
+    MultimodalConfig,
+    MultimodalDataset,
+    unread_members,
+)
 from forge_data.tokenizer import Tokenizer
 from forge_data.vision.placeholders import anchor_ids, encode_vlm_chat, encode_vlm_text
 from forge_data.vision.processing import VisionProcessor, concat_items
@@ -118,7 +123,11 @@ class VLMDataset(MultimodalDataset):
                     videos=by_kind["video"],
                 )
         except ValueError as err:
-            self._fail("placeholder mismatch", where, str(err))
+            unread = unread_members(raw)
+            if unread:  # the likely cause: an image the reader did not take for one
+                self._fail("unknown member type", where, f"{unread} ({err})")
+            else:
+                self._fail("placeholder mismatch", where, str(err))
             return None
         ids, mask, blocks = sample.input_ids, sample.loss_mask, sample.block_ids
         if not ids:

@@ -9,7 +9,10 @@ to ``vocab_pad_multiple``. The rule tuples here are shared by the Qwen families.
 
 from __future__ import annotations
 
-from forge_ckpt.mapping.spec import PAD_VOCAB, REQUIRED, Concat, MappingSpec, Rule
+from collections.abc import Mapping
+from typing import Any
+
+from forge_ckpt.mapping.spec import PAD_VOCAB, REQUIRED, Concat, MappingSpec, Rule, Shape
 
 __all__ = [
     "ATTENTION_BIAS_RULES",
@@ -21,6 +24,7 @@ __all__ = [
     "LAYER_RULES",
     "MAPPING",
     "attention_bias_rules",
+    "decoder_hf_shapes",
     "dense_mlp_rules",
 ]
 
@@ -86,6 +90,53 @@ CONTEXT_KEYS = {
     "tie_word_embeddings": ("tie_word_embeddings", False),
 }
 
+
+def decoder_hf_shapes(config: Mapping[str, Any], ctx: Mapping[str, Any]) -> dict[str, Shape]:
+    """The checkpoint shapes ``config.json`` implies for the Llama-layout tensors (the Qwen
+    families share them): q/o ``num_attention_heads x head_dim`` rows/columns, k/v
+    ``num_key_value_heads x head_dim`` rows, the dense MLP ``intermediate_size``, norms
+    ``hidden_size``. ``head_dim`` defaults to ``hidden_size // num_attention_heads`` as in
+    transformers. Keys the config lacks leave their tensors unchecked (an empty dict at worst):
+    these shapes only add a check, the rules still decide what is converted.
+    """
+
+    def number(key: str) -> int | None:
+        value = config.get(key)
+        return (
+            value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        )
+
+    hidden, heads = number("hidden_size"), number("num_attention_heads")
+    if hidden is None or heads is None:
+        return {}
+    head_dim = number("head_dim") or hidden // heads
+    q, kv = heads * head_dim, (number("num_key_value_heads") or heads) * head_dim
+    vocab = int(ctx["vocab_size"])
+    shapes: dict[str, Shape] = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        f"{_L}.input_layernorm.weight": (hidden,),
+        f"{_L}.post_attention_layernorm.weight": (hidden,),
+        f"{_L}.self_attn.q_proj.weight": (q, hidden),
+        f"{_L}.self_attn.k_proj.weight": (kv, hidden),
+        f"{_L}.self_attn.v_proj.weight": (kv, hidden),
+        f"{_L}.self_attn.o_proj.weight": (hidden, q),
+        f"{_L}.self_attn.q_proj.bias": (q,),
+        f"{_L}.self_attn.k_proj.bias": (kv,),
+        f"{_L}.self_attn.v_proj.bias": (kv,),
+        f"{_L}.self_attn.o_proj.bias": (hidden,),
+        f"{_L}.self_attn.q_norm.weight": (head_dim,),
+        f"{_L}.self_attn.k_norm.weight": (head_dim,),
+    }
+    inter = number("intermediate_size")  # the dense MLP's (MoE families: their dense layers)
+    if inter is not None:
+        shapes[f"{_L}.mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{_L}.mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{_L}.mlp.down_proj.weight"] = (hidden, inter)
+    return shapes
+
+
 MAPPING = MappingSpec(
     name="llama",
     hf_model_types=("llama",),
@@ -93,4 +144,5 @@ MAPPING = MappingSpec(
     context_keys={**CONTEXT_KEYS, "attention_bias": ("attention_bias", False)},
     ignored_hf=IGNORED_HF,
     description="Llama 2/3/3.1/3.2 (LlamaForCausalLM)",
+    hf_shapes=decoder_hf_shapes,
 )

@@ -13,6 +13,7 @@ from forge_ckpt.mapping.families.llama import (
     IGNORED_HF,
     LAYER_RULES,
     attention_bias_rules,
+    decoder_hf_shapes,
 )
 from forge_ckpt.mapping.spec import MappingSpec
 
@@ -25,4 +26,5 @@ MAPPING = MappingSpec(
     context_keys=CONTEXT_KEYS,
     ignored_hf=IGNORED_HF,
     description="Qwen2/Qwen2.5 (Qwen2ForCausalLM)",
+    hf_shapes=decoder_hf_shapes,
 )

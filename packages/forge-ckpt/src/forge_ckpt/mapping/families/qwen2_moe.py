@@ -18,6 +18,7 @@ from forge_ckpt.mapping.families.llama import (
     HEAD_RULES,
     IGNORED_HF,
     attention_bias_rules,
+    decoder_hf_shapes,
     dense_mlp_rules,
 )
 from forge_ckpt.mapping.families.qwen3_moe import (
@@ -68,4 +69,5 @@ MAPPING = MappingSpec(
     derive=moe_layers,
     layout_probes=MOE_LAYOUT_PROBES,
     description="Qwen2-MoE / Qwen1.5-MoE (Qwen2MoeForCausalLM)",
+    hf_shapes=decoder_hf_shapes,
 )

@@ -14,6 +14,7 @@ from forge_ckpt.mapping.families.llama import (
     HEAD_RULES,
     IGNORED_HF,
     LAYER_RULES,
+    decoder_hf_shapes,
 )
 from forge_ckpt.mapping.spec import MappingSpec, Rule
 
@@ -31,4 +32,5 @@ MAPPING = MappingSpec(
     context_keys={**CONTEXT_KEYS, "attention_bias": ("attention_bias", False)},
     ignored_hf=IGNORED_HF,
     description="Qwen3 dense (Qwen3ForCausalLM)",
+    hf_shapes=decoder_hf_shapes,
 )

@@ -28,6 +28,7 @@ from forge_ckpt.mapping.families.llama import (
     EMBEDDING_RULES,
     HEAD_RULES,
     IGNORED_HF,
+    decoder_hf_shapes,
     dense_mlp_rules,
 )
 from forge_ckpt.mapping.families.qwen3 import QK_NORM_RULES
@@ -108,4 +109,5 @@ MAPPING = MappingSpec(
     derive=moe_layers,
     layout_probes=MOE_LAYOUT_PROBES,
     description="Qwen3-MoE (Qwen3MoeForCausalLM)",
+    hf_shapes=decoder_hf_shapes,
 )
