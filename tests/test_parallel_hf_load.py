@@ -279,3 +279,22 @@ def test_path_is_a_path_or_str(llama_dir):
     model = registry.build_model("llama-debug")
     for where in (llama_dir, Path(llama_dir), HFCheckpoint(llama_dir)):
         assert load_hf_shards(model, where).tensors == len(model.state_dict())
+
+
+def test_an_integer_tensor_for_a_float_weight_is_refused(tmp_path):
+    """The sharded loader refuses an integer tensor where a float weight belongs, as
+    ``from_pretrained`` does (a copy would silently turn its values into floats)."""
+    from safetensors.torch import load_file, save_file
+
+    from forge_models.sharded_load import load_hf_shards
+
+    forge_models.save_pretrained(registry.build_model("llama-debug"), tmp_path)
+    name = "model.layers.0.input_layernorm.weight"
+    for file in tmp_path.glob("*.safetensors"):
+        tensors = load_file(file)
+        if name in tensors:
+            tensors[name] = torch.ones_like(tensors[name], dtype=torch.int32)
+            save_file(tensors, file, metadata={"format": "pt"})
+    model = registry.build_model(_config(str(tmp_path)))
+    with pytest.raises(CheckpointMismatchError, match=rf"{name}: I32"):
+        load_hf_shards(model, tmp_path)

@@ -316,12 +316,18 @@ def load_hf_shards(
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
     spec = get_mapping(get_family(config.family).ckpt_mapping)
     ctx = loading_context(spec, ckpt, config)
-    shapes = {name: tuple(info.shape) for name, info in ckpt.tensor_info().items()}
+    infos = ckpt.tensor_info()
+    shapes = {name: tuple(info.shape) for name, info in infos.items()}
     bound = {b.forge: b for b in spec.bind(ctx)}
     state = model.state_dict()
     text = config.text if isinstance(config, VLMConfig) else config
     aliases = _tied_aliases(state, set(bound), text.tie_word_embeddings)
-    spec.check_hf(shapes, ctx, {n: tuple(t.shape) for n, t in state.items() if n not in aliases})
+    spec.check_hf(
+        shapes,
+        ctx,
+        {n: tuple(t.shape) for n, t in state.items() if n not in aliases},
+        hf_dtypes={name: info.dtype for name, info in infos.items()},
+    )
     sliced = materialized = bytes_local = direct_reads = 0
     with torch.no_grad(), ckpt.slice_reader() as reader:
         for name, target in state.items():
