@@ -45,7 +45,7 @@ def test_default_config_and_presets_compose():
         (["train.precision=fp8"], "train.precision: must be one of fp32, bf16, fp16, got 'fp8'"),
         (["data.global_batch_rows=6"], "data.global_batch_rows: must be a multiple of"),
         (["recipe=sft"], "data.paths: is required"),
-        (["data.nope=1"], "Could not override 'data.nope'"),
+        (["data.nope=1"], "unknown key data.nope; valid keys under data"),
         (["model=nope"], "Could not find 'model/nope'"),
         (["+model.config.bogus=1"], None),  # unknown model fields surface when the model is built
         (

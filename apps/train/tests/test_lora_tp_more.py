@@ -92,6 +92,7 @@ def _transformers_llama(folder: Path) -> None:
         max_position_embeddings=128,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
+    default_tokenizer().save(folder)  # a model folder carries its tokenizer
 
 
 def _hf_rows(output_dir: str, *overrides: str) -> list[list[float]]:

@@ -122,6 +122,7 @@ def _transformers_llama(folder: Path) -> None:
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
+    default_tokenizer().save(folder)  # a model folder carries its tokenizer
 
 
 def _model_losses(output_dir: str, *overrides: str) -> list[float]:

@@ -10,6 +10,7 @@ arguments to the model as they are).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,20 @@ import torch
 
 from forge_train.config import ConfigError, RunConfig
 from forge_train.context_parallel import context_parallel_config
-from forge_train.data import VLM_KINDS, DataBundle, build_data, build_loader, load_run_tokenizer
+from forge_train.data import (
+    VLM_KINDS,
+    DataBundle,
+    build_data,
+    build_loader,
+    check_batch_split,
+    load_run_tokenizer,
+)
 from forge_train.expert_parallel import expert_parallel_config
 from forge_train.modeling import build_model, model_config
 from forge_train.optim import LRSchedule, build_optimizer
 from forge_train.throughput import VisualFlops, language_model_flops_options
 
-__all__ = ["Components", "build_components"]
+__all__ = ["Components", "build_components", "check_tensor_parallel_heads", "check_vocab"]
 
 
 @dataclass
@@ -197,6 +205,63 @@ def _parallelize_vlm(
     )
 
 
+def check_vocab(cfg: RunConfig, tokenizer_vocab: int, model_vocab: int) -> None:
+    """``ConfigError`` when the tokenizer has more ids than the model has embedding rows (the
+    ids past them would fail the lookup mid-step, or a device-side assert on a GPU); the
+    setting to blame is the pretrained folder when there is one."""
+    if tokenizer_vocab <= model_vocab:
+        return
+    source = (
+        f"data.tokenizer={cfg.data.tokenizer}"
+        if cfg.data.tokenizer is not None
+        else "the folder's own tokenizer"
+        if cfg.model.hf_path is not None
+        else "forge's default tokenizer"
+    )
+    if cfg.model.hf_path is not None:
+        raise ConfigError(
+            f"model.hf_path: the tokenizer ({source}) has {tokenizer_vocab} ids but the model "
+            f"of {cfg.model.hf_path} has only {model_vocab} (config.json vocab_size): it was not "
+            "trained with this tokenizer; set data.tokenizer to the model's own tokenizer folder"
+        )
+    raise ConfigError(
+        f"model.vocab_size: the tokenizer ({source}) has {tokenizer_vocab} tokens but the model "
+        f"only {model_vocab}; set data.tokenizer to the model's own tokenizer folder, or raise "
+        "the model's vocab_size"
+    )
+
+
+def check_tensor_parallel_heads(text_config, tp: int) -> None:
+    """``ConfigError`` unless ``tp`` divides the attention's query and key/value head counts.
+
+    The tensor-parallel plan splits ``q_proj`` / ``k_proj`` / ``v_proj`` column-wise and the
+    attention reads its local head counts from their output widths, so forge-parallel's shape
+    check passes whenever ``tp`` divides ``heads x head_dim``, even when the split cuts a head
+    in two; the run then fails at its first forward inside torch (``shape '[1, 512, -1, 32]' is
+    invalid``). Key/value heads are not replicated when ``tp`` exceeds their count (vLLM does
+    that for inference; forge's plan, like Megatron-Core's, needs ``tp`` to divide them)."""
+    if tp <= 1:
+        return
+    heads, kv_heads = text_config.num_heads, text_config.num_kv_heads or text_config.num_heads
+    common = math.gcd(heads, kv_heads)
+    valid = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+    if heads % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the model's num_heads={heads}: each "
+            f"tensor-parallel rank computes whole attention heads; valid tp degrees for "
+            f"num_heads={heads}, num_kv_heads={kv_heads}: {valid} (or change "
+            "model.config.num_heads)"
+        )
+    if kv_heads % tp:
+        kind = "exceeds" if kv_heads < tp else "does not divide"
+        raise ConfigError(
+            f"parallel.tp={tp} {kind} the model's num_kv_heads={kv_heads}: forge's "
+            "tensor-parallel plan splits the key/value heads whole over the ranks and does not "
+            f"replicate them; valid tp degrees for num_heads={heads}, num_kv_heads={kv_heads}: "
+            f"{valid} (or change model.config.num_kv_heads)"
+        )
+
+
 def build_components(
     cfg: RunConfig, *, world_size: int, degrees: dict[str, int], device: torch.device
 ) -> Components:
@@ -211,6 +276,8 @@ def build_components(
             f"(data=skimage-captions or data=vlm-shards) and image data needs one; got "
             f"model.kind={cfg.model.kind}, data.kind={cfg.data.kind} (try recipe=vlm)"
         )
+    # Checks that need only the config and the layout, before any tokenizer, data or weights.
+    check_batch_split(cfg.data, degrees["dp_replicate"] * degrees["dp_shard"])
     tokenizer = load_run_tokenizer(cfg.data, cfg.model)
     if cfg.model.kind == "vlm":
         from forge_train.vlm_model import vlm_model_config
@@ -223,11 +290,8 @@ def build_components(
     else:
         config = model_config(cfg.model, tokenizer.vocab_size)
     text_config = getattr(config, "text", config)  # a VLM's language model
-    if tokenizer.vocab_size > text_config.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-            f"only {text_config.vocab_size}; set data.tokenizer to the model's own tokenizer folder"
-        )
+    check_vocab(cfg, tokenizer.vocab_size, text_config.vocab_size)
+    check_tensor_parallel_heads(text_config, degrees["tp"])
     if cfg.train.fp8 is not None:  # before any data or weights are loaded
         from forge_train.fp8 import check_fp8_support
 
@@ -660,4 +724,4 @@ def _materialize(model, device, cfg: RunConfig, config, *, pipeline=None) -> Non
         from forge_train.modeling import load_hf_into
 
         with lora_bases(model):  # the checkpoint's names: LoRA layers as their base linears
-            load_hf_into(model, hf_path, config, pipeline=pipeline)
+            load_hf_into(model, hf_path, config, pipeline=pipeline, overrides=cfg.model.config)

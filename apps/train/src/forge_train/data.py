@@ -27,7 +27,14 @@ import torch.distributed as dist
 
 from forge_train.config import ConfigError, DataConfig, ModelSettings
 
-__all__ = ["VLM_KINDS", "DataBundle", "build_data", "load_run_tokenizer", "model_inputs"]
+__all__ = [
+    "VLM_KINDS",
+    "DataBundle",
+    "build_data",
+    "check_batch_split",
+    "load_run_tokenizer",
+    "model_inputs",
+]
 
 IGNORE_INDEX = -100
 #: The data kinds of a vision-language model (``model.kind=vlm``).
@@ -49,19 +56,69 @@ def _cache_root(config: DataConfig) -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "forge-data") / "forge-train"
 
 
+def _tokenizer_files() -> tuple[str, ...]:
+    """The files of a Hugging Face tokenizer, fast (``tokenizer.json``) or slow (forge_data's
+    ``SLOW_TOKENIZER_FILES``: SentencePiece models of Llama-2 / Mistral / Gemma / T5, GPT-2's
+    ``vocab.json``, BERT's ``vocab.txt``, tiktoken, which ``load_tokenizer`` converts)."""
+    from forge_data.tokenizer import SLOW_TOKENIZER_FILES
+
+    return ("tokenizer.json", *SLOW_TOKENIZER_FILES)
+
+
+def _load_folder_tokenizer(folder: str, key: str):
+    """forge_data's ``load_tokenizer`` of ``folder``, its failures a ``ConfigError`` naming
+    ``key``. transformers, which converts a slow tokenizer, fails in many ways (ValueError,
+    OSError, ImportError for a missing ``sentencepiece`` / ``tiktoken``, a bare Exception from
+    ``tokenizers`` for a corrupt ``tokenizer.json``): every one of them means this folder's
+    tokenizer cannot be used, so all of them are reported as the setting's error."""
+    from forge_data import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except Exception as exc:  # every failure: see the docstring
+        files = _tokenizer_files()
+        present = ", ".join(n for n in files if (Path(folder) / n).is_file()) or "none"
+        why = f"{type(exc).__name__}: {str(exc).strip().rstrip('.')}"
+        raise ConfigError(
+            f"{key}: cannot load the tokenizer of {folder} (files: {present}): {why}; install "
+            "what the error names (a slow tokenizer needs sentencepiece or tiktoken to convert) "
+            "or set data.tokenizer to a folder with a tokenizer.json"
+        ) from exc
+
+
+def _model_folder_tokenizer(hf_path: str):
+    """The tokenizer of the model folder ``hf_path``, whatever files it has
+    (:func:`_tokenizer_files`). A folder without one (weights-only downloads) is an error, not
+    forge's own BPE: its ids would index another vocabulary's embedding rows, and the export
+    would pair the model's weights with a tokenizer they were never trained with."""
+    folder = Path(hf_path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model.hf_path: {hf_path} is not a folder; give a Hugging Face model folder "
+            "(config.json, weights, tokenizer)"
+        )
+    if not any((folder / name).is_file() for name in _tokenizer_files()):
+        raise ConfigError(
+            f"model.hf_path: {hf_path} has no tokenizer ({' / '.join(_tokenizer_files())}): set "
+            "data.tokenizer to the model's tokenizer folder"
+        )
+    return _load_folder_tokenizer(hf_path, "model.hf_path")
+
+
 def load_run_tokenizer(config: DataConfig, model: ModelSettings | None = None):
     """``data.tokenizer`` (a Hugging Face folder), else the model folder's own tokenizer
-    (``model.hf_path``), else forge_data's BPE trained on the standard library (cached after the
-    first use). Image data adds the placeholder tokens of ``model``'s family (the style of its
-    projector, :func:`forge_train.vlm_processing.placeholder_style`) that the tokenizer lacks,
-    and only those: a model's own tokenizer keeps its vocabulary."""
-    from forge_data import default_tokenizer, load_tokenizer
+    (``model.hf_path``: :func:`_model_folder_tokenizer`, an error when it has none), else
+    forge_data's BPE trained on the standard library (cached after the first use). Image data
+    adds the placeholder tokens of ``model``'s family (the style of its projector,
+    :func:`forge_train.vlm_processing.placeholder_style`) that the tokenizer lacks, and only
+    those: a model's own tokenizer keeps its vocabulary."""
+    from forge_data import default_tokenizer
 
     hf_path = None if model is None else model.hf_path
     if config.tokenizer is not None:
-        tokenizer = load_tokenizer(config.tokenizer)
-    elif hf_path is not None and (Path(hf_path) / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(hf_path)
+        tokenizer = _load_folder_tokenizer(config.tokenizer, "data.tokenizer")
+    elif hf_path is not None:
+        tokenizer = _model_folder_tokenizer(hf_path)
     else:
         tokenizer = default_tokenizer()
     if config.kind in VLM_KINDS:
@@ -143,6 +200,82 @@ def _tokenized(
     return folder
 
 
+def _token_ids(tokenizer) -> tuple[Any, list[tuple[int, str]]]:
+    """What a token id means under ``tokenizer``: its model's vocabulary and its added tokens
+    (not its normalizer, padding or truncation settings, which copies of one tokenizer saved by
+    different tools may write differently)."""
+    state = json.loads(tokenizer.__getstate__()["json"])
+    added = sorted((t["id"], t["content"]) for t in state.get("added_tokens") or ())
+    return state.get("model", {}).get("vocab"), added
+
+
+def _same_tokenizer(recorded: str, tokenizer) -> bool | None:
+    """Whether the tokenizer folder a manifest records gives the ids of ``tokenizer`` the same
+    meaning (``None``: that folder is gone or unreadable, so it cannot be told)."""
+    from forge_data import load_tokenizer
+
+    if tokenizer.path is not None and Path(recorded).resolve() == Path(tokenizer.path).resolve():
+        return True
+    if not Path(recorded).is_dir():
+        return None
+    try:
+        theirs = load_tokenizer(recorded)
+    except Exception:  # unreadable or unconvertible: nothing to compare
+        return None
+    return _token_ids(theirs) == _token_ids(tokenizer)
+
+
+def _preprocessed(paths: list[str], key: str, tokenizer, model_vocab: int | None):
+    """One ``TokenDataset`` of the shards of every ``forge-preprocess`` folder in ``paths``
+    (their shards back to back, folder by folder), after checking each folder's
+    ``manifest.json`` against the run: its shards must have been tokenized with the run's
+    tokenizer (same ``vocab_size``, and the same vocabulary where the recorded tokenizer folder
+    can still be read), so that their ids mean the tokens the model is trained on and stay
+    below its vocabulary; otherwise the embedding lookup fails mid-step (an index error on the
+    CPU, a device-side assert on a GPU) or, worse, trains on the wrong tokens."""
+    from forge_data import TokenDataset
+    from forge_data.preprocess import MANIFEST_NAME
+
+    prefixes: list[Path] = []
+    for path in paths:
+        folder = Path(path)
+        manifest_path = folder / MANIFEST_NAME
+        if not manifest_path.is_file():
+            why = "does not exist" if not folder.exists() else f"has no {MANIFEST_NAME}"
+            raise ConfigError(
+                f"{key}: {path} {why}; data.kind=preprocessed reads forge-preprocess output "
+                "folders (data.paths=[folder_a,folder_b])"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            shards = [folder / shard["prefix"] for shard in manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{key}: {manifest_path} is not a forge-preprocess manifest ({exc!r}); "
+                "preprocess the data again with forge-preprocess"
+            ) from exc
+        recorded = manifest.get("tokenizer")
+        shard_vocab = manifest.get("vocab_size")
+        where = tokenizer.path or "built in memory"
+        ours = f"the run's tokenizer ({where}, {tokenizer.vocab_size} ids)"
+        theirs = f"{path} was tokenized with {recorded or 'a tokenizer'} ({shard_vocab} ids)"
+        fix = (
+            "set data.tokenizer to the tokenizer the shards were made with, or preprocess them "
+            "again with this one"
+        )
+        if isinstance(shard_vocab, int) and shard_vocab != tokenizer.vocab_size:
+            raise ConfigError(f"{key}: {theirs}, not {ours}; {fix}")
+        if recorded and _same_tokenizer(recorded, tokenizer) is False:
+            raise ConfigError(f"{key}: {theirs}, whose vocabulary differs from {ours}; {fix}")
+        if isinstance(shard_vocab, int) and model_vocab is not None and shard_vocab > model_vocab:
+            raise ConfigError(
+                f"{key}: {theirs}, more than the model's vocabulary of {model_vocab}; its ids "
+                "would index past the embedding: use the model's own tokenizer"
+            )
+        prefixes += shards
+    return TokenDataset(prefixes)
+
+
 def build_data(config: DataConfig, tokenizer, *, model_config=None) -> DataBundle:
     """The training and (when there is one) held-out datasets of ``config`` (image data is
     processed for ``model_config``, a ``VLMConfig``)."""
@@ -170,12 +303,12 @@ def build_data(config: DataConfig, tokenizer, *, model_config=None) -> DataBundl
         )
         return DataBundle(tokenizer, train, val, what)
     if config.kind == "preprocessed":
-        train = TokenDataset(config.paths if len(config.paths) > 1 else config.paths[0])
+        vocab = None if model_config is None else getattr(model_config, "text", model_config)
+        vocab = None if vocab is None else vocab.vocab_size
+        train = _preprocessed(config.paths, "data.paths", tokenizer, vocab)
         val = None
         if config.val_paths:
-            val = TokenDataset(
-                config.val_paths if len(config.val_paths) > 1 else config.val_paths[0]
-            )
+            val = _preprocessed(config.val_paths, "data.val_paths", tokenizer, vocab)
         return DataBundle(tokenizer, train, val, f"preprocessed shards {config.paths}")
     mode = "chat" if config.kind == "chat" else "text"
     if config.kind == "stdlib":
@@ -199,6 +332,28 @@ def build_data(config: DataConfig, tokenizer, *, model_config=None) -> DataBundl
             _tokenized(val_inputs, tokenizer, config, mode, f"{kind}-val", "data.val_paths")
         )
     return DataBundle(tokenizer, train, val, what)
+
+
+def check_batch_split(config: DataConfig, dp_size: int) -> None:
+    """``ConfigError`` unless each of the ``dp_size`` data-parallel ranks gets whole
+    micro-batches of every step's ``data.global_batch_rows`` rows, with the values that would
+    fit (checked at setup, from the layout's degrees, before any model is built)."""
+    global_rows, micro = config.global_batch_rows, config.micro_batch_rows
+    per_step = dp_size * micro
+    if global_rows % per_step == 0:
+        return
+    micro_ok = [m for m in range(1, global_rows + 1) if global_rows % (dp_size * m) == 0]
+    other = (
+        f" or data.micro_batch_rows among {micro_ok}"
+        if micro_ok
+        else f" (at least {dp_size}: one row per data-parallel rank)"
+    )
+    raise ConfigError(
+        f"data.global_batch_rows={global_rows} is not a multiple of the data-parallel size "
+        f"{dp_size} x data.micro_batch_rows={micro} = {per_step} (each data-parallel rank takes "
+        f"whole micro-batches); set data.global_batch_rows to a multiple of {per_step} "
+        f"({per_step}, {2 * per_step}, ...){other}"
+    )
 
 
 def build_loader(
@@ -225,13 +380,7 @@ def build_loader(
         seed=seed,
         shuffle=shuffle,
     )
-    per_step = dp_size * config.micro_batch_rows
-    if config.global_batch_rows % per_step:
-        raise ValueError(
-            f"data.global_batch_rows={config.global_batch_rows} is not a multiple of data-parallel "
-            f"size {dp_size} x data.micro_batch_rows={config.micro_batch_rows} = {per_step}; "
-            "change one of them"
-        )
+    check_batch_split(config, dp_size)
     if config.kind in VLM_KINDS:  # the demo set in memory, or the user's shards streamed
         extra = {}
         if config.kind == "skimage_captions":

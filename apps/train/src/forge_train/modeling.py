@@ -8,6 +8,7 @@ so each process allocates and initializes only its own shards.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def model_config(settings: ModelSettings, tokenizer_vocab: int):
         fields = dict(settings.config)
         fields.setdefault("vocab_size", settings.vocab_size or tokenizer_vocab)
         return forge_models.TransformerConfig(**fields)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OSError) as exc:  # OSError: no folder / files
         key = (
             "model.hf_path"
             if settings.hf_path
@@ -81,7 +82,8 @@ def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Modul
         if meta:  # each rank reads its own shards after parallelization (load_hf_into)
             return model, True
         forge_models.materialize(model, "cpu", init=False)
-        forge_models.load_hf_weights(model, settings.hf_path)
+        with _hf_weights_error(settings.hf_path, settings.config):
+            forge_models.load_hf_weights(model, settings.hf_path)
         return model, False
     if meta:
         return forge_models.build_model(config, device="meta"), True
@@ -89,13 +91,45 @@ def build_model(settings: ModelSettings, config, *, seed: int) -> tuple[nn.Modul
     return forge_models.build_model(config, device="cpu"), False
 
 
-def load_hf_into(model: nn.Module, hf_path: str, config, *, pipeline=None) -> None:
+@contextmanager
+def _hf_weights_error(hf_path: str, overrides: dict[str, Any]) -> Iterator[None]:
+    """Report a checkpoint that does not fit the model built from its own ``config.json``
+    (forge_ckpt's ``CheckpointMismatchError``: tensors missing, unexpected or mis-shaped) as a
+    ``ConfigError`` of ``model.hf_path``: the folder's weights belong to another model, or
+    ``model.config`` overrides changed the shapes."""
+    from forge_ckpt.errors import CheckpointMismatchError
+
+    try:
+        yield
+    except CheckpointMismatchError as exc:
+        changed = (
+            f" or the model.config overrides {overrides} changed the model's shapes"
+            if overrides
+            else ""
+        )
+        raise ConfigError(
+            f"model.hf_path: the weights in {hf_path} do not fit the model that its config.json "
+            f"describes (the config.json is another model's{changed}); use a folder whose "
+            f"config.json matches its weights:\n{exc}"
+        ) from exc
+
+
+def load_hf_into(
+    model: nn.Module,
+    hf_path: str,
+    config,
+    *,
+    pipeline=None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
     """Read ``hf_path`` into a materialized, parallelized meta-built model (or pipeline
     stage): each rank reads only the slices it holds (``forge_models.load_hf_weights`` with
-    the whole model's ``config``)."""
+    the whole model's ``config``). ``overrides``: the run's ``model.config``, named in the
+    error when the weights do not fit."""
     import forge_models
 
-    forge_models.load_hf_weights(model, hf_path, config=config)
+    with _hf_weights_error(hf_path, overrides or {}):
+        forge_models.load_hf_weights(model, hf_path, config=config)
     if pipeline is not None:
         pipeline.pipe.sync_tied_weights()
 
