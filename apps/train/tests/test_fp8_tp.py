@@ -102,6 +102,24 @@ def test_blockwise_shards_that_split_a_block_are_refused():
         check_fp8_tensor_parallel(model, plan, 2, "blockwise")
 
 
+def test_packed_parts_of_unequal_sizes_are_refused():
+    """A plan's ``colwise_packed:a,b,c`` (forge-parallel: the weight whole on every rank, each
+    computing its slice of every part) is refused under FP8 with a message, not a crash on
+    parsing the part sizes as one count."""
+    model = _fp8_llama(
+        "per_tensor", hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2
+    )
+    styles = dict(model.parallel_plan(sequence_parallel=False))
+    styles["layers.*.mlp.gate_up_proj"] = "colwise_packed:3,1"
+    plan = TPPlan(styles=styles)
+    assert (
+        check_fp8_tensor_parallel(model, TPPlan(styles=model.parallel_plan()), 2, "per_tensor")
+        == []
+    )
+    with pytest.raises(ConfigError, match=r"gate_up_proj has packed parts of unequal sizes"):
+        check_fp8_tensor_parallel(model, plan, 2, "per_tensor")
+
+
 #: A one-layer tiny MoE with a shared expert (FP8: run whole on each rank's sequence shard
 #: under SP) and no balance statistics (MoE under SP trains without them).
 _MOE_SHARED_EXPERT = (

@@ -328,8 +328,10 @@ def test_transformers_attention_passes_is_causal_under_context_parallelism(imple
         model(input_ids=tokens, attention_mask=padded, use_cache=False)
     restore()
     assert model.config._attn_implementation == implementation
-    model.config.layer_types = ["sliding_attention", "full_attention"]
-    with pytest.raises(ValueError, match="config has sliding_attention layers"):
+    # sliding layers are checked at forward time (test_context_parallel_routing.py); other
+    # kinds of layer are refused here
+    model.config.layer_types = ["chunked_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="config has chunked_attention layers"):
         use_context_parallel_attention(model)
 
 
@@ -473,6 +475,7 @@ def _attention_job(kv_heads: int):
 
 def _layouts_job(group: str, build: str = "tiny"):
     layouts = {
+        "cp2_ring": {"cp2_ring": {"dims": {"cp": 2, "dp_shard": 1}}},
         "cp2": {
             "cp2_ring": {"dims": {"cp": 2, "dp_shard": 1}},
             "cp2_ulysses": {
@@ -533,4 +536,7 @@ def test_tiny_llama_cp_layouts(dist_pool):
     # transformers' Llama: no KV cache, so transformers would build a local mask (zigzag
     # positions look like packed documents); apply_cp makes it pass is_causal instead
     _check(dist_pool(2).run(_layouts_job, "cp2", "hf"))
+    # transformers' Mistral with a sliding window as long as the sequence: full causal
+    # attention, so it runs (a shorter window is refused: test_context_parallel_routing.py)
+    _check(dist_pool(2).run(_layouts_job, "cp2_ring", "hf_mistral"))
     _check(dist_pool(4).run(_layouts_job, "cp4"))

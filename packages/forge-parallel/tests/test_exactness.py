@@ -110,6 +110,12 @@ def _hf_layouts_2() -> dict[str, dict]:
     }
 
 
+def _hf_phi3_layouts_2() -> dict[str, dict]:
+    # unequal packed parts (grouped-query qkv_proj) with sequence parallelism, the embedding
+    # kept whole and the sequence cut at the first layer (README: transformers models)
+    return {"phi3_gqa_tp2_sp": {**TP2, "plan": tm.hf_phi3_plan(sequence_parallel=True)}}
+
+
 def _hf_layouts_4() -> dict[str, dict]:
     return {
         "hsdp_2x2": {"dims": {"dp_replicate": 2, "dp_shard": 2}},
@@ -130,6 +136,7 @@ def _job(build: str, group: str):
         "qk_norm2": _qk_norm_layouts_2,
         "qk_norm4": _qk_norm_layouts_4,
         "hf2": _hf_layouts_2,
+        "hf_phi3_2": _hf_phi3_layouts_2,
         "hf4": _hf_layouts_4,
     }[group]()
     return tm.run_layouts(build, layouts)
@@ -165,6 +172,7 @@ def test_qk_norm_layouts(dist_pool):
 
 def test_transformers_llama_layouts_on_2_ranks(dist_pool):
     _check(dist_pool(2).run(_job, "hf", "hf2"))
+    _check(dist_pool(2).run(_job, "hf_phi3_gqa", "hf_phi3_2"))
 
 
 def test_layouts_on_4_ranks(dist_pool):

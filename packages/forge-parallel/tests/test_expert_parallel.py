@@ -52,6 +52,34 @@ def test_config_rejects_bad_values():
         EPConfig(etp_styles={"gate_up_proj": "colwise"})
 
 
+class _RoutingExperts(torch.nn.Module):
+    """The shape of transformers' ``Qwen3MoeExperts`` / ``MixtralExperts`` (5.x): stacked
+    weights, but an ``act_fn`` submodule and routing inside its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 16, 8))
+        self.down_proj = torch.nn.Parameter(torch.zeros(4, 8, 8))
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        raise AssertionError("not called")
+
+
+def test_transformers_style_experts_are_refused_with_the_reason():
+    model = moe.build_tiny_moe(num_experts=4)
+    for layer in model.layers:
+        layer.mlp.experts = _RoutingExperts()
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.0\.mlp\.experts \(_RoutingExperts\) is not an experts module: it has "
+        r"submodules \(act_fn\); its forward takes \(hidden_states, top_k_index, "
+        r"top_k_weights\), not \(x_sorted, tokens_per_expert\).*transformers' expert modules "
+        r".*are not supported.*'replicate' style",
+    ):
+        validate_ep(model, EP, ep=2)
+
+
 def test_validation_names_the_numbers():
     model = moe.build_tiny_moe(num_experts=6)
     assert valid_ep_degrees(6) == [1, 2, 3, 6]

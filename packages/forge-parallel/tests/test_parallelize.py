@@ -52,7 +52,15 @@ def test_tp_degree_that_does_not_divide_heads_names_the_numbers():
 @pytest.mark.parametrize(
     ("dims", "kwargs", "message"),
     [
-        ({"tp": 2}, {}, "tp=2 needs a tensor-parallel plan"),
+        (
+            {"tp": 2},
+            {},
+            "tp=2 needs a tensor-parallel plan, and forge-parallel makes none on its own for a "
+            "model it does not know (TinyLlama: a transformers model or one you wrote): pass "
+            "parallelize(..., plan=TPPlan(styles={'model.layers.*.self_attn.q_proj': 'colwise', "
+            "...})); forge-parallel's README, section 'Tensor and sequence parallelism from a "
+            "plan'",
+        ),
         ({"ep": 2}, {}, "ep=2 needs expert_parallel=EPConfig(experts="),
         (
             {"cp": 2},
@@ -136,6 +144,49 @@ def test_plan_errors():
             ParallelDims(world_size=2, tp=2),
             plan=TPPlan(styles={}, attributes={"layers.*.attn": {"n_heads": "divide"}}),
         )
+
+
+def test_plain_colwise_on_a_fused_projection_is_refused():
+    """``colwise`` on ``gate_up_proj`` would give rank 0 all of gate and rank 1 all of up."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    model = tm.build_tiny()
+    styles = dict(tm.tiny_plan().styles)
+    with pytest.raises(
+        ValueError,
+        match=r"layers\.0\.mlp\.gate_up_proj is named like a fused projection \('gate_up_proj'"
+        r".*'colwise_packed:N'.*'colwise_packed:a,b,c'.*ColwiseParallel\(\)",
+    ):
+        validate_tp(model, {**styles, "layers.*.mlp.gate_up_proj": "colwise"}, 2)
+    # a LoRA wrapper's base as well
+    wrapped = tm.build_tiny()
+    for layer in wrapped.layers:
+        wrapper = torch.nn.Module()
+        wrapper.base = layer.mlp.gate_up_proj
+        layer.mlp.gate_up_proj = wrapper
+    with pytest.raises(ValueError, match=r"'adapter:colwise' would give each tp rank whole"):
+        validate_tp(wrapped, {**styles, "layers.*.mlp.gate_up_proj": "adapter:colwise"}, 2)
+    # the explicit way out for a module that only carries such a name
+    validate_tp(model, {**styles, "layers.*.mlp.gate_up_proj": ColwiseParallel()}, 2)
+
+
+def test_packed_parts_in_proportions():
+    model = tm.build_tiny()  # gate_up_proj: out_features 128
+    styles = dict(tm.tiny_plan().styles)
+    # 31:1 -> parts of 124 and 4 features; every part must split over tp
+    assert valid_tp_degrees(model, styles) == [1, 2, 4, 8, 16]
+    plan = {**styles, "layers.*.mlp.gate_up_proj": "colwise_packed:31,1"}
+    assert valid_tp_degrees(model, plan) == [1, 2, 4]
+    TPPlan(styles={"lm_head": "colwise_packed:1,1,1"})
+    validate_tp(model, {**styles, "layers.*.mlp.gate_up_proj": "colwise_packed:96,32"}, 2)
+    with pytest.raises(ValueError, match=r"proportions 3:2 of 'colwise_packed:3,2' \(their sum 5"):
+        validate_tp(model, {**styles, "layers.*.mlp.gate_up_proj": "colwise_packed:3,2"}, 2)
+    with pytest.raises(ValueError, match="unknown tensor-parallel style 'colwise_packed:2,0'"):
+        TPPlan(styles={"lm_head": "colwise_packed:2,0"})
+    with pytest.raises(
+        ValueError, match="unknown tensor-parallel style 'adapter:colwise_packed:2,1'"
+    ):
+        TPPlan(styles={"lm_head": "adapter:colwise_packed:2,1"})
 
 
 def test_config_errors():
@@ -330,3 +381,62 @@ def test_sequence_parallel_refuses_a_sequence_tp_does_not_divide(fake_pg):
         message = r"vocab_parallel_embedding: sequence length 7 \(dim 1\) is not divisible by tp=2"
         with pytest.raises(ValueError, match=message):
             model(torch.randint(0, 64, (1, 7)))
+
+
+def _olmo2():
+    """A tiny ``transformers`` OLMo2: its q_norm / k_norm normalize over all heads x head_dim,
+    the features a column-parallel q_proj / k_proj splits."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Olmo2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        attn_implementation="sdpa",
+    )
+    return Olmo2ForCausalLM(config)
+
+
+def _olmo2_plan(*, sequence_parallel: bool, norms: str | None) -> TPPlan:
+    a = "model.layers.*.self_attn"
+    styles = {a: "block_input", f"{a}.o_proj": "rowwise"}
+    styles |= {f"{a}.{p}": "colwise" for p in ("q_proj", "k_proj", "v_proj")}
+    if norms is not None:
+        styles |= {f"{a}.q_norm": norms, f"{a}.k_norm": norms}
+    if sequence_parallel:
+        styles |= {"model": "replicate"}  # everything else whole, on sequence shards
+    attributes = {a: {"config.num_attention_heads": "check", "config.num_key_value_heads": "check"}}
+    return TPPlan(styles=styles, attributes=attributes, sequence_parallel=sequence_parallel)
+
+
+def test_a_norm_over_sharded_features_is_named_not_offered_replicate_partial(fake_pg):
+    model = _olmo2()
+    # under sp, a norm without a style inside the block: not the per-head advice
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.self_attn\.q_norm\.weight sits inside the 'block_input' block "
+        r"model\.layers\.0\.self_attn without a style of its own, and its 32 features are the "
+        r"whole output of a column-parallel projection",
+    ) as caught:
+        validate_tp(model, _olmo2_plan(sequence_parallel=True, norms=None), 2)
+    assert "Give it a style: 'replicate_partial'" not in str(caught.value)
+    # replicate_partial (or replicate) on it: named with its sizes at the first forward,
+    # instead of a shape error deep inside transformers
+    with fake_pg(world_size=2, rank=0):
+        result = parallelize(
+            model,
+            ParallelDims(world_size=2, tp=2),
+            plan=_olmo2_plan(sequence_parallel=False, norms="replicate_partial"),
+        )
+        with pytest.raises(
+            ValueError,
+            match=r"replicate: model\.layers\.0\.self_attn\.q_norm \(Olmo2RMSNorm\) has a weight "
+            r"of 32 features but its input has 16 in its last dimension \(tp=2\)",
+        ):
+            result.model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)

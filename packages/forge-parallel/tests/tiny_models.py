@@ -207,6 +207,86 @@ def build_hf_llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config).float()
 
 
+def build_hf_mistral(seed: int = 0) -> nn.Module:
+    """``transformers``' Mistral, its sliding window as long as the training sequence (``SEQ``
+    tokens): full causal attention, which context parallelism runs."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=SEQ,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    return MistralForCausalLM(config).float()
+
+
+def build_hf_phi3_gqa(seed: int = 0) -> nn.Module:
+    """``transformers``' Phi3 with grouped-query attention: its fused ``qkv_proj`` packs
+    unequal parts (4 query heads, 2 key and 2 value heads: 32, 16 and 16 rows)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=None,  # its default (32000) lies outside the tiny vocabulary
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    return Phi3ForCausalLM(config).float()
+
+
+def hf_phi3_plan(*, sequence_parallel: bool = False) -> TPPlan:
+    """Phi3's plan: the fused projections packed (``qkv_proj`` in head proportions 4:2:2), and
+    under sequence parallelism the recipe for a ``transformers`` model (README): the embedding
+    output stays whole, because ``transformers`` derives positions and masks from its length,
+    and the first decoder layer cuts the sequence."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    a, m = "model.layers.*.self_attn", "model.layers.*.mlp"
+    styles: dict = {
+        "model.embed_tokens": "vocab_parallel_embedding",
+        a: "block_input",
+        f"{a}.qkv_proj": "colwise_packed:4,2,2",
+        f"{a}.o_proj": "rowwise",
+        m: "block_input",
+        f"{m}.gate_up_proj": "colwise_packed",
+        f"{m}.down_proj": "rowwise",
+        "lm_head": "loss_parallel",
+    }
+    if sequence_parallel:
+        styles["model.embed_tokens"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Replicate()
+        )
+        styles["model.layers.0"] = "sequence_scatter"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            styles[f"model.layers.*.{norm}"] = "sequence_parallel"
+        styles["model.norm"] = "sequence_parallel"
+    return TPPlan(
+        styles=styles,
+        # Phi3 slices qkv at config.num_attention_heads * head_dim and reads
+        # self.num_key_value_heads: both must become the local counts
+        attributes={a: {"config.num_attention_heads": "divide", "num_key_value_heads": "divide"}},
+        sequence_parallel=sequence_parallel,
+    )
+
+
 HF_LLAMA_PLAN = TPPlan(
     styles={
         "model.embed_tokens": "vocab_parallel_embedding",
@@ -386,7 +466,13 @@ def run_layouts(build: str, layouts: dict[str, dict]) -> dict[str, dict[str, flo
     """Train the reference and every layout (``parallelize`` keyword arguments) on this rank."""
     from forge_core import ParallelDims
 
-    factory = {"tiny": build_tiny, "tiny_qk_norm": build_tiny_qk_norm, "hf": build_hf_llama}[build]
+    factory = {
+        "tiny": build_tiny,
+        "tiny_qk_norm": build_tiny_qk_norm,
+        "hf": build_hf_llama,
+        "hf_mistral": build_hf_mistral,
+        "hf_phi3_gqa": build_hf_phi3_gqa,
+    }[build]
     batches = make_batches()
     reference_model = factory()
     initial = copy.deepcopy(reference_model)

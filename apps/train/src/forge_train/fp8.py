@@ -160,6 +160,13 @@ def check_fp8_tensor_parallel(model: nn.Module, plan, tp: int, mode: str) -> lis
         if base == "adapter" and name == f"{nearest}.base":  # a LoRA layer's base
             base, _, chunks = chunks.partition(":")
             nearest = name
+        if base == "colwise_packed" and "," in chunks:
+            raise ConfigError(
+                f"train.fp8={mode}: {name} has packed parts of unequal sizes (style "
+                f"{style!r} of {nearest}), whose weight stays whole on every rank while each "
+                "rank computes its slice of every part, so its FP8 scales would not be those "
+                "of the rank's operands; keep the layer out of FP8 or set train.fp8=null"
+            )
         if nearest == name and block is not None:
             _check_blocks(name, module, base, int(chunks or 2), tp, block)
         # Independent of the block check: a layer's own ``replicate`` style (multi-token

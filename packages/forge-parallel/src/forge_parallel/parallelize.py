@@ -197,8 +197,13 @@ def _validate(
     tp = dims.tp if dims is not None else 1
     if tp > 1 and plan is None:
         raise ValueError(
-            f"tp={tp} needs a tensor-parallel plan: parallelize(..., plan={{'layers.*.attn."
-            "q_proj': 'colwise', ...}}) or the model family's default plan"
+            f"tp={tp} needs a tensor-parallel plan, and forge-parallel makes none on its own for "
+            f"a model it does not know ({type(model).__name__}: a transformers model or one "
+            "you wrote): pass parallelize(..., plan=TPPlan(styles={'model.layers.*.self_attn."
+            "q_proj': 'colwise', ...})); forge-parallel's README, section 'Tensor and sequence "
+            "parallelism from a plan', has a whole plan for a transformers model, with and "
+            "without sequence parallelism (forge-models' families ship theirs: "
+            "forge_models.parallel_plan)"
         )
     if plan is not None:
         validate_tp(model, plan, tp, distributed_elsewhere=experts_elsewhere)

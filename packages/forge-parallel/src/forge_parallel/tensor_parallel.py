@@ -17,8 +17,13 @@ Style names (``sp`` = ``plan.sequence_parallel``):
 ==================================  =========================================================
 ``colwise``                         ``ColwiseParallel()``; the input must be replicated (under
                                     sp, an ancestor must be a ``block_input``)
-``colwise_packed`` / ``..:N``       column parallel over N stacked sub-matrices (fused
+``colwise_packed`` / ``..:N``       column parallel over N equal stacked sub-matrices (fused
                                     ``gate_up_proj``: N=2), see :mod:`forge_parallel.tp_styles`
+``colwise_packed:a,b,..``           stacked sub-matrices in the proportions ``a:b:..`` (any
+                                    unit: features, or heads as ``4,2,2`` for a grouped-query
+                                    ``qkv_proj`` of 4 query and 2 key/value heads); each part
+                                    split over tp. Unequal parts keep the weight replicated
+                                    (each rank computes its slice of every part)
 ``rowwise``                         ``RowwiseParallel``; output replicated, or sequence-sharded
                                     under sp (reduce-scatter)
 ``colwise_output_replicated``       column parallel, output all-gathered (e.g. an ``lm_head``
@@ -58,7 +63,9 @@ Style names (``sp`` = ``plan.sequence_parallel``):
                                     placed to match (:mod:`forge_parallel.tp_adapter`)
 ==================================  =========================================================
 
-A plan value may also be a ``ParallelStyle`` instance, used as given.
+A plan value may also be a ``ParallelStyle`` instance, used as given (and not checked: the
+way to shard a module whose name says fused projection, :data:`FUSED_PROJECTION_NAMES`, as
+plain columns when it is not one, e.g. ``ColwiseParallel()``).
 
 Patterns match module names segment by segment (``fnmatch`` within each dot-separated segment):
 ``layers.*.attn.q_proj`` matches ``layers.0.attn.q_proj`` but not ``layers.0.x.attn.q_proj``.
@@ -94,6 +101,7 @@ from forge_parallel.tp_styles import (
 )
 
 __all__ = [
+    "FUSED_PROJECTION_NAMES",
     "TP_STYLES",
     "TPPlan",
     "apply_tp",
@@ -130,6 +138,24 @@ _SP_ONLY = {"sequence_parallel", "sequence_scatter"}
 _ADAPTER = "adapter:"
 _ADAPTABLE = {"colwise", "colwise_packed", "rowwise"}
 
+#: Module names (last segment) of well-known fused projections: several projections stacked
+#: along the output features (``[q; k; v]``, ``[gate; up]``). Plain ``colwise`` would give
+#: each rank whole parts instead of a slice of each (rank 0 all of ``gate``, rank 1 all of
+#: ``up``), which trains wrong without an error, so it is refused on these names.
+FUSED_PROJECTION_NAMES = frozenset(
+    {
+        "qkv_proj",  # Phi3, Phi4
+        "qkv",  # ViTs (timm, Qwen2.5-VL's vision tower)
+        "Wqkv",  # MPT, ModernBERT
+        "wqkv",  # InternLM2
+        "query_key_value",  # GPT-NeoX, Falcon, Bloom
+        "W_pack",  # Baichuan
+        "c_attn",  # GPT-2, StarCoder
+        "gate_up_proj",  # Phi3, forge-models' MLP
+        "w13",  # fused SwiGLU w1/w3
+    }
+)
+
 AttributeAction = Literal["divide", "check"]
 
 
@@ -157,7 +183,8 @@ class TPPlan:
             if not isinstance(style, str) or _parse_style(style) is None:
                 raise ValueError(
                     f"unknown tensor-parallel style {style!r} for {pattern!r}; styles are "
-                    f"{', '.join(TP_STYLES)} (colwise_packed:N for N packed sub-matrices; "
+                    f"{', '.join(TP_STYLES)} (colwise_packed:N for N equal packed "
+                    "sub-matrices, colwise_packed:a,b,c for parts in the proportions a:b:c; "
                     "adapter:colwise, adapter:colwise_packed[:N] or adapter:rowwise for a LoRA "
                     "wrapper of a linear layer) or a ParallelStyle instance"
                 )
@@ -193,10 +220,34 @@ def _parse_style(name: str) -> tuple[str, int] | None:
         return None
     prefix = _ADAPTER if adapter else ""
     if arg:
-        if base != "colwise_packed" or not arg.isdigit() or int(arg) < 1:
+        sizes = arg.split(",")
+        if base != "colwise_packed" or not all(a.isdigit() and int(a) >= 1 for a in sizes):
             return None
-        return prefix + base, int(arg)
+        if len(sizes) > 1 and adapter:
+            return None  # a LoRA wrapper's adapters are placed for equal parts only
+        return prefix + base, len(sizes) if len(sizes) > 1 else int(arg)
     return prefix + base, 2 if base == "colwise_packed" else 1
+
+
+def _packed_proportions(name: str) -> tuple[int, ...] | None:
+    """The ``a,b,..`` of ``colwise_packed:a,b,..``, or ``None`` for the other forms."""
+    _, _, arg = name.partition(":")
+    return tuple(int(a) for a in arg.split(",")) if "," in arg else None
+
+
+def _packed_parts(name: str, out_features: int, style: str) -> tuple[int, ...] | None:
+    """The part sizes in features of a ``colwise_packed:a,b,..`` linear of ``out_features``."""
+    proportions = _packed_proportions(style)
+    if proportions is None:
+        return None
+    total = sum(proportions)
+    if out_features % total:
+        raise ValueError(
+            f"{name} has out_features={out_features}, which does not split in the proportions "
+            f"{':'.join(map(str, proportions))} of {style!r} (their sum {total} must divide "
+            "it); give the parts' sizes in features or in heads"
+        )
+    return tuple(p * (out_features // total) for p in proportions)
 
 
 def _is_column_parallel(style: object) -> bool:
@@ -291,8 +342,15 @@ def _constraints(model: nn.Module, plan: TPPlan) -> list[_Constraint]:
                 f"{type(module).__name__}"
             )
         if base == "colwise":
+            _refuse_fused(name, style)
             out.append(
                 _Constraint(module.out_features, f"out_features={module.out_features} of {name}")
+            )
+        elif base == "colwise_packed" and _packed_proportions(style) is not None:
+            parts = _packed_parts(name, module.out_features, style)
+            out.extend(
+                _Constraint(p, f"the packed part {i} of size {p} ({style!r}) of {name}")
+                for i, p in enumerate(parts)  # type: ignore[arg-type]
             )
         elif base == "colwise_packed":
             if module.out_features % chunks:
@@ -309,6 +367,24 @@ def _constraints(model: nn.Module, plan: TPPlan) -> list[_Constraint]:
                 _Constraint(module.in_features, f"in_features={module.in_features} of {name}")
             )
     return out
+
+
+def _refuse_fused(name: str, style: str) -> None:
+    """Plain ``colwise`` on a module named like a fused projection trains wrong, silently."""
+    last = name.removesuffix(".base").rpartition(".")[2]
+    if last not in FUSED_PROJECTION_NAMES:
+        return
+    prefix = _ADAPTER if style.startswith(_ADAPTER) else ""
+    raise ValueError(
+        f"{name.removesuffix('.base')} is named like a fused projection ({last!r}: several "
+        f"projections stacked along out_features), and {style!r} would give each tp rank whole "
+        "parts instead of a slice of each. Use "
+        f"'{prefix}colwise_packed:N' for N equal parts (2 for [gate; up], 3 for the q/k/v of "
+        "multi-head attention) or 'colwise_packed:a,b,c' for parts in the proportions a:b:c "
+        "(grouped-query q/k/v: the head counts, e.g. 'colwise_packed:32,8,8'); if it is not "
+        "fused, give it the style instance ColwiseParallel() (ParallelStyle instances are used "
+        "as given)"
+    )
 
 
 def _get_attr(module: nn.Module, path: str, name: str) -> int:
@@ -382,6 +458,20 @@ def _check_every_parameter_styled(model: nn.Module, resolved: Mapping[str, objec
                 "'sequence_parallel' for a norm)"
             )
         nearest = max(covering, key=len)
+        if resolved[nearest] == "block_input" and _norm_over_sharded_features(
+            model, resolved, nearest, pname
+        ):
+            raise ValueError(
+                f"parameter {pname} sits inside the 'block_input' block {nearest} without a "
+                f"style of its own, and its {model.get_parameter(pname).numel()} features are "
+                "the whole output of a column-parallel projection of that block: a norm over "
+                "features that tensor parallelism splits (OLMo2's q_norm / k_norm over all "
+                "heads), which cannot run on one rank's slice ('replicate_partial' fits a "
+                "per-head norm only) and which no style shards yet. Train without tensor "
+                "parallelism or, without sequence parallelism (a 'replicate' attention would "
+                f"attend within its sequence shard), keep {nearest} whole ('replicate' on it, "
+                "no styles inside it)"
+            )
         if resolved[nearest] == "block_input":
             # Inside a block of column-parallel layers a module without a style of its own
             # runs on whatever the layers before it produce, e.g. a per-head norm on this
@@ -395,7 +485,24 @@ def _check_every_parameter_styled(model: nn.Module, resolved: Mapping[str, objec
             )
 
 
-def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
+def _norm_over_sharded_features(
+    model: nn.Module, resolved: Mapping[str, object], block: str, pname: str
+) -> bool:
+    """Whether ``pname`` is a 1-D weight as long as the whole output of a column-parallel
+    linear inside ``block``: a norm over all heads (OLMo2), not over one head (Qwen3)."""
+    param = model.get_parameter(pname)
+    if param.dim() != 1:
+        return False
+    for name, style in resolved.items():
+        if name.startswith(block + ".") and _is_column_parallel(style):
+            linear = model.get_submodule(name.removesuffix(".base"))
+            linear = getattr(linear, "base", linear)
+            if isinstance(linear, nn.Linear) and linear.out_features == param.numel():
+                return True
+    return False
+
+
+def _build_style(style: str | ParallelStyle, sp: bool, name: str = "") -> ParallelStyle | None:
     if isinstance(style, ParallelStyle):
         return style
     base, chunks = _parse_style(style)  # type: ignore[misc]
@@ -405,6 +512,8 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
     match base:
         case "colwise":
             return ColwiseParallel()
+        case "colwise_packed" if _packed_proportions(style) is not None:
+            return _ProportionalPacked(_packed_proportions(style))  # type: ignore[arg-type]
         case "colwise_packed":
             return PackedColwiseParallel(chunks)
         case "rowwise":
@@ -423,15 +532,15 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
             # The norm runs on its local shard with local weights (gradients summed over tp),
             # not on DTensors: a fused kernel (forge-kernels' Triton RMSNorm) cannot take a
             # DTensor argument.
-            return ReplicateParallel(sequence_parallel=True)
+            return ReplicateParallel(sequence_parallel=True, name=name)
         case "block_input":
             return BlockInput(sequence_parallel=sp)
         case "sequence_scatter":
             return SequenceScatter()
         case "replicate":
-            return ReplicateParallel(sequence_parallel=sp)
-        case "replicate_partial":
-            return ReplicateParallel(sequence_parallel=True)  # gradients summed over tp
+            return ReplicateParallel(sequence_parallel=sp, name=name)
+        case "replicate_partial":  # gradients summed over tp
+            return ReplicateParallel(sequence_parallel=True, name=name)
         case "gathered_input":
             return GatheredInput(sequence_parallel=sp)
         case "reduce_grad":
@@ -441,6 +550,19 @@ def _build_style(style: str | ParallelStyle, sp: bool) -> ParallelStyle | None:
         case "adapter:rowwise":
             return LinearAdapterParallel("rowwise", sequence_parallel=sp)
     raise AssertionError(base)
+
+
+class _ProportionalPacked(PackedColwiseParallel):
+    """``colwise_packed:a,b,..``: the parts' sizes in features, read from the module."""
+
+    def __init__(self, proportions: tuple[int, ...]) -> None:
+        super().__init__(len(proportions))
+        self.proportions = proportions
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        total = sum(self.proportions)
+        parts = tuple(p * (module.out_features // total) for p in self.proportions)
+        return PackedColwiseParallel(parts=parts)._apply(module, device_mesh)
 
 
 def apply_tp(
@@ -476,7 +598,7 @@ def apply_tp(
     ties = _tied_parameters(model)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     for name, style in resolve_plan(model, plan).items():
-        built = _build_style(style, plan.sequence_parallel)
+        built = _build_style(style, plan.sequence_parallel, name)
         if built is None:
             continue
         parallelize_module(modules[name], tp_mesh, built)

@@ -5,7 +5,9 @@
   column sharding would give rank 0 all of ``gate`` and rank 1 all of ``up``; here each rank holds
   ``[gate_r; up_r]``, so ``chunk(2, dim=-1)`` on its local output still separates gate and up.
   The weight is a DTensor with a ``_StridedShard(0, split_factor=chunks)`` placement, so
-  ``full_tensor()`` and state dicts see the original, unpermuted layout.
+  ``full_tensor()`` and state dicts see the original, unpermuted layout. Unequal parts (Phi3's
+  grouped-query ``qkv_proj``: ``[q; k; v]`` of 64, 32 and 32 rows) have no such placement; each
+  rank computes its slice of every part from a replicated weight (see the class).
 - :class:`BlockInput`: the shared input of a block's column-parallel projections; under
   sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models") it all-gathers the sequence shards (the backward reduce-scatters).
@@ -84,21 +86,53 @@ def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
+def _unequal_packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of every part, from the replicated weight: the rows it does not read
+    get a zero gradient here, and the ``Partial`` gradient summed over tp is the whole one."""
+    mesh = self._forge_tp_mesh
+    if isinstance(x, DTensor):  # from BlockInput: its gradient here is a partial sum
+        x = x.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim)
+        x = x.to_local(grad_placements=[Partial()] * x.device_mesh.ndim)
+    else:
+        x = copy_to_group(x, group=mesh)  # f: identity forward, all-reduce backward
+    rows = self._forge_packed_rows.to(x.device)
+    weight = self.weight.to_local(grad_placements=[Partial()]).index_select(0, rows)
+    bias = self.bias
+    if bias is not None:
+        bias = bias.to_local(grad_placements=[Partial()]).index_select(0, rows)
+    return F.linear(x, weight, bias)
+
+
 class PackedColwiseParallel(ParallelStyle):
-    """Column parallelism for an ``nn.Linear`` whose output is ``chunks`` stacked sub-matrices.
+    """Column parallelism for an ``nn.Linear`` whose output is stacked sub-matrices: ``chunks``
+    equal ones, or ``parts`` of the given sizes (in output features).
 
     The output is local (each rank's ``[part_0_r; part_1_r; ...]``); the input is replicated.
+    Equal parts shard the weight (a ``_StridedShard`` placement). Unequal parts cannot be
+    described by a DTensor placement (a rank's rows are a slice of each part, at different
+    strides), and a permuted layout would leak into ``full_tensor()`` and checkpoints; so that
+    weight stays replicated (its memory does not shrink with tp) while each rank computes only
+    its slice of every part, and its gradient is a ``Partial()`` sum over tp, reduced like a
+    ``replicate_partial`` norm's.
     """
 
-    def __init__(self, chunks: int = 2) -> None:
+    def __init__(self, chunks: int = 2, *, parts: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        if parts is not None:
+            parts = tuple(int(p) for p in parts)
+            if len(parts) < 2 or min(parts) < 1:
+                raise ValueError(f"parts must be two or more positive sizes, got {parts}")
+            chunks = len(parts)
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         self.chunks = chunks
+        self.parts = None if parts is None or len(set(parts)) == 1 else parts
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"colwise_packed applies to nn.Linear, got {type(module).__name__}")
+        if self.parts is not None:
+            return self._apply_unequal(module, device_mesh)
         placement = _StridedShard(0, split_factor=self.chunks)
         for name, param in list(module.named_parameters(recurse=False)):
             sharded = distribute_tensor(param.detach(), device_mesh, [placement])
@@ -107,6 +141,35 @@ class PackedColwiseParallel(ParallelStyle):
             )
         module._forge_tp_mesh = device_mesh
         module.forward = types.MethodType(_packed_linear_forward, module)
+        return module
+
+    def _apply_unequal(self, module: nn.Linear, device_mesh: DeviceMesh) -> nn.Module:
+        parts, tp = self.parts, device_mesh.size()
+        if sum(parts) != module.out_features or any(p % tp for p in parts):
+            raise ValueError(
+                f"colwise_packed parts {list(parts)} must sum to out_features="
+                f"{module.out_features} and each be divisible by tp={tp}"
+            )
+        if type(module).forward is not nn.Linear.forward:
+            raise ValueError(
+                f"colwise_packed with unequal parts needs a plain nn.Linear, got "
+                f"{type(module).__name__} with a forward of its own (e.g. an FP8 linear)"
+            )
+        rank, starts = device_mesh.get_local_rank(), [0]
+        for p in parts[:-1]:
+            starts.append(starts[-1] + p)
+        rows = torch.cat(
+            [torch.arange(s + rank * (p // tp), s + (rank + 1) * (p // tp)) for s, p in
+             zip(starts, parts, strict=True)]
+        )  # fmt: skip
+        for name, param in list(module.named_parameters(recurse=False)):
+            replicated = distribute_tensor(param.detach(), device_mesh, [Replicate()])
+            module.register_parameter(
+                name, nn.Parameter(replicated, requires_grad=param.requires_grad)
+            )
+        module._forge_tp_mesh = device_mesh
+        module._forge_packed_rows = rows
+        module.forward = types.MethodType(_unequal_packed_forward, module)
         return module
 
 
@@ -303,11 +366,19 @@ class ReplicateParallel(ParallelStyle):
     partial gradient that a local tensor would not reduce).
     """
 
-    def __init__(self, *, sequence_parallel: bool) -> None:
+    def __init__(self, *, sequence_parallel: bool, name: str | None = None) -> None:
         super().__init__()
         self.sequence_parallel = sequence_parallel
+        self.name = name  # the module's path, for error messages
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        what = f"{self.name} ({type(module).__name__})" if self.name else type(module).__name__
+        own_weight = module._parameters.get("weight")
+        # A norm-like module (its own weight 1-D) scales the input's last dimension, so the two
+        # must agree; a mismatch means the module sits behind a column-parallel projection and
+        # normalizes over features that tensor parallelism splits (OLMo2's q_norm / k_norm over
+        # all heads x head_dim): on this rank's slice it would compute something else.
+        norm_size = own_weight.numel() if own_weight is not None and own_weight.dim() == 1 else None
         for owner_name, owner in module.named_modules():
             for name, param in list(owner.named_parameters(recurse=False)):
                 if isinstance(param, DTensor):
@@ -328,10 +399,24 @@ class ReplicateParallel(ParallelStyle):
             for value in (*args, *kwargs.values()):
                 if isinstance(value, DTensor):
                     raise ValueError(
-                        f"replicate: {type(mod).__name__} received a DTensor input "
+                        f"replicate: {what} received a DTensor input "
                         f"({value.placements}); it runs on local tensors: do not put it under "
                         "a 'block_input' (or another style that hands it a DTensor)"
                     )
+            first = next(
+                (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None
+            )
+            if norm_size is not None and first is not None and first.shape[-1] != norm_size:
+                raise ValueError(
+                    f"replicate: {what} has a weight of {norm_size} features but its input "
+                    f"has {first.shape[-1]} in its last dimension (tp={device_mesh.size()}): it "
+                    "normalizes over features that a column-parallel projection before it "
+                    "splits (e.g. OLMo2's q_norm / k_norm over all heads), so it cannot run on "
+                    "one rank's slice, and no tensor-parallel style shards such a norm yet. "
+                    "Train this model without tensor parallelism or, without sequence "
+                    "parallelism, keep the block that holds it whole ('replicate' on the "
+                    "attention block, no styles inside it)"
+                )
             for owner in mod.modules():
                 for name, param in owner._parameters.items():
                     if isinstance(param, DTensor):

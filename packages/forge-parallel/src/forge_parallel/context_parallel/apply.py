@@ -33,6 +33,7 @@ switches it back).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Iterator
 
@@ -53,6 +54,21 @@ __all__ = ["ContextParallelHandle", "apply_cp", "context_parallel"]
 
 _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
+#: The router of the forward running now (innermost), for code that ``transformers`` calls by
+#: name and that cannot be handed the group: its mask builder, which must know the global
+#: sequence length to tell whether a sliding window takes effect
+#: (:func:`~forge_parallel.context_parallel.hf_attention._check_window`). Set and reset with the
+#: router's own ``__enter__`` / ``__exit__``, so it follows torch's mode stack.
+_ACTIVE_ROUTER: contextvars.ContextVar[_SDPAToContextParallel | None] = contextvars.ContextVar(
+    "forge_cp_active_router", default=None
+)
+
+
+def active_cp_size() -> int | None:
+    """The context-parallel group size of the router active now, or ``None`` outside one."""
+    router = _ACTIVE_ROUTER.get()
+    return None if router is None else router.group.size()
+
 
 class _SDPAToContextParallel(TorchFunctionMode):
     def __init__(
@@ -66,6 +82,17 @@ class _SDPAToContextParallel(TorchFunctionMode):
         self.group, self.config = group, config
         self.cu_seqlens, self.block_ids = cu_seqlens, block_ids
         self.routed = 0  # attention calls answered by context parallelism
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self):
+        self._tokens.append(_ACTIVE_ROUTER.set(self))
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        try:
+            return super().__exit__(exc_type, exc_value, traceback)
+        finally:
+            _ACTIVE_ROUTER.reset(self._tokens.pop())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

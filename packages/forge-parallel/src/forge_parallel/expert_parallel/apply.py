@@ -16,6 +16,7 @@ experts=...)`` does both by sharding the experts over ``edp`` (torchtitan's layo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 from torch import nn
@@ -55,13 +56,45 @@ def _match(model: nn.Module, pattern: str, *, missing_ok: bool) -> list[tuple[st
     return found
 
 
+def _forward_problem(module: nn.Module) -> str | None:
+    """Why ``module.forward`` cannot be the protocol's ``forward(x_sorted, tokens_per_expert)``
+    (two required positional arguments), or ``None``."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    required = [p.name for p in parameters if p.kind in positional and p.default is p.empty]
+    if len(required) == 2:
+        return None
+    return f"its forward takes ({', '.join(required)}), not (x_sorted, tokens_per_expert)"
+
+
 def _num_experts(name: str, module: nn.Module) -> int:
     params = list(module.named_parameters(recurse=False))
-    if not params or any(True for _ in module.children()):
+    children = [n for n, _ in module.named_children()]
+    problems = [
+        problem
+        for problem in (
+            None if params else "it has no parameters of its own",
+            f"it has submodules ({', '.join(children)})" if children else None,
+            _forward_problem(module),
+        )
+        if problem is not None
+    ]
+    if problems:
         raise ValueError(
-            f"{name} ({type(module).__name__}) is not an experts module: expert parallelism "
-            "needs a module whose own parameters are stacked [num_experts, ...] along dim 0 and "
-            "no submodules (see forge_parallel.expert_parallel.ExpertsModule)"
+            f"{name} ({type(module).__name__}) is not an experts module: {'; '.join(problems)}. "
+            "Expert parallelism needs a module whose own parameters are stacked "
+            "[num_experts, ...] along dim 0, without submodules, whose forward(x_sorted, "
+            "tokens_per_expert) runs rows already grouped by expert (see "
+            "forge_parallel.expert_parallel.ExpertsModule; forge-models' MoEExperts is one). "
+            "transformers' expert modules (Qwen3MoeExperts, MixtralExperts, ...: routing inside "
+            "forward(hidden_states, top_k_index, top_k_weights), an act_fn submodule) are not "
+            "supported: run their MoE block under data parallelism or tensor parallelism with "
+            "the 'replicate' style instead"
         )
     sizes = {n: p.shape[0] if p.dim() else 0 for n, p in params}
     if len(set(sizes.values())) != 1 or min(sizes.values()) < 1:

@@ -33,7 +33,7 @@ class EPConfig:
 
     ``etp_styles``: parameter name -> one of :data:`ETP_STYLES`, used when ``etp > 1`` (expert
     tensor parallelism, Megatron-Core's ``expert_tensor_parallel_size``). The defaults fit
-    :class:`forge_models.blocks.moe.MoEExperts` and transformers' ``Qwen3MoeExperts``.
+    :class:`forge_models.blocks.moe.MoEExperts` (stacked ``gate_up_proj`` / ``down_proj``).
 
     ``sequence_parallel`` (with ``etp > 1``): the ``etp`` ranks route different tokens (each
     its sequence-parallel shard) instead of the same ones. After the expert-parallel dispatch

@@ -1,8 +1,10 @@
 """The experts-module protocol, and the expert-parallel forward that replaces its forward.
 
 A MoE layer gets expert parallelism from forge-parallel when its experts follow
-:class:`ExpertsModule` (duck typing; forge-models' ``MoEExperts`` and transformers'
-``Qwen3MoeExperts`` do):
+:class:`ExpertsModule` (duck typing; forge-models' ``MoEExperts`` does; transformers' expert
+modules such as ``Qwen3MoeExperts`` and ``MixtralExperts`` do not: they route inside
+``forward(hidden_states, top_k_index, top_k_weights)`` and hold an ``act_fn`` submodule, and
+:func:`~forge_parallel.expert_parallel.apply_ep` refuses them):
 
 - every parameter is stacked along dim 0 over the experts (``[E, ...]``), and
 - ``forward(x_sorted, tokens_per_expert)`` takes rows grouped by expert in expert order (the
