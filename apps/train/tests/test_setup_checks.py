@@ -283,6 +283,10 @@ def test_a_model_folder_that_does_not_fit_its_config_names_the_key(tmp_path):
         # valid keys the preset leaves out: Hydra's advice (+key=value) is right for them
         (["lora.rank=4"], "To append to your config use +lora.rank=4"),
         (["model.config.qk_norm=true"], "To append to your config use +model.config.qk_norm"),
+        # following that advice with a misspelled key reaches the config's own check
+        (["+train.stepz=3"], "train.stepz: unknown key; did you mean train.steps?"),
+        (["+optim.learning_rate=1e-3"], "optim.learning_rate: unknown key; did you mean optim.lr?"),
+        (["+train.zzzqqq=1"], "train.zzzqqq: unknown key; valid keys under train: steps, seed"),
     ],
 )
 def test_a_misspelled_key_gets_the_key_it_is_closest_to(overrides, message):

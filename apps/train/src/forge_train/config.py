@@ -722,8 +722,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        # The nearest valid key (forge_train.compose's aliases and difflib), else all of them:
+        # what a misspelled ``+key=value`` override or a hand-written YAML key reaches.
+        from forge_train.compose import _did_you_mean
+
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        _fail(where, f"unknown key; valid keys under {prefix or 'the root'}: {', '.join(fields)}")
+        hint = _did_you_mean(where, unknown[0], prefix, list(fields), list_all=True)
+        _fail(where, "unknown key; " + hint.removeprefix(f"unknown key {where}; "))
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
