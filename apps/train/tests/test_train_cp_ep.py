@@ -223,10 +223,12 @@ _TP_CP = ("parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_load_balance=fals
             4,
             r"66 / cp=2 = 33 tokens per rank\) .* multiple of tp x cp = 2 x 2 = 4",
         ),
-        (("parallel=ep2-fsdp",), 4, "has no mixture-of-experts layers"),
+        # (one row per micro-batch: 4 rows split over the 4 data-parallel ranks)
+        (("parallel=ep2-fsdp", "data.micro_batch_rows=1"), 4, "has no mixture-of-experts layers"),
         (
             (
                 "parallel=ep2-fsdp",
+                "data.micro_batch_rows=1",
                 "model=tiny-moe",
                 "parallel.ep=4",
                 "parallel.dp_shard=4",
