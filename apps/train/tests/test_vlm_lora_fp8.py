@@ -13,6 +13,7 @@ keyed by the data, ``forge_train.lora_dropout``) under TP2 (+ SP) and PP2 gives 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,13 @@ def _lora_run(output_dir: str, *overrides: str) -> dict:
         *_LORA, "train.steps=3", f"train.output_dir={output_dir}", *overrides
     )
     files = sorted(Path(output_dir).glob("hf/*.safetensors"))
-    return {"rows": rows, "weights": {k: v for f in files for k, v in load_file(f).items()}}
+    metrics = Path(output_dir) / "metrics.jsonl"
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()] if rows else []
+    return {
+        "rows": rows,
+        "weights": {k: v for f in files for k, v in load_file(f).items()},
+        "evals": [r["eval_loss"] for r in logged if "eval_loss" in r],
+    }
 
 
 def test_vlm_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
@@ -212,12 +219,14 @@ def test_vlm_lora_dropout_under_tp2_and_pp2_matches_one_process(tmp_path, dist_p
     row-parallel layers' feature slices; the pipeline's decoupled encoder those of the
     micro-batch it encodes, also in the blocks recomputed in backward."""
     pool = dist_pool(2)
+    # (one held-out batch before and after training: the pipeline's replica encoder must run
+    # it without dropout, as the stage does)
     qwen = "lora.targets=[language_model.*_proj,vision.*_proj,projector.fc1,projector.fc2]"
     tiles = "lora.targets=[language_model.*_proj,vision.*_proj,vision.*.fc1,projector.fc2]"
     for name, run, layouts in (
         (
             "qwen",
-            (qwen,),
+            (qwen, "train.eval_batches=1"),
             {
                 "tp2_sp": ("parallel=tp2-fsdp", "parallel.sequence_parallel=true"),
                 "pp2": ("parallel=pp2-fsdp", "parallel.recompute=full"),
@@ -229,7 +238,8 @@ def test_vlm_lora_dropout_under_tp2_and_pp2_matches_one_process(tmp_path, dist_p
             {"tp2": ("parallel=tp2-fsdp", "parallel.sequence_parallel=false")},
         ),
     ):
-        single = _lora_run(f"{tmp_path}/{name}_single", *_DROPOUT, *run)["rows"]
+        single = _lora_run(f"{tmp_path}/{name}_single", *_DROPOUT, *run)
         for layout, overrides in layouts.items():
             got = pool.run(_lora_run, f"{tmp_path}/{name}_{layout}", *_DROPOUT, *run, *overrides)
-            _close(got[0]["rows"], single)
+            _close(got[0]["rows"], single["rows"])
+            torch.testing.assert_close(got[0]["evals"], single["evals"], rtol=1e-5, atol=1e-6)

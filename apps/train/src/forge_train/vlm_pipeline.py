@@ -359,6 +359,12 @@ class VLMPipelineParts(PipelineParts):
         if self.stale:
             self.sync_encoder()
             self.stale = False
+        if self.pp_rank != 0:
+            # The replica is outside the stage that the evaluation's ``model.eval()`` reaches
+            # (pipeline rank 0's encoder is in its stage): a forward without backward (the
+            # evaluation's, the only one) runs it in eval mode, without dropout, as one
+            # process does; a training step back in training mode.
+            self.encoder.train(backward)
         grad = backward and torch.is_grad_enabled()
         needs_feature_grad = grad and bool(self._encoder_params(trainable=True))
         groups = self._visual_groups(ids, batches)
