@@ -189,18 +189,24 @@ def build_tiny_qk_norm(seed: int = 0) -> TinyLlama:
 # -- transformers' Llama -----------------------------------------------------------------
 
 
+#: The shape of every tiny ``transformers`` model here (2 layers, GQA 4 / 2 heads).
+HF_TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 def build_hf_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **HF_TINY,
         attn_implementation="sdpa",
         tie_word_embeddings=False,
     )
@@ -214,13 +220,7 @@ def build_hf_mistral(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **HF_TINY,
         sliding_window=SEQ,
         attn_implementation="sdpa",
         tie_word_embeddings=False,
@@ -235,13 +235,7 @@ def build_hf_phi3_gqa(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = Phi3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **HF_TINY,
         pad_token_id=None,  # its default (32000) lies outside the tiny vocabulary
         bos_token_id=1,
         eos_token_id=2,
