@@ -23,56 +23,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import io
-import json
 import multiprocessing
 import os
 import re
 import signal
-import tarfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from forge_core.testing import import_path
 
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
-
-
-def _png(seed: int, size=(40, 30)) -> bytes:
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def _chat(user: str, assistant: str) -> bytes:
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return json.dumps({"messages": messages}).encode()
-
-
-def _tar(files: list[tuple[str, bytes]]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-def _captions(shard: int, n: int) -> list[tuple[str, bytes]]:
-    files = []
-    for i in range(n):
-        files += [(f"{shard}_{i}.png", _png(10 * shard + i)),
-                  (f"{shard}_{i}.txt", f"picture {i} of set {shard}".encode())]  # fmt: skip
-    return files
+shard_files = import_path(
+    Path(__file__).with_name("vlm_shard_files.py"), "forge_train_tests_vlm_shard_files"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,15 +53,17 @@ def data_cache(vlm_data_cache_dir):
 def shards(tmp_path_factory) -> Path:
     """4 shards; bad data: an undecodable image (b), broken json (c), a cut shard (d)."""
     root = tmp_path_factory.mktemp("vlm-decode-workers")
-    pair = [("pair.0.png", _png(90)), ("pair.1.png", _png(91)),
-            ("pair.json", _chat("<image> and <image>: same?", "no, they differ"))]  # fmt: skip
-    chats = [(f"t{i}.json", _chat(f"say {i}", f"number {i} said")) for i in range(2)]
-    (root / "a.tar").write_bytes(_tar(_captions(0, 3) + pair))
+    pair = [("pair.0.png", shard_files.png(90)), ("pair.1.png", shard_files.png(91)),
+            ("pair.json", shard_files.chat("<image> and <image>: same?", "no, they differ"))]  # fmt: skip
+    chats = [(f"t{i}.json", shard_files.chat(f"say {i}", f"number {i} said")) for i in range(2)]
+    (root / "a.tar").write_bytes(shard_files.tar_bytes(shard_files.captions(0, 3) + pair))
     broken = [("broken.png", b"not a png at all"), ("broken.txt", b"lost caption")]
-    (root / "b.tar").write_bytes(_tar(_captions(1, 2) + broken + chats))
-    bad_json = [("badjson.json", b"{not json"), ("badjson.png", _png(7))]
-    (root / "c.tar").write_bytes(_tar(_captions(2, 2) + bad_json + _captions(3, 1)))
-    whole = _tar(_captions(4, 4))
+    (root / "b.tar").write_bytes(shard_files.tar_bytes(shard_files.captions(1, 2) + broken + chats))
+    bad_json = [("badjson.json", b"{not json"), ("badjson.png", shard_files.png(7))]
+    (root / "c.tar").write_bytes(
+        shard_files.tar_bytes(shard_files.captions(2, 2) + bad_json + shard_files.captions(3, 1))
+    )
+    whole = shard_files.tar_bytes(shard_files.captions(4, 4))
     (root / "d.tar").write_bytes(whole[: len(whole) * 2 // 3])  # cut inside a member
     return root
 

@@ -26,7 +26,6 @@ import gc
 import io
 import json
 import re
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -39,43 +38,22 @@ import torch
 from forge_core.testing import import_path
 
 tiny = import_path(Path(__file__).with_name("tiny_run.py"), "forge_train_tests_tiny_run")
+shard_files = import_path(
+    Path(__file__).with_name("vlm_shard_files.py"), "forge_train_tests_vlm_shard_files"
+)
 
 CPU = torch.device("cpu")
 
 
-def _png(seed: int, size=(40, 30)) -> bytes:
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def _chat(user: str, assistant: str) -> bytes:
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return json.dumps({"messages": messages}).encode()
-
-
-def _write(path: Path, files: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+def _write(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.write_bytes(shard_files.tar_bytes(members))
     return path
 
 
-def _captions(shard: int, n: int) -> list[tuple[str, bytes]]:
-    files = []
-    for i in range(n):
-        files += [(f"{shard}_{i}.png", _png(10 * shard + i)),
-                  (f"{shard}_{i}.txt", f"picture {i} of set {shard}".encode())]  # fmt: skip
-    return files
-
-
 def _text_only(shard: int, n: int) -> list[tuple[str, bytes]]:
-    return [(f"{shard}_t{i}.json", _chat(f"say {i}", f"number {i} said")) for i in range(n)]
+    return [
+        (f"{shard}_t{i}.json", shard_files.chat(f"say {i}", f"number {i} said")) for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,12 +68,12 @@ def data_cache(vlm_data_cache_dir):
 def shards(tmp_path_factory) -> Path:
     """3 shards: captions, a two-image conversation, text-only chats, one undecodable image."""
     root = tmp_path_factory.mktemp("vlm-shards")
-    two_images = [("pair.0.png", _png(90)), ("pair.1.png", _png(91)),
-                  ("pair.json", _chat("<image> and <image>: same?", "no, they differ"))]  # fmt: skip
+    two_images = [("pair.0.png", shard_files.png(90)), ("pair.1.png", shard_files.png(91)),
+                  ("pair.json", shard_files.chat("<image> and <image>: same?", "no, they differ"))]  # fmt: skip
     broken = [("broken.png", b"not a png at all"), ("broken.txt", b"lost caption")]
-    _write(root / "a.tar", _captions(0, 4) + two_images + _text_only(0, 1))
-    _write(root / "b.tar", _captions(1, 4) + broken + _text_only(1, 1))
-    _write(root / "c.tar", _captions(2, 3) + _text_only(2, 2))
+    _write(root / "a.tar", shard_files.captions(0, 4) + two_images + _text_only(0, 1))
+    _write(root / "b.tar", shard_files.captions(1, 4) + broken + _text_only(1, 1))
+    _write(root / "c.tar", shard_files.captions(2, 3) + _text_only(2, 2))
     return root
 
 
@@ -520,10 +498,10 @@ def _frames(seed: int, n: int = 2, size=(28, 28)) -> bytes:
 def video_shards(tmp_path_factory) -> Path:
     """2 shards: a conversation about an image and a video; two image captions."""
     root = tmp_path_factory.mktemp("vlm-video-shards")
-    both = [("both.png", _png(70)), ("both.frames.npy", _frames(71)),
-            ("both.json", _chat("<image> then <video>: what moved?", "the dots"))]  # fmt: skip
+    both = [("both.png", shard_files.png(70)), ("both.frames.npy", _frames(71)),
+            ("both.json", shard_files.chat("<image> then <video>: what moved?", "the dots"))]  # fmt: skip
     _write(root / "v.tar", both)
-    _write(root / "w.tar", _captions(7, 2))
+    _write(root / "w.tar", shard_files.captions(7, 2))
     return root
 
 
