@@ -229,8 +229,7 @@ def _tensor_differences(exc) -> str:
             f"{len(exc.unexpected)} tensor(s) this run has no place for, e.g. "
             f"{', '.join(exc.unexpected[:2])}"
         )
-    wrong_dtype = getattr(exc, "wrong_dtype", ())
-    if wrong_dtype:
-        name, dtype = wrong_dtype[0]
-        parts.append(f"{len(wrong_dtype)} tensor(s) not floating-point, e.g. {name}: {dtype}")
+    if exc.wrong_dtype:
+        name, dtype = exc.wrong_dtype[0]
+        parts.append(f"{len(exc.wrong_dtype)} tensor(s) not floating-point, e.g. {name}: {dtype}")
     return "; ".join(parts) or str(exc).splitlines()[0]
